@@ -1,3 +1,7 @@
 //! Host-testable logic of the twostage hypervisor.
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
+extern crate alloc;
+
+pub mod linux;

@@ -1,0 +1,249 @@
+use super::*;
+
+/// QEMU 7.2's own DTB for `-M virt,gic-version=3,virtualization=on -smp 2 -m 2G
+/// -nic none` (dumped with `dumpdtb=`, compacted by `dtc -I dtb -O dtb`).
+const HOST: &[u8] = include_bytes!("../../../testdata/qemu-virt-gicv3-2cpu.dtb");
+
+const MIB: u64 = 1024 * 1024;
+const DEVICES: &[&str] = &["/pl011@9000000", "/intc@8000000", "/timer"];
+
+fn config<'a>(cpus: &'a [u64], devices: &'a [&'a str]) -> GuestDtConfig<'a> {
+    GuestDtConfig {
+        ram_base: 0x5000_0000,
+        ram_size: 256 * MIB,
+        cpus,
+        bootargs: "console=ttyAMA0 rdinit=/init",
+        initrd: Some((0x5f00_0000, 0x5f1c_3000)),
+        devices,
+    }
+}
+
+fn top_names(dtb: &[u8]) -> Vec<String> {
+    let fdt = Fdt::new(dtb).unwrap();
+    let mut names: Vec<String> = fdt
+        .find_node("/")
+        .unwrap()
+        .children()
+        .map(|n| String::from(n.name))
+        .collect();
+    names.sort();
+    names
+}
+
+fn u64_prop(fdt: &Fdt<'_>, path: &str, name: &str) -> Option<u64> {
+    let p = fdt.find_node(path)?.property(name)?;
+    read_cells(p.value, p.value.len() / 4)
+}
+
+#[test]
+fn memory_node_holds_only_the_guest_ram() {
+    let dtb = build_guest_dt(HOST, &config(&[0], DEVICES)).unwrap();
+    let fdt = Fdt::new(&dtb).unwrap();
+    let memories: Vec<_> = fdt
+        .find_node("/")
+        .unwrap()
+        .children()
+        .filter(|n| base_name(n.name) == "memory")
+        .collect();
+    assert_eq!(memories.len(), 1);
+    assert_eq!(memories[0].name, "memory@50000000");
+    let regions: Vec<_> = fdt.memory().regions().collect();
+    assert_eq!(regions.len(), 1);
+    assert_eq!(regions[0].starting_address as u64, 0x5000_0000);
+    assert_eq!(regions[0].size, Some((256 * MIB) as usize));
+    assert_eq!(
+        fdt.find_node("/memory@50000000")
+            .unwrap()
+            .property("device_type")
+            .and_then(|p| p.as_str()),
+        Some("memory")
+    );
+}
+
+#[test]
+fn only_the_named_devices_and_their_dependencies_are_copied() {
+    let dtb = build_guest_dt(HOST, &config(&[0], DEVICES)).unwrap();
+    // apb-pclk comes in as the PL011's clock; the GIC is also the root interrupt-parent.
+    assert_eq!(
+        top_names(&dtb),
+        [
+            "apb-pclk",
+            "chosen",
+            "cpus",
+            "intc@8000000",
+            "memory@50000000",
+            "pl011@9000000",
+            "psci",
+            "timer"
+        ]
+    );
+    let fdt = Fdt::new(&dtb).unwrap();
+    // Copied nodes keep every property and child, e.g. the GIC's ITS and phandle.
+    let gic = fdt.find_node("/intc@8000000").unwrap();
+    assert_eq!(gic.property("phandle").unwrap().value, [0, 0, 0x80, 0x03]);
+    assert!(fdt.find_node("/intc@8000000/its@8080000").is_some());
+    let root = fdt.find_node("/").unwrap();
+    assert_eq!(
+        root.property("compatible").and_then(|p| p.as_str()),
+        Some("linux,dummy-virt")
+    );
+    assert_eq!(
+        root.property("interrupt-parent").unwrap().value,
+        [0, 0, 0x80, 0x03]
+    );
+}
+
+#[test]
+fn without_devices_only_the_interrupt_parent_is_kept() {
+    let dtb = build_guest_dt(HOST, &config(&[0], &[])).unwrap();
+    assert_eq!(
+        top_names(&dtb),
+        ["chosen", "cpus", "memory@50000000", "psci"]
+    );
+    // A device whose clock provider is not listed brings the provider along.
+    let dtb = build_guest_dt(HOST, &config(&[0], &["/pl031@9010000"])).unwrap();
+    assert!(top_names(&dtb).contains(&String::from("apb-pclk")));
+    assert!(top_names(&dtb).contains(&String::from("intc@8000000")));
+}
+
+#[test]
+fn chosen_carries_bootargs_initrd_and_console_only() {
+    let dtb = build_guest_dt(HOST, &config(&[0], DEVICES)).unwrap();
+    let fdt = Fdt::new(&dtb).unwrap();
+    assert_eq!(
+        fdt.chosen().bootargs(),
+        Some("console=ttyAMA0 rdinit=/init")
+    );
+    assert_eq!(
+        u64_prop(&fdt, "/chosen", "linux,initrd-start"),
+        Some(0x5f00_0000)
+    );
+    assert_eq!(
+        u64_prop(&fdt, "/chosen", "linux,initrd-end"),
+        Some(0x5f1c_3000)
+    );
+    assert_eq!(fdt.chosen().stdout().map(|n| n.name), Some("pl011@9000000"));
+    let chosen = fdt.find_node("/chosen").unwrap();
+    // The host's seeds (and anything else in its /chosen) stay with the host.
+    assert!(chosen.property("kaslr-seed").is_none());
+    assert!(chosen.property("rng-seed").is_none());
+
+    // No console device: no stdout-path pointing at a node the guest lacks.
+    let mut cfg = config(&[0], &["/timer"]);
+    cfg.initrd = None;
+    let dtb = build_guest_dt(HOST, &cfg).unwrap();
+    let fdt = Fdt::new(&dtb).unwrap();
+    let chosen = fdt.find_node("/chosen").unwrap();
+    assert!(chosen.property("stdout-path").is_none());
+    assert!(chosen.property("linux,initrd-start").is_none());
+}
+
+#[test]
+fn psci_is_reached_by_hvc() {
+    let dtb = build_guest_dt(HOST, &config(&[0], DEVICES)).unwrap();
+    let fdt = Fdt::new(&dtb).unwrap();
+    let psci = fdt.find_node("/psci").unwrap();
+    assert_eq!(
+        psci.property("method").and_then(|p| p.as_str()),
+        Some("hvc")
+    );
+    assert!(psci
+        .compatible()
+        .unwrap()
+        .all()
+        .any(|c| c == "arm,psci-0.2"));
+    // The host's SMC function-ID table is not copied.
+    assert!(psci.property("cpu_on").is_none());
+}
+
+#[test]
+fn cpus_are_the_guests_physical_cpus_started_by_psci() {
+    let one = build_guest_dt(HOST, &config(&[1], DEVICES)).unwrap();
+    let fdt = Fdt::new(&one).unwrap();
+    let cpus: Vec<_> = fdt.cpus().map(|c| c.ids().first()).collect();
+    assert_eq!(cpus, [1]);
+    assert!(fdt.find_node("/cpus/cpu-map").is_none());
+    assert_eq!(
+        fdt.find_node("/cpus/cpu@1")
+            .unwrap()
+            .property("enable-method")
+            .and_then(|p| p.as_str()),
+        Some("psci")
+    );
+
+    let two = build_guest_dt(HOST, &config(&[0, 1], DEVICES)).unwrap();
+    let fdt = Fdt::new(&two).unwrap();
+    assert_eq!(fdt.cpus().count(), 2);
+    assert_eq!(
+        build_guest_dt(HOST, &config(&[0, 5], DEVICES)),
+        Err(GuestDtError::NoSuchCpu(5))
+    );
+    assert_eq!(
+        build_guest_dt(HOST, &config(&[], DEVICES)),
+        Err(GuestDtError::NoCpus)
+    );
+}
+
+#[test]
+fn bad_requests_are_errors() {
+    for (i, bad) in [
+        "/nonexistent",
+        "/chosen",
+        "/memory@40000000",
+        "pl011@9000000",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let devices = ["/timer", bad];
+        assert_eq!(
+            build_guest_dt(HOST, &config(&[0], &devices)),
+            Err(GuestDtError::NoSuchDevice(1)),
+            "case {i}"
+        );
+    }
+    let mut cfg = config(&[0], DEVICES);
+    cfg.initrd = Some((0x4000_0000, 0x4010_0000));
+    assert_eq!(build_guest_dt(HOST, &cfg), Err(GuestDtError::BadInitrd));
+    cfg.initrd = Some((0x5100_0000, 0x5100_0000));
+    assert_eq!(build_guest_dt(HOST, &cfg), Err(GuestDtError::BadInitrd));
+    cfg.initrd = Some((0x5f00_0000, 0x6000_0001));
+    assert_eq!(build_guest_dt(HOST, &cfg), Err(GuestDtError::BadInitrd));
+    cfg.initrd = None;
+    cfg.bootargs = "a\0b";
+    assert_eq!(build_guest_dt(HOST, &cfg), Err(GuestDtError::BadBootargs));
+    assert_eq!(
+        build_guest_dt(&[0u8; 64], &config(&[0], DEVICES)),
+        Err(GuestDtError::HostDt)
+    );
+}
+
+#[test]
+fn regions_cover_the_devices_registers_rounded_to_pages() {
+    let regions = passthrough_regions(HOST, DEVICES).unwrap();
+    // GIC distributor; then the ITS (0x808_0000, 128 KiB), the redistributors
+    // (0x80a_0000 + 0xf6_0000 = 0x900_0000) and the PL011 page, adjacent and merged.
+    assert_eq!(
+        regions,
+        [
+            MmioRegion {
+                base: 0x800_0000,
+                size: 0x1_0000
+            },
+            MmioRegion {
+                base: 0x808_0000,
+                size: 0x900_1000 - 0x808_0000
+            },
+        ]
+    );
+    // fw-cfg's 0x18 bytes become one page; the GIC comes along as interrupt parent.
+    let regions = passthrough_regions(HOST, &["/fw-cfg@9020000"]).unwrap();
+    assert!(regions.contains(&MmioRegion {
+        base: 0x902_0000,
+        size: 0x1000
+    }));
+    assert_eq!(
+        passthrough_regions(HOST, &["/bogus"]),
+        Err(GuestDtError::NoSuchDevice(0))
+    );
+}
