@@ -3,3 +3,4 @@
 
 pub mod guest_dt;
 pub mod image;
+pub mod layout;
