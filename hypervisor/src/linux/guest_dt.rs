@@ -204,6 +204,42 @@ pub fn passthrough_regions(
     Ok(merged)
 }
 
+/// Paths of the host's top-level device nodes a guest can use given its identity-mapped
+/// pass-through ranges: every node with a `reg` that lies wholly inside `regions`, plus
+/// `/timer` (the EL1 generic timer is part of every CPU and needs no MMIO). Nodes the
+/// guest DT always writes anew (`/memory`, `/chosen`, ...) are never listed.
+///
+/// # Errors
+/// [`GuestDtError::HostDt`] when the host DTB is unreadable.
+pub fn devices_within(
+    host_dtb: &[u8],
+    regions: &[MmioRegion],
+) -> Result<Vec<String>, GuestDtError> {
+    let host = Fdt::new(host_dtb).map_err(|_| GuestDtError::HostDt)?;
+    let root = host.find_node("/").ok_or(GuestDtError::HostDt)?;
+    let root_cells = cells(&root, 2, 1);
+    let mut out = Vec::new();
+    for node in root.children() {
+        if REWRITTEN.contains(&base_name(node.name)) {
+            continue;
+        }
+        let mut own = Vec::new();
+        collect_regs(&node, root_cells, &mut own);
+        let covered = |r: &MmioRegion| {
+            regions
+                .iter()
+                .any(|g| r.base >= g.base && r.base + r.size <= g.base.saturating_add(g.size))
+        };
+        let is_timer = node
+            .compatible()
+            .is_some_and(|c| c.all().any(|s| s == "arm,armv8-timer"));
+        if is_timer || (!own.is_empty() && own.iter().all(covered)) {
+            out.push(format!("/{}", node.name));
+        }
+    }
+    Ok(out)
+}
+
 /// `#address-cells` and `#size-cells` of `node` (the cells of its children's `reg`).
 fn cells(node: &FdtNode<'_, '_>, default_a: usize, default_s: usize) -> (usize, usize) {
     let get = |name, default| {

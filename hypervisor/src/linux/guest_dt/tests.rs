@@ -247,3 +247,26 @@ fn regions_cover_the_devices_registers_rounded_to_pages() {
         Err(GuestDtError::NoSuchDevice(0))
     );
 }
+
+#[test]
+fn devices_are_found_from_passthrough_ranges() {
+    let gic_and_uart = [
+        MmioRegion {
+            base: 0x800_0000,
+            size: 0x1_0000,
+        },
+        MmioRegion {
+            base: 0x808_0000,
+            size: 0x900_1000 - 0x808_0000,
+        },
+    ];
+    let found = devices_within(HOST, &gic_and_uart).unwrap();
+    assert_eq!(found, ["/pl011@9000000", "/intc@8000000", "/timer"]);
+    // Part of the GIC (the distributor page alone) is not the GIC.
+    let found = devices_within(HOST, &gic_and_uart[..1]).unwrap();
+    assert_eq!(found, ["/timer"]);
+    // The round trip: the regions of the devices found are the regions given.
+    let paths = devices_within(HOST, &gic_and_uart).unwrap();
+    let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+    assert_eq!(passthrough_regions(HOST, &paths).unwrap(), gic_and_uart);
+}
