@@ -4,4 +4,11 @@
 
 extern crate alloc;
 
+pub mod hypercall;
 pub mod linux;
+pub mod psci;
+pub mod trap;
+pub mod vdesc;
+pub mod vm;
+pub mod vmid;
+pub mod vuart;

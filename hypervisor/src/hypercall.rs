@@ -1,0 +1,279 @@
+//! SMCCC dispatch of guest `HVC`/`SMC` calls (Arm DEN 0028): Arm architecture calls,
+//! PSCI (Arm DEN 0022) and the twostage vendor-specific hypervisor service.
+//! The function IDs and every value returned here are documented in `docs/hypercalls.md`.
+
+use crate::psci::{PsciError, PsciVm};
+use smccc::arch as smccc_arch;
+use smccc::psci as p;
+
+/// SMCCC version implemented: 1.1 (`major << 16 | minor`).
+pub const SMCCC_VERSION_1_1: u64 = 0x1_0001;
+/// PSCI version implemented: 1.1.
+pub const PSCI_VERSION_1_1: u64 = 0x1_0001;
+
+/// SMCCC `NOT_SUPPORTED` (-1) as returned in x0.
+pub const NOT_SUPPORTED: u64 = smccc_arch::error::NOT_SUPPORTED as i64 as u64;
+
+/// Vendor-specific hypervisor service (owning entity 6): function IDs.
+pub mod vendor {
+    /// Call count query: x0 = number of vendor calls (below).
+    pub const CALL_COUNT: u32 = 0x8600_FF00;
+    /// UID query: x0..x3 = the twostage service UUID, 32 bits each.
+    pub const CALL_UID: u32 = 0x8600_FF01;
+    /// Revision query: x0 = major, x1 = minor.
+    pub const REVISION: u32 = 0x8600_FF03;
+    /// "Which VM am I": x0 = 0, x1 = VM id, x2 = VMID, x3 = vCPU index.
+    pub const VM_INFO: u32 = 0xC600_0001;
+    /// VM name: x0 = name length in bytes, x1..x3 = its first 24 bytes (little-endian).
+    pub const VM_NAME: u32 = 0xC600_0002;
+    /// The vendor calls of the service (what `CALL_COUNT` counts).
+    pub const CALLS: &[u32] = &[VM_INFO, VM_NAME];
+    /// Service UID `8b3f1f5e-2a7c-4d10-9b61-74776f737467`, as four 32-bit words in
+    /// SMCCC order (x0 = bytes 0-3 little-endian, ...).
+    pub const UID: [u32; 4] = [0x5e1f_3f8b, 0x104d_7c2a, 0x7774_619b, 0x6774_736f];
+    /// Service revision (major, minor).
+    pub const REVISION_VALUE: (u32, u32) = (1, 0);
+}
+
+/// Who is calling: the identity a vendor call reports and the memory a PSCI entry point
+/// must lie in.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller<'a> {
+    /// VM id (index in the description, stable for the VM's life).
+    pub vm_id: u32,
+    /// Hardware VMID.
+    pub vmid: u16,
+    /// Calling vCPU.
+    pub vcpu: usize,
+    /// VM name.
+    pub name: &'a str,
+}
+
+/// What the run loop must do after a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Write x0..x3 and resume the guest.
+    Return([u64; 4]),
+    /// The calling vCPU turned itself off (PSCI `CPU_OFF` succeeded).
+    CpuOff,
+    /// The VM asked to power off (`SYSTEM_OFF`).
+    SystemOff,
+    /// The VM asked to be reset (`SYSTEM_RESET`).
+    SystemReset,
+}
+
+fn ret(x0: u64) -> Outcome {
+    Outcome::Return([x0, 0, 0, 0])
+}
+
+fn psci_result(r: Result<(), PsciError>) -> Outcome {
+    match r {
+        Ok(()) => ret(0),
+        Err(e) => ret(i64::from(e.code()) as u64),
+    }
+}
+
+/// PSCI functions this emulation implements (for `PSCI_FEATURES`).
+const PSCI_IMPLEMENTED: &[u32] = &[
+    p::PSCI_VERSION,
+    p::PSCI_CPU_OFF,
+    p::PSCI_CPU_ON_32,
+    p::PSCI_CPU_ON_64,
+    p::PSCI_AFFINITY_INFO_32,
+    p::PSCI_AFFINITY_INFO_64,
+    p::PSCI_SYSTEM_OFF,
+    p::PSCI_SYSTEM_RESET,
+    p::PSCI_FEATURES,
+    smccc_arch::SMCCC_VERSION,
+];
+
+/// Handles one SMCCC call. `x` holds the guest's x0..x7 at the call; `psci` is the VM's
+/// vCPU power state (locked by the caller); `entry_ok` tells whether an IPA lies in the
+/// VM's RAM. Every function ID not listed in `docs/hypercalls.md` returns
+/// `NOT_SUPPORTED`.
+pub fn dispatch(
+    x: &[u64; 8],
+    caller: &Caller<'_>,
+    psci: &mut PsciVm,
+    entry_ok: impl Fn(u64) -> bool,
+) -> Outcome {
+    // SMCCC: the function ID is w0; the upper half of x0 is ignored.
+    let fid = x[0] as u32;
+    // SMC32/HVC32 calls (bit 30 clear) take 32-bit arguments.
+    let arg = |i: usize| {
+        if fid & (1 << 30) == 0 {
+            x[i] & 0xffff_ffff
+        } else {
+            x[i]
+        }
+    };
+    match fid {
+        smccc_arch::SMCCC_VERSION => ret(SMCCC_VERSION_1_1),
+        smccc_arch::SMCCC_ARCH_FEATURES => match arg(1) as u32 {
+            smccc_arch::SMCCC_VERSION | smccc_arch::SMCCC_ARCH_FEATURES => ret(0),
+            _ => ret(NOT_SUPPORTED),
+        },
+        p::PSCI_VERSION => ret(PSCI_VERSION_1_1),
+        p::PSCI_FEATURES => {
+            if PSCI_IMPLEMENTED.contains(&(arg(1) as u32)) {
+                ret(0)
+            } else {
+                ret(NOT_SUPPORTED)
+            }
+        }
+        p::PSCI_CPU_ON_32 | p::PSCI_CPU_ON_64 => {
+            let entry = arg(2);
+            psci_result(psci.cpu_on(arg(1), entry, arg(3), entry_ok(entry)))
+        }
+        p::PSCI_CPU_OFF => match psci.cpu_off(caller.vcpu) {
+            Ok(()) => Outcome::CpuOff,
+            Err(e) => psci_result(Err(e)),
+        },
+        p::PSCI_AFFINITY_INFO_32 | p::PSCI_AFFINITY_INFO_64 => {
+            match psci.affinity_info(arg(1), arg(2)) {
+                Ok(state) => ret(state as u64),
+                Err(e) => psci_result(Err(e)),
+            }
+        }
+        p::PSCI_SYSTEM_OFF => Outcome::SystemOff,
+        p::PSCI_SYSTEM_RESET => Outcome::SystemReset,
+        vendor::CALL_COUNT => ret(vendor::CALLS.len() as u64),
+        vendor::CALL_UID => {
+            let u = vendor::UID.map(u64::from);
+            Outcome::Return(u)
+        }
+        vendor::REVISION => Outcome::Return([
+            u64::from(vendor::REVISION_VALUE.0),
+            u64::from(vendor::REVISION_VALUE.1),
+            0,
+            0,
+        ]),
+        vendor::VM_INFO => Outcome::Return([
+            0,
+            u64::from(caller.vm_id),
+            u64::from(caller.vmid),
+            caller.vcpu as u64,
+        ]),
+        vendor::VM_NAME => {
+            let bytes = caller.name.as_bytes();
+            let mut words = [0u64; 3];
+            for (i, b) in bytes.iter().take(24).enumerate() {
+                words[i / 8] |= u64::from(*b) << (8 * (i % 8));
+            }
+            Outcome::Return([bytes.len() as u64, words[0], words[1], words[2]])
+        }
+        _ => ret(NOT_SUPPORTED),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CALLER: Caller<'static> = Caller {
+        vm_id: 3,
+        vmid: 17,
+        vcpu: 0,
+        name: "guest-a",
+    };
+
+    fn call(psci: &mut PsciVm, regs: &[u64]) -> Outcome {
+        let mut x = [0u64; 8];
+        x[..regs.len()].copy_from_slice(regs);
+        dispatch(&x, &CALLER, psci, |ipa| {
+            (0x4000_0000..0x4010_0000).contains(&ipa)
+        })
+    }
+
+    fn x0(o: Outcome) -> i64 {
+        match o {
+            Outcome::Return(r) => r[0] as i64,
+            other => panic!("expected a return, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn versions_and_features() {
+        let mut ps = PsciVm::new(1);
+        assert_eq!(x0(call(&mut ps, &[0x8000_0000])), 0x1_0001);
+        assert_eq!(x0(call(&mut ps, &[0x8400_0000])), 0x1_0001);
+        assert_eq!(x0(call(&mut ps, &[0x8400_000A, 0xC400_0003])), 0);
+        assert_eq!(x0(call(&mut ps, &[0x8400_000A, 0x8000_0000])), 0);
+        assert_eq!(
+            x0(call(&mut ps, &[0x8400_000A, 0xC400_0001])),
+            -1,
+            "no CPU_SUSPEND"
+        );
+        assert_eq!(
+            x0(call(&mut ps, &[0x8000_0001, 0x8000_8000])),
+            -1,
+            "no workaround 1"
+        );
+        assert_eq!(x0(call(&mut ps, &[0x8000_0001, 0x8000_0001])), 0);
+        // The upper half of x0 is ignored.
+        assert_eq!(x0(call(&mut ps, &[0xffff_ffff_8000_0000])), 0x1_0001);
+    }
+
+    #[test]
+    fn unknown_ids_are_not_supported() {
+        let mut ps = PsciVm::new(1);
+        for fid in [
+            0u64,
+            0xC600_0000,
+            0xC600_0003,
+            0x8600_FF02,
+            0x8400_0001,
+            0xC400_0012,
+        ] {
+            assert_eq!(x0(call(&mut ps, &[fid])), -1, "fid {fid:#x}");
+        }
+    }
+
+    #[test]
+    fn vendor_calls() {
+        let mut ps = PsciVm::new(1);
+        assert_eq!(
+            call(&mut ps, &[0xC600_0001]),
+            Outcome::Return([0, 3, 17, 0])
+        );
+        assert_eq!(x0(call(&mut ps, &[0x8600_FF00])), 2);
+        let Outcome::Return(uid) = call(&mut ps, &[0x8600_FF01]) else {
+            panic!()
+        };
+        assert_eq!(uid, vendor::UID.map(u64::from));
+        assert_eq!(call(&mut ps, &[0x8600_FF03]), Outcome::Return([1, 0, 0, 0]));
+        let Outcome::Return(name) = call(&mut ps, &[0xC600_0002]) else {
+            panic!()
+        };
+        assert_eq!(name[0], 7);
+        assert_eq!(&name[1].to_le_bytes()[..7], b"guest-a");
+        assert_eq!(name[1].to_le_bytes()[7], 0);
+    }
+
+    #[test]
+    fn psci_cpu_on_through_dispatch() {
+        let mut ps = PsciVm::new(2);
+        ps.power_on(0, 0x4000_0000, 0).expect("boot");
+        ps.take_pending(0);
+        assert_eq!(x0(call(&mut ps, &[0xC400_0003, 1, 0x9000_0000, 5])), -9);
+        assert_eq!(x0(call(&mut ps, &[0xC400_0003, 7, 0x4000_1000, 5])), -2);
+        assert_eq!(x0(call(&mut ps, &[0xC400_0003, 1, 0x4000_1000, 5])), 0);
+        assert_eq!(x0(call(&mut ps, &[0xC400_0004, 1, 0])), 2);
+        assert_eq!(ps.take_pending(1), Some((0x4000_1000, 5)));
+        assert_eq!(x0(call(&mut ps, &[0xC400_0004, 1, 0])), 0);
+        // 32-bit CPU_ON truncates its arguments.
+        assert_eq!(
+            x0(call(&mut ps, &[0x8400_0003, 0xffff_ffff_0000_0001, 0, 0])),
+            -4
+        );
+        assert_eq!(call(&mut ps, &[0x8400_0002]), Outcome::CpuOff);
+        assert_eq!(call(&mut ps, &[0x8400_0008]), Outcome::SystemOff);
+        assert_eq!(call(&mut ps, &[0x8400_0009]), Outcome::SystemReset);
+    }
+
+    #[test]
+    fn cpu_off_when_not_on_is_denied() {
+        let mut ps = PsciVm::new(1);
+        assert_eq!(x0(call(&mut ps, &[0x8400_0002])), -3);
+    }
+}

@@ -1,0 +1,296 @@
+//! PSCI power state of a VM's vCPUs (the guest-facing emulation, not the firmware calls
+//! the hypervisor itself makes).
+//!
+//! Each vCPU is `Off`, `OnPending` (a `CPU_ON` was accepted, its physical CPU has not
+//! picked it up yet) or `On`. vCPU *i* has virtual MPIDR Aff0 = *i* (all other affinity
+//! fields 0), which is what `VMPIDR_EL2` is set to and what the guest DTB names.
+//! Return values follow the PSCI specification (Arm DEN 0022) and use the `smccc` crate's
+//! error codes.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use smccc::psci::error as psci_err;
+
+/// Power state of one vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerState {
+    /// Not running; may be started with `CPU_ON`.
+    Off,
+    /// Started by `CPU_ON`; its physical CPU will enter it at `entry` with x0 = `context`.
+    OnPending {
+        /// Entry point IPA.
+        entry: u64,
+        /// Value for x0.
+        context: u64,
+    },
+    /// Running (or runnable) on its physical CPU.
+    On,
+}
+
+/// A PSCI error, convertible to the value returned in x0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PsciError {
+    /// `INVALID_PARAMETERS` (-2): e.g. an MPIDR that names no vCPU of this VM.
+    InvalidParameters,
+    /// `ALREADY_ON` (-4).
+    AlreadyOn,
+    /// `ON_PENDING` (-5).
+    OnPending,
+    /// `INVALID_ADDRESS` (-9): entry point outside the VM's memory.
+    InvalidAddress,
+    /// `DENIED` (-3): e.g. `CPU_OFF` of a vCPU that is not on.
+    Denied,
+}
+
+impl PsciError {
+    /// The PSCI return code.
+    #[must_use]
+    pub const fn code(self) -> i32 {
+        match self {
+            Self::InvalidParameters => psci_err::INVALID_PARAMETERS,
+            Self::AlreadyOn => psci_err::ALREADY_ON,
+            Self::OnPending => psci_err::ON_PENDING,
+            Self::InvalidAddress => psci_err::INVALID_ADDRESS,
+            Self::Denied => psci_err::DENIED,
+        }
+    }
+}
+
+/// `AFFINITY_INFO` results (PSCI 5.1.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AffinityInfo {
+    /// 0: at least one core of the affinity instance is on.
+    On = 0,
+    /// 1: off.
+    Off = 1,
+    /// 2: on pending.
+    OnPending = 2,
+}
+
+/// The vCPU power states of one VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PsciVm {
+    vcpus: Vec<PowerState>,
+}
+
+impl PsciVm {
+    /// `count` vCPUs, all off.
+    #[must_use]
+    pub fn new(count: usize) -> Self {
+        Self {
+            vcpus: vec![PowerState::Off; count],
+        }
+    }
+
+    /// Number of vCPUs.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// True when the VM has no vCPU.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.vcpus.is_empty()
+    }
+
+    /// State of vCPU `index`, `None` if there is no such vCPU.
+    #[must_use]
+    pub fn state(&self, index: usize) -> Option<PowerState> {
+        self.vcpus.get(index).copied()
+    }
+
+    /// Number of vCPUs that are not `Off`.
+    #[must_use]
+    pub fn running(&self) -> usize {
+        self.vcpus.iter().filter(|s| **s != PowerState::Off).count()
+    }
+
+    /// Maps a guest MPIDR to a vCPU index: Aff0 only, Aff1-3 must be zero.
+    #[must_use]
+    pub fn vcpu_of_mpidr(&self, mpidr: u64) -> Option<usize> {
+        // Aff3 [39:32], Aff2 [23:16], Aff1 [15:8], Aff0 [7:0]; other bits ignored.
+        let aff_mask = 0xff_00ff_ffff_u64;
+        let aff = mpidr & aff_mask;
+        if aff > 0xff {
+            return None;
+        }
+        let index = usize::try_from(aff).ok()?;
+        (index < self.vcpus.len()).then_some(index)
+    }
+
+    /// Boot-time start of a vCPU (the VM's first vCPU at its description's entry point).
+    /// Same rules as [`Self::cpu_on`] without the address check.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::cpu_on`].
+    pub fn power_on(&mut self, index: usize, entry: u64, context: u64) -> Result<(), PsciError> {
+        let state = self
+            .vcpus
+            .get_mut(index)
+            .ok_or(PsciError::InvalidParameters)?;
+        match *state {
+            PowerState::On => Err(PsciError::AlreadyOn),
+            PowerState::OnPending { .. } => Err(PsciError::OnPending),
+            PowerState::Off => {
+                *state = PowerState::OnPending { entry, context };
+                Ok(())
+            }
+        }
+    }
+
+    /// `CPU_ON(target_mpidr, entry, context)`; `entry_ok` says whether the entry IPA lies
+    /// in the VM's memory.
+    ///
+    /// # Errors
+    ///
+    /// `INVALID_PARAMETERS` for an unknown MPIDR, `INVALID_ADDRESS` for a bad entry,
+    /// `ALREADY_ON` / `ON_PENDING` when the target is not off. The state is unchanged on
+    /// error.
+    pub fn cpu_on(
+        &mut self,
+        target_mpidr: u64,
+        entry: u64,
+        context: u64,
+        entry_ok: bool,
+    ) -> Result<(), PsciError> {
+        let index = self
+            .vcpu_of_mpidr(target_mpidr)
+            .ok_or(PsciError::InvalidParameters)?;
+        match self.vcpus[index] {
+            PowerState::On => return Err(PsciError::AlreadyOn),
+            PowerState::OnPending { .. } => return Err(PsciError::OnPending),
+            PowerState::Off => {}
+        }
+        if !entry_ok {
+            return Err(PsciError::InvalidAddress);
+        }
+        self.power_on(index, entry, context)
+    }
+
+    /// `CPU_OFF` by vCPU `index` (on success the call does not return to the guest).
+    ///
+    /// # Errors
+    ///
+    /// `DENIED` when that vCPU is not on.
+    pub fn cpu_off(&mut self, index: usize) -> Result<(), PsciError> {
+        match self.vcpus.get_mut(index) {
+            Some(state @ PowerState::On) => {
+                *state = PowerState::Off;
+                Ok(())
+            }
+            _ => Err(PsciError::Denied),
+        }
+    }
+
+    /// `AFFINITY_INFO(target_mpidr, lowest_level)`; only level 0 (a single vCPU) exists.
+    ///
+    /// # Errors
+    ///
+    /// `INVALID_PARAMETERS` for an unknown MPIDR or a level other than 0.
+    pub fn affinity_info(&self, target_mpidr: u64, level: u64) -> Result<AffinityInfo, PsciError> {
+        if level != 0 {
+            return Err(PsciError::InvalidParameters);
+        }
+        let index = self
+            .vcpu_of_mpidr(target_mpidr)
+            .ok_or(PsciError::InvalidParameters)?;
+        Ok(match self.vcpus[index] {
+            PowerState::Off => AffinityInfo::Off,
+            PowerState::OnPending { .. } => AffinityInfo::OnPending,
+            PowerState::On => AffinityInfo::On,
+        })
+    }
+
+    /// Called by vCPU `index`'s physical CPU: if a start is pending, marks it `On` and
+    /// returns `(entry, context)`.
+    pub fn take_pending(&mut self, index: usize) -> Option<(u64, u64)> {
+        let state = self.vcpus.get_mut(index)?;
+        if let PowerState::OnPending { entry, context } = *state {
+            *state = PowerState::On;
+            Some((entry, context))
+        } else {
+            None
+        }
+    }
+
+    /// Turns every vCPU off (VM power-off, reset or stop).
+    pub fn all_off(&mut self) {
+        self.vcpus.iter_mut().for_each(|s| *s = PowerState::Off);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_on_off_cycle() {
+        let mut p = PsciVm::new(2);
+        p.power_on(0, 0x4000_0000, 7).expect("boot vcpu");
+        assert_eq!(p.take_pending(0), Some((0x4000_0000, 7)));
+        assert_eq!(p.state(0), Some(PowerState::On));
+        assert_eq!(p.affinity_info(1, 0), Ok(AffinityInfo::Off));
+        p.cpu_on(1, 0x4000_1000, 42, true).expect("cpu_on");
+        assert_eq!(p.affinity_info(1, 0), Ok(AffinityInfo::OnPending));
+        assert_eq!(
+            p.cpu_on(1, 0x4000_1000, 42, true),
+            Err(PsciError::OnPending)
+        );
+        assert_eq!(p.take_pending(1), Some((0x4000_1000, 42)));
+        assert_eq!(p.take_pending(1), None);
+        assert_eq!(p.affinity_info(1, 0), Ok(AffinityInfo::On));
+        assert_eq!(
+            p.cpu_on(1, 0x4000_1000, 42, true),
+            Err(PsciError::AlreadyOn)
+        );
+        assert_eq!(p.running(), 2);
+        p.cpu_off(1).expect("cpu_off");
+        assert_eq!(p.cpu_off(1), Err(PsciError::Denied));
+        assert_eq!(p.affinity_info(1, 0), Ok(AffinityInfo::Off));
+        assert_eq!(p.running(), 1);
+    }
+
+    #[test]
+    fn bad_parameters_change_nothing() {
+        let mut p = PsciVm::new(2);
+        let before = p.clone();
+        assert_eq!(p.cpu_on(2, 0, 0, true), Err(PsciError::InvalidParameters));
+        assert_eq!(
+            p.cpu_on(0x100, 0, 0, true),
+            Err(PsciError::InvalidParameters)
+        );
+        assert_eq!(
+            p.cpu_on(0x1_0000_0000, 0, 0, true),
+            Err(PsciError::InvalidParameters)
+        );
+        assert_eq!(
+            p.cpu_on(1, 0xdead, 0, false),
+            Err(PsciError::InvalidAddress)
+        );
+        assert_eq!(p.affinity_info(0, 1), Err(PsciError::InvalidParameters));
+        assert_eq!(p.cpu_off(5), Err(PsciError::Denied));
+        assert_eq!(p, before);
+        // MPIDR bit 31 (RES1) and MT/U bits are ignored.
+        assert_eq!(p.vcpu_of_mpidr(0x8000_0001), Some(1));
+    }
+
+    #[test]
+    fn error_codes() {
+        assert_eq!(PsciError::InvalidParameters.code(), -2);
+        assert_eq!(PsciError::Denied.code(), -3);
+        assert_eq!(PsciError::AlreadyOn.code(), -4);
+        assert_eq!(PsciError::OnPending.code(), -5);
+        assert_eq!(PsciError::InvalidAddress.code(), -9);
+    }
+
+    #[test]
+    fn all_off() {
+        let mut p = PsciVm::new(3);
+        p.power_on(0, 1, 2).expect("on");
+        p.power_on(2, 1, 2).expect("on");
+        p.all_off();
+        assert_eq!(p.running(), 0);
+    }
+}

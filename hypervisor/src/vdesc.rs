@@ -1,0 +1,625 @@
+//! VM descriptions: the data that says which VMs to create.
+//!
+//! A VM is a child node of `/chosen` in the host DTB with `compatible = "twostage,vm"`
+//! (dom0less-style); the full property list is in `docs/vms.md`. Every address and size is
+//! a 64-bit value written as two cells, independent of `#address-cells`. VMs get ids 0, 1,
+//! ... in DT order.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt;
+
+/// The `compatible` string of a VM node.
+pub const COMPATIBLE: &str = "twostage,vm";
+/// Page size of stage-2 mappings and of every region in a description.
+pub const PAGE_SIZE: u64 = 4096;
+/// Longest accepted VM name.
+pub const MAX_NAME: usize = 32;
+
+/// A range of guest memory: `size` bytes at guest IPA `ipa`, backed by host PA `pa`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    /// Guest IPA.
+    pub ipa: u64,
+    /// Host physical address.
+    pub pa: u64,
+    /// Bytes (a multiple of [`PAGE_SIZE`]).
+    pub size: u64,
+}
+
+impl Region {
+    /// True when `[ipa, ipa + len)` lies inside this region's IPA range.
+    #[must_use]
+    pub fn contains_ipa(&self, ipa: u64, len: u64) -> bool {
+        ipa >= self.ipa && len <= self.size && ipa - self.ipa <= self.size - len
+    }
+}
+
+/// An image QEMU staged at host PA `pa` (`-device loader`), copied into the VM's RAM at
+/// IPA `ipa` each time the VM is created or reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Image {
+    /// Staging host PA.
+    pub pa: u64,
+    /// Bytes to copy.
+    pub size: u64,
+    /// Destination guest IPA (inside one RAM region).
+    pub ipa: u64,
+}
+
+/// What happens when the guest touches an IPA that is neither RAM, a pass-through range
+/// nor an emulated device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AbortPolicy {
+    /// Inject a synchronous external abort into the guest at EL1.
+    Inject,
+    /// Stop the VM (all its vCPUs) with a log line.
+    Stop,
+}
+
+/// One VM, as described.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmDesc {
+    /// Name (prefix of its console output and of log lines).
+    pub name: String,
+    /// Physical CPU indices; vCPU *i* runs on `cpus[i]`.
+    pub cpus: Vec<u32>,
+    /// RAM regions (mapped Normal write-back, RWX).
+    pub memory: Vec<Region>,
+    /// Kernel image.
+    pub kernel: Image,
+    /// Entry IPA of vCPU 0.
+    pub entry: u64,
+    /// Optional initial ramdisk.
+    pub initrd: Option<Image>,
+    /// Optional guest DTB; when present x0 = its IPA at entry.
+    pub dtb: Option<Image>,
+    /// Kernel command line for a generated guest DTB.
+    pub bootargs: Option<String>,
+    /// x0 at entry when there is no `dtb`.
+    pub arg: u64,
+    /// Stage-2 abort policy.
+    pub abort: AbortPolicy,
+    /// IPA of the emulated PL011-like UART page, if any.
+    pub vuart: Option<u64>,
+    /// Device ranges mapped straight through (Device-nGnRE, RW, XN).
+    pub passthrough: Vec<Region>,
+}
+
+impl VmDesc {
+    /// The RAM region holding `[ipa, ipa + len)`, if one does.
+    #[must_use]
+    pub fn ram_region(&self, ipa: u64, len: u64) -> Option<&Region> {
+        self.memory.iter().find(|r| r.contains_ipa(ipa, len))
+    }
+
+    /// Total RAM bytes.
+    #[must_use]
+    pub fn ram_size(&self) -> u64 {
+        self.memory.iter().map(|r| r.size).sum()
+    }
+
+    /// x0 for vCPU 0 at entry.
+    #[must_use]
+    pub fn boot_x0(&self) -> u64 {
+        self.dtb.map_or(self.arg, |d| d.ipa)
+    }
+}
+
+/// Why a description was rejected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DescError {
+    /// The blob is not a valid flattened device tree.
+    BadDtb,
+    /// A VM node breaks a rule: the node name and what is wrong.
+    Invalid {
+        /// DT node name of the VM.
+        node: String,
+        /// The broken rule.
+        what: &'static str,
+    },
+}
+
+impl fmt::Display for DescError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadDtb => write!(f, "not a valid device tree"),
+            Self::Invalid { node, what } => write!(f, "VM node /chosen/{node}: {what}"),
+        }
+    }
+}
+
+fn u64s(bytes: &[u8]) -> Option<Vec<u64>> {
+    if bytes.len() % 8 != 0 {
+        return None;
+    }
+    Some(
+        bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect(),
+    )
+}
+
+fn u32s(bytes: &[u8]) -> Option<Vec<u32>> {
+    if bytes.len() % 4 != 0 {
+        return None;
+    }
+    Some(
+        bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
+}
+
+fn string(bytes: &[u8]) -> Option<String> {
+    let s = bytes.strip_suffix(&[0]).unwrap_or(bytes);
+    core::str::from_utf8(s).ok().map(ToString::to_string)
+}
+
+fn aligned(x: u64) -> bool {
+    x % PAGE_SIZE == 0
+}
+
+fn overlaps(a: u64, alen: u64, b: u64, blen: u64) -> bool {
+    a < b.saturating_add(blen) && b < a.saturating_add(alen)
+}
+
+struct Node<'a> {
+    name: &'a str,
+    props: Vec<(&'a str, &'a [u8])>,
+}
+
+impl<'a> Node<'a> {
+    fn get(&self, name: &str) -> Option<&'a [u8]> {
+        self.props.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
+
+    fn err(&self, what: &'static str) -> DescError {
+        DescError::Invalid {
+            node: self.name.to_string(),
+            what,
+        }
+    }
+
+    fn u64_list(&self, name: &str, what: &'static str) -> Result<Option<Vec<u64>>, DescError> {
+        self.get(name)
+            .map(|v| u64s(v).ok_or_else(|| self.err(what)))
+            .transpose()
+    }
+
+    fn one_u64(&self, name: &str, what: &'static str) -> Result<Option<u64>, DescError> {
+        match self.u64_list(name, what)? {
+            None => Ok(None),
+            Some(v) if v.len() == 1 => Ok(Some(v[0])),
+            Some(_) => Err(self.err(what)),
+        }
+    }
+
+    fn regions(&self, name: &str, what: &'static str) -> Result<Vec<Region>, DescError> {
+        let Some(v) = self.u64_list(name, what)? else {
+            return Ok(Vec::new());
+        };
+        if v.len() % 3 != 0 {
+            return Err(self.err(what));
+        }
+        Ok(v.chunks_exact(3)
+            .map(|c| Region {
+                ipa: c[0],
+                pa: c[1],
+                size: c[2],
+            })
+            .collect())
+    }
+
+    fn image(&self, name: &str, ipa_name: &str) -> Result<Option<Image>, DescError> {
+        let Some(v) = self.u64_list(name, "image must be <pa(2 cells) size(2 cells)>")? else {
+            return Ok(None);
+        };
+        if v.len() != 2 {
+            return Err(self.err("image must be <pa(2 cells) size(2 cells)>"));
+        }
+        let ipa = self
+            .one_u64(ipa_name, "image IPA must be one 64-bit value")?
+            .ok_or_else(|| self.err("image without its -ipa property"))?;
+        Ok(Some(Image {
+            pa: v[0],
+            size: v[1],
+            ipa,
+        }))
+    }
+}
+
+fn check_regions(node: &Node<'_>, regions: &[Region], what: &'static str) -> Result<(), DescError> {
+    for (i, r) in regions.iter().enumerate() {
+        if r.size == 0
+            || !aligned(r.ipa | r.pa | r.size)
+            || r.ipa.checked_add(r.size).is_none()
+            || r.pa.checked_add(r.size).is_none()
+        {
+            return Err(node.err(what));
+        }
+        if regions[..i]
+            .iter()
+            .any(|o| overlaps(o.ipa, o.size, r.ipa, r.size))
+        {
+            return Err(node.err("regions overlap in IPA space"));
+        }
+    }
+    Ok(())
+}
+
+fn parse_vm(node: &Node<'_>) -> Result<VmDesc, DescError> {
+    let name = match node.get("vm-name") {
+        Some(v) => string(v).ok_or_else(|| node.err("vm-name is not a string"))?,
+        None => node.name.to_string(),
+    };
+    if name.is_empty() || name.len() > MAX_NAME || !name.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(node.err("vm-name must be 1-32 printable ASCII characters"));
+    }
+    let cpus = u32s(
+        node.get("cpus")
+            .ok_or_else(|| node.err("no cpus property"))?,
+    )
+    .ok_or_else(|| node.err("cpus must be a list of 32-bit cells"))?;
+    if cpus.is_empty() {
+        return Err(node.err("cpus is empty"));
+    }
+    if cpus.iter().enumerate().any(|(i, c)| cpus[..i].contains(c)) {
+        return Err(node.err("a physical CPU is named twice in cpus"));
+    }
+    let memory = node.regions(
+        "memory",
+        "memory must be <ipa pa size> triples of 64-bit values",
+    )?;
+    if memory.is_empty() {
+        return Err(node.err("no memory"));
+    }
+    check_regions(
+        node,
+        &memory,
+        "memory region not page-aligned, empty or overflowing",
+    )?;
+    let passthrough = node.regions(
+        "passthrough",
+        "passthrough must be <ipa pa size> triples of 64-bit values",
+    )?;
+    check_regions(
+        node,
+        &passthrough,
+        "passthrough range not page-aligned, empty or overflowing",
+    )?;
+    for p in &passthrough {
+        if memory
+            .iter()
+            .any(|m| overlaps(m.ipa, m.size, p.ipa, p.size))
+        {
+            return Err(node.err("passthrough range overlaps memory in IPA space"));
+        }
+        if memory.iter().any(|m| overlaps(m.pa, m.size, p.pa, p.size)) {
+            return Err(node.err("passthrough range overlaps memory in PA space"));
+        }
+    }
+    let kernel = node
+        .image("kernel", "kernel-ipa")?
+        .ok_or_else(|| node.err("no kernel"))?;
+    let initrd = node.image("initrd", "initrd-ipa")?;
+    let dtb = node.image("dtb", "dtb-ipa")?;
+    let images = [Some(kernel), initrd, dtb];
+    for (i, img) in images.iter().enumerate() {
+        let Some(img) = img else { continue };
+        if img.size == 0 || !memory.iter().any(|r| r.contains_ipa(img.ipa, img.size)) {
+            return Err(node.err("image is empty or not inside one memory region"));
+        }
+        if images[..i]
+            .iter()
+            .flatten()
+            .any(|o| overlaps(o.ipa, o.size, img.ipa, img.size))
+        {
+            return Err(node.err("images overlap in the guest"));
+        }
+    }
+    let entry = node
+        .one_u64("entry", "entry must be one 64-bit value")?
+        .unwrap_or(kernel.ipa);
+    if !memory.iter().any(|r| r.contains_ipa(entry, 4)) || entry % 4 != 0 {
+        return Err(node.err("entry is not an aligned IPA inside memory"));
+    }
+    let bootargs = node
+        .get("bootargs")
+        .map(|v| string(v).ok_or_else(|| node.err("bootargs is not a string")))
+        .transpose()?;
+    let arg = node
+        .one_u64("arg", "arg must be one 64-bit value")?
+        .unwrap_or(0);
+    let abort = match node.get("abort-policy").map(string) {
+        None => AbortPolicy::Stop,
+        Some(Some(s)) if s == "stop" => AbortPolicy::Stop,
+        Some(Some(s)) if s == "inject" => AbortPolicy::Inject,
+        Some(_) => return Err(node.err("abort-policy must be \"stop\" or \"inject\"")),
+    };
+    let vuart = node.one_u64("vuart", "vuart must be one 64-bit IPA")?;
+    if let Some(u) = vuart {
+        if !aligned(u)
+            || u.checked_add(PAGE_SIZE).is_none()
+            || memory
+                .iter()
+                .chain(&passthrough)
+                .any(|r| overlaps(r.ipa, r.size, u, PAGE_SIZE))
+        {
+            return Err(node.err("vuart must be a free, page-aligned IPA"));
+        }
+    }
+    Ok(VmDesc {
+        name,
+        cpus,
+        memory,
+        kernel,
+        entry,
+        initrd,
+        dtb,
+        bootargs,
+        arg,
+        abort,
+        vuart,
+        passthrough,
+    })
+}
+
+/// Parses every VM node under `/chosen` of `dtb` and checks them against each other
+/// (distinct names, no physical CPU or RAM page given to two VMs).
+///
+/// # Errors
+///
+/// [`DescError::BadDtb`] for a blob that is not an FDT, [`DescError::Invalid`] naming
+/// the first broken rule.
+pub fn parse(dtb: &[u8]) -> Result<Vec<VmDesc>, DescError> {
+    let fdt = fdt::Fdt::new(dtb).map_err(|_| DescError::BadDtb)?;
+    let Some(chosen) = fdt.find_node("/chosen") else {
+        return Ok(Vec::new());
+    };
+    let mut vms: Vec<VmDesc> = Vec::new();
+    for child in chosen.children() {
+        let node = Node {
+            name: child.name,
+            props: child.properties().map(|p| (p.name, p.value)).collect(),
+        };
+        let is_vm = node
+            .get("compatible")
+            .is_some_and(|c| c.split(|b| *b == 0).any(|s| s == COMPATIBLE.as_bytes()));
+        if !is_vm {
+            continue;
+        }
+        let vm = parse_vm(&node)?;
+        for other in &vms {
+            if other.name == vm.name {
+                return Err(node.err("two VMs have the same name"));
+            }
+            if other.cpus.iter().any(|c| vm.cpus.contains(c)) {
+                return Err(node.err("a physical CPU is given to two VMs"));
+            }
+            if other.memory.iter().any(|a| {
+                vm.memory
+                    .iter()
+                    .any(|b| overlaps(a.pa, a.size, b.pa, b.size))
+            }) {
+                return Err(node.err("RAM overlaps another VM's RAM"));
+            }
+        }
+        vms.push(vm);
+    }
+    Ok(vms)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use vm_fdt::FdtWriter;
+
+    /// Property values for one test VM node.
+    pub(crate) type Props = Vec<(&'static str, Vec<u8>)>;
+
+    pub(crate) fn cells64(v: &[u64]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_be_bytes()).collect()
+    }
+
+    pub(crate) fn cells32(v: &[u32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_be_bytes()).collect()
+    }
+
+    pub(crate) fn str_prop(s: &str) -> Vec<u8> {
+        let mut v = s.as_bytes().to_vec();
+        v.push(0);
+        v
+    }
+
+    /// A valid test-guest VM: 1 MiB RAM at IPA 0x4000_0000 backed by `pa`.
+    pub(crate) fn vm_props(pa: u64, cpu: u32) -> Props {
+        vec![
+            ("compatible", str_prop(COMPATIBLE)),
+            ("cpus", cells32(&[cpu])),
+            ("memory", cells64(&[0x4000_0000, pa, 0x10_0000])),
+            ("kernel", cells64(&[0x7000_0000, 0x2000])),
+            ("kernel-ipa", cells64(&[0x4000_0000])),
+            ("vuart", cells64(&[0x0900_0000])),
+        ]
+    }
+
+    pub(crate) fn dtb(vms: &[(&str, Props)]) -> Vec<u8> {
+        let mut w = FdtWriter::new().expect("writer");
+        let root = w.begin_node("").expect("root");
+        let chosen = w.begin_node("chosen").expect("chosen");
+        w.property_string("bootargs", "host").expect("prop");
+        let other = w.begin_node("not-a-vm").expect("node");
+        w.property_string("compatible", "something,else")
+            .expect("prop");
+        w.end_node(other).expect("end");
+        for (name, props) in vms {
+            let n = w.begin_node(name).expect("vm node");
+            for (k, v) in props {
+                w.property(k, v).expect("prop");
+            }
+            w.end_node(n).expect("end");
+        }
+        w.end_node(chosen).expect("end");
+        w.end_node(root).expect("end");
+        w.finish().expect("finish")
+    }
+
+    fn with(mut p: Props, key: &'static str, val: Vec<u8>) -> Props {
+        p.retain(|(k, _)| *k != key);
+        p.push((key, val));
+        p
+    }
+
+    fn without(mut p: Props, key: &str) -> Props {
+        p.retain(|(k, _)| *k != key);
+        p
+    }
+
+    fn rejected(p: Props) -> &'static str {
+        match parse(&dtb(&[("vm0", p)])) {
+            Err(DescError::Invalid { what, .. }) => what,
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_two_vms() {
+        let a = with(vm_props(0x5000_0000, 1), "vm-name", str_prop("alpha"));
+        let b = with(
+            with(vm_props(0x5010_0000, 2), "abort-policy", str_prop("inject")),
+            "arg",
+            cells64(&[1]),
+        );
+        let vms = parse(&dtb(&[("a", a), ("b", b)])).expect("valid");
+        assert_eq!(vms.len(), 2);
+        assert_eq!(vms[0].name, "alpha");
+        assert_eq!(vms[1].name, "b");
+        assert_eq!(vms[0].cpus, vec![1]);
+        assert_eq!(
+            vms[0].memory,
+            vec![Region {
+                ipa: 0x4000_0000,
+                pa: 0x5000_0000,
+                size: 0x10_0000
+            }]
+        );
+        assert_eq!(
+            vms[0].kernel,
+            Image {
+                pa: 0x7000_0000,
+                size: 0x2000,
+                ipa: 0x4000_0000
+            }
+        );
+        assert_eq!(vms[0].entry, 0x4000_0000);
+        assert_eq!(vms[0].abort, AbortPolicy::Stop);
+        assert_eq!(vms[1].abort, AbortPolicy::Inject);
+        assert_eq!(vms[0].vuart, Some(0x0900_0000));
+        assert_eq!(vms[1].boot_x0(), 1);
+        assert_eq!(vms[0].ram_size(), 0x10_0000);
+    }
+
+    #[test]
+    fn linux_style_vm() {
+        let p = vec![
+            ("compatible", str_prop(COMPATIBLE)),
+            ("vm-name", str_prop("linux")),
+            ("cpus", cells32(&[2, 3])),
+            ("memory", cells64(&[0x5000_0000, 0x5000_0000, 0x1000_0000])),
+            ("kernel", cells64(&[0x7000_0000, 0x200_0000])),
+            ("kernel-ipa", cells64(&[0x5020_0000])),
+            ("initrd", cells64(&[0x7400_0000, 0x10_0000])),
+            ("initrd-ipa", cells64(&[0x5800_0000])),
+            ("dtb", cells64(&[0x7800_0000, 0x1_0000])),
+            ("dtb-ipa", cells64(&[0x5f00_0000])),
+            ("bootargs", str_prop("console=ttyAMA0 rdinit=/init")),
+            ("passthrough", cells64(&[0x0900_0000, 0x0900_0000, 0x1000])),
+        ];
+        let vms = parse(&dtb(&[("vm-linux", p)])).expect("valid");
+        let v = &vms[0];
+        assert_eq!(v.cpus, vec![2, 3]);
+        assert_eq!(v.boot_x0(), 0x5f00_0000);
+        assert_eq!(v.entry, 0x5020_0000);
+        assert_eq!(v.bootargs.as_deref(), Some("console=ttyAMA0 rdinit=/init"));
+        assert_eq!(v.initrd.map(|i| i.ipa), Some(0x5800_0000));
+        assert_eq!(v.passthrough.len(), 1);
+        assert_eq!(v.vuart, None);
+    }
+
+    #[test]
+    fn rejects_bad_vms() {
+        let p = || vm_props(0x5000_0000, 1);
+        rejected(without(p(), "cpus"));
+        rejected(with(p(), "cpus", vec![]));
+        rejected(with(p(), "cpus", cells32(&[1, 1])));
+        rejected(without(p(), "memory"));
+        rejected(with(p(), "memory", cells64(&[0x4000_0000, 0x5000_0000])));
+        rejected(with(
+            p(),
+            "memory",
+            cells64(&[0x4000_0000, 0x5000_0100, 0x10_0000]),
+        ));
+        rejected(with(p(), "memory", cells64(&[0x4000_0000, 0x5000_0000, 0])));
+        rejected(with(p(), "memory", cells64(&[!0xfff, 0x5000_0000, 0x2000])));
+        rejected(with(
+            p(),
+            "memory",
+            cells64(&[
+                0x4000_0000,
+                0x5000_0000,
+                0x2000,
+                0x4000_1000,
+                0x5100_0000,
+                0x1000,
+            ]),
+        ));
+        rejected(without(p(), "kernel"));
+        rejected(without(p(), "kernel-ipa"));
+        rejected(with(p(), "kernel-ipa", cells64(&[0x400f_f000])));
+        rejected(with(p(), "kernel", cells64(&[0x7000_0000, 0])));
+        rejected(with(p(), "entry", cells64(&[0x3000_0000])));
+        rejected(with(p(), "entry", cells64(&[0x4000_0002])));
+        rejected(with(p(), "abort-policy", str_prop("ignore")));
+        rejected(with(p(), "vuart", cells64(&[0x4000_0000])));
+        rejected(with(p(), "vuart", cells64(&[0x0900_0010])));
+        rejected(with(p(), "vm-name", str_prop("")));
+        rejected(with(p(), "vm-name", str_prop("has space")));
+        rejected(with(
+            p(),
+            "passthrough",
+            cells64(&[0x4000_0000, 0x0900_0000, 0x1000]),
+        ));
+        rejected(with(
+            p(),
+            "passthrough",
+            cells64(&[0x0a00_0000, 0x5000_0000, 0x1000]),
+        ));
+        rejected(with(p(), "initrd", cells64(&[0x7100_0000, 0x1000])));
+        rejected(with(
+            with(p(), "initrd", cells64(&[0x7100_0000, 0x1000])),
+            "initrd-ipa",
+            cells64(&[0x4000_1000]),
+        ));
+    }
+
+    #[test]
+    fn rejects_conflicts_between_vms() {
+        let a = vm_props(0x5000_0000, 1);
+        let same_cpu = vm_props(0x5010_0000, 1);
+        let same_ram = vm_props(0x500f_f000, 2);
+        assert!(parse(&dtb(&[("a", a.clone()), ("b", same_cpu)])).is_err());
+        assert!(parse(&dtb(&[("a", a.clone()), ("b", same_ram)])).is_err());
+        assert!(parse(&dtb(&[("a", a.clone()), ("a", vm_props(0x5100_0000, 3))])).is_err());
+        assert!(parse(&dtb(&[("a", a), ("b", vm_props(0x5010_0000, 2))])).is_ok());
+    }
+
+    #[test]
+    fn no_vms_and_bad_blob() {
+        assert_eq!(parse(&dtb(&[])), Ok(Vec::new()));
+        assert_eq!(parse(&[0u8; 64]), Err(DescError::BadDtb));
+        assert_eq!(parse(&[]), Err(DescError::BadDtb));
+    }
+}

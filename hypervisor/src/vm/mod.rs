@@ -1,0 +1,740 @@
+//! The VM manager: creates VMs from their descriptions, looks them up, resets and destroys
+//! them, and accounts for every guest page and stage-2 table frame.
+//!
+//! Everything that touches hardware or memory goes through [`Platform`] (stage-2 tables,
+//! copying and scrubbing physical memory, VMID TLB flushes), so this module is tested on
+//! the host with a recording fake.
+
+pub mod pool;
+
+use crate::psci::PsciVm;
+use crate::vdesc::{Image, Region, VmDesc};
+use crate::vmid::{Vmid, VmidAllocator, VmidBits, VmidError, VmidFlush};
+use crate::vuart::VUart;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::fmt;
+use pool::{PagePool, PoolError};
+use spin::Mutex;
+
+/// Host physical range guest RAM is taken from (`docs/memory-map.md`).
+pub const GUEST_RAM: (u64, u64) = (0x5000_0000, 0x2000_0000);
+/// Host physical range where QEMU's `-device loader` stages guest images
+/// (`docs/memory-map.md`); never mapped into a guest.
+pub const STAGING: (u64, u64) = (0x7000_0000, 0x1000_0000);
+
+/// How a stage-2 range is mapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum S2Kind {
+    /// Guest RAM: Normal write-back, read/write/execute.
+    Ram,
+    /// Pass-through device: Device-nGnRE, read/write, never executable.
+    Device,
+}
+
+/// One VM's stage-2 translation table.
+pub trait Stage2 {
+    /// Maps `[ipa, ipa + size)` to `[pa, pa + size)`.
+    ///
+    /// # Errors
+    ///
+    /// A description of the failure; the table is unchanged then.
+    fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), &'static str>;
+    /// Unmaps `[ipa, ipa + size)` (with the TLB maintenance the change needs).
+    ///
+    /// # Errors
+    ///
+    /// A description of the failure.
+    fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), &'static str>;
+    /// `VTTBR_EL2` for this table and `vmid`.
+    fn vttbr(&self, vmid: Vmid) -> u64;
+}
+
+/// What the manager needs from the machine.
+pub trait Platform: VmidFlush {
+    /// The stage-2 table type.
+    type S2: Stage2 + Send;
+    /// A new, empty stage-2 table (its root frames are taken now).
+    ///
+    /// # Errors
+    ///
+    /// Out of table frames.
+    fn new_stage2(&mut self) -> Result<Self::S2, &'static str>;
+    /// Frees an empty stage-2 table and all its frames.
+    fn free_stage2(&mut self, s2: Self::S2);
+    /// Table frames currently allocated to stage-2 tables.
+    fn table_frames(&self) -> usize;
+    /// Zeroes host physical memory.
+    fn zero(&mut self, pa: u64, len: u64);
+    /// Copies host physical memory (`src` and `dst` do not overlap).
+    fn copy(&mut self, dst: u64, src: u64, len: u64);
+}
+
+/// Lifecycle of a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmStatus {
+    /// Created; its vCPUs run.
+    Running,
+    /// Powered off by the guest (`SYSTEM_OFF`).
+    Off,
+    /// Stopped by the hypervisor because of a fault it could not handle.
+    Failed,
+}
+
+/// A live VM. Shared by the manager and the physical CPUs running its vCPUs.
+pub struct Vm<S> {
+    /// VM id: its index in the description.
+    pub id: u32,
+    /// The description it was made from.
+    pub desc: VmDesc,
+    /// Its VMID.
+    pub vmid: Vmid,
+    /// `VTTBR_EL2` value.
+    pub vttbr: u64,
+    /// Its stage-2 table (`None` once the VM is destroyed).
+    pub stage2: Mutex<Option<S>>,
+    /// vCPU power states.
+    pub psci: Mutex<PsciVm>,
+    /// Lifecycle.
+    pub status: Mutex<VmStatus>,
+    /// Virtual UART line buffer.
+    pub uart: Mutex<VUart>,
+}
+
+impl<S> fmt::Debug for Vm<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vm")
+            .field("id", &self.id)
+            .field("name", &self.desc.name)
+            .field("vmid", &self.vmid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Vm<S> {
+    /// True when `[ipa, ipa + len)` is RAM of this VM.
+    #[must_use]
+    pub fn is_ram(&self, ipa: u64, len: u64) -> bool {
+        self.desc.ram_region(ipa, len).is_some()
+    }
+
+    /// Current status.
+    #[must_use]
+    pub fn status(&self) -> VmStatus {
+        *self.status.lock()
+    }
+}
+
+/// Why a VM could not be created or destroyed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmError {
+    /// No VMID left.
+    Vmid(VmidError),
+    /// A RAM region is outside guest memory or already another VM's.
+    Ram(Region, PoolError),
+    /// A pass-through range covers host RAM.
+    PassthroughOverRam(Region),
+    /// An image's staging range is not inside the staging area.
+    ImageNotStaged(Image),
+    /// The stage-2 table could not be built.
+    Stage2(&'static str),
+    /// No VM with that id.
+    NoSuchVm(u32),
+    /// A physical CPU of the description is already running another VM.
+    CpuBusy(u32),
+}
+
+impl fmt::Display for VmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Vmid(e) => write!(f, "{e}"),
+            Self::Ram(r, e) => write!(f, "RAM at PA {:#x} size {:#x}: {e:?}", r.pa, r.size),
+            Self::PassthroughOverRam(r) => {
+                write!(
+                    f,
+                    "pass-through PA {:#x} size {:#x} covers RAM",
+                    r.pa, r.size
+                )
+            }
+            Self::ImageNotStaged(i) => {
+                write!(
+                    f,
+                    "image at PA {:#x} size {:#x} is outside the staging area",
+                    i.pa, i.size
+                )
+            }
+            Self::Stage2(e) => write!(f, "stage 2: {e}"),
+            Self::NoSuchVm(id) => write!(f, "no VM {id}"),
+            Self::CpuBusy(c) => write!(f, "physical CPU {c} already runs a VM"),
+        }
+    }
+}
+
+/// Fixed physical ranges the manager checks descriptions against.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    /// All host RAM (pass-through ranges may not touch it).
+    pub host_ram: (u64, u64),
+    /// Where guest RAM may be (the page pool).
+    pub guest_ram: (u64, u64),
+    /// Where QEMU stages guest images.
+    pub staging: (u64, u64),
+}
+
+struct Inner<P: Platform> {
+    platform: P,
+    vmids: VmidAllocator,
+    pool: PagePool,
+    layout: Layout,
+    vms: Vec<Arc<Vm<P::S2>>>,
+    next_id: u32,
+}
+
+/// All VMs, behind one lock.
+pub struct VmManager<P: Platform> {
+    inner: Mutex<Inner<P>>,
+}
+
+fn within(range: (u64, u64), pa: u64, size: u64) -> bool {
+    pa >= range.0 && size <= range.1 && pa - range.0 <= range.1 - size
+}
+
+fn overlaps(range: (u64, u64), pa: u64, size: u64) -> bool {
+    pa < range.0.saturating_add(range.1) && range.0 < pa.saturating_add(size)
+}
+
+impl<P: Platform> VmManager<P> {
+    /// A manager with no VMs.
+    pub fn new(platform: P, vmid_bits: VmidBits, layout: Layout) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                platform,
+                vmids: VmidAllocator::new(vmid_bits),
+                pool: PagePool::new(layout.guest_ram.0, layout.guest_ram.1),
+                layout,
+                vms: Vec::new(),
+                next_id: 0,
+            }),
+        }
+    }
+
+    /// Creates a VM: VMID, stage 2, RAM claimed and scrubbed, images copied in, vCPU 0
+    /// powered on at the entry point. VM ids count up from 0 in creation order.
+    ///
+    /// # Errors
+    ///
+    /// [`VmError`]; a failed create leaves nothing allocated.
+    pub fn create(&self, desc: VmDesc) -> Result<Arc<Vm<P::S2>>, VmError> {
+        let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        for vm in &inner.vms {
+            if let Some(c) = vm.desc.cpus.iter().find(|c| desc.cpus.contains(c)) {
+                return Err(VmError::CpuBusy(*c));
+            }
+        }
+        for p in &desc.passthrough {
+            if overlaps(inner.layout.host_ram, p.pa, p.size) {
+                return Err(VmError::PassthroughOverRam(*p));
+            }
+        }
+        for img in [Some(desc.kernel), desc.initrd, desc.dtb]
+            .into_iter()
+            .flatten()
+        {
+            if !within(inner.layout.staging, img.pa, img.size) {
+                return Err(VmError::ImageNotStaged(img));
+            }
+        }
+        let vmid = inner.vmids.allocate().map_err(VmError::Vmid)?;
+        let mut s2 = match inner.platform.new_stage2() {
+            Ok(s2) => s2,
+            Err(e) => {
+                // A VMID that never reached VTTBR_EL2 has no TLB entries, but the
+                // allocator flushes anyway: keep one rule.
+                let _ = inner.vmids.release(vmid, &mut inner.platform);
+                return Err(VmError::Stage2(e));
+            }
+        };
+        let mut claimed = 0;
+        let mut mapped_ram = 0;
+        let mut mapped_dev = 0;
+        let result = (|| {
+            for r in &desc.memory {
+                inner
+                    .pool
+                    .claim(r.pa, r.size)
+                    .map_err(|e| VmError::Ram(*r, e))?;
+                claimed += 1;
+                inner.platform.zero(r.pa, r.size);
+                s2.map(r.ipa, r.pa, r.size, S2Kind::Ram)
+                    .map_err(VmError::Stage2)?;
+                mapped_ram += 1;
+            }
+            for p in &desc.passthrough {
+                s2.map(p.ipa, p.pa, p.size, S2Kind::Device)
+                    .map_err(VmError::Stage2)?;
+                mapped_dev += 1;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for p in &desc.passthrough[..mapped_dev] {
+                let _ = s2.unmap(p.ipa, p.size);
+            }
+            for r in &desc.memory[..mapped_ram] {
+                let _ = s2.unmap(r.ipa, r.size);
+            }
+            for r in &desc.memory[..claimed] {
+                inner.platform.zero(r.pa, r.size);
+                let _ = inner.pool.release(r.pa, r.size);
+            }
+            inner.platform.free_stage2(s2);
+            let _ = inner.vmids.release(vmid, &mut inner.platform);
+            return Err(e);
+        }
+        load_images(&mut inner.platform, &desc);
+        let mut psci = PsciVm::new(desc.cpus.len());
+        // vCPU 0 of a new VM is off, so this cannot fail.
+        let _ = psci.power_on(0, desc.entry, desc.boot_x0());
+        let vm = Arc::new(Vm {
+            id: inner.next_id,
+            vttbr: s2.vttbr(vmid),
+            desc,
+            vmid,
+            stage2: Mutex::new(Some(s2)),
+            psci: Mutex::new(psci),
+            status: Mutex::new(VmStatus::Running),
+            uart: Mutex::new(VUart::new()),
+        });
+        inner.next_id += 1;
+        inner.vms.push(Arc::clone(&vm));
+        Ok(vm)
+    }
+
+    /// Reboots a VM in place: every vCPU off, RAM scrubbed, images copied in again, vCPU 0
+    /// on at the entry point. The VMID and stage 2 stay.
+    ///
+    /// # Errors
+    ///
+    /// [`VmError::NoSuchVm`].
+    pub fn reset(&self, id: u32) -> Result<(), VmError> {
+        let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        let vm = inner
+            .vms
+            .iter()
+            .find(|v| v.id == id)
+            .ok_or(VmError::NoSuchVm(id))?;
+        let mut psci = vm.psci.lock();
+        psci.all_off();
+        for r in &vm.desc.memory {
+            inner.platform.zero(r.pa, r.size);
+        }
+        load_images(&mut inner.platform, &vm.desc);
+        let _ = psci.power_on(0, vm.desc.entry, vm.desc.boot_x0());
+        *vm.status.lock() = VmStatus::Running;
+        Ok(())
+    }
+
+    /// Destroys a VM whose vCPUs no longer run: unmaps and frees its stage 2, scrubs and
+    /// returns its RAM, flushes and frees its VMID.
+    ///
+    /// # Errors
+    ///
+    /// [`VmError::NoSuchVm`].
+    pub fn destroy(&self, id: u32) -> Result<(), VmError> {
+        let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        let i = inner
+            .vms
+            .iter()
+            .position(|v| v.id == id)
+            .ok_or(VmError::NoSuchVm(id))?;
+        let vm = inner.vms.swap_remove(i);
+        vm.psci.lock().all_off();
+        {
+            let mut s2 = vm.stage2.lock();
+            if let Some(s2) = s2.as_mut() {
+                for p in &vm.desc.passthrough {
+                    let _ = s2.unmap(p.ipa, p.size);
+                }
+                for r in &vm.desc.memory {
+                    let _ = s2.unmap(r.ipa, r.size);
+                }
+            }
+        }
+        for r in &vm.desc.memory {
+            inner.platform.zero(r.pa, r.size);
+            let _ = inner.pool.release(r.pa, r.size);
+        }
+        // The flush runs before the VMID can be handed out again.
+        let _ = inner.vmids.release(vm.vmid, &mut inner.platform);
+        if let Some(s2) = vm.stage2.lock().take() {
+            inner.platform.free_stage2(s2);
+        }
+        Ok(())
+    }
+
+    /// The VM with id `id`.
+    pub fn get(&self, id: u32) -> Option<Arc<Vm<P::S2>>> {
+        self.inner.lock().vms.iter().find(|v| v.id == id).cloned()
+    }
+
+    /// The VM whose vCPU runs on physical CPU `cpu`, with that vCPU's index.
+    pub fn vm_on_cpu(&self, cpu: u32) -> Option<(Arc<Vm<P::S2>>, usize)> {
+        let inner = self.inner.lock();
+        inner.vms.iter().find_map(|v| {
+            v.desc
+                .cpus
+                .iter()
+                .position(|c| *c == cpu)
+                .map(|i| (Arc::clone(v), i))
+        })
+    }
+
+    /// All live VMs.
+    pub fn vms(&self) -> Vec<Arc<Vm<P::S2>>> {
+        self.inner.lock().vms.clone()
+    }
+
+    /// `None` while some VM runs; otherwise `Some(true)` if no VM failed.
+    pub fn outcome(&self) -> Option<bool> {
+        let inner = self.inner.lock();
+        let mut ok = true;
+        for vm in &inner.vms {
+            match vm.status() {
+                VmStatus::Running => return None,
+                VmStatus::Failed => ok = false,
+                VmStatus::Off => {}
+            }
+        }
+        Some(ok)
+    }
+
+    /// (free guest RAM bytes, total guest RAM bytes, stage-2 table frames, VMIDs in use).
+    pub fn accounting(&self) -> (u64, u64, usize, usize) {
+        let inner = self.inner.lock();
+        (
+            inner.pool.free_bytes(),
+            inner.pool.total_bytes(),
+            inner.platform.table_frames(),
+            inner.vmids.in_use(),
+        )
+    }
+
+    /// Runs `f` with the platform (e.g. to inspect a fake in tests).
+    pub fn with_platform<R>(&self, f: impl FnOnce(&mut P) -> R) -> R {
+        f(&mut self.inner.lock().platform)
+    }
+}
+
+fn load_images<P: Platform>(platform: &mut P, desc: &VmDesc) {
+    for img in [Some(desc.kernel), desc.initrd, desc.dtb]
+        .into_iter()
+        .flatten()
+    {
+        // The description was checked: the image lies inside one RAM region.
+        if let Some(r) = desc.ram_region(img.ipa, img.size) {
+            platform.copy(r.pa + (img.ipa - r.ipa), img.pa, img.size);
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::vdesc::tests as dt;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Fake host memory (sparse: absent bytes are zero) and stage-2 tables that take one
+    /// root frame plus one frame per 2 MiB of IPA space they map, from a shared counter.
+    #[derive(Default)]
+    pub(crate) struct Fake {
+        pub mem: BTreeMap<u64, u8>,
+        pub frames: Arc<AtomicUsize>,
+        pub flushed: Vec<Vmid>,
+        pub fail_map_at: Option<u64>,
+        pub zeroed: u64,
+    }
+
+    pub(crate) struct FakeS2 {
+        pub maps: BTreeMap<u64, (u64, S2Kind)>,
+        held: usize,
+        counter: Arc<AtomicUsize>,
+        fail_at: Option<u64>,
+    }
+
+    impl FakeS2 {
+        fn recount(&mut self) {
+            let now = 1 + self
+                .maps
+                .keys()
+                .map(|k| k >> 21)
+                .collect::<BTreeSet<_>>()
+                .len();
+            self.counter.fetch_add(now, Ordering::SeqCst);
+            self.counter.fetch_sub(self.held, Ordering::SeqCst);
+            self.held = now;
+        }
+    }
+
+    impl Stage2 for FakeS2 {
+        fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), &'static str> {
+            if self.fail_at.is_some_and(|f| ipa <= f && f < ipa + size) {
+                return Err("out of frames");
+            }
+            for off in (0..size).step_by(4096) {
+                if self.maps.insert(ipa + off, (pa + off, kind)).is_some() {
+                    return Err("already mapped");
+                }
+            }
+            self.recount();
+            Ok(())
+        }
+        fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), &'static str> {
+            for off in (0..size).step_by(4096) {
+                self.maps.remove(&(ipa + off));
+            }
+            self.recount();
+            Ok(())
+        }
+        fn vttbr(&self, vmid: Vmid) -> u64 {
+            (u64::from(vmid.get()) << 48) | 0x4400_0000
+        }
+    }
+
+    impl VmidFlush for Fake {
+        fn flush_vmid(&mut self, vmid: Vmid) {
+            self.flushed.push(vmid);
+        }
+    }
+
+    impl Platform for Fake {
+        type S2 = FakeS2;
+        fn new_stage2(&mut self) -> Result<FakeS2, &'static str> {
+            self.frames.fetch_add(1, Ordering::SeqCst);
+            Ok(FakeS2 {
+                maps: BTreeMap::new(),
+                held: 1,
+                counter: Arc::clone(&self.frames),
+                fail_at: self.fail_map_at,
+            })
+        }
+        fn free_stage2(&mut self, s2: FakeS2) {
+            assert!(
+                s2.maps.is_empty(),
+                "stage 2 freed while it still maps pages"
+            );
+            self.frames.fetch_sub(s2.held, Ordering::SeqCst);
+        }
+        fn table_frames(&self) -> usize {
+            self.frames.load(Ordering::SeqCst)
+        }
+        fn zero(&mut self, pa: u64, len: u64) {
+            self.zeroed += len;
+            let keys: Vec<u64> = self.mem.range(pa..pa + len).map(|(k, _)| *k).collect();
+            for k in keys {
+                self.mem.remove(&k);
+            }
+        }
+        fn copy(&mut self, dst: u64, src: u64, len: u64) {
+            let keys: Vec<u64> = self.mem.range(dst..dst + len).map(|(k, _)| *k).collect();
+            for k in keys {
+                self.mem.remove(&k);
+            }
+            let src_bytes: Vec<(u64, u8)> = self
+                .mem
+                .range(src..src + len)
+                .map(|(k, v)| (*k, *v))
+                .collect();
+            for (k, v) in src_bytes {
+                self.mem.insert(k - src + dst, v);
+            }
+        }
+    }
+
+    pub(crate) const LAYOUT: Layout = Layout {
+        host_ram: (0x4000_0000, 0x8000_0000),
+        guest_ram: (0x5000_0000, 0x40_0000),
+        staging: (0x7000_0000, 0x10_0000),
+    };
+
+    pub(crate) fn desc(pa: u64, cpu: u32) -> VmDesc {
+        let blob = dt::dtb(&[("vm", dt::vm_props(pa, cpu))]);
+        crate::vdesc::parse(&blob)
+            .expect("valid description")
+            .remove(0)
+    }
+
+    pub(crate) fn manager() -> VmManager<Fake> {
+        let mut fake = Fake::default();
+        // A recognisable staged kernel image: 0x2000 bytes at 0x7000_0000.
+        for i in (0..0x2000u64).step_by(61) {
+            fake.mem.insert(0x7000_0000 + i, (i % 251) as u8 + 1);
+        }
+        fake.mem.insert(0x7000_1fff, 0xee);
+        VmManager::new(fake, VmidBits::Eight, LAYOUT)
+    }
+
+    #[test]
+    fn create_maps_ram_loads_image_and_starts_vcpu0() {
+        let m = manager();
+        let vm = m.create(desc(0x5000_0000, 1)).expect("create");
+        assert_eq!(vm.id, 0);
+        assert_ne!(vm.vmid.get(), 0);
+        assert_eq!(vm.vttbr >> 48, u64::from(vm.vmid.get()));
+        {
+            let s2 = vm.stage2.lock();
+            let s2 = s2.as_ref().expect("live");
+            assert_eq!(s2.maps.len(), 256, "1 MiB of RAM in 4 KiB pages");
+            assert_eq!(s2.maps.get(&0x4000_0000), Some(&(0x5000_0000, S2Kind::Ram)));
+            assert_eq!(
+                s2.maps.get(&0x0900_0000),
+                None,
+                "the virtual UART stays unmapped"
+            );
+        }
+        m.with_platform(|p| {
+            assert_eq!(p.mem.get(&0x5000_0000), Some(&1));
+            assert_eq!(p.mem.get(&0x5000_1fff), Some(&0xee));
+            assert_eq!(
+                p.mem.get(&(0x5000_0000 + 61 * 7)),
+                Some(&((61 * 7 % 251) as u8 + 1))
+            );
+            assert_eq!(p.mem.get(&0x5000_2000), None);
+        });
+        assert_eq!(vm.psci.lock().take_pending(0), Some((0x4000_0000, 0)));
+        assert!(vm.is_ram(0x400f_f000, 0x1000));
+        assert!(!vm.is_ram(0x400f_f000, 0x1001));
+        assert_eq!(m.outcome(), None);
+    }
+
+    #[test]
+    fn two_vms_same_ipa_distinct_ram_and_vmids() {
+        let m = manager();
+        let a = m.create(desc(0x5000_0000, 1)).expect("a");
+        let b = m.create(desc(0x5010_0000, 2)).expect("b");
+        assert_ne!(a.vmid, b.vmid);
+        assert_eq!(b.id, 1);
+        let pa = |vm: &Arc<Vm<FakeS2>>| {
+            vm.stage2
+                .lock()
+                .as_ref()
+                .and_then(|s| s.maps.get(&0x4000_0000))
+                .map(|m| m.0)
+        };
+        assert_eq!(pa(&a), Some(0x5000_0000));
+        assert_eq!(pa(&b), Some(0x5010_0000));
+        assert_eq!(m.vm_on_cpu(2).map(|(v, i)| (v.id, i)), Some((1, 0)));
+        assert!(m.vm_on_cpu(0).is_none());
+        // Same RAM or same CPU again: refused, nothing leaks.
+        let before = m.accounting();
+        assert!(matches!(
+            m.create(desc(0x5000_0000, 3)),
+            Err(VmError::Ram(_, PoolError::InUse))
+        ));
+        assert_eq!(
+            m.create(desc(0x5020_0000, 1)).map(|_| ()),
+            Err(VmError::CpuBusy(1))
+        );
+        assert_eq!(m.accounting(), before);
+    }
+
+    #[test]
+    fn failed_create_leaks_nothing() {
+        let m = manager();
+        m.with_platform(|p| p.fail_map_at = Some(0x4008_0000));
+        let before = m.accounting();
+        assert_eq!(
+            m.create(desc(0x5000_0000, 1)).map(|_| ()),
+            Err(VmError::Stage2("out of frames"))
+        );
+        assert_eq!(m.accounting(), before);
+        assert!(m.vms().is_empty());
+        // Outside guest RAM, and a kernel that is not in the staging area.
+        m.with_platform(|p| p.fail_map_at = None);
+        assert!(matches!(
+            m.create(desc(0x6000_0000, 1)),
+            Err(VmError::Ram(_, PoolError::OutOfRange))
+        ));
+        let mut d = desc(0x5000_0000, 1);
+        d.kernel.pa = 0x5030_0000;
+        assert!(matches!(m.create(d), Err(VmError::ImageNotStaged(_))));
+        let mut d = desc(0x5000_0000, 1);
+        d.passthrough.push(Region {
+            ipa: 0x0a00_0000,
+            pa: 0x4800_0000,
+            size: 0x1000,
+        });
+        assert!(matches!(m.create(d), Err(VmError::PassthroughOverRam(_))));
+        assert_eq!(m.accounting(), before);
+    }
+
+    #[test]
+    fn thousand_create_destroy_cycles_leak_nothing() {
+        let m = manager();
+        let (free0, total, frames0, vmids0) = m.accounting();
+        assert_eq!(free0, total);
+        assert_eq!((frames0, vmids0), (0, 0));
+        let mut vmids = BTreeSet::new();
+        for i in 0..1000u64 {
+            let pa = 0x5000_0000 + (i % 4) * 0x10_0000;
+            let a = m.create(desc(pa, 1)).expect("create a");
+            let b = m
+                .create(desc(0x5000_0000 + ((i + 1) % 4) * 0x10_0000, 2))
+                .expect("create b");
+            vmids.insert(a.vmid);
+            let (free, _, frames, used) = m.accounting();
+            assert_eq!(free, total - 0x20_0000);
+            assert_eq!(frames, 4, "root + one leaf table per VM");
+            assert_eq!(used, 2);
+            // The guest dirties its RAM.
+            m.with_platform(|p| {
+                p.mem.insert(pa + 0xf_f000, 0xaa);
+            });
+            let (ida, idb) = (a.id, b.id);
+            // `a` is still referenced (as a CPU would): destroy must not depend on that.
+            drop(b);
+            m.destroy(ida).expect("destroy a");
+            m.destroy(idb).expect("destroy b");
+            m.with_platform(|p| {
+                assert_eq!(
+                    p.mem.range(0x5000_0000..0x5040_0000).count(),
+                    0,
+                    "RAM scrubbed"
+                );
+            });
+            assert_eq!(m.accounting(), (total, total, 0, 0), "cycle {i}");
+            assert!(a.stage2.lock().is_none());
+        }
+        assert!(vmids.len() > 100, "VMIDs rotate instead of reusing one");
+        m.with_platform(|p| assert_eq!(p.flushed.len(), 2000, "every freed VMID was flushed"));
+        assert_eq!(m.destroy(0), Err(VmError::NoSuchVm(0)));
+    }
+
+    #[test]
+    fn reset_reloads_and_outcome() {
+        let m = manager();
+        let a = m.create(desc(0x5000_0000, 1)).expect("a");
+        let b = m.create(desc(0x5010_0000, 2)).expect("b");
+        a.psci.lock().take_pending(0);
+        m.with_platform(|p| {
+            p.mem.insert(0x5000_0000, 0x55);
+            p.mem.insert(0x5008_0000, 0x66);
+        });
+        m.reset(a.id).expect("reset");
+        m.with_platform(|p| {
+            assert_eq!(p.mem.get(&0x5000_0000), Some(&1), "image copied again");
+            assert_eq!(p.mem.get(&0x5008_0000), None, "RAM scrubbed");
+        });
+        assert_eq!(a.psci.lock().take_pending(0), Some((0x4000_0000, 0)));
+        *a.status.lock() = VmStatus::Off;
+        assert_eq!(m.outcome(), None);
+        *b.status.lock() = VmStatus::Failed;
+        assert_eq!(m.outcome(), Some(false));
+        *b.status.lock() = VmStatus::Off;
+        assert_eq!(m.outcome(), Some(true));
+        assert_eq!(m.reset(9), Err(VmError::NoSuchVm(9)));
+    }
+}

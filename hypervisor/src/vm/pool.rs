@@ -1,0 +1,111 @@
+//! Ownership of guest RAM: which pages of the guest-memory range belong to which VM.
+//!
+//! VM descriptions name the physical pages of each VM's RAM; the pool makes sure a page is
+//! given to at most one VM at a time and that every page comes back on destroy.
+
+use alloc::vec::Vec;
+
+/// Why a claim or release failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolError {
+    /// The range is not inside the guest-memory range or not page-aligned.
+    OutOfRange,
+    /// Some page of the range already belongs to a VM.
+    InUse,
+    /// Release of a range that was not claimed exactly like that.
+    NotClaimed,
+}
+
+/// The guest-memory range and the claimed parts of it.
+#[derive(Debug)]
+pub struct PagePool {
+    base: u64,
+    size: u64,
+    claimed: Vec<(u64, u64)>,
+}
+
+impl PagePool {
+    /// A pool over `[base, base + size)`, all free.
+    #[must_use]
+    pub const fn new(base: u64, size: u64) -> Self {
+        Self {
+            base,
+            size,
+            claimed: Vec::new(),
+        }
+    }
+
+    /// True when `[pa, pa + size)` lies inside the pool range.
+    #[must_use]
+    pub fn covers(&self, pa: u64, size: u64) -> bool {
+        pa >= self.base && size <= self.size && pa - self.base <= self.size - size
+    }
+
+    /// Claims `[pa, pa + size)` for one VM.
+    ///
+    /// # Errors
+    ///
+    /// [`PoolError::OutOfRange`] or [`PoolError::InUse`]; nothing changes then.
+    pub fn claim(&mut self, pa: u64, size: u64) -> Result<(), PoolError> {
+        if size == 0 || (pa | size) % crate::vdesc::PAGE_SIZE != 0 || !self.covers(pa, size) {
+            return Err(PoolError::OutOfRange);
+        }
+        if self
+            .claimed
+            .iter()
+            .any(|&(b, s)| pa < b + s && b < pa + size)
+        {
+            return Err(PoolError::InUse);
+        }
+        self.claimed.push((pa, size));
+        Ok(())
+    }
+
+    /// Returns a range claimed with the same `pa` and `size`.
+    ///
+    /// # Errors
+    ///
+    /// [`PoolError::NotClaimed`].
+    pub fn release(&mut self, pa: u64, size: u64) -> Result<(), PoolError> {
+        let i = self
+            .claimed
+            .iter()
+            .position(|&c| c == (pa, size))
+            .ok_or(PoolError::NotClaimed)?;
+        self.claimed.swap_remove(i);
+        Ok(())
+    }
+
+    /// Bytes not claimed by any VM.
+    #[must_use]
+    pub fn free_bytes(&self) -> u64 {
+        self.size - self.claimed.iter().map(|c| c.1).sum::<u64>()
+    }
+
+    /// Bytes in the pool.
+    #[must_use]
+    pub const fn total_bytes(&self) -> u64 {
+        self.size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_and_release() {
+        let mut p = PagePool::new(0x5000_0000, 0x10_0000);
+        p.claim(0x5000_0000, 0x8000).expect("claim");
+        assert_eq!(p.claim(0x5000_7000, 0x2000), Err(PoolError::InUse));
+        assert_eq!(p.claim(0x4fff_f000, 0x2000), Err(PoolError::OutOfRange));
+        assert_eq!(p.claim(0x500f_f000, 0x2000), Err(PoolError::OutOfRange));
+        assert_eq!(p.claim(0x5001_0800, 0x1000), Err(PoolError::OutOfRange));
+        p.claim(0x5000_8000, 0x1000).expect("adjacent");
+        assert_eq!(p.free_bytes(), 0x10_0000 - 0x9000);
+        assert_eq!(p.release(0x5000_0000, 0x1000), Err(PoolError::NotClaimed));
+        p.release(0x5000_0000, 0x8000).expect("release");
+        p.release(0x5000_8000, 0x1000).expect("release");
+        assert_eq!(p.free_bytes(), p.total_bytes());
+    }
+}
