@@ -82,8 +82,12 @@ pub struct VmDesc {
     pub abort: AbortPolicy,
     /// IPA of the emulated PL011-like UART page, if any.
     pub vuart: Option<u64>,
-    /// Device ranges mapped straight through (Device-nGnRE, RW, XN).
+    /// Device ranges mapped straight through (Device-nGnRE, RW, XN): the `passthrough`
+    /// triples, then the identity-mapped ranges of `passthrough-devices`.
     pub passthrough: Vec<Region>,
+    /// Host DT paths of the devices in `passthrough-devices` (what a generated guest DTB
+    /// describes).
+    pub devices: Vec<String>,
 }
 
 impl VmDesc {
@@ -250,7 +254,14 @@ fn check_regions(node: &Node<'_>, regions: &[Region], what: &'static str) -> Res
     Ok(())
 }
 
-fn parse_vm(node: &Node<'_>) -> Result<VmDesc, DescError> {
+fn string_list(bytes: &[u8]) -> Option<Vec<String>> {
+    let s = bytes.strip_suffix(&[0])?;
+    s.split(|b| *b == 0)
+        .map(|part| core::str::from_utf8(part).ok().map(ToString::to_string))
+        .collect()
+}
+
+fn parse_vm(node: &Node<'_>, host_dtb: &[u8]) -> Result<VmDesc, DescError> {
     let name = match node.get("vm-name") {
         Some(v) => string(v).ok_or_else(|| node.err("vm-name is not a string"))?,
         None => node.name.to_string(),
@@ -281,10 +292,25 @@ fn parse_vm(node: &Node<'_>) -> Result<VmDesc, DescError> {
         &memory,
         "memory region not page-aligned, empty or overflowing",
     )?;
-    let passthrough = node.regions(
+    let mut passthrough = node.regions(
         "passthrough",
         "passthrough must be <ipa pa size> triples of 64-bit values",
     )?;
+    let devices = match node.get("passthrough-devices") {
+        None => Vec::new(),
+        Some(v) => string_list(v)
+            .ok_or_else(|| node.err("passthrough-devices must be a list of strings"))?,
+    };
+    if !devices.is_empty() {
+        let paths: Vec<&str> = devices.iter().map(String::as_str).collect();
+        let regions = crate::linux::guest_dt::passthrough_regions(host_dtb, &paths)
+            .map_err(|_| node.err("passthrough-devices names no top-level host device"))?;
+        passthrough.extend(regions.iter().map(|r| Region {
+            ipa: r.base,
+            pa: r.base,
+            size: r.size,
+        }));
+    }
     check_regions(
         node,
         &passthrough,
@@ -364,6 +390,7 @@ fn parse_vm(node: &Node<'_>) -> Result<VmDesc, DescError> {
         abort,
         vuart,
         passthrough,
+        devices,
     })
 }
 
@@ -391,7 +418,7 @@ pub fn parse(dtb: &[u8]) -> Result<Vec<VmDesc>, DescError> {
         if !is_vm {
             continue;
         }
-        let vm = parse_vm(&node)?;
+        let vm = parse_vm(&node, dtb)?;
         for other in &vms {
             if other.name == vm.name {
                 return Err(node.err("two VMs have the same name"));
@@ -621,5 +648,48 @@ pub(crate) mod tests {
         assert_eq!(parse(&dtb(&[])), Ok(Vec::new()));
         assert_eq!(parse(&[0u8; 64]), Err(DescError::BadDtb));
         assert_eq!(parse(&[]), Err(DescError::BadDtb));
+    }
+
+    #[test]
+    fn passthrough_devices_become_identity_ranges() {
+        let mut w = FdtWriter::new().expect("writer");
+        let root = w.begin_node("").expect("root");
+        w.property_u32("#address-cells", 2).expect("prop");
+        w.property_u32("#size-cells", 2).expect("prop");
+        let uart = w.begin_node("uart@9000000").expect("node");
+        w.property("reg", &cells64(&[0x0900_0000, 0x1000]))
+            .expect("prop");
+        w.end_node(uart).expect("end");
+        let chosen = w.begin_node("chosen").expect("chosen");
+        let vm = w.begin_node("vm").expect("vm");
+        let mut props = vm_props(0x5000_0000, 1);
+        props.retain(|(k, _)| *k != "vuart");
+        for (k, v) in &props {
+            w.property(k, v).expect("prop");
+        }
+        w.property("passthrough-devices", b"/uart@9000000\0")
+            .expect("prop");
+        w.end_node(vm).expect("end");
+        w.end_node(chosen).expect("end");
+        w.end_node(root).expect("end");
+        let blob = w.finish().expect("finish");
+        let v = parse(&blob).expect("valid").remove(0);
+        assert_eq!(v.devices, ["/uart@9000000"]);
+        assert_eq!(
+            v.passthrough,
+            [Region {
+                ipa: 0x0900_0000,
+                pa: 0x0900_0000,
+                size: 0x1000
+            }]
+        );
+        // A path the host does not have rejects the description.
+        let bad = blob
+            .windows(13)
+            .position(|w| w == b"/uart@9000000")
+            .expect("path in blob");
+        let mut broken = blob.clone();
+        broken[bad + 1] = b'x';
+        assert!(matches!(parse(&broken), Err(DescError::Invalid { .. })));
     }
 }

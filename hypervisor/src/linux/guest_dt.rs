@@ -2,7 +2,8 @@
 //!
 //! The guest DT keeps the host's root properties and copies, whole, only the top-level
 //! nodes the guest may use (its pass-through devices, named by path, plus the nodes they
-//! depend on through `interrupt-parent` and `clocks` phandles). Everything about memory,
+//! depend on through `interrupt-parent` and `clocks` phandles, and the architected timer,
+//! which every CPU has). Everything about memory,
 //! CPUs and firmware is written anew:
 //!
 //! - `/memory@<base>`: the guest's RAM and nothing else, so the hypervisor's memory and
@@ -35,6 +36,9 @@ const REWRITTEN: &[&str] = &[
     "reserved-memory",
     "aliases",
 ];
+
+/// `compatible` of the architected timer node.
+const TIMER_COMPATIBLE: &str = "arm,armv8-timer";
 
 /// What the guest's device tree describes.
 #[derive(Clone, Copy, Debug)]
@@ -232,7 +236,7 @@ pub fn devices_within(
         };
         let is_timer = node
             .compatible()
-            .is_some_and(|c| c.all().any(|s| s == "arm,armv8-timer"));
+            .is_some_and(|c| c.all().any(|s| s == TIMER_COMPATIBLE));
         if is_timer || (!own.is_empty() && own.iter().all(covered)) {
             out.push(format!("/{}", node.name));
         }
@@ -283,8 +287,8 @@ fn read_cells(value: &[u8], ncells: usize) -> Option<u64> {
     }
 }
 
-/// The host's top-level nodes the guest gets, in host order: those named in `devices`
-/// and, transitively, those they reference by phandle (`interrupt-parent` of the root or
+/// The host's top-level nodes the guest gets, in host order: those named in `devices`,
+/// the architected timer and, transitively, those they reference by phandle (`interrupt-parent` of the root or
 /// of any copied node, `clocks`).
 fn select<'b, 'a>(
     host: &'b Fdt<'a>,
@@ -303,6 +307,15 @@ fn select<'b, 'a>(
             .position(|n| n.name == name && copyable(n))
             .ok_or(GuestDtError::NoSuchDevice(i))?;
         chosen[at] = true;
+    }
+    // The EL1 generic timer is part of every CPU: always described.
+    for (i, top) in tops.iter().enumerate() {
+        if top
+            .compatible()
+            .is_some_and(|c| c.all().any(|s| s == TIMER_COMPATIBLE))
+        {
+            chosen[i] = true;
+        }
     }
     // phandle -> index of the top-level node holding it.
     let mut owners: Vec<(u32, usize)> = Vec::new();

@@ -7,6 +7,8 @@ pub mod layout;
 
 use alloc::vec::Vec;
 
+use crate::vdesc::{Image, VmDesc};
+
 use guest_dt::{build_guest_dt, GuestDtConfig, GuestDtError};
 use layout::{plan, LayoutError, DTB_AREA};
 
@@ -61,6 +63,13 @@ pub enum LinuxBootError {
     Dt(GuestDtError),
     /// The guest DT is larger than the 2 MiB the boot protocol allows.
     DtbTooLarge,
+    /// A Linux guest has exactly one RAM region.
+    RamRegions,
+    /// vCPU *i* must run on physical CPU *i*: the guest drives the physical GIC, whose
+    /// affinity routing and redistributors follow the physical MPIDRs.
+    CpuNotIdentity,
+    /// No room for the DTB after the staged images.
+    NoStagingRoom,
 }
 
 /// Plans the boot of `guest` and writes its DTB from the host DTB `host_dtb`.
@@ -110,6 +119,77 @@ pub fn prepare(host_dtb: &[u8], guest: &LinuxGuest<'_>) -> Result<LinuxBoot, Lin
         dtb_ipa: layout.dtb,
         dtb,
     })
+}
+
+/// Completes the description of a VM that boots Linux (one with `bootargs` and no `dtb`):
+/// checks the layout, sets the entry point, builds the guest DTB and adds it as a staged
+/// image right after the last staged one, inside `staging` (`(base, size)`). Returns where
+/// the caller must write the DTB bytes before the VM is created; `None` for other VMs.
+///
+/// `kernel_head` is the start of the staged kernel (its first 64 bytes suffice).
+///
+/// # Errors
+/// [`LinuxBootError`] when the VM cannot boot Linux as described.
+pub fn complete_desc(
+    desc: &mut VmDesc,
+    host_dtb: &[u8],
+    kernel_head: &[u8],
+    staging: (u64, u64),
+) -> Result<Option<(u64, Vec<u8>)>, LinuxBootError> {
+    let (Some(bootargs), None) = (&desc.bootargs, desc.dtb) else {
+        return Ok(None);
+    };
+    let [ram] = desc.memory[..] else {
+        return Err(LinuxBootError::RamRegions);
+    };
+    if desc
+        .cpus
+        .iter()
+        .enumerate()
+        .any(|(i, c)| usize::try_from(*c).ok() != Some(i))
+    {
+        return Err(LinuxBootError::CpuNotIdentity);
+    }
+    // vCPU i has virtual MPIDR Aff0 = i (crate::psci), here equal to the physical one.
+    let mpidrs: Vec<u64> = (0..desc.cpus.len() as u64).collect();
+    let devices: Vec<&str> = desc
+        .devices
+        .iter()
+        .map(alloc::string::String::as_str)
+        .collect();
+    let boot = prepare(
+        host_dtb,
+        &LinuxGuest {
+            ram_base: ram.ipa,
+            ram_size: ram.size,
+            cpus: &mpidrs,
+            kernel_head,
+            kernel_len: desc.kernel.size,
+            kernel_ipa: desc.kernel.ipa,
+            initrd: desc.initrd.map(|i| (i.ipa, i.size)),
+            bootargs,
+            devices: &devices,
+        },
+    )?;
+    let staged_end = [Some(desc.kernel), desc.initrd]
+        .into_iter()
+        .flatten()
+        .map(|i| i.pa.saturating_add(i.size))
+        .max()
+        .unwrap_or(staging.0);
+    let pa = image::align_up(staged_end, 4096).ok_or(LinuxBootError::NoStagingRoom)?;
+    let size = boot.dtb.len() as u64;
+    let staging_end = staging.0.saturating_add(staging.1);
+    if pa < staging.0 || pa.saturating_add(size) > staging_end {
+        return Err(LinuxBootError::NoStagingRoom);
+    }
+    desc.entry = boot.entry;
+    desc.dtb = Some(Image {
+        pa,
+        size,
+        ipa: boot.dtb_ipa,
+    });
+    Ok(Some((pa, boot.dtb)))
 }
 
 #[cfg(test)]
@@ -169,6 +249,91 @@ mod tests {
             prepare(HOST, &guest(&raw, 0x5008_0000)).map(|b| b.entry),
             Ok(0x5008_0000)
         );
+    }
+
+    fn linux_desc() -> VmDesc {
+        use crate::vdesc::{AbortPolicy, Region};
+        VmDesc {
+            name: "linux".into(),
+            cpus: vec![0, 1],
+            memory: vec![Region {
+                ipa: 0x5000_0000,
+                pa: 0x5000_0000,
+                size: 256 * MIB,
+            }],
+            kernel: Image {
+                pa: 0x7000_0000,
+                size: 32 * MIB,
+                ipa: 0x5000_0000,
+            },
+            entry: 0x5000_0000,
+            initrd: Some(Image {
+                pa: 0x7200_0000,
+                size: 0x1c_34f8,
+                ipa: 0x5fc0_0000,
+            }),
+            dtb: None,
+            bootargs: Some("console=ttyAMA0".into()),
+            arg: 0,
+            abort: AbortPolicy::Stop,
+            vuart: None,
+            passthrough: vec![],
+            devices: vec!["/pl011@9000000".into()],
+        }
+    }
+
+    #[test]
+    fn a_linux_description_gets_its_dtb_staged_after_the_initrd() {
+        let mut d = linux_desc();
+        let (pa, dtb) = complete_desc(&mut d, HOST, &header(), (0x7000_0000, 256 * MIB))
+            .unwrap()
+            .unwrap();
+        assert_eq!(pa, 0x721c_4000, "the page after the initrd's last byte");
+        assert_eq!(
+            d.dtb,
+            Some(Image {
+                pa,
+                size: dtb.len() as u64,
+                ipa: 0x5fe0_0000
+            })
+        );
+        assert_eq!(d.boot_x0(), 0x5fe0_0000);
+        assert_eq!(d.entry, 0x5000_0000);
+        let fdt = fdt::Fdt::new(&dtb).unwrap();
+        assert_eq!(fdt.cpus().count(), 2);
+        assert!(fdt.find_node("/pl011@9000000").is_some());
+        assert_eq!(fdt.chosen().bootargs(), Some("console=ttyAMA0"));
+    }
+
+    #[test]
+    fn other_descriptions_are_left_alone_and_bad_ones_refused() {
+        let mut d = linux_desc();
+        d.bootargs = None;
+        let before = d.clone();
+        assert_eq!(
+            complete_desc(&mut d, HOST, &header(), (0x7000_0000, 256 * MIB)),
+            Ok(None)
+        );
+        assert_eq!(d, before);
+
+        let mut d = linux_desc();
+        d.cpus = vec![1];
+        assert_eq!(
+            complete_desc(&mut d, HOST, &header(), (0x7000_0000, 256 * MIB)),
+            Err(LinuxBootError::CpuNotIdentity)
+        );
+        let mut d = linux_desc();
+        d.memory.push(d.memory[0]);
+        assert_eq!(
+            complete_desc(&mut d, HOST, &header(), (0x7000_0000, 256 * MIB)),
+            Err(LinuxBootError::RamRegions)
+        );
+        let mut d = linux_desc();
+        assert_eq!(
+            complete_desc(&mut d, HOST, &header(), (0x7000_0000, 0x21c_4000)),
+            Err(LinuxBootError::NoStagingRoom)
+        );
+        assert_eq!(d.dtb, None, "a refused description is unchanged");
     }
 
     #[test]

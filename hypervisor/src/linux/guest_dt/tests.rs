@@ -94,11 +94,18 @@ fn only_the_named_devices_and_their_dependencies_are_copied() {
 }
 
 #[test]
-fn without_devices_only_the_interrupt_parent_is_kept() {
+fn without_devices_the_timer_and_its_interrupt_parent_are_kept() {
     let dtb = build_guest_dt(HOST, &config(&[0], &[])).unwrap();
     assert_eq!(
         top_names(&dtb),
-        ["chosen", "cpus", "memory@50000000", "psci"]
+        [
+            "chosen",
+            "cpus",
+            "intc@8000000",
+            "memory@50000000",
+            "psci",
+            "timer"
+        ]
     );
     // A device whose clock provider is not listed brings the provider along.
     let dtb = build_guest_dt(HOST, &config(&[0], &["/pl031@9010000"])).unwrap();
