@@ -15,6 +15,7 @@ pub mod frames;
 #[cfg(target_arch = "aarch64")]
 pub mod multiarch;
 pub mod paging;
+pub mod report;
 pub mod workload;
 
 /// A page-table crate under test, reduced to what the workloads need.

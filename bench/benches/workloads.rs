@@ -1,0 +1,98 @@
+//! W1-W6 for every crate, same inputs, one criterion group per workload; the benchmark id
+//! is `<crate>/<arch>` so native and `qemu-aarch64` runs sit side by side in one
+//! `target/criterion` tree. Only the workload itself is timed: building the starting table
+//! (e.g. W1 before W5) happens in criterion's untimed setup, and tables are dropped outside
+//! the timed routine.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
+use mmu_bench::workload::{after_w1, w1, w2, w3, w3_pages, w4, w4_lookups, w5, w6};
+use mmu_bench::Adapter;
+
+fn id<A: Adapter>() -> BenchmarkId {
+    BenchmarkId::new(A::NAME, std::env::consts::ARCH)
+}
+
+fn workloads<A: Adapter>(c: &mut Criterion) {
+    let pages = w3_pages();
+    let addrs = w4_lookups();
+
+    c.benchmark_group("W1").bench_function(id::<A>(), |b| {
+        b.iter_batched(
+            A::new,
+            |mut t| {
+                w1(&mut t);
+                t
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    c.benchmark_group("W2").bench_function(id::<A>(), |b| {
+        b.iter_batched(
+            A::new,
+            |mut t| {
+                w2(&mut t);
+                t
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    c.benchmark_group("W3").bench_function(id::<A>(), |b| {
+        b.iter_batched(
+            A::new,
+            |mut t| {
+                w3(&mut t, black_box(&pages));
+                t
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    let table = after_w1::<A>();
+    c.benchmark_group("W4").bench_function(id::<A>(), |b| {
+        b.iter(|| w4(&table, black_box(&addrs)));
+    });
+    drop(table);
+    c.benchmark_group("W5").bench_function(id::<A>(), |b| {
+        b.iter_batched(
+            after_w1::<A>,
+            |mut t| {
+                w5(&mut t);
+                t
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    c.benchmark_group("W6").bench_function(id::<A>(), |b| {
+        b.iter_batched(
+            after_w1::<A>,
+            |mut t| {
+                w6(&mut t);
+                t
+            },
+            BatchSize::PerIteration,
+        );
+    });
+}
+
+fn peers(c: &mut Criterion) {
+    workloads::<mmu_bench::paging::Paging>(c);
+    #[cfg(target_arch = "aarch64")]
+    workloads::<mmu_bench::multiarch::Multiarch>(c);
+}
+
+fn config() -> Criterion {
+    // Every iteration is milliseconds (seconds under qemu-user): few samples, short warm-up.
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = peers
+}
+criterion_main!(benches);

@@ -1,0 +1,111 @@
+//! Runs one workload once for one crate, for instruction counting and frame counts:
+//!
+//! ```text
+//! workload <crate> <W1..W6> [setup]
+//! workload list
+//! ```
+//!
+//! `list` prints every `<crate> <workload>` pair this build can run, one per line.
+//!
+//! With `setup` it stops after building the inputs and the starting table, so an
+//! instruction counter run on both forms gives the workload's own instructions as the
+//! difference. Prints `frames=<table frames in use after the workload> check=<checksum>`.
+//! Tables are leaked rather than dropped so teardown is counted in neither run.
+
+use std::hint::black_box;
+use std::process::ExitCode;
+
+use mmu_bench::workload::{after_w1, w1, w2, w3, w3_pages, w4, w4_lookups, w5, w6};
+use mmu_bench::Adapter;
+
+fn run<A: Adapter>(workload: &str, setup_only: bool) -> Option<(usize, u64)> {
+    let mut check = 0;
+    let table = match workload {
+        "W1" | "W2" => {
+            let mut t = A::new();
+            if !setup_only {
+                if workload == "W1" {
+                    w1(black_box(&mut t));
+                } else {
+                    w2(black_box(&mut t));
+                }
+            }
+            t
+        }
+        "W3" => {
+            let pages = w3_pages();
+            let mut t = A::new();
+            if !setup_only {
+                w3(black_box(&mut t), black_box(&pages));
+            }
+            t
+        }
+        "W4" => {
+            let addrs = w4_lookups();
+            let t = after_w1::<A>();
+            if !setup_only {
+                check = w4(black_box(&t), black_box(&addrs));
+            }
+            t
+        }
+        "W5" | "W6" => {
+            let mut t = after_w1::<A>();
+            if !setup_only {
+                if workload == "W5" {
+                    w5(black_box(&mut t));
+                } else {
+                    w6(black_box(&mut t));
+                }
+            }
+            t
+        }
+        _ => return None,
+    };
+    let frames = table.frames_in_use();
+    std::mem::forget(table);
+    Some((frames, check))
+}
+
+/// Crates this build can run, in report order.
+const CRATES: &[&str] = &[
+    "aarch64-paging",
+    #[cfg(target_arch = "aarch64")]
+    "page_table_multiarch",
+];
+const WORKLOADS: [&str; 6] = ["W1", "W2", "W3", "W4", "W5", "W6"];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "list") {
+        for krate in CRATES {
+            for w in WORKLOADS {
+                println!("{krate} {w}");
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    let (Some(krate), Some(workload)) = (args.first(), args.get(1)) else {
+        eprintln!("usage: workload <crate> <W1..W6> [setup]");
+        return ExitCode::FAILURE;
+    };
+    let setup_only = args.get(2).is_some_and(|a| a == "setup");
+    let result = match krate.as_str() {
+        "aarch64-paging" => run::<mmu_bench::paging::Paging>(workload, setup_only),
+        #[cfg(target_arch = "aarch64")]
+        "page_table_multiarch" => run::<mmu_bench::multiarch::Multiarch>(workload, setup_only),
+        _ => {
+            eprintln!("unknown crate {krate}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match result {
+        Some((frames, check)) => {
+            println!("frames={frames} check={check:#x}");
+            ExitCode::SUCCESS
+        }
+        None => {
+            eprintln!("unknown workload {workload}");
+            ExitCode::FAILURE
+        }
+    }
+}
