@@ -1,3 +1,135 @@
-//! VMSAv8-64 translation tables (4 KiB granule) for EL2 stage 1, stage 2 and EL1&0 stage 1.
+//! VMSAv8-64 translation tables (4 KiB granule) for three regimes behind one API:
+//!
+//! | regime type | tables for | registers | tagged by |
+//! |---|---|---|---|
+//! | [`El2`] | the hypervisor's own address space (EL2 stage 1, non-VHE) | `TTBR0_EL2`, `TCR_EL2`, `MAIR_EL2` | — |
+//! | [`Stage2`] | a guest's IPA → PA translation | `VTTBR_EL2`, `VTCR_EL2` | VMID |
+//! | [`El1`] | an EL1&0 stage 1 (`TTBR0_EL1`) | `TTBR0_EL1`, `TCR_EL1`, `MAIR_EL1` | ASID |
+//!
+//! A [`PageTable<R, A, T>`](PageTable) is generic over the regime `R`, the source of
+//! table frames `A` ([`FrameAllocator`] + [`PhysToVirt`]) and the TLB maintenance `T`
+//! ([`TlbMaintenance`]). The crate is `no_std` and allocates nothing itself.
+//!
+//! # Example
+//!
+//! ```
+//! use mmu::testing::{HeapFrames, RecordingTlb};
+//! use mmu::{Attributes, MapFlags, MemoryType, PageTable, Permissions, Stage2, TlbOp};
+//!
+//! // Stage 2 for VMID 7 with a 40-bit IPA space: 2 concatenated level-1 root tables.
+//! let mut s2 = PageTable::new(Stage2::new(7, 40), HeapFrames::new(), RecordingTlb::new())?;
+//! assert_eq!(s2.geometry().root_tables, 2);
+//!
+//! // 4 MiB of guest RAM at IPA 0x4000_0000 -> PA 0x8000_0000: two 2 MiB blocks.
+//! let ram = Attributes::new(
+//!     Permissions::RW | Permissions::EXEC_EL1 | Permissions::EXEC_EL0,
+//!     MemoryType::Normal,
+//! );
+//! s2.map(0x4000_0000, 0x8000_0000, 0x40_0000, ram, MapFlags::empty())?;
+//! let t = s2.translate(0x4030_1234).unwrap();
+//! assert_eq!((t.output, t.level), (0x8030_1234, 2));
+//! // Mapping invalid entries needs no TLB invalidation.
+//! assert!(s2.tlb().invalidations().is_empty());
+//!
+//! // Unmapping one page splits its block (break-before-make) and invalidates that
+//! // IPA for VMID 7 only.
+//! s2.unmap(0x4020_0000, 0x1000)?;
+//! assert!(s2.translate(0x4020_0000).is_none());
+//! assert_eq!(s2.translate(0x4020_1000).unwrap().level, 3);
+//! assert!(s2.tlb().invalidations().iter().all(|op| matches!(op,
+//!     TlbOp::Stage2Ipa { vmid: 7, .. } | TlbOp::Stage2Stage1All { vmid: 7, .. })));
+//!
+//! // Register values for the hypervisor to load (VMID in VTTBR_EL2[63:48]).
+//! assert_eq!(s2.vttbr_el2() >> 48, 7);
+//! # Ok::<(), mmu::Error>(())
+//! ```
+//!
+//! # Attributes
+//!
+//! [`Attributes`] are regime-neutral: [`Permissions`] (read, write, execute at
+//! EL2/EL1/EL0, EL0 access), a [`MemoryType`] and four software bits ([`SwBits`],
+//! descriptor bits \[58:55\], ignored by the hardware and returned by
+//! [`PageTable::translate`] and [`PageTable::walk`]). Each regime encodes them in its own
+//! descriptor format; a combination the regime cannot express (write-only in a
+//! stage-1 regime, separate EL1/EL0 execute permission on stage 2 without FEAT_XNX,
+//! EL0-writable and EL1-executable at EL1&0, ...) is rejected with
+//! [`Error::UnsupportedAttributes`], never silently changed. The stage-1 regimes
+//! use [`MAIR_VALUE`] for `MAIR_ELx`.
+//!
+//! # Operations and their guarantees
+//!
+//! [`map`](PageTable::map), [`unmap`](PageTable::unmap), [`protect`](PageTable::protect)
+//! and [`set_sw_bits`](PageTable::set_sw_bits) work on 4 KiB-aligned ranges and are
+//! **transactional**: each first walks the range without changing anything, checking
+//! for errors and counting the table frames it will need, then reserves those frames
+//! from the allocator; only then does it change the table. A failing operation
+//! returns an [`Error`] and leaves both the table and the allocator as they were.
+//!
+//! - Blocks (1 GiB at level 1, 2 MiB at level 2) are used when input and output are
+//!   aligned and the range covers them, unless [`MapFlags::NO_BLOCKS`]. A table that
+//!   `map` makes uniform (one aligned contiguous range, identical attributes) is
+//!   merged back into a block.
+//! - Unmapping or protecting part of a block splits it. Tables left empty by `unmap`
+//!   are freed — after the TLB invalidation that guarantees no walker still uses them.
+//! - Stage 2 uses concatenated root tables (up to 16) to save a level where possible,
+//!   never at level 0; see [`Geometry::stage2`].
+//!
+//! # Live tables, break-before-make and TLB obligations
+//!
+//! Every table is treated as live (possibly in use by hardware on any PE). When a
+//! valid entry changes in a way the architecture requires break-before-make for
+//! (output address, memory type, shareability, block ↔ table; Arm ARM D8.17), the
+//! crate writes an invalid entry, issues `DSB ISHST`, the TLB invalidation and
+//! `DSB ISH`, then writes the new entry. During that window the affected range
+//! faults: on stage 2 the guest takes a stage-2 fault the hypervisor should simply
+//! retry; on a live EL2 table the hypervisor must not touch the range (don't split
+//! blocks holding the running code, stack or the tables themselves — map those with
+//! [`MapFlags::NO_BLOCKS`]).
+//!
+//! Before any operation returns, all TLB maintenance it needs has been executed via
+//! [`TlbMaintenance::execute`], as complete sequences (barriers included):
+//!
+//! - entries that were invalid and became valid: `DSB ISHST; ISB` only, no TLBI;
+//! - EL2: `TLBI VALE2IS` per changed leaf, `VAE2IS` where a table entry changed;
+//! - stage 2: `TLBI IPAS2LE1IS`/`IPAS2E1IS` per changed entry, then `DSB ISH;
+//!   TLBI VMALLE1IS`, with the table's `VTTBR_EL2` (VMID) current — [`arch::ArmTlb`]
+//!   switches `VTTBR_EL2` temporarily when needed;
+//! - EL1&0: `TLBI VALE1IS`/`VAE1IS` with the ASID;
+//! - more than the threshold ([`PageTable::set_tlbi_threshold`], default
+//!   [`DEFAULT_TLBI_THRESHOLD`]) per-entry invalidations in one operation are replaced
+//!   by one whole-regime invalidation (`ALLE2IS`, `VMALLS12E1IS`, `ASIDE1IS`);
+//! - software-bit-only changes need no invalidation.
+//!
+//! Dropping a table invalidates its whole regime/VMID/ASID, then frees its frames; it
+//! must not be installed in a translation register any more.
+//!
+//! # Features
+//!
+//! - `std`: the [`testing`] module (heap frame allocator, recording TLB).
+//! - `arm-el2` (aarch64 only): the [`arch`] module with `asm!` TLB maintenance and
+//!   `activate` functions writing `TTBR0_EL2`/`TCR_EL2`/`MAIR_EL2` and
+//!   `VTTBR_EL2`/`VTCR_EL2`. Everything else builds and is tested without it.
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
+
+mod attrs;
+mod desc;
+mod error;
+mod frame;
+mod regime;
+mod regs;
+mod table;
+mod tlb;
+
+#[cfg(all(feature = "arm-el2", target_arch = "aarch64"))]
+pub mod arch;
+#[cfg(feature = "std")]
+pub mod testing;
+
+pub use attrs::{Attributes, MapFlags, MemoryType, Permissions, SwBits, MAIR_VALUE};
+pub use error::Error;
+pub use frame::{FrameAllocator, PhysToVirt, FRAME_SIZE};
+pub use regime::{El1, El2, Geometry, Regime, Stage2};
+pub use table::{Mapping, PageTable, Translation};
+pub use tlb::{NoTlbMaintenance, TlbMaintenance, TlbOp, DEFAULT_TLBI_THRESHOLD, MAX_TLBI_BATCH};

@@ -1,0 +1,198 @@
+//! Regime-neutral memory attributes: permissions, memory type and software bits.
+
+use bitflags::bitflags;
+
+bitflags! {
+    /// Access permissions, independent of the translation regime.
+    ///
+    /// Each regime accepts only the combinations it can encode; anything else makes
+    /// the operation fail with [`Error::UnsupportedAttributes`](crate::Error::UnsupportedAttributes):
+    ///
+    /// | regime | accepted |
+    /// |---|---|
+    /// | [`El2`](crate::El2) | `READ` (required), `WRITE`, `EXEC_EL2` |
+    /// | [`Stage2`](crate::Stage2) | any of `READ`, `WRITE`; `EXEC_EL1`/`EXEC_EL0` (must be equal without FEAT_XNX) |
+    /// | [`El1`](crate::El1) | `READ` (required), `WRITE`, `USER`, `EXEC_EL1`, `EXEC_EL0`; not `USER\|WRITE\|EXEC_EL1` |
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct Permissions: u8 {
+        /// Data reads are permitted (at every exception level the regime serves; for
+        /// [`El1`](crate::El1) at EL0 only together with `USER`).
+        const READ = 1 << 0;
+        /// Data writes are permitted.
+        const WRITE = 1 << 1;
+        /// Instruction fetch at EL2 ([`El2`](crate::El2) regime only).
+        const EXEC_EL2 = 1 << 2;
+        /// Instruction fetch at EL1 ([`Stage2`](crate::Stage2) and [`El1`](crate::El1)).
+        const EXEC_EL1 = 1 << 3;
+        /// Instruction fetch at EL0 ([`Stage2`](crate::Stage2) and [`El1`](crate::El1)).
+        const EXEC_EL0 = 1 << 4;
+        /// Data access from EL0 ([`El1`](crate::El1) regime only: AP\[1\]).
+        const USER = 1 << 5;
+    }
+}
+
+impl Permissions {
+    /// Read and write, no execution.
+    pub const RW: Self = Self::READ.union(Self::WRITE);
+    /// Read only, no execution.
+    pub const RO: Self = Self::READ;
+}
+
+/// Memory type of a mapping.
+///
+/// For the stage-1 regimes this selects a `MAIR_ELx` index (see [`MAIR_VALUE`]); for
+/// stage 2 it selects a `MemAttr` encoding (with or without FEAT_S2FWB).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum MemoryType {
+    /// Normal memory, inner and outer write-back (read/write-allocate), inner shareable.
+    #[default]
+    Normal,
+    /// Normal memory, inner and outer non-cacheable.
+    NormalNonCacheable,
+    /// Device-nGnRE (typical MMIO).
+    DeviceNGnRE,
+    /// Device-nGnRnE (strongly ordered).
+    DeviceNGnRnE,
+}
+
+impl MemoryType {
+    /// Index into `MAIR_ELx` used by the stage-1 regimes for this type.
+    #[must_use]
+    pub const fn mair_index(self) -> u64 {
+        match self {
+            MemoryType::Normal => 0,
+            MemoryType::DeviceNGnRnE => 1,
+            MemoryType::DeviceNGnRE => 2,
+            MemoryType::NormalNonCacheable => 3,
+        }
+    }
+
+    /// Inverse of [`mair_index`](Self::mair_index).
+    #[must_use]
+    pub const fn from_mair_index(index: u64) -> Option<Self> {
+        match index {
+            0 => Some(MemoryType::Normal),
+            1 => Some(MemoryType::DeviceNGnRnE),
+            2 => Some(MemoryType::DeviceNGnRE),
+            3 => Some(MemoryType::NormalNonCacheable),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a Device type.
+    #[must_use]
+    pub const fn is_device(self) -> bool {
+        matches!(self, MemoryType::DeviceNGnRE | MemoryType::DeviceNGnRnE)
+    }
+}
+
+/// The `MAIR_EL2` / `MAIR_EL1` value matching [`MemoryType::mair_index`].
+///
+/// Attr0 = `0xFF` Normal inner/outer write-back non-transient read/write-allocate,
+/// Attr1 = `0x00` Device-nGnRnE, Attr2 = `0x04` Device-nGnRE,
+/// Attr3 = `0x44` Normal inner/outer non-cacheable (Arm ARM D19, MAIR_ELx.Attr<n>).
+#[allow(clippy::identity_op)]
+pub const MAIR_VALUE: u64 = 0xFF | (0x00 << 8) | (0x04 << 16) | (0x44 << 24);
+
+/// Four software-defined bits stored in descriptor bits \[58:55\].
+///
+/// The hardware ignores them; the crate keeps them with each leaf and returns them
+/// from [`translate`](crate::PageTable::translate) and [`walk`](crate::PageTable::walk).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct SwBits(u8);
+
+impl SwBits {
+    /// No software bits set.
+    pub const NONE: Self = SwBits(0);
+
+    /// Builds software bits from the low four bits of `bits`.
+    ///
+    /// Returns `None` if `bits` has anything set above bit 3.
+    #[must_use]
+    pub const fn new(bits: u8) -> Option<Self> {
+        if bits > 0xF {
+            None
+        } else {
+            Some(SwBits(bits))
+        }
+    }
+
+    /// Builds software bits from the low four bits of `bits`, dropping the rest.
+    #[must_use]
+    pub const fn truncate(bits: u8) -> Self {
+        SwBits(bits & 0xF)
+    }
+
+    /// The four bits as a number 0..=15.
+    #[must_use]
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+
+    pub(crate) const fn to_desc(self) -> u64 {
+        (self.0 as u64) << 55
+    }
+
+    pub(crate) const fn from_desc(desc: u64) -> Self {
+        SwBits(((desc >> 55) & 0xF) as u8)
+    }
+}
+
+/// Regime-neutral attributes of a mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Attributes {
+    /// Access permissions.
+    pub perms: Permissions,
+    /// Memory type.
+    pub mem_type: MemoryType,
+    /// Software bits \[58:55\].
+    pub sw: SwBits,
+}
+
+impl Attributes {
+    /// Attributes with the given permissions and memory type and no software bits.
+    #[must_use]
+    pub const fn new(perms: Permissions, mem_type: MemoryType) -> Self {
+        Attributes {
+            perms,
+            mem_type,
+            sw: SwBits::NONE,
+        }
+    }
+
+    /// Normal write-back memory with `perms`.
+    #[must_use]
+    pub const fn normal(perms: Permissions) -> Self {
+        Self::new(perms, MemoryType::Normal)
+    }
+
+    /// Device-nGnRE memory, read/write, never executable.
+    #[must_use]
+    pub const fn device() -> Self {
+        Self::new(Permissions::RW, MemoryType::DeviceNGnRE)
+    }
+
+    /// Same attributes with software bits `sw`.
+    #[must_use]
+    pub const fn with_sw(mut self, sw: SwBits) -> Self {
+        self.sw = sw;
+        self
+    }
+}
+
+bitflags! {
+    /// Options for [`PageTable::map`](crate::PageTable::map).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct MapFlags: u8 {
+        /// Use only 4 KiB pages: never create 2 MiB / 1 GiB blocks (neither directly
+        /// nor by merging a table that became uniform).
+        const NO_BLOCKS = 1 << 0;
+        /// Allow replacing existing mappings in the range (with break-before-make where
+        /// the architecture requires it). Without it, mapping over an existing valid
+        /// entry fails with [`Error::AlreadyMapped`](crate::Error::AlreadyMapped).
+        const REPLACE = 1 << 1;
+        /// Reject attributes that are both writable and executable at some level
+        /// (a W^X policy) with [`Error::UnsupportedAttributes`](crate::Error::UnsupportedAttributes).
+        const WXN = 1 << 2;
+    }
+}

@@ -1,0 +1,60 @@
+//! Descriptor bit positions shared by all regimes (Arm ARM D8.3, 4 KiB granule).
+
+/// Bit 0: descriptor is valid.
+pub(crate) const VALID: u64 = 1 << 0;
+/// Bits \[1:0\] of a table descriptor (levels 0-2) or a page descriptor (level 3).
+pub(crate) const TABLE_OR_PAGE: u64 = 0b11;
+/// Bits \[1:0\] of a block descriptor (levels 1-2).
+pub(crate) const BLOCK: u64 = 0b01;
+/// Output address / next-level table address bits \[47:12\].
+pub(crate) const OA_MASK: u64 = 0x0000_FFFF_FFFF_F000;
+/// Stage 1 AP\[1\] (EL0 access; RES1 in the EL2 regime).
+pub(crate) const AP1: u64 = 1 << 6;
+/// Stage 1 AP\[2\]: read-only.
+pub(crate) const AP2_RO: u64 = 1 << 7;
+/// Stage 2 S2AP\[0\]: read.
+pub(crate) const S2AP_R: u64 = 1 << 6;
+/// Stage 2 S2AP\[1\]: write.
+pub(crate) const S2AP_W: u64 = 1 << 7;
+/// SH\[9:8\] = 0b11: inner shareable.
+pub(crate) const SH_INNER: u64 = 0b11 << 8;
+/// Access flag.
+pub(crate) const AF: u64 = 1 << 10;
+/// Not global (stage 1 EL1&0: ASID-tagged).
+pub(crate) const NG: u64 = 1 << 11;
+/// Contiguous hint.
+pub(crate) const CONTIGUOUS: u64 = 1 << 52;
+/// Stage 1 EL1&0 PXN.
+pub(crate) const PXN: u64 = 1 << 53;
+/// Stage 1 UXN (EL1&0) / XN (EL2).
+pub(crate) const UXN: u64 = 1 << 54;
+/// Stage 1 XN of the EL2 regime.
+pub(crate) const XN: u64 = 1 << 54;
+/// Software bits \[58:55\].
+pub(crate) const SW_MASK: u64 = 0xF << 55;
+/// Bits a change of which requires break-before-make (Arm ARM D8.17.1): output
+/// address, descriptor type (block size), memory type (AttrIndx / MemAttr \[5:2\]),
+/// shareability, nG, contiguous.
+pub(crate) const BBM_MASK: u64 = OA_MASK | 0b11 | (0xF << 2) | (0b11 << 8) | NG | CONTIGUOUS;
+
+/// Shift of the input address bits resolved at `level`.
+pub(crate) const fn level_shift(level: u8) -> u32 {
+    12 + 9 * (3 - level as u32)
+}
+
+/// Bytes mapped by one entry at `level`.
+pub(crate) const fn level_size(level: u8) -> u64 {
+    1 << level_shift(level)
+}
+
+/// Whether `d` is a table descriptor at `level` (only meaningful for levels 0-2).
+#[inline]
+pub(crate) const fn is_table(d: u64, level: u8) -> bool {
+    level < 3 && d & 0b11 == TABLE_OR_PAGE
+}
+
+/// Whether `d` is a valid leaf (block or page) at `level`.
+#[inline]
+pub(crate) const fn is_leaf(d: u64, level: u8) -> bool {
+    d & VALID != 0 && (level == 3 || d & 0b10 == 0)
+}

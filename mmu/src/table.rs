@@ -1,0 +1,946 @@
+//! The translation table type and its single range walker.
+
+use core::fmt;
+use core::marker::PhantomData;
+use core::ptr;
+use core::sync::atomic::{fence, Ordering};
+
+use crate::attrs::{Attributes, MapFlags, Permissions, SwBits};
+use crate::desc::{self, is_leaf, is_table, level_shift, level_size};
+use crate::error::Error;
+use crate::frame::{FrameAllocator, FRAME_SIZE};
+use crate::regime::{Geometry, Regime};
+use crate::tlb::{TlbBatch, TlbMaintenance, DEFAULT_TLBI_THRESHOLD, MAX_TLBI_BATCH};
+
+const ENTRIES: usize = 512;
+
+/// Result of [`PageTable::translate`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Translation {
+    /// Output address (a PA in all three regimes) of the translated input address.
+    pub output: u64,
+    /// Attributes of the leaf (including its software bits).
+    pub attrs: Attributes,
+    /// Level of the leaf: 1 (1 GiB block), 2 (2 MiB block) or 3 (4 KiB page).
+    pub level: u8,
+    /// Software bits of the leaf (same as `attrs.sw`).
+    pub sw_bits: SwBits,
+}
+
+/// One leaf reported by [`PageTable::walk`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Mapping {
+    /// First input address the leaf maps (aligned to `size`).
+    pub va: u64,
+    /// Bytes the leaf maps: 4 KiB, 2 MiB or 1 GiB.
+    pub size: u64,
+    /// Output address of `va`.
+    pub output: u64,
+    /// Attributes, including software bits.
+    pub attrs: Attributes,
+    /// Level of the leaf (1..=3).
+    pub level: u8,
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Map {
+        delta: u64,
+        bits: u64,
+        blocks: bool,
+        replace: bool,
+    },
+    Unmap,
+    Protect {
+        bits: u64,
+    },
+    SetSw {
+        sw: u64,
+    },
+}
+
+/// What the walker sees as the contents of a table. Apply passes only use `Real`;
+/// the dry pass also walks tables that do not exist yet.
+#[derive(Clone, Copy)]
+enum View {
+    Real(*mut u64),
+    Empty,
+    /// The table a block descriptor `desc` would be split into (entries at `level`).
+    Split {
+        desc: u64,
+        level: u8,
+    },
+}
+
+impl View {
+    #[inline(always)]
+    fn read(self, i: usize) -> u64 {
+        match self {
+            // SAFETY: `p` points to a live table frame of at least `i + 1` entries
+            // (the walker only indexes within the table's entry count).
+            View::Real(p) => unsafe { p.add(i).read() },
+            View::Empty => 0,
+            View::Split { desc, level } => split_entry(desc, level, i),
+        }
+    }
+}
+
+/// Entry `i` of the table that replaces block `block` with entries at `level`.
+#[inline(always)]
+fn split_entry(block: u64, level: u8, i: usize) -> u64 {
+    let ty = if level == 3 {
+        desc::TABLE_OR_PAGE
+    } else {
+        desc::BLOCK
+    };
+    (block & !(desc::OA_MASK | 0b11))
+        | ((block & desc::OA_MASK) + ((i as u64) << level_shift(level)))
+        | ty
+}
+
+#[inline(always)]
+fn leaf_desc(level: u8, out: u64, bits: u64) -> u64 {
+    out | bits
+        | if level == 3 {
+            desc::TABLE_OR_PAGE
+        } else {
+            desc::BLOCK
+        }
+}
+
+/// State of one operation.
+struct Ctx {
+    op: Op,
+    /// Dry pass: frames the apply pass will take.
+    frames_needed: usize,
+    /// Apply pass: reserved frames, chained through their first word.
+    reserve: u64,
+    /// Tables to free once the TLB maintenance is done, chained through their first word.
+    free_list: u64,
+    taken: usize,
+    freed: usize,
+    batch: TlbBatch,
+}
+
+/// A translation table for regime `R`, with frames from `A` and TLB maintenance by `T`.
+///
+/// See the [crate documentation](crate) for the guarantees of each operation.
+pub struct PageTable<R: Regime, A: FrameAllocator, T: TlbMaintenance> {
+    regime: R,
+    alloc: A,
+    tlb: T,
+    geo: Geometry,
+    root: u64,
+    frames: usize,
+    tlbi_threshold: usize,
+    _not_sync: PhantomData<*mut u64>,
+}
+
+// SAFETY: the table exclusively owns its frames; moving it to another thread moves
+// that ownership. Requires the allocator and TLB handles to be `Send`.
+unsafe impl<R: Regime + Send, A: FrameAllocator + Send, T: TlbMaintenance + Send> Send
+    for PageTable<R, A, T>
+{
+}
+
+impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
+    /// Creates an empty table: allocates the (possibly concatenated) root.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] if `regime` is misconfigured, [`Error::OutOfFrames`]
+    /// if the root cannot be allocated.
+    pub fn new(regime: R, mut alloc: A, tlb: T) -> Result<Self, Error> {
+        let geo = regime.geometry()?;
+        let n = usize::from(geo.root_tables);
+        let root = alloc.alloc_contiguous(n).ok_or(Error::OutOfFrames)?;
+        if root % (n as u64 * FRAME_SIZE) != 0 {
+            alloc.free_contiguous(root, n);
+            return Err(Error::InvalidConfig);
+        }
+        Ok(PageTable {
+            regime,
+            alloc,
+            tlb,
+            geo,
+            root,
+            frames: n,
+            tlbi_threshold: DEFAULT_TLBI_THRESHOLD,
+            _not_sync: PhantomData,
+        })
+    }
+
+    /// The regime configuration.
+    pub fn regime(&self) -> &R {
+        &self.regime
+    }
+
+    /// Table geometry (input size, start level, root tables).
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    /// Physical address of the root table (the first of the concatenated ones).
+    pub fn root_address(&self) -> u64 {
+        self.root
+    }
+
+    /// Number of table frames this table owns, root frames included.
+    pub fn frames_in_use(&self) -> usize {
+        self.frames
+    }
+
+    /// The frame allocator.
+    pub fn allocator(&self) -> &A {
+        &self.alloc
+    }
+
+    /// The TLB-maintenance implementation.
+    pub fn tlb(&self) -> &T {
+        &self.tlb
+    }
+
+    /// The TLB-maintenance implementation, mutably (e.g. to clear a recording).
+    pub fn tlb_mut(&mut self) -> &mut T {
+        &mut self.tlb
+    }
+
+    /// Sets how many per-address TLB invalidations one operation may issue before it
+    /// invalidates the whole regime (EL2: `TLBI ALLE2IS`; stage 2: `TLBI VMALLS12E1IS`
+    /// for the VMID; EL1&0: `TLBI ASIDE1IS`) instead. Clamped to 1..=[`MAX_TLBI_BATCH`].
+    pub fn set_tlbi_threshold(&mut self, n: usize) {
+        self.tlbi_threshold = n.clamp(1, MAX_TLBI_BATCH);
+    }
+
+    fn check_range(&self, va: u64, size: u64) -> Result<u64, Error> {
+        if va % FRAME_SIZE != 0 || size % FRAME_SIZE != 0 {
+            return Err(Error::Misaligned);
+        }
+        let end = va.checked_add(size).ok_or(Error::OutOfRange)?;
+        if end > self.geo.input_size() {
+            return Err(Error::OutOfRange);
+        }
+        Ok(end)
+    }
+
+    /// Maps `size` bytes at input address `va` to output address `pa` with `attrs`.
+    ///
+    /// 1 GiB and 2 MiB blocks are used wherever `va` and `pa` are both aligned and the
+    /// range covers the block, unless `flags` contains [`MapFlags::NO_BLOCKS`]; a table
+    /// that the mapping makes uniform is merged into a block (break-before-make).
+    /// Existing mappings are an error unless `flags` contains [`MapFlags::REPLACE`].
+    /// Mapping previously invalid entries issues no TLB invalidation.
+    ///
+    /// # Errors
+    /// [`Error::Misaligned`], [`Error::OutOfRange`], [`Error::AlreadyMapped`],
+    /// [`Error::UnsupportedAttributes`], [`Error::OutOfFrames`]. On error nothing changed.
+    pub fn map(
+        &mut self,
+        va: u64,
+        pa: u64,
+        size: u64,
+        attrs: Attributes,
+        flags: MapFlags,
+    ) -> Result<(), Error> {
+        let end = self.check_range(va, size)?;
+        if pa % FRAME_SIZE != 0 {
+            return Err(Error::Misaligned);
+        }
+        let pa_end = pa.checked_add(size).ok_or(Error::OutOfRange)?;
+        if pa_end > 1u64 << self.regime.output_bits() {
+            return Err(Error::OutOfRange);
+        }
+        if flags.contains(MapFlags::WXN)
+            && attrs.perms.contains(Permissions::WRITE)
+            && attrs
+                .perms
+                .intersects(Permissions::EXEC_EL2 | Permissions::EXEC_EL1 | Permissions::EXEC_EL0)
+        {
+            return Err(Error::UnsupportedAttributes);
+        }
+        let bits = self.regime.encode(&attrs)?;
+        if size == 0 {
+            return Ok(());
+        }
+        let op = Op::Map {
+            delta: pa.wrapping_sub(va),
+            bits,
+            blocks: !flags.contains(MapFlags::NO_BLOCKS),
+            replace: flags.contains(MapFlags::REPLACE),
+        };
+        self.run(op, va, end)
+    }
+
+    /// Removes all mappings in `va .. va + size`; holes are skipped. Blocks that
+    /// straddle the range boundary are split; tables left empty are freed after the
+    /// TLB invalidation that makes it safe.
+    ///
+    /// # Errors
+    /// [`Error::Misaligned`], [`Error::OutOfRange`], [`Error::OutOfFrames`] (splitting
+    /// a block needs frames). On error nothing changed.
+    pub fn unmap(&mut self, va: u64, size: u64) -> Result<(), Error> {
+        let end = self.check_range(va, size)?;
+        if size == 0 {
+            return Ok(());
+        }
+        self.run(Op::Unmap, va, end)
+    }
+
+    /// Sets the attributes (permissions, memory type and software bits) of every
+    /// mapping in `va .. va + size`; holes are skipped. Memory-type changes use
+    /// break-before-make; permission changes are written in place and invalidated.
+    ///
+    /// # Errors
+    /// [`Error::Misaligned`], [`Error::OutOfRange`], [`Error::UnsupportedAttributes`],
+    /// [`Error::OutOfFrames`]. On error nothing changed.
+    pub fn protect(&mut self, va: u64, size: u64, attrs: Attributes) -> Result<(), Error> {
+        let end = self.check_range(va, size)?;
+        let bits = self.regime.encode(&attrs)?;
+        if size == 0 {
+            return Ok(());
+        }
+        self.run(Op::Protect { bits }, va, end)
+    }
+
+    /// Sets the software bits of every mapping in `va .. va + size`; holes are
+    /// skipped. Issues no TLB invalidation (the hardware ignores these bits).
+    ///
+    /// # Errors
+    /// [`Error::Misaligned`], [`Error::OutOfRange`], [`Error::OutOfFrames`] (a block
+    /// straddling the range boundary is split). On error nothing changed.
+    pub fn set_sw_bits(&mut self, va: u64, size: u64, sw: SwBits) -> Result<(), Error> {
+        let end = self.check_range(va, size)?;
+        if size == 0 {
+            return Ok(());
+        }
+        self.run(Op::SetSw { sw: sw.to_desc() }, va, end)
+    }
+
+    /// Dry pass, frame reservation, apply pass, TLB maintenance, frees.
+    fn run(&mut self, op: Op, va: u64, end: u64) -> Result<(), Error> {
+        let mut cx = Ctx {
+            op,
+            frames_needed: 0,
+            reserve: 0,
+            free_list: 0,
+            taken: 0,
+            freed: 0,
+            batch: TlbBatch::new(self.tlbi_threshold),
+        };
+        let root = View::Real(self.ptr(self.root));
+        let start = self.geo.start_level;
+        self.visit::<true>(&mut cx, root, start, 0, va, end, true)?;
+        for _ in 0..cx.frames_needed {
+            match self.alloc.alloc_frame() {
+                Some(pa) => self.push(&mut cx.reserve, pa),
+                None => {
+                    while cx.reserve != 0 {
+                        let pa = self.pop(&mut cx.reserve);
+                        self.alloc.free_frame(pa);
+                    }
+                    return Err(Error::OutOfFrames);
+                }
+            }
+        }
+        let result = self.visit::<false>(&mut cx, root, start, 0, va, end, true);
+        debug_assert!(
+            result.is_ok(),
+            "apply pass failed after a successful dry pass"
+        );
+        cx.batch.sync(&self.regime, self.root, &mut self.tlb);
+        while cx.free_list != 0 {
+            let pa = self.pop(&mut cx.free_list);
+            self.alloc.free_frame(pa);
+        }
+        while cx.reserve != 0 {
+            let pa = self.pop(&mut cx.reserve);
+            self.alloc.free_frame(pa);
+        }
+        self.frames = self.frames + cx.taken - cx.freed;
+        result
+    }
+
+    #[inline(always)]
+    fn ptr(&self, pa: u64) -> *mut u64 {
+        self.alloc.phys_to_virt(pa)
+    }
+
+    /// Pushes frame `pa` on an intrusive list (the link is a page-aligned address,
+    /// so the first word stays an invalid descriptor).
+    fn push(&self, head: &mut u64, pa: u64) {
+        // SAFETY: `pa` is a frame this table owns and no longer uses (or has not
+        // used yet); its first word is free for the link.
+        unsafe { self.ptr(pa).write(*head) };
+        *head = pa;
+    }
+
+    fn pop(&self, head: &mut u64) -> u64 {
+        let pa = *head;
+        // SAFETY: `pa` was pushed by `push`; restore the zero the allocator gave us.
+        unsafe {
+            let p = self.ptr(pa);
+            *head = p.read();
+            p.write(0);
+        }
+        pa
+    }
+
+    fn take_frame(&mut self, cx: &mut Ctx) -> Option<u64> {
+        cx.taken += 1;
+        if cx.reserve != 0 {
+            Some(self.pop(&mut cx.reserve))
+        } else {
+            // The dry pass counts exactly what the apply pass takes; this is a fallback.
+            debug_assert!(false, "frame reservation too small");
+            let pa = self.alloc.alloc_frame();
+            if pa.is_none() {
+                cx.taken -= 1;
+            }
+            pa
+        }
+    }
+
+    /// The walker: visits entries of the table `view` at `level` (whose entry 0 maps
+    /// input address `base`) that intersect `va .. end`. With `DRY` it only counts
+    /// frames and detects errors; otherwise it applies the operation. `live` says
+    /// whether hardware may be walking this table (it is reachable from the root).
+    #[allow(clippy::too_many_arguments)]
+    fn visit<const DRY: bool>(
+        &mut self,
+        cx: &mut Ctx,
+        view: View,
+        level: u8,
+        base: u64,
+        va: u64,
+        end: u64,
+        live: bool,
+    ) -> Result<(), Error> {
+        let shift = level_shift(level);
+        let size = level_size(level);
+        let first = ((va - base) >> shift) as usize;
+        let last = ((end - 1 - base) >> shift) as usize;
+        let tbl = match view {
+            View::Real(p) => p,
+            _ => ptr::null_mut(),
+        };
+        let mut bbm = false;
+
+        // Fast path: filling a run of level-3 entries of a table nobody walks yet.
+        if !DRY && level == 3 && !live {
+            if let Op::Map { delta, bits, .. } = cx.op {
+                let mut d = leaf_desc(3, base.wrapping_add(delta) + ((first as u64) << 12), bits);
+                for i in first..=last {
+                    // SAFETY: `tbl` is a fresh level-3 table frame of 512 entries.
+                    unsafe { tbl.add(i).write(d) };
+                    d += FRAME_SIZE;
+                }
+                return Ok(());
+            }
+        }
+
+        for i in first..=last {
+            let eva = base + ((i as u64) << shift);
+            let e = view.read(i);
+            let s = va.max(eva);
+            let t = end.min(eva + size);
+            let covered = s == eva && t == eva + size;
+            match cx.op {
+                Op::Map {
+                    delta,
+                    bits,
+                    blocks,
+                    replace,
+                } => {
+                    let out = eva.wrapping_add(delta);
+                    if is_table(e, level) {
+                        self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                    } else if level == 3
+                        || (covered && blocks && level >= 1 && out & (size - 1) == 0)
+                    {
+                        if e != 0 && !replace {
+                            return Err(Error::AlreadyMapped { va: s });
+                        }
+                        if !DRY {
+                            self.change(
+                                cx,
+                                tbl,
+                                i,
+                                e,
+                                leaf_desc(level, out, bits),
+                                level,
+                                eva,
+                                live,
+                                &mut bbm,
+                            );
+                        }
+                    } else {
+                        if e != 0 && !replace {
+                            return Err(Error::AlreadyMapped { va: s });
+                        }
+                        self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                    }
+                }
+                Op::Unmap => {
+                    if e & desc::VALID == 0 {
+                        continue;
+                    }
+                    if is_table(e, level) {
+                        if DRY && covered {
+                            continue;
+                        }
+                        self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                    } else if covered {
+                        if !DRY {
+                            self.change(cx, tbl, i, e, 0, level, eva, live, &mut bbm);
+                        }
+                    } else {
+                        self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                    }
+                }
+                Op::Protect { bits } | Op::SetSw { sw: bits } => {
+                    if e & desc::VALID == 0 {
+                        continue;
+                    }
+                    if is_table(e, level) {
+                        if DRY && covered {
+                            continue;
+                        }
+                        self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                        continue;
+                    }
+                    let new = match cx.op {
+                        Op::Protect { .. } => (e & (desc::OA_MASK | 0b11)) | bits,
+                        _ => (e & !desc::SW_MASK) | bits,
+                    };
+                    if new == e {
+                        continue;
+                    }
+                    if covered {
+                        if !DRY {
+                            self.change(cx, tbl, i, e, new, level, eva, live, &mut bbm);
+                        }
+                    } else {
+                        self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                    }
+                }
+            }
+        }
+
+        if !DRY && bbm {
+            // Break-before-make, second half: the entries marked invalid in this run are
+            // now out of every TLB; write their new values (Arm ARM D8.17.1).
+            cx.batch.sync(&self.regime, self.root, &mut self.tlb);
+            for i in first..=last {
+                // SAFETY: `tbl` is this table's frame; `i` is within it.
+                unsafe {
+                    let p = tbl.add(i);
+                    let d = p.read();
+                    if d != 0 && d & desc::VALID == 0 {
+                        p.write_volatile(d | desc::VALID);
+                    }
+                }
+            }
+            cx.batch.wrote();
+        }
+        Ok(())
+    }
+
+    /// Handles entry `i` (descriptor `e`) of a table at `level` by working in the
+    /// next-level table: the existing one, a new empty one, or one split from a block.
+    /// Afterwards decides the entry's new value: the table, a merged block, or
+    /// nothing (the table became empty).
+    #[allow(clippy::too_many_arguments)]
+    fn descend<const DRY: bool>(
+        &mut self,
+        cx: &mut Ctx,
+        view: View,
+        i: usize,
+        e: u64,
+        level: u8,
+        eva: u64,
+        s: u64,
+        t: u64,
+        live: bool,
+        bbm: &mut bool,
+    ) -> Result<(), Error> {
+        let cl = level + 1;
+        if DRY {
+            let child = if is_table(e, level) {
+                View::Real(self.ptr(e & desc::OA_MASK))
+            } else {
+                cx.frames_needed += 1;
+                if e == 0 {
+                    View::Empty
+                } else {
+                    View::Split { desc: e, level: cl }
+                }
+            };
+            return self.visit::<true>(cx, child, cl, eva, s, t, false);
+        }
+        let tbl = match view {
+            View::Real(p) => p,
+            _ => return Ok(()),
+        };
+        let (child_pa, child_live) = if is_table(e, level) {
+            (e & desc::OA_MASK, live)
+        } else {
+            let Some(pa) = self.take_frame(cx) else {
+                return Err(Error::OutOfFrames);
+            };
+            if e != 0 {
+                let p = self.ptr(pa);
+                for j in 0..ENTRIES {
+                    // SAFETY: `p` is the fresh frame just taken, 512 entries.
+                    unsafe { p.add(j).write(split_entry(e, cl, j)) };
+                }
+            }
+            (pa, false)
+        };
+        let cp = self.ptr(child_pa);
+        self.visit::<false>(cx, View::Real(cp), cl, eva, s, t, child_live)?;
+
+        let table_desc = child_pa | desc::TABLE_OR_PAGE;
+        let mut new = table_desc;
+        match cx.op {
+            Op::Unmap => {
+                // SAFETY: `cp` is the child table frame, 512 entries.
+                let empty = (0..ENTRIES).all(|j| unsafe { cp.add(j).read() } == 0);
+                if empty {
+                    new = 0;
+                }
+            }
+            Op::Map { blocks: true, .. } if level >= 1 => {
+                if let Some(block) = uniform(cp, cl) {
+                    new = block;
+                }
+            }
+            _ => {}
+        }
+        self.change(cx, tbl, i, e, new, level, eva, live, bbm);
+        if new != table_desc {
+            // The child is unreachable once the maintenance for this change is done;
+            // it is freed after the operation's final TLB synchronisation.
+            self.push(&mut cx.free_list, child_pa);
+            cx.freed += 1;
+        }
+        Ok(())
+    }
+
+    /// Replaces descriptor `old` at entry `i` of `tbl` with `new`, doing what the
+    /// architecture requires for a table that may be live.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn change(
+        &mut self,
+        cx: &mut Ctx,
+        tbl: *mut u64,
+        i: usize,
+        old: u64,
+        new: u64,
+        level: u8,
+        eva: u64,
+        live: bool,
+        bbm: &mut bool,
+    ) {
+        if old == new {
+            return;
+        }
+        // SAFETY: `tbl` is a table frame owned by this table, `i` within it.
+        let p = unsafe { tbl.add(i) };
+        if !live {
+            // SAFETY: as above; nobody walks this table yet.
+            unsafe { p.write(new) };
+            return;
+        }
+        if is_table(new, level) {
+            // Publish the next-level table's contents before the pointer to it.
+            fence(Ordering::Release);
+        }
+        if old & desc::VALID == 0 {
+            // Invalid -> valid needs no invalidation (no TLB can hold an invalid entry).
+            // SAFETY: as above.
+            unsafe { p.write_volatile(new) };
+            cx.batch.wrote();
+            return;
+        }
+        let old_leaf = !is_table(old, level);
+        if !old_leaf {
+            // A table goes away: its walk-cache entry and every leaf below it.
+            let cl = level + 1;
+            let cp = self.ptr(old & desc::OA_MASK);
+            let has_leaves = (0..ENTRIES).any(|j| {
+                // SAFETY: `old` points to the child table frame of 512 entries.
+                let d = unsafe { cp.add(j).read() };
+                d & desc::VALID != 0
+            });
+            if has_leaves {
+                cx.batch.note_many(eva, level_size(cl), ENTRIES, true);
+            }
+            cx.batch.note(eva, false);
+        }
+        if new == 0 {
+            // SAFETY: as above.
+            unsafe { p.write_volatile(0) };
+            if old_leaf {
+                cx.batch.note(eva, true);
+            }
+        } else if (old ^ new) & desc::BBM_MASK != 0 {
+            // Break-before-make, first half: invalid marker that keeps the new value;
+            // the caller synchronises the TLBs, then sets the valid bit.
+            // SAFETY: as above.
+            unsafe { p.write_volatile(new & !desc::VALID) };
+            if old_leaf {
+                cx.batch.note(eva, true);
+            }
+            *bbm = true;
+        } else {
+            // SAFETY: as above.
+            unsafe { p.write_volatile(new) };
+            if (old ^ new) & !desc::SW_MASK != 0 {
+                cx.batch.note(eva, true);
+            } else {
+                cx.batch.wrote();
+            }
+        }
+    }
+
+    /// Looks up `va`.
+    #[must_use]
+    pub fn translate(&self, va: u64) -> Option<Translation> {
+        if va >= self.geo.input_size() {
+            return None;
+        }
+        let mut level = self.geo.start_level;
+        let mut tbl = self.ptr(self.root);
+        let mut idx = (va >> level_shift(level)) as usize;
+        loop {
+            // SAFETY: `tbl` is a table frame of this table and `idx` is within it
+            // (root: `va` < input size; other levels: masked to 0..512).
+            let e = unsafe { tbl.add(idx).read() };
+            if e & desc::VALID == 0 {
+                return None;
+            }
+            if is_leaf(e, level) {
+                let attrs = self.regime.decode(e);
+                let off = va & (level_size(level) - 1);
+                return Some(Translation {
+                    output: (e & desc::OA_MASK) + off,
+                    attrs,
+                    level,
+                    sw_bits: attrs.sw,
+                });
+            }
+            level += 1;
+            tbl = self.ptr(e & desc::OA_MASK);
+            idx = ((va >> level_shift(level)) & 511) as usize;
+        }
+    }
+
+    /// Calls `f` for every leaf intersecting `va .. va + size`, in address order.
+    ///
+    /// # Errors
+    /// [`Error::Misaligned`], [`Error::OutOfRange`].
+    pub fn walk<F: FnMut(&Mapping)>(&self, va: u64, size: u64, mut f: F) -> Result<(), Error> {
+        let end = self.check_range(va, size)?;
+        if size > 0 {
+            self.walk_table(
+                self.ptr(self.root),
+                self.geo.start_level,
+                0,
+                va,
+                end,
+                &mut f,
+            );
+        }
+        Ok(())
+    }
+
+    fn walk_table<F: FnMut(&Mapping)>(
+        &self,
+        tbl: *mut u64,
+        level: u8,
+        base: u64,
+        va: u64,
+        end: u64,
+        f: &mut F,
+    ) {
+        let shift = level_shift(level);
+        let first = ((va - base) >> shift) as usize;
+        let last = ((end - 1 - base) >> shift) as usize;
+        for i in first..=last {
+            // SAFETY: `tbl` is a table frame of this table, `i` within its entries.
+            let e = unsafe { tbl.add(i).read() };
+            let eva = base + ((i as u64) << shift);
+            if e & desc::VALID == 0 {
+                continue;
+            }
+            if is_table(e, level) {
+                let size = level_size(level);
+                self.walk_table(
+                    self.ptr(e & desc::OA_MASK),
+                    level + 1,
+                    eva,
+                    va.max(eva),
+                    end.min(eva + size),
+                    f,
+                );
+            } else {
+                f(&Mapping {
+                    va: eva,
+                    size: level_size(level),
+                    output: e & desc::OA_MASK,
+                    attrs: self.regime.decode(e),
+                    level,
+                });
+            }
+        }
+    }
+
+    fn free_subtree(&mut self, pa: u64, level: u8) {
+        if level < 3 {
+            let p = self.ptr(pa);
+            for j in 0..ENTRIES {
+                // SAFETY: `p` is a table frame of this table.
+                let e = unsafe { p.add(j).read() };
+                if is_table(e, level) {
+                    self.free_subtree(e & desc::OA_MASK, level + 1);
+                }
+            }
+        }
+        self.alloc.free_frame(pa);
+        self.frames -= 1;
+    }
+}
+
+/// If the table at `cp` (entries at `level`) maps one contiguous, aligned range with
+/// identical attributes, the block descriptor (one level up) that replaces it.
+fn uniform(cp: *mut u64, level: u8) -> Option<u64> {
+    // SAFETY: `cp` is a table frame of 512 entries.
+    let first = unsafe { cp.read() };
+    let ty = if level == 3 {
+        desc::TABLE_OR_PAGE
+    } else {
+        desc::BLOCK
+    };
+    if first & 0b11 != ty || first & desc::OA_MASK & (level_size(level - 1) - 1) != 0 {
+        return None;
+    }
+    let step = level_size(level);
+    let mut want = first;
+    for j in 1..ENTRIES {
+        want += step;
+        // SAFETY: as above.
+        if unsafe { cp.add(j).read() } != want {
+            return None;
+        }
+    }
+    Some((first & !0b11) | desc::BLOCK)
+}
+
+impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> Drop for PageTable<R, A, T> {
+    /// Invalidates everything the table may have in the TLBs, then frees all frames.
+    /// The table must no longer be installed in any translation register.
+    fn drop(&mut self) {
+        let mut batch = TlbBatch::new(1);
+        batch.invalidate_all();
+        batch.sync(&self.regime, self.root, &mut self.tlb);
+        let root = self.ptr(self.root);
+        let level = self.geo.start_level;
+        for j in 0..self.geo.root_entries() {
+            // SAFETY: `root` is the root frame(s), `j` below the root entry count.
+            let e = unsafe { root.add(j).read() };
+            if is_table(e, level) {
+                self.free_subtree(e & desc::OA_MASK, level + 1);
+            }
+        }
+        let n = usize::from(self.geo.root_tables);
+        self.alloc.free_contiguous(self.root, n);
+        self.frames -= n;
+    }
+}
+
+fn perms_str(p: Permissions) -> [u8; 6] {
+    let f = |flag, c| if p.contains(flag) { c } else { b'-' };
+    [
+        f(Permissions::READ, b'r'),
+        f(Permissions::WRITE, b'w'),
+        f(Permissions::EXEC_EL2, b'2'),
+        f(Permissions::EXEC_EL1, b'1'),
+        f(Permissions::EXEC_EL0, b'0'),
+        f(Permissions::USER, b'u'),
+    ]
+}
+
+/// A ptdump-like listing: one line per run of leaves with the same level and
+/// attributes mapping contiguous input to contiguous output.
+impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> fmt::Display for PageTable<R, A, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} table root {:#x}: {}-bit input, start level {}, {} root table(s), {} frame(s)",
+            R::NAME,
+            self.root,
+            self.geo.input_bits,
+            self.geo.start_level,
+            self.geo.root_tables,
+            self.frames
+        )?;
+        let mut run: Option<(Mapping, u64)> = None;
+        let mut res = Ok(());
+        let emit = |m: &Mapping, count: u64, f: &mut fmt::Formatter<'_>| -> fmt::Result {
+            let size = m.size * count;
+            let unit = match m.level {
+                1 => "1G",
+                2 => "2M",
+                _ => "4K",
+            };
+            let p = perms_str(m.attrs.perms);
+            writeln!(
+                f,
+                "{:#018x}-{:#018x} -> {:#014x} {:>5} x {} L{} {} {:?} sw={:#x}",
+                m.va,
+                m.va + size,
+                m.output,
+                count,
+                unit,
+                m.level,
+                core::str::from_utf8(&p).unwrap_or("?"),
+                m.attrs.mem_type,
+                m.attrs.sw.bits()
+            )
+        };
+        let _ = self.walk(0, self.geo.input_size(), |m| {
+            if res.is_err() {
+                return;
+            }
+            if let Some((r, n)) = &mut run {
+                if r.level == m.level
+                    && r.attrs == m.attrs
+                    && r.va + r.size * *n == m.va
+                    && r.output + r.size * *n == m.output
+                {
+                    *n += 1;
+                    return;
+                }
+                let (r, n) = (*r, *n);
+                res = emit(&r, n, f);
+            }
+            run = Some((*m, 1));
+        });
+        res?;
+        if let Some((r, n)) = run {
+            emit(&r, n, f)?;
+        }
+        Ok(())
+    }
+}
+
+impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> fmt::Debug for PageTable<R, A, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PageTable")
+            .field("regime", &R::NAME)
+            .field("root", &self.root)
+            .field("geometry", &self.geo)
+            .field("frames", &self.frames)
+            .finish()
+    }
+}

@@ -1,0 +1,135 @@
+//! Basic map / unmap / translate behaviour of the three regimes.
+
+use mmu::testing::{HeapFrames, RecordingTlb};
+use mmu::{
+    Attributes, El1, El2, Error, MapFlags, MemoryType, PageTable, Permissions, Stage2, SwBits,
+    TlbOp,
+};
+
+const GIB: u64 = 1 << 30;
+const MIB2: u64 = 2 << 20;
+const PAGE: u64 = 4096;
+
+fn rw() -> Attributes {
+    Attributes::normal(Permissions::RW)
+}
+
+#[test]
+fn el2_map_translate_unmap_pages_and_blocks() {
+    let mut t = PageTable::new(El2::new(48), HeapFrames::new(), RecordingTlb::new()).unwrap();
+    assert_eq!(t.frames_in_use(), 1);
+    // 2 MiB + 1 page, 2 MiB aligned: one L2 block and one L3 page.
+    t.map(
+        0x4000_0000,
+        0x8000_0000,
+        MIB2 + PAGE,
+        rw(),
+        MapFlags::empty(),
+    )
+    .unwrap();
+    let b = t.translate(0x4010_0008).unwrap();
+    assert_eq!((b.output, b.level), (0x8010_0008, 2));
+    let p = t.translate(0x4020_0010).unwrap();
+    assert_eq!((p.output, p.level), (0x8020_0010, 3));
+    assert_eq!(p.attrs, rw());
+    assert!(t.translate(0x4020_1000).is_none());
+    // L0, L1, L2 and one L3 table beyond the root.
+    assert_eq!(t.frames_in_use(), 4);
+    assert_eq!(t.allocator().in_use(), 4);
+    assert!(
+        t.tlb().invalidations().is_empty(),
+        "mapping invalid entries needs no TLBI"
+    );
+
+    t.unmap(0x4000_0000, MIB2 + PAGE).unwrap();
+    assert!(t.translate(0x4000_0000).is_none());
+    assert!(t.translate(0x4020_0000).is_none());
+    assert_eq!(t.frames_in_use(), 1, "empty tables freed");
+    assert_eq!(t.allocator().in_use(), 1);
+    let inv = t.tlb().invalidations();
+    assert!(inv.contains(&TlbOp::El2Va {
+        va: 0x4000_0000,
+        leaf: true
+    }));
+    assert!(inv.contains(&TlbOp::El2Va {
+        va: 0x4020_0000,
+        leaf: true
+    }));
+}
+
+#[test]
+fn already_mapped_is_an_error_and_changes_nothing() {
+    let mut t = PageTable::new(El2::new(39), HeapFrames::new(), RecordingTlb::new()).unwrap();
+    t.map(0x20_0000, 0x20_0000, PAGE, rw(), MapFlags::empty())
+        .unwrap();
+    let frames = t.allocator().live();
+    let err = t.map(0x1F_F000, 0x1F_F000, 3 * PAGE, rw(), MapFlags::empty());
+    assert_eq!(err, Err(Error::AlreadyMapped { va: 0x20_0000 }));
+    assert!(t.translate(0x1F_F000).is_none());
+    assert_eq!(t.allocator().live(), frames);
+    // REPLACE remaps, with break-before-make.
+    t.map(0x20_0000, 0x30_0000, PAGE, rw(), MapFlags::REPLACE)
+        .unwrap();
+    assert_eq!(t.translate(0x20_0000).unwrap().output, 0x30_0000);
+    assert!(t.tlb().invalidations().contains(&TlbOp::El2Va {
+        va: 0x20_0000,
+        leaf: true
+    }));
+}
+
+#[test]
+fn stage2_block_split_and_vmid_tagged_tlbi() {
+    let mut t = PageTable::new(Stage2::new(9, 40), HeapFrames::new(), RecordingTlb::new()).unwrap();
+    assert_eq!(t.frames_in_use(), 2);
+    let a = Attributes::new(
+        Permissions::RW | Permissions::EXEC_EL1 | Permissions::EXEC_EL0,
+        MemoryType::Normal,
+    );
+    t.map(0, 0x1_0000_0000, GIB, a, MapFlags::empty()).unwrap();
+    assert_eq!(t.translate(0x1234_5678).unwrap().level, 1);
+    t.unmap(0x1000_0000, PAGE).unwrap();
+    assert!(t.translate(0x1000_0000).is_none());
+    assert_eq!(t.translate(0x1000_1000).unwrap().output, 0x1_1000_1000);
+    assert_eq!(t.translate(0x1000_1000).unwrap().level, 3);
+    assert_eq!(t.translate(0x1020_0000).unwrap().level, 2);
+    for op in t.tlb().invalidations() {
+        match op {
+            TlbOp::Stage2Ipa { vmid, vttbr, .. }
+            | TlbOp::Stage2Stage1All { vmid, vttbr }
+            | TlbOp::Stage2All { vmid, vttbr } => {
+                assert_eq!(vmid, 9);
+                assert_eq!(vttbr, t.vttbr_el2());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn el1_user_pages_and_sw_bits() {
+    let mut t = PageTable::new(El1::new(3, 39), HeapFrames::new(), RecordingTlb::new()).unwrap();
+    let a = Attributes::new(
+        Permissions::READ | Permissions::USER | Permissions::EXEC_EL0,
+        MemoryType::Normal,
+    )
+    .with_sw(SwBits::new(5).unwrap());
+    t.map(0x40_0000, 0x9000_0000, 4 * PAGE, a, MapFlags::NO_BLOCKS)
+        .unwrap();
+    let tr = t.translate(0x40_2abc).unwrap();
+    assert_eq!(tr.output, 0x9000_2abc);
+    assert_eq!(tr.attrs, a);
+    assert_eq!(tr.sw_bits.bits(), 5);
+    t.set_sw_bits(0x40_1000, PAGE, SwBits::new(9).unwrap())
+        .unwrap();
+    assert_eq!(t.translate(0x40_1000).unwrap().sw_bits.bits(), 9);
+    assert_eq!(t.translate(0x40_2000).unwrap().sw_bits.bits(), 5);
+    assert!(t.tlb().invalidations().is_empty(), "sw bits need no TLBI");
+    let bad = Attributes::new(
+        Permissions::RW | Permissions::USER | Permissions::EXEC_EL1,
+        MemoryType::Normal,
+    );
+    assert_eq!(
+        t.map(0x80_0000, 0, PAGE, bad, MapFlags::empty()),
+        Err(Error::UnsupportedAttributes)
+    );
+}
