@@ -1,11 +1,51 @@
 //! The twostage hypervisor binary (runs on `aarch64-unknown-none`).
+//!
+//! Start-up (console, device tree, heap, frames, stage 1, secondary CPUs) is in
+//! `hypervisor::start`; this file wires the boot entry points to it and holds the hooks
+//! where the VM code takes over: [`run_vms`] on the primary CPU and [`secondary_idle`]
+//! on the others.
 #![cfg_attr(target_os = "none", no_std, no_main)]
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 #[cfg(target_os = "none")]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {
-        core::hint::spin_loop();
+mod bare_metal {
+    use hypervisor::start::{self, Machine};
+
+    boot::entry_points! {
+        primary: primary_main,
+        secondary: secondary_main,
+        exception: start::el2_exception,
+    }
+
+    fn primary_main(dtb: usize) -> ! {
+        let machine = start::primary(dtb);
+        run_vms(&machine)
+    }
+
+    fn secondary_main(cpu: usize) -> ! {
+        start::secondary(cpu);
+        secondary_idle(cpu)
+    }
+
+    /// Hook: create the VMs from the VM description and run them on the primary CPU.
+    /// Until VMs exist, the hypervisor reports ready and powers the machine off.
+    fn run_vms(machine: &Machine) -> ! {
+        log::info!(
+            "hypervisor ready: {} CPUs online, no VMs to run",
+            machine.cpus_online
+        );
+        start::power_off()
+    }
+
+    /// Hook: what a secondary CPU does once online (run its VM's vCPU). Until VMs
+    /// exist it parks.
+    fn secondary_idle(_cpu: usize) -> ! {
+        start::park()
+    }
+
+    #[panic_handler]
+    fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+        start::panic(info)
     }
 }
 

@@ -1,0 +1,133 @@
+//! Where the hypervisor's own memory lies: the image, then the heap, then the pool of
+//! page-table frames, all below [`HYP_RAM_END`] (see `docs/memory-map.md`).
+
+use core::fmt;
+
+use crate::platform::Region;
+
+/// End of the RAM the hypervisor keeps for itself (`docs/memory-map.md`); guest memory
+/// lies above.
+pub const HYP_RAM_END: u64 = 0x4800_0000;
+
+/// Bytes of heap (`buddy_system_allocator`), placed right after the image.
+pub const HEAP_SIZE: u64 = 16 << 20;
+
+/// Translation granule and page size.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// The hypervisor's own physical memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HypMemory {
+    /// The loaded image, including BSS and stacks.
+    pub image: Region,
+    /// The heap.
+    pub heap: Region,
+    /// The page-table frame pool.
+    pub frames: Region,
+}
+
+/// Why the hypervisor's memory cannot be laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayoutError {
+    /// The image does not lie in RAM described by the device tree.
+    ImageNotInRam,
+    /// The image, heap and at least one frame do not fit below [`HYP_RAM_END`] (or below
+    /// the device tree, if QEMU placed it lower).
+    TooSmall,
+}
+
+impl fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ImageNotInRam => f.write_str("the image is not inside RAM"),
+            Self::TooSmall => f.write_str("no room for the heap and page-table frames"),
+        }
+    }
+}
+
+const fn align_up(x: u64) -> u64 {
+    (x + PAGE_SIZE - 1) & !(PAGE_SIZE - 1)
+}
+
+const fn align_down(x: u64) -> u64 {
+    x & !(PAGE_SIZE - 1)
+}
+
+/// Lays out heap and frame pool after the image.
+///
+/// The pool ends at [`HYP_RAM_END`], at the end of the RAM region holding the image, or
+/// at the device tree if it lies in between, whichever comes first.
+///
+/// # Errors
+///
+/// [`LayoutError`] if the image is outside `ram` or the space is too small.
+pub fn plan(image: Region, ram: &[Region], dtb: Region) -> Result<HypMemory, LayoutError> {
+    let bank = ram
+        .iter()
+        .find(|r| r.contains(&image))
+        .ok_or(LayoutError::ImageNotInRam)?;
+    let heap_base = align_up(image.end());
+    let frames_base = heap_base
+        .checked_add(HEAP_SIZE)
+        .ok_or(LayoutError::TooSmall)?;
+    let mut limit = HYP_RAM_END.min(bank.end());
+    if dtb.base >= image.end() && dtb.base < limit {
+        limit = dtb.base;
+    }
+    let limit = align_down(limit);
+    if limit < frames_base + PAGE_SIZE {
+        return Err(LayoutError::TooSmall);
+    }
+    Ok(HypMemory {
+        image,
+        heap: Region::new(heap_base, HEAP_SIZE),
+        frames: Region::new(frames_base, limit - frames_base),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RAM: Region = Region::new(0x4000_0000, 2 << 30);
+    const IMAGE: Region = Region::new(0x4020_0000, 0x8_1234);
+
+    #[test]
+    fn heap_then_frames_up_to_the_dtb() {
+        let m = plan(IMAGE, &[RAM], Region::new(HYP_RAM_END, 0x2000)).unwrap();
+        assert_eq!(m.heap.base, 0x4028_2000, "page aligned after the image");
+        assert_eq!(m.heap.size, HEAP_SIZE);
+        assert_eq!(m.frames.base, m.heap.end());
+        assert_eq!(m.frames.end(), HYP_RAM_END);
+        assert!(!m.frames.overlaps(&m.heap) && !m.heap.overlaps(&IMAGE));
+    }
+
+    #[test]
+    fn dtb_below_the_limit_cuts_the_pool() {
+        let dtb = Region::new(0x4400_0800, 0x2000);
+        let m = plan(IMAGE, &[RAM], dtb).unwrap();
+        assert_eq!(m.frames.end(), 0x4400_0000);
+        assert!(!m.frames.overlaps(&dtb));
+    }
+
+    #[test]
+    fn small_ram_cuts_the_pool() {
+        let ram = Region::new(0x4000_0000, 0x0200_0000 + 0x40_0000 + HEAP_SIZE);
+        let m = plan(IMAGE, &[ram], Region::new(0x5000_0000, 0x1000)).unwrap();
+        assert_eq!(m.frames.end(), ram.end());
+        let tiny = Region::new(0x4000_0000, 0x40_0000);
+        assert_eq!(
+            plan(IMAGE, &[tiny], Region::default()),
+            Err(LayoutError::TooSmall)
+        );
+    }
+
+    #[test]
+    fn image_outside_ram() {
+        let ram = Region::new(0x8000_0000, 1 << 30);
+        assert_eq!(
+            plan(IMAGE, &[ram], Region::default()),
+            Err(LayoutError::ImageNotInRam)
+        );
+    }
+}

@@ -1,0 +1,205 @@
+//! The `log` backend: one line per record, `[seconds LEVEL cpuN] message`, written to the
+//! console under a lock so lines from different CPUs never mix.
+
+use core::fmt::{self, Write};
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+use spin::Mutex;
+
+/// What the logger needs from the platform.
+pub trait Platform: Sync + Send {
+    /// The console line sink.
+    type Console: Write + Send;
+    /// The index of the calling CPU.
+    fn cpu(&self) -> usize;
+    /// Time since boot in microseconds.
+    fn micros(&self) -> u64;
+}
+
+/// Writes one log line (without taking any lock).
+///
+/// # Errors
+///
+/// Whatever the writer returns.
+pub fn write_line(
+    out: &mut impl Write,
+    micros: u64,
+    level: Level,
+    cpu: usize,
+    args: fmt::Arguments<'_>,
+) -> fmt::Result {
+    writeln!(
+        out,
+        "[{:>4}.{:06} {:<5} cpu{}] {}",
+        micros / 1_000_000,
+        micros % 1_000_000,
+        level,
+        cpu,
+        args
+    )
+}
+
+/// A `log::Log` over a locked console.
+pub struct Logger<P: Platform> {
+    platform: P,
+    console: Mutex<Option<P::Console>>,
+    level: LevelFilter,
+}
+
+impl<P: Platform> Logger<P> {
+    /// A logger that drops records until [`Logger::attach`] gives it a console.
+    pub const fn new(platform: P, level: LevelFilter) -> Self {
+        Self {
+            platform,
+            console: Mutex::new(None),
+            level,
+        }
+    }
+
+    /// Gives the logger its console.
+    pub fn attach(&self, console: P::Console) {
+        *self.console.lock() = Some(console);
+    }
+
+    /// Whether a console is attached.
+    pub fn has_console(&self) -> bool {
+        self.console.try_lock().is_none_or(|c| c.is_some())
+    }
+
+    /// The maximum level this logger prints.
+    pub fn level(&self) -> LevelFilter {
+        self.level
+    }
+
+    /// Runs `f` on the console for a multi-line message (a fault report) that must not
+    /// be interleaved with other CPUs' lines. If the lock is held (the fault happened
+    /// while printing, or another CPU holds it), waits a bounded number of attempts and
+    /// then writes anyway: a report must never be lost to a deadlock.
+    pub fn with_console_forced(&self, f: impl FnOnce(&mut P::Console, u64, usize)) {
+        for _ in 0..1_000_000 {
+            if let Some(mut guard) = self.console.try_lock() {
+                if let Some(c) = guard.as_mut() {
+                    f(c, self.platform.micros(), self.platform.cpu());
+                }
+                return;
+            }
+            core::hint::spin_loop();
+        }
+        // The holder is stuck (a fault on this CPU while printing) or far slower than a
+        // million spins: steal the lock, a garbled line beats a hang.
+        // SAFETY: the only data behind the lock is the console driver, which holds just an
+        // MMIO address; concurrent use can interleave bytes but not break memory safety.
+        unsafe { self.console.force_unlock() };
+        if let Some(c) = self.console.lock().as_mut() {
+            f(c, self.platform.micros(), self.platform.cpu());
+        }
+    }
+}
+
+impl<P: Platform> Log for Logger<P> {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.level() <= self.level
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let cpu = self.platform.cpu();
+        let mut console = self.console.lock();
+        // Time is taken under the lock so the log's timestamps never go backwards.
+        let micros = self.platform.micros();
+        if let Some(c) = console.as_mut() {
+            // A console write error has nowhere to be reported.
+            let _ = write_line(c, micros, record.level(), cpu, *record.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::String;
+    use std::sync::{Arc, Mutex as StdMutex};
+
+    #[test]
+    fn line_format() {
+        let mut s = String::new();
+        write_line(
+            &mut s,
+            3_000_042,
+            Level::Info,
+            2,
+            format_args!("online, MPIDR {:#x}", 2),
+        )
+        .unwrap();
+        assert_eq!(s, "[   3.000042 INFO  cpu2] online, MPIDR 0x2\n");
+        s.clear();
+        write_line(&mut s, 0, Level::Error, 0, format_args!("x")).unwrap();
+        assert_eq!(s, "[   0.000000 ERROR cpu0] x\n");
+    }
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<StdMutex<String>>);
+
+    impl Write for Shared {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            self.0.lock().unwrap().push_str(s);
+            Ok(())
+        }
+    }
+
+    struct Fake;
+
+    impl Platform for Fake {
+        type Console = Shared;
+        fn cpu(&self) -> usize {
+            1
+        }
+        fn micros(&self) -> u64 {
+            1_500_000
+        }
+    }
+
+    #[test]
+    fn logger_filters_by_level_and_tags_the_cpu() {
+        let out = Shared::default();
+        let logger = Logger::new(Fake, LevelFilter::Info);
+        // Before a console is attached, records are dropped, not buffered or panicking.
+        logger.log(
+            &Record::builder()
+                .level(Level::Info)
+                .args(format_args!("early"))
+                .build(),
+        );
+        logger.attach(out.clone());
+        logger.log(
+            &Record::builder()
+                .level(Level::Debug)
+                .args(format_args!("hidden"))
+                .build(),
+        );
+        logger.log(
+            &Record::builder()
+                .level(Level::Warn)
+                .args(format_args!("shown"))
+                .build(),
+        );
+        assert_eq!(*out.0.lock().unwrap(), "[   1.500000 WARN  cpu1] shown\n");
+    }
+
+    #[test]
+    fn forced_console_works_even_when_locked() {
+        let out = Shared::default();
+        let logger = Logger::new(Fake, LevelFilter::Info);
+        logger.attach(out.clone());
+        let guard = logger.console.lock();
+        core::mem::forget(guard); // a CPU died while printing
+        logger.with_console_forced(|c, _, cpu| {
+            let _ = write!(c, "report from cpu{cpu}");
+        });
+        assert_eq!(*out.0.lock().unwrap(), "report from cpu1");
+    }
+}

@@ -1,0 +1,448 @@
+//! What the hypervisor learns from the device tree QEMU hands it in `x0`: RAM, CPUs,
+//! the PL011 console, the GIC and the PSCI firmware interface.
+//!
+//! Parsing uses the `fdt` crate and needs no heap (it runs before the heap exists), so
+//! every list has a fixed capacity. The device tree comes from the platform firmware
+//! (QEMU), not from a guest.
+
+use core::fmt;
+
+use fdt::node::FdtNode;
+use fdt::Fdt;
+
+/// Most RAM regions recorded.
+pub const MAX_MEMORY_REGIONS: usize = 8;
+
+/// Most CPUs recorded (one EL2 stack each in the boot crate).
+pub const MAX_CPUS: usize = boot::MAX_CPUS;
+
+/// A physical address range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Region {
+    /// First byte.
+    pub base: u64,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+impl Region {
+    /// A region from base and size.
+    #[must_use]
+    pub const fn new(base: u64, size: u64) -> Self {
+        Self { base, size }
+    }
+
+    /// One past the last byte (saturating).
+    #[must_use]
+    pub const fn end(&self) -> u64 {
+        self.base.saturating_add(self.size)
+    }
+
+    /// Whether `other` lies entirely inside `self`.
+    #[must_use]
+    pub const fn contains(&self, other: &Region) -> bool {
+        other.base >= self.base && other.end() <= self.end()
+    }
+
+    /// Whether the two regions share at least one byte.
+    #[must_use]
+    pub const fn overlaps(&self, other: &Region) -> bool {
+        self.base < other.end() && other.base < self.end()
+    }
+}
+
+impl fmt::Display for Region {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "[{:#010x}, {:#010x}) {:>7} KiB",
+            self.base,
+            self.end(),
+            self.size / 1024
+        )
+    }
+}
+
+/// How PSCI calls reach the firmware.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PsciConduit {
+    /// `SMC #0` (QEMU `virt` with `virtualization=on`).
+    Smc,
+    /// `HVC #0`.
+    Hvc,
+}
+
+/// The PSCI node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Psci {
+    /// The conduit (`method` property).
+    pub conduit: PsciConduit,
+    /// Whether the firmware implements PSCI 0.2 or later (standard function IDs,
+    /// SYSTEM_OFF); 0.1-only firmware has just the IDs in the node.
+    pub v0_2_or_later: bool,
+}
+
+/// The interrupt controller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gic {
+    /// 2 or 3.
+    pub version: u8,
+    /// GICD.
+    pub distributor: Region,
+    /// GICv3: the (first) redistributor region; GICv2: the CPU interface.
+    pub second: Region,
+}
+
+/// Everything the hypervisor needs from the device tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Platform {
+    /// Where the device tree itself lies (`totalsize` bytes from the header).
+    pub dtb: Region,
+    memory: [Region; MAX_MEMORY_REGIONS],
+    memory_count: usize,
+    cpus: [u64; MAX_CPUS],
+    cpu_count: usize,
+    /// CPUs present in the tree beyond [`MAX_CPUS`] (not brought up).
+    pub cpus_ignored: usize,
+    /// The PL011 console (the `/chosen` `stdout-path` node if it is a PL011, otherwise
+    /// the first `arm,pl011` node).
+    pub uart: Option<Region>,
+    /// The GIC.
+    pub gic: Option<Gic>,
+    /// PSCI.
+    pub psci: Option<Psci>,
+}
+
+/// Why the device tree could not be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlatformError {
+    /// The blob is not a valid flattened device tree (bad magic, truncated, ...).
+    BadHeader,
+    /// No `device_type = "memory"` node with a usable `reg`.
+    NoMemory,
+    /// More RAM regions than [`MAX_MEMORY_REGIONS`].
+    TooManyMemoryRegions,
+    /// No `/cpus/cpu@*` node.
+    NoCpus,
+    /// A CPU node's `reg` is missing or not 1 or 2 cells.
+    BadCpuReg,
+    /// A device node's `reg` is missing or malformed.
+    BadReg(&'static str),
+}
+
+impl fmt::Display for PlatformError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadHeader => f.write_str("not a valid flattened device tree"),
+            Self::NoMemory => f.write_str("no memory node"),
+            Self::TooManyMemoryRegions => {
+                write!(f, "more than {MAX_MEMORY_REGIONS} memory regions")
+            }
+            Self::NoCpus => f.write_str("no CPU nodes under /cpus"),
+            Self::BadCpuReg => f.write_str("a CPU node has a malformed reg"),
+            Self::BadReg(node) => write!(f, "node {node} has a malformed reg"),
+        }
+    }
+}
+
+impl Platform {
+    /// Parses a flattened device tree.
+    ///
+    /// # Errors
+    ///
+    /// [`PlatformError`] when the blob is invalid or lacks RAM or CPUs. A missing UART,
+    /// GIC or PSCI node is not an error here (the fields are `None`).
+    pub fn parse(blob: &[u8]) -> Result<Self, PlatformError> {
+        let fdt = Fdt::new(blob).map_err(|_| PlatformError::BadHeader)?;
+        let mut platform = Platform {
+            dtb: Region::new(blob.as_ptr() as u64, fdt.total_size() as u64),
+            memory: [Region::default(); MAX_MEMORY_REGIONS],
+            memory_count: 0,
+            cpus: [0; MAX_CPUS],
+            cpu_count: 0,
+            cpus_ignored: 0,
+            uart: None,
+            gic: None,
+            psci: None,
+        };
+        platform.parse_memory(&fdt)?;
+        platform.parse_cpus(&fdt)?;
+        platform.uart = find_uart(&fdt)?;
+        platform.gic = find_gic(&fdt)?;
+        platform.psci = find_psci(&fdt);
+        Ok(platform)
+    }
+
+    /// Parses the device tree at physical address `addr`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Platform::parse`].
+    ///
+    /// # Safety
+    ///
+    /// `addr` must point to readable memory holding at least a device tree header and
+    /// then `totalsize` readable bytes; the memory must stay unchanged while the result
+    /// is used to read it (the returned value itself holds no references).
+    pub unsafe fn parse_at(addr: u64) -> Result<Self, PlatformError> {
+        const HEADER: usize = 40;
+        // SAFETY: the caller guarantees a readable header at `addr`.
+        let header = unsafe { core::slice::from_raw_parts(addr as *const u8, HEADER) };
+        let magic = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        let total = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        if magic != 0xd00d_feed || total < HEADER {
+            return Err(PlatformError::BadHeader);
+        }
+        // SAFETY: the caller guarantees `totalsize` readable bytes at `addr`.
+        let blob = unsafe { core::slice::from_raw_parts(addr as *const u8, total) };
+        Self::parse(blob)
+    }
+
+    /// The RAM regions, in device-tree order.
+    #[must_use]
+    pub fn memory(&self) -> &[Region] {
+        &self.memory[..self.memory_count]
+    }
+
+    /// The MPIDR affinity value (the `reg` of each `/cpus/cpu@*` node) of every CPU, in
+    /// device-tree order.
+    #[must_use]
+    pub fn cpus(&self) -> &[u64] {
+        &self.cpus[..self.cpu_count]
+    }
+
+    /// The RAM region containing `region`, if any.
+    #[must_use]
+    pub fn ram_containing(&self, region: &Region) -> Option<Region> {
+        self.memory().iter().copied().find(|r| r.contains(region))
+    }
+
+    fn parse_memory(&mut self, fdt: &Fdt<'_>) -> Result<(), PlatformError> {
+        for node in fdt.all_nodes() {
+            let is_memory = node
+                .property("device_type")
+                .and_then(|p| p.as_str())
+                .is_some_and(|t| t == "memory");
+            if !is_memory {
+                continue;
+            }
+            let Some(regs) = node.reg() else { continue };
+            for reg in regs {
+                let size = reg.size.unwrap_or(0) as u64;
+                if size == 0 {
+                    continue;
+                }
+                if self.memory_count == MAX_MEMORY_REGIONS {
+                    return Err(PlatformError::TooManyMemoryRegions);
+                }
+                self.memory[self.memory_count] = Region::new(reg.starting_address as u64, size);
+                self.memory_count += 1;
+            }
+        }
+        if self.memory_count == 0 {
+            return Err(PlatformError::NoMemory);
+        }
+        Ok(())
+    }
+
+    fn parse_cpus(&mut self, fdt: &Fdt<'_>) -> Result<(), PlatformError> {
+        let Some(cpus) = fdt.find_node("/cpus") else {
+            return Err(PlatformError::NoCpus);
+        };
+        for node in cpus.children() {
+            let is_cpu = node
+                .property("device_type")
+                .and_then(|p| p.as_str())
+                .is_some_and(|t| t == "cpu");
+            if !is_cpu {
+                continue;
+            }
+            let reg = node.property("reg").ok_or(PlatformError::BadCpuReg)?;
+            let mpidr = match reg.value.len() {
+                4 => u64::from(u32::from_be_bytes(
+                    reg.value.try_into().map_err(|_| PlatformError::BadCpuReg)?,
+                )),
+                8 => {
+                    u64::from_be_bytes(reg.value.try_into().map_err(|_| PlatformError::BadCpuReg)?)
+                }
+                _ => return Err(PlatformError::BadCpuReg),
+            };
+            if self.cpu_count == MAX_CPUS {
+                self.cpus_ignored += 1;
+                continue;
+            }
+            self.cpus[self.cpu_count] = mpidr;
+            self.cpu_count += 1;
+        }
+        if self.cpu_count == 0 {
+            return Err(PlatformError::NoCpus);
+        }
+        Ok(())
+    }
+}
+
+/// The first `reg` entry of a node.
+fn first_reg(node: FdtNode<'_, '_>, name: &'static str) -> Result<Region, PlatformError> {
+    let reg = node
+        .reg()
+        .and_then(|mut r| r.next())
+        .ok_or(PlatformError::BadReg(name))?;
+    let size = reg.size.ok_or(PlatformError::BadReg(name))? as u64;
+    Ok(Region::new(reg.starting_address as u64, size))
+}
+
+fn is_compatible(node: FdtNode<'_, '_>, compatible: &str) -> bool {
+    node.compatible()
+        .is_some_and(|c| c.all().any(|s| s == compatible))
+}
+
+fn find_uart(fdt: &Fdt<'_>) -> Result<Option<Region>, PlatformError> {
+    let stdout = fdt
+        .find_node("/chosen")
+        .and_then(|c| c.property("stdout-path"))
+        .and_then(|p| p.as_str())
+        .map(|path| path.split(':').next().unwrap_or(path))
+        .and_then(|path| fdt.find_node(path))
+        .filter(|node| is_compatible(*node, "arm,pl011"));
+    match stdout.or_else(|| fdt.find_compatible(&["arm,pl011"])) {
+        Some(node) => first_reg(node, "pl011").map(Some),
+        None => Ok(None),
+    }
+}
+
+fn find_gic(fdt: &Fdt<'_>) -> Result<Option<Gic>, PlatformError> {
+    let Some(node) = fdt.find_compatible(&["arm,gic-v3", "arm,cortex-a15-gic", "arm,gic-400"])
+    else {
+        return Ok(None);
+    };
+    let version = if is_compatible(node, "arm,gic-v3") {
+        3
+    } else {
+        2
+    };
+    let mut regs = node.reg().ok_or(PlatformError::BadReg("gic"))?;
+    let mut next = || -> Result<Region, PlatformError> {
+        let r = regs.next().ok_or(PlatformError::BadReg("gic"))?;
+        Ok(Region::new(
+            r.starting_address as u64,
+            r.size.ok_or(PlatformError::BadReg("gic"))? as u64,
+        ))
+    };
+    let distributor = next()?;
+    let second = next()?;
+    Ok(Some(Gic {
+        version,
+        distributor,
+        second,
+    }))
+}
+
+fn find_psci(fdt: &Fdt<'_>) -> Option<Psci> {
+    let node = fdt.find_compatible(&["arm,psci-1.0", "arm,psci-0.2", "arm,psci"])?;
+    let conduit = match node.property("method").and_then(|p| p.as_str()) {
+        Some("smc") => PsciConduit::Smc,
+        Some("hvc") => PsciConduit::Hvc,
+        _ => return None,
+    };
+    let v0_2_or_later = is_compatible(node, "arm,psci-0.2") || is_compatible(node, "arm,psci-1.0");
+    Some(Psci {
+        conduit,
+        v0_2_or_later,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Dumped from QEMU 7.2 with `-machine virt,virtualization=on,gic-version=3,dumpdtb=...`
+    // and packed with `dtc -I dtb -O dtb`.
+    const SMP4: &[u8] = include_bytes!("../tests/fixtures/virt-gicv3-a57-smp4-2g.dtb");
+    const SMP1: &[u8] = include_bytes!("../tests/fixtures/virt-gicv3-max-smp1-512m.dtb");
+
+    fn parse(blob: &[u8]) -> Platform {
+        match Platform::parse(blob) {
+            Ok(p) => p,
+            Err(e) => panic!("fixture does not parse: {e}"),
+        }
+    }
+
+    #[test]
+    fn qemu_virt_four_cpus() {
+        let p = parse(SMP4);
+        assert_eq!(p.memory(), &[Region::new(0x4000_0000, 2 << 30)]);
+        assert_eq!(p.cpus(), &[0, 1, 2, 3]);
+        assert_eq!(p.cpus_ignored, 0);
+        assert_eq!(p.uart, Some(Region::new(0x0900_0000, 0x1000)));
+        assert_eq!(
+            p.gic,
+            Some(Gic {
+                version: 3,
+                distributor: Region::new(0x0800_0000, 0x1_0000),
+                second: Region::new(0x080a_0000, 0xf6_0000),
+            })
+        );
+        assert_eq!(
+            p.psci,
+            Some(Psci {
+                conduit: PsciConduit::Smc,
+                v0_2_or_later: true
+            })
+        );
+        assert_eq!(p.dtb.size, SMP4.len() as u64);
+    }
+
+    #[test]
+    fn qemu_virt_one_cpu_less_ram() {
+        let p = parse(SMP1);
+        assert_eq!(p.memory(), &[Region::new(0x4000_0000, 512 << 20)]);
+        assert_eq!(p.cpus(), &[0]);
+    }
+
+    #[test]
+    fn ram_containing() {
+        let p = parse(SMP4);
+        let inside = Region::new(0x4020_0000, 0x10_0000);
+        assert_eq!(
+            p.ram_containing(&inside),
+            Some(Region::new(0x4000_0000, 2 << 30))
+        );
+        assert_eq!(p.ram_containing(&Region::new(0x3fff_f000, 0x2000)), None);
+        assert_eq!(p.ram_containing(&Region::new(0xc000_0000, 0x1000)), None);
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert_eq!(Platform::parse(&[0u8; 64]), Err(PlatformError::BadHeader));
+        assert_eq!(Platform::parse(&SMP4[..20]), Err(PlatformError::BadHeader));
+        let mut bad_magic = SMP4.to_vec();
+        bad_magic[0] ^= 0xff;
+        assert_eq!(Platform::parse(&bad_magic), Err(PlatformError::BadHeader));
+    }
+
+    #[test]
+    fn parse_at_reads_totalsize_from_the_header() {
+        // Copy into a larger buffer: only `totalsize` bytes may be used.
+        let mut buf = SMP4.to_vec();
+        buf.extend_from_slice(&[0xaa; 256]);
+        // SAFETY: `buf` is readable for its whole length, which covers the header and
+        // `totalsize`.
+        let p = unsafe { Platform::parse_at(buf.as_ptr() as u64) };
+        assert_eq!(p.map(|p| p.dtb.size), Ok(SMP4.len() as u64));
+        let zeros = [0u8; 64];
+        // SAFETY: 64 readable bytes cover the header; the magic check fails first.
+        let bad = unsafe { Platform::parse_at(zeros.as_ptr() as u64) };
+        assert_eq!(bad, Err(PlatformError::BadHeader));
+    }
+
+    #[test]
+    fn region_arithmetic() {
+        let a = Region::new(0x1000, 0x2000);
+        assert_eq!(a.end(), 0x3000);
+        assert!(a.contains(&Region::new(0x1000, 0x2000)));
+        assert!(!a.contains(&Region::new(0x2000, 0x2000)));
+        assert!(a.overlaps(&Region::new(0x2fff, 1)));
+        assert!(!a.overlaps(&Region::new(0x3000, 1)));
+        assert_eq!(Region::new(u64::MAX - 1, 10).end(), u64::MAX);
+    }
+}

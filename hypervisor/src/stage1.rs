@@ -1,0 +1,334 @@
+//! The hypervisor's own stage-1 (EL2) address space, as a list of identity mappings with
+//! their permissions. Building the list is plain logic (tested here); the start-up code
+//! hands each entry to the `mmu` crate.
+//!
+//! Policy: text is read+execute, rodata read-only, everything writable is execute-never,
+//! devices are Device-nGnRE and execute-never, and no mapping is writable and executable.
+
+use alloc::vec::Vec;
+use core::fmt;
+
+use boot::ImageLayout;
+
+use crate::layout::HypMemory;
+use crate::platform::{Platform, Region};
+
+/// Access permissions of a hypervisor mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Read and execute (code).
+    ReadExecute,
+    /// Read only, execute-never.
+    ReadOnly,
+    /// Read and write, execute-never.
+    ReadWrite,
+}
+
+impl Access {
+    /// Writable?
+    #[must_use]
+    pub const fn writable(self) -> bool {
+        matches!(self, Self::ReadWrite)
+    }
+
+    /// Executable?
+    #[must_use]
+    pub const fn executable(self) -> bool {
+        matches!(self, Self::ReadExecute)
+    }
+}
+
+/// Memory type of a mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Memory {
+    /// Normal memory, inner and outer write-back cacheable, inner shareable.
+    Normal,
+    /// Device-nGnRE.
+    Device,
+}
+
+/// One identity mapping of the hypervisor's address space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// What it is, for the log.
+    pub name: &'static str,
+    /// The physical (= virtual) range, page aligned.
+    pub region: Region,
+    /// Permissions.
+    pub access: Access,
+    /// Memory type.
+    pub memory: Memory,
+}
+
+impl fmt::Display for Mapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let perms = match self.access {
+            Access::ReadExecute => "R-X",
+            Access::ReadOnly => "R--",
+            Access::ReadWrite => "RW-",
+        };
+        let mem = match self.memory {
+            Memory::Normal => "normal",
+            Memory::Device => "device-nGnRE",
+        };
+        write!(f, "{:<10} {} {perms} {mem}", self.name, self.region)
+    }
+}
+
+/// Why the mapping list is inconsistent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanError {
+    /// A region is not page aligned.
+    Misaligned(&'static str),
+    /// Two regions overlap.
+    Overlap(&'static str, &'static str),
+}
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Misaligned(n) => write!(f, "mapping {n} is not page aligned"),
+            Self::Overlap(a, b) => write!(f, "mappings {a} and {b} overlap"),
+        }
+    }
+}
+
+const PAGE: u64 = crate::layout::PAGE_SIZE;
+
+const fn page_range(base: u64, end: u64) -> Region {
+    let base = base & !(PAGE - 1);
+    let end = (end + PAGE - 1) & !(PAGE - 1);
+    Region::new(base, end - base)
+}
+
+/// The hypervisor's mappings: its image by section, heap, page-table frames, the device
+/// tree, the RAM above the hypervisor (read-write, execute-never, for loading and
+/// scrubbing guest memory) and the devices it drives (UART, GIC).
+///
+/// # Errors
+///
+/// [`PlanError`] if two mappings overlap or one is not page aligned.
+pub fn plan(
+    image: &ImageLayout,
+    mem: &HypMemory,
+    platform: &Platform,
+) -> Result<Vec<Mapping>, PlanError> {
+    let mut maps = Vec::new();
+    let mut add = |name, region: Region, access, memory| {
+        if region.size > 0 {
+            maps.push(Mapping {
+                name,
+                region,
+                access,
+                memory,
+            });
+        }
+    };
+    add(
+        "text",
+        Region::new(image.text_start, image.text_end - image.text_start),
+        Access::ReadExecute,
+        Memory::Normal,
+    );
+    add(
+        "rodata",
+        Region::new(image.text_end, image.rodata_end - image.text_end),
+        Access::ReadOnly,
+        Memory::Normal,
+    );
+    add(
+        "data+bss",
+        Region::new(image.rodata_end, image.data_end - image.rodata_end),
+        Access::ReadWrite,
+        Memory::Normal,
+    );
+    add(
+        "stacks",
+        Region::new(image.data_end, image.image_end - image.data_end),
+        Access::ReadWrite,
+        Memory::Normal,
+    );
+    add("heap", mem.heap, Access::ReadWrite, Memory::Normal);
+    add("pt-frames", mem.frames, Access::ReadWrite, Memory::Normal);
+    let dtb = page_range(platform.dtb.base, platform.dtb.end());
+    add("dtb", dtb, Access::ReadOnly, Memory::Normal);
+    // RAM outside the hypervisor's own memory and the device tree.
+    let own_end = mem.frames.end().max(mem.heap.end());
+    for bank in platform.memory() {
+        let mut start = bank.base.max(own_end);
+        if bank.end() <= start {
+            continue;
+        }
+        if dtb.overlaps(&Region::new(start, bank.end() - start)) {
+            if dtb.base > start {
+                add(
+                    "ram",
+                    Region::new(start, dtb.base - start),
+                    Access::ReadWrite,
+                    Memory::Normal,
+                );
+            }
+            start = dtb.end();
+        }
+        if bank.end() > start {
+            add(
+                "ram",
+                Region::new(start, bank.end() - start),
+                Access::ReadWrite,
+                Memory::Normal,
+            );
+        }
+    }
+    if let Some(uart) = platform.uart {
+        add(
+            "uart",
+            page_range(uart.base, uart.end()),
+            Access::ReadWrite,
+            Memory::Device,
+        );
+    }
+    if let Some(gic) = platform.gic {
+        add(
+            "gicd",
+            page_range(gic.distributor.base, gic.distributor.end()),
+            Access::ReadWrite,
+            Memory::Device,
+        );
+        add(
+            if gic.version == 3 { "gicr" } else { "gicc" },
+            page_range(gic.second.base, gic.second.end()),
+            Access::ReadWrite,
+            Memory::Device,
+        );
+    }
+    check(&maps)?;
+    Ok(maps)
+}
+
+/// Checks the policy on a list of mappings.
+///
+/// # Errors
+///
+/// The first violation found.
+pub fn check(maps: &[Mapping]) -> Result<(), PlanError> {
+    for (i, m) in maps.iter().enumerate() {
+        if m.region.base % PAGE != 0 || m.region.size % PAGE != 0 {
+            return Err(PlanError::Misaligned(m.name));
+        }
+        if let Some(o) = maps[i + 1..].iter().find(|o| o.region.overlaps(&m.region)) {
+            return Err(PlanError::Overlap(m.name, o.name));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout;
+
+    const SMP4: &[u8] = include_bytes!("../tests/fixtures/virt-gicv3-a57-smp4-2g.dtb");
+
+    fn image() -> ImageLayout {
+        ImageLayout {
+            text_start: 0x4020_0000,
+            text_end: 0x4021_3000,
+            rodata_end: 0x4021_8000,
+            data_end: 0x4022_0000,
+            image_end: 0x402a_0000,
+        }
+    }
+
+    fn platform_with_dtb_at(base: u64) -> Platform {
+        let mut p = Platform::parse(SMP4).unwrap();
+        p.dtb = Region::new(base, SMP4.len() as u64);
+        p
+    }
+
+    fn mem(p: &Platform) -> HypMemory {
+        let img = image();
+        layout::plan(
+            Region::new(img.text_start, img.image_end - img.text_start),
+            p.memory(),
+            p.dtb,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn sections_get_their_permissions() {
+        let p = platform_with_dtb_at(layout::HYP_RAM_END);
+        let maps = plan(&image(), &mem(&p), &p).unwrap();
+        let find = |name| maps.iter().find(|m| m.name == name).copied().unwrap();
+        assert_eq!(find("text").access, Access::ReadExecute);
+        assert_eq!(find("text").region, Region::new(0x4020_0000, 0x13000));
+        assert_eq!(find("rodata").access, Access::ReadOnly);
+        assert_eq!(find("data+bss").access, Access::ReadWrite);
+        assert_eq!(find("stacks").access, Access::ReadWrite);
+        assert_eq!(find("dtb").access, Access::ReadOnly);
+        assert_eq!(find("uart").memory, Memory::Device);
+        assert_eq!(find("gicd").memory, Memory::Device);
+        assert_eq!(find("gicr").region, Region::new(0x080a_0000, 0xf6_0000));
+        // Exactly one executable mapping, and it is the text.
+        let exec: Vec<_> = maps.iter().filter(|m| m.access.executable()).collect();
+        assert_eq!(exec.len(), 1);
+        assert_eq!(exec[0].name, "text");
+    }
+
+    #[test]
+    fn ram_around_the_dtb_is_split() {
+        let p = platform_with_dtb_at(layout::HYP_RAM_END);
+        let maps = plan(&image(), &mem(&p), &p).unwrap();
+        let ram: Vec<_> = maps
+            .iter()
+            .filter(|m| m.name == "ram")
+            .map(|m| m.region)
+            .collect();
+        // QEMU puts the DTB at the start of the RAM above the hypervisor: one RAM range
+        // after it, up to the end of RAM.
+        assert_eq!(ram.len(), 1);
+        assert_eq!(ram[0].base, layout::HYP_RAM_END + 0x2000);
+        assert_eq!(ram[0].end(), 0x4000_0000 + (2 << 30));
+        let dtb_higher = platform_with_dtb_at(0x6000_0000);
+        let maps = plan(&image(), &mem(&dtb_higher), &dtb_higher).unwrap();
+        let ram: Vec<_> = maps
+            .iter()
+            .filter(|m| m.name == "ram")
+            .map(|m| m.region)
+            .collect();
+        assert_eq!(
+            ram,
+            [
+                Region::new(layout::HYP_RAM_END, 0x6000_0000 - layout::HYP_RAM_END),
+                Region::new(0x6000_2000, 0xc000_0000 - 0x6000_2000)
+            ]
+        );
+    }
+
+    #[test]
+    fn policy_violations_are_reported() {
+        let m = |name, base, access| Mapping {
+            name,
+            region: Region::new(base, PAGE),
+            access,
+            memory: Memory::Normal,
+        };
+        assert_eq!(
+            check(&[
+                m("a", 0x1000, Access::ReadOnly),
+                m("b", 0x1000, Access::ReadOnly)
+            ]),
+            Err(PlanError::Overlap("a", "b"))
+        );
+        assert_eq!(
+            check(&[m("a", 0x1800, Access::ReadOnly)]),
+            Err(PlanError::Misaligned("a"))
+        );
+        assert!(check(&[
+            m("a", 0x1000, Access::ReadExecute),
+            m("b", 0x2000, Access::ReadWrite)
+        ])
+        .is_ok());
+        assert!(!Access::ReadWrite.executable() && !Access::ReadExecute.writable());
+    }
+}

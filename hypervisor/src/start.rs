@@ -1,0 +1,326 @@
+//! Start-up of the hypervisor on the bare-metal target: console and logger, device tree,
+//! heap, page-table frames, the hypervisor's own stage 1, secondary CPUs, and the fatal
+//! paths (unexpected EL2 exception, panic) that stop the machine with a failing status.
+
+use core::fmt::Write;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use aarch64_cpu::registers::{
+    CurrentEL, Readable, Writeable, CNTFRQ_EL0, CNTPCT_EL0, HCR_EL2, MIDR_EL1, MPIDR_EL1,
+    SCTLR_EL2, TPIDR_EL2,
+};
+use buddy_system_allocator::LockedHeap;
+use log::{error, info, warn, LevelFilter};
+use smccc::{psci, Hvc, Smc};
+use spin::{Mutex, Once};
+
+use boot::{exit_status, ExceptionFrame, ExceptionKind, ExceptionSource};
+
+use crate::frames::FramePool;
+use crate::layout::{self, HypMemory};
+use crate::logger::{self, Logger};
+use crate::pl011::Pl011;
+use crate::platform::{Platform, PsciConduit, Region};
+use crate::{report, stage1};
+
+/// How long the primary CPU waits for all secondaries to report online.
+const SECONDARY_TIMEOUT_MS: u64 = 2000;
+
+/// MPIDR_EL1 affinity fields Aff3 \[39:32\] and Aff2..Aff0 \[23:0\] (what PSCI and the
+/// device tree's CPU `reg` use).
+const MPIDR_AFFINITY_MASK: u64 = 0xff_00ff_ffff;
+
+#[global_allocator]
+static HEAP: LockedHeap<32> = LockedHeap::empty();
+
+/// The hardware side of the logger: CPU index from `TPIDR_EL2` (set by the boot code),
+/// time from the generic timer.
+pub struct Hw;
+
+static BOOT_TICKS: AtomicU64 = AtomicU64::new(0);
+
+impl logger::Platform for Hw {
+    type Console = Pl011;
+
+    fn cpu(&self) -> usize {
+        cpu_index()
+    }
+
+    fn micros(&self) -> u64 {
+        let ticks = CNTPCT_EL0
+            .get()
+            .wrapping_sub(BOOT_TICKS.load(Ordering::Relaxed));
+        let freq = CNTFRQ_EL0.get().max(1);
+        (u128::from(ticks) * 1_000_000 / u128::from(freq)) as u64
+    }
+}
+
+static LOGGER: Logger<Hw> = Logger::new(Hw, LevelFilter::Info);
+
+/// The page-table frame pool, shared by the hypervisor's stage 1 and the guests' stage 2.
+pub static FRAMES: Once<Mutex<FramePool>> = Once::new();
+
+static PSCI_CONDUIT: Once<PsciConduit> = Once::new();
+static CPUS_ONLINE: AtomicUsize = AtomicUsize::new(0);
+static CPU_MPIDR: [AtomicU64; boot::MAX_CPUS] =
+    [const { AtomicU64::new(u64::MAX) }; boot::MAX_CPUS];
+static IN_FATAL: [AtomicBool; boot::MAX_CPUS] = [const { AtomicBool::new(false) }; boot::MAX_CPUS];
+
+/// What start-up established, handed to the code that creates and runs VMs.
+#[derive(Debug)]
+pub struct Machine {
+    /// The parsed device tree.
+    pub platform: Platform,
+    /// The hypervisor's own memory.
+    pub memory: HypMemory,
+    /// Number of CPUs online (including the primary).
+    pub cpus_online: usize,
+}
+
+/// The calling CPU's index (0 = the primary), as the boot code stored it in `TPIDR_EL2`.
+#[must_use]
+pub fn cpu_index() -> usize {
+    TPIDR_EL2.get() as usize
+}
+
+/// The MPIDR affinity of the CPU with index `cpu`, once it is known.
+#[must_use]
+pub fn cpu_mpidr(cpu: usize) -> Option<u64> {
+    CPU_MPIDR
+        .get(cpu)
+        .map(|m| m.load(Ordering::Acquire))
+        .filter(|&m| m != u64::MAX)
+}
+
+/// Brings the primary CPU from the boot code to the point where VMs can be created:
+/// everything is logged, every CPU is online.
+pub fn primary(dtb: usize) -> Machine {
+    BOOT_TICKS.store(CNTPCT_EL0.get(), Ordering::Relaxed);
+    // Not a VHE host: plain EL2 with an AArch64 EL1 below (the VM code adds its own bits).
+    HCR_EL2.write(HCR_EL2::RW::EL1IsAarch64);
+
+    // SAFETY: QEMU passes the physical address of a device tree in x0 and the MMU is off,
+    // so the address is directly usable; nothing writes the blob.
+    let platform = match unsafe { Platform::parse_at(dtb as u64) } {
+        Ok(p) => p,
+        Err(_) => early_failure(c"twostage: unusable device tree in x0\n"),
+    };
+    let Some(uart) = platform.uart else {
+        early_failure(c"twostage: no PL011 in the device tree\n");
+    };
+    // SAFETY: the device tree names this PL011; the MMU is off (device accesses) and the
+    // stage-1 tables map it Device-nGnRE before the MMU goes on.
+    LOGGER.attach(unsafe { Pl011::new(uart.base as usize) });
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(LOGGER.level());
+    }
+
+    let el = CurrentEL.read(CurrentEL::EL);
+    let mpidr = MPIDR_EL1.get() & MPIDR_AFFINITY_MASK;
+    info!("twostage hypervisor starting");
+    info!(
+        "running at EL{el}, MPIDR {mpidr:#x}, MIDR {:#x}",
+        MIDR_EL1.get()
+    );
+    info!(
+        "device tree at {:#x}, {} bytes",
+        platform.dtb.base, platform.dtb.size
+    );
+    for r in platform.memory() {
+        info!("memory: {r}");
+    }
+    info!(
+        "cpus: {} found, MPIDRs {:x?}",
+        platform.cpus().len(),
+        platform.cpus()
+    );
+    if platform.cpus_ignored > 0 {
+        warn!(
+            "cpus: {} beyond the first {} are not used",
+            platform.cpus_ignored,
+            boot::MAX_CPUS
+        );
+    }
+    info!("uart: pl011 {uart}");
+    match platform.gic {
+        Some(g) => info!(
+            "gic: v{} distributor {} second {}",
+            g.version, g.distributor, g.second
+        ),
+        None => warn!("gic: none in the device tree"),
+    }
+    let Some(psci) = platform.psci else {
+        fatal(format_args!("no usable PSCI node"))
+    };
+    info!(
+        "psci: conduit {:?}, 0.2 or later: {}",
+        psci.conduit, psci.v0_2_or_later
+    );
+    PSCI_CONDUIT.call_once(|| psci.conduit);
+
+    let image = boot::image_layout();
+    let image_region = Region::new(image.text_start, image.image_end - image.text_start);
+    let memory = layout::plan(image_region, platform.memory(), platform.dtb)
+        .unwrap_or_else(|e| fatal(format_args!("memory layout: {e}")));
+    info!("hypervisor image: {}", memory.image);
+    // SAFETY: the heap range lies in RAM after the image, is used by nothing else, and
+    // stays reserved for the heap for the whole run.
+    unsafe {
+        HEAP.lock()
+            .init(memory.heap.base as usize, memory.heap.size as usize)
+    };
+    info!("heap: {}", memory.heap);
+    let pool = FRAMES.call_once(|| Mutex::new(FramePool::new(memory.frames)));
+    info!(
+        "page-table frames: {} ({} frames)",
+        memory.frames,
+        pool.lock().capacity()
+    );
+
+    let maps = stage1::plan(&image, &memory, &platform)
+        .unwrap_or_else(|e| fatal(format_args!("stage 1 plan: {e}")));
+    for m in &maps {
+        info!("stage 1: {m}");
+    }
+    warn!("stage 1: MMU stays off (tables are not built yet)");
+
+    CPU_MPIDR[0].store(mpidr, Ordering::Release);
+    CPUS_ONLINE.store(1, Ordering::Release);
+    info!("cpu0 online: MPIDR {mpidr:#x}, MMU {}", mmu_state());
+    let cpus_online = start_secondaries(&platform, mpidr);
+    Machine {
+        platform,
+        memory,
+        cpus_online,
+    }
+}
+
+fn mmu_state() -> &'static str {
+    if SCTLR_EL2.is_set(SCTLR_EL2::M) {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// Starts every other CPU with PSCI CPU_ON and waits until all are online.
+fn start_secondaries(platform: &Platform, boot_mpidr: u64) -> usize {
+    let entry = boot::secondary_entry_address();
+    let mut expected = 1;
+    let others = platform.cpus().iter().copied().filter(|&m| m != boot_mpidr);
+    for (index, mpidr) in (1..).zip(others) {
+        CPU_MPIDR[index].store(mpidr, Ordering::Release);
+        match psci_cpu_on(mpidr, entry, index as u64) {
+            Ok(()) => expected += 1,
+            Err(e) => error!("cpu{index} (MPIDR {mpidr:#x}): CPU_ON failed: {e:?}"),
+        }
+    }
+    let freq = CNTFRQ_EL0.get();
+    let deadline = CNTPCT_EL0.get() + freq * SECONDARY_TIMEOUT_MS / 1000;
+    while CPUS_ONLINE.load(Ordering::Acquire) < expected && CNTPCT_EL0.get() < deadline {
+        core::hint::spin_loop();
+    }
+    let online = CPUS_ONLINE.load(Ordering::Acquire);
+    if online != platform.cpus().len() {
+        fatal(format_args!(
+            "only {online} of {} CPUs came online within {SECONDARY_TIMEOUT_MS} ms",
+            platform.cpus().len()
+        ));
+    }
+    info!("all {online} CPUs online");
+    online
+}
+
+fn psci_cpu_on(mpidr: u64, entry: u64, context: u64) -> Result<(), psci::error::Error> {
+    match PSCI_CONDUIT.get() {
+        Some(PsciConduit::Hvc) => psci::cpu_on::<Hvc>(mpidr, entry, context),
+        _ => psci::cpu_on::<Smc>(mpidr, entry, context),
+    }
+}
+
+/// Runs on each secondary CPU after the boot code set up its stack (and MMU, once the
+/// primary publishes its tables).
+pub fn secondary(cpu: usize) {
+    let mpidr = MPIDR_EL1.get() & MPIDR_AFFINITY_MASK;
+    HCR_EL2.write(HCR_EL2::RW::EL1IsAarch64);
+    info!("cpu{cpu} online: MPIDR {mpidr:#x}, MMU {}", mmu_state());
+    CPUS_ONLINE.fetch_add(1, Ordering::AcqRel);
+}
+
+/// Parks the calling CPU (until the VM code gives it work).
+pub fn park() -> ! {
+    loop {
+        aarch64_cpu::asm::wfe();
+    }
+}
+
+/// Powers the machine off with PSCI SYSTEM_OFF (QEMU exits with status 0).
+pub fn power_off() -> ! {
+    info!("powering off");
+    let result = match PSCI_CONDUIT.get() {
+        Some(PsciConduit::Hvc) => psci::system_off::<Hvc>(),
+        _ => psci::system_off::<Smc>(),
+    };
+    fatal(format_args!("PSCI SYSTEM_OFF returned {result:?}"))
+}
+
+/// Logs a start-up error and stops the machine with a failing status.
+pub fn fatal(args: core::fmt::Arguments<'_>) -> ! {
+    error!("fatal: {args}");
+    boot::semihosting_exit(exit_status::STARTUP)
+}
+
+fn early_failure(msg: &core::ffi::CStr) -> ! {
+    boot::semihosting_write0(msg);
+    boot::semihosting_exit(exit_status::STARTUP)
+}
+
+/// Marks the calling CPU as in a fatal path; if it already was (a fault while reporting
+/// a fault, e.g. semihosting not enabled), halts it instead of recursing.
+fn enter_fatal(cpu: usize) {
+    let nested = IN_FATAL
+        .get(cpu)
+        .is_none_or(|f| f.swap(true, Ordering::AcqRel));
+    if nested {
+        park();
+    }
+}
+
+/// The handler for exceptions EL2 takes from itself: none is expected, so it prints the
+/// report and stops the machine with a failing status.
+pub fn el2_exception(frame: &mut ExceptionFrame, source: ExceptionSource, kind: ExceptionKind) {
+    let cpu = cpu_index();
+    enter_fatal(cpu);
+    if LOGGER.has_console() {
+        LOGGER.with_console_forced(|c, _, cpu| {
+            let _ = report::write_exception(c, cpu, frame, source, kind);
+            let _ = writeln!(
+                c,
+                "*** stopping the machine (exit status {})",
+                exit_status::EL2_EXCEPTION
+            );
+        });
+    } else {
+        boot::semihosting_write0(c"twostage: unexpected EL2 exception before the console was up\n");
+    }
+    boot::semihosting_exit(exit_status::EL2_EXCEPTION)
+}
+
+/// The panic path: report, then stop the machine with a failing status.
+pub fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    let cpu = cpu_index();
+    enter_fatal(cpu);
+    if LOGGER.has_console() {
+        LOGGER.with_console_forced(|c, _, cpu| {
+            let _ = report::write_panic(c, cpu, info);
+            let _ = writeln!(
+                c,
+                "*** stopping the machine (exit status {})",
+                exit_status::PANIC
+            );
+        });
+    } else {
+        boot::semihosting_write0(c"twostage: panic before the console was up\n");
+    }
+    boot::semihosting_exit(exit_status::PANIC)
+}
