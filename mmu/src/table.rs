@@ -424,6 +424,11 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         };
         let mut bbm = false;
 
+        // A new level-3 table needs no frames and cannot conflict.
+        if DRY && level == 3 && matches!(view, View::Empty) {
+            return Ok(());
+        }
+
         // Fast path: filling a run of level-3 entries of a table nobody walks yet.
         if !DRY && level == 3 && !live {
             if let Op::Map { delta, bits, .. } = cx.op {
@@ -484,7 +489,10 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         continue;
                     }
                     if is_table(e, level) {
-                        if DRY && covered {
+                        if covered {
+                            if !DRY {
+                                self.detach(cx, tbl, i, e, level, eva, live);
+                            }
                             continue;
                         }
                         self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
@@ -623,6 +631,56 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             cx.freed += 1;
         }
         Ok(())
+    }
+
+    /// Unmaps the whole table entry `i` (table descriptor `e`): clears it, notes the
+    /// invalidation of every leaf below it and queues the subtree's frames for freeing.
+    #[allow(clippy::too_many_arguments)]
+    fn detach(
+        &mut self,
+        cx: &mut Ctx,
+        tbl: *mut u64,
+        i: usize,
+        e: u64,
+        level: u8,
+        eva: u64,
+        live: bool,
+    ) {
+        // SAFETY: `tbl` is a table frame owned by this table, `i` within it.
+        let p = unsafe { tbl.add(i) };
+        if live {
+            // SAFETY: as above.
+            unsafe { p.write_volatile(0) };
+            cx.batch.note(eva, false);
+        } else {
+            // SAFETY: as above; nobody walks this table yet.
+            unsafe { p.write(0) };
+        }
+        self.detach_table(cx, e & desc::OA_MASK, level + 1, eva, live);
+    }
+
+    /// Notes the leaves of the detached table at `pa` (entries at `level`, entry 0 at
+    /// `base`) for invalidation and queues it and its subtables for freeing.
+    fn detach_table(&mut self, cx: &mut Ctx, pa: u64, level: u8, base: u64, live: bool) {
+        let p = self.ptr(pa);
+        if level < 3 || (live && !cx.batch.all()) {
+            let shift = level_shift(level);
+            for j in 0..ENTRIES {
+                // SAFETY: `p` is a table frame of 512 entries.
+                let d = unsafe { p.add(j).read() };
+                if d & desc::VALID == 0 {
+                    continue;
+                }
+                let va = base + ((j as u64) << shift);
+                if is_table(d, level) {
+                    self.detach_table(cx, d & desc::OA_MASK, level + 1, va, live);
+                } else if live {
+                    cx.batch.note(va, true);
+                }
+            }
+        }
+        self.push(&mut cx.free_list, pa);
+        cx.freed += 1;
     }
 
     /// Replaces descriptor `old` at entry `i` of `tbl` with `new`, doing what the

@@ -1,5 +1,7 @@
 //! TLB maintenance: the typed operations the crate asks for, and the trait that runs them.
 
+use core::mem::MaybeUninit;
+
 /// One step of a TLB-maintenance sequence.
 ///
 /// The crate builds complete sequences (barriers included, in the order the Arm ARM
@@ -110,7 +112,9 @@ pub const DEFAULT_TLBI_THRESHOLD: usize = 32;
 
 /// Per-operation record of what must be invalidated.
 pub(crate) struct TlbBatch {
-    addrs: [(u64, bool); MAX_TLBI_BATCH],
+    /// Page-aligned addresses; bit 0 set for leaf-only invalidation. Only `..len`
+    /// is initialised.
+    addrs: [MaybeUninit<u64>; MAX_TLBI_BATCH],
     len: usize,
     threshold: usize,
     /// More entries changed than `threshold`: invalidate everything.
@@ -122,7 +126,7 @@ pub(crate) struct TlbBatch {
 impl TlbBatch {
     pub(crate) fn new(threshold: usize) -> Self {
         TlbBatch {
-            addrs: [(0, false); MAX_TLBI_BATCH],
+            addrs: [MaybeUninit::uninit(); MAX_TLBI_BATCH],
             len: 0,
             threshold,
             all: false,
@@ -147,7 +151,7 @@ impl TlbBatch {
             self.all = true;
             return;
         }
-        self.addrs[self.len] = (addr, leaf);
+        self.addrs[self.len] = MaybeUninit::new((addr & !0xFFF) | u64::from(leaf));
         self.len += 1;
     }
 
@@ -161,6 +165,12 @@ impl TlbBatch {
         for i in 0..count as u64 {
             self.note(addr + i * step, leaf);
         }
+    }
+
+    /// Whether everything will be invalidated anyway.
+    #[inline]
+    pub(crate) fn all(&self) -> bool {
+        self.all
     }
 
     /// Everything must be invalidated.
@@ -179,6 +189,12 @@ impl TlbBatch {
         if !self.written {
             return;
         }
+        if !self.all && self.len == 0 {
+            // Only invalid -> valid changes: make them visible to walkers, no TLBI.
+            tlb.execute(&[TlbOp::DsbIshSt, TlbOp::Isb]);
+            self.written = false;
+            return;
+        }
         let mut ops = [TlbOp::Isb; MAX_TLBI_BATCH + 6];
         let mut n = 0;
         let mut push = |op: TlbOp| {
@@ -193,7 +209,10 @@ impl TlbBatch {
             push(regime.tlbi_all(root));
             push(TlbOp::DsbIsh);
         } else if self.len > 0 {
-            for &(addr, leaf) in &self.addrs[..self.len] {
+            for a in &self.addrs[..self.len] {
+                // SAFETY: entries below `len` were written by `note`.
+                let a = unsafe { a.assume_init() };
+                let (addr, leaf) = (a & !0xFFF, a & 1 != 0);
                 push(regime.tlbi_entry(root, addr, leaf));
             }
             push(TlbOp::DsbIsh);
