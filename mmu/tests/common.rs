@@ -1,0 +1,73 @@
+//! Helpers shared by the integration tests: raw table inspection.
+#![allow(dead_code)]
+
+use mmu::testing::HeapFrames;
+use mmu::{FrameAllocator, PageTable, Regime, TlbMaintenance};
+
+/// Bits of the input address resolved at `level`.
+pub fn shift(level: u8) -> u32 {
+    12 + 9 * (3 - u32::from(level))
+}
+
+/// Reads descriptor `i` of the table frame at `pa` (host heap frames: pa == address).
+pub fn read(pa: u64, i: usize) -> u64 {
+    // SAFETY: test tables live in `HeapFrames`, whose physical address is the host
+    // address of a live 4 KiB frame (or of the concatenated root), and `i` is in range.
+    unsafe { (pa as *const u64).add(i).read_volatile() }
+}
+
+/// Raw walk of `va`: the descriptor that ends the walk and its level.
+pub fn raw_lookup<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
+    t: &PageTable<R, A, T>,
+    va: u64,
+) -> (u64, u8) {
+    raw_lookup_at(t.root_address(), t.geometry().start_level, va)
+}
+
+/// Raw walk of `va` from a root at `root` starting at `level`.
+pub fn raw_lookup_at(root: u64, mut level: u8, va: u64) -> (u64, u8) {
+    let mut table = root;
+    let mut idx = (va >> shift(level)) as usize;
+    loop {
+        let d = read(table, idx);
+        if d & 1 == 0 || level == 3 || d & 2 == 0 {
+            return (d, level);
+        }
+        table = d & 0x0000_FFFF_FFFF_F000;
+        level += 1;
+        idx = ((va >> shift(level)) & 511) as usize;
+    }
+}
+
+/// Every table entry reachable from the root: (level of the entry, input address it
+/// covers, address of the next-level table).
+pub fn table_entries<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
+    t: &PageTable<R, A, T>,
+) -> Vec<(u8, u64, u64)> {
+    let g = t.geometry();
+    let mut out = Vec::new();
+    fn rec(pa: u64, level: u8, base: u64, entries: usize, out: &mut Vec<(u8, u64, u64)>) {
+        for i in 0..entries {
+            let d = read(pa, i);
+            if level < 3 && d & 3 == 3 {
+                let va = base + ((i as u64) << shift(level));
+                let next = d & 0x0000_FFFF_FFFF_F000;
+                out.push((level, va, next));
+                rec(next, level + 1, va, 512, out);
+            }
+        }
+    }
+    rec(
+        t.root_address(),
+        g.start_level,
+        0,
+        g.root_entries(),
+        &mut out,
+    );
+    out
+}
+
+/// Number of non-root table frames reachable from the root.
+pub fn reachable_tables<R: Regime, T: TlbMaintenance>(t: &PageTable<R, HeapFrames, T>) -> usize {
+    table_entries(t).len()
+}

@@ -1,0 +1,479 @@
+//! Property tests: random operation sequences on each regime against a simple model.
+//!
+//! After every operation: the table's translations equal the model's; every leaf or
+//! table entry that changed was covered by a TLB invalidation (for the right regime,
+//! VMID or ASID) recorded before the call returned, in correctly shaped sequences;
+//! frames allocated minus frames freed equals the reachable tables; a failed
+//! operation changed nothing and issued no maintenance. At the end, unmapping
+//! everything leaves only the root.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+
+use mmu::testing::{HeapFrames, RecordingTlb};
+use mmu::{
+    Attributes, El1, El2, Error, MapFlags, MemoryType, PageTable, Permissions, Regime, Stage2,
+    SwBits, TlbOp,
+};
+use proptest::prelude::*;
+
+const PAGE: u64 = 4096;
+const MIB2: u64 = 2 << 20;
+const GIB: u64 = 1 << 30;
+
+/// A maximal run: input range, output of its first byte, attributes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Seg {
+    end: u64,
+    out: u64,
+    attrs: Attributes,
+}
+
+/// The model: disjoint segments keyed by start address.
+#[derive(Clone, Debug, Default)]
+struct Model {
+    segs: BTreeMap<u64, Seg>,
+}
+
+impl Model {
+    /// Splits segments so that `at` is a boundary.
+    fn split(&mut self, at: u64) {
+        let found = self.segs.range(..at).next_back().map(|(&s, &g)| (s, g));
+        if let Some((start, seg)) = found {
+            if seg.end > at {
+                self.segs.insert(start, Seg { end: at, ..seg });
+                self.segs.insert(
+                    at,
+                    Seg {
+                        out: seg.out + (at - start),
+                        ..seg
+                    },
+                );
+            }
+        }
+    }
+
+    fn starts_in(&self, va: u64, end: u64) -> Vec<u64> {
+        self.segs.range(va..end).map(|(&s, _)| s).collect()
+    }
+
+    fn remove(&mut self, va: u64, end: u64) {
+        self.split(va);
+        self.split(end);
+        for s in self.starts_in(va, end) {
+            self.segs.remove(&s);
+        }
+    }
+
+    fn insert(&mut self, va: u64, end: u64, out: u64, attrs: Attributes) {
+        self.remove(va, end);
+        self.segs.insert(va, Seg { end, out, attrs });
+    }
+
+    fn update(&mut self, va: u64, end: u64, f: impl Fn(Attributes) -> Attributes) {
+        self.split(va);
+        self.split(end);
+        for s in self.starts_in(va, end) {
+            if let Some(seg) = self.segs.get_mut(&s) {
+                seg.attrs = f(seg.attrs);
+            }
+        }
+    }
+
+    fn first_mapped(&self, va: u64, end: u64) -> Option<u64> {
+        if let Some((_, seg)) = self.segs.range(..=va).next_back() {
+            if seg.end > va {
+                return Some(va);
+            }
+        }
+        self.segs.range(va..end).next().map(|(&s, _)| s)
+    }
+
+    /// Canonical form: adjacent segments merged when contiguous with equal attributes.
+    fn canonical(&self) -> Vec<(u64, Seg)> {
+        canonical(self.segs.iter().map(|(&s, &g)| (s, g)))
+    }
+}
+
+fn canonical(it: impl Iterator<Item = (u64, Seg)>) -> Vec<(u64, Seg)> {
+    let mut v: Vec<(u64, Seg)> = Vec::new();
+    for (s, g) in it {
+        if let Some((ps, pg)) = v.last_mut() {
+            if pg.end == s && pg.attrs == g.attrs && pg.out + (s - *ps) == g.out {
+                pg.end = g.end;
+                continue;
+            }
+        }
+        v.push((s, g));
+    }
+    v
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Map {
+        va: u64,
+        pages: u64,
+        out: u64,
+        attrs: usize,
+        flags: MapFlags,
+    },
+    Unmap {
+        va: u64,
+        pages: u64,
+    },
+    Protect {
+        va: u64,
+        pages: u64,
+        attrs: usize,
+    },
+    SetSw {
+        va: u64,
+        pages: u64,
+        sw: u8,
+    },
+}
+
+/// Input addresses that make blocks, splits and merges likely, inside 4 GiB.
+fn addr() -> impl Strategy<Value = u64> {
+    (
+        0..4u64,
+        prop::sample::select(vec![0u64, 1, 2, 511]),
+        prop::sample::select(vec![0u64, 1, 3, 510]),
+    )
+        .prop_map(|(g, m, p)| g * GIB + m * MIB2 + p * PAGE)
+}
+
+fn pages() -> impl Strategy<Value = u64> {
+    prop::sample::select(vec![1u64, 2, 5, 511, 512, 513, 1024, 1536])
+}
+
+fn op(n_attrs: usize) -> impl Strategy<Value = Op> {
+    let flags = prop::sample::select(vec![
+        MapFlags::empty(),
+        MapFlags::REPLACE,
+        MapFlags::NO_BLOCKS,
+        MapFlags::REPLACE | MapFlags::NO_BLOCKS,
+    ]);
+    let out_delta = prop::sample::select(vec![0u64, GIB, 3 * GIB + 2 * MIB2, 5 * PAGE, 7 * GIB]);
+    prop_oneof![
+        4 => (addr(), pages(), out_delta, 0..n_attrs, flags)
+            .prop_map(|(va, pages, d, attrs, flags)| Op::Map { va, pages, out: va + d, attrs, flags }),
+        1 => (0..4u64).prop_map(|g| Op::Map { va: g * GIB, pages: GIB / PAGE, out: 8 * GIB, attrs: 0, flags: MapFlags::REPLACE }),
+        3 => (addr(), pages()).prop_map(|(va, pages)| Op::Unmap { va, pages }),
+        2 => (addr(), pages(), 0..n_attrs).prop_map(|(va, pages, attrs)| Op::Protect { va, pages, attrs }),
+        1 => (addr(), pages(), 0..16u8).prop_map(|(va, pages, sw)| Op::SetSw { va, pages, sw }),
+    ]
+}
+
+/// The leaves of the table as (va, level, output, attrs).
+fn leaves<R: Regime>(t: &PageTable<R, HeapFrames, RecordingTlb>) -> Vec<mmu::Mapping> {
+    let mut v = Vec::new();
+    t.walk(0, t.geometry().input_size(), |m| v.push(*m))
+        .unwrap();
+    v
+}
+
+fn segs_of(leaves: &[mmu::Mapping]) -> Vec<(u64, Seg)> {
+    canonical(leaves.iter().map(|m| {
+        (
+            m.va,
+            Seg {
+                end: m.va + m.size,
+                out: m.output,
+                attrs: m.attrs,
+            },
+        )
+    }))
+}
+
+/// Which TLB operations belong to this table, and whether `op` covers `[va, va+size)`
+/// (leaf: last-level entries only; otherwise walk caches too).
+trait Tag: Regime {
+    fn ours(&self, op: &TlbOp, vttbr: u64) -> bool;
+}
+impl Tag for El2 {
+    fn ours(&self, op: &TlbOp, _: u64) -> bool {
+        matches!(op, TlbOp::El2Va { .. } | TlbOp::El2All)
+    }
+}
+impl Tag for Stage2 {
+    fn ours(&self, op: &TlbOp, vttbr: u64) -> bool {
+        match *op {
+            TlbOp::Stage2Ipa { vmid, vttbr: v, .. }
+            | TlbOp::Stage2All { vmid, vttbr: v }
+            | TlbOp::Stage2Stage1All { vmid, vttbr: v } => vmid == self.vmid() && v == vttbr,
+            _ => false,
+        }
+    }
+}
+impl Tag for El1 {
+    fn ours(&self, op: &TlbOp, _: u64) -> bool {
+        match *op {
+            TlbOp::El1Va { asid, .. } | TlbOp::El1Asid { asid } => asid == self.asid(),
+            _ => false,
+        }
+    }
+}
+
+fn covers(op: &TlbOp, va: u64, size: u64, need_nonleaf: bool) -> bool {
+    let hit = |a: u64, leaf: bool| a >= va && a < va + size && (!need_nonleaf || !leaf);
+    match *op {
+        TlbOp::El2All | TlbOp::Stage2All { .. } | TlbOp::El1Asid { .. } => true,
+        TlbOp::El2Va { va: a, leaf } | TlbOp::El1Va { va: a, leaf, .. } => hit(a, leaf),
+        TlbOp::Stage2Ipa { ipa, leaf, .. } => hit(ipa, leaf),
+        _ => false,
+    }
+}
+
+/// Checks the shape of one maintenance sequence: DSB ISHST first, ISB last, every
+/// group of TLBIs followed by DSB ISH, and per-IPA stage-2 TLBIs followed by VMALLE1IS.
+fn check_sequence(seq: &[TlbOp]) {
+    assert_eq!(seq.first(), Some(&TlbOp::DsbIshSt), "{seq:?}");
+    assert_eq!(seq.last(), Some(&TlbOp::Isb), "{seq:?}");
+    let mut pending_tlbi = false;
+    let mut pending_ipa = false;
+    for op in seq {
+        match op {
+            TlbOp::DsbIsh => pending_tlbi = false,
+            TlbOp::DsbIshSt | TlbOp::Isb => assert!(!pending_tlbi, "TLBI not completed: {seq:?}"),
+            TlbOp::Stage2Ipa { .. } => {
+                pending_tlbi = true;
+                pending_ipa = true;
+            }
+            TlbOp::Stage2Stage1All { .. } | TlbOp::Stage2All { .. } => {
+                pending_tlbi = true;
+                pending_ipa = false;
+            }
+            _ => pending_tlbi = true,
+        }
+    }
+    assert!(!pending_ipa, "IPAS2E1IS without VMALLE1IS: {seq:?}");
+}
+
+fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: usize) {
+    let mut t = PageTable::new(regime, HeapFrames::new(), RecordingTlb::new()).unwrap();
+    t.set_tlbi_threshold(threshold);
+    let roots = t.frames_in_use();
+    let mut model = Model::default();
+    for op in ops {
+        let before = leaves(&t);
+        let tables_before = common::table_entries(&t);
+        let live_before = t.allocator().live();
+        t.tlb_mut().clear();
+        let (result, expect_conflict) = match *op {
+            Op::Map {
+                va,
+                pages,
+                out,
+                attrs: ai,
+                flags,
+            } => {
+                let end = va + pages * PAGE;
+                let conflict = if flags.contains(MapFlags::REPLACE) {
+                    None
+                } else {
+                    model.first_mapped(va, end)
+                };
+                let r = t.map(va, out, pages * PAGE, attrs[ai], flags);
+                if r.is_ok() {
+                    model.insert(va, end, out, attrs[ai]);
+                }
+                (r, conflict)
+            }
+            Op::Unmap { va, pages } => {
+                let r = t.unmap(va, pages * PAGE);
+                if r.is_ok() {
+                    model.remove(va, va + pages * PAGE);
+                }
+                (r, None)
+            }
+            Op::Protect {
+                va,
+                pages,
+                attrs: ai,
+            } => {
+                let r = t.protect(va, pages * PAGE, attrs[ai]);
+                if r.is_ok() {
+                    model.update(va, va + pages * PAGE, |_| attrs[ai]);
+                }
+                (r, None)
+            }
+            Op::SetSw { va, pages, sw } => {
+                let sw = SwBits::new(sw).unwrap();
+                let r = t.set_sw_bits(va, pages * PAGE, sw);
+                if r.is_ok() {
+                    model.update(va, va + pages * PAGE, |a| a.with_sw(sw));
+                }
+                (r, None)
+            }
+        };
+        match (result, expect_conflict) {
+            (Ok(()), None) => {}
+            (Err(Error::AlreadyMapped { va }), Some(first)) => assert_eq!(va, first, "{op:?}"),
+            (r, c) => panic!("{op:?}: result {r:?}, model conflict {c:?}"),
+        }
+        let after = leaves(&t);
+        assert_eq!(
+            segs_of(&after),
+            model.canonical(),
+            "translations after {op:?}"
+        );
+        // Spot-check translate against walk.
+        for m in after.iter().step_by(97).take(50) {
+            let tr = t.translate(m.va + m.size / 2).unwrap();
+            assert_eq!(tr.output, m.output + m.size / 2);
+            assert_eq!((tr.attrs, tr.level), (m.attrs, m.level));
+        }
+        // Frame accounting.
+        let reachable = common::reachable_tables(&t);
+        assert_eq!(
+            t.allocator().in_use(),
+            roots + reachable,
+            "frames after {op:?}"
+        );
+        assert_eq!(t.frames_in_use(), roots + reachable);
+
+        let seqs = t.tlb().sequences().to_vec();
+        if result.is_err() {
+            assert_eq!(after, before, "failed {op:?} changed the table");
+            assert_eq!(
+                t.allocator().live(),
+                live_before,
+                "failed {op:?} leaked or freed frames"
+            );
+            assert!(seqs.is_empty(), "failed {op:?} issued maintenance");
+            continue;
+        }
+        for seq in &seqs {
+            check_sequence(seq);
+        }
+        let ops: Vec<TlbOp> = seqs
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|o| !o.is_barrier())
+            .collect();
+        let vttbr = t.root_address() | u64::from(stage2_vmid(&ops)) << 48;
+        for o in &ops {
+            assert!(
+                t.regime().ours(o, vttbr),
+                "foreign TLB op {o:?} after {op:?}"
+            );
+        }
+        // Every leaf that is not still present unchanged (ignoring software bits) was invalidated.
+        let now: HashMap<(u64, u8), (u64, Attributes)> = after
+            .iter()
+            .map(|m| ((m.va, m.level), (m.output, m.attrs.with_sw(SwBits::NONE))))
+            .collect();
+        for m in &before {
+            let same =
+                now.get(&(m.va, m.level)) == Some(&(m.output, m.attrs.with_sw(SwBits::NONE)));
+            if !same {
+                assert!(
+                    ops.iter().any(|o| covers(o, m.va, m.size, false)),
+                    "leaf {m:x?} changed by {op:?} without TLBI: {ops:x?}"
+                );
+            }
+        }
+        // Every table entry that went away was invalidated with a non-leaf TLBI.
+        let tables_now: std::collections::HashSet<_> =
+            common::table_entries(&t).into_iter().collect();
+        for e in &tables_before {
+            if !tables_now.contains(e) {
+                let size = 1u64 << common::shift(e.0);
+                assert!(
+                    ops.iter().any(|o| covers(o, e.1, size, true)),
+                    "table entry {e:x?} removed by {op:?} without non-leaf TLBI: {ops:x?}"
+                );
+            }
+        }
+        // Only new mappings: no TLBI at all.
+        if before.iter().all(|m| {
+            now.get(&(m.va, m.level))
+                .is_some_and(|x| x.0 == m.output && x.1 == m.attrs.with_sw(SwBits::NONE))
+        }) && tables_before.iter().all(|e| tables_now.contains(e))
+        {
+            assert!(
+                ops.is_empty(),
+                "{op:?} invalidated although nothing valid changed: {ops:x?}"
+            );
+        }
+    }
+    t.unmap(0, t.geometry().input_size()).unwrap();
+    assert!(leaves(&t).is_empty());
+    assert_eq!(
+        t.allocator().in_use(),
+        roots,
+        "unmapping everything leaves only the root"
+    );
+    assert_eq!(t.frames_in_use(), roots);
+}
+
+fn stage2_vmid(ops: &[TlbOp]) -> u16 {
+    ops.iter()
+        .find_map(|o| match *o {
+            TlbOp::Stage2Ipa { vmid, .. }
+            | TlbOp::Stage2All { vmid, .. }
+            | TlbOp::Stage2Stage1All { vmid, .. } => Some(vmid),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+fn el2_attrs() -> Vec<Attributes> {
+    vec![
+        Attributes::normal(Permissions::RW),
+        Attributes::normal(Permissions::READ | Permissions::EXEC_EL2),
+        Attributes::normal(Permissions::RO),
+        Attributes::device(),
+        Attributes::normal(Permissions::RW).with_sw(SwBits::new(3).unwrap()),
+    ]
+}
+
+fn s2_attrs() -> Vec<Attributes> {
+    let x = Permissions::EXEC_EL1 | Permissions::EXEC_EL0;
+    vec![
+        Attributes::normal(Permissions::RW | x),
+        Attributes::normal(Permissions::RO),
+        Attributes::new(Permissions::RW, MemoryType::NormalNonCacheable),
+        Attributes::device(),
+        Attributes::normal(Permissions::empty()).with_sw(SwBits::new(1).unwrap()),
+    ]
+}
+
+fn el1_attrs() -> Vec<Attributes> {
+    vec![
+        Attributes::normal(Permissions::RW),
+        Attributes::normal(Permissions::READ | Permissions::EXEC_EL1),
+        Attributes::normal(Permissions::RW | Permissions::USER),
+        Attributes::normal(Permissions::READ | Permissions::USER | Permissions::EXEC_EL0),
+        Attributes::new(Permissions::RW, MemoryType::DeviceNGnRnE),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn el2_matches_model(ops in prop::collection::vec(op(5), 1..14), threshold in 1usize..40) {
+        run(El2::new(39), &el2_attrs(), &ops, threshold);
+    }
+
+    #[test]
+    fn stage2_matches_model(ops in prop::collection::vec(op(5), 1..14), vmid in 1u16..300, threshold in 1usize..64) {
+        run(Stage2::new(vmid, 40), &s2_attrs(), &ops, threshold);
+    }
+
+    #[test]
+    fn stage2_concatenated_l2_root_matches_model(ops in prop::collection::vec(op(5), 1..14)) {
+        // 34-bit IPA: 16 concatenated level-2 root tables.
+        run(Stage2::new(3, 34), &s2_attrs(), &ops, 64);
+    }
+
+    #[test]
+    fn el1_matches_model(ops in prop::collection::vec(op(5), 1..14), asid in 0u16..256) {
+        run(El1::new(asid, 48), &el1_attrs(), &ops, 8);
+    }
+}
