@@ -108,6 +108,33 @@ impl FramePool {
         None
     }
 
+    /// Takes `count` physically contiguous free frames whose first address is aligned to
+    /// `count` frames (for concatenated stage-2 root tables); `count` must be a power of
+    /// two. Returns the first frame's address.
+    pub fn alloc_contiguous(&mut self, count: usize) -> Option<u64> {
+        if count == 0 || !count.is_power_of_two() || count > self.frames {
+            return None;
+        }
+        if count == 1 {
+            return self.alloc();
+        }
+        let align = count as u64 * PAGE_SIZE;
+        let first = (self.base.next_multiple_of(align) - self.base) / PAGE_SIZE;
+        let mut idx = first as usize;
+        while idx + count <= self.frames {
+            if (idx..idx + count).all(|i| self.used[i / 64] & (1 << (i % 64)) == 0) {
+                for i in idx..idx + count {
+                    self.used[i / 64] |= 1 << (i % 64);
+                }
+                self.in_use += count;
+                self.peak = self.peak.max(self.in_use);
+                return Some(self.base + idx as u64 * PAGE_SIZE);
+            }
+            idx += count;
+        }
+        None
+    }
+
     /// Returns a frame to the pool.
     ///
     /// # Errors
@@ -139,6 +166,66 @@ impl FramePool {
         }
         let idx = ((pa - self.base) / PAGE_SIZE) as usize;
         self.used[idx / 64] & (1 << (idx % 64)) != 0
+    }
+}
+
+/// A handle to the shared frame pool for `mmu` page tables, on an identity-mapped
+/// hypervisor (table frame PA = VA). Frames are zeroed when handed out.
+#[derive(Clone, Copy, Debug)]
+pub struct SharedFrames {
+    pool: &'static spin::Mutex<FramePool>,
+}
+
+impl SharedFrames {
+    /// A handle on `pool`.
+    ///
+    /// # Safety
+    ///
+    /// Every frame of the pool must be identity mapped (or the MMU off), writable, and
+    /// used for nothing but the page tables built through such handles.
+    #[must_use]
+    pub const unsafe fn new(pool: &'static spin::Mutex<FramePool>) -> Self {
+        Self { pool }
+    }
+
+    /// The pool.
+    #[must_use]
+    pub fn pool(&self) -> &'static spin::Mutex<FramePool> {
+        self.pool
+    }
+}
+
+fn zero_frames(pa: u64, count: usize) {
+    // SAFETY: `SharedFrames::new`'s contract: the frames are identity mapped, writable and
+    // owned by the caller (just allocated from the pool).
+    unsafe { core::ptr::write_bytes(pa as *mut u8, 0, count * PAGE_SIZE as usize) };
+}
+
+impl mmu::PhysToVirt for SharedFrames {
+    fn phys_to_virt(&self, pa: u64) -> *mut u64 {
+        pa as *mut u64
+    }
+}
+
+impl mmu::FrameAllocator for SharedFrames {
+    fn alloc_frame(&mut self) -> Option<u64> {
+        let pa = self.pool.lock().alloc()?;
+        zero_frames(pa, 1);
+        Some(pa)
+    }
+
+    fn alloc_contiguous(&mut self, count: usize) -> Option<u64> {
+        let pa = self.pool.lock().alloc_contiguous(count)?;
+        zero_frames(pa, count);
+        Some(pa)
+    }
+
+    fn free_frame(&mut self, pa: u64) {
+        // The tables only return frames they got from this pool; a failure here is a
+        // bookkeeping bug worth a log line, not a crash.
+        if let Err(e) = self.pool.lock().free(pa) {
+            log::error!("page-table frame pool: {e}");
+        }
     }
 }
 
@@ -187,6 +274,30 @@ mod tests {
         let again: BTreeSet<_> = core::iter::from_fn(|| pool.alloc()).collect();
         assert_eq!(again.len(), 3);
         assert!(!again.contains(&b));
+    }
+
+    #[test]
+    fn contiguous_runs_are_aligned_and_exclusive() {
+        // Base deliberately not 16 KiB aligned.
+        let mut pool = FramePool::new(Region::new(0x4100_1000, 32 * PAGE_SIZE));
+        let single = pool.alloc().unwrap();
+        let run = pool.alloc_contiguous(4).unwrap();
+        assert_eq!(run % (4 * PAGE_SIZE), 0);
+        assert!(!(run..run + 4 * PAGE_SIZE).contains(&single));
+        for i in 0..4 {
+            assert!(pool.is_allocated(run + i * PAGE_SIZE));
+        }
+        assert_eq!(pool.in_use(), 5);
+        assert_eq!(pool.alloc_contiguous(3), None, "not a power of two");
+        assert_eq!(pool.alloc_contiguous(64), None, "larger than the pool");
+        // Exhaust the 16-frame runs: 32 frames from 0x4100_1000 hold one aligned run of
+        // 16 (0x4101_0000..0x4102_0000) at most.
+        assert_eq!(pool.alloc_contiguous(16), Some(0x4101_0000));
+        assert_eq!(pool.alloc_contiguous(16), None);
+        for i in 0..4 {
+            pool.free(run + i * PAGE_SIZE).unwrap();
+        }
+        assert_eq!(pool.in_use(), 17);
     }
 
     #[test]

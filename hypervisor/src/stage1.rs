@@ -95,6 +95,71 @@ impl fmt::Display for PlanError {
 
 const PAGE: u64 = crate::layout::PAGE_SIZE;
 
+/// Virtual address bits of the hypervisor's stage 1 (`TCR_EL2.T0SZ` = 25): a 3-level
+/// walk from level 1 that identity-maps the first 512 GiB of physical addresses.
+pub const VA_BITS: u8 = 39;
+
+/// `SCTLR_EL2` (E2H = 0) with the MMU on: M (bit 0), C (bit 2), SA (bit 3), I (bit 12) and
+/// WXN (bit 19), plus the RES1 bits \[29:28\], \[23:22\], 18, 16, 11 and \[5:4\] (DDI 0487,
+/// register description "SCTLR_EL2, System Control Register (EL2)"). EE = 0: little
+/// endian. With WXN, any writable page is also execute-never, whatever its descriptor says.
+pub const SCTLR_EL2_MMU_ON: u64 =
+    0x30c5_0830 | (1 << 0) | (1 << 2) | (1 << 3) | (1 << 12) | (1 << 19);
+
+/// The output address size for `TCR_EL2.PS` from `ID_AA64MMFR0_EL1.PARange` (bits
+/// \[3:0\]): 32, 36, 40, 42, 44 or 48 bits; larger ranges are used as 48 bits.
+#[must_use]
+pub const fn pa_bits(id_aa64mmfr0: u64) -> u8 {
+    match id_aa64mmfr0 & 0xf {
+        0 => 32,
+        1 => 36,
+        2 => 40,
+        3 => 42,
+        4 => 44,
+        _ => 48,
+    }
+}
+
+/// The `mmu` attributes of a mapping.
+#[must_use]
+pub fn attributes(m: &Mapping) -> mmu::Attributes {
+    use mmu::{MemoryType, Permissions};
+    let perms = match m.access {
+        Access::ReadExecute => Permissions::READ | Permissions::EXEC_EL2,
+        Access::ReadOnly => Permissions::RO,
+        Access::ReadWrite => Permissions::RW,
+    };
+    let memory = match m.memory {
+        Memory::Normal => MemoryType::Normal,
+        Memory::Device => MemoryType::DeviceNGnRE,
+    };
+    mmu::Attributes::new(perms, memory)
+}
+
+/// Enters every mapping into `table` (identity: VA = PA), refusing writable+executable
+/// attributes (`MapFlags::WXN`).
+///
+/// # Errors
+///
+/// The first `mmu` error (out of frames, overlap, ...); earlier mappings stay.
+pub fn build<A: mmu::FrameAllocator, T: mmu::TlbMaintenance>(
+    table: &mut mmu::PageTable<mmu::El2, A, T>,
+    maps: &[Mapping],
+) -> Result<(), (Mapping, mmu::Error)> {
+    for m in maps {
+        table
+            .map(
+                m.region.base,
+                m.region.base,
+                m.region.size,
+                attributes(m),
+                mmu::MapFlags::WXN,
+            )
+            .map_err(|e| (*m, e))?;
+    }
+    Ok(())
+}
+
 const fn page_range(base: u64, end: u64) -> Region {
     let base = base & !(PAGE - 1);
     let end = (end + PAGE - 1) & !(PAGE - 1);
@@ -303,6 +368,63 @@ mod tests {
                 Region::new(0x6000_2000, 0xc000_0000 - 0x6000_2000)
             ]
         );
+    }
+
+    #[test]
+    fn built_table_enforces_the_policy() {
+        use mmu::testing::{HeapFrames, RecordingTlb};
+        use mmu::{El2, MemoryType, PageTable, Permissions};
+        let p = platform_with_dtb_at(layout::HYP_RAM_END);
+        let maps = plan(&image(), &mem(&p), &p).unwrap();
+        let mut table = PageTable::new(
+            El2::new(VA_BITS).with_pa_bits(44),
+            HeapFrames::new(),
+            RecordingTlb::new(),
+        )
+        .unwrap();
+        build(&mut table, &maps).unwrap();
+        let at = |va| {
+            table
+                .translate(va)
+                .unwrap_or_else(|| panic!("{va:#x} not mapped"))
+        };
+        let text = at(0x4020_0040);
+        assert_eq!(text.output, 0x4020_0040, "identity");
+        assert!(text.attrs.perms.contains(Permissions::EXEC_EL2));
+        assert!(!text.attrs.perms.contains(Permissions::WRITE));
+        let rodata = at(0x4021_3000);
+        assert_eq!(rodata.attrs.perms, Permissions::RO);
+        let data = at(0x4021_8000);
+        assert_eq!(
+            data.attrs.perms,
+            Permissions::RW,
+            "writable, not executable"
+        );
+        assert_eq!(at(0x0900_0000).attrs.mem_type, MemoryType::DeviceNGnRE);
+        // Nothing mapped in the hypervisor's address space is writable and executable.
+        table
+            .walk(0, 1 << VA_BITS, |m| {
+                let p = m.attrs.perms;
+                assert!(
+                    !(p.contains(Permissions::WRITE) && p.contains(Permissions::EXEC_EL2)),
+                    "{m:?}"
+                );
+            })
+            .unwrap();
+        // Holes stay unmapped: below RAM and between the devices.
+        assert!(table.translate(0x3000_0000).is_none());
+        assert!(table.translate(0x0).is_none());
+    }
+
+    #[test]
+    fn sctlr_and_parange() {
+        assert_eq!(SCTLR_EL2_MMU_ON & 0b1101, 0b1101, "M, C, SA");
+        assert_ne!(SCTLR_EL2_MMU_ON & (1 << 19), 0, "WXN");
+        assert_eq!(SCTLR_EL2_MMU_ON & (1 << 25), 0, "little endian");
+        assert_eq!(pa_bits(4), 44);
+        assert_eq!(pa_bits(5), 48);
+        assert_eq!(pa_bits(6), 48);
+        assert_eq!(pa_bits(0x1100), 32);
     }
 
     #[test]

@@ -6,17 +6,19 @@ use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use aarch64_cpu::registers::{
-    CurrentEL, Readable, Writeable, CNTFRQ_EL0, CNTPCT_EL0, HCR_EL2, MIDR_EL1, MPIDR_EL1,
-    SCTLR_EL2, TPIDR_EL2,
+    CurrentEL, Readable, Writeable, CNTFRQ_EL0, CNTPCT_EL0, HCR_EL2, ID_AA64MMFR0_EL1, MIDR_EL1,
+    MPIDR_EL1, SCTLR_EL2, TPIDR_EL2,
 };
 use buddy_system_allocator::LockedHeap;
 use log::{error, info, warn, LevelFilter};
 use smccc::{psci, Hvc, Smc};
 use spin::{Mutex, Once};
 
-use boot::{exit_status, ExceptionFrame, ExceptionKind, ExceptionSource};
+use boot::{exit_status, ExceptionFrame, ExceptionKind, ExceptionSource, MmuConfig};
+use mmu::arch::ArmTlb;
+use mmu::{El2, PageTable};
 
-use crate::frames::FramePool;
+use crate::frames::{FramePool, SharedFrames};
 use crate::layout::{self, HypMemory};
 use crate::logger::{self, Logger};
 use crate::pl011::Pl011;
@@ -182,7 +184,11 @@ pub fn primary(dtb: usize) -> Machine {
     for m in &maps {
         info!("stage 1: {m}");
     }
-    warn!("stage 1: MMU stays off (tables are not built yet)");
+    enable_stage1(pool, &maps);
+    #[cfg(feature = "fault-write-text")]
+    fault_write_text(image.text_start);
+    #[cfg(feature = "fault-exec-data")]
+    fault_exec_data();
 
     CPU_MPIDR[0].store(mpidr, Ordering::Release);
     CPUS_ONLINE.store(1, Ordering::Release);
@@ -193,6 +199,81 @@ pub fn primary(dtb: usize) -> Machine {
         memory,
         cpus_online,
     }
+}
+
+/// The hypervisor's own stage-1 table (identity map), for code that maps or unmaps
+/// memory at run time (e.g. guest memory it must scrub).
+pub static STAGE1: Once<Mutex<PageTable<El2, SharedFrames, ArmTlb>>> = Once::new();
+
+/// Builds the stage-1 table from the plan, turns the MMU and caches on, and publishes the
+/// register values for the secondary CPUs.
+fn enable_stage1(pool: &'static Mutex<FramePool>, maps: &[stage1::Mapping]) {
+    let pa_bits = stage1::pa_bits(ID_AA64MMFR0_EL1.get());
+    // SAFETY: the frame pool lies in RAM that only page tables use, and it is identity
+    // mapped read-write (the "pt-frames" mapping) once the MMU is on.
+    let frames = unsafe { SharedFrames::new(pool) };
+    let mut table = PageTable::new(
+        El2::new(stage1::VA_BITS).with_pa_bits(pa_bits),
+        frames,
+        ArmTlb,
+    )
+    .unwrap_or_else(|e| fatal(format_args!("stage 1: {e:?}")));
+    if let Err((m, e)) = stage1::build(&mut table, maps) {
+        fatal(format_args!("stage 1: mapping {} failed: {e:?}", m.name));
+    }
+    let cfg = MmuConfig {
+        mair: table.mair_el2(),
+        tcr: table.tcr_el2(),
+        ttbr0: table.ttbr0_el2(),
+        sctlr: stage1::SCTLR_EL2_MMU_ON,
+    };
+    // SAFETY: the table identity-maps the image (text executable, data and stacks
+    // writable), the heap, the frame pool and the UART with the attributes MAIR_EL2
+    // describes, so execution continues unchanged after SCTLR_EL2.M is set.
+    unsafe { boot::enable_mmu(&cfg) };
+    // SAFETY: no secondary CPU is running yet; the same tables map the secondary entry
+    // path, stacks and data.
+    unsafe { boot::publish_secondary_mmu(&cfg) };
+    info!(
+        "stage 1: {} table frames, {pa_bits}-bit PA, TCR_EL2 {:#x}, SCTLR_EL2 {:#x}: MMU {}",
+        table.frames_in_use(),
+        cfg.tcr,
+        SCTLR_EL2.get(),
+        mmu_state()
+    );
+    STAGE1.call_once(|| Mutex::new(table));
+}
+
+/// W^X proof: write to the hypervisor's own text with the MMU on. Must fault.
+#[cfg(feature = "fault-write-text")]
+fn fault_write_text(text_start: u64) {
+    let target = text_start + 0x40;
+    warn!("fault-write-text: writing to the hypervisor text at {target:#x}");
+    // SAFETY: deliberately unsound: this build exists to show the write is stopped by the
+    // MMU (the page is mapped read-only), which ends the run with the EL2 fault report.
+    unsafe { (target as *mut u32).write_volatile(0xd503_201f) };
+    fatal(format_args!(
+        "fault-write-text: the write to text did not fault"
+    ));
+}
+
+/// W^X proof: execute an instruction stored in the hypervisor's data with the MMU on.
+/// Must fault.
+#[cfg(feature = "fault-exec-data")]
+fn fault_exec_data() {
+    /// A `RET` instruction in writable data (`.data`).
+    static mut CODE: [u32; 2] = [0xd65f_03c0, 0];
+    let target = (&raw const CODE) as u64;
+    warn!("fault-exec-data: jumping to the hypervisor data at {target:#x}");
+    // SAFETY: deliberately unsound: this build exists to show that instruction fetch from
+    // data is stopped by the MMU (XN and WXN), which ends the run with the fault report.
+    unsafe {
+        let f: extern "C" fn() = core::mem::transmute(target as usize);
+        f();
+    }
+    fatal(format_args!(
+        "fault-exec-data: executing data did not fault"
+    ));
 }
 
 fn mmu_state() -> &'static str {
