@@ -21,5 +21,11 @@ pub mod vm;
 pub mod vmid;
 pub mod vuart;
 
+#[cfg(all(
+    target_arch = "aarch64",
+    target_os = "none",
+    feature = "selftest-guest-entry"
+))]
+mod selftest;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod start;

@@ -189,6 +189,8 @@ pub fn primary(dtb: usize) -> Machine {
     fault_write_text(image.text_start);
     #[cfg(feature = "fault-exec-data")]
     fault_exec_data();
+    #[cfg(feature = "selftest-guest-entry")]
+    crate::selftest::run();
 
     CPU_MPIDR[0].store(mpidr, Ordering::Release);
     CPUS_ONLINE.store(1, Ordering::Release);

@@ -140,3 +140,21 @@ fn refuses_to_run_away_from_its_link_address() {
         run.stderr
     );
 }
+
+#[test]
+fn guest_entry_and_exit_round_trip() {
+    for model in ["cortex-a57", "max"] {
+        let run = Qemu::new()
+            .cpus(2)
+            .cpu_model(model)
+            .kernel(artifact("hypervisor-selftest-guest-entry.bin"))
+            .run();
+        run.assert_success();
+        run.assert_lines_in_order(&[
+            "MMU on",
+            "guest entry self-test: HVC and SMC exits, registers, PC, PSTATE and SIMD state: ok",
+            "guest entry self-test: 1000 HVC round trips",
+            "all 2 CPUs online",
+        ]);
+    }
+}
