@@ -442,49 +442,109 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             }
         }
 
-        for i in first..=last {
-            let eva = base + ((i as u64) << shift);
-            let e = view.read(i);
-            let s = va.max(eva);
-            let t = end.min(eva + size);
-            let covered = s == eva && t == eva + size;
-            match cx.op {
-                Op::Map {
-                    delta,
-                    bits,
-                    blocks,
-                    replace,
-                } => {
-                    let out = eva.wrapping_add(delta);
-                    if is_table(e, level) {
-                        self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
-                    } else if level == 3
-                        || (covered && blocks && level >= 1 && out & (size - 1) == 0)
-                    {
-                        if e != 0 && !replace {
+        // Entry `i`: its input address, descriptor, the part of the range it holds, and
+        // whether the range covers it entirely.
+        macro_rules! entry {
+            ($i:expr) => {{
+                let eva = base + (($i as u64) << shift);
+                let e = if DRY {
+                    view.read($i)
+                } else {
+                    // SAFETY: apply passes walk real table frames; `$i` is within them.
+                    unsafe { tbl.add($i).read() }
+                };
+                let s = va.max(eva);
+                let t = end.min(eva + size);
+                (eva, e, s, t, s == eva && t == eva + size)
+            }};
+        }
+
+        match cx.op {
+            Op::Map {
+                delta,
+                bits,
+                blocks,
+                replace,
+            } => {
+                // Whether a covered entry of this table becomes a leaf (page or block):
+                // blocks need the output aligned like the input, i.e. `delta` aligned.
+                let leaves_here = level == 3 || (blocks && level >= 1 && delta & (size - 1) == 0);
+                let ty = if level == 3 {
+                    desc::TABLE_OR_PAGE
+                } else {
+                    desc::BLOCK
+                };
+                // Any entry, the general way.
+                macro_rules! general {
+                    ($i:expr) => {{
+                        let i = $i;
+                        let (eva, e, s, t, covered) = entry!(i);
+                        if is_table(e, level) {
+                            self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                        } else if e != 0 && !replace {
                             return Err(Error::AlreadyMapped { va: s });
+                        } else if leaves_here && covered {
+                            if !DRY {
+                                let new = eva.wrapping_add(delta) | bits | ty;
+                                self.change(cx, tbl, i, e, new, level, eva, live, &mut bbm);
+                            }
+                        } else {
+                            self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
                         }
-                        if !DRY {
-                            self.change(
-                                cx,
-                                tbl,
-                                i,
-                                e,
-                                leaf_desc(level, out, bits),
-                                level,
-                                eva,
-                                live,
-                                &mut bbm,
-                            );
+                    }};
+                }
+                // Entries entirely inside the range: `lo..hi`.
+                let lo = first + usize::from(va != base + ((first as u64) << shift));
+                let hi = last + 1 - usize::from(end != base + ((last as u64 + 1) << shift));
+                if !leaves_here || lo >= hi {
+                    for i in first..=last {
+                        if DRY && !leaves_here && level == 2 && matches!(view, View::Empty) {
+                            // New level-3 tables under a new level-2 table: one frame each.
+                            cx.frames_needed += last + 1 - first;
+                            break;
                         }
-                    } else {
-                        if e != 0 && !replace {
-                            return Err(Error::AlreadyMapped { va: s });
+                        general!(i);
+                    }
+                } else {
+                    for i in first..lo {
+                        general!(i);
+                    }
+                    // The hot loop: invalid entries become leaves, in order.
+                    if !(DRY && matches!(view, View::Empty)) {
+                        let mut d = (base + ((lo as u64) << shift)).wrapping_add(delta) | bits | ty;
+                        for i in lo..hi {
+                            let e = if DRY {
+                                view.read(i)
+                            } else {
+                                // SAFETY: apply passes walk real table frames; `i` is within.
+                                unsafe { tbl.add(i).read() }
+                            };
+                            if e != 0 {
+                                general!(i);
+                            } else if !DRY {
+                                // SAFETY: `tbl` is this table's frame, `i` within it.
+                                unsafe {
+                                    if live {
+                                        tbl.add(i).write_volatile(d);
+                                    } else {
+                                        tbl.add(i).write(d);
+                                    }
+                                }
+                            }
+                            d = d.wrapping_add(size);
                         }
-                        self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                    }
+                    for i in hi..=last {
+                        general!(i);
                     }
                 }
-                Op::Unmap => {
+                if !DRY && live {
+                    cx.batch.wrote();
+                }
+            }
+            Op::Unmap => {
+                for i in first..=last {
+                    let (eva, e, s, t, covered) = entry!(i);
                     if e & desc::VALID == 0 {
                         continue;
                     }
@@ -504,7 +564,15 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
                     }
                 }
-                Op::Protect { bits } | Op::SetSw { sw: bits } => {
+            }
+            Op::Protect { bits: new_bits } | Op::SetSw { sw: new_bits } => {
+                // Protect replaces every attribute bit; SetSw only the software bits.
+                let keep = match cx.op {
+                    Op::Protect { .. } => desc::OA_MASK | 0b11,
+                    _ => !desc::SW_MASK,
+                };
+                for i in first..=last {
+                    let (eva, e, s, t, covered) = entry!(i);
                     if e & desc::VALID == 0 {
                         continue;
                     }
@@ -515,10 +583,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
                         continue;
                     }
-                    let new = match cx.op {
-                        Op::Protect { .. } => (e & (desc::OA_MASK | 0b11)) | bits,
-                        _ => (e & !desc::SW_MASK) | bits,
-                    };
+                    let new = (e & keep) | new_bits;
                     if new == e {
                         continue;
                     }
