@@ -8,6 +8,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
+use mmu::{El2, Stage2};
+use mmu_bench::mmu::{block_mapped, block_split, merge, split, BenchRegime, Mmu};
 use mmu_bench::workload::{after_w1, w1, w2, w3, w3_pages, w4, w4_lookups, w5, w6};
 use mmu_bench::Adapter;
 
@@ -76,7 +78,37 @@ fn workloads<A: Adapter>(c: &mut Criterion) {
     });
 }
 
-fn peers(c: &mut Criterion) {
+fn split_merge<R: BenchRegime>(c: &mut Criterion) {
+    let id = BenchmarkId::new("mmu-splitmerge", std::env::consts::ARCH);
+    c.benchmark_group(format!("split-{}", R::BENCH_NAME))
+        .bench_function(id.clone(), |b| {
+            b.iter_batched(
+                block_mapped::<R>,
+                |mut t| {
+                    split(&mut t);
+                    t
+                },
+                BatchSize::PerIteration,
+            );
+        });
+    c.benchmark_group(format!("merge-{}", R::BENCH_NAME))
+        .bench_function(id, |b| {
+            b.iter_batched(
+                block_split::<R>,
+                |mut t| {
+                    merge(&mut t);
+                    t
+                },
+                BatchSize::PerIteration,
+            );
+        });
+}
+
+fn all(c: &mut Criterion) {
+    workloads::<Mmu<El2>>(c);
+    workloads::<Mmu<Stage2>>(c);
+    split_merge::<El2>(c);
+    split_merge::<Stage2>(c);
     workloads::<mmu_bench::paging::Paging>(c);
     #[cfg(target_arch = "aarch64")]
     workloads::<mmu_bench::multiarch::Multiarch>(c);
@@ -93,6 +125,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = peers
+    targets = all
 }
 criterion_main!(benches);

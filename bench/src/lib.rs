@@ -12,6 +12,7 @@
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 pub mod frames;
+pub mod mmu;
 #[cfg(target_arch = "aarch64")]
 pub mod multiarch;
 pub mod paging;

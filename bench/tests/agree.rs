@@ -2,6 +2,8 @@
 //! that exercises every operation the benchmarks time (pages, blocks, single pages,
 //! read-only ranges, unmapped ranges), and must free or keep frames consistently.
 
+use mmu::{El2, Stage2};
+use mmu_bench::mmu::Mmu;
 use mmu_bench::paging::Paging;
 use mmu_bench::workload::{lookups, random_pages, BASE, MIB2, PA_OFFSET, SPACE};
 use mmu_bench::{Adapter, PAGE};
@@ -72,6 +74,16 @@ fn check<A: Adapter>() {
 }
 
 #[test]
+fn mmu_matches_model() {
+    check::<Mmu<El2>>();
+}
+
+#[test]
+fn mmu_stage2_matches_model() {
+    check::<Mmu<Stage2>>();
+}
+
+#[test]
 fn aarch64_paging_matches_model() {
     check::<Paging>();
 }
@@ -95,6 +107,12 @@ fn frames_counted<A: Adapter>() {
 }
 
 #[test]
+fn mmu_frames_counted() {
+    frames_counted::<Mmu<El2>>();
+    frames_counted::<Mmu<Stage2>>();
+}
+
+#[test]
 fn aarch64_paging_frames_counted() {
     frames_counted::<Paging>();
 }
@@ -103,4 +121,51 @@ fn aarch64_paging_frames_counted() {
 #[test]
 fn page_table_multiarch_frames_counted() {
     frames_counted::<mmu_bench::multiarch::Multiarch>();
+}
+
+/// The split/merge workloads do what their names say, on both regimes, and `mmu`'s own
+/// frame count agrees with the benchmark's allocator hook.
+fn split_merge<R: mmu_bench::mmu::BenchRegime>() {
+    use mmu_bench::mmu::{block_mapped, merge, split, SPLIT_PAGE};
+    let mut t = block_mapped::<R>();
+    let block = t.frames_in_use();
+    assert_eq!(block, t.own_frame_count());
+    split(&mut t);
+    assert_eq!(
+        t.frames_in_use(),
+        block + 1,
+        "split takes one level-3 table"
+    );
+    assert_eq!(
+        t.translate(SPLIT_PAGE),
+        Some((SPLIT_PAGE + PA_OFFSET, false))
+    );
+    assert_eq!(
+        t.translate(SPLIT_PAGE + PAGE),
+        Some((SPLIT_PAGE + PAGE + PA_OFFSET, true))
+    );
+    merge(&mut t);
+    assert_eq!(t.frames_in_use(), block, "merge frees the level-3 table");
+    assert_eq!(t.own_frame_count(), block);
+    assert_eq!(
+        t.translate(SPLIT_PAGE),
+        Some((SPLIT_PAGE + PA_OFFSET, true))
+    );
+}
+
+#[test]
+fn mmu_split_and_merge() {
+    split_merge::<El2>();
+    split_merge::<Stage2>();
+}
+
+/// `mmu` frees every table but the root when a whole mapping is unmapped.
+#[test]
+fn mmu_unmap_frees_tables() {
+    let mut t = Mmu::<El2>::new();
+    let root = t.frames_in_use();
+    t.map_range(BASE, BASE + PA_OFFSET, 4 * MIB2, false);
+    t.unmap_range(BASE, 4 * MIB2);
+    assert_eq!(t.frames_in_use(), root);
+    assert_eq!(t.own_frame_count(), root);
 }

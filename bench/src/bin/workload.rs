@@ -15,6 +15,8 @@
 use std::hint::black_box;
 use std::process::ExitCode;
 
+use mmu::{El2, Stage2};
+use mmu_bench::mmu::{block_mapped, block_split, merge, split, BenchRegime, Mmu};
 use mmu_bench::workload::{after_w1, w1, w2, w3, w3_pages, w4, w4_lookups, w5, w6};
 use mmu_bench::Adapter;
 
@@ -68,11 +70,38 @@ fn run<A: Adapter>(workload: &str, setup_only: bool) -> Option<(usize, u64)> {
 
 /// Crates this build can run, in report order.
 const CRATES: &[&str] = &[
+    "mmu",
+    "mmu-stage2",
     "aarch64-paging",
     #[cfg(target_arch = "aarch64")]
     "page_table_multiarch",
 ];
 const WORKLOADS: [&str; 6] = ["W1", "W2", "W3", "W4", "W5", "W6"];
+const SPLIT_MERGE: [&str; 4] = [
+    "split-mmu",
+    "merge-mmu",
+    "split-mmu-stage2",
+    "merge-mmu-stage2",
+];
+
+/// The split/merge workloads of `mmu` alone, on regime `R`.
+fn split_merge<R: BenchRegime>(merging: bool, setup_only: bool) -> (usize, u64) {
+    let mut t = if merging {
+        block_split::<R>()
+    } else {
+        block_mapped::<R>()
+    };
+    if !setup_only {
+        if merging {
+            merge(black_box(&mut t));
+        } else {
+            split(black_box(&mut t));
+        }
+    }
+    let frames = t.frames_in_use();
+    std::mem::forget(t);
+    (frames, 0)
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -82,6 +111,9 @@ fn main() -> ExitCode {
                 println!("{krate} {w}");
             }
         }
+        for w in SPLIT_MERGE {
+            println!("mmu-splitmerge {w}");
+        }
         return ExitCode::SUCCESS;
     }
     let (Some(krate), Some(workload)) = (args.first(), args.get(1)) else {
@@ -90,6 +122,15 @@ fn main() -> ExitCode {
     };
     let setup_only = args.get(2).is_some_and(|a| a == "setup");
     let result = match krate.as_str() {
+        "mmu" => run::<Mmu<El2>>(workload, setup_only),
+        "mmu-stage2" => run::<Mmu<Stage2>>(workload, setup_only),
+        "mmu-splitmerge" => match workload.as_str() {
+            "split-mmu" => Some(split_merge::<El2>(false, setup_only)),
+            "merge-mmu" => Some(split_merge::<El2>(true, setup_only)),
+            "split-mmu-stage2" => Some(split_merge::<Stage2>(false, setup_only)),
+            "merge-mmu-stage2" => Some(split_merge::<Stage2>(true, setup_only)),
+            _ => None,
+        },
         "aarch64-paging" => run::<mmu_bench::paging::Paging>(workload, setup_only),
         #[cfg(target_arch = "aarch64")]
         "page_table_multiarch" => run::<mmu_bench::multiarch::Multiarch>(workload, setup_only),
