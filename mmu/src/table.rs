@@ -10,7 +10,7 @@ use crate::desc::{self, is_leaf, is_table, level_shift, level_size};
 use crate::error::Error;
 use crate::frame::{FrameAllocator, FRAME_SIZE};
 use crate::regime::{Geometry, Regime};
-use crate::tlb::{TlbBatch, TlbMaintenance, DEFAULT_TLBI_THRESHOLD, MAX_TLBI_BATCH};
+use crate::tlb::{TlbBatch, TlbMaintenance, TlbOp, DEFAULT_TLBI_THRESHOLD, MAX_TLBI_BATCH};
 
 const ENTRIES: usize = 512;
 
@@ -261,11 +261,18 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         if size == 0 {
             return Ok(());
         }
+        let blocks = !flags.contains(MapFlags::NO_BLOCKS);
+        let replace = flags.contains(MapFlags::REPLACE);
+        if size == FRAME_SIZE {
+            if let Some(result) = self.map_one(va, pa, bits, blocks, replace) {
+                return result;
+            }
+        }
         let op = Op::Map {
             delta: pa.wrapping_sub(va),
             bits,
-            blocks: !flags.contains(MapFlags::NO_BLOCKS),
-            replace: flags.contains(MapFlags::REPLACE),
+            blocks,
+            replace,
         };
         self.run(op, va, end)
     }
@@ -313,6 +320,87 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             return Ok(());
         }
         self.run(Op::SetSw { sw: sw.to_desc() }, va, end)
+    }
+
+    /// Maps one page when that only means filling an invalid level-3 entry, creating
+    /// the missing tables below it; `None` when the general walker is needed (an
+    /// existing leaf on the path, or a level-3 table this page could make uniform).
+    fn map_one(
+        &mut self,
+        va: u64,
+        pa: u64,
+        bits: u64,
+        blocks: bool,
+        replace: bool,
+    ) -> Option<Result<(), Error>> {
+        let mut level = self.geo.start_level;
+        let mut tbl = self.ptr(self.root);
+        let mut idx = (va >> level_shift(level)) as usize;
+        let page = pa | bits | desc::TABLE_OR_PAGE;
+        loop {
+            // SAFETY: `tbl` is a table frame of this table and `idx` is within it
+            // (root: `va` is below the input size; other levels: masked to 0..512).
+            let e = unsafe { tbl.add(idx).read() };
+            if level == 3 {
+                if e != 0 {
+                    return if replace {
+                        None
+                    } else {
+                        Some(Err(Error::AlreadyMapped { va }))
+                    };
+                }
+                // With a valid neighbour this page might complete a uniform table:
+                // let the general walker decide about merging.
+                // SAFETY: as above, `idx ^ 1` is within the same table.
+                if blocks && unsafe { tbl.add(idx ^ 1).read() } & desc::VALID != 0 {
+                    return None;
+                }
+                // SAFETY: as above.
+                unsafe { tbl.add(idx).write_volatile(page) };
+                self.tlb.execute(&[TlbOp::DsbIshSt, TlbOp::Isb]);
+                return Some(Ok(()));
+            }
+            if is_table(e, level) {
+                tbl = self.ptr(e & desc::OA_MASK);
+                level += 1;
+                idx = ((va >> level_shift(level)) & 511) as usize;
+                continue;
+            }
+            if e != 0 {
+                return None;
+            }
+            break;
+        }
+        // Entry `idx` of `tbl` (at `level` < 3) is invalid: build the missing tables
+        // off-line, then publish them with one write.
+        let needed = usize::from(3 - level);
+        let mut frames = [0u64; 3];
+        for k in 0..needed {
+            match self.alloc.alloc_frame() {
+                Some(f) => frames[k] = f,
+                None => {
+                    for &f in &frames[..k] {
+                        self.alloc.free_frame(f);
+                    }
+                    return Some(Err(Error::OutOfFrames));
+                }
+            }
+        }
+        let mut d = page;
+        for k in (0..needed).rev() {
+            let l = level + 1 + k as u8;
+            let i = ((va >> level_shift(l)) & 511) as usize;
+            // SAFETY: `frames[k]` is a fresh zeroed frame nobody walks yet.
+            unsafe { self.ptr(frames[k]).add(i).write(d) };
+            d = frames[k] | desc::TABLE_OR_PAGE;
+        }
+        // Publish the new tables' contents before the pointer to them.
+        fence(Ordering::Release);
+        // SAFETY: `tbl`/`idx` as in the loop above.
+        unsafe { tbl.add(idx).write_volatile(d) };
+        self.frames += needed;
+        self.tlb.execute(&[TlbOp::DsbIshSt, TlbOp::Isb]);
+        Some(Ok(()))
     }
 
     /// Dry pass, frame reservation, apply pass, TLB maintenance, frees.
