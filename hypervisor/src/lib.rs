@@ -16,6 +16,7 @@ pub mod psci;
 pub mod report;
 pub mod stage1;
 pub mod trap;
+pub mod vcpu;
 pub mod vdesc;
 pub mod vm;
 pub mod vmid;

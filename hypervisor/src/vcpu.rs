@@ -1,0 +1,510 @@
+//! What a physical CPU does with one exit of the vCPU it runs: decode, then emulate the
+//! virtual UART, answer a hypercall, inject an abort, or stop the vCPU or the VM.
+//!
+//! Register state is passed in as plain values and the guest's EL1 exception registers
+//! behind [`GuestEl1`], so this is tested on the host; `arch` supplies the real ones.
+
+use crate::hypercall::{self, Caller, Outcome};
+use crate::psci::PowerState;
+use crate::trap::{self, Abort, TrapKind};
+use crate::vdesc::{AbortPolicy, PAGE_SIZE};
+use crate::vm::{Vm, VmStatus};
+use crate::vuart::LineSink;
+
+/// The general-purpose state of a vCPU at an exit.
+#[derive(Debug)]
+pub struct VcpuCtx<'a> {
+    /// x0..x30.
+    pub x: &'a mut [u64; 31],
+    /// PC (`ELR_EL2`).
+    pub pc: &'a mut u64,
+    /// PSTATE (`SPSR_EL2`).
+    pub pstate: &'a mut u64,
+}
+
+/// The guest's EL1 registers an abort injection needs.
+pub trait GuestEl1 {
+    /// `VBAR_EL1`.
+    fn vbar(&self) -> u64;
+    /// Writes `ESR_EL1`, `FAR_EL1`, `ELR_EL1` and `SPSR_EL1`.
+    fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64);
+}
+
+/// One guest exit, as the guest-entry code reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// Synchronous exception with `ESR_EL2`, `FAR_EL2`, `HPFAR_EL2`.
+    Sync {
+        /// `ESR_EL2`.
+        esr: u64,
+        /// `FAR_EL2`.
+        far: u64,
+        /// `HPFAR_EL2`.
+        hpfar: u64,
+    },
+    /// A physical IRQ or FIQ.
+    Interrupt,
+    /// An SError with its `ESR_EL2`.
+    SError {
+        /// `ESR_EL2`.
+        esr: u64,
+    },
+}
+
+/// What the physical CPU does next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Enter the guest again.
+    Resume,
+    /// This vCPU is off (CPU_OFF, VM powered off or stopped): wait for a CPU_ON.
+    Stop,
+    /// The VM asked for `SYSTEM_RESET`: reset it, then wait for vCPU 0's restart.
+    Reset,
+}
+
+/// PSTATE for an exception taken to EL1h with D, A, I, F masked (SPSR M\[3:0\] = 0b0101).
+pub const PSTATE_EL1H_MASKED: u64 = 0x3c5;
+
+fn access_name(a: &Abort) -> &'static str {
+    if a.instruction {
+        "instruction fetch"
+    } else if a.write {
+        "write"
+    } else {
+        "read"
+    }
+}
+
+/// Marks `vm` failed and every vCPU off, with one log line naming it, what happened and
+/// the ESR.
+pub fn stop_vm<S>(vm: &Vm<S>, what: core::fmt::Arguments<'_>) -> Next {
+    log::error!("VM {} stopped: {}", vm.desc.name, what);
+    *vm.status.lock() = VmStatus::Failed;
+    vm.psci.lock().all_off();
+    Next::Stop
+}
+
+/// Handles one exit of vCPU `vcpu` of `vm`.
+pub fn handle_exit<S>(
+    vm: &Vm<S>,
+    vcpu: usize,
+    ctx: &mut VcpuCtx<'_>,
+    exit: ExitReason,
+    el1: &mut impl GuestEl1,
+    sink: &mut impl LineSink,
+) -> Next {
+    // Another vCPU may have powered the VM off, reset or stopped it meanwhile.
+    if vm.status() != VmStatus::Running || vm.psci.lock().state(vcpu) != Some(PowerState::On) {
+        return Next::Stop;
+    }
+    let (esr, far, hpfar) = match exit {
+        ExitReason::Interrupt => return Next::Resume,
+        ExitReason::SError { esr } => {
+            return stop_vm(vm, format_args!("SError (ESR {esr:#x})"));
+        }
+        ExitReason::Sync { esr, far, hpfar } => (esr, far, hpfar),
+    };
+    match trap::decode(esr, far, hpfar) {
+        TrapKind::Hvc { .. } => hypercall(vm, vcpu, ctx, sink),
+        TrapKind::Smc { .. } => {
+            // A trapped SMC returns to the SMC itself (preferred return address).
+            *ctx.pc = ctx.pc.wrapping_add(4);
+            hypercall(vm, vcpu, ctx, sink)
+        }
+        TrapKind::Wfx { .. } => {
+            *ctx.pc = ctx.pc.wrapping_add(4);
+            Next::Resume
+        }
+        TrapKind::Abort(abort) => stage2_abort(vm, ctx, &abort, el1, sink),
+        TrapKind::SysReg { .. } | TrapKind::Other { .. } => stop_vm(
+            vm,
+            format_args!(
+                "unhandled exit, EC {:#x} (ESR {esr:#x}, PC {:#x})",
+                (esr >> 26) & 0x3f,
+                *ctx.pc
+            ),
+        ),
+    }
+}
+
+fn hypercall<S>(vm: &Vm<S>, vcpu: usize, ctx: &mut VcpuCtx<'_>, sink: &mut impl LineSink) -> Next {
+    let x: [u64; 8] = core::array::from_fn(|i| ctx.x[i]);
+    let caller = Caller {
+        vm_id: vm.id,
+        vmid: vm.vmid.get(),
+        vcpu,
+        name: &vm.desc.name,
+    };
+    let outcome = {
+        let mut psci = vm.psci.lock();
+        hypercall::dispatch(&x, &caller, &mut psci, |ipa| vm.is_ram(ipa, 4))
+    };
+    match outcome {
+        Outcome::Return(r) => {
+            ctx.x[..4].copy_from_slice(&r);
+            Next::Resume
+        }
+        Outcome::CpuOff => Next::Stop,
+        Outcome::SystemOff => {
+            vm.uart.lock().flush(&vm.desc.name, sink);
+            log::info!("VM {} powered off", vm.desc.name);
+            *vm.status.lock() = VmStatus::Off;
+            vm.psci.lock().all_off();
+            Next::Stop
+        }
+        Outcome::SystemReset => {
+            vm.uart.lock().flush(&vm.desc.name, sink);
+            log::info!("VM {} reset", vm.desc.name);
+            Next::Reset
+        }
+    }
+}
+
+fn stage2_abort<S>(
+    vm: &Vm<S>,
+    ctx: &mut VcpuCtx<'_>,
+    abort: &Abort,
+    el1: &mut impl GuestEl1,
+    sink: &mut impl LineSink,
+) -> Next {
+    if let (Some(base), Some(syn)) = (vm.desc.vuart, abort.syndrome) {
+        if !abort.instruction && abort.ipa >= base && abort.ipa - base < PAGE_SIZE {
+            let offset = abort.ipa - base;
+            let bits = syn.size.bytes() * 8;
+            let mask = if bits == 64 {
+                u64::MAX
+            } else {
+                (1 << bits) - 1
+            };
+            let reg = usize::from(syn.reg);
+            if abort.write {
+                let value = if reg == 31 { 0 } else { ctx.x[reg] & mask };
+                vm.uart.lock().write(offset, value, &vm.desc.name, sink);
+            } else if reg != 31 {
+                let mut value = vm.uart.lock().read(offset) & mask;
+                if syn.sign_extend && bits < 64 && value & (1 << (bits - 1)) != 0 {
+                    value |= !mask;
+                }
+                if !syn.sixty_four {
+                    value &= 0xffff_ffff;
+                }
+                ctx.x[reg] = value;
+            }
+            *ctx.pc = ctx.pc.wrapping_add(4);
+            return Next::Resume;
+        }
+    }
+    let what = access_name(abort);
+    let unmapped = if (0x04..=0x07).contains(&abort.fault_status) {
+        "unmapped "
+    } else {
+        ""
+    };
+    match vm.desc.abort {
+        AbortPolicy::Stop => stop_vm(
+            vm,
+            format_args!(
+                "{what} of {unmapped}IPA {:#x} (ESR {:#x}, {})",
+                abort.ipa,
+                abort.esr,
+                trap::fault_status_name(abort.fault_status)
+            ),
+        ),
+        AbortPolicy::Inject => {
+            log::warn!(
+                "VM {}: injected abort for {what} of {unmapped}IPA {:#x} (ESR {:#x})",
+                vm.desc.name,
+                abort.ipa,
+                abort.esr
+            );
+            inject_abort(ctx, abort, el1);
+            Next::Resume
+        }
+    }
+}
+
+/// Makes the vCPU take a synchronous external abort at EL1 for `abort`: the EL1 exception
+/// registers as the architecture would set them (Arm ARM D1.10 "Exception entry") and the
+/// PC at the vector `VBAR_EL1` + 0x200 (from EL1 with SP_ELx), + 0x000 (EL1 with SP_EL0)
+/// or + 0x400 (from EL0, AArch64).
+pub fn inject_abort(ctx: &mut VcpuCtx<'_>, abort: &Abort, el1: &mut impl GuestEl1) {
+    let mode = *ctx.pstate & 0xf;
+    let from_el0 = mode == 0;
+    let offset = match mode {
+        0b0101 => 0x200,
+        0b0100 => 0x000,
+        _ => 0x400,
+    };
+    let esr = trap::injected_abort_esr(abort, from_el0);
+    el1.set_exception(esr, abort.far, *ctx.pc, *ctx.pstate);
+    *ctx.pc = el1.vbar().wrapping_add(offset);
+    *ctx.pstate = PSTATE_EL1H_MASKED;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::tests::{desc, manager};
+    use alloc::string::String;
+    use alloc::vec::Vec;
+
+    #[derive(Default)]
+    struct El1 {
+        vbar: u64,
+        set: Option<(u64, u64, u64, u64)>,
+    }
+    impl GuestEl1 for El1 {
+        fn vbar(&self) -> u64 {
+            self.vbar
+        }
+        fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64) {
+            self.set = Some((esr, far, elr, spsr));
+        }
+    }
+
+    #[derive(Default)]
+    struct Lines(Vec<String>);
+    impl LineSink for Lines {
+        fn line(&mut self, name: &str, text: &str) {
+            self.0.push(format!("[{name}] {text}"));
+        }
+    }
+
+    struct Cpu {
+        x: [u64; 31],
+        pc: u64,
+        pstate: u64,
+    }
+
+    impl Cpu {
+        fn new() -> Self {
+            Self {
+                x: [0; 31],
+                pc: 0x4000_1000,
+                pstate: 0x3c5,
+            }
+        }
+        fn exit<S>(
+            &mut self,
+            vm: &Vm<S>,
+            vcpu: usize,
+            e: ExitReason,
+            el1: &mut El1,
+            out: &mut Lines,
+        ) -> Next {
+            let mut ctx = VcpuCtx {
+                x: &mut self.x,
+                pc: &mut self.pc,
+                pstate: &mut self.pstate,
+            };
+            handle_exit(vm, vcpu, &mut ctx, e, el1, out)
+        }
+    }
+
+    const HVC: u64 = (0x16 << 26) | (1 << 25);
+    const SMC: u64 = (0x17 << 26) | (1 << 25);
+
+    fn dabt(write: bool, reg: u64, size: u64) -> u64 {
+        (0x24 << 26)
+            | (1 << 25)
+            | (1 << 24)
+            | (size << 22)
+            | (reg << 16)
+            | (u64::from(write) << 6)
+            | 0x07
+    }
+
+    fn sync(esr: u64, ipa: u64) -> ExitReason {
+        ExitReason::Sync {
+            esr,
+            far: 0xffff_0000_0000_0000 | (ipa & 0xfff),
+            hpfar: (ipa >> 12) << 4,
+        }
+    }
+
+    #[test]
+    fn vuart_write_and_flag_read() {
+        let m = manager();
+        let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
+        vm.psci.lock().take_pending(0);
+        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+        for b in b"ok\n" {
+            cpu.x[5] = u64::from(*b) | 0x100;
+            let n = cpu.exit(
+                &vm,
+                0,
+                sync(dabt(true, 5, 0), 0x0900_0000),
+                &mut el1,
+                &mut out,
+            );
+            assert_eq!(n, Next::Resume);
+        }
+        assert_eq!(out.0, vec!["[vm] ok".to_string()]);
+        assert_eq!(cpu.pc, 0x4000_100c);
+        cpu.x[7] = 0xdead;
+        cpu.exit(
+            &vm,
+            0,
+            sync(dabt(false, 7, 2), 0x0900_0018),
+            &mut el1,
+            &mut out,
+        );
+        assert_eq!(cpu.x[7], 0x90);
+    }
+
+    #[test]
+    fn hvc_and_smc_calls() {
+        let m = manager();
+        let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
+        vm.psci.lock().take_pending(0);
+        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+        cpu.x[0] = 0xC600_0001;
+        assert_eq!(
+            cpu.exit(&vm, 0, sync(HVC, 0), &mut el1, &mut out),
+            Next::Resume
+        );
+        assert_eq!(&cpu.x[..4], &[0, 0, u64::from(vm.vmid.get()), 0]);
+        assert_eq!(cpu.pc, 0x4000_1000, "HVC returns past itself already");
+        cpu.x[0] = 0x1234;
+        assert_eq!(
+            cpu.exit(&vm, 0, sync(SMC, 0), &mut el1, &mut out),
+            Next::Resume
+        );
+        assert_eq!(cpu.x[0], u64::MAX, "NOT_SUPPORTED");
+        assert_eq!(cpu.pc, 0x4000_1004, "SMC is stepped over");
+        cpu.x[0] = 0x8400_0008;
+        assert_eq!(
+            cpu.exit(&vm, 0, sync(HVC, 0), &mut el1, &mut out),
+            Next::Stop
+        );
+        assert_eq!(vm.status(), VmStatus::Off);
+        // A VM that is off does not run again.
+        assert_eq!(
+            cpu.exit(&vm, 0, ExitReason::Interrupt, &mut el1, &mut out),
+            Next::Stop
+        );
+        assert_eq!(m.outcome(), Some(true));
+    }
+
+    #[test]
+    fn unmapped_read_stops_only_that_vm() {
+        let m = manager();
+        let a = m.create(desc(0x5000_0000, 1)).expect("a");
+        let b = m.create(desc(0x5010_0000, 2)).expect("b");
+        a.psci.lock().take_pending(0);
+        b.psci.lock().take_pending(0);
+        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+        let n = cpu.exit(
+            &a,
+            0,
+            sync(dabt(false, 1, 3), 0x7000_0000),
+            &mut el1,
+            &mut out,
+        );
+        assert_eq!(n, Next::Stop);
+        assert_eq!(a.status(), VmStatus::Failed);
+        assert_eq!(a.psci.lock().running(), 0);
+        assert_eq!(b.status(), VmStatus::Running);
+        assert_eq!(el1.set, None);
+        assert_eq!(m.outcome(), None, "the other VM still runs");
+        *b.status.lock() = VmStatus::Off;
+        assert_eq!(m.outcome(), Some(false));
+    }
+
+    #[test]
+    fn unmapped_read_injects_when_asked() {
+        let m = manager();
+        let mut d = desc(0x5000_0000, 1);
+        d.abort = AbortPolicy::Inject;
+        let vm = m.create(d).expect("vm");
+        vm.psci.lock().take_pending(0);
+        let (mut cpu, mut out) = (Cpu::new(), Lines::default());
+        let mut el1 = El1 {
+            vbar: 0x4000_8000,
+            set: None,
+        };
+        cpu.pstate = 0x345; // EL1h, I and F masked, some flags
+        let n = cpu.exit(
+            &vm,
+            0,
+            sync(dabt(false, 1, 3), 0x7000_0010),
+            &mut el1,
+            &mut out,
+        );
+        assert_eq!(n, Next::Resume);
+        let (esr, far, elr, spsr) = el1.set.expect("exception registers written");
+        assert_eq!(esr >> 26, 0x25);
+        assert_eq!(esr & 0x3f, 0x10);
+        assert_eq!(far, 0xffff_0000_0000_0010);
+        assert_eq!((elr, spsr), (0x4000_1000, 0x345));
+        assert_eq!(cpu.pc, 0x4000_8200);
+        assert_eq!(cpu.pstate, 0x3c5);
+        // From EL0 the lower-EL vector is used.
+        cpu.pstate = 0;
+        cpu.exit(
+            &vm,
+            0,
+            sync(dabt(true, 1, 3), 0x7000_0010),
+            &mut el1,
+            &mut out,
+        );
+        assert_eq!(cpu.pc, 0x4000_8400);
+        assert_eq!(el1.set.map(|s| s.0 >> 26), Some(0x24));
+        assert_eq!(vm.status(), VmStatus::Running);
+    }
+
+    #[test]
+    fn cpu_on_off_and_reset_between_vcpus() {
+        let m = manager();
+        let mut d = desc(0x5000_0000, 1);
+        d.cpus.push(2);
+        let vm = m.create(d).expect("vm");
+        vm.psci.lock().take_pending(0);
+        let (mut c0, mut c1, mut el1, mut out) =
+            (Cpu::new(), Cpu::new(), El1::default(), Lines::default());
+        c0.x[..4].copy_from_slice(&[0xC400_0003, 1, 0x4000_2000, 9]);
+        assert_eq!(
+            c0.exit(&vm, 0, sync(HVC, 0), &mut el1, &mut out),
+            Next::Resume
+        );
+        assert_eq!(c0.x[0], 0);
+        assert_eq!(vm.psci.lock().take_pending(1), Some((0x4000_2000, 9)));
+        c1.x[0] = 0xC600_0001;
+        c1.exit(&vm, 1, sync(HVC, 0), &mut el1, &mut out);
+        assert_eq!(c1.x[3], 1, "vCPU index");
+        c1.x[0] = 0x8400_0002;
+        assert_eq!(
+            c1.exit(&vm, 1, sync(HVC, 0), &mut el1, &mut out),
+            Next::Stop
+        );
+        assert_eq!(vm.psci.lock().state(1), Some(PowerState::Off));
+        c0.x[0] = 0x8400_0009;
+        assert_eq!(
+            c0.exit(&vm, 0, sync(HVC, 0), &mut el1, &mut out),
+            Next::Reset
+        );
+    }
+
+    #[test]
+    fn unexpected_exits_stop_the_vm() {
+        let m = manager();
+        let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
+        vm.psci.lock().take_pending(0);
+        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+        assert_eq!(
+            cpu.exit(&vm, 0, ExitReason::Interrupt, &mut el1, &mut out),
+            Next::Resume
+        );
+        assert_eq!(cpu.exit(&vm, 0, sync(0, 0), &mut el1, &mut out), Next::Stop);
+        assert_eq!(vm.status(), VmStatus::Failed);
+        // Even the UART needs a valid syndrome: without ISV it is an abort.
+        let vm2 = m.create(desc(0x5010_0000, 2)).expect("vm2");
+        vm2.psci.lock().take_pending(0);
+        let no_isv = (0x24 << 26) | (1 << 25) | (1 << 6) | 0x07;
+        assert_eq!(
+            cpu.exit(&vm2, 0, sync(no_isv, 0x0900_0000), &mut el1, &mut out),
+            Next::Stop
+        );
+        assert!(out.0.is_empty());
+    }
+}
