@@ -46,20 +46,20 @@ pub trait Stage2 {
     ///
     /// A description of the failure.
     fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), &'static str>;
-    /// `VTTBR_EL2` for this table and `vmid`.
-    fn vttbr(&self, vmid: Vmid) -> u64;
+    /// `VTTBR_EL2` for this table (root address and VMID).
+    fn vttbr(&self) -> u64;
 }
 
 /// What the manager needs from the machine.
 pub trait Platform: VmidFlush {
     /// The stage-2 table type.
     type S2: Stage2 + Send;
-    /// A new, empty stage-2 table (its root frames are taken now).
+    /// A new, empty stage-2 table tagged with `vmid` (its root frames are taken now).
     ///
     /// # Errors
     ///
     /// Out of table frames.
-    fn new_stage2(&mut self) -> Result<Self::S2, &'static str>;
+    fn new_stage2(&mut self, vmid: Vmid) -> Result<Self::S2, &'static str>;
     /// Frees an empty stage-2 table and all its frames.
     fn free_stage2(&mut self, s2: Self::S2);
     /// Table frames currently allocated to stage-2 tables.
@@ -246,7 +246,7 @@ impl<P: Platform> VmManager<P> {
             }
         }
         let vmid = inner.vmids.allocate().map_err(VmError::Vmid)?;
-        let mut s2 = match inner.platform.new_stage2() {
+        let mut s2 = match inner.platform.new_stage2(vmid) {
             Ok(s2) => s2,
             Err(e) => {
                 // A VMID that never reached VTTBR_EL2 has no TLB entries, but the
@@ -298,7 +298,7 @@ impl<P: Platform> VmManager<P> {
         let _ = psci.power_on(0, desc.entry, desc.boot_x0());
         let vm = Arc::new(Vm {
             id: inner.next_id,
-            vttbr: s2.vttbr(vmid),
+            vttbr: s2.vttbr(),
             desc,
             vmid,
             stage2: Mutex::new(Some(s2)),
@@ -460,6 +460,7 @@ pub(crate) mod tests {
 
     pub(crate) struct FakeS2 {
         pub maps: BTreeMap<u64, (u64, S2Kind)>,
+        vmid: Vmid,
         held: usize,
         counter: Arc<AtomicUsize>,
         fail_at: Option<u64>,
@@ -499,8 +500,8 @@ pub(crate) mod tests {
             self.recount();
             Ok(())
         }
-        fn vttbr(&self, vmid: Vmid) -> u64 {
-            (u64::from(vmid.get()) << 48) | 0x4400_0000
+        fn vttbr(&self) -> u64 {
+            (u64::from(self.vmid.get()) << 48) | 0x4400_0000
         }
     }
 
@@ -512,9 +513,10 @@ pub(crate) mod tests {
 
     impl Platform for Fake {
         type S2 = FakeS2;
-        fn new_stage2(&mut self) -> Result<FakeS2, &'static str> {
+        fn new_stage2(&mut self, vmid: Vmid) -> Result<FakeS2, &'static str> {
             self.frames.fetch_add(1, Ordering::SeqCst);
             Ok(FakeS2 {
+                vmid,
                 maps: BTreeMap::new(),
                 held: 1,
                 counter: Arc::clone(&self.frames),
