@@ -5,6 +5,7 @@
 
 extern crate alloc;
 
+pub mod dtb;
 pub mod frames;
 pub mod hypercall;
 pub mod layout;

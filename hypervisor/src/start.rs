@@ -101,6 +101,18 @@ pub fn primary(dtb: usize) -> Machine {
     // Not a VHE host: plain EL2 with an AArch64 EL1 below (the VM code adds its own bits).
     HCR_EL2.write(HCR_EL2::RW::EL1IsAarch64);
 
+    // SAFETY: QEMU passes the physical address of a device tree in x0, in RAM nothing else
+    // uses yet; its header gives its size. Removing the FDT_NOP tokens QEMU leaves in a
+    // `-dtb` blob lets the parser see every node (see `crate::dtb`).
+    unsafe {
+        let header = core::slice::from_raw_parts(dtb as *const u8, 8);
+        let magic = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        let total = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        if magic == 0xd00d_feed {
+            let blob = core::slice::from_raw_parts_mut(dtb as *mut u8, total);
+            let _ = crate::dtb::strip_nops(blob);
+        }
+    }
     // SAFETY: QEMU passes the physical address of a device tree in x0 and the MMU is off,
     // so the address is directly usable; nothing writes the blob.
     let platform = match unsafe { Platform::parse_at(dtb as u64) } {

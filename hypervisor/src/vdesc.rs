@@ -402,7 +402,10 @@ fn parse_vm(node: &Node<'_>, host_dtb: &[u8]) -> Result<VmDesc, DescError> {
 /// [`DescError::BadDtb`] for a blob that is not an FDT, [`DescError::Invalid`] naming
 /// the first broken rule.
 pub fn parse(dtb: &[u8]) -> Result<Vec<VmDesc>, DescError> {
-    let fdt = fdt::Fdt::new(dtb).map_err(|_| DescError::BadDtb)?;
+    // Work on a copy without FDT_NOP tokens (see `crate::dtb`).
+    let mut blob = dtb.to_vec();
+    crate::dtb::strip_nops(&mut blob).map_err(|_| DescError::BadDtb)?;
+    let fdt = fdt::Fdt::new(&blob).map_err(|_| DescError::BadDtb)?;
     let Some(chosen) = fdt.find_node("/chosen") else {
         return Ok(Vec::new());
     };
