@@ -1,13 +1,21 @@
-//! The EL1 test guest (runs on `aarch64-unknown-none`).
+//! The EL1 test guest (runs on `aarch64-unknown-none` under the hypervisor).
+//!
+//! Entered at EL1 with the MMU off and x0 = the `arg` of its VM description:
+//! - bit 0: after the other checks, read the never-mapped IPA `0x7000_0000`
+//!   (the VM's abort policy decides what happens; with `inject` the guest expects a
+//!   synchronous external abort and reports it);
+//! - bit 1: start vCPU 1 with PSCI `CPU_ON` and check that it runs;
+//! - bit 2: keep running for one more second before the final report.
+//!
+//! It builds its own EL1&0 stage-1 tables with `mmu`, turns the MMU on, runs its checks,
+//! prints one `PASS name` or `FAIL name: detail` line per check and a final
+//! `DONE pass=N fail=M` through the virtual UART, then powers off with PSCI
+//! `SYSTEM_OFF`.
 #![cfg_attr(target_os = "none", no_std, no_main)]
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 #[cfg(target_os = "none")]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {
-        core::hint::spin_loop();
-    }
-}
+mod guest;
 
 /// On a hosted target there is nothing to run: the test guest is a bare-metal image.
 #[cfg(not(target_os = "none"))]

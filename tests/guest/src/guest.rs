@@ -1,0 +1,518 @@
+//! Everything that runs in the guest.
+
+use core::arch::{asm, global_asm};
+use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use mmu::{Attributes, El1, FrameAllocator, MapFlags, MemoryType, NoTlbMaintenance, PageTable};
+use mmu::{Permissions, PhysToVirt};
+
+/// IPA of the virtual UART page (the VM description's `vuart`).
+const UART: u64 = 0x0900_0000;
+/// Start and size of the guest's RAM (the VM description's `memory`).
+const RAM: (u64, u64) = (0x4000_0000, 0x20_0000);
+/// An IPA no VM description of the tests maps; stage 1 maps it so that the access
+/// reaches stage 2.
+pub const UNMAPPED_IPA: u64 = 0x7000_0000;
+
+const ARG_ABORT: u64 = 1 << 0;
+const ARG_SECOND_VCPU: u64 = 1 << 1;
+const ARG_LINGER: u64 = 1 << 2;
+
+const STACK_SIZE: usize = 16 * 1024;
+
+#[repr(C, align(16))]
+struct Stacks([[u8; STACK_SIZE]; 2]);
+
+#[no_mangle]
+static mut GUEST_STACKS: Stacks = Stacks([[0; STACK_SIZE]; 2]);
+
+// Entry of both vCPUs: x0 = description arg (vCPU 0) or CPU_ON context = vCPU index 1.
+// FP/SIMD is enabled first (CPACR_EL1.FPEN = 0b11, Arm ARM D19.2 CPACR_EL1) because
+// compiled Rust may use SIMD registers anywhere.
+global_asm!(
+    r#"
+.section .text.entry, "ax"
+.global _start
+_start:
+    mov     x19, x0
+    mov     x20, #0
+    adr     x1, __bss_start
+    adr     x2, __bss_end
+1:  cmp     x1, x2
+    b.hs    2f
+    str     xzr, [x1], #8
+    b       1b
+2:  b       common_start
+
+.global secondary_start
+secondary_start:
+    mov     x19, x0
+    mov     x20, #1
+common_start:
+    mov     x1, #(3 << 20)
+    msr     cpacr_el1, x1
+    isb
+    adr     x1, vectors
+    msr     vbar_el1, x1
+    ldr     x1, =GUEST_STACKS
+    add     x2, x20, #1
+    mov     x3, #{stack}
+    madd    x1, x2, x3, x1
+    mov     sp, x1
+    mov     x0, x19
+    mov     x1, x20
+    bl      guest_main
+3:  wfe
+    b       3b
+
+// EL1 vectors: only the synchronous one from the current EL with SP_ELx is expected.
+.balign 2048
+// Entry 4 (offset 0x200) is "synchronous, current EL with SP_ELx" (Arm ARM D1.10.2).
+vectors:
+    .rept 4
+    .balign 128
+    b       unexpected
+    .endr
+    .balign 128
+    b       sync_el1h
+    .rept 11
+    .balign 128
+    b       unexpected
+    .endr
+
+sync_el1h:
+    // Save every register the Rust handler may clobber (AAPCS64 caller-saved).
+    sub     sp, sp, #160
+    stp     x0, x1, [sp]
+    stp     x2, x3, [sp, #16]
+    stp     x4, x5, [sp, #32]
+    stp     x6, x7, [sp, #48]
+    stp     x8, x9, [sp, #64]
+    stp     x10, x11, [sp, #80]
+    stp     x12, x13, [sp, #96]
+    stp     x14, x15, [sp, #112]
+    stp     x16, x17, [sp, #128]
+    stp     x18, x30, [sp, #144]
+    mrs     x0, esr_el1
+    mrs     x1, far_el1
+    mrs     x2, elr_el1
+    bl      guest_sync_exception
+    // Returns the address to resume at.
+    msr     elr_el1, x0
+    ldp     x0, x1, [sp]
+    ldp     x2, x3, [sp, #16]
+    ldp     x4, x5, [sp, #32]
+    ldp     x6, x7, [sp, #48]
+    ldp     x8, x9, [sp, #64]
+    ldp     x10, x11, [sp, #80]
+    ldp     x12, x13, [sp, #96]
+    ldp     x14, x15, [sp, #112]
+    ldp     x16, x17, [sp, #128]
+    ldp     x18, x30, [sp, #144]
+    add     sp, sp, #160
+    eret
+
+unexpected:
+    mrs     x0, esr_el1
+    mrs     x1, elr_el1
+    bl      guest_unexpected_exception
+"#,
+    stack = const STACK_SIZE,
+);
+
+/// Writes to the virtual UART.
+struct Uart;
+
+impl Write for Uart {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            // SAFETY: UART is the virtual UART page, mapped as device memory; a 32-bit
+            // store to UARTDR is one single-register access the hypervisor emulates.
+            unsafe { core::ptr::write_volatile(UART as *mut u32, u32::from(b)) };
+        }
+        Ok(())
+    }
+}
+
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(Uart, $($arg)*);
+    }};
+}
+
+fn hvc(fid: u32, args: &[u64]) -> [u64; 4] {
+    let mut a = [0u64; 17];
+    a[..args.len()].copy_from_slice(args);
+    let r = smccc::hvc64(fid, a);
+    [r[0], r[1], r[2], r[3]]
+}
+
+const PSCI_VERSION: u32 = smccc::psci::PSCI_VERSION;
+const PSCI_CPU_ON: u32 = smccc::psci::PSCI_CPU_ON_64;
+const PSCI_CPU_OFF: u32 = smccc::psci::PSCI_CPU_OFF;
+const PSCI_AFFINITY_INFO: u32 = smccc::psci::PSCI_AFFINITY_INFO_64;
+const PSCI_SYSTEM_OFF: u32 = smccc::psci::PSCI_SYSTEM_OFF;
+const SMCCC_VERSION: u32 = smccc::arch::SMCCC_VERSION;
+const VM_INFO: u32 = 0xC600_0001;
+const VM_NAME: u32 = 0xC600_0002;
+const NOT_SUPPORTED: u64 = u64::MAX;
+
+static PASSED: AtomicU64 = AtomicU64::new(0);
+static FAILED: AtomicU64 = AtomicU64::new(0);
+
+fn check(name: &str, ok: bool, detail: fmt::Arguments<'_>) {
+    if ok {
+        PASSED.fetch_add(1, Ordering::SeqCst);
+        println!("PASS {name}");
+    } else {
+        FAILED.fetch_add(1, Ordering::SeqCst);
+        println!("FAIL {name}: {detail}");
+    }
+}
+
+/// Page-table frames for the guest's own stage 1 (identity mapped, so PA = VA).
+#[repr(C, align(4096))]
+struct Frames([[u64; 512]; 8]);
+
+static mut FRAMES: Frames = Frames([[0; 512]; 8]);
+
+struct StaticFrames {
+    next: usize,
+}
+
+impl PhysToVirt for StaticFrames {
+    fn phys_to_virt(&self, pa: u64) -> *mut u64 {
+        pa as *mut u64
+    }
+}
+
+impl FrameAllocator for StaticFrames {
+    fn alloc_frame(&mut self) -> Option<u64> {
+        if self.next >= 8 {
+            return None;
+        }
+        // Frames are handed out once (the guest never frees them) and are zero (.bss).
+        let base = core::ptr::addr_of_mut!(FRAMES) as u64;
+        let pa = base + self.next as u64 * 4096;
+        self.next += 1;
+        Some(pa)
+    }
+
+    fn free_frame(&mut self, _pa: u64) {}
+}
+
+/// `TTBR0_EL1`, `TCR_EL1`, `MAIR_EL1` of the tables vCPU 0 built (for vCPU 1).
+static MMU_REGS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+
+fn build_tables() -> Result<(), mmu::Error> {
+    let regime = El1::new(1, 39);
+    let mut pt = PageTable::new(regime, StaticFrames { next: 0 }, NoTlbMaintenance)?;
+    let rwx = Permissions::RW | Permissions::EXEC_EL1;
+    pt.map(
+        RAM.0,
+        RAM.0,
+        RAM.1,
+        Attributes::normal(rwx),
+        MapFlags::empty(),
+    )?;
+    pt.map(UART, UART, 4096, Attributes::device(), MapFlags::empty())?;
+    pt.map(
+        UNMAPPED_IPA,
+        UNMAPPED_IPA,
+        4096,
+        Attributes::new(Permissions::RW, MemoryType::Normal),
+        MapFlags::empty(),
+    )?;
+    MMU_REGS[0].store(pt.ttbr0_el1(), Ordering::SeqCst);
+    MMU_REGS[1].store(pt.tcr_el1(), Ordering::SeqCst);
+    MMU_REGS[2].store(pt.mair_el1(), Ordering::SeqCst);
+    // The tables live in static frames for the rest of the run.
+    core::mem::forget(pt);
+    Ok(())
+}
+
+/// Turns on the EL1&0 MMU with the tables of [`build_tables`]: MAIR, TCR, TTBR0, then
+/// SCTLR_EL1.M | C | I (Arm ARM D8.2; the ISBs order the register writes).
+fn mmu_on() {
+    let ttbr = MMU_REGS[0].load(Ordering::SeqCst);
+    let tcr = MMU_REGS[1].load(Ordering::SeqCst);
+    let mair = MMU_REGS[2].load(Ordering::SeqCst);
+    // SAFETY: the tables identity-map all RAM the guest uses (code, data, stacks), so
+    // execution continues at the same addresses with the MMU on.
+    unsafe {
+        asm!(
+            "dsb ish",
+            "msr mair_el1, {mair}",
+            "msr tcr_el1, {tcr}",
+            "msr ttbr0_el1, {ttbr}",
+            "isb",
+            "tlbi vmalle1",
+            "dsb nsh",
+            "isb",
+            "mrs {tmp}, sctlr_el1",
+            "orr {tmp}, {tmp}, #(1 << 0)",
+            "orr {tmp}, {tmp}, #(1 << 2)",
+            "orr {tmp}, {tmp}, #(1 << 12)",
+            "msr sctlr_el1, {tmp}",
+            "isb",
+            mair = in(reg) mair,
+            tcr = in(reg) tcr,
+            ttbr = in(reg) ttbr,
+            tmp = out(reg) _,
+            options(nostack),
+        );
+    }
+}
+
+fn sctlr() -> u64 {
+    let v: u64;
+    // SAFETY: reading SCTLR_EL1 at EL1 has no side effects.
+    unsafe { asm!("mrs {}, sctlr_el1", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// Set while the guest deliberately touches [`UNMAPPED_IPA`]; the exception handler
+/// records the abort in [`ABORT_ESR`] and skips the instruction.
+static EXPECT_ABORT: AtomicU64 = AtomicU64::new(0);
+static ABORT_ESR: AtomicU64 = AtomicU64::new(0);
+static ABORT_FAR: AtomicU64 = AtomicU64::new(0);
+
+#[no_mangle]
+extern "C" fn guest_sync_exception(esr: u64, far: u64, elr: u64) -> u64 {
+    if EXPECT_ABORT.swap(0, Ordering::SeqCst) == 1 {
+        ABORT_ESR.store(esr, Ordering::SeqCst);
+        ABORT_FAR.store(far, Ordering::SeqCst);
+        return elr + 4;
+    }
+    guest_unexpected_exception(esr, elr)
+}
+
+#[no_mangle]
+extern "C" fn guest_unexpected_exception(esr: u64, elr: u64) -> ! {
+    println!("FAIL unexpected exception: ESR {esr:#x} ELR {elr:#x}");
+    power_off()
+}
+
+fn power_off() -> ! {
+    hvc(PSCI_SYSTEM_OFF, &[]);
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// Written by vCPU 1 when it runs: its VM_INFO vCPU index + 1.
+static SECOND_SEEN: AtomicU64 = AtomicU64::new(0);
+
+#[no_mangle]
+extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
+    if vcpu == 1 {
+        mmu_on();
+        let info = hvc(VM_INFO, &[]);
+        SECOND_SEEN.store(info[3] + 1, Ordering::SeqCst);
+        hvc(PSCI_CPU_OFF, &[]);
+        println!("FAIL cpu-off returned");
+        loop {
+            core::hint::spin_loop();
+        }
+    }
+    match build_tables() {
+        Ok(()) => mmu_on(),
+        Err(e) => {
+            println!("FAIL stage-1 tables: {e:?}");
+            power_off();
+        }
+    }
+    let s = sctlr();
+    check("mmu-on", s & 1 == 1, format_args!("SCTLR_EL1 {s:#x}"));
+
+    let info = hvc(VM_INFO, &[]);
+    println!("vm-info id={} vmid={} vcpu={}", info[1], info[2], info[3]);
+    check(
+        "hypercall-vm-info",
+        info[0] == 0 && info[2] != 0 && info[3] == 0,
+        format_args!("{info:x?}"),
+    );
+    let name = hvc(VM_NAME, &[]);
+    let mut bytes = [0u8; 24];
+    for (i, w) in name[1..].iter().enumerate() {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    let len = (name[0] as usize).min(24);
+    let name_str = core::str::from_utf8(&bytes[..len]).unwrap_or("?");
+    check("hypercall-vm-name", len > 0, format_args!("{name:x?}"));
+    println!("vm-name {name_str}");
+
+    let v = hvc(SMCCC_VERSION, &[])[0];
+    check("smccc-version", v == 0x1_0001, format_args!("{v:#x}"));
+    let v = hvc(PSCI_VERSION, &[])[0];
+    check("psci-version", v == 0x1_0001, format_args!("{v:#x}"));
+    let unknown = [0xC600_00FF, 0x8600_FF02, 0xC400_0001, 0x0];
+    let bad = unknown.iter().find(|f| hvc(**f, &[])[0] != NOT_SUPPORTED);
+    check(
+        "unknown-id-not-supported",
+        bad.is_none(),
+        format_args!("{bad:x?}"),
+    );
+
+    memory_check();
+    fp_check();
+
+    if arg & ARG_SECOND_VCPU != 0 {
+        second_vcpu_check();
+    }
+    if arg & ARG_ABORT != 0 {
+        abort_check();
+    }
+    if arg & ARG_LINGER != 0 {
+        linger();
+    }
+    println!(
+        "DONE pass={} fail={}",
+        PASSED.load(Ordering::SeqCst),
+        FAILED.load(Ordering::SeqCst)
+    );
+    power_off()
+}
+
+/// Writes a pattern over 256 KiB of RAM (above the image), reads it back, and checks
+/// that RAM the image does not cover was zero (scrubbed) when the VM started.
+fn memory_check() {
+    let start = RAM.0 + 0x10_0000;
+    let words = 0x4_0000 / 8;
+    let p = start as *mut u64;
+    let mut was_zero = true;
+    for i in 0..words {
+        // SAFETY: [start, start + 256 KiB) is guest RAM nothing else uses (the image,
+        // bss and stacks lie in the first MiB).
+        unsafe {
+            was_zero &= p.add(i).read_volatile() == 0;
+            p.add(i)
+                .write_volatile((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        }
+    }
+    let mut bad = None;
+    for i in 0..words {
+        // SAFETY: as above.
+        let v = unsafe { p.add(i).read_volatile() };
+        if v != (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) {
+            bad = Some(i);
+            break;
+        }
+    }
+    check(
+        "memory-scrubbed",
+        was_zero,
+        format_args!("nonzero RAM at start"),
+    );
+    check(
+        "memory-rw",
+        bad.is_none(),
+        format_args!("mismatch at word {bad:?}"),
+    );
+}
+
+fn fp_check() {
+    let mut acc = core::hint::black_box(1.0f64);
+    for i in 1..=20 {
+        acc = acc * core::hint::black_box(1.5) + f64::from(i) / 8.0;
+    }
+    let d: u64;
+    // SAFETY: moving a value through a SIMD/FP register: no memory access.
+    unsafe {
+        asm!("fmov d0, {x}", "fmov {y}, d0", x = in(reg) acc.to_bits(), y = out(reg) d,
+             out("v0") _, options(nomem, nostack));
+    }
+    let expected = {
+        let mut e = 1.0f64;
+        for i in 1..=20 {
+            e = e * 1.5 + f64::from(i) / 8.0;
+        }
+        e
+    };
+    check(
+        "fp-simd",
+        f64::from_bits(d) == expected && expected > 3000.0,
+        format_args!("{acc} vs {expected}"),
+    );
+}
+
+fn second_vcpu_check() {
+    extern "C" {
+        fn secondary_start();
+    }
+    let entry = secondary_start as *const () as u64;
+    let r = hvc(PSCI_CPU_ON, &[1, entry, 1])[0];
+    check("psci-cpu-on", r == 0, format_args!("returned {r:#x}"));
+    let again = hvc(PSCI_CPU_ON, &[1, entry, 1])[0] as i64;
+    check(
+        "psci-cpu-on-again",
+        again == -4 || again == -5,
+        format_args!("returned {again}"),
+    );
+    let mut seen = 0;
+    for _ in 0..50_000_000u64 {
+        seen = SECOND_SEEN.load(Ordering::SeqCst);
+        if seen != 0 {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    check(
+        "second-vcpu-ran",
+        seen == 2,
+        format_args!("vCPU 1 reported {seen}"),
+    );
+    let mut state = u64::MAX;
+    for _ in 0..50_000_000u64 {
+        state = hvc(PSCI_AFFINITY_INFO, &[1, 0])[0];
+        if state == 1 {
+            break;
+        }
+    }
+    check(
+        "psci-cpu-off",
+        state == 1,
+        format_args!("AFFINITY_INFO {state}"),
+    );
+}
+
+/// Keeps running for one second of the generic timer (so that a test can see this VM
+/// carry on after another VM was stopped), then reports.
+fn linger() {
+    let (freq, start): (u64, u64);
+    // SAFETY: reading the counter frequency and the physical counter (CNTHCTL_EL2 lets
+    // EL1 read it) has no side effects.
+    unsafe {
+        asm!("mrs {}, cntfrq_el0", out(reg) freq, options(nomem, nostack));
+        asm!("isb", "mrs {}, cntpct_el0", out(reg) start, options(nomem, nostack));
+    }
+    let mut now = start;
+    while now.wrapping_sub(start) < freq {
+        // SAFETY: as above.
+        unsafe { asm!("isb", "mrs {}, cntpct_el0", out(reg) now, options(nomem, nostack)) };
+    }
+    let info = hvc(VM_INFO, &[]);
+    check("alive-after-1s", info[0] == 0, format_args!("{info:x?}"));
+}
+
+fn abort_check() {
+    println!("reading unmapped IPA {UNMAPPED_IPA:#x}");
+    EXPECT_ABORT.store(1, Ordering::SeqCst);
+    // SAFETY: a deliberate access to an IPA no stage 2 maps: either the hypervisor
+    // injects an abort (handled by the vector, which skips this load) or stops the VM.
+    let v = unsafe { core::ptr::read_volatile(UNMAPPED_IPA as *const u64) };
+    let esr = ABORT_ESR.load(Ordering::SeqCst);
+    let far = ABORT_FAR.load(Ordering::SeqCst);
+    check(
+        "injected-abort",
+        esr >> 26 == 0x25 && esr & 0x3f == 0x10 && far == UNMAPPED_IPA,
+        format_args!("ESR_EL1 {esr:#x} FAR_EL1 {far:#x} value {v:#x}"),
+    );
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    println!("FAIL panic: {info}");
+    power_off()
+}
