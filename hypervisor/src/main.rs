@@ -27,20 +27,14 @@ mod bare_metal {
         secondary_idle(cpu)
     }
 
-    /// Hook: create the VMs from the VM description and run them on the primary CPU.
-    /// Until VMs exist, the hypervisor reports ready and powers the machine off.
+    /// Creates the VMs from the VM description and runs this CPU's vCPU.
     fn run_vms(machine: &Machine) -> ! {
-        log::info!(
-            "hypervisor ready: {} CPUs online, no VMs to run",
-            machine.cpus_online
-        );
-        start::power_off()
+        hypervisor::vm::hw::run_vms(machine)
     }
 
-    /// Hook: what a secondary CPU does once online (run its VM's vCPU). Until VMs
-    /// exist it parks.
-    fn secondary_idle(_cpu: usize) -> ! {
-        start::park()
+    /// Runs this CPU's vCPU once the VMs exist.
+    fn secondary_idle(cpu: usize) -> ! {
+        hypervisor::vm::hw::secondary_idle(cpu)
     }
 
     #[panic_handler]

@@ -5,6 +5,8 @@
 //! copying and scrubbing physical memory, VMID TLB flushes), so this module is tested on
 //! the host with a recording fake.
 
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+pub mod hw;
 pub mod pool;
 
 use crate::psci::PsciVm;

@@ -1,0 +1,349 @@
+//! Running VMs on the machine: the [`Platform`] of the VM manager over the real frame pool
+//! and `mmu` stage-2 tables, the per-CPU vCPU run loop, and the few system-register
+//! writes that configure EL2 for a guest (`regs`).
+//!
+//! Static partitioning: each physical CPU runs at most one vCPU, so the guest's EL1
+//! system registers stay in the CPU and are never saved or switched; they are reset when
+//! the vCPU (re)starts.
+
+mod regs;
+
+use alloc::sync::Arc;
+
+use mmu::arch::ArmTlb;
+use mmu::{
+    Attributes, FrameAllocator, MapFlags, PageTable, Permissions, PhysToVirt, TlbMaintenance, TlbOp,
+};
+use spin::Once;
+
+use super::{Layout, Platform, S2Kind, Stage2, Vm, VmManager, GUEST_RAM, STAGING};
+use crate::start::{self, Machine, FRAMES};
+use crate::vcpu::{self, ExitReason, GuestEl1, Next, VcpuCtx};
+use crate::vdesc;
+use crate::vmid::{Vmid, VmidBits, VmidFlush};
+use crate::vuart::LineSink;
+
+/// IPA size of every guest (39 bits: a single level-1 root table, 512 GiB).
+pub const IPA_BITS: u8 = 39;
+
+/// Semihosting exit status when a VM was stopped or could not be created.
+pub const EXIT_VM_FAILED: u32 = 1;
+
+static MANAGER: Once<VmManager<Hw>> = Once::new();
+
+/// Table frames from the hypervisor's frame pool, zeroed on allocation; the EL2 stage 1
+/// maps the pool identity (VA = PA).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HwFrames;
+
+impl PhysToVirt for HwFrames {
+    fn phys_to_virt(&self, pa: u64) -> *mut u64 {
+        pa as *mut u64
+    }
+}
+
+impl FrameAllocator for HwFrames {
+    fn alloc_frame(&mut self) -> Option<u64> {
+        let pa = FRAMES.get()?.lock().alloc()?;
+        // SAFETY: the pool just handed out this 4 KiB frame to us alone; it is
+        // identity-mapped read/write in the hypervisor's stage 1.
+        unsafe { core::ptr::write_bytes(pa as *mut u8, 0, 4096) };
+        Some(pa)
+    }
+
+    fn free_frame(&mut self, pa: u64) {
+        if let Some(pool) = FRAMES.get() {
+            if let Err(e) = pool.lock().free(pa) {
+                log::error!("stage 2: {e}");
+            }
+        }
+    }
+}
+
+/// One VM's stage 2, built with `mmu`.
+pub struct HwStage2(PageTable<mmu::Stage2, HwFrames, ArmTlb>);
+
+impl Stage2 for HwStage2 {
+    fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), &'static str> {
+        let attrs = match kind {
+            S2Kind::Ram => {
+                Attributes::normal(Permissions::RW | Permissions::EXEC_EL1 | Permissions::EXEC_EL0)
+            }
+            S2Kind::Device => Attributes::device(),
+        };
+        self.0
+            .map(ipa, pa, size, attrs, MapFlags::empty())
+            .map_err(mmu_error)
+    }
+
+    fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), &'static str> {
+        self.0.unmap(ipa, size).map_err(mmu_error)
+    }
+
+    fn vttbr(&self) -> u64 {
+        self.0.vttbr_el2()
+    }
+}
+
+fn mmu_error(e: mmu::Error) -> &'static str {
+    match e {
+        mmu::Error::OutOfFrames => "out of page-table frames",
+        mmu::Error::Misaligned => "misaligned range",
+        mmu::Error::OutOfRange => "range outside the IPA or PA space",
+        mmu::Error::AlreadyMapped { .. } => "range already mapped",
+        _ => "stage-2 table error",
+    }
+}
+
+/// The machine side of the VM manager.
+pub struct Hw {
+    vmid_bits: VmidBits,
+    /// An all-invalid stage-2 root, loaded while flushing a VMID that has no table.
+    empty_root: u64,
+}
+
+impl Hw {
+    fn stage2_regime(&self, vmid: Vmid) -> mmu::Stage2 {
+        mmu::Stage2::new(vmid.get(), IPA_BITS)
+            .with_pa_bits(regs::pa_bits())
+            .with_vmid16(self.vmid_bits == VmidBits::Sixteen)
+    }
+}
+
+impl VmidFlush for Hw {
+    fn flush_vmid(&mut self, vmid: Vmid) {
+        let vttbr = self.empty_root | (u64::from(vmid.get()) << 48);
+        let vmid = vmid.get();
+        // TLBI VMALLS12E1IS with the VMID current, then DSB ISH; ISB (Arm ARM D8.14).
+        ArmTlb.execute(&[
+            TlbOp::DsbIshSt,
+            TlbOp::Stage2All { vmid, vttbr },
+            TlbOp::DsbIsh,
+            TlbOp::Isb,
+        ]);
+    }
+}
+
+impl Platform for Hw {
+    type S2 = HwStage2;
+
+    fn new_stage2(&mut self, vmid: Vmid) -> Result<HwStage2, &'static str> {
+        PageTable::new(self.stage2_regime(vmid), HwFrames, ArmTlb)
+            .map(HwStage2)
+            .map_err(mmu_error)
+    }
+
+    fn free_stage2(&mut self, s2: HwStage2) {
+        // Dropping the table returns its remaining frames (the root) to the pool.
+        drop(s2);
+    }
+
+    fn table_frames(&self) -> usize {
+        FRAMES.get().map_or(0, |p| p.lock().in_use())
+    }
+
+    fn zero(&mut self, pa: u64, len: u64) {
+        // SAFETY: the manager only passes guest RAM it owns (checked against GUEST_RAM),
+        // which the hypervisor's stage 1 maps read/write; no vCPU of the VM runs.
+        unsafe { core::ptr::write_bytes(pa as *mut u8, 0, len as usize) };
+        boot::clean_dcache_range(pa, len);
+    }
+
+    fn copy(&mut self, dst: u64, src: u64, len: u64) {
+        // SAFETY: `src` is in the staging range and `dst` in the VM's RAM (checked by the
+        // manager); both are mapped, and they do not overlap.
+        unsafe { core::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len as usize) };
+        boot::clean_dcache_range(dst, len);
+    }
+}
+
+/// Prints the virtual UART's lines through the logger: `[name] text`.
+struct ConsoleLines;
+
+impl LineSink for ConsoleLines {
+    fn line(&mut self, name: &str, text: &str) {
+        log::info!("[{name}] {text}");
+    }
+}
+
+/// The running guest's EL1 exception registers.
+struct HwEl1;
+
+impl GuestEl1 for HwEl1 {
+    fn vbar(&self) -> u64 {
+        regs::vbar_el1()
+    }
+
+    fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64) {
+        regs::set_el1_exception(esr, far, elr, spsr);
+    }
+}
+
+/// Primary-CPU hook: creates every VM the device tree describes, publishes them to the
+/// other CPUs, then runs this CPU's vCPU, if any. Never returns: the machine stops when
+/// the last VM is done (`docs/vms.md`, "When the run ends").
+pub fn run_vms(machine: &Machine) -> ! {
+    let dtb = machine.platform.dtb;
+    // SAFETY: the device tree QEMU passed stays mapped read-only and unchanged for the
+    // whole run (the layout reserves its pages).
+    let blob = unsafe { core::slice::from_raw_parts(dtb.base as *const u8, dtb.size as usize) };
+    let descs = match vdesc::parse(blob) {
+        Ok(d) => d,
+        Err(e) => start::fatal(format_args!("VM description: {e}")),
+    };
+    if descs.is_empty() {
+        log::info!("no VMs described under /chosen");
+        start::power_off();
+    }
+    let vmid_bits = regs::vmid_bits();
+    let empty_root = HwFrames
+        .alloc_frame()
+        .unwrap_or_else(|| start::fatal(format_args!("no frame for the empty stage-2 root")));
+    let host_ram = machine
+        .platform
+        .memory()
+        .iter()
+        .fold((u64::MAX, 0u64), |(lo, hi), r| {
+            (lo.min(r.base), hi.max(r.end()))
+        });
+    let layout = Layout {
+        host_ram: (host_ram.0, host_ram.1.saturating_sub(host_ram.0)),
+        guest_ram: GUEST_RAM,
+        staging: STAGING,
+    };
+    let hw = Hw {
+        vmid_bits,
+        empty_root,
+    };
+    let manager = VmManager::new(hw, vmid_bits, layout);
+    log::info!(
+        "VMs: {} described, {}-bit VMIDs, {IPA_BITS}-bit IPA, {}-bit PA",
+        descs.len(),
+        if vmid_bits == VmidBits::Sixteen {
+            16
+        } else {
+            8
+        },
+        regs::pa_bits()
+    );
+    for desc in descs {
+        let name = desc.name.clone();
+        for &cpu in &desc.cpus {
+            if cpu_index_of(u64::from(cpu)).is_none() {
+                start::fatal(format_args!("VM {name}: CPU {cpu:#x} is not an online CPU"));
+            }
+        }
+        match manager.create(desc) {
+            Ok(vm) => log::info!(
+                "VM {} created: id {}, VMID {}, {} vCPU(s) on CPUs {:?}, {} KiB RAM, entry {:#x}",
+                vm.desc.name,
+                vm.id,
+                vm.vmid,
+                vm.desc.cpus.len(),
+                vm.desc.cpus,
+                vm.desc.ram_size() / 1024,
+                vm.desc.entry
+            ),
+            Err(e) => start::fatal(format_args!("VM {name}: {e}")),
+        }
+    }
+    MANAGER.call_once(|| manager);
+    aarch64_cpu::asm::sev();
+    run_cpu(0)
+}
+
+/// Secondary-CPU hook: waits for the VMs to exist, then runs this CPU's vCPU, if any.
+pub fn secondary_idle(cpu: usize) -> ! {
+    while MANAGER.get().is_none() {
+        aarch64_cpu::asm::wfe();
+    }
+    run_cpu(cpu)
+}
+
+fn cpu_index_of(mpidr: u64) -> Option<usize> {
+    (0..boot::MAX_CPUS).find(|&i| start::cpu_mpidr(i) == Some(mpidr))
+}
+
+fn run_cpu(cpu: usize) -> ! {
+    let Some(manager) = MANAGER.get() else {
+        start::park()
+    };
+    let Some(mpidr) = start::cpu_mpidr(cpu) else {
+        start::park()
+    };
+    let Ok(mpidr32) = u32::try_from(mpidr) else {
+        start::park()
+    };
+    let Some((vm, index)) = manager.vm_on_cpu(mpidr32) else {
+        start::park()
+    };
+    loop {
+        let (entry, context) = wait_for_start(&vm, index);
+        log::info!("VM {}: vCPU {index} starts at {entry:#x}", vm.desc.name);
+        run_vcpu(manager, &vm, index, entry, context);
+        regs::leave_guest_context();
+        if let Some(ok) = manager.outcome() {
+            finish(ok);
+        }
+    }
+}
+
+fn wait_for_start(vm: &Vm<HwStage2>, index: usize) -> (u64, u64) {
+    loop {
+        if let Some(start) = vm.psci.lock().take_pending(index) {
+            return start;
+        }
+        aarch64_cpu::asm::wfe();
+    }
+}
+
+fn run_vcpu(manager: &VmManager<Hw>, vm: &Arc<Vm<HwStage2>>, index: usize, entry: u64, ctx: u64) {
+    let vtcr = manager
+        .with_platform(|hw| hw.stage2_regime(vm.vmid).vtcr())
+        .unwrap_or(0);
+    regs::enter_guest_context(vm.vttbr, vtcr, index as u64);
+    let mut regs = boot::GuestRegs::new(entry, ctx);
+    loop {
+        // SAFETY: HCR_EL2, VTCR_EL2 and VTTBR_EL2 were just set up for this VM, whose
+        // stage 2 maps only its own RAM and pass-through devices; its EL1 registers are
+        // reset; interrupts are masked at EL2.
+        let exit = unsafe { boot::enter_guest(&mut regs) };
+        let reason = match exit {
+            boot::Exit::Sync { esr, far, hpfar } => ExitReason::Sync {
+                esr: esr.bits(),
+                far,
+                hpfar,
+            },
+            boot::Exit::Irq | boot::Exit::Fiq => ExitReason::Interrupt,
+            boot::Exit::SError { esr } => ExitReason::SError { esr: esr.bits() },
+        };
+        let mut ctx = VcpuCtx {
+            x: &mut regs.x,
+            pc: &mut regs.pc,
+            pstate: &mut regs.pstate,
+        };
+        let next = vcpu::handle_exit(vm, index, &mut ctx, reason, &mut HwEl1, &mut ConsoleLines);
+        // A CPU_ON may have made another vCPU runnable.
+        aarch64_cpu::asm::sev();
+        match next {
+            Next::Resume => {}
+            Next::Stop => return,
+            Next::Reset => {
+                if let Err(e) = manager.reset(vm.id) {
+                    log::error!("VM {}: reset failed: {e}", vm.desc.name);
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn finish(ok: bool) -> ! {
+    if ok {
+        log::info!("twostage: all VMs done: success");
+        start::power_off()
+    } else {
+        log::error!("twostage: all VMs done: failure");
+        boot::semihosting_exit(EXIT_VM_FAILED)
+    }
+}

@@ -1,0 +1,148 @@
+//! The EL2 and EL1 system-register accesses of the VM code (`asm!` lives only here).
+//!
+//! Register layouts: Arm ARM (DDI 0487) D19.2 (AArch64 system registers) and D19.11
+//! (generic timer registers).
+
+use core::arch::asm;
+
+use crate::vmid::VmidBits;
+
+/// `HCR_EL2` for an AArch64 EL1 guest (D19.2.49):
+/// VM (0) stage 2 on, SWIO (1) set/way invalidation as clean+invalidate, TSC (19) trap
+/// SMC (it is a PSCI/SMCCC conduit), RW (31) EL1 is AArch64, APK (40) / API (41) do not
+/// trap pointer-authentication keys and instructions (`-cpu max` has FEAT_PAuth).
+/// IMO/FMO/AMO stay 0: physical interrupts go to the guest when it runs.
+pub const HCR_GUEST: u64 = (1 << 0) | (1 << 1) | (1 << 19) | (1 << 31) | (1 << 40) | (1 << 41);
+/// `HCR_EL2` while no guest runs: only RW, stage 2 off.
+pub const HCR_IDLE: u64 = 1 << 31;
+/// `CPTR_EL2` (non-VHE, D19.2.30): RES1 bits 13:12, 9, 7:0; TFP (10) = 0 so FP/SIMD does
+/// not trap; TZ (8) = 1 traps SVE, whose state the guest switch does not save.
+pub const CPTR_GUEST: u64 = 0x33ff;
+/// `CNTHCTL_EL2` (non-VHE, D19.11.4): EL1PCTEN (0) and EL1PCEN (1): the guest may read
+/// the physical counter and use the physical timer.
+pub const CNTHCTL_GUEST: u64 = 0b11;
+/// `SCTLR_EL1` at vCPU reset: the RES1 bits of Armv8.0 (29, 28, 23, 22, 20, 11), MMU and
+/// caches off, little-endian (D19.2.118).
+pub const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
+
+/// Output-address size from `ID_AA64MMFR0_EL1.PARange` (bits \[3:0\]), capped at 48.
+pub fn pa_bits() -> u8 {
+    let v: u64;
+    // SAFETY: reading an ID register has no side effects.
+    unsafe { asm!("mrs {}, id_aa64mmfr0_el1", out(reg) v, options(nomem, nostack)) };
+    match v & 0xf {
+        0 => 32,
+        1 => 36,
+        2 => 40,
+        3 => 42,
+        4 => 44,
+        _ => 48,
+    }
+}
+
+/// VMID width from `ID_AA64MMFR1_EL1.VMIDBits`.
+pub fn vmid_bits() -> VmidBits {
+    let v: u64;
+    // SAFETY: reading an ID register has no side effects.
+    unsafe { asm!("mrs {}, id_aa64mmfr1_el1", out(reg) v, options(nomem, nostack)) };
+    VmidBits::from_id_aa64mmfr1(v)
+}
+
+/// Configures this CPU to run vCPU `index` of the VM with `vttbr`/`vtcr`, and resets the
+/// guest's EL1 state (the vCPU starts as after a PSCI `CPU_ON`: MMU off).
+pub fn enter_guest_context(vttbr: u64, vtcr: u64, index: u64) {
+    let midr: u64;
+    // SAFETY: reading MIDR_EL1 has no side effects.
+    unsafe { asm!("mrs {}, midr_el1", out(reg) midr, options(nomem, nostack)) };
+    let vmpidr = (1 << 31) | (index & 0xff);
+    // SAFETY: these registers only affect the EL1&0 regime, which does not run until
+    // `enter_guest`; the local TLBI VMALLS12E1 drops whatever this CPU cached for the
+    // VMID before (the VMID is also flushed inner-shareable when it is freed).
+    unsafe {
+        asm!(
+            "msr vtcr_el2, {vtcr}",
+            "msr vttbr_el2, {vttbr}",
+            "msr hcr_el2, {hcr}",
+            "msr cptr_el2, {cptr}",
+            "msr cnthctl_el2, {cnthctl}",
+            "msr cntvoff_el2, xzr",
+            "msr vpidr_el2, {midr}",
+            "msr vmpidr_el2, {vmpidr}",
+            "msr sctlr_el1, {sctlr}",
+            "msr cpacr_el1, xzr",
+            "msr vbar_el1, xzr",
+            "msr tcr_el1, xzr",
+            "msr ttbr0_el1, xzr",
+            "msr ttbr1_el1, xzr",
+            "msr mair_el1, xzr",
+            "msr amair_el1, xzr",
+            "msr contextidr_el1, xzr",
+            "msr tpidr_el1, xzr",
+            "msr tpidr_el0, xzr",
+            "msr tpidrro_el0, xzr",
+            "msr sp_el0, xzr",
+            "msr sp_el1, xzr",
+            "msr esr_el1, xzr",
+            "msr far_el1, xzr",
+            "msr cntkctl_el1, xzr",
+            "msr cntv_ctl_el0, xzr",
+            "msr cntp_ctl_el0, xzr",
+            "isb",
+            "tlbi vmalls12e1",
+            "dsb nsh",
+            "isb",
+            vtcr = in(reg) vtcr,
+            vttbr = in(reg) vttbr,
+            hcr = in(reg) HCR_GUEST,
+            cptr = in(reg) CPTR_GUEST,
+            cnthctl = in(reg) CNTHCTL_GUEST,
+            midr = in(reg) midr,
+            vmpidr = in(reg) vmpidr,
+            sctlr = in(reg) SCTLR_EL1_RESET,
+            options(nostack),
+        );
+    }
+}
+
+/// Turns stage 2 off and clears `VTTBR_EL2` while this CPU runs no guest, so no table of a
+/// VM that may be destroyed stays reachable from it.
+pub fn leave_guest_context() {
+    // SAFETY: at EL2 these only affect the EL1&0 regime, which does not run now.
+    unsafe {
+        asm!(
+            "msr hcr_el2, {hcr}",
+            "isb",
+            "msr vttbr_el2, xzr",
+            "isb",
+            hcr = in(reg) HCR_IDLE,
+            options(nostack),
+        );
+    }
+}
+
+/// The guest's `VBAR_EL1`.
+pub fn vbar_el1() -> u64 {
+    let v: u64;
+    // SAFETY: reading VBAR_EL1 at EL2 has no side effects.
+    unsafe { asm!("mrs {}, vbar_el1", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// Writes the guest's `ESR_EL1`, `FAR_EL1`, `ELR_EL1`, `SPSR_EL1` (abort injection).
+pub fn set_el1_exception(esr: u64, far: u64, elr: u64, spsr: u64) {
+    // SAFETY: the guest's EL1 exception registers, owned by the vCPU this CPU runs; they
+    // do not affect EL2.
+    unsafe {
+        asm!(
+            "msr esr_el1, {esr}",
+            "msr far_el1, {far}",
+            "msr elr_el1, {elr}",
+            "msr spsr_el1, {spsr}",
+            esr = in(reg) esr,
+            far = in(reg) far,
+            elr = in(reg) elr,
+            spsr = in(reg) spsr,
+            options(nostack),
+        );
+    }
+}
