@@ -66,6 +66,8 @@ pub mod exit_status {
     pub const NOT_EL2: u32 = 4;
     /// Start-up failed (unusable device tree, no console, a CPU did not come online, ...).
     pub const STARTUP: u32 = 5;
+    /// Every VM is done and at least one was stopped by the hypervisor (`docs/vms.md`).
+    pub const VM_FAILED: u32 = 6;
 }
 
 /// EL2 translation-regime register values that turn the MMU on (same on every CPU).

@@ -44,6 +44,8 @@ pub mod exit_status {
     pub const NOT_EL2: i32 = 4;
     /// Start-up error.
     pub const STARTUP: i32 = 5;
+    /// Every VM is done and at least one was stopped.
+    pub const VM_FAILED: i32 = 6;
 }
 
 /// The directory holding the build artifacts: `$TWOSTAGE_OUT`, or `out/` at the

@@ -26,9 +26,6 @@ use crate::vuart::LineSink;
 /// IPA size of every guest (39 bits: a single level-1 root table, 512 GiB).
 pub const IPA_BITS: u8 = 39;
 
-/// Semihosting exit status when a VM was stopped or could not be created.
-pub const EXIT_VM_FAILED: u32 = 1;
-
 static MANAGER: Once<VmManager<Hw>> = Once::new();
 
 /// Table frames from the hypervisor's frame pool, zeroed on allocation; the EL2 stage 1
@@ -344,6 +341,6 @@ fn finish(ok: bool) -> ! {
         start::power_off()
     } else {
         log::error!("twostage: all VMs done: failure");
-        boot::semihosting_exit(EXIT_VM_FAILED)
+        boot::semihosting_exit(boot::exit_status::VM_FAILED)
     }
 }
