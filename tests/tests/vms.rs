@@ -168,13 +168,20 @@ fn two_vms_on_two_cpus_pass_with_distinct_vmids() {
     let r = run(
         "two-vms",
         &[
-            guest("vm-a", "alpha", &[1], 0x5000_0000),
-            guest("vm-b", "beta", &[2], 0x5020_0000),
+            // Both linger for a second, so that their runs overlap.
+            Guest {
+                arg: 4,
+                ..guest("vm-a", "alpha", &[1], 0x5000_0000)
+            },
+            Guest {
+                arg: 4,
+                ..guest("vm-b", "beta", &[2], 0x5020_0000)
+            },
         ],
     );
     r.assert_success();
-    assert_passed(&r, "alpha", 9);
-    assert_passed(&r, "beta", 9);
+    assert_passed(&r, "alpha", 10);
+    assert_passed(&r, "beta", 10);
     let (a, b) = (vmid_of(&r, "alpha"), vmid_of(&r, "beta"));
     assert!(
         a.is_some() && b.is_some() && a != b,
