@@ -188,8 +188,13 @@ pub fn run_vms(machine: &Machine) -> ! {
         Ok(d) => d,
         Err(e) => start::fatal(format_args!("VM description: {e}")),
     };
+    log::info!(
+        "hypervisor ready: {} CPUs online, {} VMs described",
+        machine.cpus_online,
+        descs.len()
+    );
     if descs.is_empty() {
-        log::info!("no VMs described under /chosen");
+        log::info!("no VMs described under /chosen: nothing to run");
         start::power_off();
     }
     let vmid_bits = regs::vmid_bits();
