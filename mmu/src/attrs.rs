@@ -90,7 +90,7 @@ impl MemoryType {
 ///
 /// Attr0 = `0xFF` Normal inner/outer write-back non-transient read/write-allocate,
 /// Attr1 = `0x00` Device-nGnRnE, Attr2 = `0x04` Device-nGnRE,
-/// Attr3 = `0x44` Normal inner/outer non-cacheable (Arm ARM D19, MAIR_ELx.Attr<n>).
+/// Attr3 = `0x44` Normal inner/outer non-cacheable (Arm ARM D19, `MAIR_ELx.Attr<n>`).
 #[allow(clippy::identity_op)]
 pub const MAIR_VALUE: u64 = 0xFF | (0x00 << 8) | (0x04 << 16) | (0x44 << 24);
 

@@ -44,6 +44,36 @@
 //! # Ok::<(), mmu::Error>(())
 //! ```
 //!
+//! The hypervisor's own EL2 table, with a dump and a walk:
+//!
+//! ```
+//! use mmu::testing::{HeapFrames, RecordingTlb};
+//! use mmu::{Attributes, El2, MapFlags, PageTable, Permissions, SwBits};
+//!
+//! let mut hyp = PageTable::new(El2::new(39), HeapFrames::new(), RecordingTlb::new())?;
+//! let text = Attributes::normal(Permissions::READ | Permissions::EXEC_EL2);
+//! let data = Attributes::normal(Permissions::RW).with_sw(SwBits::new(1).unwrap());
+//! // W^X checked by the crate; pages only for memory the hypervisor runs from.
+//! hyp.map(0x4020_0000, 0x4020_0000, 0x4000, text, MapFlags::WXN | MapFlags::NO_BLOCKS)?;
+//! hyp.map(0x4020_4000, 0x4020_4000, 0x2000, data, MapFlags::WXN | MapFlags::NO_BLOCKS)?;
+//! hyp.map(0x0900_0000, 0x0900_0000, 0x1000, Attributes::device(), MapFlags::empty())?;
+//!
+//! let mut pages = 0;
+//! hyp.walk(0x4020_0000, 0x6000, |m| {
+//!     assert_eq!(m.level, 3);
+//!     pages += 1;
+//! })?;
+//! assert_eq!(pages, 6);
+//! // One line per run: input range, output, count x size, level, permissions
+//! // (r w, execute at EL2/EL1/EL0, u = EL0 access), memory type, software bits.
+//! let dump = hyp.to_string();
+//! assert!(dump.contains("0x0000000040200000-0x0000000040204000 -> 0x000040200000     4 x 4K L3 r-2--- Normal sw=0x0"));
+//! assert!(dump.contains("2 x 4K L3 rw---- Normal sw=0x1"));
+//! // Values for TCR_EL2 / TTBR0_EL2 / MAIR_EL2 (`activate()` with `arm-el2`).
+//! assert_eq!(hyp.tcr_el2() & 0x3F, 64 - 39);
+//! # Ok::<(), mmu::Error>(())
+//! ```
+//!
 //! # Attributes
 //!
 //! [`Attributes`] are regime-neutral: [`Permissions`] (read, write, execute at
@@ -92,7 +122,7 @@
 //! - entries that were invalid and became valid: `DSB ISHST; ISB` only, no TLBI;
 //! - EL2: `TLBI VALE2IS` per changed leaf, `VAE2IS` where a table entry changed;
 //! - stage 2: `TLBI IPAS2LE1IS`/`IPAS2E1IS` per changed entry, then `DSB ISH;
-//!   TLBI VMALLE1IS`, with the table's `VTTBR_EL2` (VMID) current — [`arch::ArmTlb`]
+//!   TLBI VMALLE1IS`, with the table's `VTTBR_EL2` (VMID) current — `arch::ArmTlb`
 //!   switches `VTTBR_EL2` temporarily when needed;
 //! - EL1&0: `TLBI VALE1IS`/`VAE1IS` with the ASID;
 //! - more than the threshold ([`PageTable::set_tlbi_threshold`], default
@@ -103,10 +133,34 @@
 //! Dropping a table invalidates its whole regime/VMID/ASID, then frees its frames; it
 //! must not be installed in a translation register any more.
 //!
+//! `protect` and `set_sw_bits` skip holes and never merge tables into blocks (only
+//! `map` merges); EL1&0 entries are always non-global (tagged with the table's ASID).
+//! The `El1Va`/`El1Asid` operations are meant for code running at EL1 (executed at
+//! EL2 they would apply to the current VMID).
+//!
+//! # Frames and sharing
+//!
+//! Table frames come from a [`FrameAllocator`] (zeroed 4 KiB frames; contiguous,
+//! aligned runs for concatenated stage-2 roots) and are reached through
+//! [`PhysToVirt`] (the identity in an identity-mapped hypervisor, heap addresses on
+//! the host). A table owns its allocator *value*: to give one pool to many tables
+//! (the EL2 table and one stage 2 per VM) implement the traits for a cheap handle,
+//! as `&testing::HeapFrames` does. [`PageTable::frames_in_use`] counts the frames
+//! a table owns, root included.
+//!
+//! # Performance
+//!
+//! Each operation walks its range once per pass, descending only where needed and
+//! filling runs of entries of one table in a tight loop (no per-page allocation,
+//! no dynamic dispatch: the regime, allocator and TLB types are generic parameters);
+//! TLB maintenance is decided once per operation. Single-page maps of invalid entries
+//! take a shorter path (one walk, missing tables built off-line and published with
+//! one write). `translate` is one loop over at most four levels.
+//!
 //! # Features
 //!
-//! - `std`: the [`testing`] module (heap frame allocator, recording TLB).
-//! - `arm-el2` (aarch64 only): the [`arch`] module with `asm!` TLB maintenance and
+//! - `std`: the `testing` module (heap frame allocator, recording TLB).
+//! - `arm-el2` (aarch64 only): the `arch` module with `asm!` TLB maintenance and
 //!   `activate` functions writing `TTBR0_EL2`/`TCR_EL2`/`MAIR_EL2` and
 //!   `VTTBR_EL2`/`VTCR_EL2`. Everything else builds and is tested without it.
 #![no_std]

@@ -436,7 +436,10 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         );
         cx.batch.sync(&self.regime, self.root, &mut self.tlb);
         while cx.free_list != 0 {
-            let pa = self.pop(&mut cx.free_list);
+            let pa = cx.free_list;
+            // SAFETY: `pa` was pushed on the free list by `push`; the frame goes back
+            // to the allocator as it is (its contents do not matter any more).
+            cx.free_list = unsafe { self.ptr(pa).read() };
             self.alloc.free_frame(pa);
         }
         while cx.reserve != 0 {

@@ -78,8 +78,8 @@ impl TlbOp {
 
 /// Runs TLB-maintenance sequences.
 ///
-/// With the `arm-el2` feature on aarch64, [`arch::ArmTlb`](crate::arch::ArmTlb) executes
-/// them with `TLBI`/`DSB`/`ISB`. On the host, [`testing::RecordingTlb`](crate::testing::RecordingTlb)
+/// With the `arm-el2` feature on aarch64, `arch::ArmTlb` executes
+/// them with `TLBI`/`DSB`/`ISB`. On the host, `testing::RecordingTlb`
 /// records them. [`NoTlbMaintenance`] discards them, which is correct only for tables
 /// that no PE uses yet.
 pub trait TlbMaintenance {

@@ -133,3 +133,118 @@ fn el1_user_pages_and_sw_bits() {
         Err(Error::UnsupportedAttributes)
     );
 }
+
+#[test]
+fn dump_lists_runs_of_leaves() {
+    let mut t = PageTable::new(Stage2::new(4, 40), HeapFrames::new(), RecordingTlb::new()).unwrap();
+    let ram = Attributes::normal(Permissions::RW | Permissions::EXEC_EL1 | Permissions::EXEC_EL0);
+    t.map(0x4000_0000, 0x4000_0000, 4 * MIB2, ram, MapFlags::empty())
+        .unwrap();
+    t.map(
+        0x900_0000,
+        0x900_0000,
+        PAGE,
+        Attributes::device(),
+        MapFlags::empty(),
+    )
+    .unwrap();
+    t.map(
+        0x4080_0000,
+        0x9000_0000,
+        3 * PAGE,
+        ram.with_sw(SwBits::new(2).unwrap()),
+        MapFlags::empty(),
+    )
+    .unwrap();
+    let dump = t.to_string();
+    let lines: Vec<&str> = dump.lines().collect();
+    assert_eq!(lines.len(), 4, "{dump}");
+    assert!(lines[0].starts_with("stage 2 table root"), "{dump}");
+    assert!(
+        lines[0].contains("40-bit input, start level 1, 2 root table(s)"),
+        "{dump}"
+    );
+    assert!(
+        lines[1].starts_with("0x0000000009000000-0x0000000009001000 -> 0x000009000000"),
+        "{dump}"
+    );
+    assert!(
+        lines[1].contains("1 x 4K L3 rw---- DeviceNGnRE sw=0x0"),
+        "{dump}"
+    );
+    assert!(
+        lines[2].starts_with("0x0000000040000000-0x0000000040800000 -> 0x000040000000"),
+        "{dump}"
+    );
+    assert!(
+        lines[2].contains("4 x 2M L2 rw-10- Normal sw=0x0"),
+        "{dump}"
+    );
+    assert!(
+        lines[3].contains("3 x 4K L3 rw-10- Normal sw=0x2"),
+        "{dump}"
+    );
+}
+
+#[test]
+fn walk_reports_leaves_in_range_in_order() {
+    let mut t = PageTable::new(El2::new(48), HeapFrames::new(), RecordingTlb::new()).unwrap();
+    t.map(GIB, GIB, GIB, rw(), MapFlags::empty()).unwrap();
+    t.map(0x20_0000, 0x20_0000, 2 * PAGE, rw(), MapFlags::empty())
+        .unwrap();
+    let mut seen = Vec::new();
+    t.walk(0x20_1000, GIB, |m| seen.push((m.va, m.size, m.level)))
+        .unwrap();
+    assert_eq!(seen, vec![(0x20_1000, PAGE, 3), (GIB, GIB, 1)]);
+    assert_eq!(t.walk(1, PAGE, |_| {}), Err(Error::Misaligned));
+    assert_eq!(t.walk(1 << 48, PAGE, |_| {}), Err(Error::OutOfRange));
+}
+
+#[test]
+fn drop_invalidates_then_frees_everything() {
+    let frames = HeapFrames::new();
+    {
+        let mut t = PageTable::new(Stage2::new(6, 40), &frames, RecordingTlb::new()).unwrap();
+        t.map(0, 0, 3 * MIB2 + PAGE, rw(), MapFlags::NO_BLOCKS)
+            .unwrap();
+        assert_eq!(frames.in_use(), 2 + 1 + 4);
+    }
+    assert_eq!(frames.in_use(), 0);
+    assert_eq!(frames.total_allocated(), frames.total_freed());
+}
+
+#[test]
+fn bad_ranges_are_errors() {
+    let mut t = PageTable::new(El2::new(39), HeapFrames::new(), RecordingTlb::new()).unwrap();
+    let a = rw();
+    assert_eq!(
+        t.map(0x1001, 0, PAGE, a, MapFlags::empty()),
+        Err(Error::Misaligned)
+    );
+    assert_eq!(
+        t.map(0, 0x10, PAGE, a, MapFlags::empty()),
+        Err(Error::Misaligned)
+    );
+    assert_eq!(
+        t.map(0, 0, 100, a, MapFlags::empty()),
+        Err(Error::Misaligned)
+    );
+    assert_eq!(
+        t.map((1 << 39) - PAGE, 0, 2 * PAGE, a, MapFlags::empty()),
+        Err(Error::OutOfRange)
+    );
+    assert_eq!(
+        t.map(0, (1 << 48) - PAGE, 2 * PAGE, a, MapFlags::empty()),
+        Err(Error::OutOfRange)
+    );
+    assert_eq!(t.unmap(u64::MAX - 0xFFF, PAGE), Err(Error::OutOfRange));
+    let wx = Attributes::normal(Permissions::RW | Permissions::EXEC_EL2);
+    assert_eq!(
+        t.map(0, 0, PAGE, wx, MapFlags::WXN),
+        Err(Error::UnsupportedAttributes)
+    );
+    t.map(0, 0, PAGE, wx, MapFlags::empty()).unwrap();
+    assert_eq!(t.map(0, 0, 0, a, MapFlags::empty()), Ok(()));
+    assert_eq!(t.frames_in_use(), 3);
+    assert!(t.tlb().invalidations().is_empty());
+}
