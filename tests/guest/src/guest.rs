@@ -303,6 +303,8 @@ fn power_off() -> ! {
 
 /// Written by vCPU 1 when it runs: its VM_INFO vCPU index + 1.
 static SECOND_SEEN: AtomicU64 = AtomicU64::new(0);
+/// Set by vCPU 0 when vCPU 1 may turn itself off.
+static RELEASE_SECOND: AtomicU64 = AtomicU64::new(0);
 
 #[no_mangle]
 extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
@@ -310,6 +312,10 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
         mmu_on();
         let info = hvc(VM_INFO, &[]);
         SECOND_SEEN.store(info[3] + 1, Ordering::SeqCst);
+        // Stay on until vCPU 0 has checked that a second CPU_ON is refused.
+        while RELEASE_SECOND.load(Ordering::SeqCst) == 0 {
+            core::hint::spin_loop();
+        }
         hvc(PSCI_CPU_OFF, &[]);
         println!("FAIL cpu-off returned");
         loop {
@@ -444,12 +450,6 @@ fn second_vcpu_check() {
     let entry = secondary_start as *const () as u64;
     let r = hvc(PSCI_CPU_ON, &[1, entry, 1])[0];
     check("psci-cpu-on", r == 0, format_args!("returned {r:#x}"));
-    let again = hvc(PSCI_CPU_ON, &[1, entry, 1])[0] as i64;
-    check(
-        "psci-cpu-on-again",
-        again == -4 || again == -5,
-        format_args!("returned {again}"),
-    );
     let mut seen = 0;
     for _ in 0..50_000_000u64 {
         seen = SECOND_SEEN.load(Ordering::SeqCst);
@@ -463,6 +463,20 @@ fn second_vcpu_check() {
         seen == 2,
         format_args!("vCPU 1 reported {seen}"),
     );
+    // vCPU 1 is on and waits for RELEASE_SECOND: a second CPU_ON must be refused.
+    let again = hvc(PSCI_CPU_ON, &[1, entry, 1])[0] as i64;
+    check(
+        "psci-cpu-on-again",
+        again == -4,
+        format_args!("returned {again}"),
+    );
+    let state = hvc(PSCI_AFFINITY_INFO, &[1, 0])[0];
+    check(
+        "psci-affinity-on",
+        state == 0,
+        format_args!("AFFINITY_INFO {state}"),
+    );
+    RELEASE_SECOND.store(1, Ordering::SeqCst);
     let mut state = u64::MAX;
     for _ in 0..50_000_000u64 {
         state = hvc(PSCI_AFFINITY_INFO, &[1, 0])[0];
