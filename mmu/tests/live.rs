@@ -338,3 +338,122 @@ proptest! {
         prop_assert_eq!(t.frames_in_use(), frames.in_use());
     }
 }
+
+/// Descriptor bits whose change needs break-before-make: output address, type
+/// (block size), memory type, shareability, nG, contiguous (Arm ARM D8.17.1).
+const BBM_BITS: u64 =
+    0x0000_FFFF_FFFF_F000 | 0b11 | (0xF << 2) | (0b11 << 8) | (1 << 11) | (1 << 52);
+
+fn attrs_of(i: usize) -> Attributes {
+    [
+        Attributes::normal(Permissions::RW),
+        Attributes::normal(Permissions::RO),
+        Attributes::device(),
+    ][i]
+}
+
+#[derive(Clone, Debug)]
+enum BbmOp {
+    Map(u64, u64, u64, usize, bool),
+    Protect(u64, u64, usize),
+    Unmap(u64, u64),
+}
+
+fn bbm_op() -> impl Strategy<Value = BbmOp> {
+    let size = prop::sample::select(vec![PAGE, 3 * PAGE, MIB2, MIB2 + PAGE, 2 * MIB2]);
+    let delta = prop::sample::select(vec![0u64, GIB, 2 * MIB2, PAGE]);
+    prop_oneof![
+        3 => (addr(), delta, size.clone(), 0..3usize, any::<bool>())
+            .prop_map(|(va, d, s, a, nb)| BbmOp::Map(va, va + d, s, a, nb)),
+        2 => (addr(), size.clone(), 0..3usize).prop_map(|(va, s, a)| BbmOp::Protect(va, s, a)),
+        1 => (addr(), size).prop_map(|(va, s)| BbmOp::Unmap(va, s)),
+    ]
+}
+
+fn bbm_apply<R: Regime>(t: &mut PageTable<R, HeapFrames, SnoopTlb>, op: &BbmOp) {
+    let r = match *op {
+        BbmOp::Map(va, pa, s, a, nb) => {
+            let f = if nb {
+                MapFlags::REPLACE | MapFlags::NO_BLOCKS
+            } else {
+                MapFlags::REPLACE
+            };
+            t.map(va, pa, s, attrs_of(a), f)
+        }
+        BbmOp::Protect(va, s, a) => t.protect(va, s, attrs_of(a)),
+        BbmOp::Unmap(va, s) => t.unmap(va, s),
+    };
+    assert_eq!(r, Ok(()), "{op:?}");
+}
+
+/// Output address and BBM-relevant bits of the leaf translating `va`, with its level.
+fn leaf_key(d: u64, level: u8, va: u64) -> Option<(u64, u64, u8)> {
+    if d & 1 == 0 {
+        return None;
+    }
+    let size = 1u64 << common::shift(level);
+    Some((
+        (d & 0x0000_FFFF_FFFF_F000 & !(size - 1)) + (va & (size - 1)),
+        d & BBM_BITS & !0x0000_FFFF_FFFF_F000,
+        level,
+    ))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    /// Whenever a valid translation changes in a way that needs break-before-make, the
+    /// first maintenance sequence that invalidates it runs while the entry is invalid,
+    /// and no earlier sequence ever sees the new entry.
+    #[test]
+    fn live_changes_are_break_before_make(setup in prop::collection::vec(bbm_op(), 1..6), last in bbm_op()) {
+        let mut watch = Vec::new();
+        for g in 0..3u64 {
+            for m in [0u64, 1, 511] {
+                for p in [0u64, 1, 2, 511] {
+                    watch.push(g * GIB + m * MIB2 + p * PAGE);
+                }
+            }
+        }
+        let mut t = snooped(Stage2::new(11, 40), &watch);
+        for o in &setup {
+            bbm_apply(&mut t, o);
+        }
+        let old: Vec<(u64, u8)> = watch.iter().map(|&w| common::raw_lookup(&t, w)).collect();
+        t.tlb_mut().seen.clear();
+        bbm_apply(&mut t, &last);
+        let seen = std::mem::take(&mut t.tlb_mut().seen);
+        for (k, &w) in watch.iter().enumerate() {
+            let (od, ol) = old[k];
+            let (nd, nl) = common::raw_lookup(&t, w);
+            let (Some(before), Some(after)) = (leaf_key(od, ol, w), leaf_key(nd, nl, w)) else {
+                continue;
+            };
+            if before == after {
+                continue;
+            }
+            let size = 1u64 << common::shift(ol);
+            let leaf_va = w & !(size - 1);
+            // The first sequence that sees the entry changed (invalid or new).
+            let Some(changed) = seen.iter().position(|(_, snap)| leaf_key(snap[k].0, snap[k].1, w) != Some(before)) else {
+                panic!("{w:#x}: {before:x?} -> {after:x?} by {last:?} with no maintenance after the change");
+            };
+            // From then on, the first sequence invalidating the old leaf.
+            let first = (changed..seen.len()).find(|&i| {
+                seen[i].0.iter().any(|o| match *o {
+                    TlbOp::Stage2All { .. } => true,
+                    TlbOp::Stage2Ipa { ipa, .. } => ipa >= leaf_va && ipa < leaf_va + size,
+                    _ => false,
+                })
+            });
+            let Some(first) = first else {
+                panic!("{w:#x}: {before:x?} -> {after:x?} by {last:?} without TLBI");
+            };
+            prop_assert_eq!(seen[first].1[k].0 & 1, 0, "{:#x} valid during its TLBI ({:?})", w, last);
+            for (_, snap) in &seen[changed..first] {
+                let (d, l) = snap[k];
+                prop_assert!(leaf_key(d, l, w) != Some(after), "{:#x}: new entry visible before its TLBI", w);
+            }
+        }
+    }
+}
