@@ -829,6 +829,11 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 }
                 let va = base + ((j as u64) << shift);
                 if is_table(d, level) {
+                    // Walk caches may hold this entry for any address it covers; a
+                    // non-leaf invalidation of one of them removes it.
+                    if live {
+                        cx.batch.note(va, false);
+                    }
                     self.detach_table(cx, d & desc::OA_MASK, level + 1, va, live);
                 } else if live {
                     cx.batch.note(va, true);

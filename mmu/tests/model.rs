@@ -162,6 +162,7 @@ fn op(n_attrs: usize) -> impl Strategy<Value = Op> {
             .prop_map(|(va, pages, d, attrs, flags)| Op::Map { va, pages, out: va + d, attrs, flags }),
         1 => (0..4u64).prop_map(|g| Op::Map { va: g * GIB, pages: GIB / PAGE, out: 8 * GIB, attrs: 0, flags: MapFlags::REPLACE }),
         3 => (addr(), pages()).prop_map(|(va, pages)| Op::Unmap { va, pages }),
+        1 => (0..4u64, 1..3u64).prop_map(|(g, n)| Op::Unmap { va: g * GIB, pages: n * GIB / PAGE }),
         2 => (addr(), pages(), 0..n_attrs).prop_map(|(va, pages, attrs)| Op::Protect { va, pages, attrs }),
         1 => (addr(), pages(), 0..16u8).prop_map(|(va, pages, sw)| Op::SetSw { va, pages, sw }),
     ]
