@@ -39,8 +39,9 @@ static TWOSTAGE_SECONDARY_MMU: SecondaryMmu = SecondaryMmu(UnsafeCell::new(MmuCo
 }));
 
 /// Image header flags (booting.rst): bit 0 = 0 little endian, bits \[2:1\] = 1 for 4 KiB
-/// pages, bit 3 = 1 "may be placed anywhere in physical memory".
-const IMAGE_FLAGS: u64 = (1 << 1) | (1 << 3);
+/// pages, bit 3 = 0 "the 2 MiB aligned base should be as close as possible to the base of
+/// DRAM": the image runs only at its link address, RAM base + `text_offset`.
+const IMAGE_FLAGS: u64 = 1 << 1;
 
 /// `CPTR_EL2` (E2H = 0) for the hypervisor and its guests: RES1 bits \[13:12\], \[9\] and
 /// \[7:0\]; TZ (bit 8) set so SVE traps; TFP (bit 10), TTA, TAM and TCPAC clear so SIMD/FP

@@ -95,6 +95,19 @@ impl fmt::Display for PlanError {
 
 const PAGE: u64 = crate::layout::PAGE_SIZE;
 
+const STACK: u64 = boot::STACK_SIZE as u64;
+
+/// If `addr` lies in the unmapped guard page below a CPU's stack (the stacks start at
+/// `image.data_end`), that CPU's index: the fault was a stack overflow.
+#[must_use]
+pub fn stack_guard_owner(image: &ImageLayout, addr: u64) -> Option<usize> {
+    if addr < image.data_end || addr >= image.image_end {
+        return None;
+    }
+    let offset = addr - image.data_end;
+    (offset % STACK < PAGE).then_some((offset / STACK) as usize)
+}
+
 /// Virtual address bits of the hypervisor's stage 1 (`TCR_EL2.T0SZ` = 25): a 3-level
 /// walk from level 1 that identity-maps the first 512 GiB of physical addresses.
 pub const VA_BITS: u8 = 39;
@@ -207,12 +220,19 @@ pub fn plan(
         Access::ReadWrite,
         Memory::Normal,
     );
-    add(
-        "stacks",
-        Region::new(image.data_end, image.image_end - image.data_end),
-        Access::ReadWrite,
-        Memory::Normal,
-    );
+    // One stack per CPU from `data_end`, each with its lowest page left unmapped as a
+    // guard: an overflow faults instead of running into the neighbouring stack.
+    for cpu in 0..boot::MAX_CPUS as u64 {
+        let base = image.data_end + cpu * STACK;
+        if base + STACK <= image.image_end {
+            add(
+                "stack",
+                Region::new(base + PAGE, STACK - PAGE),
+                Access::ReadWrite,
+                Memory::Normal,
+            );
+        }
+    }
     add("heap", mem.heap, Access::ReadWrite, Memory::Normal);
     add("pt-frames", mem.frames, Access::ReadWrite, Memory::Normal);
     let dtb = page_range(platform.dtb.base, platform.dtb.end());
@@ -300,7 +320,7 @@ mod tests {
             text_end: 0x4021_3000,
             rodata_end: 0x4021_8000,
             data_end: 0x4022_0000,
-            image_end: 0x402a_0000,
+            image_end: 0x4022_0000 + boot::MAX_CPUS as u64 * STACK,
         }
     }
 
@@ -329,7 +349,12 @@ mod tests {
         assert_eq!(find("text").region, Region::new(0x4020_0000, 0x13000));
         assert_eq!(find("rodata").access, Access::ReadOnly);
         assert_eq!(find("data+bss").access, Access::ReadWrite);
-        assert_eq!(find("stacks").access, Access::ReadWrite);
+        let stacks: Vec<_> = maps.iter().filter(|m| m.name == "stack").collect();
+        assert_eq!(stacks.len(), boot::MAX_CPUS);
+        // Each stack leaves its lowest page unmapped.
+        assert_eq!(stacks[0].region, Region::new(0x4022_1000, STACK - PAGE));
+        assert_eq!(stacks[1].region.base, 0x4022_0000 + STACK + PAGE);
+        assert!(stacks.iter().all(|m| m.access == Access::ReadWrite));
         assert_eq!(find("dtb").access, Access::ReadOnly);
         assert_eq!(find("uart").memory, Memory::Device);
         assert_eq!(find("gicd").memory, Memory::Device);
@@ -414,6 +439,28 @@ mod tests {
         // Holes stay unmapped: below RAM and between the devices.
         assert!(table.translate(0x3000_0000).is_none());
         assert!(table.translate(0x0).is_none());
+    }
+
+    #[test]
+    fn guard_pages() {
+        let img = image();
+        assert_eq!(stack_guard_owner(&img, 0x4022_0000), Some(0));
+        assert_eq!(stack_guard_owner(&img, 0x4022_0fff), Some(0));
+        assert_eq!(
+            stack_guard_owner(&img, 0x4022_1000),
+            None,
+            "cpu0's stack proper"
+        );
+        assert_eq!(
+            stack_guard_owner(&img, 0x4022_0000 + 3 * STACK + 8),
+            Some(3)
+        );
+        assert_eq!(stack_guard_owner(&img, 0x4021_ffff), None, "data");
+        assert_eq!(
+            stack_guard_owner(&img, img.image_end),
+            None,
+            "past the stacks"
+        );
     }
 
     #[test]

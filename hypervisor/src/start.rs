@@ -339,7 +339,24 @@ pub fn secondary(cpu: usize) {
     let mpidr = MPIDR_EL1.get() & MPIDR_AFFINITY_MASK;
     HCR_EL2.write(HCR_EL2::RW::EL1IsAarch64);
     info!("cpu{cpu} online: MPIDR {mpidr:#x}, MMU {}", mmu_state());
+    #[cfg(feature = "fault-stack-overflow")]
+    if cpu == 1 {
+        warn!("fault-stack-overflow: recursing without bound on cpu{cpu}");
+        recurse(0);
+    }
+    #[cfg(feature = "fault-panic")]
+    if cpu == 1 {
+        panic!("fault-panic: deliberate panic on cpu{cpu}");
+    }
     CPUS_ONLINE.fetch_add(1, Ordering::AcqRel);
+}
+
+/// Recursion that overflows the stack (the `fault-stack-overflow` build).
+#[cfg(feature = "fault-stack-overflow")]
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    let frame = core::hint::black_box([depth; 64]);
+    recurse(depth + 1) + frame[(depth % 64) as usize]
 }
 
 /// Parks the calling CPU (until the VM code gives it work).
@@ -389,6 +406,12 @@ pub fn el2_exception(frame: &mut ExceptionFrame, source: ExceptionSource, kind: 
     if LOGGER.has_console() {
         LOGGER.with_console_forced(|c, _, cpu| {
             let _ = report::write_exception(c, cpu, frame, source, kind);
+            if let Some(owner) = stage1::stack_guard_owner(&boot::image_layout(), frame.far) {
+                let _ = writeln!(
+                    c,
+                    "    FAR is in the guard page below cpu{owner}'s stack: stack overflow"
+                );
+            }
             let _ = writeln!(
                 c,
                 "*** stopping the machine (exit status {})",

@@ -19,7 +19,7 @@ fn boot(cpu_model: &str, cpus: usize) -> Run {
         "stage 1: text ",
         "stage 1: rodata ",
         "stage 1: data+bss ",
-        "stage 1: stacks ",
+        "stage 1: stack ",
         "stage 1: uart ",
         "MMU on",
         "cpu0 online",
@@ -117,6 +117,42 @@ fn executing_own_data_faults() {
 }
 
 #[test]
+fn panic_on_a_secondary_cpu_is_reported() {
+    let run = Qemu::new()
+        .cpus(2)
+        .kernel(artifact("hypervisor-fault-panic.bin"))
+        .run();
+    run.assert_status(exit_status::PANIC);
+    let lines = run.assert_lines_in_order(&[
+        "cpu1 online",
+        "*** panic on cpu1 at hypervisor/src/start.rs:",
+        "*** stopping the machine (exit status 1)",
+    ]);
+    assert!(
+        lines[1].ends_with(": fault-panic: deliberate panic on cpu1"),
+        "{}",
+        lines[1]
+    );
+    run.assert_no_line("all 2 CPUs online");
+}
+
+#[test]
+fn stack_overflow_hits_the_guard_page() {
+    let run = Qemu::new()
+        .cpus(2)
+        .kernel(artifact("hypervisor-fault-stack-overflow.bin"))
+        .run();
+    run.assert_status(exit_status::EL2_EXCEPTION);
+    run.assert_lines_in_order(&[
+        "fault-stack-overflow: recursing without bound on cpu1",
+        "*** unexpected synchronous exception taken from EL2 on cpu1",
+        "cause    data abort at EL2 on write: translation fault, level 3",
+        "FAR is in the guard page below cpu1's stack: stack overflow",
+        "*** stopping the machine (exit status 2)",
+    ]);
+}
+
+#[test]
 fn refuses_to_run_below_el2() {
     let run = Qemu::new().machine("virt,gic-version=3").run();
     run.assert_status(exit_status::NOT_EL2);
@@ -157,4 +193,31 @@ fn guest_entry_and_exit_round_trip() {
             "all 2 CPUs online",
         ]);
     }
+}
+
+#[test]
+fn image_header_is_an_arm64_image() {
+    let image = std::fs::read(artifact("hypervisor.bin")).unwrap();
+    let u64_at = |off: usize| u64::from_le_bytes(image[off..off + 8].try_into().unwrap());
+    assert_eq!(&image[0x38..0x3c], b"ARM\x64", "magic");
+    assert_eq!(u64_at(8), 0x20_0000, "text_offset");
+    let image_size = u64_at(16);
+    // image_size covers the file and the NOLOAD BSS and stacks after it (8 x 64 KiB).
+    assert!(
+        image_size >= image.len() as u64 + 8 * 64 * 1024,
+        "image_size {image_size:#x}"
+    );
+    assert_eq!(image_size % 4096, 0);
+    assert_eq!(
+        u64_at(24),
+        0b0010,
+        "flags: little endian, 4 KiB pages, base at start of RAM"
+    );
+    // code0 is a branch (B imm26) over the header.
+    let code0 = u32::from_le_bytes(image[0..4].try_into().unwrap());
+    assert_eq!(code0 >> 26, 0b000101, "code0 {code0:#x} is not B");
+    assert!(
+        (code0 & 0x3ff_ffff) * 4 >= 64,
+        "branch lands inside the header"
+    );
 }
