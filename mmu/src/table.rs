@@ -807,12 +807,14 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         if live {
             // SAFETY: as above.
             unsafe { p.write_volatile(0) };
-            cx.batch.note(eva, false);
         } else {
             // SAFETY: as above; nobody walks this table yet.
             unsafe { p.write(0) };
         }
         self.detach_table(cx, e & desc::OA_MASK, level + 1, eva, live);
+        if live {
+            cx.batch.note_table(eva, level_size(level));
+        }
     }
 
     /// Notes the leaves of the detached table at `pa` (entries at `level`, entry 0 at
@@ -829,12 +831,12 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 }
                 let va = base + ((j as u64) << shift);
                 if is_table(d, level) {
+                    self.detach_table(cx, d & desc::OA_MASK, level + 1, va, live);
                     // Walk caches may hold this entry for any address it covers; a
                     // non-leaf invalidation of one of them removes it.
                     if live {
-                        cx.batch.note(va, false);
+                        cx.batch.note_table(va, level_size(level));
                     }
-                    self.detach_table(cx, d & desc::OA_MASK, level + 1, va, live);
                 } else if live {
                     cx.batch.note(va, true);
                 }
@@ -894,7 +896,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             if has_leaves {
                 cx.batch.note_many(eva, level_size(cl), ENTRIES, true);
             }
-            cx.batch.note(eva, false);
+            cx.batch.note_table(eva, level_size(level));
         }
         if new == 0 {
             // SAFETY: as above.

@@ -155,6 +155,27 @@ impl TlbBatch {
         self.len += 1;
     }
 
+    /// A table entry covering `addr .. addr + size` was removed: walk caches may hold
+    /// it. A non-leaf invalidation of any address it covers removes it, so if the
+    /// last noted address lies in that range it is upgraded instead of adding one.
+    #[inline]
+    pub(crate) fn note_table(&mut self, addr: u64, size: u64) {
+        self.written = true;
+        if self.all {
+            return;
+        }
+        if let Some(last) = self.len.checked_sub(1) {
+            // SAFETY: entries below `len` were written by `note`.
+            let a = unsafe { self.addrs[last].assume_init() };
+            let last_addr = a & !0xFFF;
+            if last_addr >= addr && last_addr - addr < size {
+                self.addrs[last] = MaybeUninit::new(last_addr);
+                return;
+            }
+        }
+        self.note(addr, false);
+    }
+
     /// `count` entries need invalidating (e.g. all leaves of a table being replaced).
     pub(crate) fn note_many(&mut self, addr: u64, step: u64, count: usize, leaf: bool) {
         if self.all || self.len + count > self.threshold {

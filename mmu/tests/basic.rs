@@ -46,15 +46,21 @@ fn el2_map_translate_unmap_pages_and_blocks() {
     assert!(t.translate(0x4020_0000).is_none());
     assert_eq!(t.frames_in_use(), 1, "empty tables freed");
     assert_eq!(t.allocator().in_use(), 1);
-    let inv = t.tlb().invalidations();
-    assert!(inv.contains(&TlbOp::El2Va {
-        va: 0x4000_0000,
-        leaf: true
-    }));
-    assert!(inv.contains(&TlbOp::El2Va {
-        va: 0x4020_0000,
-        leaf: true
-    }));
+    // Exactly two TLBIs: the block (leaf), and the page with walk caches (non-leaf),
+    // which also covers the three table entries (levels 0-2) that went away.
+    assert_eq!(
+        t.tlb().invalidations(),
+        vec![
+            TlbOp::El2Va {
+                va: 0x4000_0000,
+                leaf: true
+            },
+            TlbOp::El2Va {
+                va: 0x4020_0000,
+                leaf: false
+            },
+        ]
+    );
 }
 
 #[test]

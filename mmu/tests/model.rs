@@ -378,6 +378,12 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
                 );
             }
         }
+        let changed_leaves = before
+            .iter()
+            .filter(|m| {
+                now.get(&(m.va, m.level)) != Some(&(m.output, m.attrs.with_sw(SwBits::NONE)))
+            })
+            .count();
         // Every table entry that went away was invalidated with a non-leaf TLBI.
         let tables_now: std::collections::HashSet<_> =
             common::table_entries(&t).into_iter().collect();
@@ -389,6 +395,33 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
                     "table entry {e:x?} removed by {op:?} without non-leaf TLBI: {ops:x?}"
                 );
             }
+        }
+        // Minimal: without a whole-regime invalidation, at most one TLBI per changed
+        // leaf or removed table entry.
+        let removed_tables = tables_before
+            .iter()
+            .filter(|e| !tables_now.contains(e))
+            .count();
+        let full = ops.iter().any(|o| {
+            matches!(
+                o,
+                TlbOp::El2All | TlbOp::Stage2All { .. } | TlbOp::El1Asid { .. }
+            )
+        });
+        let by_address = ops
+            .iter()
+            .filter(|o| {
+                matches!(
+                    o,
+                    TlbOp::El2Va { .. } | TlbOp::Stage2Ipa { .. } | TlbOp::El1Va { .. }
+                )
+            })
+            .count();
+        if !full {
+            assert!(
+                by_address <= changed_leaves + removed_tables,
+                "{op:?}: {by_address} TLBIs for {changed_leaves} leaves and {removed_tables} tables: {ops:x?}"
+            );
         }
         // Only new mappings: no TLBI at all.
         if before.iter().all(|m| {
