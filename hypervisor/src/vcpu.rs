@@ -357,6 +357,7 @@ mod tests {
         let m = manager();
         let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
         vm.psci.lock().take_pending(0);
+        vm.enter();
         let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
         cpu.x[0] = 0xC600_0001;
         assert_eq!(
@@ -383,6 +384,9 @@ mod tests {
             cpu.exit(&vm, 0, ExitReason::Interrupt, &mut el1, &mut out),
             Next::Stop
         );
+        assert!(vm.leave());
+        assert_eq!(m.outcome(), None, "idle but not destroyed yet");
+        m.destroy(vm.id).expect("destroy");
         assert_eq!(m.outcome(), Some(true));
     }
 
@@ -406,9 +410,15 @@ mod tests {
         assert_eq!(a.psci.lock().running(), 0);
         assert_eq!(b.status(), VmStatus::Running);
         assert_eq!(el1.set, None);
+        m.destroy(a.id).expect("destroy a");
         assert_eq!(m.outcome(), None, "the other VM still runs");
         *b.status.lock() = VmStatus::Off;
-        assert_eq!(m.outcome(), Some(false));
+        m.destroy(b.id).expect("destroy b");
+        assert_eq!(
+            m.outcome(),
+            Some(false),
+            "a destroyed failed VM still counts"
+        );
     }
 
     #[test]

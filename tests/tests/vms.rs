@@ -104,6 +104,29 @@ fn assert_passed(run: &Run, vm: &str, at_least: usize) {
     );
 }
 
+/// Asserts every VM was destroyed and the page-table frames in use at the end equal
+/// those before the first VM was created (no stage-2 frame leaked).
+fn assert_all_destroyed_without_leak(run: &Run, vms: &[&str]) {
+    for vm in vms {
+        run.assert_lines_in_order(&[&format!("VM {vm} destroyed: ")]);
+    }
+    let line = run.assert_lines_in_order(&["page-table frames in use: "])[0];
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    // "... cpuN] page-table frames in use: A (B before the VMs were created)"
+    let [.., after, before] = numbers[..] else {
+        panic!("{line}")
+    };
+    assert_eq!(after, before, "stage-2 frames leaked: {line}");
+    let last = run
+        .lines_containing(" destroyed: ")
+        .pop()
+        .expect("a destroy line");
+    assert!(last.contains("VMIDs in use 0"), "{last}");
+}
+
 /// Builds the host DTB with `guests` (scripts/mkdtb) and boots the hypervisor with it and
 /// the staged test guest.
 fn run(test: &str, guests: &[Guest]) -> Run {
@@ -198,6 +221,7 @@ fn two_vms_on_two_cpus_pass_with_distinct_vmids() {
         "powered off",
     ]);
     r.assert_lines_in_order(&["all VMs done: success"]);
+    assert_all_destroyed_without_leak(&r, &["alpha", "beta"]);
 }
 
 #[test]
@@ -242,6 +266,7 @@ fn unmapped_ipa_stops_or_aborts_only_that_vm() {
     ]);
     assert_passed(&r, "beta", 10);
     assert_passed(&r, "gamma", 10);
+    assert_all_destroyed_without_leak(&r, &["alpha", "beta", "gamma"]);
 }
 
 #[test]
@@ -270,4 +295,5 @@ fn second_vcpu_starts_with_psci_cpu_on() {
         r.stdout
     );
     assert_passed(&r, "duo", 14);
+    assert_all_destroyed_without_leak(&r, &["duo"]);
 }

@@ -9,6 +9,7 @@
 mod regs;
 
 use alloc::sync::Arc;
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use mmu::arch::ArmTlb;
 use mmu::{
@@ -16,7 +17,9 @@ use mmu::{
 };
 use spin::Once;
 
-use super::{Layout, Platform, S2Kind, Stage2, Vm, VmManager, GUEST_RAM, STAGING};
+use super::{
+    Layout, Platform, S2Kind, Stage2, Vm, VmError, VmManager, VmStatus, GUEST_RAM, STAGING,
+};
 use crate::start::{self, Machine, FRAMES};
 use crate::vcpu::{self, ExitReason, GuestEl1, Next, VcpuCtx};
 use crate::vdesc;
@@ -27,6 +30,10 @@ use crate::vuart::LineSink;
 pub const IPA_BITS: u8 = 39;
 
 static MANAGER: Once<VmManager<Hw>> = Once::new();
+/// Set by the CPU that ends the run.
+static FINISHING: AtomicBool = AtomicBool::new(false);
+/// Page-table frames in use right before the first VM was created.
+static FRAMES_BEFORE_VMS: AtomicUsize = AtomicUsize::new(0);
 
 /// Table frames from the hypervisor's frame pool, zeroed on allocation; the EL2 stage 1
 /// maps the pool identity (VA = PA).
@@ -213,6 +220,10 @@ pub fn run_vms(machine: &Machine) -> ! {
         guest_ram: GUEST_RAM,
         staging: STAGING,
     };
+    FRAMES_BEFORE_VMS.store(
+        FRAMES.get().map_or(0, |p| p.lock().in_use()),
+        Ordering::SeqCst,
+    );
     let hw = Hw {
         vmid_bits,
         empty_root,
@@ -279,23 +290,54 @@ fn run_cpu(cpu: usize) -> ! {
     let Some((vm, index)) = manager.vm_on_cpu(mpidr32) else {
         start::park()
     };
-    loop {
-        let (entry, context) = wait_for_start(&vm, index);
+    while let Some((entry, context)) = wait_for_start(&vm, index) {
         log::info!("VM {}: vCPU {index} starts at {entry:#x}", vm.desc.name);
+        vm.enter();
         run_vcpu(manager, &vm, index, entry, context);
         regs::leave_guest_context();
+        if vm.leave() {
+            destroy(manager, &vm);
+        }
         if let Some(ok) = manager.outcome() {
             finish(ok);
         }
     }
+    // The VM is finished; this CPU has nothing left to run.
+    start::park()
 }
 
-fn wait_for_start(vm: &Vm<HwStage2>, index: usize) -> (u64, u64) {
+/// Waits until vCPU `index` is started (returns its entry and x0), or `None` once the VM
+/// is powered off or stopped.
+fn wait_for_start(vm: &Vm<HwStage2>, index: usize) -> Option<(u64, u64)> {
     loop {
+        if vm.status() != VmStatus::Running {
+            return None;
+        }
         if let Some(start) = vm.psci.lock().take_pending(index) {
-            return start;
+            return Some(start);
         }
         aarch64_cpu::asm::wfe();
+    }
+}
+
+/// Destroys a finished VM no CPU runs any more and logs what came back.
+fn destroy(manager: &VmManager<Hw>, vm: &Vm<HwStage2>) {
+    match manager.destroy(vm.id) {
+        Ok(()) => {
+            let (free, total, frames, vmids) = manager.accounting();
+            log::info!(
+                "VM {} destroyed: {} KiB RAM scrubbed and returned, VMID {} released; \
+                 guest RAM free {} of {} KiB, page-table frames in use {frames}, VMIDs in use {vmids}",
+                vm.desc.name,
+                vm.desc.ram_size() / 1024,
+                vm.vmid,
+                free / 1024,
+                total / 1024
+            );
+        }
+        // Another CPU destroyed it first.
+        Err(VmError::NoSuchVm(_)) => {}
+        Err(e) => log::error!("VM {}: destroy failed: {e}", vm.desc.name),
     }
 }
 
@@ -341,6 +383,15 @@ fn run_vcpu(manager: &VmManager<Hw>, vm: &Arc<Vm<HwStage2>>, index: usize, entry
 }
 
 fn finish(ok: bool) -> ! {
+    // Several CPUs may see the last VM finish; one reports and ends the run.
+    if FINISHING.swap(true, Ordering::SeqCst) {
+        start::park();
+    }
+    let frames = FRAMES.get().map_or(0, |p| p.lock().in_use());
+    log::info!(
+        "page-table frames in use: {frames} ({} before the VMs were created)",
+        FRAMES_BEFORE_VMS.load(Ordering::SeqCst)
+    );
     if ok {
         log::info!("twostage: all VMs done: success");
         start::power_off()

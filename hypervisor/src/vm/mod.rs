@@ -16,6 +16,7 @@ use crate::vuart::VUart;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
+use core::sync::atomic::{AtomicUsize, Ordering};
 use pool::{PagePool, PoolError};
 use spin::Mutex;
 
@@ -101,6 +102,9 @@ pub struct Vm<S> {
     pub status: Mutex<VmStatus>,
     /// Virtual UART line buffer.
     pub uart: Mutex<VUart>,
+    /// Number of this VM's vCPUs currently executing guest code (see
+    /// [`Vm::enter`], [`Vm::leave`]); the VM may only be destroyed at 0.
+    pub in_guest: AtomicUsize,
 }
 
 impl<S> fmt::Debug for Vm<S> {
@@ -124,6 +128,28 @@ impl<S> Vm<S> {
     #[must_use]
     pub fn status(&self) -> VmStatus {
         *self.status.lock()
+    }
+
+    /// Called before a physical CPU enters one of the VM's vCPUs.
+    pub fn enter(&self) {
+        self.in_guest.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Called after a vCPU of the VM exited to the hypervisor and will not be entered
+    /// again now. Returns true when the VM is finished (powered off or stopped) and no
+    /// vCPU of it runs any more: the caller then destroys it. (Both sides order their
+    /// writes before their reads, so of a CPU finishing the VM and the last CPU leaving
+    /// it, at least one sees the other's write.)
+    #[must_use]
+    pub fn leave(&self) -> bool {
+        self.in_guest.fetch_sub(1, Ordering::SeqCst);
+        self.finished_and_idle()
+    }
+
+    /// True when the VM is powered off or stopped and none of its vCPUs runs.
+    #[must_use]
+    pub fn finished_and_idle(&self) -> bool {
+        self.status() != VmStatus::Running && self.in_guest.load(Ordering::SeqCst) == 0
     }
 }
 
@@ -190,6 +216,8 @@ struct Inner<P: Platform> {
     layout: Layout,
     vms: Vec<Arc<Vm<P::S2>>>,
     next_id: u32,
+    /// Destroyed VMs that had been stopped by the hypervisor (for [`VmManager::outcome`]).
+    destroyed_failed: usize,
 }
 
 /// All VMs, behind one lock.
@@ -216,6 +244,7 @@ impl<P: Platform> VmManager<P> {
                 layout,
                 vms: Vec::new(),
                 next_id: 0,
+                destroyed_failed: 0,
             }),
         }
     }
@@ -307,6 +336,7 @@ impl<P: Platform> VmManager<P> {
             psci: Mutex::new(psci),
             status: Mutex::new(VmStatus::Running),
             uart: Mutex::new(VUart::new()),
+            in_guest: AtomicUsize::new(0),
         });
         inner.next_id += 1;
         inner.vms.push(Arc::clone(&vm));
@@ -353,6 +383,9 @@ impl<P: Platform> VmManager<P> {
             .position(|v| v.id == id)
             .ok_or(VmError::NoSuchVm(id))?;
         let vm = inner.vms.swap_remove(i);
+        if vm.status() == VmStatus::Failed {
+            inner.destroyed_failed += 1;
+        }
         vm.psci.lock().all_off();
         {
             let mut s2 = vm.stage2.lock();
@@ -399,11 +432,16 @@ impl<P: Platform> VmManager<P> {
         self.inner.lock().vms.clone()
     }
 
-    /// `None` while some VM runs; otherwise `Some(true)` if no VM failed.
+    /// `None` while some VM runs or a finished VM waits to be destroyed (no vCPU runs
+    /// it); otherwise `Some(true)` if no VM, live or destroyed, was stopped by the
+    /// hypervisor. A finished VM whose vCPU never exits again does not hold the run up.
     pub fn outcome(&self) -> Option<bool> {
         let inner = self.inner.lock();
-        let mut ok = true;
+        let mut ok = inner.destroyed_failed == 0;
         for vm in &inner.vms {
+            if vm.finished_and_idle() {
+                return None;
+            }
             match vm.status() {
                 VmStatus::Running => return None,
                 VmStatus::Failed => ok = false,
@@ -733,6 +771,9 @@ pub(crate) mod tests {
             assert_eq!(p.mem.get(&0x5008_0000), None, "RAM scrubbed");
         });
         assert_eq!(a.psci.lock().take_pending(0), Some((0x4000_0000, 0)));
+        // Both VMs have a vCPU that never leaves the guest.
+        a.enter();
+        b.enter();
         *a.status.lock() = VmStatus::Off;
         assert_eq!(m.outcome(), None);
         *b.status.lock() = VmStatus::Failed;
@@ -740,5 +781,33 @@ pub(crate) mod tests {
         *b.status.lock() = VmStatus::Off;
         assert_eq!(m.outcome(), Some(true));
         assert_eq!(m.reset(9), Err(VmError::NoSuchVm(9)));
+    }
+
+    #[test]
+    fn finished_vms_are_destroyed_only_when_idle_and_remembered() {
+        let m = manager();
+        let a = m.create(desc(0x5000_0000, 1)).expect("a");
+        let b = m.create(desc(0x5010_0000, 2)).expect("b");
+        a.enter();
+        assert!(!a.leave(), "a running VM is not finished");
+        a.enter();
+        *a.status.lock() = VmStatus::Failed;
+        assert!(!a.finished_and_idle(), "a vCPU still runs it");
+        assert!(a.leave(), "the last vCPU out finds it finished");
+        assert_eq!(m.outcome(), None, "a waits to be destroyed");
+        m.destroy(a.id).expect("destroy a");
+        assert_eq!(m.outcome(), None, "b still runs");
+        *b.status.lock() = VmStatus::Off;
+        assert!(b.finished_and_idle());
+        assert_eq!(m.outcome(), None, "b waits to be destroyed");
+        m.destroy(b.id).expect("destroy b");
+        assert!(m.vms().is_empty());
+        assert_eq!(
+            m.outcome(),
+            Some(false),
+            "a destroyed VM that failed still counts"
+        );
+        let (free, total, frames, vmids) = m.accounting();
+        assert_eq!((free, frames, vmids), (total, 0, 0));
     }
 }
