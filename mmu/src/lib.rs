@@ -88,8 +88,8 @@
 //!
 //! # Operations and their guarantees
 //!
-//! [`map`](PageTable::map), [`unmap`](PageTable::unmap), [`protect`](PageTable::protect)
-//! and [`set_sw_bits`](PageTable::set_sw_bits) work on 4 KiB-aligned ranges and are
+//! [`map`](PageTable::map), [`unmap`](PageTable::unmap), [`protect`](PageTable::protect),
+//! [`set_sw_bits`](PageTable::set_sw_bits) and [`coalesce`](PageTable::coalesce) work on 4 KiB-aligned ranges and are
 //! **transactional**: each first walks the range without changing anything, checking
 //! for errors and counting the table frames it will need, then reserves those frames
 //! from the allocator; only then does it change the table. A failing operation
@@ -134,7 +134,7 @@
 //! must not be installed in a translation register any more.
 //!
 //! `protect` and `set_sw_bits` skip holes and never merge tables into blocks (only
-//! `map` merges); EL1&0 entries are always non-global (tagged with the table's ASID).
+//! `map` merges; [`coalesce`](PageTable::coalesce) merges on request); EL1&0 entries are always non-global (tagged with the table's ASID).
 //! The `El1Va`/`El1Asid` operations are meant for code running at EL1 (executed at
 //! EL2 they would apply to the current VMID).
 //!

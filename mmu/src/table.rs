@@ -57,6 +57,7 @@ enum Op {
     SetSw {
         sw: u64,
     },
+    Coalesce,
 }
 
 /// What the walker sees as the contents of a table. Apply passes only use `Real`;
@@ -403,6 +404,21 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         Some(Ok(()))
     }
 
+    /// Merges every table in `va .. va + size` that maps one aligned, contiguous range
+    /// with identical attributes into a block (1 GiB / 2 MiB), with break-before-make,
+    /// and frees the merged tables. `map` does this by itself; `protect` and
+    /// `set_sw_bits` never do, so call this after they made a range uniform again.
+    ///
+    /// # Errors
+    /// [`Error::Misaligned`], [`Error::OutOfRange`]. Needs no frames.
+    pub fn coalesce(&mut self, va: u64, size: u64) -> Result<(), Error> {
+        let end = self.check_range(va, size)?;
+        if size == 0 {
+            return Ok(());
+        }
+        self.run(Op::Coalesce, va, end)
+    }
+
     /// Dry pass, frame reservation, apply pass, TLB maintenance, frees.
     fn run(&mut self, op: Op, va: u64, end: u64) -> Result<(), Error> {
         let mut cx = Ctx {
@@ -656,6 +672,17 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                     }
                 }
             }
+            Op::Coalesce => {
+                if DRY {
+                    return Ok(());
+                }
+                for i in first..=last {
+                    let (eva, e, s, t, _) = entry!(i);
+                    if is_table(e, level) {
+                        self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                    }
+                }
+            }
             Op::Protect { bits: new_bits } | Op::SetSw { sw: new_bits } => {
                 // Protect replaces every attribute bit; SetSw only the software bits.
                 let keep = match cx.op {
@@ -772,7 +799,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                     new = 0;
                 }
             }
-            Op::Map { blocks: true, .. } if level >= 1 => {
+            Op::Map { blocks: true, .. } | Op::Coalesce if level >= 1 => {
                 if let Some(block) = uniform(cp, cl) {
                     new = block;
                 }

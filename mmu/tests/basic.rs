@@ -254,3 +254,41 @@ fn bad_ranges_are_errors() {
     assert_eq!(t.frames_in_use(), 3);
     assert!(t.tlb().invalidations().is_empty());
 }
+
+#[test]
+fn protect_splits_and_coalesce_merges_back() {
+    let mut t = PageTable::new(Stage2::new(2, 40), HeapFrames::new(), RecordingTlb::new()).unwrap();
+    let ram = Attributes::normal(Permissions::RW);
+    t.map(0x4000_0000, 0x8000_0000, MIB2, ram, MapFlags::empty())
+        .unwrap();
+    let frames = t.frames_in_use();
+    t.protect(0x4000_3000, PAGE, Attributes::normal(Permissions::RO))
+        .unwrap();
+    assert_eq!(
+        t.translate(0x4000_3000).unwrap().attrs.perms,
+        Permissions::RO
+    );
+    assert_eq!(t.translate(0x4000_4000).unwrap().level, 3);
+    assert_eq!(t.frames_in_use(), frames + 1);
+    t.protect(0x4000_3000, PAGE, ram).unwrap();
+    assert_eq!(
+        t.translate(0x4000_0000).unwrap().level,
+        3,
+        "protect never merges"
+    );
+    t.tlb_mut().clear();
+    t.coalesce(0, 1 << 40).unwrap();
+    let tr = t.translate(0x4000_3abc).unwrap();
+    assert_eq!((tr.level, tr.output, tr.attrs), (2, 0x8000_3abc, ram));
+    assert_eq!(t.frames_in_use(), frames);
+    assert_eq!(t.allocator().in_use(), frames);
+    assert!(t
+        .tlb()
+        .invalidations()
+        .iter()
+        .any(|o| matches!(o, TlbOp::Stage2All { vmid: 2, .. })));
+    // Nothing left to merge: no maintenance at all.
+    t.tlb_mut().clear();
+    t.coalesce(0, 1 << 40).unwrap();
+    assert!(t.tlb().sequences().is_empty());
+}

@@ -123,6 +123,10 @@ enum Op {
         va: u64,
         pages: u64,
     },
+    Coalesce {
+        va: u64,
+        pages: u64,
+    },
     Protect {
         va: u64,
         pages: u64,
@@ -165,6 +169,7 @@ fn op(n_attrs: usize) -> impl Strategy<Value = Op> {
         1 => (0..4u64, 1..3u64).prop_map(|(g, n)| Op::Unmap { va: g * GIB, pages: n * GIB / PAGE }),
         2 => (addr(), pages(), 0..n_attrs).prop_map(|(va, pages, attrs)| Op::Protect { va, pages, attrs }),
         1 => (addr(), pages(), 0..16u8).prop_map(|(va, pages, sw)| Op::SetSw { va, pages, sw }),
+        1 => (0..4u64, 1..3u64).prop_map(|(g, n)| Op::Coalesce { va: g * GIB, pages: n * GIB / PAGE }),
     ]
 }
 
@@ -301,6 +306,7 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
                 }
                 (r, None)
             }
+            Op::Coalesce { .. } => (Ok(()), None),
             Op::SetSw { va, pages, sw } => {
                 let sw = SwBits::new(sw).unwrap();
                 let r = t.set_sw_bits(va, pages * PAGE, sw);
@@ -309,6 +315,15 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
                 }
                 (r, None)
             }
+        };
+        let result = match *op {
+            Op::Coalesce { va, pages } => {
+                let tables = common::reachable_tables(&t);
+                let r = t.coalesce(va, pages * PAGE);
+                assert!(common::reachable_tables(&t) <= tables);
+                r
+            }
+            _ => result,
         };
         match (result, expect_conflict) {
             (Ok(()), None) => {}
