@@ -152,6 +152,17 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// if the root cannot be allocated.
     pub fn new(regime: R, mut alloc: A, tlb: T) -> Result<Self, Error> {
         let geo = regime.geometry()?;
+        // The walker relies on these; a `Regime` implemented outside the crate could
+        // claim anything.
+        let shape_ok = geo.start_level <= 2
+            && (25..=48).contains(&geo.input_bits)
+            && geo.root_tables.is_power_of_two()
+            && geo.root_tables <= 16
+            && u32::from(geo.input_bits) >= level_shift(geo.start_level)
+            && geo.root_entries() <= ENTRIES * usize::from(geo.root_tables);
+        if !shape_ok || regime.output_bits() > 48 {
+            return Err(Error::InvalidConfig);
+        }
         let n = usize::from(geo.root_tables);
         let root = alloc.alloc_contiguous(n).ok_or(Error::OutOfFrames)?;
         if root % (n as u64 * FRAME_SIZE) != 0 {
@@ -212,6 +223,11 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         self.tlbi_threshold = n.clamp(1, MAX_TLBI_BATCH);
     }
 
+    /// The regime's encoding of `attrs`, restricted to attribute bits.
+    fn attr_bits(&self, attrs: &Attributes) -> Result<u64, Error> {
+        Ok(self.regime.encode(attrs)? & !(desc::OA_MASK | 0b11))
+    }
+
     fn check_range(&self, va: u64, size: u64) -> Result<u64, Error> {
         if va % FRAME_SIZE != 0 || size % FRAME_SIZE != 0 {
             return Err(Error::Misaligned);
@@ -258,7 +274,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         {
             return Err(Error::UnsupportedAttributes);
         }
-        let bits = self.regime.encode(&attrs)?;
+        let bits = self.attr_bits(&attrs)?;
         if size == 0 {
             return Ok(());
         }
@@ -302,7 +318,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// [`Error::OutOfFrames`]. On error nothing changed.
     pub fn protect(&mut self, va: u64, size: u64, attrs: Attributes) -> Result<(), Error> {
         let end = self.check_range(va, size)?;
-        let bits = self.regime.encode(&attrs)?;
+        let bits = self.attr_bits(&attrs)?;
         if size == 0 {
             return Ok(());
         }

@@ -292,3 +292,84 @@ fn protect_splits_and_coalesce_merges_back() {
     t.coalesce(0, 1 << 40).unwrap();
     assert!(t.tlb().sequences().is_empty());
 }
+
+/// A regime defined outside the crate, with configurable (possibly bogus) answers.
+#[derive(Clone, Copy)]
+struct Custom {
+    geometry: mmu::Geometry,
+    junk: u64,
+}
+
+impl mmu::Regime for Custom {
+    const NAME: &'static str = "custom";
+    fn geometry(&self) -> Result<mmu::Geometry, Error> {
+        Ok(self.geometry)
+    }
+    fn output_bits(&self) -> u8 {
+        48
+    }
+    fn encode(&self, a: &Attributes) -> Result<u64, Error> {
+        El2::new(48).encode(a).map(|b| b | self.junk)
+    }
+    fn decode(&self, d: u64) -> Attributes {
+        El2::new(48).decode(d)
+    }
+    fn tlbi_entry(&self, _: u64, va: u64, leaf: bool) -> TlbOp {
+        TlbOp::El2Va { va, leaf }
+    }
+    fn tlbi_all(&self, _: u64) -> TlbOp {
+        TlbOp::El2All
+    }
+}
+
+#[test]
+fn regimes_from_outside_are_checked() {
+    use mmu::Geometry;
+    let bad = [
+        Geometry {
+            input_bits: 48,
+            start_level: 3,
+            root_tables: 1,
+        },
+        Geometry {
+            input_bits: 48,
+            start_level: 1,
+            root_tables: 1,
+        },
+        Geometry {
+            input_bits: 40,
+            start_level: 1,
+            root_tables: 3,
+        },
+        Geometry {
+            input_bits: 49,
+            start_level: 0,
+            root_tables: 1,
+        },
+        Geometry {
+            input_bits: 20,
+            start_level: 2,
+            root_tables: 1,
+        },
+    ];
+    for g in bad {
+        let r = Custom {
+            geometry: g,
+            junk: 0,
+        };
+        assert_eq!(
+            PageTable::new(r, HeapFrames::new(), RecordingTlb::new()).err(),
+            Some(Error::InvalidConfig),
+            "{g:?}"
+        );
+    }
+    // Bits an encoding sets outside the attribute fields are ignored.
+    let r = Custom {
+        geometry: Geometry::stage1(39).unwrap(),
+        junk: 0x0000_FFFF_FFFF_F003,
+    };
+    let mut t = PageTable::new(r, HeapFrames::new(), RecordingTlb::new()).unwrap();
+    t.map(0x1000, 0x5000, PAGE, rw(), MapFlags::empty())
+        .unwrap();
+    assert_eq!(t.translate(0x1000).unwrap().output, 0x5000);
+}
