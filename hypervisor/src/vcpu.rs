@@ -116,11 +116,11 @@ pub fn handle_exit<S>(
             Next::Resume
         }
         TrapKind::Abort(abort) => stage2_abort(vm, ctx, &abort, el1, sink),
-        TrapKind::SysReg { .. } | TrapKind::Other { .. } => stop_vm(
+        TrapKind::Other { ec, .. } => stop_vm(
             vm,
             format_args!(
-                "unhandled exit, EC {:#x} (ESR {esr:#x}, PC {:#x})",
-                (esr >> 26) & 0x3f,
+                "unhandled exit, EC {ec:#x}: {} (ESR {esr:#x}, PC {:#x})",
+                boot::esr::Esr::from_bits(esr).decode(),
                 *ctx.pc
             ),
         ),
@@ -170,7 +170,7 @@ fn stage2_abort<S>(
     if let (Some(base), Some(syn)) = (vm.desc.vuart, abort.syndrome) {
         if !abort.instruction && abort.ipa >= base && abort.ipa - base < PAGE_SIZE {
             let offset = abort.ipa - base;
-            let bits = syn.size.bytes() * 8;
+            let bits = u64::from(syn.size) * 8;
             let mask = if bits == 64 {
                 u64::MAX
             } else {
@@ -195,19 +195,13 @@ fn stage2_abort<S>(
         }
     }
     let what = access_name(abort);
-    let unmapped = if (0x04..=0x07).contains(&abort.fault_status) {
-        "unmapped "
-    } else {
-        ""
-    };
+    let unmapped = if abort.unmapped() { "unmapped " } else { "" };
     match vm.desc.abort {
         AbortPolicy::Stop => stop_vm(
             vm,
             format_args!(
                 "{what} of {unmapped}IPA {:#x} (ESR {:#x}, {})",
-                abort.ipa,
-                abort.esr,
-                trap::fault_status_name(abort.fault_status)
+                abort.ipa, abort.esr, abort.status
             ),
         ),
         AbortPolicy::Inject => {
