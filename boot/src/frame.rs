@@ -82,7 +82,7 @@ pub struct FpRegs {
     pub fpcr: u64,
 }
 
-/// A vCPU's general-purpose state as seen by [`enter_guest`](crate::enter_guest).
+/// A vCPU's general-purpose state as seen by `enter_guest`.
 ///
 /// The EL1 system registers (SCTLR_EL1, TTBR*_EL1, VBAR_EL1, SP_EL1, SP_EL0, ...) are
 /// not part of this structure: the VM code saves and restores them around the call.
@@ -122,7 +122,7 @@ impl GuestRegs {
     }
 }
 
-/// Why the guest stopped running (what [`enter_guest`](crate::enter_guest) returns).
+/// Why the guest stopped running (what `enter_guest` returns).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {
     /// A synchronous exception from the guest (HVC, SMC, trapped instruction, stage-2

@@ -19,8 +19,8 @@
 //!
 //! # Guest entry and exit
 //!
-//! [`enter_guest`] runs a vCPU until its next exception to EL2 and returns the typed
-//! [`Exit`]; see `docs/architecture.md`.
+//! `enter_guest` (bare-metal target only) runs a vCPU until its next exception to EL2 and
+//! returns the typed [`Exit`]; see `docs/architecture.md`.
 //!
 //! On the host only the portable parts compile: ESR decoding ([`esr`]) and the frame types.
 #![cfg_attr(not(test), no_std)]
