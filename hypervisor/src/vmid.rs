@@ -3,7 +3,7 @@
 //! Every VM gets a VMID that tags its stage-1 and stage-2 TLB entries (VTTBR_EL2.VMID).
 //! The width comes from `ID_AA64MMFR1_EL1.VMIDBits` (Arm ARM D19.2, 0b0000 = 8 bits,
 //! 0b0010 = 16 bits); with 16 bits `VTCR_EL2.VS` (bit 19) must be set to match, which
-//! [`VmidBits::vtcr_vs`] supplies.
+//! the stage-2 regime of `mmu` does (`Stage2::with_vmid16`, used by `vm::hw`).
 //!
 //! Policy: VMID 0 is never handed to a guest (it stays the hypervisor's "no guest" value),
 //! exhaustion is an error ([`VmidError::Exhausted`]) rather than a generation rollover,
@@ -59,15 +59,6 @@ impl VmidBits {
         match self {
             Self::Eight => 1 << 8,
             Self::Sixteen => 1 << 16,
-        }
-    }
-
-    /// The `VTCR_EL2.VS` bit (bit 19) matching this width.
-    #[must_use]
-    pub const fn vtcr_vs(self) -> u64 {
-        match self {
-            Self::Eight => 0,
-            Self::Sixteen => 1 << 19,
         }
     }
 }
@@ -197,8 +188,8 @@ mod tests {
         assert_eq!(VmidBits::from_id_aa64mmfr1(0x0020), VmidBits::Sixteen);
         assert_eq!(VmidBits::from_id_aa64mmfr1(0x1f2f), VmidBits::Sixteen);
         assert_eq!(VmidBits::from_id_aa64mmfr1(0x0010), VmidBits::Eight);
-        assert_eq!(VmidBits::Sixteen.vtcr_vs(), 1 << 19);
-        assert_eq!(VmidBits::Eight.vtcr_vs(), 0);
+        assert_eq!(VmidBits::Eight.count(), 256);
+        assert_eq!(VmidBits::Sixteen.count(), 65536);
     }
 
     fn exhaust(bits: VmidBits) {

@@ -11,7 +11,6 @@ use std::time::Duration;
 use integration::{artifact, exit_status, out_dir, Qemu, Run};
 
 const MACHINE: &str = "virt,virtualization=on,gic-version=3";
-const CPU: &str = "cortex-a57";
 const CPUS: usize = 4;
 const MEMORY: &str = "2G";
 /// Where QEMU stages the test guest (inside the staging range of docs/memory-map.md).
@@ -128,8 +127,8 @@ fn assert_all_destroyed_without_leak(run: &Run, vms: &[&str]) {
 }
 
 /// Builds the host DTB with `guests` (scripts/mkdtb) and boots the hypervisor with it and
-/// the staged test guest.
-fn run(test: &str, guests: &[Guest]) -> Run {
+/// the staged test guest on CPU model `cpu`.
+fn run(test: &str, cpu: &str, guests: &[Guest]) -> Run {
     let image = artifact("test-guest.bin");
     let hv = artifact("hypervisor.bin");
     let size = std::fs::metadata(&image)
@@ -148,7 +147,7 @@ fn run(test: &str, guests: &[Guest]) -> Run {
         .arg(&dtb)
         .arg(&frag)
         .args([
-            "--", "-machine", MACHINE, "-cpu", CPU, "-smp", &cpus, "-m", MEMORY,
+            "--", "-machine", MACHINE, "-cpu", cpu, "-smp", &cpus, "-m", MEMORY,
         ])
         .status()
         .expect("scripts/mkdtb");
@@ -159,7 +158,7 @@ fn run(test: &str, guests: &[Guest]) -> Run {
     );
     let run = Qemu::new()
         .machine(MACHINE)
-        .cpu_model(CPU)
+        .cpu_model(cpu)
         .cpus(CPUS)
         .memory(MEMORY)
         .kernel(hv)
@@ -186,10 +185,12 @@ fn guest(node: &'static str, name: &'static str, cpus: &'static [u32], ram_pa: u
     }
 }
 
-#[test]
-fn two_vms_on_two_cpus_pass_with_distinct_vmids() {
+/// Two test guests at once on CPUs 1 and 2 of a `cpu` machine, each in its own RAM at
+/// the same IPA, with `vmid_bits`-wide VMIDs.
+fn two_vms(cpu: &str, vmid_bits: u32) {
     let r = run(
-        "two-vms",
+        &format!("two-vms-{cpu}"),
+        cpu,
         &[
             // Both linger for a second, so that their runs overlap.
             Guest {
@@ -203,6 +204,7 @@ fn two_vms_on_two_cpus_pass_with_distinct_vmids() {
         ],
     );
     r.assert_success();
+    r.assert_lines_in_order(&[&format!("{vmid_bits}-bit VMIDs")]);
     assert_passed(&r, "alpha", 10);
     assert_passed(&r, "beta", 10);
     let (a, b) = (vmid_of(&r, "alpha"), vmid_of(&r, "beta"));
@@ -225,9 +227,20 @@ fn two_vms_on_two_cpus_pass_with_distinct_vmids() {
 }
 
 #[test]
+fn two_vms_on_two_cpus_pass_with_distinct_vmids() {
+    two_vms("cortex-a57", 8);
+}
+
+#[test]
+fn two_vms_on_cpu_max_with_16_bit_vmids() {
+    two_vms("max", 16);
+}
+
+#[test]
 fn unmapped_ipa_stops_or_aborts_only_that_vm() {
     let r = run(
         "unmapped-ipa",
+        "cortex-a57",
         &[
             // Reads the unmapped IPA: stopped by the hypervisor.
             Guest {
@@ -273,6 +286,7 @@ fn unmapped_ipa_stops_or_aborts_only_that_vm() {
 fn second_vcpu_starts_with_psci_cpu_on() {
     let r = run(
         "cpu-on",
+        "cortex-a57",
         &[Guest {
             arg: 2,
             ..guest("vm-a", "duo", &[1, 2], 0x5000_0000)
