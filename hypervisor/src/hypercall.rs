@@ -26,8 +26,11 @@ pub mod vendor {
     pub const VM_INFO: u32 = 0xC600_0001;
     /// VM name: x0 = name length in bytes, x1..x3 = its first 24 bytes (little-endian).
     pub const VM_NAME: u32 = 0xC600_0002;
+    /// Boot count: x0 = 0, x1 = how many times the VM was started (1, then +1 for each
+    /// `SYSTEM_RESET`).
+    pub const VM_BOOTS: u32 = 0xC600_0003;
     /// The vendor calls of the service (what `CALL_COUNT` counts).
-    pub const CALLS: &[u32] = &[VM_INFO, VM_NAME];
+    pub const CALLS: &[u32] = &[VM_INFO, VM_NAME, VM_BOOTS];
     /// Service UID `8b3f1f5e-2a7c-4d10-9b61-74776f737467`, as four 32-bit words in
     /// SMCCC order (x0 = bytes 0-3 little-endian, ...).
     pub const UID: [u32; 4] = [0x5e1f_3f8b, 0x104d_7c2a, 0x7774_619b, 0x6774_736f];
@@ -47,6 +50,8 @@ pub struct Caller<'a> {
     pub vcpu: usize,
     /// VM name.
     pub name: &'a str,
+    /// How many times the VM was started.
+    pub boots: u32,
 }
 
 /// What the run loop must do after a call.
@@ -154,6 +159,7 @@ pub fn dispatch(
             u64::from(caller.vmid),
             caller.vcpu as u64,
         ]),
+        vendor::VM_BOOTS => Outcome::Return([0, u64::from(caller.boots), 0, 0]),
         vendor::VM_NAME => {
             let bytes = caller.name.as_bytes();
             let mut words = [0u64; 3];
@@ -175,6 +181,7 @@ mod tests {
         vmid: 17,
         vcpu: 0,
         name: "guest-a",
+        boots: 2,
     };
 
     fn call(psci: &mut PsciVm, regs: &[u64]) -> Outcome {
@@ -220,7 +227,7 @@ mod tests {
         for fid in [
             0u64,
             0xC600_0000,
-            0xC600_0003,
+            0xC600_0004,
             0x8600_FF02,
             0x8400_0001,
             0xC400_0012,
@@ -236,7 +243,8 @@ mod tests {
             call(&mut ps, &[0xC600_0001]),
             Outcome::Return([0, 3, 17, 0])
         );
-        assert_eq!(x0(call(&mut ps, &[0x8600_FF00])), 2);
+        assert_eq!(x0(call(&mut ps, &[0x8600_FF00])), 3);
+        assert_eq!(call(&mut ps, &[0xC600_0003]), Outcome::Return([0, 2, 0, 0]));
         let Outcome::Return(uid) = call(&mut ps, &[0x8600_FF01]) else {
             panic!()
         };

@@ -10,6 +10,7 @@ use crate::trap::{self, Abort, TrapKind};
 use crate::vdesc::{AbortPolicy, PAGE_SIZE};
 use crate::vm::{Vm, VmStatus};
 use crate::vuart::LineSink;
+use core::sync::atomic::Ordering;
 
 /// The general-purpose state of a vCPU at an exit.
 #[derive(Debug)]
@@ -134,6 +135,7 @@ fn hypercall<S>(vm: &Vm<S>, vcpu: usize, ctx: &mut VcpuCtx<'_>, sink: &mut impl 
         vmid: vm.vmid.get(),
         vcpu,
         name: &vm.desc.name,
+        boots: vm.boots.load(Ordering::SeqCst),
     };
     let outcome = {
         let mut psci = vm.psci.lock();

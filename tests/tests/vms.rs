@@ -311,3 +311,32 @@ fn second_vcpu_starts_with_psci_cpu_on() {
     assert_passed(&r, "duo", 14);
     assert_all_destroyed_without_leak(&r, &["duo"]);
 }
+
+#[test]
+fn system_reset_restarts_the_vm_with_scrubbed_ram() {
+    let r = run(
+        "reset",
+        "cortex-a57",
+        &[Guest {
+            arg: 8,
+            ..guest("vm-a", "solo", &[1], 0x5000_0000)
+        }],
+    );
+    r.assert_success();
+    // The first boot writes its RAM test pattern, then resets; the second boot finds that
+    // RAM zero again and its boot count at 2.
+    r.assert_lines_in_order(&[
+        "VM solo: vCPU 0 starts",
+        "[solo] PASS memory-rw",
+        "[solo] resetting",
+        "VM solo reset",
+        "VM solo: vCPU 0 starts",
+        "[solo] PASS memory-scrubbed",
+        "[solo] PASS system-reset",
+        "[solo] DONE pass=10 fail=0",
+        "VM solo destroyed",
+        "all VMs done: success",
+    ]);
+    r.assert_no_line("[solo] FAIL");
+    assert_all_destroyed_without_leak(&r, &["solo"]);
+}

@@ -16,7 +16,7 @@ use crate::vuart::VUart;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use pool::{PagePool, PoolError};
 use spin::Mutex;
 
@@ -102,6 +102,8 @@ pub struct Vm<S> {
     pub status: Mutex<VmStatus>,
     /// Virtual UART line buffer.
     pub uart: Mutex<VUart>,
+    /// How many times vCPU 0 was started: 1 after create, +1 per reset.
+    pub boots: AtomicU32,
     /// Number of this VM's vCPUs currently executing guest code (see
     /// [`Vm::enter`], [`Vm::leave`]); the VM may only be destroyed at 0.
     pub in_guest: AtomicUsize,
@@ -337,6 +339,7 @@ impl<P: Platform> VmManager<P> {
             status: Mutex::new(VmStatus::Running),
             uart: Mutex::new(VUart::new()),
             in_guest: AtomicUsize::new(0),
+            boots: AtomicU32::new(1),
         });
         inner.next_id += 1;
         inner.vms.push(Arc::clone(&vm));
@@ -364,6 +367,7 @@ impl<P: Platform> VmManager<P> {
         }
         load_images(&mut inner.platform, &vm.desc);
         let _ = psci.power_on(0, vm.desc.entry, vm.desc.boot_x0());
+        vm.boots.fetch_add(1, Ordering::SeqCst);
         *vm.status.lock() = VmStatus::Running;
         Ok(())
     }
@@ -765,7 +769,9 @@ pub(crate) mod tests {
             p.mem.insert(0x5000_0000, 0x55);
             p.mem.insert(0x5008_0000, 0x66);
         });
+        assert_eq!(a.boots.load(Ordering::SeqCst), 1);
         m.reset(a.id).expect("reset");
+        assert_eq!(a.boots.load(Ordering::SeqCst), 2);
         m.with_platform(|p| {
             assert_eq!(p.mem.get(&0x5000_0000), Some(&1), "image copied again");
             assert_eq!(p.mem.get(&0x5008_0000), None, "RAM scrubbed");

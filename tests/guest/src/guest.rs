@@ -18,6 +18,7 @@ pub const UNMAPPED_IPA: u64 = 0x7000_0000;
 const ARG_ABORT: u64 = 1 << 0;
 const ARG_SECOND_VCPU: u64 = 1 << 1;
 const ARG_LINGER: u64 = 1 << 2;
+const ARG_RESET: u64 = 1 << 3;
 
 const STACK_SIZE: usize = 16 * 1024;
 
@@ -156,6 +157,8 @@ const PSCI_SYSTEM_OFF: u32 = smccc::psci::PSCI_SYSTEM_OFF;
 const SMCCC_VERSION: u32 = smccc::arch::SMCCC_VERSION;
 const VM_INFO: u32 = 0xC600_0001;
 const VM_NAME: u32 = 0xC600_0002;
+const VM_BOOTS: u32 = 0xC600_0003;
+const PSCI_SYSTEM_RESET: u32 = smccc::psci::PSCI_SYSTEM_RESET;
 const NOT_SUPPORTED: u64 = u64::MAX;
 
 static PASSED: AtomicU64 = AtomicU64::new(0);
@@ -373,6 +376,9 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
     if arg & ARG_LINGER != 0 {
         linger();
     }
+    if arg & ARG_RESET != 0 {
+        reset_check();
+    }
     println!(
         "DONE pass={} fail={}",
         PASSED.load(Ordering::SeqCst),
@@ -488,6 +494,24 @@ fn second_vcpu_check() {
         "psci-cpu-off",
         state == 1,
         format_args!("AFFINITY_INFO {state}"),
+    );
+}
+
+/// On the first boot, resets the VM with PSCI `SYSTEM_RESET`; on the second, checks
+/// that the hypervisor counted the restart (the RAM check above already showed that
+/// the RAM written before the reset was scrubbed).
+fn reset_check() {
+    let boots = hvc(VM_BOOTS, &[]);
+    if boots[0] == 0 && boots[1] == 1 {
+        println!("resetting");
+        hvc(PSCI_SYSTEM_RESET, &[]);
+        println!("FAIL system-reset returned");
+        return;
+    }
+    check(
+        "system-reset",
+        boots == [0, 2, 0, 0],
+        format_args!("{boots:x?}"),
     );
 }
 
