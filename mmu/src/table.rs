@@ -666,25 +666,52 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 }
             }
             Op::Unmap => {
-                for i in first..=last {
-                    let (eva, e, s, t, covered) = entry!(i);
-                    if e & desc::VALID == 0 {
-                        continue;
-                    }
-                    if is_table(e, level) {
-                        if covered {
+                macro_rules! general {
+                    ($i:expr) => {{
+                        let i = $i;
+                        let (eva, e, s, t, covered) = entry!(i);
+                        if e & desc::VALID == 0 {
+                        } else if is_table(e, level) && covered {
                             if !DRY {
                                 self.detach(cx, tbl, i, e, level, eva, live);
                             }
+                        } else if covered {
+                            if !DRY {
+                                self.change(cx, tbl, i, e, 0, level, eva, live, &mut bbm);
+                            }
+                        } else {
+                            self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                        }
+                    }};
+                }
+                if DRY {
+                    // Only the end entries can be partly covered; the others need no frames.
+                    general!(first);
+                    if last != first {
+                        general!(last);
+                    }
+                } else {
+                    let lo = first + usize::from(va != base + ((first as u64) << shift));
+                    let hi = last + 1 - usize::from(end != base + ((last as u64 + 1) << shift));
+                    for i in first..lo.min(last + 1) {
+                        general!(i);
+                    }
+                    // Entries entirely inside the range.
+                    for i in lo..hi {
+                        // SAFETY: apply passes walk real table frames; `i` is within.
+                        let e = unsafe { tbl.add(i).read() };
+                        if e & desc::VALID == 0 {
                             continue;
                         }
-                        self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
-                    } else if covered {
-                        if !DRY {
+                        let eva = base + ((i as u64) << shift);
+                        if is_table(e, level) {
+                            self.detach(cx, tbl, i, e, level, eva, live);
+                        } else {
                             self.change(cx, tbl, i, e, 0, level, eva, live, &mut bbm);
                         }
-                    } else {
-                        self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                    }
+                    for i in hi.max(lo.min(last + 1))..=last {
+                        general!(i);
                     }
                 }
             }
@@ -705,28 +732,37 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                     Op::Protect { .. } => desc::OA_MASK | 0b11,
                     _ => !desc::SW_MASK,
                 };
-                for i in first..=last {
-                    let (eva, e, s, t, covered) = entry!(i);
-                    if e & desc::VALID == 0 {
-                        continue;
-                    }
-                    if is_table(e, level) {
-                        if DRY && covered {
-                            continue;
+                macro_rules! general {
+                    ($i:expr) => {{
+                        let i = $i;
+                        let (eva, e, s, t, covered) = entry!(i);
+                        let new = (e & keep) | new_bits;
+                        if e & desc::VALID == 0 {
+                        } else if is_table(e, level) {
+                            if !(DRY && covered) {
+                                self.descend::<DRY>(
+                                    cx, view, i, e, level, eva, s, t, live, &mut bbm,
+                                )?;
+                            }
+                        } else if new == e {
+                        } else if covered {
+                            if !DRY {
+                                self.change(cx, tbl, i, e, new, level, eva, live, &mut bbm);
+                            }
+                        } else {
+                            self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
                         }
-                        self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
-                        continue;
+                    }};
+                }
+                if DRY {
+                    // Only the end entries can be partly covered; the others need no frames.
+                    general!(first);
+                    if last != first {
+                        general!(last);
                     }
-                    let new = (e & keep) | new_bits;
-                    if new == e {
-                        continue;
-                    }
-                    if covered {
-                        if !DRY {
-                            self.change(cx, tbl, i, e, new, level, eva, live, &mut bbm);
-                        }
-                    } else {
-                        self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                } else {
+                    for i in first..=last {
+                        general!(i);
                     }
                 }
             }
@@ -809,8 +845,12 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         let mut new = table_desc;
         match cx.op {
             Op::Unmap => {
-                // SAFETY: `cp` is the child table frame, 512 entries.
-                let empty = (0..ENTRIES).all(|j| unsafe { cp.add(j).read() } == 0);
+                // SAFETY: `cp` is the child table frame, 512 entries, not otherwise
+                // accessed while this shared view exists.
+                let entries = unsafe { core::slice::from_raw_parts(cp, ENTRIES) };
+                // OR-reduce without early exit: vectorises, and tables being emptied
+                // are mostly empty.
+                let empty = entries.iter().fold(0, |acc, &d| acc | d) == 0;
                 if empty {
                     new = 0;
                 }
@@ -835,6 +875,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// Unmaps the whole table entry `i` (table descriptor `e`): clears it, notes the
     /// invalidation of every leaf below it and queues the subtree's frames for freeing.
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn detach(
         &mut self,
         cx: &mut Ctx,
@@ -854,7 +895,14 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             // SAFETY: as above; nobody walks this table yet.
             unsafe { p.write(0) };
         }
-        self.detach_table(cx, e & desc::OA_MASK, level + 1, eva, live);
+        let child = e & desc::OA_MASK;
+        if level == 2 && (!live || cx.batch.all()) {
+            // A level-3 table whose leaves need no individual invalidation.
+            self.push(&mut cx.free_list, child);
+            cx.freed += 1;
+        } else {
+            self.detach_table(cx, child, level + 1, eva, live);
+        }
         if live {
             cx.batch.note_table(eva, level_size(level));
         }
