@@ -130,16 +130,23 @@ fn assert_all_destroyed_without_leak(run: &Run, vms: &[&str]) {
 /// the staged test guest on CPU model `cpu`.
 fn run(test: &str, cpu: &str, guests: &[Guest]) -> Run {
     let image = artifact("test-guest.bin");
-    let hv = artifact("hypervisor.bin");
     let size = std::fs::metadata(&image)
         .expect("guest image")
         .len()
         .div_ceil(4096)
         * 4096;
+    run_description(test, cpu, &fragment(guests, size))
+}
+
+/// Boots the hypervisor with the VM description `description` (a DT fragment) and the
+/// test guest staged at [`STAGED_AT`].
+fn run_description(test: &str, cpu: &str, description: &str) -> Run {
+    let image = artifact("test-guest.bin");
+    let hv = artifact("hypervisor.bin");
     let dir = out_dir().join("tests").join(test);
     std::fs::create_dir_all(&dir).expect("test dir");
     let frag = dir.join("vms.dts");
-    std::fs::write(&frag, fragment(guests, size)).expect("fragment");
+    std::fs::write(&frag, description).expect("fragment");
     let dtb = dir.join("host.dtb");
     let mkdtb = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/mkdtb");
     let cpus = CPUS.to_string();
@@ -339,4 +346,22 @@ fn system_reset_restarts_the_vm_with_scrubbed_ram() {
     ]);
     r.assert_no_line("[solo] FAIL");
     assert_all_destroyed_without_leak(&r, &["solo"]);
+}
+
+#[test]
+fn example_description_runs() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/two-test-guests.dts");
+    let text = std::fs::read_to_string(path).expect("docs/examples/two-test-guests.dts");
+    let image = artifact("test-guest.bin");
+    let size = std::fs::metadata(&image).expect("guest image").len();
+    assert!(
+        size <= 0x20000,
+        "the example's kernel size no longer covers the test guest"
+    );
+    let r = run_description("example", "cortex-a57", &text);
+    r.assert_success();
+    assert_passed(&r, "alpha", 9);
+    assert_passed(&r, "beta", 10);
+    r.assert_lines_in_order(&["[beta] PASS injected-abort"]);
+    assert_all_destroyed_without_leak(&r, &["alpha", "beta"]);
 }
