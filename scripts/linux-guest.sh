@@ -1,0 +1,119 @@
+# QEMU arguments that boot a Linux kernel as the hypervisor's guest (sourced by
+# scripts/run and scripts/bench-linux, after common.sh). docs/linux-guest.md explains the
+# layout; docs/vms.md the VM node written here.
+# shellcheck shell=bash
+
+# Guest RAM starts here, identity-mapped (IPA = PA): docs/memory-map.md.
+LINUX_RAM_BASE=$((0x50000000))
+# QEMU machine and CPU the Linux guest runs on (bare runs in scripts/bench-linux use the
+# same ones).
+LINUX_MACHINE="virt,virtualization=on,gic-version=3"
+LINUX_CPU="cortex-a57"
+# Host devices the guest gets, by host DT path: console UART and the GIC (the generic
+# timer comes with every CPU).
+LINUX_DEVICES='"/pl011@9000000", "/intc@8000000"'
+LINUX_BOOTARGS="console=ttyAMA0"
+
+# "256M", "1G", "512K" or plain bytes -> bytes.
+size_bytes() {
+    local s=${1^^}
+    case $s in
+    *K) echo $((${s%K} << 10)) ;;
+    *M) echo $((${s%M} << 20)) ;;
+    *G) echo $((${s%G} << 30)) ;;
+    *[!0-9]*) echo "bad size: $1" >&2; return 1 ;;
+    *) echo $((s)) ;;
+    esac
+}
+
+# Little-endian u64 at byte offset $2 of file $1.
+le64() {
+    od -A n -t u8 -j "$2" -N 8 "$1" | tr -d ' '
+}
+
+# The load offset from the 2 MiB aligned RAM base the hypervisor will choose for this
+# kernel (hypervisor/src/linux/image.rs is the rule; the hypervisor checks kernel-ipa
+# against it and refuses a mismatch).
+kernel_load_offset() {
+    local magic
+    magic=$(od -A n -t x4 -j 56 -N 4 "$1" | tr -d ' ')
+    if [ "$magic" = 644d5241 ] && [ "$(le64 "$1" 16)" != 0 ]; then
+        le64 "$1" 8
+    else
+        echo $((0x80000))
+    fi
+}
+
+# linux_guest_args KERNEL INITRD|"" APPEND CPUS MEM
+# Writes the host DTB with the VM node into $OUT/linux-host.dtb and sets the array
+# QEMU_ARGS to everything after `qemu-system-aarch64`.
+linux_guest_args() {
+    local kernel=$1 initrd=$2 append=$3 cpus=$4 mem mib2=$((2 << 20))
+    mem=$(size_bytes "$5")
+    if [ "$mem" -lt $((16 << 20)) ] || [ $((mem % mib2)) -ne 0 ]; then
+        echo "linux-guest: --mem must be a multiple of 2 MiB, at least 16 MiB" >&2
+        return 1
+    fi
+    local ram_end=$((LINUX_RAM_BASE + mem))
+    local kipa=$((LINUX_RAM_BASE + $(kernel_load_offset "$kernel")))
+    local ksize
+    ksize=$(stat -c %s "$kernel")
+    # Staging area for QEMU's loader, above the guest's RAM; the hypervisor copies the
+    # images into the guest.
+    local stage=$ram_end
+    local kstage=$stage
+    local next=$(((kstage + ksize + mib2 - 1) / mib2 * mib2))
+    local initrd_props=""
+    local loaders=(-device "loader,file=$kernel,addr=$kstage,force-raw=on")
+    if [ -n "$initrd" ]; then
+        local isize iipa
+        isize=$(stat -c %s "$initrd")
+        # Just below the DTB area (the top 2 MiB of RAM), 2 MiB aligned.
+        iipa=$((ram_end - mib2 - (isize + mib2 - 1) / mib2 * mib2))
+        initrd_props=$(printf 'initrd = /bits/ 64 <0x%x 0x%x>;\n initrd-ipa = /bits/ 64 <0x%x>;' \
+            "$next" "$isize" "$iipa")
+        loaders+=(-device "loader,file=$initrd,addr=$next,force-raw=on")
+        next=$(((next + isize + mib2 - 1) / mib2 * mib2))
+    fi
+    local machine_mib=$(((next - 0x40000000 + (64 << 20) - 1) / (64 << 20) * 64))
+    local cpu_list="" i
+    for ((i = 0; i < cpus; i++)); do cpu_list+=" $i"; done
+
+    local base="$OUT/linux-virt-$cpus-$machine_mib.dtb"
+    if [ ! -s "$base" ]; then
+        qemu-system-aarch64 -M "$LINUX_MACHINE,dumpdtb=$base" -cpu "$LINUX_CPU" \
+            -smp "$cpus" -m "${machine_mib}M" -nographic -nic none >/dev/null 2>&1
+    fi
+    {
+        dtc -q -I dtb -O dts "$base"
+        cat <<EOF
+/ {
+    chosen {
+        linux-vm {
+            compatible = "twostage,vm";
+            vm-name = "linux";
+            cpus = <$cpu_list>;
+            memory = /bits/ 64 <$LINUX_RAM_BASE $LINUX_RAM_BASE $mem>;
+            passthrough-devices = $LINUX_DEVICES;
+            kernel = /bits/ 64 <$kstage $ksize>;
+            kernel-ipa = /bits/ 64 <$kipa>;
+            $initrd_props
+            bootargs = "$append";
+            abort-policy = "stop";
+        };
+    };
+};
+EOF
+    } | dtc -q -I dts -O dtb -o "$OUT/linux-host.dtb" -
+    QEMU_ARGS=(-M "$LINUX_MACHINE" -cpu "$LINUX_CPU" -smp "$cpus" -m "${machine_mib}M"
+        -nographic -nic none -kernel "$OUT/hypervisor.bin" -dtb "$OUT/linux-host.dtb"
+        "${loaders[@]}")
+}
+
+# bare_linux_args KERNEL INITRD APPEND CPUS MEM: the same kernel straight on QEMU (no
+# hypervisor), with the same machine, CPU count and RAM size.
+bare_linux_args() {
+    QEMU_ARGS=(-M "$LINUX_MACHINE" -cpu "$LINUX_CPU" -smp "$4" -m "$5" -nographic -nic none
+        -kernel "$1" -append "$3")
+    if [ -n "$2" ]; then QEMU_ARGS+=(-initrd "$2"); fi
+}
