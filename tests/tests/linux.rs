@@ -1,0 +1,126 @@
+//! Boots the stock Debian arm64 kernel as the hypervisor's guest (docs/linux-guest.md)
+//! and checks what its userspace and the hypervisor print.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+const GUEST_RAM: u64 = 256 << 20;
+const GUEST_RAM_BASE: u64 = 0x5000_0000;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Output of one boot and QEMU's exit status.
+struct Boot {
+    out: String,
+    success: bool,
+}
+
+impl Boot {
+    /// The value after `TWOSTAGE-<key> ` on the first line that has it.
+    fn fact(&self, key: &str) -> Option<&str> {
+        let tag = format!("TWOSTAGE-{key} ");
+        self.out
+            .lines()
+            .find_map(|l| l.find(&tag).map(|at| l[at + tag.len()..].trim()))
+    }
+}
+
+fn boot_linux(cpus: u32) -> Boot {
+    let root = root();
+    let fetch = Command::new(root.join("scripts/fetch-linux"))
+        .status()
+        .expect("scripts/fetch-linux runs");
+    assert!(fetch.success(), "scripts/fetch-linux failed");
+    let out = Command::new("timeout")
+        .arg("600")
+        .arg(root.join("scripts/run"))
+        .args([
+            "--kernel",
+            "out/linux/Image",
+            "--initrd",
+            "out/linux/initramfs.cpio",
+        ])
+        .args(["--cpus", &cpus.to_string(), "--mem", "256M"])
+        .current_dir(&root)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("scripts/run starts");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    Boot {
+        out: text,
+        success: out.status.success(),
+    }
+}
+
+fn check(cpus: u32) {
+    let boot = boot_linux(cpus);
+    let log = &boot.out;
+    assert!(
+        log.lines().any(|l| l.trim_end() == "TWOSTAGE-LINUX-UP"),
+        "no userspace marker:\n{log}"
+    );
+    let version = std::fs::read_to_string(root().join("out/linux/VERSION")).unwrap();
+    assert_eq!(boot.fact("UNAME"), Some(version.trim()), "{log}");
+    assert_eq!(boot.fact("CPUS"), Some(cpus.to_string().as_str()), "{log}");
+
+    // Linux's System RAM is exactly the guest's RAM: nothing of the machine's other memory.
+    let ram: Vec<(u64, u64)> = log
+        .lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("TWOSTAGE-RAM ")? + "TWOSTAGE-RAM ".len()..];
+            let mut it = rest.split_whitespace();
+            let s = u64::from_str_radix(it.next()?, 16).ok()?;
+            let e = u64::from_str_radix(it.next()?, 16).ok()?;
+            Some((s, e))
+        })
+        .collect();
+    assert!(!ram.is_empty(), "no System RAM lines:\n{log}");
+    for (s, e) in &ram {
+        assert_eq!(
+            (*s, *e),
+            (GUEST_RAM_BASE, GUEST_RAM_BASE + GUEST_RAM - 1),
+            "{log}"
+        );
+    }
+    // MemTotal is the guest RAM less what the kernel keeps for itself: well above half of
+    // it, and never more (the machine has more than twice as much).
+    let total_kb: u64 = boot
+        .fact("MEMTOTAL-KB")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal:\n{log}"));
+    assert!(
+        total_kb * 1024 <= GUEST_RAM,
+        "MemTotal {total_kb} kB:\n{log}"
+    );
+    assert!(
+        total_kb * 1024 > GUEST_RAM / 2,
+        "MemTotal {total_kb} kB:\n{log}"
+    );
+
+    // The hypervisor: VMID and stage-2 layout logged, no stage-2 fault left unhandled,
+    // and the run ended by the guest's PSCI SYSTEM_OFF with QEMU exiting 0.
+    assert!(log.contains("VMID"), "no VMID in the log:\n{log}");
+    assert!(
+        log.contains("stage 2"),
+        "no stage-2 layout in the log:\n{log}"
+    );
+    assert!(!log.contains("unhandled"), "{log}");
+    assert!(log.contains("SYSTEM_OFF"), "{log}");
+    assert!(boot.success, "QEMU did not exit with success:\n{log}");
+}
+
+#[test]
+fn debian_kernel_boots_on_one_cpu() {
+    check(1);
+}
+
+#[test]
+fn debian_kernel_boots_on_two_cpus() {
+    check(2);
+}
