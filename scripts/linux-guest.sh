@@ -3,8 +3,13 @@
 # layout; docs/vms.md the VM node written here.
 # shellcheck shell=bash
 
-# Guest RAM starts here, identity-mapped (IPA = PA): docs/memory-map.md.
+# Guest RAM (identity-mapped, IPA = PA) and the image staging range: docs/memory-map.md.
 LINUX_RAM_BASE=$((0x50000000))
+LINUX_RAM_MAX=$((0x20000000))
+LINUX_STAGING=$((0x70000000))
+LINUX_STAGING_SIZE=$((0x10000000))
+# Machine RAM: from 0x4000_0000 to past the staging range.
+LINUX_MACHINE_MIB=2048
 # QEMU machine and CPU the Linux guest runs on (bare runs in scripts/bench-linux use the
 # same ones).
 LINUX_MACHINE="virt,virtualization=on,gic-version=3"
@@ -54,14 +59,17 @@ linux_guest_args() {
         echo "linux-guest: --mem must be a multiple of 2 MiB, at least 16 MiB" >&2
         return 1
     fi
+    if [ "$mem" -gt $((LINUX_RAM_MAX)) ]; then
+        echo "linux-guest: --mem is at most $((LINUX_RAM_MAX >> 20))M (docs/memory-map.md)" >&2
+        return 1
+    fi
     local ram_end=$((LINUX_RAM_BASE + mem))
     local kipa=$((LINUX_RAM_BASE + $(kernel_load_offset "$kernel")))
     local ksize
     ksize=$(stat -c %s "$kernel")
-    # Staging area for QEMU's loader, above the guest's RAM; the hypervisor copies the
-    # images into the guest.
-    local stage=$ram_end
-    local kstage=$stage
+    # QEMU's loader stages the images in the staging range; the hypervisor copies them into
+    # the guest (and stages the guest DTB it builds right after them).
+    local kstage=$LINUX_STAGING
     local next=$(((kstage + ksize + mib2 - 1) / mib2 * mib2))
     local initrd_props=""
     local loaders=(-device "loader,file=$kernel,addr=$kstage,force-raw=on")
@@ -75,7 +83,11 @@ linux_guest_args() {
         loaders+=(-device "loader,file=$initrd,addr=$next,force-raw=on")
         next=$(((next + isize + mib2 - 1) / mib2 * mib2))
     fi
-    local machine_mib=$(((next - 0x40000000 + (64 << 20) - 1) / (64 << 20) * 64))
+    if [ "$next" -gt $((LINUX_STAGING + LINUX_STAGING_SIZE - mib2)) ]; then
+        echo "linux-guest: kernel and initrd do not fit the staging range" >&2
+        return 1
+    fi
+    local machine_mib=$LINUX_MACHINE_MIB
     local cpu_list="" i
     for ((i = 0; i < cpus; i++)); do cpu_list+=" $i"; done
 
