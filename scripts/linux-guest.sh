@@ -10,8 +10,8 @@ LINUX_STAGING=$((0x70000000))
 LINUX_STAGING_SIZE=$((0x10000000))
 # Machine RAM: from 0x4000_0000 to past the staging range.
 LINUX_MACHINE_MIB=2048
-# QEMU machine and CPU the Linux guest runs on (bare runs in scripts/bench-linux use the
-# same ones).
+# QEMU machine (as common.sh's qemu_args) and CPU the Linux guest runs on; the bare runs
+# of scripts/bench-linux use the same.
 LINUX_MACHINE="virt,virtualization=on,gic-version=3"
 LINUX_CPU="cortex-a57"
 # Host devices the guest gets, by host DT path: console UART and the GIC (the generic
@@ -51,7 +51,7 @@ kernel_load_offset() {
 
 # linux_guest_args KERNEL INITRD|"" APPEND CPUS MEM
 # Writes the host DTB with the VM node into $OUT/linux-host.dtb and sets the array
-# QEMU_ARGS to everything after `qemu-system-aarch64`.
+# QEMU_ARGS to everything after `qemu-system-aarch64` but the console options.
 linux_guest_args() {
     local kernel=$1 initrd=$2 append=$3 cpus=$4 mem mib2=$((2 << 20))
     mem=$(size_bytes "$5")
@@ -91,14 +91,9 @@ linux_guest_args() {
     local cpu_list="" i
     for ((i = 0; i < cpus; i++)); do cpu_list+=" $i"; done
 
-    local base="$OUT/linux-virt-$cpus-$machine_mib.dtb"
-    if [ ! -s "$base" ]; then
-        qemu-system-aarch64 -M "$LINUX_MACHINE,dumpdtb=$base" -cpu "$LINUX_CPU" \
-            -smp "$cpus" -m "${machine_mib}M" -nographic -nic none >/dev/null 2>&1
-    fi
-    {
-        dtc -q -I dtb -O dts "$base"
-        cat <<EOF
+    # The VM node (docs/vms.md), merged into QEMU's own DTB of this machine by mkdtb.
+    local frag="$OUT/linux-vm.dts"
+    cat >"$frag" <<EOF
 / {
     chosen {
         linux-vm {
@@ -116,16 +111,15 @@ linux_guest_args() {
     };
 };
 EOF
-    } | dtc -q -I dts -O dtb -o "$OUT/linux-host.dtb" -
-    QEMU_ARGS=(-M "$LINUX_MACHINE" -cpu "$LINUX_CPU" -smp "$cpus" -m "${machine_mib}M"
-        -nographic -nic none -kernel "$OUT/hypervisor.bin" -dtb "$OUT/linux-host.dtb"
-        "${loaders[@]}")
+    qemu_args "$LINUX_CPU" "$cpus" "${machine_mib}M" "$OUT/hypervisor.bin"
+    "$ROOT/scripts/mkdtb" "$OUT/linux-host.dtb" "$frag" -- "${QEMU_ARGS[@]}"
+    QEMU_ARGS+=(-dtb "$OUT/linux-host.dtb" "${loaders[@]}")
 }
 
 # bare_linux_args KERNEL INITRD APPEND CPUS MEM: the same kernel straight on QEMU (no
 # hypervisor), with the same machine, CPU count and RAM size.
 bare_linux_args() {
-    QEMU_ARGS=(-M "$LINUX_MACHINE" -cpu "$LINUX_CPU" -smp "$4" -m "$5" -nographic -nic none
+    QEMU_ARGS=(-M "$LINUX_MACHINE" -cpu "$LINUX_CPU" -smp "$4" -m "$5" -nic none
         -kernel "$1" -append "$3")
     if [ -n "$2" ]; then QEMU_ARGS+=(-initrd "$2"); fi
 }

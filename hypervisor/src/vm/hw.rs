@@ -239,8 +239,9 @@ pub fn run_vms(machine: &Machine) -> ! {
         },
         regs::pa_bits()
     );
-    for desc in descs {
+    for mut desc in descs {
         let name = desc.name.clone();
+        stage_linux_dtb(&mut desc, blob);
         for &cpu in &desc.cpus {
             if cpu_index_of(u64::from(cpu)).is_none() {
                 start::fatal(format_args!("VM {name}: CPU {cpu:#x} is not an online CPU"));
@@ -263,6 +264,38 @@ pub fn run_vms(machine: &Machine) -> ! {
     MANAGER.call_once(|| manager);
     aarch64_cpu::asm::sev();
     run_cpu(0)
+}
+
+/// For a VM that boots Linux (`bootargs` and no `dtb`), builds its DTB and stages it after
+/// its images (`crate::linux::complete_desc`); stops the run if the VM cannot boot.
+fn stage_linux_dtb(desc: &mut vdesc::VmDesc, host_dtb: &[u8]) {
+    let kernel = desc.kernel;
+    if !super::within(STAGING, kernel.pa, kernel.size) {
+        // Left for VmManager::create to refuse with its own message.
+        return;
+    }
+    let head_len = kernel.size.min(crate::linux::image::HEADER_LEN as u64) as usize;
+    // SAFETY: the kernel's staged bytes lie in the staging range (checked above), which the
+    // hypervisor's stage 1 maps and QEMU filled before any CPU ran; nothing writes it now.
+    let head = unsafe { core::slice::from_raw_parts(kernel.pa as *const u8, head_len) };
+    match crate::linux::complete_desc(desc, host_dtb, head, STAGING) {
+        Ok(None) => {}
+        Ok(Some((pa, dtb))) => {
+            // SAFETY: complete_desc placed `[pa, pa + len)` inside the staging range, after
+            // every staged image of this VM; the range is mapped read/write and no CPU
+            // runs a guest yet.
+            unsafe { core::ptr::copy_nonoverlapping(dtb.as_ptr(), pa as *mut u8, dtb.len()) };
+            log::info!(
+                "VM {}: Linux boot: kernel {:#x}, DTB ({} bytes) at {:#x}, initrd {:x?}",
+                desc.name,
+                desc.entry,
+                dtb.len(),
+                desc.boot_x0(),
+                desc.initrd.map(|i| (i.ipa, i.ipa + i.size))
+            );
+        }
+        Err(e) => start::fatal(format_args!("VM {}: cannot boot Linux: {e:?}", desc.name)),
+    }
 }
 
 /// Secondary-CPU hook: waits for the VMs to exist, then runs this CPU's vCPU, if any.
