@@ -149,15 +149,13 @@ impl Platform for Hw {
     fn zero(&mut self, pa: u64, len: u64) {
         // SAFETY: the manager only passes guest RAM it owns (checked against GUEST_RAM),
         // which the hypervisor's stage 1 maps read/write; no vCPU of the VM runs.
-        unsafe { core::ptr::write_bytes(pa as *mut u8, 0, len as usize) };
-        boot::clean_dcache_range(pa, len);
+        unsafe { boot::zero_and_clean(pa, len) };
     }
 
     fn copy(&mut self, dst: u64, src: u64, len: u64) {
         // SAFETY: `src` is in the staging range and `dst` in the VM's RAM (checked by the
         // manager); both are mapped, and they do not overlap.
-        unsafe { core::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len as usize) };
-        boot::clean_dcache_range(dst, len);
+        unsafe { boot::copy_and_clean(dst, src, len) };
     }
 }
 
@@ -248,22 +246,54 @@ pub fn run_vms(machine: &Machine) -> ! {
             }
         }
         match manager.create(desc) {
-            Ok(vm) => log::info!(
-                "VM {} created: id {}, VMID {}, {} vCPU(s) on CPUs {:?}, {} KiB RAM, entry {:#x}",
-                vm.desc.name,
-                vm.id,
-                vm.vmid,
-                vm.desc.cpus.len(),
-                vm.desc.cpus,
-                vm.desc.ram_size() / 1024,
-                vm.desc.entry
-            ),
+            Ok(vm) => {
+                log::info!(
+                    "VM {} created: id {}, VMID {}, {} vCPU(s) on CPUs {:?}, {} KiB RAM, entry {:#x}",
+                    vm.desc.name,
+                    vm.id,
+                    vm.vmid,
+                    vm.desc.cpus.len(),
+                    vm.desc.cpus,
+                    vm.desc.ram_size() / 1024,
+                    vm.desc.entry
+                );
+                log_stage2_layout(&vm.desc);
+            }
             Err(e) => start::fatal(format_args!("VM {name}: {e}")),
         }
     }
     MANAGER.call_once(|| manager);
     aarch64_cpu::asm::sev();
     run_cpu(0)
+}
+
+/// One log line per stage-2 range of a new VM: what the guest can reach, and how.
+fn log_stage2_layout(desc: &vdesc::VmDesc) {
+    for r in &desc.memory {
+        log::info!(
+            "VM {} stage 2: IPA [{:#x}, {:#x}) -> PA {:#x}: RAM, normal write-back, RWX",
+            desc.name,
+            r.ipa,
+            r.ipa + r.size,
+            r.pa
+        );
+    }
+    for r in &desc.passthrough {
+        log::info!(
+            "VM {} stage 2: IPA [{:#x}, {:#x}) -> PA {:#x}: pass-through, device-nGnRE, RW",
+            desc.name,
+            r.ipa,
+            r.ipa + r.size,
+            r.pa
+        );
+    }
+    if let Some(u) = desc.vuart {
+        log::info!(
+            "VM {} stage 2: IPA [{u:#x}, {:#x}): virtual UART, unmapped (emulated)",
+            desc.name,
+            u + vdesc::PAGE_SIZE
+        );
+    }
 }
 
 /// For a VM that boots Linux (`bootargs` and no `dtb`), builds its DTB and stages it after
