@@ -48,6 +48,36 @@ pub fn vmid_bits() -> VmidBits {
     VmidBits::from_id_aa64mmfr1(v)
 }
 
+/// `ICC_SRE_EL2`: SRE (bit 0) system-register interface at EL2, Enable (bit 3) EL1 may
+/// set its own `ICC_SRE_EL1.SRE` without trapping (Arm GICv3 architecture specification,
+/// 12.7.11). With `ICH_HCR_EL2.En` = 0 and `HCR_EL2.{IMO,FMO}` = 0 a guest's `ICC_*_EL1`
+/// accesses then reach the physical CPU interface: GIC pass-through (docs/linux-guest.md).
+const ICC_SRE_EL2_GUEST: u64 = (1 << 3) | 1;
+
+/// Lets EL1 use the GICv3 CPU interface system registers, when the CPU has them
+/// (`ID_AA64PFR0_EL1.GIC`, bits \[27:24\]); otherwise `ICC_SRE_EL2` does not exist.
+fn allow_el1_gic_sysregs() {
+    let pfr0: u64;
+    // SAFETY: reading an ID register has no side effects.
+    unsafe { asm!("mrs {}, id_aa64pfr0_el1", out(reg) pfr0, options(nomem, nostack)) };
+    if (pfr0 >> 24) & 0xf == 0 {
+        return;
+    }
+    // SAFETY: ICC_SRE_EL2 exists (checked above); setting SRE and Enable only changes how
+    // EL1 reaches the GIC CPU interface, not EL2's own state. (QEMU fixes these bits to 1.)
+    unsafe {
+        asm!(
+            "mrs {t}, icc_sre_el2",
+            "orr {t}, {t}, {v}",
+            "msr icc_sre_el2, {t}",
+            "isb",
+            t = out(reg) _,
+            v = in(reg) ICC_SRE_EL2_GUEST,
+            options(nostack),
+        );
+    }
+}
+
 /// Configures this CPU to run vCPU `index` of the VM with `vttbr`/`vtcr`, and resets the
 /// guest's EL1 state (the vCPU starts as after a PSCI `CPU_ON`: MMU off).
 pub fn enter_guest_context(vttbr: u64, vtcr: u64, index: u64) {
@@ -55,6 +85,7 @@ pub fn enter_guest_context(vttbr: u64, vtcr: u64, index: u64) {
     // SAFETY: reading MIDR_EL1 has no side effects.
     unsafe { asm!("mrs {}, midr_el1", out(reg) midr, options(nomem, nostack)) };
     let vmpidr = (1 << 31) | (index & 0xff);
+    allow_el1_gic_sysregs();
     // SAFETY: these registers only affect the EL1&0 regime, which does not run until
     // `enter_guest`; the local TLBI VMALLS12E1 drops whatever this CPU cached for the
     // VMID before (the VMID is also flushed inner-shareable when it is freed).
