@@ -12,9 +12,7 @@ use alloc::sync::Arc;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use mmu::arch::ArmTlb;
-use mmu::{
-    Attributes, FrameAllocator, MapFlags, PageTable, Permissions, PhysToVirt, TlbMaintenance, TlbOp,
-};
+use mmu::{FrameAllocator, MapFlags, PageTable, PhysToVirt, TlbMaintenance, TlbOp};
 use spin::Once;
 
 use super::{
@@ -69,14 +67,8 @@ pub struct HwStage2(PageTable<mmu::Stage2, HwFrames, ArmTlb>);
 
 impl Stage2 for HwStage2 {
     fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), &'static str> {
-        let attrs = match kind {
-            S2Kind::Ram => {
-                Attributes::normal(Permissions::RW | Permissions::EXEC_EL1 | Permissions::EXEC_EL0)
-            }
-            S2Kind::Device => Attributes::device(),
-        };
         self.0
-            .map(ipa, pa, size, attrs, MapFlags::empty())
+            .map(ipa, pa, size, kind.attributes(), MapFlags::empty())
             .map_err(mmu_error)
     }
 

@@ -35,6 +35,18 @@ pub enum S2Kind {
     Device,
 }
 
+impl S2Kind {
+    /// The `mmu` attributes of this kind of stage-2 mapping.
+    #[must_use]
+    pub const fn attributes(self) -> mmu::Attributes {
+        use mmu::Permissions as P;
+        match self {
+            Self::Ram => mmu::Attributes::normal(P::RW.union(P::EXEC_EL1).union(P::EXEC_EL0)),
+            Self::Device => mmu::Attributes::device(),
+        }
+    }
+}
+
 /// One VM's stage-2 translation table.
 pub trait Stage2 {
     /// Maps `[ipa, ipa + size)` to `[pa, pa + size)`.
@@ -56,7 +68,7 @@ pub trait Stage2 {
 /// What the manager needs from the machine.
 pub trait Platform: VmidFlush {
     /// The stage-2 table type.
-    type S2: Stage2 + Send;
+    type S2: Stage2;
     /// A new, empty stage-2 table tagged with `vmid` (its root frames are taken now).
     ///
     /// # Errors
@@ -600,6 +612,59 @@ pub(crate) mod tests {
         }
     }
 
+    /// The fake memory of [`Fake`] with real `mmu` stage-2 tables whose frames come from
+    /// the heap (`mmu::testing::HeapFrames`, which counts them).
+    pub(crate) struct MmuFake {
+        pub fake: Fake,
+        pub frames: &'static mmu::testing::HeapFrames,
+    }
+
+    pub(crate) struct MmuS2(
+        mmu::PageTable<mmu::Stage2, &'static mmu::testing::HeapFrames, mmu::testing::RecordingTlb>,
+    );
+
+    impl Stage2 for MmuS2 {
+        fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), &'static str> {
+            self.0
+                .map(ipa, pa, size, kind.attributes(), mmu::MapFlags::empty())
+                .map_err(|_| "map failed")
+        }
+        fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), &'static str> {
+            self.0.unmap(ipa, size).map_err(|_| "unmap failed")
+        }
+        fn vttbr(&self) -> u64 {
+            self.0.vttbr_el2()
+        }
+    }
+
+    impl VmidFlush for MmuFake {
+        fn flush_vmid(&mut self, vmid: Vmid) {
+            self.fake.flush_vmid(vmid);
+        }
+    }
+
+    impl Platform for MmuFake {
+        type S2 = MmuS2;
+        fn new_stage2(&mut self, vmid: Vmid) -> Result<MmuS2, &'static str> {
+            let regime = mmu::Stage2::new(vmid.get(), 39).with_pa_bits(40);
+            mmu::PageTable::new(regime, self.frames, mmu::testing::RecordingTlb::new())
+                .map(MmuS2)
+                .map_err(|_| "no root")
+        }
+        fn free_stage2(&mut self, s2: MmuS2) {
+            drop(s2);
+        }
+        fn table_frames(&self) -> usize {
+            self.frames.in_use()
+        }
+        fn zero(&mut self, pa: u64, len: u64) {
+            self.fake.zero(pa, len);
+        }
+        fn copy(&mut self, dst: u64, src: u64, len: u64) {
+            self.fake.copy(dst, src, len);
+        }
+    }
+
     pub(crate) const LAYOUT: Layout = Layout {
         host_ram: (0x4000_0000, 0x8000_0000),
         guest_ram: (0x5000_0000, 0x40_0000),
@@ -757,6 +822,53 @@ pub(crate) mod tests {
         assert!(vmids.len() > 100, "VMIDs rotate instead of reusing one");
         m.with_platform(|p| assert_eq!(p.flushed.len(), 2000, "every freed VMID was flushed"));
         assert_eq!(m.destroy(0), Err(VmError::NoSuchVm(0)));
+    }
+
+    #[test]
+    fn thousand_cycles_with_real_mmu_tables_leak_no_frame() {
+        let frames: &'static mmu::testing::HeapFrames =
+            Box::leak(Box::new(mmu::testing::HeapFrames::new()));
+        let m = VmManager::new(
+            MmuFake {
+                fake: Fake::default(),
+                frames,
+            },
+            VmidBits::Sixteen,
+            LAYOUT,
+        );
+        for i in 0..1000u64 {
+            let mut d = desc(0x5000_0000 + (i % 2) * 0x20_0000, 1);
+            // A 2 MiB-aligned region (a block mapping) plus a device page.
+            d.memory[0].size = 0x20_0000;
+            d.passthrough.push(Region {
+                ipa: 0x0a00_0000,
+                pa: 0x0a00_0000,
+                size: 0x1000,
+            });
+            let vm = m.create(d).expect("create");
+            let (_, _, in_use, _) = m.accounting();
+            assert!(in_use >= 3, "root and tables for RAM and device: {in_use}");
+            {
+                let s2 = vm.stage2.lock();
+                let t = s2
+                    .as_ref()
+                    .expect("live")
+                    .0
+                    .translate(0x4000_1234)
+                    .expect("mapped");
+                assert_eq!(t.output, 0x5000_1234 + (i % 2) * 0x20_0000);
+                assert_eq!(
+                    s2.as_ref().expect("live").0.vttbr_el2() >> 48,
+                    u64::from(vm.vmid.get())
+                );
+            }
+            m.destroy(vm.id).expect("destroy");
+            let (free, total, in_use, vmids) = m.accounting();
+            assert_eq!((free, in_use, vmids), (total, 0, 0), "cycle {i}");
+        }
+        assert_eq!(frames.in_use(), 0);
+        assert!(frames.total_allocated() >= 3000);
+        assert_eq!(frames.total_allocated(), frames.total_freed());
     }
 
     #[test]
