@@ -52,9 +52,3 @@ pub(crate) const fn level_size(level: u8) -> u64 {
 pub(crate) const fn is_table(d: u64, level: u8) -> bool {
     level < 3 && d & 0b11 == TABLE_OR_PAGE
 }
-
-/// Whether `d` is a valid leaf (block or page) at `level`.
-#[inline]
-pub(crate) const fn is_leaf(d: u64, level: u8) -> bool {
-    d & VALID != 0 && (level == 3 || d & 0b10 == 0)
-}

@@ -223,6 +223,7 @@ impl Regime for El2 {
         self.pa_bits
     }
 
+    #[inline]
     fn encode(&self, attrs: &Attributes) -> Result<u64, Error> {
         let p = attrs.perms;
         if !p.contains(Permissions::READ)
@@ -240,6 +241,7 @@ impl Regime for El2 {
         Ok(d)
     }
 
+    #[inline]
     fn decode(&self, d: u64) -> Attributes {
         let mut perms = Permissions::READ;
         if d & desc::AP2_RO == 0 {
@@ -390,6 +392,7 @@ impl Regime for Stage2 {
         self.pa_bits
     }
 
+    #[inline]
     fn encode(&self, attrs: &Attributes) -> Result<u64, Error> {
         let p = attrs.perms;
         if p.intersects(Permissions::EXEC_EL2 | Permissions::USER) {
@@ -417,6 +420,7 @@ impl Regime for Stage2 {
         Ok(d)
     }
 
+    #[inline]
     fn decode(&self, d: u64) -> Attributes {
         let mut perms = Permissions::empty();
         if d & desc::S2AP_R != 0 {
@@ -557,6 +561,7 @@ impl Regime for El1 {
         self.pa_bits
     }
 
+    #[inline]
     fn encode(&self, attrs: &Attributes) -> Result<u64, Error> {
         let p = attrs.perms;
         if !p.contains(Permissions::READ) || p.contains(Permissions::EXEC_EL2) {
@@ -583,6 +588,7 @@ impl Regime for El1 {
         Ok(d)
     }
 
+    #[inline]
     fn decode(&self, d: u64) -> Attributes {
         let mut perms = Permissions::READ;
         if d & desc::AP2_RO == 0 {

@@ -6,7 +6,7 @@ use core::ptr;
 use core::sync::atomic::{fence, Ordering};
 
 use crate::attrs::{Attributes, MapFlags, Permissions, SwBits};
-use crate::desc::{self, is_leaf, is_table, level_shift, level_size};
+use crate::desc::{self, is_table, level_shift, level_size};
 use crate::error::Error;
 use crate::frame::{FrameAllocator, FRAME_SIZE};
 use crate::regime::{Geometry, Regime};
@@ -131,6 +131,8 @@ pub struct PageTable<R: Regime, A: FrameAllocator, T: TlbMaintenance> {
     alloc: A,
     tlb: T,
     geo: Geometry,
+    /// `level_shift(geo.start_level)`, kept for the lookup path.
+    root_shift: u32,
     root: u64,
     frames: usize,
     tlbi_threshold: usize,
@@ -174,6 +176,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             alloc,
             tlb,
             geo,
+            root_shift: level_shift(geo.start_level),
             root,
             frames: n,
             tlbi_threshold: DEFAULT_TLBI_THRESHOLD,
@@ -1017,34 +1020,33 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
 
     /// Looks up `va`.
     #[must_use]
+    #[inline]
     pub fn translate(&self, va: u64) -> Option<Translation> {
-        if va >= self.geo.input_size() {
+        if va >> self.geo.input_bits != 0 {
             return None;
         }
-        let mut level = self.geo.start_level;
-        let mut tbl = self.ptr(self.root);
-        let mut idx = (va >> level_shift(level)) as usize;
-        loop {
-            // SAFETY: `tbl` is a table frame of this table and `idx` is within it
-            // (root: `va` < input size; other levels: masked to 0..512).
-            let e = unsafe { tbl.add(idx).read() };
-            if e & desc::VALID == 0 {
-                return None;
-            }
-            if is_leaf(e, level) {
-                let attrs = self.regime.decode(e);
-                let off = va & (level_size(level) - 1);
-                return Some(Translation {
-                    output: (e & desc::OA_MASK) + off,
-                    attrs,
-                    level,
-                    sw_bits: attrs.sw,
-                });
-            }
-            level += 1;
-            tbl = self.ptr(e & desc::OA_MASK);
-            idx = ((va >> level_shift(level)) & 511) as usize;
+        let mut shift = self.root_shift;
+        // SAFETY: the root has `input size >> shift` entries and `va` is below the
+        // input size.
+        let mut e = unsafe { self.ptr(self.root).add((va >> shift) as usize).read() };
+        // Table descriptors above level 3: go down. Outside an operation every entry is
+        // either 0 or valid, so bit 1 alone identifies a table.
+        while e & 0b10 != 0 && shift > 12 {
+            shift -= 9;
+            let next = self.ptr(e & desc::OA_MASK);
+            // SAFETY: `next` is a table frame of this table; the index is below 512.
+            e = unsafe { next.add(((va >> shift) & 511) as usize).read() };
         }
+        if e & desc::VALID == 0 {
+            return None;
+        }
+        let attrs = self.regime.decode(e);
+        Some(Translation {
+            output: (e & desc::OA_MASK & (u64::MAX << shift)) | (va & ((1 << shift) - 1)),
+            attrs,
+            level: (3 - (shift - 12) / 9) as u8,
+            sw_bits: attrs.sw,
+        })
     }
 
     /// Calls `f` for every leaf intersecting `va .. va + size`, in address order.
