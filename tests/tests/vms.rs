@@ -249,14 +249,14 @@ fn unmapped_ipa_stops_or_aborts_only_that_vm() {
         "unmapped-ipa",
         "cortex-a57",
         &[
-            // Reads the unmapped IPA: stopped by the hypervisor.
+            // Reads the hypervisor's image (its PA used as an IPA): stopped by the hypervisor.
             Guest {
-                arg: 1,
+                arg: 0x4020_0000 | 1,
                 ..guest("vm-a", "alpha", &[1], 0x5000_0000)
             },
-            // Reads it too, but gets an injected abort and carries on.
+            // Reads alpha's RAM (its PA used as an IPA), gets an injected abort and carries on.
             Guest {
-                arg: 1,
+                arg: 0x5000_0000 | 1,
                 abort: "inject",
                 ..guest("vm-b", "beta", &[2], 0x5020_0000)
             },
@@ -271,8 +271,8 @@ fn unmapped_ipa_stops_or_aborts_only_that_vm() {
     // alpha is stopped at the read, with a line naming VM, IPA, access and ESR; gamma
     // (and the hypervisor) carry on after that and finish.
     r.assert_lines_in_order(&[
-        "[alpha] reading unmapped IPA 0x70000000",
-        "VM alpha stopped: read of unmapped IPA 0x70000000 (ESR 0x",
+        "[alpha] reading unmapped IPA 0x40200000",
+        "VM alpha stopped: read of unmapped IPA 0x40200000 (ESR 0x",
         "[gamma] PASS alive-after-1s",
         "[gamma] DONE pass=",
         "VM gamma powered off",
@@ -281,7 +281,7 @@ fn unmapped_ipa_stops_or_aborts_only_that_vm() {
     r.assert_no_line("[alpha] DONE");
     r.assert_no_line("[alpha] FAIL");
     r.assert_lines_in_order(&[
-        "VM beta: injected abort for read of unmapped IPA 0x70000000 (ESR 0x",
+        "VM beta: injected abort for read of unmapped IPA 0x50000000 (ESR 0x",
         "[beta] PASS injected-abort",
     ]);
     assert_passed(&r, "beta", 10);

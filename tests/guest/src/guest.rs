@@ -11,9 +11,12 @@ use mmu::{Permissions, PhysToVirt};
 const UART: u64 = 0x0900_0000;
 /// Start and size of the guest's RAM (the VM description's `memory`).
 const RAM: (u64, u64) = (0x4000_0000, 0x20_0000);
-/// An IPA no VM description of the tests maps; stage 1 maps it so that the access
-/// reaches stage 2.
+/// The default probe address of the abort check: an IPA no VM description of the tests
+/// maps. Stage 1 maps the probe page so that the access reaches stage 2.
 pub const UNMAPPED_IPA: u64 = 0x7000_0000;
+
+/// The page the abort check reads: `arg[63:12]` if nonzero, else [`UNMAPPED_IPA`].
+static PROBE: AtomicU64 = AtomicU64::new(UNMAPPED_IPA);
 
 const ARG_ABORT: u64 = 1 << 0;
 const ARG_SECOND_VCPU: u64 = 1 << 1;
@@ -220,9 +223,10 @@ fn build_tables() -> Result<(), mmu::Error> {
         MapFlags::empty(),
     )?;
     pt.map(UART, UART, 4096, Attributes::device(), MapFlags::empty())?;
+    let probe = PROBE.load(Ordering::SeqCst);
     pt.map(
-        UNMAPPED_IPA,
-        UNMAPPED_IPA,
+        probe,
+        probe,
         4096,
         Attributes::new(Permissions::RW, MemoryType::Normal),
         MapFlags::empty(),
@@ -275,7 +279,7 @@ fn sctlr() -> u64 {
     v
 }
 
-/// Set while the guest deliberately touches [`UNMAPPED_IPA`]; the exception handler
+/// Set while the guest deliberately touches the probe page; the exception handler
 /// records the abort in [`ABORT_ESR`] and skips the instruction.
 static EXPECT_ABORT: AtomicU64 = AtomicU64::new(0);
 static ABORT_ESR: AtomicU64 = AtomicU64::new(0);
@@ -324,6 +328,9 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
         loop {
             core::hint::spin_loop();
         }
+    }
+    if arg >> 12 != 0 {
+        PROBE.store(arg & !0xfff, Ordering::SeqCst);
     }
     match build_tables() {
         Ok(()) => mmu_on(),
@@ -535,16 +542,17 @@ fn linger() {
 }
 
 fn abort_check() {
-    println!("reading unmapped IPA {UNMAPPED_IPA:#x}");
+    let probe = PROBE.load(Ordering::SeqCst);
+    println!("reading unmapped IPA {probe:#x}");
     EXPECT_ABORT.store(1, Ordering::SeqCst);
     // SAFETY: a deliberate access to an IPA no stage 2 maps: either the hypervisor
     // injects an abort (handled by the vector, which skips this load) or stops the VM.
-    let v = unsafe { core::ptr::read_volatile(UNMAPPED_IPA as *const u64) };
+    let v = unsafe { core::ptr::read_volatile(probe as *const u64) };
     let esr = ABORT_ESR.load(Ordering::SeqCst);
     let far = ABORT_FAR.load(Ordering::SeqCst);
     check(
         "injected-abort",
-        esr >> 26 == 0x25 && esr & 0x3f == 0x10 && far == UNMAPPED_IPA,
+        esr >> 26 == 0x25 && esr & 0x3f == 0x10 && far == probe,
         format_args!("ESR_EL1 {esr:#x} FAR_EL1 {far:#x} value {v:#x}"),
     );
 }

@@ -1,7 +1,9 @@
 //! The EL1 test guest (runs on `aarch64-unknown-none` under the hypervisor).
 //!
 //! Entered at EL1 with the MMU off and x0 = the `arg` of its VM description:
-//! - bit 0: after the other checks, read the never-mapped IPA `0x7000_0000`
+//! - bits \[63:12\]: the page the abort check (bit 0) reads, if nonzero (default
+//!   `0x7000_0000`, an IPA the test descriptions never map);
+//! - bit 0: after the other checks, read that page
 //!   (the VM's abort policy decides what happens; with `inject` the guest expects a
 //!   synchronous external abort and reports it);
 //! - bit 1: start vCPU 1 with PSCI `CPU_ON` and check that it runs;
