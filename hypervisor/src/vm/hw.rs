@@ -375,23 +375,11 @@ fn wait_for_start(vm: &Vm<HwStage2>, index: usize) -> Option<(u64, u64)> {
     }
 }
 
-/// Destroys a finished VM no CPU runs any more and logs what came back.
+/// Destroys a finished VM no CPU runs any more (the manager logs what came back).
 fn destroy(manager: &VmManager<Hw>, vm: &Vm<HwStage2>) {
     match manager.destroy(vm.id) {
-        Ok(()) => {
-            let (free, total, frames, vmids) = manager.accounting();
-            log::info!(
-                "VM {} destroyed: {} KiB RAM scrubbed and returned, VMID {} released; \
-                 guest RAM free {} of {} KiB, page-table frames in use {frames}, VMIDs in use {vmids}",
-                vm.desc.name,
-                vm.desc.ram_size() / 1024,
-                vm.vmid,
-                free / 1024,
-                total / 1024
-            );
-        }
         // Another CPU destroyed it first.
-        Err(VmError::NoSuchVm(_)) => {}
+        Ok(()) | Err(VmError::NoSuchVm(_)) => {}
         Err(e) => log::error!("VM {}: destroy failed: {e}", vm.desc.name),
     }
 }

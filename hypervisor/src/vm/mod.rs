@@ -385,7 +385,7 @@ impl<P: Platform> VmManager<P> {
     }
 
     /// Destroys a VM whose vCPUs no longer run: unmaps and frees its stage 2, scrubs and
-    /// returns its RAM, flushes and frees its VMID.
+    /// returns its RAM, flushes and frees its VMID, and logs what came back.
     ///
     /// # Errors
     ///
@@ -423,6 +423,19 @@ impl<P: Platform> VmManager<P> {
         if let Some(s2) = vm.stage2.lock().take() {
             inner.platform.free_stage2(s2);
         }
+        // Logged under the lock, so that no CPU can see the run finished (and end it)
+        // before this line is out.
+        log::info!(
+            "VM {} destroyed: {} KiB RAM scrubbed and returned, VMID {} released; guest RAM \
+             free {} of {} KiB, page-table frames in use {}, VMIDs in use {}",
+            vm.desc.name,
+            vm.desc.ram_size() / 1024,
+            vm.vmid,
+            inner.pool.free_bytes() / 1024,
+            inner.pool.total_bytes() / 1024,
+            inner.platform.table_frames(),
+            inner.vmids.in_use()
+        );
         Ok(())
     }
 
