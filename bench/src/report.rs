@@ -122,14 +122,14 @@ fn verdict(results: &Results, arch: &str, workload: &str, row: &Row) -> String {
     let t = best_peer(results, arch, workload, |r| r.time_ns);
     if let (Some(best), Some(mine)) = (t, row.time_ns) {
         if best / mine < GOAL {
-            misses.push(format!("time {:.2}×", best / mine));
+            misses.push(format!("time {:.3}×", best / mine));
         }
     }
     let i = best_peer(results, arch, workload, |r| r.instructions);
     if let (Some(best), Some(mine)) = (i, row.instructions) {
         let ratio = best as f64 / mine as f64;
         if ratio < GOAL {
-            misses.push(format!("instructions {ratio:.2}×"));
+            misses.push(format!("instructions {ratio:.3}×"));
         }
     }
     let fr = best_peer(results, arch, workload, |r| r.frames);
@@ -279,9 +279,9 @@ mod tests {
             t.contains("| W1 | **mmu** | 100 ns | 1,000 | 515 | 2.00× | 3.00× | yes |"),
             "{t}"
         );
-        assert!(t.contains("time 1.11×"), "{t}");
+        assert!(t.contains("time 1.111×"), "{t}");
         assert!(t.contains("tables left after unmap"), "{t}");
-        assert!(!t.contains("instructions 2.00×"), "{t}");
+        assert!(!t.contains("instructions 2.000×"), "{t}");
     }
 
     #[test]
