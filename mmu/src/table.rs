@@ -133,6 +133,8 @@ pub struct PageTable<R: Regime, A: FrameAllocator, T: TlbMaintenance> {
     geo: Geometry,
     /// `level_shift(geo.start_level)`, kept for the lookup path.
     root_shift: u32,
+    /// The last attributes encoded and their descriptor bits.
+    encoded: Option<(Attributes, u64)>,
     root: u64,
     frames: usize,
     tlbi_threshold: usize,
@@ -177,6 +179,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             tlb,
             geo,
             root_shift: level_shift(geo.start_level),
+            encoded: None,
             root,
             frames: n,
             tlbi_threshold: DEFAULT_TLBI_THRESHOLD,
@@ -227,8 +230,16 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     }
 
     /// The regime's encoding of `attrs`, restricted to attribute bits.
-    fn attr_bits(&self, attrs: &Attributes) -> Result<u64, Error> {
-        Ok(self.regime.encode(attrs)? & !(desc::OA_MASK | 0b11))
+    #[inline]
+    fn attr_bits(&mut self, attrs: &Attributes) -> Result<u64, Error> {
+        if let Some((a, bits)) = self.encoded {
+            if a == *attrs {
+                return Ok(bits);
+            }
+        }
+        let bits = self.regime.encode(attrs)? & !(desc::OA_MASK | 0b11);
+        self.encoded = Some((*attrs, bits));
+        Ok(bits)
     }
 
     fn check_range(&self, va: u64, size: u64) -> Result<u64, Error> {
@@ -345,6 +356,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// Maps one page when that only means filling an invalid level-3 entry, creating
     /// the missing tables below it; `None` when the general walker is needed (an
     /// existing leaf on the path, or a level-3 table this page could make uniform).
+    #[inline(always)]
     fn map_one(
         &mut self,
         va: u64,
@@ -353,15 +365,15 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         blocks: bool,
         replace: bool,
     ) -> Option<Result<(), Error>> {
-        let mut level = self.geo.start_level;
+        let mut shift = self.root_shift;
         let mut tbl = self.ptr(self.root);
-        let mut idx = (va >> level_shift(level)) as usize;
+        let mut idx = (va >> shift) as usize;
         let page = pa | bits | desc::TABLE_OR_PAGE;
         loop {
             // SAFETY: `tbl` is a table frame of this table and `idx` is within it
             // (root: `va` is below the input size; other levels: masked to 0..512).
             let e = unsafe { tbl.add(idx).read() };
-            if level == 3 {
+            if shift == 12 {
                 if e != 0 {
                     return if replace {
                         None
@@ -380,20 +392,20 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 self.tlb.execute(&[TlbOp::DsbIshSt, TlbOp::Isb]);
                 return Some(Ok(()));
             }
-            if is_table(e, level) {
-                tbl = self.ptr(e & desc::OA_MASK);
-                level += 1;
-                idx = ((va >> level_shift(level)) & 511) as usize;
-                continue;
+            if e & desc::VALID == 0 {
+                break;
             }
-            if e != 0 {
+            if e & 0b10 == 0 {
+                // A block on the way: the general walker handles conflicts and splits.
                 return None;
             }
-            break;
+            tbl = self.ptr(e & desc::OA_MASK);
+            shift -= 9;
+            idx = ((va >> shift) & 511) as usize;
         }
-        // Entry `idx` of `tbl` (at `level` < 3) is invalid: build the missing tables
+        // Entry `idx` of `tbl` (above level 3) is invalid: build the missing tables
         // off-line, then publish them with one write.
-        let needed = usize::from(3 - level);
+        let needed = ((shift - 12) / 9) as usize;
         let mut frames = [0u64; 3];
         for k in 0..needed {
             match self.alloc.alloc_frame() {
@@ -407,12 +419,13 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             }
         }
         let mut d = page;
+        let mut s = 12;
         for k in (0..needed).rev() {
-            let l = level + 1 + k as u8;
-            let i = ((va >> level_shift(l)) & 511) as usize;
+            let i = ((va >> s) & 511) as usize;
             // SAFETY: `frames[k]` is a fresh zeroed frame nobody walks yet.
             unsafe { self.ptr(frames[k]).add(i).write(d) };
             d = frames[k] | desc::TABLE_OR_PAGE;
+            s += 9;
         }
         // Publish the new tables' contents before the pointer to them.
         fence(Ordering::Release);
@@ -701,6 +714,25 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                     }
                     // Entries entirely inside the range.
                     for i in lo..hi {
+                        if level == 2 && cx.batch.all() {
+                            // Everything is invalidated at the end anyway: clear the
+                            // entries and queue the level-3 tables, nothing to note.
+                            cx.batch.wrote();
+                            for j in i..hi {
+                                // SAFETY: as below.
+                                let e = unsafe { tbl.add(j).read() };
+                                if e & desc::VALID == 0 {
+                                    continue;
+                                }
+                                // SAFETY: `tbl` is this table's frame, `j` within it.
+                                unsafe { tbl.add(j).write_volatile(0) };
+                                if e & 0b10 != 0 {
+                                    self.push(&mut cx.free_list, e & desc::OA_MASK);
+                                    cx.freed += 1;
+                                }
+                            }
+                            break;
+                        }
                         // SAFETY: apply passes walk real table frames; `i` is within.
                         let e = unsafe { tbl.add(i).read() };
                         if e & desc::VALID == 0 {
@@ -764,7 +796,35 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         general!(last);
                     }
                 } else {
-                    for i in first..=last {
+                    let lo = first + usize::from(va != base + ((first as u64) << shift));
+                    let hi = last + 1 - usize::from(end != base + ((last as u64 + 1) << shift));
+                    for i in first..lo.min(last + 1) {
+                        general!(i);
+                    }
+                    // Leaves entirely inside the range: rewrite in place.
+                    for i in lo..hi {
+                        // SAFETY: apply passes walk real table frames; `i` is within.
+                        let e = unsafe { tbl.add(i).read() };
+                        if e & desc::VALID == 0 {
+                            continue;
+                        }
+                        let new = (e & keep) | new_bits;
+                        if is_table(e, level) || !live || (e ^ new) & desc::BBM_MASK != 0 {
+                            general!(i);
+                            continue;
+                        }
+                        if new == e {
+                            continue;
+                        }
+                        // SAFETY: as above.
+                        unsafe { tbl.add(i).write_volatile(new) };
+                        if (e ^ new) & !desc::SW_MASK != 0 {
+                            cx.batch.note(base + ((i as u64) << shift), true);
+                        } else {
+                            cx.batch.wrote();
+                        }
+                    }
+                    for i in hi.max(lo.min(last + 1))..=last {
                         general!(i);
                     }
                 }
@@ -851,9 +911,15 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 // SAFETY: `cp` is the child table frame, 512 entries, not otherwise
                 // accessed while this shared view exists.
                 let entries = unsafe { core::slice::from_raw_parts(cp, ENTRIES) };
+                // Entries entirely inside `s .. t` were just cleared: only the others
+                // (including partly covered ones) can still be valid.
+                let cs = level_shift(cl);
+                let a = ((s - eva + level_size(cl) - 1) >> cs) as usize;
+                let b = (((t - eva) >> cs) as usize).max(a);
                 // OR-reduce without early exit: vectorises, and tables being emptied
                 // are mostly empty.
-                let empty = entries.iter().fold(0, |acc, &d| acc | d) == 0;
+                let or = |x: &[u64]| x.iter().fold(0, |acc, &d| acc | d);
+                let empty = or(&entries[..a]) | or(&entries[b..]) == 0;
                 if empty {
                     new = 0;
                 }
@@ -933,6 +999,10 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                     }
                 } else if live {
                     cx.batch.note(va, true);
+                    if level == 3 && cx.batch.all() {
+                        // Everything is invalidated anyway; no subtables at level 3.
+                        break;
+                    }
                 }
             }
         }
@@ -982,11 +1052,14 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             // A table goes away: its walk-cache entry and every leaf below it.
             let cl = level + 1;
             let cp = self.ptr(old & desc::OA_MASK);
-            let has_leaves = (0..ENTRIES).any(|j| {
-                // SAFETY: `old` points to the child table frame of 512 entries.
-                let d = unsafe { cp.add(j).read() };
-                d & desc::VALID != 0
-            });
+            // Only a merge replaces a table that still has leaves (`unmap` removes
+            // tables once they are empty).
+            let has_leaves = new != 0
+                && (0..ENTRIES).any(|j| {
+                    // SAFETY: `old` points to the child table frame of 512 entries.
+                    let d = unsafe { cp.add(j).read() };
+                    d & desc::VALID != 0
+                });
             if has_leaves {
                 cx.batch.note_many(eva, level_size(cl), ENTRIES, true);
             }
