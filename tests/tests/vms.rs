@@ -199,7 +199,7 @@ fn two_vms(cpu: &str, vmid_bits: u32) {
         &format!("two-vms-{cpu}"),
         cpu,
         &[
-            // Both linger for a second, so that their runs overlap.
+            // Both linger for three seconds, so that their runs overlap.
             Guest {
                 arg: 4,
                 ..guest("vm-a", "alpha", &[1], 0x5000_0000)
@@ -260,7 +260,7 @@ fn unmapped_ipa_stops_or_aborts_only_that_vm() {
                 abort: "inject",
                 ..guest("vm-b", "beta", &[2], 0x5020_0000)
             },
-            // Does not touch it and runs on for a second after the others.
+            // Does not touch it and runs on for three seconds after the others.
             Guest {
                 arg: 4,
                 ..guest("vm-c", "gamma", &[3], 0x5040_0000)
@@ -273,7 +273,7 @@ fn unmapped_ipa_stops_or_aborts_only_that_vm() {
     r.assert_lines_in_order(&[
         "[alpha] reading unmapped IPA 0x40200000",
         "VM alpha stopped: read of unmapped IPA 0x40200000 (ESR 0x",
-        "[gamma] PASS alive-after-1s",
+        "[gamma] PASS alive-after-linger",
         "[gamma] DONE pass=",
         "VM gamma powered off",
         "all VMs done: failure",

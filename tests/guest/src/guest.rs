@@ -22,6 +22,8 @@ const ARG_ABORT: u64 = 1 << 0;
 const ARG_SECOND_VCPU: u64 = 1 << 1;
 const ARG_LINGER: u64 = 1 << 2;
 const ARG_RESET: u64 = 1 << 3;
+/// How long `ARG_LINGER` keeps the guest running.
+const LINGER_SECONDS: u64 = 3;
 
 const STACK_SIZE: usize = 16 * 1024;
 
@@ -522,7 +524,7 @@ fn reset_check() {
     );
 }
 
-/// Keeps running for one second of the generic timer (so that a test can see this VM
+/// Keeps running for [`LINGER_SECONDS`] of the generic timer (so that a test can see this VM
 /// carry on after another VM was stopped), then reports.
 fn linger() {
     let (freq, start): (u64, u64);
@@ -533,12 +535,16 @@ fn linger() {
         asm!("isb", "mrs {}, cntpct_el0", out(reg) start, options(nomem, nostack));
     }
     let mut now = start;
-    while now.wrapping_sub(start) < freq {
+    while now.wrapping_sub(start) < freq * LINGER_SECONDS {
         // SAFETY: as above.
         unsafe { asm!("isb", "mrs {}, cntpct_el0", out(reg) now, options(nomem, nostack)) };
     }
     let info = hvc(VM_INFO, &[]);
-    check("alive-after-1s", info[0] == 0, format_args!("{info:x?}"));
+    check(
+        "alive-after-linger",
+        info[0] == 0,
+        format_args!("{info:x?}"),
+    );
 }
 
 fn abort_check() {

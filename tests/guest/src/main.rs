@@ -7,7 +7,7 @@
 //!   (the VM's abort policy decides what happens; with `inject` the guest expects a
 //!   synchronous external abort and reports it);
 //! - bit 1: start vCPU 1 with PSCI `CPU_ON` and check that it runs;
-//! - bit 2: keep running for one more second before the final report;
+//! - bit 2: keep running for three more seconds before the final report;
 //! - bit 3: on the first boot, reset the VM with PSCI `SYSTEM_RESET` before the final
 //!   report; after the reset, check the boot count.
 //!
