@@ -15,9 +15,6 @@ use crate::vmid::VmidBits;
 pub const HCR_GUEST: u64 = (1 << 0) | (1 << 1) | (1 << 19) | (1 << 31) | (1 << 40) | (1 << 41);
 /// `HCR_EL2` while no guest runs: only RW, stage 2 off.
 pub const HCR_IDLE: u64 = 1 << 31;
-/// `CPTR_EL2` (non-VHE, D19.2.30): RES1 bits 13:12, 9, 7:0; TFP (10) = 0 so FP/SIMD does
-/// not trap; TZ (8) = 1 traps SVE, whose state the guest switch does not save.
-pub const CPTR_GUEST: u64 = 0x33ff;
 /// `CNTHCTL_EL2` (non-VHE, D19.11.4): EL1PCTEN (0) and EL1PCEN (1): the guest may read
 /// the physical counter and use the physical timer.
 pub const CNTHCTL_GUEST: u64 = 0b11;
@@ -79,7 +76,8 @@ fn allow_el1_gic_sysregs() {
 }
 
 /// Configures this CPU to run vCPU `index` of the VM with `vttbr`/`vtcr`, and resets the
-/// guest's EL1 state (the vCPU starts as after a PSCI `CPU_ON`: MMU off).
+/// guest's EL1 state (the vCPU starts as after a PSCI `CPU_ON`: MMU off). `CPTR_EL2`
+/// (FP/SIMD not trapped, SVE trapped) is set once per CPU by the boot code.
 pub fn enter_guest_context(vttbr: u64, vtcr: u64, index: u64) {
     let midr: u64;
     // SAFETY: reading MIDR_EL1 has no side effects.
@@ -94,7 +92,6 @@ pub fn enter_guest_context(vttbr: u64, vtcr: u64, index: u64) {
             "msr vtcr_el2, {vtcr}",
             "msr vttbr_el2, {vttbr}",
             "msr hcr_el2, {hcr}",
-            "msr cptr_el2, {cptr}",
             "msr cnthctl_el2, {cnthctl}",
             "msr cntvoff_el2, xzr",
             "msr vpidr_el2, {midr}",
@@ -125,7 +122,6 @@ pub fn enter_guest_context(vttbr: u64, vtcr: u64, index: u64) {
             vtcr = in(reg) vtcr,
             vttbr = in(reg) vttbr,
             hcr = in(reg) HCR_GUEST,
-            cptr = in(reg) CPTR_GUEST,
             cnthctl = in(reg) CNTHCTL_GUEST,
             midr = in(reg) midr,
             vmpidr = in(reg) vmpidr,
