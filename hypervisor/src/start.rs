@@ -333,6 +333,59 @@ fn psci_cpu_on(mpidr: u64, entry: u64, context: u64) -> Result<(), psci::error::
     }
 }
 
+/// CPUs (by index) that gave themselves back to the firmware with [`park_off`] and have
+/// not been asked back by [`wake`] since.
+static PARKED: [AtomicBool; boot::MAX_CPUS] = [const { AtomicBool::new(false) }; boot::MAX_CPUS];
+
+/// Turns this secondary CPU off through the firmware (PSCI `CPU_OFF`) unless `has_work`,
+/// re-checked after the CPU is marked parked, says there is something to run; returns only
+/// in that case. A parked CPU costs nothing (under QEMU its thread sleeps, where a `WFE`
+/// loop would spin); [`wake`] brings it back through the secondary entry point, which
+/// runs [`secondary`] and the secondary hook again.
+pub fn park_off(cpu: usize, has_work: impl Fn() -> bool) {
+    let Some(flag) = PARKED.get(cpu) else { return };
+    if cpu == 0 {
+        return;
+    }
+    flag.store(true, Ordering::SeqCst);
+    // A waker that made work for us before seeing the flag is caught here.
+    if has_work() && flag.swap(false, Ordering::SeqCst) {
+        return;
+    }
+    // Either nothing to do, or a waker already took the flag and retries CPU_ON until we
+    // are off: go off in both cases.
+    let result = match PSCI_CONDUIT.get() {
+        Some(PsciConduit::Hvc) => psci::cpu_off::<Hvc>(),
+        _ => psci::cpu_off::<Smc>(),
+    };
+    fatal(format_args!("cpu{cpu}: PSCI CPU_OFF returned {result:?}"));
+}
+
+/// Brings CPU `cpu` back if it is parked by [`park_off`] (PSCI `CPU_ON` at the secondary
+/// entry point, retried while the firmware still sees it on). Does nothing for a CPU that
+/// is not parked.
+pub fn wake(cpu: usize) {
+    let Some(flag) = PARKED.get(cpu) else { return };
+    if !flag.swap(false, Ordering::SeqCst) {
+        return;
+    }
+    let Some(mpidr) = cpu_mpidr(cpu) else { return };
+    let entry = boot::secondary_entry_address();
+    loop {
+        match psci_cpu_on(mpidr, entry, cpu as u64) {
+            Ok(()) => return,
+            // It has not reached its CPU_OFF yet.
+            Err(psci::error::Error::AlreadyOn | psci::error::Error::OnPending) => {
+                core::hint::spin_loop();
+            }
+            Err(e) => {
+                error!("cpu{cpu}: CPU_ON to wake it failed: {e:?}");
+                return;
+            }
+        }
+    }
+}
+
 /// Runs on each secondary CPU after the boot code set up its stack (and MMU, once the
 /// primary publishes its tables).
 pub fn secondary(cpu: usize) {

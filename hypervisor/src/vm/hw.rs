@@ -256,6 +256,9 @@ pub fn run_vms(machine: &Machine) -> ! {
     }
     MANAGER.call_once(|| manager);
     aarch64_cpu::asm::sev();
+    for cpu in 1..boot::MAX_CPUS {
+        start::wake(cpu);
+    }
     run_cpu(0)
 }
 
@@ -322,6 +325,9 @@ fn stage_linux_dtb(desc: &mut vdesc::VmDesc, host_dtb: &[u8]) {
 
 /// Secondary-CPU hook: waits for the VMs to exist, then runs this CPU's vCPU, if any.
 pub fn secondary_idle(cpu: usize) -> ! {
+    // Off until there is a vCPU to run here: the primary wakes every CPU once the VMs
+    // exist, and a guest's CPU_ON wakes the CPU of the vCPU it starts.
+    start::park_off(cpu, || has_work(cpu));
     while MANAGER.get().is_none() {
         aarch64_cpu::asm::wfe();
     }
@@ -332,20 +338,65 @@ fn cpu_index_of(mpidr: u64) -> Option<usize> {
     (0..boot::MAX_CPUS).find(|&i| start::cpu_mpidr(i) == Some(mpidr))
 }
 
+/// Whether CPU `cpu` has a vCPU waiting to start (its VM exists, runs, and has a start
+/// pending for it).
+fn has_work(cpu: usize) -> bool {
+    let Some(manager) = MANAGER.get() else {
+        return false;
+    };
+    let Some(mpidr) = start::cpu_mpidr(cpu).and_then(|m| u32::try_from(m).ok()) else {
+        return false;
+    };
+    manager.vm_on_cpu(mpidr).is_some_and(|(vm, index)| {
+        vm.status() == VmStatus::Running
+            && matches!(
+                vm.psci.lock().state(index),
+                Some(crate::psci::PowerState::OnPending { .. })
+            )
+    })
+}
+
+/// Wakes the parked CPUs of `vm`'s vCPUs that have a start pending (after a `CPU_ON`).
+fn wake_pending(vm: &Vm<HwStage2>) {
+    for (index, &cpu) in vm.desc.cpus.iter().enumerate() {
+        let pending = matches!(
+            vm.psci.lock().state(index),
+            Some(crate::psci::PowerState::OnPending { .. })
+        );
+        if pending {
+            if let Some(i) = cpu_index_of(u64::from(cpu)) {
+                start::wake(i);
+            }
+        }
+    }
+}
+
+/// A CPU with nothing (more) to run: off through the firmware, or, for CPU 0, which
+/// cannot be, a `WFE` loop.
+fn idle_forever(cpu: usize) -> ! {
+    start::park_off(cpu, || false);
+    start::park()
+}
+
 fn run_cpu(cpu: usize) -> ! {
     let Some(manager) = MANAGER.get() else {
-        start::park()
+        idle_forever(cpu)
     };
     let Some(mpidr) = start::cpu_mpidr(cpu) else {
-        start::park()
+        idle_forever(cpu)
     };
     let Ok(mpidr32) = u32::try_from(mpidr) else {
-        start::park()
+        idle_forever(cpu)
     };
     let Some((vm, index)) = manager.vm_on_cpu(mpidr32) else {
-        start::park()
+        idle_forever(cpu)
     };
-    while let Some((entry, context)) = wait_for_start(&vm, index) {
+    loop {
+        // Off until a CPU_ON starts this vCPU (or the VM ends).
+        start::park_off(cpu, || has_work(cpu) || vm.status() != VmStatus::Running);
+        let Some((entry, context)) = wait_for_start(&vm, index) else {
+            break;
+        };
         log::info!("VM {}: vCPU {index} starts at {entry:#x}", vm.desc.name);
         vm.enter();
         run_vcpu(manager, &vm, index, entry, context);
@@ -358,7 +409,7 @@ fn run_cpu(cpu: usize) -> ! {
         }
     }
     // The VM is finished; this CPU has nothing left to run.
-    start::park()
+    idle_forever(cpu)
 }
 
 /// Waits until vCPU `index` is started (returns its entry and x0), or `None` once the VM
@@ -412,6 +463,7 @@ fn run_vcpu(manager: &VmManager<Hw>, vm: &Arc<Vm<HwStage2>>, index: usize, entry
         let next = vcpu::handle_exit(vm, index, &mut ctx, reason, &mut HwEl1, &mut ConsoleLines);
         // A CPU_ON may have made another vCPU runnable.
         aarch64_cpu::asm::sev();
+        wake_pending(vm);
         match next {
             Next::Resume => {}
             Next::Stop => return,
