@@ -13,7 +13,12 @@ use crate::tlb::{TlbMaintenance, TlbOp};
 /// Stage-2 operations need the target VM's VMID current: if `VTTBR_EL2` differs from
 /// the operation's `vttbr`, it is switched for the sequence and restored afterwards
 /// (the full value is loaded, not just the VMID, so speculative walks under that VMID
-/// can only use the VM's own tables).
+/// can only use the VM's own tables). Run it with interrupts masked, or make sure no
+/// handler that could run in between depends on `VTTBR_EL2`.
+///
+/// Only the instructions of the operations it is given are executed, so tables of the
+/// [`El1`](crate::El1) regime used by code running at EL1 work too (their operations
+/// are `TLBI VALE1IS`/`VAE1IS`/`ASIDE1IS` and barriers).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ArmTlb;
 

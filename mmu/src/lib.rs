@@ -131,7 +131,8 @@
 //! - software-bit-only changes need no invalidation.
 //!
 //! Dropping a table invalidates its whole regime/VMID/ASID, then frees its frames; it
-//! must not be installed in a translation register any more.
+//! must not be installed in a translation register any more. After a [`Stage2`] table
+//! is dropped its VMID holds no stale entries and can be given to another VM.
 //!
 //! `protect` and `set_sw_bits` skip holes and never merge tables into blocks (only
 //! `map` merges; [`coalesce`](PageTable::coalesce) merges on request); EL1&0 entries are always non-global (tagged with the table's ASID).
