@@ -264,6 +264,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// # Errors
     /// [`Error::Misaligned`], [`Error::OutOfRange`], [`Error::AlreadyMapped`],
     /// [`Error::UnsupportedAttributes`], [`Error::OutOfFrames`]. On error nothing changed.
+    #[inline]
     pub fn map(
         &mut self,
         va: u64,
