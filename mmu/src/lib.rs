@@ -120,14 +120,20 @@
 //! [`TlbMaintenance::execute`], as complete sequences (barriers included):
 //!
 //! - entries that were invalid and became valid: `DSB ISHST; ISB` only, no TLBI;
-//! - EL2: `TLBI VALE2IS` per changed leaf, `VAE2IS` where a table entry changed;
+//! - EL2: `TLBI VALE2IS` per changed leaf, `VAE2IS` where a table entry was removed
+//!   (one non-leaf invalidation of the last changed address below a removed table
+//!   covers both the leaf and the walk-cache entry, so none is issued twice);
 //! - stage 2: `TLBI IPAS2LE1IS`/`IPAS2E1IS` per changed entry, then `DSB ISH;
 //!   TLBI VMALLE1IS`, with the table's `VTTBR_EL2` (VMID) current — `arch::ArmTlb`
 //!   switches `VTTBR_EL2` temporarily when needed;
 //! - EL1&0: `TLBI VALE1IS`/`VAE1IS` with the ASID;
 //! - more than the threshold ([`PageTable::set_tlbi_threshold`], default
 //!   [`DEFAULT_TLBI_THRESHOLD`]) per-entry invalidations in one operation are replaced
-//!   by one whole-regime invalidation (`ALLE2IS`, `VMALLS12E1IS`, `ASIDE1IS`);
+//!   by one whole-regime invalidation (`ALLE2IS`, `VMALLS12E1IS`, `ASIDE1IS`). Each
+//!   broadcast TLBI costs a round of DVM messages to every PE, while a whole-VM
+//!   invalidation costs the VM its TLB contents; 32 keeps page-sized changes precise
+//!   and turns anything of megabyte size into one invalidation. It is a per-table
+//!   setting because the right value depends on the machine;
 //! - software-bit-only changes need no invalidation.
 //!
 //! Dropping a table invalidates its whole regime/VMID/ASID, then frees its frames; it
@@ -135,7 +141,8 @@
 //! is dropped its VMID holds no stale entries and can be given to another VM.
 //!
 //! `protect` and `set_sw_bits` skip holes and never merge tables into blocks (only
-//! `map` merges; [`coalesce`](PageTable::coalesce) merges on request); EL1&0 entries are always non-global (tagged with the table's ASID).
+//! `map` merges; [`coalesce`](PageTable::coalesce) merges on request). EL1&0 entries
+//! are always non-global (tagged with the table's ASID).
 //! The `El1Va`/`El1Asid` operations are meant for code running at EL1 (executed at
 //! EL2 they would apply to the current VMID).
 //!
