@@ -492,6 +492,16 @@ fn s2_attrs() -> Vec<Attributes> {
     ]
 }
 
+fn s2_xnx_attrs() -> Vec<Attributes> {
+    vec![
+        Attributes::normal(Permissions::RW | Permissions::EXEC_EL1),
+        Attributes::normal(Permissions::READ | Permissions::EXEC_EL0),
+        Attributes::new(Permissions::RW, MemoryType::NormalNonCacheable),
+        Attributes::new(Permissions::WRITE, MemoryType::DeviceNGnRnE),
+        Attributes::normal(Permissions::RW | Permissions::EXEC_EL1 | Permissions::EXEC_EL0),
+    ]
+}
+
 fn el1_attrs() -> Vec<Attributes> {
     vec![
         Attributes::normal(Permissions::RW),
@@ -513,6 +523,11 @@ proptest! {
     #[test]
     fn stage2_matches_model(ops in prop::collection::vec(op(5), 1..14), vmid in 1u16..300, threshold in 1usize..64) {
         run(Stage2::new(vmid, 40), &s2_attrs(), &ops, threshold);
+    }
+
+    #[test]
+    fn stage2_xnx_fwb_matches_model(ops in prop::collection::vec(op(5), 1..14)) {
+        run(Stage2::new(9, 36).with_xnx(true).with_fwb(true), &s2_xnx_attrs(), &ops, 16);
     }
 
     #[test]
