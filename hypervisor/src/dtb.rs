@@ -5,6 +5,10 @@
 //! a NOP between sibling nodes, so nodes after it (e.g. `/cpus`, `/chosen`) would not be
 //! found. [`strip_nops`] compacts the structure block so no NOP is left (Devicetree
 //! Specification v0.4, 5.4 "Structure Block").
+//!
+//! It also rejects what would make the `fdt` crate panic (it indexes and unwraps on
+//! offsets and names it reads from the blob): a VM description comes from whoever
+//! builds the DTB, so a malformed one must be an error, not a crash.
 
 const FDT_MAGIC: u32 = 0xd00d_feed;
 const FDT_BEGIN_NODE: u32 = 1;
@@ -28,49 +32,96 @@ fn align4(x: usize) -> Option<usize> {
     x.checked_add(3).map(|v| v & !3)
 }
 
-/// Removes every `FDT_NOP` token from the structure block of `blob` in place, moving the
-/// following tokens down and filling the freed tail with `FDT_END`; updates
-/// `size_dt_struct`. Returns how many NOPs were removed.
-///
-/// # Errors
-///
-/// [`MalformedDtb`] (and `blob` unchanged) when the header or the token stream is not
-/// valid.
-pub fn strip_nops(blob: &mut [u8]) -> Result<usize, MalformedDtb> {
+/// Most node nesting accepted (the `fdt` crate indexes a fixed array by depth).
+const MAX_DEPTH: usize = 32;
+
+/// A C string at `at` that ends before `end`, as UTF-8 (the `fdt` crate unwraps both).
+fn c_str(blob: &[u8], at: usize, end: usize) -> Result<&str, MalformedDtb> {
+    let bytes = blob.get(at..end).ok_or(MalformedDtb)?;
+    let len = bytes.iter().position(|b| *b == 0).ok_or(MalformedDtb)?;
+    core::str::from_utf8(&bytes[..len]).map_err(|_| MalformedDtb)
+}
+
+/// Checks everything the `fdt` crate relies on without checking itself: header offsets
+/// and sizes inside the blob, a terminated memory-reservation block, and a structure
+/// block that is one properly nested tree (properties before child nodes, names in UTF-8,
+/// property names inside the strings block). Returns the structure block's start and
+/// end and the number of NOP tokens in it.
+fn validate(blob: &[u8]) -> Result<(usize, usize, usize), MalformedDtb> {
     if be32(blob, 0)? != FDT_MAGIC {
         return Err(MalformedDtb);
     }
-    let total = be32(blob, 4)? as usize;
-    let off = be32(blob, 8)? as usize;
-    let size = be32(blob, 36)? as usize;
+    let field = |at| be32(blob, at).map(|v| v as usize);
+    let total = field(4)?;
+    let (off, strings, rsv) = (field(8)?, field(12)?, field(16)?);
+    let (version, strings_size, size) = (field(20)?, field(32)?, field(36)?);
     let end = off.checked_add(size).ok_or(MalformedDtb)?;
-    if total > blob.len() || end > total {
+    let strings_end = strings.checked_add(strings_size).ok_or(MalformedDtb)?;
+    if total > blob.len() || total < 40 || version < 17 || end > total || strings_end > total {
         return Err(MalformedDtb);
     }
-    // First pass: validate and find the token boundaries, so that a malformed blob is
-    // left untouched.
+    if off % 4 != 0 || rsv % 8 != 0 || rsv < 40 {
+        return Err(MalformedDtb);
+    }
+    let mut entry = rsv;
+    loop {
+        let e = blob
+            .get(entry..entry.checked_add(16).ok_or(MalformedDtb)?)
+            .ok_or(MalformedDtb)?;
+        if entry + 16 > total {
+            return Err(MalformedDtb);
+        }
+        if e.iter().all(|b| *b == 0) {
+            break;
+        }
+        entry += 16;
+    }
+    let blob = &blob[..total];
+    // Per depth: whether the open node already has a child (properties must come first).
+    let mut has_child = [false; MAX_DEPTH + 1];
+    let mut depth = 0;
+    let mut root_done = false;
     let mut pos = off;
     let mut nops = 0;
     loop {
         let token = be32(&blob[..end], pos)?;
         let len = match token {
             FDT_BEGIN_NODE => {
-                let name_end = blob[pos + 4..end]
-                    .iter()
-                    .position(|b| *b == 0)
-                    .ok_or(MalformedDtb)?;
-                4 + align4(name_end + 1).ok_or(MalformedDtb)?
+                if root_done || depth == MAX_DEPTH {
+                    return Err(MalformedDtb);
+                }
+                has_child[depth] = true;
+                depth += 1;
+                has_child[depth] = false;
+                let name = c_str(blob, pos + 4, end)?;
+                4 + align4(name.len() + 1).ok_or(MalformedDtb)?
             }
             FDT_PROP => {
+                if depth == 0 || has_child[depth] {
+                    return Err(MalformedDtb);
+                }
                 let vlen = be32(&blob[..end], pos + 4)? as usize;
+                let nameoff = be32(&blob[..end], pos + 8)? as usize;
+                c_str(
+                    blob,
+                    strings.checked_add(nameoff).ok_or(MalformedDtb)?,
+                    strings_end,
+                )?;
                 12 + align4(vlen).ok_or(MalformedDtb)?
             }
-            FDT_END_NODE => 4,
+            FDT_END_NODE => {
+                if depth == 0 {
+                    return Err(MalformedDtb);
+                }
+                depth -= 1;
+                root_done = depth == 0;
+                4
+            }
             FDT_NOP => {
                 nops += 1;
                 4
             }
-            FDT_END => break,
+            FDT_END if root_done => break,
             _ => return Err(MalformedDtb),
         };
         pos = pos
@@ -78,6 +129,20 @@ pub fn strip_nops(blob: &mut [u8]) -> Result<usize, MalformedDtb> {
             .filter(|p| *p <= end)
             .ok_or(MalformedDtb)?;
     }
+    Ok((off, end, nops))
+}
+
+/// Checks `blob` (see the module documentation) and removes every `FDT_NOP` token from
+/// its structure block in place, moving the following tokens down and filling the freed
+/// tail with `FDT_END`; updates `size_dt_struct`. Returns how many NOPs were removed.
+/// After `Ok`, the `fdt` crate can parse the blob without panicking.
+///
+/// # Errors
+///
+/// [`MalformedDtb`] (and `blob` unchanged) when the header, the reservation block or the
+/// token stream is not valid.
+pub fn strip_nops(blob: &mut [u8]) -> Result<usize, MalformedDtb> {
+    let (off, end, nops) = validate(blob)?;
     if nops == 0 {
         return Ok(0);
     }
@@ -199,6 +264,84 @@ mod tests {
             Some("x")
         );
         assert_eq!(strip_nops(&mut blob), Ok(0));
+    }
+
+    /// Offset of the first occurrence of `needle` in the structure block.
+    fn find(blob: &[u8], needle: &[u8]) -> usize {
+        let off = be32(blob, 8).expect("off") as usize;
+        off + blob[off..]
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("found")
+    }
+
+    #[test]
+    fn what_the_fdt_crate_would_panic_on_is_rejected() {
+        let good = tree();
+        let reject = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = good.clone();
+            f(&mut b);
+            let before = b.clone();
+            assert_eq!(strip_nops(&mut b), Err(MalformedDtb));
+            assert_eq!(b, before, "a rejected blob is left alone");
+        };
+        // Strings block beyond the blob.
+        reject(&|b| b[12..16].copy_from_slice(&0x0100_0000u32.to_be_bytes()));
+        // Version 16 (no size_dt_struct).
+        reject(&|b| b[20..24].copy_from_slice(&16u32.to_be_bytes()));
+        // A property name offset outside the strings block.
+        reject(&|b| {
+            let at = find(b, &FDT_PROP.to_be_bytes());
+            b[at + 8..at + 12].copy_from_slice(&0xffffu32.to_be_bytes());
+        });
+        // A node name that is not UTF-8.
+        reject(&|b| {
+            let at = find(b, b"cpus");
+            b[at] = 0xff;
+        });
+        // An END_NODE turned into a NOP: the tree is not closed.
+        reject(&|b| {
+            let at = find(b, b"chosen");
+            let end = at + blob_skip(b, at - 4);
+            b[end - 4..end].copy_from_slice(&FDT_NOP.to_be_bytes());
+        });
+        // A property after a child node: chosen's BEGIN and END become NOPs, so its
+        // `bootargs` ends up in the root after the root's children (the crate expects
+        // properties first).
+        reject(&|b| {
+            let at = find(b, b"chosen") - 4;
+            for w in (at..at + 12).step_by(4) {
+                b[w..w + 4].copy_from_slice(&FDT_NOP.to_be_bytes());
+            }
+            let end = at + blob_skip(b, at);
+            b[end - 4..end].copy_from_slice(&FDT_NOP.to_be_bytes());
+        });
+    }
+
+    /// Length in bytes of the node starting at the BEGIN_NODE token at `at` (walks
+    /// nested tokens; NOPs count as 4 bytes).
+    fn blob_skip(b: &[u8], at: usize) -> usize {
+        let mut i = at;
+        let mut depth = 0;
+        loop {
+            let t = be32(b, i).expect("token");
+            i += match t {
+                FDT_BEGIN_NODE => {
+                    depth += 1;
+                    4 + align4(b[i + 4..].iter().position(|c| *c == 0).expect("name") + 1)
+                        .expect("len")
+                }
+                FDT_PROP => 12 + align4(be32(b, i + 4).expect("len") as usize).expect("len"),
+                FDT_END_NODE => {
+                    depth -= 1;
+                    4
+                }
+                _ => 4,
+            };
+            if depth == 0 {
+                return i - at;
+            }
+        }
     }
 
     #[test]

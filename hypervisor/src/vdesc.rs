@@ -696,3 +696,32 @@ pub(crate) mod tests {
         assert!(matches!(parse(&broken), Err(DescError::Invalid { .. })));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::tests::{dtb, vm_props};
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// A corrupted host DTB is rejected or parsed, never a panic.
+        #[test]
+        fn corrupted_dtbs_never_panic(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+            truncate in any::<bool>(),
+        ) {
+            let mut blob = dtb(&[("a", vm_props(0x5000_0000, 1)), ("b", vm_props(0x5010_0000, 2))]);
+            for (i, b) in &edits {
+                let at = i.index(blob.len());
+                blob[at] = *b;
+            }
+            if truncate {
+                blob.truncate(cut.index(blob.len()));
+            }
+            let _ = parse(&blob);
+        }
+    }
+}
