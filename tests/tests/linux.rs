@@ -143,3 +143,34 @@ fn debian_kernel_boots_on_one_cpu() {
 fn debian_kernel_boots_on_two_cpus() {
     check(2);
 }
+
+/// A kernel without the arm64 Image header is a raw binary: placed and entered at RAM start
+/// + 0x8_0000, as QEMU's own loader does. This one powers off with PSCI SYSTEM_OFF by HVC.
+#[test]
+fn raw_binary_kernel_is_placed_like_qemus_loader_does() {
+    // mov w0, #0x84000008 (SYSTEM_OFF); hvc #0; b .
+    let code: [u32; 4] = [0x5280_0100, 0x72b0_8000, 0xd400_0002, 0x1400_0000];
+    let bytes: Vec<u8> = code.iter().flat_map(|i| i.to_le_bytes()).collect();
+    let path = std::env::temp_dir().join(format!("twostage-raw-{}.bin", std::process::id()));
+    std::fs::write(&path, bytes).expect("temporary kernel file");
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg(root().join("scripts/run"))
+        .args(["--no-build", "--kernel"])
+        .arg(&path)
+        .args(["--mem", "64M"])
+        .current_dir(root())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("scripts/run starts");
+    let _ = std::fs::remove_file(&path);
+    let log =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let entry = format!("{:#x}", GUEST_RAM_BASE + 0x8_0000);
+    assert!(
+        log.contains(&format!("VM linux: vCPU 0 starts at {entry}")),
+        "not entered at {entry}:\n{log}"
+    );
+    assert!(log.contains("VM linux powered off"), "{log}");
+    assert!(out.status.success(), "{log}");
+}
