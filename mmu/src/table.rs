@@ -406,7 +406,8 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         }
         // Entry `idx` of `tbl` (above level 3) is invalid: build the missing tables
         // off-line, then publish them with one write.
-        let needed = ((shift - 12) / 9) as usize;
+        // At most 3 (start level 0); `min` lets the compiler drop the bounds checks.
+        let needed = (((shift - 12) / 9) as usize).min(3);
         let mut frames = [0u64; 3];
         for k in 0..needed {
             match self.alloc.alloc_frame() {
