@@ -365,3 +365,27 @@ fn example_description_runs() {
     r.assert_lines_in_order(&["[beta] PASS injected-abort"]);
     assert_all_destroyed_without_leak(&r, &["alpha", "beta"]);
 }
+
+#[test]
+fn invalid_description_stops_at_start_up_with_a_message() {
+    let image = artifact("test-guest.bin");
+    let size = std::fs::metadata(&image)
+        .expect("guest image")
+        .len()
+        .div_ceil(4096)
+        * 4096;
+    // Both VMs want physical CPU 1.
+    let text = fragment(
+        &[
+            guest("vm-a", "alpha", &[1], 0x5000_0000),
+            guest("vm-b", "beta", &[1], 0x5020_0000),
+        ],
+        size,
+    );
+    let r = run_description("invalid", "cortex-a57", &text);
+    r.assert_status(exit_status::STARTUP);
+    r.assert_lines_in_order(&[
+        "fatal: VM description: VM node /chosen/vm-b: a physical CPU is given to two VMs",
+    ]);
+    r.assert_no_line("VM alpha created");
+}
