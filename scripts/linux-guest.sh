@@ -13,7 +13,7 @@ LINUX_MACHINE_MIB=2048
 # QEMU machine (as common.sh's qemu_args) and CPU the Linux guest runs on; the bare runs
 # of scripts/bench-linux use the same.
 LINUX_MACHINE="virt,virtualization=on,gic-version=3"
-LINUX_CPU="cortex-a57"
+LINUX_CPU=${LINUX_CPU:-cortex-a57}
 # Host devices the guest gets, by host DT path: console UART and the GIC (the generic
 # timer comes with every CPU).
 LINUX_DEVICES='"/pl011@9000000", "/intc@8000000"'

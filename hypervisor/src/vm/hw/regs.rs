@@ -75,15 +75,51 @@ fn allow_el1_gic_sysregs() {
     }
 }
 
+/// `CPTR_EL2.TZ` (bit 8, E2H = 0): SVE instructions and registers trap to EL2 when set
+/// (Arm ARM D19.2.30); the boot code sets it.
+const CPTR_EL2_TZ: u64 = 1 << 8;
+
+/// On a CPU with SVE (`ID_AA64PFR0_EL1.SVE`, bits \[35:32\]), lets the guest use it with
+/// the smallest vector length: `CPTR_EL2.TZ` = 0 and `ZCR_EL2.LEN` = 0 (128-bit vectors).
+/// The Z registers are then exactly the V registers the exit path saves and restores, and
+/// the predicate registers are never touched by the hypervisor's own code (it is built
+/// without SVE), so the guest's SVE state survives every exit; vCPUs never share a CPU.
+/// A Linux guest probes SVE at boot, which would otherwise stop it. SME stays trapped.
+fn allow_el1_sve_128() {
+    let pfr0: u64;
+    // SAFETY: reading an ID register has no side effects.
+    unsafe { asm!("mrs {}, id_aa64pfr0_el1", out(reg) pfr0, options(nomem, nostack)) };
+    if (pfr0 >> 32) & 0xf == 0 {
+        return;
+    }
+    // SAFETY: with FEAT_SVE, clearing TZ only stops SVE accesses from trapping, and
+    // ZCR_EL2 (accessible once TZ is 0) only caps the vector length of EL1/EL0.
+    unsafe {
+        asm!(
+            "mrs {t}, cptr_el2",
+            "bic {t}, {t}, {tz}",
+            "msr cptr_el2, {t}",
+            "isb",
+            "msr S3_4_C1_C2_0, xzr", // ZCR_EL2
+            "isb",
+            t = out(reg) _,
+            tz = in(reg) CPTR_EL2_TZ,
+            options(nostack),
+        );
+    }
+}
+
 /// Configures this CPU to run vCPU `index` of the VM with `vttbr`/`vtcr`, and resets the
 /// guest's EL1 state (the vCPU starts as after a PSCI `CPU_ON`: MMU off). `CPTR_EL2`
-/// (FP/SIMD not trapped, SVE trapped) is set once per CPU by the boot code.
+/// (FP/SIMD not trapped, SVE and SME trapped) is set once per CPU by the boot code; SVE is
+/// then allowed at 128-bit vectors where the CPU has it.
 pub fn enter_guest_context(vttbr: u64, vtcr: u64, index: u64) {
     let midr: u64;
     // SAFETY: reading MIDR_EL1 has no side effects.
     unsafe { asm!("mrs {}, midr_el1", out(reg) midr, options(nomem, nostack)) };
     let vmpidr = (1 << 31) | (index & 0xff);
     allow_el1_gic_sysregs();
+    allow_el1_sve_128();
     // SAFETY: these registers only affect the EL1&0 regime, which does not run until
     // `enter_guest`; the local TLBI VMALLS12E1 drops whatever this CPU cached for the
     // VMID before (the VMID is also flushed inner-shareable when it is freed).
