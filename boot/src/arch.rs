@@ -533,7 +533,28 @@ pub fn clean_dcache_range(start: u64, len: u64) {
     unsafe { asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
     let line = 4u64 << ((ctr >> 16) & 0xf);
     let mut addr = start & !(line - 1);
-    while addr < start.saturating_add(len) {
+    let end = start.saturating_add(len);
+    // Four lines per step while they fit (fewer loop iterations), then one at a time.
+    while end - addr >= 4 * line {
+        // SAFETY: DC CVAC writes back a line without changing memory contents; the four
+        // lines from `addr` start below `end`, in the mapped memory the callers pass.
+        unsafe {
+            asm!(
+                "dc cvac, {a}",
+                "add {a}, {a}, {l}",
+                "dc cvac, {a}",
+                "add {a}, {a}, {l}",
+                "dc cvac, {a}",
+                "add {a}, {a}, {l}",
+                "dc cvac, {a}",
+                "add {a}, {a}, {l}",
+                a = inout(reg) addr,
+                l = in(reg) line,
+                options(nostack, preserves_flags)
+            );
+        }
+    }
+    while addr < end {
         // SAFETY: DC CVAC writes back a line without changing memory contents; it faults
         // only for unmapped addresses, and the callers pass mapped memory.
         unsafe { asm!("dc cvac, {}", in(reg) addr, options(nostack, preserves_flags)) };
@@ -543,46 +564,71 @@ pub fn clean_dcache_range(start: u64, len: u64) {
     unsafe { asm!("dsb sy", options(nostack, preserves_flags)) };
 }
 
-/// Makes `[start, start + len)` all zero, writing only the 64-byte blocks that are not
+/// Makes `[start, start + len)` all zero, writing only the 128-byte blocks that are not
 /// zero already, then cleans the range to the point of coherency (guest RAM scrubbing:
 /// the guest first reads it with its MMU off).
 ///
 /// The end state is that of a plain zeroing; reading first pays off under QEMU, where RAM
 /// nobody wrote since power-on reads as zero without the host allocating it, so a first
-/// scrub of fresh guest RAM writes (and makes QEMU allocate) nothing.
+/// scrub of fresh guest RAM writes (and makes QEMU allocate) nothing. Zeroing every block
+/// with `DC ZVA` instead was measured slower and far more variable there, as it makes the
+/// host allocate the whole range. The check uses general-purpose registers: QEMU's TCG
+/// runs it markedly faster than the same check through vector registers.
 ///
 /// # Safety
 ///
 /// The range must be normal memory, mapped writable, that nothing else uses meanwhile;
 /// `start` must be 16-byte aligned.
 pub unsafe fn zero_and_clean(start: u64, len: u64) {
-    let bulk = len & !63;
+    let bulk = len & !127;
     if bulk > 0 {
         // SAFETY: every access is inside `[start, start + bulk)`, which the caller owns;
-        // v0-v3 and the temporaries are declared clobbered.
+        // the temporaries are declared clobbered.
         unsafe {
             asm!(
                 "2:",
-                "ldp q0, q1, [{p}]",
-                "ldp q2, q3, [{p}, #32]",
-                "orr v0.16b, v0.16b, v1.16b",
-                "orr v2.16b, v2.16b, v3.16b",
-                "orr v0.16b, v0.16b, v2.16b",
-                "umaxv s0, v0.4s",
-                "fmov {t:w}, s0",
-                "cbz {t:w}, 3f",
+                "ldp {a}, {b}, [{p}]",
+                "ldp {c}, {d}, [{p}, #16]",
+                "orr {a}, {a}, {b}",
+                "orr {c}, {c}, {d}",
+                "ldp {b}, {d}, [{p}, #32]",
+                "orr {a}, {a}, {c}",
+                "orr {b}, {b}, {d}",
+                "ldp {c}, {d}, [{p}, #48]",
+                "orr {a}, {a}, {b}",
+                "orr {c}, {c}, {d}",
+                "ldp {b}, {d}, [{p}, #64]",
+                "orr {a}, {a}, {c}",
+                "orr {b}, {b}, {d}",
+                "ldp {c}, {d}, [{p}, #80]",
+                "orr {a}, {a}, {b}",
+                "orr {c}, {c}, {d}",
+                "ldp {b}, {d}, [{p}, #96]",
+                "orr {a}, {a}, {c}",
+                "orr {b}, {b}, {d}",
+                "ldp {c}, {d}, [{p}, #112]",
+                "orr {a}, {a}, {b}",
+                "orr {c}, {c}, {d}",
+                "orr {a}, {a}, {c}",
+                "cbz {a}, 3f",
                 "stp xzr, xzr, [{p}]",
                 "stp xzr, xzr, [{p}, #16]",
                 "stp xzr, xzr, [{p}, #32]",
                 "stp xzr, xzr, [{p}, #48]",
+                "stp xzr, xzr, [{p}, #64]",
+                "stp xzr, xzr, [{p}, #80]",
+                "stp xzr, xzr, [{p}, #96]",
+                "stp xzr, xzr, [{p}, #112]",
                 "3:",
-                "add {p}, {p}, #64",
+                "add {p}, {p}, #128",
                 "cmp {p}, {end}",
                 "b.lo 2b",
                 p = inout(reg) start => _,
                 end = in(reg) start + bulk,
-                t = out(reg) _,
-                out("v0") _, out("v1") _, out("v2") _, out("v3") _,
+                a = out(reg) _,
+                b = out(reg) _,
+                c = out(reg) _,
+                d = out(reg) _,
                 options(nostack)
             );
         }
