@@ -2,6 +2,7 @@
 
 use core::fmt;
 use core::marker::PhantomData;
+use core::mem::MaybeUninit;
 use core::ptr;
 use core::sync::atomic::{fence, Ordering};
 
@@ -13,6 +14,9 @@ use crate::regime::{Geometry, Regime};
 use crate::tlb::{TlbBatch, TlbMaintenance, TlbOp, DEFAULT_TLBI_THRESHOLD, MAX_TLBI_BATCH};
 
 const ENTRIES: usize = 512;
+
+/// Table addresses [`Ctx`] keeps on the stack before spilling them into a freed frame.
+const FREE_CHUNK: usize = 64;
 
 /// Result of [`PageTable::translate`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -116,8 +120,13 @@ struct Ctx {
     frames_needed: usize,
     /// Apply pass: reserved frames, chained through their first word.
     reserve: u64,
-    /// Tables to free once the TLB maintenance is done, chained through their first word.
-    free_list: u64,
+    /// Tables to free once the TLB maintenance is done: the latest `nfree` here, so a
+    /// detached frame is not touched (it is usually cold by then), ...
+    free: [MaybeUninit<u64>; FREE_CHUNK],
+    nfree: usize,
+    /// ... and the older ones in full chunks, each stored in one of the frames to free:
+    /// word 0 links to the previous chunk (0 ends), words `1..=FREE_CHUNK` are addresses.
+    free_chunks: u64,
     taken: usize,
     freed: usize,
     batch: TlbBatch,
@@ -459,7 +468,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             op,
             frames_needed: 0,
             reserve: 0,
-            free_list: 0,
+            free: [MaybeUninit::uninit(); FREE_CHUNK],
+            nfree: 0,
+            free_chunks: 0,
             taken: 0,
             freed: 0,
             batch: TlbBatch::new(self.tlbi_threshold),
@@ -485,11 +496,23 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             "apply pass failed after a successful dry pass"
         );
         cx.batch.sync(&self.regime, self.root, &mut self.tlb);
-        while cx.free_list != 0 {
-            let pa = cx.free_list;
-            // SAFETY: `pa` was pushed on the free list by `push`; the frame goes back
-            // to the allocator as it is (its contents do not matter any more).
-            cx.free_list = unsafe { self.ptr(pa).read() };
+        // Only now, after the synchronisation above, are the detached tables unreachable.
+        for a in &cx.free[..cx.nfree] {
+            // SAFETY: `queue_free` initialised the first `nfree` slots.
+            self.alloc.free_frame(unsafe { a.assume_init() });
+        }
+        while cx.free_chunks != 0 {
+            let pa = cx.free_chunks;
+            let p = self.ptr(pa);
+            // SAFETY: `pa` holds a chunk written by `queue_free`: a link and
+            // `FREE_CHUNK` addresses; the frame goes back to the allocator as it is
+            // after being read (its contents do not matter any more).
+            unsafe {
+                cx.free_chunks = p.read();
+                for k in 1..=FREE_CHUNK {
+                    self.alloc.free_frame(p.add(k).read());
+                }
+            }
             self.alloc.free_frame(pa);
         }
         while cx.reserve != 0 {
@@ -512,6 +535,34 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         // used yet); its first word is free for the link.
         unsafe { self.ptr(pa).write(*head) };
         *head = pa;
+    }
+
+    /// Queues the detached table at `pa` to be freed after the operation's final TLB
+    /// synchronisation, and counts it. The caller reads nothing of the frame any more.
+    #[inline(always)]
+    fn queue_free(&self, cx: &mut Ctx, pa: u64) {
+        cx.freed += 1;
+        if cx.nfree < FREE_CHUNK {
+            cx.free[cx.nfree] = MaybeUninit::new(pa);
+            cx.nfree += 1;
+            return;
+        }
+        // The stack part is full: spill it into `pa`, which is itself freed with it.
+        // Every word written is a page-aligned address, so a walker still reaching
+        // the frame through a stale walk-cache entry reads invalid descriptors, as
+        // it could during break-before-make.
+        let p = self.ptr(pa);
+        // SAFETY: `pa` is a table frame this table owns and no longer uses; a frame
+        // holds 512 words, more than the link and `FREE_CHUNK` addresses. The slots
+        // read are initialised since `nfree == FREE_CHUNK`.
+        unsafe {
+            p.write(cx.free_chunks);
+            for (k, a) in cx.free.iter().enumerate() {
+                p.add(k + 1).write(a.assume_init());
+            }
+        }
+        cx.free_chunks = pa;
+        cx.nfree = 0;
     }
 
     fn pop(&self, head: &mut u64) -> u64 {
@@ -729,8 +780,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                                 // SAFETY: `tbl` is this table's frame, `j` within it.
                                 unsafe { tbl.add(j).write_volatile(0) };
                                 if e & 0b10 != 0 {
-                                    self.push(&mut cx.free_list, e & desc::OA_MASK);
-                                    cx.freed += 1;
+                                    self.queue_free(cx, e & desc::OA_MASK);
                                 }
                             }
                             break;
@@ -937,8 +987,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         if new != table_desc {
             // The child is unreachable once the maintenance for this change is done;
             // it is freed after the operation's final TLB synchronisation.
-            self.push(&mut cx.free_list, child_pa);
-            cx.freed += 1;
+            self.queue_free(cx, child_pa);
         }
         Ok(())
     }
@@ -969,8 +1018,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         let child = e & desc::OA_MASK;
         if level == 2 && (!live || cx.batch.all()) {
             // A level-3 table whose leaves need no individual invalidation.
-            self.push(&mut cx.free_list, child);
-            cx.freed += 1;
+            self.queue_free(cx, child);
         } else {
             self.detach_table(cx, child, level + 1, eva, live);
         }
@@ -1008,8 +1056,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 }
             }
         }
-        self.push(&mut cx.free_list, pa);
-        cx.freed += 1;
+        self.queue_free(cx, pa);
     }
 
     /// Replaces descriptor `old` at entry `i` of `tbl` with `new`, doing what the

@@ -373,3 +373,47 @@ fn regimes_from_outside_are_checked() {
         .unwrap();
     assert_eq!(t.translate(0x1000).unwrap().output, 0x5000);
 }
+
+/// Notes how many frames are in use each time maintenance runs.
+struct InUseAtSync<'a> {
+    frames: &'a HeapFrames,
+    seen: Vec<usize>,
+}
+
+impl mmu::TlbMaintenance for InUseAtSync<'_> {
+    fn execute(&mut self, _ops: &[TlbOp]) {
+        self.seen.push(self.frames.in_use());
+    }
+}
+
+#[test]
+fn unmap_frees_hundreds_of_tables_only_after_the_final_sync() {
+    // 1 GiB + 2 MiB of pages below one level-1 table: more emptied tables than one
+    // operation keeps on the stack, so the spilled ones are freed too.
+    {
+        let frames = HeapFrames::new();
+        let tlb = InUseAtSync {
+            frames: &frames,
+            seen: Vec::new(),
+        };
+        let mut t = PageTable::new(El2::new(48), &frames, tlb).unwrap();
+        let (va, size) = (GIB - MIB2, GIB + 2 * MIB2);
+        t.map(va, 0x8000_0000, size, rw(), MapFlags::NO_BLOCKS)
+            .unwrap();
+        let used = frames.in_use();
+        // Root, one level-1, three level-2 and 1 + 512 + 1 level-3 tables.
+        assert_eq!(used, 1 + 1 + 3 + 514);
+        t.tlb_mut().seen.clear();
+        t.unmap(va, size).unwrap();
+        assert!(!t.tlb().seen.is_empty());
+        assert!(
+            t.tlb().seen.iter().all(|&n| n == used),
+            "a table was freed before its invalidation ran"
+        );
+        assert_eq!(frames.in_use(), 1);
+        assert_eq!(t.frames_in_use(), 1);
+        assert!(t.translate(GIB).is_none());
+        drop(t);
+        assert_eq!(frames.total_allocated(), frames.total_freed());
+    }
+}
