@@ -557,9 +557,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         // read are initialised since `nfree == FREE_CHUNK`.
         unsafe {
             p.write(cx.free_chunks);
-            for (k, a) in cx.free.iter().enumerate() {
-                p.add(k + 1).write(a.assume_init());
-            }
+            ptr::copy_nonoverlapping(cx.free.as_ptr().cast::<u64>(), p.add(1), FREE_CHUNK);
         }
         cx.free_chunks = pa;
         cx.nfree = 0;
