@@ -215,57 +215,74 @@ impl Qemu {
     /// If `qemu-system-aarch64` cannot be started (not installed: run `scripts/setup`).
     #[must_use]
     pub fn run(&self) -> Run {
-        let args = self.args();
-        let start = Instant::now();
-        let mut child = Command::new("qemu-system-aarch64")
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start qemu-system-aarch64 ({e}): run scripts/setup")
-            });
-        let mut stdout = child.stdout.take().expect("piped stdout");
-        let mut stderr = child.stderr.take().expect("piped stderr");
-        let out_reader = thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = stdout.read_to_end(&mut buf);
-            buf
-        });
-        let err_reader = thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = stderr.read_to_end(&mut buf);
-            buf
-        });
-        let mut timed_out = false;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break Some(status),
-                Ok(None) if start.elapsed() >= self.timeout => {
-                    timed_out = true;
-                    let _ = child.kill();
-                    break child.wait().ok();
-                }
-                Ok(None) => thread::sleep(Duration::from_millis(20)),
-                Err(_) => break None,
+        let mut command = Command::new("qemu-system-aarch64");
+        command.args(self.args());
+        run_command(command, self.timeout)
+    }
+}
+
+/// Runs one of the project's scripts (e.g. `scripts/run`) to completion or until
+/// `timeout`, from the repository root, capturing its output like a QEMU run.
+///
+/// # Panics
+///
+/// If the script cannot be started.
+#[must_use]
+pub fn run_script(script: &str, args: &[&str], timeout: Duration) -> Run {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut command = Command::new(root.join(script));
+    command.args(args).current_dir(&root);
+    run_command(command, timeout)
+}
+
+fn run_command(mut command: Command, timeout: Duration) -> Run {
+    let line = format!("{command:?}");
+    let start = Instant::now();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {line} ({e}): run scripts/setup"));
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let out_reader = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    let mut timed_out = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if start.elapsed() >= timeout => {
+                timed_out = true;
+                let _ = child.kill();
+                break child.wait().ok();
             }
-        };
-        let duration = start.elapsed();
-        let stdout = String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned();
-        let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned();
-        Run {
-            command: format!("qemu-system-aarch64 {}", args.join(" ")),
-            stdout: stdout.replace('\r', ""),
-            stderr,
-            status: if timed_out {
-                None
-            } else {
-                status.and_then(|s| s.code())
-            },
-            timed_out,
-            duration,
+            Ok(None) => thread::sleep(Duration::from_millis(20)),
+            Err(_) => break None,
         }
+    };
+    let duration = start.elapsed();
+    let stdout = String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned();
+    let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned();
+    Run {
+        command: line,
+        stdout: stdout.replace('\r', ""),
+        stderr,
+        status: if timed_out {
+            None
+        } else {
+            status.and_then(|s| s.code())
+        },
+        timed_out,
+        duration,
     }
 }
 
