@@ -246,7 +246,7 @@ impl Platform {
     }
 
     fn parse_cpus(&mut self, fdt: &Fdt<'_>) -> Result<(), PlatformError> {
-        let Some(cpus) = fdt.find_node("/cpus") else {
+        let Some(cpus) = find_path(fdt, "/cpus") else {
             return Err(PlatformError::NoCpus);
         };
         for node in cpus.children() {
@@ -281,6 +281,21 @@ impl Platform {
     }
 }
 
+/// The node at an absolute path such as `/cpus` or `/pl011@9000000` (a component without
+/// a unit address matches the first node of that name).
+///
+/// The path is walked child by child from the root: `fdt` 0.1.5's own `find_node` misses
+/// nodes in some valid trees (QEMU's tree with a `/chosen` subnode added before `/cpus`).
+pub fn find_path<'b, 'a>(fdt: &'b Fdt<'a>, path: &str) -> Option<FdtNode<'b, 'a>> {
+    let mut node = fdt.all_nodes().next()?;
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        node = node.children().find(|c| {
+            c.name == part || (!part.contains('@') && c.name.split('@').next() == Some(part))
+        })?;
+    }
+    Some(node)
+}
+
 /// The first `reg` entry of a node.
 fn first_reg(node: FdtNode<'_, '_>, name: &'static str) -> Result<Region, PlatformError> {
     let reg = node
@@ -297,12 +312,11 @@ fn is_compatible(node: FdtNode<'_, '_>, compatible: &str) -> bool {
 }
 
 fn find_uart(fdt: &Fdt<'_>) -> Result<Option<Region>, PlatformError> {
-    let stdout = fdt
-        .find_node("/chosen")
+    let stdout = find_path(fdt, "/chosen")
         .and_then(|c| c.property("stdout-path"))
         .and_then(|p| p.as_str())
         .map(|path| path.split(':').next().unwrap_or(path))
-        .and_then(|path| fdt.find_node(path))
+        .and_then(|path| find_path(fdt, path))
         .filter(|node| is_compatible(*node, "arm,pl011"));
     match stdout.or_else(|| fdt.find_compatible(&["arm,pl011"])) {
         Some(node) => first_reg(node, "pl011").map(Some),
@@ -393,6 +407,17 @@ mod tests {
     }
 
     #[test]
+    fn vm_descriptions_in_chosen_do_not_hide_the_cpus() {
+        // QEMU's tree after the scripts added a VM description under /chosen (as it is
+        // booted by the VM tests); `fdt`'s own path lookup does not find /cpus in it.
+        let blob = include_bytes!("../tests/fixtures/virt-gicv3-with-vm-in-chosen.dtb");
+        let p = parse(blob);
+        assert_eq!(p.cpus(), &[0]);
+        assert_eq!(p.memory(), &[Region::new(0x4000_0000, 2 << 30)]);
+        assert_eq!(p.uart, Some(Region::new(0x0900_0000, 0x1000)));
+    }
+
+    #[test]
     fn qemu_virt_one_cpu_less_ram() {
         let p = parse(SMP1);
         assert_eq!(p.memory(), &[Region::new(0x4000_0000, 512 << 20)]);
@@ -433,6 +458,286 @@ mod tests {
         // SAFETY: 64 readable bytes cover the header; the magic check fails first.
         let bad = unsafe { Platform::parse_at(zeros.as_ptr() as u64) };
         assert_eq!(bad, Err(PlatformError::BadHeader));
+    }
+
+    /// A small device tree in the shape of QEMU's, with knobs for the cases QEMU's own
+    /// trees do not exercise.
+    struct Tree {
+        cpus: usize,
+        cpu_reg_cells: u32,
+        memory: Vec<(u64, u64)>,
+        psci_method: Option<&'static str>,
+        psci_compatible: &'static [&'static str],
+        uarts: &'static [u64],
+        stdout: Option<&'static str>,
+    }
+
+    impl Default for Tree {
+        fn default() -> Self {
+            Self {
+                cpus: 2,
+                cpu_reg_cells: 1,
+                memory: vec![(0x4000_0000, 0x4000_0000)],
+                psci_method: Some("smc"),
+                psci_compatible: &["arm,psci-1.0", "arm,psci-0.2", "arm,psci"],
+                uarts: &[0x0900_0000],
+                stdout: None,
+            }
+        }
+    }
+
+    impl Tree {
+        fn build(&self) -> Vec<u8> {
+            use vm_fdt::FdtWriter;
+            let mut w = FdtWriter::new().unwrap();
+            let root = w.begin_node("").unwrap();
+            w.property_u32("#address-cells", 2).unwrap();
+            w.property_u32("#size-cells", 2).unwrap();
+            if let Some(path) = self.stdout {
+                let chosen = w.begin_node("chosen").unwrap();
+                w.property_string("stdout-path", path).unwrap();
+                w.end_node(chosen).unwrap();
+            }
+            for (i, (base, size)) in self.memory.iter().enumerate() {
+                let m = w
+                    .begin_node(&format!("memory@{:x}", base + i as u64))
+                    .unwrap();
+                w.property_string("device_type", "memory").unwrap();
+                w.property_array_u64("reg", &[*base, *size]).unwrap();
+                w.end_node(m).unwrap();
+            }
+            let cpus = w.begin_node("cpus").unwrap();
+            w.property_u32("#address-cells", self.cpu_reg_cells)
+                .unwrap();
+            w.property_u32("#size-cells", 0).unwrap();
+            for i in 0..self.cpus {
+                // Affinity: four CPUs per cluster (Aff1), as multi-cluster systems number them.
+                let mpidr = ((i as u64 / 4) << 8) | (i as u64 % 4);
+                let c = w.begin_node(&format!("cpu@{mpidr:x}")).unwrap();
+                w.property_string("device_type", "cpu").unwrap();
+                match self.cpu_reg_cells {
+                    1 => w.property_u32("reg", mpidr as u32).unwrap(),
+                    2 => w.property_u64("reg", mpidr).unwrap(),
+                    _ => w.property("reg", &[0; 3]).unwrap(),
+                }
+                w.end_node(c).unwrap();
+            }
+            w.end_node(cpus).unwrap();
+            if let Some(method) = self.psci_method {
+                let p = w.begin_node("psci").unwrap();
+                let list = self
+                    .psci_compatible
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .collect();
+                w.property_string_list("compatible", list).unwrap();
+                w.property_string("method", method).unwrap();
+                w.end_node(p).unwrap();
+            }
+            for base in self.uarts {
+                let u = w.begin_node(&format!("pl011@{base:x}")).unwrap();
+                w.property_string_list(
+                    "compatible",
+                    vec!["arm,pl011".into(), "arm,primecell".into()],
+                )
+                .unwrap();
+                w.property_array_u64("reg", &[*base, 0x1000]).unwrap();
+                w.end_node(u).unwrap();
+            }
+            w.end_node(root).unwrap();
+            w.finish().unwrap()
+        }
+    }
+
+    #[test]
+    fn more_cpus_than_stacks_are_counted_not_used() {
+        let p = parse(
+            &Tree {
+                cpus: MAX_CPUS + 3,
+                ..Tree::default()
+            }
+            .build(),
+        );
+        assert_eq!(p.cpus().len(), MAX_CPUS);
+        assert_eq!(p.cpus_ignored, 3);
+        // MPIDRs keep their affinity fields: CPU 5 is Aff1 = 1, Aff0 = 1.
+        assert_eq!(p.cpus()[5], 0x101);
+    }
+
+    #[test]
+    fn two_cell_cpu_reg_and_bad_cpu_reg() {
+        let p = parse(
+            &Tree {
+                cpu_reg_cells: 2,
+                cpus: 5,
+                ..Tree::default()
+            }
+            .build(),
+        );
+        assert_eq!(p.cpus(), &[0, 1, 2, 3, 0x100]);
+        let bad = Tree {
+            cpu_reg_cells: 3,
+            ..Tree::default()
+        }
+        .build();
+        assert_eq!(Platform::parse(&bad), Err(PlatformError::BadCpuReg));
+    }
+
+    #[test]
+    fn missing_nodes() {
+        assert_eq!(
+            Platform::parse(
+                &Tree {
+                    cpus: 0,
+                    ..Tree::default()
+                }
+                .build()
+            ),
+            Err(PlatformError::NoCpus)
+        );
+        assert_eq!(
+            Platform::parse(
+                &Tree {
+                    memory: vec![],
+                    ..Tree::default()
+                }
+                .build()
+            ),
+            Err(PlatformError::NoMemory)
+        );
+        // Zero-sized banks do not count as RAM.
+        assert_eq!(
+            Platform::parse(
+                &Tree {
+                    memory: vec![(0x4000_0000, 0)],
+                    ..Tree::default()
+                }
+                .build()
+            ),
+            Err(PlatformError::NoMemory)
+        );
+        let p = parse(
+            &Tree {
+                psci_method: None,
+                uarts: &[],
+                ..Tree::default()
+            }
+            .build(),
+        );
+        assert_eq!((p.psci, p.uart, p.gic), (None, None, None));
+    }
+
+    #[test]
+    fn memory_banks() {
+        let banks: Vec<_> = (0..MAX_MEMORY_REGIONS as u64)
+            .map(|i| (0x4000_0000 + (i << 32), 0x1000_0000))
+            .collect();
+        let p = parse(
+            &Tree {
+                memory: banks.clone(),
+                ..Tree::default()
+            }
+            .build(),
+        );
+        assert_eq!(p.memory().len(), MAX_MEMORY_REGIONS);
+        assert_eq!(p.memory()[3], Region::new(0x3_4000_0000, 0x1000_0000));
+        let mut too_many = banks;
+        too_many.push((0x10_0000_0000, 0x1000));
+        assert_eq!(
+            Platform::parse(
+                &Tree {
+                    memory: too_many,
+                    ..Tree::default()
+                }
+                .build()
+            ),
+            Err(PlatformError::TooManyMemoryRegions)
+        );
+    }
+
+    #[test]
+    fn psci_conduit_and_version() {
+        let hvc = parse(
+            &Tree {
+                psci_method: Some("hvc"),
+                ..Tree::default()
+            }
+            .build(),
+        );
+        assert_eq!(
+            hvc.psci,
+            Some(Psci {
+                conduit: PsciConduit::Hvc,
+                v0_2_or_later: true
+            })
+        );
+        let old = parse(
+            &Tree {
+                psci_compatible: &["arm,psci"],
+                ..Tree::default()
+            }
+            .build(),
+        );
+        assert_eq!(
+            old.psci,
+            Some(Psci {
+                conduit: PsciConduit::Smc,
+                v0_2_or_later: false
+            })
+        );
+        // An unknown conduit is not usable.
+        let odd = parse(
+            &Tree {
+                psci_method: Some("mailbox"),
+                ..Tree::default()
+            }
+            .build(),
+        );
+        assert_eq!(odd.psci, None);
+    }
+
+    #[test]
+    fn console_follows_stdout_path() {
+        let uarts = &[0x0900_0000, 0x0904_0000];
+        let first = parse(
+            &Tree {
+                uarts,
+                ..Tree::default()
+            }
+            .build(),
+        );
+        assert_eq!(first.uart, Some(Region::new(0x0900_0000, 0x1000)));
+        let chosen = parse(
+            &Tree {
+                uarts,
+                stdout: Some("/pl011@9040000:115200n8"),
+                ..Tree::default()
+            }
+            .build(),
+        );
+        assert_eq!(chosen.uart, Some(Region::new(0x0904_0000, 0x1000)));
+        // stdout-path naming something that is not a PL011: fall back to the first PL011.
+        let other = parse(
+            &Tree {
+                uarts,
+                stdout: Some("/cpus"),
+                ..Tree::default()
+            }
+            .build(),
+        );
+        assert_eq!(other.uart, Some(Region::new(0x0900_0000, 0x1000)));
+    }
+
+    #[test]
+    fn truncated_blobs_are_rejected_not_read_past() {
+        let blob = Tree::default().build();
+        for len in [0, 4, 39, 40, blob.len() / 2, blob.len() - 1] {
+            assert_eq!(
+                Platform::parse(&blob[..len]),
+                Err(PlatformError::BadHeader),
+                "length {len}"
+            );
+        }
     }
 
     #[test]
