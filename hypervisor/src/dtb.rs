@@ -17,6 +17,17 @@ const FDT_PROP: u32 = 3;
 const FDT_NOP: u32 = 4;
 const FDT_END: u32 = 9;
 
+/// Size of a flattened device tree's header (version 17).
+pub const HEADER_SIZE: usize = 40;
+
+/// The `totalsize` of the device tree whose header starts `header`, if `header` holds the
+/// FDT magic and a size that covers at least the header itself.
+#[must_use]
+pub fn total_size(header: &[u8]) -> Option<usize> {
+    let total = be32(header, 4).ok()? as usize;
+    (be32(header, 0).ok()? == FDT_MAGIC && total >= HEADER_SIZE).then_some(total)
+}
+
 /// The blob is not a well-formed flattened device tree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MalformedDtb;
@@ -48,16 +59,13 @@ fn c_str(blob: &[u8], at: usize, end: usize) -> Result<&str, MalformedDtb> {
 /// property names inside the strings block). Returns the structure block's start and
 /// end and the number of NOP tokens in it.
 fn validate(blob: &[u8]) -> Result<(usize, usize, usize), MalformedDtb> {
-    if be32(blob, 0)? != FDT_MAGIC {
-        return Err(MalformedDtb);
-    }
+    let total = total_size(blob).ok_or(MalformedDtb)?;
     let field = |at| be32(blob, at).map(|v| v as usize);
-    let total = field(4)?;
     let (off, strings, rsv) = (field(8)?, field(12)?, field(16)?);
     let (version, strings_size, size) = (field(20)?, field(32)?, field(36)?);
     let end = off.checked_add(size).ok_or(MalformedDtb)?;
     let strings_end = strings.checked_add(strings_size).ok_or(MalformedDtb)?;
-    if total > blob.len() || total < 40 || version < 17 || end > total || strings_end > total {
+    if total > blob.len() || version < 17 || end > total || strings_end > total {
         return Err(MalformedDtb);
     }
     if off % 4 != 0 || rsv % 8 != 0 || rsv < 40 {
@@ -242,6 +250,19 @@ mod tests {
                 break;
             }
         }
+    }
+
+    #[test]
+    fn total_size_needs_the_magic_and_a_whole_header() {
+        let blob = tree();
+        assert_eq!(total_size(&blob), Some(blob.len()));
+        let mut bad_magic = blob.clone();
+        bad_magic[3] ^= 1;
+        assert_eq!(total_size(&bad_magic), None);
+        let mut tiny = blob.clone();
+        tiny[4..8].copy_from_slice(&(HEADER_SIZE as u32 - 1).to_be_bytes());
+        assert_eq!(total_size(&tiny), None);
+        assert_eq!(total_size(&blob[..6]), None);
     }
 
     #[test]

@@ -185,14 +185,10 @@ impl Platform {
     /// then `totalsize` readable bytes; the memory must stay unchanged while the result
     /// is used to read it (the returned value itself holds no references).
     pub unsafe fn parse_at(addr: u64) -> Result<Self, PlatformError> {
-        const HEADER: usize = 40;
         // SAFETY: the caller guarantees a readable header at `addr`.
-        let header = unsafe { core::slice::from_raw_parts(addr as *const u8, HEADER) };
-        let magic = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
-        let total = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
-        if magic != 0xd00d_feed || total < HEADER {
-            return Err(PlatformError::BadHeader);
-        }
+        let header =
+            unsafe { core::slice::from_raw_parts(addr as *const u8, crate::dtb::HEADER_SIZE) };
+        let total = crate::dtb::total_size(header).ok_or(PlatformError::BadHeader)?;
         // SAFETY: the caller guarantees `totalsize` readable bytes at `addr`.
         let blob = unsafe { core::slice::from_raw_parts(addr as *const u8, total) };
         Self::parse(blob)

@@ -102,15 +102,17 @@ pub fn primary(dtb: usize) -> Machine {
     HCR_EL2.write(HCR_EL2::RW::EL1IsAarch64);
 
     // SAFETY: QEMU passes the physical address of a device tree in x0, in RAM nothing else
-    // uses yet; its header gives its size. Removing the FDT_NOP tokens QEMU leaves in a
-    // `-dtb` blob lets the parser see every node (see `crate::dtb`).
+    // uses yet; its header gives its size. Checking the blob and removing the FDT_NOP
+    // tokens QEMU leaves in a `-dtb` blob lets the parser see every node without
+    // panicking on a malformed one (see `crate::dtb`).
     unsafe {
-        let header = core::slice::from_raw_parts(dtb as *const u8, 8);
-        let magic = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
-        let total = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
-        if magic == 0xd00d_feed {
-            let blob = core::slice::from_raw_parts_mut(dtb as *mut u8, total);
-            let _ = crate::dtb::strip_nops(blob);
+        let header = core::slice::from_raw_parts(dtb as *const u8, crate::dtb::HEADER_SIZE);
+        let Some(total) = crate::dtb::total_size(header) else {
+            early_failure(c"twostage: no device tree in x0\n");
+        };
+        let blob = core::slice::from_raw_parts_mut(dtb as *mut u8, total);
+        if crate::dtb::strip_nops(blob).is_err() {
+            early_failure(c"twostage: malformed device tree in x0\n");
         }
     }
     // SAFETY: QEMU passes the physical address of a device tree in x0 and the MMU is off,
