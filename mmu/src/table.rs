@@ -91,6 +91,23 @@ impl View {
 }
 
 /// Entry `i` of the table that replaces block `block` with entries at `level`.
+/// The entries `lo..hi` among `first..=last` of a table whose entry 0 starts at `base`
+/// (each entry spans `1 << shift` bytes) that lie entirely inside `[va, end)`: only the
+/// first and the last entry can be partly covered.
+#[inline(always)]
+fn whole_entries(
+    va: u64,
+    end: u64,
+    base: u64,
+    shift: u32,
+    first: usize,
+    last: usize,
+) -> (usize, usize) {
+    let lo = first + usize::from(va != base + ((first as u64) << shift));
+    let hi = last + 1 - usize::from(end != base + ((last as u64 + 1) << shift));
+    (lo, hi)
+}
+
 #[inline(always)]
 fn split_entry(block: u64, level: u8, i: usize) -> u64 {
     let ty = if level == 3 {
@@ -684,8 +701,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                     }};
                 }
                 // Entries entirely inside the range: `lo..hi`.
-                let lo = first + usize::from(va != base + ((first as u64) << shift));
-                let hi = last + 1 - usize::from(end != base + ((last as u64 + 1) << shift));
+                let (lo, hi) = whole_entries(va, end, base, shift, first, last);
                 if !leaves_here || lo >= hi {
                     for i in first..=last {
                         if DRY && !leaves_here && level == 2 && matches!(view, View::Empty) {
@@ -758,8 +774,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         general!(last);
                     }
                 } else {
-                    let lo = first + usize::from(va != base + ((first as u64) << shift));
-                    let hi = last + 1 - usize::from(end != base + ((last as u64 + 1) << shift));
+                    let (lo, hi) = whole_entries(va, end, base, shift, first, last);
                     for i in first..lo.min(last + 1) {
                         general!(i);
                     }
@@ -846,8 +861,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         general!(last);
                     }
                 } else {
-                    let lo = first + usize::from(va != base + ((first as u64) << shift));
-                    let hi = last + 1 - usize::from(end != base + ((last as u64 + 1) << shift));
+                    let (lo, hi) = whole_entries(va, end, base, shift, first, last);
                     for i in first..lo.min(last + 1) {
                         general!(i);
                     }
