@@ -18,6 +18,10 @@ LINUX_CPU=${LINUX_CPU:-cortex-a57}
 # timer comes with every CPU).
 LINUX_DEVICES='"/pl011@9000000", "/intc@8000000"'
 LINUX_BOOTARGS="console=ttyAMA0"
+# How the VM's stage 2 maps its RAM (docs/vms.md, `stage2-mappings`): 4 KiB pages, because
+# under QEMU's TCG a stage-2 block turns each of the guest's TLB invalidations by address
+# into a flush of QEMU's whole TLB (docs/linux-guest.md has the numbers).
+LINUX_STAGE2=${LINUX_STAGE2:-pages}
 
 # "256M", "1G", "512K" or plain bytes -> bytes.
 size_bytes() {
@@ -107,6 +111,7 @@ linux_guest_args() {
             $initrd_props
             bootargs = "$append";
             abort-policy = "stop";
+            stage2-mappings = "$LINUX_STAGE2";
         };
     };
 };

@@ -57,6 +57,19 @@ pub enum AbortPolicy {
     Stop,
 }
 
+/// How a VM's stage 2 maps its ranges (`stage2-mappings` in the description).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Stage2Mappings {
+    /// The largest entries that fit: 1 GiB and 2 MiB blocks where a range is aligned,
+    /// 4 KiB pages elsewhere. Fewest table frames and TLB entries on hardware.
+    #[default]
+    Blocks,
+    /// 4 KiB pages only. Under QEMU's TCG a stage-2 block makes every TLB entry of the
+    /// guest count as a block-sized entry, and each of the guest's TLB invalidations by
+    /// address then flushes QEMU's whole TLB (`docs/linux-guest.md`).
+    Pages,
+}
+
 /// One VM, as described.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmDesc {
@@ -80,6 +93,8 @@ pub struct VmDesc {
     pub arg: u64,
     /// Stage-2 abort policy.
     pub abort: AbortPolicy,
+    /// Block or page mappings at stage 2.
+    pub stage2: Stage2Mappings,
     /// IPA of the emulated PL011-like UART page, if any.
     pub vuart: Option<u64>,
     /// Device ranges mapped straight through (Device-nGnRE, RW, XN): the `passthrough`
@@ -365,6 +380,12 @@ fn parse_vm(node: &Node<'_>, host_dtb: &[u8]) -> Result<VmDesc, DescError> {
         Some(Some(s)) if s == "inject" => AbortPolicy::Inject,
         Some(_) => return Err(node.err("abort-policy must be \"stop\" or \"inject\"")),
     };
+    let stage2 = match node.get("stage2-mappings").map(string) {
+        None => Stage2Mappings::Blocks,
+        Some(Some(s)) if s == "blocks" => Stage2Mappings::Blocks,
+        Some(Some(s)) if s == "pages" => Stage2Mappings::Pages,
+        Some(_) => return Err(node.err("stage2-mappings must be \"blocks\" or \"pages\"")),
+    };
     let vuart = node.one_u64("vuart", "vuart must be one 64-bit IPA")?;
     if let Some(u) = vuart {
         if !aligned(u)
@@ -388,6 +409,7 @@ fn parse_vm(node: &Node<'_>, host_dtb: &[u8]) -> Result<VmDesc, DescError> {
         bootargs,
         arg,
         abort,
+        stage2,
         vuart,
         passthrough,
         devices,
@@ -519,7 +541,11 @@ pub(crate) mod tests {
     fn parses_two_vms() {
         let a = with(vm_props(0x5000_0000, 1), "vm-name", str_prop("alpha"));
         let b = with(
-            with(vm_props(0x5010_0000, 2), "abort-policy", str_prop("inject")),
+            with(
+                with(vm_props(0x5010_0000, 2), "abort-policy", str_prop("inject")),
+                "stage2-mappings",
+                str_prop("pages"),
+            ),
             "arg",
             cells64(&[1]),
         );
@@ -546,6 +572,8 @@ pub(crate) mod tests {
         );
         assert_eq!(vms[0].entry, 0x4000_0000);
         assert_eq!(vms[0].abort, AbortPolicy::Stop);
+        assert_eq!(vms[0].stage2, Stage2Mappings::Blocks);
+        assert_eq!(vms[1].stage2, Stage2Mappings::Pages);
         assert_eq!(vms[1].abort, AbortPolicy::Inject);
         assert_eq!(vms[0].vuart, Some(0x0900_0000));
         assert_eq!(vms[1].boot_x0(), 1);
@@ -613,6 +641,7 @@ pub(crate) mod tests {
         rejected(with(p(), "entry", cells64(&[0x3000_0000])));
         rejected(with(p(), "entry", cells64(&[0x4000_0002])));
         rejected(with(p(), "abort-policy", str_prop("ignore")));
+        rejected(with(p(), "stage2-mappings", str_prop("huge")));
         rejected(with(p(), "vuart", cells64(&[0x4000_0000])));
         rejected(with(p(), "vuart", cells64(&[0x0900_0010])));
         rejected(with(p(), "vm-name", str_prop("")));

@@ -117,7 +117,8 @@ fn check(cpus: u32, cpu_model: &str) {
     assert_ne!(vmid, 0, "{created}");
     assert!(created.contains(&format!("{cpus} vCPU(s)")), "{created}");
     let ram_line = format!(
-        "VM linux stage 2: IPA [{GUEST_RAM_BASE:#x}, {:#x}) -> PA {GUEST_RAM_BASE:#x}: RAM",
+        "VM linux stage 2: IPA [{GUEST_RAM_BASE:#x}, {:#x}) -> PA {GUEST_RAM_BASE:#x}: RAM, \
+         normal write-back, RWX, 4 KiB pages",
         GUEST_RAM_BASE + GUEST_RAM
     );
     assert!(log.contains(&ram_line), "no '{ram_line}':\n{log}");

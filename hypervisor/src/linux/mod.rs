@@ -276,6 +276,7 @@ mod tests {
             bootargs: Some("console=ttyAMA0".into()),
             arg: 0,
             abort: AbortPolicy::Stop,
+            stage2: crate::vdesc::Stage2Mappings::Pages,
             vuart: None,
             passthrough: vec![],
             devices: vec!["/pl011@9000000".into()],

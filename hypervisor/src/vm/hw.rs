@@ -62,13 +62,13 @@ impl FrameAllocator for HwFrames {
     }
 }
 
-/// One VM's stage 2, built with `mmu`.
-pub struct HwStage2(PageTable<mmu::Stage2, HwFrames, ArmTlb>);
+/// One VM's stage 2, built with `mmu`, and the flags of its every mapping.
+pub struct HwStage2(PageTable<mmu::Stage2, HwFrames, ArmTlb>, MapFlags);
 
 impl Stage2 for HwStage2 {
     fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), &'static str> {
         self.0
-            .map(ipa, pa, size, kind.attributes(), MapFlags::empty())
+            .map(ipa, pa, size, kind.attributes(), self.1)
             .map_err(mmu_error)
     }
 
@@ -123,9 +123,13 @@ impl VmidFlush for Hw {
 impl Platform for Hw {
     type S2 = HwStage2;
 
-    fn new_stage2(&mut self, vmid: Vmid) -> Result<HwStage2, &'static str> {
+    fn new_stage2(
+        &mut self,
+        vmid: Vmid,
+        mappings: vdesc::Stage2Mappings,
+    ) -> Result<HwStage2, &'static str> {
         PageTable::new(self.stage2_regime(vmid), HwFrames, ArmTlb)
-            .map(HwStage2)
+            .map(|t| HwStage2(t, S2Kind::map_flags(mappings)))
             .map_err(mmu_error)
     }
 
@@ -266,11 +270,15 @@ pub fn run_vms(machine: &Machine) -> ! {
 fn log_stage2_layout(desc: &vdesc::VmDesc) {
     for r in &desc.memory {
         log::info!(
-            "VM {} stage 2: IPA [{:#x}, {:#x}) -> PA {:#x}: RAM, normal write-back, RWX",
+            "VM {} stage 2: IPA [{:#x}, {:#x}) -> PA {:#x}: RAM, normal write-back, RWX, {}",
             desc.name,
             r.ipa,
             r.ipa + r.size,
-            r.pa
+            r.pa,
+            match desc.stage2 {
+                vdesc::Stage2Mappings::Blocks => "blocks where aligned",
+                vdesc::Stage2Mappings::Pages => "4 KiB pages",
+            }
         );
     }
     for r in &desc.passthrough {

@@ -10,7 +10,7 @@ pub mod hw;
 pub mod pool;
 
 use crate::psci::PsciVm;
-use crate::vdesc::{Image, Region, VmDesc};
+use crate::vdesc::{Image, Region, Stage2Mappings, VmDesc};
 use crate::vmid::{Vmid, VmidAllocator, VmidBits, VmidError, VmidFlush};
 use crate::vuart::VUart;
 use alloc::sync::Arc;
@@ -45,6 +45,15 @@ impl S2Kind {
             Self::Device => mmu::Attributes::device(),
         }
     }
+
+    /// The `mmu` map flags of a VM's stage 2 with these `mappings`.
+    #[must_use]
+    pub const fn map_flags(mappings: Stage2Mappings) -> mmu::MapFlags {
+        match mappings {
+            Stage2Mappings::Blocks => mmu::MapFlags::empty(),
+            Stage2Mappings::Pages => mmu::MapFlags::NO_BLOCKS,
+        }
+    }
 }
 
 /// One VM's stage-2 translation table.
@@ -69,12 +78,17 @@ pub trait Stage2 {
 pub trait Platform: VmidFlush {
     /// The stage-2 table type.
     type S2: Stage2;
-    /// A new, empty stage-2 table tagged with `vmid` (its root frames are taken now).
+    /// A new, empty stage-2 table tagged with `vmid` (its root frames are taken now) whose
+    /// every mapping uses the entries `mappings` allows.
     ///
     /// # Errors
     ///
     /// Out of table frames.
-    fn new_stage2(&mut self, vmid: Vmid) -> Result<Self::S2, &'static str>;
+    fn new_stage2(
+        &mut self,
+        vmid: Vmid,
+        mappings: Stage2Mappings,
+    ) -> Result<Self::S2, &'static str>;
     /// Frees an empty stage-2 table and all its frames.
     fn free_stage2(&mut self, s2: Self::S2);
     /// Table frames currently allocated to stage-2 tables.
@@ -291,7 +305,7 @@ impl<P: Platform> VmManager<P> {
             }
         }
         let vmid = inner.vmids.allocate().map_err(VmError::Vmid)?;
-        let mut s2 = match inner.platform.new_stage2(vmid) {
+        let mut s2 = match inner.platform.new_stage2(vmid, desc.stage2) {
             Ok(s2) => s2,
             Err(e) => {
                 // A VMID that never reached VTTBR_EL2 has no TLB entries, but the
@@ -609,7 +623,11 @@ pub(crate) mod tests {
 
     impl Platform for Fake {
         type S2 = FakeS2;
-        fn new_stage2(&mut self, vmid: Vmid) -> Result<FakeS2, &'static str> {
+        fn new_stage2(
+            &mut self,
+            vmid: Vmid,
+            _mappings: Stage2Mappings,
+        ) -> Result<FakeS2, &'static str> {
             self.frames.fetch_add(1, Ordering::SeqCst);
             Ok(FakeS2 {
                 vmid,
@@ -661,12 +679,13 @@ pub(crate) mod tests {
 
     pub(crate) struct MmuS2(
         mmu::PageTable<mmu::Stage2, &'static mmu::testing::HeapFrames, mmu::testing::RecordingTlb>,
+        mmu::MapFlags,
     );
 
     impl Stage2 for MmuS2 {
         fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), &'static str> {
             self.0
-                .map(ipa, pa, size, kind.attributes(), mmu::MapFlags::empty())
+                .map(ipa, pa, size, kind.attributes(), self.1)
                 .map_err(|_| "map failed")
         }
         fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), &'static str> {
@@ -685,10 +704,14 @@ pub(crate) mod tests {
 
     impl Platform for MmuFake {
         type S2 = MmuS2;
-        fn new_stage2(&mut self, vmid: Vmid) -> Result<MmuS2, &'static str> {
+        fn new_stage2(
+            &mut self,
+            vmid: Vmid,
+            mappings: Stage2Mappings,
+        ) -> Result<MmuS2, &'static str> {
             let regime = mmu::Stage2::new(vmid.get(), 39).with_pa_bits(40);
             mmu::PageTable::new(regime, self.frames, mmu::testing::RecordingTlb::new())
-                .map(MmuS2)
+                .map(|t| MmuS2(t, S2Kind::map_flags(mappings)))
                 .map_err(|_| "no root")
         }
         fn free_stage2(&mut self, s2: MmuS2) {
@@ -909,6 +932,39 @@ pub(crate) mod tests {
         assert_eq!(frames.in_use(), 0);
         assert!(frames.total_allocated() >= 3000);
         assert_eq!(frames.total_allocated(), frames.total_freed());
+    }
+
+    #[test]
+    fn stage2_mappings_of_the_description_reach_the_table() {
+        let frames: &'static mmu::testing::HeapFrames =
+            Box::leak(Box::new(mmu::testing::HeapFrames::new()));
+        let m = VmManager::new(
+            MmuFake {
+                fake: Fake::default(),
+                frames,
+            },
+            VmidBits::Eight,
+            LAYOUT,
+        );
+        for (mappings, level, tables) in [
+            (Stage2Mappings::Blocks, 2, 2),
+            (Stage2Mappings::Pages, 3, 3),
+        ] {
+            let mut d = desc(0x5000_0000, 1);
+            d.memory[0].size = 0x20_0000;
+            d.stage2 = mappings;
+            let vm = m.create(d).expect("create");
+            let s2 = vm.stage2.lock();
+            let t = s2.as_ref().expect("live").0.translate(0x4010_0000);
+            assert_eq!(t.map(|t| t.level), Some(level), "{mappings:?}");
+            assert_eq!(
+                frames.in_use(),
+                tables,
+                "{mappings:?}: root, L2 and L3 tables"
+            );
+            drop(s2);
+            m.destroy(vm.id).expect("destroy");
+        }
     }
 
     #[test]
