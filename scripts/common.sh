@@ -22,3 +22,20 @@ qemu_args() {
         -nic none -semihosting -no-reboot -kernel "$4"
     )
 }
+
+# write_bench_section KEY TEXT: replaces the section of docs/BENCHMARKS.md between the
+# lines "<!-- KEY: written by ..." and "<!-- KEY: end -->" with TEXT (which carries both
+# marker lines), or appends TEXT when there is no such section yet.
+write_bench_section() {
+    local key=$1 section=$2 doc="$ROOT/docs/BENCHMARKS.md"
+    [ -f "$doc" ] || printf '# Benchmarks\n' >"$doc"
+    if grep -q "^<!-- $key: written" "$doc"; then
+        awk -v new="$section" -v begin="^<!-- $key: written" -v end="^<!-- $key: end -->" '
+            $0 ~ begin { print new; skip = 1; next }
+            $0 ~ end { skip = 0; next }
+            !skip' "$doc" >"$doc.tmp"
+        mv "$doc.tmp" "$doc"
+    else
+        printf '\n%s\n' "$section" >>"$doc"
+    fi
+}
