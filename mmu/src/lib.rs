@@ -134,6 +134,13 @@
 //!   invalidation costs the VM its TLB contents; 32 keeps page-sized changes precise
 //!   and turns anything of megabyte size into one invalidation. It is a per-table
 //!   setting because the right value depends on the machine;
+//! - with range invalidation ([`PageTable::set_tlbi_range`], for CPUs with
+//!   FEAT_TLBIRANGE; `arch::has_tlbi_range` (feature `arm-el2`) tells), contiguous changes
+//!   are one run each, invalidated by `TLBI RVALE2IS`/`RVAE2IS`, `RIPAS2LE1IS`/
+//!   `RIPAS2E1IS` or `RVALE1IS`/`RVAE1IS` ([`range_operands`] encodes them), and the
+//!   threshold counts runs: unmapping a gigabyte of pages is one range instruction
+//!   (the removed tables' leaves are not even visited) instead of a whole-regime
+//!   invalidation. A block is always covered as a whole;
 //! - software-bit-only changes need no invalidation.
 //!
 //! Dropping a table invalidates its whole regime/VMID/ASID, then frees its frames; it
@@ -194,4 +201,7 @@ pub use error::Error;
 pub use frame::{FrameAllocator, PhysToVirt, FRAME_SIZE};
 pub use regime::{El1, El2, Geometry, Regime, Stage2};
 pub use table::{Mapping, PageTable, Translation};
-pub use tlb::{NoTlbMaintenance, TlbMaintenance, TlbOp, DEFAULT_TLBI_THRESHOLD, MAX_TLBI_BATCH};
+pub use tlb::{
+    range_operand, range_operands, NoTlbMaintenance, RangeStep, TlbMaintenance, TlbOp,
+    DEFAULT_TLBI_THRESHOLD, MAX_RANGE_PAGES, MAX_TLBI_BATCH,
+};

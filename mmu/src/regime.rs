@@ -142,11 +142,20 @@ pub trait Regime {
     /// Invalidation of the entries for one input address of the table rooted at `root`.
     fn tlbi_entry(&self, root: u64, addr: u64, leaf: bool) -> TlbOp;
 
+    /// Invalidation of the entries for `pages` 4 KiB pages from `addr` (FEAT_TLBIRANGE),
+    /// used when the table was told to use ranges. The default invalidates everything
+    /// ([`tlbi_all`](Self::tlbi_all)), which is correct for any regime.
+    fn tlbi_range(&self, root: u64, addr: u64, pages: u64, leaf: bool) -> TlbOp {
+        let _ = (addr, pages, leaf);
+        self.tlbi_all(root)
+    }
+
     /// Invalidation of everything the table rooted at `root` may have in the TLBs.
     fn tlbi_all(&self, root: u64) -> TlbOp;
 
-    /// Extra invalidation needed after a batch of [`tlbi_entry`](Self::tlbi_entry)
-    /// operations (stage 2: the combined stage 1+2 entries).
+    /// Extra invalidation needed after a batch of [`tlbi_entry`](Self::tlbi_entry) or
+    /// [`tlbi_range`](Self::tlbi_range) operations (stage 2: the combined stage 1+2
+    /// entries).
     fn tlbi_after_entries(&self, _root: u64) -> Option<TlbOp> {
         None
     }
@@ -259,6 +268,10 @@ impl Regime for El2 {
 
     fn tlbi_entry(&self, _root: u64, va: u64, leaf: bool) -> TlbOp {
         TlbOp::El2Va { va, leaf }
+    }
+
+    fn tlbi_range(&self, _root: u64, va: u64, pages: u64, leaf: bool) -> TlbOp {
+        TlbOp::El2Range { va, pages, leaf }
     }
 
     fn tlbi_all(&self, _root: u64) -> TlbOp {
@@ -458,6 +471,16 @@ impl Regime for Stage2 {
         }
     }
 
+    fn tlbi_range(&self, root: u64, ipa: u64, pages: u64, leaf: bool) -> TlbOp {
+        TlbOp::Stage2Range {
+            vmid: self.vmid,
+            vttbr: self.vttbr(root),
+            ipa,
+            pages,
+            leaf,
+        }
+    }
+
     fn tlbi_all(&self, root: u64) -> TlbOp {
         TlbOp::Stage2All {
             vmid: self.vmid,
@@ -614,6 +637,15 @@ impl Regime for El1 {
         TlbOp::El1Va {
             asid: self.asid,
             va,
+            leaf,
+        }
+    }
+
+    fn tlbi_range(&self, _root: u64, va: u64, pages: u64, leaf: bool) -> TlbOp {
+        TlbOp::El1Range {
+            asid: self.asid,
+            va,
+            pages,
             leaf,
         }
     }

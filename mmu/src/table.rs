@@ -164,6 +164,7 @@ pub struct PageTable<R: Regime, A: FrameAllocator, T: TlbMaintenance> {
     root: u64,
     frames: usize,
     tlbi_threshold: usize,
+    tlbi_range: bool,
     _not_sync: PhantomData<*mut u64>,
 }
 
@@ -209,6 +210,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             root,
             frames: n,
             tlbi_threshold: DEFAULT_TLBI_THRESHOLD,
+            tlbi_range: false,
             _not_sync: PhantomData,
         })
     }
@@ -253,6 +255,18 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// for the VMID; EL1&0: `TLBI ASIDE1IS`) instead. Clamped to 1..=[`MAX_TLBI_BATCH`].
     pub fn set_tlbi_threshold(&mut self, n: usize) {
         self.tlbi_threshold = n.clamp(1, MAX_TLBI_BATCH);
+    }
+
+    /// Lets the table invalidate contiguous changes with range instructions
+    /// (FEAT_TLBIRANGE: [`TlbOp::El2Range`], [`TlbOp::Stage2Range`],
+    /// [`TlbOp::El1Range`]): an unmap or change of many pages then costs one
+    /// instruction per contiguous run (a few for a very large one) instead of one per
+    /// page or a whole-regime invalidation, and the threshold of
+    /// [`set_tlbi_threshold`](Self::set_tlbi_threshold) counts runs. Only turn it on
+    /// when every PE that may use the table implements FEAT_TLBIRANGE
+    /// (`ID_AA64ISAR0_EL1.TLB` = 0b0010; `arch::has_tlbi_range` (feature `arm-el2`) reads it).
+    pub fn set_tlbi_range(&mut self, on: bool) {
+        self.tlbi_range = on;
     }
 
     /// The regime's encoding of `attrs`, restricted to attribute bits.
@@ -490,7 +504,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             free_chunks: 0,
             taken: 0,
             freed: 0,
-            batch: TlbBatch::new(self.tlbi_threshold),
+            batch: TlbBatch::new(self.tlbi_threshold, self.tlbi_range),
         };
         let root = View::Real(self.ptr(self.root));
         let start = self.geo.start_level;
@@ -883,7 +897,8 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         // SAFETY: as above.
                         unsafe { tbl.add(i).write_volatile(new) };
                         if (e ^ new) & !desc::SW_MASK != 0 {
-                            cx.batch.note(base + ((i as u64) << shift), true);
+                            cx.batch
+                                .note(base + ((i as u64) << shift), 1 << shift, true);
                         } else {
                             cx.batch.wrote();
                         }
@@ -1028,6 +1043,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             unsafe { p.write(0) };
         }
         let child = e & desc::OA_MASK;
+        // With range invalidation the whole span goes in one note: no leaf to visit.
+        let spanned = live && cx.batch.note_subtree(eva, level_size(level));
+        let live = live && !spanned;
         if level == 2 && (!live || cx.batch.all()) {
             // A level-3 table whose leaves need no individual invalidation.
             self.queue_free(cx, child);
@@ -1060,7 +1078,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         cx.batch.note_table(va, level_size(level));
                     }
                 } else if live {
-                    cx.batch.note(va, true);
+                    cx.batch.note(va, 1 << shift, true);
                     if level == 3 && cx.batch.all() {
                         // Everything is invalidated anyway; no subtables at level 3.
                         break;
@@ -1130,7 +1148,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             // SAFETY: as above.
             unsafe { p.write_volatile(0) };
             if old_leaf {
-                cx.batch.note(eva, true);
+                cx.batch.note(eva, level_size(level), true);
             }
         } else if (old ^ new) & desc::BBM_MASK != 0 {
             // Break-before-make, first half: invalid marker that keeps the new value;
@@ -1138,14 +1156,14 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             // SAFETY: as above.
             unsafe { p.write_volatile(new & !desc::VALID) };
             if old_leaf {
-                cx.batch.note(eva, true);
+                cx.batch.note(eva, level_size(level), true);
             }
             *bbm = true;
         } else {
             // SAFETY: as above.
             unsafe { p.write_volatile(new) };
             if (old ^ new) & !desc::SW_MASK != 0 {
-                cx.batch.note(eva, true);
+                cx.batch.note(eva, level_size(level), true);
             } else {
                 cx.batch.wrote();
             }
@@ -1288,7 +1306,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> Drop for PageTable<R, A, T
     /// Invalidates everything the table may have in the TLBs, then frees all frames.
     /// The table must no longer be installed in any translation register.
     fn drop(&mut self) {
-        let mut batch = TlbBatch::new(1);
+        let mut batch = TlbBatch::new(1, false);
         batch.invalidate_all();
         batch.sync(&self.regime, self.root, &mut self.tlb);
         let root = self.ptr(self.root);

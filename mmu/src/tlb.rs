@@ -66,6 +66,44 @@ pub enum TlbOp {
         /// ASID of the table.
         asid: u16,
     },
+    /// EL2 stage 1, `pages` 4 KiB pages from `va` (FEAT_TLBIRANGE): `TLBI RVALE2IS` if
+    /// `leaf`, else `TLBI RVAE2IS`, as many as [`range_operands`] needs.
+    El2Range {
+        /// First input (virtual) address, page aligned.
+        va: u64,
+        /// Number of 4 KiB pages (at least 2).
+        pages: u64,
+        /// Only leaf entries need invalidating.
+        leaf: bool,
+    },
+    /// Stage 2, `pages` 4 KiB pages of IPA from `ipa` (FEAT_TLBIRANGE):
+    /// `TLBI RIPAS2LE1IS` if `leaf`, else `TLBI RIPAS2E1IS`. Like
+    /// [`TlbOp::Stage2Ipa`], must run with `vttbr` loaded and be followed by
+    /// [`TlbOp::Stage2Stage1All`].
+    Stage2Range {
+        /// VMID of the table (also in `vttbr` bits \[63:48\]).
+        vmid: u16,
+        /// The table's full `VTTBR_EL2` value.
+        vttbr: u64,
+        /// First intermediate physical address, page aligned.
+        ipa: u64,
+        /// Number of 4 KiB pages (at least 2).
+        pages: u64,
+        /// Only leaf entries need invalidating.
+        leaf: bool,
+    },
+    /// EL1&0 stage 1, `pages` 4 KiB pages from `va` of one ASID (FEAT_TLBIRANGE):
+    /// `TLBI RVALE1IS` if `leaf`, else `TLBI RVAE1IS`.
+    El1Range {
+        /// ASID of the table.
+        asid: u16,
+        /// First input (virtual) address, page aligned.
+        va: u64,
+        /// Number of 4 KiB pages (at least 2).
+        pages: u64,
+        /// Only leaf entries need invalidating.
+        leaf: bool,
+    },
 }
 
 impl TlbOp {
@@ -74,6 +112,69 @@ impl TlbOp {
     pub const fn is_barrier(&self) -> bool {
         matches!(self, TlbOp::DsbIshSt | TlbOp::DsbIsh | TlbOp::Isb)
     }
+}
+
+/// One instruction of a range invalidation, see [`range_operands`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RangeStep {
+    /// A single page: the by-address instruction (`TLBI VA(L)E2IS`, `IPAS2(L)E1IS`,
+    /// `VA(L)E1IS`) for this address.
+    Page(u64),
+    /// A range instruction (`TLBI RVA(L)E2IS`, `RIPAS2(L)E1IS`, `RVA(L)E1IS`) with this
+    /// operand; the caller ORs in the ASID (bits \[63:48\]) where the instruction has one.
+    Range(u64),
+}
+
+/// Pages one range instruction covers at most: NUM = 31, SCALE = 3.
+pub const MAX_RANGE_PAGES: u64 = 32 << (5 * 3 + 1);
+
+/// The operand of a range TLBI with a 4 KiB granule (Arm ARM DDI 0487, C5.5 "TLBI
+/// RVAE2IS" and friends, and D8.16 "TLB maintenance instructions by range"):
+/// TG\[47:46\] = 0b01 (4 KiB), SCALE\[45:44\], NUM\[43:39\], TTL\[38:37\] = 0 (no
+/// level hint), BaseADDR\[36:0\] = address\[48:12\]. It covers
+/// `(NUM + 1) << (5 * SCALE + 1)` pages from BaseADDR.
+#[must_use]
+pub const fn range_operand(addr: u64, scale: u64, num: u64) -> u64 {
+    (1 << 46) | (scale << 44) | (num << 39) | ((addr >> 12) & ((1 << 37) - 1))
+}
+
+/// The instructions that invalidate exactly the `pages` 4 KiB pages from `addr`: range
+/// instructions cover an even number of pages (at least 2), so an odd count starts with
+/// one by-address instruction; the rest is cut into chunks of growing SCALE, at most one
+/// per SCALE, then whole [`MAX_RANGE_PAGES`] chunks. At most `4 + pages /
+/// MAX_RANGE_PAGES + 1` steps.
+pub fn range_operands(addr: u64, pages: u64) -> impl Iterator<Item = RangeStep> {
+    let mut addr = addr & !0xFFF;
+    let mut left = pages;
+    // SCALE of the next chunk; from 4 on, whole MAX_RANGE_PAGES chunks at SCALE 3.
+    let mut scale = 0u64;
+    core::iter::from_fn(move || loop {
+        if left == 0 {
+            return None;
+        }
+        if left % 2 == 1 {
+            let a = addr;
+            addr += 1 << 12;
+            left -= 1;
+            return Some(RangeStep::Page(a));
+        }
+        let (s, take) = if scale < 4 {
+            // What this SCALE must take so the rest is a multiple of the next SCALE's
+            // unit (32 of this one's): a multiple of this unit, at most 32 of them.
+            let unit = 1u64 << (5 * scale + 1);
+            (scale, left % (unit << 5))
+        } else {
+            (3, MAX_RANGE_PAGES)
+        };
+        scale = (scale + 1).min(4);
+        if take == 0 {
+            continue;
+        }
+        let op = range_operand(addr, s, take / (1 << (5 * s + 1)) - 1);
+        addr += take << 12;
+        left -= take;
+        return Some(RangeStep::Range(op));
+    })
 }
 
 /// Runs TLB-maintenance sequences.
@@ -111,12 +212,21 @@ pub const MAX_TLBI_BATCH: usize = 64;
 pub const DEFAULT_TLBI_THRESHOLD: usize = 32;
 
 /// Per-operation record of what must be invalidated.
+///
+/// Without range invalidation every entry is one page (one by-address TLBI). With it
+/// (FEAT_TLBIRANGE, [`TlbBatch::new`]'s `ranges`), an entry is a run of pages that
+/// grows while the changes are contiguous, and a change covering a block or a whole
+/// table is noted as the span it covers; the threshold then counts runs.
 pub(crate) struct TlbBatch {
-    /// Page-aligned addresses; bit 0 set for leaf-only invalidation. Only `..len`
+    /// Page-aligned first addresses; bit 0 set for leaf-only invalidation. Only `..len`
     /// is initialised.
     addrs: [MaybeUninit<u64>; MAX_TLBI_BATCH],
+    /// Pages of each entry (always 1 without `ranges`).
+    pages: [MaybeUninit<u64>; MAX_TLBI_BATCH],
     len: usize,
     threshold: usize,
+    /// Range instructions may be used.
+    ranges: bool,
     /// More entries changed than `threshold`: invalidate everything.
     all: bool,
     /// Some descriptor was written (needs at least DSB ISHST; ISB).
@@ -124,11 +234,13 @@ pub(crate) struct TlbBatch {
 }
 
 impl TlbBatch {
-    pub(crate) fn new(threshold: usize) -> Self {
+    pub(crate) fn new(threshold: usize, ranges: bool) -> Self {
         TlbBatch {
             addrs: [MaybeUninit::uninit(); MAX_TLBI_BATCH],
+            pages: [MaybeUninit::uninit(); MAX_TLBI_BATCH],
             len: 0,
             threshold,
+            ranges,
             all: false,
             written: false,
         }
@@ -140,11 +252,16 @@ impl TlbBatch {
         self.written = true;
     }
 
-    /// A valid entry covering `addr` changed or was removed.
+    /// A valid leaf mapping `[addr, addr + size)` changed or was removed (`leaf`:
+    /// only last-level entries need invalidating).
     #[inline]
-    pub(crate) fn note(&mut self, addr: u64, leaf: bool) {
+    pub(crate) fn note(&mut self, addr: u64, size: u64, leaf: bool) {
         self.written = true;
         if self.all {
+            return;
+        }
+        if self.ranges {
+            self.note_span(addr, size, leaf);
             return;
         }
         if self.len >= self.threshold {
@@ -152,12 +269,43 @@ impl TlbBatch {
             return;
         }
         self.addrs[self.len] = MaybeUninit::new((addr & !0xFFF) | u64::from(leaf));
+        self.pages[self.len] = MaybeUninit::new(1);
+        self.len += 1;
+    }
+
+    /// With range invalidation: adds `[addr, addr + size)` to the last run when it
+    /// continues it, else starts a run.
+    fn note_span(&mut self, addr: u64, size: u64, leaf: bool) {
+        let addr = addr & !0xFFF;
+        let pages = size.div_ceil(1 << 12).max(1);
+        if let Some(last) = self.len.checked_sub(1) {
+            // SAFETY: entries below `len` were written by this function.
+            let (a, n) = unsafe {
+                (
+                    self.addrs[last].assume_init(),
+                    self.pages[last].assume_init(),
+                )
+            };
+            if (a & !0xFFF) + (n << 12) == addr {
+                // A non-leaf run invalidates leaves too: the run stays leaf-only only
+                // if both parts are.
+                self.addrs[last] = MaybeUninit::new(a & (!1 | u64::from(leaf)));
+                self.pages[last] = MaybeUninit::new(n + pages);
+                return;
+            }
+        }
+        if self.len >= self.threshold {
+            self.all = true;
+            return;
+        }
+        self.addrs[self.len] = MaybeUninit::new(addr | u64::from(leaf));
+        self.pages[self.len] = MaybeUninit::new(pages);
         self.len += 1;
     }
 
     /// A table entry covering `addr .. addr + size` was removed: walk caches may hold
     /// it. A non-leaf invalidation of any address it covers removes it, so if the
-    /// last noted address lies in that range it is upgraded instead of adding one.
+    /// last noted run reaches into that range it is upgraded instead of adding one.
     #[inline]
     pub(crate) fn note_table(&mut self, addr: u64, size: u64) {
         self.written = true;
@@ -165,26 +313,49 @@ impl TlbBatch {
             return;
         }
         if let Some(last) = self.len.checked_sub(1) {
-            // SAFETY: entries below `len` were written by `note`.
+            // SAFETY: entries below `len` were written by `note`/`note_span`.
             let a = unsafe { self.addrs[last].assume_init() };
-            let last_addr = a & !0xFFF;
-            if last_addr >= addr && last_addr - addr < size {
-                self.addrs[last] = MaybeUninit::new(last_addr);
+            // SAFETY: as above.
+            let pages = unsafe { self.pages[last].assume_init() };
+            let last_page = (a & !0xFFF) + ((pages - 1) << 12);
+            if last_page >= addr && last_page - addr < size {
+                self.addrs[last] = MaybeUninit::new(a & !1);
                 return;
             }
         }
-        self.note(addr, false);
+        self.note(addr, 1 << 12, false);
     }
 
-    /// `count` entries need invalidating (e.g. all leaves of a table being replaced).
+    /// With range invalidation, notes everything below a table entry covering
+    /// `[addr, addr + size)` that goes away (its walk-cache entry and every leaf under
+    /// it) as one span and returns `true`: the caller need not visit the leaves. Without
+    /// it, returns `false` and notes nothing.
+    #[inline]
+    pub(crate) fn note_subtree(&mut self, addr: u64, size: u64) -> bool {
+        if !self.ranges {
+            return false;
+        }
+        self.written = true;
+        if !self.all {
+            self.note_span(addr, size, false);
+        }
+        true
+    }
+
+    /// `count` entries of `step` bytes from `addr` need invalidating (e.g. all leaves of
+    /// a table being replaced).
     pub(crate) fn note_many(&mut self, addr: u64, step: u64, count: usize, leaf: bool) {
+        if self.ranges {
+            self.note(addr, step * count as u64, leaf);
+            return;
+        }
         if self.all || self.len + count > self.threshold {
             self.written = true;
             self.all = true;
             return;
         }
         for i in 0..count as u64 {
-            self.note(addr + i * step, leaf);
+            self.note(addr + i * step, step, leaf);
         }
     }
 
@@ -230,11 +401,17 @@ impl TlbBatch {
             push(regime.tlbi_all(root));
             push(TlbOp::DsbIsh);
         } else if self.len > 0 {
-            for a in &self.addrs[..self.len] {
-                // SAFETY: entries below `len` were written by `note`.
-                let a = unsafe { a.assume_init() };
+            for k in 0..self.len {
+                // SAFETY: entries below `len` were written by `note`/`note_span`.
+                let a = unsafe { self.addrs[k].assume_init() };
                 let (addr, leaf) = (a & !0xFFF, a & 1 != 0);
-                push(regime.tlbi_entry(root, addr, leaf));
+                // SAFETY: as above.
+                let pages = unsafe { self.pages[k].assume_init() };
+                push(if pages == 1 {
+                    regime.tlbi_entry(root, addr, leaf)
+                } else {
+                    regime.tlbi_range(root, addr, pages, leaf)
+                });
             }
             push(TlbOp::DsbIsh);
             if let Some(op) = regime.tlbi_after_entries(root) {
@@ -247,5 +424,74 @@ impl TlbBatch {
         self.len = 0;
         self.all = false;
         self.written = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    extern crate std;
+    use std::vec::Vec;
+
+    /// (first page, pages) of a range operand, decoded field by field as the Arm ARM
+    /// defines them; also checks TG = 4 KiB and TTL = 0.
+    fn decode(op: u64) -> (u64, u64) {
+        assert_eq!((op >> 46) & 0b11, 0b01, "TG: 4 KiB granule in {op:#x}");
+        assert_eq!((op >> 37) & 0b11, 0, "TTL: no level hint in {op:#x}");
+        assert_eq!(op >> 48, 0, "no ASID bits from the encoder in {op:#x}");
+        let scale = (op >> 44) & 0b11;
+        let num = (op >> 39) & 0b1_1111;
+        (op & ((1 << 37) - 1), (num + 1) << (5 * scale + 1))
+    }
+
+    /// The pages the steps cover, in order, as (first page, pages).
+    fn spans(addr: u64, pages: u64) -> Vec<(u64, u64)> {
+        range_operands(addr, pages)
+            .map(|s| match s {
+                RangeStep::Page(a) => (a >> 12, 1),
+                RangeStep::Range(op) => decode(op),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn small_and_boundary_counts() {
+        let base = 0x4000_0000;
+        assert_eq!(
+            range_operands(base, 1).collect::<Vec<_>>(),
+            [RangeStep::Page(base)]
+        );
+        // Two pages: SCALE 0, NUM 0.
+        assert_eq!(
+            range_operands(base, 2).collect::<Vec<_>>(),
+            [RangeStep::Range((1 << 46) | (base >> 12))]
+        );
+        // 64 pages: SCALE 0, NUM 31, one instruction.
+        assert_eq!(spans(base, 64), [(base >> 12, 64)]);
+        // 66 = 2 (SCALE 0) + 64 (SCALE 1).
+        assert_eq!(spans(base, 66), [(base >> 12, 2), ((base >> 12) + 2, 64)]);
+        // 3 = 1 page + 2.
+        assert_eq!(spans(base, 3), [(base >> 12, 1), ((base >> 12) + 1, 2)]);
+        // A whole chunk, and 1 GiB of pages: one instruction each.
+        assert_eq!(spans(0, MAX_RANGE_PAGES), [(0, MAX_RANGE_PAGES)]);
+        assert_eq!(spans(base, 1 << 18), [(base >> 12, 1 << 18)]);
+        assert_eq!(range_operands(base, 0).count(), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn steps_cover_exactly_the_range(page in 0u64..(1 << 36), pages in 1u64..(3 * MAX_RANGE_PAGES)) {
+            let addr = page << 12;
+            let s = spans(addr, pages);
+            let mut next = page;
+            for &(first, n) in &s {
+                prop_assert_eq!(first, next, "contiguous, in order: {:?}", s);
+                next += n;
+            }
+            prop_assert_eq!(next, page + pages, "exactly the range: {:?}", s);
+            prop_assert!(s.len() as u64 <= 5 + pages / MAX_RANGE_PAGES, "{} steps", s.len());
+            prop_assert!(s.iter().filter(|x| x.1 == 1).count() <= 1);
+        }
     }
 }

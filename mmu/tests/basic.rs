@@ -417,3 +417,80 @@ fn unmap_frees_hundreds_of_tables_only_after_the_final_sync() {
         assert_eq!(frames.total_allocated(), frames.total_freed());
     }
 }
+
+#[test]
+fn range_invalidation_covers_contiguous_changes_with_one_operation() {
+    // Stage 2: unmapping 1 GiB of pages is one RIPAS2E1IS over all of it (the level-3
+    // tables go without visiting their leaves), then VMALLE1IS, not VMALLS12E1IS.
+    let mut t = PageTable::new(Stage2::new(4, 40), HeapFrames::new(), RecordingTlb::new()).unwrap();
+    t.set_tlbi_range(true);
+    let roots = t.frames_in_use();
+    t.map(
+        GIB,
+        GIB,
+        GIB,
+        Attributes::normal(Permissions::RW),
+        MapFlags::NO_BLOCKS,
+    )
+    .unwrap();
+    t.tlb_mut().clear();
+    t.unmap(GIB, GIB).unwrap();
+    let vttbr = t.vttbr_el2();
+    assert_eq!(
+        t.tlb().invalidations(),
+        vec![
+            TlbOp::Stage2Range {
+                vmid: 4,
+                vttbr,
+                ipa: GIB,
+                pages: GIB / PAGE,
+                leaf: false
+            },
+            TlbOp::Stage2Stage1All { vmid: 4, vttbr },
+        ]
+    );
+    assert_eq!(t.frames_in_use(), roots, "only the root is left");
+
+    // EL2: changing the permissions of 100 pages is one leaf range; two runs that do
+    // not touch are two operations; a 2 MiB block is covered as a whole.
+    let mut t = PageTable::new(El2::new(39), HeapFrames::new(), RecordingTlb::new()).unwrap();
+    t.set_tlbi_range(true);
+    t.map(0x4000_0000, 0x4000_0000, MIB2, rw(), MapFlags::empty())
+        .unwrap();
+    t.map(
+        0x4100_0000,
+        0x4100_0000,
+        300 * PAGE,
+        rw(),
+        MapFlags::NO_BLOCKS,
+    )
+    .unwrap();
+    t.tlb_mut().clear();
+    t.protect(0x4100_0000, 100 * PAGE, Attributes::normal(Permissions::RO))
+        .unwrap();
+    assert_eq!(
+        t.tlb().invalidations(),
+        vec![TlbOp::El2Range {
+            va: 0x4100_0000,
+            pages: 100,
+            leaf: true
+        }]
+    );
+    t.tlb_mut().clear();
+    t.unmap(0x4000_0000, MIB2).unwrap();
+    t.unmap(0x4100_0000 + 200 * PAGE, PAGE).unwrap();
+    assert_eq!(
+        t.tlb().invalidations(),
+        vec![
+            TlbOp::El2Range {
+                va: 0x4000_0000,
+                pages: MIB2 / PAGE,
+                leaf: true
+            },
+            TlbOp::El2Va {
+                va: 0x4100_0000 + 200 * PAGE,
+                leaf: true
+            },
+        ]
+    );
+}

@@ -201,13 +201,17 @@ trait Tag: Regime {
 }
 impl Tag for El2 {
     fn ours(&self, op: &TlbOp, _: u64) -> bool {
-        matches!(op, TlbOp::El2Va { .. } | TlbOp::El2All)
+        matches!(
+            op,
+            TlbOp::El2Va { .. } | TlbOp::El2Range { .. } | TlbOp::El2All
+        )
     }
 }
 impl Tag for Stage2 {
     fn ours(&self, op: &TlbOp, vttbr: u64) -> bool {
         match *op {
             TlbOp::Stage2Ipa { vmid, vttbr: v, .. }
+            | TlbOp::Stage2Range { vmid, vttbr: v, .. }
             | TlbOp::Stage2All { vmid, vttbr: v }
             | TlbOp::Stage2Stage1All { vmid, vttbr: v } => vmid == self.vmid() && v == vttbr,
             _ => false,
@@ -217,18 +221,36 @@ impl Tag for Stage2 {
 impl Tag for El1 {
     fn ours(&self, op: &TlbOp, _: u64) -> bool {
         match *op {
-            TlbOp::El1Va { asid, .. } | TlbOp::El1Asid { asid } => asid == self.asid(),
+            TlbOp::El1Va { asid, .. } | TlbOp::El1Range { asid, .. } | TlbOp::El1Asid { asid } => {
+                asid == self.asid()
+            }
             _ => false,
         }
     }
 }
 
+/// Whether `op` invalidates an entry that translates `[va, va + size)`: an address
+/// operation must name an address in it; a range operation must overlap it (an entry
+/// used to translate any address of the range is invalidated, Arm ARM D8.16).
 fn covers(op: &TlbOp, va: u64, size: u64, need_nonleaf: bool) -> bool {
     let hit = |a: u64, leaf: bool| a >= va && a < va + size && (!need_nonleaf || !leaf);
+    let overlap = |a: u64, pages: u64, leaf: bool| {
+        a < va + size && va < a + pages * PAGE && (!need_nonleaf || !leaf)
+    };
     match *op {
         TlbOp::El2All | TlbOp::Stage2All { .. } | TlbOp::El1Asid { .. } => true,
         TlbOp::El2Va { va: a, leaf } | TlbOp::El1Va { va: a, leaf, .. } => hit(a, leaf),
         TlbOp::Stage2Ipa { ipa, leaf, .. } => hit(ipa, leaf),
+        TlbOp::El2Range { va: a, pages, leaf }
+        | TlbOp::El1Range {
+            va: a, pages, leaf, ..
+        }
+        | TlbOp::Stage2Range {
+            ipa: a,
+            pages,
+            leaf,
+            ..
+        } => overlap(a, pages, leaf),
         _ => false,
     }
 }
@@ -244,7 +266,7 @@ fn check_sequence(seq: &[TlbOp]) {
         match op {
             TlbOp::DsbIsh => pending_tlbi = false,
             TlbOp::DsbIshSt | TlbOp::Isb => assert!(!pending_tlbi, "TLBI not completed: {seq:?}"),
-            TlbOp::Stage2Ipa { .. } => {
+            TlbOp::Stage2Ipa { .. } | TlbOp::Stage2Range { .. } => {
                 pending_tlbi = true;
                 pending_ipa = true;
             }
@@ -258,9 +280,10 @@ fn check_sequence(seq: &[TlbOp]) {
     assert!(!pending_ipa, "IPAS2E1IS without VMALLE1IS: {seq:?}");
 }
 
-fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: usize) {
+fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: usize, ranges: bool) {
     let mut t = PageTable::new(regime, HeapFrames::new(), RecordingTlb::new()).unwrap();
     t.set_tlbi_threshold(threshold);
+    t.set_tlbi_range(ranges);
     let roots = t.frames_in_use();
     let mut model = Model::default();
     for op in ops {
@@ -428,7 +451,12 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
             .filter(|o| {
                 matches!(
                     o,
-                    TlbOp::El2Va { .. } | TlbOp::Stage2Ipa { .. } | TlbOp::El1Va { .. }
+                    TlbOp::El2Va { .. }
+                        | TlbOp::Stage2Ipa { .. }
+                        | TlbOp::El1Va { .. }
+                        | TlbOp::El2Range { .. }
+                        | TlbOp::Stage2Range { .. }
+                        | TlbOp::El1Range { .. }
                 )
             })
             .count();
@@ -464,6 +492,7 @@ fn stage2_vmid(ops: &[TlbOp]) -> u16 {
     ops.iter()
         .find_map(|o| match *o {
             TlbOp::Stage2Ipa { vmid, .. }
+            | TlbOp::Stage2Range { vmid, .. }
             | TlbOp::Stage2All { vmid, .. }
             | TlbOp::Stage2Stage1All { vmid, .. } => Some(vmid),
             _ => None,
@@ -516,28 +545,28 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     #[test]
-    fn el2_matches_model(ops in prop::collection::vec(op(5), 1..14), threshold in 1usize..40) {
-        run(El2::new(39), &el2_attrs(), &ops, threshold);
+    fn el2_matches_model(ops in prop::collection::vec(op(5), 1..14), threshold in 1usize..40, ranges: bool) {
+        run(El2::new(39), &el2_attrs(), &ops, threshold, ranges);
     }
 
     #[test]
-    fn stage2_matches_model(ops in prop::collection::vec(op(5), 1..14), vmid in 1u16..300, threshold in 1usize..64) {
-        run(Stage2::new(vmid, 40), &s2_attrs(), &ops, threshold);
+    fn stage2_matches_model(ops in prop::collection::vec(op(5), 1..14), vmid in 1u16..300, threshold in 1usize..64, ranges: bool) {
+        run(Stage2::new(vmid, 40), &s2_attrs(), &ops, threshold, ranges);
     }
 
     #[test]
     fn stage2_xnx_fwb_matches_model(ops in prop::collection::vec(op(5), 1..14)) {
-        run(Stage2::new(9, 36).with_xnx(true).with_fwb(true), &s2_xnx_attrs(), &ops, 16);
+        run(Stage2::new(9, 36).with_xnx(true).with_fwb(true), &s2_xnx_attrs(), &ops, 16, false);
     }
 
     #[test]
     fn stage2_concatenated_l2_root_matches_model(ops in prop::collection::vec(op(5), 1..14)) {
         // 34-bit IPA: 16 concatenated level-2 root tables.
-        run(Stage2::new(3, 34), &s2_attrs(), &ops, 64);
+        run(Stage2::new(3, 34), &s2_attrs(), &ops, 64, true);
     }
 
     #[test]
-    fn el1_matches_model(ops in prop::collection::vec(op(5), 1..14), asid in 0u16..256) {
-        run(El1::new(asid, 48), &el1_attrs(), &ops, 8);
+    fn el1_matches_model(ops in prop::collection::vec(op(5), 1..14), asid in 0u16..256, ranges: bool) {
+        run(El1::new(asid, 48), &el1_attrs(), &ops, 8, ranges);
     }
 }

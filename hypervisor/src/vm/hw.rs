@@ -94,6 +94,9 @@ fn mmu_error(e: mmu::Error) -> &'static str {
 /// The machine side of the VM manager.
 pub struct Hw {
     vmid_bits: VmidBits,
+    /// The CPUs implement FEAT_TLBIRANGE: stage-2 tables invalidate runs of pages with
+    /// one instruction (`mmu::PageTable::set_tlbi_range`).
+    tlbi_range: bool,
     /// An all-invalid stage-2 root, loaded while flushing a VMID that has no table.
     empty_root: u64,
 }
@@ -129,7 +132,10 @@ impl Platform for Hw {
         mappings: vdesc::Stage2Mappings,
     ) -> Result<HwStage2, &'static str> {
         PageTable::new(self.stage2_regime(vmid), HwFrames, ArmTlb)
-            .map(|t| HwStage2(t, S2Kind::map_flags(mappings)))
+            .map(|mut t| {
+                t.set_tlbi_range(self.tlbi_range);
+                HwStage2(t, S2Kind::map_flags(mappings))
+            })
             .map_err(mmu_error)
     }
 
@@ -218,20 +224,24 @@ pub fn run_vms(machine: &Machine) -> ! {
         FRAMES.get().map_or(0, |p| p.lock().in_use()),
         Ordering::SeqCst,
     );
+    // Read on this CPU; the machines we run on have one kind of CPU.
+    let tlbi_range = mmu::arch::has_tlbi_range();
     let hw = Hw {
         vmid_bits,
+        tlbi_range,
         empty_root,
     };
     let manager = VmManager::new(hw, vmid_bits, layout);
     log::info!(
-        "VMs: {} described, {}-bit VMIDs, {IPA_BITS}-bit IPA, {}-bit PA",
+        "VMs: {} described, {}-bit VMIDs, {IPA_BITS}-bit IPA, {}-bit PA, range TLBI {}",
         descs.len(),
         if vmid_bits == VmidBits::Sixteen {
             16
         } else {
             8
         },
-        regs::pa_bits()
+        regs::pa_bits(),
+        if tlbi_range { "yes" } else { "no" }
     );
     for mut desc in descs {
         let name = desc.name.clone();
