@@ -897,8 +897,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         // SAFETY: as above.
                         unsafe { tbl.add(i).write_volatile(new) };
                         if (e ^ new) & !desc::SW_MASK != 0 {
-                            cx.batch
-                                .note(base + ((i as u64) << shift), 1 << shift, true);
+                            cx.batch.note(base + ((i as u64) << shift), level, true);
                         } else {
                             cx.batch.wrote();
                         }
@@ -1078,7 +1077,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         cx.batch.note_table(va, level_size(level));
                     }
                 } else if live {
-                    cx.batch.note(va, 1 << shift, true);
+                    cx.batch.note(va, level, true);
                     if level == 3 && cx.batch.all() {
                         // Everything is invalidated anyway; no subtables at level 3.
                         break;
@@ -1148,7 +1147,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             // SAFETY: as above.
             unsafe { p.write_volatile(0) };
             if old_leaf {
-                cx.batch.note(eva, level_size(level), true);
+                cx.batch.note(eva, level, true);
             }
         } else if (old ^ new) & desc::BBM_MASK != 0 {
             // Break-before-make, first half: invalid marker that keeps the new value;
@@ -1156,14 +1155,14 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             // SAFETY: as above.
             unsafe { p.write_volatile(new & !desc::VALID) };
             if old_leaf {
-                cx.batch.note(eva, level_size(level), true);
+                cx.batch.note(eva, level, true);
             }
             *bbm = true;
         } else {
             // SAFETY: as above.
             unsafe { p.write_volatile(new) };
             if (old ^ new) & !desc::SW_MASK != 0 {
-                cx.batch.note(eva, level_size(level), true);
+                cx.batch.note(eva, level, true);
             } else {
                 cx.batch.wrote();
             }

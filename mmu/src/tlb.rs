@@ -252,16 +252,18 @@ impl TlbBatch {
         self.written = true;
     }
 
-    /// A valid leaf mapping `[addr, addr + size)` changed or was removed (`leaf`:
-    /// only last-level entries need invalidating).
-    #[inline]
-    pub(crate) fn note(&mut self, addr: u64, size: u64, leaf: bool) {
+    /// A valid leaf at `level` mapping `addr` changed or was removed (`leaf`: only
+    /// last-level entries need invalidating). The level only matters with ranges (the
+    /// run then covers the whole block); it is passed rather than a size so that the
+    /// common path computes nothing for it.
+    #[inline(always)]
+    pub(crate) fn note(&mut self, addr: u64, level: u8, leaf: bool) {
         self.written = true;
         if self.all {
             return;
         }
         if self.ranges {
-            self.note_span(addr, size, leaf);
+            self.note_span(addr, crate::desc::level_size(level), leaf);
             return;
         }
         if self.len >= self.threshold {
@@ -274,7 +276,10 @@ impl TlbBatch {
     }
 
     /// With range invalidation: adds `[addr, addr + size)` to the last run when it
-    /// continues it, else starts a run.
+    /// continues it, else starts a run. Out of line (`cold` for the layout of the
+    /// callers): it keeps [`note`](Self::note) small where it is inlined into the table
+    /// walks' loops, which measurably costs tables without ranges otherwise.
+    #[cold]
     fn note_span(&mut self, addr: u64, size: u64, leaf: bool) {
         let addr = addr & !0xFFF;
         let pages = size.div_ceil(1 << 12).max(1);
@@ -323,7 +328,7 @@ impl TlbBatch {
                 return;
             }
         }
-        self.note(addr, 1 << 12, false);
+        self.note(addr, 3, false);
     }
 
     /// With range invalidation, notes everything below a table entry covering
@@ -346,7 +351,10 @@ impl TlbBatch {
     /// a table being replaced).
     pub(crate) fn note_many(&mut self, addr: u64, step: u64, count: usize, leaf: bool) {
         if self.ranges {
-            self.note(addr, step * count as u64, leaf);
+            self.written = true;
+            if !self.all {
+                self.note_span(addr, step * count as u64, leaf);
+            }
             return;
         }
         if self.all || self.len + count > self.threshold {
@@ -355,7 +363,7 @@ impl TlbBatch {
             return;
         }
         for i in 0..count as u64 {
-            self.note(addr + i * step, step, leaf);
+            self.note(addr + i * step, 3, leaf);
         }
     }
 
