@@ -29,8 +29,19 @@ pub mod vendor {
     /// Boot count: x0 = 0, x1 = how many times the VM was started (1, then +1 for each
     /// `SYSTEM_RESET`).
     pub const VM_BOOTS: u32 = 0xC600_0003;
-    /// The vendor calls of the service (what `CALL_COUNT` counts).
-    pub const CALLS: &[u32] = &[VM_INFO, VM_NAME, VM_BOOTS];
+    /// The vendor calls of the service (what `CALL_COUNT` counts): these three and the
+    /// memory-sharing calls (`crate::share::fid`).
+    pub const CALLS: &[u32] = &[
+        VM_INFO,
+        VM_NAME,
+        VM_BOOTS,
+        crate::share::fid::SHARE,
+        crate::share::fid::LEND,
+        crate::share::fid::RETRIEVE,
+        crate::share::fid::RELINQUISH,
+        crate::share::fid::RECLAIM,
+        crate::share::fid::QUERY,
+    ];
     /// Service UID `8b3f1f5e-2a7c-4d10-9b61-74776f737467`, as four 32-bit words in
     /// SMCCC order (x0 = bytes 0-3 little-endian, ...).
     pub const UID: [u32; 4] = [0x5e1f_3f8b, 0x104d_7c2a, 0x7774_619b, 0x6774_736f];
@@ -65,6 +76,9 @@ pub enum Outcome {
     SystemOff,
     /// The VM asked to be reset (`SYSTEM_RESET`).
     SystemReset,
+    /// A memory-sharing call: the run loop executes it (`crate::vm::VmManager::share_call`,
+    /// without the VM's PSCI state locked) and writes x0..x3.
+    Share(crate::share::Request),
 }
 
 fn ret(x0: u64) -> Outcome {
@@ -168,7 +182,7 @@ pub fn dispatch(
             }
             Outcome::Return([bytes.len() as u64, words[0], words[1], words[2]])
         }
-        _ => ret(NOT_SUPPORTED),
+        _ => crate::share::Request::decode(x).map_or(ret(NOT_SUPPORTED), Outcome::Share),
     }
 }
 
@@ -243,7 +257,11 @@ mod tests {
             call(&mut ps, &[0xC600_0001]),
             Outcome::Return([0, 3, 17, 0])
         );
-        assert_eq!(x0(call(&mut ps, &[0x8600_FF00])), 3);
+        assert_eq!(
+            x0(call(&mut ps, &[0x8600_FF00])),
+            9,
+            "3 + 6 memory-sharing calls"
+        );
         assert_eq!(call(&mut ps, &[0xC600_0003]), Outcome::Return([0, 2, 0, 0]));
         let Outcome::Return(uid) = call(&mut ps, &[0x8600_FF01]) else {
             panic!()
@@ -256,6 +274,39 @@ mod tests {
         assert_eq!(name[0], 7);
         assert_eq!(&name[1].to_le_bytes()[..7], b"guest-a");
         assert_eq!(name[1].to_le_bytes()[7], 0);
+    }
+
+    #[test]
+    fn memory_sharing_calls_are_handed_to_the_run_loop() {
+        use crate::share::{Kind, Request};
+        let mut ps = PsciVm::new(1);
+        assert_eq!(
+            call(&mut ps, &[0xC600_0011, 0x4000_0000, 2, 1, 3]),
+            Outcome::Share(Request::Give {
+                kind: Kind::Lend,
+                ipa: 0x4000_0000,
+                pages: 2,
+                receiver: 1,
+                perms: 3
+            })
+        );
+        assert_eq!(
+            call(&mut ps, &[0xFFFF_0000_C600_0012, 5, 0x8000_0000, 1]),
+            Outcome::Share(Request::Retrieve {
+                handle: 5,
+                ipa: 0x8000_0000,
+                perms: 1
+            }),
+            "the upper half of x0 is ignored"
+        );
+        assert_eq!(
+            call(&mut ps, &[0xC600_0015]),
+            Outcome::Share(Request::Query { handle: 0 })
+        );
+        // DONATE is not offered, nor 32-bit forms of the calls.
+        for fid in [0xC600_0016u64, 0x8600_0010, 0xC600_0017, 0xC600_000F] {
+            assert_eq!(x0(call(&mut ps, &[fid])), -1, "fid {fid:#x}");
+        }
     }
 
     #[test]

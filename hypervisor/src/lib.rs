@@ -15,6 +15,7 @@ pub mod pl011;
 pub mod platform;
 pub mod psci;
 pub mod report;
+pub mod share;
 pub mod stage1;
 pub mod trap;
 pub mod vcpu;

@@ -6,6 +6,7 @@
 
 use crate::hypercall::{self, Caller, Outcome};
 use crate::psci::PowerState;
+use crate::share::Request;
 use crate::trap::{self, Abort, TrapKind};
 use crate::vdesc::{AbortPolicy, PAGE_SIZE};
 use crate::vm::{Vm, VmStatus};
@@ -85,7 +86,11 @@ pub fn stop_vm<S>(vm: &Vm<S>, what: core::fmt::Arguments<'_>) -> Next {
     Next::Stop
 }
 
-/// Handles one exit of vCPU `vcpu` of `vm`.
+/// Runs a memory-sharing call for the calling vCPU and returns x0..x3
+/// (`crate::vm::VmManager::share_call`).
+pub type ShareCall<'a> = dyn FnMut(Request) -> [u64; 4] + 'a;
+
+/// Handles one exit of vCPU `vcpu` of `vm`; memory-sharing calls go to `share`.
 pub fn handle_exit<S>(
     vm: &Vm<S>,
     vcpu: usize,
@@ -93,6 +98,7 @@ pub fn handle_exit<S>(
     exit: ExitReason,
     el1: &mut impl GuestEl1,
     sink: &mut impl LineSink,
+    share: &mut ShareCall<'_>,
 ) -> Next {
     // Another vCPU may have powered the VM off, reset or stopped it meanwhile.
     if vm.status() != VmStatus::Running || vm.psci.lock().state(vcpu) != Some(PowerState::On) {
@@ -106,11 +112,11 @@ pub fn handle_exit<S>(
         ExitReason::Sync { esr, far, hpfar } => (esr, far, hpfar),
     };
     match trap::decode(esr, far, hpfar) {
-        TrapKind::Hvc { .. } => hypercall(vm, vcpu, ctx, sink),
+        TrapKind::Hvc { .. } => hypercall(vm, vcpu, ctx, sink, share),
         TrapKind::Smc { .. } => {
             // A trapped SMC returns to the SMC itself (preferred return address).
             *ctx.pc = ctx.pc.wrapping_add(4);
-            hypercall(vm, vcpu, ctx, sink)
+            hypercall(vm, vcpu, ctx, sink, share)
         }
         TrapKind::Wfx { .. } => {
             *ctx.pc = ctx.pc.wrapping_add(4);
@@ -128,7 +134,13 @@ pub fn handle_exit<S>(
     }
 }
 
-fn hypercall<S>(vm: &Vm<S>, vcpu: usize, ctx: &mut VcpuCtx<'_>, sink: &mut impl LineSink) -> Next {
+fn hypercall<S>(
+    vm: &Vm<S>,
+    vcpu: usize,
+    ctx: &mut VcpuCtx<'_>,
+    sink: &mut impl LineSink,
+    share: &mut ShareCall<'_>,
+) -> Next {
     let x: [u64; 8] = core::array::from_fn(|i| ctx.x[i]);
     let caller = Caller {
         vm_id: vm.id,
@@ -144,6 +156,12 @@ fn hypercall<S>(vm: &Vm<S>, vcpu: usize, ctx: &mut VcpuCtx<'_>, sink: &mut impl 
     match outcome {
         Outcome::Return(r) => {
             ctx.x[..4].copy_from_slice(&r);
+            Next::Resume
+        }
+        Outcome::Share(req) => {
+            // The VM's PSCI lock is released: the call takes it again, then the
+            // transaction table's.
+            ctx.x[..4].copy_from_slice(&share(req));
             Next::Resume
         }
         Outcome::CpuOff => Next::Stop,
@@ -197,6 +215,9 @@ fn stage2_abort<S>(
         }
     }
     let what = access_name(abort);
+    // A translation fault: nothing mapped there (or a page this VM lent away). A
+    // permission fault: mapped without that access (e.g. a write to a page borrowed
+    // read-only). The fault status says which (ESR_EL2.ISS.DFSC/IFSC, Arm ARM D24.2.41).
     let unmapped = if abort.unmapped() { "unmapped " } else { "" };
     match vm.desc.abort {
         AbortPolicy::Stop => stop_vm(
@@ -208,10 +229,11 @@ fn stage2_abort<S>(
         ),
         AbortPolicy::Inject => {
             log::warn!(
-                "VM {}: injected abort for {what} of {unmapped}IPA {:#x} (ESR {:#x})",
+                "VM {}: injected abort for {what} of {unmapped}IPA {:#x} (ESR {:#x}, {})",
                 vm.desc.name,
                 abort.ipa,
-                abort.esr
+                abort.esr,
+                abort.status
             );
             inject_abort(ctx, abort, el1);
             Next::Resume
@@ -293,7 +315,7 @@ mod tests {
                 pc: &mut self.pc,
                 pstate: &mut self.pstate,
             };
-            handle_exit(vm, vcpu, &mut ctx, e, el1, out)
+            handle_exit(vm, vcpu, &mut ctx, e, el1, out, &mut |_| [u64::MAX; 4])
         }
     }
 

@@ -12,20 +12,17 @@ use alloc::sync::Arc;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use mmu::arch::ArmTlb;
-use mmu::{FrameAllocator, MapFlags, PageTable, PhysToVirt, TlbMaintenance, TlbOp};
+use mmu::{FrameAllocator, PhysToVirt, TlbMaintenance, TlbOp};
 use spin::Once;
 
 use super::{
-    Layout, Platform, S2Kind, Stage2, Vm, VmError, VmManager, VmStatus, GUEST_RAM, STAGING,
+    Layout, MmuStage2, Platform, Vm, VmError, VmManager, VmStatus, GUEST_RAM, IPA_BITS, STAGING,
 };
 use crate::start::{self, Machine, FRAMES};
 use crate::vcpu::{self, ExitReason, GuestEl1, Next, VcpuCtx};
 use crate::vdesc;
 use crate::vmid::{Vmid, VmidBits, VmidFlush};
 use crate::vuart::LineSink;
-
-/// IPA size of every guest (39 bits: a single level-1 root table, 512 GiB).
-pub const IPA_BITS: u8 = 39;
 
 static MANAGER: Once<VmManager<Hw>> = Once::new();
 /// Set by the CPU that ends the run.
@@ -62,34 +59,8 @@ impl FrameAllocator for HwFrames {
     }
 }
 
-/// One VM's stage 2, built with `mmu`, and the flags of its every mapping.
-pub struct HwStage2(PageTable<mmu::Stage2, HwFrames, ArmTlb>, MapFlags);
-
-impl Stage2 for HwStage2 {
-    fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), &'static str> {
-        self.0
-            .map(ipa, pa, size, kind.attributes(), self.1)
-            .map_err(mmu_error)
-    }
-
-    fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), &'static str> {
-        self.0.unmap(ipa, size).map_err(mmu_error)
-    }
-
-    fn vttbr(&self) -> u64 {
-        self.0.vttbr_el2()
-    }
-}
-
-fn mmu_error(e: mmu::Error) -> &'static str {
-    match e {
-        mmu::Error::OutOfFrames => "out of page-table frames",
-        mmu::Error::Misaligned => "misaligned range",
-        mmu::Error::OutOfRange => "range outside the IPA or PA space",
-        mmu::Error::AlreadyMapped { .. } => "range already mapped",
-        _ => "stage-2 table error",
-    }
-}
+/// One VM's stage 2 on the machine.
+pub type HwStage2 = MmuStage2<HwFrames, ArmTlb>;
 
 /// The machine side of the VM manager.
 pub struct Hw {
@@ -130,13 +101,11 @@ impl Platform for Hw {
         &mut self,
         vmid: Vmid,
         mappings: vdesc::Stage2Mappings,
-    ) -> Result<HwStage2, &'static str> {
-        PageTable::new(self.stage2_regime(vmid), HwFrames, ArmTlb)
-            .map(|mut t| {
-                t.set_tlbi_range(self.tlbi_range);
-                HwStage2(t, S2Kind::map_flags(mappings))
-            })
-            .map_err(mmu_error)
+    ) -> Result<HwStage2, mmu::Error> {
+        MmuStage2::new(self.stage2_regime(vmid), HwFrames, ArmTlb, mappings).map(|mut s2| {
+            s2.0.set_tlbi_range(self.tlbi_range);
+            s2
+        })
     }
 
     fn free_stage2(&mut self, s2: HwStage2) {
@@ -478,7 +447,15 @@ fn run_vcpu(manager: &VmManager<Hw>, vm: &Arc<Vm<HwStage2>>, index: usize, entry
             pc: &mut regs.pc,
             pstate: &mut regs.pstate,
         };
-        let next = vcpu::handle_exit(vm, index, &mut ctx, reason, &mut HwEl1, &mut ConsoleLines);
+        let next = vcpu::handle_exit(
+            vm,
+            index,
+            &mut ctx,
+            reason,
+            &mut HwEl1,
+            &mut ConsoleLines,
+            &mut |req| manager.share_call(vm, index, req),
+        );
         // A CPU_ON may have made another vCPU runnable.
         aarch64_cpu::asm::sev();
         wake_pending(vm);

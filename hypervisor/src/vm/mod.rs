@@ -9,7 +9,8 @@
 pub mod hw;
 pub mod pool;
 
-use crate::psci::PsciVm;
+use crate::psci::{PowerState, PsciVm};
+use crate::share;
 use crate::vdesc::{Image, Region, Stage2Mappings, VmDesc};
 use crate::vmid::{Vmid, VmidAllocator, VmidBits, VmidError, VmidFlush};
 use crate::vuart::VUart;
@@ -56,22 +57,120 @@ impl S2Kind {
     }
 }
 
-/// One VM's stage-2 translation table.
+/// IPA size of every guest (39 bits: a single level-1 root table, 512 GiB).
+pub const IPA_BITS: u8 = 39;
+
+/// One VM's stage-2 translation table. Every operation is transactional (`mmu`): on
+/// error the table is unchanged and no frame leaked.
 pub trait Stage2 {
-    /// Maps `[ipa, ipa + size)` to `[pa, pa + size)`.
+    /// Maps `[ipa, ipa + size)` to `[pa, pa + size)` as `kind`, with blocks where the
+    /// VM's description allows them.
     ///
     /// # Errors
     ///
-    /// A description of the failure; the table is unchanged then.
-    fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), &'static str>;
-    /// Unmaps `[ipa, ipa + size)` (with the TLB maintenance the change needs).
+    /// The `mmu` error (out of frames, already mapped, out of range).
+    fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), mmu::Error>;
+    /// Maps `[ipa, ipa + size)` to `[pa, pa + size)` with `attrs` (software bits
+    /// included) in 4 KiB pages only, so that unmapping any part of it later needs no
+    /// frame.
     ///
     /// # Errors
     ///
-    /// A description of the failure.
-    fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), &'static str>;
+    /// As [`Stage2::map`].
+    fn map_pages(
+        &mut self,
+        ipa: u64,
+        pa: u64,
+        size: u64,
+        attrs: mmu::Attributes,
+    ) -> Result<(), mmu::Error>;
+    /// Unmaps `[ipa, ipa + size)` (with the TLB maintenance the change needs, for this
+    /// table's VMID).
+    ///
+    /// # Errors
+    ///
+    /// The `mmu` error: out of frames when a block must be split.
+    fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), mmu::Error>;
+    /// Sets the software bits \[58:55\] of every mapping in `[ipa, ipa + size)`.
+    ///
+    /// # Errors
+    ///
+    /// The `mmu` error: out of frames when a block must be split.
+    fn set_sw(&mut self, ipa: u64, size: u64, sw: mmu::SwBits) -> Result<(), mmu::Error>;
+    /// Calls `f` for every leaf mapping that intersects `[ipa, ipa + size)`, in order.
+    ///
+    /// # Errors
+    ///
+    /// The `mmu` error for a misaligned or out-of-range request.
+    fn walk(&self, ipa: u64, size: u64, f: &mut dyn FnMut(&mmu::Mapping))
+        -> Result<(), mmu::Error>;
     /// `VTTBR_EL2` for this table (root address and VMID).
     fn vttbr(&self) -> u64;
+}
+
+/// A stage 2 built with `mmu` (frames from `A`, TLB maintenance by `T`) and the flags of
+/// the mappings its VM's description asks for. On the machine `A` is the frame pool and `T`
+/// `mmu::arch::ArmTlb`, which loads this table's own `VTTBR_EL2` for each stage-2
+/// invalidation and restores the previous value (`mmu/src/arch.rs`, `switch_vttbr`): a
+/// change made while another VM is current (memory sharing edits the other party's
+/// table) invalidates the right VMID.
+pub struct MmuStage2<A: mmu::FrameAllocator, T: mmu::TlbMaintenance>(
+    /// The table.
+    pub mmu::PageTable<mmu::Stage2, A, T>,
+    mmu::MapFlags,
+);
+
+impl<A: mmu::FrameAllocator, T: mmu::TlbMaintenance> MmuStage2<A, T> {
+    /// A new, empty table for `regime` whose VM-wide mappings follow `mappings`.
+    ///
+    /// # Errors
+    ///
+    /// No frame for the root.
+    pub fn new(
+        regime: mmu::Stage2,
+        alloc: A,
+        tlb: T,
+        mappings: Stage2Mappings,
+    ) -> Result<Self, mmu::Error> {
+        mmu::PageTable::new(regime, alloc, tlb).map(|t| Self(t, S2Kind::map_flags(mappings)))
+    }
+}
+
+impl<A: mmu::FrameAllocator, T: mmu::TlbMaintenance> Stage2 for MmuStage2<A, T> {
+    fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), mmu::Error> {
+        self.0.map(ipa, pa, size, kind.attributes(), self.1)
+    }
+
+    fn map_pages(
+        &mut self,
+        ipa: u64,
+        pa: u64,
+        size: u64,
+        attrs: mmu::Attributes,
+    ) -> Result<(), mmu::Error> {
+        self.0.map(ipa, pa, size, attrs, mmu::MapFlags::NO_BLOCKS)
+    }
+
+    fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), mmu::Error> {
+        self.0.unmap(ipa, size)
+    }
+
+    fn set_sw(&mut self, ipa: u64, size: u64, sw: mmu::SwBits) -> Result<(), mmu::Error> {
+        self.0.set_sw_bits(ipa, size, sw)
+    }
+
+    fn walk(
+        &self,
+        ipa: u64,
+        size: u64,
+        f: &mut dyn FnMut(&mmu::Mapping),
+    ) -> Result<(), mmu::Error> {
+        self.0.walk(ipa, size, f)
+    }
+
+    fn vttbr(&self) -> u64 {
+        self.0.vttbr_el2()
+    }
 }
 
 /// What the manager needs from the machine.
@@ -84,11 +183,7 @@ pub trait Platform: VmidFlush {
     /// # Errors
     ///
     /// Out of table frames.
-    fn new_stage2(
-        &mut self,
-        vmid: Vmid,
-        mappings: Stage2Mappings,
-    ) -> Result<Self::S2, &'static str>;
+    fn new_stage2(&mut self, vmid: Vmid, mappings: Stage2Mappings) -> Result<Self::S2, mmu::Error>;
     /// Frees an empty stage-2 table and all its frames.
     fn free_stage2(&mut self, s2: Self::S2);
     /// Table frames currently allocated to stage-2 tables.
@@ -193,7 +288,7 @@ pub enum VmError {
     /// An image's staging range is not inside the staging area.
     ImageNotStaged(Image),
     /// The stage-2 table could not be built.
-    Stage2(&'static str),
+    Stage2(mmu::Error),
     /// No VM with that id.
     NoSuchVm(u32),
     /// A physical CPU of the description is already running another VM.
@@ -248,9 +343,14 @@ struct Inner<P: Platform> {
     destroyed_failed: usize,
 }
 
-/// All VMs, behind one lock.
+/// All VMs, behind one lock, and the memory-sharing transactions between them, behind
+/// another.
+///
+/// Lock order: `inner`, then a VM's `psci`, then `shares`, then one VM's `stage2` at a
+/// time.
 pub struct VmManager<P: Platform> {
     inner: Mutex<Inner<P>>,
+    shares: Mutex<share::Table>,
 }
 
 fn within(range: (u64, u64), pa: u64, size: u64) -> bool {
@@ -274,6 +374,7 @@ impl<P: Platform> VmManager<P> {
                 next_id: 0,
                 destroyed_failed: 0,
             }),
+            shares: Mutex::new(share::Table::new()),
         }
     }
 
@@ -388,6 +489,8 @@ impl<P: Platform> VmManager<P> {
             .ok_or(VmError::NoSuchVm(id))?;
         let mut psci = vm.psci.lock();
         psci.all_off();
+        // Its pages leave every other VM before they are scrubbed.
+        self.shares.lock().end_all(&inner.vms, vm);
         for r in &vm.desc.memory {
             scrub_around_images(&mut inner.platform, &vm.desc, r);
         }
@@ -417,6 +520,9 @@ impl<P: Platform> VmManager<P> {
             inner.destroyed_failed += 1;
         }
         vm.psci.lock().all_off();
+        // Its pages leave every other VM before they are scrubbed, and pages it borrowed
+        // go back to pending.
+        self.shares.lock().end_all(&inner.vms, &vm);
         {
             let mut s2 = vm.stage2.lock();
             if let Some(s2) = s2.as_mut() {
@@ -451,6 +557,26 @@ impl<P: Platform> VmManager<P> {
             inner.vmids.in_use()
         );
         Ok(())
+    }
+
+    /// Runs memory-sharing call `req` made by vCPU `vcpu` of `caller` and returns
+    /// x0..x3 (`docs/hypercalls.md`, "Memory sharing between VMs"). A vCPU that is no
+    /// longer on (its VM is being reset or stopped) gets `DENIED`.
+    pub fn share_call(&self, caller: &Vm<P::S2>, vcpu: usize, req: share::Request) -> [u64; 4] {
+        let vms = self.vms();
+        let psci = caller.psci.lock();
+        let r = if psci.state(vcpu) == Some(PowerState::On) {
+            self.shares.lock().call(&vms, caller, req)
+        } else {
+            Err(share::Error::Denied)
+        };
+        drop(psci);
+        share::result_regs(r)
+    }
+
+    /// Runs `f` with the memory-sharing transactions.
+    pub fn with_shares<R>(&self, f: impl FnOnce(&share::Table) -> R) -> R {
+        f(&self.shares.lock())
     }
 
     /// The VM with id `id`.
@@ -570,6 +696,8 @@ pub(crate) mod tests {
 
     pub(crate) struct FakeS2 {
         pub maps: BTreeMap<u64, (u64, S2Kind)>,
+        /// Attributes (software bits included) of each page in `maps`.
+        pub attrs: BTreeMap<u64, mmu::Attributes>,
         vmid: Vmid,
         held: usize,
         counter: Arc<AtomicUsize>,
@@ -588,26 +716,72 @@ pub(crate) mod tests {
             self.counter.fetch_sub(self.held, Ordering::SeqCst);
             self.held = now;
         }
-    }
 
-    impl Stage2 for FakeS2 {
-        fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), &'static str> {
+        fn insert(
+            &mut self,
+            ipa: u64,
+            pa: u64,
+            size: u64,
+            kind: S2Kind,
+            attrs: mmu::Attributes,
+        ) -> Result<(), mmu::Error> {
             if self.fail_at.is_some_and(|f| ipa <= f && f < ipa + size) {
-                return Err("out of frames");
+                return Err(mmu::Error::OutOfFrames);
+            }
+            if let Some((&va, _)) = self.maps.range(ipa..ipa + size).next() {
+                return Err(mmu::Error::AlreadyMapped { va });
             }
             for off in (0..size).step_by(4096) {
-                if self.maps.insert(ipa + off, (pa + off, kind)).is_some() {
-                    return Err("already mapped");
-                }
+                self.maps.insert(ipa + off, (pa + off, kind));
+                self.attrs.insert(ipa + off, attrs);
             }
             self.recount();
             Ok(())
         }
-        fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), &'static str> {
+    }
+
+    impl Stage2 for FakeS2 {
+        fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), mmu::Error> {
+            self.insert(ipa, pa, size, kind, kind.attributes())
+        }
+        fn map_pages(
+            &mut self,
+            ipa: u64,
+            pa: u64,
+            size: u64,
+            attrs: mmu::Attributes,
+        ) -> Result<(), mmu::Error> {
+            self.insert(ipa, pa, size, S2Kind::Ram, attrs)
+        }
+        fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), mmu::Error> {
             for off in (0..size).step_by(4096) {
                 self.maps.remove(&(ipa + off));
+                self.attrs.remove(&(ipa + off));
             }
             self.recount();
+            Ok(())
+        }
+        fn set_sw(&mut self, ipa: u64, size: u64, sw: mmu::SwBits) -> Result<(), mmu::Error> {
+            for (_, a) in self.attrs.range_mut(ipa..ipa + size) {
+                *a = a.with_sw(sw);
+            }
+            Ok(())
+        }
+        fn walk(
+            &self,
+            ipa: u64,
+            size: u64,
+            f: &mut dyn FnMut(&mmu::Mapping),
+        ) -> Result<(), mmu::Error> {
+            for (&va, &(output, _)) in self.maps.range(ipa..ipa + size) {
+                f(&mmu::Mapping {
+                    va,
+                    size: 4096,
+                    output,
+                    attrs: self.attrs[&va],
+                    level: 3,
+                });
+            }
             Ok(())
         }
         fn vttbr(&self) -> u64 {
@@ -627,11 +801,12 @@ pub(crate) mod tests {
             &mut self,
             vmid: Vmid,
             _mappings: Stage2Mappings,
-        ) -> Result<FakeS2, &'static str> {
+        ) -> Result<FakeS2, mmu::Error> {
             self.frames.fetch_add(1, Ordering::SeqCst);
             Ok(FakeS2 {
                 vmid,
                 maps: BTreeMap::new(),
+                attrs: BTreeMap::new(),
                 held: 1,
                 counter: Arc::clone(&self.frames),
                 fail_at: self.fail_map_at,
@@ -677,24 +852,8 @@ pub(crate) mod tests {
         pub frames: &'static mmu::testing::HeapFrames,
     }
 
-    pub(crate) struct MmuS2(
-        mmu::PageTable<mmu::Stage2, &'static mmu::testing::HeapFrames, mmu::testing::RecordingTlb>,
-        mmu::MapFlags,
-    );
-
-    impl Stage2 for MmuS2 {
-        fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), &'static str> {
-            self.0
-                .map(ipa, pa, size, kind.attributes(), self.1)
-                .map_err(|_| "map failed")
-        }
-        fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), &'static str> {
-            self.0.unmap(ipa, size).map_err(|_| "unmap failed")
-        }
-        fn vttbr(&self) -> u64 {
-            self.0.vttbr_el2()
-        }
-    }
+    pub(crate) type MmuS2 =
+        MmuStage2<&'static mmu::testing::HeapFrames, mmu::testing::RecordingTlb>;
 
     impl VmidFlush for MmuFake {
         fn flush_vmid(&mut self, vmid: Vmid) {
@@ -708,11 +867,14 @@ pub(crate) mod tests {
             &mut self,
             vmid: Vmid,
             mappings: Stage2Mappings,
-        ) -> Result<MmuS2, &'static str> {
-            let regime = mmu::Stage2::new(vmid.get(), 39).with_pa_bits(40);
-            mmu::PageTable::new(regime, self.frames, mmu::testing::RecordingTlb::new())
-                .map(|t| MmuS2(t, S2Kind::map_flags(mappings)))
-                .map_err(|_| "no root")
+        ) -> Result<MmuS2, mmu::Error> {
+            let regime = mmu::Stage2::new(vmid.get(), IPA_BITS).with_pa_bits(40);
+            MmuStage2::new(
+                regime,
+                self.frames,
+                mmu::testing::RecordingTlb::new(),
+                mappings,
+            )
         }
         fn free_stage2(&mut self, s2: MmuS2) {
             drop(s2);
@@ -822,7 +984,7 @@ pub(crate) mod tests {
         let before = m.accounting();
         assert_eq!(
             m.create(desc(0x5000_0000, 1)).map(|_| ()),
-            Err(VmError::Stage2("out of frames"))
+            Err(VmError::Stage2(mmu::Error::OutOfFrames))
         );
         assert_eq!(m.accounting(), before);
         assert!(m.vms().is_empty());

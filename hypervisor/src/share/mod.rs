@@ -1,0 +1,778 @@
+//! Memory sharing between VMs: the `TWOSTAGE_MEM_*` calls of `docs/hypercalls.md`
+//! ("Memory sharing between VMs"), after Arm FF-A memory management (DEN 0077) with one
+//! receiver per transaction and pKVM's page-state discipline.
+//!
+//! [`Table`] holds the live transactions. Each call checks every page of its request
+//! (in the stage-2 tables, whose software bits carry the page state, see [`PageState`])
+//! before it changes anything, then commits with `mmu` operations that are themselves
+//! transactional, ordered so that a failure leaves everything as it was.
+//!
+//! Locking: the caller holds the table's lock for a whole call; under it at most one VM's
+//! stage-2 lock is held at a time (each party's table is edited in turn), so no order
+//! between stage-2 locks is needed. The manager takes a VM's `psci` lock before the table
+//! lock, and the table lock before any stage-2 lock (`crate::vm::VmManager`).
+
+use crate::vdesc::{VmDesc, PAGE_SIZE};
+use crate::vm::{Stage2, Vm, VmStatus, IPA_BITS};
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::fmt;
+use mmu::SwBits;
+
+#[cfg(test)]
+mod tests;
+
+/// Function IDs (SMC64 fast calls, vendor-specific hypervisor service).
+pub mod fid {
+    /// Share pages: the owner keeps its access.
+    pub const SHARE: u32 = 0xC600_0010;
+    /// Lend pages: the owner loses its access until it reclaims them.
+    pub const LEND: u32 = 0xC600_0011;
+    /// Map a transaction's pages into the receiver.
+    pub const RETRIEVE: u32 = 0xC600_0012;
+    /// Unmap a transaction's pages from the receiver.
+    pub const RELINQUISH: u32 = 0xC600_0013;
+    /// End a pending transaction: the pages return to the owner.
+    pub const RECLAIM: u32 = 0xC600_0014;
+    /// Describe a transaction.
+    pub const QUERY: u32 = 0xC600_0015;
+    // FF-A's `DONATE` would be 0xC600_0016: not offered (`NOT_SUPPORTED`).
+}
+
+/// Most pages one request may name.
+pub const MAX_PAGES: u64 = 65_536;
+/// Most live transactions; one more is refused with [`Error::NoMemory`].
+pub const MAX_TRANSACTIONS: usize = 64;
+
+/// Why a call failed (nothing changed then). The values returned in x0 are FF-A's
+/// status codes (DEN 0077, "Status values").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// `INVALID_PARAMETERS` (-2).
+    InvalidParameters,
+    /// `NO_MEMORY` (-3).
+    NoMemory,
+    /// `DENIED` (-6).
+    Denied,
+    /// `NO_DATA` (-9).
+    NoData,
+}
+
+impl Error {
+    /// The FF-A status code.
+    #[must_use]
+    pub const fn code(self) -> i64 {
+        match self {
+            Self::InvalidParameters => -2,
+            Self::NoMemory => -3,
+            Self::Denied => -6,
+            Self::NoData => -9,
+        }
+    }
+
+    /// A failed `mmu` operation: out of frames is [`Error::NoMemory`]; anything else
+    /// (the range was checked before) is reported as a bad parameter.
+    const fn from_mmu(e: mmu::Error) -> Self {
+        match e {
+            mmu::Error::OutOfFrames => Self::NoMemory,
+            _ => Self::InvalidParameters,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::InvalidParameters => "INVALID_PARAMETERS",
+            Self::NoMemory => "NO_MEMORY",
+            Self::Denied => "DENIED",
+            Self::NoData => "NO_DATA",
+        })
+    }
+}
+
+/// State of a mapped page in a VM, kept in the stage-2 software bits \[58:55\] of its
+/// entry. Lent and absent pages have no entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageState {
+    /// The VM's own RAM page, shared with nobody (`sw` = 0).
+    Owned,
+    /// The owner's page, shared; the owner keeps its access (`sw` = 1).
+    SharedOwned,
+    /// Another VM's page mapped into this VM by `RETRIEVE` (`sw` = 2).
+    SharedBorrowed,
+}
+
+impl PageState {
+    /// The software bits of this state.
+    #[must_use]
+    pub const fn sw(self) -> SwBits {
+        SwBits::truncate(match self {
+            Self::Owned => 0,
+            Self::SharedOwned => 1,
+            Self::SharedBorrowed => 2,
+        })
+    }
+
+    /// The state software bits `sw` encode.
+    #[must_use]
+    pub const fn from_sw(sw: SwBits) -> Option<Self> {
+        match sw.bits() {
+            0 => Some(Self::Owned),
+            1 => Some(Self::SharedOwned),
+            2 => Some(Self::SharedBorrowed),
+            _ => None,
+        }
+    }
+}
+
+/// Access permissions of a transaction: bit 0 read, bit 1 write, bit 2 execute (EL1 and
+/// EL0). Read is always set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Perms(u8);
+
+impl Perms {
+    const READ: u8 = 1;
+    const WRITE: u8 = 2;
+    const EXEC: u8 = 4;
+
+    /// Checks the guest's value: read set, nothing above bit 2.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidParameters`] otherwise.
+    pub const fn from_raw(raw: u64) -> Result<Self, Error> {
+        if raw & !7 != 0 || raw & 1 == 0 {
+            Err(Error::InvalidParameters)
+        } else {
+            Ok(Self(raw as u8))
+        }
+    }
+
+    /// The value as the guest passes it.
+    #[must_use]
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// Whether every permission of `self` is also in `other`.
+    #[must_use]
+    pub const fn within(self, other: Self) -> bool {
+        self.0 & !other.0 == 0
+    }
+
+    /// The stage-2 attributes of a borrowed mapping with these permissions: normal
+    /// write-back memory, state shared-borrowed.
+    #[must_use]
+    pub fn borrowed_attributes(self) -> mmu::Attributes {
+        use mmu::Permissions as P;
+        let mut p = P::READ;
+        if self.0 & Self::WRITE != 0 {
+            p |= P::WRITE;
+        }
+        if self.0 & Self::EXEC != 0 {
+            p |= P::EXEC_EL1 | P::EXEC_EL0;
+        }
+        mmu::Attributes::normal(p).with_sw(PageState::SharedBorrowed.sw())
+    }
+}
+
+impl fmt::Display for Perms {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let flag = |bit, c| if self.0 & bit != 0 { c } else { '-' };
+        write!(
+            f,
+            "{}{}{}",
+            flag(Self::READ, 'r'),
+            flag(Self::WRITE, 'w'),
+            flag(Self::EXEC, 'x')
+        )
+    }
+}
+
+/// Share (the owner keeps access) or lend (it does not).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `SHARE`.
+    Share,
+    /// `LEND`.
+    Lend,
+}
+
+/// Where a transaction is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Created, or relinquished: the receiver has no mapping.
+    Pending,
+    /// Mapped into the receiver.
+    Retrieved {
+        /// Receiver IPA of the first page.
+        ipa: u64,
+        /// Permissions of the receiver's mapping.
+        perms: Perms,
+    },
+}
+
+/// One live transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transaction {
+    /// Its handle (non-zero, never reused).
+    pub handle: u64,
+    /// Share or lend.
+    pub kind: Kind,
+    /// Owner VM id.
+    pub owner: u32,
+    /// Receiver VM id.
+    pub receiver: u32,
+    /// Owner IPA of the first page.
+    pub ipa: u64,
+    /// Number of 4 KiB pages.
+    pub pages: u64,
+    /// Permissions the owner granted.
+    pub perms: Perms,
+    /// Pending or retrieved.
+    pub state: State,
+}
+
+impl Transaction {
+    fn size(&self) -> u64 {
+        self.pages * PAGE_SIZE
+    }
+
+    /// `QUERY`'s x2: owner | receiver << 16 | permissions << 32 | kind << 40 | state << 48.
+    #[must_use]
+    pub fn packed(&self) -> u64 {
+        let kind = match self.kind {
+            Kind::Share => 0u64,
+            Kind::Lend => 1,
+        };
+        let state = match self.state {
+            State::Pending => 0u64,
+            State::Retrieved { .. } => 1,
+        };
+        u64::from(self.owner & 0xffff)
+            | (u64::from(self.receiver & 0xffff) << 16)
+            | (u64::from(self.perms.bits()) << 32)
+            | (kind << 40)
+            | (state << 48)
+    }
+}
+
+/// A decoded memory-sharing call, arguments as the guest passed them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// `SHARE` or `LEND`: x1 = owner IPA, x2 = page count, x3 = receiver VM id,
+    /// x4 = permissions granted.
+    Give {
+        /// Share or lend.
+        kind: Kind,
+        /// Owner IPA.
+        ipa: u64,
+        /// Page count.
+        pages: u64,
+        /// Receiver VM id.
+        receiver: u64,
+        /// Permissions granted.
+        perms: u64,
+    },
+    /// `RETRIEVE`: x1 = handle, x2 = receiver IPA, x3 = permissions asked.
+    Retrieve {
+        /// Handle.
+        handle: u64,
+        /// Receiver IPA.
+        ipa: u64,
+        /// Permissions asked.
+        perms: u64,
+    },
+    /// `RELINQUISH`: x1 = handle.
+    Relinquish {
+        /// Handle.
+        handle: u64,
+    },
+    /// `RECLAIM`: x1 = handle.
+    Reclaim {
+        /// Handle.
+        handle: u64,
+    },
+    /// `QUERY`: x1 = handle, or 0 for the oldest pending transaction addressed to the
+    /// caller.
+    Query {
+        /// Handle or 0.
+        handle: u64,
+    },
+}
+
+impl Request {
+    /// The call `x` (x0..x7 at the `HVC`/`SMC`) makes, if its function ID (w0) is a
+    /// memory-sharing call.
+    #[must_use]
+    pub fn decode(x: &[u64; 8]) -> Option<Self> {
+        Some(match x[0] as u32 {
+            fid::SHARE | fid::LEND => Self::Give {
+                kind: if x[0] as u32 == fid::SHARE {
+                    Kind::Share
+                } else {
+                    Kind::Lend
+                },
+                ipa: x[1],
+                pages: x[2],
+                receiver: x[3],
+                perms: x[4],
+            },
+            fid::RETRIEVE => Self::Retrieve {
+                handle: x[1],
+                ipa: x[2],
+                perms: x[3],
+            },
+            fid::RELINQUISH => Self::Relinquish { handle: x[1] },
+            fid::RECLAIM => Self::Reclaim { handle: x[1] },
+            fid::QUERY => Self::Query { handle: x[1] },
+            _ => return None,
+        })
+    }
+}
+
+/// The registers x0..x3 a call returns: `Ok` values as the ABI lays them out, an error
+/// as its status code in x0 and zeros.
+#[must_use]
+pub fn result_regs(r: Result<[u64; 3], Error>) -> [u64; 4] {
+    match r {
+        Ok([x1, x2, x3]) => [0, x1, x2, x3],
+        Err(e) => [e.code() as u64, 0, 0, 0],
+    }
+}
+
+/// The byte size of `pages` pages at `ipa`, if the range is page aligned, 1 to
+/// [`MAX_PAGES`] pages, and inside the IPA space.
+fn ipa_range(ipa: u64, pages: u64) -> Result<u64, Error> {
+    if ipa % PAGE_SIZE != 0 || pages == 0 || pages > MAX_PAGES {
+        return Err(Error::InvalidParameters);
+    }
+    let size = pages * PAGE_SIZE;
+    match ipa.checked_add(size) {
+        Some(end) if end <= 1 << IPA_BITS => Ok(size),
+        _ => Err(Error::InvalidParameters),
+    }
+}
+
+/// One piece of a request that lies in a single RAM region: IPA, PA, bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Segment {
+    ipa: u64,
+    pa: u64,
+    size: u64,
+}
+
+/// `[ipa, ipa + size)` of `desc`'s RAM, cut at region boundaries, or [`Error::Denied`]
+/// if some page of it is not RAM of the VM.
+fn ram_segments(desc: &VmDesc, ipa: u64, size: u64) -> Result<Vec<Segment>, Error> {
+    let end = ipa + size;
+    let mut at = ipa;
+    let mut out = Vec::new();
+    while at < end {
+        let r = desc.ram_region(at, PAGE_SIZE).ok_or(Error::Denied)?;
+        let len = (r.ipa + r.size).min(end) - at;
+        out.push(Segment {
+            ipa: at,
+            pa: r.pa + (at - r.ipa),
+            size: len,
+        });
+        at += len;
+    }
+    Ok(out)
+}
+
+/// Whether every page of `[ipa, ipa + size)` is mapped in `s2` in state `state`.
+fn all_in_state<S: Stage2>(s2: &S, ipa: u64, size: u64, state: PageState) -> bool {
+    let end = ipa + size;
+    let mut next = ipa;
+    let mut ok = true;
+    let walked = s2.walk(ipa, size, &mut |m| {
+        let start = m.va.max(ipa);
+        if start != next || PageState::from_sw(m.attrs.sw) != Some(state) {
+            ok = false;
+        }
+        next = (m.va + m.size).min(end);
+    });
+    walked.is_ok() && ok && next == end
+}
+
+/// Whether nothing is mapped in `s2` in `[ipa, ipa + size)`.
+fn nothing_mapped<S: Stage2>(s2: &S, ipa: u64, size: u64) -> bool {
+    let mut any = false;
+    let walked = s2.walk(ipa, size, &mut |_| any = true);
+    walked.is_ok() && !any
+}
+
+/// Whether `[ipa, ipa + size)` of the receiver `desc` is free: no RAM, pass-through
+/// range or virtual UART page in it.
+fn ipa_free(desc: &VmDesc, ipa: u64, size: u64) -> bool {
+    let overlaps = |base: u64, len: u64| base < ipa + size && ipa < base.saturating_add(len);
+    !desc
+        .memory
+        .iter()
+        .chain(desc.passthrough.iter())
+        .any(|r| overlaps(r.ipa, r.size))
+        && !desc.vuart.is_some_and(|u| overlaps(u, PAGE_SIZE))
+}
+
+/// Maps `segments` of the owner at `ipa` in `s2` with `attrs`, in 4 KiB pages; undoes
+/// what it mapped if a later segment fails.
+fn map_segments<S: Stage2>(
+    s2: &mut S,
+    ipa: u64,
+    segments: &[Segment],
+    attrs: mmu::Attributes,
+) -> Result<(), mmu::Error> {
+    let base = segments.first().map_or(0, |s| s.ipa);
+    for (i, s) in segments.iter().enumerate() {
+        if let Err(e) = s2.map_pages(ipa + (s.ipa - base), s.pa, s.size, attrs) {
+            for done in &segments[..i] {
+                // Unmapping 4 KiB pages just mapped splits nothing: it cannot fail.
+                let _ = s2.unmap(ipa + (done.ipa - base), done.size);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Maps lent `segments` back into their owner (RAM attributes and the owner's block
+/// policy); undoes what it mapped if a later segment fails.
+fn map_back<S: Stage2>(s2: &mut S, segments: &[Segment]) -> Result<(), mmu::Error> {
+    for (i, s) in segments.iter().enumerate() {
+        if let Err(e) = s2.map(s.ipa, s.pa, s.size, crate::vm::S2Kind::Ram) {
+            for done in &segments[..i] {
+                // Exactly what was just mapped: whole blocks or pages, nothing to split.
+                let _ = s2.unmap(done.ipa, done.size);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn find_vm<S>(vms: &[Arc<Vm<S>>], id: u32) -> Option<&Vm<S>> {
+    vms.iter().find(|v| v.id == id).map(|v| &**v)
+}
+
+/// The live transactions.
+#[derive(Debug)]
+pub struct Table {
+    live: Vec<Transaction>,
+    next_handle: u64,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Table {
+    /// No transactions; room for [`MAX_TRANSACTIONS`] is reserved now, so creating one
+    /// never allocates.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            live: Vec::with_capacity(MAX_TRANSACTIONS),
+            next_handle: 1,
+        }
+    }
+
+    /// The live transactions, oldest first.
+    #[must_use]
+    pub fn transactions(&self) -> &[Transaction] {
+        &self.live
+    }
+
+    fn index(&self, handle: u64) -> Result<usize, Error> {
+        self.live
+            .iter()
+            .position(|t| handle != 0 && t.handle == handle)
+            .ok_or(Error::InvalidParameters)
+    }
+
+    /// Runs one call by `caller` (a live, running VM); `vms` are the live VMs (the
+    /// caller among them). Returns x1..x3 on success. Logs one line per successful
+    /// call that changes something (info), and failures (debug).
+    ///
+    /// # Errors
+    ///
+    /// The [`Error`] the ABI defines for the request; nothing changed then.
+    pub fn call<S: Stage2>(
+        &mut self,
+        vms: &[Arc<Vm<S>>],
+        caller: &Vm<S>,
+        req: Request,
+    ) -> Result<[u64; 3], Error> {
+        let r = match req {
+            Request::Give {
+                kind,
+                ipa,
+                pages,
+                receiver,
+                perms,
+            } => self
+                .give(vms, caller, kind, ipa, pages, receiver, perms)
+                .map(|h| [h, 0, 0]),
+            Request::Retrieve { handle, ipa, perms } => self
+                .retrieve(vms, caller, handle, ipa, perms)
+                .map(|()| [0; 3]),
+            Request::Relinquish { handle } => self.relinquish(caller, handle).map(|()| [0; 3]),
+            Request::Reclaim { handle } => self.reclaim(caller, handle).map(|()| [0; 3]),
+            Request::Query { handle } => self
+                .query(caller.id, handle)
+                .map(|t| [t.handle, t.packed(), t.pages]),
+        };
+        if let Err(e) = r {
+            log::debug!("VM {}: {req:x?} failed: {e}", caller.desc.name);
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn give<S: Stage2>(
+        &mut self,
+        vms: &[Arc<Vm<S>>],
+        owner: &Vm<S>,
+        kind: Kind,
+        ipa: u64,
+        pages: u64,
+        receiver: u64,
+        perms: u64,
+    ) -> Result<u64, Error> {
+        let size = ipa_range(ipa, pages)?;
+        let perms = Perms::from_raw(perms)?;
+        let receiver = u32::try_from(receiver)
+            .ok()
+            .filter(|&r| r != owner.id)
+            .and_then(|r| find_vm(vms, r))
+            .ok_or(Error::InvalidParameters)?;
+        if receiver.status() != VmStatus::Running {
+            return Err(Error::Denied);
+        }
+        ram_segments(&owner.desc, ipa, size)?;
+        // A page is in at most one transaction (the stage-2 state says so too).
+        if self
+            .live
+            .iter()
+            .any(|t| t.owner == owner.id && t.ipa < ipa + size && ipa < t.ipa + t.size())
+        {
+            return Err(Error::Denied);
+        }
+        let mut guard = owner.stage2.lock();
+        let s2 = guard.as_mut().ok_or(Error::Denied)?;
+        if !all_in_state(s2, ipa, size, PageState::Owned) {
+            return Err(Error::Denied);
+        }
+        if self.live.len() >= MAX_TRANSACTIONS {
+            return Err(Error::NoMemory);
+        }
+        let handle = self.next_handle;
+        let next = handle.checked_add(1).ok_or(Error::NoMemory)?;
+        match kind {
+            // May split a block (and fail, changing nothing); no TLB maintenance: the
+            // hardware ignores the software bits.
+            Kind::Share => s2.set_sw(ipa, size, PageState::SharedOwned.sw()),
+            // The owner's TLB entries for the range are invalidated (its VMID) by `mmu`.
+            Kind::Lend => s2.unmap(ipa, size),
+        }
+        .map_err(Error::from_mmu)?;
+        drop(guard);
+        self.next_handle = next;
+        // Capacity was reserved in `new` and checked above: no allocation.
+        self.live.push(Transaction {
+            handle,
+            kind,
+            owner: owner.id,
+            receiver: receiver.id,
+            ipa,
+            pages,
+            perms,
+            state: State::Pending,
+        });
+        log::info!(
+            "VM {} {} {pages} page(s) at IPA {ipa:#x} with VM {} ({perms}): handle {handle}",
+            owner.desc.name,
+            match kind {
+                Kind::Share => "shares",
+                Kind::Lend => "lends",
+            },
+            receiver.desc.name
+        );
+        Ok(handle)
+    }
+
+    fn retrieve<S: Stage2>(
+        &mut self,
+        vms: &[Arc<Vm<S>>],
+        receiver: &Vm<S>,
+        handle: u64,
+        ipa: u64,
+        perms: u64,
+    ) -> Result<(), Error> {
+        let i = self.index(handle)?;
+        let t = self.live[i];
+        let size = ipa_range(ipa, t.pages)?;
+        let perms = Perms::from_raw(perms)?;
+        if t.receiver != receiver.id || t.state != State::Pending || !perms.within(t.perms) {
+            return Err(Error::Denied);
+        }
+        if !ipa_free(&receiver.desc, ipa, size) {
+            return Err(Error::InvalidParameters);
+        }
+        let owner = find_vm(vms, t.owner).ok_or(Error::Denied)?;
+        let segments = ram_segments(&owner.desc, t.ipa, t.size())?;
+        let mut guard = receiver.stage2.lock();
+        let s2 = guard.as_mut().ok_or(Error::Denied)?;
+        if !nothing_mapped(s2, ipa, size) {
+            return Err(Error::InvalidParameters);
+        }
+        map_segments(s2, ipa, &segments, perms.borrowed_attributes()).map_err(Error::from_mmu)?;
+        drop(guard);
+        self.live[i].state = State::Retrieved { ipa, perms };
+        log::info!(
+            "VM {} retrieves handle {handle} from VM {}: {} page(s) at IPA {ipa:#x} ({perms})",
+            receiver.desc.name,
+            owner.desc.name,
+            t.pages
+        );
+        Ok(())
+    }
+
+    fn relinquish<S: Stage2>(&mut self, receiver: &Vm<S>, handle: u64) -> Result<(), Error> {
+        let i = self.index(handle)?;
+        let t = self.live[i];
+        let State::Retrieved { ipa, .. } = t.state else {
+            return Err(Error::Denied);
+        };
+        if t.receiver != receiver.id {
+            return Err(Error::Denied);
+        }
+        Self::unmap_borrowed(receiver, ipa, t.size())?;
+        self.live[i].state = State::Pending;
+        log::info!(
+            "VM {} relinquishes handle {handle}: {} page(s) at IPA {ipa:#x} unmapped",
+            receiver.desc.name,
+            t.pages
+        );
+        Ok(())
+    }
+
+    /// Removes a receiver's borrowed mapping, with the TLB invalidation for its VMID
+    /// (`mmu`, before this returns). 4 KiB pages: nothing to split, so it cannot run out
+    /// of frames; an error still leaves the table as it was.
+    fn unmap_borrowed<S: Stage2>(receiver: &Vm<S>, ipa: u64, size: u64) -> Result<(), Error> {
+        let mut guard = receiver.stage2.lock();
+        let s2 = guard.as_mut().ok_or(Error::Denied)?;
+        s2.unmap(ipa, size).map_err(Error::from_mmu)
+    }
+
+    fn reclaim<S: Stage2>(&mut self, owner: &Vm<S>, handle: u64) -> Result<(), Error> {
+        let i = self.index(handle)?;
+        let t = self.live[i];
+        if t.owner != owner.id || t.state != State::Pending {
+            return Err(Error::Denied);
+        }
+        Self::restore_owner(owner, &t)?;
+        self.live.remove(i);
+        log::info!(
+            "VM {} reclaims handle {handle}: {} page(s) at IPA {:#x} are its own again",
+            owner.desc.name,
+            t.pages,
+            t.ipa
+        );
+        Ok(())
+    }
+
+    /// Gives the pages of pending transaction `t` back to its owner: software bits back
+    /// to owned, or lent pages mapped again.
+    fn restore_owner<S: Stage2>(owner: &Vm<S>, t: &Transaction) -> Result<(), Error> {
+        let segments = ram_segments(&owner.desc, t.ipa, t.size())?;
+        let mut guard = owner.stage2.lock();
+        let s2 = guard.as_mut().ok_or(Error::Denied)?;
+        match t.kind {
+            // The blocks were split when the pages were shared: nothing to split now.
+            Kind::Share => s2.set_sw(t.ipa, t.size(), PageState::Owned.sw()),
+            // Tables freed by the lend may have to be allocated again.
+            Kind::Lend => map_back(s2, &segments),
+        }
+        .map_err(Error::from_mmu)
+    }
+
+    fn query(&self, caller: u32, handle: u64) -> Result<Transaction, Error> {
+        let t = if handle == 0 {
+            self.live
+                .iter()
+                .find(|t| t.receiver == caller && t.state == State::Pending)
+                .ok_or(Error::NoData)?
+        } else {
+            self.live
+                .iter()
+                .find(|t| t.handle == handle && (t.owner == caller || t.receiver == caller))
+                .ok_or(Error::InvalidParameters)?
+        };
+        Ok(*t)
+    }
+
+    /// Ends `vm`'s part in every transaction before it is reset or destroyed
+    /// (`docs/hypercalls.md`): as receiver, its borrowed mappings are removed (the
+    /// transaction is pending again); as owner, each receiver's mapping is removed with
+    /// its TLB invalidation, the pages return to `vm`, and the transaction ends. `vms`
+    /// holds the other live VMs.
+    pub fn end_all<S: Stage2>(&mut self, vms: &[Arc<Vm<S>>], vm: &Vm<S>) {
+        for t in &mut self.live {
+            if t.receiver != vm.id {
+                continue;
+            }
+            if let State::Retrieved { ipa, .. } = t.state {
+                match Self::unmap_borrowed(vm, ipa, t.size()) {
+                    Ok(()) => log::info!(
+                        "VM {}: handle {} relinquished as the VM ends or resets",
+                        vm.desc.name,
+                        t.handle
+                    ),
+                    Err(e) => log::error!(
+                        "VM {}: handle {}: borrowed pages not unmapped: {e}",
+                        vm.desc.name,
+                        t.handle
+                    ),
+                }
+                t.state = State::Pending;
+            }
+        }
+        let mut i = 0;
+        while i < self.live.len() {
+            let t = self.live[i];
+            if t.owner != vm.id {
+                i += 1;
+                continue;
+            }
+            if let State::Retrieved { ipa, .. } = t.state {
+                if let Some(receiver) = find_vm(vms, t.receiver) {
+                    if let Err(e) = Self::unmap_borrowed(receiver, ipa, t.size()) {
+                        log::error!(
+                            "VM {}: handle {}: pages not revoked: {e}",
+                            receiver.desc.name,
+                            t.handle
+                        );
+                    }
+                }
+            }
+            if let Err(e) = Self::restore_owner(vm, &t) {
+                log::error!(
+                    "VM {}: handle {}: pages not returned: {e}",
+                    vm.desc.name,
+                    t.handle
+                );
+            }
+            self.live.remove(i);
+            log::info!(
+                "VM {}: handle {} revoked and ended as the VM ends or resets",
+                vm.desc.name,
+                t.handle
+            );
+        }
+    }
+}
