@@ -348,17 +348,25 @@ fn system_reset_restarts_the_vm_with_scrubbed_ram() {
     assert_all_destroyed_without_leak(&r, &["solo"]);
 }
 
-#[test]
-fn example_description_runs() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/two-test-guests.dts");
-    let text = std::fs::read_to_string(path).expect("docs/examples/two-test-guests.dts");
+/// Runs the example description `docs/examples/<name>.dts` on CPU model `cpu`.
+fn run_example(test: &str, name: &str, cpu: &str) -> Run {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs/examples")
+        .join(format!("{name}.dts"));
+    let text = std::fs::read_to_string(&path).expect("example description");
     let image = artifact("test-guest.bin");
     let size = std::fs::metadata(&image).expect("guest image").len();
     assert!(
         size <= 0x20000,
-        "the example's kernel size no longer covers the test guest"
+        "the kernel size of {} no longer covers the test guest",
+        path.display()
     );
-    let r = run_description("example", "cortex-a57", &text);
+    run_description(test, cpu, &text)
+}
+
+#[test]
+fn example_description_runs() {
+    let r = run_example("example", "two-test-guests", "cortex-a57");
     r.assert_success();
     assert_passed(&r, "alpha", 9);
     assert_passed(&r, "beta", 10);
@@ -388,4 +396,128 @@ fn invalid_description_stops_at_start_up_with_a_message() {
         "fatal: VM description: VM node /chosen/vm-b: a physical CPU is given to two VMs",
     ]);
     r.assert_no_line("VM alpha created");
+}
+
+/// Checks every test-guest VM makes whatever its `arg` asks for (the 9 checks of
+/// `tests/guest/src/guest.rs` before the optional ones).
+const BASE_CHECKS: usize = 9;
+/// Checks of the sharing scenario (`arg` bit 4) in `tests/guest/src/guest/sharing.rs`:
+/// the owner's (bad input, share, lend, reclaim) and the receiver's.
+const OWNER_CHECKS: usize = 56;
+const RECEIVER_CHECKS: usize = 37;
+
+/// The sharing scenario of `docs/examples/sharing.dts` on CPU model `cpu`.
+fn sharing(cpu: &str) {
+    let r = run_example(&format!("sharing-{cpu}"), "sharing", cpu);
+    r.assert_success();
+    let range = if cpu == "max" { "yes" } else { "no" };
+    r.assert_lines_in_order(&[&format!("range TLBI {range}")]);
+    for (vm, checks) in [("owner", OWNER_CHECKS), ("receiver", RECEIVER_CHECKS)] {
+        let total = BASE_CHECKS + checks;
+        assert_passed(&r, vm, total);
+        r.assert_lines_in_order(&[&format!("[{vm}] DONE pass={total} fail=0")]);
+    }
+    // Each side's PASS line is printed before it hands the turn over (a flag word in the
+    // shared page), so these pairs appear in this order whatever the timing.
+    r.assert_lines_in_order(&[
+        "[receiver] PASS receiver-write-read-only-aborts",
+        "[owner] PASS receiver-acked",
+    ]);
+    r.assert_lines_in_order(&[
+        "[owner] PASS reclaim-retrieved-lend",
+        "[receiver] PASS owner-said-go",
+    ]);
+    r.assert_lines_in_order(&[
+        "[receiver] PASS pair-contents",
+        "[owner] PASS receiver-read-pair",
+    ]);
+    // The aborts the guests expected came from the hypervisor: the owner's lent page
+    // (0x401ff000) is unmapped from its stage 2, the receiver's read-only window page
+    // (0x60001000) refuses a write (a permission fault: mapped), and both window pages
+    // are unmapped again once relinquished.
+    r.assert_lines_in_order(&[
+        "VM owner: injected abort for read of unmapped IPA 0x401ff000 (ESR 0x",
+        "VM owner: injected abort for write of unmapped IPA 0x401ff000 (ESR 0x",
+    ]);
+    r.assert_lines_in_order(&[
+        "VM receiver: injected abort for write of IPA 0x60001000 (ESR 0x",
+        "VM receiver: injected abort for read of unmapped IPA 0x60000000 (ESR 0x",
+        "VM receiver: injected abort for read of unmapped IPA 0x60001000 (ESR 0x",
+    ]);
+    // The hypervisor logs each call that changes something, naming the handles the owner
+    // got; a handle's calls come in the order the turns impose.
+    let handles = |prefix: &str| -> Vec<u64> {
+        lines_of(&r, "owner")
+            .into_iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|l| l.split(' ').filter_map(|h| h.parse().ok()).collect())
+            .unwrap_or_default()
+    };
+    let (first, second, third) = (
+        handles("sharing: handles "),
+        handles("sharing: pair handle "),
+        handles("sharing: last handle "),
+    );
+    let ([share, lend], [pair], [last]) = (&first[..], &second[..], &third[..]) else {
+        panic!("no handles in the owner's output\n{}", r.stdout)
+    };
+    r.assert_lines_in_order(&[
+        &format!(
+            "VM owner shares 1 page(s) at IPA 0x401fe000 with VM receiver (rw-): handle {share}"
+        ),
+        &format!(
+            "VM receiver retrieves handle {share} from VM owner: 1 page(s) at IPA 0x60000000 (rw-)"
+        ),
+        &format!("VM receiver relinquishes handle {share}: 1 page(s) at IPA 0x60000000 unmapped"),
+        &format!("VM owner reclaims handle {share}: 1 page(s) at IPA 0x401fe000 are its own again"),
+    ]);
+    r.assert_lines_in_order(&[
+        &format!(
+            "VM owner lends 1 page(s) at IPA 0x401ff000 with VM receiver (r--): handle {lend}"
+        ),
+        &format!(
+            "VM receiver retrieves handle {lend} from VM owner: 1 page(s) at IPA 0x60001000 (r--)"
+        ),
+        "VM receiver: injected abort for write of IPA 0x60001000 (ESR 0x",
+        &format!("VM receiver relinquishes handle {lend}: 1 page(s) at IPA 0x60001000 unmapped"),
+        "VM receiver: injected abort for read of unmapped IPA 0x60001000 (ESR 0x",
+    ]);
+    r.assert_lines_in_order(&[
+        &format!("VM owner reclaims handle {lend}: 1 page(s) at IPA 0x401ff000 are its own again"),
+        &format!(
+            "VM owner shares 2 page(s) at IPA 0x401fe000 with VM receiver (rw-): handle {pair}"
+        ),
+        &format!(
+            "VM receiver retrieves handle {pair} from VM owner: 2 page(s) at IPA 0x60000000 (rw-)"
+        ),
+        &format!("VM receiver relinquishes handle {pair}: 2 page(s) at IPA 0x60000000 unmapped"),
+        &format!("VM owner reclaims handle {pair}: 2 page(s) at IPA 0x401fe000 are its own again"),
+        &format!(
+            "VM owner shares 1 page(s) at IPA 0x401fe000 with VM receiver (rw-): handle {last}"
+        ),
+        &format!(
+            "VM receiver retrieves handle {last} from VM owner: 1 page(s) at IPA 0x60000000 (rw-)"
+        ),
+        "VM owner powered off",
+        // The owner left the page shared: it is revoked from the receiver as the owner
+        // ends, and the receiver's next access aborts.
+        &format!("VM owner: handle {last} revoked and ended as the VM ends or resets"),
+        "VM receiver: injected abort for read of unmapped IPA 0x60000000 (ESR 0x",
+        "[receiver] PASS revoked-share-read-aborts",
+        "VM receiver powered off",
+        "all VMs done: success",
+    ]);
+    assert_all_destroyed_without_leak(&r, &["owner", "receiver"]);
+}
+
+#[test]
+fn two_vms_share_and_lend_memory() {
+    sharing("cortex-a57");
+}
+
+/// `max` has FEAT_TLBIRANGE: the stage-2 invalidations use range instructions where a
+/// run has two pages or more (the relinquish of the two-page share is one).
+#[test]
+fn two_vms_share_and_lend_memory_on_cpu_max() {
+    sharing("max");
 }

@@ -22,6 +22,7 @@ const ARG_ABORT: u64 = 1 << 0;
 const ARG_SECOND_VCPU: u64 = 1 << 1;
 const ARG_LINGER: u64 = 1 << 2;
 const ARG_RESET: u64 = 1 << 3;
+const ARG_SHARING: u64 = 1 << 4;
 /// How long `ARG_LINGER` keeps the guest running.
 const LINGER_SECONDS: u64 = 3;
 
@@ -147,6 +148,8 @@ macro_rules! println {
     }};
 }
 
+mod sharing;
+
 fn hvc(fid: u32, args: &[u64]) -> [u64; 4] {
     let mut a = [0u64; 17];
     a[..args.len()].copy_from_slice(args);
@@ -213,7 +216,9 @@ impl FrameAllocator for StaticFrames {
 /// `TTBR0_EL1`, `TCR_EL1`, `MAIR_EL1` of the tables vCPU 0 built (for vCPU 1).
 static MMU_REGS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
 
-fn build_tables() -> Result<(), mmu::Error> {
+/// Builds the stage-1 tables: RAM, the UART, the probe page and, for the sharing
+/// scenario (`sharing`), the window where it retrieves another VM's pages.
+fn build_tables(sharing: bool) -> Result<(), mmu::Error> {
     let regime = El1::new(1, 39);
     let mut pt = PageTable::new(regime, StaticFrames { next: 0 }, NoTlbMaintenance)?;
     let rwx = Permissions::RW | Permissions::EXEC_EL1;
@@ -233,6 +238,16 @@ fn build_tables() -> Result<(), mmu::Error> {
         Attributes::new(Permissions::RW, MemoryType::Normal),
         MapFlags::empty(),
     )?;
+    if sharing {
+        let (start, size) = sharing::WINDOW;
+        pt.map(
+            start,
+            start,
+            size,
+            Attributes::new(Permissions::RW, MemoryType::Normal),
+            MapFlags::empty(),
+        )?;
+    }
     MMU_REGS[0].store(pt.ttbr0_el1(), Ordering::SeqCst);
     MMU_REGS[1].store(pt.tcr_el1(), Ordering::SeqCst);
     MMU_REGS[2].store(pt.mair_el1(), Ordering::SeqCst);
@@ -334,7 +349,7 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
     if arg >> 12 != 0 {
         PROBE.store(arg & !0xfff, Ordering::SeqCst);
     }
-    match build_tables() {
+    match build_tables(arg & ARG_SHARING != 0) {
         Ok(()) => mmu_on(),
         Err(e) => {
             println!("FAIL stage-1 tables: {e:?}");
@@ -388,6 +403,9 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
     }
     if arg & ARG_RESET != 0 {
         reset_check();
+    }
+    if arg & ARG_SHARING != 0 {
+        sharing::sharing_check();
     }
     println!(
         "DONE pass={} fail={}",
@@ -507,23 +525,35 @@ fn second_vcpu_check() {
     );
 }
 
-/// Prints the mean time of a `TWOSTAGE_VM_INFO` round trip over 1000 calls, measured
-/// with the generic timer (information, not a check).
-fn hypercall_timing() {
-    const CALLS: u64 = 1000;
-    let (freq, start, end): (u64, u64, u64);
-    // SAFETY: reading the counter frequency and the physical counter has no side effects.
+/// The generic timer's frequency (at least 1) and the physical counter.
+fn counter() -> (u64, u64) {
+    let (freq, now): (u64, u64);
+    // SAFETY: reading the counter frequency and the physical counter (CNTHCTL_EL2 lets
+    // EL1 read it) has no side effects.
     unsafe {
         asm!("mrs {}, cntfrq_el0", out(reg) freq, options(nomem, nostack));
-        asm!("isb", "mrs {}, cntpct_el0", out(reg) start, options(nomem, nostack));
+        asm!("isb", "mrs {}, cntpct_el0", out(reg) now, options(nomem, nostack));
     }
-    for _ in 0..CALLS {
+    (freq.max(1), now)
+}
+
+/// The mean time of `calls` runs of `f` in nanoseconds, measured with the generic timer.
+fn mean_ns(calls: u64, mut f: impl FnMut()) -> u128 {
+    let (freq, start) = counter();
+    for _ in 0..calls {
+        f();
+    }
+    let end = counter().1;
+    u128::from(end.wrapping_sub(start)) * 1_000_000_000 / (u128::from(freq) * u128::from(calls))
+}
+
+/// Prints the mean time of a `TWOSTAGE_VM_INFO` round trip over 1000 calls (information,
+/// not a check).
+fn hypercall_timing() {
+    const CALLS: u64 = 1000;
+    let ns = mean_ns(CALLS, || {
         core::hint::black_box(hvc(VM_INFO, &[]));
-    }
-    // SAFETY: as above.
-    unsafe { asm!("isb", "mrs {}, cntpct_el0", out(reg) end, options(nomem, nostack)) };
-    let ns = u128::from(end.wrapping_sub(start)) * 1_000_000_000
-        / (u128::from(freq.max(1)) * u128::from(CALLS));
+    });
     println!("hypercall round trip: {ns} ns (mean of {CALLS} VM_INFO calls)");
 }
 
@@ -548,18 +578,8 @@ fn reset_check() {
 /// Keeps running for [`LINGER_SECONDS`] of the generic timer (so that a test can see this VM
 /// carry on after another VM was stopped), then reports.
 fn linger() {
-    let (freq, start): (u64, u64);
-    // SAFETY: reading the counter frequency and the physical counter (CNTHCTL_EL2 lets
-    // EL1 read it) has no side effects.
-    unsafe {
-        asm!("mrs {}, cntfrq_el0", out(reg) freq, options(nomem, nostack));
-        asm!("isb", "mrs {}, cntpct_el0", out(reg) start, options(nomem, nostack));
-    }
-    let mut now = start;
-    while now.wrapping_sub(start) < freq * LINGER_SECONDS {
-        // SAFETY: as above.
-        unsafe { asm!("isb", "mrs {}, cntpct_el0", out(reg) now, options(nomem, nostack)) };
-    }
+    let (freq, start) = counter();
+    while counter().1.wrapping_sub(start) < freq * LINGER_SECONDS {}
     let info = hvc(VM_INFO, &[]);
     check(
         "alive-after-linger",

@@ -9,7 +9,9 @@
 //! - bit 1: start vCPU 1 with PSCI `CPU_ON` and check that it runs;
 //! - bit 2: keep running for three more seconds before the final report;
 //! - bit 3: on the first boot, reset the VM with PSCI `SYSTEM_RESET` before the final
-//!   report; after the reset, check the boot count.
+//!   report; after the reset, check the boot count;
+//! - bit 4: run the memory-sharing scenario with the other VM of the description (VM 0
+//!   shares and lends pages, VM 1 retrieves them; `guest::sharing`).
 //!
 //! It builds its own EL1&0 stage-1 tables with `mmu`, turns the MMU on, runs its checks,
 //! prints one `PASS name` or `FAIL name: detail` line per check and a final
