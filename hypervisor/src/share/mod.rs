@@ -693,9 +693,13 @@ impl Table {
         let mut guard = owner.stage2.lock();
         let s2 = guard.as_mut().ok_or(Error::Denied)?;
         match t.kind {
-            // The blocks were split when the pages were shared: nothing to split now.
-            Kind::Share => s2.set_sw(t.ipa, t.size(), PageState::Owned.sw()),
-            // Tables freed by the lend may have to be allocated again.
+            // The blocks were split when the pages were shared: nothing to split now;
+            // a table made uniform again goes back to a block (frees frames, never
+            // needs one).
+            Kind::Share => s2
+                .set_sw(t.ipa, t.size(), PageState::Owned.sw())
+                .and_then(|()| s2.coalesce(t.ipa, t.size())),
+            // Tables freed by the lend may have to be allocated again; `map` merges.
             Kind::Lend => map_back(s2, &segments),
         }
         .map_err(Error::from_mmu)

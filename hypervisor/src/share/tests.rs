@@ -444,6 +444,31 @@ fn out_of_frames_changes_nothing() {
 }
 
 #[test]
+fn reclaim_gives_a_block_owner_its_blocks_back() {
+    let fr = frames();
+    let m = manager(fr);
+    let mut d = desc(0x5020_0000, 3);
+    d.memory[0].size = 0x20_0000;
+    d.stage2 = Stage2Mappings::Blocks;
+    let a = m.create(d).expect("a");
+    a.psci.lock().take_pending(0);
+    let b = vm(&m, 0);
+    let (before, frames_before) = (snapshot(&a), fr.in_use());
+    assert_eq!(before.len(), 1, "one 2 MiB block");
+    for f in [fid::SHARE, fid::LEND] {
+        let h = give(&m, &a, f, RAM + 0x40 * P, 3, &b, 1);
+        assert_eq!(translate(&a, RAM).map(|t| t.level), Some(3), "split");
+        assert_eq!(call(&m, &b, &[fid::RETRIEVE.into(), h, FREE, 1])[0], 0);
+        assert_eq!(call(&m, &b, &[fid::RELINQUISH.into(), h])[0], 0);
+        assert_eq!(call(&m, &a, &[fid::RECLAIM.into(), h])[0], 0);
+        assert_eq!(snapshot(&a), before, "block again after {f:#x}");
+        assert_eq!(fr.in_use(), frames_before, "the split table was freed");
+    }
+    destroy_all(&m, &[&a, &b]);
+    assert_eq!(fr.in_use(), 0);
+}
+
+#[test]
 fn resetting_the_owner_revokes_and_returns_its_pages() {
     let fr = frames();
     let m = manager(fr);
@@ -678,6 +703,26 @@ mod model {
         retrieved: Option<(u64, u64)>,
     }
 
+    /// RAM pages of VM `n` of the model: VM 2 has 2 MiB mapped with a block.
+    fn ram_pages(n: usize) -> u64 {
+        if n == 2 {
+            512
+        } else {
+            256
+        }
+    }
+
+    /// Model VM 2: 2 MiB of RAM at PA 0x5020_0000, mapped with a block.
+    fn block_vm(m: &M) -> V {
+        let mut d = desc(0x5020_0000, 3);
+        d.name = "vm2".into();
+        d.memory[0].size = 0x20_0000;
+        d.stage2 = Stage2Mappings::Blocks;
+        let v = m.create(d).expect("create");
+        v.psci.lock().take_pending(0);
+        v
+    }
+
     /// Receiver IPA of slot `s`: overlapping ranges, plus one in RAM.
     fn slot_ipa(s: u64) -> u64 {
         if s == 5 {
@@ -771,7 +816,7 @@ mod model {
                     if !ok_perms(perms) || to as usize == by || to >= 3 {
                         return Err(INVALID);
                     }
-                    if page + pages > 256 {
+                    if page + pages > ram_pages(by) {
                         return Err(DENIED);
                     }
                     let busy = self
@@ -799,7 +844,7 @@ mod model {
                     }
                     let ipa = slot_ipa(slot);
                     let size = t.pages * P;
-                    let clash = ipa < RAM + 0x10_0000 && RAM < ipa + size
+                    let clash = ipa < RAM + ram_pages(by) * P && RAM < ipa + size
                         || self.model.iter().any(|o| {
                             o.receiver == by
                                 && o.retrieved.is_some_and(|(oi, _)| {
@@ -961,7 +1006,7 @@ mod model {
                 let pa0 = 0x5000_0000 + n as u64 * 0x10_0000;
                 let mut expect: Vec<(u64, u64, u8, mmu::Permissions)> = Vec::new();
                 let rwx = crate::vm::S2Kind::Ram.attributes().perms;
-                for page in 0..256 {
+                for page in 0..ram_pages(n) {
                     let t = self
                         .model
                         .iter()
@@ -984,12 +1029,32 @@ mod model {
                     }
                 }
                 expect.sort_unstable_by_key(|e| e.0);
+                // Blocks as the pages they map.
                 let got: Vec<_> = snapshot(v)
                     .iter()
-                    .map(|m| (m.va, m.output, m.attrs.sw.bits(), m.attrs.perms))
+                    .flat_map(|m| {
+                        (0..m.size / P).map(move |i| {
+                            (
+                                m.va + i * P,
+                                m.output + i * P,
+                                m.attrs.sw.bits(),
+                                m.attrs.perms,
+                            )
+                        })
+                    })
                     .collect();
                 assert_eq!(got, expect, "stage 2 of vm{n}");
             }
+            let vm2_whole = !self.model.iter().any(|t| t.owner == 2);
+            let ram_leaves = snapshot(&self.vms[2])
+                .iter()
+                .filter(|m| m.va < FREE)
+                .count();
+            assert_eq!(
+                ram_leaves == 1,
+                vm2_whole,
+                "vm2's RAM is one block exactly when none of it is shared or lent"
+            );
             let table = self.m.with_shares(|t| t.transactions().to_vec());
             let handles: Vec<u64> = table.iter().map(|t| t.handle).collect();
             let model: Vec<u64> = self.model.iter().map(|t| t.handle).collect();
@@ -1003,7 +1068,7 @@ mod model {
         fn random_calls_follow_the_model(ops in proptest::collection::vec(op(), 1..60)) {
             let fr = frames();
             let m = manager(fr);
-            let vms: Vec<V> = (0..3).map(|n| vm(&m, n)).collect();
+            let vms: Vec<V> = vec![vm(&m, 0), vm(&m, 1), block_vm(&m)];
             let mut w = World { m, vms, model: Vec::new(), next_handle: 1, handles: Vec::new() };
             for op in ops {
                 let op = w.resolve(op);

@@ -97,6 +97,14 @@ pub trait Stage2 {
     ///
     /// The `mmu` error: out of frames when a block must be split.
     fn set_sw(&mut self, ipa: u64, size: u64, sw: mmu::SwBits) -> Result<(), mmu::Error>;
+    /// Merges the tables in `[ipa, ipa + size)` that became uniform again back into
+    /// blocks, where the VM's description allows blocks (nothing otherwise). Needs no
+    /// frame.
+    ///
+    /// # Errors
+    ///
+    /// The `mmu` error for a misaligned or out-of-range request.
+    fn coalesce(&mut self, ipa: u64, size: u64) -> Result<(), mmu::Error>;
     /// Calls `f` for every leaf mapping that intersects `[ipa, ipa + size)`, in order.
     ///
     /// # Errors
@@ -157,6 +165,13 @@ impl<A: mmu::FrameAllocator, T: mmu::TlbMaintenance> Stage2 for MmuStage2<A, T> 
 
     fn set_sw(&mut self, ipa: u64, size: u64, sw: mmu::SwBits) -> Result<(), mmu::Error> {
         self.0.set_sw_bits(ipa, size, sw)
+    }
+
+    fn coalesce(&mut self, ipa: u64, size: u64) -> Result<(), mmu::Error> {
+        if self.1.contains(mmu::MapFlags::NO_BLOCKS) {
+            return Ok(());
+        }
+        self.0.coalesce(ipa, size)
     }
 
     fn walk(
@@ -765,6 +780,10 @@ pub(crate) mod tests {
             for (_, a) in self.attrs.range_mut(ipa..ipa + size) {
                 *a = a.with_sw(sw);
             }
+            Ok(())
+        }
+        fn coalesce(&mut self, _ipa: u64, _size: u64) -> Result<(), mmu::Error> {
+            // Pages only: nothing to merge.
             Ok(())
         }
         fn walk(
