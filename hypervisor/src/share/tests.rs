@@ -45,6 +45,18 @@ fn vm(m: &M, n: u64) -> V {
     v
 }
 
+/// A VM with 2 MiB of RAM at PA 0x5020_0000 (IPA 0x4000_0000) mapped with one block, on
+/// CPU 3, its vCPU 0 on.
+fn block_vm(m: &M) -> V {
+    let mut d = desc(0x5020_0000, 3);
+    d.name = "vm2".into();
+    d.memory[0].size = 0x20_0000;
+    d.stage2 = Stage2Mappings::Blocks;
+    let v = m.create(d).expect("create");
+    v.psci.lock().take_pending(0);
+    v
+}
+
 /// Makes a call with registers x0.. = `regs`, through the hypercall decoder.
 fn call(m: &M, v: &V, regs: &[u64]) -> [u64; 4] {
     let mut x = [0u64; 8];
@@ -409,11 +421,7 @@ fn out_of_frames_changes_nothing() {
     let fr = frames();
     let m = manager(fr);
     // `a` maps its 2 MiB of RAM with a block: sharing or lending part of it splits it.
-    let mut d = desc(0x5020_0000, 3);
-    d.memory[0].size = 0x20_0000;
-    d.stage2 = Stage2Mappings::Blocks;
-    let a = m.create(d).expect("a");
-    a.psci.lock().take_pending(0);
+    let a = block_vm(&m);
     let b = vm(&m, 0);
     assert_eq!(translate(&a, RAM).map(|t| t.level), Some(2));
     let to = u64::from(b.id);
@@ -447,11 +455,7 @@ fn out_of_frames_changes_nothing() {
 fn reclaim_gives_a_block_owner_its_blocks_back() {
     let fr = frames();
     let m = manager(fr);
-    let mut d = desc(0x5020_0000, 3);
-    d.memory[0].size = 0x20_0000;
-    d.stage2 = Stage2Mappings::Blocks;
-    let a = m.create(d).expect("a");
-    a.psci.lock().take_pending(0);
+    let a = block_vm(&m);
     let b = vm(&m, 0);
     let (before, frames_before) = (snapshot(&a), fr.in_use());
     assert_eq!(before.len(), 1, "one 2 MiB block");
@@ -710,17 +714,6 @@ mod model {
         } else {
             256
         }
-    }
-
-    /// Model VM 2: 2 MiB of RAM at PA 0x5020_0000, mapped with a block.
-    fn block_vm(m: &M) -> V {
-        let mut d = desc(0x5020_0000, 3);
-        d.name = "vm2".into();
-        d.memory[0].size = 0x20_0000;
-        d.stage2 = Stage2Mappings::Blocks;
-        let v = m.create(d).expect("create");
-        v.psci.lock().take_pending(0);
-        v
     }
 
     /// Receiver IPA of slot `s`: overlapping ranges, plus one in RAM.
