@@ -9,7 +9,7 @@ use crate::psci::PowerState;
 use crate::share::Request;
 use crate::trap::{self, Abort, TrapKind};
 use crate::vdesc::{AbortPolicy, PAGE_SIZE};
-use crate::vm::{Vm, VmStatus};
+use crate::vm::{Stage2, Vm, VmStatus};
 use crate::vuart::LineSink;
 use core::sync::atomic::Ordering;
 
@@ -91,7 +91,7 @@ pub fn stop_vm<S>(vm: &Vm<S>, what: core::fmt::Arguments<'_>) -> Next {
 pub type ShareCall<'a> = dyn FnMut(Request) -> [u64; 4] + 'a;
 
 /// Handles one exit of vCPU `vcpu` of `vm`; memory-sharing calls go to `share`.
-pub fn handle_exit<S>(
+pub fn handle_exit<S: Stage2>(
     vm: &Vm<S>,
     vcpu: usize,
     ctx: &mut VcpuCtx<'_>,
@@ -180,7 +180,7 @@ fn hypercall<S>(
     }
 }
 
-fn stage2_abort<S>(
+fn stage2_abort<S: Stage2>(
     vm: &Vm<S>,
     ctx: &mut VcpuCtx<'_>,
     abort: &Abort,
@@ -214,6 +214,13 @@ fn stage2_abort<S>(
             return Next::Resume;
         }
     }
+    if abort.unmapped() && mapped_now(vm, abort.ipa) {
+        // The page was invalid only during a break-before-make on the live stage 2
+        // (`mmu` splitting or merging a block for a memory-sharing call made by another
+        // vCPU, `crate::share`); the change is complete (its lock is free again) and the
+        // page is mapped: run the access again.
+        return Next::Resume;
+    }
     let what = access_name(abort);
     // A translation fault: nothing mapped there (or a page this VM lent away). A
     // permission fault: mapped without that access (e.g. a write to a page borrowed
@@ -239,6 +246,16 @@ fn stage2_abort<S>(
             Next::Resume
         }
     }
+}
+
+/// Whether the VM's stage 2 maps the page of `ipa` (waits for a change in progress).
+fn mapped_now<S: Stage2>(vm: &Vm<S>, ipa: u64) -> bool {
+    let page = ipa & !(PAGE_SIZE - 1);
+    let mut mapped = false;
+    if let Some(s2) = vm.stage2.lock().as_ref() {
+        mapped = s2.walk(page, PAGE_SIZE, &mut |_| mapped = true).is_ok() && mapped;
+    }
+    mapped
 }
 
 /// Makes the vCPU take a synchronous external abort at EL1 for `abort`: the EL1 exception
@@ -302,7 +319,7 @@ mod tests {
                 pstate: 0x3c5,
             }
         }
-        fn exit<S>(
+        fn exit<S: Stage2>(
             &mut self,
             vm: &Vm<S>,
             vcpu: usize,
@@ -511,6 +528,35 @@ mod tests {
             c0.exit(&vm, 0, sync(HVC, 0), &mut el1, &mut out),
             Next::Reset
         );
+    }
+
+    #[test]
+    fn translation_fault_on_a_mapped_page_is_retried() {
+        // A break-before-make on the VM's live stage 2 (another vCPU sharing or lending
+        // part of a block, or reclaiming it) leaves the range invalid for a moment: an
+        // access that faulted then finds the page mapped again and runs once more.
+        let m = manager();
+        let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
+        vm.psci.lock().take_pending(0);
+        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+        let n = cpu.exit(
+            &vm,
+            0,
+            sync(dabt(false, 1, 3), 0x4000_2008),
+            &mut el1,
+            &mut out,
+        );
+        assert_eq!(n, Next::Resume);
+        assert_eq!(cpu.pc, 0x4000_1000, "the faulting instruction runs again");
+        assert_eq!(vm.status(), VmStatus::Running);
+        assert_eq!(el1.set, None, "no abort injected");
+        // A permission fault on a mapped page is not a transient state: the policy holds.
+        let perm = (dabt(true, 1, 3) & !0x3f) | 0x0f;
+        assert_eq!(
+            cpu.exit(&vm, 0, sync(perm, 0x4000_2008), &mut el1, &mut out),
+            Next::Stop
+        );
+        assert_eq!(vm.status(), VmStatus::Failed);
     }
 
     #[test]
