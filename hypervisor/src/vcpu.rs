@@ -159,8 +159,8 @@ fn hypercall<S>(
             Next::Resume
         }
         Outcome::Share(req) => {
-            // The VM's PSCI lock is released: the call takes it again, then the
-            // transaction table's.
+            // The VM's PSCI lock is released: the call takes the manager's lock, this
+            // one again, then the transaction table's.
             ctx.x[..4].copy_from_slice(&share(req));
             Next::Resume
         }

@@ -9,8 +9,10 @@
 //!
 //! Locking: the caller holds the table's lock for a whole call; under it at most one VM's
 //! stage-2 lock is held at a time (each party's table is edited in turn), so no order
-//! between stage-2 locks is needed. The manager takes a VM's `psci` lock before the table
-//! lock, and the table lock before any stage-2 lock (`crate::vm::VmManager`).
+//! between stage-2 locks is needed. The manager takes its own lock, then a VM's `psci`
+//! lock, before the table lock, and the table lock before any stage-2 lock
+//! (`crate::vm::VmManager`). A call allocates nothing: the transactions have room
+//! reserved, and a request's RAM segments are walked in the description.
 
 use crate::vdesc::{VmDesc, PAGE_SIZE};
 use crate::vm::{Stage2, Vm, VmStatus, IPA_BITS};
@@ -363,23 +365,46 @@ struct Segment {
     size: u64,
 }
 
+/// The pieces of `[ipa, ipa + size)` of a VM's RAM, cut at region boundaries: an
+/// iterator over the description (a call allocates nothing), made by [`ram_segments`].
+#[derive(Clone)]
+struct Segments<'a> {
+    desc: &'a VmDesc,
+    at: u64,
+    end: u64,
+}
+
+impl Iterator for Segments<'_> {
+    type Item = Segment;
+
+    fn next(&mut self) -> Option<Segment> {
+        if self.at >= self.end {
+            return None;
+        }
+        let r = self.desc.ram_region(self.at, PAGE_SIZE)?;
+        let s = Segment {
+            ipa: self.at,
+            pa: r.pa + (self.at - r.ipa),
+            size: (r.ipa + r.size).min(self.end) - self.at,
+        };
+        self.at += s.size;
+        Some(s)
+    }
+}
+
 /// `[ipa, ipa + size)` of `desc`'s RAM, cut at region boundaries, or [`Error::Denied`]
 /// if some page of it is not RAM of the VM.
-fn ram_segments(desc: &VmDesc, ipa: u64, size: u64) -> Result<Vec<Segment>, Error> {
-    let end = ipa + size;
-    let mut at = ipa;
-    let mut out = Vec::new();
-    while at < end {
-        let r = desc.ram_region(at, PAGE_SIZE).ok_or(Error::Denied)?;
-        let len = (r.ipa + r.size).min(end) - at;
-        out.push(Segment {
-            ipa: at,
-            pa: r.pa + (at - r.ipa),
-            size: len,
-        });
-        at += len;
+fn ram_segments(desc: &VmDesc, ipa: u64, size: u64) -> Result<Segments<'_>, Error> {
+    let segments = Segments {
+        desc,
+        at: ipa,
+        end: ipa + size,
+    };
+    if segments.clone().map(|s| s.size).sum::<u64>() == size {
+        Ok(segments)
+    } else {
+        Err(Error::Denied)
     }
-    Ok(out)
 }
 
 /// Whether every page of `[ipa, ipa + size)` is mapped in `s2` in state `state`.
@@ -421,13 +446,13 @@ fn ipa_free(desc: &VmDesc, ipa: u64, size: u64) -> bool {
 fn map_segments<S: Stage2>(
     s2: &mut S,
     ipa: u64,
-    segments: &[Segment],
+    segments: Segments<'_>,
     attrs: mmu::Attributes,
 ) -> Result<(), mmu::Error> {
-    let base = segments.first().map_or(0, |s| s.ipa);
-    for (i, s) in segments.iter().enumerate() {
+    let base = segments.at;
+    for (i, s) in segments.clone().enumerate() {
         if let Err(e) = s2.map_pages(ipa + (s.ipa - base), s.pa, s.size, attrs) {
-            for done in &segments[..i] {
+            for done in segments.take(i) {
                 // Unmapping 4 KiB pages just mapped splits nothing: it cannot fail.
                 let _ = s2.unmap(ipa + (done.ipa - base), done.size);
             }
@@ -439,10 +464,10 @@ fn map_segments<S: Stage2>(
 
 /// Maps lent `segments` back into their owner (RAM attributes and the owner's block
 /// policy); undoes what it mapped if a later segment fails.
-fn map_back<S: Stage2>(s2: &mut S, segments: &[Segment]) -> Result<(), mmu::Error> {
-    for (i, s) in segments.iter().enumerate() {
+fn map_back<S: Stage2>(s2: &mut S, segments: Segments<'_>) -> Result<(), mmu::Error> {
+    for (i, s) in segments.clone().enumerate() {
         if let Err(e) = s2.map(s.ipa, s.pa, s.size, crate::vm::S2Kind::Ram) {
-            for done in &segments[..i] {
+            for done in segments.take(i) {
                 // Exactly what was just mapped: whole blocks or pages, nothing to split.
                 let _ = s2.unmap(done.ipa, done.size);
             }
@@ -629,7 +654,7 @@ impl Table {
         if !nothing_mapped(s2, ipa, size) {
             return Err(Error::InvalidParameters);
         }
-        map_segments(s2, ipa, &segments, perms.borrowed_attributes()).map_err(Error::from_mmu)?;
+        map_segments(s2, ipa, segments, perms.borrowed_attributes()).map_err(Error::from_mmu)?;
         drop(guard);
         self.live[i].state = State::Retrieved { ipa, perms };
         log::info!(
@@ -700,7 +725,7 @@ impl Table {
                 .set_sw(t.ipa, t.size(), PageState::Owned.sw())
                 .and_then(|()| s2.coalesce(t.ipa, t.size())),
             // Tables freed by the lend may have to be allocated again; `map` merges.
-            Kind::Lend => map_back(s2, &segments),
+            Kind::Lend => map_back(s2, segments),
         }
         .map_err(Error::from_mmu)
     }

@@ -1213,3 +1213,70 @@ fn concurrent_calls_and_resets_stay_consistent() {
         .sum();
     assert_eq!(borrowed as u64, expect);
 }
+
+/// Counts the heap allocations of each thread, so that a test can check that a call path
+/// makes none (on the machine a failed allocation would stop the hypervisor).
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    struct Counting;
+
+    // SAFETY: every request is passed to `System` unchanged; the count is a side effect.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+            // SAFETY: the caller's guarantees for `layout` are `System`'s.
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: `ptr` was allocated by `System` with `layout` (above).
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Counting = Counting;
+
+    /// Heap allocations this thread has made so far.
+    pub fn allocations() -> usize {
+        ALLOCATIONS.with(Cell::get)
+    }
+}
+
+#[test]
+fn calls_that_change_no_table_allocate_nothing() {
+    let m = manager(frames());
+    let (a, b) = (vm(&m, 0), vm(&m, 1));
+    let h = give(&m, &a, fid::SHARE, RAM, 2, &b, 1);
+    let (q, r, s) = (fid::QUERY, fid::RETRIEVE, fid::SHARE);
+    // Decoded beforehand: only the manager's part is measured.
+    let reqs = [
+        (&b, [q.into(), 0, 0, 0, 0]),
+        (&a, [q.into(), h, 0, 0, 0]),
+        (&a, [q.into(), h + 1, 0, 0, 0]),
+        // Refused after the page checks: already shared, a range not free.
+        (&a, [s.into(), RAM, 1, b.id.into(), 1]),
+        (&b, [r.into(), h, RAM, 1, 0]),
+        (&a, [r.into(), h, FREE, 1, 0]),
+    ]
+    .map(|(v, regs)| {
+        let mut x = [0u64; 8];
+        x[..5].copy_from_slice(&regs);
+        (v, Request::decode(&x).expect("a sharing call"))
+    });
+    for (v, req) in reqs {
+        let before = counting::allocations();
+        let r = m.share_call(v, 0, req);
+        assert_eq!(
+            counting::allocations() - before,
+            0,
+            "{req:x?} -> {r:x?} allocated"
+        );
+    }
+}

@@ -577,15 +577,19 @@ impl<P: Platform> VmManager<P> {
     /// Runs memory-sharing call `req` made by vCPU `vcpu` of `caller` and returns
     /// x0..x3 (`docs/hypercalls.md`, "Memory sharing between VMs"). A vCPU that is no
     /// longer on (its VM is being reset or stopped) gets `DENIED`.
+    ///
+    /// The manager lock is held for the whole call: the VMs it sees are the live ones,
+    /// and no list of them is copied (a call allocates nothing).
     pub fn share_call(&self, caller: &Vm<P::S2>, vcpu: usize, req: share::Request) -> [u64; 4] {
-        let vms = self.vms();
+        let inner = self.inner.lock();
         let psci = caller.psci.lock();
         let r = if psci.state(vcpu) == Some(PowerState::On) {
-            self.shares.lock().call(&vms, caller, req)
+            self.shares.lock().call(&inner.vms, caller, req)
         } else {
             Err(share::Error::Denied)
         };
         drop(psci);
+        drop(inner);
         share::result_regs(r)
     }
 
