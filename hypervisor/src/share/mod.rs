@@ -511,10 +511,14 @@ impl Table {
         &self.live
     }
 
-    fn index(&self, handle: u64) -> Result<usize, Error> {
+    /// The transaction with `handle`, if `caller` is its owner or receiver: to any
+    /// other VM a handle does not exist (it cannot probe which handles are live).
+    fn index(&self, handle: u64, caller: u32) -> Result<usize, Error> {
         self.live
             .iter()
-            .position(|t| handle != 0 && t.handle == handle)
+            .position(|t| {
+                handle != 0 && t.handle == handle && (t.owner == caller || t.receiver == caller)
+            })
             .ok_or(Error::InvalidParameters)
     }
 
@@ -637,7 +641,7 @@ impl Table {
         ipa: u64,
         perms: u64,
     ) -> Result<(), Error> {
-        let i = self.index(handle)?;
+        let i = self.index(handle, receiver.id)?;
         let t = self.live[i];
         let size = ipa_range(ipa, t.pages)?;
         let perms = Perms::from_raw(perms)?;
@@ -667,7 +671,7 @@ impl Table {
     }
 
     fn relinquish<S: Stage2>(&mut self, receiver: &Vm<S>, handle: u64) -> Result<(), Error> {
-        let i = self.index(handle)?;
+        let i = self.index(handle, receiver.id)?;
         let t = self.live[i];
         let State::Retrieved { ipa, .. } = t.state else {
             return Err(Error::Denied);
@@ -695,7 +699,7 @@ impl Table {
     }
 
     fn reclaim<S: Stage2>(&mut self, owner: &Vm<S>, handle: u64) -> Result<(), Error> {
-        let i = self.index(handle)?;
+        let i = self.index(handle, owner.id)?;
         let t = self.live[i];
         if t.owner != owner.id || t.state != State::Pending {
             return Err(Error::Denied);
@@ -737,10 +741,7 @@ impl Table {
                 .find(|t| t.receiver == caller && t.state == State::Pending)
                 .ok_or(Error::NoData)?
         } else {
-            self.live
-                .iter()
-                .find(|t| t.handle == handle && (t.owner == caller || t.receiver == caller))
-                .ok_or(Error::InvalidParameters)?
+            &self.live[self.index(handle, caller)?]
         };
         Ok(*t)
     }

@@ -349,7 +349,8 @@ fn retrieve_relinquish_reclaim_errors_change_nothing() {
         (&b, [r, h, FREE, 0b1001], INVALID),
         (&b, [r, h, FREE, 0b010], INVALID),
         (&a, [r, h, FREE, 1], DENIED),
-        (&c, [r, h, FREE, 1], DENIED),
+        // Not a party: the handle does not exist for it.
+        (&c, [r, h, FREE, 1], INVALID),
         (&b, [r, h, FREE, 0b111], DENIED),
         (&b, [r, h2, FREE, 0b011], DENIED),
         (&b, [r, h, RAM + 0xff * P, 1], INVALID),
@@ -373,7 +374,8 @@ fn retrieve_relinquish_reclaim_errors_change_nothing() {
     assert_eq!(call(&m, &b, &[rel, h])[0], 0);
     refused(&m, &all, &b, &[rel, h], DENIED);
     refused(&m, &all, &b, &[rec, h], DENIED);
-    refused(&m, &all, &c, &[rec, h], DENIED);
+    refused(&m, &all, &c, &[rec, h], INVALID);
+    refused(&m, &all, &c, &[rel, h], INVALID);
     refused(&m, &all, &a, &[rec, 0], INVALID);
     assert_eq!(call(&m, &a, &[rec, h])[0], 0);
 }
@@ -796,7 +798,12 @@ mod model {
 
         /// The model's answer: Ok(x1..x3) or the error code.
         fn predict(&self, op: Op) -> Result<[u64; 3], i64> {
-            let find = |h: u64| self.model.iter().position(|t| h != 0 && t.handle == h);
+            // A handle exists only for the owner and the receiver of its transaction.
+            let find = |h: u64, by: usize| {
+                self.model
+                    .iter()
+                    .position(|t| h != 0 && t.handle == h && (t.owner == by || t.receiver == by))
+            };
             match op {
                 Op::Give {
                     by,
@@ -827,7 +834,7 @@ mod model {
                     slot,
                     perms,
                 } => {
-                    let i = find(self.handle(handle)).ok_or(INVALID)?;
+                    let i = find(self.handle(handle), by).ok_or(INVALID)?;
                     let t = self.model[i];
                     if !ok_perms(perms) {
                         return Err(INVALID);
@@ -850,14 +857,14 @@ mod model {
                     Ok([0; 3])
                 }
                 Op::Relinquish { by, handle } => {
-                    let t = self.model[find(self.handle(handle)).ok_or(INVALID)?];
+                    let t = self.model[find(self.handle(handle), by).ok_or(INVALID)?];
                     if t.retrieved.is_none() || t.receiver != by {
                         return Err(DENIED);
                     }
                     Ok([0; 3])
                 }
                 Op::Reclaim { by, handle } => {
-                    let t = self.model[find(self.handle(handle)).ok_or(INVALID)?];
+                    let t = self.model[find(self.handle(handle), by).ok_or(INVALID)?];
                     if t.owner != by || t.retrieved.is_some() {
                         return Err(DENIED);
                     }
@@ -872,11 +879,7 @@ mod model {
                             .find(|t| t.receiver == by && t.retrieved.is_none())
                             .ok_or(NO_DATA)?
                     } else {
-                        let t = self.model[find(h).ok_or(INVALID)?];
-                        if t.owner != by && t.receiver != by {
-                            return Err(INVALID);
-                        }
-                        t
+                        self.model[find(h, by).ok_or(INVALID)?]
                     };
                     let id = |i: usize| u64::from(self.vms[i].id);
                     let packed = id(t.owner)
