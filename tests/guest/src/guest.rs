@@ -24,6 +24,7 @@ const ARG_SECOND_VCPU: u64 = 1 << 1;
 const ARG_LINGER: u64 = 1 << 2;
 const ARG_RESET: u64 = 1 << 3;
 const ARG_SHARING: u64 = 1 << 4;
+const ARG_SPLIT_MERGE: u64 = 1 << 5;
 /// How long `ARG_LINGER` keeps the guest running.
 const LINGER_SECONDS: u64 = 3;
 
@@ -150,6 +151,7 @@ macro_rules! println {
 }
 
 mod sharing;
+mod split_merge;
 
 fn hvc(fid: u32, args: &[u64]) -> [u64; 4] {
     let mut a = [0u64; 17];
@@ -336,11 +338,15 @@ static RELEASE_SECOND: AtomicU64 = AtomicU64::new(0);
 extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
     if vcpu == 1 {
         mmu_on();
-        let info = hvc(VM_INFO, &[]);
-        SECOND_SEEN.store(info[3] + 1, Ordering::SeqCst);
-        // Stay on until vCPU 0 has checked that a second CPU_ON is refused.
-        while RELEASE_SECOND.load(Ordering::SeqCst) == 0 {
-            core::hint::spin_loop();
+        if arg == split_merge::LOAD_CONTEXT {
+            split_merge::load();
+        } else {
+            let info = hvc(VM_INFO, &[]);
+            SECOND_SEEN.store(info[3] + 1, Ordering::SeqCst);
+            // Stay on until vCPU 0 has checked that a second CPU_ON is refused.
+            while RELEASE_SECOND.load(Ordering::SeqCst) == 0 {
+                core::hint::spin_loop();
+            }
         }
         hvc(PSCI_CPU_OFF, &[]);
         println!("FAIL cpu-off returned");
@@ -411,6 +417,9 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
     }
     if arg & ARG_SHARING != 0 {
         sharing::sharing_check();
+    }
+    if arg & ARG_SPLIT_MERGE != 0 {
+        split_merge::split_merge_check();
     }
     println!(
         "DONE pass={} fail={}",

@@ -11,7 +11,10 @@
 //! - bit 3: on the first boot, reset the VM with PSCI `SYSTEM_RESET` before the final
 //!   report; after the reset, check the boot count;
 //! - bit 4: run the memory-sharing scenario with the other VM of the description (VM 0
-//!   shares and lends pages, VM 1 retrieves them; `guest::sharing`).
+//!   shares and lends pages, VM 1 retrieves them; `guest::sharing`);
+//! - bit 5: split and merge a stage-2 block under load: VM 0 shares and reclaims one
+//!   page 250 times while its vCPU 1 checks words on every page of the upper half of
+//!   the same 2 MiB RAM block; VM 1 waits for the end (`guest::split_merge`).
 //!
 //! It builds its own EL1&0 stage-1 tables with `mmu`, turns the MMU on, runs its checks,
 //! prints one `PASS name` or `FAIL name: detail` line per check and a final

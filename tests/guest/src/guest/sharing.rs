@@ -47,7 +47,7 @@ const CALL_COUNT: u32 = 0x8600_FF00;
 /// Vendor calls of `docs/hypercalls.md` (three VM queries and six sharing calls).
 const VENDOR_CALLS: u64 = 9;
 
-const PAGE: u64 = 4096;
+pub(super) const PAGE: u64 = 4096;
 /// The owner's shared page: the second-to-last page of its RAM (above everything else
 /// the guest writes, `docs/memory-map.md`).
 const P1: u64 = RAM.0 + RAM.1 - 2 * PAGE;
@@ -58,8 +58,8 @@ const P2: u64 = P1 + PAGE;
 pub const WINDOW: (u64, u64) = (0x6000_0000, 2 * PAGE);
 
 /// Permission bits of the sharing calls.
-const READ: u64 = 1 << 0;
-const WRITE: u64 = 1 << 1;
+pub(super) const READ: u64 = 1 << 0;
+pub(super) const WRITE: u64 = 1 << 1;
 const EXEC: u64 = 1 << 2;
 
 /// Words of `P1` the owner fills with its pattern, and those the receiver replies in.
@@ -82,7 +82,7 @@ const HELD: u64 = 0x4845_4c44_0000_0004;
 /// receiver waits for [`FLAG_GO`].
 const QUERY_CALLS: u64 = 1000;
 /// Upper bound of every wait for the other VM.
-const WAIT_SECONDS: u64 = 30;
+pub(super) const WAIT_SECONDS: u64 = 30;
 
 fn owner_word(i: usize) -> u64 {
     0x5348_4152_0000_0000 | i as u64
@@ -98,7 +98,7 @@ fn lent_word(i: usize) -> u64 {
 
 /// An error a sharing call returned (`docs/hypercalls.md`, "Errors").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ShareError {
+pub(super) enum ShareError {
     NotSupported,
     InvalidParameters,
     NoMemory,
@@ -127,32 +127,32 @@ impl ShareError {
     }
 }
 
-type ShareResult<T> = Result<T, ShareError>;
+pub(super) type ShareResult<T> = Result<T, ShareError>;
 
 /// Kind of a transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
+pub(super) enum Kind {
     Share,
     Lend,
 }
 
 /// State of a transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
+pub(super) enum State {
     Pending,
     Retrieved,
 }
 
 /// What `QUERY` reports about a transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Transaction {
-    handle: u64,
+pub(super) struct Transaction {
+    pub(super) handle: u64,
     owner: u64,
     receiver: u64,
     perms: u64,
     kind: Kind,
-    state: State,
-    pages: u64,
+    pub(super) state: State,
+    pub(super) pages: u64,
 }
 
 /// What `QUERY` says about the owner's share of `P1` (handle 0: any) before it is
@@ -183,7 +183,7 @@ fn give(lend: bool, ipa: u64, pages: u64, receiver: u64, perms: u64) -> ShareRes
     call(fid, &[ipa, pages, receiver, perms]).map(|r| r[1])
 }
 
-fn share(ipa: u64, pages: u64, receiver: u64, perms: u64) -> ShareResult<u64> {
+pub(super) fn share(ipa: u64, pages: u64, receiver: u64, perms: u64) -> ShareResult<u64> {
     give(false, ipa, pages, receiver, perms)
 }
 
@@ -191,7 +191,7 @@ fn lend(ipa: u64, pages: u64, receiver: u64, perms: u64) -> ShareResult<u64> {
     give(true, ipa, pages, receiver, perms)
 }
 
-fn retrieve(handle: u64, ipa: u64, perms: u64) -> ShareResult<()> {
+pub(super) fn retrieve(handle: u64, ipa: u64, perms: u64) -> ShareResult<()> {
     call(MEM_RETRIEVE, &[handle, ipa, perms]).map(|_| ())
 }
 
@@ -199,12 +199,12 @@ fn relinquish(handle: u64) -> ShareResult<()> {
     call(MEM_RELINQUISH, &[handle]).map(|_| ())
 }
 
-fn reclaim(handle: u64) -> ShareResult<()> {
+pub(super) fn reclaim(handle: u64) -> ShareResult<()> {
     call(MEM_RECLAIM, &[handle]).map(|_| ())
 }
 
 /// `QUERY`: `handle` 0 asks for the oldest pending transaction addressed to the caller.
-fn query(handle: u64) -> ShareResult<Transaction> {
+pub(super) fn query(handle: u64) -> ShareResult<Transaction> {
     let r = call(MEM_QUERY, &[handle])?;
     let kind = match (r[2] >> 40) & 0xff {
         0 => Kind::Share,
@@ -231,7 +231,7 @@ fn query(handle: u64) -> ShareResult<Transaction> {
 }
 
 /// Calls `f` until it returns `Some`, for at most [`WAIT_SECONDS`]; `None` on timeout.
-fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
+pub(super) fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let (freq, start) = counter();
     loop {
         if let Some(v) = f() {
