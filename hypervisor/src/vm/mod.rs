@@ -1072,18 +1072,20 @@ pub(crate) mod tests {
         assert_eq!(m.destroy(0), Err(VmError::NoSuchVm(0)));
     }
 
-    #[test]
-    fn thousand_cycles_with_real_mmu_tables_leak_no_frame() {
+    /// A manager over real `mmu` stage-2 tables, and the heap frames they come from.
+    fn mmu_manager(bits: VmidBits) -> (VmManager<MmuFake>, &'static mmu::testing::HeapFrames) {
         let frames: &'static mmu::testing::HeapFrames =
             Box::leak(Box::new(mmu::testing::HeapFrames::new()));
-        let m = VmManager::new(
-            MmuFake {
-                fake: Fake::default(),
-                frames,
-            },
-            VmidBits::Sixteen,
-            LAYOUT,
-        );
+        let fake = MmuFake {
+            fake: Fake::default(),
+            frames,
+        };
+        (VmManager::new(fake, bits, LAYOUT), frames)
+    }
+
+    #[test]
+    fn thousand_cycles_with_real_mmu_tables_leak_no_frame() {
+        let (m, frames) = mmu_manager(VmidBits::Sixteen);
         for i in 0..1000u64 {
             let mut d = desc(0x5000_0000 + (i % 2) * 0x20_0000, 1);
             // A 2 MiB-aligned region (a block mapping) plus a device page.
@@ -1121,16 +1123,7 @@ pub(crate) mod tests {
 
     #[test]
     fn stage2_mappings_of_the_description_reach_the_table() {
-        let frames: &'static mmu::testing::HeapFrames =
-            Box::leak(Box::new(mmu::testing::HeapFrames::new()));
-        let m = VmManager::new(
-            MmuFake {
-                fake: Fake::default(),
-                frames,
-            },
-            VmidBits::Eight,
-            LAYOUT,
-        );
+        let (m, frames) = mmu_manager(VmidBits::Eight);
         for (mappings, level, tables) in [
             (Stage2Mappings::Blocks, 2, 2),
             (Stage2Mappings::Pages, 3, 3),
