@@ -23,6 +23,13 @@ qemu_args() {
     )
 }
 
+# median N...: the median of the numbers given (the mean of the middle two for an even
+# count).
+median() {
+    printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 }
+        END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
 # write_bench_section KEY TEXT: replaces the section of docs/BENCHMARKS.md between the
 # lines "<!-- KEY: written by ..." and "<!-- KEY: end -->" with TEXT (which carries both
 # marker lines), or appends TEXT when there is no such section yet.

@@ -226,29 +226,8 @@ mod tests {
             })
             .expect("node")
             - 4;
-        let mut i = at;
-        let mut depth = 0;
-        loop {
-            let t = be32(blob, i).expect("token");
-            let len = match t {
-                FDT_BEGIN_NODE => {
-                    depth += 1;
-                    4 + align4(blob[i + 4..].iter().position(|b| *b == 0).expect("name") + 1)
-                        .expect("len")
-                }
-                FDT_PROP => 12 + align4(be32(blob, i + 4).expect("len") as usize).expect("len"),
-                _ => {
-                    depth -= 1;
-                    4
-                }
-            };
-            for w in (i..i + len).step_by(4) {
-                blob[w..w + 4].copy_from_slice(&FDT_NOP.to_be_bytes());
-            }
-            i += len;
-            if depth == 0 {
-                break;
-            }
+        for w in (at..at + blob_skip(blob, at)).step_by(4) {
+            blob[w..w + 4].copy_from_slice(&FDT_NOP.to_be_bytes());
         }
     }
 

@@ -22,19 +22,13 @@ pub const CNTHCTL_GUEST: u64 = 0b11;
 /// caches off, little-endian (D19.2.118).
 pub const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
 
-/// Output-address size from `ID_AA64MMFR0_EL1.PARange` (bits \[3:0\]), capped at 48.
+/// Output-address size of this CPU (`ID_AA64MMFR0_EL1.PARange`, decoded by
+/// [`crate::stage1::pa_bits`]).
 pub fn pa_bits() -> u8 {
     let v: u64;
     // SAFETY: reading an ID register has no side effects.
     unsafe { asm!("mrs {}, id_aa64mmfr0_el1", out(reg) v, options(nomem, nostack)) };
-    match v & 0xf {
-        0 => 32,
-        1 => 36,
-        2 => 40,
-        3 => 42,
-        4 => 44,
-        _ => 48,
-    }
+    crate::stage1::pa_bits(v)
 }
 
 /// VMID width from `ID_AA64MMFR1_EL1.VMIDBits`.
