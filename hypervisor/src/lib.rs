@@ -1,34 +1,20 @@
 //! The twostage hypervisor: host-testable logic, plus (on `aarch64-unknown-none`) the
-//! start-up code that runs it on QEMU `virt`.
+//! machine layer that runs it on QEMU `virt`.
+//!
+//! `docs/architecture.md` has the map of the folders. Dependencies point one way:
+//! `machine` -> `vcpu` -> `vm` -> `config`, with `linux` (guest kernels), `mem` (the
+//! hypervisor's own memory) and `console` (log lines and fault reports) beside them.
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 extern crate alloc;
 
-pub mod dtb;
-pub mod frames;
-pub mod hypercall;
-pub mod layout;
+pub mod config;
+pub mod console;
 pub mod linux;
-pub mod logger;
-pub mod pl011;
-pub mod platform;
-pub mod psci;
-pub mod report;
-pub mod share;
-pub mod stage1;
-pub mod trap;
+pub mod mem;
 pub mod vcpu;
-pub mod vdesc;
 pub mod vm;
-pub mod vmid;
-pub mod vuart;
 
-#[cfg(all(
-    target_arch = "aarch64",
-    target_os = "none",
-    feature = "selftest-guest-entry"
-))]
-mod selftest;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
-pub mod start;
+pub mod machine;

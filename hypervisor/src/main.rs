@@ -1,45 +1,37 @@
 //! The twostage hypervisor binary (runs on `aarch64-unknown-none`).
 //!
-//! Start-up (console, device tree, heap, frames, stage 1, secondary CPUs) is in
-//! `hypervisor::start`; this file wires the boot entry points to it and holds the hooks
-//! where the VM code takes over: [`run_vms`] on the primary CPU and [`secondary_idle`]
-//! on the others.
+//! Everything it does is in `hypervisor::machine`: start-up (console, device tree, heap,
+//! frames, stage 1, secondary CPUs), then the VMs. This file only wires the boot entry
+//! points to it.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 #[cfg(target_os = "none")]
 mod bare_metal {
-    use hypervisor::start::{self, Machine};
+    use hypervisor::machine;
 
     boot::entry_points! {
         primary: primary_main,
         secondary: secondary_main,
-        exception: start::el2_exception,
+        exception: machine::el2_exception,
     }
 
+    /// Starts the machine, creates the VMs from the VM description and runs this CPU's
+    /// vCPU.
     fn primary_main(dtb: usize) -> ! {
-        let machine = start::primary(dtb);
-        run_vms(&machine)
+        let started = machine::primary(dtb);
+        machine::run::run_vms(&started)
     }
 
+    /// Brings this CPU online, then runs its vCPU once the VMs exist.
     fn secondary_main(cpu: usize) -> ! {
-        start::secondary(cpu);
-        secondary_idle(cpu)
-    }
-
-    /// Creates the VMs from the VM description and runs this CPU's vCPU.
-    fn run_vms(machine: &Machine) -> ! {
-        hypervisor::vm::hw::run_vms(machine)
-    }
-
-    /// Runs this CPU's vCPU once the VMs exist.
-    fn secondary_idle(cpu: usize) -> ! {
-        hypervisor::vm::hw::secondary_idle(cpu)
+        machine::secondary(cpu);
+        machine::run::secondary_idle(cpu)
     }
 
     #[panic_handler]
     fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
-        start::panic(info)
+        machine::panic(info)
     }
 }
 

@@ -7,7 +7,8 @@ pub mod layout;
 
 use alloc::vec::Vec;
 
-use crate::vdesc::{Image, VmDesc};
+use crate::config::{Image, VmDesc};
+use crate::mem::PhysRange;
 
 use guest_dt::{build_guest_dt, GuestDtConfig, GuestDtError};
 use layout::{plan, LayoutError, DTB_AREA};
@@ -123,7 +124,7 @@ pub fn prepare(host_dtb: &[u8], guest: &LinuxGuest<'_>) -> Result<LinuxBoot, Lin
 
 /// Completes the description of a VM that boots Linux (one with `bootargs` and no `dtb`):
 /// checks the layout, sets the entry point, builds the guest DTB and adds it as a staged
-/// image right after the last staged one, inside `staging` (`(base, size)`). Returns where
+/// image right after the last staged one, inside `staging`. Returns where
 /// the caller must write the DTB bytes before the VM is created; `None` for other VMs.
 ///
 /// `kernel_head` is the start of the staged kernel (its first 64 bytes suffice).
@@ -134,7 +135,7 @@ pub fn complete_desc(
     desc: &mut VmDesc,
     host_dtb: &[u8],
     kernel_head: &[u8],
-    staging: (u64, u64),
+    staging: PhysRange,
 ) -> Result<Option<(u64, Vec<u8>)>, LinuxBootError> {
     let (Some(bootargs), None) = (&desc.bootargs, desc.dtb) else {
         return Ok(None);
@@ -176,11 +177,10 @@ pub fn complete_desc(
         .flatten()
         .map(|i| i.pa.saturating_add(i.size))
         .max()
-        .unwrap_or(staging.0);
+        .unwrap_or(staging.base);
     let pa = image::align_up(staged_end, 4096).ok_or(LinuxBootError::NoStagingRoom)?;
     let size = boot.dtb.len() as u64;
-    let staging_end = staging.0.saturating_add(staging.1);
-    if pa < staging.0 || pa.saturating_add(size) > staging_end {
+    if !staging.contains(&PhysRange::new(pa, size)) {
         return Err(LinuxBootError::NoStagingRoom);
     }
     desc.entry = boot.entry;
@@ -252,11 +252,11 @@ mod tests {
     }
 
     fn linux_desc() -> VmDesc {
-        use crate::vdesc::{AbortPolicy, Region};
+        use crate::config::{AbortPolicy, GuestRegion};
         VmDesc {
             name: "linux".into(),
             cpus: vec![0, 1],
-            memory: vec![Region {
+            memory: vec![GuestRegion {
                 ipa: 0x5000_0000,
                 pa: 0x5000_0000,
                 size: 256 * MIB,
@@ -276,7 +276,7 @@ mod tests {
             bootargs: Some("console=ttyAMA0".into()),
             arg: 0,
             abort: AbortPolicy::Stop,
-            stage2: crate::vdesc::Stage2Mappings::Pages,
+            stage2: crate::config::Stage2Mappings::Pages,
             vuart: None,
             passthrough: vec![],
             devices: vec!["/pl011@9000000".into()],
@@ -286,9 +286,14 @@ mod tests {
     #[test]
     fn a_linux_description_gets_its_dtb_staged_after_the_initrd() {
         let mut d = linux_desc();
-        let (pa, dtb) = complete_desc(&mut d, HOST, &header(), (0x7000_0000, 256 * MIB))
-            .unwrap()
-            .unwrap();
+        let (pa, dtb) = complete_desc(
+            &mut d,
+            HOST,
+            &header(),
+            PhysRange::new(0x7000_0000, 256 * MIB),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(pa, 0x721c_4000, "the page after the initrd's last byte");
         assert_eq!(
             d.dtb,
@@ -312,7 +317,12 @@ mod tests {
         d.bootargs = None;
         let before = d.clone();
         assert_eq!(
-            complete_desc(&mut d, HOST, &header(), (0x7000_0000, 256 * MIB)),
+            complete_desc(
+                &mut d,
+                HOST,
+                &header(),
+                PhysRange::new(0x7000_0000, 256 * MIB)
+            ),
             Ok(None)
         );
         assert_eq!(d, before);
@@ -320,18 +330,33 @@ mod tests {
         let mut d = linux_desc();
         d.cpus = vec![1];
         assert_eq!(
-            complete_desc(&mut d, HOST, &header(), (0x7000_0000, 256 * MIB)),
+            complete_desc(
+                &mut d,
+                HOST,
+                &header(),
+                PhysRange::new(0x7000_0000, 256 * MIB)
+            ),
             Err(LinuxBootError::CpuNotIdentity)
         );
         let mut d = linux_desc();
         d.memory.push(d.memory[0]);
         assert_eq!(
-            complete_desc(&mut d, HOST, &header(), (0x7000_0000, 256 * MIB)),
+            complete_desc(
+                &mut d,
+                HOST,
+                &header(),
+                PhysRange::new(0x7000_0000, 256 * MIB)
+            ),
             Err(LinuxBootError::RamRegions)
         );
         let mut d = linux_desc();
         assert_eq!(
-            complete_desc(&mut d, HOST, &header(), (0x7000_0000, 0x21c_4000)),
+            complete_desc(
+                &mut d,
+                HOST,
+                &header(),
+                PhysRange::new(0x7000_0000, 0x21c_4000)
+            ),
             Err(LinuxBootError::NoStagingRoom)
         );
         assert_eq!(d.dtb, None, "a refused description is unchanged");

@@ -18,12 +18,19 @@ use boot::{exit_status, ExceptionFrame, ExceptionKind, ExceptionSource, MmuConfi
 use mmu::arch::ArmTlb;
 use mmu::{El2, PageTable};
 
-use crate::frames::{FramePool, SharedFrames};
-use crate::layout::{self, HypMemory};
-use crate::logger::{self, Logger};
-use crate::pl011::Pl011;
-use crate::platform::{Platform, PsciConduit, Region};
-use crate::{report, stage1};
+use crate::config::{Platform, PsciConduit};
+use crate::console::logger::{self, Logger};
+use crate::console::report;
+use crate::mem::frames::{FramePool, SharedFrames};
+use crate::mem::layout::{self, HypMemory};
+use crate::mem::{stage1, PhysRange};
+use pl011::Pl011;
+
+mod pl011;
+mod regs;
+pub mod run;
+#[cfg(feature = "selftest-guest-entry")]
+mod selftest;
 
 /// How long the primary CPU waits for all secondaries to report online.
 const SECONDARY_TIMEOUT_MS: u64 = 2000;
@@ -106,12 +113,12 @@ pub fn primary(dtb: usize) -> Machine {
     // tokens QEMU leaves in a `-dtb` blob lets the parser see every node without
     // panicking on a malformed one (see `crate::dtb`).
     unsafe {
-        let header = core::slice::from_raw_parts(dtb as *const u8, crate::dtb::HEADER_SIZE);
-        let Some(total) = crate::dtb::total_size(header) else {
+        let header = core::slice::from_raw_parts(dtb as *const u8, crate::config::dtb::HEADER_SIZE);
+        let Some(total) = crate::config::dtb::total_size(header) else {
             early_failure(c"twostage: no device tree in x0\n");
         };
         let blob = core::slice::from_raw_parts_mut(dtb as *mut u8, total);
-        if crate::dtb::strip_nops(blob).is_err() {
+        if crate::config::dtb::strip_nops(blob).is_err() {
             early_failure(c"twostage: malformed device tree in x0\n");
         }
     }
@@ -175,7 +182,7 @@ pub fn primary(dtb: usize) -> Machine {
     PSCI_CONDUIT.call_once(|| psci.conduit);
 
     let image = boot::image_layout();
-    let image_region = Region::new(image.text_start, image.image_end - image.text_start);
+    let image_region = PhysRange::new(image.text_start, image.image_end - image.text_start);
     let memory = layout::plan(image_region, platform.memory(), platform.dtb)
         .unwrap_or_else(|e| fatal(format_args!("memory layout: {e}")));
     info!("hypervisor image: {}", memory.image);
@@ -204,7 +211,7 @@ pub fn primary(dtb: usize) -> Machine {
     #[cfg(feature = "fault-exec-data")]
     fault_exec_data();
     #[cfg(feature = "selftest-guest-entry")]
-    crate::selftest::run();
+    selftest::run();
 
     CPU_MPIDR[0].store(mpidr, Ordering::Release);
     CPUS_ONLINE.store(1, Ordering::Release);

@@ -18,7 +18,7 @@ pub const MAX_NAME: usize = 32;
 
 /// A range of guest memory: `size` bytes at guest IPA `ipa`, backed by host PA `pa`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Region {
+pub struct GuestRegion {
     /// Guest IPA.
     pub ipa: u64,
     /// Host physical address.
@@ -27,7 +27,7 @@ pub struct Region {
     pub size: u64,
 }
 
-impl Region {
+impl GuestRegion {
     /// True when `[ipa, ipa + len)` lies inside this region's IPA range.
     #[must_use]
     pub fn contains_ipa(&self, ipa: u64, len: u64) -> bool {
@@ -78,7 +78,7 @@ pub struct VmDesc {
     /// Physical CPU indices; vCPU *i* runs on `cpus[i]`.
     pub cpus: Vec<u32>,
     /// RAM regions (mapped Normal write-back, RWX).
-    pub memory: Vec<Region>,
+    pub memory: Vec<GuestRegion>,
     /// Kernel image.
     pub kernel: Image,
     /// Entry IPA of vCPU 0.
@@ -99,7 +99,7 @@ pub struct VmDesc {
     pub vuart: Option<u64>,
     /// Device ranges mapped straight through (Device-nGnRE, RW, XN): the `passthrough`
     /// triples, then the identity-mapped ranges of `passthrough-devices`.
-    pub passthrough: Vec<Region>,
+    pub passthrough: Vec<GuestRegion>,
     /// Host DT paths of the devices in `passthrough-devices` (what a generated guest DTB
     /// describes).
     pub devices: Vec<String>,
@@ -108,7 +108,7 @@ pub struct VmDesc {
 impl VmDesc {
     /// The RAM region holding `[ipa, ipa + len)`, if one does.
     #[must_use]
-    pub fn ram_region(&self, ipa: u64, len: u64) -> Option<&Region> {
+    pub fn ram_region(&self, ipa: u64, len: u64) -> Option<&GuestRegion> {
         self.memory.iter().find(|r| r.contains_ipa(ipa, len))
     }
 
@@ -216,7 +216,7 @@ impl<'a> Node<'a> {
         }
     }
 
-    fn regions(&self, name: &str, what: &'static str) -> Result<Vec<Region>, DescError> {
+    fn regions(&self, name: &str, what: &'static str) -> Result<Vec<GuestRegion>, DescError> {
         let Some(v) = self.u64_list(name, what)? else {
             return Ok(Vec::new());
         };
@@ -224,7 +224,7 @@ impl<'a> Node<'a> {
             return Err(self.err(what));
         }
         Ok(v.chunks_exact(3)
-            .map(|c| Region {
+            .map(|c| GuestRegion {
                 ipa: c[0],
                 pa: c[1],
                 size: c[2],
@@ -250,7 +250,11 @@ impl<'a> Node<'a> {
     }
 }
 
-fn check_regions(node: &Node<'_>, regions: &[Region], what: &'static str) -> Result<(), DescError> {
+fn check_regions(
+    node: &Node<'_>,
+    regions: &[GuestRegion],
+    what: &'static str,
+) -> Result<(), DescError> {
     for (i, r) in regions.iter().enumerate() {
         if r.size == 0
             || !aligned(r.ipa | r.pa | r.size)
@@ -320,7 +324,7 @@ fn parse_vm(node: &Node<'_>, host_dtb: &[u8]) -> Result<VmDesc, DescError> {
         let paths: Vec<&str> = devices.iter().map(String::as_str).collect();
         let regions = crate::linux::guest_dt::passthrough_regions(host_dtb, &paths)
             .map_err(|_| node.err("passthrough-devices names no top-level host device"))?;
-        passthrough.extend(regions.iter().map(|r| Region {
+        passthrough.extend(regions.iter().map(|r| GuestRegion {
             ipa: r.base,
             pa: r.base,
             size: r.size,
@@ -426,7 +430,7 @@ fn parse_vm(node: &Node<'_>, host_dtb: &[u8]) -> Result<VmDesc, DescError> {
 pub fn parse(dtb: &[u8]) -> Result<Vec<VmDesc>, DescError> {
     // Work on a copy without FDT_NOP tokens (see `crate::dtb`).
     let mut blob = dtb.to_vec();
-    crate::dtb::strip_nops(&mut blob).map_err(|_| DescError::BadDtb)?;
+    crate::config::dtb::strip_nops(&mut blob).map_err(|_| DescError::BadDtb)?;
     let fdt = fdt::Fdt::new(&blob).map_err(|_| DescError::BadDtb)?;
     let Some(chosen) = fdt.find_node("/chosen") else {
         return Ok(Vec::new());
@@ -556,7 +560,7 @@ pub(crate) mod tests {
         assert_eq!(vms[0].cpus, vec![1]);
         assert_eq!(
             vms[0].memory,
-            vec![Region {
+            vec![GuestRegion {
                 ipa: 0x4000_0000,
                 pa: 0x5000_0000,
                 size: 0x10_0000
@@ -709,7 +713,7 @@ pub(crate) mod tests {
         assert_eq!(v.devices, ["/uart@9000000"]);
         assert_eq!(
             v.passthrough,
-            [Region {
+            [GuestRegion {
                 ipa: 0x0900_0000,
                 pa: 0x0900_0000,
                 size: 0x1000

@@ -8,8 +8,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::layout::PAGE_SIZE;
-use crate::platform::Region;
+use crate::mem::layout::PAGE_SIZE;
+use crate::mem::PhysRange;
 
 /// Why a frame could not be returned to the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,7 +46,7 @@ pub struct FramePool {
 impl FramePool {
     /// A pool over the whole pages inside `region`.
     #[must_use]
-    pub fn new(region: Region) -> Self {
+    pub fn new(region: PhysRange) -> Self {
         let base = (region.base + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
         let frames = (region.end().saturating_sub(base) / PAGE_SIZE) as usize;
         Self {
@@ -61,8 +61,8 @@ impl FramePool {
 
     /// The range the pool hands out.
     #[must_use]
-    pub fn region(&self) -> Region {
-        Region::new(self.base, self.frames as u64 * PAGE_SIZE)
+    pub fn region(&self) -> PhysRange {
+        PhysRange::new(self.base, self.frames as u64 * PAGE_SIZE)
     }
 
     /// Total frames.
@@ -237,11 +237,11 @@ mod tests {
     #[test]
     fn hands_out_every_frame_once() {
         // 130 frames: the last bitmap word is partial.
-        let mut pool = FramePool::new(Region::new(0x4100_0000, 130 * PAGE_SIZE));
+        let mut pool = FramePool::new(PhysRange::new(0x4100_0000, 130 * PAGE_SIZE));
         let mut seen = BTreeSet::new();
         while let Some(pa) = pool.alloc() {
             assert_eq!(pa % PAGE_SIZE, 0);
-            assert!(pool.region().contains(&Region::new(pa, PAGE_SIZE)));
+            assert!(pool.region().contains(&PhysRange::new(pa, PAGE_SIZE)));
             assert!(seen.insert(pa), "frame {pa:#x} handed out twice");
         }
         assert_eq!(seen.len(), 130);
@@ -251,7 +251,7 @@ mod tests {
 
     #[test]
     fn free_and_reuse() {
-        let mut pool = FramePool::new(Region::new(0x4100_0000, 4 * PAGE_SIZE));
+        let mut pool = FramePool::new(PhysRange::new(0x4100_0000, 4 * PAGE_SIZE));
         let a = pool.alloc().unwrap();
         let b = pool.alloc().unwrap();
         assert!(pool.is_allocated(a));
@@ -279,7 +279,7 @@ mod tests {
     #[test]
     fn contiguous_runs_are_aligned_and_exclusive() {
         // Base deliberately not 16 KiB aligned.
-        let mut pool = FramePool::new(Region::new(0x4100_1000, 32 * PAGE_SIZE));
+        let mut pool = FramePool::new(PhysRange::new(0x4100_1000, 32 * PAGE_SIZE));
         let single = pool.alloc().unwrap();
         let run = pool.alloc_contiguous(4).unwrap();
         assert_eq!(run % (4 * PAGE_SIZE), 0);
@@ -302,10 +302,10 @@ mod tests {
 
     #[test]
     fn unaligned_region_is_trimmed_to_whole_pages() {
-        let pool = FramePool::new(Region::new(0x4100_0800, 3 * PAGE_SIZE));
-        assert_eq!(pool.region(), Region::new(0x4100_1000, 2 * PAGE_SIZE));
+        let pool = FramePool::new(PhysRange::new(0x4100_0800, 3 * PAGE_SIZE));
+        assert_eq!(pool.region(), PhysRange::new(0x4100_1000, 2 * PAGE_SIZE));
         assert_eq!(
-            FramePool::new(Region::new(0x4100_0800, 0x100)).capacity(),
+            FramePool::new(PhysRange::new(0x4100_0800, 0x100)).capacity(),
             0
         );
     }

@@ -3,11 +3,18 @@
 
 use core::fmt;
 
-use crate::platform::Region;
+use crate::mem::PhysRange;
 
 /// End of the RAM the hypervisor keeps for itself (`docs/memory-map.md`); guest memory
 /// lies above.
 pub const HYP_RAM_END: u64 = 0x4800_0000;
+
+/// Host physical range guest RAM is taken from (`docs/memory-map.md`).
+pub const GUEST_RAM: PhysRange = PhysRange::new(0x5000_0000, 0x2000_0000);
+
+/// Host physical range where QEMU's `-device loader` stages guest images
+/// (`docs/memory-map.md`); never mapped into a guest.
+pub const STAGING: PhysRange = PhysRange::new(0x7000_0000, 0x1000_0000);
 
 /// Bytes of heap (`buddy_system_allocator`), placed right after the image.
 pub const HEAP_SIZE: u64 = 16 << 20;
@@ -19,11 +26,11 @@ pub const PAGE_SIZE: u64 = 4096;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HypMemory {
     /// The loaded image, including BSS and stacks.
-    pub image: Region,
+    pub image: PhysRange,
     /// The heap.
-    pub heap: Region,
+    pub heap: PhysRange,
     /// The page-table frame pool.
-    pub frames: Region,
+    pub frames: PhysRange,
 }
 
 /// Why the hypervisor's memory cannot be laid out.
@@ -61,7 +68,7 @@ const fn align_down(x: u64) -> u64 {
 /// # Errors
 ///
 /// [`LayoutError`] if the image is outside `ram` or the space is too small.
-pub fn plan(image: Region, ram: &[Region], dtb: Region) -> Result<HypMemory, LayoutError> {
+pub fn plan(image: PhysRange, ram: &[PhysRange], dtb: PhysRange) -> Result<HypMemory, LayoutError> {
     let bank = ram
         .iter()
         .find(|r| r.contains(&image))
@@ -80,8 +87,8 @@ pub fn plan(image: Region, ram: &[Region], dtb: Region) -> Result<HypMemory, Lay
     }
     Ok(HypMemory {
         image,
-        heap: Region::new(heap_base, HEAP_SIZE),
-        frames: Region::new(frames_base, limit - frames_base),
+        heap: PhysRange::new(heap_base, HEAP_SIZE),
+        frames: PhysRange::new(frames_base, limit - frames_base),
     })
 }
 
@@ -89,12 +96,12 @@ pub fn plan(image: Region, ram: &[Region], dtb: Region) -> Result<HypMemory, Lay
 mod tests {
     use super::*;
 
-    const RAM: Region = Region::new(0x4000_0000, 2 << 30);
-    const IMAGE: Region = Region::new(0x4020_0000, 0x8_1234);
+    const RAM: PhysRange = PhysRange::new(0x4000_0000, 2 << 30);
+    const IMAGE: PhysRange = PhysRange::new(0x4020_0000, 0x8_1234);
 
     #[test]
     fn heap_then_frames_up_to_the_dtb() {
-        let m = plan(IMAGE, &[RAM], Region::new(HYP_RAM_END, 0x2000)).unwrap();
+        let m = plan(IMAGE, &[RAM], PhysRange::new(HYP_RAM_END, 0x2000)).unwrap();
         assert_eq!(m.heap.base, 0x4028_2000, "page aligned after the image");
         assert_eq!(m.heap.size, HEAP_SIZE);
         assert_eq!(m.frames.base, m.heap.end());
@@ -104,7 +111,7 @@ mod tests {
 
     #[test]
     fn dtb_below_the_limit_cuts_the_pool() {
-        let dtb = Region::new(0x4400_0800, 0x2000);
+        let dtb = PhysRange::new(0x4400_0800, 0x2000);
         let m = plan(IMAGE, &[RAM], dtb).unwrap();
         assert_eq!(m.frames.end(), 0x4400_0000);
         assert!(!m.frames.overlaps(&dtb));
@@ -112,21 +119,21 @@ mod tests {
 
     #[test]
     fn small_ram_cuts_the_pool() {
-        let ram = Region::new(0x4000_0000, 0x0200_0000 + 0x40_0000 + HEAP_SIZE);
-        let m = plan(IMAGE, &[ram], Region::new(0x5000_0000, 0x1000)).unwrap();
+        let ram = PhysRange::new(0x4000_0000, 0x0200_0000 + 0x40_0000 + HEAP_SIZE);
+        let m = plan(IMAGE, &[ram], PhysRange::new(0x5000_0000, 0x1000)).unwrap();
         assert_eq!(m.frames.end(), ram.end());
-        let tiny = Region::new(0x4000_0000, 0x40_0000);
+        let tiny = PhysRange::new(0x4000_0000, 0x40_0000);
         assert_eq!(
-            plan(IMAGE, &[tiny], Region::default()),
+            plan(IMAGE, &[tiny], PhysRange::default()),
             Err(LayoutError::TooSmall)
         );
     }
 
     #[test]
     fn image_outside_ram() {
-        let ram = Region::new(0x8000_0000, 1 << 30);
+        let ram = PhysRange::new(0x8000_0000, 1 << 30);
         assert_eq!(
-            plan(IMAGE, &[ram], Region::default()),
+            plan(IMAGE, &[ram], PhysRange::default()),
             Err(LayoutError::ImageNotInRam)
         );
     }

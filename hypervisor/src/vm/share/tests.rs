@@ -2,10 +2,10 @@
 //! recording TLB).
 
 use super::*;
-use crate::vdesc::{Region, Stage2Mappings};
+use crate::config::{GuestRegion, Stage2Mappings};
 use crate::vm::tests::{desc, MmuFake, MmuS2, LAYOUT};
+use crate::vm::vmid::VmidBits;
 use crate::vm::{VmManager, VmStatus};
-use crate::vmid::VmidBits;
 use mmu::testing::HeapFrames;
 use mmu::TlbOp;
 
@@ -385,7 +385,7 @@ fn pass_through_ranges_are_not_free() {
     let m = manager(frames());
     let a = vm(&m, 0);
     let mut d = desc(0x5010_0000, 2);
-    d.passthrough.push(Region {
+    d.passthrough.push(GuestRegion {
         ipa: 0x0a00_0000,
         pa: 0x0a00_0000,
         size: P,
@@ -572,7 +572,7 @@ fn calls_go_through_the_vcpu_exit_path() {
         fn set_exception(&mut self, _: u64, _: u64, _: u64, _: u64) {}
     }
     struct Sink;
-    impl crate::vuart::LineSink for Sink {
+    impl crate::vm::vuart::LineSink for Sink {
         fn line(&mut self, _: &str, _: &str) {}
     }
     let m = manager(frames());
@@ -1096,7 +1096,7 @@ mod model {
 /// stage 2s.
 #[test]
 fn concurrent_calls_and_resets_stay_consistent() {
-    use crate::psci::PowerState;
+    use crate::vm::psci::PowerState;
     use crate::vm::tests::{manager as fake_manager, Fake, FakeS2};
     use std::sync::atomic::{AtomicBool, Ordering};
     type FM = VmManager<Fake>;

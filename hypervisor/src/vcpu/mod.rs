@@ -4,14 +4,17 @@
 //! Register state is passed in as plain values and the guest's EL1 exception registers
 //! behind [`GuestEl1`], so this is tested on the host; `arch` supplies the real ones.
 
-use crate::hypercall::{self, Caller, Outcome};
-use crate::psci::PowerState;
-use crate::share::Request;
-use crate::trap::{self, Abort, TrapKind};
-use crate::vdesc::{AbortPolicy, PAGE_SIZE};
-use crate::vm::{Stage2, Vm, VmStatus};
-use crate::vuart::LineSink;
+pub mod exit;
+pub mod hypercall;
+
+use crate::config::{AbortPolicy, PAGE_SIZE};
+use crate::vm::psci::PowerState;
+use crate::vm::share::Request;
+use crate::vm::vuart::LineSink;
+use crate::vm::{Stage2Table, Vm, VmStatus};
 use core::sync::atomic::Ordering;
+use exit::{Abort, TrapKind};
+use hypercall::{Caller, Outcome};
 
 /// The general-purpose state of a vCPU at an exit.
 #[derive(Debug)]
@@ -91,7 +94,7 @@ pub fn stop_vm<S>(vm: &Vm<S>, what: core::fmt::Arguments<'_>) -> Next {
 pub type ShareCall<'a> = dyn FnMut(Request) -> [u64; 4] + 'a;
 
 /// Handles one exit of vCPU `vcpu` of `vm`; memory-sharing calls go to `share`.
-pub fn handle_exit<S: Stage2>(
+pub fn handle_exit<S: Stage2Table>(
     vm: &Vm<S>,
     vcpu: usize,
     ctx: &mut VcpuCtx<'_>,
@@ -111,7 +114,7 @@ pub fn handle_exit<S: Stage2>(
         }
         ExitReason::Sync { esr, far, hpfar } => (esr, far, hpfar),
     };
-    match trap::decode(esr, far, hpfar) {
+    match exit::decode(esr, far, hpfar) {
         TrapKind::Hvc { .. } => hypercall(vm, vcpu, ctx, sink, share),
         TrapKind::Smc { .. } => {
             // A trapped SMC returns to the SMC itself (preferred return address).
@@ -180,7 +183,7 @@ fn hypercall<S>(
     }
 }
 
-fn stage2_abort<S: Stage2>(
+fn stage2_abort<S: Stage2Table>(
     vm: &Vm<S>,
     ctx: &mut VcpuCtx<'_>,
     abort: &Abort,
@@ -249,7 +252,7 @@ fn stage2_abort<S: Stage2>(
 }
 
 /// Whether the VM's stage 2 maps the page of `ipa` (waits for a change in progress).
-fn mapped_now<S: Stage2>(vm: &Vm<S>, ipa: u64) -> bool {
+fn mapped_now<S: Stage2Table>(vm: &Vm<S>, ipa: u64) -> bool {
     let page = ipa & !(PAGE_SIZE - 1);
     let mut mapped = false;
     if let Some(s2) = vm.stage2.lock().as_ref() {
@@ -270,7 +273,7 @@ pub fn inject_abort(ctx: &mut VcpuCtx<'_>, abort: &Abort, el1: &mut impl GuestEl
         0b0100 => 0x000,
         _ => 0x400,
     };
-    let esr = trap::injected_abort_esr(abort, from_el0);
+    let esr = exit::injected_abort_esr(abort, from_el0);
     el1.set_exception(esr, abort.far, *ctx.pc, *ctx.pstate);
     *ctx.pc = el1.vbar().wrapping_add(offset);
     *ctx.pstate = PSTATE_EL1H_MASKED;
@@ -319,7 +322,7 @@ mod tests {
                 pstate: 0x3c5,
             }
         }
-        fn exit<S: Stage2>(
+        fn exit<S: Stage2Table>(
             &mut self,
             vm: &Vm<S>,
             vcpu: usize,

@@ -10,8 +10,9 @@ use core::fmt;
 
 use boot::ImageLayout;
 
-use crate::layout::HypMemory;
-use crate::platform::{Platform, Region};
+use crate::config::Platform;
+use crate::mem::layout::HypMemory;
+use crate::mem::PhysRange;
 
 /// Access permissions of a hypervisor mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,7 +54,7 @@ pub struct Mapping {
     /// What it is, for the log.
     pub name: &'static str,
     /// The physical (= virtual) range, page aligned.
-    pub region: Region,
+    pub region: PhysRange,
     /// Permissions.
     pub access: Access,
     /// Memory type.
@@ -93,7 +94,7 @@ impl fmt::Display for PlanError {
     }
 }
 
-const PAGE: u64 = crate::layout::PAGE_SIZE;
+const PAGE: u64 = crate::mem::layout::PAGE_SIZE;
 
 const STACK: u64 = boot::STACK_SIZE as u64;
 
@@ -173,10 +174,10 @@ pub fn build<A: mmu::FrameAllocator, T: mmu::TlbMaintenance>(
     Ok(())
 }
 
-const fn page_range(base: u64, end: u64) -> Region {
+const fn page_range(base: u64, end: u64) -> PhysRange {
     let base = base & !(PAGE - 1);
     let end = (end + PAGE - 1) & !(PAGE - 1);
-    Region::new(base, end - base)
+    PhysRange::new(base, end - base)
 }
 
 /// The hypervisor's mappings: its image by section, heap, page-table frames, the device
@@ -192,7 +193,7 @@ pub fn plan(
     platform: &Platform,
 ) -> Result<Vec<Mapping>, PlanError> {
     let mut maps = Vec::new();
-    let mut add = |name, region: Region, access, memory| {
+    let mut add = |name, region: PhysRange, access, memory| {
         if region.size > 0 {
             maps.push(Mapping {
                 name,
@@ -204,19 +205,19 @@ pub fn plan(
     };
     add(
         "text",
-        Region::new(image.text_start, image.text_end - image.text_start),
+        PhysRange::new(image.text_start, image.text_end - image.text_start),
         Access::ReadExecute,
         Memory::Normal,
     );
     add(
         "rodata",
-        Region::new(image.text_end, image.rodata_end - image.text_end),
+        PhysRange::new(image.text_end, image.rodata_end - image.text_end),
         Access::ReadOnly,
         Memory::Normal,
     );
     add(
         "data+bss",
-        Region::new(image.rodata_end, image.data_end - image.rodata_end),
+        PhysRange::new(image.rodata_end, image.data_end - image.rodata_end),
         Access::ReadWrite,
         Memory::Normal,
     );
@@ -227,7 +228,7 @@ pub fn plan(
         if base + STACK <= image.image_end {
             add(
                 "stack",
-                Region::new(base + PAGE, STACK - PAGE),
+                PhysRange::new(base + PAGE, STACK - PAGE),
                 Access::ReadWrite,
                 Memory::Normal,
             );
@@ -244,11 +245,11 @@ pub fn plan(
         if bank.end() <= start {
             continue;
         }
-        if dtb.overlaps(&Region::new(start, bank.end() - start)) {
+        if dtb.overlaps(&PhysRange::new(start, bank.end() - start)) {
             if dtb.base > start {
                 add(
                     "ram",
-                    Region::new(start, dtb.base - start),
+                    PhysRange::new(start, dtb.base - start),
                     Access::ReadWrite,
                     Memory::Normal,
                 );
@@ -258,7 +259,7 @@ pub fn plan(
         if bank.end() > start {
             add(
                 "ram",
-                Region::new(start, bank.end() - start),
+                PhysRange::new(start, bank.end() - start),
                 Access::ReadWrite,
                 Memory::Normal,
             );
@@ -310,9 +311,9 @@ pub fn check(maps: &[Mapping]) -> Result<(), PlanError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout;
+    use crate::mem::layout;
 
-    const SMP4: &[u8] = include_bytes!("../tests/fixtures/virt-gicv3-a57-smp4-2g.dtb");
+    const SMP4: &[u8] = include_bytes!("../../tests/fixtures/virt-gicv3-a57-smp4-2g.dtb");
 
     fn image() -> ImageLayout {
         ImageLayout {
@@ -326,14 +327,14 @@ mod tests {
 
     fn platform_with_dtb_at(base: u64) -> Platform {
         let mut p = Platform::parse(SMP4).unwrap();
-        p.dtb = Region::new(base, SMP4.len() as u64);
+        p.dtb = PhysRange::new(base, SMP4.len() as u64);
         p
     }
 
     fn mem(p: &Platform) -> HypMemory {
         let img = image();
         layout::plan(
-            Region::new(img.text_start, img.image_end - img.text_start),
+            PhysRange::new(img.text_start, img.image_end - img.text_start),
             p.memory(),
             p.dtb,
         )
@@ -346,19 +347,19 @@ mod tests {
         let maps = plan(&image(), &mem(&p), &p).unwrap();
         let find = |name| maps.iter().find(|m| m.name == name).copied().unwrap();
         assert_eq!(find("text").access, Access::ReadExecute);
-        assert_eq!(find("text").region, Region::new(0x4020_0000, 0x13000));
+        assert_eq!(find("text").region, PhysRange::new(0x4020_0000, 0x13000));
         assert_eq!(find("rodata").access, Access::ReadOnly);
         assert_eq!(find("data+bss").access, Access::ReadWrite);
         let stacks: Vec<_> = maps.iter().filter(|m| m.name == "stack").collect();
         assert_eq!(stacks.len(), boot::MAX_CPUS);
         // Each stack leaves its lowest page unmapped.
-        assert_eq!(stacks[0].region, Region::new(0x4022_1000, STACK - PAGE));
+        assert_eq!(stacks[0].region, PhysRange::new(0x4022_1000, STACK - PAGE));
         assert_eq!(stacks[1].region.base, 0x4022_0000 + STACK + PAGE);
         assert!(stacks.iter().all(|m| m.access == Access::ReadWrite));
         assert_eq!(find("dtb").access, Access::ReadOnly);
         assert_eq!(find("uart").memory, Memory::Device);
         assert_eq!(find("gicd").memory, Memory::Device);
-        assert_eq!(find("gicr").region, Region::new(0x080a_0000, 0xf6_0000));
+        assert_eq!(find("gicr").region, PhysRange::new(0x080a_0000, 0xf6_0000));
         // Exactly one executable mapping, and it is the text.
         let exec: Vec<_> = maps.iter().filter(|m| m.access.executable()).collect();
         assert_eq!(exec.len(), 1);
@@ -389,8 +390,8 @@ mod tests {
         assert_eq!(
             ram,
             [
-                Region::new(layout::HYP_RAM_END, 0x6000_0000 - layout::HYP_RAM_END),
-                Region::new(0x6000_2000, 0xc000_0000 - 0x6000_2000)
+                PhysRange::new(layout::HYP_RAM_END, 0x6000_0000 - layout::HYP_RAM_END),
+                PhysRange::new(0x6000_2000, 0xc000_0000 - 0x6000_2000)
             ]
         );
     }
@@ -478,7 +479,7 @@ mod tests {
     fn policy_violations_are_reported() {
         let m = |name, base, access| Mapping {
             name,
-            region: Region::new(base, PAGE),
+            region: PhysRange::new(base, PAGE),
             access,
             memory: Memory::Normal,
         };

@@ -12,7 +12,7 @@ use boot::esr::Syndrome;
 use boot::{enter_guest, Exit, GuestRegs};
 use log::info;
 
-use crate::start::fatal;
+use crate::machine::fatal;
 
 // The EL1 program (MMU off at EL1, stage 2 off: it runs on physical addresses).
 global_asm!(

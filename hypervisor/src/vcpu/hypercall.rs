@@ -2,7 +2,7 @@
 //! PSCI (Arm DEN 0022) and the twostage vendor-specific hypervisor service.
 //! The function IDs and every value returned here are documented in `docs/hypercalls.md`.
 
-use crate::psci::{PsciError, PsciVm};
+use crate::vm::psci::{PsciError, PsciVm};
 use smccc::arch as smccc_arch;
 use smccc::psci as p;
 
@@ -30,17 +30,17 @@ pub mod vendor {
     /// `SYSTEM_RESET`).
     pub const VM_BOOTS: u32 = 0xC600_0003;
     /// The vendor calls of the service (what `CALL_COUNT` counts): these three and the
-    /// memory-sharing calls (`crate::share::fid`).
+    /// memory-sharing calls (`crate::vm::share::fid`).
     pub const CALLS: &[u32] = &[
         VM_INFO,
         VM_NAME,
         VM_BOOTS,
-        crate::share::fid::SHARE,
-        crate::share::fid::LEND,
-        crate::share::fid::RETRIEVE,
-        crate::share::fid::RELINQUISH,
-        crate::share::fid::RECLAIM,
-        crate::share::fid::QUERY,
+        crate::vm::share::fid::SHARE,
+        crate::vm::share::fid::LEND,
+        crate::vm::share::fid::RETRIEVE,
+        crate::vm::share::fid::RELINQUISH,
+        crate::vm::share::fid::RECLAIM,
+        crate::vm::share::fid::QUERY,
     ];
     /// Service UID `8b3f1f5e-2a7c-4d10-9b61-74776f737467`, as four 32-bit words in
     /// SMCCC order (x0 = bytes 0-3 little-endian, ...).
@@ -78,7 +78,7 @@ pub enum Outcome {
     SystemReset,
     /// A memory-sharing call: the run loop executes it (`crate::vm::VmManager::share_call`,
     /// without the VM's PSCI state locked) and writes x0..x3.
-    Share(crate::share::Request),
+    Share(crate::vm::share::Request),
 }
 
 fn ret(x0: u64) -> Outcome {
@@ -182,7 +182,7 @@ pub fn dispatch(
             }
             Outcome::Return([bytes.len() as u64, words[0], words[1], words[2]])
         }
-        _ => crate::share::Request::decode(x).map_or(ret(NOT_SUPPORTED), Outcome::Share),
+        _ => crate::vm::share::Request::decode(x).map_or(ret(NOT_SUPPORTED), Outcome::Share),
     }
 }
 
@@ -278,7 +278,7 @@ mod tests {
 
     #[test]
     fn memory_sharing_calls_are_handed_to_the_run_loop() {
-        use crate::share::{Kind, Request};
+        use crate::vm::share::{Kind, Request};
         let mut ps = PsciVm::new(1);
         assert_eq!(
             call(&mut ps, &[0xC600_0011, 0x4000_0000, 2, 1, 3]),

@@ -5,7 +5,7 @@
 
 use core::arch::asm;
 
-use crate::vmid::VmidBits;
+use crate::vm::vmid::VmidBits;
 
 /// `HCR_EL2` for an AArch64 EL1 guest (D19.2.49):
 /// VM (0) stage 2 on, SWIO (1) set/way invalidation as clean+invalidate, TSC (19) trap
@@ -23,12 +23,12 @@ pub const CNTHCTL_GUEST: u64 = 0b11;
 pub const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
 
 /// Output-address size of this CPU (`ID_AA64MMFR0_EL1.PARange`, decoded by
-/// [`crate::stage1::pa_bits`]).
+/// [`crate::mem::stage1::pa_bits`]).
 pub fn pa_bits() -> u8 {
     let v: u64;
     // SAFETY: reading an ID register has no side effects.
     unsafe { asm!("mrs {}, id_aa64mmfr0_el1", out(reg) v, options(nomem, nostack)) };
-    crate::stage1::pa_bits(v)
+    crate::mem::stage1::pa_bits(v)
 }
 
 /// VMID width from `ID_AA64MMFR1_EL1.VMIDBits`.

@@ -7,6 +7,8 @@
 
 use core::fmt;
 
+use crate::mem::PhysRange;
+
 use fdt::node::FdtNode;
 use fdt::Fdt;
 
@@ -15,53 +17,6 @@ pub const MAX_MEMORY_REGIONS: usize = 8;
 
 /// Most CPUs recorded (one EL2 stack each in the boot crate).
 pub const MAX_CPUS: usize = boot::MAX_CPUS;
-
-/// A physical address range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Region {
-    /// First byte.
-    pub base: u64,
-    /// Length in bytes.
-    pub size: u64,
-}
-
-impl Region {
-    /// A region from base and size.
-    #[must_use]
-    pub const fn new(base: u64, size: u64) -> Self {
-        Self { base, size }
-    }
-
-    /// One past the last byte (saturating).
-    #[must_use]
-    pub const fn end(&self) -> u64 {
-        self.base.saturating_add(self.size)
-    }
-
-    /// Whether `other` lies entirely inside `self`.
-    #[must_use]
-    pub const fn contains(&self, other: &Region) -> bool {
-        other.base >= self.base && other.end() <= self.end()
-    }
-
-    /// Whether the two regions share at least one byte.
-    #[must_use]
-    pub const fn overlaps(&self, other: &Region) -> bool {
-        self.base < other.end() && other.base < self.end()
-    }
-}
-
-impl fmt::Display for Region {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "[{:#010x}, {:#010x}) {:>7} KiB",
-            self.base,
-            self.end(),
-            self.size / 1024
-        )
-    }
-}
 
 /// How PSCI calls reach the firmware.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,17 +43,17 @@ pub struct Gic {
     /// 2 or 3.
     pub version: u8,
     /// GICD.
-    pub distributor: Region,
+    pub distributor: PhysRange,
     /// GICv3: the (first) redistributor region; GICv2: the CPU interface.
-    pub second: Region,
+    pub second: PhysRange,
 }
 
 /// Everything the hypervisor needs from the device tree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Platform {
     /// Where the device tree itself lies (`totalsize` bytes from the header).
-    pub dtb: Region,
-    memory: [Region; MAX_MEMORY_REGIONS],
+    pub dtb: PhysRange,
+    memory: [PhysRange; MAX_MEMORY_REGIONS],
     memory_count: usize,
     cpus: [u64; MAX_CPUS],
     cpu_count: usize,
@@ -106,7 +61,7 @@ pub struct Platform {
     pub cpus_ignored: usize,
     /// The PL011 console (the `/chosen` `stdout-path` node if it is a PL011, otherwise
     /// the first `arm,pl011` node).
-    pub uart: Option<Region>,
+    pub uart: Option<PhysRange>,
     /// The GIC.
     pub gic: Option<Gic>,
     /// PSCI.
@@ -155,8 +110,8 @@ impl Platform {
     pub fn parse(blob: &[u8]) -> Result<Self, PlatformError> {
         let fdt = Fdt::new(blob).map_err(|_| PlatformError::BadHeader)?;
         let mut platform = Platform {
-            dtb: Region::new(blob.as_ptr() as u64, fdt.total_size() as u64),
-            memory: [Region::default(); MAX_MEMORY_REGIONS],
+            dtb: PhysRange::new(blob.as_ptr() as u64, fdt.total_size() as u64),
+            memory: [PhysRange::default(); MAX_MEMORY_REGIONS],
             memory_count: 0,
             cpus: [0; MAX_CPUS],
             cpu_count: 0,
@@ -186,9 +141,10 @@ impl Platform {
     /// is used to read it (the returned value itself holds no references).
     pub unsafe fn parse_at(addr: u64) -> Result<Self, PlatformError> {
         // SAFETY: the caller guarantees a readable header at `addr`.
-        let header =
-            unsafe { core::slice::from_raw_parts(addr as *const u8, crate::dtb::HEADER_SIZE) };
-        let total = crate::dtb::total_size(header).ok_or(PlatformError::BadHeader)?;
+        let header = unsafe {
+            core::slice::from_raw_parts(addr as *const u8, crate::config::dtb::HEADER_SIZE)
+        };
+        let total = crate::config::dtb::total_size(header).ok_or(PlatformError::BadHeader)?;
         // SAFETY: the caller guarantees `totalsize` readable bytes at `addr`.
         let blob = unsafe { core::slice::from_raw_parts(addr as *const u8, total) };
         Self::parse(blob)
@@ -196,7 +152,7 @@ impl Platform {
 
     /// The RAM regions, in device-tree order.
     #[must_use]
-    pub fn memory(&self) -> &[Region] {
+    pub fn memory(&self) -> &[PhysRange] {
         &self.memory[..self.memory_count]
     }
 
@@ -209,7 +165,7 @@ impl Platform {
 
     /// The RAM region containing `region`, if any.
     #[must_use]
-    pub fn ram_containing(&self, region: &Region) -> Option<Region> {
+    pub fn ram_containing(&self, region: &PhysRange) -> Option<PhysRange> {
         self.memory().iter().copied().find(|r| r.contains(region))
     }
 
@@ -231,7 +187,7 @@ impl Platform {
                 if self.memory_count == MAX_MEMORY_REGIONS {
                     return Err(PlatformError::TooManyMemoryRegions);
                 }
-                self.memory[self.memory_count] = Region::new(reg.starting_address as u64, size);
+                self.memory[self.memory_count] = PhysRange::new(reg.starting_address as u64, size);
                 self.memory_count += 1;
             }
         }
@@ -293,13 +249,13 @@ pub fn find_path<'b, 'a>(fdt: &'b Fdt<'a>, path: &str) -> Option<FdtNode<'b, 'a>
 }
 
 /// The first `reg` entry of a node.
-fn first_reg(node: FdtNode<'_, '_>, name: &'static str) -> Result<Region, PlatformError> {
+fn first_reg(node: FdtNode<'_, '_>, name: &'static str) -> Result<PhysRange, PlatformError> {
     let reg = node
         .reg()
         .and_then(|mut r| r.next())
         .ok_or(PlatformError::BadReg(name))?;
     let size = reg.size.ok_or(PlatformError::BadReg(name))? as u64;
-    Ok(Region::new(reg.starting_address as u64, size))
+    Ok(PhysRange::new(reg.starting_address as u64, size))
 }
 
 fn is_compatible(node: FdtNode<'_, '_>, compatible: &str) -> bool {
@@ -307,7 +263,7 @@ fn is_compatible(node: FdtNode<'_, '_>, compatible: &str) -> bool {
         .is_some_and(|c| c.all().any(|s| s == compatible))
 }
 
-fn find_uart(fdt: &Fdt<'_>) -> Result<Option<Region>, PlatformError> {
+fn find_uart(fdt: &Fdt<'_>) -> Result<Option<PhysRange>, PlatformError> {
     let stdout = find_path(fdt, "/chosen")
         .and_then(|c| c.property("stdout-path"))
         .and_then(|p| p.as_str())
@@ -331,9 +287,9 @@ fn find_gic(fdt: &Fdt<'_>) -> Result<Option<Gic>, PlatformError> {
         2
     };
     let mut regs = node.reg().ok_or(PlatformError::BadReg("gic"))?;
-    let mut next = || -> Result<Region, PlatformError> {
+    let mut next = || -> Result<PhysRange, PlatformError> {
         let r = regs.next().ok_or(PlatformError::BadReg("gic"))?;
-        Ok(Region::new(
+        Ok(PhysRange::new(
             r.starting_address as u64,
             r.size.ok_or(PlatformError::BadReg("gic"))? as u64,
         ))
@@ -367,8 +323,8 @@ mod tests {
 
     // Dumped from QEMU 7.2 with `-machine virt,virtualization=on,gic-version=3,dumpdtb=...`
     // and packed with `dtc -I dtb -O dtb`.
-    const SMP4: &[u8] = include_bytes!("../tests/fixtures/virt-gicv3-a57-smp4-2g.dtb");
-    const SMP1: &[u8] = include_bytes!("../tests/fixtures/virt-gicv3-max-smp1-512m.dtb");
+    const SMP4: &[u8] = include_bytes!("../../tests/fixtures/virt-gicv3-a57-smp4-2g.dtb");
+    const SMP1: &[u8] = include_bytes!("../../tests/fixtures/virt-gicv3-max-smp1-512m.dtb");
 
     fn parse(blob: &[u8]) -> Platform {
         match Platform::parse(blob) {
@@ -380,16 +336,16 @@ mod tests {
     #[test]
     fn qemu_virt_four_cpus() {
         let p = parse(SMP4);
-        assert_eq!(p.memory(), &[Region::new(0x4000_0000, 2 << 30)]);
+        assert_eq!(p.memory(), &[PhysRange::new(0x4000_0000, 2 << 30)]);
         assert_eq!(p.cpus(), &[0, 1, 2, 3]);
         assert_eq!(p.cpus_ignored, 0);
-        assert_eq!(p.uart, Some(Region::new(0x0900_0000, 0x1000)));
+        assert_eq!(p.uart, Some(PhysRange::new(0x0900_0000, 0x1000)));
         assert_eq!(
             p.gic,
             Some(Gic {
                 version: 3,
-                distributor: Region::new(0x0800_0000, 0x1_0000),
-                second: Region::new(0x080a_0000, 0xf6_0000),
+                distributor: PhysRange::new(0x0800_0000, 0x1_0000),
+                second: PhysRange::new(0x080a_0000, 0xf6_0000),
             })
         );
         assert_eq!(
@@ -406,30 +362,30 @@ mod tests {
     fn vm_descriptions_in_chosen_do_not_hide_the_cpus() {
         // QEMU's tree after the scripts added a VM description under /chosen (as it is
         // booted by the VM tests); `fdt`'s own path lookup does not find /cpus in it.
-        let blob = include_bytes!("../tests/fixtures/virt-gicv3-with-vm-in-chosen.dtb");
+        let blob = include_bytes!("../../tests/fixtures/virt-gicv3-with-vm-in-chosen.dtb");
         let p = parse(blob);
         assert_eq!(p.cpus(), &[0]);
-        assert_eq!(p.memory(), &[Region::new(0x4000_0000, 2 << 30)]);
-        assert_eq!(p.uart, Some(Region::new(0x0900_0000, 0x1000)));
+        assert_eq!(p.memory(), &[PhysRange::new(0x4000_0000, 2 << 30)]);
+        assert_eq!(p.uart, Some(PhysRange::new(0x0900_0000, 0x1000)));
     }
 
     #[test]
     fn qemu_virt_one_cpu_less_ram() {
         let p = parse(SMP1);
-        assert_eq!(p.memory(), &[Region::new(0x4000_0000, 512 << 20)]);
+        assert_eq!(p.memory(), &[PhysRange::new(0x4000_0000, 512 << 20)]);
         assert_eq!(p.cpus(), &[0]);
     }
 
     #[test]
     fn ram_containing() {
         let p = parse(SMP4);
-        let inside = Region::new(0x4020_0000, 0x10_0000);
+        let inside = PhysRange::new(0x4020_0000, 0x10_0000);
         assert_eq!(
             p.ram_containing(&inside),
-            Some(Region::new(0x4000_0000, 2 << 30))
+            Some(PhysRange::new(0x4000_0000, 2 << 30))
         );
-        assert_eq!(p.ram_containing(&Region::new(0x3fff_f000, 0x2000)), None);
-        assert_eq!(p.ram_containing(&Region::new(0xc000_0000, 0x1000)), None);
+        assert_eq!(p.ram_containing(&PhysRange::new(0x3fff_f000, 0x2000)), None);
+        assert_eq!(p.ram_containing(&PhysRange::new(0xc000_0000, 0x1000)), None);
     }
 
     #[test]
@@ -636,7 +592,7 @@ mod tests {
             .build(),
         );
         assert_eq!(p.memory().len(), MAX_MEMORY_REGIONS);
-        assert_eq!(p.memory()[3], Region::new(0x3_4000_0000, 0x1000_0000));
+        assert_eq!(p.memory()[3], PhysRange::new(0x3_4000_0000, 0x1000_0000));
         let mut too_many = banks;
         too_many.push((0x10_0000_0000, 0x1000));
         assert_eq!(
@@ -702,7 +658,7 @@ mod tests {
             }
             .build(),
         );
-        assert_eq!(first.uart, Some(Region::new(0x0900_0000, 0x1000)));
+        assert_eq!(first.uart, Some(PhysRange::new(0x0900_0000, 0x1000)));
         let chosen = parse(
             &Tree {
                 uarts,
@@ -711,7 +667,7 @@ mod tests {
             }
             .build(),
         );
-        assert_eq!(chosen.uart, Some(Region::new(0x0904_0000, 0x1000)));
+        assert_eq!(chosen.uart, Some(PhysRange::new(0x0904_0000, 0x1000)));
         // stdout-path naming something that is not a PL011: fall back to the first PL011.
         let other = parse(
             &Tree {
@@ -721,7 +677,7 @@ mod tests {
             }
             .build(),
         );
-        assert_eq!(other.uart, Some(Region::new(0x0900_0000, 0x1000)));
+        assert_eq!(other.uart, Some(PhysRange::new(0x0900_0000, 0x1000)));
     }
 
     #[test]
@@ -734,16 +690,5 @@ mod tests {
                 "length {len}"
             );
         }
-    }
-
-    #[test]
-    fn region_arithmetic() {
-        let a = Region::new(0x1000, 0x2000);
-        assert_eq!(a.end(), 0x3000);
-        assert!(a.contains(&Region::new(0x1000, 0x2000)));
-        assert!(!a.contains(&Region::new(0x2000, 0x2000)));
-        assert!(a.overlaps(&Region::new(0x2fff, 1)));
-        assert!(!a.overlaps(&Region::new(0x3000, 1)));
-        assert_eq!(Region::new(u64::MAX - 1, 10).end(), u64::MAX);
     }
 }

@@ -6,8 +6,6 @@
 //! system registers stay in the CPU and are never saved or switched; they are reset when
 //! the vCPU (re)starts.
 
-mod regs;
-
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -15,14 +13,16 @@ use mmu::arch::ArmTlb;
 use mmu::{FrameAllocator, PhysToVirt, TlbMaintenance, TlbOp};
 use spin::Once;
 
-use super::{
-    Layout, MmuStage2, Platform, Vm, VmError, VmManager, VmStatus, GUEST_RAM, IPA_BITS, STAGING,
-};
-use crate::start::{self, Machine, FRAMES};
+use super::regs;
+use super::{Machine, FRAMES};
+use crate::config;
+use crate::machine;
+use crate::mem::layout::{GUEST_RAM, STAGING};
+use crate::mem::PhysRange;
 use crate::vcpu::{self, ExitReason, GuestEl1, Next, VcpuCtx};
-use crate::vdesc;
-use crate::vmid::{Vmid, VmidBits, VmidFlush};
-use crate::vuart::LineSink;
+use crate::vm::vmid::{Vmid, VmidBits, VmidFlush};
+use crate::vm::vuart::LineSink;
+use crate::vm::{Backend, Layout, MmuStage2, Vm, VmError, VmManager, VmStatus, IPA_BITS};
 
 static MANAGER: Once<VmManager<Hw>> = Once::new();
 /// Set by the CPU that ends the run.
@@ -94,13 +94,13 @@ impl VmidFlush for Hw {
     }
 }
 
-impl Platform for Hw {
+impl Backend for Hw {
     type S2 = HwStage2;
 
     fn new_stage2(
         &mut self,
         vmid: Vmid,
-        mappings: vdesc::Stage2Mappings,
+        mappings: config::Stage2Mappings,
     ) -> Result<HwStage2, mmu::Error> {
         MmuStage2::new(self.stage2_regime(vmid), HwFrames, ArmTlb, mappings).map(|mut s2| {
             s2.0.set_tlbi_range(self.tlbi_range);
@@ -160,9 +160,9 @@ pub fn run_vms(machine: &Machine) -> ! {
     // SAFETY: the device tree QEMU passed stays mapped read-only and unchanged for the
     // whole run (the layout reserves its pages).
     let blob = unsafe { core::slice::from_raw_parts(dtb.base as *const u8, dtb.size as usize) };
-    let descs = match vdesc::parse(blob) {
+    let descs = match config::parse(blob) {
         Ok(d) => d,
-        Err(e) => start::fatal(format_args!("VM description: {e}")),
+        Err(e) => machine::fatal(format_args!("VM description: {e}")),
     };
     log::info!(
         "hypervisor ready: {} CPUs online, {} VMs described",
@@ -171,12 +171,12 @@ pub fn run_vms(machine: &Machine) -> ! {
     );
     if descs.is_empty() {
         log::info!("no VMs described under /chosen: nothing to run");
-        start::power_off();
+        machine::power_off();
     }
     let vmid_bits = regs::vmid_bits();
     let empty_root = HwFrames
         .alloc_frame()
-        .unwrap_or_else(|| start::fatal(format_args!("no frame for the empty stage-2 root")));
+        .unwrap_or_else(|| machine::fatal(format_args!("no frame for the empty stage-2 root")));
     let host_ram = machine
         .platform
         .memory()
@@ -185,7 +185,7 @@ pub fn run_vms(machine: &Machine) -> ! {
             (lo.min(r.base), hi.max(r.end()))
         });
     let layout = Layout {
-        host_ram: (host_ram.0, host_ram.1.saturating_sub(host_ram.0)),
+        host_ram: PhysRange::new(host_ram.0, host_ram.1.saturating_sub(host_ram.0)),
         guest_ram: GUEST_RAM,
         staging: STAGING,
     };
@@ -217,7 +217,7 @@ pub fn run_vms(machine: &Machine) -> ! {
         stage_linux_dtb(&mut desc, blob);
         for &cpu in &desc.cpus {
             if cpu_index_of(u64::from(cpu)).is_none() {
-                start::fatal(format_args!("VM {name}: CPU {cpu:#x} is not an online CPU"));
+                machine::fatal(format_args!("VM {name}: CPU {cpu:#x} is not an online CPU"));
             }
         }
         match manager.create(desc) {
@@ -234,19 +234,19 @@ pub fn run_vms(machine: &Machine) -> ! {
                 );
                 log_stage2_layout(&vm.desc);
             }
-            Err(e) => start::fatal(format_args!("VM {name}: {e}")),
+            Err(e) => machine::fatal(format_args!("VM {name}: {e}")),
         }
     }
     MANAGER.call_once(|| manager);
     aarch64_cpu::asm::sev();
     for cpu in 1..boot::MAX_CPUS {
-        start::wake(cpu);
+        machine::wake(cpu);
     }
     run_cpu(0)
 }
 
 /// One log line per stage-2 range of a new VM: what the guest can reach, and how.
-fn log_stage2_layout(desc: &vdesc::VmDesc) {
+fn log_stage2_layout(desc: &config::VmDesc) {
     for r in &desc.memory {
         log::info!(
             "VM {} stage 2: IPA [{:#x}, {:#x}) -> PA {:#x}: RAM, normal write-back, RWX, {}",
@@ -255,8 +255,8 @@ fn log_stage2_layout(desc: &vdesc::VmDesc) {
             r.ipa + r.size,
             r.pa,
             match desc.stage2 {
-                vdesc::Stage2Mappings::Blocks => "blocks where aligned",
-                vdesc::Stage2Mappings::Pages => "4 KiB pages",
+                config::Stage2Mappings::Blocks => "blocks where aligned",
+                config::Stage2Mappings::Pages => "4 KiB pages",
             }
         );
     }
@@ -273,16 +273,16 @@ fn log_stage2_layout(desc: &vdesc::VmDesc) {
         log::info!(
             "VM {} stage 2: IPA [{u:#x}, {:#x}): virtual UART, unmapped (emulated)",
             desc.name,
-            u + vdesc::PAGE_SIZE
+            u + config::PAGE_SIZE
         );
     }
 }
 
 /// For a VM that boots Linux (`bootargs` and no `dtb`), builds its DTB and stages it after
 /// its images (`crate::linux::complete_desc`); stops the run if the VM cannot boot.
-fn stage_linux_dtb(desc: &mut vdesc::VmDesc, host_dtb: &[u8]) {
+fn stage_linux_dtb(desc: &mut config::VmDesc, host_dtb: &[u8]) {
     let kernel = desc.kernel;
-    if !super::within(STAGING, kernel.pa, kernel.size) {
+    if !STAGING.contains(&PhysRange::new(kernel.pa, kernel.size)) {
         // Left for VmManager::create to refuse with its own message.
         return;
     }
@@ -306,7 +306,7 @@ fn stage_linux_dtb(desc: &mut vdesc::VmDesc, host_dtb: &[u8]) {
                 desc.initrd.map(|i| (i.ipa, i.ipa + i.size))
             );
         }
-        Err(e) => start::fatal(format_args!("VM {}: cannot boot Linux: {e:?}", desc.name)),
+        Err(e) => machine::fatal(format_args!("VM {}: cannot boot Linux: {e:?}", desc.name)),
     }
 }
 
@@ -314,7 +314,7 @@ fn stage_linux_dtb(desc: &mut vdesc::VmDesc, host_dtb: &[u8]) {
 pub fn secondary_idle(cpu: usize) -> ! {
     // Off until there is a vCPU to run here: the primary wakes every CPU once the VMs
     // exist, and a guest's CPU_ON wakes the CPU of the vCPU it starts.
-    start::park_off(cpu, || has_work(cpu));
+    machine::park_off(cpu, || has_work(cpu));
     while MANAGER.get().is_none() {
         aarch64_cpu::asm::wfe();
     }
@@ -322,7 +322,7 @@ pub fn secondary_idle(cpu: usize) -> ! {
 }
 
 fn cpu_index_of(mpidr: u64) -> Option<usize> {
-    (0..boot::MAX_CPUS).find(|&i| start::cpu_mpidr(i) == Some(mpidr))
+    (0..boot::MAX_CPUS).find(|&i| machine::cpu_mpidr(i) == Some(mpidr))
 }
 
 /// Whether CPU `cpu` has a vCPU waiting to start (its VM exists, runs, and has a start
@@ -331,14 +331,14 @@ fn has_work(cpu: usize) -> bool {
     let Some(manager) = MANAGER.get() else {
         return false;
     };
-    let Some(mpidr) = start::cpu_mpidr(cpu).and_then(|m| u32::try_from(m).ok()) else {
+    let Some(mpidr) = machine::cpu_mpidr(cpu).and_then(|m| u32::try_from(m).ok()) else {
         return false;
     };
     manager.vm_on_cpu(mpidr).is_some_and(|(vm, index)| {
         vm.status() == VmStatus::Running
             && matches!(
                 vm.psci.lock().state(index),
-                Some(crate::psci::PowerState::OnPending { .. })
+                Some(crate::vm::psci::PowerState::OnPending { .. })
             )
     })
 }
@@ -348,11 +348,11 @@ fn wake_pending(vm: &Vm<HwStage2>) {
     for (index, &cpu) in vm.desc.cpus.iter().enumerate() {
         let pending = matches!(
             vm.psci.lock().state(index),
-            Some(crate::psci::PowerState::OnPending { .. })
+            Some(crate::vm::psci::PowerState::OnPending { .. })
         );
         if pending {
             if let Some(i) = cpu_index_of(u64::from(cpu)) {
-                start::wake(i);
+                machine::wake(i);
             }
         }
     }
@@ -361,15 +361,15 @@ fn wake_pending(vm: &Vm<HwStage2>) {
 /// A CPU with nothing (more) to run: off through the firmware, or, for CPU 0, which
 /// cannot be, a `WFE` loop.
 fn idle_forever(cpu: usize) -> ! {
-    start::park_off(cpu, || false);
-    start::park()
+    machine::park_off(cpu, || false);
+    machine::park()
 }
 
 fn run_cpu(cpu: usize) -> ! {
     let Some(manager) = MANAGER.get() else {
         idle_forever(cpu)
     };
-    let Some(mpidr) = start::cpu_mpidr(cpu) else {
+    let Some(mpidr) = machine::cpu_mpidr(cpu) else {
         idle_forever(cpu)
     };
     let Ok(mpidr32) = u32::try_from(mpidr) else {
@@ -380,7 +380,7 @@ fn run_cpu(cpu: usize) -> ! {
     };
     loop {
         // Off until a CPU_ON starts this vCPU (or the VM ends).
-        start::park_off(cpu, || has_work(cpu) || vm.status() != VmStatus::Running);
+        machine::park_off(cpu, || has_work(cpu) || vm.status() != VmStatus::Running);
         let Some((entry, context)) = wait_for_start(&vm, index) else {
             break;
         };
@@ -475,7 +475,7 @@ fn run_vcpu(manager: &VmManager<Hw>, vm: &Arc<Vm<HwStage2>>, index: usize, entry
 fn finish(ok: bool) -> ! {
     // Several CPUs may see the last VM finish; one reports and ends the run.
     if FINISHING.swap(true, Ordering::SeqCst) {
-        start::park();
+        machine::park();
     }
     let frames = FRAMES.get().map_or(0, |p| p.lock().in_use());
     log::info!(
@@ -484,7 +484,7 @@ fn finish(ok: bool) -> ! {
     );
     if ok {
         log::info!("twostage: all VMs done: success");
-        start::power_off()
+        machine::power_off()
     } else {
         log::error!("twostage: all VMs done: failure");
         boot::semihosting_exit(boot::exit_status::VM_FAILED)

@@ -14,8 +14,8 @@
 //! (`crate::vm::VmManager`). A call allocates nothing: the transactions have room
 //! reserved, and a request's RAM segments are walked in the description.
 
-use crate::vdesc::{VmDesc, PAGE_SIZE};
-use crate::vm::{Stage2, Vm, VmStatus, IPA_BITS};
+use crate::config::{VmDesc, PAGE_SIZE};
+use crate::vm::{Stage2Table, Vm, VmStatus, IPA_BITS};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
@@ -408,7 +408,7 @@ fn ram_segments(desc: &VmDesc, ipa: u64, size: u64) -> Result<Segments<'_>, Erro
 }
 
 /// Whether every page of `[ipa, ipa + size)` is mapped in `s2` in state `state`.
-fn all_in_state<S: Stage2>(s2: &S, ipa: u64, size: u64, state: PageState) -> bool {
+fn all_in_state<S: Stage2Table>(s2: &S, ipa: u64, size: u64, state: PageState) -> bool {
     let end = ipa + size;
     let mut next = ipa;
     let mut ok = true;
@@ -423,7 +423,7 @@ fn all_in_state<S: Stage2>(s2: &S, ipa: u64, size: u64, state: PageState) -> boo
 }
 
 /// Whether nothing is mapped in `s2` in `[ipa, ipa + size)`.
-fn nothing_mapped<S: Stage2>(s2: &S, ipa: u64, size: u64) -> bool {
+fn nothing_mapped<S: Stage2Table>(s2: &S, ipa: u64, size: u64) -> bool {
     let mut any = false;
     let walked = s2.walk(ipa, size, &mut |_| any = true);
     walked.is_ok() && !any
@@ -443,7 +443,7 @@ fn ipa_free(desc: &VmDesc, ipa: u64, size: u64) -> bool {
 
 /// Maps `segments` of the owner at `ipa` in `s2` with `attrs`, in 4 KiB pages; undoes
 /// what it mapped if a later segment fails.
-fn map_segments<S: Stage2>(
+fn map_segments<S: Stage2Table>(
     s2: &mut S,
     ipa: u64,
     segments: Segments<'_>,
@@ -464,7 +464,7 @@ fn map_segments<S: Stage2>(
 
 /// Maps lent `segments` back into their owner (RAM attributes and the owner's block
 /// policy); undoes what it mapped if a later segment fails.
-fn map_back<S: Stage2>(s2: &mut S, segments: Segments<'_>) -> Result<(), mmu::Error> {
+fn map_back<S: Stage2Table>(s2: &mut S, segments: Segments<'_>) -> Result<(), mmu::Error> {
     for (i, s) in segments.clone().enumerate() {
         if let Err(e) = s2.map(s.ipa, s.pa, s.size, crate::vm::S2Kind::Ram) {
             for done in segments.take(i) {
@@ -529,7 +529,7 @@ impl Table {
     /// # Errors
     ///
     /// The [`Error`] the ABI defines for the request; nothing changed then.
-    pub fn call<S: Stage2>(
+    pub fn call<S: Stage2Table>(
         &mut self,
         vms: &[Arc<Vm<S>>],
         caller: &Vm<S>,
@@ -561,7 +561,7 @@ impl Table {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn give<S: Stage2>(
+    fn give<S: Stage2Table>(
         &mut self,
         vms: &[Arc<Vm<S>>],
         owner: &Vm<S>,
@@ -633,7 +633,7 @@ impl Table {
         Ok(handle)
     }
 
-    fn retrieve<S: Stage2>(
+    fn retrieve<S: Stage2Table>(
         &mut self,
         vms: &[Arc<Vm<S>>],
         receiver: &Vm<S>,
@@ -670,7 +670,7 @@ impl Table {
         Ok(())
     }
 
-    fn relinquish<S: Stage2>(&mut self, receiver: &Vm<S>, handle: u64) -> Result<(), Error> {
+    fn relinquish<S: Stage2Table>(&mut self, receiver: &Vm<S>, handle: u64) -> Result<(), Error> {
         let i = self.index(handle, receiver.id)?;
         let t = self.live[i];
         let State::Retrieved { ipa, .. } = t.state else {
@@ -692,13 +692,13 @@ impl Table {
     /// Removes a receiver's borrowed mapping, with the TLB invalidation for its VMID
     /// (`mmu`, before this returns). 4 KiB pages: nothing to split, so it cannot run out
     /// of frames; an error still leaves the table as it was.
-    fn unmap_borrowed<S: Stage2>(receiver: &Vm<S>, ipa: u64, size: u64) -> Result<(), Error> {
+    fn unmap_borrowed<S: Stage2Table>(receiver: &Vm<S>, ipa: u64, size: u64) -> Result<(), Error> {
         let mut guard = receiver.stage2.lock();
         let s2 = guard.as_mut().ok_or(Error::Denied)?;
         s2.unmap(ipa, size).map_err(Error::from_mmu)
     }
 
-    fn reclaim<S: Stage2>(&mut self, owner: &Vm<S>, handle: u64) -> Result<(), Error> {
+    fn reclaim<S: Stage2Table>(&mut self, owner: &Vm<S>, handle: u64) -> Result<(), Error> {
         let i = self.index(handle, owner.id)?;
         let t = self.live[i];
         if t.owner != owner.id || t.state != State::Pending {
@@ -717,7 +717,7 @@ impl Table {
 
     /// Gives the pages of pending transaction `t` back to its owner: software bits back
     /// to owned, or lent pages mapped again.
-    fn restore_owner<S: Stage2>(owner: &Vm<S>, t: &Transaction) -> Result<(), Error> {
+    fn restore_owner<S: Stage2Table>(owner: &Vm<S>, t: &Transaction) -> Result<(), Error> {
         let segments = ram_segments(&owner.desc, t.ipa, t.size())?;
         let mut guard = owner.stage2.lock();
         let s2 = guard.as_mut().ok_or(Error::Denied)?;
@@ -751,7 +751,7 @@ impl Table {
     /// transaction is pending again); as owner, each receiver's mapping is removed with
     /// its TLB invalidation, the pages return to `vm`, and the transaction ends. `vms`
     /// holds the other live VMs.
-    pub fn end_all<S: Stage2>(&mut self, vms: &[Arc<Vm<S>>], vm: &Vm<S>) {
+    pub fn end_all<S: Stage2Table>(&mut self, vms: &[Arc<Vm<S>>], vm: &Vm<S>) {
         for t in &mut self.live {
             if t.receiver != vm.id {
                 continue;

@@ -1,0 +1,447 @@
+//! The VM manager: creates VMs from their descriptions, looks them up, resets and destroys
+//! them, and accounts for every guest page and stage-2 table frame.
+//!
+//! Everything that touches hardware or memory goes through [`Backend`] (stage-2 tables,
+//! copying and scrubbing physical memory, VMID TLB flushes), so this module is tested on
+//! the host with a recording fake.
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::fmt;
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use spin::Mutex;
+
+use super::pool::{PagePool, PoolError};
+use super::psci::{PowerState, PsciVm};
+use super::share;
+use super::stage2::Stage2Table;
+use super::vmid::{Vmid, VmidAllocator, VmidBits, VmidError, VmidFlush};
+use super::vuart::VUart;
+use super::{S2Kind, Vm, VmStatus};
+use crate::config::{GuestRegion, Image, Stage2Mappings, VmDesc};
+use crate::mem::PhysRange;
+
+/// What the manager needs from the machine.
+pub trait Backend: VmidFlush {
+    /// The stage-2 table type.
+    type S2: Stage2Table;
+    /// A new, empty stage-2 table tagged with `vmid` (its root frames are taken now) whose
+    /// every mapping uses the entries `mappings` allows.
+    ///
+    /// # Errors
+    ///
+    /// Out of table frames.
+    fn new_stage2(&mut self, vmid: Vmid, mappings: Stage2Mappings) -> Result<Self::S2, mmu::Error>;
+    /// Frees an empty stage-2 table and all its frames.
+    fn free_stage2(&mut self, s2: Self::S2);
+    /// Table frames currently allocated to stage-2 tables.
+    fn table_frames(&self) -> usize;
+    /// Zeroes host physical memory.
+    fn zero(&mut self, pa: u64, len: u64);
+    /// Copies host physical memory (`src` and `dst` do not overlap).
+    fn copy(&mut self, dst: u64, src: u64, len: u64);
+}
+
+/// Why a VM could not be created or destroyed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmError {
+    /// No VMID left.
+    Vmid(VmidError),
+    /// A RAM region is outside guest memory or already another VM's.
+    Ram(GuestRegion, PoolError),
+    /// A pass-through range covers host RAM.
+    PassthroughOverRam(GuestRegion),
+    /// An image's staging range is not inside the staging area.
+    ImageNotStaged(Image),
+    /// The stage-2 table could not be built.
+    Stage2(mmu::Error),
+    /// No VM with that id.
+    NoSuchVm(u32),
+    /// A physical CPU of the description is already running another VM.
+    CpuBusy(u32),
+}
+
+impl fmt::Display for VmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Vmid(e) => write!(f, "{e}"),
+            Self::Ram(r, e) => write!(f, "RAM at PA {:#x} size {:#x}: {e:?}", r.pa, r.size),
+            Self::PassthroughOverRam(r) => {
+                write!(
+                    f,
+                    "pass-through PA {:#x} size {:#x} covers RAM",
+                    r.pa, r.size
+                )
+            }
+            Self::ImageNotStaged(i) => {
+                write!(
+                    f,
+                    "image at PA {:#x} size {:#x} is outside the staging area",
+                    i.pa, i.size
+                )
+            }
+            Self::Stage2(e) => write!(f, "stage 2: {e}"),
+            Self::NoSuchVm(id) => write!(f, "no VM {id}"),
+            Self::CpuBusy(c) => write!(f, "physical CPU {c} already runs a VM"),
+        }
+    }
+}
+
+/// Fixed physical ranges the manager checks descriptions against.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    /// All host RAM (pass-through ranges may not touch it).
+    pub host_ram: PhysRange,
+    /// Where guest RAM may be (the page pool).
+    pub guest_ram: PhysRange,
+    /// Where QEMU stages guest images.
+    pub staging: PhysRange,
+}
+
+struct Inner<P: Backend> {
+    platform: P,
+    vmids: VmidAllocator,
+    pool: PagePool,
+    layout: Layout,
+    vms: Vec<Arc<Vm<P::S2>>>,
+    next_id: u32,
+    /// Destroyed VMs that had been stopped by the hypervisor (for [`VmManager::outcome`]).
+    destroyed_failed: usize,
+}
+
+/// All VMs, behind one lock, and the memory-sharing transactions between them, behind
+/// another.
+///
+/// Lock order: `inner`, then a VM's `psci`, then `shares`, then one VM's `stage2` at a
+/// time.
+pub struct VmManager<P: Backend> {
+    inner: Mutex<Inner<P>>,
+    shares: Mutex<share::Table>,
+}
+
+impl<P: Backend> VmManager<P> {
+    /// A manager with no VMs.
+    pub fn new(platform: P, vmid_bits: VmidBits, layout: Layout) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                platform,
+                vmids: VmidAllocator::new(vmid_bits),
+                pool: PagePool::new(layout.guest_ram.base, layout.guest_ram.size),
+                layout,
+                vms: Vec::new(),
+                next_id: 0,
+                destroyed_failed: 0,
+            }),
+            shares: Mutex::new(share::Table::new()),
+        }
+    }
+
+    /// Creates a VM: VMID, stage 2, RAM claimed and scrubbed, images copied in, vCPU 0
+    /// powered on at the entry point. VM ids count up from 0 in creation order.
+    ///
+    /// # Errors
+    ///
+    /// [`VmError`]; a failed create leaves nothing allocated.
+    pub fn create(&self, desc: VmDesc) -> Result<Arc<Vm<P::S2>>, VmError> {
+        let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        for vm in &inner.vms {
+            if let Some(c) = vm.desc.cpus.iter().find(|c| desc.cpus.contains(c)) {
+                return Err(VmError::CpuBusy(*c));
+            }
+        }
+        for p in &desc.passthrough {
+            if inner
+                .layout
+                .host_ram
+                .overlaps(&PhysRange::new(p.pa, p.size))
+            {
+                return Err(VmError::PassthroughOverRam(*p));
+            }
+        }
+        for img in [Some(desc.kernel), desc.initrd, desc.dtb]
+            .into_iter()
+            .flatten()
+        {
+            if !inner
+                .layout
+                .staging
+                .contains(&PhysRange::new(img.pa, img.size))
+            {
+                return Err(VmError::ImageNotStaged(img));
+            }
+        }
+        let vmid = inner.vmids.allocate().map_err(VmError::Vmid)?;
+        let mut s2 = match inner.platform.new_stage2(vmid, desc.stage2) {
+            Ok(s2) => s2,
+            Err(e) => {
+                // A VMID that never reached VTTBR_EL2 has no TLB entries, but the
+                // allocator flushes anyway: keep one rule.
+                let _ = inner.vmids.release(vmid, &mut inner.platform);
+                return Err(VmError::Stage2(e));
+            }
+        };
+        let mut claimed = 0;
+        let mut mapped_ram = 0;
+        let mut mapped_dev = 0;
+        let result = (|| {
+            for r in &desc.memory {
+                inner
+                    .pool
+                    .claim(r.pa, r.size)
+                    .map_err(|e| VmError::Ram(*r, e))?;
+                claimed += 1;
+                scrub_around_images(&mut inner.platform, &desc, r);
+                s2.map(r.ipa, r.pa, r.size, S2Kind::Ram)
+                    .map_err(VmError::Stage2)?;
+                mapped_ram += 1;
+            }
+            for p in &desc.passthrough {
+                s2.map(p.ipa, p.pa, p.size, S2Kind::Device)
+                    .map_err(VmError::Stage2)?;
+                mapped_dev += 1;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for p in &desc.passthrough[..mapped_dev] {
+                let _ = s2.unmap(p.ipa, p.size);
+            }
+            for r in &desc.memory[..mapped_ram] {
+                let _ = s2.unmap(r.ipa, r.size);
+            }
+            for r in &desc.memory[..claimed] {
+                inner.platform.zero(r.pa, r.size);
+                let _ = inner.pool.release(r.pa, r.size);
+            }
+            inner.platform.free_stage2(s2);
+            let _ = inner.vmids.release(vmid, &mut inner.platform);
+            return Err(e);
+        }
+        load_images(&mut inner.platform, &desc);
+        let mut psci = PsciVm::new(desc.cpus.len());
+        // vCPU 0 of a new VM is off, so this cannot fail.
+        let _ = psci.power_on(0, desc.entry, desc.boot_x0());
+        let vm = Arc::new(Vm {
+            id: inner.next_id,
+            vttbr: s2.vttbr(),
+            desc,
+            vmid,
+            stage2: Mutex::new(Some(s2)),
+            psci: Mutex::new(psci),
+            status: Mutex::new(VmStatus::Running),
+            uart: Mutex::new(VUart::new()),
+            in_guest: AtomicUsize::new(0),
+            boots: AtomicU32::new(1),
+        });
+        inner.next_id += 1;
+        inner.vms.push(Arc::clone(&vm));
+        Ok(vm)
+    }
+
+    /// Reboots a VM in place: every vCPU off, RAM scrubbed, images copied in again, vCPU 0
+    /// on at the entry point. The VMID and stage 2 stay.
+    ///
+    /// # Errors
+    ///
+    /// [`VmError::NoSuchVm`].
+    pub fn reset(&self, id: u32) -> Result<(), VmError> {
+        let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        let vm = inner
+            .vms
+            .iter()
+            .find(|v| v.id == id)
+            .ok_or(VmError::NoSuchVm(id))?;
+        let mut psci = vm.psci.lock();
+        psci.all_off();
+        // Its pages leave every other VM before they are scrubbed.
+        self.shares.lock().end_all(&inner.vms, vm);
+        for r in &vm.desc.memory {
+            scrub_around_images(&mut inner.platform, &vm.desc, r);
+        }
+        load_images(&mut inner.platform, &vm.desc);
+        let _ = psci.power_on(0, vm.desc.entry, vm.desc.boot_x0());
+        vm.boots.fetch_add(1, Ordering::SeqCst);
+        *vm.status.lock() = VmStatus::Running;
+        Ok(())
+    }
+
+    /// Destroys a VM whose vCPUs no longer run: unmaps and frees its stage 2, scrubs and
+    /// returns its RAM, flushes and frees its VMID, and logs what came back.
+    ///
+    /// # Errors
+    ///
+    /// [`VmError::NoSuchVm`].
+    pub fn destroy(&self, id: u32) -> Result<(), VmError> {
+        let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        let i = inner
+            .vms
+            .iter()
+            .position(|v| v.id == id)
+            .ok_or(VmError::NoSuchVm(id))?;
+        let vm = inner.vms.swap_remove(i);
+        if vm.status() == VmStatus::Failed {
+            inner.destroyed_failed += 1;
+        }
+        vm.psci.lock().all_off();
+        // Its pages leave every other VM before they are scrubbed, and pages it borrowed
+        // go back to pending.
+        self.shares.lock().end_all(&inner.vms, &vm);
+        {
+            let mut s2 = vm.stage2.lock();
+            if let Some(s2) = s2.as_mut() {
+                for p in &vm.desc.passthrough {
+                    let _ = s2.unmap(p.ipa, p.size);
+                }
+                for r in &vm.desc.memory {
+                    let _ = s2.unmap(r.ipa, r.size);
+                }
+            }
+        }
+        for r in &vm.desc.memory {
+            inner.platform.zero(r.pa, r.size);
+            let _ = inner.pool.release(r.pa, r.size);
+        }
+        // The flush runs before the VMID can be handed out again.
+        let _ = inner.vmids.release(vm.vmid, &mut inner.platform);
+        if let Some(s2) = vm.stage2.lock().take() {
+            inner.platform.free_stage2(s2);
+        }
+        // Logged under the lock, so that no CPU can see the run finished (and end it)
+        // before this line is out.
+        log::info!(
+            "VM {} destroyed: {} KiB RAM scrubbed and returned, VMID {} released; guest RAM \
+             free {} of {} KiB, page-table frames in use {}, VMIDs in use {}",
+            vm.desc.name,
+            vm.desc.ram_size() / 1024,
+            vm.vmid,
+            inner.pool.free_bytes() / 1024,
+            inner.pool.total_bytes() / 1024,
+            inner.platform.table_frames(),
+            inner.vmids.in_use()
+        );
+        Ok(())
+    }
+
+    /// Runs memory-sharing call `req` made by vCPU `vcpu` of `caller` and returns
+    /// x0..x3 (`docs/hypercalls.md`, "Memory sharing between VMs"). A vCPU that is no
+    /// longer on (its VM is being reset or stopped) gets `DENIED`.
+    ///
+    /// The manager lock is held for the whole call: the VMs it sees are the live ones,
+    /// and no list of them is copied (a call allocates nothing).
+    pub fn share_call(&self, caller: &Vm<P::S2>, vcpu: usize, req: share::Request) -> [u64; 4] {
+        let inner = self.inner.lock();
+        let psci = caller.psci.lock();
+        let r = if psci.state(vcpu) == Some(PowerState::On) {
+            self.shares.lock().call(&inner.vms, caller, req)
+        } else {
+            Err(share::Error::Denied)
+        };
+        drop(psci);
+        drop(inner);
+        share::result_regs(r)
+    }
+
+    /// Runs `f` with the memory-sharing transactions.
+    pub fn with_shares<R>(&self, f: impl FnOnce(&share::Table) -> R) -> R {
+        f(&self.shares.lock())
+    }
+
+    /// The VM with id `id`.
+    pub fn get(&self, id: u32) -> Option<Arc<Vm<P::S2>>> {
+        self.inner.lock().vms.iter().find(|v| v.id == id).cloned()
+    }
+
+    /// The VM whose vCPU runs on physical CPU `cpu`, with that vCPU's index.
+    pub fn vm_on_cpu(&self, cpu: u32) -> Option<(Arc<Vm<P::S2>>, usize)> {
+        let inner = self.inner.lock();
+        inner.vms.iter().find_map(|v| {
+            v.desc
+                .cpus
+                .iter()
+                .position(|c| *c == cpu)
+                .map(|i| (Arc::clone(v), i))
+        })
+    }
+
+    /// All live VMs.
+    pub fn vms(&self) -> Vec<Arc<Vm<P::S2>>> {
+        self.inner.lock().vms.clone()
+    }
+
+    /// `None` while some VM runs or a finished VM waits to be destroyed (no vCPU runs
+    /// it); otherwise `Some(true)` if no VM, live or destroyed, was stopped by the
+    /// hypervisor. A finished VM whose vCPU never exits again does not hold the run up.
+    pub fn outcome(&self) -> Option<bool> {
+        let inner = self.inner.lock();
+        let mut ok = inner.destroyed_failed == 0;
+        for vm in &inner.vms {
+            if vm.finished_and_idle() {
+                return None;
+            }
+            match vm.status() {
+                VmStatus::Running => return None,
+                VmStatus::Failed => ok = false,
+                VmStatus::Off => {}
+            }
+        }
+        Some(ok)
+    }
+
+    /// (free guest RAM bytes, total guest RAM bytes, stage-2 table frames, VMIDs in use).
+    pub fn accounting(&self) -> (u64, u64, usize, usize) {
+        let inner = self.inner.lock();
+        (
+            inner.pool.free_bytes(),
+            inner.pool.total_bytes(),
+            inner.platform.table_frames(),
+            inner.vmids.in_use(),
+        )
+    }
+
+    /// Runs `f` with the platform (e.g. to inspect a fake in tests).
+    pub fn with_platform<R>(&self, f: impl FnOnce(&mut P) -> R) -> R {
+        f(&mut self.inner.lock().platform)
+    }
+}
+
+/// Zeroes RAM region `r` of `desc` except the bytes its images are copied over right
+/// after ([`load_images`]): every byte ends up either zero or image, as with a full
+/// scrub, without clearing (for a Linux kernel, 32 MiB) what is overwritten anyway.
+fn scrub_around_images<P: Backend>(platform: &mut P, desc: &VmDesc, r: &GuestRegion) {
+    let mut covered: Vec<(u64, u64)> = [Some(desc.kernel), desc.initrd, desc.dtb]
+        .into_iter()
+        .flatten()
+        .filter(|img| r.contains_ipa(img.ipa, img.size))
+        .map(|img| {
+            let pa = r.pa + (img.ipa - r.ipa);
+            (pa, pa + img.size)
+        })
+        .collect();
+    covered.sort_unstable();
+    let mut at = r.pa;
+    for (start, end) in covered {
+        if start > at {
+            platform.zero(at, start - at);
+        }
+        at = at.max(end);
+    }
+    let end = r.pa + r.size;
+    if end > at {
+        platform.zero(at, end - at);
+    }
+}
+
+fn load_images<P: Backend>(platform: &mut P, desc: &VmDesc) {
+    for img in [Some(desc.kernel), desc.initrd, desc.dtb]
+        .into_iter()
+        .flatten()
+    {
+        // The description was checked: the image lies inside one RAM region.
+        if let Some(r) = desc.ram_region(img.ipa, img.size) {
+            platform.copy(r.pa + (img.ipa - r.ipa), img.pa, img.size);
+        }
+    }
+}

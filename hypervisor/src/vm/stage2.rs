@@ -1,0 +1,166 @@
+//! A VM's stage-2 translation table as the VM code uses it: the [`Stage2Table`] trait
+//! (real `mmu` tables on the machine and in most tests, a recording fake in others) and
+//! how RAM and pass-through devices are mapped.
+
+use crate::config::Stage2Mappings;
+
+/// How a stage-2 range is mapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum S2Kind {
+    /// Guest RAM: Normal write-back, read/write/execute.
+    Ram,
+    /// Pass-through device: Device-nGnRE, read/write, never executable.
+    Device,
+}
+
+impl S2Kind {
+    /// The `mmu` attributes of this kind of stage-2 mapping.
+    #[must_use]
+    pub const fn attributes(self) -> mmu::Attributes {
+        use mmu::Permissions as P;
+        match self {
+            Self::Ram => mmu::Attributes::normal(P::RW.union(P::EXEC_EL1).union(P::EXEC_EL0)),
+            Self::Device => mmu::Attributes::device(),
+        }
+    }
+
+    /// The `mmu` map flags of a VM's stage 2 with these `mappings`.
+    #[must_use]
+    pub const fn map_flags(mappings: Stage2Mappings) -> mmu::MapFlags {
+        match mappings {
+            Stage2Mappings::Blocks => mmu::MapFlags::empty(),
+            Stage2Mappings::Pages => mmu::MapFlags::NO_BLOCKS,
+        }
+    }
+}
+
+/// IPA size of every guest (39 bits: a single level-1 root table, 512 GiB).
+pub const IPA_BITS: u8 = 39;
+
+/// One VM's stage-2 translation table. Every operation is transactional (`mmu`): on
+/// error the table is unchanged and no frame leaked.
+pub trait Stage2Table {
+    /// Maps `[ipa, ipa + size)` to `[pa, pa + size)` as `kind`, with blocks where the
+    /// VM's description allows them.
+    ///
+    /// # Errors
+    ///
+    /// The `mmu` error (out of frames, already mapped, out of range).
+    fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), mmu::Error>;
+    /// Maps `[ipa, ipa + size)` to `[pa, pa + size)` with `attrs` (software bits
+    /// included) in 4 KiB pages only, so that unmapping any part of it later needs no
+    /// frame.
+    ///
+    /// # Errors
+    ///
+    /// As [`Stage2Table::map`].
+    fn map_pages(
+        &mut self,
+        ipa: u64,
+        pa: u64,
+        size: u64,
+        attrs: mmu::Attributes,
+    ) -> Result<(), mmu::Error>;
+    /// Unmaps `[ipa, ipa + size)` (with the TLB maintenance the change needs, for this
+    /// table's VMID).
+    ///
+    /// # Errors
+    ///
+    /// The `mmu` error: out of frames when a block must be split.
+    fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), mmu::Error>;
+    /// Sets the software bits \[58:55\] of every mapping in `[ipa, ipa + size)`.
+    ///
+    /// # Errors
+    ///
+    /// The `mmu` error: out of frames when a block must be split.
+    fn set_sw(&mut self, ipa: u64, size: u64, sw: mmu::SwBits) -> Result<(), mmu::Error>;
+    /// Merges the tables in `[ipa, ipa + size)` that became uniform again back into
+    /// blocks, where the VM's description allows blocks (nothing otherwise). Needs no
+    /// frame.
+    ///
+    /// # Errors
+    ///
+    /// The `mmu` error for a misaligned or out-of-range request.
+    fn coalesce(&mut self, ipa: u64, size: u64) -> Result<(), mmu::Error>;
+    /// Calls `f` for every leaf mapping that intersects `[ipa, ipa + size)`, in order.
+    ///
+    /// # Errors
+    ///
+    /// The `mmu` error for a misaligned or out-of-range request.
+    fn walk(&self, ipa: u64, size: u64, f: &mut dyn FnMut(&mmu::Mapping))
+        -> Result<(), mmu::Error>;
+    /// `VTTBR_EL2` for this table (root address and VMID).
+    fn vttbr(&self) -> u64;
+}
+
+/// A stage 2 built with `mmu` (frames from `A`, TLB maintenance by `T`) and the flags of
+/// the mappings its VM's description asks for. On the machine `A` is the frame pool and `T`
+/// `mmu::arch::ArmTlb`, which loads this table's own `VTTBR_EL2` for each stage-2
+/// invalidation and restores the previous value (`mmu/src/arch.rs`, `switch_vttbr`): a
+/// change made while another VM is current (memory sharing edits the other party's
+/// table) invalidates the right VMID.
+pub struct MmuStage2<A: mmu::FrameAllocator, T: mmu::TlbMaintenance>(
+    /// The table.
+    pub mmu::PageTable<mmu::Stage2, A, T>,
+    mmu::MapFlags,
+);
+
+impl<A: mmu::FrameAllocator, T: mmu::TlbMaintenance> MmuStage2<A, T> {
+    /// A new, empty table for `regime` whose VM-wide mappings follow `mappings`.
+    ///
+    /// # Errors
+    ///
+    /// No frame for the root.
+    pub fn new(
+        regime: mmu::Stage2,
+        alloc: A,
+        tlb: T,
+        mappings: Stage2Mappings,
+    ) -> Result<Self, mmu::Error> {
+        mmu::PageTable::new(regime, alloc, tlb).map(|t| Self(t, S2Kind::map_flags(mappings)))
+    }
+}
+
+impl<A: mmu::FrameAllocator, T: mmu::TlbMaintenance> Stage2Table for MmuStage2<A, T> {
+    fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), mmu::Error> {
+        self.0.map(ipa, pa, size, kind.attributes(), self.1)
+    }
+
+    fn map_pages(
+        &mut self,
+        ipa: u64,
+        pa: u64,
+        size: u64,
+        attrs: mmu::Attributes,
+    ) -> Result<(), mmu::Error> {
+        self.0.map(ipa, pa, size, attrs, mmu::MapFlags::NO_BLOCKS)
+    }
+
+    fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), mmu::Error> {
+        self.0.unmap(ipa, size)
+    }
+
+    fn set_sw(&mut self, ipa: u64, size: u64, sw: mmu::SwBits) -> Result<(), mmu::Error> {
+        self.0.set_sw_bits(ipa, size, sw)
+    }
+
+    fn coalesce(&mut self, ipa: u64, size: u64) -> Result<(), mmu::Error> {
+        if self.1.contains(mmu::MapFlags::NO_BLOCKS) {
+            return Ok(());
+        }
+        self.0.coalesce(ipa, size)
+    }
+
+    fn walk(
+        &self,
+        ipa: u64,
+        size: u64,
+        f: &mut dyn FnMut(&mmu::Mapping),
+    ) -> Result<(), mmu::Error> {
+        self.0.walk(ipa, size, f)
+    }
+
+    fn vttbr(&self) -> u64 {
+        self.0.vttbr_el2()
+    }
+}

@@ -1,0 +1,524 @@
+//! The VM manager over a recording fake and over real `mmu` tables; the fakes are shared
+//! with the vCPU and memory-sharing tests.
+
+use super::pool::PoolError;
+use super::vmid::{Vmid, VmidBits, VmidFlush};
+use super::*;
+use crate::config::{tests as dt, GuestRegion, Stage2Mappings};
+use crate::mem::PhysRange;
+use alloc::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Fake host memory (sparse: absent bytes are zero) and stage-2 tables that take one
+/// root frame plus one frame per 2 MiB of IPA space they map, from a shared counter.
+#[derive(Default)]
+pub(crate) struct Fake {
+    pub mem: BTreeMap<u64, u8>,
+    pub frames: Arc<AtomicUsize>,
+    pub flushed: Vec<Vmid>,
+    pub fail_map_at: Option<u64>,
+    pub zeroed: u64,
+}
+
+pub(crate) struct FakeS2 {
+    pub maps: BTreeMap<u64, (u64, S2Kind)>,
+    /// Attributes (software bits included) of each page in `maps`.
+    pub attrs: BTreeMap<u64, mmu::Attributes>,
+    vmid: Vmid,
+    held: usize,
+    counter: Arc<AtomicUsize>,
+    fail_at: Option<u64>,
+}
+
+impl FakeS2 {
+    fn recount(&mut self) {
+        let now = 1 + self
+            .maps
+            .keys()
+            .map(|k| k >> 21)
+            .collect::<BTreeSet<_>>()
+            .len();
+        self.counter.fetch_add(now, Ordering::SeqCst);
+        self.counter.fetch_sub(self.held, Ordering::SeqCst);
+        self.held = now;
+    }
+
+    fn insert(
+        &mut self,
+        ipa: u64,
+        pa: u64,
+        size: u64,
+        kind: S2Kind,
+        attrs: mmu::Attributes,
+    ) -> Result<(), mmu::Error> {
+        if self.fail_at.is_some_and(|f| ipa <= f && f < ipa + size) {
+            return Err(mmu::Error::OutOfFrames);
+        }
+        if let Some((&va, _)) = self.maps.range(ipa..ipa + size).next() {
+            return Err(mmu::Error::AlreadyMapped { va });
+        }
+        for off in (0..size).step_by(4096) {
+            self.maps.insert(ipa + off, (pa + off, kind));
+            self.attrs.insert(ipa + off, attrs);
+        }
+        self.recount();
+        Ok(())
+    }
+}
+
+impl Stage2Table for FakeS2 {
+    fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), mmu::Error> {
+        self.insert(ipa, pa, size, kind, kind.attributes())
+    }
+    fn map_pages(
+        &mut self,
+        ipa: u64,
+        pa: u64,
+        size: u64,
+        attrs: mmu::Attributes,
+    ) -> Result<(), mmu::Error> {
+        self.insert(ipa, pa, size, S2Kind::Ram, attrs)
+    }
+    fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), mmu::Error> {
+        for off in (0..size).step_by(4096) {
+            self.maps.remove(&(ipa + off));
+            self.attrs.remove(&(ipa + off));
+        }
+        self.recount();
+        Ok(())
+    }
+    fn set_sw(&mut self, ipa: u64, size: u64, sw: mmu::SwBits) -> Result<(), mmu::Error> {
+        for (_, a) in self.attrs.range_mut(ipa..ipa + size) {
+            *a = a.with_sw(sw);
+        }
+        Ok(())
+    }
+    fn coalesce(&mut self, _ipa: u64, _size: u64) -> Result<(), mmu::Error> {
+        // Pages only: nothing to merge.
+        Ok(())
+    }
+    fn walk(
+        &self,
+        ipa: u64,
+        size: u64,
+        f: &mut dyn FnMut(&mmu::Mapping),
+    ) -> Result<(), mmu::Error> {
+        for (&va, &(output, _)) in self.maps.range(ipa..ipa + size) {
+            f(&mmu::Mapping {
+                va,
+                size: 4096,
+                output,
+                attrs: self.attrs[&va],
+                level: 3,
+            });
+        }
+        Ok(())
+    }
+    fn vttbr(&self) -> u64 {
+        (u64::from(self.vmid.get()) << 48) | 0x4400_0000
+    }
+}
+
+impl VmidFlush for Fake {
+    fn flush_vmid(&mut self, vmid: Vmid) {
+        self.flushed.push(vmid);
+    }
+}
+
+impl Backend for Fake {
+    type S2 = FakeS2;
+    fn new_stage2(&mut self, vmid: Vmid, _mappings: Stage2Mappings) -> Result<FakeS2, mmu::Error> {
+        self.frames.fetch_add(1, Ordering::SeqCst);
+        Ok(FakeS2 {
+            vmid,
+            maps: BTreeMap::new(),
+            attrs: BTreeMap::new(),
+            held: 1,
+            counter: Arc::clone(&self.frames),
+            fail_at: self.fail_map_at,
+        })
+    }
+    fn free_stage2(&mut self, s2: FakeS2) {
+        assert!(
+            s2.maps.is_empty(),
+            "stage 2 freed while it still maps pages"
+        );
+        self.frames.fetch_sub(s2.held, Ordering::SeqCst);
+    }
+    fn table_frames(&self) -> usize {
+        self.frames.load(Ordering::SeqCst)
+    }
+    fn zero(&mut self, pa: u64, len: u64) {
+        self.zeroed += len;
+        let keys: Vec<u64> = self.mem.range(pa..pa + len).map(|(k, _)| *k).collect();
+        for k in keys {
+            self.mem.remove(&k);
+        }
+    }
+    fn copy(&mut self, dst: u64, src: u64, len: u64) {
+        let keys: Vec<u64> = self.mem.range(dst..dst + len).map(|(k, _)| *k).collect();
+        for k in keys {
+            self.mem.remove(&k);
+        }
+        let src_bytes: Vec<(u64, u8)> = self
+            .mem
+            .range(src..src + len)
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        for (k, v) in src_bytes {
+            self.mem.insert(k - src + dst, v);
+        }
+    }
+}
+
+/// The fake memory of [`Fake`] with real `mmu` stage-2 tables whose frames come from
+/// the heap (`mmu::testing::HeapFrames`, which counts them).
+pub(crate) struct MmuFake {
+    pub fake: Fake,
+    pub frames: &'static mmu::testing::HeapFrames,
+}
+
+pub(crate) type MmuS2 = MmuStage2<&'static mmu::testing::HeapFrames, mmu::testing::RecordingTlb>;
+
+impl VmidFlush for MmuFake {
+    fn flush_vmid(&mut self, vmid: Vmid) {
+        self.fake.flush_vmid(vmid);
+    }
+}
+
+impl Backend for MmuFake {
+    type S2 = MmuS2;
+    fn new_stage2(&mut self, vmid: Vmid, mappings: Stage2Mappings) -> Result<MmuS2, mmu::Error> {
+        let regime = mmu::Stage2::new(vmid.get(), IPA_BITS).with_pa_bits(40);
+        MmuStage2::new(
+            regime,
+            self.frames,
+            mmu::testing::RecordingTlb::new(),
+            mappings,
+        )
+    }
+    fn free_stage2(&mut self, s2: MmuS2) {
+        drop(s2);
+    }
+    fn table_frames(&self) -> usize {
+        self.frames.in_use()
+    }
+    fn zero(&mut self, pa: u64, len: u64) {
+        self.fake.zero(pa, len);
+    }
+    fn copy(&mut self, dst: u64, src: u64, len: u64) {
+        self.fake.copy(dst, src, len);
+    }
+}
+
+pub(crate) const LAYOUT: Layout = Layout {
+    host_ram: PhysRange::new(0x4000_0000, 0x8000_0000),
+    guest_ram: PhysRange::new(0x5000_0000, 0x40_0000),
+    staging: PhysRange::new(0x7000_0000, 0x10_0000),
+};
+
+pub(crate) fn desc(pa: u64, cpu: u32) -> VmDesc {
+    let blob = dt::dtb(&[("vm", dt::vm_props(pa, cpu))]);
+    crate::config::parse(&blob)
+        .expect("valid description")
+        .remove(0)
+}
+
+pub(crate) fn manager() -> VmManager<Fake> {
+    let mut fake = Fake::default();
+    // A recognisable staged kernel image: 0x2000 bytes at 0x7000_0000.
+    for i in (0..0x2000u64).step_by(61) {
+        fake.mem.insert(0x7000_0000 + i, (i % 251) as u8 + 1);
+    }
+    fake.mem.insert(0x7000_1fff, 0xee);
+    VmManager::new(fake, VmidBits::Eight, LAYOUT)
+}
+
+#[test]
+fn create_maps_ram_loads_image_and_starts_vcpu0() {
+    let m = manager();
+    let vm = m.create(desc(0x5000_0000, 1)).expect("create");
+    assert_eq!(vm.id, 0);
+    assert_ne!(vm.vmid.get(), 0);
+    assert_eq!(vm.vttbr >> 48, u64::from(vm.vmid.get()));
+    {
+        let s2 = vm.stage2.lock();
+        let s2 = s2.as_ref().expect("live");
+        assert_eq!(s2.maps.len(), 256, "1 MiB of RAM in 4 KiB pages");
+        assert_eq!(s2.maps.get(&0x4000_0000), Some(&(0x5000_0000, S2Kind::Ram)));
+        assert_eq!(
+            s2.maps.get(&0x0900_0000),
+            None,
+            "the virtual UART stays unmapped"
+        );
+    }
+    m.with_platform(|p| {
+        assert_eq!(p.mem.get(&0x5000_0000), Some(&1));
+        assert_eq!(p.mem.get(&0x5000_1fff), Some(&0xee));
+        assert_eq!(
+            p.mem.get(&(0x5000_0000 + 61 * 7)),
+            Some(&((61 * 7 % 251) as u8 + 1))
+        );
+        assert_eq!(p.mem.get(&0x5000_2000), None);
+    });
+    assert_eq!(vm.psci.lock().take_pending(0), Some((0x4000_0000, 0)));
+    assert!(vm.is_ram(0x400f_f000, 0x1000));
+    assert!(!vm.is_ram(0x400f_f000, 0x1001));
+    assert_eq!(m.outcome(), None);
+}
+
+#[test]
+fn two_vms_same_ipa_distinct_ram_and_vmids() {
+    let m = manager();
+    let a = m.create(desc(0x5000_0000, 1)).expect("a");
+    let b = m.create(desc(0x5010_0000, 2)).expect("b");
+    assert_ne!(a.vmid, b.vmid);
+    assert_eq!(b.id, 1);
+    let pa = |vm: &Arc<Vm<FakeS2>>| {
+        vm.stage2
+            .lock()
+            .as_ref()
+            .and_then(|s| s.maps.get(&0x4000_0000))
+            .map(|m| m.0)
+    };
+    assert_eq!(pa(&a), Some(0x5000_0000));
+    assert_eq!(pa(&b), Some(0x5010_0000));
+    assert_eq!(m.vm_on_cpu(2).map(|(v, i)| (v.id, i)), Some((1, 0)));
+    assert!(m.vm_on_cpu(0).is_none());
+    // Same RAM or same CPU again: refused, nothing leaks.
+    let before = m.accounting();
+    assert!(matches!(
+        m.create(desc(0x5000_0000, 3)),
+        Err(VmError::Ram(_, PoolError::InUse))
+    ));
+    assert_eq!(
+        m.create(desc(0x5020_0000, 1)).map(|_| ()),
+        Err(VmError::CpuBusy(1))
+    );
+    assert_eq!(m.accounting(), before);
+}
+
+#[test]
+fn failed_create_leaks_nothing() {
+    let m = manager();
+    m.with_platform(|p| p.fail_map_at = Some(0x4008_0000));
+    let before = m.accounting();
+    assert_eq!(
+        m.create(desc(0x5000_0000, 1)).map(|_| ()),
+        Err(VmError::Stage2(mmu::Error::OutOfFrames))
+    );
+    assert_eq!(m.accounting(), before);
+    assert!(m.vms().is_empty());
+    // Outside guest RAM, and a kernel that is not in the staging area.
+    m.with_platform(|p| p.fail_map_at = None);
+    assert!(matches!(
+        m.create(desc(0x6000_0000, 1)),
+        Err(VmError::Ram(_, PoolError::OutOfRange))
+    ));
+    let mut d = desc(0x5000_0000, 1);
+    d.kernel.pa = 0x5030_0000;
+    assert!(matches!(m.create(d), Err(VmError::ImageNotStaged(_))));
+    let mut d = desc(0x5000_0000, 1);
+    d.passthrough.push(GuestRegion {
+        ipa: 0x0a00_0000,
+        pa: 0x4800_0000,
+        size: 0x1000,
+    });
+    assert!(matches!(m.create(d), Err(VmError::PassthroughOverRam(_))));
+    assert_eq!(m.accounting(), before);
+}
+
+#[test]
+fn thousand_create_destroy_cycles_leak_nothing() {
+    let m = manager();
+    let (free0, total, frames0, vmids0) = m.accounting();
+    assert_eq!(free0, total);
+    assert_eq!((frames0, vmids0), (0, 0));
+    let mut vmids = BTreeSet::new();
+    for i in 0..1000u64 {
+        let pa = 0x5000_0000 + (i % 4) * 0x10_0000;
+        let a = m.create(desc(pa, 1)).expect("create a");
+        let b = m
+            .create(desc(0x5000_0000 + ((i + 1) % 4) * 0x10_0000, 2))
+            .expect("create b");
+        vmids.insert(a.vmid);
+        let (free, _, frames, used) = m.accounting();
+        assert_eq!(free, total - 0x20_0000);
+        assert_eq!(frames, 4, "root + one leaf table per VM");
+        assert_eq!(used, 2);
+        // The guest dirties its RAM.
+        m.with_platform(|p| {
+            p.mem.insert(pa + 0xf_f000, 0xaa);
+        });
+        let (ida, idb) = (a.id, b.id);
+        // `a` is still referenced (as a CPU would): destroy must not depend on that.
+        drop(b);
+        m.destroy(ida).expect("destroy a");
+        m.destroy(idb).expect("destroy b");
+        m.with_platform(|p| {
+            assert_eq!(
+                p.mem.range(0x5000_0000..0x5040_0000).count(),
+                0,
+                "RAM scrubbed"
+            );
+        });
+        assert_eq!(m.accounting(), (total, total, 0, 0), "cycle {i}");
+        assert!(a.stage2.lock().is_none());
+    }
+    assert!(vmids.len() > 100, "VMIDs rotate instead of reusing one");
+    m.with_platform(|p| assert_eq!(p.flushed.len(), 2000, "every freed VMID was flushed"));
+    assert_eq!(m.destroy(0), Err(VmError::NoSuchVm(0)));
+}
+
+/// A manager over real `mmu` stage-2 tables, and the heap frames they come from.
+fn mmu_manager(bits: VmidBits) -> (VmManager<MmuFake>, &'static mmu::testing::HeapFrames) {
+    let frames: &'static mmu::testing::HeapFrames =
+        Box::leak(Box::new(mmu::testing::HeapFrames::new()));
+    let fake = MmuFake {
+        fake: Fake::default(),
+        frames,
+    };
+    (VmManager::new(fake, bits, LAYOUT), frames)
+}
+
+#[test]
+fn thousand_cycles_with_real_mmu_tables_leak_no_frame() {
+    let (m, frames) = mmu_manager(VmidBits::Sixteen);
+    for i in 0..1000u64 {
+        let mut d = desc(0x5000_0000 + (i % 2) * 0x20_0000, 1);
+        // A 2 MiB-aligned region (a block mapping) plus a device page.
+        d.memory[0].size = 0x20_0000;
+        d.passthrough.push(GuestRegion {
+            ipa: 0x0a00_0000,
+            pa: 0x0a00_0000,
+            size: 0x1000,
+        });
+        let vm = m.create(d).expect("create");
+        let (_, _, in_use, _) = m.accounting();
+        assert!(in_use >= 3, "root and tables for RAM and device: {in_use}");
+        {
+            let s2 = vm.stage2.lock();
+            let t = s2
+                .as_ref()
+                .expect("live")
+                .0
+                .translate(0x4000_1234)
+                .expect("mapped");
+            assert_eq!(t.output, 0x5000_1234 + (i % 2) * 0x20_0000);
+            assert_eq!(
+                s2.as_ref().expect("live").0.vttbr_el2() >> 48,
+                u64::from(vm.vmid.get())
+            );
+        }
+        m.destroy(vm.id).expect("destroy");
+        let (free, total, in_use, vmids) = m.accounting();
+        assert_eq!((free, in_use, vmids), (total, 0, 0), "cycle {i}");
+    }
+    assert_eq!(frames.in_use(), 0);
+    assert!(frames.total_allocated() >= 3000);
+    assert_eq!(frames.total_allocated(), frames.total_freed());
+}
+
+#[test]
+fn stage2_mappings_of_the_description_reach_the_table() {
+    let (m, frames) = mmu_manager(VmidBits::Eight);
+    for (mappings, level, tables) in [
+        (Stage2Mappings::Blocks, 2, 2),
+        (Stage2Mappings::Pages, 3, 3),
+    ] {
+        let mut d = desc(0x5000_0000, 1);
+        d.memory[0].size = 0x20_0000;
+        d.stage2 = mappings;
+        let vm = m.create(d).expect("create");
+        let s2 = vm.stage2.lock();
+        let t = s2.as_ref().expect("live").0.translate(0x4010_0000);
+        assert_eq!(t.map(|t| t.level), Some(level), "{mappings:?}");
+        assert_eq!(
+            frames.in_use(),
+            tables,
+            "{mappings:?}: root, L2 and L3 tables"
+        );
+        drop(s2);
+        m.destroy(vm.id).expect("destroy");
+    }
+}
+
+#[test]
+fn reset_reloads_and_outcome() {
+    let m = manager();
+    let a = m.create(desc(0x5000_0000, 1)).expect("a");
+    let b = m.create(desc(0x5010_0000, 2)).expect("b");
+    a.psci.lock().take_pending(0);
+    m.with_platform(|p| {
+        p.mem.insert(0x5000_0000, 0x55);
+        p.mem.insert(0x5008_0000, 0x66);
+    });
+    assert_eq!(a.boots.load(Ordering::SeqCst), 1);
+    m.reset(a.id).expect("reset");
+    assert_eq!(a.boots.load(Ordering::SeqCst), 2);
+    m.with_platform(|p| {
+        assert_eq!(p.mem.get(&0x5000_0000), Some(&1), "image copied again");
+        assert_eq!(p.mem.get(&0x5008_0000), None, "RAM scrubbed");
+    });
+    assert_eq!(a.psci.lock().take_pending(0), Some((0x4000_0000, 0)));
+    // Both VMs have a vCPU that never leaves the guest.
+    a.enter();
+    b.enter();
+    *a.status.lock() = VmStatus::Off;
+    assert_eq!(m.outcome(), None);
+    *b.status.lock() = VmStatus::Failed;
+    assert_eq!(m.outcome(), Some(false));
+    *b.status.lock() = VmStatus::Off;
+    assert_eq!(m.outcome(), Some(true));
+    assert_eq!(m.reset(9), Err(VmError::NoSuchVm(9)));
+}
+
+#[test]
+fn finished_vms_are_destroyed_only_when_idle_and_remembered() {
+    let m = manager();
+    let a = m.create(desc(0x5000_0000, 1)).expect("a");
+    let b = m.create(desc(0x5010_0000, 2)).expect("b");
+    a.enter();
+    assert!(!a.leave(), "a running VM is not finished");
+    a.enter();
+    *a.status.lock() = VmStatus::Failed;
+    assert!(!a.finished_and_idle(), "a vCPU still runs it");
+    assert!(a.leave(), "the last vCPU out finds it finished");
+    assert_eq!(m.outcome(), None, "a waits to be destroyed");
+    m.destroy(a.id).expect("destroy a");
+    assert_eq!(m.outcome(), None, "b still runs");
+    *b.status.lock() = VmStatus::Off;
+    assert!(b.finished_and_idle());
+    assert_eq!(m.outcome(), None, "b waits to be destroyed");
+    m.destroy(b.id).expect("destroy b");
+    assert!(m.vms().is_empty());
+    assert_eq!(
+        m.outcome(),
+        Some(false),
+        "a destroyed VM that failed still counts"
+    );
+    let (free, total, frames, vmids) = m.accounting();
+    assert_eq!((free, frames, vmids), (total, 0, 0));
+}
+
+#[test]
+fn create_scrubs_every_byte_the_images_do_not_cover() {
+    let m = manager();
+    // Stale data in the RAM the VM will get: inside and outside the image's range.
+    m.with_platform(|p| {
+        p.mem.insert(0x5000_0010, 0x55);
+        p.mem.insert(0x5000_3000, 0x66);
+        p.mem.insert(0x500f_ffff, 0x77);
+    });
+    let vm = m.create(desc(0x5000_0000, 1)).expect("create");
+    let ram = vm.desc.ram_size();
+    m.with_platform(|p| {
+        // The 0x2000-byte image replaced what was under it; the rest is zero.
+        assert_eq!(p.zeroed, ram - 0x2000, "only the bytes no image covers");
+        assert_eq!(p.mem.get(&0x5000_0010), None, "image bytes there are zero");
+        assert_eq!(p.mem.get(&0x5000_1fff), Some(&0xee));
+        assert_eq!(p.mem.get(&0x5000_3000), None);
+        assert_eq!(p.mem.get(&0x500f_ffff), None);
+    });
+}
