@@ -149,7 +149,12 @@ pub enum Exit {
 impl Exit {
     /// Builds the exit from the raw values the assembly collected.
     #[must_use]
-    pub const fn from_raw(raw: &RawExit) -> Self {
+    // Only the guest-exit code of the bare-metal target (and the tests) builds one.
+    #[cfg_attr(
+        not(all(target_arch = "aarch64", target_os = "none")),
+        allow(dead_code)
+    )]
+    pub(crate) const fn from_raw(raw: &RawExit) -> Self {
         match ExceptionKind::from_raw(raw.kind) {
             ExceptionKind::Sync => Self::Sync {
                 esr: Esr::from_bits(raw.esr),
@@ -174,10 +179,15 @@ impl Exit {
     }
 }
 
-/// Exit information as the guest-exit assembly writes it.
+/// Exit information as the guest-exit assembly writes it (turned into an [`Exit`] before
+/// `enter_guest` returns).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
-pub struct RawExit {
+#[cfg_attr(
+    not(all(target_arch = "aarch64", target_os = "none")),
+    allow(dead_code)
+)]
+pub(crate) struct RawExit {
     /// An [`ExceptionKind`] value.
     pub kind: u64,
     /// `ESR_EL2`.

@@ -33,7 +33,7 @@ mod frame;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 mod arch;
 
-pub use frame::{ExceptionFrame, ExceptionKind, ExceptionSource, Exit, FpRegs, GuestRegs, RawExit};
+pub use frame::{ExceptionFrame, ExceptionKind, ExceptionSource, Exit, FpRegs, GuestRegs};
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub use arch::{

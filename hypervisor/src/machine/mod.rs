@@ -1,79 +1,52 @@
-//! Start-up of the hypervisor on the bare-metal target: console and logger, device tree,
-//! heap, page-table frames, the hypervisor's own stage 1, secondary CPUs, and the fatal
-//! paths (unexpected EL2 exception, panic) that stop the machine with a failing status.
+//! The machine: everything that runs only on the bare-metal target. Every static, every
+//! `asm!` and every system-register write of the hypervisor is in this folder:
+//! start-up (console, device tree, heap, page-table frames, the hypervisor's own stage 1,
+//! secondary CPUs), the physical CPUs and the firmware calls that start and park them
+//! (`cpu`), the run loop (`run`), the EL2 register values for a guest (`regs`), the PL011,
+//! the guest-entry self-test and the fatal paths. The decisions it acts on are made by
+//! host-tested code (`crate::vcpu::schedule`, `crate::vm`).
 
-use core::fmt::Write;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::Ordering;
 
 use aarch64_cpu::registers::{
     CurrentEL, Readable, Writeable, CNTFRQ_EL0, CNTPCT_EL0, HCR_EL2, ID_AA64MMFR0_EL1, MIDR_EL1,
-    MPIDR_EL1, SCTLR_EL2, TPIDR_EL2,
+    MPIDR_EL1, SCTLR_EL2,
 };
 use buddy_system_allocator::LockedHeap;
-use log::{error, info, warn, LevelFilter};
-use smccc::{psci, Hvc, Smc};
+use log::{error, info, warn};
 use spin::{Mutex, Once};
 
-use boot::{exit_status, ExceptionFrame, ExceptionKind, ExceptionSource, MmuConfig};
+use boot::MmuConfig;
 use mmu::arch::ArmTlb;
 use mmu::{El2, PageTable};
 
-use crate::config::{Platform, PsciConduit};
-use crate::console::logger::{self, Logger};
-use crate::console::report;
+use crate::config::Platform;
 use crate::mem::frames::{FramePool, SharedFrames};
 use crate::mem::layout::{self, HypMemory};
 use crate::mem::{stage1, PhysRange};
+use cpu::{psci_cpu_on, CPUS_ONLINE, CPU_MPIDR, MPIDR_AFFINITY_MASK, PSCI_CONDUIT};
+use fatal::{early_failure, fatal};
 use pl011::Pl011;
 
+mod console;
+mod cpu;
+mod fatal;
 mod pl011;
 mod regs;
 pub mod run;
 #[cfg(feature = "selftest-guest-entry")]
 mod selftest;
 
+pub use fatal::{el2_exception, panic};
+
 /// How long the primary CPU waits for all secondaries to report online.
 const SECONDARY_TIMEOUT_MS: u64 = 2000;
-
-/// MPIDR_EL1 affinity fields Aff3 \[39:32\] and Aff2..Aff0 \[23:0\] (what PSCI and the
-/// device tree's CPU `reg` use).
-const MPIDR_AFFINITY_MASK: u64 = 0xff_00ff_ffff;
 
 #[global_allocator]
 static HEAP: LockedHeap<32> = LockedHeap::empty();
 
-/// The hardware side of the logger: CPU index from `TPIDR_EL2` (set by the boot code),
-/// time from the generic timer.
-pub struct Hw;
-
-static BOOT_TICKS: AtomicU64 = AtomicU64::new(0);
-
-impl logger::Platform for Hw {
-    type Console = Pl011;
-
-    fn cpu(&self) -> usize {
-        cpu_index()
-    }
-
-    fn micros(&self) -> u64 {
-        let ticks = CNTPCT_EL0
-            .get()
-            .wrapping_sub(BOOT_TICKS.load(Ordering::Relaxed));
-        let freq = CNTFRQ_EL0.get().max(1);
-        (u128::from(ticks) * 1_000_000 / u128::from(freq)) as u64
-    }
-}
-
-static LOGGER: Logger<Hw> = Logger::new(Hw, LevelFilter::Info);
-
 /// The page-table frame pool, shared by the hypervisor's stage 1 and the guests' stage 2.
 pub static FRAMES: Once<Mutex<FramePool>> = Once::new();
-
-static PSCI_CONDUIT: Once<PsciConduit> = Once::new();
-static CPUS_ONLINE: AtomicUsize = AtomicUsize::new(0);
-static CPU_MPIDR: [AtomicU64; boot::MAX_CPUS] =
-    [const { AtomicU64::new(u64::MAX) }; boot::MAX_CPUS];
-static IN_FATAL: [AtomicBool; boot::MAX_CPUS] = [const { AtomicBool::new(false) }; boot::MAX_CPUS];
 
 /// What start-up established, handed to the code that creates and runs VMs.
 #[derive(Debug)]
@@ -85,26 +58,10 @@ pub struct Machine {
     /// Number of CPUs online (including the primary).
     pub cpus_online: usize,
 }
-
-/// The calling CPU's index (0 = the primary), as the boot code stored it in `TPIDR_EL2`.
-#[must_use]
-pub fn cpu_index() -> usize {
-    TPIDR_EL2.get() as usize
-}
-
-/// The MPIDR affinity of the CPU with index `cpu`, once it is known.
-#[must_use]
-pub fn cpu_mpidr(cpu: usize) -> Option<u64> {
-    CPU_MPIDR
-        .get(cpu)
-        .map(|m| m.load(Ordering::Acquire))
-        .filter(|&m| m != u64::MAX)
-}
-
 /// Brings the primary CPU from the boot code to the point where VMs can be created:
 /// everything is logged, every CPU is online.
 pub fn primary(dtb: usize) -> Machine {
-    BOOT_TICKS.store(CNTPCT_EL0.get(), Ordering::Relaxed);
+    console::start_clock();
     // Not a VHE host: plain EL2 with an AArch64 EL1 below (the VM code adds its own bits).
     HCR_EL2.write(HCR_EL2::RW::EL1IsAarch64);
 
@@ -133,10 +90,7 @@ pub fn primary(dtb: usize) -> Machine {
     };
     // SAFETY: the device tree names this PL011; the MMU is off (device accesses) and the
     // stage-1 tables map it Device-nGnRE before the MMU goes on.
-    LOGGER.attach(unsafe { Pl011::new(uart.base as usize) });
-    if log::set_logger(&LOGGER).is_ok() {
-        log::set_max_level(LOGGER.level());
-    }
+    console::attach(unsafe { Pl011::new(uart.base as usize) });
 
     let el = CurrentEL.read(CurrentEL::EL);
     let mpidr = MPIDR_EL1.get() & MPIDR_AFFINITY_MASK;
@@ -224,9 +178,9 @@ pub fn primary(dtb: usize) -> Machine {
     }
 }
 
-/// The hypervisor's own stage-1 table (identity map), for code that maps or unmaps
-/// memory at run time (e.g. guest memory it must scrub).
-pub static STAGE1: Once<Mutex<PageTable<El2, SharedFrames, ArmTlb>>> = Once::new();
+/// The hypervisor's own stage-1 table (identity map), kept for the whole run: dropping it
+/// would give its live table frames back to the pool.
+static STAGE1: Once<Mutex<PageTable<El2, SharedFrames, ArmTlb>>> = Once::new();
 
 /// Builds the stage-1 table from the plan, turns the MMU and caches on, and publishes the
 /// register values for the secondary CPUs.
@@ -336,66 +290,6 @@ fn start_secondaries(platform: &Platform, boot_mpidr: u64) -> usize {
     online
 }
 
-fn psci_cpu_on(mpidr: u64, entry: u64, context: u64) -> Result<(), psci::error::Error> {
-    match PSCI_CONDUIT.get() {
-        Some(PsciConduit::Hvc) => psci::cpu_on::<Hvc>(mpidr, entry, context),
-        _ => psci::cpu_on::<Smc>(mpidr, entry, context),
-    }
-}
-
-/// CPUs (by index) that gave themselves back to the firmware with [`park_off`] and have
-/// not been asked back by [`wake`] since.
-static PARKED: [AtomicBool; boot::MAX_CPUS] = [const { AtomicBool::new(false) }; boot::MAX_CPUS];
-
-/// Turns this secondary CPU off through the firmware (PSCI `CPU_OFF`) unless `has_work`,
-/// re-checked after the CPU is marked parked, says there is something to run; returns only
-/// in that case. A parked CPU costs nothing (under QEMU its thread sleeps, where a `WFE`
-/// loop would spin); [`wake`] brings it back through the secondary entry point, which
-/// runs [`secondary`] and the secondary hook again.
-pub fn park_off(cpu: usize, has_work: impl Fn() -> bool) {
-    let Some(flag) = PARKED.get(cpu) else { return };
-    if cpu == 0 {
-        return;
-    }
-    flag.store(true, Ordering::SeqCst);
-    // A waker that made work for us before seeing the flag is caught here.
-    if has_work() && flag.swap(false, Ordering::SeqCst) {
-        return;
-    }
-    // Either nothing to do, or a waker already took the flag and retries CPU_ON until we
-    // are off: go off in both cases.
-    let result = match PSCI_CONDUIT.get() {
-        Some(PsciConduit::Hvc) => psci::cpu_off::<Hvc>(),
-        _ => psci::cpu_off::<Smc>(),
-    };
-    fatal(format_args!("cpu{cpu}: PSCI CPU_OFF returned {result:?}"));
-}
-
-/// Brings CPU `cpu` back if it is parked by [`park_off`] (PSCI `CPU_ON` at the secondary
-/// entry point, retried while the firmware still sees it on). Does nothing for a CPU that
-/// is not parked.
-pub fn wake(cpu: usize) {
-    let Some(flag) = PARKED.get(cpu) else { return };
-    if !flag.swap(false, Ordering::SeqCst) {
-        return;
-    }
-    let Some(mpidr) = cpu_mpidr(cpu) else { return };
-    let entry = boot::secondary_entry_address();
-    loop {
-        match psci_cpu_on(mpidr, entry, cpu as u64) {
-            Ok(()) => return,
-            // It has not reached its CPU_OFF yet.
-            Err(psci::error::Error::AlreadyOn | psci::error::Error::OnPending) => {
-                core::hint::spin_loop();
-            }
-            Err(e) => {
-                error!("cpu{cpu}: CPU_ON to wake it failed: {e:?}");
-                return;
-            }
-        }
-    }
-}
-
 /// Runs on each secondary CPU after the boot code set up its stack (and MMU, once the
 /// primary publishes its tables).
 pub fn secondary(cpu: usize) {
@@ -420,88 +314,4 @@ pub fn secondary(cpu: usize) {
 fn recurse(depth: u64) -> u64 {
     let frame = core::hint::black_box([depth; 64]);
     recurse(depth + 1) + frame[(depth % 64) as usize]
-}
-
-/// Parks the calling CPU (until the VM code gives it work).
-pub fn park() -> ! {
-    loop {
-        aarch64_cpu::asm::wfe();
-    }
-}
-
-/// Powers the machine off with PSCI SYSTEM_OFF (QEMU exits with status 0).
-pub fn power_off() -> ! {
-    info!("powering off");
-    let result = match PSCI_CONDUIT.get() {
-        Some(PsciConduit::Hvc) => psci::system_off::<Hvc>(),
-        _ => psci::system_off::<Smc>(),
-    };
-    fatal(format_args!("PSCI SYSTEM_OFF returned {result:?}"))
-}
-
-/// Logs a start-up error and stops the machine with a failing status.
-pub fn fatal(args: core::fmt::Arguments<'_>) -> ! {
-    error!("fatal: {args}");
-    boot::semihosting_exit(exit_status::STARTUP)
-}
-
-fn early_failure(msg: &core::ffi::CStr) -> ! {
-    boot::semihosting_write0(msg);
-    boot::semihosting_exit(exit_status::STARTUP)
-}
-
-/// Marks the calling CPU as in a fatal path; if it already was (a fault while reporting
-/// a fault, e.g. semihosting not enabled), halts it instead of recursing.
-fn enter_fatal(cpu: usize) {
-    let nested = IN_FATAL
-        .get(cpu)
-        .is_none_or(|f| f.swap(true, Ordering::AcqRel));
-    if nested {
-        park();
-    }
-}
-
-/// The handler for exceptions EL2 takes from itself: none is expected, so it prints the
-/// report and stops the machine with a failing status.
-pub fn el2_exception(frame: &mut ExceptionFrame, source: ExceptionSource, kind: ExceptionKind) {
-    let cpu = cpu_index();
-    enter_fatal(cpu);
-    if LOGGER.has_console() {
-        LOGGER.with_console_forced(|c, _, cpu| {
-            let _ = report::write_exception(c, cpu, frame, source, kind);
-            if let Some(owner) = stage1::stack_guard_owner(&boot::image_layout(), frame.far) {
-                let _ = writeln!(
-                    c,
-                    "    FAR is in the guard page below cpu{owner}'s stack: stack overflow"
-                );
-            }
-            let _ = writeln!(
-                c,
-                "*** stopping the machine (exit status {})",
-                exit_status::EL2_EXCEPTION
-            );
-        });
-    } else {
-        boot::semihosting_write0(c"twostage: unexpected EL2 exception before the console was up\n");
-    }
-    boot::semihosting_exit(exit_status::EL2_EXCEPTION)
-}
-
-/// The panic path: report, then stop the machine with a failing status.
-pub fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
-    let cpu = cpu_index();
-    enter_fatal(cpu);
-    if LOGGER.has_console() {
-        LOGGER.with_console_forced(|c, _, cpu| {
-            let _ = report::write_panic(c, cpu, info);
-            let _ = writeln!(
-                c,
-                "*** stopping the machine (exit status {})",
-                exit_status::PANIC
-            );
-        });
-    } else {
-        boot::semihosting_write0(c"twostage: panic before the console was up\n");
-    }
-    boot::semihosting_exit(exit_status::PANIC)
 }

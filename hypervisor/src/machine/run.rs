@@ -1,86 +1,52 @@
-//! Running VMs on the machine: the [`Platform`] of the VM manager over the real frame pool
-//! and `mmu` stage-2 tables, the per-CPU vCPU run loop, and the few system-register
-//! writes that configure EL2 for a guest (`regs`).
+//! Running VMs on the machine: the [`Backend`] of the VM manager over the frame pool and
+//! `mmu` stage-2 tables, and the per-CPU run loop that enters vCPUs and acts on what
+//! `crate::vcpu` decides (handle an exit, park, wake, end the run).
 //!
 //! Static partitioning: each physical CPU runs at most one vCPU, so the guest's EL1
 //! system registers stay in the CPU and are never saved or switched; they are reset when
 //! the vCPU (re)starts.
 
 use alloc::sync::Arc;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use mmu::arch::ArmTlb;
-use mmu::{FrameAllocator, PhysToVirt, TlbMaintenance, TlbOp};
+use mmu::{FrameAllocator, TlbMaintenance, TlbOp};
 use spin::Once;
 
+use super::cpu::{cpu_mpidr, park, park_off, power_off, wake};
+use super::fatal::fatal;
 use super::regs;
 use super::{Machine, FRAMES};
 use crate::config;
-use crate::machine;
+use crate::mem::frames::SharedFrames;
 use crate::mem::layout::{GUEST_RAM, STAGING};
 use crate::mem::PhysRange;
-use crate::vcpu::{self, ExitReason, GuestEl1, Next, VcpuCtx};
+use crate::vcpu::schedule::{self, RunEnd, Start};
+use crate::vcpu::{self, GuestEl1, Next, VcpuCtx};
 use crate::vm::vmid::{Vmid, VmidBits, VmidFlush};
 use crate::vm::vuart::LineSink;
-use crate::vm::{Backend, Layout, MmuStage2, Vm, VmError, VmManager, VmStatus, IPA_BITS};
+use crate::vm::{Backend, Layout, MmuStage2, Stage2Config, Vm, VmManager, IPA_BITS};
 
-static MANAGER: Once<VmManager<Hw>> = Once::new();
-/// Set by the CPU that ends the run.
-static FINISHING: AtomicBool = AtomicBool::new(false);
+static MANAGER: Once<VmManager<MachineBackend>> = Once::new();
+/// The CPU that ends the run.
+static RUN_END: RunEnd = RunEnd::new();
 /// Page-table frames in use right before the first VM was created.
 static FRAMES_BEFORE_VMS: AtomicUsize = AtomicUsize::new(0);
 
-/// Table frames from the hypervisor's frame pool, zeroed on allocation; the EL2 stage 1
-/// maps the pool identity (VA = PA).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct HwFrames;
-
-impl PhysToVirt for HwFrames {
-    fn phys_to_virt(&self, pa: u64) -> *mut u64 {
-        pa as *mut u64
-    }
-}
-
-impl FrameAllocator for HwFrames {
-    fn alloc_frame(&mut self) -> Option<u64> {
-        let pa = FRAMES.get()?.lock().alloc()?;
-        // SAFETY: the pool just handed out this 4 KiB frame to us alone; it is
-        // identity-mapped read/write in the hypervisor's stage 1.
-        unsafe { core::ptr::write_bytes(pa as *mut u8, 0, 4096) };
-        Some(pa)
-    }
-
-    fn free_frame(&mut self, pa: u64) {
-        if let Some(pool) = FRAMES.get() {
-            if let Err(e) = pool.lock().free(pa) {
-                log::error!("stage 2: {e}");
-            }
-        }
-    }
-}
-
-/// One VM's stage 2 on the machine.
-pub type HwStage2 = MmuStage2<HwFrames, ArmTlb>;
+/// One VM's stage 2 on the machine: frames from the pool, TLB maintenance by `asm!`.
+type MachineStage2 = MmuStage2<SharedFrames, ArmTlb>;
 
 /// The machine side of the VM manager.
-pub struct Hw {
-    vmid_bits: VmidBits,
-    /// The CPUs implement FEAT_TLBIRANGE: stage-2 tables invalidate runs of pages with
-    /// one instruction (`mmu::PageTable::set_tlbi_range`).
-    tlbi_range: bool,
+struct MachineBackend {
+    /// The frame pool, for stage-2 tables.
+    frames: SharedFrames,
+    /// The shape of every stage 2.
+    stage2: Stage2Config,
     /// An all-invalid stage-2 root, loaded while flushing a VMID that has no table.
     empty_root: u64,
 }
 
-impl Hw {
-    fn stage2_regime(&self, vmid: Vmid) -> mmu::Stage2 {
-        mmu::Stage2::new(vmid.get(), IPA_BITS)
-            .with_pa_bits(regs::pa_bits())
-            .with_vmid16(self.vmid_bits == VmidBits::Sixteen)
-    }
-}
-
-impl VmidFlush for Hw {
+impl VmidFlush for MachineBackend {
     fn flush_vmid(&mut self, vmid: Vmid) {
         let vttbr = self.empty_root | (u64::from(vmid.get()) << 48);
         let vmid = vmid.get();
@@ -94,27 +60,24 @@ impl VmidFlush for Hw {
     }
 }
 
-impl Backend for Hw {
-    type S2 = HwStage2;
+impl Backend for MachineBackend {
+    type S2 = MachineStage2;
 
     fn new_stage2(
         &mut self,
         vmid: Vmid,
         mappings: config::Stage2Mappings,
-    ) -> Result<HwStage2, mmu::Error> {
-        MmuStage2::new(self.stage2_regime(vmid), HwFrames, ArmTlb, mappings).map(|mut s2| {
-            s2.0.set_tlbi_range(self.tlbi_range);
-            s2
-        })
+    ) -> Result<MachineStage2, mmu::Error> {
+        self.stage2.new_table(vmid, self.frames, ArmTlb, mappings)
     }
 
-    fn free_stage2(&mut self, s2: HwStage2) {
+    fn free_stage2(&mut self, s2: MachineStage2) {
         // Dropping the table returns its remaining frames (the root) to the pool.
         drop(s2);
     }
 
     fn table_frames(&self) -> usize {
-        FRAMES.get().map_or(0, |p| p.lock().in_use())
+        self.frames.pool().lock().in_use()
     }
 
     fn zero(&mut self, pa: u64, len: u64) {
@@ -140,9 +103,9 @@ impl LineSink for ConsoleLines {
 }
 
 /// The running guest's EL1 exception registers.
-struct HwEl1;
+struct MachineEl1;
 
-impl GuestEl1 for HwEl1 {
+impl GuestEl1 for MachineEl1 {
     fn vbar(&self) -> u64 {
         regs::vbar_el1()
     }
@@ -162,7 +125,7 @@ pub fn run_vms(machine: &Machine) -> ! {
     let blob = unsafe { core::slice::from_raw_parts(dtb.base as *const u8, dtb.size as usize) };
     let descs = match config::parse(blob) {
         Ok(d) => d,
-        Err(e) => machine::fatal(format_args!("VM description: {e}")),
+        Err(e) => fatal(format_args!("VM description: {e}")),
     };
     log::info!(
         "hypervisor ready: {} CPUs online, {} VMs described",
@@ -171,12 +134,18 @@ pub fn run_vms(machine: &Machine) -> ! {
     );
     if descs.is_empty() {
         log::info!("no VMs described under /chosen: nothing to run");
-        machine::power_off();
+        power_off();
     }
+    let Some(pool) = FRAMES.get() else {
+        fatal(format_args!("no page-table frame pool"))
+    };
+    // SAFETY: the frame pool lies in RAM that only page tables use, identity mapped
+    // read-write by the hypervisor's stage 1 ("pt-frames").
+    let mut frames = unsafe { SharedFrames::new(pool) };
     let vmid_bits = regs::vmid_bits();
-    let empty_root = HwFrames
+    let empty_root = frames
         .alloc_frame()
-        .unwrap_or_else(|| machine::fatal(format_args!("no frame for the empty stage-2 root")));
+        .unwrap_or_else(|| fatal(format_args!("no frame for the empty stage-2 root")));
     let host_ram = machine
         .platform
         .memory()
@@ -189,18 +158,20 @@ pub fn run_vms(machine: &Machine) -> ! {
         guest_ram: GUEST_RAM,
         staging: STAGING,
     };
-    FRAMES_BEFORE_VMS.store(
-        FRAMES.get().map_or(0, |p| p.lock().in_use()),
-        Ordering::SeqCst,
-    );
-    // Read on this CPU; the machines we run on have one kind of CPU.
-    let tlbi_range = mmu::arch::has_tlbi_range();
-    let hw = Hw {
-        vmid_bits,
-        tlbi_range,
+    FRAMES_BEFORE_VMS.store(pool.lock().in_use(), Ordering::SeqCst);
+    let stage2 = Stage2Config {
+        ipa_bits: IPA_BITS,
+        pa_bits: regs::pa_bits(),
+        vmid16: vmid_bits == VmidBits::Sixteen,
+        // Read on this CPU; the machines we run on have one kind of CPU.
+        tlbi_range: mmu::arch::has_tlbi_range(),
+    };
+    let backend = MachineBackend {
+        frames,
+        stage2,
         empty_root,
     };
-    let manager = VmManager::new(hw, vmid_bits, layout);
+    let manager = VmManager::new(backend, vmid_bits, layout);
     log::info!(
         "VMs: {} described, {}-bit VMIDs, {IPA_BITS}-bit IPA, {}-bit PA, range TLBI {}",
         descs.len(),
@@ -209,15 +180,15 @@ pub fn run_vms(machine: &Machine) -> ! {
         } else {
             8
         },
-        regs::pa_bits(),
-        if tlbi_range { "yes" } else { "no" }
+        stage2.pa_bits,
+        if stage2.tlbi_range { "yes" } else { "no" }
     );
     for mut desc in descs {
         let name = desc.name.clone();
         stage_linux_dtb(&mut desc, blob);
         for &cpu in &desc.cpus {
             if cpu_index_of(u64::from(cpu)).is_none() {
-                machine::fatal(format_args!("VM {name}: CPU {cpu:#x} is not an online CPU"));
+                fatal(format_args!("VM {name}: CPU {cpu:#x} is not an online CPU"));
             }
         }
         match manager.create(desc) {
@@ -234,13 +205,13 @@ pub fn run_vms(machine: &Machine) -> ! {
                 );
                 log_stage2_layout(&vm.desc);
             }
-            Err(e) => machine::fatal(format_args!("VM {name}: {e}")),
+            Err(e) => fatal(format_args!("VM {name}: {e}")),
         }
     }
     MANAGER.call_once(|| manager);
     aarch64_cpu::asm::sev();
     for cpu in 1..boot::MAX_CPUS {
-        machine::wake(cpu);
+        wake(cpu);
     }
     run_cpu(0)
 }
@@ -306,7 +277,7 @@ fn stage_linux_dtb(desc: &mut config::VmDesc, host_dtb: &[u8]) {
                 desc.initrd.map(|i| (i.ipa, i.ipa + i.size))
             );
         }
-        Err(e) => machine::fatal(format_args!("VM {}: cannot boot Linux: {e:?}", desc.name)),
+        Err(e) => fatal(format_args!("VM {}: cannot boot Linux: {e:?}", desc.name)),
     }
 }
 
@@ -314,117 +285,81 @@ fn stage_linux_dtb(desc: &mut config::VmDesc, host_dtb: &[u8]) {
 pub fn secondary_idle(cpu: usize) -> ! {
     // Off until there is a vCPU to run here: the primary wakes every CPU once the VMs
     // exist, and a guest's CPU_ON wakes the CPU of the vCPU it starts.
-    machine::park_off(cpu, || has_work(cpu));
+    park_off(cpu, || has_work(cpu));
     while MANAGER.get().is_none() {
         aarch64_cpu::asm::wfe();
     }
     run_cpu(cpu)
 }
 
+/// The index of the online CPU with MPIDR `mpidr`.
 fn cpu_index_of(mpidr: u64) -> Option<usize> {
-    (0..boot::MAX_CPUS).find(|&i| machine::cpu_mpidr(i) == Some(mpidr))
+    (0..boot::MAX_CPUS).find(|&i| cpu_mpidr(i) == Some(mpidr))
 }
 
-/// Whether CPU `cpu` has a vCPU waiting to start (its VM exists, runs, and has a start
-/// pending for it).
+/// The MPIDR of CPU `cpu` as VM descriptions name physical CPUs.
+fn described_cpu(cpu: usize) -> Option<u32> {
+    cpu_mpidr(cpu).and_then(|m| u32::try_from(m).ok())
+}
+
+/// Whether CPU `cpu` has a vCPU waiting to start.
 fn has_work(cpu: usize) -> bool {
-    let Some(manager) = MANAGER.get() else {
-        return false;
-    };
-    let Some(mpidr) = machine::cpu_mpidr(cpu).and_then(|m| u32::try_from(m).ok()) else {
-        return false;
-    };
-    manager.vm_on_cpu(mpidr).is_some_and(|(vm, index)| {
-        vm.status() == VmStatus::Running
-            && matches!(
-                vm.psci.lock().state(index),
-                Some(crate::vm::psci::PowerState::OnPending { .. })
-            )
-    })
-}
-
-/// Wakes the parked CPUs of `vm`'s vCPUs that have a start pending (after a `CPU_ON`).
-fn wake_pending(vm: &Vm<HwStage2>) {
-    for (index, &cpu) in vm.desc.cpus.iter().enumerate() {
-        let pending = matches!(
-            vm.psci.lock().state(index),
-            Some(crate::vm::psci::PowerState::OnPending { .. })
-        );
-        if pending {
-            if let Some(i) = cpu_index_of(u64::from(cpu)) {
-                machine::wake(i);
-            }
-        }
+    match (MANAGER.get(), described_cpu(cpu)) {
+        (Some(manager), Some(mpidr)) => schedule::has_work(manager, mpidr),
+        _ => false,
     }
 }
 
 /// A CPU with nothing (more) to run: off through the firmware, or, for CPU 0, which
 /// cannot be, a `WFE` loop.
 fn idle_forever(cpu: usize) -> ! {
-    machine::park_off(cpu, || false);
-    machine::park()
+    park_off(cpu, || false);
+    park()
 }
 
 fn run_cpu(cpu: usize) -> ! {
     let Some(manager) = MANAGER.get() else {
         idle_forever(cpu)
     };
-    let Some(mpidr) = machine::cpu_mpidr(cpu) else {
+    let Some(mpidr) = described_cpu(cpu) else {
         idle_forever(cpu)
     };
-    let Ok(mpidr32) = u32::try_from(mpidr) else {
-        idle_forever(cpu)
-    };
-    let Some((vm, index)) = manager.vm_on_cpu(mpidr32) else {
+    let Some((vm, index)) = manager.vm_on_cpu(mpidr) else {
         idle_forever(cpu)
     };
     loop {
         // Off until a CPU_ON starts this vCPU (or the VM ends).
-        machine::park_off(cpu, || has_work(cpu) || vm.status() != VmStatus::Running);
-        let Some((entry, context)) = wait_for_start(&vm, index) else {
-            break;
+        park_off(cpu, || {
+            has_work(cpu) || vm.status() != crate::vm::VmStatus::Running
+        });
+        let (entry, context) = loop {
+            match schedule::next_start(&vm, index) {
+                Start::Enter { entry, context } => break (entry, context),
+                Start::Wait => aarch64_cpu::asm::wfe(),
+                // The VM is finished; this CPU has nothing left to run.
+                Start::Done => idle_forever(cpu),
+            }
         };
         log::info!("VM {}: vCPU {index} starts at {entry:#x}", vm.desc.name);
         vm.enter();
         run_vcpu(manager, &vm, index, entry, context);
         regs::leave_guest_context();
-        if vm.leave() {
-            destroy(manager, &vm);
-        }
-        if let Some(ok) = manager.outcome() {
+        if let Some(ok) = schedule::vcpu_left(manager, &vm) {
             finish(ok);
         }
     }
-    // The VM is finished; this CPU has nothing left to run.
-    idle_forever(cpu)
 }
 
-/// Waits until vCPU `index` is started (returns its entry and x0), or `None` once the VM
-/// is powered off or stopped.
-fn wait_for_start(vm: &Vm<HwStage2>, index: usize) -> Option<(u64, u64)> {
-    loop {
-        if vm.status() != VmStatus::Running {
-            return None;
-        }
-        if let Some(start) = vm.psci.lock().take_pending(index) {
-            return Some(start);
-        }
-        aarch64_cpu::asm::wfe();
-    }
-}
-
-/// Destroys a finished VM no CPU runs any more (the manager logs what came back).
-fn destroy(manager: &VmManager<Hw>, vm: &Vm<HwStage2>) {
-    match manager.destroy(vm.id) {
-        // Another CPU destroyed it first.
-        Ok(()) | Err(VmError::NoSuchVm(_)) => {}
-        Err(e) => log::error!("VM {}: destroy failed: {e}", vm.desc.name),
-    }
-}
-
-fn run_vcpu(manager: &VmManager<Hw>, vm: &Arc<Vm<HwStage2>>, index: usize, entry: u64, ctx: u64) {
+fn run_vcpu(
+    manager: &VmManager<MachineBackend>,
+    vm: &Arc<Vm<MachineStage2>>,
+    index: usize,
+    entry: u64,
+    ctx: u64,
+) {
+    // The VM's table was built with this regime, so its VTCR_EL2 value exists.
     let vtcr = manager
-        .with_platform(|hw| hw.stage2_regime(vm.vmid).vtcr())
+        .with_backend(|b| b.stage2.regime(vm.vmid).vtcr())
         .unwrap_or(0);
     regs::enter_guest_context(vm.vttbr, vtcr, index as u64);
     let mut regs = boot::GuestRegs::new(entry, ctx);
@@ -433,15 +368,6 @@ fn run_vcpu(manager: &VmManager<Hw>, vm: &Arc<Vm<HwStage2>>, index: usize, entry
         // stage 2 maps only its own RAM and pass-through devices; its EL1 registers are
         // reset; interrupts are masked at EL2.
         let exit = unsafe { boot::enter_guest(&mut regs) };
-        let reason = match exit {
-            boot::Exit::Sync { esr, far, hpfar } => ExitReason::Sync {
-                esr: esr.bits(),
-                far,
-                hpfar,
-            },
-            boot::Exit::Irq | boot::Exit::Fiq => ExitReason::Interrupt,
-            boot::Exit::SError { esr } => ExitReason::SError { esr: esr.bits() },
-        };
         let mut ctx = VcpuCtx {
             x: &mut regs.x,
             pc: &mut regs.pc,
@@ -451,14 +377,18 @@ fn run_vcpu(manager: &VmManager<Hw>, vm: &Arc<Vm<HwStage2>>, index: usize, entry
             vm,
             index,
             &mut ctx,
-            reason,
-            &mut HwEl1,
+            exit,
+            &mut MachineEl1,
             &mut ConsoleLines,
             &mut |req| manager.share_call(vm, index, req),
         );
         // A CPU_ON may have made another vCPU runnable.
         aarch64_cpu::asm::sev();
-        wake_pending(vm);
+        for cpu in schedule::pending_starts(vm) {
+            if let Some(i) = cpu_index_of(u64::from(cpu)) {
+                wake(i);
+            }
+        }
         match next {
             Next::Resume => {}
             Next::Stop => return,
@@ -472,10 +402,11 @@ fn run_vcpu(manager: &VmManager<Hw>, vm: &Arc<Vm<HwStage2>>, index: usize, entry
     }
 }
 
+/// Ends the run once every VM is done (`ok`: none failed); a CPU that sees this after
+/// another one parks.
 fn finish(ok: bool) -> ! {
-    // Several CPUs may see the last VM finish; one reports and ends the run.
-    if FINISHING.swap(true, Ordering::SeqCst) {
-        machine::park();
+    if !RUN_END.claim() {
+        park();
     }
     let frames = FRAMES.get().map_or(0, |p| p.lock().in_use());
     log::info!(
@@ -484,7 +415,7 @@ fn finish(ok: bool) -> ! {
     );
     if ok {
         log::info!("twostage: all VMs done: success");
-        machine::power_off()
+        power_off()
     } else {
         log::error!("twostage: all VMs done: failure");
         boot::semihosting_exit(boot::exit_status::VM_FAILED)

@@ -1,6 +1,7 @@
-//! What a guest exit means for the VM code: the syndrome decoded by `boot::esr`, narrowed
-//! to the cases the run loop handles, with the faulting IPA of a stage-2 abort put
-//! together from `HPFAR_EL2` and `FAR_EL2`.
+//! What a guest exit means: the [`boot::Exit`] that `boot::enter_guest` returns, decoded
+//! once into the one [`Exit`] the handlers match on (the syndrome decoded by `boot::esr`,
+//! narrowed to the cases the vCPU handles, with the faulting IPA of a stage-2 abort put
+//! together from `HPFAR_EL2` and `FAR_EL2`).
 //!
 //! Also builds the `ESR_EL1` value of an abort the hypervisor injects into a guest.
 
@@ -24,8 +25,8 @@ pub struct Abort {
     pub syndrome: Option<DataAccess>,
     /// The fault happened on a stage-1 table walk (`S1PTW`).
     pub s1ptw: bool,
-    /// Raw `ESR_EL2`.
-    pub esr: u64,
+    /// `ESR_EL2`.
+    pub esr: Esr,
 }
 
 impl Abort {
@@ -36,9 +37,9 @@ impl Abort {
     }
 }
 
-/// What a synchronous exit from the guest was.
+/// Why the guest stopped running, decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TrapKind {
+pub enum Exit {
     /// `HVC #imm` from AArch64 (EC 0x16). The guest PC already points past it.
     Hvc {
         /// The immediate.
@@ -57,43 +58,49 @@ pub enum TrapKind {
     },
     /// Data or instruction abort from the guest (EC 0x24 / 0x20).
     Abort(Abort),
-    /// Anything else: the exception class and the raw ESR.
+    /// A physical IRQ or FIQ.
+    Interrupt,
+    /// An SError.
+    SError {
+        /// `ESR_EL2`.
+        esr: Esr,
+    },
+    /// Any other synchronous exception.
     Other {
-        /// Exception class, `ESR_EL2[31:26]`.
-        ec: u8,
-        /// Raw `ESR_EL2`.
-        esr: u64,
+        /// `ESR_EL2`.
+        esr: Esr,
     },
 }
 
-/// Decodes one synchronous exit. `far` is `FAR_EL2`, `hpfar` is `HPFAR_EL2`.
-#[must_use]
-pub fn decode(esr: u64, far: u64, hpfar: u64) -> TrapKind {
-    let e = Esr::from_bits(esr);
-    let abort = |a: boot::esr::Abort, instruction: bool| {
-        TrapKind::Abort(Abort {
-            instruction,
-            write: a.write && !a.cache_maintenance,
-            ipa: boot::esr::fault_ipa(hpfar, far),
-            far,
-            status: a.status,
-            syndrome: a.access,
-            s1ptw: a.s1ptw,
-            esr,
-        })
-    };
-    match e.decode() {
-        Syndrome::Hvc64 { imm } => TrapKind::Hvc { imm },
-        Syndrome::Smc64 { imm } => TrapKind::Smc { imm },
-        Syndrome::Wfx { kind } => TrapKind::Wfx {
-            wfe: matches!(kind, WfxKind::Wfe | WfxKind::Wfet),
-        },
-        Syndrome::DataAbort(a) if a.from_lower_el => abort(a, false),
-        Syndrome::InstructionAbort(a) if a.from_lower_el => abort(a, true),
-        _ => TrapKind::Other {
-            ec: e.class().ec(),
-            esr,
-        },
+impl From<boot::Exit> for Exit {
+    fn from(exit: boot::Exit) -> Self {
+        let (esr, far, hpfar) = match exit {
+            boot::Exit::Irq | boot::Exit::Fiq => return Self::Interrupt,
+            boot::Exit::SError { esr } => return Self::SError { esr },
+            boot::Exit::Sync { esr, far, hpfar } => (esr, far, hpfar),
+        };
+        let abort = |a: boot::esr::Abort, instruction: bool| {
+            Self::Abort(Abort {
+                instruction,
+                write: a.write && !a.cache_maintenance,
+                ipa: boot::esr::fault_ipa(hpfar, far),
+                far,
+                status: a.status,
+                syndrome: a.access,
+                s1ptw: a.s1ptw,
+                esr,
+            })
+        };
+        match esr.decode() {
+            Syndrome::Hvc64 { imm } => Self::Hvc { imm },
+            Syndrome::Smc64 { imm } => Self::Smc { imm },
+            Syndrome::Wfx { kind } => Self::Wfx {
+                wfe: matches!(kind, WfxKind::Wfe | WfxKind::Wfet),
+            },
+            Syndrome::DataAbort(a) if a.from_lower_el => abort(a, false),
+            Syndrome::InstructionAbort(a) if a.from_lower_el => abort(a, true),
+            _ => Self::Other { esr },
+        }
     }
 }
 
@@ -121,29 +128,40 @@ mod tests {
         (u64::from(ec) << 26) | (1 << 25) | u64::from(iss)
     }
 
+    fn decode(esr: u64, far: u64, hpfar: u64) -> Exit {
+        Exit::from(boot::Exit::Sync {
+            esr: Esr::from_bits(esr),
+            far,
+            hpfar,
+        })
+    }
+
     #[test]
     fn hvc_smc_wfx() {
-        assert_eq!(
-            decode(esr(0x16, 0x1234), 0, 0),
-            TrapKind::Hvc { imm: 0x1234 }
-        );
-        assert_eq!(decode(esr(0x17, 0), 0, 0), TrapKind::Smc { imm: 0 });
-        assert_eq!(decode(esr(0x01, 0), 0, 0), TrapKind::Wfx { wfe: false });
-        assert_eq!(decode(esr(0x01, 1), 0, 0), TrapKind::Wfx { wfe: true });
+        assert_eq!(decode(esr(0x16, 0x1234), 0, 0), Exit::Hvc { imm: 0x1234 });
+        assert_eq!(decode(esr(0x17, 0), 0, 0), Exit::Smc { imm: 0 });
+        assert_eq!(decode(esr(0x01, 0), 0, 0), Exit::Wfx { wfe: false });
+        assert_eq!(decode(esr(0x01, 1), 0, 0), Exit::Wfx { wfe: true });
         assert_eq!(
             decode(esr(0x07, 0), 0, 0),
-            TrapKind::Other {
-                ec: 7,
-                esr: esr(7, 0)
+            Exit::Other {
+                esr: Esr::from_bits(esr(7, 0))
             }
         );
         assert_eq!(
             decode(esr(0x18, 0), 0, 0),
-            TrapKind::Other {
-                ec: 0x18,
-                esr: esr(0x18, 0)
+            Exit::Other {
+                esr: Esr::from_bits(esr(0x18, 0))
             }
         );
+    }
+
+    #[test]
+    fn asynchronous_exits() {
+        assert_eq!(Exit::from(boot::Exit::Irq), Exit::Interrupt);
+        assert_eq!(Exit::from(boot::Exit::Fiq), Exit::Interrupt);
+        let esr = Esr::from_bits(esr(0x2f, 0));
+        assert_eq!(Exit::from(boot::Exit::SError { esr }), Exit::SError { esr });
     }
 
     #[test]
@@ -151,7 +169,7 @@ mod tests {
         // ISV, SAS=word, SRT=x3, SF=0, WnR=1, DFSC=translation fault level 3.
         let iss = (1 << 24) | (2 << 22) | (3 << 16) | (1 << 6) | 0x07;
         let t = decode(esr(0x24, iss), 0x1234_5678, 0x9000 << 4);
-        let TrapKind::Abort(a) = t else {
+        let Exit::Abort(a) = t else {
             panic!("not an abort: {t:?}")
         };
         assert!(!a.instruction);
@@ -172,7 +190,7 @@ mod tests {
         // No ISV (e.g. LDP), read; permission fault.
         let iss = (3 << 22) | (31 << 16) | (1 << 15) | 0x0f;
         let hpfar = 0xf_ffff_ffff_u64 << 4; // IPA[47:12] all ones
-        let TrapKind::Abort(a) = decode(esr(0x24, iss), 0xabc, hpfar) else {
+        let Exit::Abort(a) = decode(esr(0x24, iss), 0xabc, hpfar) else {
             panic!()
         };
         assert_eq!(a.syndrome, None);
@@ -183,26 +201,26 @@ mod tests {
 
     #[test]
     fn instruction_abort_cache_maintenance_and_own_aborts() {
-        let TrapKind::Abort(a) = decode(esr(0x20, (1 << 6) | 0x05), 0x10, 0x10 << 4) else {
+        let Exit::Abort(a) = decode(esr(0x20, (1 << 6) | 0x05), 0x10, 0x10 << 4) else {
             panic!()
         };
         assert!(a.instruction && !a.write && a.syndrome.is_none());
         assert_eq!(a.ipa, 0x10010);
         // CM=1 with WnR=1 is not a write.
-        let TrapKind::Abort(b) = decode(esr(0x24, (1 << 8) | (1 << 6) | 0x05), 0, 0) else {
+        let Exit::Abort(b) = decode(esr(0x24, (1 << 8) | (1 << 6) | 0x05), 0, 0) else {
             panic!()
         };
         assert!(!b.write);
         // An abort taken at EL2 itself (EC 0x25) is not a guest abort.
         assert!(matches!(
             decode(esr(0x25, 0x07), 0, 0),
-            TrapKind::Other { ec: 0x25, .. }
+            Exit::Other { esr } if esr.class().ec() == 0x25
         ));
     }
 
     #[test]
     fn injected_esr() {
-        let TrapKind::Abort(a) = decode(esr(0x24, (1 << 6) | 0x07), 0, 0) else {
+        let Exit::Abort(a) = decode(esr(0x24, (1 << 6) | 0x07), 0, 0) else {
             panic!()
         };
         let e = injected_abort_esr(&a, false);
@@ -211,7 +229,7 @@ mod tests {
         assert_ne!(e & (1 << 6), 0);
         assert_ne!(e & (1 << 25), 0);
         assert_eq!(injected_abort_esr(&a, true) >> 26, 0x24);
-        let TrapKind::Abort(i) = decode(esr(0x20, 0x07), 0, 0) else {
+        let Exit::Abort(i) = decode(esr(0x20, 0x07), 0, 0) else {
             panic!()
         };
         assert_eq!(injected_abort_esr(&i, false) >> 26, 0x21);

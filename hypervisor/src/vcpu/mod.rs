@@ -6,6 +6,7 @@
 
 pub mod exit;
 pub mod hypercall;
+pub mod schedule;
 
 use crate::config::{AbortPolicy, PAGE_SIZE};
 use crate::vm::psci::PowerState;
@@ -13,7 +14,7 @@ use crate::vm::share::Request;
 use crate::vm::vuart::LineSink;
 use crate::vm::{Stage2Table, Vm, VmStatus};
 use core::sync::atomic::Ordering;
-use exit::{Abort, TrapKind};
+use exit::{Abort, Exit};
 use hypercall::{Caller, Outcome};
 
 /// The general-purpose state of a vCPU at an exit.
@@ -33,27 +34,6 @@ pub trait GuestEl1 {
     fn vbar(&self) -> u64;
     /// Writes `ESR_EL1`, `FAR_EL1`, `ELR_EL1` and `SPSR_EL1`.
     fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64);
-}
-
-/// One guest exit, as the guest-entry code reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExitReason {
-    /// Synchronous exception with `ESR_EL2`, `FAR_EL2`, `HPFAR_EL2`.
-    Sync {
-        /// `ESR_EL2`.
-        esr: u64,
-        /// `FAR_EL2`.
-        far: u64,
-        /// `HPFAR_EL2`.
-        hpfar: u64,
-    },
-    /// A physical IRQ or FIQ.
-    Interrupt,
-    /// An SError with its `ESR_EL2`.
-    SError {
-        /// `ESR_EL2`.
-        esr: u64,
-    },
 }
 
 /// What the physical CPU does next.
@@ -98,7 +78,7 @@ pub fn handle_exit<S: Stage2Table>(
     vm: &Vm<S>,
     vcpu: usize,
     ctx: &mut VcpuCtx<'_>,
-    exit: ExitReason,
+    exit: boot::Exit,
     el1: &mut impl GuestEl1,
     sink: &mut impl LineSink,
     share: &mut ShareCall<'_>,
@@ -107,30 +87,27 @@ pub fn handle_exit<S: Stage2Table>(
     if vm.status() != VmStatus::Running || vm.psci.lock().state(vcpu) != Some(PowerState::On) {
         return Next::Stop;
     }
-    let (esr, far, hpfar) = match exit {
-        ExitReason::Interrupt => return Next::Resume,
-        ExitReason::SError { esr } => {
-            return stop_vm(vm, format_args!("SError (ESR {esr:#x})"));
-        }
-        ExitReason::Sync { esr, far, hpfar } => (esr, far, hpfar),
-    };
-    match exit::decode(esr, far, hpfar) {
-        TrapKind::Hvc { .. } => hypercall(vm, vcpu, ctx, sink, share),
-        TrapKind::Smc { .. } => {
+    match Exit::from(exit) {
+        Exit::Interrupt => Next::Resume,
+        Exit::SError { esr } => stop_vm(vm, format_args!("SError (ESR {:#x})", esr.bits())),
+        Exit::Hvc { .. } => hypercall(vm, vcpu, ctx, sink, share),
+        Exit::Smc { .. } => {
             // A trapped SMC returns to the SMC itself (preferred return address).
             *ctx.pc = ctx.pc.wrapping_add(4);
             hypercall(vm, vcpu, ctx, sink, share)
         }
-        TrapKind::Wfx { .. } => {
+        Exit::Wfx { .. } => {
             *ctx.pc = ctx.pc.wrapping_add(4);
             Next::Resume
         }
-        TrapKind::Abort(abort) => stage2_abort(vm, ctx, &abort, el1, sink),
-        TrapKind::Other { ec, .. } => stop_vm(
+        Exit::Abort(abort) => stage2_abort(vm, ctx, &abort, el1, sink),
+        Exit::Other { esr } => stop_vm(
             vm,
             format_args!(
-                "unhandled exit, EC {ec:#x}: {} (ESR {esr:#x}, PC {:#x})",
-                boot::esr::Esr::from_bits(esr).decode(),
+                "unhandled exit, EC {:#x}: {} (ESR {:#x}, PC {:#x})",
+                esr.class().ec(),
+                esr.decode(),
+                esr.bits(),
                 *ctx.pc
             ),
         ),
@@ -234,7 +211,9 @@ fn stage2_abort<S: Stage2Table>(
             vm,
             format_args!(
                 "{what} of {unmapped}IPA {:#x} (ESR {:#x}, {})",
-                abort.ipa, abort.esr, abort.status
+                abort.ipa,
+                abort.esr.bits(),
+                abort.status
             ),
         ),
         AbortPolicy::Inject => {
@@ -242,7 +221,7 @@ fn stage2_abort<S: Stage2Table>(
                 "VM {}: injected abort for {what} of {unmapped}IPA {:#x} (ESR {:#x}, {})",
                 vm.desc.name,
                 abort.ipa,
-                abort.esr,
+                abort.esr.bits(),
                 abort.status
             );
             inject_abort(ctx, abort, el1);
@@ -326,7 +305,7 @@ mod tests {
             &mut self,
             vm: &Vm<S>,
             vcpu: usize,
-            e: ExitReason,
+            e: boot::Exit,
             el1: &mut El1,
             out: &mut Lines,
         ) -> Next {
@@ -352,9 +331,9 @@ mod tests {
             | 0x07
     }
 
-    fn sync(esr: u64, ipa: u64) -> ExitReason {
-        ExitReason::Sync {
-            esr,
+    fn sync(esr: u64, ipa: u64) -> boot::Exit {
+        boot::Exit::Sync {
+            esr: boot::esr::Esr::from_bits(esr),
             far: 0xffff_0000_0000_0000 | (ipa & 0xfff),
             hpfar: (ipa >> 12) << 4,
         }
@@ -419,7 +398,7 @@ mod tests {
         assert_eq!(vm.status(), VmStatus::Off);
         // A VM that is off does not run again.
         assert_eq!(
-            cpu.exit(&vm, 0, ExitReason::Interrupt, &mut el1, &mut out),
+            cpu.exit(&vm, 0, boot::Exit::Irq, &mut el1, &mut out),
             Next::Stop
         );
         assert!(vm.leave());
@@ -569,7 +548,7 @@ mod tests {
         vm.psci.lock().take_pending(0);
         let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
         assert_eq!(
-            cpu.exit(&vm, 0, ExitReason::Interrupt, &mut el1, &mut out),
+            cpu.exit(&vm, 0, boot::Exit::Irq, &mut el1, &mut out),
             Next::Resume
         );
         assert_eq!(cpu.exit(&vm, 0, sync(0, 0), &mut el1, &mut out), Next::Stop);

@@ -401,8 +401,8 @@ impl<P: Backend> VmManager<P> {
         )
     }
 
-    /// Runs `f` with the platform (e.g. to inspect a fake in tests).
-    pub fn with_platform<R>(&self, f: impl FnOnce(&mut P) -> R) -> R {
+    /// Runs `f` with the backend (e.g. to inspect a fake in tests).
+    pub fn with_backend<R>(&self, f: impl FnOnce(&mut P) -> R) -> R {
         f(&mut self.inner.lock().platform)
     }
 }

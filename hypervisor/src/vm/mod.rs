@@ -18,7 +18,7 @@ pub mod vuart;
 pub(crate) mod tests;
 
 pub use manager::{Backend, Layout, VmError, VmManager};
-pub use stage2::{MmuStage2, S2Kind, Stage2Table, IPA_BITS};
+pub use stage2::{MmuStage2, S2Kind, Stage2Config, Stage2Table, IPA_BITS};
 
 use core::fmt;
 use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};

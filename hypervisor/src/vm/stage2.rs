@@ -2,6 +2,7 @@
 //! (real `mmu` tables on the machine and in most tests, a recording fake in others) and
 //! how RAM and pass-through devices are mapped.
 
+use super::vmid::Vmid;
 use crate::config::Stage2Mappings;
 
 /// How a stage-2 range is mapped.
@@ -162,5 +163,47 @@ impl<A: mmu::FrameAllocator, T: mmu::TlbMaintenance> Stage2Table for MmuStage2<A
 
     fn vttbr(&self) -> u64 {
         self.0.vttbr_el2()
+    }
+}
+
+/// The shape of every VM's stage 2 on one machine: IPA and PA sizes, VMID width and
+/// whether the CPUs invalidate ranges of pages with one TLBI (FEAT_TLBIRANGE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stage2Config {
+    /// Input (IPA) size in bits; 40 to 43 bits need a concatenated root (2 to 16 tables).
+    pub ipa_bits: u8,
+    /// Output (PA) size in bits (`ID_AA64MMFR0_EL1.PARange`).
+    pub pa_bits: u8,
+    /// 16-bit VMIDs (`VTCR_EL2.VS`).
+    pub vmid16: bool,
+    /// Range TLBI (`mmu::PageTable::set_tlbi_range`).
+    pub tlbi_range: bool,
+}
+
+impl Stage2Config {
+    /// The `mmu` regime of the stage 2 tagged with `vmid` (its `VTCR_EL2` included).
+    #[must_use]
+    pub fn regime(&self, vmid: Vmid) -> mmu::Stage2 {
+        mmu::Stage2::new(vmid.get(), self.ipa_bits)
+            .with_pa_bits(self.pa_bits)
+            .with_vmid16(self.vmid16)
+    }
+
+    /// A new, empty stage 2 for `vmid` with frames from `alloc` and TLB maintenance by
+    /// `tlb`, whose mappings follow `mappings`.
+    ///
+    /// # Errors
+    ///
+    /// No frame (or no aligned run of frames for a concatenated root) for the root.
+    pub fn new_table<A: mmu::FrameAllocator, T: mmu::TlbMaintenance>(
+        &self,
+        vmid: Vmid,
+        alloc: A,
+        tlb: T,
+        mappings: Stage2Mappings,
+    ) -> Result<MmuStage2<A, T>, mmu::Error> {
+        let mut s2 = MmuStage2::new(self.regime(vmid), alloc, tlb, mappings)?;
+        s2.0.set_tlbi_range(self.tlbi_range);
+        Ok(s2)
     }
 }

@@ -5,6 +5,7 @@ use super::pool::PoolError;
 use super::vmid::{Vmid, VmidBits, VmidFlush};
 use super::*;
 use crate::config::{tests as dt, GuestRegion, Stage2Mappings};
+use crate::mem::frames::{FramePool, SharedFrames};
 use crate::mem::PhysRange;
 use alloc::sync::Arc;
 use std::collections::{BTreeMap, BTreeSet};
@@ -253,7 +254,7 @@ fn create_maps_ram_loads_image_and_starts_vcpu0() {
             "the virtual UART stays unmapped"
         );
     }
-    m.with_platform(|p| {
+    m.with_backend(|p| {
         assert_eq!(p.mem.get(&0x5000_0000), Some(&1));
         assert_eq!(p.mem.get(&0x5000_1fff), Some(&0xee));
         assert_eq!(
@@ -302,7 +303,7 @@ fn two_vms_same_ipa_distinct_ram_and_vmids() {
 #[test]
 fn failed_create_leaks_nothing() {
     let m = manager();
-    m.with_platform(|p| p.fail_map_at = Some(0x4008_0000));
+    m.with_backend(|p| p.fail_map_at = Some(0x4008_0000));
     let before = m.accounting();
     assert_eq!(
         m.create(desc(0x5000_0000, 1)).map(|_| ()),
@@ -311,7 +312,7 @@ fn failed_create_leaks_nothing() {
     assert_eq!(m.accounting(), before);
     assert!(m.vms().is_empty());
     // Outside guest RAM, and a kernel that is not in the staging area.
-    m.with_platform(|p| p.fail_map_at = None);
+    m.with_backend(|p| p.fail_map_at = None);
     assert!(matches!(
         m.create(desc(0x6000_0000, 1)),
         Err(VmError::Ram(_, PoolError::OutOfRange))
@@ -348,7 +349,7 @@ fn thousand_create_destroy_cycles_leak_nothing() {
         assert_eq!(frames, 4, "root + one leaf table per VM");
         assert_eq!(used, 2);
         // The guest dirties its RAM.
-        m.with_platform(|p| {
+        m.with_backend(|p| {
             p.mem.insert(pa + 0xf_f000, 0xaa);
         });
         let (ida, idb) = (a.id, b.id);
@@ -356,7 +357,7 @@ fn thousand_create_destroy_cycles_leak_nothing() {
         drop(b);
         m.destroy(ida).expect("destroy a");
         m.destroy(idb).expect("destroy b");
-        m.with_platform(|p| {
+        m.with_backend(|p| {
             assert_eq!(
                 p.mem.range(0x5000_0000..0x5040_0000).count(),
                 0,
@@ -367,8 +368,103 @@ fn thousand_create_destroy_cycles_leak_nothing() {
         assert!(a.stage2.lock().is_none());
     }
     assert!(vmids.len() > 100, "VMIDs rotate instead of reusing one");
-    m.with_platform(|p| assert_eq!(p.flushed.len(), 2000, "every freed VMID was flushed"));
+    m.with_backend(|p| assert_eq!(p.flushed.len(), 2000, "every freed VMID was flushed"));
     assert_eq!(m.destroy(0), Err(VmError::NoSuchVm(0)));
+}
+
+/// The machine's frame source on the host: a [`FramePool`] over leaked heap memory (a
+/// frame's address is its pointer, as the machine's identity map makes it), handed out
+/// through [`SharedFrames`].
+fn machine_frames(count: usize) -> SharedFrames {
+    let bytes = count * mmu::FRAME_SIZE as usize;
+    let layout = std::alloc::Layout::from_size_align(bytes, 1 << 16).expect("layout");
+    // SAFETY: the layout has a non-zero size.
+    let base = unsafe { std::alloc::alloc_zeroed(layout) };
+    assert!(!base.is_null(), "out of host memory");
+    let pool = FramePool::new(PhysRange::new(base as u64, bytes as u64));
+    // SAFETY: the pool's frames are leaked heap memory that nothing else uses, readable and
+    // writable at their own address.
+    unsafe { SharedFrames::new(Box::leak(Box::new(spin::Mutex::new(pool)))) }
+}
+
+/// The fake memory of [`Fake`] with stage-2 tables built as the machine builds them
+/// ([`Stage2Config::new_table`] over [`SharedFrames`]).
+struct MachineLike {
+    fake: Fake,
+    frames: SharedFrames,
+    stage2: Stage2Config,
+}
+
+impl VmidFlush for MachineLike {
+    fn flush_vmid(&mut self, vmid: Vmid) {
+        self.fake.flush_vmid(vmid);
+    }
+}
+
+impl Backend for MachineLike {
+    type S2 = MmuStage2<SharedFrames, mmu::testing::RecordingTlb>;
+    fn new_stage2(&mut self, vmid: Vmid, mappings: Stage2Mappings) -> Result<Self::S2, mmu::Error> {
+        let tlb = mmu::testing::RecordingTlb::new();
+        self.stage2.new_table(vmid, self.frames, tlb, mappings)
+    }
+    fn free_stage2(&mut self, s2: Self::S2) {
+        drop(s2);
+    }
+    fn table_frames(&self) -> usize {
+        self.frames.pool().lock().in_use()
+    }
+    fn zero(&mut self, pa: u64, len: u64) {
+        self.fake.zero(pa, len);
+    }
+    fn copy(&mut self, dst: u64, src: u64, len: u64) {
+        self.fake.copy(dst, src, len);
+    }
+}
+
+#[test]
+fn a_40_bit_ipa_space_takes_a_concatenated_root_from_the_machine_frame_source() {
+    let stage2 = Stage2Config {
+        ipa_bits: 40,
+        pa_bits: 44,
+        vmid16: false,
+        tlbi_range: false,
+    };
+    let backend = MachineLike {
+        fake: Fake::default(),
+        frames: machine_frames(64),
+        stage2,
+    };
+    let m = VmManager::new(backend, VmidBits::Eight, LAYOUT);
+    // RAM above 512 GiB of IPA: only the second table of the root reaches it.
+    let ipa = 0x80_4000_0000;
+    let mut d = desc(0x5000_0000, 1);
+    d.memory[0].ipa = ipa;
+    d.kernel.ipa = ipa;
+    d.entry = ipa;
+    let vm = m.create(d).expect("a VM with a 40-bit IPA space");
+    let root = vm.vttbr & 0xffff_ffff_fffe;
+    assert_eq!(
+        root % (2 * mmu::FRAME_SIZE),
+        0,
+        "two root tables, aligned as a pair"
+    );
+    let (_, _, frames, _) = m.accounting();
+    assert_eq!(
+        frames,
+        2 + 2,
+        "two root tables, one level-2 and one level-3 table"
+    );
+    {
+        let s2 = vm.stage2.lock();
+        let t = s2.as_ref().expect("live").0.translate(ipa + 0x1234);
+        assert_eq!(t.map(|t| t.output), Some(0x5000_1234));
+    }
+    m.destroy(vm.id).expect("destroy");
+    assert_eq!(
+        m.with_backend(|b| b.table_frames()),
+        0,
+        "every frame back in the pool"
+    );
 }
 
 /// A manager over real `mmu` stage-2 tables, and the heap frames they come from.
@@ -450,14 +546,14 @@ fn reset_reloads_and_outcome() {
     let a = m.create(desc(0x5000_0000, 1)).expect("a");
     let b = m.create(desc(0x5010_0000, 2)).expect("b");
     a.psci.lock().take_pending(0);
-    m.with_platform(|p| {
+    m.with_backend(|p| {
         p.mem.insert(0x5000_0000, 0x55);
         p.mem.insert(0x5008_0000, 0x66);
     });
     assert_eq!(a.boots.load(Ordering::SeqCst), 1);
     m.reset(a.id).expect("reset");
     assert_eq!(a.boots.load(Ordering::SeqCst), 2);
-    m.with_platform(|p| {
+    m.with_backend(|p| {
         assert_eq!(p.mem.get(&0x5000_0000), Some(&1), "image copied again");
         assert_eq!(p.mem.get(&0x5008_0000), None, "RAM scrubbed");
     });
@@ -506,14 +602,14 @@ fn finished_vms_are_destroyed_only_when_idle_and_remembered() {
 fn create_scrubs_every_byte_the_images_do_not_cover() {
     let m = manager();
     // Stale data in the RAM the VM will get: inside and outside the image's range.
-    m.with_platform(|p| {
+    m.with_backend(|p| {
         p.mem.insert(0x5000_0010, 0x55);
         p.mem.insert(0x5000_3000, 0x66);
         p.mem.insert(0x500f_ffff, 0x77);
     });
     let vm = m.create(desc(0x5000_0000, 1)).expect("create");
     let ram = vm.desc.ram_size();
-    m.with_platform(|p| {
+    m.with_backend(|p| {
         // The 0x2000-byte image replaced what was under it; the rest is zero.
         assert_eq!(p.zeroed, ram - 0x2000, "only the bytes no image covers");
         assert_eq!(p.mem.get(&0x5000_0010), None, "image bytes there are zero");

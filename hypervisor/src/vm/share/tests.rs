@@ -563,7 +563,7 @@ fn destroying_either_party_mid_transaction_leaks_nothing() {
 
 #[test]
 fn calls_go_through_the_vcpu_exit_path() {
-    use crate::vcpu::{handle_exit, ExitReason, GuestEl1, Next, VcpuCtx};
+    use crate::vcpu::{handle_exit, GuestEl1, Next, VcpuCtx};
     struct El1;
     impl GuestEl1 for El1 {
         fn vbar(&self) -> u64 {
@@ -584,8 +584,8 @@ fn calls_go_through_the_vcpu_exit_path() {
         pc: &mut pc,
         pstate: &mut pstate,
     };
-    let hvc = ExitReason::Sync {
-        esr: (0x16 << 26) | (1 << 25),
+    let hvc = boot::Exit::Sync {
+        esr: boot::esr::Esr::from_bits((0x16 << 26) | (1 << 25)),
         far: 0,
         hpfar: 0,
     };

@@ -1,0 +1,48 @@
+//! The hypervisor's console: the `log` backend over the PL011, with the CPU index and
+//! time since boot on every line.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use aarch64_cpu::registers::{Readable, CNTFRQ_EL0, CNTPCT_EL0};
+use log::LevelFilter;
+
+use super::cpu::cpu_index;
+use super::pl011::Pl011;
+use crate::console::logger::{self, Logger};
+
+/// The hardware side of the logger: CPU index from `TPIDR_EL2` (set by the boot code),
+/// time from the generic timer.
+pub(super) struct LogClock;
+
+static BOOT_TICKS: AtomicU64 = AtomicU64::new(0);
+
+impl logger::Platform for LogClock {
+    type Console = Pl011;
+
+    fn cpu(&self) -> usize {
+        cpu_index()
+    }
+
+    fn micros(&self) -> u64 {
+        let ticks = CNTPCT_EL0
+            .get()
+            .wrapping_sub(BOOT_TICKS.load(Ordering::Relaxed));
+        let freq = CNTFRQ_EL0.get().max(1);
+        (u128::from(ticks) * 1_000_000 / u128::from(freq)) as u64
+    }
+}
+
+pub(super) static LOGGER: Logger<LogClock> = Logger::new(LogClock, LevelFilter::Info);
+
+/// Starts the time stamps of the log (the generic timer's count now is time 0).
+pub(super) fn start_clock() {
+    BOOT_TICKS.store(CNTPCT_EL0.get(), Ordering::Relaxed);
+}
+
+/// Sends the log to `uart` from now on.
+pub(super) fn attach(uart: Pl011) {
+    LOGGER.attach(uart);
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(LOGGER.level());
+    }
+}
