@@ -9,10 +9,11 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
 
+use super::dtb::HostDt;
+use crate::mem::PAGE_SIZE;
+
 /// The `compatible` string of a VM node.
 pub const COMPATIBLE: &str = "twostage,vm";
-/// Page size of stage-2 mappings and of every region in a description.
-pub const PAGE_SIZE: u64 = 4096;
 /// Longest accepted VM name.
 pub const MAX_NAME: usize = 32;
 
@@ -128,8 +129,6 @@ impl VmDesc {
 /// Why a description was rejected.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DescError {
-    /// The blob is not a valid flattened device tree.
-    BadDtb,
     /// A VM node breaks a rule: the node name and what is wrong.
     Invalid {
         /// DT node name of the VM.
@@ -139,10 +138,11 @@ pub enum DescError {
     },
 }
 
+impl core::error::Error for DescError {}
+
 impl fmt::Display for DescError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::BadDtb => write!(f, "not a valid device tree"),
             Self::Invalid { node, what } => write!(f, "VM node /chosen/{node}: {what}"),
         }
     }
@@ -280,7 +280,7 @@ fn string_list(bytes: &[u8]) -> Option<Vec<String>> {
         .collect()
 }
 
-fn parse_vm(node: &Node<'_>, host_dtb: &[u8]) -> Result<VmDesc, DescError> {
+fn parse_vm(node: &Node<'_>, host: &fdt::Fdt<'_>) -> Result<VmDesc, DescError> {
     let name = match node.get("vm-name") {
         Some(v) => string(v).ok_or_else(|| node.err("vm-name is not a string"))?,
         None => node.name.to_string(),
@@ -322,7 +322,7 @@ fn parse_vm(node: &Node<'_>, host_dtb: &[u8]) -> Result<VmDesc, DescError> {
     };
     if !devices.is_empty() {
         let paths: Vec<&str> = devices.iter().map(String::as_str).collect();
-        let regions = crate::linux::guest_dt::passthrough_regions(host_dtb, &paths)
+        let regions = super::devices::passthrough_regions(host, &paths)
             .map_err(|_| node.err("passthrough-devices names no top-level host device"))?;
         passthrough.extend(regions.iter().map(|r| GuestRegion {
             ipa: r.base,
@@ -425,13 +425,9 @@ fn parse_vm(node: &Node<'_>, host_dtb: &[u8]) -> Result<VmDesc, DescError> {
 ///
 /// # Errors
 ///
-/// [`DescError::BadDtb`] for a blob that is not an FDT, [`DescError::Invalid`] naming
-/// the first broken rule.
-pub fn parse(dtb: &[u8]) -> Result<Vec<VmDesc>, DescError> {
-    // Work on a copy without FDT_NOP tokens (see `crate::dtb`).
-    let mut blob = dtb.to_vec();
-    crate::config::dtb::strip_nops(&mut blob).map_err(|_| DescError::BadDtb)?;
-    let fdt = fdt::Fdt::new(&blob).map_err(|_| DescError::BadDtb)?;
+/// [`DescError::Invalid`] naming the first broken rule.
+pub fn parse(dt: &HostDt<'_>) -> Result<Vec<VmDesc>, DescError> {
+    let fdt = dt.fdt();
     let Some(chosen) = fdt.find_node("/chosen") else {
         return Ok(Vec::new());
     };
@@ -447,7 +443,7 @@ pub fn parse(dtb: &[u8]) -> Result<Vec<VmDesc>, DescError> {
         if !is_vm {
             continue;
         }
-        let vm = parse_vm(&node, dtb)?;
+        let vm = parse_vm(&node, fdt)?;
         for other in &vms {
             if other.name == vm.name {
                 return Err(node.err("two VMs have the same name"));
@@ -472,6 +468,17 @@ pub fn parse(dtb: &[u8]) -> Result<Vec<VmDesc>, DescError> {
 pub(crate) mod tests {
     use super::*;
     use vm_fdt::FdtWriter;
+
+    /// The VM descriptions of `blob` as the machine reads them; `None` when the blob is
+    /// not a device tree at all.
+    pub(crate) fn parse_blob(blob: &[u8]) -> Option<Result<Vec<VmDesc>, DescError>> {
+        let blob = Box::leak(blob.to_vec().into_boxed_slice());
+        HostDt::new(blob).ok().map(|dt| super::parse(&dt))
+    }
+
+    fn parse(blob: &[u8]) -> Result<Vec<VmDesc>, DescError> {
+        parse_blob(blob).expect("a device tree")
+    }
 
     /// Property values for one test VM node.
     pub(crate) type Props = Vec<(&'static str, Vec<u8>)>;
@@ -682,8 +689,8 @@ pub(crate) mod tests {
     #[test]
     fn no_vms_and_bad_blob() {
         assert_eq!(parse(&dtb(&[])), Ok(Vec::new()));
-        assert_eq!(parse(&[0u8; 64]), Err(DescError::BadDtb));
-        assert_eq!(parse(&[]), Err(DescError::BadDtb));
+        assert_eq!(parse_blob(&[0u8; 64]), None);
+        assert_eq!(parse_blob(&[]), None);
     }
 
     #[test]
@@ -732,8 +739,7 @@ pub(crate) mod tests {
 
 #[cfg(test)]
 mod fuzz {
-    use super::tests::{dtb, vm_props};
-    use super::*;
+    use super::tests::{dtb, parse_blob, vm_props};
     use proptest::prelude::*;
 
     proptest! {
@@ -754,7 +760,7 @@ mod fuzz {
             if truncate {
                 blob.truncate(cut.index(blob.len()));
             }
-            let _ = parse(&blob);
+            let _ = parse_blob(&blob);
         }
     }
 }

@@ -32,6 +32,14 @@ pub fn total_size(header: &[u8]) -> Option<usize> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MalformedDtb;
 
+impl core::fmt::Display for MalformedDtb {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("not a well-formed flattened device tree")
+    }
+}
+
+impl core::error::Error for MalformedDtb {}
+
 fn be32(b: &[u8], at: usize) -> Result<u32, MalformedDtb> {
     let s = b
         .get(at..at.checked_add(4).ok_or(MalformedDtb)?)
@@ -194,6 +202,78 @@ pub fn strip_nops(blob: &mut [u8]) -> Result<usize, MalformedDtb> {
     Ok(nops)
 }
 
+/// A host device tree, checked and cleaned of NOPs once ([`strip_nops`]) and parsed once:
+/// the hardware ([`crate::config::Hardware`]), the VM descriptions ([`crate::config::parse`])
+/// and a Linux guest's device tree (`crate::linux`) are all read from this one value.
+#[derive(Clone, Copy)]
+pub struct HostDt<'a> {
+    fdt: fdt::Fdt<'a>,
+    blob: &'a [u8],
+}
+
+impl core::fmt::Debug for HostDt<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("HostDt")
+            .field("at", &self.blob.as_ptr())
+            .field("size", &self.blob.len())
+            .finish()
+    }
+}
+
+impl<'a> HostDt<'a> {
+    /// Checks `blob` and removes its NOPs in place (see [`strip_nops`]), then parses it.
+    ///
+    /// # Errors
+    ///
+    /// [`MalformedDtb`] (and `blob` unchanged) when it is not a well-formed device tree.
+    pub fn new(blob: &'a mut [u8]) -> Result<Self, MalformedDtb> {
+        strip_nops(blob)?;
+        let total = total_size(blob).ok_or(MalformedDtb)?;
+        let blob: &'a [u8] = &blob[..total];
+        let fdt = fdt::Fdt::new(blob).map_err(|_| MalformedDtb)?;
+        Ok(Self { fdt, blob })
+    }
+
+    /// The device tree at physical address `addr`, `totalsize` bytes as its header says.
+    ///
+    /// # Errors
+    ///
+    /// [`MalformedDtb`] when there is no device tree header at `addr` or the tree is not
+    /// well formed.
+    ///
+    /// # Safety
+    ///
+    /// `addr` must point to at least a device tree header, then to `totalsize` bytes that
+    /// are readable, writable and used by nothing else for `'a`.
+    pub unsafe fn at(addr: u64) -> Result<Self, MalformedDtb> {
+        // SAFETY: the caller guarantees a readable header at `addr`.
+        let header = unsafe { core::slice::from_raw_parts(addr as *const u8, HEADER_SIZE) };
+        let total = total_size(header).ok_or(MalformedDtb)?;
+        // SAFETY: the caller guarantees `totalsize` bytes at `addr` that only we use.
+        Self::new(unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, total) })
+    }
+
+    /// The parsed tree.
+    #[must_use]
+    pub fn fdt(&self) -> &fdt::Fdt<'a> {
+        &self.fdt
+    }
+
+    /// Where the blob lies and how long it is.
+    #[must_use]
+    pub fn range(&self) -> crate::mem::PhysRange {
+        crate::mem::PhysRange::new(self.blob.as_ptr() as u64, self.blob.len() as u64)
+    }
+}
+
+/// QEMU 7.2's own device tree for `-M virt,gic-version=3,virtualization=on -smp 2 -m 2G
+/// -nic none` (dumped with `dumpdtb=`, compacted by `dtc -I dtb -O dtb`), as a [`HostDt`].
+#[cfg(test)]
+pub(crate) fn qemu_virt() -> HostDt<'static> {
+    let blob = include_bytes!("../../testdata/qemu-virt-gicv3-2cpu.dtb");
+    HostDt::new(Box::leak(Box::new(*blob))).expect("QEMU's device tree")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,6 +422,24 @@ mod tests {
                 return i - at;
             }
         }
+    }
+
+    #[test]
+    fn a_tree_in_memory_is_read_for_its_totalsize_only() {
+        // A larger buffer: only `totalsize` bytes may be used.
+        let mut buf = tree();
+        let len = buf.len();
+        nop_node(&mut buf, "cpus");
+        buf.extend_from_slice(&[0xaa; 256]);
+        // SAFETY: `buf` is readable and writable for its whole length, which covers the
+        // header and `totalsize`, and nothing else uses it.
+        let dt = unsafe { HostDt::at(buf.as_ptr() as u64) }.expect("a device tree");
+        assert_eq!(dt.range().size, len as u64);
+        assert!(dt.fdt().find_node("/chosen").is_some(), "NOPs removed");
+        let mut zeros = [0u8; 64];
+        // SAFETY: 64 readable bytes cover the header; the magic check fails first.
+        let bad = unsafe { HostDt::at(zeros.as_mut_ptr() as u64) };
+        assert!(bad.is_err());
     }
 
     #[test]

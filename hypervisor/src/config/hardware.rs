@@ -7,6 +7,7 @@
 
 use core::fmt;
 
+use super::dtb::HostDt;
 use crate::mem::PhysRange;
 
 use fdt::node::FdtNode;
@@ -50,7 +51,7 @@ pub struct Gic {
 
 /// Everything the hypervisor needs from the device tree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Platform {
+pub struct Hardware {
     /// Where the device tree itself lies (`totalsize` bytes from the header).
     pub dtb: PhysRange,
     memory: [PhysRange; MAX_MEMORY_REGIONS],
@@ -70,7 +71,7 @@ pub struct Platform {
 
 /// Why the device tree could not be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PlatformError {
+pub enum HardwareError {
     /// The blob is not a valid flattened device tree (bad magic, truncated, ...).
     BadHeader,
     /// No `device_type = "memory"` node with a usable `reg`.
@@ -85,7 +86,7 @@ pub enum PlatformError {
     BadReg(&'static str),
 }
 
-impl fmt::Display for PlatformError {
+impl fmt::Display for HardwareError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::BadHeader => f.write_str("not a valid flattened device tree"),
@@ -100,17 +101,17 @@ impl fmt::Display for PlatformError {
     }
 }
 
-impl Platform {
-    /// Parses a flattened device tree.
+impl Hardware {
+    /// Reads the hardware from the host device tree.
     ///
     /// # Errors
     ///
-    /// [`PlatformError`] when the blob is invalid or lacks RAM or CPUs. A missing UART,
-    /// GIC or PSCI node is not an error here (the fields are `None`).
-    pub fn parse(blob: &[u8]) -> Result<Self, PlatformError> {
-        let fdt = Fdt::new(blob).map_err(|_| PlatformError::BadHeader)?;
-        let mut platform = Platform {
-            dtb: PhysRange::new(blob.as_ptr() as u64, fdt.total_size() as u64),
+    /// [`HardwareError`] when the tree lacks RAM or CPUs or has a malformed `reg`. A
+    /// missing UART, GIC or PSCI node is not an error here (the fields are `None`).
+    pub fn parse(dt: &HostDt<'_>) -> Result<Self, HardwareError> {
+        let fdt = dt.fdt();
+        let mut platform = Hardware {
+            dtb: dt.range(),
             memory: [PhysRange::default(); MAX_MEMORY_REGIONS],
             memory_count: 0,
             cpus: [0; MAX_CPUS],
@@ -120,34 +121,12 @@ impl Platform {
             gic: None,
             psci: None,
         };
-        platform.parse_memory(&fdt)?;
-        platform.parse_cpus(&fdt)?;
-        platform.uart = find_uart(&fdt)?;
-        platform.gic = find_gic(&fdt)?;
-        platform.psci = find_psci(&fdt);
+        platform.parse_memory(fdt)?;
+        platform.parse_cpus(fdt)?;
+        platform.uart = find_uart(fdt)?;
+        platform.gic = find_gic(fdt)?;
+        platform.psci = find_psci(fdt);
         Ok(platform)
-    }
-
-    /// Parses the device tree at physical address `addr`.
-    ///
-    /// # Errors
-    ///
-    /// As [`Platform::parse`].
-    ///
-    /// # Safety
-    ///
-    /// `addr` must point to readable memory holding at least a device tree header and
-    /// then `totalsize` readable bytes; the memory must stay unchanged while the result
-    /// is used to read it (the returned value itself holds no references).
-    pub unsafe fn parse_at(addr: u64) -> Result<Self, PlatformError> {
-        // SAFETY: the caller guarantees a readable header at `addr`.
-        let header = unsafe {
-            core::slice::from_raw_parts(addr as *const u8, crate::config::dtb::HEADER_SIZE)
-        };
-        let total = crate::config::dtb::total_size(header).ok_or(PlatformError::BadHeader)?;
-        // SAFETY: the caller guarantees `totalsize` readable bytes at `addr`.
-        let blob = unsafe { core::slice::from_raw_parts(addr as *const u8, total) };
-        Self::parse(blob)
     }
 
     /// The RAM regions, in device-tree order.
@@ -169,7 +148,7 @@ impl Platform {
         self.memory().iter().copied().find(|r| r.contains(region))
     }
 
-    fn parse_memory(&mut self, fdt: &Fdt<'_>) -> Result<(), PlatformError> {
+    fn parse_memory(&mut self, fdt: &Fdt<'_>) -> Result<(), HardwareError> {
         for node in fdt.all_nodes() {
             let is_memory = node
                 .property("device_type")
@@ -185,21 +164,21 @@ impl Platform {
                     continue;
                 }
                 if self.memory_count == MAX_MEMORY_REGIONS {
-                    return Err(PlatformError::TooManyMemoryRegions);
+                    return Err(HardwareError::TooManyMemoryRegions);
                 }
                 self.memory[self.memory_count] = PhysRange::new(reg.starting_address as u64, size);
                 self.memory_count += 1;
             }
         }
         if self.memory_count == 0 {
-            return Err(PlatformError::NoMemory);
+            return Err(HardwareError::NoMemory);
         }
         Ok(())
     }
 
-    fn parse_cpus(&mut self, fdt: &Fdt<'_>) -> Result<(), PlatformError> {
+    fn parse_cpus(&mut self, fdt: &Fdt<'_>) -> Result<(), HardwareError> {
         let Some(cpus) = find_path(fdt, "/cpus") else {
-            return Err(PlatformError::NoCpus);
+            return Err(HardwareError::NoCpus);
         };
         for node in cpus.children() {
             let is_cpu = node
@@ -209,15 +188,15 @@ impl Platform {
             if !is_cpu {
                 continue;
             }
-            let reg = node.property("reg").ok_or(PlatformError::BadCpuReg)?;
+            let reg = node.property("reg").ok_or(HardwareError::BadCpuReg)?;
             let mpidr = match reg.value.len() {
                 4 => u64::from(u32::from_be_bytes(
-                    reg.value.try_into().map_err(|_| PlatformError::BadCpuReg)?,
+                    reg.value.try_into().map_err(|_| HardwareError::BadCpuReg)?,
                 )),
                 8 => {
-                    u64::from_be_bytes(reg.value.try_into().map_err(|_| PlatformError::BadCpuReg)?)
+                    u64::from_be_bytes(reg.value.try_into().map_err(|_| HardwareError::BadCpuReg)?)
                 }
-                _ => return Err(PlatformError::BadCpuReg),
+                _ => return Err(HardwareError::BadCpuReg),
             };
             if self.cpu_count == MAX_CPUS {
                 self.cpus_ignored += 1;
@@ -227,7 +206,7 @@ impl Platform {
             self.cpu_count += 1;
         }
         if self.cpu_count == 0 {
-            return Err(PlatformError::NoCpus);
+            return Err(HardwareError::NoCpus);
         }
         Ok(())
     }
@@ -249,12 +228,12 @@ pub fn find_path<'b, 'a>(fdt: &'b Fdt<'a>, path: &str) -> Option<FdtNode<'b, 'a>
 }
 
 /// The first `reg` entry of a node.
-fn first_reg(node: FdtNode<'_, '_>, name: &'static str) -> Result<PhysRange, PlatformError> {
+fn first_reg(node: FdtNode<'_, '_>, name: &'static str) -> Result<PhysRange, HardwareError> {
     let reg = node
         .reg()
         .and_then(|mut r| r.next())
-        .ok_or(PlatformError::BadReg(name))?;
-    let size = reg.size.ok_or(PlatformError::BadReg(name))? as u64;
+        .ok_or(HardwareError::BadReg(name))?;
+    let size = reg.size.ok_or(HardwareError::BadReg(name))? as u64;
     Ok(PhysRange::new(reg.starting_address as u64, size))
 }
 
@@ -263,7 +242,7 @@ fn is_compatible(node: FdtNode<'_, '_>, compatible: &str) -> bool {
         .is_some_and(|c| c.all().any(|s| s == compatible))
 }
 
-fn find_uart(fdt: &Fdt<'_>) -> Result<Option<PhysRange>, PlatformError> {
+fn find_uart(fdt: &Fdt<'_>) -> Result<Option<PhysRange>, HardwareError> {
     let stdout = find_path(fdt, "/chosen")
         .and_then(|c| c.property("stdout-path"))
         .and_then(|p| p.as_str())
@@ -276,7 +255,7 @@ fn find_uart(fdt: &Fdt<'_>) -> Result<Option<PhysRange>, PlatformError> {
     }
 }
 
-fn find_gic(fdt: &Fdt<'_>) -> Result<Option<Gic>, PlatformError> {
+fn find_gic(fdt: &Fdt<'_>) -> Result<Option<Gic>, HardwareError> {
     let Some(node) = fdt.find_compatible(&["arm,gic-v3", "arm,cortex-a15-gic", "arm,gic-400"])
     else {
         return Ok(None);
@@ -286,12 +265,12 @@ fn find_gic(fdt: &Fdt<'_>) -> Result<Option<Gic>, PlatformError> {
     } else {
         2
     };
-    let mut regs = node.reg().ok_or(PlatformError::BadReg("gic"))?;
-    let mut next = || -> Result<PhysRange, PlatformError> {
-        let r = regs.next().ok_or(PlatformError::BadReg("gic"))?;
+    let mut regs = node.reg().ok_or(HardwareError::BadReg("gic"))?;
+    let mut next = || -> Result<PhysRange, HardwareError> {
+        let r = regs.next().ok_or(HardwareError::BadReg("gic"))?;
         Ok(PhysRange::new(
             r.starting_address as u64,
-            r.size.ok_or(PlatformError::BadReg("gic"))? as u64,
+            r.size.ok_or(HardwareError::BadReg("gic"))? as u64,
         ))
     };
     let distributor = next()?;
@@ -318,16 +297,24 @@ fn find_psci(fdt: &Fdt<'_>) -> Option<Psci> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Reads a blob as the machine does (checked and parsed once, then the hardware);
+    /// a blob that is not a device tree is a bad header.
+    pub(crate) fn parse_blob(blob: &[u8]) -> Result<Hardware, HardwareError> {
+        let blob = Box::leak(blob.to_vec().into_boxed_slice());
+        let dt = HostDt::new(blob).map_err(|_| HardwareError::BadHeader)?;
+        Hardware::parse(&dt)
+    }
 
     // Dumped from QEMU 7.2 with `-machine virt,virtualization=on,gic-version=3,dumpdtb=...`
     // and packed with `dtc -I dtb -O dtb`.
     const SMP4: &[u8] = include_bytes!("../../tests/fixtures/virt-gicv3-a57-smp4-2g.dtb");
     const SMP1: &[u8] = include_bytes!("../../tests/fixtures/virt-gicv3-max-smp1-512m.dtb");
 
-    fn parse(blob: &[u8]) -> Platform {
-        match Platform::parse(blob) {
+    fn parse(blob: &[u8]) -> Hardware {
+        match parse_blob(blob) {
             Ok(p) => p,
             Err(e) => panic!("fixture does not parse: {e}"),
         }
@@ -390,26 +377,11 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert_eq!(Platform::parse(&[0u8; 64]), Err(PlatformError::BadHeader));
-        assert_eq!(Platform::parse(&SMP4[..20]), Err(PlatformError::BadHeader));
+        assert_eq!(parse_blob(&[0u8; 64]), Err(HardwareError::BadHeader));
+        assert_eq!(parse_blob(&SMP4[..20]), Err(HardwareError::BadHeader));
         let mut bad_magic = SMP4.to_vec();
         bad_magic[0] ^= 0xff;
-        assert_eq!(Platform::parse(&bad_magic), Err(PlatformError::BadHeader));
-    }
-
-    #[test]
-    fn parse_at_reads_totalsize_from_the_header() {
-        // Copy into a larger buffer: only `totalsize` bytes may be used.
-        let mut buf = SMP4.to_vec();
-        buf.extend_from_slice(&[0xaa; 256]);
-        // SAFETY: `buf` is readable for its whole length, which covers the header and
-        // `totalsize`.
-        let p = unsafe { Platform::parse_at(buf.as_ptr() as u64) };
-        assert_eq!(p.map(|p| p.dtb.size), Ok(SMP4.len() as u64));
-        let zeros = [0u8; 64];
-        // SAFETY: 64 readable bytes cover the header; the magic check fails first.
-        let bad = unsafe { Platform::parse_at(zeros.as_ptr() as u64) };
-        assert_eq!(bad, Err(PlatformError::BadHeader));
+        assert_eq!(parse_blob(&bad_magic), Err(HardwareError::BadHeader));
     }
 
     /// A small device tree in the shape of QEMU's, with knobs for the cases QEMU's own
@@ -532,41 +504,41 @@ mod tests {
             ..Tree::default()
         }
         .build();
-        assert_eq!(Platform::parse(&bad), Err(PlatformError::BadCpuReg));
+        assert_eq!(parse_blob(&bad), Err(HardwareError::BadCpuReg));
     }
 
     #[test]
     fn missing_nodes() {
         assert_eq!(
-            Platform::parse(
+            parse_blob(
                 &Tree {
                     cpus: 0,
                     ..Tree::default()
                 }
                 .build()
             ),
-            Err(PlatformError::NoCpus)
+            Err(HardwareError::NoCpus)
         );
         assert_eq!(
-            Platform::parse(
+            parse_blob(
                 &Tree {
                     memory: vec![],
                     ..Tree::default()
                 }
                 .build()
             ),
-            Err(PlatformError::NoMemory)
+            Err(HardwareError::NoMemory)
         );
         // Zero-sized banks do not count as RAM.
         assert_eq!(
-            Platform::parse(
+            parse_blob(
                 &Tree {
                     memory: vec![(0x4000_0000, 0)],
                     ..Tree::default()
                 }
                 .build()
             ),
-            Err(PlatformError::NoMemory)
+            Err(HardwareError::NoMemory)
         );
         let p = parse(
             &Tree {
@@ -596,14 +568,14 @@ mod tests {
         let mut too_many = banks;
         too_many.push((0x10_0000_0000, 0x1000));
         assert_eq!(
-            Platform::parse(
+            parse_blob(
                 &Tree {
                     memory: too_many,
                     ..Tree::default()
                 }
                 .build()
             ),
-            Err(PlatformError::TooManyMemoryRegions)
+            Err(HardwareError::TooManyMemoryRegions)
         );
     }
 
@@ -685,8 +657,8 @@ mod tests {
         let blob = Tree::default().build();
         for len in [0, 4, 39, 40, blob.len() / 2, blob.len() - 1] {
             assert_eq!(
-                Platform::parse(&blob[..len]),
-                Err(PlatformError::BadHeader),
+                parse_blob(&blob[..len]),
+                Err(HardwareError::BadHeader),
                 "length {len}"
             );
         }

@@ -1,9 +1,19 @@
-//! What the host device tree says: the hardware (RAM, CPUs, console, GIC, PSCI) and the
-//! VMs to create (`docs/vms.md`).
+//! What the host device tree says, read once at start-up ([`HostDt`]): the hardware
+//! ([`Hardware`]: RAM, CPUs, console, GIC, PSCI) and the VMs to create ([`VmDesc`],
+//! `docs/vms.md`), with the host devices each VM is given (`devices`).
 
 mod desc;
+pub mod devices;
 pub mod dtb;
 mod hardware;
 
-pub use desc::*;
-pub use hardware::*;
+pub use desc::{
+    parse, AbortPolicy, DescError, GuestRegion, Image, Stage2Mappings, VmDesc, COMPATIBLE, MAX_NAME,
+};
+pub use dtb::HostDt;
+pub use hardware::{
+    find_path, Gic, Hardware, HardwareError, Psci, PsciConduit, MAX_CPUS, MAX_MEMORY_REGIONS,
+};
+
+#[cfg(test)]
+pub(crate) use desc::tests;

@@ -7,7 +7,7 @@ use log::{Level, LevelFilter, Log, Metadata, Record};
 use spin::Mutex;
 
 /// What the logger needs from the platform.
-pub trait Platform: Sync + Send {
+pub trait LogContext: Sync + Send {
     /// The console line sink.
     type Console: Write + Send;
     /// The index of the calling CPU.
@@ -40,13 +40,13 @@ pub fn write_line(
 }
 
 /// A `log::Log` over a locked console.
-pub struct Logger<P: Platform> {
+pub struct Logger<P: LogContext> {
     platform: P,
     console: Mutex<Option<P::Console>>,
     level: LevelFilter,
 }
 
-impl<P: Platform> Logger<P> {
+impl<P: LogContext> Logger<P> {
     /// A logger that drops records until [`Logger::attach`] gives it a console.
     pub const fn new(platform: P, level: LevelFilter) -> Self {
         Self {
@@ -96,7 +96,7 @@ impl<P: Platform> Logger<P> {
     }
 }
 
-impl<P: Platform> Log for Logger<P> {
+impl<P: LogContext> Log for Logger<P> {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
         metadata.level() <= self.level
     }
@@ -153,7 +153,7 @@ mod tests {
 
     struct Fake;
 
-    impl Platform for Fake {
+    impl LogContext for Fake {
         type Console = Shared;
         fn cpu(&self) -> usize {
             1

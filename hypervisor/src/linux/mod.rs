@@ -7,7 +7,7 @@ pub mod layout;
 
 use alloc::vec::Vec;
 
-use crate::config::{Image, VmDesc};
+use crate::config::{HostDt, Image, VmDesc};
 use crate::mem::PhysRange;
 
 use guest_dt::{build_guest_dt, GuestDtConfig, GuestDtError};
@@ -73,11 +73,11 @@ pub enum LinuxBootError {
     NoStagingRoom,
 }
 
-/// Plans the boot of `guest` and writes its DTB from the host DTB `host_dtb`.
+/// Plans the boot of `guest` and writes its DTB from the host device tree `host`.
 ///
 /// # Errors
 /// [`LinuxBootError`] when the layout, the kernel's load address or the DT is wrong.
-pub fn prepare(host_dtb: &[u8], guest: &LinuxGuest<'_>) -> Result<LinuxBoot, LinuxBootError> {
+pub fn prepare(host: &HostDt<'_>, guest: &LinuxGuest<'_>) -> Result<LinuxBoot, LinuxBootError> {
     let initrd = match guest.initrd {
         Some((ipa, len)) => Some((
             ipa,
@@ -101,7 +101,7 @@ pub fn prepare(host_dtb: &[u8], guest: &LinuxGuest<'_>) -> Result<LinuxBoot, Lin
         });
     }
     let dtb = build_guest_dt(
-        host_dtb,
+        host,
         &GuestDtConfig {
             ram_base: guest.ram_base,
             ram_size: guest.ram_size,
@@ -133,7 +133,7 @@ pub fn prepare(host_dtb: &[u8], guest: &LinuxGuest<'_>) -> Result<LinuxBoot, Lin
 /// [`LinuxBootError`] when the VM cannot boot Linux as described.
 pub fn complete_desc(
     desc: &mut VmDesc,
-    host_dtb: &[u8],
+    host: &HostDt<'_>,
     kernel_head: &[u8],
     staging: PhysRange,
 ) -> Result<Option<(u64, Vec<u8>)>, LinuxBootError> {
@@ -159,7 +159,7 @@ pub fn complete_desc(
         .map(alloc::string::String::as_str)
         .collect();
     let boot = prepare(
-        host_dtb,
+        host,
         &LinuxGuest {
             ram_base: ram.ipa,
             ram_size: ram.size,
@@ -178,7 +178,8 @@ pub fn complete_desc(
         .map(|i| i.pa.saturating_add(i.size))
         .max()
         .unwrap_or(staging.base);
-    let pa = image::align_up(staged_end, 4096).ok_or(LinuxBootError::NoStagingRoom)?;
+    let pa =
+        image::align_up(staged_end, crate::mem::PAGE_SIZE).ok_or(LinuxBootError::NoStagingRoom)?;
     let size = boot.dtb.len() as u64;
     if !staging.contains(&PhysRange::new(pa, size)) {
         return Err(LinuxBootError::NoStagingRoom);
@@ -196,7 +197,7 @@ pub fn complete_desc(
 mod tests {
     use super::*;
 
-    const HOST: &[u8] = include_bytes!("../../testdata/qemu-virt-gicv3-2cpu.dtb");
+    use crate::config::dtb::qemu_virt;
     const MIB: u64 = 1024 * 1024;
 
     fn header() -> [u8; 64] {
@@ -224,7 +225,7 @@ mod tests {
     #[test]
     fn entry_dtb_and_initrd_agree_with_the_layout() {
         let h = header();
-        let boot = prepare(HOST, &guest(&h, 0x5000_0000)).unwrap();
+        let boot = prepare(&qemu_virt(), &guest(&h, 0x5000_0000)).unwrap();
         assert_eq!(boot.entry, 0x5000_0000);
         assert_eq!(boot.dtb_ipa, 0x5fe0_0000);
         let fdt = fdt::Fdt::new(&boot.dtb).unwrap();
@@ -237,7 +238,7 @@ mod tests {
     fn kernel_at_the_wrong_ipa_is_refused() {
         let h = header();
         assert_eq!(
-            prepare(HOST, &guest(&h, 0x5008_0000)),
+            prepare(&qemu_virt(), &guest(&h, 0x5008_0000)),
             Err(LinuxBootError::KernelIpa {
                 expected: 0x5000_0000,
                 given: 0x5008_0000
@@ -246,7 +247,7 @@ mod tests {
         // The same file without a header is a raw binary: 0x8_0000 up.
         let raw = [0u8; 64];
         assert_eq!(
-            prepare(HOST, &guest(&raw, 0x5008_0000)).map(|b| b.entry),
+            prepare(&qemu_virt(), &guest(&raw, 0x5008_0000)).map(|b| b.entry),
             Ok(0x5008_0000)
         );
     }
@@ -288,7 +289,7 @@ mod tests {
         let mut d = linux_desc();
         let (pa, dtb) = complete_desc(
             &mut d,
-            HOST,
+            &qemu_virt(),
             &header(),
             PhysRange::new(0x7000_0000, 256 * MIB),
         )
@@ -319,7 +320,7 @@ mod tests {
         assert_eq!(
             complete_desc(
                 &mut d,
-                HOST,
+                &qemu_virt(),
                 &header(),
                 PhysRange::new(0x7000_0000, 256 * MIB)
             ),
@@ -332,7 +333,7 @@ mod tests {
         assert_eq!(
             complete_desc(
                 &mut d,
-                HOST,
+                &qemu_virt(),
                 &header(),
                 PhysRange::new(0x7000_0000, 256 * MIB)
             ),
@@ -343,7 +344,7 @@ mod tests {
         assert_eq!(
             complete_desc(
                 &mut d,
-                HOST,
+                &qemu_virt(),
                 &header(),
                 PhysRange::new(0x7000_0000, 256 * MIB)
             ),
@@ -353,7 +354,7 @@ mod tests {
         assert_eq!(
             complete_desc(
                 &mut d,
-                HOST,
+                &qemu_virt(),
                 &header(),
                 PhysRange::new(0x7000_0000, 0x21c_4000)
             ),
@@ -368,12 +369,12 @@ mod tests {
         let mut g = guest(&h, 0x5000_0000);
         g.initrd = Some((0x5fd0_0000, 2 * MIB));
         assert_eq!(
-            prepare(HOST, &g),
+            prepare(&qemu_virt(), &g),
             Err(LinuxBootError::Layout(LayoutError::InitrdOverlap))
         );
         g.initrd = Some((u64::MAX - 10, 20));
         assert_eq!(
-            prepare(HOST, &g),
+            prepare(&qemu_virt(), &g),
             Err(LinuxBootError::Layout(LayoutError::InitrdOverlap))
         );
     }

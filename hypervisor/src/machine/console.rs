@@ -16,7 +16,7 @@ pub(super) struct LogClock;
 
 static BOOT_TICKS: AtomicU64 = AtomicU64::new(0);
 
-impl logger::Platform for LogClock {
+impl logger::LogContext for LogClock {
     type Console = Pl011;
 
     fn cpu(&self) -> usize {

@@ -20,7 +20,7 @@ use boot::MmuConfig;
 use mmu::arch::ArmTlb;
 use mmu::{El2, PageTable};
 
-use crate::config::Platform;
+use crate::config::{Hardware, HostDt};
 use crate::mem::frames::{FramePool, SharedFrames};
 use crate::mem::layout::{self, HypMemory};
 use crate::mem::{stage1, PhysRange};
@@ -51,8 +51,10 @@ pub static FRAMES: Once<Mutex<FramePool>> = Once::new();
 /// What start-up established, handed to the code that creates and runs VMs.
 #[derive(Debug)]
 pub struct Machine {
-    /// The parsed device tree.
-    pub platform: Platform,
+    /// The host device tree.
+    pub dt: HostDt<'static>,
+    /// The hardware it describes.
+    pub platform: Hardware,
     /// The hypervisor's own memory.
     pub memory: HypMemory,
     /// Number of CPUs online (including the primary).
@@ -66,24 +68,15 @@ pub fn primary(dtb: usize) -> Machine {
     HCR_EL2.write(HCR_EL2::RW::EL1IsAarch64);
 
     // SAFETY: QEMU passes the physical address of a device tree in x0, in RAM nothing else
-    // uses yet; its header gives its size. Checking the blob and removing the FDT_NOP
-    // tokens QEMU leaves in a `-dtb` blob lets the parser see every node without
-    // panicking on a malformed one (see `crate::dtb`).
-    unsafe {
-        let header = core::slice::from_raw_parts(dtb as *const u8, crate::config::dtb::HEADER_SIZE);
-        let Some(total) = crate::config::dtb::total_size(header) else {
-            early_failure(c"twostage: no device tree in x0\n");
-        };
-        let blob = core::slice::from_raw_parts_mut(dtb as *mut u8, total);
-        if crate::config::dtb::strip_nops(blob).is_err() {
-            early_failure(c"twostage: malformed device tree in x0\n");
-        }
-    }
-    // SAFETY: QEMU passes the physical address of a device tree in x0 and the MMU is off,
-    // so the address is directly usable; nothing writes the blob.
-    let platform = match unsafe { Platform::parse_at(dtb as u64) } {
-        Ok(p) => p,
-        Err(_) => early_failure(c"twostage: unusable device tree in x0\n"),
+    // uses (the memory layout keeps its pages out of every other use); the MMU is off, so
+    // the address is directly usable. Checking the blob and removing the FDT_NOP tokens
+    // QEMU leaves in a `-dtb` blob lets the parser see every node without panicking on a
+    // malformed one (see `crate::config::dtb`).
+    let Ok(dt) = (unsafe { HostDt::at(dtb as u64) }) else {
+        early_failure(c"twostage: no well-formed device tree in x0\n");
+    };
+    let Ok(platform) = Hardware::parse(&dt) else {
+        early_failure(c"twostage: unusable device tree in x0\n");
     };
     let Some(uart) = platform.uart else {
         early_failure(c"twostage: no PL011 in the device tree\n");
@@ -154,8 +147,17 @@ pub fn primary(dtb: usize) -> Machine {
         pool.lock().capacity()
     );
 
-    let maps = stage1::plan(&image, &memory, &platform)
-        .unwrap_or_else(|e| fatal(format_args!("stage 1 plan: {e}")));
+    let devices = driven_devices(&platform);
+    let maps = stage1::plan(
+        &image,
+        &memory,
+        &stage1::Machine {
+            dtb: platform.dtb,
+            ram: platform.memory(),
+            devices: &devices,
+        },
+    )
+    .unwrap_or_else(|e| fatal(format_args!("stage 1 plan: {e}")));
     for m in &maps {
         info!("stage 1: {m}");
     }
@@ -172,10 +174,25 @@ pub fn primary(dtb: usize) -> Machine {
     info!("cpu0 online: MPIDR {mpidr:#x}, MMU {}", mmu_state());
     let cpus_online = start_secondaries(&platform, mpidr);
     Machine {
+        dt,
         platform,
         memory,
         cpus_online,
     }
+}
+
+/// The devices the hypervisor drives (its console and the GIC), named as its stage-1 log
+/// names them.
+fn driven_devices(platform: &Hardware) -> alloc::vec::Vec<(&'static str, PhysRange)> {
+    let mut devices = alloc::vec::Vec::new();
+    if let Some(uart) = platform.uart {
+        devices.push(("uart", uart));
+    }
+    if let Some(gic) = platform.gic {
+        devices.push(("gicd", gic.distributor));
+        devices.push((if gic.version == 3 { "gicr" } else { "gicc" }, gic.second));
+    }
+    devices
 }
 
 /// The hypervisor's own stage-1 table (identity map), kept for the whole run: dropping it
@@ -263,7 +280,7 @@ fn mmu_state() -> &'static str {
 }
 
 /// Starts every other CPU with PSCI CPU_ON and waits until all are online.
-fn start_secondaries(platform: &Platform, boot_mpidr: u64) -> usize {
+fn start_secondaries(platform: &Hardware, boot_mpidr: u64) -> usize {
     let entry = boot::secondary_entry_address();
     let mut expected = 1;
     let others = platform.cpus().iter().copied().filter(|&m| m != boot_mpidr);

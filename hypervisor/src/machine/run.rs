@@ -119,11 +119,7 @@ impl GuestEl1 for MachineEl1 {
 /// other CPUs, then runs this CPU's vCPU, if any. Never returns: the machine stops when
 /// the last VM is done (`docs/vms.md`, "When the run ends").
 pub fn run_vms(machine: &Machine) -> ! {
-    let dtb = machine.platform.dtb;
-    // SAFETY: the device tree QEMU passed stays mapped read-only and unchanged for the
-    // whole run (the layout reserves its pages).
-    let blob = unsafe { core::slice::from_raw_parts(dtb.base as *const u8, dtb.size as usize) };
-    let descs = match config::parse(blob) {
+    let descs = match config::parse(&machine.dt) {
         Ok(d) => d,
         Err(e) => fatal(format_args!("VM description: {e}")),
     };
@@ -185,7 +181,7 @@ pub fn run_vms(machine: &Machine) -> ! {
     );
     for mut desc in descs {
         let name = desc.name.clone();
-        stage_linux_dtb(&mut desc, blob);
+        stage_linux_dtb(&mut desc, &machine.dt);
         for &cpu in &desc.cpus {
             if cpu_index_of(u64::from(cpu)).is_none() {
                 fatal(format_args!("VM {name}: CPU {cpu:#x} is not an online CPU"));
@@ -244,14 +240,14 @@ fn log_stage2_layout(desc: &config::VmDesc) {
         log::info!(
             "VM {} stage 2: IPA [{u:#x}, {:#x}): virtual UART, unmapped (emulated)",
             desc.name,
-            u + config::PAGE_SIZE
+            u + crate::mem::PAGE_SIZE
         );
     }
 }
 
 /// For a VM that boots Linux (`bootargs` and no `dtb`), builds its DTB and stages it after
 /// its images (`crate::linux::complete_desc`); stops the run if the VM cannot boot.
-fn stage_linux_dtb(desc: &mut config::VmDesc, host_dtb: &[u8]) {
+fn stage_linux_dtb(desc: &mut config::VmDesc, host: &config::HostDt<'_>) {
     let kernel = desc.kernel;
     if !STAGING.contains(&PhysRange::new(kernel.pa, kernel.size)) {
         // Left for VmManager::create to refuse with its own message.
@@ -261,7 +257,7 @@ fn stage_linux_dtb(desc: &mut config::VmDesc, host_dtb: &[u8]) {
     // SAFETY: the kernel's staged bytes lie in the staging range (checked above), which the
     // hypervisor's stage 1 maps and QEMU filled before any CPU ran; nothing writes it now.
     let head = unsafe { core::slice::from_raw_parts(kernel.pa as *const u8, head_len) };
-    match crate::linux::complete_desc(desc, host_dtb, head, STAGING) {
+    match crate::linux::complete_desc(desc, host, head, STAGING) {
         Ok(None) => {}
         Ok(Some((pa, dtb))) => {
             // SAFETY: complete_desc placed `[pa, pa + len)` inside the staging range, after

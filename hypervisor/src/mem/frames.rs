@@ -8,8 +8,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::mem::layout::PAGE_SIZE;
 use crate::mem::PhysRange;
+use crate::mem::PAGE_SIZE;
 
 /// Why a frame could not be returned to the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

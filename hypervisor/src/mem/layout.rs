@@ -3,7 +3,7 @@
 
 use core::fmt;
 
-use crate::mem::PhysRange;
+use crate::mem::{PhysRange, PAGE_SIZE};
 
 /// End of the RAM the hypervisor keeps for itself (`docs/memory-map.md`); guest memory
 /// lies above.
@@ -18,9 +18,6 @@ pub const STAGING: PhysRange = PhysRange::new(0x7000_0000, 0x1000_0000);
 
 /// Bytes of heap (`buddy_system_allocator`), placed right after the image.
 pub const HEAP_SIZE: u64 = 16 << 20;
-
-/// Translation granule and page size.
-pub const PAGE_SIZE: u64 = 4096;
 
 /// The hypervisor's own physical memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,3 +7,6 @@ mod range;
 pub mod stage1;
 
 pub use range::PhysRange;
+
+/// The page (and translation granule) size: `mmu`'s frame size, 4 KiB.
+pub use mmu::FRAME_SIZE as PAGE_SIZE;

@@ -10,9 +10,8 @@ use core::fmt;
 
 use boot::ImageLayout;
 
-use crate::config::Platform;
 use crate::mem::layout::HypMemory;
-use crate::mem::PhysRange;
+use crate::mem::{PhysRange, PAGE_SIZE};
 
 /// Access permissions of a hypervisor mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,8 +93,6 @@ impl fmt::Display for PlanError {
     }
 }
 
-const PAGE: u64 = crate::mem::layout::PAGE_SIZE;
-
 const STACK: u64 = boot::STACK_SIZE as u64;
 
 /// If `addr` lies in the unmapped guard page below a CPU's stack (the stacks start at
@@ -106,7 +103,7 @@ pub fn stack_guard_owner(image: &ImageLayout, addr: u64) -> Option<usize> {
         return None;
     }
     let offset = addr - image.data_end;
-    (offset % STACK < PAGE).then_some((offset / STACK) as usize)
+    (offset % STACK < PAGE_SIZE).then_some((offset / STACK) as usize)
 }
 
 /// Virtual address bits of the hypervisor's stage 1 (`TCR_EL2.T0SZ` = 25): a 3-level
@@ -175,9 +172,21 @@ pub fn build<A: mmu::FrameAllocator, T: mmu::TlbMaintenance>(
 }
 
 const fn page_range(base: u64, end: u64) -> PhysRange {
-    let base = base & !(PAGE - 1);
-    let end = (end + PAGE - 1) & !(PAGE - 1);
+    let base = base & !(PAGE_SIZE - 1);
+    let end = (end + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
     PhysRange::new(base, end - base)
+}
+
+/// What the hypervisor maps besides its own memory: the device tree, all RAM, and the
+/// devices it drives.
+#[derive(Clone, Copy, Debug)]
+pub struct Machine<'a> {
+    /// Where the device tree lies.
+    pub dtb: PhysRange,
+    /// The RAM banks.
+    pub ram: &'a [PhysRange],
+    /// The devices it drives (name for the log, MMIO range), mapped Device-nGnRE.
+    pub devices: &'a [(&'static str, PhysRange)],
 }
 
 /// The hypervisor's mappings: its image by section, heap, page-table frames, the device
@@ -190,7 +199,7 @@ const fn page_range(base: u64, end: u64) -> PhysRange {
 pub fn plan(
     image: &ImageLayout,
     mem: &HypMemory,
-    platform: &Platform,
+    machine: &Machine<'_>,
 ) -> Result<Vec<Mapping>, PlanError> {
     let mut maps = Vec::new();
     let mut add = |name, region: PhysRange, access, memory| {
@@ -228,7 +237,7 @@ pub fn plan(
         if base + STACK <= image.image_end {
             add(
                 "stack",
-                PhysRange::new(base + PAGE, STACK - PAGE),
+                PhysRange::new(base + PAGE_SIZE, STACK - PAGE_SIZE),
                 Access::ReadWrite,
                 Memory::Normal,
             );
@@ -236,11 +245,11 @@ pub fn plan(
     }
     add("heap", mem.heap, Access::ReadWrite, Memory::Normal);
     add("pt-frames", mem.frames, Access::ReadWrite, Memory::Normal);
-    let dtb = page_range(platform.dtb.base, platform.dtb.end());
+    let dtb = page_range(machine.dtb.base, machine.dtb.end());
     add("dtb", dtb, Access::ReadOnly, Memory::Normal);
     // RAM outside the hypervisor's own memory and the device tree.
     let own_end = mem.frames.end().max(mem.heap.end());
-    for bank in platform.memory() {
+    for bank in machine.ram {
         let mut start = bank.base.max(own_end);
         if bank.end() <= start {
             continue;
@@ -265,24 +274,10 @@ pub fn plan(
             );
         }
     }
-    if let Some(uart) = platform.uart {
+    for &(name, range) in machine.devices {
         add(
-            "uart",
-            page_range(uart.base, uart.end()),
-            Access::ReadWrite,
-            Memory::Device,
-        );
-    }
-    if let Some(gic) = platform.gic {
-        add(
-            "gicd",
-            page_range(gic.distributor.base, gic.distributor.end()),
-            Access::ReadWrite,
-            Memory::Device,
-        );
-        add(
-            if gic.version == 3 { "gicr" } else { "gicc" },
-            page_range(gic.second.base, gic.second.end()),
+            name,
+            page_range(range.base, range.end()),
             Access::ReadWrite,
             Memory::Device,
         );
@@ -298,7 +293,7 @@ pub fn plan(
 /// The first violation found.
 pub fn check(maps: &[Mapping]) -> Result<(), PlanError> {
     for (i, m) in maps.iter().enumerate() {
-        if m.region.base % PAGE != 0 || m.region.size % PAGE != 0 {
+        if m.region.base % PAGE_SIZE != 0 || m.region.size % PAGE_SIZE != 0 {
             return Err(PlanError::Misaligned(m.name));
         }
         if let Some(o) = maps[i + 1..].iter().find(|o| o.region.overlaps(&m.region)) {
@@ -313,6 +308,7 @@ mod tests {
     use super::*;
     use crate::mem::layout;
 
+    /// Size of QEMU's device tree for `virt` with 4 CPUs.
     const SMP4: &[u8] = include_bytes!("../../tests/fixtures/virt-gicv3-a57-smp4-2g.dtb");
 
     fn image() -> ImageLayout {
@@ -325,17 +321,26 @@ mod tests {
         }
     }
 
-    fn platform_with_dtb_at(base: u64) -> Platform {
-        let mut p = Platform::parse(SMP4).unwrap();
-        p.dtb = PhysRange::new(base, SMP4.len() as u64);
-        p
+    /// QEMU's RAM (2 GiB at 0x4000_0000), UART and GICv3, with the device tree at `base`.
+    fn platform_with_dtb_at(base: u64) -> Machine<'static> {
+        const RAM: &[PhysRange] = &[PhysRange::new(0x4000_0000, 2 << 30)];
+        const DEVICES: &[(&str, PhysRange)] = &[
+            ("uart", PhysRange::new(0x0900_0000, 0x1000)),
+            ("gicd", PhysRange::new(0x0800_0000, 0x1_0000)),
+            ("gicr", PhysRange::new(0x080a_0000, 0xf6_0000)),
+        ];
+        Machine {
+            dtb: PhysRange::new(base, SMP4.len() as u64),
+            ram: RAM,
+            devices: DEVICES,
+        }
     }
 
-    fn mem(p: &Platform) -> HypMemory {
+    fn mem(p: &Machine<'_>) -> HypMemory {
         let img = image();
         layout::plan(
             PhysRange::new(img.text_start, img.image_end - img.text_start),
-            p.memory(),
+            p.ram,
             p.dtb,
         )
         .unwrap()
@@ -353,8 +358,11 @@ mod tests {
         let stacks: Vec<_> = maps.iter().filter(|m| m.name == "stack").collect();
         assert_eq!(stacks.len(), boot::MAX_CPUS);
         // Each stack leaves its lowest page unmapped.
-        assert_eq!(stacks[0].region, PhysRange::new(0x4022_1000, STACK - PAGE));
-        assert_eq!(stacks[1].region.base, 0x4022_0000 + STACK + PAGE);
+        assert_eq!(
+            stacks[0].region,
+            PhysRange::new(0x4022_1000, STACK - PAGE_SIZE)
+        );
+        assert_eq!(stacks[1].region.base, 0x4022_0000 + STACK + PAGE_SIZE);
         assert!(stacks.iter().all(|m| m.access == Access::ReadWrite));
         assert_eq!(find("dtb").access, Access::ReadOnly);
         assert_eq!(find("uart").memory, Memory::Device);
@@ -479,7 +487,7 @@ mod tests {
     fn policy_violations_are_reported() {
         let m = |name, base, access| Mapping {
             name,
-            region: PhysRange::new(base, PAGE),
+            region: PhysRange::new(base, PAGE_SIZE),
             access,
             memory: Memory::Normal,
         };

@@ -8,7 +8,8 @@ pub mod exit;
 pub mod hypercall;
 pub mod schedule;
 
-use crate::config::{AbortPolicy, PAGE_SIZE};
+use crate::config::AbortPolicy;
+use crate::mem::PAGE_SIZE;
 use crate::vm::psci::PowerState;
 use crate::vm::share::Request;
 use crate::vm::vuart::LineSink;

@@ -47,7 +47,7 @@ impl PagePool {
     ///
     /// [`PoolError::OutOfRange`] or [`PoolError::InUse`]; nothing changes then.
     pub fn claim(&mut self, pa: u64, size: u64) -> Result<(), PoolError> {
-        if size == 0 || (pa | size) % crate::config::PAGE_SIZE != 0 || !self.covers(pa, size) {
+        if size == 0 || (pa | size) % crate::mem::PAGE_SIZE != 0 || !self.covers(pa, size) {
             return Err(PoolError::OutOfRange);
         }
         if self

@@ -221,7 +221,8 @@ pub(crate) const LAYOUT: Layout = Layout {
 
 pub(crate) fn desc(pa: u64, cpu: u32) -> VmDesc {
     let blob = dt::dtb(&[("vm", dt::vm_props(pa, cpu))]);
-    crate::config::parse(&blob)
+    dt::parse_blob(&blob)
+        .expect("a device tree")
         .expect("valid description")
         .remove(0)
 }

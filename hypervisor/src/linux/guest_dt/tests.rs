@@ -1,8 +1,6 @@
 use super::*;
 
-/// QEMU 7.2's own DTB for `-M virt,gic-version=3,virtualization=on -smp 2 -m 2G
-/// -nic none` (dumped with `dumpdtb=`, compacted by `dtc -I dtb -O dtb`).
-const HOST: &[u8] = include_bytes!("../../../testdata/qemu-virt-gicv3-2cpu.dtb");
+use crate::config::dtb::qemu_virt;
 
 const MIB: u64 = 1024 * 1024;
 const DEVICES: &[&str] = &["/pl011@9000000", "/intc@8000000", "/timer"];
@@ -37,7 +35,7 @@ fn u64_prop(fdt: &Fdt<'_>, path: &str, name: &str) -> Option<u64> {
 
 #[test]
 fn memory_node_holds_only_the_guest_ram() {
-    let dtb = build_guest_dt(HOST, &config(&[0], DEVICES)).unwrap();
+    let dtb = build_guest_dt(&qemu_virt(), &config(&[0], DEVICES)).unwrap();
     let fdt = Fdt::new(&dtb).unwrap();
     let memories: Vec<_> = fdt
         .find_node("/")
@@ -62,7 +60,7 @@ fn memory_node_holds_only_the_guest_ram() {
 
 #[test]
 fn only_the_named_devices_and_their_dependencies_are_copied() {
-    let dtb = build_guest_dt(HOST, &config(&[0], DEVICES)).unwrap();
+    let dtb = build_guest_dt(&qemu_virt(), &config(&[0], DEVICES)).unwrap();
     // apb-pclk comes in as the PL011's clock; the GIC is also the root interrupt-parent.
     assert_eq!(
         top_names(&dtb),
@@ -95,7 +93,7 @@ fn only_the_named_devices_and_their_dependencies_are_copied() {
 
 #[test]
 fn without_devices_the_timer_and_its_interrupt_parent_are_kept() {
-    let dtb = build_guest_dt(HOST, &config(&[0], &[])).unwrap();
+    let dtb = build_guest_dt(&qemu_virt(), &config(&[0], &[])).unwrap();
     assert_eq!(
         top_names(&dtb),
         [
@@ -108,14 +106,14 @@ fn without_devices_the_timer_and_its_interrupt_parent_are_kept() {
         ]
     );
     // A device whose clock provider is not listed brings the provider along.
-    let dtb = build_guest_dt(HOST, &config(&[0], &["/pl031@9010000"])).unwrap();
+    let dtb = build_guest_dt(&qemu_virt(), &config(&[0], &["/pl031@9010000"])).unwrap();
     assert!(top_names(&dtb).contains(&String::from("apb-pclk")));
     assert!(top_names(&dtb).contains(&String::from("intc@8000000")));
 }
 
 #[test]
 fn chosen_carries_bootargs_initrd_and_console_only() {
-    let dtb = build_guest_dt(HOST, &config(&[0], DEVICES)).unwrap();
+    let dtb = build_guest_dt(&qemu_virt(), &config(&[0], DEVICES)).unwrap();
     let fdt = Fdt::new(&dtb).unwrap();
     assert_eq!(
         fdt.chosen().bootargs(),
@@ -138,7 +136,7 @@ fn chosen_carries_bootargs_initrd_and_console_only() {
     // No console device: no stdout-path pointing at a node the guest lacks.
     let mut cfg = config(&[0], &["/timer"]);
     cfg.initrd = None;
-    let dtb = build_guest_dt(HOST, &cfg).unwrap();
+    let dtb = build_guest_dt(&qemu_virt(), &cfg).unwrap();
     let fdt = Fdt::new(&dtb).unwrap();
     let chosen = fdt.find_node("/chosen").unwrap();
     assert!(chosen.property("stdout-path").is_none());
@@ -147,7 +145,7 @@ fn chosen_carries_bootargs_initrd_and_console_only() {
 
 #[test]
 fn psci_is_reached_by_hvc() {
-    let dtb = build_guest_dt(HOST, &config(&[0], DEVICES)).unwrap();
+    let dtb = build_guest_dt(&qemu_virt(), &config(&[0], DEVICES)).unwrap();
     let fdt = Fdt::new(&dtb).unwrap();
     let psci = fdt.find_node("/psci").unwrap();
     assert_eq!(
@@ -165,7 +163,7 @@ fn psci_is_reached_by_hvc() {
 
 #[test]
 fn cpus_are_the_guests_physical_cpus_started_by_psci() {
-    let one = build_guest_dt(HOST, &config(&[1], DEVICES)).unwrap();
+    let one = build_guest_dt(&qemu_virt(), &config(&[1], DEVICES)).unwrap();
     let fdt = Fdt::new(&one).unwrap();
     let cpus: Vec<_> = fdt.cpus().map(|c| c.ids().first()).collect();
     assert_eq!(cpus, [1]);
@@ -178,15 +176,15 @@ fn cpus_are_the_guests_physical_cpus_started_by_psci() {
         Some("psci")
     );
 
-    let two = build_guest_dt(HOST, &config(&[0, 1], DEVICES)).unwrap();
+    let two = build_guest_dt(&qemu_virt(), &config(&[0, 1], DEVICES)).unwrap();
     let fdt = Fdt::new(&two).unwrap();
     assert_eq!(fdt.cpus().count(), 2);
     assert_eq!(
-        build_guest_dt(HOST, &config(&[0, 5], DEVICES)),
+        build_guest_dt(&qemu_virt(), &config(&[0, 5], DEVICES)),
         Err(GuestDtError::NoSuchCpu(5))
     );
     assert_eq!(
-        build_guest_dt(HOST, &config(&[], DEVICES)),
+        build_guest_dt(&qemu_virt(), &config(&[], DEVICES)),
         Err(GuestDtError::NoCpus)
     );
 }
@@ -204,76 +202,31 @@ fn bad_requests_are_errors() {
     {
         let devices = ["/timer", bad];
         assert_eq!(
-            build_guest_dt(HOST, &config(&[0], &devices)),
+            build_guest_dt(&qemu_virt(), &config(&[0], &devices)),
             Err(GuestDtError::NoSuchDevice(1)),
             "case {i}"
         );
     }
     let mut cfg = config(&[0], DEVICES);
     cfg.initrd = Some((0x4000_0000, 0x4010_0000));
-    assert_eq!(build_guest_dt(HOST, &cfg), Err(GuestDtError::BadInitrd));
+    assert_eq!(
+        build_guest_dt(&qemu_virt(), &cfg),
+        Err(GuestDtError::BadInitrd)
+    );
     cfg.initrd = Some((0x5100_0000, 0x5100_0000));
-    assert_eq!(build_guest_dt(HOST, &cfg), Err(GuestDtError::BadInitrd));
+    assert_eq!(
+        build_guest_dt(&qemu_virt(), &cfg),
+        Err(GuestDtError::BadInitrd)
+    );
     cfg.initrd = Some((0x5f00_0000, 0x6000_0001));
-    assert_eq!(build_guest_dt(HOST, &cfg), Err(GuestDtError::BadInitrd));
+    assert_eq!(
+        build_guest_dt(&qemu_virt(), &cfg),
+        Err(GuestDtError::BadInitrd)
+    );
     cfg.initrd = None;
     cfg.bootargs = "a\0b";
-    assert_eq!(build_guest_dt(HOST, &cfg), Err(GuestDtError::BadBootargs));
     assert_eq!(
-        build_guest_dt(&[0u8; 64], &config(&[0], DEVICES)),
-        Err(GuestDtError::HostDt)
+        build_guest_dt(&qemu_virt(), &cfg),
+        Err(GuestDtError::BadBootargs)
     );
-}
-
-#[test]
-fn regions_cover_the_devices_registers_rounded_to_pages() {
-    let regions = passthrough_regions(HOST, DEVICES).unwrap();
-    // GIC distributor; then the ITS (0x808_0000, 128 KiB), the redistributors
-    // (0x80a_0000 + 0xf6_0000 = 0x900_0000) and the PL011 page, adjacent and merged.
-    assert_eq!(
-        regions,
-        [
-            MmioRegion {
-                base: 0x800_0000,
-                size: 0x1_0000
-            },
-            MmioRegion {
-                base: 0x808_0000,
-                size: 0x900_1000 - 0x808_0000
-            },
-        ]
-    );
-    // fw-cfg's 0x18 bytes become one page; the GIC comes along as interrupt parent.
-    let regions = passthrough_regions(HOST, &["/fw-cfg@9020000"]).unwrap();
-    assert!(regions.contains(&MmioRegion {
-        base: 0x902_0000,
-        size: 0x1000
-    }));
-    assert_eq!(
-        passthrough_regions(HOST, &["/bogus"]),
-        Err(GuestDtError::NoSuchDevice(0))
-    );
-}
-
-#[test]
-fn devices_are_found_from_passthrough_ranges() {
-    let gic_and_uart = [
-        MmioRegion {
-            base: 0x800_0000,
-            size: 0x1_0000,
-        },
-        MmioRegion {
-            base: 0x808_0000,
-            size: 0x900_1000 - 0x808_0000,
-        },
-    ];
-    let found = devices_within(HOST, &gic_and_uart).unwrap();
-    assert_eq!(found, ["/pl011@9000000", "/intc@8000000", "/timer"]);
-    // Part of the GIC (the distributor page alone) is not the GIC.
-    let found = devices_within(HOST, &gic_and_uart[..1]).unwrap();
-    assert_eq!(found, ["/timer"]);
-    // The round trip: the regions of the devices found are the regions given.
-    let paths = devices_within(HOST, &gic_and_uart).unwrap();
-    let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
-    assert_eq!(passthrough_regions(HOST, &paths).unwrap(), gic_and_uart);
 }

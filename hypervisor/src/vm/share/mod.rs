@@ -14,7 +14,8 @@
 //! (`crate::vm::VmManager`). A call allocates nothing: the transactions have room
 //! reserved, and a request's RAM segments are walked in the description.
 
-use crate::config::{VmDesc, PAGE_SIZE};
+use crate::config::VmDesc;
+use crate::mem::PAGE_SIZE;
 use crate::vm::{Stage2Table, Vm, VmStatus, IPA_BITS};
 use alloc::sync::Arc;
 use alloc::vec::Vec;

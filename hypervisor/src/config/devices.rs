@@ -1,0 +1,305 @@
+//! The host devices a VM is given (`passthrough-devices` in its description): the
+//! top-level device-tree nodes named, the nodes they depend on, and the MMIO ranges they
+//! occupy. The VM description maps those ranges; a Linux guest's device tree copies those
+//! nodes (`crate::linux::guest_dt`).
+
+use alloc::vec::Vec;
+use core::fmt;
+
+use fdt::node::FdtNode;
+use fdt::Fdt;
+
+/// Top-level host nodes that are never copied: the guest gets its own.
+pub(crate) const REWRITTEN: &[&str] = &[
+    "chosen",
+    "cpus",
+    "psci",
+    "memory",
+    "reserved-memory",
+    "aliases",
+];
+
+/// `compatible` of the architected timer node.
+pub(crate) const TIMER_COMPATIBLE: &str = "arm,armv8-timer";
+
+/// Why the devices of a description cannot be found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceError {
+    /// The host device tree has no root node.
+    NoRoot,
+    /// `devices[i]` is not a top-level node of the host DT (or is one the guest never
+    /// gets from the host, such as `/chosen`).
+    NoSuchDevice(usize),
+}
+
+impl fmt::Display for DeviceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoRoot => f.write_str("the host device tree has no root node"),
+            Self::NoSuchDevice(i) => write!(f, "device {i} is not a top-level host node"),
+        }
+    }
+}
+
+impl core::error::Error for DeviceError {}
+
+/// A guest-physical MMIO range a pass-through device occupies, rounded out to 4 KiB pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioRegion {
+    /// First byte (page aligned).
+    pub base: u64,
+    /// Length in bytes (a multiple of 4 KiB).
+    pub size: u64,
+}
+
+/// The MMIO ranges of the devices `devices` (host DT paths) passes through, with the
+/// nodes they depend on: every `reg` of those nodes and of their descendants that sit
+/// on identity-mapped buses (empty `ranges` all the way up), rounded out to 4 KiB
+/// pages, sorted and merged.
+///
+/// # Errors
+/// [`DeviceError`] when the tree has no root or a path names no top-level node.
+pub fn passthrough_regions(
+    host: &Fdt<'_>,
+    devices: &[&str],
+) -> Result<Vec<MmioRegion>, DeviceError> {
+    let root = host.find_node("/").ok_or(DeviceError::NoRoot)?;
+    let mut regions = Vec::new();
+    for node in select(host, devices)? {
+        collect_regs(&node, cells(&root, 2, 1), &mut regions);
+    }
+    regions.sort_by_key(|r: &MmioRegion| r.base);
+    let mut merged: Vec<MmioRegion> = Vec::new();
+    for r in regions {
+        match merged.last_mut() {
+            Some(last) if r.base <= last.base.saturating_add(last.size) => {
+                let end = (last.base + last.size).max(r.base.saturating_add(r.size));
+                last.size = end - last.base;
+            }
+            _ => merged.push(r),
+        }
+    }
+    Ok(merged)
+}
+
+/// `#address-cells` and `#size-cells` of `node` (the cells of its children's `reg`).
+pub(crate) fn cells(node: &FdtNode<'_, '_>, default_a: usize, default_s: usize) -> (usize, usize) {
+    let get = |name, default| {
+        node.property(name)
+            .and_then(|p| p.as_usize())
+            .unwrap_or(default)
+    };
+    (
+        get("#address-cells", default_a),
+        get("#size-cells", default_s),
+    )
+}
+
+pub(crate) fn be_cells(value: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    value
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+}
+
+pub(crate) fn read_cells(value: &[u8], ncells: usize) -> Option<u64> {
+    match ncells {
+        1 => be_cells(value).next().map(u64::from),
+        2 => {
+            let mut it = be_cells(value);
+            Some((u64::from(it.next()?) << 32) | u64::from(it.next()?))
+        }
+        _ => None,
+    }
+}
+
+/// The host's top-level nodes the guest gets, in host order: those named in `devices`,
+/// the architected timer and, transitively, those they reference by phandle
+/// (`interrupt-parent` of the root or of any copied node, `clocks`).
+///
+/// # Errors
+/// [`DeviceError`] when the tree has no root or a path names no top-level node.
+pub(crate) fn select<'b, 'a>(
+    host: &'b Fdt<'a>,
+    devices: &[&str],
+) -> Result<Vec<FdtNode<'b, 'a>>, DeviceError> {
+    let root = host.find_node("/").ok_or(DeviceError::NoRoot)?;
+    let tops: Vec<FdtNode<'b, 'a>> = root.children().collect();
+    let copyable = |n: &FdtNode<'_, '_>| !REWRITTEN.contains(&base_name(n.name));
+    let mut chosen = alloc::vec![false; tops.len()];
+    for (i, path) in devices.iter().enumerate() {
+        let name = path.strip_prefix('/').ok_or(DeviceError::NoSuchDevice(i))?;
+        let at = tops
+            .iter()
+            .position(|n| n.name == name && copyable(n))
+            .ok_or(DeviceError::NoSuchDevice(i))?;
+        chosen[at] = true;
+    }
+    // The EL1 generic timer is part of every CPU: always described.
+    for (i, top) in tops.iter().enumerate() {
+        if top
+            .compatible()
+            .is_some_and(|c| c.all().any(|s| s == TIMER_COMPATIBLE))
+        {
+            chosen[i] = true;
+        }
+    }
+    // phandle -> index of the top-level node holding it.
+    let mut owners: Vec<(u32, usize)> = Vec::new();
+    for (i, top) in tops.iter().enumerate() {
+        visit(top, &mut |n| {
+            for p in n.properties() {
+                if p.name == "phandle" || p.name == "linux,phandle" {
+                    if let Some(ph) = be_cells(p.value).next() {
+                        owners.push((ph, i));
+                    }
+                }
+            }
+        });
+    }
+    let owner = |ph: u32| owners.iter().find(|(p, _)| *p == ph).map(|(_, i)| *i);
+    let mut wanted: Vec<u32> = Vec::new();
+    if let Some(p) = root.property("interrupt-parent") {
+        wanted.extend(be_cells(p.value).take(1));
+    }
+    if chosen.iter().any(|c| *c) {
+        loop {
+            for (i, top) in tops.iter().enumerate() {
+                if chosen[i] {
+                    visit(top, &mut |n| references(host, n, &mut wanted));
+                }
+            }
+            let mut grew = false;
+            for ph in wanted.drain(..) {
+                if let Some(i) = owner(ph) {
+                    if !chosen[i] && copyable(&tops[i]) {
+                        chosen[i] = true;
+                        grew = true;
+                    }
+                }
+            }
+            if !grew {
+                break;
+            }
+        }
+    }
+    Ok(tops
+        .into_iter()
+        .zip(chosen)
+        .filter_map(|(n, c)| c.then_some(n))
+        .collect())
+}
+
+/// Node name without the unit address.
+pub(crate) fn base_name(name: &str) -> &str {
+    name.split('@').next().unwrap_or(name)
+}
+
+fn visit<'b, 'a>(node: &FdtNode<'b, 'a>, f: &mut dyn FnMut(&FdtNode<'b, 'a>)) {
+    f(node);
+    for child in node.children() {
+        visit(&child, f);
+    }
+}
+
+/// Phandles `node` depends on: `interrupt-parent`, and the providers in `clocks`
+/// (each followed by that provider's `#clock-cells` argument cells).
+fn references(host: &Fdt<'_>, node: &FdtNode<'_, '_>, out: &mut Vec<u32>) {
+    for p in node.properties() {
+        match p.name {
+            "interrupt-parent" => out.extend(be_cells(p.value).take(1)),
+            "clocks" => {
+                let cells: Vec<u32> = be_cells(p.value).collect();
+                let mut i = 0;
+                while let Some(&ph) = cells.get(i) {
+                    out.push(ph);
+                    let args = host
+                        .find_phandle(ph)
+                        .and_then(|n| n.property("#clock-cells"))
+                        .and_then(|c| c.as_usize())
+                        .unwrap_or(0);
+                    i += 1 + args;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Adds the `reg` ranges of `node` (its parent's cells are `parent_cells`) and of the
+/// descendants reached through identity `ranges`.
+fn collect_regs(node: &FdtNode<'_, '_>, parent_cells: (usize, usize), out: &mut Vec<MmioRegion>) {
+    let (ac, sc) = parent_cells;
+    if let Some(reg) = node.property("reg") {
+        let entry = 4 * (ac + sc);
+        if (1..=2).contains(&ac) && (1..=2).contains(&sc) {
+            for chunk in reg.value.chunks_exact(entry) {
+                let (Some(base), Some(size)) =
+                    (read_cells(chunk, ac), read_cells(&chunk[4 * ac..], sc))
+                else {
+                    continue;
+                };
+                let start = base & !(mmu::FRAME_SIZE - 1);
+                let Some(end) = base
+                    .checked_add(size)
+                    .and_then(|e| e.checked_add(mmu::FRAME_SIZE - 1))
+                    .map(|e| e & !(mmu::FRAME_SIZE - 1))
+                else {
+                    continue;
+                };
+                if end > start {
+                    out.push(MmioRegion {
+                        base: start,
+                        size: end - start,
+                    });
+                }
+            }
+        }
+    }
+    let identity = node.property("ranges").is_some_and(|r| r.value.is_empty());
+    if identity {
+        let own = cells(node, 2, 1);
+        for child in node.children() {
+            collect_regs(&child, own, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::dtb::qemu_virt;
+
+    const DEVICES: &[&str] = &["/pl011@9000000", "/intc@8000000", "/timer"];
+
+    #[test]
+    fn regions_cover_the_devices_registers_rounded_to_pages() {
+        let dt = qemu_virt();
+        let host = dt.fdt();
+        let regions = passthrough_regions(host, DEVICES).unwrap();
+        // GIC distributor; then the ITS (0x808_0000, 128 KiB), the redistributors
+        // (0x80a_0000 + 0xf6_0000 = 0x900_0000) and the PL011 page, adjacent and merged.
+        assert_eq!(
+            regions,
+            [
+                MmioRegion {
+                    base: 0x800_0000,
+                    size: 0x1_0000
+                },
+                MmioRegion {
+                    base: 0x808_0000,
+                    size: 0x900_1000 - 0x808_0000
+                },
+            ]
+        );
+        // fw-cfg's 0x18 bytes become one page; the GIC comes along as interrupt parent.
+        let regions = passthrough_regions(host, &["/fw-cfg@9020000"]).unwrap();
+        assert!(regions.contains(&MmioRegion {
+            base: 0x902_0000,
+            size: 0x1000
+        }));
+        assert_eq!(
+            passthrough_regions(host, &["/bogus"]),
+            Err(DeviceError::NoSuchDevice(0))
+        );
+    }
+}
