@@ -116,7 +116,7 @@ struct Inner<P: Backend> {
 /// time.
 pub struct VmManager<P: Backend> {
     inner: Mutex<Inner<P>>,
-    shares: Mutex<share::Table>,
+    shares: Mutex<share::Ledger>,
 }
 
 impl<P: Backend> VmManager<P> {
@@ -132,7 +132,7 @@ impl<P: Backend> VmManager<P> {
                 next_id: 0,
                 destroyed_failed: 0,
             }),
-            shares: Mutex::new(share::Table::new()),
+            shares: Mutex::new(share::Ledger::new()),
         }
     }
 
@@ -345,7 +345,7 @@ impl<P: Backend> VmManager<P> {
     }
 
     /// Runs `f` with the memory-sharing transactions.
-    pub fn with_shares<R>(&self, f: impl FnOnce(&share::Table) -> R) -> R {
+    pub fn with_shares<R>(&self, f: impl FnOnce(&share::Ledger) -> R) -> R {
         f(&self.shares.lock())
     }
 

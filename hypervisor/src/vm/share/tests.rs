@@ -3,10 +3,14 @@
 
 use super::*;
 use crate::config::{GuestRegion, Stage2Mappings};
+use crate::mem::PAGE_SIZE;
 use crate::vm::tests::{desc, MmuFake, MmuS2, LAYOUT};
 use crate::vm::vmid::VmidBits;
+use crate::vm::{Vm, IPA_BITS};
 use crate::vm::{VmManager, VmStatus};
+use alloc::sync::Arc;
 use mmu::testing::HeapFrames;
+use mmu::SwBits;
 use mmu::TlbOp;
 
 type M = VmManager<MmuFake>;
