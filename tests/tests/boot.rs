@@ -125,7 +125,7 @@ fn panic_on_a_secondary_cpu_is_reported() {
     run.assert_status(exit_status::PANIC);
     let lines = run.assert_lines_in_order(&[
         "cpu1 online",
-        "*** panic on cpu1 at hypervisor/src/start.rs:",
+        "*** panic on cpu1 at hypervisor/src/machine/mod.rs:",
         "*** stopping the machine (exit status 1)",
     ]);
     assert!(
