@@ -86,6 +86,8 @@ pub enum HardwareError {
     BadReg(&'static str),
 }
 
+impl core::error::Error for HardwareError {}
+
 impl fmt::Display for HardwareError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

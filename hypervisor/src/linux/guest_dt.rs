@@ -19,6 +19,8 @@
 //! and `/psci` never reach a guest. `crate::config::devices::passthrough_regions` gives
 //! the MMIO ranges of the same set of devices, for the guest's stage-2 table.
 
+use core::fmt;
+
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -69,6 +71,23 @@ pub enum GuestDtError {
     BadBootargs,
     /// The writer refused the tree (e.g. too large).
     Write,
+}
+
+impl core::error::Error for GuestDtError {}
+
+impl fmt::Display for GuestDtError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::HostDt => f.write_str("the host device tree has no root or no /cpus"),
+            Self::NoSuchDevice(i) => write!(f, "device {i} is not a top-level host node"),
+            Self::NoCpus => f.write_str("no vCPU"),
+            Self::NoSuchCpu(mpidr) => write!(f, "the host has no CPU with MPIDR {mpidr:#x}"),
+            Self::Cells => f.write_str("an address does not fit the host's cell sizes"),
+            Self::BadInitrd => f.write_str("the initrd is empty or outside the guest's RAM"),
+            Self::BadBootargs => f.write_str("the command line holds a NUL byte"),
+            Self::Write => f.write_str("the device tree could not be written"),
+        }
+    }
 }
 
 impl From<DeviceError> for GuestDtError {

@@ -17,6 +17,8 @@
 //! with x0 = DTB. A header with `image_size == 0` (kernels before v3.17) is placed the
 //! same way, as booting.rst says `text_offset` is then 0x8_0000.
 
+use core::fmt;
+
 /// `"ARM\x64"` read as a little-endian `u32`, at byte 56 of an arm64 Image.
 pub const IMAGE_MAGIC: u32 = 0x644d_5241;
 /// Byte offset of the magic in the header.
@@ -120,6 +122,19 @@ pub enum PlaceError {
     TooLarge,
     /// Address arithmetic overflowed (RAM range or header fields out of range).
     Overflow,
+}
+
+impl core::error::Error for PlaceError {}
+
+impl fmt::Display for PlaceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Empty => "the kernel file is empty",
+            Self::BigEndian => "the kernel is big-endian",
+            Self::TooLarge => "the kernel does not fit in RAM",
+            Self::Overflow => "the kernel's placement overflows the address space",
+        })
+    }
 }
 
 /// Where a kernel goes: the guest-physical address of its first byte, which is also

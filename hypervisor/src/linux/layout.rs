@@ -11,6 +11,8 @@
 //! cannot collide with the kernel's BSS. The initrd is wherever the VM description put
 //! it; it only has to stay clear of both.
 
+use core::fmt;
+
 use super::image::{place_kernel, KernelPlacement, PlaceError, IMAGE_BASE_ALIGN};
 
 /// Bytes reserved for the guest DTB (booting.rst's limit), 2 MiB aligned.
@@ -27,7 +29,7 @@ pub struct LinuxLayout {
 
 /// Why a Linux guest cannot be laid out in its RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LayoutError {
+pub enum GuestLayoutError {
     /// The kernel cannot be placed.
     Kernel(PlaceError),
     /// RAM is too small to hold the kernel and, above it, the DTB area.
@@ -36,31 +38,45 @@ pub enum LayoutError {
     InitrdOverlap,
 }
 
+impl core::error::Error for GuestLayoutError {}
+
+impl fmt::Display for GuestLayoutError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Kernel(e) => write!(f, "kernel: {e}"),
+            Self::NoRoomForDtb => f.write_str("no room for the DTB above the kernel"),
+            Self::InitrdOverlap => {
+                f.write_str("the initrd overlaps the kernel or the DTB, or leaves RAM")
+            }
+        }
+    }
+}
+
 /// Lays out a guest with RAM `[ram_base, ram_base + ram_size)`, a kernel of `kernel_len`
 /// bytes starting with `kernel_head`, and an initrd at `initrd` (`[start, end)`).
 ///
 /// # Errors
-/// [`LayoutError`] when the pieces do not fit without overlapping.
+/// [`GuestLayoutError`] when the pieces do not fit without overlapping.
 pub fn plan(
     ram_base: u64,
     ram_size: u64,
     kernel_head: &[u8],
     kernel_len: u64,
     initrd: Option<(u64, u64)>,
-) -> Result<LinuxLayout, LayoutError> {
-    let kernel =
-        place_kernel(kernel_head, kernel_len, ram_base, ram_size).map_err(LayoutError::Kernel)?;
+) -> Result<LinuxLayout, GuestLayoutError> {
+    let kernel = place_kernel(kernel_head, kernel_len, ram_base, ram_size)
+        .map_err(GuestLayoutError::Kernel)?;
     // place_kernel checked that ram_base + ram_size does not overflow.
     let ram_end = ram_base + ram_size;
     let dtb = (ram_end & !(DTB_AREA - 1))
         .checked_sub(DTB_AREA)
         .filter(|&d| d >= kernel.end)
-        .ok_or(LayoutError::NoRoomForDtb)?;
+        .ok_or(GuestLayoutError::NoRoomForDtb)?;
     if let Some((start, end)) = initrd {
         let inside = start >= ram_base && start < end && end <= ram_end;
         let clear_of = |lo: u64, hi: u64| end <= lo || start >= hi;
         if !inside || !clear_of(kernel.load, kernel.end) || !clear_of(dtb, dtb + DTB_AREA) {
-            return Err(LayoutError::InitrdOverlap);
+            return Err(GuestLayoutError::InitrdOverlap);
         }
     }
     Ok(LinuxLayout { kernel, dtb })
@@ -117,30 +133,30 @@ mod tests {
         // Into the kernel's BSS (image_size beyond the file).
         assert_eq!(
             initrd_at(0x5000_0000 + 32 * MIB, 0x5000_0000 + 34 * MIB),
-            Err(LayoutError::InitrdOverlap)
+            Err(GuestLayoutError::InitrdOverlap)
         );
         // Into the DTB area, outside RAM, empty.
         assert_eq!(
             initrd_at(0x5000_0000 + 61 * MIB, 0x5000_0000 + 62 * MIB + 1),
-            Err(LayoutError::InitrdOverlap)
+            Err(GuestLayoutError::InitrdOverlap)
         );
         assert_eq!(
             initrd_at(0x4f00_0000, 0x4f10_0000),
-            Err(LayoutError::InitrdOverlap)
+            Err(GuestLayoutError::InitrdOverlap)
         );
         assert_eq!(
             initrd_at(0x5300_0000, 0x5300_0000),
-            Err(LayoutError::InitrdOverlap)
+            Err(GuestLayoutError::InitrdOverlap)
         );
         assert!(initrd_at(0x5000_0000 + 33 * MIB, 0x5000_0000 + 62 * MIB).is_ok());
         // Kernel reaching into the DTB area.
         assert_eq!(
             plan(ram.0, ram.1, &image(63 * MIB), 32 * MIB, None),
-            Err(LayoutError::NoRoomForDtb)
+            Err(GuestLayoutError::NoRoomForDtb)
         );
         assert_eq!(
             plan(ram.0, ram.1, &image(65 * MIB), 32 * MIB, None),
-            Err(LayoutError::Kernel(PlaceError::TooLarge))
+            Err(GuestLayoutError::Kernel(PlaceError::TooLarge))
         );
     }
 }

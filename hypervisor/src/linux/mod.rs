@@ -1,6 +1,8 @@
 //! Booting a Linux kernel as a guest: where the kernel, initrd and DTB go in guest RAM,
 //! and the device tree the guest sees. See docs/linux-guest.md.
 
+use core::fmt;
+
 pub mod guest_dt;
 pub mod image;
 pub mod layout;
@@ -11,7 +13,7 @@ use crate::config::{HostDt, Image, VmDesc};
 use crate::mem::PhysRange;
 
 use guest_dt::{build_guest_dt, GuestDtConfig, GuestDtError};
-use layout::{plan, LayoutError, DTB_AREA};
+use layout::{plan, GuestLayoutError, DTB_AREA};
 
 /// A Linux guest as its VM description gives it.
 #[derive(Clone, Copy, Debug)]
@@ -52,7 +54,7 @@ pub struct LinuxBoot {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinuxBootError {
     /// The pieces do not fit in the guest's RAM.
-    Layout(LayoutError),
+    Layout(GuestLayoutError),
     /// The description loads the kernel elsewhere than its header requires.
     KernelIpa {
         /// Where the kernel has to go.
@@ -73,6 +75,25 @@ pub enum LinuxBootError {
     NoStagingRoom,
 }
 
+impl core::error::Error for LinuxBootError {}
+
+impl fmt::Display for LinuxBootError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Layout(e) => write!(f, "layout: {e}"),
+            Self::KernelIpa { expected, given } => write!(
+                f,
+                "the kernel must be loaded at IPA {expected:#x}, not {given:#x}"
+            ),
+            Self::Dt(e) => write!(f, "device tree: {e}"),
+            Self::DtbTooLarge => f.write_str("the guest device tree is larger than 2 MiB"),
+            Self::RamRegions => f.write_str("a Linux guest has exactly one RAM region"),
+            Self::CpuNotIdentity => f.write_str("vCPU i must run on physical CPU i"),
+            Self::NoStagingRoom => f.write_str("no room in the staging area for the DTB"),
+        }
+    }
+}
+
 /// Plans the boot of `guest` and writes its DTB from the host device tree `host`.
 ///
 /// # Errors
@@ -82,7 +103,7 @@ pub fn prepare(host: &HostDt<'_>, guest: &LinuxGuest<'_>) -> Result<LinuxBoot, L
         Some((ipa, len)) => Some((
             ipa,
             ipa.checked_add(len)
-                .ok_or(LinuxBootError::Layout(LayoutError::InitrdOverlap))?,
+                .ok_or(LinuxBootError::Layout(GuestLayoutError::InitrdOverlap))?,
         )),
         None => None,
     };
@@ -370,12 +391,12 @@ mod tests {
         g.initrd = Some((0x5fd0_0000, 2 * MIB));
         assert_eq!(
             prepare(&qemu_virt(), &g),
-            Err(LinuxBootError::Layout(LayoutError::InitrdOverlap))
+            Err(LinuxBootError::Layout(GuestLayoutError::InitrdOverlap))
         );
         g.initrd = Some((u64::MAX - 10, 20));
         assert_eq!(
             prepare(&qemu_virt(), &g),
-            Err(LinuxBootError::Layout(LayoutError::InitrdOverlap))
+            Err(LinuxBootError::Layout(GuestLayoutError::InitrdOverlap))
         );
     }
 }

@@ -211,10 +211,10 @@ fn enable_stage1(pool: &'static Mutex<FramePool>, maps: &[stage1::Mapping]) {
         frames,
         ArmTlb,
     )
-    .unwrap_or_else(|e| fatal(format_args!("stage 1: {e:?}")));
+    .unwrap_or_else(|e| fatal(format_args!("stage 1: {e}")));
     table.set_tlbi_range(mmu::arch::has_tlbi_range());
     if let Err((m, e)) = stage1::build(&mut table, maps) {
-        fatal(format_args!("stage 1: mapping {} failed: {e:?}", m.name));
+        fatal(format_args!("stage 1: mapping {} failed: {e}", m.name));
     }
     let cfg = MmuConfig {
         mair: table.mair_el2(),

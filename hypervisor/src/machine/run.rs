@@ -273,7 +273,7 @@ fn stage_linux_dtb(desc: &mut config::VmDesc, host: &config::HostDt<'_>) {
                 desc.initrd.map(|i| (i.ipa, i.ipa + i.size))
             );
         }
-        Err(e) => fatal(format_args!("VM {}: cannot boot Linux: {e:?}", desc.name)),
+        Err(e) => fatal(format_args!("VM {}: cannot boot Linux: {e}", desc.name)),
     }
 }
 

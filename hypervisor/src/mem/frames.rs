@@ -22,6 +22,8 @@ pub enum FrameError {
     DoubleFree(u64),
 }
 
+impl core::error::Error for FrameError {}
+
 impl fmt::Display for FrameError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -40,6 +40,8 @@ pub enum LayoutError {
     TooSmall,
 }
 
+impl core::error::Error for LayoutError {}
+
 impl fmt::Display for LayoutError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -84,6 +84,8 @@ pub enum PlanError {
     Overlap(&'static str, &'static str),
 }
 
+impl core::error::Error for PlanError {}
+
 impl fmt::Display for PlanError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -61,11 +61,13 @@ pub enum VmError {
     CpuBusy(u32),
 }
 
+impl core::error::Error for VmError {}
+
 impl fmt::Display for VmError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Vmid(e) => write!(f, "{e}"),
-            Self::Ram(r, e) => write!(f, "RAM at PA {:#x} size {:#x}: {e:?}", r.pa, r.size),
+            Self::Ram(r, e) => write!(f, "RAM at PA {:#x} size {:#x}: {e}", r.pa, r.size),
             Self::PassthroughOverRam(r) => {
                 write!(
                     f,

@@ -3,6 +3,8 @@
 //! VM descriptions name the physical pages of each VM's RAM; the pool makes sure a page is
 //! given to at most one VM at a time and that every page comes back on destroy.
 
+use core::fmt;
+
 use alloc::vec::Vec;
 
 /// Why a claim or release failed.
@@ -14,6 +16,18 @@ pub enum PoolError {
     InUse,
     /// Release of a range that was not claimed exactly like that.
     NotClaimed,
+}
+
+impl core::error::Error for PoolError {}
+
+impl fmt::Display for PoolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::OutOfRange => "outside guest memory or not page aligned",
+            Self::InUse => "already another VM's",
+            Self::NotClaimed => "not claimed",
+        })
+    }
 }
 
 /// The guest-memory range and the claimed parts of it.

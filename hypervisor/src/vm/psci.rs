@@ -7,6 +7,8 @@
 //! Return values follow the PSCI specification (Arm DEN 0022) and use the `smccc` crate's
 //! error codes.
 
+use core::fmt;
+
 use alloc::vec;
 use alloc::vec::Vec;
 use smccc::psci::error as psci_err;
@@ -40,6 +42,20 @@ pub enum PsciError {
     InvalidAddress,
     /// `DENIED` (-3): e.g. `CPU_OFF` of a vCPU that is not on.
     Denied,
+}
+
+impl core::error::Error for PsciError {}
+
+impl fmt::Display for PsciError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::InvalidParameters => "INVALID_PARAMETERS",
+            Self::AlreadyOn => "ALREADY_ON",
+            Self::OnPending => "ON_PENDING",
+            Self::InvalidAddress => "INVALID_ADDRESS",
+            Self::Denied => "DENIED",
+        })
+    }
 }
 
 impl PsciError {

@@ -79,6 +79,8 @@ pub enum VmidError {
     NotAllocated(Vmid),
 }
 
+impl core::error::Error for VmidError {}
+
 impl fmt::Display for VmidError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
