@@ -9,8 +9,7 @@
 use core::sync::atomic::Ordering;
 
 use aarch64_cpu::registers::{
-    CurrentEL, Readable, Writeable, CNTFRQ_EL0, CNTPCT_EL0, HCR_EL2, ID_AA64MMFR0_EL1, MIDR_EL1,
-    MPIDR_EL1, SCTLR_EL2,
+    CurrentEL, Readable, CNTFRQ_EL0, CNTPCT_EL0, MIDR_EL1, MPIDR_EL1, SCTLR_EL2,
 };
 use buddy_system_allocator::LockedHeap;
 use log::{error, info, warn};
@@ -65,7 +64,7 @@ pub struct Machine {
 pub fn primary(dtb: usize) -> Machine {
     console::start_clock();
     // Not a VHE host: plain EL2 with an AArch64 EL1 below (the VM code adds its own bits).
-    HCR_EL2.write(HCR_EL2::RW::EL1IsAarch64);
+    regs::leave_guest_context();
 
     // SAFETY: QEMU passes the physical address of a device tree in x0, in RAM nothing else
     // uses (the memory layout keeps its pages out of every other use); the MMU is off, so
@@ -202,7 +201,7 @@ static STAGE1: Once<Mutex<PageTable<El2, SharedFrames, ArmTlb>>> = Once::new();
 /// Builds the stage-1 table from the plan, turns the MMU and caches on, and publishes the
 /// register values for the secondary CPUs.
 fn enable_stage1(pool: &'static Mutex<FramePool>, maps: &[stage1::Mapping]) {
-    let pa_bits = stage1::pa_bits(ID_AA64MMFR0_EL1.get());
+    let pa_bits = regs::pa_bits();
     // SAFETY: the frame pool lies in RAM that only page tables use, and it is identity
     // mapped read-write (the "pt-frames" mapping) once the MMU is on.
     let frames = unsafe { SharedFrames::new(pool) };
@@ -311,7 +310,7 @@ fn start_secondaries(platform: &Hardware, boot_mpidr: u64) -> usize {
 /// primary publishes its tables).
 pub fn secondary(cpu: usize) {
     let mpidr = MPIDR_EL1.get() & MPIDR_AFFINITY_MASK;
-    HCR_EL2.write(HCR_EL2::RW::EL1IsAarch64);
+    regs::leave_guest_context();
     info!("cpu{cpu} online: MPIDR {mpidr:#x}, MMU {}", mmu_state());
     #[cfg(feature = "fault-stack-overflow")]
     if cpu == 1 {

@@ -1,9 +1,20 @@
-//! The EL2 and EL1 system-register accesses of the VM code (`asm!` lives only here).
+//! The EL2 and EL1 system-register values and accesses for running a guest.
+//!
+//! Single registers are read and written with `aarch64-cpu`'s accessors. Raw `asm!` is
+//! left for what that crate does not cover: `ZCR_EL2`, and the vCPU reset in
+//! [`enter_guest_context`], one sequence that also writes `VPIDR_EL2`, `VMPIDR_EL2`,
+//! `AMAIR_EL1` and `CONTEXTIDR_EL1` and must end with an `ISB` and a local TLBI.
 //!
 //! Register layouts: Arm ARM (DDI 0487) D19.2 (AArch64 system registers) and D19.11
 //! (generic timer registers).
 
 use core::arch::asm;
+
+use aarch64_cpu::asm::barrier;
+use aarch64_cpu::registers::{
+    Readable, Writeable, ELR_EL1, ESR_EL1, FAR_EL1, ICC_SRE_EL2, ID_AA64MMFR0_EL1,
+    ID_AA64MMFR1_EL1, ID_AA64PFR0_EL1, MIDR_EL1, SPSR_EL1, VBAR_EL1,
+};
 
 use crate::vm::vmid::VmidBits;
 
@@ -13,7 +24,8 @@ use crate::vm::vmid::VmidBits;
 /// trap pointer-authentication keys and instructions (`-cpu max` has FEAT_PAuth).
 /// IMO/FMO/AMO stay 0: physical interrupts go to the guest when it runs.
 pub const HCR_GUEST: u64 = (1 << 0) | (1 << 1) | (1 << 19) | (1 << 31) | (1 << 40) | (1 << 41);
-/// `HCR_EL2` while no guest runs: only RW, stage 2 off.
+/// `HCR_EL2` while no guest runs (also from start-up on): only RW, EL1 is AArch64, stage 2
+/// off, no VHE.
 pub const HCR_IDLE: u64 = 1 << 31;
 /// `CNTHCTL_EL2` (non-VHE, D19.11.4): EL1PCTEN (0) and EL1PCEN (1): the guest may read
 /// the physical counter and use the physical timer.
@@ -25,18 +37,12 @@ pub const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
 /// Output-address size of this CPU (`ID_AA64MMFR0_EL1.PARange`, decoded by
 /// [`crate::mem::stage1::pa_bits`]).
 pub fn pa_bits() -> u8 {
-    let v: u64;
-    // SAFETY: reading an ID register has no side effects.
-    unsafe { asm!("mrs {}, id_aa64mmfr0_el1", out(reg) v, options(nomem, nostack)) };
-    crate::mem::stage1::pa_bits(v)
+    crate::mem::stage1::pa_bits(ID_AA64MMFR0_EL1.get())
 }
 
 /// VMID width from `ID_AA64MMFR1_EL1.VMIDBits`.
 pub fn vmid_bits() -> VmidBits {
-    let v: u64;
-    // SAFETY: reading an ID register has no side effects.
-    unsafe { asm!("mrs {}, id_aa64mmfr1_el1", out(reg) v, options(nomem, nostack)) };
-    VmidBits::from_id_aa64mmfr1(v)
+    VmidBits::from_id_aa64mmfr1(ID_AA64MMFR1_EL1.get())
 }
 
 /// `ICC_SRE_EL2`: SRE (bit 0) system-register interface at EL2, Enable (bit 3) EL1 may
@@ -48,25 +54,13 @@ const ICC_SRE_EL2_GUEST: u64 = (1 << 3) | 1;
 /// Lets EL1 use the GICv3 CPU interface system registers, when the CPU has them
 /// (`ID_AA64PFR0_EL1.GIC`, bits \[27:24\]); otherwise `ICC_SRE_EL2` does not exist.
 fn allow_el1_gic_sysregs() {
-    let pfr0: u64;
-    // SAFETY: reading an ID register has no side effects.
-    unsafe { asm!("mrs {}, id_aa64pfr0_el1", out(reg) pfr0, options(nomem, nostack)) };
-    if (pfr0 >> 24) & 0xf == 0 {
+    if (ID_AA64PFR0_EL1.get() >> 24) & 0xf == 0 {
         return;
     }
-    // SAFETY: ICC_SRE_EL2 exists (checked above); setting SRE and Enable only changes how
-    // EL1 reaches the GIC CPU interface, not EL2's own state. (QEMU fixes these bits to 1.)
-    unsafe {
-        asm!(
-            "mrs {t}, icc_sre_el2",
-            "orr {t}, {t}, {v}",
-            "msr icc_sre_el2, {t}",
-            "isb",
-            t = out(reg) _,
-            v = in(reg) ICC_SRE_EL2_GUEST,
-            options(nostack),
-        );
-    }
+    // ICC_SRE_EL2 exists (checked above); setting SRE and Enable only changes how EL1
+    // reaches the GIC CPU interface, not EL2's own state. (QEMU fixes these bits to 1.)
+    ICC_SRE_EL2.set(ICC_SRE_EL2.get() | ICC_SRE_EL2_GUEST);
+    barrier::isb(barrier::SY);
 }
 
 /// `CPTR_EL2.TZ` (bit 8, E2H = 0): SVE instructions and registers trap to EL2 when set
@@ -80,10 +74,7 @@ const CPTR_EL2_TZ: u64 = 1 << 8;
 /// without SVE), so the guest's SVE state survives every exit; vCPUs never share a CPU.
 /// A Linux guest probes SVE at boot, which would otherwise stop it. SME stays trapped.
 fn allow_el1_sve_128() {
-    let pfr0: u64;
-    // SAFETY: reading an ID register has no side effects.
-    unsafe { asm!("mrs {}, id_aa64pfr0_el1", out(reg) pfr0, options(nomem, nostack)) };
-    if (pfr0 >> 32) & 0xf == 0 {
+    if (ID_AA64PFR0_EL1.get() >> 32) & 0xf == 0 {
         return;
     }
     // SAFETY: with FEAT_SVE, clearing TZ only stops SVE accesses from trapping, and
@@ -108,9 +99,7 @@ fn allow_el1_sve_128() {
 /// (FP/SIMD not trapped, SVE and SME trapped) is set once per CPU by the boot code; SVE is
 /// then allowed at 128-bit vectors where the CPU has it.
 pub fn enter_guest_context(vttbr: u64, vtcr: u64, index: u64) {
-    let midr: u64;
-    // SAFETY: reading MIDR_EL1 has no side effects.
-    unsafe { asm!("mrs {}, midr_el1", out(reg) midr, options(nomem, nostack)) };
+    let midr = MIDR_EL1.get();
     let vmpidr = (1 << 31) | (index & 0xff);
     allow_el1_gic_sysregs();
     allow_el1_sve_128();
@@ -161,8 +150,8 @@ pub fn enter_guest_context(vttbr: u64, vtcr: u64, index: u64) {
     }
 }
 
-/// Turns stage 2 off and clears `VTTBR_EL2` while this CPU runs no guest, so no table of a
-/// VM that may be destroyed stays reachable from it.
+/// Turns stage 2 off and clears `VTTBR_EL2` while this CPU runs no guest (at start-up and
+/// after each guest run), so no table of a VM that may be destroyed stays reachable from it.
 pub fn leave_guest_context() {
     // SAFETY: at EL2 these only affect the EL1&0 regime, which does not run now.
     unsafe {
@@ -179,27 +168,15 @@ pub fn leave_guest_context() {
 
 /// The guest's `VBAR_EL1`.
 pub fn vbar_el1() -> u64 {
-    let v: u64;
-    // SAFETY: reading VBAR_EL1 at EL2 has no side effects.
-    unsafe { asm!("mrs {}, vbar_el1", out(reg) v, options(nomem, nostack)) };
-    v
+    VBAR_EL1.get()
 }
 
 /// Writes the guest's `ESR_EL1`, `FAR_EL1`, `ELR_EL1`, `SPSR_EL1` (abort injection).
 pub fn set_el1_exception(esr: u64, far: u64, elr: u64, spsr: u64) {
-    // SAFETY: the guest's EL1 exception registers, owned by the vCPU this CPU runs; they
-    // do not affect EL2.
-    unsafe {
-        asm!(
-            "msr esr_el1, {esr}",
-            "msr far_el1, {far}",
-            "msr elr_el1, {elr}",
-            "msr spsr_el1, {spsr}",
-            esr = in(reg) esr,
-            far = in(reg) far,
-            elr = in(reg) elr,
-            spsr = in(reg) spsr,
-            options(nostack),
-        );
-    }
+    // The guest's EL1 exception registers, owned by the vCPU this CPU runs; they do not
+    // affect EL2.
+    ESR_EL1.set(esr);
+    FAR_EL1.set(far);
+    ELR_EL1.set(elr);
+    SPSR_EL1.set(spsr);
 }

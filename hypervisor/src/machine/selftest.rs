@@ -145,5 +145,5 @@ pub fn run() {
         / u128::from(ROUND_TRIPS);
     info!("guest entry self-test: HVC and SMC exits, registers, PC, PSTATE and SIMD state: ok");
     info!("guest entry self-test: {ROUND_TRIPS} HVC round trips, {ns} ns each");
-    HCR_EL2.write(HCR_EL2::RW::EL1IsAarch64);
+    super::regs::leave_guest_context();
 }

@@ -2,7 +2,8 @@
 //! virtual UART, answer a hypercall, inject an abort, or stop the vCPU or the VM.
 //!
 //! Register state is passed in as plain values and the guest's EL1 exception registers
-//! behind [`GuestEl1`], so this is tested on the host; `arch` supplies the real ones.
+//! behind [`GuestEl1`], so this is tested on the host; the machine's run loop
+//! (`crate::machine::run`) supplies the real ones.
 
 pub mod exit;
 pub mod hypercall;

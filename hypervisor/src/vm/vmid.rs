@@ -3,7 +3,8 @@
 //! Every VM gets a VMID that tags its stage-1 and stage-2 TLB entries (VTTBR_EL2.VMID).
 //! The width comes from `ID_AA64MMFR1_EL1.VMIDBits` (Arm ARM D19.2, 0b0000 = 8 bits,
 //! 0b0010 = 16 bits); with 16 bits `VTCR_EL2.VS` (bit 19) must be set to match, which
-//! the stage-2 regime of `mmu` does (`Stage2::with_vmid16`, used by `vm::hw`).
+//! the stage-2 regime of `mmu` does (`mmu::Stage2::with_vmid16`, set by
+//! `crate::vm::Stage2Config`).
 //!
 //! Policy: VMID 0 is never handed to a guest (it stays the hypervisor's "no guest" value),
 //! exhaustion is an error ([`VmidError::Exhausted`]) rather than a generation rollover,
