@@ -7,13 +7,9 @@ pub mod devices;
 pub mod dtb;
 mod hardware;
 
-pub use desc::{
-    parse, AbortPolicy, DescError, GuestRegion, Image, Stage2Mappings, VmDesc, COMPATIBLE, MAX_NAME,
-};
+pub use desc::{parse, AbortPolicy, GuestRegion, Image, Stage2Mappings, VmDesc};
 pub use dtb::HostDt;
-pub use hardware::{
-    find_path, Gic, Hardware, HardwareError, Psci, PsciConduit, MAX_CPUS, MAX_MEMORY_REGIONS,
-};
+pub use hardware::{Hardware, PsciConduit};
 
 #[cfg(test)]
 pub(crate) use desc::tests;

@@ -3,9 +3,9 @@
 
 use core::fmt;
 
-pub mod guest_dt;
+mod guest_dt;
 pub mod image;
-pub mod layout;
+mod layout;
 
 use alloc::vec::Vec;
 

@@ -15,6 +15,7 @@ use crate::mem::{PhysRange, PAGE_SIZE};
 
 /// Access permissions of a hypervisor mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)] // the names are the permissions
 pub enum Access {
     /// Read and execute (code).
     ReadExecute,
@@ -22,20 +23,6 @@ pub enum Access {
     ReadOnly,
     /// Read and write, execute-never.
     ReadWrite,
-}
-
-impl Access {
-    /// Writable?
-    #[must_use]
-    pub const fn writable(self) -> bool {
-        matches!(self, Self::ReadWrite)
-    }
-
-    /// Executable?
-    #[must_use]
-    pub const fn executable(self) -> bool {
-        matches!(self, Self::ReadExecute)
-    }
 }
 
 /// Memory type of a mapping.
@@ -371,7 +358,10 @@ mod tests {
         assert_eq!(find("gicd").memory, Memory::Device);
         assert_eq!(find("gicr").region, PhysRange::new(0x080a_0000, 0xf6_0000));
         // Exactly one executable mapping, and it is the text.
-        let exec: Vec<_> = maps.iter().filter(|m| m.access.executable()).collect();
+        let exec: Vec<_> = maps
+            .iter()
+            .filter(|m| m.access == Access::ReadExecute)
+            .collect();
         assert_eq!(exec.len(), 1);
         assert_eq!(exec[0].name, "text");
     }
@@ -509,6 +499,5 @@ mod tests {
             m("b", 0x2000, Access::ReadWrite)
         ])
         .is_ok());
-        assert!(!Access::ReadWrite.executable() && !Access::ReadExecute.writable());
     }
 }

@@ -278,7 +278,8 @@ mod tests {
 
     #[test]
     fn memory_sharing_calls_are_handed_to_the_run_loop() {
-        use crate::vm::share::{Kind, Request};
+        use crate::vm::share::abi::Kind;
+        use crate::vm::share::Request;
         let mut ps = PsciVm::new(1);
         assert_eq!(
             call(&mut ps, &[0xC600_0011, 0x4000_0000, 2, 1, 3]),

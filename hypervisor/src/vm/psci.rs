@@ -98,18 +98,6 @@ impl PsciVm {
         }
     }
 
-    /// Number of vCPUs.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.vcpus.len()
-    }
-
-    /// True when the VM has no vCPU.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.vcpus.is_empty()
-    }
-
     /// State of vCPU `index`, `None` if there is no such vCPU.
     #[must_use]
     pub fn state(&self, index: usize) -> Option<PowerState> {
@@ -117,6 +105,7 @@ impl PsciVm {
     }
 
     /// Number of vCPUs that are not `Off`.
+    #[cfg(test)]
     #[must_use]
     pub fn running(&self) -> usize {
         self.vcpus.iter().filter(|s| **s != PowerState::Off).count()

@@ -114,12 +114,6 @@ impl VmidAllocator {
         }
     }
 
-    /// The configured width.
-    #[must_use]
-    pub const fn bits(&self) -> VmidBits {
-        self.bits
-    }
-
     /// Number of VMIDs currently given out.
     #[must_use]
     pub const fn in_use(&self) -> usize {

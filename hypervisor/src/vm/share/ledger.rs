@@ -213,6 +213,7 @@ impl Ledger {
     }
 
     /// The live transactions, oldest first.
+    #[cfg(test)]
     #[must_use]
     pub fn transactions(&self) -> &[Transaction] {
         &self.live

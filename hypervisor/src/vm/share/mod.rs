@@ -15,13 +15,12 @@
 //! (`crate::vm::VmManager`). A call allocates nothing: the transactions have room
 //! reserved, and a request's RAM segments are walked in the description.
 
-mod abi;
+pub(crate) mod abi;
 mod ledger;
 mod page_state;
 
 #[cfg(test)]
 mod tests;
 
-pub use abi::{fid, result_regs, Error, Kind, Perms, Request, MAX_PAGES};
-pub use ledger::{Ledger, State, Transaction, MAX_TRANSACTIONS};
-pub use page_state::PageState;
+pub use abi::{fid, result_regs, Error, Request};
+pub use ledger::Ledger;

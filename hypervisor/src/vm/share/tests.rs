@@ -1,6 +1,9 @@
 //! Host tests of memory sharing over real `mmu` stage-2 tables (`MmuFake`: heap frames,
 //! recording TLB).
 
+use super::abi::{Kind, Perms, MAX_PAGES};
+use super::ledger::{State, Transaction, MAX_TRANSACTIONS};
+use super::page_state::PageState;
 use super::*;
 use crate::config::{GuestRegion, Stage2Mappings};
 use crate::mem::PAGE_SIZE;
