@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use super::dtb::HostDt;
-use crate::mem::PAGE_SIZE;
+use crate::mem::{PhysRange, PAGE_SIZE};
 
 /// The `compatible` string of a VM node.
 pub const COMPATIBLE: &str = "twostage,vm";
@@ -280,7 +280,20 @@ fn string_list(bytes: &[u8]) -> Option<Vec<String>> {
         .collect()
 }
 
-fn parse_vm(node: &Node<'_>, host: &fdt::Fdt<'_>) -> Result<VmDesc, DescError> {
+/// The host's physical ranges a description is checked against.
+#[derive(Clone, Copy, Debug)]
+pub struct HostRanges<'a> {
+    /// All host RAM: a pass-through range may not touch it.
+    pub ram: &'a [PhysRange],
+    /// Where QEMU stages guest images: every image must lie inside.
+    pub staging: PhysRange,
+}
+
+fn parse_vm(
+    node: &Node<'_>,
+    host: &fdt::Fdt<'_>,
+    ranges: &HostRanges<'_>,
+) -> Result<VmDesc, DescError> {
     let name = match node.get("vm-name") {
         Some(v) => string(v).ok_or_else(|| node.err("vm-name is not a string"))?,
         None => node.name.to_string(),
@@ -336,6 +349,13 @@ fn parse_vm(node: &Node<'_>, host: &fdt::Fdt<'_>) -> Result<VmDesc, DescError> {
         "passthrough range not page-aligned, empty or overflowing",
     )?;
     for p in &passthrough {
+        if ranges
+            .ram
+            .iter()
+            .any(|r| r.overlaps(&PhysRange::new(p.pa, p.size)))
+        {
+            return Err(node.err("passthrough range covers host RAM"));
+        }
         if memory
             .iter()
             .any(|m| overlaps(m.ipa, m.size, p.ipa, p.size))
@@ -356,6 +376,9 @@ fn parse_vm(node: &Node<'_>, host: &fdt::Fdt<'_>) -> Result<VmDesc, DescError> {
         let Some(img) = img else { continue };
         if img.size == 0 || !memory.iter().any(|r| r.contains_ipa(img.ipa, img.size)) {
             return Err(node.err("image is empty or not inside one memory region"));
+        }
+        if !ranges.staging.contains(&PhysRange::new(img.pa, img.size)) {
+            return Err(node.err("image is not inside the staging area"));
         }
         if images[..i]
             .iter()
@@ -420,13 +443,14 @@ fn parse_vm(node: &Node<'_>, host: &fdt::Fdt<'_>) -> Result<VmDesc, DescError> {
     })
 }
 
-/// Parses every VM node under `/chosen` of `dtb` and checks them against each other
-/// (distinct names, no physical CPU or RAM page given to two VMs).
+/// Parses every VM node under `/chosen` of `dt`, checks each against the host's `ranges`
+/// and against each other (distinct names, no physical CPU or RAM page given to two VMs).
+/// What is checked here is not checked again when the VMs are created.
 ///
 /// # Errors
 ///
 /// [`DescError::Invalid`] naming the first broken rule.
-pub fn parse(dt: &HostDt<'_>) -> Result<Vec<VmDesc>, DescError> {
+pub fn parse(dt: &HostDt<'_>, ranges: &HostRanges<'_>) -> Result<Vec<VmDesc>, DescError> {
     let fdt = dt.fdt();
     let Some(chosen) = fdt.find_node("/chosen") else {
         return Ok(Vec::new());
@@ -443,7 +467,7 @@ pub fn parse(dt: &HostDt<'_>) -> Result<Vec<VmDesc>, DescError> {
         if !is_vm {
             continue;
         }
-        let vm = parse_vm(&node, fdt)?;
+        let vm = parse_vm(&node, fdt, ranges)?;
         for other in &vms {
             if other.name == vm.name {
                 return Err(node.err("two VMs have the same name"));
@@ -473,7 +497,11 @@ pub(crate) mod tests {
     /// not a device tree at all.
     pub(crate) fn parse_blob(blob: &[u8]) -> Option<Result<Vec<VmDesc>, DescError>> {
         let blob = Box::leak(blob.to_vec().into_boxed_slice());
-        HostDt::new(blob).ok().map(|dt| super::parse(&dt))
+        let ranges = HostRanges {
+            ram: &[PhysRange::new(0x4000_0000, 0x8000_0000)],
+            staging: crate::mem::layout::STAGING,
+        };
+        HostDt::new(blob).ok().map(|dt| super::parse(&dt, &ranges))
     }
 
     fn parse(blob: &[u8]) -> Result<Vec<VmDesc>, DescError> {
@@ -616,6 +644,31 @@ pub(crate) mod tests {
         assert_eq!(v.initrd.map(|i| i.ipa), Some(0x5800_0000));
         assert_eq!(v.passthrough.len(), 1);
         assert_eq!(v.vuart, None);
+    }
+
+    #[test]
+    fn host_ranges_and_other_vms_are_respected() {
+        let p = || vm_props(0x5000_0000, 1);
+        assert_eq!(
+            rejected(with(p(), "kernel", cells64(&[0x5030_0000, 0x2000]))),
+            "image is not inside the staging area"
+        );
+        assert_eq!(
+            rejected(with(
+                p(),
+                "passthrough",
+                cells64(&[0x0a00_0000, 0x4800_0000, 0x1000])
+            )),
+            "passthrough range covers host RAM"
+        );
+        let two = parse(&dtb(&[
+            ("a", vm_props(0x5000_0000, 1)),
+            ("b", vm_props(0x5010_0000, 1)),
+        ]));
+        assert!(
+            matches!(two, Err(DescError::Invalid { what, .. }) if what.contains("CPU is given to two")),
+            "{two:?}"
+        );
     }
 
     #[test]

@@ -20,12 +20,11 @@ use super::{Machine, FRAMES};
 use crate::config;
 use crate::mem::frames::SharedFrames;
 use crate::mem::layout::{GUEST_RAM, STAGING};
-use crate::mem::PhysRange;
 use crate::vcpu::schedule::{self, RunEnd, Start};
 use crate::vcpu::{self, GuestEl1, Next, VcpuCtx};
 use crate::vm::vmid::{Vmid, VmidBits, VmidFlush};
 use crate::vm::vuart::LineSink;
-use crate::vm::{Backend, Layout, MmuStage2, Stage2Config, Vm, VmManager, IPA_BITS};
+use crate::vm::{Backend, MmuStage2, Stage2Config, Vm, VmManager, IPA_BITS};
 
 static MANAGER: Once<VmManager<MachineBackend>> = Once::new();
 /// The CPU that ends the run.
@@ -119,7 +118,11 @@ impl GuestEl1 for MachineEl1 {
 /// other CPUs, then runs this CPU's vCPU, if any. Never returns: the machine stops when
 /// the last VM is done (`docs/vms.md`, "When the run ends").
 pub fn run_vms(machine: &Machine) -> ! {
-    let descs = match config::parse(&machine.dt) {
+    let ranges = config::HostRanges {
+        ram: machine.platform.memory(),
+        staging: STAGING,
+    };
+    let descs = match config::parse(&machine.dt, &ranges) {
         Ok(d) => d,
         Err(e) => fatal(format_args!("VM description: {e}")),
     };
@@ -142,18 +145,6 @@ pub fn run_vms(machine: &Machine) -> ! {
     let empty_root = frames
         .alloc_frame()
         .unwrap_or_else(|| fatal(format_args!("no frame for the empty stage-2 root")));
-    let host_ram = machine
-        .platform
-        .memory()
-        .iter()
-        .fold((u64::MAX, 0u64), |(lo, hi), r| {
-            (lo.min(r.base), hi.max(r.end()))
-        });
-    let layout = Layout {
-        host_ram: PhysRange::new(host_ram.0, host_ram.1.saturating_sub(host_ram.0)),
-        guest_ram: GUEST_RAM,
-        staging: STAGING,
-    };
     FRAMES_BEFORE_VMS.store(pool.lock().in_use(), Ordering::SeqCst);
     let stage2 = Stage2Config {
         ipa_bits: IPA_BITS,
@@ -167,7 +158,7 @@ pub fn run_vms(machine: &Machine) -> ! {
         stage2,
         empty_root,
     };
-    let manager = VmManager::new(backend, vmid_bits, layout);
+    let manager = VmManager::new(backend, vmid_bits, GUEST_RAM);
     log::info!(
         "VMs: {} described, {}-bit VMIDs, {IPA_BITS}-bit IPA, {}-bit PA, range TLBI {}",
         descs.len(),
@@ -249,13 +240,10 @@ fn log_stage2_layout(desc: &config::VmDesc) {
 /// its images (`crate::linux::complete_desc`); stops the run if the VM cannot boot.
 fn stage_linux_dtb(desc: &mut config::VmDesc, host: &config::HostDt<'_>) {
     let kernel = desc.kernel;
-    if !STAGING.contains(&PhysRange::new(kernel.pa, kernel.size)) {
-        // Left for VmManager::create to refuse with its own message.
-        return;
-    }
     let head_len = kernel.size.min(crate::linux::image::HEADER_LEN as u64) as usize;
-    // SAFETY: the kernel's staged bytes lie in the staging range (checked above), which the
-    // hypervisor's stage 1 maps and QEMU filled before any CPU ran; nothing writes it now.
+    // SAFETY: the kernel's staged bytes lie in the staging range (`config::parse` checked
+    // every image against it), which the hypervisor's stage 1 maps and QEMU filled before
+    // any CPU ran; nothing writes it now.
     let head = unsafe { core::slice::from_raw_parts(kernel.pa as *const u8, head_len) };
     match crate::linux::complete_desc(desc, host, head, STAGING) {
         Ok(None) => {}

@@ -18,7 +18,7 @@ use super::stage2::Stage2Table;
 use super::vmid::{Vmid, VmidAllocator, VmidBits, VmidError, VmidFlush};
 use super::vuart::VUart;
 use super::{S2Kind, Vm, VmStatus};
-use crate::config::{GuestRegion, Image, Stage2Mappings, VmDesc};
+use crate::config::{GuestRegion, Stage2Mappings, VmDesc};
 use crate::mem::PhysRange;
 
 /// What the manager needs from the machine.
@@ -49,16 +49,10 @@ pub enum VmError {
     Vmid(VmidError),
     /// A RAM region is outside guest memory or already another VM's.
     Ram(GuestRegion, PoolError),
-    /// A pass-through range covers host RAM.
-    PassthroughOverRam(GuestRegion),
-    /// An image's staging range is not inside the staging area.
-    ImageNotStaged(Image),
     /// The stage-2 table could not be built.
     Stage2(mmu::Error),
     /// No VM with that id.
     NoSuchVm(u32),
-    /// A physical CPU of the description is already running another VM.
-    CpuBusy(u32),
 }
 
 impl core::error::Error for VmError {}
@@ -68,43 +62,16 @@ impl fmt::Display for VmError {
         match self {
             Self::Vmid(e) => write!(f, "{e}"),
             Self::Ram(r, e) => write!(f, "RAM at PA {:#x} size {:#x}: {e}", r.pa, r.size),
-            Self::PassthroughOverRam(r) => {
-                write!(
-                    f,
-                    "pass-through PA {:#x} size {:#x} covers RAM",
-                    r.pa, r.size
-                )
-            }
-            Self::ImageNotStaged(i) => {
-                write!(
-                    f,
-                    "image at PA {:#x} size {:#x} is outside the staging area",
-                    i.pa, i.size
-                )
-            }
             Self::Stage2(e) => write!(f, "stage 2: {e}"),
             Self::NoSuchVm(id) => write!(f, "no VM {id}"),
-            Self::CpuBusy(c) => write!(f, "physical CPU {c} already runs a VM"),
         }
     }
-}
-
-/// Fixed physical ranges the manager checks descriptions against.
-#[derive(Clone, Copy, Debug)]
-pub struct Layout {
-    /// All host RAM (pass-through ranges may not touch it).
-    pub host_ram: PhysRange,
-    /// Where guest RAM may be (the page pool).
-    pub guest_ram: PhysRange,
-    /// Where QEMU stages guest images.
-    pub staging: PhysRange,
 }
 
 struct Inner<P: Backend> {
     platform: P,
     vmids: VmidAllocator,
     pool: PagePool,
-    layout: Layout,
     vms: Vec<Arc<Vm<P::S2>>>,
     next_id: u32,
     /// Destroyed VMs that had been stopped by the hypervisor (for [`VmManager::outcome`]).
@@ -123,13 +90,13 @@ pub struct VmManager<P: Backend> {
 
 impl<P: Backend> VmManager<P> {
     /// A manager with no VMs.
-    pub fn new(platform: P, vmid_bits: VmidBits, layout: Layout) -> Self {
+    /// Guest RAM is taken from `guest_ram`.
+    pub fn new(platform: P, vmid_bits: VmidBits, guest_ram: PhysRange) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 platform,
                 vmids: VmidAllocator::new(vmid_bits),
-                pool: PagePool::new(layout.guest_ram.base, layout.guest_ram.size),
-                layout,
+                pool: PagePool::new(guest_ram.base, guest_ram.size),
                 vms: Vec::new(),
                 next_id: 0,
                 destroyed_failed: 0,
@@ -139,7 +106,10 @@ impl<P: Backend> VmManager<P> {
     }
 
     /// Creates a VM: VMID, stage 2, RAM claimed and scrubbed, images copied in, vCPU 0
-    /// powered on at the entry point. VM ids count up from 0 in creation order.
+    /// powered on at the entry point. VM ids count up from 0 in creation order. `desc`
+    /// was checked by `crate::config::parse` (its images are staged, its pass-through
+    /// ranges clear of host RAM, its CPUs no other VM's); what can still fail is claiming
+    /// its RAM and building its stage 2.
     ///
     /// # Errors
     ///
@@ -147,32 +117,6 @@ impl<P: Backend> VmManager<P> {
     pub fn create(&self, desc: VmDesc) -> Result<Arc<Vm<P::S2>>, VmError> {
         let mut inner = self.inner.lock();
         let inner = &mut *inner;
-        for vm in &inner.vms {
-            if let Some(c) = vm.desc.cpus.iter().find(|c| desc.cpus.contains(c)) {
-                return Err(VmError::CpuBusy(*c));
-            }
-        }
-        for p in &desc.passthrough {
-            if inner
-                .layout
-                .host_ram
-                .overlaps(&PhysRange::new(p.pa, p.size))
-            {
-                return Err(VmError::PassthroughOverRam(*p));
-            }
-        }
-        for img in [Some(desc.kernel), desc.initrd, desc.dtb]
-            .into_iter()
-            .flatten()
-        {
-            if !inner
-                .layout
-                .staging
-                .contains(&PhysRange::new(img.pa, img.size))
-            {
-                return Err(VmError::ImageNotStaged(img));
-            }
-        }
         let vmid = inner.vmids.allocate().map_err(VmError::Vmid)?;
         let mut s2 = match inner.platform.new_stage2(vmid, desc.stage2) {
             Ok(s2) => s2,

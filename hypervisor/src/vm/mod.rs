@@ -17,7 +17,7 @@ pub mod vuart;
 #[cfg(test)]
 pub(crate) mod tests;
 
-pub use manager::{Backend, Layout, VmError, VmManager};
+pub use manager::{Backend, VmError, VmManager};
 pub use stage2::{MmuStage2, S2Kind, Stage2Config, Stage2Table, IPA_BITS};
 
 use core::fmt;

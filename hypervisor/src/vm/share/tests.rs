@@ -7,7 +7,7 @@ use super::page_state::PageState;
 use super::*;
 use crate::config::{GuestRegion, Stage2Mappings};
 use crate::mem::PAGE_SIZE;
-use crate::vm::tests::{desc, MmuFake, MmuS2, LAYOUT};
+use crate::vm::tests::{desc, MmuFake, MmuS2, GUEST_RAM};
 use crate::vm::vmid::VmidBits;
 use crate::vm::{Vm, IPA_BITS};
 use crate::vm::{VmManager, VmStatus};
@@ -38,7 +38,7 @@ fn manager(frames: &'static HeapFrames) -> M {
             frames,
         },
         VmidBits::Eight,
-        LAYOUT,
+        GUEST_RAM,
     )
 }
 
