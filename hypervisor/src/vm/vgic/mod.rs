@@ -56,6 +56,10 @@
 pub mod dist;
 mod irq;
 pub mod lr;
+#[cfg(test)]
+mod model;
+#[cfg(test)]
+mod proptests;
 pub mod redist;
 mod regs;
 pub mod sgi;
