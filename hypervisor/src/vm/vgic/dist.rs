@@ -1,10 +1,10 @@
 //! The emulated distributor: the `GICD_*` registers of one 64 KiB frame at the VM's
-//! distributor IPA (IHI 0069 §12.8, §12.9).
+//! distributor IPA (IHI 0069 chapter 12, the distributor register map and descriptions).
 //!
 //! With affinity routing always on, the registers for INTIDs 0-31 are in the
 //! redistributors and read as zero here, `GICD_ITARGETSR`, `GICD_SGIR`, `GICD_CPENDSGIR`
-//! and `GICD_SPENDSGIR` read as zero and ignore writes (IHI 0069 §12.9, "affinity routing
-//! enabled"), and so do `GICD_IGRPMODR` and `GICD_NSACR` with one Security state.
+//! and `GICD_SPENDSGIR` read as zero and ignore writes (IHI 0069 chapter 12, each register's
+//! description with affinity routing enabled), and so do `GICD_IGRPMODR` and `GICD_NSACR` with one Security state.
 
 use super::regs::{self, BitReg, Sizes};
 use super::{
@@ -128,7 +128,7 @@ impl Vgic {
 
     /// `GICD_TYPER`: ITLinesNumber \[4:0\] for the VM's own SPIs, CPUNumber \[7:5\]
     /// (vCPUs - 1, at most 7), no LPIs, no MBIS, no Security extension, IDbits = 9, A3V
-    /// and RSS (IHI 0069 §12.9.38).
+    /// and RSS (IHI 0069, `GICD_TYPER`).
     #[must_use]
     pub fn gicd_typer(&self) -> u32 {
         let lines = (self.intid_limit() / 32).saturating_sub(1) & 0x1f;

@@ -1,6 +1,6 @@
 //! The state of one virtual interrupt, shared by SGIs, PPIs and SPIs.
 
-/// One virtual interrupt's state (IHI 0069 §4.1.2, "interrupt states"; §4.3 for the
+/// One virtual interrupt's state (IHI 0069 chapter 4, the interrupt states and the
 /// pending state of level-sensitive and edge-triggered interrupts).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Irq {

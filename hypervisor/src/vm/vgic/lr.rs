@@ -1,7 +1,7 @@
 //! List registers: the `ICH_LR<n>_EL2` encoding, and filling them from the model before
 //! a VM entry ([`Vgic::flush`]) and folding them back after an exit ([`Vgic::sync`]).
 //!
-//! Layout of `ICH_LR<n>_EL2` (DDI 0487, `ICH_LR<n>_EL2`; IHI 0069 §12.4.6): vINTID
+//! Layout of `ICH_LR<n>_EL2` (DDI 0487 and IHI 0069, `ICH_LR<n>_EL2`): vINTID
 //! \[31:0\], pINTID \[44:32\] when HW = 1 (physical SPIs and PPIs need bits \[41:32\] only);
 //! when HW = 0 bit 41 is EOI (maintenance interrupt on deactivation); Priority
 //! \[55:48\] (the unimplemented low bits are ignored); Group \[60\]; HW \[61\]; State

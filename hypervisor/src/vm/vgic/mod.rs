@@ -9,16 +9,16 @@
 //! and, for the `ICH_*`/`ICC_*` system registers, to the Arm ARM (DDI 0487).
 //!
 //! - **What a guest sees.** A GICv3 with one Security state (`GICD_CTLR.DS` = 1), affinity
-//!   routing always on (`ARE` reads 1, writes ignored), no LPIs and no ITS (IHI 0069 §12.9,
-//!   §12.11). `GICD_TYPER.ITLinesNumber` covers the VM's own SPIs only. The
+//!   routing always on (`ARE` reads 1, writes ignored), no LPIs and no ITS (IHI 0069 chapter 12,
+//!   `GICD_CTLR`, `GICD_TYPER`). `GICD_TYPER.ITLinesNumber` covers the VM's own SPIs only. The
 //!   distributor frame is 64 KiB ([`dist`]); each vCPU has a redistributor of two 64 KiB
-//!   frames, `RD_base` and `SGI_base` ([`redist`], IHI 0069 §12.10). Registers a guest
+//!   frames, `RD_base` and `SGI_base` ([`redist`], IHI 0069 chapter 12, redistributor map). Registers a guest
 //!   does not need read as zero and ignore writes; accesses of a size or alignment the
 //!   architecture does not allow are reported as [`MmioError`] for the caller's policy.
 //! - **State.** Every interrupt has enable, pending (a latch plus, for level-sensitive
 //!   sources, the input level), active, group, priority and trigger state (IHI 0069
-//!   §4.1.2, §4.3). SGIs and PPIs (INTIDs 0-31) are per vCPU; SPIs are per VM and routed
-//!   by `GICD_IROUTER<n>` to the vCPU with that affinity (IHI 0069 §4.5, §12.9.22).
+//!   chapter 4). SGIs and PPIs (INTIDs 0-31) are per vCPU; SPIs are per VM and routed
+//!   by `GICD_IROUTER<n>` to the vCPU with that affinity (IHI 0069 chapter 2 and `GICD_IROUTER<n>`).
 //! - **Ownership.** An SPI exists only if the VM's description assigns it ([`SpiDesc`]):
 //!   either emulated by the hypervisor ([`SpiSource::Virtual`]) or a physical SPI
 //!   ([`SpiSource::Hardware`]). Every other INTID reads as zero and ignores writes. Guest
@@ -26,15 +26,15 @@
 //!   through a [`PhysGic`]; nothing else a guest writes ever does.
 //! - **SGIs.** A trapped `ICC_SGI1R_EL1` (or `SGI0R`, `ASGI1R`) write is decoded
 //!   ([`sgi::SgiTarget`]) and makes the SGI pending on the targeted vCPUs of this VM
-//!   only; targets that do not exist are ignored (IHI 0069 §12.11.19 and DDI 0487
+//!   only; targets that do not exist are ignored (IHI 0069 and DDI 0487,
 //!   `ICC_SGI1R_EL1`).
 //! - **Delivery.** The guest receives interrupts through the list registers of the
-//!   virtual CPU interface (IHI 0069 §6). [`Vgic::flush`] fills them before a VM entry
+//!   virtual CPU interface (IHI 0069 chapter 6). [`Vgic::flush`] fills them before a VM entry
 //!   with active interrupts first, then the highest-priority pending ones, and asks for
 //!   a maintenance interrupt (`ICH_HCR_EL2.NPIE`/`UIE`) when more are pending than fit;
 //!   [`Vgic::sync`] folds the list registers read back after an exit into the model.
 //!   A physical interrupt is delivered with the HW bit and its physical INTID, so the
-//!   guest's deactivation deactivates it (IHI 0069 §6.2.1 "Hardware interrupts").
+//!   guest's deactivation deactivates it (IHI 0069 chapter 6, hardware interrupts).
 //!
 //! # Calling protocol
 //!
@@ -75,7 +75,7 @@ pub use lr::{Flush, LrState, LrValue};
 pub const SGI_COUNT: u32 = 16;
 /// Number of private interrupts per vCPU: SGIs and PPIs (INTIDs 0-31).
 pub const PRIVATE_COUNT: u32 = 32;
-/// The largest SPI INTID (1020-1023 are special, IHI 0069 §2.2.1).
+/// The largest SPI INTID (1020-1023 are special INTIDs, IHI 0069 chapter 2).
 pub const MAX_SPI_INTID: u32 = 1019;
 /// The most vCPUs a VM's virtual GIC supports (the width of [`VcpuMask`]).
 pub const MAX_VCPUS: usize = 64;
@@ -85,7 +85,7 @@ pub const PPI_VTIMER: u32 = 27;
 pub const PPI_PTIMER: u32 = 30;
 
 /// The affinity fields Aff3 \[39:32\], Aff2 \[23:16\], Aff1 \[15:8\] and Aff0 \[7:0\], as laid
-/// out both in `MPIDR_EL1` and in `GICD_IROUTER<n>` (IHI 0069 §12.9.22).
+/// out both in `MPIDR_EL1` and in `GICD_IROUTER<n>` (IHI 0069, `GICD_IROUTER<n>`).
 pub const AFFINITY_MASK: u64 = 0x0000_00ff_00ff_ffff;
 
 /// One vCPU as the virtual GIC sees it.
@@ -172,7 +172,7 @@ impl fmt::Display for ConfigError {
 pub enum MmioError {
     /// The offset is not a multiple of the access size.
     Misaligned,
-    /// An access size the register does not support (IHI 0069 §12.1.3: 32-bit for most
+    /// An access size the register does not support (IHI 0069 chapter 12, register access rules: 32-bit for most
     /// registers, 64-bit for 64-bit registers, bytes only for the byte-accessible ones).
     BadSize,
     /// The offset is outside the emulated frame.
@@ -391,7 +391,7 @@ struct Spi {
     source: Option<SpiSource>,
 }
 
-/// `GICD_CTLR.EnableGrp0`, bit 0 (with DS = 1, IHI 0069 §12.9.4).
+/// `GICD_CTLR.EnableGrp0`, bit 0 (with DS = 1, IHI 0069 `GICD_CTLR`).
 pub const CTLR_ENABLE_GRP0: u32 = 1 << 0;
 /// `GICD_CTLR.EnableGrp1`, bit 1 (the bit Linux writes as `EnableGrp1A`).
 pub const CTLR_ENABLE_GRP1: u32 = 1 << 1;
@@ -470,7 +470,7 @@ impl Vgic {
             }
             max = max.max(s.intid);
         }
-        // Whole blocks of 32 up to the last owned SPI (ITLinesNumber, IHI 0069 §12.9.38).
+        // Whole blocks of 32 up to the last owned SPI (`GICD_TYPER.ITLinesNumber`).
         let lines = (max + 1).div_ceil(32) * 32;
         let mut spis = Vec::new();
         spis.resize(
@@ -653,8 +653,10 @@ impl Vgic {
 
     /// The physical SPI `pintid` was taken at EL2 (acknowledged, priority dropped, still
     /// active in the physical GIC): makes the VM's SPI mapped to it pending. It reaches
-    /// the guest with the HW bit, and the guest's deactivation deactivates it. Returns
-    /// the vCPU to wake or kick, as [`Vgic::inject_spi`].
+    /// the guest with the HW bit, and the guest's deactivation deactivates it. While the
+    /// guest keeps it disabled it stays pending (and physically active), as on a real
+    /// GIC; clearing its pending state (`GICD_ICPENDR`) deactivates it. Returns the vCPU
+    /// to wake or kick, as [`Vgic::inject_spi`].
     ///
     /// # Errors
     ///

@@ -1,6 +1,6 @@
 //! The emulated redistributors: per vCPU an `RD_base` frame (control, identification,
 //! `GICR_WAKER`) and an `SGI_base` frame (the SGI and PPI registers), 64 KiB each, one
-//! vCPU after the other in the VM's redistributor region (IHI 0069 §12.10, §12.11).
+//! vCPU after the other in the VM's redistributor region (IHI 0069 chapter 12, redistributor map and descriptions).
 //! There are no LPIs and no virtual LPI frames.
 
 use super::regs::{self, BitReg, Sizes};
@@ -123,7 +123,7 @@ impl Reg {
                     high: offset == 0x000c,
                 },
                 GICR_WAKER => Self::Waker,
-                // PROPBASER, PENDBASER, INVLPIR, INVALLR (IHI 0069 §12.11).
+                // PROPBASER, PENDBASER, INVLPIR, INVALLR (IHI 0069 chapter 12).
                 0x0070..=0x007f | 0x00a0..=0x00a7 | 0x00b0..=0x00b7 => Self::Raz64,
                 _ => regs::id_register(offset).map_or(Self::Raz, Self::Id),
             },
@@ -146,9 +146,16 @@ impl Reg {
 }
 
 impl Vgic {
+    /// Size of the VM's redistributor region: one [`REDIST_STRIDE`] per vCPU. An access
+    /// past it is [`MmioError::OutOfRange`].
+    #[must_use]
+    pub fn redist_region_size(&self) -> u64 {
+        self.vcpus.len() as u64 * REDIST_STRIDE
+    }
+
     /// `GICR_TYPER` of `vcpu`'s redistributor: its virtual affinity, Processor_Number =
     /// its index, Last on the VM's last vCPU, no physical or virtual LPIs, 16 PPIs
-    /// (IHI 0069 §12.11.35). 0 for a vCPU that does not exist.
+    /// (IHI 0069, `GICR_TYPER`). 0 for a vCPU that does not exist.
     #[must_use]
     pub fn gicr_typer(&self, vcpu: usize) -> u64 {
         let Some(v) = self.vcpus.get(vcpu) else {

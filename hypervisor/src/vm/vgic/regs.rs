@@ -5,13 +5,13 @@
 use super::irq::Irq;
 use super::{MmioError, PhysAction, PhysGic, AFFINITY_MASK};
 
-/// `GICD_IROUTER<n>.Interrupt_Routing_Mode`, bit 31 (IHI 0069 §12.9.22).
+/// `GICD_IROUTER<n>.Interrupt_Routing_Mode`, bit 31 (IHI 0069, `GICD_IROUTER<n>`).
 pub(super) const IROUTER_IRM: u64 = 1 << 31;
 /// The writable bits of `GICD_IROUTER<n>`: Aff3..Aff0 and IRM.
 pub(super) const IROUTER_MASK: u64 = AFFINITY_MASK | IROUTER_IRM;
 
 /// `GICD_ICFGR`/`GICR_ICFGR1` value of sixteen edge-triggered interrupts (every odd bit,
-/// Int_config\[1\] = 1; IHI 0069 §12.9.9); `GICR_ICFGR0` always reads this (SGIs).
+/// Int_config\[1\] = 1; IHI 0069 `GICD_ICFGR<n>`); `GICR_ICFGR0` always reads this (SGIs).
 pub(super) const ICFGR_ALL_EDGE: u32 = 0xaaaa_aaaa;
 
 /// Which access sizes a register accepts.
@@ -52,7 +52,7 @@ pub(super) fn check(offset: u64, size: u8, frame: u64, sizes: Sizes) -> Result<(
 }
 
 /// A one-bit-per-interrupt register, by the offset of its block of 32 registers
-/// (the same offsets in `GICD_*` and in the `SGI_base` frame, IHI 0069 §12.9, §12.10).
+/// (the same offsets in `GICD_*` and in the `SGI_base` frame, IHI 0069 chapter 12).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum BitReg {
     /// `IGROUPR`: read/write, 1 = Group 1.
@@ -166,8 +166,8 @@ pub(super) const fn cfg_bits(irq: &Irq) -> u32 {
     }
 }
 
-/// Identification registers at the top of each 64 KiB frame (IHI 0069 §12.1.4,
-/// §12.9.27 `GICD_PIDR2`): Arm's JEP106 code (0x43B: continuation 4, identity 0x3B),
+/// Identification registers at the top of each 64 KiB frame (IHI 0069 chapter 12,
+/// `GICD_PIDR2`): Arm's JEP106 code (0x43B: continuation 4, identity 0x3B),
 /// ArchRev = 3 (GICv3), and the CoreSight component IDs.
 pub(super) const fn id_register(offset: u64) -> Option<u32> {
     Some(match offset {

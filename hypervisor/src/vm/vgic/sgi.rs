@@ -2,7 +2,7 @@
 //! making the SGI pending on the targeted vCPUs of the same VM.
 //!
 //! With `HCR_EL2.IMO`/`FMO` set, EL1 writes of these registers trap to EL2 (DDI 0487,
-//! `ICC_SGI1R_EL1` accessibility; IHI 0069 §12.11 for the field layout). A guest can
+//! `ICC_SGI1R_EL1` accessibility; IHI 0069 for the SGI generation rules). A guest can
 //! only ever reach its own vCPUs: targets are looked up among this VM's virtual
 //! affinities, and a target list naming affinities the VM does not have is ignored.
 

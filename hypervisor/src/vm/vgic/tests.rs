@@ -583,6 +583,11 @@ fn redistributor_addresses_decode() {
         }
     );
     assert_eq!(RedistAddr::decode(0x14).frame, Frame::RdBase);
+    let g = vgic(3);
+    assert_eq!(g.redist_region_size(), 3 * 0x2_0000);
+    let last = g.redist_region_size() - 4;
+    assert_eq!(g.redist_read(last, 4), Ok(0));
+    assert_eq!(g.redist_read(last + 4, 4), Err(MmioError::OutOfRange));
     assert_eq!(RedistAddr::decode(u64::MAX).vcpu, u64::MAX / REDIST_STRIDE);
 }
 
