@@ -8,6 +8,7 @@
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod hw;
 pub mod pool;
+pub mod vgic;
 
 use crate::psci::{PowerState, PsciVm};
 use crate::share;
