@@ -6,17 +6,18 @@
 //! hypervisor's own memory) and `console` (log lines and fault reports) beside them.
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
-// Only `linux::image` (used by the build tools) and the machine layer are public. On the
-// host the machine layer is not built, so what only it uses looks unused there: dead code
-// is found by the bare-metal build.
+// Public: what the build tools use (`config` to check the VM descriptions they write,
+// `mem::layout` for the memory map, `linux::image`) and the machine layer. On the host the
+// machine layer is not built, so what only it uses looks unused there: dead code is found
+// by the bare-metal build.
 #![cfg_attr(not(target_os = "none"), allow(dead_code, unused_imports))]
 
 extern crate alloc;
 
-mod config;
+pub mod config;
 mod console;
 pub mod linux;
-mod mem;
+pub mod mem;
 mod vcpu;
 mod vm;
 

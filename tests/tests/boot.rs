@@ -1,10 +1,10 @@
 //! The hypervisor boots at EL2 on QEMU `virt`, builds its own stage 1, brings every CPU
 //! online and powers off; its W^X is real; and the start-up checks stop bad boots loudly.
 
-use integration::{artifact, exit_status, Qemu, Run};
+use integration::{artifact, exit_status, Boot, Run};
 
-fn boot(cpu_model: &str, cpus: usize) -> Run {
-    let run = Qemu::new().cpu_model(cpu_model).cpus(cpus).run();
+fn boot(cpu_model: &str, cpus: u32) -> Run {
+    let run = Boot::new().cpu_model(cpu_model).cpus(cpus).run();
     run.assert_success();
     run.assert_lines_in_order(&[
         "twostage hypervisor starting",
@@ -77,7 +77,7 @@ fn announced_address(run: &Run, feature: &str) -> String {
 
 #[test]
 fn writing_own_text_faults() {
-    let run = Qemu::new()
+    let run = Boot::new()
         .cpus(2)
         .kernel(artifact("hypervisor-fault-write-text.bin"))
         .run();
@@ -98,7 +98,7 @@ fn writing_own_text_faults() {
 
 #[test]
 fn executing_own_data_faults() {
-    let run = Qemu::new()
+    let run = Boot::new()
         .cpus(2)
         .cpu_model("max")
         .kernel(artifact("hypervisor-fault-exec-data.bin"))
@@ -118,7 +118,7 @@ fn executing_own_data_faults() {
 
 #[test]
 fn panic_on_a_secondary_cpu_is_reported() {
-    let run = Qemu::new()
+    let run = Boot::new()
         .cpus(2)
         .kernel(artifact("hypervisor-fault-panic.bin"))
         .run();
@@ -138,7 +138,7 @@ fn panic_on_a_secondary_cpu_is_reported() {
 
 #[test]
 fn stack_overflow_hits_the_guard_page() {
-    let run = Qemu::new()
+    let run = Boot::new()
         .cpus(2)
         .kernel(artifact("hypervisor-fault-stack-overflow.bin"))
         .run();
@@ -154,7 +154,7 @@ fn stack_overflow_hits_the_guard_page() {
 
 #[test]
 fn refuses_to_run_below_el2() {
-    let run = Qemu::new().machine("virt,gic-version=3").run();
+    let run = Boot::new().without_el2().run();
     run.assert_status(exit_status::NOT_EL2);
     assert!(run.stderr.contains("not entered at EL2"), "{}", run.stderr);
 }
@@ -164,7 +164,7 @@ fn refuses_to_run_away_from_its_link_address() {
     // Load the image 2 MiB higher than linked and start the CPU there directly.
     let image = artifact("hypervisor.bin");
     let loader = format!("loader,file={},addr=0x40400000,cpu-num=0", image.display());
-    let run = Qemu::new()
+    let run = Boot::new()
         .no_kernel()
         .extra_args(["-device", &loader])
         .run();
@@ -180,7 +180,7 @@ fn refuses_to_run_away_from_its_link_address() {
 #[test]
 fn guest_entry_and_exit_round_trip() {
     for model in ["cortex-a57", "max"] {
-        let run = Qemu::new()
+        let run = Boot::new()
             .cpus(2)
             .cpu_model(model)
             .kernel(artifact("hypervisor-selftest-guest-entry.bin"))

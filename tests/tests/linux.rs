@@ -42,8 +42,14 @@ fn boot_linux(cpus: u32, cpu_model: &str) -> Boot {
         .arg(root.join("scripts/run"))
         .args(["--no-build", "--kernel", "out/linux/Image"])
         .args(["--initrd", "out/linux/initramfs.cpio"])
-        .args(["--cpus", &cpus.to_string(), "--mem", "256M"])
-        .env("LINUX_CPU", cpu_model)
+        .args([
+            "--cpus",
+            &cpus.to_string(),
+            "--mem",
+            "256M",
+            "--cpu",
+            cpu_model,
+        ])
         .current_dir(&root)
         .stdin(std::process::Stdio::null())
         .output()

@@ -1,62 +1,52 @@
 //! QEMU tests of the VM manager: test-guest VMs described in the host DTB
 //! (`docs/vms.md`), each printing PASS/FAIL lines through its virtual UART.
 //!
-//! They need `out/hypervisor.bin` and `out/test-guest.bin` (`scripts/build`, which
+//! They need `out/hypervisor.bin` and `out/test-guest.bin` (`cargo xtask build`, which
 //! `scripts/test` runs first).
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use integration::{artifact, exit_status, out_dir, Qemu, Run};
+use integration::{artifact, exit_status, root, AbortPolicy, Boot, Ram, Run, Staged, VmNode};
 
-const MACHINE: &str = "virt,virtualization=on,gic-version=3";
-const CPUS: usize = 4;
-const MEMORY: &str = "2G";
-/// Where QEMU stages the test guest (inside the staging range of docs/memory-map.md).
+const CPUS: u32 = 4;
+/// Where QEMU stages the test guest (the start of the staging range of
+/// docs/memory-map.md).
 const STAGED_AT: u64 = 0x7000_0000;
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-struct Guest {
-    node: &'static str,
-    name: &'static str,
-    cpus: &'static [u32],
-    ram_pa: u64,
-    arg: u64,
-    abort: &'static str,
+/// A test-guest VM called `name` on physical `cpus`, with the 2 MiB of RAM at `ram_pa` at
+/// IPA 0x4000_0000 where the guest is linked, its virtual UART, and `abort-policy` stop.
+fn guest(name: &str, cpus: &[u32], ram_pa: u64) -> VmNode {
+    let image = artifact("test-guest.bin");
+    let size = std::fs::metadata(&image)
+        .expect("guest image")
+        .len()
+        .div_ceil(4096)
+        * 4096;
+    let mut vm = VmNode::new(
+        name,
+        cpus,
+        Ram {
+            ipa: 0x4000_0000,
+            pa: ram_pa,
+            size: 0x20_0000,
+        },
+        Staged {
+            pa: STAGED_AT,
+            size,
+            ipa: 0x4000_0000,
+        },
+    );
+    vm.vuart = Some(0x0900_0000);
+    vm.abort_policy = Some(AbortPolicy::Stop);
+    vm
 }
 
-fn fragment(guests: &[Guest], image_size: u64) -> String {
-    let hi = |v: u64| v >> 32;
-    let lo = |v: u64| v & 0xffff_ffff;
-    let mut s = String::from("/ {\n    chosen {\n");
-    for g in guests {
-        let cpus: Vec<String> = g.cpus.iter().map(|c| format!("{c:#x}")).collect();
-        s += &format!(
-            "        {node} {{
-            compatible = \"twostage,vm\";
-            vm-name = \"{name}\";
-            cpus = <{cpus}>;
-            memory = <0x0 0x40000000  {:#x} {:#x}  0x0 0x200000>;
-            kernel = <{:#x} {:#x}  0x0 {image_size:#x}>;
-            kernel-ipa = <0x0 0x40000000>;
-            vuart = <0x0 0x09000000>;
-            arg = <{:#x} {:#x}>;
-            abort-policy = \"{abort}\";
-        }};\n",
-            hi(g.ram_pa),
-            lo(g.ram_pa),
-            hi(STAGED_AT),
-            lo(STAGED_AT),
-            hi(g.arg),
-            lo(g.arg),
-            node = g.node,
-            name = g.name,
-            cpus = cpus.join(" "),
-            abort = g.abort,
-        );
-    }
-    s + "    };\n};\n"
+/// `vm` with test-guest `arg`.
+fn with_arg(mut vm: VmNode, arg: u64) -> VmNode {
+    vm.arg = Some(arg);
+    vm
 }
 
 /// The text each VM printed through its virtual UART.
@@ -126,70 +116,22 @@ fn assert_all_destroyed_without_leak(run: &Run, vms: &[&str]) {
     assert!(last.contains("VMIDs in use 0"), "{last}");
 }
 
-/// Builds the host DTB with `guests` (scripts/mkdtb) and boots the hypervisor with it and
-/// the staged test guest on CPU model `cpu`.
-fn run(test: &str, cpu: &str, guests: &[Guest]) -> Run {
-    let image = artifact("test-guest.bin");
-    let size = std::fs::metadata(&image)
-        .expect("guest image")
-        .len()
-        .div_ceil(4096)
-        * 4096;
-    run_description(test, cpu, &fragment(guests, size))
-}
-
-/// Boots the hypervisor with the VM description `description` (a DT fragment) and the
-/// test guest staged at [`STAGED_AT`].
-fn run_description(test: &str, cpu: &str, description: &str) -> Run {
-    let image = artifact("test-guest.bin");
-    let hv = artifact("hypervisor.bin");
-    let dir = out_dir().join("tests").join(test);
-    std::fs::create_dir_all(&dir).expect("test dir");
-    let frag = dir.join("vms.dts");
-    std::fs::write(&frag, description).expect("fragment");
-    let dtb = dir.join("host.dtb");
-    let mkdtb = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/mkdtb");
-    let cpus = CPUS.to_string();
-    let st = Command::new(mkdtb)
-        .arg(&dtb)
-        .arg(&frag)
-        .args([
-            "--", "-machine", MACHINE, "-cpu", cpu, "-smp", &cpus, "-m", MEMORY,
-        ])
-        .status()
-        .expect("scripts/mkdtb");
-    assert!(st.success(), "scripts/mkdtb failed");
-    let loader = format!(
-        "loader,file={},addr={STAGED_AT:#x},force-raw=on",
-        image.display()
-    );
-    let run = Qemu::new()
-        .machine(MACHINE)
+/// Boots the hypervisor with the VMs `vms` and the VM nodes of the `.dts` `fragments`
+/// on a 4-CPU `cpu` machine, with the test guest staged at [`STAGED_AT`].
+fn run(test: &str, cpu: &str, vms: &[VmNode], fragments: &[&Path]) -> Run {
+    let r = Boot::new()
         .cpu_model(cpu)
         .cpus(CPUS)
-        .memory(MEMORY)
-        .kernel(hv)
-        .extra_args([
-            "-dtb".to_owned(),
-            dtb.display().to_string(),
-            "-device".to_owned(),
-            loader,
-        ])
+        .load(artifact("test-guest.bin"), STAGED_AT)
+        .with_vms(test, vms, fragments)
         .timeout(TIMEOUT)
         .run();
-    std::fs::write(dir.join("console.log"), &run.stdout).expect("log");
-    run
-}
-
-fn guest(node: &'static str, name: &'static str, cpus: &'static [u32], ram_pa: u64) -> Guest {
-    Guest {
-        node,
-        name,
-        cpus,
-        ram_pa,
-        arg: 0,
-        abort: "stop",
-    }
+    let log = integration::out_dir()
+        .join("tests")
+        .join(test)
+        .join("console.log");
+    std::fs::write(log, &r.stdout).expect("log");
+    r
 }
 
 /// Two test guests at once on CPUs 1 and 2 of a `cpu` machine, each in its own RAM at
@@ -200,15 +142,10 @@ fn two_vms(cpu: &str, vmid_bits: u32) {
         cpu,
         &[
             // Both linger for three seconds, so that their runs overlap.
-            Guest {
-                arg: 4,
-                ..guest("vm-a", "alpha", &[1], 0x5000_0000)
-            },
-            Guest {
-                arg: 4,
-                ..guest("vm-b", "beta", &[2], 0x5020_0000)
-            },
+            with_arg(guest("alpha", &[1], 0x5000_0000), 4),
+            with_arg(guest("beta", &[2], 0x5020_0000), 4),
         ],
+        &[],
     );
     r.assert_success();
     r.assert_lines_in_order(&[&format!("{vmid_bits}-bit VMIDs")]);
@@ -250,22 +187,17 @@ fn unmapped_ipa_stops_or_aborts_only_that_vm() {
         "cortex-a57",
         &[
             // Reads the hypervisor's image (its PA used as an IPA): stopped by the hypervisor.
-            Guest {
-                arg: 0x4020_0000 | 1,
-                ..guest("vm-a", "alpha", &[1], 0x5000_0000)
-            },
+            with_arg(guest("alpha", &[1], 0x5000_0000), 0x4020_0000 | 1),
             // Reads alpha's RAM (its PA used as an IPA), gets an injected abort and carries on.
-            Guest {
-                arg: 0x5000_0000 | 1,
-                abort: "inject",
-                ..guest("vm-b", "beta", &[2], 0x5020_0000)
+            {
+                let mut vm = with_arg(guest("beta", &[2], 0x5020_0000), 0x5000_0000 | 1);
+                vm.abort_policy = Some(AbortPolicy::Inject);
+                vm
             },
             // Does not touch it and runs on for three seconds after the others.
-            Guest {
-                arg: 4,
-                ..guest("vm-c", "gamma", &[3], 0x5040_0000)
-            },
+            with_arg(guest("gamma", &[3], 0x5040_0000), 4),
         ],
+        &[],
     );
     r.assert_status(exit_status::VM_FAILED);
     // alpha is stopped at the read, with a line naming VM, IPA, access and ESR; gamma
@@ -294,10 +226,8 @@ fn second_vcpu_starts_with_psci_cpu_on() {
     let r = run(
         "cpu-on",
         "cortex-a57",
-        &[Guest {
-            arg: 2,
-            ..guest("vm-a", "duo", &[1, 2], 0x5000_0000)
-        }],
+        &[with_arg(guest("duo", &[1, 2], 0x5000_0000), 2)],
+        &[],
     );
     r.assert_success();
     r.assert_lines_in_order(&[
@@ -324,10 +254,8 @@ fn system_reset_restarts_the_vm_with_scrubbed_ram() {
     let r = run(
         "reset",
         "cortex-a57",
-        &[Guest {
-            arg: 8,
-            ..guest("vm-a", "solo", &[1], 0x5000_0000)
-        }],
+        &[with_arg(guest("solo", &[1], 0x5000_0000), 8)],
+        &[],
     );
     r.assert_success();
     // The first boot writes its RAM test pattern, then resets; the second boot finds that
@@ -348,26 +276,11 @@ fn system_reset_restarts_the_vm_with_scrubbed_ram() {
     assert_all_destroyed_without_leak(&r, &["solo"]);
 }
 
-/// The `kernel` size of the example descriptions: at least the test guest's raw image.
-const EXAMPLE_KERNEL_SIZE: u64 = 0x30000;
-
-/// Runs the example description `docs/examples/<name>.dts` on CPU model `cpu`.
+/// Runs the example description `docs/examples/<name>.dts` on CPU model `cpu` (the
+/// xtask refuses it if its `kernel` size no longer covers the test guest).
 fn run_example(test: &str, name: &str, cpu: &str) -> Run {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../docs/examples")
-        .join(format!("{name}.dts"));
-    let text = std::fs::read_to_string(&path).expect("example description");
-    let image = artifact("test-guest.bin");
-    let size = std::fs::metadata(&image).expect("guest image").len();
-    assert!(
-        size <= EXAMPLE_KERNEL_SIZE
-            && text.contains(&format!(
-                "0x0 {STAGED_AT:#x}  0x0 {EXAMPLE_KERNEL_SIZE:#x}>"
-            )),
-        "the kernel size of {} no longer covers the test guest",
-        path.display()
-    );
-    run_description(test, cpu, &text)
+    let path = root().join("docs/examples").join(format!("{name}.dts"));
+    run(test, cpu, &[], &[&path])
 }
 
 #[test]
@@ -382,24 +295,15 @@ fn example_description_runs() {
 
 #[test]
 fn invalid_description_stops_at_start_up_with_a_message() {
-    let image = artifact("test-guest.bin");
-    let size = std::fs::metadata(&image)
-        .expect("guest image")
-        .len()
-        .div_ceil(4096)
-        * 4096;
     // Both VMs want physical CPU 1.
-    let text = fragment(
-        &[
-            guest("vm-a", "alpha", &[1], 0x5000_0000),
-            guest("vm-b", "beta", &[1], 0x5020_0000),
-        ],
-        size,
-    );
-    let r = run_description("invalid", "cortex-a57", &text);
+    let vms = [
+        guest("alpha", &[1], 0x5000_0000),
+        guest("beta", &[1], 0x5020_0000),
+    ];
+    let r = run("invalid", "cortex-a57", &vms, &[]);
     r.assert_status(exit_status::STARTUP);
     r.assert_lines_in_order(&[
-        "fatal: VM description: VM node /chosen/vm-b: a physical CPU is given to two VMs",
+        "fatal: VM description: VM node /chosen/vm-beta: a physical CPU is given to two VMs",
     ]);
     r.assert_no_line("VM alpha created");
 }

@@ -1,0 +1,394 @@
+//! `cargo xtask bench`: benchmarks that write their section of docs/BENCHMARKS.md.
+
+use std::fmt::Write as _;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use xtask::artifacts::{self, root, Artifact};
+use xtask::linux::KernelGuest;
+use xtask::process::{run_captured, Run};
+use xtask::qemu::{Machine, Qemu};
+use xtask::size::Size;
+use xtask::vm::{AbortPolicy, Stage2Mappings};
+
+/// Options of `cargo xtask bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    which: Which,
+    /// Print the results, leave docs/BENCHMARKS.md alone.
+    #[arg(long, global = true)]
+    no_write: bool,
+}
+
+#[derive(Subcommand)]
+enum Which {
+    /// mmu against aarch64-paging and page_table_multiarch (scripts/bench, 10-20 minutes).
+    Mmu,
+    /// The Debian kernel's boot to userspace on bare QEMU and under the hypervisor, side
+    /// by side (about 2 minutes).
+    Linux {
+        /// Boots of each kind (interleaved).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// vCPUs (the bare runs get as many CPUs).
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// Guest RAM (the bare runs get as much).
+        #[arg(long, default_value = "256M")]
+        mem: Size,
+    },
+    /// The guest-to-hypervisor call round trip, timed by the test guests (about 1 minute).
+    Hypercall {
+        /// Runs per CPU model.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+}
+
+/// The line the Linux initramfs prints first in userspace (scripts/fetch-linux).
+const MARKER: &str = "TWOSTAGE-LINUX-UP";
+const CPU: &str = "cortex-a57";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs the chosen benchmark.
+///
+/// # Errors
+///
+/// What failed.
+pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
+    match args.which {
+        Which::Mmu => {
+            let status = Command::new(root().join("scripts/bench"))
+                .status()
+                .map_err(|e| format!("cannot run scripts/bench: {e}"))?;
+            return Ok(if status.success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        Which::Linux { runs, cpus, mem } => linux(runs, cpus, mem, args.no_write)?,
+        Which::Hypercall { runs } => hypercall(runs, args.no_write)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The median (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn list(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|v| format!("{v:.0}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Output of a command (for the machine line), or `?`.
+fn output(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Where and when a benchmark ran.
+fn machine_lines(command: &str, load: &str) -> String {
+    let cpu = output("lscpu", &[])
+        .lines()
+        .find_map(|l| l.strip_prefix("Model name:").map(|m| m.trim().to_owned()))
+        .unwrap_or_else(|| "?".into());
+    let qemu = output(xtask::qemu::QEMU, &["--version"]);
+    format!(
+        "- Command: `{command}`\n- Machine: {cpu}, {} CPUs online, load average {load} when \
+         the runs started\n- QEMU: {}\n- Date: {}\n",
+        output("nproc", &[]),
+        qemu.lines().next().unwrap_or("?"),
+        output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+    )
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Replaces the section of docs/BENCHMARKS.md between `<!-- KEY: written by ...` and
+/// `<!-- KEY: end -->` with `text` (which carries both marker lines), or appends it.
+fn write_section(key: &str, text: &str) -> Result<(), String> {
+    let path = root().join("docs/BENCHMARKS.md");
+    let doc = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let begin = format!("<!-- {key}: written");
+    let end = format!("<!-- {key}: end -->");
+    let new = match (doc.find(&begin), doc.find(&end)) {
+        (Some(b), Some(e)) if b < e => {
+            let after = e + end.len();
+            format!("{}{}{}", &doc[..b], text.trim_end(), &doc[after..])
+        }
+        _ => format!("{}\n{}", doc.trim_end_matches('\n').to_owned() + "\n", text),
+    };
+    std::fs::write(&path, new).map_err(|e| format!("{}: {e}", path.display()))?;
+    eprintln!("xtask: wrote the {key} section of docs/BENCHMARKS.md");
+    Ok(())
+}
+
+/// Boots `qemu` and returns the milliseconds until the marker line, keeping the log in
+/// `out/bench/<name>.log`.
+fn time_to_marker(qemu: &Qemu, name: &str) -> Result<(f64, Run), String> {
+    let run = run_captured(qemu.command(), BOOT_TIMEOUT)?;
+    let log = artifacts::out_dir()
+        .join("bench")
+        .join(format!("{name}.log"));
+    std::fs::create_dir_all(log.parent().unwrap_or(&log))
+        .and_then(|()| std::fs::write(&log, &run.stdout))
+        .map_err(|e| format!("{}: {e}", log.display()))?;
+    let at = run
+        .time_of(MARKER)
+        .ok_or_else(|| format!("{name}: no {MARKER} line; see {}", log.display()))?;
+    Ok((at.as_secs_f64() * 1000.0, run))
+}
+
+/// The hypervisor's own clock (its log prefix, seconds) on the first line with `needle`.
+fn log_clock_ms(run: &Run, needle: &str) -> Option<f64> {
+    let line = run.stdout.lines().find(|l| l.contains(needle))?;
+    let secs: f64 = line
+        .strip_prefix('[')?
+        .split(']')
+        .next()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(secs * 1000.0)
+}
+
+fn linux(runs: usize, cpus: u32, mem: Size, no_write: bool) -> Result<(), String> {
+    let load = load_average();
+    crate::fetch_linux()?;
+    artifacts::build(&[Artifact::Hypervisor])?;
+    let dir = artifacts::out_dir().join("linux");
+    let (kernel, initrd) = (dir.join("Image"), dir.join("initramfs.cpio"));
+    let append = "console=ttyAMA0";
+    let bare_machine = |el2| Machine {
+        cpu: CPU.into(),
+        cpus,
+        memory: mem,
+        el2,
+        ..Machine::default()
+    };
+    let bare = |el2| {
+        Qemu::new(bare_machine(el2)).kernel(&kernel).extra([
+            "-initrd".to_owned(),
+            initrd.display().to_string(),
+            "-append".to_owned(),
+            append.to_owned(),
+        ])
+    };
+    let guest = |stage2| KernelGuest {
+        kernel: kernel.clone(),
+        initrd: Some(initrd.clone()),
+        append: append.into(),
+        cpus,
+        mem,
+        devices: Vec::new(),
+        abort_policy: AbortPolicy::Inject,
+        stage2,
+    };
+    let under = |stage2, name: &str| {
+        let machine = Machine {
+            cpu: CPU.into(),
+            cpus,
+            ..Machine::default()
+        };
+        xtask::kernel_guest(
+            Qemu::new(machine),
+            &guest(stage2),
+            &artifacts::out_dir().join("bench").join(name),
+        )
+    };
+    let hyp_pages = under(Stage2Mappings::Pages, "linux-pages")?;
+    let hyp_blocks = under(Stage2Mappings::Blocks, "linux-blocks")?;
+    let (mut b2, mut b1, mut hp, mut hb, mut setup) = (vec![], vec![], vec![], vec![], vec![]);
+    for i in 1..=runs {
+        b2.push(time_to_marker(&bare(true), "linux-bare")?.0);
+        b1.push(time_to_marker(&bare(false), "linux-bare-el1")?.0);
+        let (ms, run) = time_to_marker(&hyp_pages, "linux-hypervisor")?;
+        hp.push(ms);
+        setup.push(log_clock_ms(&run, "vCPU 0 starts").ok_or("no vCPU start line")?);
+        hb.push(time_to_marker(&hyp_blocks, "linux-hypervisor-blocks")?.0);
+        eprintln!(
+            "run {i}/{runs}: bare {:.0} ms, bare at EL1 {:.0} ms, hypervisor {:.0} ms (guest \
+             entered at {:.0} ms), hypervisor with stage-2 blocks {:.0} ms",
+            b2[i - 1],
+            b1[i - 1],
+            hp[i - 1],
+            setup[i - 1],
+            hb[i - 1]
+        );
+    }
+    let (m2, m1, mh, mb, ms) = (
+        median(&b2),
+        median(&b1),
+        median(&hp),
+        median(&hb),
+        median(&setup),
+    );
+    let (r2, r1) = (mh / m2, mh / m1);
+    let ratio = r2.max(r1);
+    let verdict = if ratio <= 1.10 { "meets" } else { "misses" };
+    println!(
+        "medians: bare {m2:.0} ms, bare at EL1 {m1:.0} ms, under the hypervisor {mh:.0} ms \
+         ({mb:.0} ms with stage-2 blocks); ratio {ratio:.3} ({verdict} the 1.10 goal)"
+    );
+    if no_write {
+        return Ok(());
+    }
+    let version = std::fs::read_to_string(dir.join("VERSION")).unwrap_or_default();
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "<!-- linux-boot: written by cargo xtask bench linux -->
+## Linux boot: bare QEMU against the hypervisor
+
+Wall time from starting QEMU to the initramfs's first userspace line (`{MARKER}`),
+Debian kernel {}, busybox initramfs, {cpus} CPUs, {mem} of guest RAM,
+QEMU `-cpu {CPU}` (TCG), {runs} runs of each, interleaved.
+
+- bare QEMU: the kernel is QEMU's `-kernel` on the same machine; it starts at EL2
+  and sets up KVM's hypervisor stub;
+- bare QEMU at EL1: the same without EL2 (`virtualization=off`): the kernel starts at
+  EL1 as in the VM, and QEMU emulates no stage 2;
+- under the hypervisor: QEMU's `-kernel` is the hypervisor, which boots the kernel at
+  EL1 in a VM (`stage2-mappings = \"pages\"`, GIC pass-through; docs/linux-guest.md);
+- the same VM with its RAM in 2 MiB blocks at stage 2 (`stage2-mappings = \"blocks\"`),
+  not part of the ratio: it shows what blocks cost under TCG.
+
+| | runs (ms) | median (ms) | hypervisor / this |
+|---|---|---|---|
+| bare QEMU | {} | {m2:.0} | {r2:.3} |
+| bare QEMU at EL1 | {} | {m1:.0} | {r1:.3} |
+| under the hypervisor | {} | {mh:.0} | |
+| of which: hypervisor start-up and VM creation, until the guest's first instruction | {} | {ms:.0} | |
+| under the hypervisor, stage-2 blocks | {} | {mb:.0} | |
+
+**Ratio of medians against the faster baseline: {ratio:.3}** (goal: at most 1.10; {verdict} it).
+
+The second part of the hypervisor's time is Linux itself running as a guest:
+{:.0} ms against {m2:.0} / {m1:.0} ms on bare QEMU (median of the runs less median of the
+set-up, so an estimate). The set-up is mostly creating the VM: the part of its {mem} of
+RAM that no image covers is scrubbed and cleaned to the point of coherency, and the
+kernel, the initramfs and the DTB are copied in from the staging range.
+
+{}<!-- linux-boot: end -->
+",
+        version.trim(),
+        list(&b2),
+        list(&b1),
+        list(&hp),
+        list(&setup),
+        list(&hb),
+        mh - ms,
+        machine_lines(
+            &format!("cargo xtask bench linux --runs {runs} --cpus {cpus} --mem {mem}"),
+            &load
+        ),
+    );
+    write_section("linux-boot", &s)
+}
+
+/// The `hypercall round trip: N ns` values a run printed (one per VM).
+fn round_trips(run: &Run) -> Vec<f64> {
+    run.stdout
+        .lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("hypercall round trip: ")? + "hypercall round trip: ".len()..];
+            rest.split(" ns").next()?.trim().parse().ok()
+        })
+        .collect()
+}
+
+fn hypercall(runs: usize, no_write: bool) -> Result<(), String> {
+    let load = load_average();
+    artifacts::build(&[Artifact::Hypervisor, Artifact::TestGuest])?;
+    let mut rows = String::new();
+    for cpu in ["cortex-a57", "max"] {
+        let machine = Machine {
+            cpu: cpu.into(),
+            cpus: 4,
+            ..Machine::default()
+        };
+        let dir = artifacts::out_dir()
+            .join("bench")
+            .join(format!("hypercall-{cpu}"));
+        let qemu = xtask::test_guests(Qemu::new(machine), &dir)?;
+        let mut ns = Vec::new();
+        for i in 1..=runs {
+            let run = run_captured(qemu.command(), Duration::from_secs(120))?;
+            let got = round_trips(&run);
+            if run.status != Some(0) || got.len() != 2 {
+                return Err(format!(
+                    "run {i} on {cpu}: expected success and 2 timings, got {:?} and {got:?}:\n{}",
+                    run.status, run.stdout
+                ));
+            }
+            ns.extend(got);
+        }
+        let m = median(&ns);
+        let fastest = ns.iter().copied().fold(f64::INFINITY, f64::min);
+        println!(
+            "{cpu}: median {m:.0} ns, fastest {fastest:.0} ns per round trip ({})",
+            list(&ns)
+        );
+        let _ = writeln!(rows, "| `{cpu}` | {} | {m:.0} | {fastest:.0} |", list(&ns));
+    }
+    if no_write {
+        return Ok(());
+    }
+    let text = format!(
+        "<!-- hypercall: written by cargo xtask bench hypercall -->
+## Hypercall round trip
+
+Time of one `HVC #0` from an EL1 guest to the hypervisor and back: `TWOSTAGE_VM_INFO`,
+which goes through the whole exit path (register save, ESR decode, SMCCC dispatch,
+register restore, `ERET`). Each of the two test-guest VMs of the default run
+(`scripts/run`, two VMs on two CPUs at once) times 1000 calls with the generic timer
+and prints the mean; the table has those means from {runs} runs per CPU model (two per run).
+This is QEMU TCG time: it shows the exit path's relative cost and its changes, not what
+hardware would take. The host's load shows as slow outliers (a VM's thread losing its
+host CPU during the loop), so the fastest mean is the better estimate of the exit path.
+
+| CPU model | means (ns) | median (ns) | fastest (ns) |
+|---|---|---|---|
+{rows}
+{}<!-- hypercall: end -->
+",
+        machine_lines(&format!("cargo xtask bench hypercall --runs {runs}"), &load)
+    );
+    write_section("hypercall", &text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert!((median(&[3.0, 1.0, 2.0]) - 2.0).abs() < 1e-9);
+        assert!((median(&[4.0, 1.0, 2.0, 3.0]) - 2.5).abs() < 1e-9);
+        assert!(median(&[]).is_nan());
+    }
+}

@@ -1,0 +1,382 @@
+//! `cargo xtask build | run | debug | test | bench | fetch-linux`: see `--help`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+
+use xtask::artifacts::{self, root, Artifact, TEST_VARIANTS};
+use xtask::linux::KernelGuest;
+use xtask::qemu::{Console, Load, Machine, Qemu};
+use xtask::size::Size;
+use xtask::vm::{AbortPolicy, Stage2Mappings};
+
+mod bench;
+mod test;
+
+/// Builds, runs, debugs, tests and benchmarks twostage, the AArch64 hypervisor, under
+/// QEMU `virt` (EL2, GIC).
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Builds the hypervisor and the EL1 test guest into out/.
+    Build {
+        /// Also the hypervisor's fault-injection and self-test builds the QEMU tests use.
+        #[arg(long)]
+        test_variants: bool,
+    },
+    /// Builds what the run needs and boots the hypervisor under QEMU.
+    ///
+    /// With no guest option: two EL1 test-guest VMs (docs/examples/two-test-guests.dts)
+    /// that run their checks and power off. The run ends by itself: exit status 0 after
+    /// PSCI SYSTEM_OFF, the hypervisor's failure status otherwise
+    /// (docs/architecture.md). Quit by hand with Ctrl-a x.
+    Run(RunArgs),
+    /// Like `run`, but QEMU waits halted for gdb-multiarch, which opens on the
+    /// hypervisor's symbols; the serial console goes to out/debug-serial.log.
+    Debug(RunArgs),
+    /// Runs every test: formatting and lints, host tests, the bare-metal builds, the
+    /// QEMU integration tests (including the Debian kernel guest).
+    Test(test::TestArgs),
+    /// Benchmarks; each writes its section of docs/BENCHMARKS.md.
+    Bench(bench::BenchArgs),
+    /// Fetches the Debian arm64 kernel and builds the initramfs images (out/linux/).
+    FetchLinux,
+}
+
+/// What to boot, the guest's size and the machine's.
+#[derive(Args, Clone, Debug)]
+#[command(group(ArgGroup::new("kernel_guest").args(["linux", "kernel"])))]
+#[command(group(ArgGroup::new("guests").args(["bare", "linux", "kernel", "vms", "image"])))]
+pub struct RunArgs {
+    /// The hypervisor with no VM: start-up, then power off.
+    #[arg(long, help_heading = "What to boot")]
+    bare: bool,
+    /// Debian's arm64 kernel with a busybox shell (downloaded on first use).
+    #[arg(long, help_heading = "What to boot")]
+    linux: bool,
+    /// A kernel of yours as the guest: an arm64 Image, or a raw binary.
+    #[arg(long, value_name = "IMAGE", help_heading = "What to boot")]
+    kernel: Option<PathBuf>,
+    /// The VMs of a description (docs/vms.md): a `/ { chosen { ... }; };` fragment.
+    #[arg(long, value_name = "FILE.dts", help_heading = "What to boot")]
+    vms: Option<PathBuf>,
+    /// With --vms: stage FILE at physical ADDR (a guest image the description names).
+    #[arg(
+        long = "load",
+        value_name = "FILE@ADDR",
+        requires = "vms",
+        help_heading = "What to boot"
+    )]
+    loads: Vec<String>,
+    /// Another hypervisor image, with no VM.
+    #[arg(long, value_name = "FILE", help_heading = "What to boot")]
+    image: Option<PathBuf>,
+
+    /// The guest's vCPUs [default: 1].
+    #[arg(long, requires = "kernel_guest", help_heading = "The kernel guest")]
+    cpus: Option<u32>,
+    /// The guest's RAM, at most 512M (docs/memory-map.md) [default: 256M].
+    #[arg(long, requires = "kernel_guest", help_heading = "The kernel guest")]
+    mem: Option<Size>,
+    /// Its initramfs [--linux: out/linux/initramfs-shell.cpio].
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "kernel_guest",
+        help_heading = "The kernel guest"
+    )]
+    initrd: Option<PathBuf>,
+    /// Its command line.
+    #[arg(
+        long,
+        value_name = "ARGS",
+        default_value = "console=ttyAMA0",
+        requires = "kernel_guest",
+        help_heading = "The kernel guest"
+    )]
+    append: String,
+    /// What an access to an IPA with nothing behind it does: an external abort injected
+    /// into the guest, or the VM stopped.
+    #[arg(
+        long,
+        value_enum,
+        default_value_t,
+        requires = "kernel_guest",
+        help_heading = "The kernel guest"
+    )]
+    abort_policy: AbortPolicy,
+    /// How stage 2 maps the guest's RAM; pages are faster under QEMU's TCG
+    /// (docs/linux-guest.md).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "pages",
+        requires = "kernel_guest",
+        help_heading = "The kernel guest"
+    )]
+    stage2: Stage2Mappings,
+    /// Pass a host device through to the guest, by its path in the machine's device
+    /// tree (repeatable), besides the console UART and the GIC it always gets.
+    #[arg(
+        long = "device",
+        value_name = "DT-PATH",
+        requires = "kernel_guest",
+        help_heading = "The kernel guest"
+    )]
+    devices: Vec<String>,
+
+    /// CPU model: cortex-a57, max, or a model with options (max,sme=off).
+    #[arg(long, default_value = "cortex-a57", help_heading = "The machine")]
+    cpu: String,
+    /// The machine's CPUs [default: 4; with a kernel guest, its vCPUs].
+    #[arg(long, help_heading = "The machine")]
+    machine_cpus: Option<u32>,
+    /// The machine's RAM.
+    #[arg(long, default_value = "2G", help_heading = "The machine")]
+    machine_mem: Size,
+    /// GIC version.
+    #[arg(long, value_enum, default_value = "3", help_heading = "The machine")]
+    gic_version: GicVersion,
+    /// More -machine options (repeatable), e.g. mte=on; the device tree describes them.
+    #[arg(long = "machine-opt", value_name = "OPT", help_heading = "The machine")]
+    machine_opts: Vec<String>,
+
+    /// Do not build first.
+    #[arg(long)]
+    no_build: bool,
+    /// More QEMU arguments; they reach the device tree too (e.g. -device ...).
+    #[arg(last = true, value_name = "QEMU-ARGS")]
+    qemu_args: Vec<String>,
+}
+
+/// The GIC QEMU models.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum GicVersion {
+    /// GICv2.
+    #[value(name = "2")]
+    V2,
+    /// GICv3.
+    #[value(name = "3")]
+    V3,
+}
+
+/// What a run boots.
+#[derive(Debug)]
+enum Guests {
+    None,
+    Default,
+    Image(PathBuf),
+    Description { dts: PathBuf, loads: Vec<Load> },
+    Kernel(KernelGuest),
+}
+
+/// A path the user gave, checked.
+fn user_file(path: &Path, what: &str) -> Result<PathBuf, String> {
+    if path.is_file() {
+        Ok(path.to_path_buf())
+    } else {
+        Err(format!("no {what} file '{}'", path.display()))
+    }
+}
+
+impl RunArgs {
+    fn guests(&self) -> Result<Guests, String> {
+        if self.bare {
+            return Ok(Guests::None);
+        }
+        if let Some(image) = &self.image {
+            return Ok(Guests::Image(user_file(image, "hypervisor image")?));
+        }
+        if let Some(dts) = &self.vms {
+            let loads = self
+                .loads
+                .iter()
+                .map(|l| Load::parse(l))
+                .collect::<Result<Vec<_>, _>>()?;
+            for l in &loads {
+                user_file(&l.file, "--load")?;
+            }
+            return Ok(Guests::Description {
+                dts: user_file(dts, "VM description")?,
+                loads,
+            });
+        }
+        let (kernel, initrd) = if self.linux {
+            let dir = artifacts::out_dir().join("linux");
+            (
+                dir.join("Image"),
+                Some(
+                    self.initrd
+                        .clone()
+                        .unwrap_or(dir.join("initramfs-shell.cpio")),
+                ),
+            )
+        } else if let Some(k) = &self.kernel {
+            (k.clone(), self.initrd.clone())
+        } else {
+            return Ok(Guests::Default);
+        };
+        Ok(Guests::Kernel(KernelGuest {
+            kernel,
+            initrd,
+            append: self.append.clone(),
+            cpus: self.cpus.unwrap_or(1),
+            mem: self.mem.unwrap_or(Size::mib(256)),
+            devices: self.devices.clone(),
+            abort_policy: self.abort_policy,
+            stage2: self.stage2,
+        }))
+    }
+
+    fn machine(&self, guests: &Guests) -> Machine {
+        let cpus = match guests {
+            Guests::Kernel(k) => self.machine_cpus.unwrap_or(k.cpus),
+            _ => self.machine_cpus.unwrap_or(4),
+        };
+        Machine {
+            cpu: self.cpu.clone(),
+            cpus,
+            memory: self.machine_mem,
+            gic_version: match self.gic_version {
+                GicVersion::V2 => 2,
+                GicVersion::V3 => 3,
+            },
+            el2: true,
+            options: self.machine_opts.clone(),
+        }
+    }
+
+    /// Builds what the run needs (unless --no-build) and writes its QEMU command line.
+    fn prepare(&self, console: Console) -> Result<Qemu, String> {
+        let guests = self.guests()?;
+        if self.linux {
+            fetch_linux()?;
+        }
+        if !self.no_build {
+            let needed: &[Artifact] = match guests {
+                Guests::Image(_) => &[],
+                Guests::None | Guests::Kernel(_) => &[Artifact::Hypervisor],
+                Guests::Default | Guests::Description { .. } => {
+                    &[Artifact::Hypervisor, Artifact::TestGuest]
+                }
+            };
+            artifacts::build(needed)?;
+        }
+        let base = Qemu::new(self.machine(&guests))
+            .console(console)
+            .extra(self.qemu_args.clone());
+        let hypervisor = || artifacts::existing(Artifact::Hypervisor.bin());
+        let dir = artifacts::out_dir().join("run");
+        Ok(match guests {
+            Guests::None => base.kernel(hypervisor()?),
+            Guests::Image(image) => base.kernel(image),
+            Guests::Default => xtask::test_guests(base, &dir)?,
+            Guests::Description { dts, loads } => {
+                let mut qemu = base.kernel(hypervisor()?);
+                qemu.loads = loads;
+                xtask::write_host_dtb(&mut qemu, &[], &[dts], &dir)?;
+                qemu
+            }
+            Guests::Kernel(guest) => xtask::kernel_guest(base, &guest, &dir)?,
+        })
+    }
+}
+
+/// Runs `scripts/fetch-linux` (downloads once, then only checks).
+fn fetch_linux() -> Result<(), String> {
+    let start = Instant::now();
+    let status = Command::new(root().join("scripts/fetch-linux"))
+        .status()
+        .map_err(|e| format!("cannot run scripts/fetch-linux: {e}"))?;
+    if !status.success() {
+        return Err("scripts/fetch-linux failed".into());
+    }
+    eprintln!(
+        "xtask: Debian kernel and initramfs ready ({:.1} s)",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn run(args: &RunArgs) -> Result<ExitCode, String> {
+    let qemu = args.prepare(Console::Interactive)?;
+    eprintln!("xtask: {qemu}");
+    let status = qemu
+        .command()
+        .status()
+        .map_err(|e| format!("cannot run QEMU ({e}): run scripts/setup"))?;
+    Ok(exit_code(status.code()))
+}
+
+fn debug(args: &RunArgs) -> Result<ExitCode, String> {
+    let serial = artifacts::out_dir().join("debug-serial.log");
+    let mut qemu = args.prepare(Console::File(serial.clone()))?;
+    qemu.gdb = true;
+    let elf = match &args.image {
+        Some(image) => image.with_extension("elf"),
+        None => Artifact::Hypervisor.elf(),
+    };
+    let status = Command::new(root().join("scripts/setup"))
+        .arg("gdb-multiarch")
+        .status()
+        .map_err(|e| format!("cannot run scripts/setup: {e}"))?;
+    if !status.success() {
+        return Err("scripts/setup gdb-multiarch failed".into());
+    }
+    let mut child = qemu
+        .command()
+        .spawn()
+        .map_err(|e| format!("cannot run QEMU ({e}): run scripts/setup"))?;
+    eprintln!(
+        "xtask: QEMU (pid {}) halted with a gdb server on :1234; serial in {}",
+        child.id(),
+        serial.display()
+    );
+    let status = Command::new("gdb-multiarch")
+        .arg("-q")
+        .arg(&elf)
+        .args(["-ex", "target remote localhost:1234"])
+        .args(["-ex", "break twostage_primary_main"])
+        .args(["-ex", "break twostage_el2_exception"])
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
+    status.map_err(|e| format!("cannot run gdb-multiarch: {e}"))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// QEMU's exit status as ours (a signal counts as failure).
+fn exit_code(code: Option<i32>) -> ExitCode {
+    code.and_then(|c| u8::try_from(c).ok())
+        .map_or(ExitCode::FAILURE, ExitCode::from)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Cmd::Build { test_variants } => {
+            let mut all = vec![Artifact::Hypervisor, Artifact::TestGuest];
+            if *test_variants {
+                all.extend(TEST_VARIANTS.map(Artifact::Variant));
+            }
+            artifacts::build(&all).map(|()| ExitCode::SUCCESS)
+        }
+        Cmd::Run(args) => run(args),
+        Cmd::Debug(args) => debug(args),
+        Cmd::Test(args) => test::run(args),
+        Cmd::Bench(args) => bench::run(args),
+        Cmd::FetchLinux => fetch_linux().map(|()| ExitCode::SUCCESS),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("xtask: {e}");
+        ExitCode::from(2)
+    })
+}

@@ -1,0 +1,263 @@
+//! VM descriptions as typed values, written as the `/chosen` nodes of `docs/vms.md`.
+
+use clap::ValueEnum;
+
+use crate::dt::Node;
+
+/// What a stage-2 abort the hypervisor cannot emulate does (`abort-policy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum AbortPolicy {
+    /// Inject a synchronous external abort, as KVM and Xen do for an access with
+    /// nothing behind it; a kernel's own fault handling takes it from there.
+    #[default]
+    Inject,
+    /// Stop the VM with a log line.
+    Stop,
+}
+
+/// How stage 2 maps a VM's RAM (`stage2-mappings`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Stage2Mappings {
+    /// 1 GiB and 2 MiB blocks where aligned: the right choice on hardware.
+    #[default]
+    Blocks,
+    /// 4 KiB pages only: faster under QEMU's TCG for a guest that invalidates its TLB by
+    /// address (`docs/linux-guest.md`).
+    Pages,
+}
+
+impl AbortPolicy {
+    /// The property value.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inject => "inject",
+            Self::Stop => "stop",
+        }
+    }
+}
+
+impl Stage2Mappings {
+    /// The property value.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Blocks => "blocks",
+            Self::Pages => "pages",
+        }
+    }
+}
+
+/// A range of guest RAM: IPA, backing PA, size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ram {
+    /// Guest-physical start.
+    pub ipa: u64,
+    /// Host-physical start.
+    pub pa: u64,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// A file QEMU stages for the hypervisor (`<pa size>`) and the IPA it is copied to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Staged {
+    /// Where QEMU's loader puts it.
+    pub pa: u64,
+    /// Its length.
+    pub size: u64,
+    /// Where the hypervisor copies it in the VM.
+    pub ipa: u64,
+}
+
+/// One VM (`compatible = "twostage,vm"`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmNode {
+    /// Node name under `/chosen`.
+    pub node: String,
+    /// `vm-name`.
+    pub name: String,
+    /// `cpus`: physical CPUs, vCPU *i* on `cpus[i]`.
+    pub cpus: Vec<u32>,
+    /// `memory`.
+    pub memory: Vec<Ram>,
+    /// `kernel` and `kernel-ipa`.
+    pub kernel: Staged,
+    /// `initrd` and `initrd-ipa`.
+    pub initrd: Option<Staged>,
+    /// `arg`: x0 of vCPU 0 when the VM gets no DTB.
+    pub arg: Option<u64>,
+    /// `bootargs`: the VM gets a generated DTB with this command line.
+    pub bootargs: Option<String>,
+    /// `vuart`: IPA of the emulated UART page.
+    pub vuart: Option<u64>,
+    /// `passthrough-devices`: host DT paths.
+    pub devices: Vec<String>,
+    /// `stage2-mappings` (the hypervisor's default when `None`).
+    pub stage2: Option<Stage2Mappings>,
+    /// `abort-policy` (the hypervisor's default when `None`).
+    pub abort_policy: Option<AbortPolicy>,
+}
+
+impl VmNode {
+    /// A VM called `name` (node `vm-<name>`) on `cpus`, with `memory`, booting `kernel`;
+    /// everything else unset.
+    #[must_use]
+    pub fn new(name: &str, cpus: &[u32], memory: Ram, kernel: Staged) -> Self {
+        Self {
+            node: format!("vm-{name}"),
+            name: name.into(),
+            cpus: cpus.to_vec(),
+            memory: vec![memory],
+            kernel,
+            initrd: None,
+            arg: None,
+            bootargs: None,
+            vuart: None,
+            devices: Vec::new(),
+            stage2: None,
+            abort_policy: None,
+        }
+    }
+
+    /// The device-tree node.
+    #[must_use]
+    pub fn to_node(&self) -> Node {
+        let mut n = Node::new(&self.node);
+        n.set_str("compatible", "twostage,vm")
+            .set_str("vm-name", &self.name)
+            .set_u32s("cpus", &self.cpus);
+        let ram: Vec<u64> = self
+            .memory
+            .iter()
+            .flat_map(|r| [r.ipa, r.pa, r.size])
+            .collect();
+        n.set_u64s("memory", &ram)
+            .set_u64s("kernel", &[self.kernel.pa, self.kernel.size])
+            .set_u64s("kernel-ipa", &[self.kernel.ipa]);
+        if let Some(initrd) = self.initrd {
+            n.set_u64s("initrd", &[initrd.pa, initrd.size])
+                .set_u64s("initrd-ipa", &[initrd.ipa]);
+        }
+        if let Some(arg) = self.arg {
+            n.set_u64s("arg", &[arg]);
+        }
+        if let Some(bootargs) = &self.bootargs {
+            n.set_str("bootargs", bootargs);
+        }
+        if let Some(vuart) = self.vuart {
+            n.set_u64s("vuart", &[vuart]);
+        }
+        if !self.devices.is_empty() {
+            n.set_strs("passthrough-devices", &self.devices);
+        }
+        if let Some(s) = self.stage2 {
+            n.set_str("stage2-mappings", s.as_str());
+        }
+        if let Some(p) = self.abort_policy {
+            n.set_str("abort-policy", p.as_str());
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dt::DeviceTree;
+
+    fn test_guest() -> VmNode {
+        let mut vm = VmNode::new(
+            "alpha",
+            &[1, 2],
+            Ram {
+                ipa: 0x4000_0000,
+                pa: 0x5000_0000,
+                size: 0x20_0000,
+            },
+            Staged {
+                pa: 0x7000_0000,
+                size: 0x3_0000,
+                ipa: 0x4000_0000,
+            },
+        );
+        vm.arg = Some(0x4020_0001);
+        vm.vuart = Some(0x900_0000);
+        vm.abort_policy = Some(AbortPolicy::Stop);
+        vm.stage2 = Some(Stage2Mappings::Pages);
+        vm
+    }
+
+    #[test]
+    fn properties_are_written_as_docs_vms_md_says() {
+        let n = test_guest().to_node();
+        assert_eq!(n.name, "vm-alpha");
+        assert_eq!(n.strs("compatible"), ["twostage,vm"]);
+        assert_eq!(n.prop("cpus"), Some(&[0, 0, 0, 1, 0, 0, 0, 2][..]));
+        let memory = n.prop("memory").expect("memory");
+        assert_eq!(memory.len(), 24);
+        assert_eq!(&memory[8..16], &0x5000_0000u64.to_be_bytes());
+        assert_eq!(n.prop("arg"), Some(&0x4020_0001u64.to_be_bytes()[..]));
+        assert_eq!(n.strs("abort-policy"), ["stop"]);
+        assert_eq!(n.strs("stage2-mappings"), ["pages"]);
+        assert_eq!(n.prop("initrd"), None);
+        assert_eq!(n.prop("passthrough-devices"), None);
+    }
+
+    /// What the hypervisor's own parser reads from a host DTB holding `vm` only.
+    fn parsed_by_the_hypervisor(vm: &VmNode) -> hypervisor::config::VmDesc {
+        let mut root = Node::new("");
+        root.set_u32s("#address-cells", &[2])
+            .set_u32s("#size-cells", &[2]);
+        root.child_mut("chosen").children.push(vm.to_node());
+        let mut blob = DeviceTree {
+            root,
+            reservations: Vec::new(),
+            boot_cpuid: 0,
+        }
+        .to_dtb()
+        .expect("writes");
+        let dt = hypervisor::config::HostDt::new(&mut blob).expect("a device tree");
+        let ranges = hypervisor::config::HostRanges {
+            ram: &[],
+            staging: hypervisor::mem::layout::STAGING,
+        };
+        let descs = hypervisor::config::parse(&dt, &ranges).expect("the hypervisor accepts it");
+        let [d] = &descs[..] else { panic!("{descs:?}") };
+        d.clone()
+    }
+
+    /// The hypervisor's own parser reads what the writer wrote, field for field.
+    #[test]
+    fn the_hypervisor_parses_the_written_node() {
+        let mut vm = test_guest();
+        vm.initrd = Some(Staged {
+            pa: 0x7100_0000,
+            size: 0x1234,
+            ipa: 0x4010_0000,
+        });
+        vm.bootargs = Some("console=ttyAMA0 quiet".into());
+        let d = parsed_by_the_hypervisor(&vm);
+        assert_eq!(d.name, "alpha");
+        assert_eq!(d.cpus, [1, 2]);
+        assert_eq!(d.ram_size(), 0x20_0000);
+        assert_eq!(d.memory[0].ipa, 0x4000_0000);
+        assert_eq!(d.memory[0].pa, 0x5000_0000);
+        assert_eq!(d.arg, 0x4020_0001);
+        assert_eq!(d.bootargs.as_deref(), Some("console=ttyAMA0 quiet"));
+        assert_eq!(d.abort, hypervisor::config::AbortPolicy::Stop);
+        assert_eq!(d.stage2, hypervisor::config::Stage2Mappings::Pages);
+        assert_eq!(d.vuart, Some(0x900_0000));
+        let initrd = d.initrd.expect("initrd");
+        assert_eq!(
+            (initrd.pa, initrd.size, initrd.ipa),
+            (0x7100_0000, 0x1234, 0x4010_0000)
+        );
+        let mut inject = test_guest();
+        inject.abort_policy = Some(AbortPolicy::Inject);
+        inject.stage2 = Some(Stage2Mappings::Blocks);
+        let d = parsed_by_the_hypervisor(&inject);
+        assert_eq!(d.abort, hypervisor::config::AbortPolicy::Inject);
+        assert_eq!(d.stage2, hypervisor::config::Stage2Mappings::Blocks);
+    }
+}
