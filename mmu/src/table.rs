@@ -653,7 +653,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         // Fast path: filling a run of level-3 entries of a table nobody walks yet.
         if !DRY && level == 3 && !live {
             if let Op::Map { delta, bits, .. } = cx.op {
-                let mut d = leaf_desc(3, base.wrapping_add(delta) + ((first as u64) << 12), bits);
+                // The output may lie below the input: only the sum wraps back into range.
+                let out = (base + ((first as u64) << 12)).wrapping_add(delta);
+                let mut d = leaf_desc(3, out, bits);
                 for i in first..=last {
                     // SAFETY: `tbl` is a fresh level-3 table frame of 512 entries.
                     unsafe { tbl.add(i).write(d) };
