@@ -28,13 +28,15 @@ pub struct CountingFrames {
     frames: FrameCount,
 }
 
-impl PhysToVirt for CountingFrames {
+// SAFETY: frames are heap allocations addressed by their host address.
+unsafe impl PhysToVirt for CountingFrames {
     fn phys_to_virt(&self, pa: u64) -> *mut u64 {
         pa as *mut u64
     }
 }
 
-impl FrameAllocator for CountingFrames {
+// SAFETY: `alloc_frame` hands out fresh zeroed, aligned heap frames, each once.
+unsafe impl FrameAllocator for CountingFrames {
     fn alloc_frame(&mut self) -> Option<u64> {
         self.frames.up();
         Some(alloc_frame().as_ptr() as u64)

@@ -11,7 +11,7 @@ use crate::desc::{self, is_table, level_shift, level_size};
 use crate::error::Error;
 use crate::frame::{FrameAllocator, FRAME_SIZE};
 use crate::regime::{Geometry, Regime};
-use crate::tlb::{TlbBatch, TlbMaintenance, TlbOp, DEFAULT_TLBI_THRESHOLD, MAX_TLBI_BATCH};
+use crate::tlb::{publish, TlbBatch, TlbMaintenance, DEFAULT_TLBI_THRESHOLD, MAX_TLBI_BATCH};
 
 const ENTRIES: usize = 512;
 
@@ -90,7 +90,21 @@ impl View {
     }
 }
 
-/// Entry `i` of the table that replaces block `block` with entries at `level`.
+/// Checks a table frame (run of `len` bytes) from the allocator: aligned to `len`
+/// (a power of two) and entirely below `1 << out_bits`, so that a table descriptor
+/// holds its address (bits \[47:12\]) and a walk of it takes no address-size fault
+/// (Arm ARM D8.2, "Output address size").
+#[inline(always)]
+fn check_frame(pa: u64, len: u64, out_bits: u8) -> Result<(), Error> {
+    let beyond = pa
+        .checked_add(len - 1)
+        .is_none_or(|last| last >> out_bits != 0);
+    if pa & (len - 1) != 0 || beyond {
+        return Err(Error::InvalidFrame { pa });
+    }
+    Ok(())
+}
+
 /// The entries `lo..hi` among `first..=last` of a table whose entry 0 starts at `base`
 /// (each entry spans `1 << shift` bytes) that lie entirely inside `[va, end)`: only the
 /// first and the last entry can be partly covered.
@@ -108,6 +122,7 @@ fn whole_entries(
     (lo, hi)
 }
 
+/// Entry `i` of the table that replaces block `block` with entries at `level`.
 #[inline(always)]
 fn split_entry(block: u64, level: u8, i: usize) -> u64 {
     let ty = if level == 3 {
@@ -157,7 +172,7 @@ pub struct PageTable<R: Regime, A: FrameAllocator, T: TlbMaintenance> {
     alloc: A,
     tlb: T,
     geo: Geometry,
-    /// `level_shift(geo.start_level)`, kept for the lookup path.
+    /// `level_shift(geo.start_level())`, kept for the lookup path.
     root_shift: u32,
     /// The last attributes encoded and their descriptor bits.
     encoded: Option<(Attributes, u64)>,
@@ -183,29 +198,22 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// if the root cannot be allocated.
     pub fn new(regime: R, mut alloc: A, tlb: T) -> Result<Self, Error> {
         let geo = regime.geometry()?;
-        // The walker relies on these; a `Regime` implemented outside the crate could
-        // claim anything.
-        let shape_ok = geo.start_level <= 2
-            && (25..=48).contains(&geo.input_bits)
-            && geo.root_tables.is_power_of_two()
-            && geo.root_tables <= 16
-            && u32::from(geo.input_bits) >= level_shift(geo.start_level)
-            && geo.root_entries() <= ENTRIES * usize::from(geo.root_tables);
-        if !shape_ok || regime.output_bits() > 48 {
+        let out_bits = regime.output_bits();
+        if !(32..=48).contains(&out_bits) {
             return Err(Error::InvalidConfig);
         }
-        let n = usize::from(geo.root_tables);
+        let n = usize::from(geo.root_tables());
         let root = alloc.alloc_contiguous(n).ok_or(Error::OutOfFrames)?;
-        if root % (n as u64 * FRAME_SIZE) != 0 {
+        if let Err(e) = check_frame(root, n as u64 * FRAME_SIZE, out_bits) {
             alloc.free_contiguous(root, n);
-            return Err(Error::InvalidConfig);
+            return Err(e);
         }
         Ok(PageTable {
             regime,
             alloc,
             tlb,
             geo,
-            root_shift: level_shift(geo.start_level),
+            root_shift: level_shift(geo.start_level()),
             encoded: None,
             root,
             frames: n,
@@ -250,8 +258,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         &mut self.tlb
     }
 
-    /// Sets how many per-address TLB invalidations one operation may issue before it
-    /// invalidates the whole regime (EL2: `TLBI ALLE2IS`; stage 2: `TLBI VMALLS12E1IS`
+    /// Sets how many per-address TLB invalidations one batch (see the
+    /// [crate documentation](crate): the end of an operation, or one table's
+    /// break-before-make changes) may issue before it invalidates the whole regime (EL2: `TLBI ALLE2IS`; stage 2: `TLBI VMALLS12E1IS`
     /// for the VMID; EL1&0: `TLBI ASIDE1IS`) instead. Clamped to 1..=[`MAX_TLBI_BATCH`].
     pub fn set_tlbi_threshold(&mut self, n: usize) {
         self.tlbi_threshold = n.clamp(1, MAX_TLBI_BATCH);
@@ -264,7 +273,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// page or a whole-regime invalidation, and the threshold of
     /// [`set_tlbi_threshold`](Self::set_tlbi_threshold) counts runs. Only turn it on
     /// when every PE that may use the table implements FEAT_TLBIRANGE
-    /// (`ID_AA64ISAR0_EL1.TLB` = 0b0010; `arch::has_tlbi_range` (feature `arm-el2`) reads it).
+    /// (`ID_AA64ISAR0_EL1.TLB` >= 0b0010, see [`tlbi_range_supported`](crate::tlbi_range_supported); `arch::has_tlbi_range` (feature `arm-el2`) reads it).
     pub fn set_tlbi_range(&mut self, on: bool) {
         self.tlbi_range = on;
     }
@@ -381,7 +390,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     }
 
     /// Sets the software bits of every mapping in `va .. va + size`; holes are
-    /// skipped. Issues no TLB invalidation (the hardware ignores these bits).
+    /// skipped. Changing only software bits needs no TLB invalidation (the hardware
+    /// ignores them), but a block straddling the range boundary is split first, with
+    /// break-before-make and its invalidation.
     ///
     /// # Errors
     /// [`Error::Misaligned`], [`Error::OutOfRange`], [`Error::OutOfFrames`] (a block
@@ -430,7 +441,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 }
                 // SAFETY: as above.
                 unsafe { tbl.add(idx).write_volatile(page) };
-                self.tlb.execute(&[TlbOp::DsbIshSt, TlbOp::Isb]);
+                publish(&mut self.tlb);
                 return Some(Ok(()));
             }
             if e & desc::VALID == 0 {
@@ -450,13 +461,13 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         let needed = (((shift - 12) / 9) as usize).min(3);
         let mut frames = [0u64; 3];
         for k in 0..needed {
-            match self.alloc.alloc_frame() {
-                Some(f) => frames[k] = f,
-                None => {
+            match self.new_frame() {
+                Ok(f) => frames[k] = f,
+                Err(e) => {
                     for &f in &frames[..k] {
                         self.alloc.free_frame(f);
                     }
-                    return Some(Err(Error::OutOfFrames));
+                    return Some(Err(e));
                 }
             }
         }
@@ -474,7 +485,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         // SAFETY: `tbl`/`idx` as in the loop above.
         unsafe { tbl.add(idx).write_volatile(d) };
         self.frames += needed;
-        self.tlb.execute(&[TlbOp::DsbIshSt, TlbOp::Isb]);
+        publish(&mut self.tlb);
         Some(Ok(()))
     }
 
@@ -507,17 +518,17 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             batch: TlbBatch::new(self.tlbi_threshold, self.tlbi_range),
         };
         let root = View::Real(self.ptr(self.root));
-        let start = self.geo.start_level;
+        let start = self.geo.start_level();
         self.visit::<true>(&mut cx, root, start, 0, va, end, true)?;
         for _ in 0..cx.frames_needed {
-            match self.alloc.alloc_frame() {
-                Some(pa) => self.push(&mut cx.reserve, pa),
-                None => {
+            match self.new_frame() {
+                Ok(pa) => self.push(&mut cx.reserve, pa),
+                Err(e) => {
                     while cx.reserve != 0 {
                         let pa = self.pop(&mut cx.reserve);
                         self.alloc.free_frame(pa);
                     }
-                    return Err(Error::OutOfFrames);
+                    return Err(e);
                 }
             }
         }
@@ -552,6 +563,18 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         }
         self.frames = self.frames + cx.taken - cx.freed;
         result
+    }
+
+    /// One frame from the allocator, checked by [`check_frame`] (and given back if
+    /// unusable).
+    #[inline]
+    fn new_frame(&mut self) -> Result<u64, Error> {
+        let pa = self.alloc.alloc_frame().ok_or(Error::OutOfFrames)?;
+        if let Err(e) = check_frame(pa, FRAME_SIZE, self.regime.output_bits()) {
+            self.alloc.free_frame(pa);
+            return Err(e);
+        }
+        Ok(pa)
     }
 
     #[inline(always)]
@@ -1175,7 +1198,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     #[must_use]
     #[inline]
     pub fn translate(&self, va: u64) -> Option<Translation> {
-        if va >> self.geo.input_bits != 0 {
+        if va >> self.geo.input_bits() != 0 {
             return None;
         }
         let mut shift = self.root_shift;
@@ -1211,7 +1234,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         if size > 0 {
             self.walk_table(
                 self.ptr(self.root),
-                self.geo.start_level,
+                self.geo.start_level(),
                 0,
                 va,
                 end,
@@ -1311,7 +1334,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> Drop for PageTable<R, A, T
         batch.invalidate_all();
         batch.sync(&self.regime, self.root, &mut self.tlb);
         let root = self.ptr(self.root);
-        let level = self.geo.start_level;
+        let level = self.geo.start_level();
         for j in 0..self.geo.root_entries() {
             // SAFETY: `root` is the root frame(s), `j` below the root entry count.
             let e = unsafe { root.add(j).read() };
@@ -1319,7 +1342,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> Drop for PageTable<R, A, T
                 self.free_subtree(e & desc::OA_MASK, level + 1);
             }
         }
-        let n = usize::from(self.geo.root_tables);
+        let n = usize::from(self.geo.root_tables());
         self.alloc.free_contiguous(self.root, n);
         self.frames -= n;
     }
@@ -1346,9 +1369,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> fmt::Display for PageTable
             "{} table root {:#x}: {}-bit input, start level {}, {} root table(s), {} frame(s)",
             R::NAME,
             self.root,
-            self.geo.input_bits,
-            self.geo.start_level,
-            self.geo.root_tables,
+            self.geo.input_bits(),
+            self.geo.start_level(),
+            self.geo.root_tables(),
             self.frames
         )?;
         let mut run: Option<(Mapping, u64)> = None;

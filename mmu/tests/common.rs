@@ -9,11 +9,13 @@ pub fn shift(level: u8) -> u32 {
     12 + 9 * (3 - u32::from(level))
 }
 
-/// Reads descriptor `i` of the table frame at `pa` (host heap frames: pa == address).
+/// Reads descriptor `i` of the table frame at `pa` (a `HeapFrames` frame).
 pub fn read(pa: u64, i: usize) -> u64 {
-    // SAFETY: test tables live in `HeapFrames`, whose physical address is the host
-    // address of a live 4 KiB frame (or of the concatenated root), and `i` is in range.
-    unsafe { (pa as *const u64).add(i).read_volatile() }
+    let p = mmu::testing::frame_ptr(pa);
+    assert!(!p.is_null(), "{pa:#x} is not a HeapFrames frame");
+    // SAFETY: `p` is the host address of the simulated frame (or concatenated root)
+    // at `pa`, which outlives the table, and `i` is in range.
+    unsafe { p.add(i).read_volatile() }
 }
 
 /// Raw walk of `va`: the descriptor that ends the walk and its level.
@@ -21,7 +23,7 @@ pub fn raw_lookup<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
     t: &PageTable<R, A, T>,
     va: u64,
 ) -> (u64, u8) {
-    raw_lookup_at(t.root_address(), t.geometry().start_level, va)
+    raw_lookup_at(t.root_address(), t.geometry().start_level(), va)
 }
 
 /// Raw walk of `va` from a root at `root` starting at `level`.
@@ -59,7 +61,7 @@ pub fn table_entries<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
     }
     rec(
         t.root_address(),
-        g.start_level,
+        g.start_level(),
         0,
         g.root_entries(),
         &mut out,

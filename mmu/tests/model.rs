@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use mmu::testing::{HeapFrames, RecordingTlb};
 use mmu::{
     Attributes, El1, El2, Error, MapFlags, MemoryType, PageTable, Permissions, Regime, Stage2,
-    SwBits, TlbOp,
+    SwBits, TlbContext, TlbOp,
 };
 use proptest::prelude::*;
 
@@ -197,10 +197,15 @@ fn segs_of(leaves: &[mmu::Mapping]) -> Vec<(u64, Seg)> {
 /// Which TLB operations belong to this table, and whether `op` covers `[va, va+size)`
 /// (leaf: last-level entries only; otherwise walk caches too).
 trait Tag: Regime {
-    fn ours(&self, op: &TlbOp, vttbr: u64) -> bool;
+    fn ours(&self, op: &TlbOp) -> bool;
+    /// The context every sequence of the table rooted at `root` must run in.
+    fn context(&self, root: u64) -> TlbContext {
+        let _ = root;
+        TlbContext::Current
+    }
 }
 impl Tag for El2 {
-    fn ours(&self, op: &TlbOp, _: u64) -> bool {
+    fn ours(&self, op: &TlbOp) -> bool {
         matches!(
             op,
             TlbOp::El2Va { .. } | TlbOp::El2Range { .. } | TlbOp::El2All
@@ -208,18 +213,24 @@ impl Tag for El2 {
     }
 }
 impl Tag for Stage2 {
-    fn ours(&self, op: &TlbOp, vttbr: u64) -> bool {
+    fn ours(&self, op: &TlbOp) -> bool {
         match *op {
-            TlbOp::Stage2Ipa { vmid, vttbr: v, .. }
-            | TlbOp::Stage2Range { vmid, vttbr: v, .. }
-            | TlbOp::Stage2All { vmid, vttbr: v }
-            | TlbOp::Stage2Stage1All { vmid, vttbr: v } => vmid == self.vmid() && v == vttbr,
+            TlbOp::Stage2Ipa { vmid, .. }
+            | TlbOp::Stage2Range { vmid, .. }
+            | TlbOp::Stage2All { vmid }
+            | TlbOp::Stage2Stage1All { vmid } => vmid == self.vmid(),
             _ => false,
+        }
+    }
+    fn context(&self, root: u64) -> TlbContext {
+        TlbContext::Stage2 {
+            vttbr: self.vttbr(root),
+            vtcr: self.vtcr().unwrap(),
         }
     }
 }
 impl Tag for El1 {
-    fn ours(&self, op: &TlbOp, _: u64) -> bool {
+    fn ours(&self, op: &TlbOp) -> bool {
         match *op {
             TlbOp::El1Va { asid, .. } | TlbOp::El1Range { asid, .. } | TlbOp::El1Asid { asid } => {
                 asid == self.asid()
@@ -394,12 +405,14 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
             .copied()
             .filter(|o| !o.is_barrier())
             .collect();
-        let vttbr = t.root_address() | u64::from(stage2_vmid(&ops)) << 48;
         for o in &ops {
-            assert!(
-                t.regime().ours(o, vttbr),
-                "foreign TLB op {o:?} after {op:?}"
-            );
+            assert!(t.regime().ours(o), "foreign TLB op {o:?} after {op:?}");
+        }
+        let want = t.regime().context(t.root_address());
+        for (seq, ctx) in seqs.iter().zip(t.tlb().contexts()) {
+            if seq.iter().any(|o| !o.is_barrier()) {
+                assert_eq!(*ctx, want, "context of {seq:?} after {op:?}");
+            }
         }
         // Every leaf that is not still present unchanged (ignoring software bits) was invalidated.
         let now: HashMap<(u64, u8), (u64, Attributes)> = after
@@ -488,18 +501,6 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
     assert_eq!(t.frames_in_use(), roots);
 }
 
-fn stage2_vmid(ops: &[TlbOp]) -> u16 {
-    ops.iter()
-        .find_map(|o| match *o {
-            TlbOp::Stage2Ipa { vmid, .. }
-            | TlbOp::Stage2Range { vmid, .. }
-            | TlbOp::Stage2All { vmid, .. }
-            | TlbOp::Stage2Stage1All { vmid, .. } => Some(vmid),
-            _ => None,
-        })
-        .unwrap_or(0)
-}
-
 fn el2_attrs() -> Vec<Attributes> {
     vec![
         Attributes::normal(Permissions::RW),
@@ -551,7 +552,7 @@ proptest! {
 
     #[test]
     fn stage2_matches_model(ops in prop::collection::vec(op(5), 1..14), vmid in 1u16..300, threshold in 1usize..64, ranges: bool) {
-        run(Stage2::new(vmid, 40), &s2_attrs(), &ops, threshold, ranges);
+        run(Stage2::new(vmid, 40).with_vmid16(true), &s2_attrs(), &ops, threshold, ranges);
     }
 
     #[test]
@@ -567,6 +568,6 @@ proptest! {
 
     #[test]
     fn el1_matches_model(ops in prop::collection::vec(op(5), 1..14), asid in 0u16..256, ranges: bool) {
-        run(El1::new(asid, 48), &el1_attrs(), &ops, 8, ranges);
+        run(El1::new(asid, 48).with_asid16(true), &el1_attrs(), &ops, 8, ranges);
     }
 }

@@ -12,7 +12,7 @@ use alloc::sync::Arc;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use mmu::arch::ArmTlb;
-use mmu::{FrameAllocator, PhysToVirt, TlbMaintenance, TlbOp};
+use mmu::{FrameAllocator, PhysToVirt};
 use spin::Once;
 
 use super::{
@@ -35,13 +35,16 @@ static FRAMES_BEFORE_VMS: AtomicUsize = AtomicUsize::new(0);
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HwFrames;
 
-impl PhysToVirt for HwFrames {
+// SAFETY: the frame pool is identity mapped read/write in the hypervisor's stage 1.
+unsafe impl PhysToVirt for HwFrames {
     fn phys_to_virt(&self, pa: u64) -> *mut u64 {
         pa as *mut u64
     }
 }
 
-impl FrameAllocator for HwFrames {
+// SAFETY: the pool hands out each 4 KiB frame once until it is freed; it is zeroed
+// before it is returned.
+unsafe impl FrameAllocator for HwFrames {
     fn alloc_frame(&mut self) -> Option<u64> {
         let pa = FRAMES.get()?.lock().alloc()?;
         // SAFETY: the pool just handed out this 4 KiB frame to us alone; it is
@@ -82,15 +85,14 @@ impl Hw {
 
 impl VmidFlush for Hw {
     fn flush_vmid(&mut self, vmid: Vmid) {
-        let vttbr = self.empty_root | (u64::from(vmid.get()) << 48);
-        let vmid = vmid.get();
-        // TLBI VMALLS12E1IS with the VMID current, then DSB ISH; ISB (Arm ARM D8.14).
-        ArmTlb.execute(&[
-            TlbOp::DsbIshSt,
-            TlbOp::Stage2All { vmid, vttbr },
-            TlbOp::DsbIsh,
-            TlbOp::Isb,
-        ]);
+        let regime = self.stage2_regime(vmid);
+        match regime.vtcr() {
+            // SAFETY: at EL2 with no vCPU of this VMID running; `empty_root` is an
+            // all-invalid stage-2 root (one table: IPA_BITS starts at level 1) that lives
+            // as long as `Hw`. TLBI VMALLS12E1IS with the VMID and its VTCR_EL2 current.
+            Ok(vtcr) => unsafe { mmu::arch::invalidate_vmid(vtcr, regime.vttbr(self.empty_root)) },
+            Err(e) => log::error!("VMID {}: {e}", vmid.get()),
+        }
     }
 }
 

@@ -891,7 +891,11 @@ pub(crate) mod tests {
             vmid: Vmid,
             mappings: Stage2Mappings,
         ) -> Result<MmuS2, mmu::Error> {
-            let regime = mmu::Stage2::new(vmid.get(), IPA_BITS).with_pa_bits(40);
+            // The VMID size is the machine's; 16 bits covers every VMID the manager
+            // hands out under either setting.
+            let regime = mmu::Stage2::new(vmid.get(), IPA_BITS)
+                .with_pa_bits(40)
+                .with_vmid16(true);
             MmuStage2::new(
                 regime,
                 self.frames,
