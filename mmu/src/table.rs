@@ -14,6 +14,10 @@ use crate::regime::{Geometry, Regime};
 use crate::tlb::{publish, TlbBatch, TlbMaintenance, DEFAULT_TLBI_THRESHOLD, MAX_TLBI_BATCH};
 
 const ENTRIES: usize = 512;
+/// Bytes of a level-2 block.
+const L2_BLOCK: u64 = level_size(2);
+/// Bytes of a level-1 block.
+const L1_BLOCK: u64 = level_size(1);
 
 /// Table addresses [`Ctx`] keeps on the stack before spilling them into a freed frame.
 const FREE_CHUNK: usize = 64;
@@ -344,8 +348,15 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         }
         let blocks = !flags.contains(MapFlags::NO_BLOCKS);
         let replace = flags.contains(MapFlags::REPLACE);
-        if size == FRAME_SIZE {
-            if let Some(result) = self.map_one(va, pa, bits, blocks, replace) {
+        // One entry: a page, or a block where blocks are allowed and fit.
+        let leaf = match size {
+            FRAME_SIZE => 3,
+            L2_BLOCK if blocks && (va | pa) % L2_BLOCK == 0 => 2,
+            L1_BLOCK if blocks && (va | pa) % L1_BLOCK == 0 && self.root_shift >= 30 => 1,
+            _ => 0,
+        };
+        if leaf != 0 {
+            if let Some(result) = self.map_entry(va, pa, bits, leaf, blocks, replace) {
                 return result;
             }
         }
@@ -405,27 +416,34 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         self.run(Op::SetSw { sw: sw.to_desc() }, va, end)
     }
 
-    /// Maps one page when that only means filling an invalid level-3 entry, creating
-    /// the missing tables below it; `None` when the general walker is needed (an
-    /// existing leaf on the path, or a level-3 table this page could make uniform).
+    /// Maps one leaf at `leaf` (3: a page, 2 or 1: a block) when that only means
+    /// filling an invalid entry, creating the missing tables above it; `None` when the
+    /// general walker is needed (an existing leaf on the path, or an entry that would
+    /// complete a table that could then be merged into a block).
     #[inline(always)]
-    fn map_one(
+    fn map_entry(
         &mut self,
         va: u64,
         pa: u64,
         bits: u64,
+        leaf: u8,
         blocks: bool,
         replace: bool,
     ) -> Option<Result<(), Error>> {
+        let leaf_shift = level_shift(leaf);
         let mut shift = self.root_shift;
         let mut tbl = self.ptr(self.root);
         let mut idx = (va >> shift) as usize;
-        let page = pa | bits | desc::TABLE_OR_PAGE;
+        // The entry pointing to `tbl` (null for the root, whose count is not kept).
+        let mut parent: *mut u64 = ptr::null_mut();
+        let new_leaf = leaf_desc(leaf, pa, bits);
+        // NO_BLOCKS pages pin their level-3 table (never merged).
+        let pin = if blocks || leaf != 3 { 0 } else { desc::PINNED };
         loop {
             // SAFETY: `tbl` is a table frame of this table and `idx` is within it
             // (root: `va` is below the input size; other levels: masked to 0..512).
             let e = unsafe { tbl.add(idx).read() };
-            if shift == 12 {
+            if shift == leaf_shift || e & desc::VALID == 0 {
                 if e != 0 {
                     return if replace {
                         None
@@ -433,32 +451,28 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         Some(Err(Error::AlreadyMapped { va }))
                     };
                 }
-                // With a valid neighbour this page might complete a uniform table:
-                // let the general walker decide about merging.
-                // SAFETY: as above, `idx ^ 1` is within the same table.
-                if blocks && unsafe { tbl.add(idx ^ 1).read() } & desc::VALID != 0 {
-                    return None;
-                }
-                // SAFETY: as above.
-                unsafe { tbl.add(idx).write_volatile(page) };
-                publish(&mut self.tlb);
-                return Some(Ok(()));
-            }
-            if e & desc::VALID == 0 {
                 break;
             }
             if e & 0b10 == 0 {
                 // A block on the way: the general walker handles conflicts and splits.
                 return None;
             }
+            parent = tbl.wrapping_add(idx);
             tbl = self.ptr(e & desc::OA_MASK);
             shift -= 9;
             idx = ((va >> shift) & 511) as usize;
         }
-        // Entry `idx` of `tbl` (above level 3) is invalid: build the missing tables
-        // off-line, then publish them with one write.
-        // At most 3 (start level 0); `min` lets the compiler drop the bounds checks.
-        let needed = (((shift - 12) / 9) as usize).min(3);
+        // Entry `idx` of `tbl` is invalid. The tables still missing between it and the
+        // leaf: at most 3 (start level 0); `min` lets the compiler drop bounds checks.
+        let needed = (((shift - leaf_shift) / 9) as usize).min(3);
+        if needed == 0 && !parent.is_null() {
+            // SAFETY: `parent` is the entry of this table that points to `tbl`.
+            let p = unsafe { parent.read() };
+            if blocks && desc::count(p) == ENTRIES as u32 - 1 {
+                // This leaf fills the table: the general walker may merge it.
+                return None;
+            }
+        }
         let mut frames = [0u64; 3];
         for k in 0..needed {
             match self.new_frame() {
@@ -471,27 +485,43 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 }
             }
         }
-        let mut d = page;
-        let mut s = 12;
+        // Build the missing tables off-line (one entry each), then publish them with
+        // one write.
+        let mut d = new_leaf;
+        let mut s = leaf_shift;
         for k in (0..needed).rev() {
             let i = ((va >> s) & 511) as usize;
             // SAFETY: `frames[k]` is a fresh zeroed frame nobody walks yet.
             unsafe { self.ptr(frames[k]).add(i).write(d) };
-            d = frames[k] | desc::TABLE_OR_PAGE;
+            let pinned = if k + 1 == needed { pin } else { 0 };
+            d = frames[k] | pinned | (1 << desc::COUNT_SHIFT) | desc::TABLE_OR_PAGE;
             s += 9;
         }
-        // Publish the new tables' contents before the pointer to them.
-        fence(Ordering::Release);
+        if needed > 0 {
+            // Publish the new tables' contents before the pointer to them.
+            fence(Ordering::Release);
+        }
         // SAFETY: `tbl`/`idx` as in the loop above.
         unsafe { tbl.add(idx).write_volatile(d) };
+        if !parent.is_null() {
+            // One more non-zero entry in `tbl` (and its pin, for a page written into an
+            // existing level-3 table): bits the hardware ignores.
+            let pinned = if needed == 0 { pin } else { 0 };
+            // SAFETY: `parent` is the entry of this table that points to `tbl`.
+            unsafe {
+                let p = parent.read();
+                parent.write_volatile((p + (1 << desc::COUNT_SHIFT)) | pinned);
+            }
+        }
         self.frames += needed;
         publish(&mut self.tlb);
         Some(Ok(()))
     }
 
-    /// Merges every table in `va .. va + size` that maps one aligned, contiguous range
-    /// with identical attributes into a block (1 GiB / 2 MiB), with break-before-make,
-    /// and frees the merged tables. `map` does this by itself; `protect` and
+    /// Merges every table whose whole span lies in `va .. va + size` and that maps one
+    /// aligned, contiguous range with identical attributes into a block (1 GiB /
+    /// 2 MiB), with break-before-make, and frees the merged tables. Tables holding
+    /// pages mapped with [`MapFlags::NO_BLOCKS`] are never merged. `map` does this by itself; `protect` and
     /// `set_sw_bits` never do, so call this after they made a range uniform again.
     ///
     /// # Errors
@@ -532,7 +562,10 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 }
             }
         }
-        let result = self.visit::<false>(&mut cx, root, start, 0, va, end, true);
+        // The root's count is not kept (it has no parent descriptor).
+        let result = self
+            .visit::<false>(&mut cx, root, start, 0, va, end, true)
+            .map(|_| ());
         debug_assert!(
             result.is_ok(),
             "apply pass failed after a successful dry pass"
@@ -657,7 +690,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         va: u64,
         end: u64,
         live: bool,
-    ) -> Result<(), Error> {
+    ) -> Result<i32, Error> {
         let shift = level_shift(level);
         let size = level_size(level);
         let first = ((va - base) >> shift) as usize;
@@ -667,10 +700,12 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             _ => ptr::null_mut(),
         };
         let mut bbm = false;
+        // Net change of the number of non-zero entries of this table.
+        let mut filled = 0i32;
 
         // A new level-3 table needs no frames and cannot conflict.
         if DRY && level == 3 && matches!(view, View::Empty) {
-            return Ok(());
+            return Ok(0);
         }
 
         // Fast path: filling a run of level-3 entries of a table nobody walks yet.
@@ -684,7 +719,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                     unsafe { tbl.add(i).write(d) };
                     d += FRAME_SIZE;
                 }
-                return Ok(());
+                // Entries filled in an empty table (`descend` knows a split table
+                // stays full under `map`).
+                return Ok((last + 1 - first) as i32);
             }
         }
 
@@ -726,16 +763,19 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         let i = $i;
                         let (eva, e, s, t, covered) = entry!(i);
                         if is_table(e, level) {
-                            self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                            filled += self
+                                .descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
                         } else if e != 0 && !replace {
                             return Err(Error::AlreadyMapped { va: s });
                         } else if leaves_here && covered {
                             if !DRY {
                                 let new = eva.wrapping_add(delta) | bits | ty;
-                                self.change(cx, tbl, i, e, new, level, eva, live, &mut bbm);
+                                filled +=
+                                    self.change(cx, tbl, i, e, new, level, eva, live, &mut bbm);
                             }
                         } else {
-                            self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                            filled += self
+                                .descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
                         }
                     }};
                 }
@@ -775,6 +815,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                                         tbl.add(i).write(d);
                                     }
                                 }
+                                filled += 1;
                             }
                             d = d.wrapping_add(size);
                         }
@@ -796,13 +837,15 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         } else if is_table(e, level) && covered {
                             if !DRY {
                                 self.detach(cx, tbl, i, e, level, eva, live);
+                                filled -= 1;
                             }
                         } else if covered {
                             if !DRY {
-                                self.change(cx, tbl, i, e, 0, level, eva, live, &mut bbm);
+                                filled += self.change(cx, tbl, i, e, 0, level, eva, live, &mut bbm);
                             }
                         } else {
-                            self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                            filled += self
+                                .descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
                         }
                     }};
                 }
@@ -831,6 +874,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                                 }
                                 // SAFETY: `tbl` is this table's frame, `j` within it.
                                 unsafe { tbl.add(j).write_volatile(0) };
+                                filled -= 1;
                                 if e & 0b10 != 0 {
                                     self.queue_free(cx, e & desc::OA_MASK);
                                 }
@@ -845,8 +889,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         let eva = base + ((i as u64) << shift);
                         if is_table(e, level) {
                             self.detach(cx, tbl, i, e, level, eva, live);
+                            filled -= 1;
                         } else {
-                            self.change(cx, tbl, i, e, 0, level, eva, live, &mut bbm);
+                            filled += self.change(cx, tbl, i, e, 0, level, eva, live, &mut bbm);
                         }
                     }
                     for i in hi.max(lo.min(last + 1))..=last {
@@ -856,12 +901,13 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             }
             Op::Coalesce => {
                 if DRY {
-                    return Ok(());
+                    return Ok(0);
                 }
                 for i in first..=last {
                     let (eva, e, s, t, _) = entry!(i);
                     if is_table(e, level) {
-                        self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                        filled +=
+                            self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
                     }
                 }
             }
@@ -879,17 +925,19 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         if e & desc::VALID == 0 {
                         } else if is_table(e, level) {
                             if !(DRY && covered) {
-                                self.descend::<DRY>(
+                                filled += self.descend::<DRY>(
                                     cx, view, i, e, level, eva, s, t, live, &mut bbm,
                                 )?;
                             }
                         } else if new == e {
                         } else if covered {
                             if !DRY {
-                                self.change(cx, tbl, i, e, new, level, eva, live, &mut bbm);
+                                filled +=
+                                    self.change(cx, tbl, i, e, new, level, eva, live, &mut bbm);
                             }
                         } else {
-                            self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                            filled += self
+                                .descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
                         }
                     }};
                 }
@@ -950,7 +998,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             }
             cx.batch.wrote();
         }
-        Ok(())
+        Ok(filled)
     }
 
     /// Handles entry `i` (descriptor `e`) of a table at `level` by working in the
@@ -970,7 +1018,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         t: u64,
         live: bool,
         bbm: &mut bool,
-    ) -> Result<(), Error> {
+    ) -> Result<i32, Error> {
         let cl = level + 1;
         if DRY {
             let child = if is_table(e, level) {
@@ -983,13 +1031,15 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                     View::Split { desc: e, level: cl }
                 }
             };
-            return self.visit::<true>(cx, child, cl, eva, s, t, false);
+            self.visit::<true>(cx, child, cl, eva, s, t, false)?;
+            return Ok(0);
         }
         let tbl = match view {
             View::Real(p) => p,
-            _ => return Ok(()),
+            _ => return Ok(0),
         };
-        let (child_pa, child_live) = if is_table(e, level) {
+        let was_table = is_table(e, level);
+        let (child_pa, child_live) = if was_table {
             (e & desc::OA_MASK, live)
         } else {
             let Some(pa) = self.take_frame(cx) else {
@@ -1005,42 +1055,62 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             (pa, false)
         };
         let cp = self.ptr(child_pa);
-        self.visit::<false>(cx, View::Real(cp), cl, eva, s, t, child_live)?;
+        let filled = self.visit::<false>(cx, View::Real(cp), cl, eva, s, t, child_live)?;
 
-        let table_desc = child_pa | desc::TABLE_OR_PAGE;
+        // The child's count of non-zero entries: kept in the descriptor, so no
+        // operation scans a table to learn whether it became empty or full. A block
+        // split under `map` stays full (its entries are only replaced).
+        let count = if was_table {
+            desc::count(e) as i32 + filled
+        } else if e == 0 {
+            filled
+        } else if matches!(cx.op, Op::Map { .. }) {
+            ENTRIES as i32
+        } else {
+            ENTRIES as i32 + filled
+        };
+        debug_assert!((0..=ENTRIES as i32).contains(&count), "entry count {count}");
+        let mut pin = if was_table { e & desc::PINNED } else { 0 };
+        if cl == 3 && matches!(cx.op, Op::Map { blocks: false, .. }) {
+            pin = desc::PINNED;
+        }
+        let table_desc =
+            child_pa | pin | ((count as u64) << desc::COUNT_SHIFT) | desc::TABLE_OR_PAGE;
         let mut new = table_desc;
         match cx.op {
-            Op::Unmap => {
-                // SAFETY: `cp` is the child table frame, 512 entries, not otherwise
-                // accessed while this shared view exists.
-                let entries = unsafe { core::slice::from_raw_parts(cp, ENTRIES) };
-                // Entries entirely inside `s .. t` were just cleared: only the others
-                // (including partly covered ones) can still be valid.
-                let cs = level_shift(cl);
-                let a = ((s - eva + level_size(cl) - 1) >> cs) as usize;
-                let b = (((t - eva) >> cs) as usize).max(a);
-                // OR-reduce without early exit: vectorises, and tables being emptied
-                // are mostly empty.
-                let or = |x: &[u64]| x.iter().fold(0, |acc, &d| acc | d);
-                let empty = or(&entries[..a]) | or(&entries[b..]) == 0;
-                if empty {
-                    new = 0;
-                }
-            }
-            Op::Map { blocks: true, .. } | Op::Coalesce if level >= 1 => {
-                if let Some(block) = uniform(cp, cl) {
-                    new = block;
+            Op::Unmap if count == 0 => new = 0,
+            Op::Map { blocks: true, .. } | Op::Coalesce
+                if level >= 1 && pin == 0 && count == ENTRIES as i32 =>
+            {
+                // `coalesce` merges only tables its range covers whole.
+                let whole = s == eva && t == eva + level_size(level);
+                if matches!(cx.op, Op::Map { .. }) || whole {
+                    if let Some(block) = uniform(cp, cl) {
+                        new = block;
+                    }
                 }
             }
             _ => {}
         }
-        self.change(cx, tbl, i, e, new, level, eva, live, bbm);
+        if was_table && new == table_desc {
+            // The same table: at most its count or pin changed, bits the hardware
+            // ignores (no maintenance, Arm ARM D8.3.1).
+            if new != e {
+                // SAFETY: `tbl` is this table's frame, `i` within it.
+                unsafe { tbl.add(i).write_volatile(new) };
+            }
+            return Ok(0);
+        }
+        // `change` learns from the old descriptor's count whether the table being
+        // replaced still holds leaves: give it the count after this operation.
+        let old = if was_table { table_desc } else { e };
+        let filled = self.change(cx, tbl, i, old, new, level, eva, live, bbm);
         if new != table_desc {
             // The child is unreachable once the maintenance for this change is done;
             // it is freed after the operation's final TLB synchronisation.
             self.queue_free(cx, child_pa);
         }
-        Ok(())
+        Ok(filled)
     }
 
     /// Unmaps the whole table entry `i` (table descriptor `e`): clears it, notes the
@@ -1128,16 +1198,17 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         eva: u64,
         live: bool,
         bbm: &mut bool,
-    ) {
+    ) -> i32 {
         if old == new {
-            return;
+            return 0;
         }
+        let filled = i32::from(new != 0) - i32::from(old != 0);
         // SAFETY: `tbl` is a table frame owned by this table, `i` within it.
         let p = unsafe { tbl.add(i) };
         if !live {
             // SAFETY: as above; nobody walks this table yet.
             unsafe { p.write(new) };
-            return;
+            return filled;
         }
         if is_table(new, level) {
             // Publish the next-level table's contents before the pointer to it.
@@ -1148,21 +1219,15 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             // SAFETY: as above.
             unsafe { p.write_volatile(new) };
             cx.batch.wrote();
-            return;
+            return filled;
         }
         let old_leaf = !is_table(old, level);
         if !old_leaf {
             // A table goes away: its walk-cache entry and every leaf below it.
             let cl = level + 1;
-            let cp = self.ptr(old & desc::OA_MASK);
             // Only a merge replaces a table that still has leaves (`unmap` removes
             // tables once they are empty).
-            let has_leaves = new != 0
-                && (0..ENTRIES).any(|j| {
-                    // SAFETY: `old` points to the child table frame of 512 entries.
-                    let d = unsafe { cp.add(j).read() };
-                    d & desc::VALID != 0
-                });
+            let has_leaves = new != 0 && desc::count(old) != 0;
             if has_leaves {
                 cx.batch.note_many(eva, level_size(cl), ENTRIES, true);
             }
@@ -1192,6 +1257,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 cx.batch.wrote();
             }
         }
+        filled
     }
 
     /// Looks up `va`.

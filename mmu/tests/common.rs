@@ -73,3 +73,27 @@ pub fn table_entries<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
 pub fn reachable_tables<R: Regime, T: TlbMaintenance>(t: &PageTable<R, HeapFrames, T>) -> usize {
     table_entries(t).len()
 }
+
+/// Checks the crate's bookkeeping in table descriptors: bits [11:2] count the
+/// non-zero entries of the next-level table, exactly.
+pub fn check_counts<R: Regime, A: FrameAllocator, T: TlbMaintenance>(t: &PageTable<R, A, T>) {
+    let g = t.geometry();
+    fn rec(pa: u64, level: u8, entries: usize) {
+        for i in 0..entries {
+            let d = read(pa, i);
+            if level < 3 && d & 3 == 3 {
+                let next = d & 0x0000_FFFF_FFFF_F000;
+                let live = (0..512).filter(|&j| read(next, j) != 0).count() as u64;
+                assert_eq!(
+                    (d >> 2) & 0x3FF,
+                    live,
+                    "count of table {next:#x} (L{})",
+                    level + 1
+                );
+                assert_ne!(live, 0, "empty table {next:#x} left behind");
+                rec(next, level + 1, 512);
+            }
+        }
+    }
+    rec(t.root_address(), g.start_level(), g.root_entries());
+}

@@ -377,6 +377,7 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
             assert_eq!((tr.attrs, tr.level), (m.attrs, m.level));
         }
         // Frame accounting.
+        common::check_counts(&t);
         let reachable = common::reachable_tables(&t);
         assert_eq!(
             t.allocator().in_use(),

@@ -150,3 +150,44 @@ fn table_frames_are_checked_against_the_output_size() {
         }
     }
 }
+
+/// `coalesce` merged tables its range only touched, including NO_BLOCKS regions
+/// (a break-before-make over the whole 2 MiB the docs tell users to keep code and
+/// stacks in).
+#[test]
+fn coalesce_merges_only_covered_tables_and_never_no_blocks_ones() {
+    const MIB2: u64 = 2 << 20;
+    let base = 0x4000_0000;
+    let mut t = PageTable::new(El2::new(39), HeapFrames::new(), RecordingTlb::new()).unwrap();
+    t.map(base, base, MIB2, rw(), MapFlags::NO_BLOCKS).unwrap();
+    t.coalesce(base + MIB2 - PAGE, PAGE).unwrap();
+    assert_eq!(t.translate(base).unwrap().level, 3);
+    t.coalesce(base, MIB2).unwrap();
+    assert_eq!(
+        t.translate(base).unwrap().level,
+        3,
+        "NO_BLOCKS region merged"
+    );
+    // Mapping over it again without NO_BLOCKS does not merge it either.
+    t.map(base, base, PAGE, rw(), MapFlags::REPLACE).unwrap();
+    assert_eq!(t.translate(base).unwrap().level, 3);
+    assert!(t.tlb().invalidations().is_empty(), "no break-before-make");
+
+    // A block split by `protect` and made uniform again: merged only by a coalesce
+    // that covers its whole table.
+    let b = base + MIB2;
+    t.map(b, b, MIB2, rw(), MapFlags::empty()).unwrap();
+    t.protect(b, PAGE, Attributes::normal(Permissions::RO))
+        .unwrap();
+    t.protect(b, PAGE, rw()).unwrap();
+    assert_eq!(t.translate(b).unwrap().level, 3);
+    t.coalesce(b + MIB2 - PAGE, PAGE).unwrap();
+    assert_eq!(
+        t.translate(b).unwrap().level,
+        3,
+        "merged by a range touching it"
+    );
+    t.coalesce(b - PAGE, MIB2 + PAGE).unwrap();
+    assert_eq!(t.translate(b).unwrap().level, 2);
+    assert_eq!(t.translate(base).unwrap().level, 3);
+}
