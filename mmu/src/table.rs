@@ -11,7 +11,9 @@ use crate::desc::{self, is_table, level_shift, level_size};
 use crate::error::Error;
 use crate::frame::{FrameAllocator, FRAME_SIZE};
 use crate::regime::{Geometry, Regime};
-use crate::tlb::{publish, TlbBatch, TlbMaintenance, DEFAULT_TLBI_THRESHOLD, MAX_TLBI_BATCH};
+use crate::tlb::{
+    publish, TlbBatch, TlbMaintenance, TlbOp, TlbSequence, DEFAULT_TLBI_THRESHOLD, MAX_TLBI_BATCH,
+};
 
 const ENTRIES: usize = 512;
 /// Bytes of a level-2 block.
@@ -381,7 +383,76 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         if size == 0 {
             return Ok(());
         }
+        if size == FRAME_SIZE && self.unmap_page(va) {
+            return Ok(());
+        }
         self.run(Op::Unmap, va, end)
+    }
+
+    /// Unmaps the page at `va` when it is a level-3 page or a hole: one walk down,
+    /// then back up along the path, counting entries off and detaching tables that
+    /// became empty; `false` (nothing done) when a block must be split.
+    #[inline]
+    fn unmap_page(&mut self, va: u64) -> bool {
+        // Entry pointers of the walk, from the root's down to the page's.
+        let mut path = [ptr::null_mut::<u64>(); 4];
+        let mut shift = self.root_shift;
+        let mut tbl = self.ptr(self.root);
+        let mut idx = (va >> shift) as usize;
+        let mut depth = 0;
+        loop {
+            // SAFETY: `tbl` is a table frame of this table and `idx` is within it
+            // (root: `va` is below the input size; other levels: masked to 0..512).
+            let p = unsafe { tbl.add(idx) };
+            // SAFETY: as above.
+            let e = unsafe { p.read() };
+            if e & desc::VALID == 0 {
+                // A hole: nothing to do.
+                return true;
+            }
+            path[depth & 3] = p;
+            if shift == 12 {
+                break;
+            }
+            if e & 0b10 == 0 {
+                return false;
+            }
+            depth += 1;
+            tbl = self.ptr(e & desc::OA_MASK);
+            shift -= 9;
+            idx = ((va >> shift) & 511) as usize;
+        }
+        // SAFETY: `path[depth]` is the page's entry.
+        unsafe { path[depth & 3].write_volatile(0) };
+        // Up the path: one entry fewer in each table until one keeps some.
+        let mut freed = [0u64; 3];
+        let mut nfreed = 0;
+        while depth > 0 {
+            depth -= 1;
+            let p = path[depth & 3];
+            // SAFETY: `p` is the entry pointing to the table just changed.
+            let e = unsafe { p.read() };
+            if desc::count(e) > 1 {
+                // SAFETY: as above; only the count (ignored by the hardware) changes.
+                unsafe { p.write_volatile(e - (1 << desc::COUNT_SHIFT)) };
+                break;
+            }
+            // The table became empty: detach it.
+            // SAFETY: as above.
+            unsafe { p.write_volatile(0) };
+            freed[nfreed.min(2)] = e & desc::OA_MASK;
+            nfreed += 1;
+        }
+        // One invalidation of `va`, the whole batch: leaf-only, or with walk caches
+        // when tables were detached (a non-leaf TLBI of an address removes the
+        // walk-cache entries of every table on its path).
+        self.sync_one(va, nfreed == 0);
+        // Only now, after the synchronisation, are the detached tables unreachable.
+        for &pa in &freed[..nfreed.min(3)] {
+            self.alloc.free_frame(pa);
+        }
+        self.frames -= nfreed;
+        true
     }
 
     /// Sets the attributes (permissions, memory type and software bits) of every
@@ -532,6 +603,31 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             return Ok(());
         }
         self.run(Op::Coalesce, va, end)
+    }
+
+    /// The maintenance for one changed entry at `va` (Arm ARM D8.17, D8.16: DSB ISHST
+    /// before the TLBI, DSB ISH after it, ISB): what a [`TlbBatch`] with one note
+    /// emits, without its bookkeeping.
+    #[inline]
+    fn sync_one(&mut self, va: u64, leaf: bool) {
+        let entry = self.regime.tlbi_entry(va, leaf);
+        let mut ops = [
+            TlbOp::DsbIshSt,
+            entry,
+            TlbOp::DsbIsh,
+            TlbOp::Isb,
+            TlbOp::DsbIsh,
+            TlbOp::Isb,
+        ];
+        let n = match self.regime.tlbi_after_entries() {
+            Some(after) => {
+                ops[3] = after;
+                6
+            }
+            None => 4,
+        };
+        let seq = TlbSequence::new(&ops[..n], self.regime.tlb_context(self.root));
+        self.tlb.execute(&seq);
     }
 
     /// Dry pass, frame reservation, apply pass, TLB maintenance, frees.

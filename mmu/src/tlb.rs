@@ -458,10 +458,11 @@ impl TlbBatch {
             self.written = false;
             return;
         }
-        let mut ops = [TlbOp::Isb; MAX_TLBI_BATCH + 6];
+        // Not initialised up front: most batches use a handful of the slots.
+        let mut ops = [MaybeUninit::<TlbOp>::uninit(); MAX_TLBI_BATCH + 6];
         let mut n = 0;
         let mut push = |op: TlbOp| {
-            ops[n] = op;
+            ops[n] = MaybeUninit::new(op);
             n += 1;
         };
         // Arm ARM D8.17 (break-before-make) and the TLB maintenance examples in
@@ -491,7 +492,10 @@ impl TlbBatch {
             }
         }
         push(TlbOp::Isb);
-        tlb.execute(&TlbSequence::new(&ops[..n], regime.tlb_context(root)));
+        // SAFETY: `push` initialised the first `n` slots; `MaybeUninit<TlbOp>` has the
+        // layout of `TlbOp`.
+        let ops = unsafe { core::slice::from_raw_parts(ops.as_ptr().cast::<TlbOp>(), n) };
+        tlb.execute(&TlbSequence::new(ops, regime.tlb_context(root)));
         self.len = 0;
         self.all = false;
         self.written = false;
