@@ -515,14 +515,16 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             // (root: `va` is below the input size; other levels: masked to 0..512).
             let e = unsafe { tbl.add(idx).read() };
             if shift == leaf_shift || e & desc::VALID == 0 {
-                if e != 0 {
-                    return if replace {
-                        None
-                    } else {
-                        Some(Err(Error::AlreadyMapped { va }))
-                    };
+                if e == 0 {
+                    break;
                 }
-                break;
+                // A leaf maps `va` itself; a table (a block's place holding pages)
+                // is the general walker's: it finds the first mapped address.
+                return if replace || is_table(e, 3 - ((shift - 12) / 9) as u8) {
+                    None
+                } else {
+                    Some(Err(Error::AlreadyMapped { va }))
+                };
             }
             if e & 0b10 == 0 {
                 // A block on the way: the general walker handles conflicts and splits.

@@ -191,3 +191,15 @@ fn coalesce_merges_only_covered_tables_and_never_no_blocks_ones() {
     assert_eq!(t.translate(b).unwrap().level, 2);
     assert_eq!(t.translate(base).unwrap().level, 3);
 }
+
+/// A block-sized map over a table holding pages reports the first mapped page, not
+/// the start of the range.
+#[test]
+fn block_sized_map_over_pages_reports_the_first_mapped_page() {
+    let mut t = PageTable::new(El2::new(39), HeapFrames::new(), RecordingTlb::new()).unwrap();
+    t.map(0x20_1000, 0x20_1000, PAGE, rw(), MapFlags::empty())
+        .unwrap();
+    let e = t.map(0x20_0000, 0x40_0000, 2 << 20, rw(), MapFlags::empty());
+    assert_eq!(e, Err(mmu::Error::AlreadyMapped { va: 0x20_1000 }));
+    assert!(t.translate(0x20_0000).is_none());
+}

@@ -22,14 +22,12 @@ use std::rc::Rc;
 
 use mmu::testing::HeapFrames;
 use mmu::{
-    Attributes, El1, El2, FrameAllocator, MapFlags, MemoryType, PageTable, Permissions, PhysToVirt,
-    Regime, Stage2, SwBits, TlbMaintenance, TlbOp, TlbSequence,
+    Attributes, El1, El2, FrameAllocator, PageTable, PhysToVirt, Regime, Stage2, SwBits,
+    TlbMaintenance, TlbOp, TlbSequence,
 };
 use proptest::prelude::*;
 
-const PAGE: u64 = 4096;
-const MIB2: u64 = 2 << 20;
-const GIB: u64 = 1 << 30;
+use common::{el1_attrs, el2_attrs, op, s2_attrs, Op, PAGE};
 const OA: u64 = 0x0000_FFFF_FFFF_F000;
 /// Leaf bits whose change needs break-before-make: output address, type, memory
 /// type, shareability, nG, contiguous (Arm ARM D8.17.1).
@@ -219,64 +217,6 @@ unsafe impl FrameAllocator for SimFrames {
     }
 }
 
-#[derive(Clone, Debug)]
-enum Op {
-    Map {
-        va: u64,
-        pages: u64,
-        out: u64,
-        attrs: usize,
-        flags: MapFlags,
-    },
-    Unmap {
-        va: u64,
-        pages: u64,
-    },
-    Protect {
-        va: u64,
-        pages: u64,
-        attrs: usize,
-    },
-    SetSw {
-        va: u64,
-        pages: u64,
-        sw: u8,
-    },
-    Coalesce {
-        va: u64,
-        pages: u64,
-    },
-}
-
-fn addr() -> impl Strategy<Value = u64> {
-    (
-        0..3u64,
-        prop::sample::select(vec![0u64, 1, 511]),
-        prop::sample::select(vec![0u64, 1, 510]),
-    )
-        .prop_map(|(g, m, p)| g * GIB + m * MIB2 + p * PAGE)
-}
-
-fn op(n_attrs: usize) -> impl Strategy<Value = Op> {
-    let pages = prop::sample::select(vec![1u64, 2, 511, 512, 513, 1024]);
-    let flags = prop::sample::select(vec![
-        MapFlags::empty(),
-        MapFlags::REPLACE,
-        MapFlags::NO_BLOCKS,
-        MapFlags::REPLACE | MapFlags::NO_BLOCKS,
-    ]);
-    let delta = prop::sample::select(vec![0u64, GIB, 5 * PAGE]);
-    prop_oneof![
-        4 => (addr(), pages.clone(), delta, 0..n_attrs, flags)
-            .prop_map(|(va, pages, d, attrs, flags)| Op::Map { va, pages, out: va + d, attrs, flags }),
-        1 => (0..3u64).prop_map(|g| Op::Map { va: g * GIB, pages: GIB / PAGE, out: 4 * GIB, attrs: 0, flags: MapFlags::REPLACE }),
-        3 => (addr(), pages.clone()).prop_map(|(va, pages)| Op::Unmap { va, pages }),
-        2 => (addr(), pages.clone(), 0..n_attrs).prop_map(|(va, pages, attrs)| Op::Protect { va, pages, attrs }),
-        1 => (addr(), pages.clone(), 0..16u8).prop_map(|(va, pages, sw)| Op::SetSw { va, pages, sw }),
-        1 => (addr(), pages).prop_map(|(va, pages)| Op::Coalesce { va, pages }),
-    ]
-}
-
 fn run<R: Regime>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: usize, ranges: bool) {
     let state = Rc::new(RefCell::new(State::default()));
     let frames = SimFrames {
@@ -331,48 +271,21 @@ fn run<R: Regime>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: usize,
     );
 }
 
-fn el2_attrs() -> Vec<Attributes> {
-    vec![
-        Attributes::normal(Permissions::RW),
-        Attributes::normal(Permissions::READ | Permissions::EXEC_EL2),
-        Attributes::device(),
-        Attributes::normal(Permissions::RW).with_sw(SwBits::truncate(3)),
-    ]
-}
-
-fn s2_attrs() -> Vec<Attributes> {
-    let x = Permissions::EXEC_EL1 | Permissions::EXEC_EL0;
-    vec![
-        Attributes::normal(Permissions::RW | x),
-        Attributes::normal(Permissions::READ),
-        Attributes::new(Permissions::RW, MemoryType::NormalNonCacheable),
-        Attributes::device(),
-    ]
-}
-
-fn el1_attrs() -> Vec<Attributes> {
-    vec![
-        Attributes::normal(Permissions::RW | Permissions::USER),
-        Attributes::normal(Permissions::READ | Permissions::EXEC_EL1),
-        Attributes::device(),
-    ]
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     #[test]
-    fn el2_no_stale_entries(ops in prop::collection::vec(op(4), 1..24), threshold in 1usize..64, ranges: bool) {
+    fn el2_no_stale_entries(ops in prop::collection::vec(op(el2_attrs().len()), 1..24), threshold in 1usize..64, ranges: bool) {
         run(El2::new(39), &el2_attrs(), &ops, threshold, ranges);
     }
 
     #[test]
-    fn stage2_no_stale_entries(ops in prop::collection::vec(op(4), 1..24), threshold in 1usize..64, ranges: bool) {
+    fn stage2_no_stale_entries(ops in prop::collection::vec(op(s2_attrs().len()), 1..24), threshold in 1usize..64, ranges: bool) {
         run(Stage2::new(7, 40), &s2_attrs(), &ops, threshold, ranges);
     }
 
     #[test]
-    fn el1_no_stale_entries(ops in prop::collection::vec(op(3), 1..24), threshold in 1usize..64, ranges: bool) {
+    fn el1_no_stale_entries(ops in prop::collection::vec(op(el1_attrs().len()), 1..24), threshold in 1usize..64, ranges: bool) {
         run(El1::new(3, 48), &el1_attrs(), &ops, threshold, ranges);
     }
 }
