@@ -1,4 +1,4 @@
-//! W1-W6 for every crate, same inputs, one criterion group per workload; the benchmark id
+//! W1-W8 for every crate, same inputs, one criterion group per workload; the benchmark id
 //! is `<crate>/<arch>` so native and `qemu-aarch64` runs sit side by side in one
 //! `target/criterion` tree. Only the workload itself is timed: building the starting table
 //! (e.g. W1 before W5) happens in criterion's untimed setup, and tables are dropped outside
