@@ -171,7 +171,15 @@ impl<A: mmu::FrameAllocator, T: mmu::TlbMaintenance> Stage2 for MmuStage2<A, T> 
         if self.1.contains(mmu::MapFlags::NO_BLOCKS) {
             return Ok(());
         }
-        self.0.coalesce(ipa, size)
+        // `mmu` merges only tables the range covers whole: widen it to the 2 MiB
+        // blocks it touches (all of them this VM's own memory).
+        const BLOCK: u64 = 2 << 20;
+        let lo = ipa & !(BLOCK - 1);
+        let hi = ipa
+            .saturating_add(size)
+            .next_multiple_of(BLOCK)
+            .min(1 << IPA_BITS);
+        self.0.coalesce(lo, hi - lo)
     }
 
     fn walk(
