@@ -1,4 +1,4 @@
-//! W1-W6 for every crate, same inputs, one criterion group per workload; the benchmark id
+//! W1-W8 for every crate, same inputs, one criterion group per workload; the benchmark id
 //! is `<crate>/<arch>` so native and `qemu-aarch64` runs sit side by side in one
 //! `target/criterion` tree. Only the workload itself is timed: building the starting table
 //! (e.g. W1 before W5) happens in criterion's untimed setup, and tables are dropped outside
@@ -10,7 +10,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use mmu::{El2, Stage2};
 use mmu_bench::mmu::{block_mapped, block_split, merge, split, BenchRegime, Mmu};
-use mmu_bench::workload::{after_w1, w1, w2, w3, w3_pages, w4, w4_lookups, w5, w6};
+use mmu_bench::workload::{after_w1, w1, w2, w3, w3_pages, w4, w4_lookups, w5, w6, w7, w8};
 use mmu_bench::Adapter;
 
 fn id<A: Adapter>() -> BenchmarkId {
@@ -76,6 +76,26 @@ fn workloads<A: Adapter>(c: &mut Criterion) {
             BatchSize::PerIteration,
         );
     });
+    c.benchmark_group("W7").bench_function(id::<A>(), |b| {
+        b.iter_batched(
+            after_w1::<A>,
+            |mut t| {
+                w7(&mut t);
+                t
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    c.benchmark_group("W8").bench_function(id::<A>(), |b| {
+        b.iter_batched(
+            A::new,
+            |mut t| {
+                w8(&mut t);
+                t
+            },
+            BatchSize::PerIteration,
+        );
+    });
 }
 
 fn split_merge<R: BenchRegime>(c: &mut Criterion) {
@@ -107,6 +127,7 @@ fn split_merge<R: BenchRegime>(c: &mut Criterion) {
 fn all(c: &mut Criterion) {
     workloads::<Mmu<El2>>(c);
     workloads::<Mmu<Stage2>>(c);
+    workloads::<Mmu<El2, 48>>(c);
     split_merge::<El2>(c);
     split_merge::<Stage2>(c);
     workloads::<mmu_bench::paging::Paging>(c);

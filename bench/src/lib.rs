@@ -1,7 +1,7 @@
 //! Side-by-side benchmarks of `mmu` against `aarch64-paging` and `page_table_multiarch`.
 //!
 //! Every crate is driven through one small trait, [`Adapter`], so each workload
-//! (W1-W6, see [`workload`]) is a single generic function and all crates do exactly the
+//! (W1-W8, see [`workload`]) is a single generic function and all crates do exactly the
 //! same work. Each adapter allocates its table frames through a counting hook backed by the
 //! same host allocator ([`frames`]), so frame counts are comparable and allocation costs
 //! the same for everybody.

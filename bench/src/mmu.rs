@@ -19,7 +19,7 @@ use mmu::{
 use crate::frames::{alloc_frame, free_frame, FrameCount};
 use crate::Adapter;
 
-/// Input address bits of every table here: 512 GiB.
+/// Input address bits of the tables here unless told otherwise: 512 GiB.
 const INPUT_BITS: u8 = 39;
 
 /// [`FrameAllocator`] that takes frames from [`crate::frames`] and counts them.
@@ -28,13 +28,15 @@ pub struct CountingFrames {
     frames: FrameCount,
 }
 
-impl PhysToVirt for CountingFrames {
+// SAFETY: frames are heap allocations addressed by their host address.
+unsafe impl PhysToVirt for CountingFrames {
     fn phys_to_virt(&self, pa: u64) -> *mut u64 {
         pa as *mut u64
     }
 }
 
-impl FrameAllocator for CountingFrames {
+// SAFETY: `alloc_frame` hands out fresh zeroed, aligned heap frames, each once.
+unsafe impl FrameAllocator for CountingFrames {
     fn alloc_frame(&mut self) -> Option<u64> {
         self.frames.up();
         Some(alloc_frame().as_ptr() as u64)
@@ -51,40 +53,48 @@ impl FrameAllocator for CountingFrames {
 
 /// The regimes benchmarked, with their report names.
 pub trait BenchRegime: Regime + Sized {
-    /// Name in benchmark ids and tables.
+    /// Name in benchmark ids and tables (39-bit input).
     const BENCH_NAME: &'static str;
-    /// The regime with 39-bit input addresses.
-    fn make() -> Self;
+    /// Name with 48-bit input (four levels, like `page_table_multiarch`).
+    const BENCH_NAME_48: &'static str;
+    /// The regime with `bits` of input address.
+    fn make(bits: u8) -> Self;
 }
 
 impl BenchRegime for El2 {
     const BENCH_NAME: &'static str = "mmu";
-    fn make() -> Self {
-        El2::new(INPUT_BITS)
+    const BENCH_NAME_48: &'static str = "mmu-48";
+    fn make(bits: u8) -> Self {
+        El2::new(bits)
     }
 }
 
 impl BenchRegime for Stage2 {
     const BENCH_NAME: &'static str = "mmu-stage2";
-    fn make() -> Self {
-        Stage2::new(1, INPUT_BITS)
+    const BENCH_NAME_48: &'static str = "mmu-stage2-48";
+    fn make(bits: u8) -> Self {
+        Stage2::new(1, bits)
     }
 }
 
-/// `mmu` under test, for regime `R`.
-pub struct Mmu<R: BenchRegime> {
+/// `mmu` under test, for regime `R` with `BITS` of input address (39 or 48).
+pub struct Mmu<R: BenchRegime, const BITS: u8 = INPUT_BITS> {
     table: PageTable<R, CountingFrames, NoTlbMaintenance>,
 }
 
 const RW: Attributes = Attributes::normal(Permissions::RW);
 const RO: Attributes = Attributes::normal(Permissions::RO);
 
-impl<R: BenchRegime> Adapter for Mmu<R> {
-    const NAME: &'static str = R::BENCH_NAME;
+impl<R: BenchRegime, const BITS: u8> Adapter for Mmu<R, BITS> {
+    const NAME: &'static str = if BITS == 48 {
+        R::BENCH_NAME_48
+    } else {
+        R::BENCH_NAME
+    };
 
     fn new() -> Self {
         Self {
-            table: PageTable::new(R::make(), CountingFrames::default(), NoTlbMaintenance)
+            table: PageTable::new(R::make(BITS), CountingFrames::default(), NoTlbMaintenance)
                 .expect("mmu table"),
         }
     }

@@ -137,7 +137,31 @@ pub fn w6<A: Adapter>(table: &mut A) {
     table.protect_read_only(W6_START, W6_SIZE);
 }
 
-/// A table after W1, the starting state of W4, W5 and W6.
+/// W8's blocks: one per GiB from here to the end of the 512 GiB input space.
+pub const W8_FIRST: u64 = 256 * GIB;
+/// Number of W8's calls.
+pub const W8_BLOCKS: u64 = 256;
+
+/// W7: unmap the W1 region page by page, one call per page (262,144 calls).
+pub fn w7<A: Adapter>(table: &mut A) {
+    let mut va = BASE;
+    while va < BASE + SIZE {
+        table.unmap_range(va, PAGE);
+        va += PAGE;
+    }
+}
+
+/// W8: map 256 separate 1 GiB blocks (input and output 1 GiB aligned), one call each,
+/// each into an empty slot of the table: the fixed cost of one map call, repeated so
+/// that it stands out of the measurement's noise.
+pub fn w8<A: Adapter>(table: &mut A) {
+    for k in 0..W8_BLOCKS {
+        let va = W8_FIRST + k * GIB;
+        table.map_range(va, va + PA_OFFSET, GIB, true);
+    }
+}
+
+/// A table after W1, the starting state of W4, W5, W6 and W7.
 #[must_use]
 pub fn after_w1<A: Adapter>() -> A {
     let mut table = A::new();

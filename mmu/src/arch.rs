@@ -6,15 +6,21 @@ use core::arch::asm;
 use crate::frame::FrameAllocator;
 use crate::regime::{El2, Stage2};
 use crate::table::PageTable;
-use crate::tlb::{range_operands, RangeStep, TlbMaintenance, TlbOp};
+use crate::tlb::{range_operands, RangeStep, TlbContext, TlbMaintenance, TlbOp, TlbSequence};
 
 /// Executes TLB maintenance with real `TLBI`/`DSB`/`ISB` instructions. Must run at EL2.
 ///
-/// Stage-2 operations need the target VM's VMID current: if `VTTBR_EL2` differs from
-/// the operation's `vttbr`, it is switched for the sequence and restored afterwards
-/// (the full value is loaded, not just the VMID, so speculative walks under that VMID
-/// can only use the VM's own tables). Run it with interrupts masked, or make sure no
-/// handler that could run in between depends on `VTTBR_EL2`.
+/// Stage-2 sequences run in their table's context ([`TlbContext::Stage2`]): if
+/// `VTTBR_EL2` or `VTCR_EL2` differ from the table's, both are switched for the
+/// sequence and restored afterwards. The full `VTTBR_EL2` is loaded, not just the
+/// VMID, so speculative walks under that VMID can only use the VM's own tables, and
+/// `VTCR_EL2` with it so that the VMID is interpreted with the table's VMID size
+/// (`VTCR_EL2.VS`; with VS = 0 a TLBI for VMID 0x105 would hit VMID 0x05). Run it
+/// with interrupts masked, or make sure no handler that could run in between
+/// depends on `VTTBR_EL2`/`VTCR_EL2`.
+///
+/// Sequences only come from [`PageTable`]s ([`TlbSequence`] cannot be built outside
+/// the crate), so the registers are only ever loaded with a real table's values.
 ///
 /// Only the instructions of the operations it is given are executed, so tables of the
 /// [`El1`](crate::El1) regime used by code running at EL1 work too (their operations
@@ -28,14 +34,15 @@ const fn va_operand(va: u64) -> u64 {
 }
 
 /// Whether this PE implements the range TLBI instructions (FEAT_TLBIRANGE):
-/// `ID_AA64ISAR0_EL1.TLB` (bits \[59:56\]) = 0b0010 (Arm ARM D19.2). Readable at EL1
-/// and EL2. See [`PageTable::set_tlbi_range`](crate::PageTable::set_tlbi_range).
+/// `ID_AA64ISAR0_EL1.TLB` (bits \[59:56\]) >= 0b0010 (Arm ARM D19.2; ID fields of
+/// this kind only grow with added features, D19.1.3 "The ID scheme"). Readable at
+/// EL1 and EL2. See [`PageTable::set_tlbi_range`](crate::PageTable::set_tlbi_range).
 #[must_use]
 pub fn has_tlbi_range() -> bool {
     let isar0: u64;
     // SAFETY: reading an ID register has no side effects.
     unsafe { asm!("mrs {}, id_aa64isar0_el1", out(reg) isar0, options(nomem, nostack)) };
-    (isar0 >> 56) & 0xF == 0b0010
+    crate::tlb::tlbi_range_supported(isar0)
 }
 
 /// Runs one range invalidation: `page` for the odd page a range instruction cannot
@@ -49,19 +56,77 @@ fn for_range(addr: u64, pages: u64, tag: u64, page: impl Fn(u64), range: impl Fn
     }
 }
 
-/// Makes `vttbr` current; returns the previous value if it had to change it.
-fn switch_vttbr(vttbr: u64) -> Option<u64> {
-    let cur: u64;
-    // SAFETY: reading VTTBR_EL2 at EL2 has no side effects.
-    unsafe { asm!("mrs {}, vttbr_el2", out(reg) cur, options(nomem, nostack)) };
-    if cur == vttbr {
+/// Makes `vtcr`/`vttbr` current; returns the previous values if it had to change them.
+fn switch_stage2(vtcr: u64, vttbr: u64) -> Option<(u64, u64)> {
+    let (cur_vtcr, cur_vttbr): (u64, u64);
+    // SAFETY: reading VTCR_EL2/VTTBR_EL2 at EL2 has no side effects.
+    unsafe {
+        asm!(
+            "mrs {}, vtcr_el2",
+            "mrs {}, vttbr_el2",
+            out(reg) cur_vtcr,
+            out(reg) cur_vttbr,
+            options(nomem, nostack),
+        )
+    };
+    if (cur_vtcr, cur_vttbr) == (vtcr, vttbr) {
         return None;
     }
-    // SAFETY: at EL2 non-VHE, VTTBR_EL2 only affects the EL1&0 regime, which does
-    // not run before the caller restores the previous value. The full value (BADDR
-    // and VMID) is loaded so any speculative walk under this VMID uses its own tables.
-    unsafe { asm!("msr vttbr_el2, {}", "isb", in(reg) vttbr, options(nostack)) };
-    Some(cur)
+    // SAFETY: at EL2 non-VHE, VTCR_EL2/VTTBR_EL2 only affect the EL1&0 regime, which
+    // does not run before the caller restores the previous values. The values are a
+    // live table's (`TlbSequence` is only built by the crate), so any speculative
+    // walk under this VMID uses that VM's own tables.
+    unsafe { load_vtcr_vttbr(vtcr, vttbr) };
+    Some((cur_vtcr, cur_vttbr))
+}
+
+/// `MSR VTCR_EL2; MSR VTTBR_EL2; ISB`, as KVM's `__load_stage2` orders them: the ISB
+/// makes both take effect before any following TLBI (Arm ARM D8.14, the VMID of
+/// TLBI operations is the current VMID, sized by the current VS).
+///
+/// # Safety
+/// Must run at EL2; `vttbr` must name tables valid for its VMID (or all-invalid ones),
+/// and nothing that runs before the previous values are restored may rely on them.
+unsafe fn load_vtcr_vttbr(vtcr: u64, vttbr: u64) {
+    // SAFETY: the caller upholds the contract above.
+    unsafe {
+        asm!(
+            "msr vtcr_el2, {vtcr}",
+            "msr vttbr_el2, {vttbr}",
+            "isb",
+            vtcr = in(reg) vtcr,
+            vttbr = in(reg) vttbr,
+            options(nostack),
+        )
+    };
+}
+
+/// Invalidates every stage-1 and stage-2 TLB entry of the VMID in `vttbr`
+/// (`TLBI VMALLS12E1IS`, then `DSB ISH; ISB`), running with `vtcr`/`vttbr` loaded and
+/// restoring the previous values afterwards. For a VMID that has no table any more
+/// (e.g. before it is reused).
+///
+/// # Safety
+/// Must run at EL2 (non-VHE) with interrupts masked or no handler relying on
+/// `VTTBR_EL2`/`VTCR_EL2`; `vttbr`'s BADDR must be a valid stage-2 root for `vtcr`
+/// (an all-invalid one will do) that stays valid during the call.
+pub unsafe fn invalidate_vmid(vtcr: u64, vttbr: u64) {
+    let saved = switch_stage2(vtcr, vttbr);
+    // SAFETY: barriers and TLB maintenance only; D8.14: DSB ISHST before, DSB ISH; ISB
+    // after the invalidation.
+    unsafe {
+        asm!(
+            "dsb ishst",
+            "tlbi vmalls12e1is",
+            "dsb ish",
+            "isb",
+            options(nostack)
+        )
+    };
+    if let Some((vtcr, vttbr)) = saved {
+        // SAFETY: restores the values read by `switch_stage2`.
+        unsafe { load_vtcr_vttbr(vtcr, vttbr) };
+    }
 }
 
 impl ArmTlb {
@@ -137,7 +202,6 @@ impl ArmTlb {
                 ),
                 TlbOp::Stage2Range {
                     vmid,
-                    vttbr,
                     ipa,
                     pages,
                     leaf,
@@ -145,14 +209,7 @@ impl ArmTlb {
                     ipa,
                     pages,
                     0,
-                    |a| {
-                        Self::single(TlbOp::Stage2Ipa {
-                            vmid,
-                            vttbr,
-                            ipa: a,
-                            leaf,
-                        })
-                    },
+                    |a| Self::single(TlbOp::Stage2Ipa { vmid, ipa: a, leaf }),
                     |x| {
                         if leaf {
                             // TLBI RIPAS2LE1IS, Xt
@@ -189,26 +246,17 @@ impl ArmTlb {
 }
 
 impl TlbMaintenance for ArmTlb {
-    fn execute(&mut self, ops: &[TlbOp]) {
-        // `Some(previous)` once VTTBR_EL2 was switched for this sequence.
-        let mut saved: Option<u64> = None;
-        let mut checked = false;
-        for op in ops {
-            if let TlbOp::Stage2Ipa { vttbr, .. }
-            | TlbOp::Stage2Range { vttbr, .. }
-            | TlbOp::Stage2Stage1All { vttbr, .. }
-            | TlbOp::Stage2All { vttbr, .. } = *op
-            {
-                if !checked {
-                    checked = true;
-                    saved = switch_vttbr(vttbr);
-                }
-            }
+    fn execute(&mut self, seq: &TlbSequence<'_>) {
+        let saved = match seq.context() {
+            TlbContext::Stage2 { vttbr, vtcr } => switch_stage2(vtcr, vttbr),
+            TlbContext::Current => None,
+        };
+        for op in seq.ops() {
             Self::single(*op);
         }
-        if let Some(old) = saved {
-            // SAFETY: restores the VTTBR_EL2 value read above.
-            unsafe { asm!("msr vttbr_el2, {}", "isb", in(reg) old, options(nostack)) };
+        if let Some((vtcr, vttbr)) = saved {
+            // SAFETY: restores the values read by `switch_stage2`.
+            unsafe { load_vtcr_vttbr(vtcr, vttbr) };
         }
     }
 }
@@ -244,16 +292,7 @@ pub unsafe fn load_el2(mair: u64, tcr: u64, ttbr0: u64) {
 /// another VM's tables without a TLB invalidation of that VMID in between.
 pub unsafe fn load_stage2(vtcr: u64, vttbr: u64) {
     // SAFETY: the caller upholds the contract above.
-    unsafe {
-        asm!(
-            "msr vtcr_el2, {vtcr}",
-            "msr vttbr_el2, {vttbr}",
-            "isb",
-            vtcr = in(reg) vtcr,
-            vttbr = in(reg) vttbr,
-            options(nostack),
-        );
-    }
+    unsafe { load_vtcr_vttbr(vtcr, vttbr) };
 }
 
 impl<A: FrameAllocator, T: TlbMaintenance> PageTable<El2, A, T> {
@@ -261,7 +300,21 @@ impl<A: FrameAllocator, T: TlbMaintenance> PageTable<El2, A, T> {
     /// `TTBR0_EL2`). Turning the MMU on (`SCTLR_EL2.M`) is the caller's business.
     ///
     /// # Safety
-    /// As [`load_el2`]; additionally the table must outlive its use by the hardware.
+    /// As [`load_el2`]. Once installed the hardware walks the table, and the table's
+    /// safe operations rely on that being harmless, so for as long as it stays
+    /// installed on any PE the caller must also guarantee that:
+    ///
+    /// - `T` really performs the maintenance it is given on this machine (e.g.
+    ///   [`ArmTlb`], not `NoTlbMaintenance`): frames are freed once it returned;
+    /// - the allocator's [`PhysToVirt`](crate::PhysToVirt) reaches the frames at the
+    ///   physical addresses the walker uses;
+    /// - the table is not dropped (dropping it invalidates and frees its frames),
+    ///   and no operation on it (including ones it makes by itself, such as splitting a
+    ///   block with break-before-make) removes or changes the mapping of memory the
+    ///   running code relies on: its code, stacks, the table frames themselves and
+    ///   everything accessed through Rust references (map such memory with
+    ///   [`MapFlags::NO_BLOCKS`](crate::MapFlags::NO_BLOCKS) and do not unmap or
+    ///   protect it).
     pub unsafe fn activate(&self) {
         // SAFETY: forwarded to the caller.
         unsafe { load_el2(self.mair_el2(), self.tcr_el2(), self.ttbr0_el2()) };
@@ -272,7 +325,12 @@ impl<A: FrameAllocator, T: TlbMaintenance> PageTable<Stage2, A, T> {
     /// Installs this table as the current stage 2 (`VTCR_EL2`, `VTTBR_EL2` with the VMID).
     ///
     /// # Safety
-    /// As [`load_stage2`]; additionally the table must outlive its use by the hardware.
+    /// As [`load_stage2`]. For as long as the table is installed on any PE (or its
+    /// VMID may run), the caller must also guarantee that `T` really performs the
+    /// maintenance it is given on this machine (e.g. [`ArmTlb`]), that the allocator's
+    /// [`PhysToVirt`](crate::PhysToVirt) reaches the frames at the physical addresses
+    /// the walker uses, and that the table is not dropped while installed. What the
+    /// VM can reach is then exactly what the table maps at each point in time.
     pub unsafe fn activate(&self) {
         // SAFETY: forwarded to the caller.
         unsafe { load_stage2(self.vtcr_el2(), self.vttbr_el2()) };

@@ -185,7 +185,10 @@ bitflags! {
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
     pub struct MapFlags: u8 {
         /// Use only 4 KiB pages: never create 2 MiB / 1 GiB blocks (neither directly
-        /// nor by merging a table that became uniform).
+        /// nor by merging a table that became uniform). The level-3 tables holding such
+        /// pages are marked, and no later `map` or
+        /// [`coalesce`](crate::PageTable::coalesce) merges them until they are freed:
+        /// memory mapped this way never goes through break-before-make by a merge.
         const NO_BLOCKS = 1 << 0;
         /// Allow replacing existing mappings in the range (with break-before-make where
         /// the architecture requires it). Without it, mapping over an existing valid

@@ -37,6 +37,25 @@ pub(crate) const SW_MASK: u64 = 0xF << 55;
 /// shareability, nG, contiguous.
 pub(crate) const BBM_MASK: u64 = OA_MASK | 0b11 | (0xF << 2) | (0b11 << 8) | NG | CONTIGUOUS;
 
+/// Table descriptors: bits \[11:2\] hold the number of non-zero entries of the
+/// next-level table (0..=512). The hardware ignores these bits in table descriptors
+/// of every regime (Arm ARM D8.3.1, "Table descriptor": bits \[11:2\] IGNORED, as
+/// long as FEAT_HAFT is not enabled and TCR_ELx.DS = 0, which the crate never sets),
+/// so changing them needs neither break-before-make nor TLB maintenance.
+pub(crate) const COUNT_SHIFT: u32 = 2;
+/// Mask of the entry count in a table descriptor.
+pub(crate) const COUNT_MASK: u64 = 0x3FF << COUNT_SHIFT;
+/// Table descriptors: bit 55 (in the IGNORED bits \[58:51\]) marks a level-3 table
+/// holding pages mapped with `MapFlags::NO_BLOCKS`; such a table is never merged
+/// into a block.
+pub(crate) const PINNED: u64 = 1 << 55;
+
+/// Entry count stored in table descriptor `d`.
+#[inline(always)]
+pub(crate) const fn count(d: u64) -> u32 {
+    ((d & COUNT_MASK) >> COUNT_SHIFT) as u32
+}
+
 /// Shift of the input address bits resolved at `level`.
 pub(crate) const fn level_shift(level: u8) -> u32 {
     12 + 9 * (3 - level as u32)

@@ -24,6 +24,13 @@ pub enum Error {
     UnsupportedAttributes,
     /// The regime configuration (address size, VMID, ASID) is invalid.
     InvalidConfig,
+    /// The frame allocator returned a frame the table cannot use: not aligned, or not
+    /// entirely below the output address size (a table descriptor could not hold it,
+    /// or the walk would take an address-size fault).
+    InvalidFrame {
+        /// Physical address of the frame (it was given back to the allocator).
+        pa: u64,
+    },
 }
 
 impl fmt::Display for Error {
@@ -37,6 +44,9 @@ impl fmt::Display for Error {
                 f.write_str("attributes not expressible in this translation regime")
             }
             Error::InvalidConfig => f.write_str("invalid translation regime configuration"),
+            Error::InvalidFrame { pa } => {
+                write!(f, "table frame {pa:#x} outside the output address space")
+            }
         }
     }
 }

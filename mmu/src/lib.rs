@@ -18,7 +18,7 @@
 //!
 //! // Stage 2 for VMID 7 with a 40-bit IPA space: 2 concatenated level-1 root tables.
 //! let mut s2 = PageTable::new(Stage2::new(7, 40), HeapFrames::new(), RecordingTlb::new())?;
-//! assert_eq!(s2.geometry().root_tables, 2);
+//! assert_eq!(s2.geometry().root_tables(), 2);
 //!
 //! // 4 MiB of guest RAM at IPA 0x4000_0000 -> PA 0x8000_0000: two 2 MiB blocks.
 //! let ram = Attributes::new(
@@ -124,12 +124,19 @@
 //!   (one non-leaf invalidation of the last changed address below a removed table
 //!   covers both the leaf and the walk-cache entry, so none is issued twice);
 //! - stage 2: `TLBI IPAS2LE1IS`/`IPAS2E1IS` per changed entry, then `DSB ISH;
-//!   TLBI VMALLE1IS`, with the table's `VTTBR_EL2` (VMID) current — `arch::ArmTlb`
-//!   switches `VTTBR_EL2` temporarily when needed;
+//!   TLBI VMALLE1IS`, with the table's `VTTBR_EL2` (VMID) and `VTCR_EL2` (VMID size)
+//!   current: each sequence carries them ([`TlbContext`]) and `arch::ArmTlb` switches
+//!   both registers temporarily when needed;
 //! - EL1&0: `TLBI VALE1IS`/`VAE1IS` with the ASID;
 //! - more than the threshold ([`PageTable::set_tlbi_threshold`], default
-//!   [`DEFAULT_TLBI_THRESHOLD`]) per-entry invalidations in one operation are replaced
-//!   by one whole-regime invalidation (`ALLE2IS`, `VMALLS12E1IS`, `ASIDE1IS`). Each
+//!   [`DEFAULT_TLBI_THRESHOLD`]) per-entry invalidations in one *batch* are replaced
+//!   by one whole-regime invalidation (`ALLE2IS`, `VMALLS12E1IS`, `ASIDE1IS`). A batch
+//!   is the maintenance that runs together: the end of the operation, and before it
+//!   each run of entries of one table that needs break-before-make (their
+//!   invalidation must complete before the new entries are written). An operation
+//!   that changes many tables with break-before-make (e.g. `protect` changing the
+//!   memory type of blocks under 40 tables) therefore issues up to one batch per
+//!   table, each with its own threshold. Each
 //!   broadcast TLBI costs a round of DVM messages to every PE, while a whole-VM
 //!   invalidation costs the VM its TLB contents; 32 keeps page-sized changes precise
 //!   and turns anything of megabyte size into one invalidation. It is a per-table
@@ -141,7 +148,8 @@
 //!   threshold counts runs: unmapping a gigabyte of pages is one range instruction
 //!   (the removed tables' leaves are not even visited) instead of a whole-regime
 //!   invalidation. A block is always covered as a whole;
-//! - software-bit-only changes need no invalidation.
+//! - software-bit-only changes need no invalidation (but splitting a block to change
+//!   part of it is a break-before-make change and is invalidated).
 //!
 //! Dropping a table invalidates its whole regime/VMID/ASID, then frees its frames; it
 //! must not be installed in a translation register any more. After a [`Stage2`] table
@@ -157,8 +165,11 @@
 //!
 //! Table frames come from a [`FrameAllocator`] (zeroed 4 KiB frames; contiguous,
 //! aligned runs for concatenated stage-2 roots) and are reached through
-//! [`PhysToVirt`] (the identity in an identity-mapped hypervisor, heap addresses on
-//! the host). A table owns its allocator *value*: to give one pool to many tables
+//! [`PhysToVirt`] (the identity in an identity-mapped hypervisor, a simulated
+//! physical memory on the host). Both traits are `unsafe` to implement: the crate
+//! writes through the pointers they give without further checks, so their contracts
+//! are what keeps its safe API sound. Every frame is checked against the table's
+//! output address size ([`Error::InvalidFrame`]). A table owns its allocator *value*: to give one pool to many tables
 //! (the EL2 table and one stage 2 per VM) implement the traits for a cheap handle,
 //! as `&testing::HeapFrames` does. [`PageTable::frames_in_use`] counts the frames
 //! a table owns, root included.
@@ -202,6 +213,6 @@ pub use frame::{FrameAllocator, PhysToVirt, FRAME_SIZE};
 pub use regime::{El1, El2, Geometry, Regime, Stage2};
 pub use table::{Mapping, PageTable, Translation};
 pub use tlb::{
-    range_operand, range_operands, NoTlbMaintenance, RangeStep, TlbMaintenance, TlbOp,
-    DEFAULT_TLBI_THRESHOLD, MAX_RANGE_PAGES, MAX_TLBI_BATCH,
+    range_operand, range_operands, tlbi_range_supported, NoTlbMaintenance, RangeStep, TlbContext,
+    TlbMaintenance, TlbOp, TlbSequence, DEFAULT_TLBI_THRESHOLD, MAX_RANGE_PAGES, MAX_TLBI_BATCH,
 };

@@ -7,20 +7,71 @@
 use crate::attrs::{Attributes, MemoryType, Permissions, SwBits};
 use crate::desc;
 use crate::error::Error;
-use crate::tlb::TlbOp;
+use crate::tlb::{TlbContext, TlbOp};
 
 /// Shape of a table: input size, start level and number of concatenated root tables.
+///
+/// Only consistent shapes can be built ([`Geometry::new`], [`Geometry::stage1`],
+/// [`Geometry::stage2`]), so every method is total.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Geometry {
-    /// Input address bits (the table translates `0 .. 1 << input_bits`).
-    pub input_bits: u8,
-    /// Level of the root table (0..=2).
-    pub start_level: u8,
-    /// Number of concatenated root tables (1, or up to 16 for stage 2).
-    pub root_tables: u8,
+    input_bits: u8,
+    start_level: u8,
+    root_tables: u8,
 }
 
 impl Geometry {
+    /// A geometry with `input_bits` (25..=48) of input address resolved from a root at
+    /// `start_level` (0..=2) made of `root_tables` concatenated tables (1, 2, 4, 8 or
+    /// 16; more than 1 only when one table at that level cannot resolve the input
+    /// size, and never at level 0, Arm ARM D8.2.6).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for any other combination.
+    pub const fn new(input_bits: u8, start_level: u8, root_tables: u8) -> Result<Self, Error> {
+        if input_bits < 25 || input_bits > 48 || start_level > 2 {
+            return Err(Error::InvalidConfig);
+        }
+        if !root_tables.is_power_of_two() || root_tables > 16 {
+            return Err(Error::InvalidConfig);
+        }
+        let shift = desc::level_shift(start_level);
+        let extra = root_tables.trailing_zeros();
+        let bits = input_bits as u32;
+        // The root resolves bits [input_bits-1 : shift]: more than one entry's worth,
+        // at most what the (concatenated) root holds, and concatenation only when one
+        // table would not do.
+        let ok = bits > shift
+            && bits <= shift + 9 + extra
+            && (root_tables == 1 || (start_level > 0 && bits == shift + 9 + extra));
+        if !ok {
+            return Err(Error::InvalidConfig);
+        }
+        Ok(Geometry {
+            input_bits,
+            start_level,
+            root_tables,
+        })
+    }
+
+    /// Input address bits: the table translates `0 .. 1 << input_bits`.
+    #[must_use]
+    pub const fn input_bits(&self) -> u8 {
+        self.input_bits
+    }
+
+    /// Level of the root table (0..=2).
+    #[must_use]
+    pub const fn start_level(&self) -> u8 {
+        self.start_level
+    }
+
+    /// Number of concatenated root tables (1, or up to 16 for stage 2).
+    #[must_use]
+    pub const fn root_tables(&self) -> u8 {
+        self.root_tables
+    }
+
     /// Stage-1 geometry (no concatenation) for `input_bits` of VA, 25..=48.
     ///
     /// # Errors
@@ -36,11 +87,7 @@ impl Geometry {
         } else {
             2
         };
-        Ok(Geometry {
-            input_bits,
-            start_level,
-            root_tables: 1,
-        })
+        Self::new(input_bits, start_level, 1)
     }
 
     /// Stage-2 geometry for `input_bits` of IPA, 25..=48: the start level with the
@@ -76,11 +123,7 @@ impl Geometry {
         } else {
             (0, 1)
         };
-        Ok(Geometry {
-            input_bits,
-            start_level,
-            root_tables,
-        })
+        Self::new(input_bits, start_level, root_tables)
     }
 
     /// Number of entries of the (concatenated) root table.
@@ -116,7 +159,23 @@ const WALK_ATTRS: u64 = (0b01 << 8) | (0b01 << 10) | (0b11 << 12);
 /// A translation regime: how descriptors and TLB maintenance look for one kind of table.
 ///
 /// Implemented by [`El2`], [`Stage2`] and [`El1`].
-pub trait Regime {
+///
+/// # Safety
+///
+/// The crate frees table frames once the maintenance a regime asks for has run, and
+/// `arch::ArmTlb` loads the translation registers of [`tlb_context`](Self::tlb_context),
+/// so an implementation must guarantee that:
+///
+/// - [`tlbi_entry`](Self::tlbi_entry), [`tlbi_range`](Self::tlbi_range) (followed by
+///   [`tlbi_after_entries`](Self::tlbi_after_entries)) and [`tlbi_all`](Self::tlbi_all)
+///   remove every TLB and walk-cache entry of this table for the addresses they name
+///   (non-leaf forms: walk-cache entries too), and nothing of other tables that
+///   they must keep;
+/// - [`tlb_context`](Self::tlb_context) names the table rooted at `root` (and its
+///   valid configuration), never other tables;
+/// - [`encode`](Self::encode) returns attribute bits only (the crate masks the output
+///   address and type bits) and [`geometry`](Self::geometry) the table's real shape.
+pub unsafe trait Regime {
     /// Short name used in dumps.
     const NAME: &'static str;
 
@@ -139,25 +198,32 @@ pub trait Regime {
     /// Attributes of a valid leaf descriptor written by [`encode`](Self::encode).
     fn decode(&self, desc: u64) -> Attributes;
 
-    /// Invalidation of the entries for one input address of the table rooted at `root`.
-    fn tlbi_entry(&self, root: u64, addr: u64, leaf: bool) -> TlbOp;
+    /// Invalidation of the entries for one input address.
+    fn tlbi_entry(&self, addr: u64, leaf: bool) -> TlbOp;
 
     /// Invalidation of the entries for `pages` 4 KiB pages from `addr` (FEAT_TLBIRANGE),
     /// used when the table was told to use ranges. The default invalidates everything
     /// ([`tlbi_all`](Self::tlbi_all)), which is correct for any regime.
-    fn tlbi_range(&self, root: u64, addr: u64, pages: u64, leaf: bool) -> TlbOp {
+    fn tlbi_range(&self, addr: u64, pages: u64, leaf: bool) -> TlbOp {
         let _ = (addr, pages, leaf);
-        self.tlbi_all(root)
+        self.tlbi_all()
     }
 
-    /// Invalidation of everything the table rooted at `root` may have in the TLBs.
-    fn tlbi_all(&self, root: u64) -> TlbOp;
+    /// Invalidation of everything the table may have in the TLBs.
+    fn tlbi_all(&self) -> TlbOp;
 
     /// Extra invalidation needed after a batch of [`tlbi_entry`](Self::tlbi_entry) or
     /// [`tlbi_range`](Self::tlbi_range) operations (stage 2: the combined stage 1+2
     /// entries).
-    fn tlbi_after_entries(&self, _root: u64) -> Option<TlbOp> {
+    fn tlbi_after_entries(&self) -> Option<TlbOp> {
         None
+    }
+
+    /// The context the table's maintenance runs in (stage 2: its `VTTBR_EL2` and
+    /// `VTCR_EL2`).
+    fn tlb_context(&self, root: u64) -> TlbContext {
+        let _ = root;
+        TlbContext::Current
     }
 }
 
@@ -220,7 +286,9 @@ impl El2 {
     }
 }
 
-impl Regime for El2 {
+// SAFETY: the encodings and invalidations follow the Arm ARM sections cited on the
+// type; the TLB context is the table's own.
+unsafe impl Regime for El2 {
     const NAME: &'static str = "EL2";
 
     fn geometry(&self) -> Result<Geometry, Error> {
@@ -266,15 +334,15 @@ impl Regime for El2 {
         }
     }
 
-    fn tlbi_entry(&self, _root: u64, va: u64, leaf: bool) -> TlbOp {
+    fn tlbi_entry(&self, va: u64, leaf: bool) -> TlbOp {
         TlbOp::El2Va { va, leaf }
     }
 
-    fn tlbi_range(&self, _root: u64, va: u64, pages: u64, leaf: bool) -> TlbOp {
+    fn tlbi_range(&self, va: u64, pages: u64, leaf: bool) -> TlbOp {
         TlbOp::El2Range { va, pages, leaf }
     }
 
-    fn tlbi_all(&self, _root: u64) -> TlbOp {
+    fn tlbi_all(&self) -> TlbOp {
         TlbOp::El2All
     }
 }
@@ -295,8 +363,14 @@ pub struct Stage2 {
 }
 
 impl Stage2 {
-    /// Stage 2 for VMID `vmid` translating `ipa_bits` (25..=48) of IPA to 48-bit PAs.
-    /// VMIDs above 255 select 16-bit VMIDs (`VTCR_EL2.VS`).
+    /// Stage 2 for VMID `vmid` translating `ipa_bits` (25..=48) of IPA to 48-bit PAs,
+    /// with 8-bit VMIDs.
+    ///
+    /// The VMID size (`VTCR_EL2.VS`) is a choice for the whole system, not for one VM:
+    /// with VS = 0 the hardware treats the upper 8 VMID bits as zero, so tables of
+    /// different sizes would share TLB entries. Select 16-bit VMIDs for every table
+    /// with [`with_vmid16`](Self::with_vmid16); a VMID above 255 without it is an
+    /// invalid configuration.
     #[must_use]
     pub const fn new(vmid: u16, ipa_bits: u8) -> Self {
         Stage2 {
@@ -305,7 +379,7 @@ impl Stage2 {
             pa_bits: 48,
             xnx: false,
             fwb: false,
-            vmid16: vmid > 255,
+            vmid16: false,
         }
     }
 
@@ -393,7 +467,9 @@ impl Stage2 {
     }
 }
 
-impl Regime for Stage2 {
+// SAFETY: the encodings and invalidations follow the Arm ARM sections cited on the
+// type; the TLB context is the table's own.
+unsafe impl Regime for Stage2 {
     const NAME: &'static str = "stage 2";
 
     fn geometry(&self) -> Result<Geometry, Error> {
@@ -462,37 +538,37 @@ impl Regime for Stage2 {
         }
     }
 
-    fn tlbi_entry(&self, root: u64, ipa: u64, leaf: bool) -> TlbOp {
+    fn tlbi_entry(&self, ipa: u64, leaf: bool) -> TlbOp {
         TlbOp::Stage2Ipa {
             vmid: self.vmid,
-            vttbr: self.vttbr(root),
             ipa,
             leaf,
         }
     }
 
-    fn tlbi_range(&self, root: u64, ipa: u64, pages: u64, leaf: bool) -> TlbOp {
+    fn tlbi_range(&self, ipa: u64, pages: u64, leaf: bool) -> TlbOp {
         TlbOp::Stage2Range {
             vmid: self.vmid,
-            vttbr: self.vttbr(root),
             ipa,
             pages,
             leaf,
         }
     }
 
-    fn tlbi_all(&self, root: u64) -> TlbOp {
-        TlbOp::Stage2All {
-            vmid: self.vmid,
-            vttbr: self.vttbr(root),
-        }
+    fn tlbi_all(&self) -> TlbOp {
+        TlbOp::Stage2All { vmid: self.vmid }
     }
 
-    fn tlbi_after_entries(&self, root: u64) -> Option<TlbOp> {
-        Some(TlbOp::Stage2Stage1All {
-            vmid: self.vmid,
+    fn tlbi_after_entries(&self) -> Option<TlbOp> {
+        Some(TlbOp::Stage2Stage1All { vmid: self.vmid })
+    }
+
+    fn tlb_context(&self, root: u64) -> TlbContext {
+        TlbContext::Stage2 {
             vttbr: self.vttbr(root),
-        })
+            // `PageTable::new` validated the configuration.
+            vtcr: self.vtcr().unwrap_or_default(),
+        }
     }
 }
 
@@ -511,14 +587,18 @@ pub struct El1 {
 
 impl El1 {
     /// EL1&0 regime (lower VA range, `TTBR0_EL1`) for `asid`, `va_bits` (25..=48) of
-    /// VA, 48-bit output. ASIDs above 255 select 16-bit ASIDs (`TCR_EL1.AS`).
+    /// VA, 48-bit output, with 8-bit ASIDs.
+    ///
+    /// As for VMIDs, the ASID size (`TCR_EL1.AS`) is a choice for the whole system:
+    /// select 16-bit ASIDs with [`with_asid16`](Self::with_asid16); an ASID above 255
+    /// without it is an invalid configuration.
     #[must_use]
     pub const fn new(asid: u16, va_bits: u8) -> Self {
         El1 {
             asid,
             va_bits,
             pa_bits: 48,
-            asid16: asid > 255,
+            asid16: false,
         }
     }
 
@@ -572,7 +652,9 @@ impl El1 {
     }
 }
 
-impl Regime for El1 {
+// SAFETY: the encodings and invalidations follow the Arm ARM sections cited on the
+// type; the TLB context is the table's own.
+unsafe impl Regime for El1 {
     const NAME: &'static str = "EL1&0";
 
     fn geometry(&self) -> Result<Geometry, Error> {
@@ -633,7 +715,7 @@ impl Regime for El1 {
         }
     }
 
-    fn tlbi_entry(&self, _root: u64, va: u64, leaf: bool) -> TlbOp {
+    fn tlbi_entry(&self, va: u64, leaf: bool) -> TlbOp {
         TlbOp::El1Va {
             asid: self.asid,
             va,
@@ -641,7 +723,7 @@ impl Regime for El1 {
         }
     }
 
-    fn tlbi_range(&self, _root: u64, va: u64, pages: u64, leaf: bool) -> TlbOp {
+    fn tlbi_range(&self, va: u64, pages: u64, leaf: bool) -> TlbOp {
         TlbOp::El1Range {
             asid: self.asid,
             va,
@@ -650,7 +732,7 @@ impl Regime for El1 {
         }
     }
 
-    fn tlbi_all(&self, _root: u64) -> TlbOp {
+    fn tlbi_all(&self) -> TlbOp {
         TlbOp::El1Asid { asid: self.asid }
     }
 }

@@ -11,9 +11,15 @@ use crate::desc::{self, is_table, level_shift, level_size};
 use crate::error::Error;
 use crate::frame::{FrameAllocator, FRAME_SIZE};
 use crate::regime::{Geometry, Regime};
-use crate::tlb::{TlbBatch, TlbMaintenance, TlbOp, DEFAULT_TLBI_THRESHOLD, MAX_TLBI_BATCH};
+use crate::tlb::{
+    publish, TlbBatch, TlbMaintenance, TlbOp, TlbSequence, DEFAULT_TLBI_THRESHOLD, MAX_TLBI_BATCH,
+};
 
 const ENTRIES: usize = 512;
+/// Bytes of a level-2 block.
+const L2_BLOCK: u64 = level_size(2);
+/// Bytes of a level-1 block.
+const L1_BLOCK: u64 = level_size(1);
 
 /// Table addresses [`Ctx`] keeps on the stack before spilling them into a freed frame.
 const FREE_CHUNK: usize = 64;
@@ -90,7 +96,21 @@ impl View {
     }
 }
 
-/// Entry `i` of the table that replaces block `block` with entries at `level`.
+/// Checks a table frame (run of `len` bytes) from the allocator: aligned to `len`
+/// (a power of two) and entirely below `1 << out_bits`, so that a table descriptor
+/// holds its address (bits \[47:12\]) and a walk of it takes no address-size fault
+/// (Arm ARM D8.2, "Output address size").
+#[inline(always)]
+fn check_frame(pa: u64, len: u64, out_bits: u8) -> Result<(), Error> {
+    let beyond = pa
+        .checked_add(len - 1)
+        .is_none_or(|last| last >> out_bits != 0);
+    if pa & (len - 1) != 0 || beyond {
+        return Err(Error::InvalidFrame { pa });
+    }
+    Ok(())
+}
+
 /// The entries `lo..hi` among `first..=last` of a table whose entry 0 starts at `base`
 /// (each entry spans `1 << shift` bytes) that lie entirely inside `[va, end)`: only the
 /// first and the last entry can be partly covered.
@@ -108,6 +128,7 @@ fn whole_entries(
     (lo, hi)
 }
 
+/// Entry `i` of the table that replaces block `block` with entries at `level`.
 #[inline(always)]
 fn split_entry(block: u64, level: u8, i: usize) -> u64 {
     let ty = if level == 3 {
@@ -157,7 +178,7 @@ pub struct PageTable<R: Regime, A: FrameAllocator, T: TlbMaintenance> {
     alloc: A,
     tlb: T,
     geo: Geometry,
-    /// `level_shift(geo.start_level)`, kept for the lookup path.
+    /// `level_shift(geo.start_level())`, kept for the lookup path.
     root_shift: u32,
     /// The last attributes encoded and their descriptor bits.
     encoded: Option<(Attributes, u64)>,
@@ -183,29 +204,22 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// if the root cannot be allocated.
     pub fn new(regime: R, mut alloc: A, tlb: T) -> Result<Self, Error> {
         let geo = regime.geometry()?;
-        // The walker relies on these; a `Regime` implemented outside the crate could
-        // claim anything.
-        let shape_ok = geo.start_level <= 2
-            && (25..=48).contains(&geo.input_bits)
-            && geo.root_tables.is_power_of_two()
-            && geo.root_tables <= 16
-            && u32::from(geo.input_bits) >= level_shift(geo.start_level)
-            && geo.root_entries() <= ENTRIES * usize::from(geo.root_tables);
-        if !shape_ok || regime.output_bits() > 48 {
+        let out_bits = regime.output_bits();
+        if !(32..=48).contains(&out_bits) {
             return Err(Error::InvalidConfig);
         }
-        let n = usize::from(geo.root_tables);
+        let n = usize::from(geo.root_tables());
         let root = alloc.alloc_contiguous(n).ok_or(Error::OutOfFrames)?;
-        if root % (n as u64 * FRAME_SIZE) != 0 {
+        if let Err(e) = check_frame(root, n as u64 * FRAME_SIZE, out_bits) {
             alloc.free_contiguous(root, n);
-            return Err(Error::InvalidConfig);
+            return Err(e);
         }
         Ok(PageTable {
             regime,
             alloc,
             tlb,
             geo,
-            root_shift: level_shift(geo.start_level),
+            root_shift: level_shift(geo.start_level()),
             encoded: None,
             root,
             frames: n,
@@ -250,8 +264,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         &mut self.tlb
     }
 
-    /// Sets how many per-address TLB invalidations one operation may issue before it
-    /// invalidates the whole regime (EL2: `TLBI ALLE2IS`; stage 2: `TLBI VMALLS12E1IS`
+    /// Sets how many per-address TLB invalidations one batch (see the
+    /// [crate documentation](crate): the end of an operation, or one table's
+    /// break-before-make changes) may issue before it invalidates the whole regime (EL2: `TLBI ALLE2IS`; stage 2: `TLBI VMALLS12E1IS`
     /// for the VMID; EL1&0: `TLBI ASIDE1IS`) instead. Clamped to 1..=[`MAX_TLBI_BATCH`].
     pub fn set_tlbi_threshold(&mut self, n: usize) {
         self.tlbi_threshold = n.clamp(1, MAX_TLBI_BATCH);
@@ -264,7 +279,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// page or a whole-regime invalidation, and the threshold of
     /// [`set_tlbi_threshold`](Self::set_tlbi_threshold) counts runs. Only turn it on
     /// when every PE that may use the table implements FEAT_TLBIRANGE
-    /// (`ID_AA64ISAR0_EL1.TLB` = 0b0010; `arch::has_tlbi_range` (feature `arm-el2`) reads it).
+    /// (`ID_AA64ISAR0_EL1.TLB` >= 0b0010, see [`tlbi_range_supported`](crate::tlbi_range_supported); `arch::has_tlbi_range` (feature `arm-el2`) reads it).
     pub fn set_tlbi_range(&mut self, on: bool) {
         self.tlbi_range = on;
     }
@@ -335,8 +350,15 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         }
         let blocks = !flags.contains(MapFlags::NO_BLOCKS);
         let replace = flags.contains(MapFlags::REPLACE);
-        if size == FRAME_SIZE {
-            if let Some(result) = self.map_one(va, pa, bits, blocks, replace) {
+        // One entry: a page, or a block where blocks are allowed and fit.
+        let leaf = match size {
+            FRAME_SIZE => 3,
+            L2_BLOCK if blocks && (va | pa) % L2_BLOCK == 0 => 2,
+            L1_BLOCK if blocks && (va | pa) % L1_BLOCK == 0 && self.root_shift >= 30 => 1,
+            _ => 0,
+        };
+        if leaf != 0 {
+            if let Some(result) = self.map_entry(va, pa, bits, leaf, blocks, replace) {
                 return result;
             }
         }
@@ -361,7 +383,76 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         if size == 0 {
             return Ok(());
         }
+        if size == FRAME_SIZE && self.unmap_page(va) {
+            return Ok(());
+        }
         self.run(Op::Unmap, va, end)
+    }
+
+    /// Unmaps the page at `va` when it is a level-3 page or a hole: one walk down,
+    /// then back up along the path, counting entries off and detaching tables that
+    /// became empty; `false` (nothing done) when a block must be split.
+    #[inline]
+    fn unmap_page(&mut self, va: u64) -> bool {
+        // Entry pointers of the walk, from the root's down to the page's.
+        let mut path = [ptr::null_mut::<u64>(); 4];
+        let mut shift = self.root_shift;
+        let mut tbl = self.ptr(self.root);
+        let mut idx = (va >> shift) as usize;
+        let mut depth = 0;
+        loop {
+            // SAFETY: `tbl` is a table frame of this table and `idx` is within it
+            // (root: `va` is below the input size; other levels: masked to 0..512).
+            let p = unsafe { tbl.add(idx) };
+            // SAFETY: as above.
+            let e = unsafe { p.read() };
+            if e & desc::VALID == 0 {
+                // A hole: nothing to do.
+                return true;
+            }
+            path[depth & 3] = p;
+            if shift == 12 {
+                break;
+            }
+            if e & 0b10 == 0 {
+                return false;
+            }
+            depth += 1;
+            tbl = self.ptr(e & desc::OA_MASK);
+            shift -= 9;
+            idx = ((va >> shift) & 511) as usize;
+        }
+        // SAFETY: `path[depth]` is the page's entry.
+        unsafe { path[depth & 3].write_volatile(0) };
+        // Up the path: one entry fewer in each table until one keeps some.
+        let mut freed = [0u64; 3];
+        let mut nfreed = 0;
+        while depth > 0 {
+            depth -= 1;
+            let p = path[depth & 3];
+            // SAFETY: `p` is the entry pointing to the table just changed.
+            let e = unsafe { p.read() };
+            if desc::count(e) > 1 {
+                // SAFETY: as above; only the count (ignored by the hardware) changes.
+                unsafe { p.write_volatile(e - (1 << desc::COUNT_SHIFT)) };
+                break;
+            }
+            // The table became empty: detach it.
+            // SAFETY: as above.
+            unsafe { p.write_volatile(0) };
+            freed[nfreed.min(2)] = e & desc::OA_MASK;
+            nfreed += 1;
+        }
+        // One invalidation of `va`, the whole batch: leaf-only, or with walk caches
+        // when tables were detached (a non-leaf TLBI of an address removes the
+        // walk-cache entries of every table on its path).
+        self.sync_one(va, nfreed == 0);
+        // Only now, after the synchronisation, are the detached tables unreachable.
+        for &pa in &freed[..nfreed.min(3)] {
+            self.alloc.free_frame(pa);
+        }
+        self.frames -= nfreed;
+        true
     }
 
     /// Sets the attributes (permissions, memory type and software bits) of every
@@ -381,7 +472,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     }
 
     /// Sets the software bits of every mapping in `va .. va + size`; holes are
-    /// skipped. Issues no TLB invalidation (the hardware ignores these bits).
+    /// skipped. Changing only software bits needs no TLB invalidation (the hardware
+    /// ignores them), but a block straddling the range boundary is split first, with
+    /// break-before-make and its invalidation.
     ///
     /// # Errors
     /// [`Error::Misaligned`], [`Error::OutOfRange`], [`Error::OutOfFrames`] (a block
@@ -394,93 +487,114 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         self.run(Op::SetSw { sw: sw.to_desc() }, va, end)
     }
 
-    /// Maps one page when that only means filling an invalid level-3 entry, creating
-    /// the missing tables below it; `None` when the general walker is needed (an
-    /// existing leaf on the path, or a level-3 table this page could make uniform).
+    /// Maps one leaf at `leaf` (3: a page, 2 or 1: a block) when that only means
+    /// filling an invalid entry, creating the missing tables above it; `None` when the
+    /// general walker is needed (an existing leaf on the path, or an entry that would
+    /// complete a table that could then be merged into a block).
     #[inline(always)]
-    fn map_one(
+    fn map_entry(
         &mut self,
         va: u64,
         pa: u64,
         bits: u64,
+        leaf: u8,
         blocks: bool,
         replace: bool,
     ) -> Option<Result<(), Error>> {
+        let leaf_shift = level_shift(leaf);
         let mut shift = self.root_shift;
         let mut tbl = self.ptr(self.root);
         let mut idx = (va >> shift) as usize;
-        let page = pa | bits | desc::TABLE_OR_PAGE;
+        // The entry pointing to `tbl` (null for the root, whose count is not kept).
+        let mut parent: *mut u64 = ptr::null_mut();
+        let new_leaf = leaf_desc(leaf, pa, bits);
+        // NO_BLOCKS pages pin their level-3 table (never merged).
+        let pin = if blocks || leaf != 3 { 0 } else { desc::PINNED };
         loop {
             // SAFETY: `tbl` is a table frame of this table and `idx` is within it
             // (root: `va` is below the input size; other levels: masked to 0..512).
             let e = unsafe { tbl.add(idx).read() };
-            if shift == 12 {
-                if e != 0 {
-                    return if replace {
-                        None
-                    } else {
-                        Some(Err(Error::AlreadyMapped { va }))
-                    };
+            if shift == leaf_shift || e & desc::VALID == 0 {
+                if e == 0 {
+                    break;
                 }
-                // With a valid neighbour this page might complete a uniform table:
-                // let the general walker decide about merging.
-                // SAFETY: as above, `idx ^ 1` is within the same table.
-                if blocks && unsafe { tbl.add(idx ^ 1).read() } & desc::VALID != 0 {
-                    return None;
-                }
-                // SAFETY: as above.
-                unsafe { tbl.add(idx).write_volatile(page) };
-                self.tlb.execute(&[TlbOp::DsbIshSt, TlbOp::Isb]);
-                return Some(Ok(()));
-            }
-            if e & desc::VALID == 0 {
-                break;
+                // A leaf maps `va` itself; a table (a block's place holding pages)
+                // is the general walker's: it finds the first mapped address.
+                return if replace || is_table(e, 3 - ((shift - 12) / 9) as u8) {
+                    None
+                } else {
+                    Some(Err(Error::AlreadyMapped { va }))
+                };
             }
             if e & 0b10 == 0 {
                 // A block on the way: the general walker handles conflicts and splits.
                 return None;
             }
+            parent = tbl.wrapping_add(idx);
             tbl = self.ptr(e & desc::OA_MASK);
             shift -= 9;
             idx = ((va >> shift) & 511) as usize;
         }
-        // Entry `idx` of `tbl` (above level 3) is invalid: build the missing tables
-        // off-line, then publish them with one write.
-        // At most 3 (start level 0); `min` lets the compiler drop the bounds checks.
-        let needed = (((shift - 12) / 9) as usize).min(3);
+        // Entry `idx` of `tbl` is invalid. The tables still missing between it and the
+        // leaf: at most 3 (start level 0); `min` lets the compiler drop bounds checks.
+        let needed = (((shift - leaf_shift) / 9) as usize).min(3);
+        if needed == 0 && !parent.is_null() {
+            // SAFETY: `parent` is the entry of this table that points to `tbl`.
+            let p = unsafe { parent.read() };
+            if blocks && desc::count(p) == ENTRIES as u32 - 1 {
+                // This leaf fills the table: the general walker may merge it.
+                return None;
+            }
+        }
         let mut frames = [0u64; 3];
         for k in 0..needed {
-            match self.alloc.alloc_frame() {
-                Some(f) => frames[k] = f,
-                None => {
+            match self.new_frame() {
+                Ok(f) => frames[k] = f,
+                Err(e) => {
                     for &f in &frames[..k] {
                         self.alloc.free_frame(f);
                     }
-                    return Some(Err(Error::OutOfFrames));
+                    return Some(Err(e));
                 }
             }
         }
-        let mut d = page;
-        let mut s = 12;
+        // Build the missing tables off-line (one entry each), then publish them with
+        // one write.
+        let mut d = new_leaf;
+        let mut s = leaf_shift;
         for k in (0..needed).rev() {
             let i = ((va >> s) & 511) as usize;
             // SAFETY: `frames[k]` is a fresh zeroed frame nobody walks yet.
             unsafe { self.ptr(frames[k]).add(i).write(d) };
-            d = frames[k] | desc::TABLE_OR_PAGE;
+            let pinned = if k + 1 == needed { pin } else { 0 };
+            d = frames[k] | pinned | (1 << desc::COUNT_SHIFT) | desc::TABLE_OR_PAGE;
             s += 9;
         }
-        // Publish the new tables' contents before the pointer to them.
-        fence(Ordering::Release);
+        if needed > 0 {
+            // Publish the new tables' contents before the pointer to them.
+            fence(Ordering::Release);
+        }
         // SAFETY: `tbl`/`idx` as in the loop above.
         unsafe { tbl.add(idx).write_volatile(d) };
+        if !parent.is_null() {
+            // One more non-zero entry in `tbl` (and its pin, for a page written into an
+            // existing level-3 table): bits the hardware ignores.
+            let pinned = if needed == 0 { pin } else { 0 };
+            // SAFETY: `parent` is the entry of this table that points to `tbl`.
+            unsafe {
+                let p = parent.read();
+                parent.write_volatile((p + (1 << desc::COUNT_SHIFT)) | pinned);
+            }
+        }
         self.frames += needed;
-        self.tlb.execute(&[TlbOp::DsbIshSt, TlbOp::Isb]);
+        publish(&mut self.tlb);
         Some(Ok(()))
     }
 
-    /// Merges every table in `va .. va + size` that maps one aligned, contiguous range
-    /// with identical attributes into a block (1 GiB / 2 MiB), with break-before-make,
-    /// and frees the merged tables. `map` does this by itself; `protect` and
+    /// Merges every table whose whole span lies in `va .. va + size` and that maps one
+    /// aligned, contiguous range with identical attributes into a block (1 GiB /
+    /// 2 MiB), with break-before-make, and frees the merged tables. Tables holding
+    /// pages mapped with [`MapFlags::NO_BLOCKS`] are never merged. `map` does this by itself; `protect` and
     /// `set_sw_bits` never do, so call this after they made a range uniform again.
     ///
     /// # Errors
@@ -491,6 +605,31 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             return Ok(());
         }
         self.run(Op::Coalesce, va, end)
+    }
+
+    /// The maintenance for one changed entry at `va` (Arm ARM D8.17, D8.16: DSB ISHST
+    /// before the TLBI, DSB ISH after it, ISB): what a [`TlbBatch`] with one note
+    /// emits, without its bookkeeping.
+    #[inline]
+    fn sync_one(&mut self, va: u64, leaf: bool) {
+        let entry = self.regime.tlbi_entry(va, leaf);
+        let mut ops = [
+            TlbOp::DsbIshSt,
+            entry,
+            TlbOp::DsbIsh,
+            TlbOp::Isb,
+            TlbOp::DsbIsh,
+            TlbOp::Isb,
+        ];
+        let n = match self.regime.tlbi_after_entries() {
+            Some(after) => {
+                ops[3] = after;
+                6
+            }
+            None => 4,
+        };
+        let seq = TlbSequence::new(&ops[..n], self.regime.tlb_context(self.root));
+        self.tlb.execute(&seq);
     }
 
     /// Dry pass, frame reservation, apply pass, TLB maintenance, frees.
@@ -507,21 +646,24 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             batch: TlbBatch::new(self.tlbi_threshold, self.tlbi_range),
         };
         let root = View::Real(self.ptr(self.root));
-        let start = self.geo.start_level;
+        let start = self.geo.start_level();
         self.visit::<true>(&mut cx, root, start, 0, va, end, true)?;
         for _ in 0..cx.frames_needed {
-            match self.alloc.alloc_frame() {
-                Some(pa) => self.push(&mut cx.reserve, pa),
-                None => {
+            match self.new_frame() {
+                Ok(pa) => self.push(&mut cx.reserve, pa),
+                Err(e) => {
                     while cx.reserve != 0 {
                         let pa = self.pop(&mut cx.reserve);
                         self.alloc.free_frame(pa);
                     }
-                    return Err(Error::OutOfFrames);
+                    return Err(e);
                 }
             }
         }
-        let result = self.visit::<false>(&mut cx, root, start, 0, va, end, true);
+        // The root's count is not kept (it has no parent descriptor).
+        let result = self
+            .visit::<false>(&mut cx, root, start, 0, va, end, true)
+            .map(|_| ());
         debug_assert!(
             result.is_ok(),
             "apply pass failed after a successful dry pass"
@@ -552,6 +694,18 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         }
         self.frames = self.frames + cx.taken - cx.freed;
         result
+    }
+
+    /// One frame from the allocator, checked by [`check_frame`] (and given back if
+    /// unusable).
+    #[inline]
+    fn new_frame(&mut self) -> Result<u64, Error> {
+        let pa = self.alloc.alloc_frame().ok_or(Error::OutOfFrames)?;
+        if let Err(e) = check_frame(pa, FRAME_SIZE, self.regime.output_bits()) {
+            self.alloc.free_frame(pa);
+            return Err(e);
+        }
+        Ok(pa)
     }
 
     #[inline(always)]
@@ -634,7 +788,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         va: u64,
         end: u64,
         live: bool,
-    ) -> Result<(), Error> {
+    ) -> Result<i32, Error> {
         let shift = level_shift(level);
         let size = level_size(level);
         let first = ((va - base) >> shift) as usize;
@@ -644,22 +798,28 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             _ => ptr::null_mut(),
         };
         let mut bbm = false;
+        // Net change of the number of non-zero entries of this table.
+        let mut filled = 0i32;
 
         // A new level-3 table needs no frames and cannot conflict.
         if DRY && level == 3 && matches!(view, View::Empty) {
-            return Ok(());
+            return Ok(0);
         }
 
         // Fast path: filling a run of level-3 entries of a table nobody walks yet.
         if !DRY && level == 3 && !live {
             if let Op::Map { delta, bits, .. } = cx.op {
-                let mut d = leaf_desc(3, base.wrapping_add(delta) + ((first as u64) << 12), bits);
+                // The output may lie below the input: only the sum wraps back into range.
+                let out = (base + ((first as u64) << 12)).wrapping_add(delta);
+                let mut d = leaf_desc(3, out, bits);
                 for i in first..=last {
                     // SAFETY: `tbl` is a fresh level-3 table frame of 512 entries.
                     unsafe { tbl.add(i).write(d) };
                     d += FRAME_SIZE;
                 }
-                return Ok(());
+                // Entries filled in an empty table (`descend` knows a split table
+                // stays full under `map`).
+                return Ok((last + 1 - first) as i32);
             }
         }
 
@@ -701,16 +861,19 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         let i = $i;
                         let (eva, e, s, t, covered) = entry!(i);
                         if is_table(e, level) {
-                            self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                            filled += self
+                                .descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
                         } else if e != 0 && !replace {
                             return Err(Error::AlreadyMapped { va: s });
                         } else if leaves_here && covered {
                             if !DRY {
                                 let new = eva.wrapping_add(delta) | bits | ty;
-                                self.change(cx, tbl, i, e, new, level, eva, live, &mut bbm);
+                                filled +=
+                                    self.change(cx, tbl, i, e, new, level, eva, live, &mut bbm);
                             }
                         } else {
-                            self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                            filled += self
+                                .descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
                         }
                     }};
                 }
@@ -750,6 +913,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                                         tbl.add(i).write(d);
                                     }
                                 }
+                                filled += 1;
                             }
                             d = d.wrapping_add(size);
                         }
@@ -771,13 +935,15 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         } else if is_table(e, level) && covered {
                             if !DRY {
                                 self.detach(cx, tbl, i, e, level, eva, live);
+                                filled -= 1;
                             }
                         } else if covered {
                             if !DRY {
-                                self.change(cx, tbl, i, e, 0, level, eva, live, &mut bbm);
+                                filled += self.change(cx, tbl, i, e, 0, level, eva, live, &mut bbm);
                             }
                         } else {
-                            self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                            filled += self
+                                .descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
                         }
                     }};
                 }
@@ -806,6 +972,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                                 }
                                 // SAFETY: `tbl` is this table's frame, `j` within it.
                                 unsafe { tbl.add(j).write_volatile(0) };
+                                filled -= 1;
                                 if e & 0b10 != 0 {
                                     self.queue_free(cx, e & desc::OA_MASK);
                                 }
@@ -820,8 +987,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         let eva = base + ((i as u64) << shift);
                         if is_table(e, level) {
                             self.detach(cx, tbl, i, e, level, eva, live);
+                            filled -= 1;
                         } else {
-                            self.change(cx, tbl, i, e, 0, level, eva, live, &mut bbm);
+                            filled += self.change(cx, tbl, i, e, 0, level, eva, live, &mut bbm);
                         }
                     }
                     for i in hi.max(lo.min(last + 1))..=last {
@@ -831,12 +999,13 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             }
             Op::Coalesce => {
                 if DRY {
-                    return Ok(());
+                    return Ok(0);
                 }
                 for i in first..=last {
                     let (eva, e, s, t, _) = entry!(i);
                     if is_table(e, level) {
-                        self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                        filled +=
+                            self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
                     }
                 }
             }
@@ -854,17 +1023,19 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         if e & desc::VALID == 0 {
                         } else if is_table(e, level) {
                             if !(DRY && covered) {
-                                self.descend::<DRY>(
+                                filled += self.descend::<DRY>(
                                     cx, view, i, e, level, eva, s, t, live, &mut bbm,
                                 )?;
                             }
                         } else if new == e {
                         } else if covered {
                             if !DRY {
-                                self.change(cx, tbl, i, e, new, level, eva, live, &mut bbm);
+                                filled +=
+                                    self.change(cx, tbl, i, e, new, level, eva, live, &mut bbm);
                             }
                         } else {
-                            self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                            filled += self
+                                .descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
                         }
                     }};
                 }
@@ -925,7 +1096,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             }
             cx.batch.wrote();
         }
-        Ok(())
+        Ok(filled)
     }
 
     /// Handles entry `i` (descriptor `e`) of a table at `level` by working in the
@@ -945,7 +1116,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         t: u64,
         live: bool,
         bbm: &mut bool,
-    ) -> Result<(), Error> {
+    ) -> Result<i32, Error> {
         let cl = level + 1;
         if DRY {
             let child = if is_table(e, level) {
@@ -958,13 +1129,15 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                     View::Split { desc: e, level: cl }
                 }
             };
-            return self.visit::<true>(cx, child, cl, eva, s, t, false);
+            self.visit::<true>(cx, child, cl, eva, s, t, false)?;
+            return Ok(0);
         }
         let tbl = match view {
             View::Real(p) => p,
-            _ => return Ok(()),
+            _ => return Ok(0),
         };
-        let (child_pa, child_live) = if is_table(e, level) {
+        let was_table = is_table(e, level);
+        let (child_pa, child_live) = if was_table {
             (e & desc::OA_MASK, live)
         } else {
             let Some(pa) = self.take_frame(cx) else {
@@ -980,42 +1153,62 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             (pa, false)
         };
         let cp = self.ptr(child_pa);
-        self.visit::<false>(cx, View::Real(cp), cl, eva, s, t, child_live)?;
+        let filled = self.visit::<false>(cx, View::Real(cp), cl, eva, s, t, child_live)?;
 
-        let table_desc = child_pa | desc::TABLE_OR_PAGE;
+        // The child's count of non-zero entries: kept in the descriptor, so no
+        // operation scans a table to learn whether it became empty or full. A block
+        // split under `map` stays full (its entries are only replaced).
+        let count = if was_table {
+            desc::count(e) as i32 + filled
+        } else if e == 0 {
+            filled
+        } else if matches!(cx.op, Op::Map { .. }) {
+            ENTRIES as i32
+        } else {
+            ENTRIES as i32 + filled
+        };
+        debug_assert!((0..=ENTRIES as i32).contains(&count), "entry count {count}");
+        let mut pin = if was_table { e & desc::PINNED } else { 0 };
+        if cl == 3 && matches!(cx.op, Op::Map { blocks: false, .. }) {
+            pin = desc::PINNED;
+        }
+        let table_desc =
+            child_pa | pin | ((count as u64) << desc::COUNT_SHIFT) | desc::TABLE_OR_PAGE;
         let mut new = table_desc;
         match cx.op {
-            Op::Unmap => {
-                // SAFETY: `cp` is the child table frame, 512 entries, not otherwise
-                // accessed while this shared view exists.
-                let entries = unsafe { core::slice::from_raw_parts(cp, ENTRIES) };
-                // Entries entirely inside `s .. t` were just cleared: only the others
-                // (including partly covered ones) can still be valid.
-                let cs = level_shift(cl);
-                let a = ((s - eva + level_size(cl) - 1) >> cs) as usize;
-                let b = (((t - eva) >> cs) as usize).max(a);
-                // OR-reduce without early exit: vectorises, and tables being emptied
-                // are mostly empty.
-                let or = |x: &[u64]| x.iter().fold(0, |acc, &d| acc | d);
-                let empty = or(&entries[..a]) | or(&entries[b..]) == 0;
-                if empty {
-                    new = 0;
-                }
-            }
-            Op::Map { blocks: true, .. } | Op::Coalesce if level >= 1 => {
-                if let Some(block) = uniform(cp, cl) {
-                    new = block;
+            Op::Unmap if count == 0 => new = 0,
+            Op::Map { blocks: true, .. } | Op::Coalesce
+                if level >= 1 && pin == 0 && count == ENTRIES as i32 =>
+            {
+                // `coalesce` merges only tables its range covers whole.
+                let whole = s == eva && t == eva + level_size(level);
+                if matches!(cx.op, Op::Map { .. }) || whole {
+                    if let Some(block) = uniform(cp, cl) {
+                        new = block;
+                    }
                 }
             }
             _ => {}
         }
-        self.change(cx, tbl, i, e, new, level, eva, live, bbm);
+        if was_table && new == table_desc {
+            // The same table: at most its count or pin changed, bits the hardware
+            // ignores (no maintenance, Arm ARM D8.3.1).
+            if new != e {
+                // SAFETY: `tbl` is this table's frame, `i` within it.
+                unsafe { tbl.add(i).write_volatile(new) };
+            }
+            return Ok(0);
+        }
+        // `change` learns from the old descriptor's count whether the table being
+        // replaced still holds leaves: give it the count after this operation.
+        let old = if was_table { table_desc } else { e };
+        let filled = self.change(cx, tbl, i, old, new, level, eva, live, bbm);
         if new != table_desc {
             // The child is unreachable once the maintenance for this change is done;
             // it is freed after the operation's final TLB synchronisation.
             self.queue_free(cx, child_pa);
         }
-        Ok(())
+        Ok(filled)
     }
 
     /// Unmaps the whole table entry `i` (table descriptor `e`): clears it, notes the
@@ -1103,16 +1296,17 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         eva: u64,
         live: bool,
         bbm: &mut bool,
-    ) {
+    ) -> i32 {
         if old == new {
-            return;
+            return 0;
         }
+        let filled = i32::from(new != 0) - i32::from(old != 0);
         // SAFETY: `tbl` is a table frame owned by this table, `i` within it.
         let p = unsafe { tbl.add(i) };
         if !live {
             // SAFETY: as above; nobody walks this table yet.
             unsafe { p.write(new) };
-            return;
+            return filled;
         }
         if is_table(new, level) {
             // Publish the next-level table's contents before the pointer to it.
@@ -1123,21 +1317,15 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             // SAFETY: as above.
             unsafe { p.write_volatile(new) };
             cx.batch.wrote();
-            return;
+            return filled;
         }
         let old_leaf = !is_table(old, level);
         if !old_leaf {
             // A table goes away: its walk-cache entry and every leaf below it.
             let cl = level + 1;
-            let cp = self.ptr(old & desc::OA_MASK);
             // Only a merge replaces a table that still has leaves (`unmap` removes
             // tables once they are empty).
-            let has_leaves = new != 0
-                && (0..ENTRIES).any(|j| {
-                    // SAFETY: `old` points to the child table frame of 512 entries.
-                    let d = unsafe { cp.add(j).read() };
-                    d & desc::VALID != 0
-                });
+            let has_leaves = new != 0 && desc::count(old) != 0;
             if has_leaves {
                 cx.batch.note_many(eva, level_size(cl), ENTRIES, true);
             }
@@ -1167,13 +1355,14 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 cx.batch.wrote();
             }
         }
+        filled
     }
 
     /// Looks up `va`.
     #[must_use]
     #[inline]
     pub fn translate(&self, va: u64) -> Option<Translation> {
-        if va >> self.geo.input_bits != 0 {
+        if va >> self.geo.input_bits() != 0 {
             return None;
         }
         let mut shift = self.root_shift;
@@ -1209,7 +1398,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         if size > 0 {
             self.walk_table(
                 self.ptr(self.root),
-                self.geo.start_level,
+                self.geo.start_level(),
                 0,
                 va,
                 end,
@@ -1309,7 +1498,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> Drop for PageTable<R, A, T
         batch.invalidate_all();
         batch.sync(&self.regime, self.root, &mut self.tlb);
         let root = self.ptr(self.root);
-        let level = self.geo.start_level;
+        let level = self.geo.start_level();
         for j in 0..self.geo.root_entries() {
             // SAFETY: `root` is the root frame(s), `j` below the root entry count.
             let e = unsafe { root.add(j).read() };
@@ -1317,7 +1506,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> Drop for PageTable<R, A, T
                 self.free_subtree(e & desc::OA_MASK, level + 1);
             }
         }
-        let n = usize::from(self.geo.root_tables);
+        let n = usize::from(self.geo.root_tables());
         self.alloc.free_contiguous(self.root, n);
         self.frames -= n;
     }
@@ -1344,9 +1533,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> fmt::Display for PageTable
             "{} table root {:#x}: {}-bit input, start level {}, {} root table(s), {} frame(s)",
             R::NAME,
             self.root,
-            self.geo.input_bits,
-            self.geo.start_level,
-            self.geo.root_tables,
+            self.geo.input_bits(),
+            self.geo.start_level(),
+            self.geo.root_tables(),
             self.frames
         )?;
         let mut run: Option<(Mapping, u64)> = None;

@@ -4,12 +4,96 @@
 extern crate std;
 
 use core::cell::RefCell;
-use std::alloc::{alloc_zeroed, dealloc, Layout};
+use core::ptr;
+use core::sync::atomic::{AtomicPtr, Ordering};
+use std::alloc::{alloc_zeroed, Layout};
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::vec::Vec;
 
 use crate::frame::{FrameAllocator, PhysToVirt, FRAME_SIZE};
-use crate::tlb::{TlbMaintenance, TlbOp};
+use crate::tlb::{TlbContext, TlbMaintenance, TlbOp, TlbSequence};
+
+/// First "physical" address of the simulated physical memory [`HeapFrames`] hands out.
+pub const PHYS_BASE: u64 = 0x4000_0000;
+/// Simulated physical memory grows in chunks of this many bytes (2 MiB).
+const CHUNK: u64 = 2 << 20;
+/// At most this many chunks: PAs stay below `PHYS_BASE + 8 GiB` (35 bits).
+const CHUNKS: usize = 4096;
+
+/// Host memory of each chunk of simulated physical memory, allocated on first use and
+/// never returned (frames are recycled through [`PHYS`]'s free list).
+static CHUNK_MEM: [AtomicPtr<u8>; CHUNKS] = [const { AtomicPtr::new(ptr::null_mut()) }; CHUNKS];
+
+/// Frames of the simulated physical memory that are not allocated.
+struct Phys {
+    /// Single free frames below `bump`.
+    free: Vec<u64>,
+    /// Everything from here on is untouched.
+    bump: u64,
+}
+
+static PHYS: Mutex<Phys> = Mutex::new(Phys {
+    free: Vec::new(),
+    bump: PHYS_BASE,
+});
+
+/// The host pointer of simulated physical address `pa` handed out by a [`HeapFrames`]
+/// pool, or null if `pa` lies outside the simulated physical memory in use.
+#[must_use]
+pub fn frame_ptr(pa: u64) -> *mut u64 {
+    let Some(off) = pa.checked_sub(PHYS_BASE) else {
+        return ptr::null_mut();
+    };
+    let Some(chunk) = CHUNK_MEM.get((off / CHUNK) as usize) else {
+        return ptr::null_mut();
+    };
+    let base = chunk.load(Ordering::Acquire);
+    if base.is_null() {
+        return ptr::null_mut();
+    }
+    // SAFETY: the chunk is `CHUNK` bytes long and `off % CHUNK` lies inside it.
+    unsafe { base.add((off % CHUNK) as usize).cast() }
+}
+
+impl Phys {
+    /// Makes sure the chunk holding `pa` has host memory.
+    fn back(pa: u64) -> Option<()> {
+        let slot = CHUNK_MEM.get(((pa - PHYS_BASE) / CHUNK) as usize)?;
+        if slot.load(Ordering::Acquire).is_null() {
+            let layout = Layout::from_size_align(CHUNK as usize, FRAME_SIZE as usize).ok()?;
+            // SAFETY: `layout` has a non-zero size.
+            let p = unsafe { alloc_zeroed(layout) };
+            if p.is_null() {
+                return None;
+            }
+            slot.store(p, Ordering::Release);
+        }
+        Some(())
+    }
+
+    /// `count` contiguous zeroed frames aligned to `count` frames.
+    fn alloc(&mut self, count: usize) -> Option<u64> {
+        if count == 1 {
+            if let Some(pa) = self.free.pop() {
+                // SAFETY: `pa` is a free frame of a backed chunk: nobody else uses it.
+                unsafe { ptr::write_bytes(frame_ptr(pa).cast::<u8>(), 0, FRAME_SIZE as usize) };
+                return Some(pa);
+            }
+        }
+        let size = count as u64 * FRAME_SIZE;
+        let mut pa = self.bump.next_multiple_of(size);
+        if (pa - PHYS_BASE) / CHUNK != (pa + size - 1 - PHYS_BASE) / CHUNK {
+            pa = pa.next_multiple_of(CHUNK);
+        }
+        Self::back(pa)?;
+        // Frames skipped for the alignment are untouched, hence zero, and free.
+        self.free
+            .extend((self.bump..pa).step_by(FRAME_SIZE as usize));
+        self.bump = pa + size;
+        Some(pa)
+    }
+}
 
 #[derive(Default)]
 struct Inner {
@@ -22,11 +106,13 @@ struct Inner {
     budget: Option<usize>,
 }
 
-/// Frames from the Rust heap; the "physical" address of a frame is its heap address.
+/// Frames of a simulated physical memory kept on the host heap.
 ///
-/// Counts frames and can be told to fail (fault injection). `&HeapFrames` is also a
-/// [`FrameAllocator`], so several tables can share one pool. Frames still allocated
-/// when the pool is dropped are returned to the heap.
+/// Physical addresses are compact, from [`PHYS_BASE`] (1 GiB) up, so tables with any
+/// output size from 32 bits up can use them; [`frame_ptr`] gives the host pointer of
+/// one. Counts frames and can be told to fail (fault injection). `&HeapFrames` is also
+/// a [`FrameAllocator`], so several tables can share one pool. Frames still allocated
+/// when the pool is dropped become free again.
 #[derive(Default)]
 pub struct HeapFrames {
     inner: RefCell<Inner>,
@@ -65,11 +151,6 @@ impl HeapFrames {
         self.inner.borrow().live.keys().copied().collect()
     }
 
-    fn layout(count: usize) -> Option<Layout> {
-        let size = FRAME_SIZE as usize * count;
-        Layout::from_size_align(size, size).ok()
-    }
-
     fn alloc_n(&self, count: usize) -> Option<u64> {
         let mut inner = self.inner.borrow_mut();
         if let Some(b) = inner.budget.as_mut() {
@@ -78,13 +159,7 @@ impl HeapFrames {
             }
             *b -= count;
         }
-        let layout = Self::layout(count)?;
-        // SAFETY: `layout` has a non-zero size.
-        let p = unsafe { alloc_zeroed(layout) };
-        if p.is_null() {
-            return None;
-        }
-        let pa = p as u64;
+        let pa = PHYS.lock().ok()?.alloc(count)?;
         inner.live.insert(pa, count);
         inner.in_use += count;
         inner.allocated += count;
@@ -97,36 +172,42 @@ impl HeapFrames {
             Some(n) if n == count => {
                 inner.in_use -= count;
                 inner.freed += count;
-                if let Some(layout) = Self::layout(count) {
-                    // SAFETY: `pa` came from `alloc_zeroed` with this layout.
-                    unsafe { dealloc(pa as *mut u8, layout) };
-                }
+                release(pa, count);
             }
             other => panic!("HeapFrames: bad free of {pa:#x} x{count} (live: {other:?})"),
         }
     }
 }
 
+/// Gives `count` frames from `pa` back to the simulated physical memory.
+fn release(pa: u64, count: usize) {
+    if let Ok(mut phys) = PHYS.lock() {
+        phys.free
+            .extend((0..count as u64).map(|k| pa + k * FRAME_SIZE));
+    }
+}
+
 impl Drop for HeapFrames {
     fn drop(&mut self) {
-        let live = core::mem::take(&mut self.inner.get_mut().live);
-        for (pa, count) in live {
-            if let Some(layout) = Self::layout(count) {
-                // SAFETY: every live entry came from `alloc_zeroed` with this layout.
-                unsafe { dealloc(pa as *mut u8, layout) };
-            }
+        for (pa, count) in core::mem::take(&mut self.inner.get_mut().live) {
+            release(pa, count);
         }
     }
 }
 
-impl PhysToVirt for HeapFrames {
+// SAFETY: `frame_ptr` reaches the host memory backing each simulated frame, which
+// stays allocated for the life of the process; chunks are contiguous host memory,
+// and contiguous runs never cross a chunk.
+unsafe impl PhysToVirt for HeapFrames {
     #[inline(always)]
     fn phys_to_virt(&self, pa: u64) -> *mut u64 {
-        pa as *mut u64
+        frame_ptr(pa)
     }
 }
 
-impl FrameAllocator for HeapFrames {
+// SAFETY: frames come zeroed and aligned from the process-wide simulated physical
+// memory, which hands each out once until it is released.
+unsafe impl FrameAllocator for HeapFrames {
     fn alloc_frame(&mut self) -> Option<u64> {
         self.alloc_n(1)
     }
@@ -141,14 +222,16 @@ impl FrameAllocator for HeapFrames {
     }
 }
 
-impl PhysToVirt for &HeapFrames {
+// SAFETY: as for `HeapFrames`.
+unsafe impl PhysToVirt for &HeapFrames {
     #[inline(always)]
     fn phys_to_virt(&self, pa: u64) -> *mut u64 {
-        pa as *mut u64
+        frame_ptr(pa)
     }
 }
 
-impl FrameAllocator for &HeapFrames {
+// SAFETY: as for `HeapFrames`.
+unsafe impl FrameAllocator for &HeapFrames {
     fn alloc_frame(&mut self) -> Option<u64> {
         self.alloc_n(1)
     }
@@ -167,6 +250,7 @@ impl FrameAllocator for &HeapFrames {
 #[derive(Default, Debug, Clone)]
 pub struct RecordingTlb {
     sequences: Vec<Vec<TlbOp>>,
+    contexts: Vec<TlbContext>,
 }
 
 impl RecordingTlb {
@@ -179,6 +263,12 @@ impl RecordingTlb {
     /// The recorded sequences, one per [`TlbMaintenance::execute`] call.
     pub fn sequences(&self) -> &[Vec<TlbOp>] {
         &self.sequences
+    }
+
+    /// The context of each recorded sequence (same order as
+    /// [`sequences`](Self::sequences)).
+    pub fn contexts(&self) -> &[TlbContext] {
+        &self.contexts
     }
 
     /// All recorded operations, flattened.
@@ -194,11 +284,13 @@ impl RecordingTlb {
     /// Forgets everything recorded so far.
     pub fn clear(&mut self) {
         self.sequences.clear();
+        self.contexts.clear();
     }
 }
 
 impl TlbMaintenance for RecordingTlb {
-    fn execute(&mut self, ops: &[TlbOp]) {
-        self.sequences.push(ops.to_vec());
+    fn execute(&mut self, seq: &TlbSequence<'_>) {
+        self.sequences.push(seq.ops().to_vec());
+        self.contexts.push(seq.context());
     }
 }

@@ -26,31 +26,25 @@ pub enum TlbOp {
     /// EL2 stage 1, everything: `TLBI ALLE2IS`.
     El2All,
     /// Stage 2, one IPA: `TLBI IPAS2LE1IS` if `leaf`, else `TLBI IPAS2E1IS`.
-    /// Must run with `vttbr` loaded in `VTTBR_EL2` (TLBI by IPA only hits the current VMID).
+    /// Runs in the table's [`TlbContext::Stage2`] (TLBI by IPA only hits the current VMID).
     Stage2Ipa {
-        /// VMID of the table (also in `vttbr` bits \[63:48\]).
+        /// VMID of the table.
         vmid: u16,
-        /// The table's full `VTTBR_EL2` value.
-        vttbr: u64,
         /// Intermediate physical address.
         ipa: u64,
         /// Only leaf entries need invalidating.
         leaf: bool,
     },
-    /// Stage 1 of the VM (combined stage 1+2 entries): `TLBI VMALLE1IS` with `vttbr` current.
+    /// Stage 1 of the VM (combined stage 1+2 entries): `TLBI VMALLE1IS` in the table's context.
     /// Follows [`TlbOp::Stage2Ipa`] operations, which do not touch combined entries.
     Stage2Stage1All {
         /// VMID of the table.
         vmid: u16,
-        /// The table's full `VTTBR_EL2` value.
-        vttbr: u64,
     },
-    /// Everything of one VM, stage 1 and stage 2: `TLBI VMALLS12E1IS` with `vttbr` current.
+    /// Everything of one VM, stage 1 and stage 2: `TLBI VMALLS12E1IS` in the table's context.
     Stage2All {
         /// VMID of the table.
         vmid: u16,
-        /// The table's full `VTTBR_EL2` value.
-        vttbr: u64,
     },
     /// EL1&0 stage 1, one address of one ASID: `TLBI VALE1IS` if `leaf`, else `TLBI VAE1IS`.
     El1Va {
@@ -78,13 +72,11 @@ pub enum TlbOp {
     },
     /// Stage 2, `pages` 4 KiB pages of IPA from `ipa` (FEAT_TLBIRANGE):
     /// `TLBI RIPAS2LE1IS` if `leaf`, else `TLBI RIPAS2E1IS`. Like
-    /// [`TlbOp::Stage2Ipa`], must run with `vttbr` loaded and be followed by
+    /// [`TlbOp::Stage2Ipa`], runs in the table's context and is followed by
     /// [`TlbOp::Stage2Stage1All`].
     Stage2Range {
-        /// VMID of the table (also in `vttbr` bits \[63:48\]).
+        /// VMID of the table.
         vmid: u16,
-        /// The table's full `VTTBR_EL2` value.
-        vttbr: u64,
         /// First intermediate physical address, page aligned.
         ipa: u64,
         /// Number of 4 KiB pages (at least 2).
@@ -177,17 +169,70 @@ pub fn range_operands(addr: u64, pages: u64) -> impl Iterator<Item = RangeStep> 
     })
 }
 
+/// The translation context a [`TlbSequence`] must run in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TlbContext {
+    /// Whatever context is current (EL2 stage 1; EL1&0 operations run by EL1 code).
+    Current,
+    /// A stage-2 table's: TLBI by VMID or IPA only affects the VMID in `VTTBR_EL2`,
+    /// interpreted with the VMID size of `VTCR_EL2.VS` (with VS = 0 the upper 8 bits
+    /// are treated as zero, Arm ARM D8.14 "VMID"), so both registers must hold the
+    /// table's values while the sequence runs.
+    Stage2 {
+        /// The table's `VTTBR_EL2` (root and VMID).
+        vttbr: u64,
+        /// The table's `VTCR_EL2`.
+        vtcr: u64,
+    },
+}
+
+/// A complete TLB-maintenance sequence (barriers included) built by a
+/// [`PageTable`](crate::PageTable) for its own table.
+///
+/// Only the crate can build one, so a [`TlbMaintenance`] implementation that loads
+/// translation registers for it (as `arch::ArmTlb` does for stage 2) only ever loads
+/// the values of a real table:
+///
+/// ```compile_fail
+/// let seq = mmu::TlbSequence { ops: &[], context: mmu::TlbContext::Current };
+/// ```
+#[derive(Debug)]
+pub struct TlbSequence<'a> {
+    ops: &'a [TlbOp],
+    context: TlbContext,
+}
+
+impl<'a> TlbSequence<'a> {
+    pub(crate) const fn new(ops: &'a [TlbOp], context: TlbContext) -> Self {
+        TlbSequence { ops, context }
+    }
+
+    /// The operations, to run in order.
+    #[must_use]
+    pub const fn ops(&self) -> &'a [TlbOp] {
+        self.ops
+    }
+
+    /// The context to run them in.
+    #[must_use]
+    pub const fn context(&self) -> TlbContext {
+        self.context
+    }
+}
+
 /// Runs TLB-maintenance sequences.
 ///
 /// With the `arm-el2` feature on aarch64, `arch::ArmTlb` executes
 /// them with `TLBI`/`DSB`/`ISB`. On the host, `testing::RecordingTlb`
 /// records them. [`NoTlbMaintenance`] discards them, which is correct only for tables
-/// that no PE uses yet.
+/// that no PE uses yet: installing a table in a translation register is `unsafe`
+/// (`activate`), and its contract requires a `TlbMaintenance` that really runs the
+/// maintenance.
 pub trait TlbMaintenance {
-    /// Executes `ops` in order. The crate calls this before a table operation returns
-    /// (and in the middle of one, for break-before-make), so when `execute` returns,
-    /// the maintenance must be complete.
-    fn execute(&mut self, ops: &[TlbOp]);
+    /// Executes the operations of `seq` in order, in its context. The crate calls this
+    /// before a table operation returns (and in the middle of one, for
+    /// break-before-make), so when `execute` returns, the maintenance must be complete.
+    fn execute(&mut self, seq: &TlbSequence<'_>);
 }
 
 /// Discards all TLB maintenance: for tables built offline that no PE walks yet.
@@ -195,12 +240,13 @@ pub trait TlbMaintenance {
 pub struct NoTlbMaintenance;
 
 impl TlbMaintenance for NoTlbMaintenance {
-    fn execute(&mut self, _ops: &[TlbOp]) {}
+    #[inline(always)]
+    fn execute(&mut self, _seq: &TlbSequence<'_>) {}
 }
 
 impl<T: TlbMaintenance + ?Sized> TlbMaintenance for &mut T {
-    fn execute(&mut self, ops: &[TlbOp]) {
-        (**self).execute(ops);
+    fn execute(&mut self, seq: &TlbSequence<'_>) {
+        (**self).execute(seq);
     }
 }
 
@@ -210,6 +256,23 @@ pub const MAX_TLBI_BATCH: usize = 64;
 
 /// Default threshold, see [`PageTable::set_tlbi_threshold`](crate::PageTable::set_tlbi_threshold).
 pub const DEFAULT_TLBI_THRESHOLD: usize = 32;
+
+/// Whether `ID_AA64ISAR0_EL1` value `isar0` reports FEAT_TLBIRANGE: its TLB field
+/// (bits \[59:56\]) is 0b0010 or more (0b0001 is FEAT_TLBIOS alone).
+#[must_use]
+pub const fn tlbi_range_supported(isar0: u64) -> bool {
+    (isar0 >> 56) & 0xF >= 0b0010
+}
+
+/// Makes descriptor writes that turned invalid entries valid visible to table walkers:
+/// `DSB ISHST; ISB`, no invalidation (no TLB can hold an invalid entry).
+#[inline]
+pub(crate) fn publish<T: TlbMaintenance>(tlb: &mut T) {
+    tlb.execute(&TlbSequence::new(
+        &[TlbOp::DsbIshSt, TlbOp::Isb],
+        TlbContext::Current,
+    ));
+}
 
 /// Per-operation record of what must be invalidated.
 ///
@@ -391,14 +454,15 @@ impl TlbBatch {
         }
         if !self.all && self.len == 0 {
             // Only invalid -> valid changes: make them visible to walkers, no TLBI.
-            tlb.execute(&[TlbOp::DsbIshSt, TlbOp::Isb]);
+            publish(tlb);
             self.written = false;
             return;
         }
-        let mut ops = [TlbOp::Isb; MAX_TLBI_BATCH + 6];
+        // Not initialised up front: most batches use a handful of the slots.
+        let mut ops = [MaybeUninit::<TlbOp>::uninit(); MAX_TLBI_BATCH + 6];
         let mut n = 0;
         let mut push = |op: TlbOp| {
-            ops[n] = op;
+            ops[n] = MaybeUninit::new(op);
             n += 1;
         };
         // Arm ARM D8.17 (break-before-make) and the TLB maintenance examples in
@@ -406,7 +470,7 @@ impl TlbBatch {
         // and the TLBI must be complete (DSB ISH) before relying on the new state.
         push(TlbOp::DsbIshSt);
         if self.all {
-            push(regime.tlbi_all(root));
+            push(regime.tlbi_all());
             push(TlbOp::DsbIsh);
         } else if self.len > 0 {
             for k in 0..self.len {
@@ -416,19 +480,22 @@ impl TlbBatch {
                 // SAFETY: as above.
                 let pages = unsafe { self.pages[k].assume_init() };
                 push(if pages == 1 {
-                    regime.tlbi_entry(root, addr, leaf)
+                    regime.tlbi_entry(addr, leaf)
                 } else {
-                    regime.tlbi_range(root, addr, pages, leaf)
+                    regime.tlbi_range(addr, pages, leaf)
                 });
             }
             push(TlbOp::DsbIsh);
-            if let Some(op) = regime.tlbi_after_entries(root) {
+            if let Some(op) = regime.tlbi_after_entries() {
                 push(op);
                 push(TlbOp::DsbIsh);
             }
         }
         push(TlbOp::Isb);
-        tlb.execute(&ops[..n]);
+        // SAFETY: `push` initialised the first `n` slots; `MaybeUninit<TlbOp>` has the
+        // layout of `TlbOp`.
+        let ops = unsafe { core::slice::from_raw_parts(ops.as_ptr().cast::<TlbOp>(), n) };
+        tlb.execute(&TlbSequence::new(ops, regime.tlb_context(root)));
         self.len = 0;
         self.all = false;
         self.written = false;

@@ -100,13 +100,20 @@ fn stage2_block_split_and_vmid_tagged_tlbi() {
     assert_eq!(t.translate(0x1020_0000).unwrap().level, 2);
     for op in t.tlb().invalidations() {
         match op {
-            TlbOp::Stage2Ipa { vmid, vttbr, .. }
-            | TlbOp::Stage2Stage1All { vmid, vttbr }
-            | TlbOp::Stage2All { vmid, vttbr } => {
-                assert_eq!(vmid, 9);
-                assert_eq!(vttbr, t.vttbr_el2());
-            }
+            TlbOp::Stage2Ipa { vmid, .. }
+            | TlbOp::Stage2Stage1All { vmid }
+            | TlbOp::Stage2All { vmid } => assert_eq!(vmid, 9),
             other => panic!("unexpected {other:?}"),
+        }
+    }
+    let own = mmu::TlbContext::Stage2 {
+        vttbr: t.vttbr_el2(),
+        vtcr: t.vtcr_el2(),
+    };
+    let tlb = t.tlb();
+    for (seq, ctx) in tlb.sequences().iter().zip(tlb.contexts()) {
+        if seq.iter().any(|op| !op.is_barrier()) {
+            assert_eq!(*ctx, own, "{seq:?}");
         }
     }
 }
@@ -293,17 +300,18 @@ fn protect_splits_and_coalesce_merges_back() {
     assert!(t.tlb().sequences().is_empty());
 }
 
-/// A regime defined outside the crate, with configurable (possibly bogus) answers.
+/// A regime defined outside the crate, whose encoding sets bits outside the attributes.
 #[derive(Clone, Copy)]
 struct Custom {
-    geometry: mmu::Geometry,
     junk: u64,
 }
 
-impl mmu::Regime for Custom {
+// SAFETY: El2's encoding (plus bits the crate masks off) and invalidations; the
+// geometry is a validated one.
+unsafe impl mmu::Regime for Custom {
     const NAME: &'static str = "custom";
     fn geometry(&self) -> Result<mmu::Geometry, Error> {
-        Ok(self.geometry)
+        mmu::Geometry::stage1(39)
     }
     fn output_bits(&self) -> u8 {
         48
@@ -314,58 +322,56 @@ impl mmu::Regime for Custom {
     fn decode(&self, d: u64) -> Attributes {
         El2::new(48).decode(d)
     }
-    fn tlbi_entry(&self, _: u64, va: u64, leaf: bool) -> TlbOp {
+    fn tlbi_entry(&self, va: u64, leaf: bool) -> TlbOp {
         TlbOp::El2Va { va, leaf }
     }
-    fn tlbi_all(&self, _: u64) -> TlbOp {
+    fn tlbi_all(&self) -> TlbOp {
         TlbOp::El2All
     }
 }
 
 #[test]
-fn regimes_from_outside_are_checked() {
+fn geometries_are_validated() {
     use mmu::Geometry;
     let bad = [
-        Geometry {
-            input_bits: 48,
-            start_level: 3,
-            root_tables: 1,
-        },
-        Geometry {
-            input_bits: 48,
-            start_level: 1,
-            root_tables: 1,
-        },
-        Geometry {
-            input_bits: 40,
-            start_level: 1,
-            root_tables: 3,
-        },
-        Geometry {
-            input_bits: 49,
-            start_level: 0,
-            root_tables: 1,
-        },
-        Geometry {
-            input_bits: 20,
-            start_level: 2,
-            root_tables: 1,
-        },
+        (48, 3, 1),
+        (48, 1, 1),
+        (40, 1, 3),
+        (49, 0, 1),
+        (20, 2, 1),
+        (64, 0, 1),
     ];
-    for g in bad {
-        let r = Custom {
-            geometry: g,
-            junk: 0,
-        };
+    for (bits, level, roots) in bad {
         assert_eq!(
-            PageTable::new(r, HeapFrames::new(), RecordingTlb::new()).err(),
-            Some(Error::InvalidConfig),
-            "{g:?}"
+            Geometry::new(bits, level, roots),
+            Err(Error::InvalidConfig),
+            "{bits} {level} {roots}"
         );
     }
+    // Concatenation only where one table would not do, and never at level 0.
+    assert!(Geometry::new(39, 1, 2).is_err());
+    assert!(Geometry::new(48, 0, 2).is_err());
+    assert!(Geometry::new(40, 1, 4).is_err());
+    let g = Geometry::new(40, 1, 2).unwrap();
+    assert_eq!((g.root_entries(), g.input_size()), (1024, 1 << 40));
+    assert_eq!(Geometry::new(48, 0, 1).unwrap().root_entries(), 512);
+    // Every constructor agrees with `new`.
+    for bits in 25..=48 {
+        for g in [Geometry::stage1(bits), Geometry::stage2(bits)] {
+            let g = g.unwrap();
+            assert_eq!(
+                Geometry::new(g.input_bits(), g.start_level(), g.root_tables()),
+                Ok(g)
+            );
+            assert_eq!(g.input_size(), 1 << bits);
+        }
+    }
+}
+
+#[test]
+fn regimes_from_outside_have_their_encoding_masked() {
     // Bits an encoding sets outside the attribute fields are ignored.
     let r = Custom {
-        geometry: Geometry::stage1(39).unwrap(),
         junk: 0x0000_FFFF_FFFF_F003,
     };
     let mut t = PageTable::new(r, HeapFrames::new(), RecordingTlb::new()).unwrap();
@@ -381,7 +387,7 @@ struct InUseAtSync<'a> {
 }
 
 impl mmu::TlbMaintenance for InUseAtSync<'_> {
-    fn execute(&mut self, _ops: &[TlbOp]) {
+    fn execute(&mut self, _seq: &mmu::TlbSequence<'_>) {
         self.seen.push(self.frames.in_use());
     }
 }
@@ -435,18 +441,16 @@ fn range_invalidation_covers_contiguous_changes_with_one_operation() {
     .unwrap();
     t.tlb_mut().clear();
     t.unmap(GIB, GIB).unwrap();
-    let vttbr = t.vttbr_el2();
     assert_eq!(
         t.tlb().invalidations(),
         vec![
             TlbOp::Stage2Range {
                 vmid: 4,
-                vttbr,
                 ipa: GIB,
                 pages: GIB / PAGE,
                 leaf: false
             },
-            TlbOp::Stage2Stage1All { vmid: 4, vttbr },
+            TlbOp::Stage2Stage1All { vmid: 4 },
         ]
     );
     assert_eq!(t.frames_in_use(), roots, "only the root is left");

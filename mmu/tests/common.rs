@@ -2,18 +2,28 @@
 #![allow(dead_code)]
 
 use mmu::testing::HeapFrames;
-use mmu::{FrameAllocator, PageTable, Regime, TlbMaintenance};
+use mmu::{
+    Attributes, FrameAllocator, MapFlags, MemoryType, PageTable, Permissions, Regime, SwBits,
+    TlbMaintenance,
+};
+use proptest::prelude::*;
+
+pub const PAGE: u64 = 4096;
+pub const MIB2: u64 = 2 << 20;
+pub const GIB: u64 = 1 << 30;
 
 /// Bits of the input address resolved at `level`.
 pub fn shift(level: u8) -> u32 {
     12 + 9 * (3 - u32::from(level))
 }
 
-/// Reads descriptor `i` of the table frame at `pa` (host heap frames: pa == address).
+/// Reads descriptor `i` of the table frame at `pa` (a `HeapFrames` frame).
 pub fn read(pa: u64, i: usize) -> u64 {
-    // SAFETY: test tables live in `HeapFrames`, whose physical address is the host
-    // address of a live 4 KiB frame (or of the concatenated root), and `i` is in range.
-    unsafe { (pa as *const u64).add(i).read_volatile() }
+    let p = mmu::testing::frame_ptr(pa);
+    assert!(!p.is_null(), "{pa:#x} is not a HeapFrames frame");
+    // SAFETY: `p` is the host address of the simulated frame (or concatenated root)
+    // at `pa`, which outlives the table, and `i` is in range.
+    unsafe { p.add(i).read_volatile() }
 }
 
 /// Raw walk of `va`: the descriptor that ends the walk and its level.
@@ -21,7 +31,7 @@ pub fn raw_lookup<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
     t: &PageTable<R, A, T>,
     va: u64,
 ) -> (u64, u8) {
-    raw_lookup_at(t.root_address(), t.geometry().start_level, va)
+    raw_lookup_at(t.root_address(), t.geometry().start_level(), va)
 }
 
 /// Raw walk of `va` from a root at `root` starting at `level`.
@@ -59,7 +69,7 @@ pub fn table_entries<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
     }
     rec(
         t.root_address(),
-        g.start_level,
+        g.start_level(),
         0,
         g.root_entries(),
         &mut out,
@@ -70,4 +80,133 @@ pub fn table_entries<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
 /// Number of non-root table frames reachable from the root.
 pub fn reachable_tables<R: Regime, T: TlbMaintenance>(t: &PageTable<R, HeapFrames, T>) -> usize {
     table_entries(t).len()
+}
+
+/// Checks the crate's bookkeeping in table descriptors: bits [11:2] count the
+/// non-zero entries of the next-level table, exactly.
+pub fn check_counts<R: Regime, A: FrameAllocator, T: TlbMaintenance>(t: &PageTable<R, A, T>) {
+    let g = t.geometry();
+    fn rec(pa: u64, level: u8, entries: usize) {
+        for i in 0..entries {
+            let d = read(pa, i);
+            if level < 3 && d & 3 == 3 {
+                let next = d & 0x0000_FFFF_FFFF_F000;
+                let live = (0..512).filter(|&j| read(next, j) != 0).count() as u64;
+                assert_eq!(
+                    (d >> 2) & 0x3FF,
+                    live,
+                    "count of table {next:#x} (L{})",
+                    level + 1
+                );
+                assert_ne!(live, 0, "empty table {next:#x} left behind");
+                rec(next, level + 1, 512);
+            }
+        }
+    }
+    rec(t.root_address(), g.start_level(), g.root_entries());
+}
+
+/// A random operation of the property tests.
+#[derive(Clone, Debug)]
+pub enum Op {
+    Map {
+        va: u64,
+        pages: u64,
+        out: u64,
+        attrs: usize,
+        flags: MapFlags,
+    },
+    Unmap {
+        va: u64,
+        pages: u64,
+    },
+    Coalesce {
+        va: u64,
+        pages: u64,
+    },
+    Protect {
+        va: u64,
+        pages: u64,
+        attrs: usize,
+    },
+    SetSw {
+        va: u64,
+        pages: u64,
+        sw: u8,
+    },
+}
+
+/// Input addresses that make blocks, splits and merges likely, inside 4 GiB.
+pub fn addr() -> impl Strategy<Value = u64> {
+    (
+        0..4u64,
+        prop::sample::select(vec![0u64, 1, 2, 511]),
+        prop::sample::select(vec![0u64, 1, 3, 510]),
+    )
+        .prop_map(|(g, m, p)| g * GIB + m * MIB2 + p * PAGE)
+}
+
+pub fn pages() -> impl Strategy<Value = u64> {
+    prop::sample::select(vec![1u64, 2, 5, 511, 512, 513, 1024, 1536])
+}
+
+pub fn op(n_attrs: usize) -> impl Strategy<Value = Op> {
+    let flags = prop::sample::select(vec![
+        MapFlags::empty(),
+        MapFlags::REPLACE,
+        MapFlags::NO_BLOCKS,
+        MapFlags::REPLACE | MapFlags::NO_BLOCKS,
+    ]);
+    let out_delta = prop::sample::select(vec![0u64, GIB, 3 * GIB + 2 * MIB2, 5 * PAGE, 7 * GIB]);
+    prop_oneof![
+        4 => (addr(), pages(), out_delta, 0..n_attrs, flags)
+            .prop_map(|(va, pages, d, attrs, flags)| Op::Map { va, pages, out: va + d, attrs, flags }),
+        1 => (0..4u64).prop_map(|g| Op::Map { va: g * GIB, pages: GIB / PAGE, out: 8 * GIB, attrs: 0, flags: MapFlags::REPLACE }),
+        3 => (addr(), pages()).prop_map(|(va, pages)| Op::Unmap { va, pages }),
+        1 => (0..4u64, 1..3u64).prop_map(|(g, n)| Op::Unmap { va: g * GIB, pages: n * GIB / PAGE }),
+        2 => (addr(), pages(), 0..n_attrs).prop_map(|(va, pages, attrs)| Op::Protect { va, pages, attrs }),
+        1 => (addr(), pages(), 0..16u8).prop_map(|(va, pages, sw)| Op::SetSw { va, pages, sw }),
+        1 => (0..4u64, 1..3u64).prop_map(|(g, n)| Op::Coalesce { va: g * GIB, pages: n * GIB / PAGE }),
+    ]
+}
+
+pub fn el2_attrs() -> Vec<Attributes> {
+    vec![
+        Attributes::normal(Permissions::RW),
+        Attributes::normal(Permissions::READ | Permissions::EXEC_EL2),
+        Attributes::normal(Permissions::RO),
+        Attributes::device(),
+        Attributes::normal(Permissions::RW).with_sw(SwBits::new(3).unwrap()),
+    ]
+}
+
+pub fn s2_attrs() -> Vec<Attributes> {
+    let x = Permissions::EXEC_EL1 | Permissions::EXEC_EL0;
+    vec![
+        Attributes::normal(Permissions::RW | x),
+        Attributes::normal(Permissions::RO),
+        Attributes::new(Permissions::RW, MemoryType::NormalNonCacheable),
+        Attributes::device(),
+        Attributes::normal(Permissions::empty()).with_sw(SwBits::new(1).unwrap()),
+    ]
+}
+
+pub fn s2_xnx_attrs() -> Vec<Attributes> {
+    vec![
+        Attributes::normal(Permissions::RW | Permissions::EXEC_EL1),
+        Attributes::normal(Permissions::READ | Permissions::EXEC_EL0),
+        Attributes::new(Permissions::RW, MemoryType::NormalNonCacheable),
+        Attributes::new(Permissions::WRITE, MemoryType::DeviceNGnRnE),
+        Attributes::normal(Permissions::RW | Permissions::EXEC_EL1 | Permissions::EXEC_EL0),
+    ]
+}
+
+pub fn el1_attrs() -> Vec<Attributes> {
+    vec![
+        Attributes::normal(Permissions::RW),
+        Attributes::normal(Permissions::READ | Permissions::EXEC_EL1),
+        Attributes::normal(Permissions::RW | Permissions::USER),
+        Attributes::normal(Permissions::READ | Permissions::USER | Permissions::EXEC_EL0),
+        Attributes::new(Permissions::RW, MemoryType::DeviceNGnRnE),
+    ]
 }

@@ -248,7 +248,11 @@ fn vtcr_vttbr_for_several_ipa_sizes() {
         let r = Stage2::new(42, ipa).with_pa_bits(pa);
         assert_eq!(r.vtcr(), Ok(vtcr), "IPA {ipa}");
         let g = r.geometry().unwrap();
-        assert_eq!((g.start_level, g.root_tables), (level, roots), "IPA {ipa}");
+        assert_eq!(
+            (g.start_level(), g.root_tables()),
+            (level, roots),
+            "IPA {ipa}"
+        );
         let t = PageTable::new(r, HeapFrames::new(), RecordingTlb::new()).unwrap();
         assert_eq!(t.vtcr_el2(), vtcr);
         assert_eq!(t.frames_in_use(), usize::from(roots));
@@ -269,11 +273,11 @@ fn vtcr_vttbr_for_several_ipa_sizes() {
         );
     }
     // 16-bit VMIDs set VTCR_EL2.VS (bit 19); a large VMID without them is refused.
-    assert_eq!(Stage2::new(300, 40).vtcr().unwrap() >> 19 & 1, 1);
     assert_eq!(
-        Stage2::new(300, 40).with_vmid16(false).vtcr(),
-        Err(Error::InvalidConfig)
+        Stage2::new(300, 40).with_vmid16(true).vtcr().unwrap() >> 19 & 1,
+        1
     );
+    assert_eq!(Stage2::new(300, 40).vtcr(), Err(Error::InvalidConfig));
     assert_eq!(Stage2::new(1, 24).vtcr(), Err(Error::InvalidConfig));
     assert_eq!(Stage2::new(1, 49).vtcr(), Err(Error::InvalidConfig));
     assert_eq!(
@@ -291,9 +295,9 @@ fn tcr_ttbr_mair() {
         El2::new(39).with_pa_bits(40).tcr(),
         Ok(0x8000_0000 | 1 << 23 | 2 << 16 | 0x3500 | 25)
     );
-    assert_eq!(Geometry::stage1(39).unwrap().start_level, 1);
-    assert_eq!(Geometry::stage1(48).unwrap().start_level, 0);
-    assert_eq!(Geometry::stage1(30).unwrap().start_level, 2);
+    assert_eq!(Geometry::stage1(39).unwrap().start_level(), 1);
+    assert_eq!(Geometry::stage1(48).unwrap().start_level(), 0);
+    assert_eq!(Geometry::stage1(30).unwrap().start_level(), 2);
     assert_eq!(Geometry::stage1(30).unwrap().root_entries(), 512);
     assert_eq!(Geometry::stage1(36).unwrap().root_entries(), 64);
     // TCR_EL1: IPS[34:32], TG1[31:30] = 0b10 (4 KiB), EPD1[23], T1SZ[21:16], T0SZ.
@@ -312,11 +316,8 @@ fn tcr_ttbr_mair() {
     assert_eq!(t.tcr_el2(), 0x8085_3510);
     assert_eq!(t.ttbr0_el2(), t.root_address());
     assert_eq!(t.mair_el2(), MAIR_VALUE);
-    let t = PageTable::new(El1::new(0x1234, 48), HeapFrames::new(), RecordingTlb::new()).unwrap();
+    let r = El1::new(0x1234, 48).with_asid16(true);
+    let t = PageTable::new(r, HeapFrames::new(), RecordingTlb::new()).unwrap();
     assert_eq!(t.ttbr0_el1(), t.root_address() | 0x1234 << 48);
-    assert_eq!(
-        t.tcr_el1() >> 36 & 1,
-        1,
-        "ASID above 255 selects 16-bit ASIDs"
-    );
+    assert_eq!(t.tcr_el1() >> 36 & 1, 1, "16-bit ASIDs: TCR_EL1.AS");
 }

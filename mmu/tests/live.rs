@@ -6,7 +6,7 @@ mod common;
 use mmu::testing::{HeapFrames, RecordingTlb};
 use mmu::{
     Attributes, El2, Error, MapFlags, MemoryType, PageTable, Permissions, Regime, Stage2,
-    TlbMaintenance, TlbOp,
+    TlbMaintenance, TlbOp, TlbSequence,
 };
 use proptest::prelude::*;
 
@@ -28,19 +28,19 @@ struct SnoopTlb {
 }
 
 impl TlbMaintenance for SnoopTlb {
-    fn execute(&mut self, ops: &[TlbOp]) {
+    fn execute(&mut self, seq: &TlbSequence<'_>) {
         let seen = self
             .watch
             .iter()
             .map(|&va| common::raw_lookup_at(self.root, self.start_level, va))
             .collect();
-        self.seen.push((ops.to_vec(), seen));
+        self.seen.push((seq.ops().to_vec(), seen));
     }
 }
 
 fn snooped<R: Regime>(regime: R, watch: &[u64]) -> PageTable<R, HeapFrames, SnoopTlb> {
     let mut t = PageTable::new(regime, HeapFrames::new(), SnoopTlb::default()).unwrap();
-    let (root, start_level) = (t.root_address(), t.geometry().start_level);
+    let (root, start_level) = (t.root_address(), t.geometry().start_level());
     let tlb = t.tlb_mut();
     tlb.root = root;
     tlb.start_level = start_level;

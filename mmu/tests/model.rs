@@ -13,14 +13,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use mmu::testing::{HeapFrames, RecordingTlb};
 use mmu::{
-    Attributes, El1, El2, Error, MapFlags, MemoryType, PageTable, Permissions, Regime, Stage2,
-    SwBits, TlbOp,
+    Attributes, El1, El2, Error, MapFlags, PageTable, Regime, Stage2, SwBits, TlbContext, TlbOp,
 };
 use proptest::prelude::*;
 
-const PAGE: u64 = 4096;
-const MIB2: u64 = 2 << 20;
-const GIB: u64 = 1 << 30;
+use common::{el1_attrs, el2_attrs, op, s2_attrs, s2_xnx_attrs, Op, PAGE};
 
 /// A maximal run: input range, output of its first byte, attributes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,69 +107,6 @@ fn canonical(it: impl Iterator<Item = (u64, Seg)>) -> Vec<(u64, Seg)> {
     v
 }
 
-#[derive(Clone, Debug)]
-enum Op {
-    Map {
-        va: u64,
-        pages: u64,
-        out: u64,
-        attrs: usize,
-        flags: MapFlags,
-    },
-    Unmap {
-        va: u64,
-        pages: u64,
-    },
-    Coalesce {
-        va: u64,
-        pages: u64,
-    },
-    Protect {
-        va: u64,
-        pages: u64,
-        attrs: usize,
-    },
-    SetSw {
-        va: u64,
-        pages: u64,
-        sw: u8,
-    },
-}
-
-/// Input addresses that make blocks, splits and merges likely, inside 4 GiB.
-fn addr() -> impl Strategy<Value = u64> {
-    (
-        0..4u64,
-        prop::sample::select(vec![0u64, 1, 2, 511]),
-        prop::sample::select(vec![0u64, 1, 3, 510]),
-    )
-        .prop_map(|(g, m, p)| g * GIB + m * MIB2 + p * PAGE)
-}
-
-fn pages() -> impl Strategy<Value = u64> {
-    prop::sample::select(vec![1u64, 2, 5, 511, 512, 513, 1024, 1536])
-}
-
-fn op(n_attrs: usize) -> impl Strategy<Value = Op> {
-    let flags = prop::sample::select(vec![
-        MapFlags::empty(),
-        MapFlags::REPLACE,
-        MapFlags::NO_BLOCKS,
-        MapFlags::REPLACE | MapFlags::NO_BLOCKS,
-    ]);
-    let out_delta = prop::sample::select(vec![0u64, GIB, 3 * GIB + 2 * MIB2, 5 * PAGE, 7 * GIB]);
-    prop_oneof![
-        4 => (addr(), pages(), out_delta, 0..n_attrs, flags)
-            .prop_map(|(va, pages, d, attrs, flags)| Op::Map { va, pages, out: va + d, attrs, flags }),
-        1 => (0..4u64).prop_map(|g| Op::Map { va: g * GIB, pages: GIB / PAGE, out: 8 * GIB, attrs: 0, flags: MapFlags::REPLACE }),
-        3 => (addr(), pages()).prop_map(|(va, pages)| Op::Unmap { va, pages }),
-        1 => (0..4u64, 1..3u64).prop_map(|(g, n)| Op::Unmap { va: g * GIB, pages: n * GIB / PAGE }),
-        2 => (addr(), pages(), 0..n_attrs).prop_map(|(va, pages, attrs)| Op::Protect { va, pages, attrs }),
-        1 => (addr(), pages(), 0..16u8).prop_map(|(va, pages, sw)| Op::SetSw { va, pages, sw }),
-        1 => (0..4u64, 1..3u64).prop_map(|(g, n)| Op::Coalesce { va: g * GIB, pages: n * GIB / PAGE }),
-    ]
-}
-
 /// The leaves of the table as (va, level, output, attrs).
 fn leaves<R: Regime>(t: &PageTable<R, HeapFrames, RecordingTlb>) -> Vec<mmu::Mapping> {
     let mut v = Vec::new();
@@ -197,10 +131,15 @@ fn segs_of(leaves: &[mmu::Mapping]) -> Vec<(u64, Seg)> {
 /// Which TLB operations belong to this table, and whether `op` covers `[va, va+size)`
 /// (leaf: last-level entries only; otherwise walk caches too).
 trait Tag: Regime {
-    fn ours(&self, op: &TlbOp, vttbr: u64) -> bool;
+    fn ours(&self, op: &TlbOp) -> bool;
+    /// The context every sequence of the table rooted at `root` must run in.
+    fn context(&self, root: u64) -> TlbContext {
+        let _ = root;
+        TlbContext::Current
+    }
 }
 impl Tag for El2 {
-    fn ours(&self, op: &TlbOp, _: u64) -> bool {
+    fn ours(&self, op: &TlbOp) -> bool {
         matches!(
             op,
             TlbOp::El2Va { .. } | TlbOp::El2Range { .. } | TlbOp::El2All
@@ -208,18 +147,24 @@ impl Tag for El2 {
     }
 }
 impl Tag for Stage2 {
-    fn ours(&self, op: &TlbOp, vttbr: u64) -> bool {
+    fn ours(&self, op: &TlbOp) -> bool {
         match *op {
-            TlbOp::Stage2Ipa { vmid, vttbr: v, .. }
-            | TlbOp::Stage2Range { vmid, vttbr: v, .. }
-            | TlbOp::Stage2All { vmid, vttbr: v }
-            | TlbOp::Stage2Stage1All { vmid, vttbr: v } => vmid == self.vmid() && v == vttbr,
+            TlbOp::Stage2Ipa { vmid, .. }
+            | TlbOp::Stage2Range { vmid, .. }
+            | TlbOp::Stage2All { vmid }
+            | TlbOp::Stage2Stage1All { vmid } => vmid == self.vmid(),
             _ => false,
+        }
+    }
+    fn context(&self, root: u64) -> TlbContext {
+        TlbContext::Stage2 {
+            vttbr: self.vttbr(root),
+            vtcr: self.vtcr().unwrap(),
         }
     }
 }
 impl Tag for El1 {
-    fn ours(&self, op: &TlbOp, _: u64) -> bool {
+    fn ours(&self, op: &TlbOp) -> bool {
         match *op {
             TlbOp::El1Va { asid, .. } | TlbOp::El1Range { asid, .. } | TlbOp::El1Asid { asid } => {
                 asid == self.asid()
@@ -366,6 +311,7 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
             assert_eq!((tr.attrs, tr.level), (m.attrs, m.level));
         }
         // Frame accounting.
+        common::check_counts(&t);
         let reachable = common::reachable_tables(&t);
         assert_eq!(
             t.allocator().in_use(),
@@ -394,12 +340,14 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
             .copied()
             .filter(|o| !o.is_barrier())
             .collect();
-        let vttbr = t.root_address() | u64::from(stage2_vmid(&ops)) << 48;
         for o in &ops {
-            assert!(
-                t.regime().ours(o, vttbr),
-                "foreign TLB op {o:?} after {op:?}"
-            );
+            assert!(t.regime().ours(o), "foreign TLB op {o:?} after {op:?}");
+        }
+        let want = t.regime().context(t.root_address());
+        for (seq, ctx) in seqs.iter().zip(t.tlb().contexts()) {
+            if seq.iter().any(|o| !o.is_barrier()) {
+                assert_eq!(*ctx, want, "context of {seq:?} after {op:?}");
+            }
         }
         // Every leaf that is not still present unchanged (ignoring software bits) was invalidated.
         let now: HashMap<(u64, u8), (u64, Attributes)> = after
@@ -488,59 +436,6 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
     assert_eq!(t.frames_in_use(), roots);
 }
 
-fn stage2_vmid(ops: &[TlbOp]) -> u16 {
-    ops.iter()
-        .find_map(|o| match *o {
-            TlbOp::Stage2Ipa { vmid, .. }
-            | TlbOp::Stage2Range { vmid, .. }
-            | TlbOp::Stage2All { vmid, .. }
-            | TlbOp::Stage2Stage1All { vmid, .. } => Some(vmid),
-            _ => None,
-        })
-        .unwrap_or(0)
-}
-
-fn el2_attrs() -> Vec<Attributes> {
-    vec![
-        Attributes::normal(Permissions::RW),
-        Attributes::normal(Permissions::READ | Permissions::EXEC_EL2),
-        Attributes::normal(Permissions::RO),
-        Attributes::device(),
-        Attributes::normal(Permissions::RW).with_sw(SwBits::new(3).unwrap()),
-    ]
-}
-
-fn s2_attrs() -> Vec<Attributes> {
-    let x = Permissions::EXEC_EL1 | Permissions::EXEC_EL0;
-    vec![
-        Attributes::normal(Permissions::RW | x),
-        Attributes::normal(Permissions::RO),
-        Attributes::new(Permissions::RW, MemoryType::NormalNonCacheable),
-        Attributes::device(),
-        Attributes::normal(Permissions::empty()).with_sw(SwBits::new(1).unwrap()),
-    ]
-}
-
-fn s2_xnx_attrs() -> Vec<Attributes> {
-    vec![
-        Attributes::normal(Permissions::RW | Permissions::EXEC_EL1),
-        Attributes::normal(Permissions::READ | Permissions::EXEC_EL0),
-        Attributes::new(Permissions::RW, MemoryType::NormalNonCacheable),
-        Attributes::new(Permissions::WRITE, MemoryType::DeviceNGnRnE),
-        Attributes::normal(Permissions::RW | Permissions::EXEC_EL1 | Permissions::EXEC_EL0),
-    ]
-}
-
-fn el1_attrs() -> Vec<Attributes> {
-    vec![
-        Attributes::normal(Permissions::RW),
-        Attributes::normal(Permissions::READ | Permissions::EXEC_EL1),
-        Attributes::normal(Permissions::RW | Permissions::USER),
-        Attributes::normal(Permissions::READ | Permissions::USER | Permissions::EXEC_EL0),
-        Attributes::new(Permissions::RW, MemoryType::DeviceNGnRnE),
-    ]
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
@@ -551,7 +446,7 @@ proptest! {
 
     #[test]
     fn stage2_matches_model(ops in prop::collection::vec(op(5), 1..14), vmid in 1u16..300, threshold in 1usize..64, ranges: bool) {
-        run(Stage2::new(vmid, 40), &s2_attrs(), &ops, threshold, ranges);
+        run(Stage2::new(vmid, 40).with_vmid16(true), &s2_attrs(), &ops, threshold, ranges);
     }
 
     #[test]
@@ -567,6 +462,6 @@ proptest! {
 
     #[test]
     fn el1_matches_model(ops in prop::collection::vec(op(5), 1..14), asid in 0u16..256, ranges: bool) {
-        run(El1::new(asid, 48), &el1_attrs(), &ops, 8, ranges);
+        run(El1::new(asid, 48).with_asid16(true), &el1_attrs(), &ops, 8, ranges);
     }
 }

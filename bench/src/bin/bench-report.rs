@@ -66,7 +66,7 @@ fn main() -> ExitCode {
         eprintln!("{e}");
         return ExitCode::FAILURE;
     }
-    let workloads = ["W1", "W2", "W3", "W4", "W5", "W6"];
+    let workloads = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8"];
     let mut body = format!("{heading}\n\n");
     body.push_str(
         "### aarch64: all three crates (`aarch64-unknown-linux-gnu` build under `qemu-aarch64`)\n\n\
@@ -83,6 +83,10 @@ fn main() -> ExitCode {
         (
             "mmu-stage2",
             "mmu alone: the same workloads on a stage-2 table",
+        ),
+        (
+            "mmu-48",
+            "mmu alone: the same workloads on a 48-bit (4-level) EL2 table",
         ),
         (
             "mmu-splitmerge",

@@ -1,7 +1,7 @@
 //! Runs one workload once for one crate, for instruction counting and frame counts:
 //!
 //! ```text
-//! workload <crate> <W1..W6> [setup]
+//! workload <crate> <W1..W8> [setup]
 //! workload list
 //! ```
 //!
@@ -17,19 +17,19 @@ use std::process::ExitCode;
 
 use mmu::{El2, Stage2};
 use mmu_bench::mmu::{block_mapped, block_split, merge, split, BenchRegime, Mmu};
-use mmu_bench::workload::{after_w1, w1, w2, w3, w3_pages, w4, w4_lookups, w5, w6};
+use mmu_bench::workload::{after_w1, w1, w2, w3, w3_pages, w4, w4_lookups, w5, w6, w7, w8};
 use mmu_bench::Adapter;
 
 fn run<A: Adapter>(workload: &str, setup_only: bool) -> Option<(usize, u64)> {
     let mut check = 0;
     let table = match workload {
-        "W1" | "W2" => {
+        "W1" | "W2" | "W8" => {
             let mut t = A::new();
             if !setup_only {
-                if workload == "W1" {
-                    w1(black_box(&mut t));
-                } else {
-                    w2(black_box(&mut t));
+                match workload {
+                    "W1" => w1(black_box(&mut t)),
+                    "W2" => w2(black_box(&mut t)),
+                    _ => w8(black_box(&mut t)),
                 }
             }
             t
@@ -50,13 +50,13 @@ fn run<A: Adapter>(workload: &str, setup_only: bool) -> Option<(usize, u64)> {
             }
             t
         }
-        "W5" | "W6" => {
+        "W5" | "W6" | "W7" => {
             let mut t = after_w1::<A>();
             if !setup_only {
-                if workload == "W5" {
-                    w5(black_box(&mut t));
-                } else {
-                    w6(black_box(&mut t));
+                match workload {
+                    "W5" => w5(black_box(&mut t)),
+                    "W6" => w6(black_box(&mut t)),
+                    _ => w7(black_box(&mut t)),
                 }
             }
             t
@@ -72,11 +72,12 @@ fn run<A: Adapter>(workload: &str, setup_only: bool) -> Option<(usize, u64)> {
 const CRATES: &[&str] = &[
     "mmu",
     "mmu-stage2",
+    "mmu-48",
     "aarch64-paging",
     #[cfg(target_arch = "aarch64")]
     "page_table_multiarch",
 ];
-const WORKLOADS: [&str; 6] = ["W1", "W2", "W3", "W4", "W5", "W6"];
+const WORKLOADS: [&str; 8] = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8"];
 const SPLIT_MERGE: [&str; 4] = [
     "split-mmu",
     "merge-mmu",
@@ -117,13 +118,14 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let (Some(krate), Some(workload)) = (args.first(), args.get(1)) else {
-        eprintln!("usage: workload <crate> <W1..W6> [setup]");
+        eprintln!("usage: workload <crate> <W1..W8> [setup]");
         return ExitCode::FAILURE;
     };
     let setup_only = args.get(2).is_some_and(|a| a == "setup");
     let result = match krate.as_str() {
         "mmu" => run::<Mmu<El2>>(workload, setup_only),
         "mmu-stage2" => run::<Mmu<Stage2>>(workload, setup_only),
+        "mmu-48" => run::<Mmu<El2, 48>>(workload, setup_only),
         "mmu-splitmerge" => match workload.as_str() {
             "split-mmu" => Some(split_merge::<El2>(false, setup_only)),
             "merge-mmu" => Some(split_merge::<El2>(true, setup_only)),

@@ -10,7 +10,7 @@ use alloc::sync::Arc;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use mmu::arch::ArmTlb;
-use mmu::{FrameAllocator, TlbMaintenance, TlbOp};
+use mmu::FrameAllocator;
 use spin::Once;
 
 use super::cpu::{cpu_mpidr, park, park_off, power_off, wake};
@@ -47,15 +47,14 @@ struct MachineBackend {
 
 impl VmidFlush for MachineBackend {
     fn flush_vmid(&mut self, vmid: Vmid) {
-        let vttbr = self.empty_root | (u64::from(vmid.get()) << 48);
-        let vmid = vmid.get();
-        // TLBI VMALLS12E1IS with the VMID current, then DSB ISH; ISB (Arm ARM D8.14).
-        ArmTlb.execute(&[
-            TlbOp::DsbIshSt,
-            TlbOp::Stage2All { vmid, vttbr },
-            TlbOp::DsbIsh,
-            TlbOp::Isb,
-        ]);
+        let regime = self.stage2.regime(vmid);
+        match regime.vtcr() {
+            // SAFETY: at EL2 with no vCPU of this VMID running; `empty_root` is an
+            // all-invalid stage-2 root that lives as long as the backend. TLBI
+            // VMALLS12E1IS with the VMID and its VTCR_EL2 current.
+            Ok(vtcr) => unsafe { mmu::arch::invalidate_vmid(vtcr, regime.vttbr(self.empty_root)) },
+            Err(e) => log::error!("VMID {}: {e}", vmid.get()),
+        }
     }
 }
 

@@ -203,13 +203,16 @@ fn zero_frames(pa: u64, count: usize) {
     unsafe { core::ptr::write_bytes(pa as *mut u8, 0, count * PAGE_SIZE as usize) };
 }
 
-impl mmu::PhysToVirt for SharedFrames {
+// SAFETY: `SharedFrames::new`'s contract: the pool's frames are identity mapped and
+// writable.
+unsafe impl mmu::PhysToVirt for SharedFrames {
     fn phys_to_virt(&self, pa: u64) -> *mut u64 {
         pa as *mut u64
     }
 }
 
-impl mmu::FrameAllocator for SharedFrames {
+// SAFETY: the pool hands out each frame (run) once until it is freed, zeroed here.
+unsafe impl mmu::FrameAllocator for SharedFrames {
     fn alloc_frame(&mut self) -> Option<u64> {
         let pa = self.pool.lock().alloc()?;
         zero_frames(pa, 1);

@@ -149,7 +149,15 @@ impl<A: mmu::FrameAllocator, T: mmu::TlbMaintenance> Stage2Table for MmuStage2<A
         if self.1.contains(mmu::MapFlags::NO_BLOCKS) {
             return Ok(());
         }
-        self.0.coalesce(ipa, size)
+        // `mmu` merges only tables the range covers whole: widen it to the 2 MiB
+        // blocks it touches (a table merges only where all of it is uniform).
+        const BLOCK: u64 = 2 << 20;
+        let lo = ipa & !(BLOCK - 1);
+        let hi = ipa
+            .saturating_add(size)
+            .next_multiple_of(BLOCK)
+            .min(1 << self.0.geometry().input_bits());
+        self.0.coalesce(lo, hi - lo)
     }
 
     fn walk(

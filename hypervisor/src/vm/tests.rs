@@ -191,7 +191,11 @@ impl VmidFlush for MmuFake {
 impl Backend for MmuFake {
     type S2 = MmuS2;
     fn new_stage2(&mut self, vmid: Vmid, mappings: Stage2Mappings) -> Result<MmuS2, mmu::Error> {
-        let regime = mmu::Stage2::new(vmid.get(), IPA_BITS).with_pa_bits(40);
+        // The VMID size is the machine's; 16 bits covers every VMID the manager hands
+        // out under either setting.
+        let regime = mmu::Stage2::new(vmid.get(), IPA_BITS)
+            .with_pa_bits(40)
+            .with_vmid16(true);
         MmuStage2::new(
             regime,
             self.frames,
@@ -411,7 +415,9 @@ impl Backend for MachineLike {
 fn a_40_bit_ipa_space_takes_a_concatenated_root_from_the_machine_frame_source() {
     let stage2 = Stage2Config {
         ipa_bits: 40,
-        pa_bits: 44,
+        // Host heap addresses stand for the frames' PAs (the pool is identity mapped), and
+        // mmu checks every table frame against the output size: 48 bits covers them.
+        pa_bits: 48,
         vmid16: false,
         tlbi_range: false,
     };

@@ -195,13 +195,15 @@ struct StaticFrames {
     next: usize,
 }
 
-impl PhysToVirt for StaticFrames {
+// SAFETY: the guest runs identity mapped; frames are the static `FRAMES`.
+unsafe impl PhysToVirt for StaticFrames {
     fn phys_to_virt(&self, pa: u64) -> *mut u64 {
         pa as *mut u64
     }
 }
 
-impl FrameAllocator for StaticFrames {
+// SAFETY: each of the static frames is handed out once (zero: .bss) and never reused.
+unsafe impl FrameAllocator for StaticFrames {
     fn alloc_frame(&mut self) -> Option<u64> {
         if self.next >= 8 {
             return None;

@@ -1,0 +1,291 @@
+//! A walk-cache TLB simulator driven by random operation sequences.
+//!
+//! The simulated PE caches, as aggressively as the architecture allows, every leaf
+//! (last-level entry) and every table descriptor (walk cache) it can reach: before each
+//! operation and again at each maintenance sequence the crate runs, just before that
+//! sequence's invalidations apply. Each sequence removes what its TLBIs cover (by
+//! address, leaf-only or with walk caches, by range, or everything). Checked:
+//!
+//! - break-before-make: when a sequence runs, no cached leaf or table entry is still
+//!   held while memory already holds a different valid entry for it that would need
+//!   break-before-make (output address, size, memory type, shareability, table ↔
+//!   block);
+//! - no stale entry survives an operation: afterwards every cached leaf and walk-cache
+//!   entry matches memory (software bits aside, which need no invalidation);
+//! - no cached walk-cache entry points into a frame when the table frees it.
+
+mod common;
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use mmu::testing::HeapFrames;
+use mmu::{
+    Attributes, El1, El2, FrameAllocator, PageTable, PhysToVirt, Regime, Stage2, SwBits,
+    TlbMaintenance, TlbOp, TlbSequence,
+};
+use proptest::prelude::*;
+
+use common::{el1_attrs, el2_attrs, op, s2_attrs, Op, PAGE};
+const OA: u64 = 0x0000_FFFF_FFFF_F000;
+/// Leaf bits whose change needs break-before-make: output address, type, memory
+/// type, shareability, nG, contiguous (Arm ARM D8.17.1).
+const BBM: u64 = OA | 0b11 | (0xF << 2) | (0b11 << 8) | (1 << 11) | (1 << 52);
+/// Software bits: a change of only these needs no invalidation.
+const SW: u64 = 0xF << 55;
+/// Table-descriptor bits the hardware uses: next-table address and type.
+const TABLE_BITS: u64 = OA | 0b11;
+
+fn level_size(level: u8) -> u64 {
+    1 << common::shift(level)
+}
+
+/// Leaves by (input address, level) and table descriptors by (level, input address).
+type Entries = (BTreeMap<(u64, u8), u64>, BTreeMap<(u8, u64), u64>);
+
+#[derive(Default)]
+struct State {
+    root: u64,
+    start_level: u8,
+    root_entries: usize,
+    /// Cached leaves: (input address, level) -> descriptor.
+    leaves: BTreeMap<(u64, u8), u64>,
+    /// Cached table descriptors: (level of the entry, input address) -> descriptor.
+    walks: BTreeMap<(u8, u64), u64>,
+    errors: Vec<String>,
+}
+
+impl State {
+    /// Every valid entry reachable in memory: leaves and table descriptors.
+    fn memory(&self) -> Entries {
+        let (mut leaves, mut walks) = (BTreeMap::new(), BTreeMap::new());
+        fn rec(
+            pa: u64,
+            level: u8,
+            base: u64,
+            n: usize,
+            leaves: &mut BTreeMap<(u64, u8), u64>,
+            walks: &mut BTreeMap<(u8, u64), u64>,
+        ) {
+            for i in 0..n {
+                let d = common::read(pa, i);
+                if d & 1 == 0 {
+                    continue;
+                }
+                let va = base + ((i as u64) << common::shift(level));
+                if level < 3 && d & 2 != 0 {
+                    walks.insert((level, va), d);
+                    rec(d & OA, level + 1, va, 512, leaves, walks);
+                } else {
+                    leaves.insert((va, level), d);
+                }
+            }
+        }
+        if self.root != 0 {
+            rec(
+                self.root,
+                self.start_level,
+                0,
+                self.root_entries,
+                &mut leaves,
+                &mut walks,
+            );
+        }
+        (leaves, walks)
+    }
+
+    /// The walker caches everything it can reach now.
+    fn fill(&mut self) {
+        let (leaves, walks) = self.memory();
+        self.leaves.extend(leaves);
+        self.walks.extend(walks);
+    }
+
+    /// Cached entries that memory no longer agrees with; `bbm_only`: only those whose
+    /// memory entry is valid and differs in a way that needs break-before-make.
+    fn disagreements(&self, bbm_only: bool) -> Vec<String> {
+        let (leaves, walks) = self.memory();
+        let mut out = Vec::new();
+        for (&(va, level), &d) in &self.leaves {
+            let m = leaves.get(&(va, level)).copied();
+            let same = m.is_some_and(|m| (m ^ d) & if bbm_only { BBM } else { !SW } == 0);
+            // Memory maps something valid in the cached leaf's span: a leaf covering
+            // its address at some level, or leaves inside it.
+            let valid_now = (1..=3u8).any(|l| leaves.contains_key(&(va & !(level_size(l) - 1), l)))
+                || leaves
+                    .range((va, 0)..(va + level_size(level), 0))
+                    .next()
+                    .is_some();
+            if !same && (!bbm_only || valid_now) {
+                out.push(format!("leaf L{level} {va:#x} {d:#x} vs memory {m:x?}"));
+            }
+        }
+        for (&(level, va), &d) in &self.walks {
+            let m = walks.get(&(level, va)).copied();
+            let same = m.is_some_and(|m| (m ^ d) & TABLE_BITS == 0);
+            let valid_now = m.is_some() || leaves.contains_key(&(va, level));
+            if !same && (!bbm_only || valid_now) {
+                out.push(format!("walk L{level} {va:#x} {d:#x} vs memory {m:x?}"));
+            }
+        }
+        out
+    }
+
+    /// Removes what one operation invalidates.
+    fn invalidate(&mut self, op: &TlbOp) {
+        let (addr, pages, leaf) = match *op {
+            TlbOp::El2All | TlbOp::Stage2All { .. } | TlbOp::El1Asid { .. } => {
+                self.leaves.clear();
+                self.walks.clear();
+                return;
+            }
+            TlbOp::El2Va { va, leaf } | TlbOp::El1Va { va, leaf, .. } => (va, 1, leaf),
+            TlbOp::Stage2Ipa { ipa, leaf, .. } => (ipa, 1, leaf),
+            TlbOp::El2Range { va, pages, leaf }
+            | TlbOp::El1Range {
+                va, pages, leaf, ..
+            } => (va, pages, leaf),
+            TlbOp::Stage2Range {
+                ipa, pages, leaf, ..
+            } => (ipa, pages, leaf),
+            _ => return,
+        };
+        let (lo, hi) = (addr, addr + pages * PAGE);
+        self.leaves
+            .retain(|&(va, l), _| !(va < hi && lo < va + level_size(l)));
+        if !leaf {
+            self.walks
+                .retain(|&(l, va), _| !(va < hi && lo < va + level_size(l)));
+        }
+    }
+}
+
+struct SimTlb(Rc<RefCell<State>>);
+
+impl TlbMaintenance for SimTlb {
+    fn execute(&mut self, seq: &TlbSequence<'_>) {
+        let mut s = self.0.borrow_mut();
+        for e in s.disagreements(true) {
+            s.errors
+                .push(format!("break-before-make: {e} at {:?}", seq.ops()));
+        }
+        s.fill();
+        for op in seq.ops() {
+            s.invalidate(op);
+        }
+    }
+}
+
+struct SimFrames {
+    inner: HeapFrames,
+    state: Rc<RefCell<State>>,
+}
+
+// SAFETY: forwards to `HeapFrames`.
+unsafe impl PhysToVirt for SimFrames {
+    fn phys_to_virt(&self, pa: u64) -> *mut u64 {
+        self.inner.phys_to_virt(pa)
+    }
+}
+
+// SAFETY: forwards to `HeapFrames`.
+unsafe impl FrameAllocator for SimFrames {
+    fn alloc_frame(&mut self) -> Option<u64> {
+        self.inner.alloc_frame()
+    }
+    fn alloc_contiguous(&mut self, count: usize) -> Option<u64> {
+        self.inner.alloc_contiguous(count)
+    }
+    fn free_contiguous(&mut self, pa: u64, count: usize) {
+        self.inner.free_contiguous(pa, count);
+    }
+    fn free_frame(&mut self, pa: u64) {
+        let mut s = self.state.borrow_mut();
+        let cached: Vec<_> = s
+            .walks
+            .iter()
+            .filter(|(_, &d)| d & OA == pa)
+            .map(|(k, _)| *k)
+            .collect();
+        if !cached.is_empty() {
+            s.errors
+                .push(format!("frame {pa:#x} freed while cached by {cached:x?}"));
+        }
+        drop(s);
+        self.inner.free_frame(pa);
+    }
+}
+
+fn run<R: Regime>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: usize, ranges: bool) {
+    let state = Rc::new(RefCell::new(State::default()));
+    let frames = SimFrames {
+        inner: HeapFrames::new(),
+        state: state.clone(),
+    };
+    let mut t = PageTable::new(regime, frames, SimTlb(state.clone())).unwrap();
+    t.set_tlbi_threshold(threshold);
+    t.set_tlbi_range(ranges);
+    {
+        let g = t.geometry();
+        let mut s = state.borrow_mut();
+        s.root = t.root_address();
+        s.start_level = g.start_level();
+        s.root_entries = g.root_entries();
+    }
+    for op in ops {
+        state.borrow_mut().fill();
+        let _ = match *op {
+            Op::Map {
+                va,
+                pages,
+                out,
+                attrs: a,
+                flags,
+            } => t.map(va, out, pages * PAGE, attrs[a], flags),
+            Op::Unmap { va, pages } => t.unmap(va, pages * PAGE),
+            Op::Protect {
+                va,
+                pages,
+                attrs: a,
+            } => t.protect(va, pages * PAGE, attrs[a]),
+            Op::SetSw { va, pages, sw } => t.set_sw_bits(va, pages * PAGE, SwBits::truncate(sw)),
+            Op::Coalesce { va, pages } => t.coalesce(va, pages * PAGE),
+        };
+        let mut s = state.borrow_mut();
+        for e in s.disagreements(false) {
+            s.errors.push(format!("stale after the operation: {e}"));
+        }
+        assert!(
+            s.errors.is_empty(),
+            "after {op:?}:\n{}",
+            s.errors.join("\n")
+        );
+    }
+    // Dropping the table invalidates everything before freeing its frames.
+    drop(t);
+    assert!(
+        state.borrow().errors.is_empty(),
+        "{:?}",
+        state.borrow().errors
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn el2_no_stale_entries(ops in prop::collection::vec(op(el2_attrs().len()), 1..24), threshold in 1usize..64, ranges: bool) {
+        run(El2::new(39), &el2_attrs(), &ops, threshold, ranges);
+    }
+
+    #[test]
+    fn stage2_no_stale_entries(ops in prop::collection::vec(op(s2_attrs().len()), 1..24), threshold in 1usize..64, ranges: bool) {
+        run(Stage2::new(7, 40), &s2_attrs(), &ops, threshold, ranges);
+    }
+
+    #[test]
+    fn el1_no_stale_entries(ops in prop::collection::vec(op(el1_attrs().len()), 1..24), threshold in 1usize..64, ranges: bool) {
+        run(El1::new(3, 48), &el1_attrs(), &ops, threshold, ranges);
+    }
+}
