@@ -1,0 +1,23 @@
+//! Coverage-guided fuzz targets for twostage (docs/fuzzing.md). Each module is one target:
+//! `run(data)` reads the input, drives the crate's own entry points and panics when an
+//! invariant breaks; `fuzz_targets/<name>.rs` hands libFuzzer's input to it, and
+//! [`seeds`] writes the committed seed corpus.
+
+pub mod config_dtb;
+pub mod input;
+pub mod mmu_ops;
+pub mod seeds;
+
+/// Runs `data` through target `name` (the corpus replay of the tests); unknown names
+/// panic.
+///
+/// # Panics
+///
+/// When the target finds a fault, or `name` is no target.
+pub fn run(name: &str, data: &[u8]) {
+    match name {
+        "mmu_ops" => mmu_ops::run(data),
+        "config_dtb" => config_dtb::run(data),
+        _ => panic!("no fuzz target {name}"),
+    }
+}

@@ -1,0 +1,168 @@
+//! The seed corpus of each target, written by `cargo xtask fuzz --seeds` (the `seeds`
+//! binary): a few inputs that reach the interesting paths from the start, so that a
+//! short run on the committed corpus exercises them.
+
+use crate::config_dtb;
+use crate::mmu_ops::{self, Op};
+
+/// Named seed inputs: (file name, bytes).
+pub type Seeds = Vec<(String, Vec<u8>)>;
+
+/// Every target's name and seeds.
+#[must_use]
+pub fn all() -> Vec<(&'static str, Seeds)> {
+    vec![("mmu_ops", mmu_ops()), ("config_dtb", config_dtb())]
+}
+
+const GIB: u64 = 1 << 30;
+const MIB2: u64 = 2 << 20;
+const PAGE: u64 = 4096;
+
+fn mmu_ops() -> Seeds {
+    let map = |va: u64, pages: u64, flags: mmu::MapFlags| Op::Map {
+        va,
+        pages,
+        out: va + GIB,
+        attrs: 0,
+        flags,
+    };
+    // Blocks split by a page unmap and protect, merged back by a map and a coalesce;
+    // a GiB block split; a map that runs out of frames half-way.
+    let ops = [
+        (map(GIB, 1024, mmu::MapFlags::empty()), None),
+        (
+            Op::Unmap {
+                va: GIB + MIB2 + PAGE,
+                pages: 1,
+            },
+            None,
+        ),
+        (
+            Op::Protect {
+                va: GIB + 3 * PAGE,
+                pages: 2,
+                attrs: 1,
+            },
+            None,
+        ),
+        (map(GIB + MIB2 + PAGE, 1, mmu::MapFlags::empty()), None),
+        (
+            Op::Protect {
+                va: GIB + 3 * PAGE,
+                pages: 2,
+                attrs: 0,
+            },
+            None,
+        ),
+        (
+            Op::Coalesce {
+                va: GIB,
+                pages: 1024,
+            },
+            None,
+        ),
+        (
+            Op::SetSw {
+                va: GIB,
+                pages: 513,
+                sw: 5,
+            },
+            None,
+        ),
+        (map(0, GIB / PAGE, mmu::MapFlags::REPLACE), None),
+        (
+            Op::Unmap {
+                va: 3 * PAGE,
+                pages: 5,
+            },
+            None,
+        ),
+        (
+            map(2 * GIB + 3 * PAGE, 1536, mmu::MapFlags::NO_BLOCKS),
+            Some(2),
+        ),
+        (map(2 * GIB + 3 * PAGE, 2, mmu::MapFlags::empty()), None),
+        (
+            Op::Unmap {
+                va: 0,
+                pages: 2 * GIB / PAGE,
+            },
+            None,
+        ),
+    ];
+    let records: Vec<u8> = ops
+        .iter()
+        .flat_map(|&(op, budget)| mmu_ops::encode(op, budget))
+        .collect();
+    (0..5u8)
+        .map(|regime| {
+            let mut v = vec![regime, 16, regime & 1];
+            v.extend_from_slice(&records);
+            (format!("seed-regime{regime}"), v)
+        })
+        .collect()
+}
+
+fn config_dtb() -> Seeds {
+    let mut seeds = Vec::new();
+    for (i, f) in config_dtb::FIXTURES.iter().enumerate() {
+        let mut raw = vec![0u8];
+        raw.extend_from_slice(f);
+        seeds.push((format!("seed-fixture{i}"), raw));
+        // The fixture with one small cell value changed near its start (header and
+        // first properties): the edit mode.
+        let mut edited = vec![1u8, i as u8];
+        edited.extend_from_slice(&[0x40, 0, 0, 1, 2, 0, 0, 0]);
+        seeds.push((format!("seed-fixture{i}-edit"), edited));
+    }
+    seeds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mmu_records_decode_to_the_seed_operations() {
+        let op = Op::Map {
+            va: 2 * GIB + 3 * PAGE,
+            pages: 1536,
+            out: 3 * GIB + 3 * PAGE,
+            attrs: 2,
+            flags: mmu::MapFlags::NO_BLOCKS,
+        };
+        assert_eq!(mmu_ops::decode(mmu_ops::encode(op, Some(2))), (op, Some(2)));
+        let whole = Op::Map {
+            va: GIB,
+            pages: 2 * GIB / PAGE,
+            out: 2 * GIB,
+            attrs: 4,
+            flags: mmu::MapFlags::REPLACE,
+        };
+        assert_eq!(mmu_ops::decode(mmu_ops::encode(whole, None)), (whole, None));
+        let coalesce = Op::Coalesce {
+            va: GIB,
+            pages: 1024,
+        };
+        assert_eq!(
+            mmu_ops::decode(mmu_ops::encode(coalesce, None)),
+            (coalesce, None)
+        );
+        let sw = Op::SetSw {
+            va: GIB,
+            pages: 513,
+            sw: 5,
+        };
+        assert_eq!(mmu_ops::decode(mmu_ops::encode(sw, None)), (sw, None));
+    }
+
+    #[test]
+    fn every_seed_runs_clean() {
+        for (target, seeds) in all() {
+            for (name, bytes) in seeds {
+                eprintln!("{target}/{name}");
+                crate::run(target, &bytes);
+            }
+        }
+    }
+}
