@@ -5,6 +5,7 @@
 
 pub mod config_dtb;
 pub mod input;
+pub mod linux_image;
 pub mod mmu_ops;
 pub mod seeds;
 
@@ -18,6 +19,7 @@ pub fn run(name: &str, data: &[u8]) {
     match name {
         "mmu_ops" => mmu_ops::run(data),
         "config_dtb" => config_dtb::run(data),
+        "linux_image" => linux_image::run(data),
         _ => panic!("no fuzz target {name}"),
     }
 }

@@ -2,8 +2,8 @@
 //! binary): a few inputs that reach the interesting paths from the start, so that a
 //! short run on the committed corpus exercises them.
 
-use crate::config_dtb;
 use crate::mmu_ops::{self, Op};
+use crate::{config_dtb, linux_image};
 
 /// Named seed inputs: (file name, bytes).
 pub type Seeds = Vec<(String, Vec<u8>)>;
@@ -11,7 +11,11 @@ pub type Seeds = Vec<(String, Vec<u8>)>;
 /// Every target's name and seeds.
 #[must_use]
 pub fn all() -> Vec<(&'static str, Seeds)> {
-    vec![("mmu_ops", mmu_ops()), ("config_dtb", config_dtb())]
+    vec![
+        ("mmu_ops", mmu_ops()),
+        ("config_dtb", config_dtb()),
+        ("linux_image", linux_image()),
+    ]
 }
 
 const GIB: u64 = 1 << 30;
@@ -101,6 +105,82 @@ fn mmu_ops() -> Seeds {
             (format!("seed-regime{regime}"), v)
         })
         .collect()
+}
+
+/// An arm64 Image header: `image_size`, `flags` (bit 0 big endian, bits 2:1 page size,
+/// bit 3 anywhere), `text_offset`.
+fn image_header(image_size: u64, flags: u64, text_offset: u64) -> Vec<u8> {
+    let mut h = vec![0u8; 64];
+    h[8..16].copy_from_slice(&text_offset.to_le_bytes());
+    h[16..24].copy_from_slice(&image_size.to_le_bytes());
+    h[24..32].copy_from_slice(&flags.to_le_bytes());
+    h[56..60].copy_from_slice(b"ARM\x64");
+    h
+}
+
+fn linux_image() -> Seeds {
+    const MIB: u64 = 1 << 20;
+    let seed = |name: &str, rec: Vec<u8>, head: Vec<u8>, args: &str| {
+        let mut v = rec;
+        v.extend_from_slice(&head);
+        v.extend_from_slice(args.as_bytes());
+        (name.to_owned(), v)
+    };
+    // fields: fixture; RAM base, RAM size, vCPUs, kernel length (option index, raw).
+    let linux = [(0, 0), (0, 0), (0, 0), (2, 0), (0, 0), (0, 0)];
+    let args = "console=ttyAMA0 earlycon rdinit=/bin/sh";
+    vec![
+        // Debian's kernel: 256 MiB at 0x4000_0000, two vCPUs, initrd below the DTB,
+        // the UART and the GIC passed through.
+        seed(
+            "seed-debian",
+            linux_image::record(linux, 0, (1, 0, 0), (0b0000_0110, 0)),
+            image_header(33 * MIB, 0b1010, 0),
+            args,
+        ),
+        // A raw binary with no header, in a 4 MiB RAM, an initrd of raw values.
+        seed(
+            "seed-raw",
+            linux_image::record(
+                [(3, 0), (0, 0), (2, 0), (1, 0), (1, 0), (0, 0)],
+                0,
+                (2, 0x4010_0000, 0x1000),
+                (0, 3),
+            ),
+            vec![0x14; 64],
+            "quiet",
+        ),
+        // An old Image (image_size 0) and one with a text offset, on the 512 MiB
+        // single-CPU machine; a big-endian one.
+        seed(
+            "seed-old-image",
+            linux_image::record(
+                [(1, 0), (0, 0), (0, 0), (1, 0), (0, 0), (0, 0)],
+                0,
+                (0, 0, 0),
+                (0, 0),
+            ),
+            image_header(0, 0, 0x8_0000),
+            "",
+        ),
+        seed(
+            "seed-text-offset",
+            linux_image::record(
+                [(0, 0), (2, 0), (1, 0), (4, 0), (0, 0), (0, 0)],
+                1,
+                (1, 0, 0),
+                (0xff, 1),
+            ),
+            image_header(3 * MIB, 0b0010, 0x20_0000),
+            args,
+        ),
+        seed(
+            "seed-big-endian",
+            linux_image::record(linux, 0, (0, 0, 0), (0, 0)),
+            image_header(33 * MIB, 0b1011, 0),
+            args,
+        ),
+    ]
 }
 
 fn config_dtb() -> Seeds {
