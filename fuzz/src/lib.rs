@@ -8,6 +8,8 @@ pub mod input;
 pub mod linux_image;
 pub mod mmu_ops;
 pub mod seeds;
+pub mod share_calls;
+pub mod world;
 
 /// Runs `data` through target `name` (the corpus replay of the tests); unknown names
 /// panic.
@@ -20,6 +22,7 @@ pub fn run(name: &str, data: &[u8]) {
         "mmu_ops" => mmu_ops::run(data),
         "config_dtb" => config_dtb::run(data),
         "linux_image" => linux_image::run(data),
+        "share_calls" => share_calls::run(data),
         _ => panic!("no fuzz target {name}"),
     }
 }

@@ -15,6 +15,7 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
         ("mmu_ops", mmu_ops()),
         ("config_dtb", config_dtb()),
         ("linux_image", linux_image()),
+        ("share_calls", share_calls()),
     ]
 }
 
@@ -181,6 +182,42 @@ fn linux_image() -> Seeds {
             args,
         ),
     ]
+}
+
+/// A `share_calls` record: call kind (0 SHARE, 1 LEND, 2 RETRIEVE, 3 RELINQUISH,
+/// 4 RECLAIM, 5 QUERY, 14 reset, 15 destroy and create again), calling VM slot, first
+/// page, page-count or receiver-slot index, receiver VM slot, permissions, handle index
+/// (0: the newest).
+fn call(kind: u8, by: u8, page: u8, sel: u8, to: u8, perms: u8, handle: u8) -> [u8; 8] {
+    [kind, by, page, sel, to, perms, handle, 0]
+}
+
+fn share_calls() -> Seeds {
+    let calls = [
+        // vm0 shares 2 pages with vm1, which retrieves them read-only and asks.
+        call(0, 0, 10, 1, 1, 3, 0),
+        call(2, 1, 0, 0, 0, 1, 0),
+        call(5, 1, 0, 0, 0, 0, 0),
+        // vm2 lends 4 pages of its 2 MiB block to vm0 (the block splits), vm0 retrieves
+        // them read/write/execute next to the first slot.
+        call(1, 2, 40, 3, 0, 7, 0),
+        call(2, 0, 0, 2, 0, 7, 0),
+        // vm1 gives back, vm0 reclaims; vm0 relinquishes, vm2 reclaims (the block
+        // merges again).
+        call(3, 1, 0, 0, 0, 0, 1),
+        call(4, 0, 0, 0, 0, 0, 1),
+        call(3, 0, 0, 0, 0, 0, 0),
+        call(4, 2, 0, 0, 0, 0, 0),
+        // vm1 shares with vm2, vm2 retrieves, then vm1 is reset and vm2 destroyed
+        // and made again mid-transaction.
+        call(0, 1, 200, 2, 2, 5, 0),
+        call(2, 2, 0, 0, 0, 5, 0),
+        call(0, 0, 0, 4, 2, 3, 0),
+        call(14, 1, 0, 0, 0, 0, 0),
+        call(15, 2, 0, 0, 0, 0, 0),
+        call(5, 2, 0, 0, 0, 0, 0xff),
+    ];
+    vec![("seed-calls".to_owned(), calls.concat())]
 }
 
 fn config_dtb() -> Seeds {

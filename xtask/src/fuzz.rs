@@ -11,12 +11,12 @@ use clap::Args;
 use xtask::artifacts::root;
 
 /// Every fuzz target (`fuzz/fuzz_targets/<name>.rs`).
-pub const TARGETS: [&str; 3] = ["mmu_ops", "config_dtb", "linux_image"];
+pub const TARGETS: [&str; 4] = ["mmu_ops", "config_dtb", "linux_image", "share_calls"];
 
 /// The targets `cargo xtask test` runs. `config_dtb` still finds the `fdt` crate's
 /// panics on malformed property lengths (a 2-byte `#address-cells`) that the host
 /// device-tree checks do not catch yet; it joins once they do.
-pub const TEST_TARGETS: [&str; 2] = ["mmu_ops", "linux_image"];
+pub const TEST_TARGETS: [&str; 3] = ["mmu_ops", "linux_image", "share_calls"];
 
 /// Seconds each target runs in `cargo xtask test`.
 pub const TEST_SECONDS: u64 = 20;
@@ -24,7 +24,8 @@ pub const TEST_SECONDS: u64 = 20;
 /// Options of `cargo xtask fuzz`.
 #[derive(Args)]
 pub struct FuzzArgs {
-    /// The target to run (every target when left out): mmu_ops, config_dtb, linux_image.
+    /// The target to run (every target when left out): mmu_ops, config_dtb, linux_image,
+    /// share_calls.
     target: Option<String>,
     /// How long each target runs.
     #[arg(long, default_value_t = 600)]
