@@ -9,6 +9,7 @@ pub mod linux_image;
 pub mod mmu_ops;
 pub mod seeds;
 pub mod share_calls;
+pub mod vcpu_exits;
 pub mod world;
 
 /// Runs `data` through target `name` (the corpus replay of the tests); unknown names
@@ -23,6 +24,7 @@ pub fn run(name: &str, data: &[u8]) {
         "config_dtb" => config_dtb::run(data),
         "linux_image" => linux_image::run(data),
         "share_calls" => share_calls::run(data),
+        "vcpu_exits" => vcpu_exits::run(data),
         _ => panic!("no fuzz target {name}"),
     }
 }

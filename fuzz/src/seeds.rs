@@ -16,6 +16,7 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
         ("config_dtb", config_dtb()),
         ("linux_image", linux_image()),
         ("share_calls", share_calls()),
+        ("vcpu_exits", vcpu_exits()),
     ]
 }
 
@@ -218,6 +219,127 @@ fn share_calls() -> Seeds {
         call(5, 2, 0, 0, 0, 0, 0xff),
     ];
     vec![("seed-calls".to_owned(), calls.concat())]
+}
+
+/// A `vcpu_exits` record with the fields that matter for most seeds: CPU (0: vm0,
+/// 1 and 2: vm1's vCPUs 0 and 1, 3: vm2), exception-class index, ISS (25 bits), IPA
+/// index, page and offset, function-ID index, three argument indices, PSTATE index, raw
+/// value (x4 and raw fields).
+#[derive(Clone, Copy, Default)]
+struct Exit {
+    kind: u8,
+    cpu: u8,
+    class: u8,
+    iss: u32,
+    ipa: u8,
+    page: u8,
+    low: u8,
+    fid: u8,
+    args: [u8; 3],
+    pstate: u8,
+    raw: u64,
+}
+
+impl Exit {
+    fn bytes(self) -> [u8; 24] {
+        let mut r = [0u8; 24];
+        r[0] = if self.kind == 0 { 3 } else { self.kind };
+        r[1] = self.cpu;
+        r[2] = self.class;
+        r[3] = self.iss as u8;
+        r[4] = (self.iss >> 8) as u8;
+        r[5] = (self.iss >> 16) as u8;
+        // ISS bit 24 (ISV) and IL (32-bit instruction).
+        r[6] = ((self.iss >> 24) & 1) as u8 | 0x80;
+        r[7] = self.ipa;
+        r[8] = self.page;
+        r[9] = self.low;
+        r[10] = self.fid;
+        r[11..14].copy_from_slice(&self.args);
+        r[14] = self.pstate;
+        r[15] = 1;
+        r[16..].copy_from_slice(&self.raw.to_le_bytes());
+        r
+    }
+}
+
+/// An HVC on `cpu` with function-ID index `fid` and argument indices `args`.
+fn hvc(cpu: u8, fid: u8, args: [u8; 3], raw: u64) -> Exit {
+    Exit {
+        cpu,
+        fid,
+        args,
+        raw,
+        ..Exit::default()
+    }
+}
+
+/// A data abort on `cpu` at IPA index `ipa` (+ `low`) with a valid syndrome: register
+/// `reg`, `write`, access size 2^`size`, fault status `dfsc`.
+fn dabt(cpu: u8, ipa: u8, low: u8, reg: u32, write: bool, size: u32, dfsc: u32) -> Exit {
+    Exit {
+        cpu,
+        class: 5,
+        iss: 1 << 24 | size << 22 | reg << 16 | u32::from(write) << 6 | dfsc,
+        ipa,
+        low,
+        ..Exit::default()
+    }
+}
+
+fn vcpu_exits() -> Seeds {
+    // Indices into vcpu_exits' tables.
+    let (vm_info, psci_version, cpu_on, cpu_off, affinity) = (18, 0, 3, 2, 4);
+    let (system_off, system_reset, share, retrieve, smccc_version) = (6, 7, 21, 23, 10);
+    let (zero, one, two, entry, free_ipa, seven) = (0, 1, 2, 4, 7, 10);
+    let exits = [
+        // vm0: calls, then "ok\n" on the virtual UART and a flag-register read.
+        hvc(0, vm_info, [0; 3], 0),
+        Exit {
+            class: 1,
+            ..hvc(0, smccc_version, [0; 3], 0)
+        },
+        hvc(0, psci_version, [0; 3], 0),
+        Exit {
+            raw: u64::from(b'o'),
+            ..dabt(0, 0, 0, 4, true, 0, 7)
+        },
+        Exit {
+            raw: u64::from(b'\n'),
+            ..dabt(0, 0, 0, 4, true, 0, 7)
+        },
+        dabt(0, 0, 0x18, 7, false, 2, 7),
+        // vm1: vCPU 0 starts vCPU 1, which asks who it is and turns itself off.
+        hvc(1, cpu_on, [one, entry, seven], 0),
+        hvc(2, vm_info, [0; 3], 0),
+        hvc(1, affinity, [one, zero, zero], 0),
+        hvc(2, cpu_off, [0; 3], 0),
+        // vm2: shares two pages with vm0, which retrieves them; an access to nothing
+        // from EL0 gets an abort injected; an SError stops vm2.
+        hvc(3, share, [entry, two, zero], 3),
+        hvc(0, retrieve, [one, free_ipa, one], 0),
+        Exit {
+            pstate: 2,
+            ..dabt(3, 5, 0, 1, false, 3, 6)
+        },
+        Exit {
+            kind: 2,
+            cpu: 3,
+            ..Exit::default()
+        },
+        // vm0 resets and starts again; vm1 powers off with vCPU 1 off, and comes back.
+        hvc(0, system_reset, [0; 3], 0),
+        Exit {
+            class: 4,
+            ..hvc(0, 0, [0; 3], 0)
+        },
+        hvc(1, system_off, [0; 3], 0),
+        hvc(1, vm_info, [0; 3], 0),
+        // vm1 reads nothing: stopped (its abort policy).
+        dabt(1, 5, 0, 1, false, 3, 7),
+    ];
+    let bytes: Vec<u8> = exits.iter().flat_map(|e| e.bytes()).collect();
+    vec![("seed-exits".to_owned(), bytes)]
 }
 
 fn config_dtb() -> Seeds {

@@ -11,12 +11,18 @@ use clap::Args;
 use xtask::artifacts::root;
 
 /// Every fuzz target (`fuzz/fuzz_targets/<name>.rs`).
-pub const TARGETS: [&str; 4] = ["mmu_ops", "config_dtb", "linux_image", "share_calls"];
+pub const TARGETS: [&str; 5] = [
+    "mmu_ops",
+    "config_dtb",
+    "linux_image",
+    "share_calls",
+    "vcpu_exits",
+];
 
 /// The targets `cargo xtask test` runs. `config_dtb` still finds the `fdt` crate's
 /// panics on malformed property lengths (a 2-byte `#address-cells`) that the host
 /// device-tree checks do not catch yet; it joins once they do.
-pub const TEST_TARGETS: [&str; 3] = ["mmu_ops", "linux_image", "share_calls"];
+pub const TEST_TARGETS: [&str; 4] = ["mmu_ops", "linux_image", "share_calls", "vcpu_exits"];
 
 /// Seconds each target runs in `cargo xtask test`.
 pub const TEST_SECONDS: u64 = 20;
@@ -25,7 +31,7 @@ pub const TEST_SECONDS: u64 = 20;
 #[derive(Args)]
 pub struct FuzzArgs {
     /// The target to run (every target when left out): mmu_ops, config_dtb, linux_image,
-    /// share_calls.
+    /// share_calls, vcpu_exits.
     target: Option<String>,
     /// How long each target runs.
     #[arg(long, default_value_t = 600)]
