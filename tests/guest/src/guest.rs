@@ -25,6 +25,7 @@ const ARG_LINGER: u64 = 1 << 2;
 const ARG_RESET: u64 = 1 << 3;
 const ARG_SHARING: u64 = 1 << 4;
 const ARG_SPLIT_MERGE: u64 = 1 << 5;
+const ARG_PMU: u64 = 1 << 6;
 /// How long `ARG_LINGER` keeps the guest running.
 const LINGER_SECONDS: u64 = 3;
 
@@ -150,6 +151,7 @@ macro_rules! println {
     }};
 }
 
+mod pmu;
 mod sharing;
 mod split_merge;
 
@@ -422,6 +424,9 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
     }
     if arg & ARG_SPLIT_MERGE != 0 {
         split_merge::split_merge_check();
+    }
+    if arg & ARG_PMU != 0 {
+        pmu::pmu_check();
     }
     println!(
         "DONE pass={} fail={}",
