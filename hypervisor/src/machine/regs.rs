@@ -84,6 +84,10 @@ pub fn id_regs() -> IdRegs {
         dfr0,
         mmfr1: ID_AA64MMFR1_EL1.get(),
         pmu_counters: 0,
+        midr: MIDR_EL1.get(),
+        // The firmware's SMCCC_ARCH_WORKAROUND_1 is not probed or called (QEMU has no
+        // firmware behind SMC besides PSCI): docs/cpu-state.md.
+        firmware_wa1: false,
     };
     if id.pmu_version() != 0 {
         // PMCR_EL0.N [15:11]: the event counters the CPU implements.
@@ -226,6 +230,7 @@ pub fn enter_guest_context(vttbr: u64, vtcr: u64, index: u64) {
     let controls = el2_controls();
     allow_el1_gic_sysregs();
     write_controls(&controls);
+    boot::set_bhb_loop(u32::from(controls.spectre.bhb_loop));
     reset_guest_pmu_and_debug(&controls);
     // SAFETY: these registers only affect the EL1&0 regime, which does not run until
     // `enter_guest`; the local TLBI VMALLS12E1 drops whatever this CPU cached for the

@@ -23,6 +23,10 @@ pub struct IdRegs {
     pub mmfr1: u64,
     /// `PMCR_EL0.N` \[15:11\]: event counters implemented (0 without a PMU).
     pub pmu_counters: u8,
+    /// `MIDR_EL1`.
+    pub midr: u64,
+    /// The firmware implements `SMCCC_ARCH_WORKAROUND_1` (SMCCC 1.1 discovery).
+    pub firmware_wa1: bool,
 }
 
 const fn field(reg: u64, lsb: u32) -> u64 {
@@ -118,6 +122,8 @@ pub struct El2Controls {
     pub pmu: PmuPolicy,
     /// SVE allowed at EL1 (then `ZCR_EL2.LEN` = 0 must be written: 128-bit vectors).
     pub sve: bool,
+    /// Branch-predictor hardening of EL2 and the SMCCC workaround answers.
+    pub spectre: spectre::Mitigations,
 }
 
 /// `HCR_EL2` bits (D19.2.49).
@@ -249,11 +255,19 @@ impl El2Controls {
             actlr: 0,
             pmu,
             sve,
+            spectre: spectre::Mitigations::for_cpu(
+                id.midr,
+                id.pfr0,
+                id.pfr1,
+                id.mmfr1,
+                id.firmware_wa1,
+            ),
         }
     }
 }
 
 pub mod serror;
+pub mod spectre;
 pub mod sysreg;
 
 #[cfg(test)]
@@ -268,6 +282,8 @@ mod tests {
             dfr0: 0x0000_0000_1030_5106,
             mmfr1: 0,
             pmu_counters: 6,
+            midr: 0x411f_d070,
+            firmware_wa1: false,
         }
     }
 
@@ -279,6 +295,8 @@ mod tests {
             dfr0: (1 << 44) | (1 << 40) | (1 << 32) | (6 << 8) | 0x6,
             mmfr1: 1 << 16,
             pmu_counters: 31,
+            midr: 0x000f_0510,
+            firmware_wa1: false,
         }
     }
 

@@ -190,11 +190,11 @@ pub fn handle_exit<S: Stage2Table>(
     match Exit::from(exit) {
         Exit::Interrupt => Next::Resume,
         Exit::SError { esr } => serror(vm, esr, el1),
-        Exit::Hvc { .. } => hypercall(vm, vcpu, ctx, sink, share),
+        Exit::Hvc { .. } => hypercall(vm, vcpu, ctx, sink, share, el1),
         Exit::Smc { .. } => {
             // A trapped SMC returns to the SMC itself (preferred return address).
             *ctx.pc = ctx.pc.wrapping_add(4);
-            hypercall(vm, vcpu, ctx, sink, share)
+            hypercall(vm, vcpu, ctx, sink, share, el1)
         }
         Exit::Wfx { .. } => {
             *ctx.pc = ctx.pc.wrapping_add(4);
@@ -226,6 +226,7 @@ fn hypercall<S>(
     ctx: &mut VcpuCtx<'_>,
     sink: &mut impl LineSink,
     share: &mut ShareCall<'_>,
+    el1: &impl GuestEl1,
 ) -> Next {
     let x: [u64; 8] = core::array::from_fn(|i| ctx.x[i]);
     let caller = Caller {
@@ -234,6 +235,7 @@ fn hypercall<S>(
         vcpu,
         name: &vm.desc.name,
         boots: vm.boots.load(Ordering::SeqCst),
+        spectre: el1.controls().spectre,
     };
     let outcome = {
         let mut psci = vm.psci.lock();
