@@ -50,18 +50,22 @@ pub const IMAGE_HEADER: [u8; 64] = {
 ///
 /// When a parser panics or accepts a description that breaks its rules.
 pub fn run(data: &[u8]) {
+    check_tree(&mut blob(data));
+}
+
+/// The device tree an input stands for (to turn a crash into a regression test).
+#[must_use]
+pub fn blob(data: &[u8]) -> Vec<u8> {
     let mut b = Bytes::new(data);
-    let mut blob = if b.u8().is_multiple_of(2) {
-        b.rest().to_vec()
-    } else {
-        let base = FIXTURES[usize::from(b.u8()) % FIXTURES.len()];
-        let mut blob = base.to_vec();
-        while let Some(e) = b.record::<EDIT_LEN>() {
-            edit(&mut blob, e);
-        }
-        blob
-    };
-    check_tree(&mut blob);
+    if b.u8().is_multiple_of(2) {
+        return b.rest().to_vec();
+    }
+    let base = FIXTURES[usize::from(b.u8()) % FIXTURES.len()];
+    let mut blob = base.to_vec();
+    while let Some(e) = b.record::<EDIT_LEN>() {
+        edit(&mut blob, e);
+    }
+    blob
 }
 
 /// Applies one edit to `blob`.

@@ -14,6 +14,7 @@
 //! names it.
 //!
 //! After every exit: the world invariants ([`World::check`]); no other VM changed state;
+//! only an SError may end the machine's run (`Next::Fatal`, which ends the input);
 //! a VM that is not running is never resumed; after a hypercall x4..x30 are as they
 //! were; an injected abort enters the guest at `VBAR_EL1` plus a vector offset with
 //! PSTATE EL1h and D, A, I, F masked.
@@ -313,6 +314,17 @@ pub fn run(data: &[u8]) {
         }
         match next {
             Next::Resume => {}
+            Next::Fatal => {
+                // Only the hardware's word (an uncontainable SError) ends the machine's
+                // run; nothing else a guest does may.
+                assert!(
+                    matches!(exit, boot::Exit::SError { .. }),
+                    "{exit:x?} of {} ended the run",
+                    vm.desc.name
+                );
+                w.check();
+                break;
+            }
             Next::Stop | Next::Reset => {
                 if next == Next::Reset {
                     assert_eq!(m.reset(vm.id), Ok(()), "resetting {}", vm.desc.name);
