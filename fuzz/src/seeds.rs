@@ -405,3 +405,27 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod corpus {
+    /// Every committed corpus entry (seeds and the inputs of fixed crashes) runs clean.
+    #[test]
+    fn committed_corpus_runs_clean() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+        let mut n = 0;
+        for (target, _) in super::all() {
+            let Ok(entries) = std::fs::read_dir(dir.join(target)) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let Ok(data) = std::fs::read(e.path()) else {
+                    continue;
+                };
+                eprintln!("{}", e.path().display());
+                crate::run(target, &data);
+                n += 1;
+            }
+        }
+        assert!(n > 0, "no corpus entry found");
+    }
+}
