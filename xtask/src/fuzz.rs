@@ -172,8 +172,8 @@ pub fn clippy(toolchain: Toolchain) -> Result<(), String> {
 /// Writes the seed corpus.
 fn seeds() -> Result<(), String> {
     let mut c = cargo(None, &fuzz_dir());
-    c.args(["run", "-q", "--bin", "seeds"]);
-    status(c, "the seeds binary")
+    c.args(["run", "-q", "--example", "seeds"]);
+    status(c, "the seeds example")
 }
 
 /// Runs `target` for `seconds` on the committed corpus; new inputs go to
