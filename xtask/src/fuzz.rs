@@ -31,9 +31,6 @@ pub struct FuzzArgs {
     /// How long each target runs.
     #[arg(long, default_value_t = 600)]
     seconds: u64,
-    /// Parallel libFuzzer jobs per target.
-    #[arg(long, default_value_t = 1)]
-    jobs: u32,
     /// Rewrite the seed corpus (fuzz/corpus/<target>/seed-*) and run nothing.
     #[arg(long)]
     seeds: bool,
@@ -187,7 +184,6 @@ pub fn run_target(
     toolchain: Toolchain,
     target: &str,
     seconds: u64,
-    jobs: u32,
     fresh: bool,
 ) -> Result<Counts, String> {
     let dir = fuzz_dir();
@@ -206,10 +202,6 @@ pub fn run_target(
         // An input that runs for 20 s is a hang: reported like a crash.
         .arg("-timeout=20")
         .arg("-print_final_stats=1");
-    if jobs > 1 {
-        c.arg(format!("-jobs={jobs}"))
-            .arg(format!("-workers={jobs}"));
-    }
     let out = c
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -275,14 +267,13 @@ pub fn run_all(
     toolchain: Toolchain,
     targets: &[&str],
     seconds: u64,
-    jobs: u32,
     fresh: bool,
 ) -> Result<(), String> {
     let mut failed = Vec::new();
     for t in targets {
         let start = Instant::now();
         let committed = files(&fuzz_dir().join("corpus").join(t));
-        let c = run_target(toolchain, t, seconds, jobs, fresh)?;
+        let c = run_target(toolchain, t, seconds, fresh)?;
         eprintln!(
             "== fuzz {t}: {} inputs run in {:.0} s, corpus {} ({committed} committed), {} crashes",
             c.runs,
@@ -324,7 +315,7 @@ pub fn run(args: &FuzzArgs) -> Result<ExitCode, String> {
     let toolchain = Toolchain::detect()?;
     eprintln!("xtask: fuzzing with {}", toolchain.describe());
     build(toolchain)?;
-    run_all(toolchain, &targets, args.seconds, args.jobs, false)?;
+    run_all(toolchain, &targets, args.seconds, false)?;
     Ok(ExitCode::SUCCESS)
 }
 

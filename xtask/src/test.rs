@@ -183,7 +183,7 @@ fn fuzz_and_miri(lints: bool) -> Result<(), String> {
             "fuzz targets: {} s each on the committed corpus",
             fuzz::TEST_SECONDS
         ),
-        || fuzz::run_all(toolchain, &fuzz::TARGETS, fuzz::TEST_SECONDS, 1, true),
+        || fuzz::run_all(toolchain, &fuzz::TARGETS, fuzz::TEST_SECONDS, true),
     )
 }
 
