@@ -411,7 +411,9 @@ fn sharing(cpu: &str) {
         "VM owner powered off",
         // The owner left the page shared: it is revoked from the receiver as the owner
         // ends, and the receiver's next access aborts.
-        &format!("VM owner: handle {last} revoked and ended as the VM ends or resets"),
+        &format!(
+            "VM owner: 1 transaction(s) revoked and ended as the VM ends or resets (last handle {last})"
+        ),
         "VM receiver: injected abort for read of unmapped IPA 0x60000000 (ESR 0x",
         "[receiver] PASS revoked-share-read-aborts",
         "VM receiver powered off",

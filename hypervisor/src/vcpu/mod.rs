@@ -11,7 +11,6 @@ pub mod schedule;
 
 use crate::config::AbortPolicy;
 use crate::mem::PAGE_SIZE;
-use crate::vm::psci::PowerState;
 use crate::vm::share::Request;
 use crate::vm::vuart::LineSink;
 use crate::vm::{Stage2Table, Vm, VmStatus};
@@ -43,10 +42,10 @@ pub trait GuestEl1 {
 pub enum Next {
     /// Enter the guest again.
     Resume,
-    /// This vCPU is off (CPU_OFF, VM powered off or stopped): wait for a CPU_ON.
+    /// This vCPU is off (CPU_OFF, VM powered off, reset or stopped): leave the guest
+    /// ([`crate::vm::Vm::leave`] says whether this CPU now destroys or resets the VM)
+    /// and wait for a start.
     Stop,
-    /// The VM asked for `SYSTEM_RESET`: reset it, then wait for vCPU 0's restart.
-    Reset,
 }
 
 /// PSTATE for an exception taken to EL1h with D, A, I, F masked (SPSR M\[3:0\] = 0b0101).
@@ -62,12 +61,11 @@ fn access_name(a: &Abort) -> &'static str {
     }
 }
 
-/// Marks `vm` failed and every vCPU off, with one log line naming it, what happened and
+/// Marks `vm` failed and every vCPU off, then logs one line naming it, what happened and
 /// the ESR.
 pub fn stop_vm<S>(vm: &Vm<S>, what: core::fmt::Arguments<'_>) -> Next {
+    vm.state.lock().finish(VmStatus::Failed);
     log::error!("VM {} stopped: {}", vm.desc.name, what);
-    *vm.status.lock() = VmStatus::Failed;
-    vm.psci.lock().all_off();
     Next::Stop
 }
 
@@ -86,7 +84,7 @@ pub fn handle_exit<S: Stage2Table>(
     share: &mut ShareCall<'_>,
 ) -> Next {
     // Another vCPU may have powered the VM off, reset or stopped it meanwhile.
-    if vm.status() != VmStatus::Running || vm.psci.lock().state(vcpu) != Some(PowerState::On) {
+    if !vm.runs(vcpu) {
         return Next::Stop;
     }
     match Exit::from(exit) {
@@ -132,8 +130,22 @@ fn hypercall<S>(
         boots: vm.boots.load(Ordering::SeqCst),
     };
     let outcome = {
-        let mut psci = vm.psci.lock();
-        hypercall::dispatch(&x, &caller, &mut psci, |ipa| vm.is_ram(ipa, 4))
+        let mut st = vm.state.lock();
+        if !st.runs(vcpu) {
+            // Powered off, reset or stopped by another vCPU since the exit was taken.
+            return Next::Stop;
+        }
+        let outcome = hypercall::dispatch(&x, &caller, &mut st.psci, |ipa| vm.is_ram(ipa, 4));
+        // The VM-wide calls change the VM's state in the same step as the check above:
+        // of two vCPUs racing SYSTEM_OFF and SYSTEM_RESET, one wins whole.
+        match outcome {
+            Outcome::SystemOff => st.finish(VmStatus::Off),
+            Outcome::SystemReset => {
+                st.request_reset();
+            }
+            _ => {}
+        }
+        outcome
     };
     match outcome {
         Outcome::Return(r) => {
@@ -150,14 +162,12 @@ fn hypercall<S>(
         Outcome::SystemOff => {
             vm.uart.lock().flush(&vm.desc.name, sink);
             log::info!("VM {} powered off", vm.desc.name);
-            *vm.status.lock() = VmStatus::Off;
-            vm.psci.lock().all_off();
             Next::Stop
         }
         Outcome::SystemReset => {
             vm.uart.lock().flush(&vm.desc.name, sink);
             log::info!("VM {} reset", vm.desc.name);
-            Next::Reset
+            Next::Stop
         }
     }
 }
@@ -345,7 +355,7 @@ mod tests {
     fn vuart_write_and_flag_read() {
         let m = manager();
         let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
-        vm.psci.lock().take_pending(0);
+        vm.state.lock().psci.take_pending(0);
         let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
         for b in b"ok\n" {
             cpu.x[5] = u64::from(*b) | 0x100;
@@ -375,7 +385,7 @@ mod tests {
     fn hvc_and_smc_calls() {
         let m = manager();
         let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
-        vm.psci.lock().take_pending(0);
+        vm.state.lock().psci.take_pending(0);
         vm.enter();
         let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
         cpu.x[0] = 0xC600_0001;
@@ -403,7 +413,7 @@ mod tests {
             cpu.exit(&vm, 0, boot::Exit::Irq, &mut el1, &mut out),
             Next::Stop
         );
-        assert!(vm.leave());
+        assert_eq!(vm.leave(), crate::vm::Leave::Destroy);
         assert_eq!(m.outcome(), None, "idle but not destroyed yet");
         m.destroy(vm.id).expect("destroy");
         assert_eq!(m.outcome(), Some(true));
@@ -414,8 +424,8 @@ mod tests {
         let m = manager();
         let a = m.create(desc(0x5000_0000, 1)).expect("a");
         let b = m.create(desc(0x5010_0000, 2)).expect("b");
-        a.psci.lock().take_pending(0);
-        b.psci.lock().take_pending(0);
+        a.state.lock().psci.take_pending(0);
+        b.state.lock().psci.take_pending(0);
         let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
         let n = cpu.exit(
             &a,
@@ -426,12 +436,12 @@ mod tests {
         );
         assert_eq!(n, Next::Stop);
         assert_eq!(a.status(), VmStatus::Failed);
-        assert_eq!(a.psci.lock().running(), 0);
+        assert_eq!(a.state.lock().psci.running(), 0);
         assert_eq!(b.status(), VmStatus::Running);
         assert_eq!(el1.set, None);
         m.destroy(a.id).expect("destroy a");
         assert_eq!(m.outcome(), None, "the other VM still runs");
-        *b.status.lock() = VmStatus::Off;
+        b.state.lock().status = VmStatus::Off;
         m.destroy(b.id).expect("destroy b");
         assert_eq!(
             m.outcome(),
@@ -446,7 +456,7 @@ mod tests {
         let mut d = desc(0x5000_0000, 1);
         d.abort = AbortPolicy::Inject;
         let vm = m.create(d).expect("vm");
-        vm.psci.lock().take_pending(0);
+        vm.state.lock().psci.take_pending(0);
         let (mut cpu, mut out) = (Cpu::new(), Lines::default());
         let mut el1 = El1 {
             vbar: 0x4000_8000,
@@ -488,7 +498,7 @@ mod tests {
         let mut d = desc(0x5000_0000, 1);
         d.cpus.push(2);
         let vm = m.create(d).expect("vm");
-        vm.psci.lock().take_pending(0);
+        vm.state.lock().psci.take_pending(0);
         let (mut c0, mut c1, mut el1, mut out) =
             (Cpu::new(), Cpu::new(), El1::default(), Lines::default());
         c0.x[..4].copy_from_slice(&[0xC400_0003, 1, 0x4000_2000, 9]);
@@ -497,7 +507,7 @@ mod tests {
             Next::Resume
         );
         assert_eq!(c0.x[0], 0);
-        assert_eq!(vm.psci.lock().take_pending(1), Some((0x4000_2000, 9)));
+        assert_eq!(vm.state.lock().psci.take_pending(1), Some((0x4000_2000, 9)));
         c1.x[0] = 0xC600_0001;
         c1.exit(&vm, 1, sync(HVC, 0), &mut el1, &mut out);
         assert_eq!(c1.x[3], 1, "vCPU index");
@@ -506,11 +516,14 @@ mod tests {
             c1.exit(&vm, 1, sync(HVC, 0), &mut el1, &mut out),
             Next::Stop
         );
-        assert_eq!(vm.psci.lock().state(1), Some(PowerState::Off));
+        assert_eq!(
+            vm.state.lock().psci.state(1),
+            Some(crate::vm::psci::PowerState::Off)
+        );
         c0.x[0] = 0x8400_0009;
         assert_eq!(
             c0.exit(&vm, 0, sync(HVC, 0), &mut el1, &mut out),
-            Next::Reset
+            Next::Stop
         );
     }
 
@@ -521,7 +534,7 @@ mod tests {
         // access that faulted then finds the page mapped again and runs once more.
         let m = manager();
         let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
-        vm.psci.lock().take_pending(0);
+        vm.state.lock().psci.take_pending(0);
         let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
         let n = cpu.exit(
             &vm,
@@ -547,7 +560,7 @@ mod tests {
     fn unexpected_exits_stop_the_vm() {
         let m = manager();
         let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
-        vm.psci.lock().take_pending(0);
+        vm.state.lock().psci.take_pending(0);
         let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
         assert_eq!(
             cpu.exit(&vm, 0, boot::Exit::Irq, &mut el1, &mut out),
@@ -557,7 +570,7 @@ mod tests {
         assert_eq!(vm.status(), VmStatus::Failed);
         // Even the UART needs a valid syndrome: without ISV it is an abort.
         let vm2 = m.create(desc(0x5010_0000, 2)).expect("vm2");
-        vm2.psci.lock().take_pending(0);
+        vm2.state.lock().psci.take_pending(0);
         let no_isv = (0x24 << 26) | (1 << 25) | (1 << 6) | 0x07;
         assert_eq!(
             cpu.exit(&vm2, 0, sync(no_isv, 0x0900_0000), &mut el1, &mut out),

@@ -48,7 +48,7 @@ fn vm(m: &M, n: u64) -> V {
     d.name = format!("vm{n}");
     d.stage2 = Stage2Mappings::Pages;
     let v = m.create(d).expect("create");
-    v.psci.lock().take_pending(0);
+    v.state.lock().psci.take_pending(0);
     v
 }
 
@@ -60,7 +60,7 @@ fn block_vm(m: &M) -> V {
     d.memory[0].size = 0x20_0000;
     d.stage2 = Stage2Mappings::Blocks;
     let v = m.create(d).expect("create");
-    v.psci.lock().take_pending(0);
+    v.state.lock().psci.take_pending(0);
     v
 }
 
@@ -122,7 +122,7 @@ fn clear_tlb(v: &V) {
 
 fn destroy_all(m: &M, vms: &[&V]) {
     for v in vms {
-        *v.status.lock() = VmStatus::Off;
+        v.state.lock().status = VmStatus::Off;
         m.destroy(v.id).expect("destroy");
     }
 }
@@ -296,7 +296,7 @@ fn share_and_lend_errors_change_nothing() {
         }
     }
     // A receiver that is not running.
-    *c.status.lock() = VmStatus::Off;
+    c.state.lock().status = VmStatus::Off;
     refused(
         &m,
         &all,
@@ -304,9 +304,9 @@ fn share_and_lend_errors_change_nothing() {
         &[fid::SHARE.into(), RAM, 1, c.id.into(), 1],
         DENIED,
     );
-    *c.status.lock() = VmStatus::Running;
+    c.state.lock().status = VmStatus::Running;
     // A vCPU that is no longer on (its VM is resetting) is refused too.
-    c.psci.lock().all_off();
+    c.state.lock().psci.all_off();
     refused(&m, &all, &c, &[fid::SHARE.into(), RAM, 1, bid, 1], DENIED);
     assert_ne!(shared, lent);
 }
@@ -398,7 +398,7 @@ fn pass_through_ranges_are_not_free() {
         size: P,
     });
     let b = m.create(d).expect("b");
-    b.psci.lock().take_pending(0);
+    b.state.lock().psci.take_pending(0);
     let h = give(&m, &a, fid::SHARE, RAM, 2, &b, 1);
     let r = u64::from(fid::RETRIEVE);
     refused(&m, &[&a, &b], &b, &[r, h, 0x0a00_0000 - P, 1], INVALID);
@@ -518,7 +518,7 @@ fn resetting_the_receiver_drops_its_mappings_only() {
     assert_eq!(call(&m, &b, &[fid::RETRIEVE.into(), h, FREE, 1])[0], 0);
     clear_tlb(&b);
     m.reset(b.id).expect("reset");
-    b.psci.lock().take_pending(0);
+    b.state.lock().psci.take_pending(0);
     assert!(translate(&b, FREE).is_none());
     assert_eq!(invalidated_ipas(&b, b.vmid.get()), vec![FREE, FREE + P]);
     assert!(translate(&a, RAM).is_none(), "still lent");
@@ -997,7 +997,7 @@ mod model {
                 Op::Query { by, handle } => x(by, &[fid::QUERY.into(), self.handle(handle)]),
                 Op::Reset { vm } => {
                     self.m.reset(self.vms[vm].id).expect("reset");
-                    self.vms[vm].psci.lock().take_pending(0);
+                    self.vms[vm].state.lock().psci.take_pending(0);
                     [0; 4]
                 }
             }
@@ -1109,9 +1109,9 @@ fn concurrent_calls_and_resets_stay_consistent() {
     type FM = VmManager<Fake>;
     type FV = Arc<Vm<FakeS2>>;
     fn on(v: &FV) {
-        let mut p = v.psci.lock();
-        if p.state(0) != Some(PowerState::On) {
-            p.take_pending(0);
+        let mut st = v.state.lock();
+        if st.psci.state(0) != Some(PowerState::On) {
+            st.psci.take_pending(0);
         }
     }
     fn x(m: &FM, v: &FV, regs: &[u64]) -> [u64; 4] {
