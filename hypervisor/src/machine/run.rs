@@ -119,6 +119,10 @@ impl GuestEl1 for MachineEl1 {
         regs::vbar_el1()
     }
 
+    fn sctlr(&self) -> u64 {
+        regs::sctlr_el1()
+    }
+
     fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64) {
         regs::set_el1_exception(esr, far, elr, spsr);
     }

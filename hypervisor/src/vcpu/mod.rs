@@ -33,6 +33,8 @@ pub struct VcpuCtx<'a> {
 pub trait GuestEl1 {
     /// `VBAR_EL1`.
     fn vbar(&self) -> u64;
+    /// `SCTLR_EL1` (its SPAN and DSSBS bits shape PSTATE on exception entry).
+    fn sctlr(&self) -> u64;
     /// Writes `ESR_EL1`, `FAR_EL1`, `ELR_EL1` and `SPSR_EL1`.
     fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64);
 }
@@ -50,6 +52,70 @@ pub enum Next {
 
 /// PSTATE for an exception taken to EL1h with D, A, I, F masked (SPSR M\[3:0\] = 0b0101).
 pub const PSTATE_EL1H_MASKED: u64 = 0x3c5;
+
+/// AArch64 SPSR/PSTATE bits (Arm ARM C5.2.18, SPSR_EL2 for an exception from AArch64).
+mod spsr64 {
+    /// N, Z, C, V \[31:28\].
+    pub const NZCV: u64 = 0xf << 28;
+    /// DIT \[24\].
+    pub const DIT: u64 = 1 << 24;
+    /// PAN \[22\].
+    pub const PAN: u64 = 1 << 22;
+    /// SSBS \[12\].
+    pub const SSBS: u64 = 1 << 12;
+    /// M\[4\] (nRW): the exception came from AArch32.
+    pub const NRW: u64 = 1 << 4;
+}
+
+/// AArch32 SPSR bits that hold the same PSTATE fields at other places (Arm ARM C5.2.18,
+/// SPSR_EL2 for an exception from AArch32): DIT \[21\]; PAN \[22\] and NZCV \[31:28\]
+/// are where AArch64 has them.
+const SPSR32_DIT: u64 = 1 << 21;
+
+/// `SCTLR_EL1.SPAN` \[23\]: 0 sets PSTATE.PAN on an exception to EL1 (RES1 without
+/// FEAT_PAN, so nothing changes on such a CPU).
+const SCTLR_SPAN: u64 = 1 << 23;
+/// `SCTLR_EL1.DSSBS` \[44\]: the PSTATE.SSBS value on an exception to EL1.
+const SCTLR_DSSBS: u64 = 1 << 44;
+
+/// Where an exception from the guest state `spsr` (as `SPSR_EL2` holds it) enters
+/// `VBAR_EL1`, and whether it comes from EL0 (Arm ARM D1.10.2, "Exception vectors"):
+/// current EL with SP_EL0 0x000, current EL with SP_ELx 0x200, lower EL in AArch64
+/// 0x400, lower EL in AArch32 0x600 (+0 for a synchronous exception).
+#[must_use]
+pub const fn vector_offset(spsr: u64) -> (u64, bool) {
+    if spsr & spsr64::NRW != 0 {
+        // AArch32 state is only possible at EL0 (HCR_EL2.RW makes EL1 AArch64).
+        return (0x600, true);
+    }
+    match spsr & 0xf {
+        0b0100 => (0x000, false), // EL1t
+        0b0101 => (0x200, false), // EL1h
+        _ => (0x400, true),       // EL0t
+    }
+}
+
+/// PSTATE on taking an exception to EL1h from guest state `spsr` (Arm ARM D1.10.4,
+/// "PSTATE on exception entry", `AArch64.TakeException`): AArch64, EL1 with SP_EL1,
+/// D, A, I, F masked; N, Z, C, V and DIT kept (DIT read from bit 21 when the exception
+/// came from AArch32); PAN kept, and set if `SCTLR_EL1.SPAN` is 0; SSBS =
+/// `SCTLR_EL1.DSSBS`; SS, IL, UAO, BTYPE and everything else 0.
+#[must_use]
+pub const fn exception_pstate(spsr: u64, sctlr: u64) -> u64 {
+    let aarch32 = spsr & spsr64::NRW != 0;
+    let mut new = PSTATE_EL1H_MASKED | (spsr & (spsr64::NZCV | spsr64::PAN));
+    let dit = if aarch32 { SPSR32_DIT } else { spsr64::DIT };
+    if spsr & dit != 0 {
+        new |= spsr64::DIT;
+    }
+    if sctlr & SCTLR_SPAN == 0 {
+        new |= spsr64::PAN;
+    }
+    if sctlr & SCTLR_DSSBS != 0 {
+        new |= spsr64::SSBS;
+    }
+    new
+}
 
 fn access_name(a: &Abort) -> &'static str {
     if a.instruction {
@@ -180,7 +246,9 @@ fn stage2_abort<S: Stage2Table>(
     sink: &mut impl LineSink,
 ) -> Next {
     if let (Some(base), Some(syn)) = (vm.desc.vuart, abort.syndrome) {
-        if !abort.instruction && abort.ipa >= base && abort.ipa - base < PAGE_SIZE {
+        // A fault on the guest's own stage-1 table walk (S1PTW) at the device's IPA is
+        // not an access to the device: the abort policy handles it.
+        if !abort.instruction && !abort.s1ptw && abort.ipa >= base && abort.ipa - base < PAGE_SIZE {
             let offset = abort.ipa - base;
             let bits = u64::from(syn.size) * 8;
             let mask = if bits == 64 {
@@ -253,21 +321,16 @@ fn mapped_now<S: Stage2Table>(vm: &Vm<S>, ipa: u64) -> bool {
 }
 
 /// Makes the vCPU take a synchronous external abort at EL1 for `abort`: the EL1 exception
-/// registers as the architecture would set them (Arm ARM D1.10 "Exception entry") and the
-/// PC at the vector `VBAR_EL1` + 0x200 (from EL1 with SP_ELx), + 0x000 (EL1 with SP_EL0)
-/// or + 0x400 (from EL0, AArch64).
+/// registers as the architecture would set them (Arm ARM D1.10 "Exception entry":
+/// `ESR_EL1`, `FAR_EL1`, `ELR_EL1` = the faulting instruction, `SPSR_EL1` = the state it
+/// ran in), PSTATE per [`exception_pstate`], and the PC at the vector
+/// [`vector_offset`] picks: EL1 with SP_EL0 or SP_EL1, or EL0 in AArch64 or AArch32.
 pub fn inject_abort(ctx: &mut VcpuCtx<'_>, abort: &Abort, el1: &mut impl GuestEl1) {
-    let mode = *ctx.pstate & 0xf;
-    let from_el0 = mode == 0;
-    let offset = match mode {
-        0b0101 => 0x200,
-        0b0100 => 0x000,
-        _ => 0x400,
-    };
+    let (offset, from_el0) = vector_offset(*ctx.pstate);
     let esr = exit::injected_abort_esr(abort, from_el0);
     el1.set_exception(esr, abort.far, *ctx.pc, *ctx.pstate);
     *ctx.pc = el1.vbar().wrapping_add(offset);
-    *ctx.pstate = PSTATE_EL1H_MASKED;
+    *ctx.pstate = exception_pstate(*ctx.pstate, el1.sctlr());
 }
 
 #[cfg(test)]
@@ -280,11 +343,15 @@ mod tests {
     #[derive(Default)]
     struct El1 {
         vbar: u64,
+        sctlr: u64,
         set: Option<(u64, u64, u64, u64)>,
     }
     impl GuestEl1 for El1 {
         fn vbar(&self) -> u64 {
             self.vbar
+        }
+        fn sctlr(&self) -> u64 {
+            self.sctlr
         }
         fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64) {
             self.set = Some((esr, far, elr, spsr));
@@ -460,6 +527,7 @@ mod tests {
         let (mut cpu, mut out) = (Cpu::new(), Lines::default());
         let mut el1 = El1 {
             vbar: 0x4000_8000,
+            sctlr: SCTLR_SPAN,
             set: None,
         };
         cpu.pstate = 0x345; // EL1h, I and F masked, some flags
@@ -577,5 +645,104 @@ mod tests {
             Next::Stop
         );
         assert!(out.0.is_empty());
+    }
+
+    /// Every guest state an abort can come from lands at its own vector with the
+    /// syndrome of its EL, and PSTATE as the architecture sets it.
+    #[test]
+    fn injection_from_each_el_and_execution_state() {
+        let m = manager();
+        let mut d = desc(0x5000_0000, 1);
+        d.abort = AbortPolicy::Inject;
+        let vm = m.create(d).expect("vm");
+        vm.state.lock().psci.take_pending(0);
+        // (SPSR_EL2 of the guest, vector offset, ESR_EL1.EC of a data abort)
+        let nzcv = 0xa000_0000;
+        for (spsr, offset, ec) in [
+            (nzcv | 0x3c5, 0x200, 0x25), // EL1h
+            (nzcv | 0x3c4, 0x000, 0x25), // EL1t
+            (nzcv, 0x400, 0x24),         // EL0t, AArch64
+            (nzcv | 0x10, 0x600, 0x24),  // User mode, AArch32 (A32)
+            (nzcv | 0x30, 0x600, 0x24),  // User mode, AArch32, T32 (T bit 5)
+        ] {
+            let (mut cpu, mut out) = (Cpu::new(), Lines::default());
+            let mut el1 = El1 {
+                vbar: 0x4000_8000,
+                sctlr: SCTLR_SPAN,
+                set: None,
+            };
+            cpu.pstate = spsr;
+            let n = cpu.exit(
+                &vm,
+                0,
+                sync(dabt(true, 1, 2), 0x7000_0010),
+                &mut el1,
+                &mut out,
+            );
+            assert_eq!(n, Next::Resume);
+            assert_eq!(cpu.pc, 0x4000_8000 + offset, "SPSR {spsr:#x}");
+            let (esr, _, elr, saved) = el1.set.expect("injected");
+            assert_eq!(esr >> 26, ec, "SPSR {spsr:#x}");
+            assert_eq!((elr, saved), (0x4000_1000, spsr));
+            assert_eq!(cpu.pstate, nzcv | 0x3c5, "NZCV kept, EL1h, DAIF masked");
+        }
+    }
+
+    #[test]
+    fn pstate_on_exception_entry() {
+        // PAN kept if SPAN = 1, set if SPAN = 0.
+        assert_eq!(exception_pstate(1 << 22, SCTLR_SPAN), 0x3c5 | 1 << 22);
+        assert_eq!(exception_pstate(0, 0), 0x3c5 | 1 << 22);
+        assert_eq!(exception_pstate(0, SCTLR_SPAN), 0x3c5);
+        // DIT from bit 24 (AArch64) or bit 21 (AArch32).
+        assert_eq!(exception_pstate(1 << 24, SCTLR_SPAN), 0x3c5 | 1 << 24);
+        assert_eq!(
+            exception_pstate(0x10 | 1 << 21, SCTLR_SPAN),
+            0x3c5 | 1 << 24
+        );
+        assert_eq!(exception_pstate(1 << 21, SCTLR_SPAN), 0x3c5, "bit 21 is SS");
+        // SSBS from SCTLR_EL1.DSSBS; SS (21), IL (20), BTYPE, UAO and the mode cleared.
+        assert_eq!(
+            exception_pstate(1 << 12 | 1 << 20 | 0xc00 | 1 << 23, SCTLR_SPAN),
+            0x3c5
+        );
+        assert_eq!(
+            exception_pstate(0, SCTLR_SPAN | SCTLR_DSSBS),
+            0x3c5 | 1 << 12
+        );
+    }
+
+    /// A stage-1 table walk that faults on the virtual UART's page is the guest's page
+    /// tables pointing at the device, not an access to it: never emulated.
+    #[test]
+    fn a_stage_1_walk_fault_on_the_uart_is_an_abort() {
+        let m = manager();
+        for policy in [AbortPolicy::Stop, AbortPolicy::Inject] {
+            let mut d = desc(
+                0x5000_0000 + u64::from(policy == AbortPolicy::Inject) * 0x10_0000,
+                1,
+            );
+            d.abort = policy;
+            let vm = m.create(d).expect("vm");
+            vm.state.lock().psci.take_pending(0);
+            let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+            cpu.x[5] = u64::from(b'x');
+            // A write with a valid syndrome, S1PTW = 1.
+            let esr = dabt(true, 5, 0) | 1 << 7;
+            let n = cpu.exit(&vm, 0, sync(esr, 0x0900_0000), &mut el1, &mut out);
+            vm.uart.lock().flush("vm", &mut out);
+            assert!(out.0.is_empty(), "nothing printed: {:?}", out.0);
+            match policy {
+                AbortPolicy::Stop => {
+                    assert_eq!(n, Next::Stop);
+                    assert_eq!(vm.status(), VmStatus::Failed);
+                }
+                AbortPolicy::Inject => {
+                    assert_eq!(n, Next::Resume);
+                    assert!(el1.set.is_some(), "abort injected");
+                    assert_eq!(cpu.pc, 0x200, "VBAR_EL1 0 + current EL SPx");
+                }
+            }
+        }
     }
 }

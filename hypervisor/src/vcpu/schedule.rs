@@ -200,6 +200,9 @@ mod tests {
             fn vbar(&self) -> u64 {
                 0
             }
+            fn sctlr(&self) -> u64 {
+                0
+            }
             fn set_exception(&mut self, _: u64, _: u64, _: u64, _: u64) {}
         }
         struct NoLines;

@@ -576,6 +576,9 @@ fn calls_go_through_the_vcpu_exit_path() {
         fn vbar(&self) -> u64 {
             0
         }
+        fn sctlr(&self) -> u64 {
+            0
+        }
         fn set_exception(&mut self, _: u64, _: u64, _: u64, _: u64) {}
     }
     struct Sink;
