@@ -302,7 +302,10 @@ mod tests {
         );
         assert_eq!(
             call(&mut ps, &[0xC600_0015]),
-            Outcome::Share(Request::Query { handle: 0 })
+            Outcome::Share(Request::Query {
+                handle: 0,
+                owner: 0
+            })
         );
         // DONATE is not offered, nor 32-bit forms of the calls.
         for fid in [0xC600_0016u64, 0x8600_0010, 0xC600_0017, 0xC600_000F] {

@@ -164,6 +164,7 @@ impl<P: Backend> VmManager<P> {
             boots: AtomicU32::new(1),
         });
         inner.next_id += 1;
+        self.shares.lock().add_party(vm.id, vm.desc.sharing);
         inner.vms.push(Arc::clone(&vm));
         Ok(vm)
     }
@@ -305,7 +306,10 @@ impl<P: Backend> VmManager<P> {
             self.dying.fetch_add(1, Ordering::SeqCst);
             // Its pages leave every other VM before they are scrubbed, and pages it
             // borrowed go back to pending.
-            let ended = self.shares.lock().end_all(&inner.vms, &vm);
+            let mut shares = self.shares.lock();
+            let ended = shares.end_all(&inner.vms, &vm);
+            shares.remove_party(vm.id);
+            drop(shares);
             (vm, ended)
         };
         ended.log(&vm.desc.name);

@@ -8,10 +8,8 @@ use core::fmt;
 
 use super::abi::{Error, Kind, Perms, Request, MAX_PAGES};
 
-/// Most live transactions; one more is refused with [`Error::NoMemory`].
-pub const MAX_TRANSACTIONS: usize = 64;
 use super::page_state::{all_in_state, nothing_mapped, PageState};
-use crate::config::VmDesc;
+use crate::config::{SharingLimits, VmDesc};
 use crate::mem::PAGE_SIZE;
 use crate::vm::{S2Kind, Stage2Table, Vm, VmStatus, IPA_BITS};
 
@@ -184,7 +182,9 @@ pub enum State {
 /// One live transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Transaction {
-    /// Its handle (non-zero, never reused).
+    /// Its handle (non-zero, never reused): owner id \[63:48\], receiver id \[47:32\],
+    /// and the count of transactions that owner made with that receiver \[31:0\], so it
+    /// tells either party nothing it does not know (no other VM's activity).
     pub handle: u64,
     /// Share or lend.
     pub kind: Kind,
@@ -341,28 +341,85 @@ fn find_vm<S>(vms: &[Arc<Vm<S>>], id: u32) -> Option<&Vm<S>> {
     vms.iter().find(|v| v.id == id).map(|v| &**v)
 }
 
-/// The live transactions, and the calls that make and end them.
+/// A VM as a party to transactions: its limits, and the last handle number it used
+/// with each receiver.
 #[derive(Debug)]
+struct Party {
+    id: u32,
+    limits: SharingLimits,
+    /// Live transactions it owns.
+    owned: u32,
+    /// `sequence[r]`: transactions made so far with receiver VM id `r`.
+    sequence: Vec<u32>,
+}
+
+/// The live transactions, and the calls that make and end them.
+#[derive(Debug, Default)]
 pub struct Ledger {
     live: Vec<Transaction>,
-    next_handle: u64,
+    parties: Vec<Party>,
 }
 
-impl Default for Ledger {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+/// Highest VM id a handle can name (16 bits each for owner and receiver).
+const MAX_PARTY_ID: u32 = 0xffff;
 
 impl Ledger {
-    /// No transactions; room for [`MAX_TRANSACTIONS`] is reserved now, so creating one
-    /// never allocates.
+    /// No transactions and no parties.
     #[must_use]
     pub fn new() -> Self {
-        Self {
-            live: Vec::with_capacity(MAX_TRANSACTIONS),
-            next_handle: 1,
+        Self::default()
+    }
+
+    /// Registers VM `id` (before it runs) with its `limits`. Room for the transactions it
+    /// may own is reserved now, so a call never allocates: the table can hold every
+    /// party's quota at once, and no VM can take another's room.
+    pub fn add_party(&mut self, id: u32, limits: SharingLimits) {
+        // One sequence per possible receiver: VM ids are dense, from 0 in creation order.
+        let width = self
+            .parties
+            .iter()
+            .map(|p| p.sequence.len())
+            .max()
+            .unwrap_or(0)
+            .max(id.min(MAX_PARTY_ID) as usize + 1);
+        for p in &mut self.parties {
+            p.sequence.resize(width, 0);
         }
+        self.live.reserve(limits.owned as usize);
+        self.parties.push(Party {
+            id,
+            limits,
+            owned: 0,
+            sequence: alloc::vec![0; width],
+        });
+    }
+
+    /// Forgets VM `id` (destroyed; its transactions were ended by [`Self::end_all`]).
+    pub fn remove_party(&mut self, id: u32) {
+        self.parties.retain(|p| p.id != id);
+    }
+
+    fn party(&self, id: u32) -> Option<&Party> {
+        self.parties.iter().find(|p| p.id == id)
+    }
+
+    fn party_mut(&mut self, id: u32) -> Option<&mut Party> {
+        self.parties.iter_mut().find(|p| p.id == id)
+    }
+
+    /// The handle the next transaction of `owner` with `receiver` gets (not taken yet).
+    fn next_handle(&self, owner: u32, receiver: u32) -> Result<u64, Error> {
+        if owner > MAX_PARTY_ID || receiver > MAX_PARTY_ID {
+            return Err(Error::NoMemory);
+        }
+        let p = self.party(owner).ok_or(Error::Denied)?;
+        let seq = p
+            .sequence
+            .get(receiver as usize)
+            .ok_or(Error::Denied)?
+            .checked_add(1)
+            .ok_or(Error::NoMemory)?;
+        Ok((u64::from(owner) << 48) | (u64::from(receiver) << 32) | u64::from(seq))
     }
 
     /// The live transactions, oldest first.
@@ -415,8 +472,8 @@ impl Ledger {
             Request::Reclaim { handle } => self
                 .reclaim(caller, handle)
                 .map(|t| ([0; 3], Note::Reclaimed { t })),
-            Request::Query { handle } => self
-                .query(caller.id, handle)
+            Request::Query { handle, owner } => self
+                .query(caller.id, handle, owner)
                 .map(|t| ([t.handle, t.packed(), t.pages], Note::None)),
         };
         match r {
@@ -455,16 +512,29 @@ impl Ledger {
         {
             return Err(Error::Denied);
         }
+        let party = self.party(owner.id).ok_or(Error::Denied)?;
+        if party.owned >= party.limits.owned {
+            return Err(Error::NoMemory);
+        }
+        let inbox = self
+            .party(receiver.id)
+            .ok_or(Error::Denied)?
+            .limits
+            .received;
+        let from_owner = self
+            .live
+            .iter()
+            .filter(|t| t.owner == owner.id && t.receiver == receiver.id)
+            .count();
+        if from_owner >= inbox as usize {
+            return Err(Error::Busy);
+        }
+        let handle = self.next_handle(owner.id, receiver.id)?;
         let mut guard = owner.stage2.lock();
         let s2 = guard.as_mut().ok_or(Error::Denied)?;
         if !all_in_state(s2, ipa, size, PageState::Owned) {
             return Err(Error::Denied);
         }
-        if self.live.len() >= MAX_TRANSACTIONS {
-            return Err(Error::NoMemory);
-        }
-        let handle = self.next_handle;
-        let next = handle.checked_add(1).ok_or(Error::NoMemory)?;
         match kind {
             // May split a block (and fail, changing nothing); no TLB maintenance: the
             // hardware ignores the software bits.
@@ -474,7 +544,12 @@ impl Ledger {
         }
         .map_err(Error::from_mmu)?;
         drop(guard);
-        self.next_handle = next;
+        if let Some(p) = self.party_mut(owner.id) {
+            p.owned += 1;
+            if let Some(seq) = p.sequence.get_mut(receiver.id as usize) {
+                *seq += 1;
+            }
+        }
         let t = Transaction {
             handle,
             kind,
@@ -485,7 +560,7 @@ impl Ledger {
             perms,
             state: State::Pending,
         };
-        // Capacity was reserved in `new` and checked above: no allocation.
+        // The owner's quota was reserved in `add_party` and checked above: no allocation.
         self.live.push(t);
         Ok((t, Name::of(&receiver.desc.name)))
     }
@@ -559,7 +634,7 @@ impl Ledger {
             return Err(Error::Denied);
         }
         Self::restore_owner(owner, &t)?;
-        self.live.remove(i);
+        self.end(i);
         Ok(t)
     }
 
@@ -582,11 +657,22 @@ impl Ledger {
         .map_err(Error::from_mmu)
     }
 
-    fn query(&self, caller: u32, handle: u64) -> Result<Transaction, Error> {
+    /// Removes live transaction `i` and gives its owner the room back.
+    fn end(&mut self, i: usize) {
+        let t = self.live.remove(i);
+        if let Some(p) = self.party_mut(t.owner) {
+            p.owned = p.owned.saturating_sub(1);
+        }
+    }
+
+    fn query(&self, caller: u32, handle: u64, owner: u64) -> Result<Transaction, Error> {
         let t = if handle == 0 {
+            // Only what `owner` sent: other VMs' transactions to the caller cannot hide it.
             self.live
                 .iter()
-                .find(|t| t.receiver == caller && t.state == State::Pending)
+                .find(|t| {
+                    t.receiver == caller && u64::from(t.owner) == owner && t.state == State::Pending
+                })
                 .ok_or(Error::NoData)?
         } else {
             &self.live[self.index(handle, caller)?]
@@ -630,7 +716,7 @@ impl Ledger {
             if Self::restore_owner(vm, &t).is_err() {
                 ended.failed += 1;
             }
-            self.live.remove(i);
+            self.end(i);
             ended.revoked += 1;
             ended.last_revoked = t.handle;
         }

@@ -2,9 +2,10 @@
 //! recording TLB).
 
 use super::abi::{Kind, Perms, MAX_PAGES};
-use super::ledger::{State, Transaction, MAX_TRANSACTIONS};
+use super::ledger::{State, Transaction};
 use super::page_state::PageState;
 use super::*;
+use crate::config::SharingLimits;
 use crate::config::{GuestRegion, Stage2Mappings};
 use crate::mem::PAGE_SIZE;
 use crate::vm::tests::{desc, MmuFake, MmuS2, GUEST_RAM};
@@ -311,32 +312,90 @@ fn share_and_lend_errors_change_nothing() {
     assert_ne!(shared, lent);
 }
 
+const BUSY: i64 = -4;
+
+/// Per-VM limits: an owner cannot hold more than `sharing-max-owned` live transactions
+/// (`NO_MEMORY`), nor address more than the receiver's `sharing-max-received` to one
+/// receiver (`BUSY`); a VM that fills its own quota leaves the others' intact, so an
+/// unrelated VM still gets its SHARE.
 #[test]
-fn the_table_is_bounded() {
+fn per_vm_limits_keep_one_vm_from_filling_the_table() {
     let fr = frames();
     let m = manager(fr);
-    let (a, b) = (vm(&m, 0), vm(&m, 1));
+    let (a, b, c) = (vm(&m, 0), vm(&m, 1), vm(&m, 2));
+    // `a` shares with `b` until it is refused: its own quota (default 16) runs out.
     let mut handles = Vec::new();
-    for i in 0..MAX_TRANSACTIONS as u64 {
-        handles.push(give(&m, &a, fid::SHARE, RAM + i * P, 1, &b, 1));
+    let mut refusal = 0;
+    for i in 0..300u64 {
+        let r = call(&m, &a, &[fid::SHARE.into(), RAM + i * P, 1, b.id.into(), 1]);
+        if r[0] != 0 {
+            refusal = code(r);
+            break;
+        }
+        handles.push(r[1]);
     }
-    let next = RAM + MAX_TRANSACTIONS as u64 * P;
+    assert_eq!(refusal, NO_MEMORY, "the owner's quota");
+    assert_eq!(handles.len(), SharingLimits::DEFAULT as usize);
+    // An unrelated VM still shares with `b`, and with `a`.
+    let from_c = give(&m, &c, fid::SHARE, RAM, 1, &b, 1);
+    give(&m, &c, fid::SHARE, RAM + P, 1, &a, 1);
+    // `b` finds `c`'s transaction by owner, however many `a` left pending before it.
+    let q = call(&m, &b, &[fid::QUERY.into(), 0, c.id.into()]);
+    assert_eq!((q[0], q[1]), (0, from_c));
+    let q = call(&m, &b, &[fid::QUERY.into(), 0, a.id.into()]);
+    assert_eq!((q[0], q[1]), (0, handles[0]), "the oldest from `a`");
+    assert_eq!(
+        code(call(&m, &b, &[fid::QUERY.into(), 0, 7])),
+        NO_DATA,
+        "no such owner"
+    );
+    // Handles say only what the two parties know: owner, receiver, and their own count.
+    assert_eq!(from_c, u64::from(c.id) << 48 | u64::from(b.id) << 32 | 1);
+    assert_eq!(handles[3], u64::from(b.id) << 32 | 4);
+    // Room comes back with a RECLAIM; handles are never reused.
+    assert_eq!(call(&m, &a, &[fid::RECLAIM.into(), handles[7]])[0], 0);
+    let h = give(&m, &a, fid::LEND, RAM + 100 * P, 1, &b, 1);
+    assert!(!handles.contains(&h) && h > handles[15], "{h:#x}");
+    destroy_all(&m, &[&a, &b, &c]);
+    assert_eq!(fr.in_use(), 0);
+}
+
+#[test]
+fn a_receiver_limit_applies_per_owner() {
+    let fr = frames();
+    let m = manager(fr);
+    let a = vm(&m, 0);
+    let mut d = desc(0x5010_0000, 2);
+    d.name = "small".into();
+    d.stage2 = Stage2Mappings::Pages;
+    d.sharing = SharingLimits {
+        owned: 0,
+        received: 2,
+    };
+    let b = m.create(d).expect("create");
+    b.state.lock().psci.take_pending(0);
+    let c = vm(&m, 2);
+    give(&m, &a, fid::SHARE, RAM, 1, &b, 1);
+    give(&m, &a, fid::LEND, RAM + P, 1, &b, 1);
     refused(
         &m,
-        &[&a, &b],
+        &[&a, &b, &c],
         &a,
-        &[fid::SHARE.into(), next, 1, b.id.into(), 1],
+        &[fid::SHARE.into(), RAM + 2 * P, 1, b.id.into(), 1],
+        BUSY,
+    );
+    // Another owner has its own two.
+    give(&m, &c, fid::SHARE, RAM, 1, &b, 1);
+    give(&m, &c, fid::SHARE, RAM + P, 1, &b, 1);
+    // `b` may own nothing.
+    refused(
+        &m,
+        &[&a, &b, &c],
+        &b,
+        &[fid::SHARE.into(), RAM, 1, a.id.into(), 1],
         NO_MEMORY,
     );
-    assert_eq!(call(&m, &a, &[fid::RECLAIM.into(), handles[7]])[0], 0);
-    let h = give(&m, &a, fid::LEND, next, 1, &b, 1);
-    handles.push(h);
-    let mut sorted = handles.clone();
-    sorted.sort_unstable();
-    sorted.dedup();
-    assert_eq!(sorted.len(), handles.len(), "handles are never reused");
-    assert!(!handles[..7].contains(&h) && h > handles[7]);
-    destroy_all(&m, &[&a, &b]);
+    destroy_all(&m, &[&a, &b, &c]);
     assert_eq!(fr.in_use(), 0);
 }
 
@@ -406,7 +465,7 @@ fn pass_through_ranges_are_not_free() {
 }
 
 #[test]
-fn query_finds_the_oldest_pending_transaction() {
+fn query_finds_the_oldest_pending_transaction_of_an_owner() {
     let m = manager(frames());
     let (a, b, c) = (vm(&m, 0), vm(&m, 1), vm(&m, 2));
     let q = u64::from(fid::QUERY);
@@ -415,10 +474,15 @@ fn query_finds_the_oldest_pending_transaction() {
     let h2 = give(&m, &c, fid::LEND, RAM + P, 3, &b, 0b101);
     let h3 = give(&m, &a, fid::SHARE, RAM + P, 1, &c, 1);
     assert_eq!(call(&m, &b, &[q, 0])[1], h1);
-    assert_eq!(call(&m, &c, &[q, 0])[1], h3);
+    assert_eq!(call(&m, &c, &[q, 0, a.id.into()])[1], h3);
     assert_eq!(code(call(&m, &a, &[q, 0])), NO_DATA);
     assert_eq!(call(&m, &b, &[u64::from(fid::RETRIEVE), h1, FREE, 1])[0], 0);
-    let r = call(&m, &b, &[q, 0]);
+    assert_eq!(
+        code(call(&m, &b, &[q, 0, a.id.into()])),
+        NO_DATA,
+        "nothing more pending from `a`"
+    );
+    let r = call(&m, &b, &[q, 0, c.id.into()]);
     let packed = u64::from(c.id) | u64::from(b.id) << 16 | 0b101 << 32 | 1 << 40;
     assert_eq!(r, [0, h2, packed, 3]);
     assert_eq!(code(call(&m, &a, &[q, h2])), INVALID, "not a party");
@@ -661,6 +725,8 @@ mod model {
         Query {
             by: usize,
             handle: usize,
+            /// With handle 0: the owner asked about (3: an unknown VM id).
+            owner: usize,
         },
         Reset {
             vm: usize,
@@ -700,7 +766,8 @@ mod model {
                 .prop_map(|(by, handle, slot, perms)| Op::Retrieve { by, handle, slot, perms }),
             2 => (by(), handle()).prop_map(|(by, handle)| Op::Relinquish { by, handle }),
             2 => (by(), handle()).prop_map(|(by, handle)| Op::Reclaim { by, handle }),
-            1 => (by(), handle()).prop_map(|(by, handle)| Op::Query { by, handle }),
+            1 => (by(), handle(), 0..4usize)
+                .prop_map(|(by, handle, owner)| Op::Query { by, handle, owner }),
             1 => (0..3usize).prop_map(|vm| Op::Reset { vm }),
         ]
     }
@@ -745,7 +812,8 @@ mod model {
         m: M,
         vms: Vec<V>,
         model: Vec<T>,
-        next_handle: u64,
+        /// Transactions made so far per (owner, receiver).
+        sequence: std::collections::BTreeMap<(usize, usize), u64>,
         handles: Vec<u64>,
     }
 
@@ -761,6 +829,13 @@ mod model {
             } else {
                 999
             }
+        }
+
+        /// The handle of the next transaction `by` makes with `to`.
+        fn next_handle(&self, by: usize, to: usize) -> u64 {
+            let id = |i: usize| u64::from(self.vms[i].id);
+            let seq = self.sequence.get(&(by, to)).copied().unwrap_or(0) + 1;
+            id(by) << 48 | id(to) << 32 | seq
         }
 
         /// `op` with `by` 3 and 4 replaced by the party allowed to make the call.
@@ -798,9 +873,10 @@ mod model {
                     by: party(by, handle, true),
                     handle,
                 },
-                Op::Query { by, handle } => Op::Query {
+                Op::Query { by, handle, owner } => Op::Query {
                     by: party(by, handle, by == 3),
                     handle,
+                    owner,
                 },
                 other => other,
             }
@@ -836,7 +912,7 @@ mod model {
                     if busy {
                         return Err(DENIED);
                     }
-                    Ok([self.next_handle, 0, 0])
+                    Ok([self.next_handle(by, to as usize), 0, 0])
                 }
                 Op::Retrieve {
                     by,
@@ -880,13 +956,13 @@ mod model {
                     }
                     Ok([0; 3])
                 }
-                Op::Query { by, handle } => {
+                Op::Query { by, handle, owner } => {
                     let h = self.handle(handle);
                     let t = if h == 0 {
                         *self
                             .model
                             .iter()
-                            .find(|t| t.receiver == by && t.retrieved.is_none())
+                            .find(|t| t.receiver == by && t.owner == owner && t.retrieved.is_none())
                             .ok_or(NO_DATA)?
                     } else {
                         self.model[find(h, by).ok_or(INVALID)?]
@@ -914,8 +990,9 @@ mod model {
                     to,
                     perms,
                 } => {
+                    let handle = self.next_handle(by, to as usize);
                     self.model.push(T {
-                        handle: self.next_handle,
+                        handle,
                         lend,
                         owner: by,
                         receiver: to as usize,
@@ -924,8 +1001,8 @@ mod model {
                         perms,
                         retrieved: None,
                     });
-                    self.handles.push(self.next_handle);
-                    self.next_handle += 1;
+                    self.handles.push(handle);
+                    *self.sequence.entry((by, to as usize)).or_default() += 1;
                 }
                 Op::Retrieve {
                     handle,
@@ -997,7 +1074,14 @@ mod model {
                     x(by, &[fid::RELINQUISH.into(), self.handle(handle)])
                 }
                 Op::Reclaim { by, handle } => x(by, &[fid::RECLAIM.into(), self.handle(handle)]),
-                Op::Query { by, handle } => x(by, &[fid::QUERY.into(), self.handle(handle)]),
+                Op::Query { by, handle, owner } => {
+                    let owner = if owner < 3 {
+                        u64::from(self.vms[owner].id)
+                    } else {
+                        77
+                    };
+                    x(by, &[fid::QUERY.into(), self.handle(handle), owner])
+                }
                 Op::Reset { vm } => {
                     self.m.reset(self.vms[vm].id).expect("reset");
                     self.vms[vm].state.lock().psci.take_pending(0);
@@ -1075,7 +1159,7 @@ mod model {
             let fr = frames();
             let m = manager(fr);
             let vms: Vec<V> = vec![vm(&m, 0), vm(&m, 1), block_vm(&m)];
-            let mut w = World { m, vms, model: Vec::new(), next_handle: 1, handles: Vec::new() };
+            let mut w = World { m, vms, model: Vec::new(), sequence: Default::default(), handles: Vec::new() };
             for op in ops {
                 let op = w.resolve(op);
                 let expected = w.predict(op);
