@@ -93,6 +93,22 @@ fn assert_passed(run: &Run, vm: &str, at_least: usize) {
     );
 }
 
+/// How many lines of or about `vm` its console rate limits reported not printed.
+fn not_printed(run: &Run, vm: &str) -> usize {
+    run.lines_containing(&format!("VM {vm}: "))
+        .iter()
+        .filter(|l| l.ends_with("not printed (console rate limit)"))
+        .map(|l| {
+            let words: Vec<&str> = l.split(' ').collect();
+            words
+                .windows(2)
+                .filter(|w| w[1] == "line(s)" || w[1] == "guest")
+                .filter_map(|w| w[0].parse::<usize>().ok())
+                .sum::<usize>()
+        })
+        .sum()
+}
+
 /// Asserts every VM was destroyed and the page-table frames in use at the end equal
 /// those before the first VM was created (no stage-2 frame leaked).
 fn assert_all_destroyed_without_leak(run: &Run, vms: &[&str]) {
@@ -476,12 +492,26 @@ fn block_split_and_merge_under_load_from_another_vcpu() {
         "revoked and ended as the VM ends or resets",
         "[receiver] PASS split-merge-owner-ended",
     ]);
-    // Every pair went through the hypervisor: one share and one reclaim of the page.
+    // Every pair went through the hypervisor: one share and one reclaim of the page,
+    // each logged or counted by the owner's console rate limit (docs/vms.md).
     let shares = r.lines_containing(
         "VM owner shares 1 page(s) at IPA 0x401fe000 with VM receiver (rw-): handle ",
     );
     let reclaims = r.lines_containing("VM owner reclaims handle ");
-    assert_eq!(shares.len(), SPLIT_MERGE_PAIRS, "{}", r.stdout);
-    assert_eq!(reclaims.len(), SPLIT_MERGE_PAIRS, "{}", r.stdout);
+    let held = not_printed(&r, "owner");
+    assert!(shares.len() <= SPLIT_MERGE_PAIRS && reclaims.len() <= SPLIT_MERGE_PAIRS);
+    assert!(
+        shares.len() + reclaims.len() + held >= 2 * SPLIT_MERGE_PAIRS,
+        "{} + {} lines printed, {held} held back\n{}",
+        shares.len(),
+        reclaims.len(),
+        r.stdout
+    );
+    println!(
+        "split-merge: {} SHARE and {} RECLAIM lines printed, {held} lines about the owner held \
+         back by the console rate limit",
+        shares.len(),
+        reclaims.len()
+    );
     assert_all_destroyed_without_leak(&r, &["owner", "receiver"]);
 }

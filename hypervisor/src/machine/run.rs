@@ -109,6 +109,14 @@ impl LineSink for ConsoleLines {
     fn line(&mut self, name: &str, text: &str) {
         log::info!("[{name}] {text}");
     }
+
+    fn event(&mut self, level: log::Level, args: core::fmt::Arguments<'_>) {
+        log::log!(level, "{args}");
+    }
+
+    fn micros(&self) -> u64 {
+        super::console::micros()
+    }
 }
 
 /// The running guest's EL1 exception registers.
@@ -339,7 +347,12 @@ fn run_cpu(cpu: usize) -> ! {
             // The VM is finished; this CPU has nothing left to run.
             Start::Done => idle_forever(cpu),
         };
-        log::info!("VM {}: vCPU {index} starts at {entry:#x}", vm.desc.name);
+        // A guest may start and stop vCPUs in a loop: within the VM's budget of lines.
+        vm.log(
+            &mut ConsoleLines,
+            log::Level::Info,
+            format_args!("VM {}: vCPU {index} starts at {entry:#x}", vm.desc.name),
+        );
         run_vcpu(manager, &vm, index, entry, context);
         regs::leave_guest_context();
         let outcome = schedule::vcpu_left(manager, &vm);
@@ -413,6 +426,10 @@ fn finish(ok: bool) -> ! {
         park();
     }
     let frames = FRAMES.get().map_or(0, |p| p.lock().in_use());
+    let dropped = super::console::dropped_bytes();
+    if dropped > 0 {
+        log::warn!("console: {dropped} byte(s) dropped (the UART did not take them in time)");
+    }
     log::info!(
         "page-table frames in use: {frames} ({} before the VMs were created)",
         FRAMES_BEFORE_VMS.load(Ordering::SeqCst)

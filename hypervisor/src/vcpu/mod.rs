@@ -11,7 +11,7 @@ pub mod schedule;
 
 use crate::config::AbortPolicy;
 use crate::mem::PAGE_SIZE;
-use crate::vm::share::Request;
+use crate::vm::share::{Note, Request};
 use crate::vm::vuart::LineSink;
 use crate::vm::{Stage2Table, Vm, VmStatus};
 use core::sync::atomic::Ordering;
@@ -135,9 +135,19 @@ pub fn stop_vm<S>(vm: &Vm<S>, what: core::fmt::Arguments<'_>) -> Next {
     Next::Stop
 }
 
-/// Runs a memory-sharing call for the calling vCPU and returns x0..x3
+/// [`stop_vm`], after printing what the VM's console still holds.
+fn stop_vm_flushed<S>(
+    vm: &Vm<S>,
+    sink: &mut impl LineSink,
+    what: core::fmt::Arguments<'_>,
+) -> Next {
+    vm.flush_console(sink);
+    stop_vm(vm, what)
+}
+
+/// Runs a memory-sharing call for the calling vCPU and returns x0..x3 and what to log
 /// (`crate::vm::VmManager::share_call`).
-pub type ShareCall<'a> = dyn FnMut(Request) -> [u64; 4] + 'a;
+pub type ShareCall<'a> = dyn FnMut(Request) -> ([u64; 4], Note) + 'a;
 
 /// Handles one exit of vCPU `vcpu` of `vm`; memory-sharing calls go to `share`.
 pub fn handle_exit<S: Stage2Table>(
@@ -155,7 +165,9 @@ pub fn handle_exit<S: Stage2Table>(
     }
     match Exit::from(exit) {
         Exit::Interrupt => Next::Resume,
-        Exit::SError { esr } => stop_vm(vm, format_args!("SError (ESR {:#x})", esr.bits())),
+        Exit::SError { esr } => {
+            stop_vm_flushed(vm, sink, format_args!("SError (ESR {:#x})", esr.bits()))
+        }
         Exit::Hvc { .. } => hypercall(vm, vcpu, ctx, sink, share),
         Exit::Smc { .. } => {
             // A trapped SMC returns to the SMC itself (preferred return address).
@@ -167,8 +179,9 @@ pub fn handle_exit<S: Stage2Table>(
             Next::Resume
         }
         Exit::Abort(abort) => stage2_abort(vm, ctx, &abort, el1, sink),
-        Exit::Other { esr } => stop_vm(
+        Exit::Other { esr } => stop_vm_flushed(
             vm,
+            sink,
             format_args!(
                 "unhandled exit, EC {:#x}: {} (ESR {:#x}, PC {:#x})",
                 esr.class().ec(),
@@ -219,20 +232,27 @@ fn hypercall<S>(
             Next::Resume
         }
         Outcome::Share(req) => {
-            // The VM's PSCI lock is released: the call takes the manager's lock, this
-            // one again, then the transaction table's.
-            ctx.x[..4].copy_from_slice(&share(req));
+            // The VM's state lock is released: the call takes the manager's lock, then
+            // the transaction table's. Its log line is printed once both are released.
+            let (regs, note) = share(req);
+            ctx.x[..4].copy_from_slice(&regs);
+            note.log(vm, sink, &req, regs[0]);
             Next::Resume
         }
         Outcome::CpuOff => Next::Stop,
         Outcome::SystemOff => {
-            vm.uart.lock().flush(&vm.desc.name, sink);
+            vm.flush_console(sink);
             log::info!("VM {} powered off", vm.desc.name);
             Next::Stop
         }
         Outcome::SystemReset => {
-            vm.uart.lock().flush(&vm.desc.name, sink);
-            log::info!("VM {} reset", vm.desc.name);
+            vm.flush_console(sink);
+            // A guest may reset in a loop: within the VM's budget.
+            vm.log(
+                sink,
+                log::Level::Info,
+                format_args!("VM {} reset", vm.desc.name),
+            );
             Next::Stop
         }
     }
@@ -259,7 +279,11 @@ fn stage2_abort<S: Stage2Table>(
             let reg = usize::from(syn.reg);
             if abort.write {
                 let value = if reg == 31 { 0 } else { ctx.x[reg] & mask };
-                vm.uart.lock().write(offset, value, &vm.desc.name, sink);
+                // The line is printed after the UART's lock is released.
+                let line = vm.uart.lock().write(offset, value);
+                if let Some(line) = line {
+                    vm.guest_line(line.as_str(), sink);
+                }
             } else if reg != 31 {
                 let mut value = vm.uart.lock().read(offset) & mask;
                 if syn.sign_extend && bits < 64 && value & (1 << (bits - 1)) != 0 {
@@ -287,8 +311,9 @@ fn stage2_abort<S: Stage2Table>(
     // read-only). The fault status says which (ESR_EL2.ISS.DFSC/IFSC, Arm ARM D24.2.41).
     let unmapped = if abort.unmapped() { "unmapped " } else { "" };
     match vm.desc.abort {
-        AbortPolicy::Stop => stop_vm(
+        AbortPolicy::Stop => stop_vm_flushed(
             vm,
+            sink,
             format_args!(
                 "{what} of {unmapped}IPA {:#x} (ESR {:#x}, {})",
                 abort.ipa,
@@ -297,12 +322,17 @@ fn stage2_abort<S: Stage2Table>(
             ),
         ),
         AbortPolicy::Inject => {
-            log::warn!(
-                "VM {}: injected abort for {what} of {unmapped}IPA {:#x} (ESR {:#x}, {})",
-                vm.desc.name,
-                abort.ipa,
-                abort.esr.bits(),
-                abort.status
+            // A guest may fault in a loop: within the VM's budget of lines.
+            vm.log(
+                sink,
+                log::Level::Warn,
+                format_args!(
+                    "VM {}: injected abort for {what} of {unmapped}IPA {:#x} (ESR {:#x}, {})",
+                    vm.desc.name,
+                    abort.ipa,
+                    abort.esr.bits(),
+                    abort.status
+                ),
             );
             inject_abort(ctx, abort, el1);
             Next::Resume
@@ -358,11 +388,19 @@ mod tests {
         }
     }
 
+    /// The guest lines printed, the time (microseconds) the sink reports, and the lines
+    /// about VMs printed.
     #[derive(Default)]
-    struct Lines(Vec<String>);
+    struct Lines(Vec<String>, u64, Vec<String>);
     impl LineSink for Lines {
         fn line(&mut self, name: &str, text: &str) {
             self.0.push(format!("[{name}] {text}"));
+        }
+        fn event(&mut self, _: log::Level, args: core::fmt::Arguments<'_>) {
+            self.2.push(args.to_string());
+        }
+        fn micros(&self) -> u64 {
+            self.1
         }
     }
 
@@ -393,7 +431,9 @@ mod tests {
                 pc: &mut self.pc,
                 pstate: &mut self.pstate,
             };
-            handle_exit(vm, vcpu, &mut ctx, e, el1, out, &mut |_| [u64::MAX; 4])
+            handle_exit(vm, vcpu, &mut ctx, e, el1, out, &mut |_| {
+                ([u64::MAX; 4], Note::None)
+            })
         }
     }
 
@@ -730,7 +770,7 @@ mod tests {
             // A write with a valid syndrome, S1PTW = 1.
             let esr = dabt(true, 5, 0) | 1 << 7;
             let n = cpu.exit(&vm, 0, sync(esr, 0x0900_0000), &mut el1, &mut out);
-            vm.uart.lock().flush("vm", &mut out);
+            vm.flush_console(&mut out);
             assert!(out.0.is_empty(), "nothing printed: {:?}", out.0);
             match policy {
                 AbortPolicy::Stop => {
@@ -744,5 +784,108 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The lines the rate-limit reports say were not printed.
+    fn dropped_reported(events: &[String]) -> u64 {
+        events
+            .iter()
+            .filter(|l| l.ends_with("not printed (console rate limit)"))
+            .flat_map(|l| {
+                // "VM x: N line(s) ..." or "VM x: G guest line(s) and E line(s) ...".
+                let words: Vec<&str> = l.split(' ').collect();
+                words
+                    .windows(2)
+                    .filter(|w| w[1] == "line(s)" || w[1] == "guest")
+                    .filter_map(|w| w[0].parse::<u64>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    }
+
+    /// A guest printing 1000 lines in 0.1 s gets its burst printed and the rest counted;
+    /// the count is printed with the next line let through.
+    #[test]
+    fn a_flooding_guest_is_rate_limited() {
+        let m = manager();
+        let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
+        vm.state.lock().psci.take_pending(0);
+        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+        for i in 0..1000u64 {
+            out.1 = 1_000_000 + i * 100;
+            for b in b"spam\n" {
+                cpu.x[5] = u64::from(*b);
+                cpu.exit(
+                    &vm,
+                    0,
+                    sync(dabt(true, 5, 0), 0x0900_0000),
+                    &mut el1,
+                    &mut out,
+                );
+            }
+        }
+        let (burst, rate) = crate::console::limit::VmConsole::GUEST;
+        let printed = out.0.len() as u64;
+        assert!(
+            printed >= u64::from(burst) && printed <= u64::from(burst + rate / 10 + 1),
+            "{printed} lines printed"
+        );
+        vm.flush_console(&mut out);
+        assert_eq!(
+            printed + dropped_reported(&out.2),
+            1000,
+            "every line printed or counted: {:?}",
+            out.2
+        );
+    }
+
+    /// 1000 SHARE + RECLAIM pairs through the exit path: the lines about them are held
+    /// to the VM's budget, not 2000 console lines.
+    #[test]
+    fn a_thousand_share_reclaim_pairs_are_rate_limited() {
+        let m = manager();
+        let a = m.create(desc(0x5000_0000, 1)).expect("a");
+        let b = m.create(desc(0x5010_0000, 2)).expect("b");
+        a.state.lock().psci.take_pending(0);
+        b.state.lock().psci.take_pending(0);
+        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+        let hvc = |cpu: &mut Cpu, out: &mut Lines, el1: &mut El1, regs: &[u64]| {
+            cpu.x[..regs.len()].copy_from_slice(regs);
+            let mut ctx = VcpuCtx {
+                x: &mut cpu.x,
+                pc: &mut cpu.pc,
+                pstate: &mut cpu.pstate,
+            };
+            handle_exit(&a, 0, &mut ctx, sync(HVC, 0), el1, out, &mut |req| {
+                m.share_call(&a, 0, req)
+            });
+            cpu.x[..2].try_into().map_or([0, 0], |r: [u64; 2]| r)
+        };
+        for i in 0..1000u64 {
+            out.1 = 1_000_000 + i * 1000;
+            let [r, handle] = hvc(
+                &mut cpu,
+                &mut out,
+                &mut el1,
+                &[0xC600_0010, 0x4000_0000, 1, 1, 1],
+            );
+            assert_eq!(r, 0, "SHARE {i}");
+            let [r, _] = hvc(&mut cpu, &mut out, &mut el1, &[0xC600_0014, handle]);
+            assert_eq!(r, 0, "RECLAIM {i}");
+        }
+        let (burst, rate) = crate::console::limit::VmConsole::EVENTS;
+        // 1 s of calls: at most the burst and one second's refill were printed.
+        let printed = out.2.iter().filter(|l| l.contains(" handle ")).count() as u64;
+        assert!(
+            printed <= u64::from(burst + rate + 1),
+            "{printed} lines printed"
+        );
+        a.flush_console(&mut out);
+        assert_eq!(printed + dropped_reported(&out.2), 2000, "{:?}", out.2);
+        assert_eq!(
+            b.console.lock().events.take_dropped(),
+            0,
+            "b's budget is its own"
+        );
     }
 }

@@ -208,6 +208,10 @@ mod tests {
         struct NoLines;
         impl crate::vm::vuart::LineSink for NoLines {
             fn line(&mut self, _: &str, _: &str) {}
+            fn event(&mut self, _: log::Level, _: core::fmt::Arguments<'_>) {}
+            fn micros(&self) -> u64 {
+                0
+            }
         }
         let (mut x, mut pc, mut pstate) = ([0u64; 31], 0x4000_0000, 0x3c5);
         x[..regs.len()].copy_from_slice(regs);
@@ -228,7 +232,7 @@ mod tests {
             exit,
             &mut NoEl1,
             &mut NoLines,
-            &mut |_| [u64::MAX; 4],
+            &mut |_| ([u64::MAX; 4], crate::vm::share::Note::None),
         );
         (next, x[0])
     }

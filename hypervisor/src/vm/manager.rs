@@ -18,6 +18,7 @@ use super::vmid::{Vmid, VmidAllocator, VmidBits, VmidError, VmidFlush};
 use super::vuart::VUart;
 use super::{S2Kind, Vm, VmState, VmStatus};
 use crate::config::{GuestRegion, Stage2Mappings, VmDesc};
+use crate::console::limit::VmConsole;
 use crate::mem::PhysRange;
 use crate::Lock;
 
@@ -161,6 +162,7 @@ impl<P: Backend> VmManager<P> {
             stage2: Mutex::new(Some(s2)),
             state: Lock::new(state),
             uart: Mutex::new(VUart::new()),
+            console: Lock::new(VmConsole::new()),
             boots: AtomicU32::new(1),
         });
         inner.next_id += 1;
@@ -363,8 +365,13 @@ impl<P: Backend> VmManager<P> {
     ///
     /// The manager lock is held for the whole call: the VMs it sees are the live ones,
     /// and no list of them is copied (a call allocates nothing). What the call did is
-    /// logged after every lock is released.
-    pub fn share_call(&self, caller: &Vm<P::S2>, vcpu: usize, req: share::Request) -> [u64; 4] {
+    /// returned for the caller to log ([`share::Note::log`]) once every lock is released.
+    pub fn share_call(
+        &self,
+        caller: &Vm<P::S2>,
+        vcpu: usize,
+        req: share::Request,
+    ) -> ([u64; 4], share::Note) {
         let (r, note) = {
             let inner = self.inner.lock();
             if caller.runs(vcpu) {
@@ -373,8 +380,7 @@ impl<P: Backend> VmManager<P> {
                 (Err(share::Error::Denied), share::Note::None)
             }
         };
-        note.log(&caller.desc.name, &req, r);
-        share::result_regs(r)
+        (share::result_regs(r), note)
     }
 
     /// Runs `f` with the memory-sharing transactions.

@@ -29,6 +29,7 @@ use core::sync::atomic::AtomicU32;
 use spin::Mutex;
 
 use crate::config::VmDesc;
+use crate::console::limit::{Admit, VmConsole};
 use crate::Lock;
 use psci::{PowerState, PsciVm};
 use vmid::Vmid;
@@ -173,6 +174,8 @@ pub struct Vm<S> {
     pub state: Lock<VmState>,
     /// Virtual UART line buffer.
     pub uart: Mutex<VUart>,
+    /// Console rate limits of the guest's lines and of the lines about the VM.
+    pub console: Lock<VmConsole>,
     /// How many times vCPU 0 was started: 1 after create, +1 per reset.
     pub boots: AtomicU32,
 }
@@ -221,6 +224,71 @@ impl<S> Vm<S> {
             Leave::Reset
         } else {
             Leave::Nothing
+        }
+    }
+
+    /// Logs a line about the VM at `level` through `sink`, within the VM's budget of such
+    /// lines (`crate::console::limit`); a line that does not fit is counted, and the count
+    /// is printed before the next one that does.
+    pub fn log(
+        &self,
+        sink: &mut impl vuart::LineSink,
+        level: log::Level,
+        args: fmt::Arguments<'_>,
+    ) {
+        let admit = self.console.lock().events.admit(sink.micros());
+        if let Admit::Emit { dropped_before } = admit {
+            if dropped_before > 0 {
+                sink.event(
+                    log::Level::Warn,
+                    format_args!(
+                        "VM {}: {dropped_before} line(s) about it not printed (console rate \
+                         limit)",
+                        self.desc.name
+                    ),
+                );
+            }
+            sink.event(level, args);
+        }
+    }
+
+    /// Prints line `text` of the guest through `sink`, within the guest's budget.
+    pub fn guest_line(&self, text: &str, sink: &mut impl vuart::LineSink) {
+        let admit = self.console.lock().guest.admit(sink.micros());
+        if let Admit::Emit { dropped_before } = admit {
+            if dropped_before > 0 {
+                sink.event(
+                    log::Level::Warn,
+                    format_args!(
+                        "VM {}: {dropped_before} guest line(s) not printed (console rate limit)",
+                        self.desc.name
+                    ),
+                );
+            }
+            sink.line(&self.desc.name, text);
+        }
+    }
+
+    /// Prints the guest's partial line and how many lines of and about the VM the rate
+    /// limits held back since the last report (as the VM ends or resets).
+    pub fn flush_console(&self, sink: &mut impl vuart::LineSink) {
+        let partial = self.uart.lock().flush();
+        if let Some(line) = partial {
+            self.guest_line(line.as_str(), sink);
+        }
+        let (guest, events) = {
+            let mut c = self.console.lock();
+            (c.guest.take_dropped(), c.events.take_dropped())
+        };
+        if guest + events > 0 {
+            sink.event(
+                log::Level::Warn,
+                format_args!(
+                    "VM {}: {guest} guest line(s) and {events} line(s) about it not printed \
+                     (console rate limit)",
+                    self.desc.name
+                ),
+            );
         }
     }
 

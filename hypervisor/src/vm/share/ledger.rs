@@ -11,6 +11,7 @@ use super::abi::{Error, Kind, Perms, Request, MAX_PAGES};
 use super::page_state::{all_in_state, nothing_mapped, PageState};
 use crate::config::{SharingLimits, VmDesc};
 use crate::mem::PAGE_SIZE;
+use crate::vm::vuart::LineSink;
 use crate::vm::{S2Kind, Stage2Table, Vm, VmStatus, IPA_BITS};
 
 /// A VM name copied out of its description, for a log line printed after the locks a
@@ -81,46 +82,65 @@ pub enum Note {
 }
 
 impl Note {
-    /// Logs what the call `req` of VM `caller` did: one info line for a change, a debug
+    /// Logs what the call `req` of `caller` did (x0 = `status`) through `sink`, within the
+    /// VM's budget of lines about it ([`Vm::log`]): an info line for a change, a debug
     /// line for a failure.
-    pub fn log(&self, caller: &str, req: &Request, r: Result<[u64; 3], Error>) {
+    pub fn log<S>(&self, caller: &Vm<S>, sink: &mut impl LineSink, req: &Request, status: u64) {
+        let name = &caller.desc.name;
+        let info = log::Level::Info;
         match *self {
             Self::None => {
-                if let Err(e) = r {
-                    log::debug!("VM {caller}: {req:x?} failed: {e}");
-                }
-            }
-            Self::Gave { t, receiver } => log::info!(
-                "VM {caller} {} {} page(s) at IPA {:#x} with VM {receiver} ({}): handle {}",
-                match t.kind {
-                    Kind::Share => "shares",
-                    Kind::Lend => "lends",
-                },
-                t.pages,
-                t.ipa,
-                t.perms,
-                t.handle
-            ),
-            Self::Retrieved { t, owner } => {
-                if let State::Retrieved { ipa, perms } = t.state {
-                    log::info!(
-                        "VM {caller} retrieves handle {} from VM {owner}: {} page(s) at IPA \
-                         {ipa:#x} ({perms})",
-                        t.handle,
-                        t.pages
+                if status != 0 && log::log_enabled!(log::Level::Debug) {
+                    caller.log(
+                        sink,
+                        log::Level::Debug,
+                        format_args!("VM {name}: {req:x?} failed: {}", status as i64),
                     );
                 }
             }
-            Self::Relinquished { t, ipa } => log::info!(
-                "VM {caller} relinquishes handle {}: {} page(s) at IPA {ipa:#x} unmapped",
-                t.handle,
-                t.pages
+            Self::Gave { t, receiver } => caller.log(
+                sink,
+                info,
+                format_args!(
+                    "VM {name} {} {} page(s) at IPA {:#x} with VM {receiver} ({}): handle {}",
+                    match t.kind {
+                        Kind::Share => "shares",
+                        Kind::Lend => "lends",
+                    },
+                    t.pages,
+                    t.ipa,
+                    t.perms,
+                    t.handle
+                ),
             ),
-            Self::Reclaimed { t } => log::info!(
-                "VM {caller} reclaims handle {}: {} page(s) at IPA {:#x} are its own again",
-                t.handle,
-                t.pages,
-                t.ipa
+            Self::Retrieved { t, owner } => {
+                if let State::Retrieved { ipa, perms } = t.state {
+                    caller.log(
+                        sink,
+                        info,
+                        format_args!(
+                            "VM {name} retrieves handle {} from VM {owner}: {} page(s) at IPA \
+                             {ipa:#x} ({perms})",
+                            t.handle, t.pages
+                        ),
+                    );
+                }
+            }
+            Self::Relinquished { t, ipa } => caller.log(
+                sink,
+                info,
+                format_args!(
+                    "VM {name} relinquishes handle {}: {} page(s) at IPA {ipa:#x} unmapped",
+                    t.handle, t.pages
+                ),
+            ),
+            Self::Reclaimed { t } => caller.log(
+                sink,
+                info,
+                format_args!(
+                    "VM {name} reclaims handle {}: {} page(s) at IPA {:#x} are its own again",
+                    t.handle, t.pages, t.ipa
+                ),
             ),
         }
     }

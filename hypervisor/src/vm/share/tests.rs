@@ -70,7 +70,7 @@ fn call(m: &M, v: &V, regs: &[u64]) -> [u64; 4] {
     let mut x = [0u64; 8];
     x[..regs.len()].copy_from_slice(regs);
     let req = Request::decode(&x).expect("a sharing call");
-    m.share_call(v, 0, req)
+    m.share_call(v, 0, req).0
 }
 
 fn code(r: [u64; 4]) -> i64 {
@@ -648,6 +648,10 @@ fn calls_go_through_the_vcpu_exit_path() {
     struct Sink;
     impl crate::vm::vuart::LineSink for Sink {
         fn line(&mut self, _: &str, _: &str) {}
+        fn event(&mut self, _: log::Level, _: core::fmt::Arguments<'_>) {}
+        fn micros(&self) -> u64 {
+            0
+        }
     }
     let m = manager(frames());
     let (a, b) = (vm(&m, 0), vm(&m, 1));
@@ -1206,6 +1210,7 @@ fn concurrent_calls_and_resets_stay_consistent() {
         let mut x = [0u64; 8];
         x[..regs.len()].copy_from_slice(regs);
         m.share_call(v, 0, Request::decode(&x).expect("sharing call"))
+            .0
     }
     let m = fake_manager();
     let mk = |pa, cpu| {
