@@ -130,6 +130,21 @@ fn assert_all_destroyed_without_leak(run: &Run, vms: &[&str]) {
         .pop()
         .expect("a destroy line");
     assert!(last.contains("VMIDs in use 0"), "{last}");
+    // Page ownership: every guest page is back in the pool ("guest RAM free F of T KiB").
+    let free: Vec<u64> = last
+        .split("guest RAM free ")
+        .nth(1)
+        .map(|s| {
+            s.split(|c: char| !c.is_ascii_digit())
+                .filter_map(|w| w.parse().ok())
+                .take(2)
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        free.len() == 2 && free[0] == free[1],
+        "guest RAM not all returned: {last}"
+    );
 }
 
 /// Boots the hypervisor with the VMs `vms` and the VM nodes of the `.dts` `fragments`
@@ -514,4 +529,127 @@ fn block_split_and_merge_under_load_from_another_vcpu() {
         reclaims.len()
     );
     assert_all_destroyed_without_leak(&r, &["owner", "receiver"]);
+}
+
+// Adversarial guests (`tests/guest/src/guest/hostile.rs`, docs/vms.md "The test guest",
+// `arg` bits 6 to 9): after each, the other VMs passed and the hypervisor's invariants
+// hold (every VM destroyed, stage-2 frames and guest pages all back, no VMID in use).
+
+const ARG_LINGER: u64 = 1 << 2;
+const ARG_RACE: u64 = 1 << 6;
+const ARG_OFF_RESET: u64 = 1 << 7;
+const ARG_HOSTILE: u64 = 1 << 8;
+const ARG_THIRD: u64 = 1 << 9;
+/// `hostile::RACE_BOOTS`.
+const RACE_BOOTS: usize = 20;
+
+/// A test guest that lingers three seconds (it must outlive the adversary, unharmed).
+fn witness(cpus: &[u32], ram_pa: u64) -> VmNode {
+    with_arg(guest("witness", cpus, ram_pa), ARG_LINGER)
+}
+
+/// vCPU 0 starts vCPU 1, sees it ON (at once: no ON_PENDING) and resets the VM, 19
+/// times, then powers it off the same way: each time vCPU 1's CPU may have taken its
+/// start without having entered. Before the fix, such a CPU entered a VM just destroyed
+/// (its stage-2 root freed) or the power-off raced its start.
+#[test]
+fn lifecycle_race_of_cpu_on_with_reset_and_power_off() {
+    let r = run(
+        "lifecycle-race",
+        "cortex-a57",
+        &[
+            with_arg(guest("racer", &[1, 2], 0x5000_0000), ARG_RACE),
+            witness(&[3], 0x5020_0000),
+        ],
+        &[],
+    );
+    r.assert_no_line(" stopped: ");
+    r.assert_success();
+    assert_passed(&r, "racer", 5);
+    assert_passed(&r, "witness", BASE_CHECKS + 1);
+    r.assert_lines_in_order(&[&format!("[racer] race: {RACE_BOOTS} boots")]);
+    let resets = r.lines_containing("VM racer reset").len();
+    let held = not_printed(&r, "racer");
+    assert!(
+        resets + held >= RACE_BOOTS - 1,
+        "{resets} resets logged, {held} lines held back"
+    );
+    assert_all_destroyed_without_leak(&r, &["racer", "witness"]);
+    println!(
+        "lifecycle race: {RACE_BOOTS} boots raced, 1 other VM passed, 4 invariants held \
+         (destroyed, frames, VMIDs, guest pages)"
+    );
+}
+
+/// vCPU 1 resets the VM while vCPU 0 is off. Before the fix the CPUs were woken before
+/// the reset, so vCPU 0's CPU never learnt of its new start and the run hung.
+#[test]
+fn reset_from_vcpu_1_with_vcpu_0_off_restarts_vcpu_0() {
+    let r = run(
+        "off-reset",
+        "cortex-a57",
+        &[
+            with_arg(guest("offreset", &[1, 2], 0x5000_0000), ARG_OFF_RESET),
+            witness(&[3], 0x5020_0000),
+        ],
+        &[],
+    );
+    r.assert_success();
+    r.assert_lines_in_order(&[
+        "[offreset] vCPU 0 turns itself off",
+        "[offreset] vCPU 1 resets the VM with vCPU 0 off",
+        "VM offreset reset",
+        "VM offreset: vCPU 0 starts",
+        "[offreset] PASS off-reset-vcpu-0-back",
+    ]);
+    assert_passed(&r, "offreset", 2);
+    assert_passed(&r, "witness", BASE_CHECKS + 1);
+    assert_all_destroyed_without_leak(&r, &["offreset", "witness"]);
+}
+
+/// Checks of the hostile VM beyond the base ones (`hostile::hostile`).
+const HOSTILE_CHECKS: usize = 18;
+
+/// A hostile VM fills its sharing quota, storms the hypervisor with calls (and 1000
+/// SHARE + RECLAIM pairs), sends bad PSCI arguments, calls every unused SMCCC range with
+/// random registers and takes 200 aborts; an unrelated VM still shares with the witness
+/// meanwhile (before the per-VM quota the hostile VM filled the table for everyone),
+/// and the witness passes.
+#[test]
+fn a_hostile_vm_harms_no_other_vm() {
+    let mut hostile = with_arg(guest("hostile", &[1, 0], 0x5000_0000), ARG_HOSTILE);
+    hostile.abort_policy = Some(AbortPolicy::Inject);
+    let r = run(
+        "hostile",
+        "cortex-a57",
+        &[
+            hostile,
+            witness(&[2], 0x5020_0000),
+            with_arg(guest("third", &[3], 0x5040_0000), ARG_THIRD),
+        ],
+        &[],
+    );
+    r.assert_no_line(" stopped: ");
+    r.assert_success();
+    assert_passed(&r, "hostile", BASE_CHECKS + HOSTILE_CHECKS);
+    assert_passed(&r, "witness", BASE_CHECKS + 1);
+    assert_passed(&r, "third", BASE_CHECKS + 3);
+    r.assert_lines_in_order(&[
+        "[hostile] hostile: sharing quota full after 16 shares (Some(NoMemory))",
+        "[third] PASS third-shares-despite-hostile",
+    ]);
+    // 2000 lines of SHARE/RECLAIM were not all printed.
+    let shares = r.lines_containing("VM hostile shares ").len();
+    assert!(shares < 500, "{shares} SHARE lines printed");
+    let counts = r.assert_lines_in_order(&["[hostile] hostile: "]);
+    assert_all_destroyed_without_leak(&r, &["hostile", "witness", "third"]);
+    for l in r.lines_containing("[hostile] hostile: ") {
+        println!("{}", l.trim());
+    }
+    println!(
+        "hostile VM: {shares} SHARE lines printed of 1017, {} lines about it held back; \
+         2 other VMs passed; 4 invariants held (destroyed, frames, VMIDs, guest pages); {}",
+        not_printed(&r, "hostile"),
+        counts[0].trim()
+    );
 }
