@@ -9,7 +9,6 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use spin::Mutex;
 
 use super::pool::{PagePool, PoolError};
 use super::share;
@@ -159,9 +158,9 @@ impl<P: Backend> VmManager<P> {
             vttbr: s2.vttbr(),
             vmid,
             desc,
-            stage2: Mutex::new(Some(s2)),
+            stage2: Lock::new(Some(s2)),
             state: Lock::new(state),
-            uart: Mutex::new(VUart::new()),
+            uart: Lock::new(VUart::new()),
             console: Lock::new(VmConsole::new()),
             boots: AtomicU32::new(1),
         });

@@ -26,7 +26,6 @@ pub use stage2::{MmuStage2, S2Kind, Stage2Config, Stage2Table, IPA_BITS};
 
 use core::fmt;
 use core::sync::atomic::AtomicU32;
-use spin::Mutex;
 
 use crate::config::VmDesc;
 use crate::console::limit::{Admit, VmConsole};
@@ -169,11 +168,11 @@ pub struct Vm<S> {
     /// `VTTBR_EL2` value.
     pub vttbr: u64,
     /// Its stage-2 table (`None` once the VM is destroyed).
-    pub stage2: Mutex<Option<S>>,
+    pub stage2: Lock<Option<S>>,
     /// Lifecycle, vCPU power states and loaded vCPUs (a leaf lock).
     pub state: Lock<VmState>,
     /// Virtual UART line buffer.
-    pub uart: Mutex<VUart>,
+    pub uart: Lock<VUart>,
     /// Console rate limits of the guest's lines and of the lines about the VM.
     pub console: Lock<VmConsole>,
     /// How many times vCPU 0 was started: 1 after create, +1 per reset.
