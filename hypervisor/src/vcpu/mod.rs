@@ -363,6 +363,41 @@ pub fn inject_abort(ctx: &mut VcpuCtx<'_>, abort: &Abort, el1: &mut impl GuestEl
     *ctx.pstate = exception_pstate(*ctx.pstate, el1.sctlr());
 }
 
+/// Fakes of what the machine gives [`handle_exit`], for tests that need none of it.
+#[cfg(test)]
+pub(crate) mod fakes {
+    /// A guest whose EL1 registers read 0 and ignore writes.
+    pub struct NoEl1;
+
+    impl super::GuestEl1 for NoEl1 {
+        fn vbar(&self) -> u64 {
+            0
+        }
+        fn sctlr(&self) -> u64 {
+            0
+        }
+        fn set_exception(&mut self, _: u64, _: u64, _: u64, _: u64) {}
+    }
+
+    /// A console that drops every line, at time 0.
+    pub struct NoLines;
+
+    impl super::LineSink for NoLines {
+        fn line(&mut self, _: &str, _: &str) {}
+        fn event(&mut self, _: log::Level, _: core::fmt::Arguments<'_>) {}
+        fn micros(&self) -> u64 {
+            0
+        }
+    }
+
+    /// The exit of an `HVC #0` from AArch64.
+    pub const HVC_EXIT: boot::Exit = boot::Exit::Sync {
+        esr: boot::esr::Esr::from_bits((0x16 << 26) | (1 << 25)),
+        far: 0,
+        hpfar: 0,
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

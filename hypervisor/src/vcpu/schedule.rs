@@ -195,24 +195,7 @@ mod tests {
     /// What a guest's HVC with x0.. = `regs` on vCPU `index` of `vm` does: the run
     /// loop's next step and x0.
     fn hvc<S: crate::vm::Stage2Table>(vm: &Vm<S>, index: usize, regs: &[u64]) -> (Next, u64) {
-        struct NoEl1;
-        impl crate::vcpu::GuestEl1 for NoEl1 {
-            fn vbar(&self) -> u64 {
-                0
-            }
-            fn sctlr(&self) -> u64 {
-                0
-            }
-            fn set_exception(&mut self, _: u64, _: u64, _: u64, _: u64) {}
-        }
-        struct NoLines;
-        impl crate::vm::vuart::LineSink for NoLines {
-            fn line(&mut self, _: &str, _: &str) {}
-            fn event(&mut self, _: log::Level, _: core::fmt::Arguments<'_>) {}
-            fn micros(&self) -> u64 {
-                0
-            }
-        }
+        use crate::vcpu::fakes::{NoEl1, NoLines, HVC_EXIT};
         let (mut x, mut pc, mut pstate) = ([0u64; 31], 0x4000_0000, 0x3c5);
         x[..regs.len()].copy_from_slice(regs);
         let mut ctx = crate::vcpu::VcpuCtx {
@@ -220,16 +203,11 @@ mod tests {
             pc: &mut pc,
             pstate: &mut pstate,
         };
-        let exit = boot::Exit::Sync {
-            esr: boot::esr::Esr::from_bits((0x16 << 26) | (1 << 25)),
-            far: 0,
-            hpfar: 0,
-        };
         let next = crate::vcpu::handle_exit(
             vm,
             index,
             &mut ctx,
-            exit,
+            HVC_EXIT,
             &mut NoEl1,
             &mut NoLines,
             &mut |_| ([u64::MAX; 4], crate::vm::share::Note::None),

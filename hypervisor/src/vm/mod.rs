@@ -236,17 +236,7 @@ impl<S> Vm<S> {
         args: fmt::Arguments<'_>,
     ) {
         let admit = self.console.lock().events.admit(sink.micros());
-        if let Admit::Emit { dropped_before } = admit {
-            if dropped_before > 0 {
-                sink.event(
-                    log::Level::Warn,
-                    format_args!(
-                        "VM {}: {dropped_before} line(s) about it not printed (console rate \
-                         limit)",
-                        self.desc.name
-                    ),
-                );
-            }
+        if self.admitted(admit, sink, "line(s) about it") {
             sink.event(level, args);
         }
     }
@@ -254,18 +244,27 @@ impl<S> Vm<S> {
     /// Prints line `text` of the guest through `sink`, within the guest's budget.
     pub fn guest_line(&self, text: &str, sink: &mut impl vuart::LineSink) {
         let admit = self.console.lock().guest.admit(sink.micros());
-        if let Admit::Emit { dropped_before } = admit {
-            if dropped_before > 0 {
-                sink.event(
-                    log::Level::Warn,
-                    format_args!(
-                        "VM {}: {dropped_before} guest line(s) not printed (console rate limit)",
-                        self.desc.name
-                    ),
-                );
-            }
+        if self.admitted(admit, sink, "guest line(s)") {
             sink.line(&self.desc.name, text);
         }
+    }
+
+    /// Whether a line a rate limit decided on (`admit`) is printed; first reports the
+    /// `what` it held back before it, if any.
+    fn admitted(&self, admit: Admit, sink: &mut impl vuart::LineSink, what: &str) -> bool {
+        let Admit::Emit { dropped_before } = admit else {
+            return false;
+        };
+        if dropped_before > 0 {
+            sink.event(
+                log::Level::Warn,
+                format_args!(
+                    "VM {}: {dropped_before} {what} not printed (console rate limit)",
+                    self.desc.name
+                ),
+            );
+        }
+        true
     }
 
     /// Prints the guest's partial line and how many lines of and about the VM the rate

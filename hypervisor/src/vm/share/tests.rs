@@ -634,25 +634,8 @@ fn destroying_either_party_mid_transaction_leaks_nothing() {
 
 #[test]
 fn calls_go_through_the_vcpu_exit_path() {
-    use crate::vcpu::{handle_exit, GuestEl1, Next, VcpuCtx};
-    struct El1;
-    impl GuestEl1 for El1 {
-        fn vbar(&self) -> u64 {
-            0
-        }
-        fn sctlr(&self) -> u64 {
-            0
-        }
-        fn set_exception(&mut self, _: u64, _: u64, _: u64, _: u64) {}
-    }
-    struct Sink;
-    impl crate::vm::vuart::LineSink for Sink {
-        fn line(&mut self, _: &str, _: &str) {}
-        fn event(&mut self, _: log::Level, _: core::fmt::Arguments<'_>) {}
-        fn micros(&self) -> u64 {
-            0
-        }
-    }
+    use crate::vcpu::fakes::{NoEl1, NoLines, HVC_EXIT};
+    use crate::vcpu::{handle_exit, Next, VcpuCtx};
     let m = manager(frames());
     let (a, b) = (vm(&m, 0), vm(&m, 1));
     let (mut x, mut pc, mut pstate) = ([0u64; 31], 0x4000_1000, 0x3c5);
@@ -662,14 +645,15 @@ fn calls_go_through_the_vcpu_exit_path() {
         pc: &mut pc,
         pstate: &mut pstate,
     };
-    let hvc = boot::Exit::Sync {
-        esr: boot::esr::Esr::from_bits((0x16 << 26) | (1 << 25)),
-        far: 0,
-        hpfar: 0,
-    };
-    let next = handle_exit(&a, 0, &mut ctx, hvc, &mut El1, &mut Sink, &mut |req| {
-        m.share_call(&a, 0, req)
-    });
+    let next = handle_exit(
+        &a,
+        0,
+        &mut ctx,
+        HVC_EXIT,
+        &mut NoEl1,
+        &mut NoLines,
+        &mut |req| m.share_call(&a, 0, req),
+    );
     assert_eq!(next, Next::Resume);
     let handle = m.with_shares(|t| t.transactions()[0].handle);
     assert_eq!(&x[..4], &[0, handle, 0, 0]);
