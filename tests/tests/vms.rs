@@ -539,7 +539,7 @@ const ARG_LINGER: u64 = 1 << 2;
 const ARG_RACE: u64 = 1 << 6;
 const ARG_OFF_RESET: u64 = 1 << 7;
 const ARG_HOSTILE: u64 = 1 << 8;
-const ARG_THIRD: u64 = 1 << 9;
+const ARG_BYSTANDER: u64 = 1 << 9;
 /// `hostile::RACE_BOOTS`.
 const RACE_BOOTS: usize = 20;
 
@@ -614,7 +614,7 @@ const HOSTILE_CHECKS: usize = 18;
 /// SHARE + RECLAIM pairs), sends bad PSCI arguments, calls every unused SMCCC range with
 /// random registers and takes 200 aborts; an unrelated VM still shares with the witness
 /// meanwhile (before the per-VM quota the hostile VM filled the table for everyone),
-/// and the witness passes.
+/// and both outlive the hostile VM and pass.
 #[test]
 fn a_hostile_vm_harms_no_other_vm() {
     let mut hostile = with_arg(guest("hostile", &[1, 0], 0x5000_0000), ARG_HOSTILE);
@@ -624,8 +624,8 @@ fn a_hostile_vm_harms_no_other_vm() {
         "cortex-a57",
         &[
             hostile,
-            witness(&[2], 0x5020_0000),
-            with_arg(guest("third", &[3], 0x5040_0000), ARG_THIRD),
+            with_arg(guest("witness", &[2], 0x5020_0000), ARG_BYSTANDER),
+            with_arg(guest("third", &[3], 0x5040_0000), ARG_BYSTANDER),
         ],
         &[],
     );
@@ -633,7 +633,9 @@ fn a_hostile_vm_harms_no_other_vm() {
     r.assert_success();
     assert_passed(&r, "hostile", BASE_CHECKS + HOSTILE_CHECKS);
     assert_passed(&r, "witness", BASE_CHECKS + 1);
-    assert_passed(&r, "third", BASE_CHECKS + 3);
+    assert_passed(&r, "third", BASE_CHECKS + 4);
+    r.assert_lines_in_order(&["VM hostile powered off", "[witness] PASS outlived-hostile"]);
+    r.assert_lines_in_order(&["VM hostile powered off", "[third] PASS outlived-hostile"]);
     r.assert_lines_in_order(&[
         "[hostile] hostile: sharing quota full after 16 shares (Some(NoMemory))",
         "[third] PASS third-shares-despite-hostile",

@@ -365,13 +365,20 @@ fn run_cpu(cpu: usize) -> ! {
 }
 
 /// Wakes the CPUs of `vm`'s vCPUs that have a start pending (parked ones by PSCI, CPU 0
-/// by an event).
+/// by an event, sent only then: a CPU waiting in `WFE` wakes for a start, not for every
+/// exit of every vCPU).
 fn wake_pending(vm: &Vm<MachineStage2>) {
-    aarch64_cpu::asm::sev();
+    let mut any = false;
     for cpu in schedule::pending_starts(vm) {
+        any = true;
         if let Some(i) = cpu_index_of(u64::from(cpu)) {
             wake(i);
         }
+    }
+    if any {
+        // The start was published under the VM's lock before this; the woken CPU takes
+        // the same lock to read it.
+        aarch64_cpu::asm::sev();
     }
 }
 

@@ -54,8 +54,15 @@ pub enum Start {
 /// Whether vCPU `index` of `vm` starts now. Decided under the VM's lock in one step with
 /// counting the vCPU loaded ([`crate::vm::VmState::take_start`]): a VM powered off, reset
 /// or destroyed by another CPU a moment before gives `Done` or `Wait`, never `Enter`.
+///
+/// A CPU that waits calls this in a loop: it only takes the lock when it is free and
+/// otherwise answers `Wait` (the caller asks again). Queueing on the fair lock would let
+/// a waiting CPU that is itself descheduled (a vCPU thread of an oversubscribed QEMU host)
+/// hold up the running vCPUs of the VM behind its ticket.
 pub fn next_start<S>(vm: &Vm<S>, index: usize) -> Start {
-    let mut st = vm.state.lock();
+    let Some(mut st) = vm.state.try_lock() else {
+        return Start::Wait;
+    };
     if st.status.finished() {
         return Start::Done;
     }

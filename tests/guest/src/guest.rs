@@ -28,7 +28,7 @@ const ARG_SPLIT_MERGE: u64 = 1 << 5;
 const ARG_RACE: u64 = 1 << 6;
 const ARG_OFF_RESET: u64 = 1 << 7;
 const ARG_HOSTILE: u64 = 1 << 8;
-const ARG_THIRD: u64 = 1 << 9;
+const ARG_BYSTANDER: u64 = 1 << 9;
 /// How long `ARG_LINGER` keeps the guest running.
 const LINGER_SECONDS: u64 = 3;
 
@@ -442,8 +442,8 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
     if arg & ARG_HOSTILE != 0 {
         hostile::hostile();
     }
-    if arg & ARG_THIRD != 0 {
-        hostile::third();
+    if arg & ARG_BYSTANDER != 0 {
+        hostile::bystander();
     }
     done()
 }

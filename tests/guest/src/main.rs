@@ -17,8 +17,8 @@
 //!   the same 2 MiB RAM block; VM 1 waits for the end (`guest::split_merge`);
 //! - bits 6 to 9: adversarial scenarios (`guest::hostile`): 6, a lifecycle race on every
 //!   reset and the power-off; 7, a reset by vCPU 1 while vCPU 0 is off; 8, a hostile VM
-//!   (quota, storms, bad PSCI arguments, unused SMCCC ranges, aborts); 9, the third VM
-//!   that must still share while it is.
+//!   (quota, storms, bad PSCI arguments, unused SMCCC ranges, aborts); 9, a bystander
+//!   that outlives it (VM 2 of the description must still share while it runs).
 //!
 //! It builds its own EL1&0 stage-1 tables with `mmu`, turns the MMU on, runs its checks,
 //! prints one `PASS name` or `FAIL name: detail` line per check and a final

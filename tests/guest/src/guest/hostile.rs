@@ -10,8 +10,9 @@
 //! - [`hostile`] (bit 8, VM 0 of its description): fills its memory-sharing quota, signals
 //!   VM 2, storms hypercalls, sends bad PSCI arguments, calls every unused SMCCC range
 //!   with random registers, and takes aborts in a loop.
-//! - [`third`] (bit 9, VM 2): once VM 0 has filled its quota, shares a page with VM 1,
-//!   which must still work.
+//! - [`bystander`] (bit 9, VMs 1 and 2): stays until VM 0 has ended (so that VM 0's
+//!   calls always find it running) and checks it is unharmed; VM 2 first waits until
+//!   VM 0 has filled its quota and shares a page with VM 1, which must still work.
 
 use core::fmt::Write;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -162,6 +163,9 @@ const SHARE_BASE: u64 = 0x4018_0000;
 const WITNESS: u64 = 1;
 const THIRD: u64 = 2;
 const HOSTILE: u64 = 0;
+
+/// How long a [`bystander`] waits for the hostile VM to end.
+const BYSTANDER_SECONDS: u64 = 90;
 
 /// A xorshift generator (the registers of the calls; no secret).
 struct Rng(u64);
@@ -437,15 +441,14 @@ pub fn hostile() {
         format_args!("{survived} of 200"),
     );
 
-    // Nothing of all that changed the VM: same boot, canary intact, nothing pending to it.
+    // Nothing of all that changed the VM: same boot, canary intact, vCPU 1 off.
     // SAFETY: as above.
     let word = unsafe { canary.read_volatile() };
+    let vcpu1 = call(PSCI_AFFINITY_INFO, &[1, 0])[0];
     check(
         "hostile-state-unchanged",
-        boots() == boots_before
-            && word == 0x6361_6e61_7279
-            && query_from(0, WITNESS) == Err(ShareError::NoData),
-        format_args!("boot {}, canary {word:#x}", boots()),
+        boots() == boots_before && word == 0x6361_6e61_7279 && vcpu1 == OFF,
+        format_args!("boot {}, canary {word:#x}, vCPU 1 {vcpu1}", boots()),
     );
     println!(
         "hostile: {} calls made, {swept} in unused SMCCC ranges, {survived} faults survived",
@@ -453,23 +456,50 @@ pub fn hostile() {
     );
 }
 
-/// The third VM (VM 2): waits for the hostile VM's signal (a share addressed to it, once
-/// the hostile VM's quota is full), then shares a page with the witness and reclaims it.
-pub fn third() {
-    let signal = super::sharing::wait_for(|| query_from(0, HOSTILE).ok());
-    check(
-        "third-saw-quota-full",
-        signal.is_some(),
-        format_args!("no signal in {} s", super::sharing::WAIT_SECONDS),
-    );
-    let r = share(SHARE_BASE, 1, WITNESS, 1);
-    check(
-        "third-shares-despite-hostile",
-        r.is_ok(),
-        format_args!("{r:?}"),
-    );
-    if let Ok(h) = r {
-        let back = reclaim(h);
-        check("third-reclaims", back.is_ok(), format_args!("{back:?}"));
+/// A bystander (VM 1 or 2 of the hostile description). VM 2 waits for the hostile VM's
+/// signal (a share addressed to it once the hostile VM's quota is full), then shares a
+/// page with VM 1 and reclaims it. Both then stay until the hostile VM has ended: they
+/// share a page with it every 50 ms, which succeeds (and is reclaimed) while it runs and
+/// is refused once it is off (`DENIED`) or destroyed (`INVALID_PARAMETERS`).
+pub fn bystander() {
+    let me = hvc(VM_INFO, &[])[1];
+    if me == THIRD {
+        let signal = super::sharing::wait_for(|| query_from(0, HOSTILE).ok());
+        check(
+            "third-saw-quota-full",
+            signal.is_some(),
+            format_args!("no signal in {} s", super::sharing::WAIT_SECONDS),
+        );
+        let r = share(SHARE_BASE, 1, WITNESS, 1);
+        check(
+            "third-shares-despite-hostile",
+            r.is_ok(),
+            format_args!("{r:?}"),
+        );
+        if let Ok(h) = r {
+            let back = reclaim(h);
+            check("third-reclaims", back.is_ok(), format_args!("{back:?}"));
+        }
     }
+    // Bounded (the hostile VM's storms take seconds under a loaded QEMU host).
+    let (freq, start) = counter();
+    let mut ended = None;
+    while ended.is_none() && counter().1.wrapping_sub(start) < BYSTANDER_SECONDS * freq {
+        let t0 = counter().1;
+        while counter().1.wrapping_sub(t0) < freq / 20 {}
+        match share(SHARE_BASE + 4096, 1, HOSTILE, 1) {
+            Ok(h) => {
+                let _ = reclaim(h);
+            }
+            Err(e) => ended = Some(e),
+        }
+    }
+    check(
+        "outlived-hostile",
+        matches!(
+            ended,
+            Some(ShareError::Denied | ShareError::InvalidParameters)
+        ),
+        format_args!("{ended:?}"),
+    );
 }
