@@ -441,6 +441,14 @@ fn finish(ok: bool) -> ! {
         "page-table frames in use: {frames} ({} before the VMs were created)",
         FRAMES_BEFORE_VMS.load(Ordering::SeqCst)
     );
+    if let Some(m) = MANAGER.get() {
+        let (free, total, _, vmids) = m.accounting();
+        log::info!(
+            "guest RAM free: {} of {} KiB; VMIDs in use: {vmids}",
+            free / 1024,
+            total / 1024
+        );
+    }
     if ok {
         log::info!("twostage: all VMs done: success");
         power_off()

@@ -435,7 +435,6 @@ impl<P: Backend> VmManager<P> {
     }
 
     /// (free guest RAM bytes, total guest RAM bytes, stage-2 table frames, VMIDs in use).
-    #[cfg(test)]
     pub fn accounting(&self) -> (u64, u64, usize, usize) {
         let inner = self.inner.lock();
         (
