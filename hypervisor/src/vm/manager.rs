@@ -383,13 +383,13 @@ impl<P: Backend> VmManager<P> {
     }
 
     /// Runs `f` with the memory-sharing transactions.
-    #[cfg(test)]
-    pub fn with_shares<R>(&self, f: impl FnOnce(&mut share::Ledger) -> R) -> R {
-        f(&mut self.shares.lock())
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn with_shares<R>(&self, f: impl FnOnce(&share::Ledger) -> R) -> R {
+        f(&self.shares.lock())
     }
 
     /// The VM with id `id`.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn get(&self, id: u32) -> Option<Arc<Vm<P::S2>>> {
         self.inner.lock().vms.iter().find(|v| v.id == id).cloned()
     }
@@ -407,7 +407,7 @@ impl<P: Backend> VmManager<P> {
     }
 
     /// All live VMs.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn vms(&self) -> Vec<Arc<Vm<P::S2>>> {
         self.inner.lock().vms.clone()
     }

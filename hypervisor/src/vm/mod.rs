@@ -291,7 +291,7 @@ impl<S> Vm<S> {
     }
 
     /// Counts a vCPU loaded without a start (tests that play a CPU already in the guest).
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn enter(&self) {
         self.state.lock().loaded += 1;
     }

@@ -1,16 +1,16 @@
 //! Adversarial scenarios: a guest that does what a hostile or broken guest would, to check
 //! that the hypervisor neither crashes nor lets it hurt the other VMs (`docs/vms.md`,
-//! "The test guest", `arg` bits 6 to 9).
+//! "The test guest", `arg` bits 7 to 10).
 //!
-//! - [`race`] (bit 6): vCPU 0 starts vCPU 1, sees it ON, and resets the VM at once, many
+//! - [`race`] (bit 7): vCPU 0 starts vCPU 1, sees it ON, and resets the VM at once, many
 //!   boots in a row, then powers it off the same way: each time vCPU 1's CPU may have
 //!   taken its start but not entered yet. Checks PSCI's answers to racing `CPU_ON`s.
-//! - [`off_reset`] (bit 7): vCPU 1 resets the VM while vCPU 0 is off; vCPU 0 must come
+//! - [`off_reset`] (bit 8): vCPU 1 resets the VM while vCPU 0 is off; vCPU 0 must come
 //!   back on the new boot.
-//! - [`hostile`] (bit 8, VM 0 of its description): fills its memory-sharing quota, signals
+//! - [`hostile`] (bit 9, VM 0 of its description): fills its memory-sharing quota, signals
 //!   VM 2, storms hypercalls, sends bad PSCI arguments, calls every unused SMCCC range
 //!   with random registers, and takes aborts in a loop.
-//! - [`bystander`] (bit 9, VMs 1 and 2): stays until VM 0 has ended (so that VM 0's
+//! - [`bystander`] (bit 10, VMs 1 and 2): stays until VM 0 has ended (so that VM 0's
 //!   calls always find it running) and checks it is unharmed; VM 2 first waits until
 //!   VM 0 has filled its quota and shares a page with VM 1, which must still work.
 
