@@ -16,8 +16,9 @@
 //! After every exit: the world invariants ([`World::check`]); no other VM changed state;
 //! only an SError may end the machine's run (`Next::Fatal`, which ends the input);
 //! a VM that is not running is never resumed; after a hypercall x4..x30 are as they
-//! were; an injected abort enters the guest at `VBAR_EL1` plus a vector offset with
-//! PSTATE EL1h and D, A, I, F masked.
+//! were; an injected abort enters the guest at `VBAR_EL1` plus the vector of the state
+//! it came from, with PSTATE EL1h and D, A, I, F masked, and `ESR_EL1`, `ELR_EL1` and
+//! `SPSR_EL1` as the architecture sets them.
 
 use hypervisor::vcpu::schedule::{self, Start};
 use hypervisor::vcpu::{handle_exit, GuestEl1, Next, VcpuCtx};
@@ -180,6 +181,45 @@ fn created(w: &World<'_>, slot: usize, cpus: &mut [Cpu]) {
     }
 }
 
+/// The exception registers of an abort injected for `exit` taken at `(pc, pstate)`:
+/// `ELR_EL1` = the faulting instruction, `SPSR_EL1` = its PSTATE, `ESR_EL1` a synchronous
+/// external abort (DFSC/IFSC 0x10) of the same kind, from the same EL (EC 0x25/0x21) or a
+/// lower one (0x24/0x20), with IL as the trapped instruction's (always 1 for an
+/// instruction abort) (Arm ARM D24.2.40).
+fn check_injection(exit: &boot::Exit, (pc, pstate): (u64, u64), (esr, elr, spsr): (u64, u64, u64)) {
+    let boot::Exit::Sync { esr: trapped, .. } = exit else {
+        panic!("an abort injected for {exit:x?}");
+    };
+    assert_eq!((elr, spsr), (pc, pstate), "ELR_EL1 and SPSR_EL1");
+    let trapped = trapped.bits();
+    let instruction = trapped >> 26 == 0x20;
+    assert_eq!(esr & 0x3f, 0x10, "a synchronous external abort");
+    let il = instruction || trapped & (1 << 25) != 0;
+    assert_eq!(
+        esr & (1 << 25) != 0,
+        il,
+        "ESR_EL1.IL of {esr:#x} for {trapped:#x}"
+    );
+    // EL1t/EL1h, or EL0 (AArch64 EL0t, or AArch32: EL1 is always AArch64 here); a guest
+    // never runs in the other modes.
+    let from_el1 = match (pstate & 0x10 != 0, pstate & 0xf) {
+        (false, 0b0100 | 0b0101) => true,
+        (false, 0b0000) | (true, _) => false,
+        _ => return,
+    };
+    let ec = match (instruction, from_el1) {
+        (false, true) => 0x25,
+        (false, false) => 0x24,
+        (true, true) => 0x21,
+        (true, false) => 0x20,
+    };
+    assert_eq!(
+        esr >> 26,
+        ec,
+        "ESR_EL1.EC of {esr:#x} from PSTATE {pstate:#x}"
+    );
+}
+
 /// The exit of record `r`; `raw` is its last 8 bytes.
 fn exit_of(r: &[u8; OP_LEN], raw: u64) -> boot::Exit {
     let class = match pick(&CLASSES, r[2]) {
@@ -265,7 +305,7 @@ pub fn run(data: &[u8]) {
             p => p,
         };
         let exit = exit_of(&r, raw);
-        let before_x = *x;
+        let (before_x, before_pc, before_pstate) = (*x, *pc, *pstate);
         let others: Vec<VmStatus> = w
             .vms
             .iter()
@@ -313,12 +353,25 @@ pub fn run(data: &[u8]) {
         if is_call && next == Next::Resume {
             assert_eq!(x[4..], before_x[4..], "a hypercall changed x4..x30");
         }
-        if el1.injected.is_some() {
+        if let Some((esr, _far, elr, spsr)) = el1.injected {
+            check_injection(&exit, (before_pc, before_pstate), (esr, elr, spsr));
             let offset = pc.wrapping_sub(el1.vbar);
-            assert!(
-                matches!(offset, 0 | 0x200 | 0x400 | 0x600),
-                "vector offset {offset:#x}"
-            );
+            // The vector of the state the abort came from (Arm ARM D1.10.2): EL1 with
+            // SP_EL0 +0x000, with SP_EL1 +0x200, EL0 in AArch64 +0x400, AArch32 +0x600.
+            let expected = if before_pstate & 0x10 != 0 {
+                Some(0x600)
+            } else {
+                match before_pstate & 0xf {
+                    0b0100 => Some(0x000),
+                    0b0101 => Some(0x200),
+                    0b0000 => Some(0x400),
+                    // EL2 and EL3 modes: a guest never runs in them.
+                    _ => None,
+                }
+            };
+            if let Some(e) = expected {
+                assert_eq!(offset, e, "vector offset from PSTATE {before_pstate:#x}");
+            }
             // EL1h, AArch64, D, A, I, F masked; only N, Z, C, V, DIT, PAN and SSBS may be
             // carried over (Arm ARM D1.10.4).
             let kept = 0xf000_0000 | 1 << 24 | 1 << 22 | 1 << 12;
