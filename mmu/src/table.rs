@@ -96,6 +96,26 @@ impl View {
     }
 }
 
+/// `attrs` packed into one word (never `u32::MAX`), for the encoding cache.
+#[inline(always)]
+fn attrs_key(attrs: &Attributes) -> u32 {
+    u32::from(attrs.perms.bits()) | (attrs.mem_type as u32) << 8 | u32::from(attrs.sw.bits()) << 16
+}
+
+/// The W^X policy of [`MapFlags::WXN`].
+#[inline(always)]
+fn check_wxn(attrs: &Attributes, flags: MapFlags) -> Result<(), Error> {
+    if flags.contains(MapFlags::WXN)
+        && attrs.perms.contains(Permissions::WRITE)
+        && attrs
+            .perms
+            .intersects(Permissions::EXEC_EL2 | Permissions::EXEC_EL1 | Permissions::EXEC_EL0)
+    {
+        return Err(Error::UnsupportedAttributes);
+    }
+    Ok(())
+}
+
 /// Checks a table frame (run of `len` bytes) from the allocator: aligned to `len`
 /// (a power of two) and entirely below `1 << out_bits`, so that a table descriptor
 /// holds its address (bits \[47:12\]) and a walk of it takes no address-size fault
@@ -180,8 +200,14 @@ pub struct PageTable<R: Regime, A: FrameAllocator, T: TlbMaintenance> {
     geo: Geometry,
     /// `level_shift(geo.start_level())`, kept for the lookup path.
     root_shift: u32,
-    /// The last attributes encoded and their descriptor bits.
-    encoded: Option<(Attributes, u64)>,
+    /// `geo.input_size()` and `1 << regime.output_bits()`, kept for the single-entry
+    /// paths' checks.
+    input_size: u64,
+    output_size: u64,
+    /// The last attributes encoded ([`attrs_key`], `u32::MAX` for none) and their
+    /// descriptor bits.
+    encoded_key: u32,
+    encoded_bits: u64,
     root: u64,
     frames: usize,
     tlbi_threshold: usize,
@@ -220,7 +246,10 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             tlb,
             geo,
             root_shift: level_shift(geo.start_level()),
-            encoded: None,
+            input_size: geo.input_size(),
+            output_size: 1 << out_bits,
+            encoded_key: u32::MAX,
+            encoded_bits: 0,
             root,
             frames: n,
             tlbi_threshold: DEFAULT_TLBI_THRESHOLD,
@@ -285,15 +314,20 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     }
 
     /// The regime's encoding of `attrs`, restricted to attribute bits.
-    #[inline]
+    #[inline(always)]
     fn attr_bits(&mut self, attrs: &Attributes) -> Result<u64, Error> {
-        if let Some((a, bits)) = self.encoded {
-            if a == *attrs {
-                return Ok(bits);
-            }
+        if attrs_key(attrs) == self.encoded_key {
+            return Ok(self.encoded_bits);
         }
+        self.encode_attrs(attrs)
+    }
+
+    /// [`attr_bits`](Self::attr_bits) when the cache misses.
+    #[inline(never)]
+    fn encode_attrs(&mut self, attrs: &Attributes) -> Result<u64, Error> {
         let bits = self.regime.encode(attrs)? & !(desc::OA_MASK | 0b11);
-        self.encoded = Some((*attrs, bits));
+        self.encoded_key = attrs_key(attrs);
+        self.encoded_bits = bits;
         Ok(bits)
     }
 
@@ -328,40 +362,114 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         attrs: Attributes,
         flags: MapFlags,
     ) -> Result<(), Error> {
+        if size == FRAME_SIZE {
+            return self.map_page(va, pa, attrs, flags);
+        }
+        self.map_range(va, pa, size, attrs, flags)
+    }
+
+    /// `map` of one page: the checks of [`map_range`](Self::map_range) in their order,
+    /// reduced to one page (both sizes are powers of two, so an aligned page lies below
+    /// them whole exactly when its address does). Calls nothing but in tail position
+    /// on its common path, so it needs no stack frame there.
+    #[inline(never)]
+    fn map_page(
+        &mut self,
+        va: u64,
+        pa: u64,
+        attrs: Attributes,
+        flags: MapFlags,
+    ) -> Result<(), Error> {
+        if va % FRAME_SIZE != 0 {
+            return Err(Error::Misaligned);
+        }
+        if va >= self.input_size {
+            return Err(Error::OutOfRange);
+        }
+        if pa % FRAME_SIZE != 0 {
+            return Err(Error::Misaligned);
+        }
+        if pa >= self.output_size {
+            return Err(Error::OutOfRange);
+        }
+        check_wxn(&attrs, flags)?;
+        if attrs_key(&attrs) != self.encoded_key {
+            return self.map_page_encode(va, pa, attrs, flags);
+        }
+        let bits = self.encoded_bits;
+        let blocks = !flags.contains(MapFlags::NO_BLOCKS);
+        let replace = flags.contains(MapFlags::REPLACE);
+        match self.map_entry::<3>(va, pa, bits, blocks, replace) {
+            Some(result) => result,
+            None => self.map_run(va, pa, va + FRAME_SIZE, bits, blocks, replace),
+        }
+    }
+
+    /// [`map_page`](Self::map_page) when `attrs` are not the cached ones.
+    #[cold]
+    #[inline(never)]
+    fn map_page_encode(
+        &mut self,
+        va: u64,
+        pa: u64,
+        attrs: Attributes,
+        flags: MapFlags,
+    ) -> Result<(), Error> {
+        self.encode_attrs(&attrs)?;
+        self.map_page(va, pa, attrs, flags)
+    }
+
+    /// `map` of anything but a single page.
+    fn map_range(
+        &mut self,
+        va: u64,
+        pa: u64,
+        size: u64,
+        attrs: Attributes,
+        flags: MapFlags,
+    ) -> Result<(), Error> {
         let end = self.check_range(va, size)?;
         if pa % FRAME_SIZE != 0 {
             return Err(Error::Misaligned);
         }
         let pa_end = pa.checked_add(size).ok_or(Error::OutOfRange)?;
-        if pa_end > 1u64 << self.regime.output_bits() {
+        if pa_end > self.output_size {
             return Err(Error::OutOfRange);
         }
-        if flags.contains(MapFlags::WXN)
-            && attrs.perms.contains(Permissions::WRITE)
-            && attrs
-                .perms
-                .intersects(Permissions::EXEC_EL2 | Permissions::EXEC_EL1 | Permissions::EXEC_EL0)
-        {
-            return Err(Error::UnsupportedAttributes);
-        }
+        check_wxn(&attrs, flags)?;
         let bits = self.attr_bits(&attrs)?;
         if size == 0 {
             return Ok(());
         }
         let blocks = !flags.contains(MapFlags::NO_BLOCKS);
         let replace = flags.contains(MapFlags::REPLACE);
-        // One entry: a page, or a block where blocks are allowed and fit.
-        let leaf = match size {
-            FRAME_SIZE => 3,
-            L2_BLOCK if blocks && (va | pa) % L2_BLOCK == 0 => 2,
-            L1_BLOCK if blocks && (va | pa) % L1_BLOCK == 0 && self.root_shift >= 30 => 1,
-            _ => 0,
-        };
-        if leaf != 0 {
-            if let Some(result) = self.map_entry(va, pa, bits, leaf, blocks, replace) {
-                return result;
+        // One entry: a block where blocks are allowed and fit.
+        let single = match size {
+            L2_BLOCK if blocks && (va | pa) % L2_BLOCK == 0 => {
+                self.map_entry::<2>(va, pa, bits, blocks, replace)
             }
+            L1_BLOCK if blocks && (va | pa) % L1_BLOCK == 0 && self.root_shift >= 30 => {
+                self.map_entry::<1>(va, pa, bits, blocks, replace)
+            }
+            _ => None,
+        };
+        match single {
+            Some(result) => result,
+            None => self.map_run(va, pa, end, bits, blocks, replace),
         }
+    }
+
+    /// `map` by the general walker.
+    #[inline(never)]
+    fn map_run(
+        &mut self,
+        va: u64,
+        pa: u64,
+        end: u64,
+        bits: u64,
+        blocks: bool,
+        replace: bool,
+    ) -> Result<(), Error> {
         let op = Op::Map {
             delta: pa.wrapping_sub(va),
             bits,
@@ -378,14 +486,31 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// # Errors
     /// [`Error::Misaligned`], [`Error::OutOfRange`], [`Error::OutOfFrames`] (splitting
     /// a block needs frames). On error nothing changed.
+    #[inline]
     pub fn unmap(&mut self, va: u64, size: u64) -> Result<(), Error> {
+        if size == FRAME_SIZE {
+            // `check_range` for one page (the input size is a power of two).
+            if va % FRAME_SIZE != 0 {
+                return Err(Error::Misaligned);
+            }
+            if va >= self.input_size {
+                return Err(Error::OutOfRange);
+            }
+            if self.unmap_page(va) {
+                return Ok(());
+            }
+            return self.unmap_run(va, va + FRAME_SIZE);
+        }
         let end = self.check_range(va, size)?;
         if size == 0 {
             return Ok(());
         }
-        if size == FRAME_SIZE && self.unmap_page(va) {
-            return Ok(());
-        }
+        self.unmap_run(va, end)
+    }
+
+    /// `unmap` by the general walker.
+    #[inline(never)]
+    fn unmap_run(&mut self, va: u64, end: u64) -> Result<(), Error> {
         self.run(Op::Unmap, va, end)
     }
 
@@ -394,23 +519,22 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// became empty; `false` (nothing done) when a block must be split.
     #[inline]
     fn unmap_page(&mut self, va: u64) -> bool {
-        // Entry pointers of the walk, from the root's down to the page's.
-        let mut path = [ptr::null_mut::<u64>(); 4];
+        // Entry pointers of the walk, from the root's down to the page's. Only
+        // `..=depth` is written; `& 3` keeps the indices provably in bounds.
+        let mut path = [MaybeUninit::<*mut u64>::uninit(); 4];
         let mut shift = self.root_shift;
-        let mut tbl = self.ptr(self.root);
-        let mut idx = (va >> shift) as usize;
+        // SAFETY: the root holds `input size >> root_shift` entries; `va` is below the
+        // input size.
+        let mut p = unsafe { self.ptr(self.root).add((va >> shift) as usize) };
         let mut depth = 0;
         loop {
-            // SAFETY: `tbl` is a table frame of this table and `idx` is within it
-            // (root: `va` is below the input size; other levels: masked to 0..512).
-            let p = unsafe { tbl.add(idx) };
-            // SAFETY: as above.
+            // SAFETY: `p` is an entry of a table frame of this table.
             let e = unsafe { p.read() };
             if e & desc::VALID == 0 {
                 // A hole: nothing to do.
                 return true;
             }
-            path[depth & 3] = p;
+            path[depth & 3] = MaybeUninit::new(p);
             if shift == 12 {
                 break;
             }
@@ -418,19 +542,47 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 return false;
             }
             depth += 1;
-            tbl = self.ptr(e & desc::OA_MASK);
             shift -= 9;
-            idx = ((va >> shift) & 511) as usize;
+            // SAFETY: a table descriptor of this table points to one of its frames;
+            // the index is below 512.
+            p = unsafe {
+                self.ptr(e & desc::OA_MASK)
+                    .add(((va >> shift) & 511) as usize)
+            };
         }
-        // SAFETY: `path[depth]` is the page's entry.
-        unsafe { path[depth & 3].write_volatile(0) };
-        // Up the path: one entry fewer in each table until one keeps some.
+        // SAFETY: `p` is the page's entry.
+        unsafe { p.write_volatile(0) };
+        // The page's table keeps other entries (the common case): one fewer.
+        // SAFETY: `path[..=depth]` was written on the way down and `depth >= 1` (the
+        // root is never at level 3); `path[depth - 1]` points to the page's table.
+        let q = unsafe { path[(depth - 1) & 3].assume_init() };
+        // SAFETY: as above.
+        let e = unsafe { q.read() };
+        if desc::count(e) > 1 {
+            // SAFETY: as above; only the count (ignored by the hardware) changes.
+            unsafe { q.write_volatile(e - (1 << desc::COUNT_SHIFT)) };
+            self.sync_one(va, true);
+            return true;
+        }
+        self.unmap_page_detach(va, &path, depth);
+        true
+    }
+
+    /// The rest of [`unmap_page`](Self::unmap_page) when the page was the last entry
+    /// of its table: up the `path` (entries `..depth` are the table entries leading
+    /// to the page), detaching the tables that became empty, then the invalidation,
+    /// then the frees.
+    #[cold]
+    #[inline(never)]
+    fn unmap_page_detach(&mut self, va: u64, path: &[MaybeUninit<*mut u64>; 4], mut depth: usize) {
         let mut freed = [0u64; 3];
         let mut nfreed = 0;
         while depth > 0 {
             depth -= 1;
-            let p = path[depth & 3];
-            // SAFETY: `p` is the entry pointing to the table just changed.
+            // SAFETY: the caller wrote `path[..depth]`; each is the entry pointing to
+            // the table below it.
+            let p = unsafe { path[depth & 3].assume_init() };
+            // SAFETY: as above.
             let e = unsafe { p.read() };
             if desc::count(e) > 1 {
                 // SAFETY: as above; only the count (ignored by the hardware) changes.
@@ -443,16 +595,14 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             freed[nfreed.min(2)] = e & desc::OA_MASK;
             nfreed += 1;
         }
-        // One invalidation of `va`, the whole batch: leaf-only, or with walk caches
-        // when tables were detached (a non-leaf TLBI of an address removes the
-        // walk-cache entries of every table on its path).
-        self.sync_one(va, nfreed == 0);
+        // One invalidation of `va`, the whole batch, with walk caches: a non-leaf TLBI
+        // of an address removes the walk-cache entries of every table on its path.
+        self.sync_one(va, false);
         // Only now, after the synchronisation, are the detached tables unreachable.
         for &pa in &freed[..nfreed.min(3)] {
             self.alloc.free_frame(pa);
         }
         self.frames -= nfreed;
-        true
     }
 
     /// Sets the attributes (permissions, memory type and software bits) of every
@@ -487,40 +637,37 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         self.run(Op::SetSw { sw: sw.to_desc() }, va, end)
     }
 
-    /// Maps one leaf at `leaf` (3: a page, 2 or 1: a block) when that only means
-    /// filling an invalid entry, creating the missing tables above it; `None` when the
-    /// general walker is needed (an existing leaf on the path, or an entry that would
-    /// complete a table that could then be merged into a block).
+    /// Maps one leaf at level `LEAF` (3: a page, 2 or 1: a block) when that only
+    /// means filling an invalid entry, creating the missing tables above it; `None`
+    /// when the general walker is needed (an existing leaf on the path, or an entry
+    /// that would complete a table that could then be merged into a block).
     #[inline(always)]
-    fn map_entry(
+    fn map_entry<const LEAF: u32>(
         &mut self,
         va: u64,
         pa: u64,
         bits: u64,
-        leaf: u8,
         blocks: bool,
         replace: bool,
     ) -> Option<Result<(), Error>> {
-        let leaf_shift = level_shift(leaf);
+        let leaf_shift = level_shift(LEAF as u8);
         let mut shift = self.root_shift;
-        let mut tbl = self.ptr(self.root);
-        let mut idx = (va >> shift) as usize;
-        // The entry pointing to `tbl` (null for the root, whose count is not kept).
+        // SAFETY: the root frame(s) hold `input size >> root_shift` entries and `va` is
+        // below the input size (checked by the caller).
+        let mut p = unsafe { self.ptr(self.root).add((va >> shift) as usize) };
+        // The entry pointing to the table of `p` (null for the root, whose count is
+        // not kept).
         let mut parent: *mut u64 = ptr::null_mut();
-        let new_leaf = leaf_desc(leaf, pa, bits);
-        // NO_BLOCKS pages pin their level-3 table (never merged).
-        let pin = if blocks || leaf != 3 { 0 } else { desc::PINNED };
         loop {
-            // SAFETY: `tbl` is a table frame of this table and `idx` is within it
-            // (root: `va` is below the input size; other levels: masked to 0..512).
-            let e = unsafe { tbl.add(idx).read() };
+            // SAFETY: `p` is an entry of a table frame of this table.
+            let e = unsafe { p.read() };
+            if e == 0 {
+                break;
+            }
             if shift == leaf_shift || e & desc::VALID == 0 {
-                if e == 0 {
-                    break;
-                }
                 // A leaf maps `va` itself; a table (a block's place holding pages)
                 // is the general walker's: it finds the first mapped address.
-                return if replace || is_table(e, 3 - ((shift - 12) / 9) as u8) {
+                return if replace || is_table(e, LEAF as u8) {
                     None
                 } else {
                     Some(Err(Error::AlreadyMapped { va }))
@@ -530,65 +677,149 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 // A block on the way: the general walker handles conflicts and splits.
                 return None;
             }
-            parent = tbl.wrapping_add(idx);
-            tbl = self.ptr(e & desc::OA_MASK);
+            parent = p;
             shift -= 9;
-            idx = ((va >> shift) & 511) as usize;
+            // SAFETY: a table descriptor of this table points to one of its frames;
+            // the index is below 512.
+            p = unsafe {
+                self.ptr(e & desc::OA_MASK)
+                    .add(((va >> shift) & 511) as usize)
+            };
         }
-        // Entry `idx` of `tbl` is invalid. The tables still missing between it and the
-        // leaf: at most 3 (start level 0); `min` lets the compiler drop bounds checks.
-        let needed = (((shift - leaf_shift) / 9) as usize).min(3);
-        if needed == 0 && !parent.is_null() {
-            // SAFETY: `parent` is the entry of this table that points to `tbl`.
-            let p = unsafe { parent.read() };
-            if blocks && desc::count(p) == ENTRIES as u32 - 1 {
+        let new_leaf = leaf_desc(LEAF as u8, pa, bits);
+        // NO_BLOCKS pages pin their level-3 table (never merged).
+        let pin = if blocks || LEAF != 3 { 0 } else { desc::PINNED };
+        if shift != leaf_shift {
+            // Out of line: the allocator calls need a stack frame the rest does not.
+            return Some(self.attach_path::<LEAF>(va, p, parent, shift, new_leaf, pin));
+        }
+        if !parent.is_null() {
+            // SAFETY: `parent` is the entry of this table that points to `p`'s table.
+            let c = unsafe { parent.read() };
+            if blocks && desc::count(c) == ENTRIES as u32 - 1 {
                 // This leaf fills the table: the general walker may merge it.
                 return None;
             }
+            // SAFETY: `p` is the invalid entry found above.
+            unsafe { p.write_volatile(new_leaf) };
+            // One more non-zero entry in `p`'s table (and its pin, for a page written
+            // into an existing level-3 table): bits the hardware ignores.
+            // SAFETY: as above.
+            unsafe { parent.write_volatile((c + (1 << desc::COUNT_SHIFT)) | pin) };
+        } else {
+            // SAFETY: `p` is the invalid entry found above.
+            unsafe { p.write_volatile(new_leaf) };
         }
-        let mut frames = [0u64; 3];
-        for k in 0..needed {
-            match self.new_frame() {
-                Ok(f) => frames[k] = f,
-                Err(e) => {
-                    for &f in &frames[..k] {
-                        self.alloc.free_frame(f);
-                    }
-                    return Some(Err(e));
-                }
-            }
-        }
-        // Build the missing tables off-line (one entry each), then publish them with
-        // one write.
-        let mut d = new_leaf;
-        let mut s = leaf_shift;
-        for k in (0..needed).rev() {
-            let i = ((va >> s) & 511) as usize;
-            // SAFETY: `frames[k]` is a fresh zeroed frame nobody walks yet.
-            unsafe { self.ptr(frames[k]).add(i).write(d) };
-            let pinned = if k + 1 == needed { pin } else { 0 };
-            d = frames[k] | pinned | (1 << desc::COUNT_SHIFT) | desc::TABLE_OR_PAGE;
-            s += 9;
-        }
-        if needed > 0 {
-            // Publish the new tables' contents before the pointer to them.
-            fence(Ordering::Release);
-        }
-        // SAFETY: `tbl`/`idx` as in the loop above.
-        unsafe { tbl.add(idx).write_volatile(d) };
-        if !parent.is_null() {
-            // One more non-zero entry in `tbl` (and its pin, for a page written into an
-            // existing level-3 table): bits the hardware ignores.
-            let pinned = if needed == 0 { pin } else { 0 };
-            // SAFETY: `parent` is the entry of this table that points to `tbl`.
-            unsafe {
-                let p = parent.read();
-                parent.write_volatile((p + (1 << desc::COUNT_SHIFT)) | pinned);
-            }
-        }
-        self.frames += needed;
         publish(&mut self.tlb);
         Some(Ok(()))
+    }
+
+    /// The rest of [`map_entry`](Self::map_entry) when tables are missing: builds
+    /// them below the invalid entry `p` (of a table whose entries span `1 << shift`
+    /// bytes, which `parent` points to, or the root if null) and publishes them.
+    #[inline(never)]
+    fn attach_path<const LEAF: u32>(
+        &mut self,
+        va: u64,
+        p: *mut u64,
+        parent: *mut u64,
+        shift: u32,
+        new_leaf: u64,
+        pin: u64,
+    ) -> Result<(), Error> {
+        let leaf_shift = level_shift(LEAF as u8);
+        let d = if shift == leaf_shift + 9 {
+            // One table, the common case: kept short (few values live across the
+            // allocator call).
+            let off = ((va >> leaf_shift) & 511) as usize;
+            let tdesc = pin | (1 << desc::COUNT_SHIFT) | desc::TABLE_OR_PAGE;
+            let t = self.new_frame()?;
+            // SAFETY: `t` is a fresh zeroed frame nobody walks yet; `off` is below 512.
+            unsafe { self.ptr(t).add(off).write(new_leaf) };
+            self.frames += 1;
+            t | tdesc
+        } else {
+            let level = 3 - (shift - 12) / 9;
+            self.build_path(va, level + 1, LEAF, new_leaf, pin)?
+        };
+        // Publish the new tables' contents before the pointer to them.
+        fence(Ordering::Release);
+        // SAFETY: `p` is an invalid entry of this table (the caller's walk).
+        unsafe { p.write_volatile(d) };
+        if !parent.is_null() {
+            // One more non-zero entry in `p`'s table: bits the hardware ignores.
+            // SAFETY: `parent` is the entry of this table that points to `p`'s table.
+            unsafe { parent.write_volatile(parent.read() + (1 << desc::COUNT_SHIFT)) };
+        }
+        publish(&mut self.tlb);
+        Ok(())
+    }
+
+    /// Builds, off-line, the chain of tables at levels `from..=leaf` that lead to
+    /// `new_leaf` (the leaf of `va` at level `leaf`), one entry each, and returns the
+    /// table descriptor to publish (the caller orders the tables' contents before
+    /// it). On error every frame taken is given back.
+    #[inline(never)]
+    fn build_path(
+        &mut self,
+        va: u64,
+        from: u32,
+        leaf: u32,
+        new_leaf: u64,
+        pin: u64,
+    ) -> Result<u64, Error> {
+        let top = self.new_frame()?;
+        let mut cur = top;
+        let mut level = from;
+        while level < leaf {
+            let next = match self.new_frame() {
+                Ok(f) => f,
+                Err(e) => {
+                    self.free_path(top, from, level, va);
+                    return Err(e);
+                }
+            };
+            let pinned = if level + 1 == leaf { pin } else { 0 };
+            // SAFETY: `cur` is a fresh zeroed frame nobody walks yet.
+            unsafe {
+                self.ptr(cur)
+                    .add(((va >> level_shift(level as u8)) & 511) as usize)
+                    .write(next | pinned | (1 << desc::COUNT_SHIFT) | desc::TABLE_OR_PAGE);
+            }
+            cur = next;
+            level += 1;
+        }
+        // SAFETY: as above.
+        unsafe {
+            self.ptr(cur)
+                .add(((va >> level_shift(leaf as u8)) & 511) as usize)
+                .write(new_leaf);
+        }
+        self.frames += (leaf + 1 - from) as usize;
+        let pinned = if from == leaf { pin } else { 0 };
+        Ok(top | pinned | (1 << desc::COUNT_SHIFT) | desc::TABLE_OR_PAGE)
+    }
+
+    /// Gives back the chain of fresh tables `build_path` linked from `top` (at level
+    /// `from`) down to the one at level `last`.
+    #[cold]
+    fn free_path(&mut self, top: u64, from: u32, last: u32, va: u64) {
+        let mut cur = top;
+        for level in from..=last {
+            let next = if level < last {
+                // SAFETY: `cur` is a fresh frame of the chain; its entry for `va` links on.
+                unsafe {
+                    self.ptr(cur)
+                        .add(((va >> level_shift(level as u8)) & 511) as usize)
+                        .read()
+                        & desc::OA_MASK
+                }
+            } else {
+                0
+            };
+            self.alloc.free_frame(cur);
+            cur = next;
+        }
     }
 
     /// Merges every table whose whole span lies in `va .. va + size` and that maps one
@@ -698,12 +929,14 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
 
     /// One frame from the allocator, checked by [`check_frame`] (and given back if
     /// unusable).
-    #[inline]
+    #[inline(always)]
     fn new_frame(&mut self) -> Result<u64, Error> {
         let pa = self.alloc.alloc_frame().ok_or(Error::OutOfFrames)?;
-        if let Err(e) = check_frame(pa, FRAME_SIZE, self.regime.output_bits()) {
+        // `check_frame` for one frame: aligned, and below the output size (a power of
+        // two, so the whole frame is when its address is).
+        if pa % FRAME_SIZE != 0 || pa >= self.output_size {
             self.alloc.free_frame(pa);
-            return Err(e);
+            return Err(Error::InvalidFrame { pa });
         }
         Ok(pa)
     }
@@ -964,6 +1197,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                             // Everything is invalidated at the end anyway: clear the
                             // entries and queue the level-3 tables, nothing to note.
                             cx.batch.wrote();
+                            // Counters in locals: `cx` may not be kept in registers
+                            // across the descriptor writes otherwise.
+                            let (mut removed, mut queued) = (0, 0);
                             for j in i..hi {
                                 // SAFETY: as below.
                                 let e = unsafe { tbl.add(j).read() };
@@ -972,11 +1208,24 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                                 }
                                 // SAFETY: `tbl` is this table's frame, `j` within it.
                                 unsafe { tbl.add(j).write_volatile(0) };
-                                filled -= 1;
+                                removed += 1;
                                 if e & 0b10 != 0 {
-                                    self.queue_free(cx, e & desc::OA_MASK);
+                                    let n = cx.nfree + queued;
+                                    if n < FREE_CHUNK {
+                                        cx.free[n] = MaybeUninit::new(e & desc::OA_MASK);
+                                        queued += 1;
+                                    } else {
+                                        // `queue_free` spills the chunk and counts.
+                                        cx.nfree = n;
+                                        cx.freed += queued;
+                                        queued = 0;
+                                        self.queue_free(cx, e & desc::OA_MASK);
+                                    }
                                 }
                             }
+                            cx.nfree += queued;
+                            cx.freed += queued;
+                            filled -= removed;
                             break;
                         }
                         // SAFETY: apply passes walk real table frames; `i` is within.
