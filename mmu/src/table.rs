@@ -1093,7 +1093,14 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                     ($i:expr) => {{
                         let i = $i;
                         let (eva, e, s, t, covered) = entry!(i);
-                        if is_table(e, level) {
+                        if is_table(e, level) && replace && leaves_here && covered {
+                            // The whole table gives way to one block, in one step:
+                            // nothing below it is rewritten first.
+                            if !DRY {
+                                let new = eva.wrapping_add(delta) | bits | ty;
+                                self.detach(cx, tbl, i, e, level, eva, live, new, &mut bbm);
+                            }
+                        } else if is_table(e, level) {
                             filled += self
                                 .descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
                         } else if e != 0 && !replace {
@@ -1167,7 +1174,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         if e & desc::VALID == 0 {
                         } else if is_table(e, level) && covered {
                             if !DRY {
-                                self.detach(cx, tbl, i, e, level, eva, live);
+                                self.detach(cx, tbl, i, e, level, eva, live, 0, &mut bbm);
                                 filled -= 1;
                             }
                         } else if covered {
@@ -1235,7 +1242,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         }
                         let eva = base + ((i as u64) << shift);
                         if is_table(e, level) {
-                            self.detach(cx, tbl, i, e, level, eva, live);
+                            self.detach(cx, tbl, i, e, level, eva, live, 0, &mut bbm);
                             filled -= 1;
                         } else {
                             filled += self.change(cx, tbl, i, e, 0, level, eva, live, &mut bbm);
@@ -1460,8 +1467,11 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         Ok(filled)
     }
 
-    /// Unmaps the whole table entry `i` (table descriptor `e`): clears it, notes the
-    /// invalidation of every leaf below it and queues the subtree's frames for freeing.
+    /// Removes the table below entry `i` (table descriptor `e`) and puts `new` in its
+    /// place (0 to unmap, or a block): notes the invalidation of every leaf and table
+    /// entry below it and queues the subtree's frames for freeing. A block is written
+    /// with break-before-make (an invalid marker now, made valid once the run's
+    /// invalidations are complete, see `bbm`).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn detach(
@@ -1473,15 +1483,20 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         level: u8,
         eva: u64,
         live: bool,
+        new: u64,
+        bbm: &mut bool,
     ) {
         // SAFETY: `tbl` is a table frame owned by this table, `i` within it.
         let p = unsafe { tbl.add(i) };
         if live {
             // SAFETY: as above.
-            unsafe { p.write_volatile(0) };
+            unsafe { p.write_volatile(new & !desc::VALID) };
+            if new != 0 {
+                *bbm = true;
+            }
         } else {
             // SAFETY: as above; nobody walks this table yet.
-            unsafe { p.write(0) };
+            unsafe { p.write(new) };
         }
         let child = e & desc::OA_MASK;
         // With range invalidation the whole span goes in one note: no leaf to visit.
