@@ -145,8 +145,11 @@
 //!   FEAT_TLBIRANGE; `arch::has_tlbi_range` (feature `arm-el2`) tells), contiguous changes
 //!   are one run each, invalidated by `TLBI RVALE2IS`/`RVAE2IS`, `RIPAS2LE1IS`/
 //!   `RIPAS2E1IS` or `RVALE1IS`/`RVAE1IS` ([`range_operands`] encodes them), and the
-//!   threshold counts runs: unmapping a gigabyte of pages is one range instruction
-//!   (the removed tables' leaves are not even visited) instead of a whole-regime
+//!   threshold counts the instructions the runs take ([`range_steps`]: one for a run of
+//!   up to 8 GiB, more for longer ones): unmapping a gigabyte of pages is one range
+//!   instruction (the removed tables' leaves are not even visited) instead of a
+//!   whole-regime invalidation, and unmapping terabytes, which would take hundreds of
+//!   range instructions, is one whole-regime
 //!   invalidation. A block is always covered as a whole;
 //! - software-bit-only changes need no invalidation (but splitting a block to change
 //!   part of it is a break-before-make change and is invalidated).
@@ -213,6 +216,7 @@ pub use frame::{FrameAllocator, PhysToVirt, FRAME_SIZE};
 pub use regime::{El1, El2, Geometry, Regime, Stage2};
 pub use table::{Mapping, PageTable, Translation};
 pub use tlb::{
-    range_operand, range_operands, tlbi_range_supported, NoTlbMaintenance, RangeStep, TlbContext,
-    TlbMaintenance, TlbOp, TlbSequence, DEFAULT_TLBI_THRESHOLD, MAX_RANGE_PAGES, MAX_TLBI_BATCH,
+    range_operand, range_operands, range_steps, tlbi_range_supported, NoTlbMaintenance, RangeStep,
+    TlbContext, TlbMaintenance, TlbOp, TlbSequence, DEFAULT_TLBI_THRESHOLD, MAX_RANGE_PAGES,
+    MAX_TLBI_BATCH,
 };

@@ -306,7 +306,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// [`TlbOp::El1Range`]): an unmap or change of many pages then costs one
     /// instruction per contiguous run (a few for a very large one) instead of one per
     /// page or a whole-regime invalidation, and the threshold of
-    /// [`set_tlbi_threshold`](Self::set_tlbi_threshold) counts runs. Only turn it on
+    /// [`set_tlbi_threshold`](Self::set_tlbi_threshold) counts the range instructions
+    /// (see [`range_steps`](crate::range_steps); a run beyond 8 GiB takes several, so
+    /// a huge one becomes a whole-regime invalidation). Only turn it on
     /// when every PE that may use the table implements FEAT_TLBIRANGE
     /// (`ID_AA64ISAR0_EL1.TLB` >= 0b0010, see [`tlbi_range_supported`](crate::tlbi_range_supported); `arch::has_tlbi_range` (feature `arm-el2`) reads it).
     pub fn set_tlbi_range(&mut self, on: bool) {

@@ -169,6 +169,28 @@ pub fn range_operands(addr: u64, pages: u64) -> impl Iterator<Item = RangeStep> 
     })
 }
 
+/// How many instructions [`range_operands`] emits for `pages` pages (the same
+/// arithmetic, without building them).
+#[must_use]
+pub const fn range_steps(pages: u64) -> u64 {
+    let mut left = pages;
+    let mut n = 0;
+    if left % 2 == 1 {
+        n += 1;
+        left -= 1;
+    }
+    let mut scale = 0;
+    while scale < 4 {
+        let take = left % (1u64 << (5 * scale + 6));
+        if take != 0 {
+            n += 1;
+            left -= take;
+        }
+        scale += 1;
+    }
+    n + left / MAX_RANGE_PAGES
+}
+
 /// The translation context a [`TlbSequence`] must run in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TlbContext {
@@ -279,7 +301,8 @@ pub(crate) fn publish<T: TlbMaintenance>(tlb: &mut T) {
 /// Without range invalidation every entry is one page (one by-address TLBI). With it
 /// (FEAT_TLBIRANGE, [`TlbBatch::new`]'s `ranges`), an entry is a run of pages that
 /// grows while the changes are contiguous, and a change covering a block or a whole
-/// table is noted as the span it covers; the threshold then counts runs.
+/// table is noted as the span it covers; the threshold then counts the range
+/// instructions the runs take ([`range_steps`]).
 pub(crate) struct TlbBatch {
     /// Page-aligned first addresses; bit 0 set for leaf-only invalidation. Only `..len`
     /// is initialised.
@@ -287,6 +310,8 @@ pub(crate) struct TlbBatch {
     /// Pages of each entry (always 1 without `ranges`).
     pages: [MaybeUninit<u64>; MAX_TLBI_BATCH],
     len: usize,
+    /// With ranges: the instructions the runs noted so far take ([`range_steps`]).
+    cost: u64,
     threshold: usize,
     /// Range instructions may be used.
     ranges: bool,
@@ -302,6 +327,7 @@ impl TlbBatch {
             addrs: [MaybeUninit::uninit(); MAX_TLBI_BATCH],
             pages: [MaybeUninit::uninit(); MAX_TLBI_BATCH],
             len: 0,
+            cost: 0,
             threshold,
             ranges,
             all: false,
@@ -357,15 +383,23 @@ impl TlbBatch {
             if (a & !0xFFF) + (n << 12) == addr {
                 // A non-leaf run invalidates leaves too: the run stays leaf-only only
                 // if both parts are.
+                self.cost = self.cost - range_steps(n) + range_steps(n + pages);
+                if self.cost > self.threshold as u64 {
+                    // A run too long for range instructions (8 TiB takes 1,025).
+                    self.all = true;
+                    return;
+                }
                 self.addrs[last] = MaybeUninit::new(a & (!1 | u64::from(leaf)));
                 self.pages[last] = MaybeUninit::new(n + pages);
                 return;
             }
         }
-        if self.len >= self.threshold {
+        let cost = self.cost + range_steps(pages);
+        if self.len >= self.threshold || cost > self.threshold as u64 {
             self.all = true;
             return;
         }
+        self.cost = cost;
         self.addrs[self.len] = MaybeUninit::new(addr | u64::from(leaf));
         self.pages[self.len] = MaybeUninit::new(pages);
         self.len += 1;
@@ -497,6 +531,7 @@ impl TlbBatch {
         let ops = unsafe { core::slice::from_raw_parts(ops.as_ptr().cast::<TlbOp>(), n) };
         tlb.execute(&TlbSequence::new(ops, regime.tlb_context(root)));
         self.len = 0;
+        self.cost = 0;
         self.all = false;
         self.written = false;
     }
@@ -567,6 +602,7 @@ mod tests {
             prop_assert_eq!(next, page + pages, "exactly the range: {:?}", s);
             prop_assert!(s.len() as u64 <= 5 + pages / MAX_RANGE_PAGES, "{} steps", s.len());
             prop_assert!(s.iter().filter(|x| x.1 == 1).count() <= 1);
+            prop_assert_eq!(range_steps(pages), s.len() as u64);
         }
     }
 }

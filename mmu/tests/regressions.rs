@@ -259,3 +259,44 @@ fn replace_over_a_table_is_one_step() {
     assert_eq!(t.frames_in_use(), before - 4);
     assert_eq!(frames.in_use(), t.frames_in_use());
 }
+
+/// With range invalidation the threshold counts range instructions, not runs:
+/// unmapping 8 TiB was one run that took 1,024 range instructions (8 GiB each) and the
+/// `TLBI VMALLE1IS` after them, with interrupts masked in `arch::ArmTlb`; now it is
+/// one whole-VMID invalidation.
+#[test]
+fn huge_range_unmap_invalidates_the_whole_vmid() {
+    let ram = Attributes::new(Permissions::RW, mmu::MemoryType::Normal);
+    let mut s2 =
+        PageTable::new(Stage2::new(5, 48), HeapFrames::new(), RecordingTlb::new()).unwrap();
+    s2.set_tlbi_range(true);
+    let tib = 1u64 << 40;
+    s2.map(0, 0, 8 * tib, ram, MapFlags::empty()).unwrap();
+    s2.tlb_mut().clear();
+    s2.unmap(0, 8 * tib).unwrap();
+    assert_eq!(
+        s2.tlb().invalidations(),
+        [mmu::TlbOp::Stage2All { vmid: 5 }]
+    );
+    assert_eq!(mmu::range_steps((8 * tib) >> 12), 1024);
+
+    // A gigabyte is still one range instruction.
+    s2.map(0, 0, 1 << 30, ram, MapFlags::NO_BLOCKS).unwrap();
+    s2.tlb_mut().clear();
+    s2.unmap(0, 1 << 30).unwrap();
+    let inv = s2.tlb().invalidations();
+    assert!(
+        matches!(
+            inv[..],
+            [
+                mmu::TlbOp::Stage2Range {
+                    pages: 262_144,
+                    leaf: false,
+                    ..
+                },
+                mmu::TlbOp::Stage2Stage1All { .. }
+            ]
+        ),
+        "{inv:?}"
+    );
+}
