@@ -199,3 +199,54 @@ bitflags! {
         const WXN = 1 << 2;
     }
 }
+
+bitflags! {
+    /// Table attributes: limits a table descriptor puts on everything mapped below it
+    /// (hierarchical permissions, Arm ARM D8.4.2), set with
+    /// [`PageTable::set_table_attrs`](crate::PageTable::set_table_attrs). A leaf's
+    /// effective permissions are its own [`Permissions`] less what the tables on its
+    /// path remove ([`limit`](Self::limit)).
+    ///
+    /// | regime | accepted | descriptor bits |
+    /// |---|---|---|
+    /// | [`El2`](crate::El2) | `NO_WRITE`, `NO_EXEC_EL2` | APTable\[1\], XNTable |
+    /// | [`El1`](crate::El1) | `NO_WRITE`, `NO_USER`, `NO_EXEC_EL1`, `NO_EXEC_EL0` | APTable\[1\], APTable\[0\], PXNTable, UXNTable |
+    /// | [`Stage2`](crate::Stage2) | none (stage-2 table descriptors have no attributes) | — |
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct TableAttrs: u8 {
+        /// No data writes below (APTable\[1\] = 1).
+        const NO_WRITE = 1 << 0;
+        /// No data access from EL0 below (APTable\[0\] = 1; [`El1`](crate::El1) only).
+        const NO_USER = 1 << 1;
+        /// No instruction fetch at EL2 below (XNTable; [`El2`](crate::El2) only).
+        const NO_EXEC_EL2 = 1 << 2;
+        /// No instruction fetch at EL1 below (PXNTable; [`El1`](crate::El1) only).
+        const NO_EXEC_EL1 = 1 << 3;
+        /// No instruction fetch at EL0 below (UXNTable; [`El1`](crate::El1) only).
+        const NO_EXEC_EL0 = 1 << 4;
+    }
+}
+
+impl TableAttrs {
+    /// The permissions left of `perms` under these table attributes.
+    #[must_use]
+    pub const fn limit(self, perms: Permissions) -> Permissions {
+        let mut p = perms;
+        if self.contains(Self::NO_WRITE) {
+            p = p.difference(Permissions::WRITE);
+        }
+        if self.contains(Self::NO_USER) {
+            p = p.difference(Permissions::USER);
+        }
+        if self.contains(Self::NO_EXEC_EL2) {
+            p = p.difference(Permissions::EXEC_EL2);
+        }
+        if self.contains(Self::NO_EXEC_EL1) {
+            p = p.difference(Permissions::EXEC_EL1);
+        }
+        if self.contains(Self::NO_EXEC_EL0) {
+            p = p.difference(Permissions::EXEC_EL0);
+        }
+        p
+    }
+}

@@ -210,7 +210,7 @@ pub mod arch;
 #[cfg(feature = "std")]
 pub mod testing;
 
-pub use attrs::{Attributes, MapFlags, MemoryType, Permissions, SwBits, MAIR_VALUE};
+pub use attrs::{Attributes, MapFlags, MemoryType, Permissions, SwBits, TableAttrs, MAIR_VALUE};
 pub use error::Error;
 pub use frame::{FrameAllocator, PhysToVirt, FRAME_SIZE};
 pub use regime::{El1, El2, Geometry, Regime, Stage2};

@@ -6,7 +6,7 @@ use core::mem::MaybeUninit;
 use core::ptr;
 use core::sync::atomic::{fence, Ordering};
 
-use crate::attrs::{Attributes, MapFlags, Permissions, SwBits};
+use crate::attrs::{Attributes, MapFlags, Permissions, SwBits, TableAttrs};
 use crate::desc::{self, is_table, level_shift, level_size};
 use crate::error::Error;
 use crate::frame::{FrameAllocator, FRAME_SIZE};
@@ -68,6 +68,12 @@ enum Op {
         sw: u64,
     },
     Coalesce,
+    /// Set the table attributes of the table entries at `level` to `bits` (and mark
+    /// them held, unless `bits` is 0).
+    TableAttrs {
+        bits: u64,
+        level: u8,
+    },
 }
 
 /// What the walker sees as the contents of a table. Apply passes only use `Real`;
@@ -554,13 +560,14 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         }
         // SAFETY: `p` is the page's entry.
         unsafe { p.write_volatile(0) };
-        // The page's table keeps other entries (the common case): one fewer.
+        // The page's table keeps other entries (the common case), or is held: one
+        // fewer.
         // SAFETY: `path[..=depth]` was written on the way down and `depth >= 1` (the
         // root is never at level 3); `path[depth - 1]` points to the page's table.
         let q = unsafe { path[(depth - 1) & 3].assume_init() };
         // SAFETY: as above.
         let e = unsafe { q.read() };
-        if desc::count(e) > 1 {
+        if desc::count(e) > 1 || e & desc::KEEP != 0 {
             // SAFETY: as above; only the count (ignored by the hardware) changes.
             unsafe { q.write_volatile(e - (1 << desc::COUNT_SHIFT)) };
             self.sync_one(va, true);
@@ -586,8 +593,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             let p = unsafe { path[depth & 3].assume_init() };
             // SAFETY: as above.
             let e = unsafe { p.read() };
-            if desc::count(e) > 1 {
+            if desc::count(e) > 1 || e & desc::KEEP != 0 {
                 // SAFETY: as above; only the count (ignored by the hardware) changes.
+                // A held table stays, even empty.
                 unsafe { p.write_volatile(e - (1 << desc::COUNT_SHIFT)) };
                 break;
             }
@@ -637,6 +645,78 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             return Ok(());
         }
         self.run(Op::SetSw { sw: sw.to_desc() }, va, end)
+    }
+
+    /// Sets the table attributes of the table entries covering `va .. va + size`, so
+    /// that everything mapped below them, now and later, is limited by `attrs` (e.g.
+    /// a whole region made non-executable or read-only, whatever its leaves say).
+    ///
+    /// The entries are those of the largest table-entry span (512 GiB, 1 GiB or
+    /// 2 MiB) that `va` and `size` are both multiples of; each becomes a table if it is
+    /// not one yet (an empty table for a hole, a split for a block, with
+    /// break-before-make). A table with attributes is *held*: no other operation
+    /// merges, replaces or frees it (unmapping everything below it empties it but
+    /// keeps it and its attributes), until they are cleared with
+    /// `TableAttrs::empty()`, which also frees it if it is empty. Changing the
+    /// attributes of a live table invalidates everything below it.
+    ///
+    /// [`translate`](Self::translate) and [`walk`](Self::walk) report the leaves' own
+    /// attributes; [`table_attrs`](Self::table_attrs) gives the limits on an address.
+    ///
+    /// # Errors
+    /// [`Error::Misaligned`] (not a multiple of 2 MiB), [`Error::OutOfRange`],
+    /// [`Error::UnsupportedAttributes`] (see [`TableAttrs`]: stage 2 has none),
+    /// [`Error::OutOfFrames`]. On error nothing changed.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use mmu::testing::{HeapFrames, RecordingTlb};
+    /// use mmu::{Attributes, El2, MapFlags, PageTable, Permissions, TableAttrs};
+    ///
+    /// let mut hyp = PageTable::new(El2::new(39), HeapFrames::new(), RecordingTlb::new())?;
+    /// // The first GiB holds only devices: nothing in it may ever execute at EL2.
+    /// hyp.map(0x0900_0000, 0x0900_0000, 0x1000, Attributes::device(), MapFlags::empty())?;
+    /// hyp.set_table_attrs(0, 1 << 30, TableAttrs::NO_EXEC_EL2)?;
+    /// // A later executable mapping there is still execute-never.
+    /// let code = Attributes::normal(Permissions::READ | Permissions::EXEC_EL2);
+    /// hyp.map(0x0a00_0000, 0x0a00_0000, 0x1000, code, MapFlags::empty())?;
+    /// assert!(hyp.table_attrs(0x0a00_0000).contains(TableAttrs::NO_EXEC_EL2));
+    /// let perms = hyp.table_attrs(0x0a00_0000).limit(hyp.translate(0x0a00_0000).unwrap().attrs.perms);
+    /// assert_eq!(perms, Permissions::READ);
+    /// # Ok::<(), mmu::Error>(())
+    /// ```
+    pub fn set_table_attrs(&mut self, va: u64, size: u64, attrs: TableAttrs) -> Result<(), Error> {
+        let end = self.check_range(va, size)?;
+        let bits = self.regime.encode_table(attrs)? & desc::TABLE_ATTRS;
+        if size == 0 {
+            return Ok(());
+        }
+        let level = (self.geo.start_level()..=2)
+            .find(|&l| (va | size) % level_size(l) == 0)
+            .ok_or(Error::Misaligned)?;
+        self.run(Op::TableAttrs { bits, level }, va, end)
+    }
+
+    /// The table attributes on the walk to `va`: the union of those of every table
+    /// entry on its path (empty outside the input range).
+    #[must_use]
+    pub fn table_attrs(&self, va: u64) -> TableAttrs {
+        let mut out = TableAttrs::empty();
+        if va >> self.geo.input_bits() != 0 {
+            return out;
+        }
+        let mut shift = self.root_shift;
+        // SAFETY: as in `translate`.
+        let mut e = unsafe { self.ptr(self.root).add((va >> shift) as usize).read() };
+        while e & 0b11 == 0b11 && shift > 12 {
+            out |= self.regime.decode_table(e);
+            shift -= 9;
+            let next = self.ptr(e & desc::OA_MASK);
+            // SAFETY: `next` is a table frame of this table; the index is below 512.
+            e = unsafe { next.add(((va >> shift) & 511) as usize).read() };
+        }
+        out
     }
 
     /// Maps one leaf at level `LEAF` (3: a page, 2 or 1: a block) when that only
@@ -1095,7 +1175,12 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                     ($i:expr) => {{
                         let i = $i;
                         let (eva, e, s, t, covered) = entry!(i);
-                        if is_table(e, level) && replace && leaves_here && covered {
+                        if is_table(e, level)
+                            && replace
+                            && leaves_here
+                            && covered
+                            && e & desc::KEEP == 0
+                        {
                             // The whole table gives way to one block, in one step:
                             // nothing below it is rewritten first.
                             if !DRY {
@@ -1174,12 +1259,12 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         let i = $i;
                         let (eva, e, s, t, covered) = entry!(i);
                         if e & desc::VALID == 0 {
-                        } else if is_table(e, level) && covered {
+                        } else if is_table(e, level) && covered && e & desc::KEEP == 0 {
                             if !DRY {
                                 self.detach(cx, tbl, i, e, level, eva, live, 0, &mut bbm);
                                 filled -= 1;
                             }
-                        } else if covered {
+                        } else if covered && !is_table(e, level) {
                             if !DRY {
                                 filled += self.change(cx, tbl, i, e, 0, level, eva, live, &mut bbm);
                             }
@@ -1215,6 +1300,11 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                                 if e & desc::VALID == 0 {
                                     continue;
                                 }
+                                if e & desc::KEEP != 0 && e & 0b10 != 0 {
+                                    // A held table stays: emptied, not removed.
+                                    general!(j);
+                                    continue;
+                                }
                                 // SAFETY: `tbl` is this table's frame, `j` within it.
                                 unsafe { tbl.add(j).write_volatile(0) };
                                 removed += 1;
@@ -1243,7 +1333,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                             continue;
                         }
                         let eva = base + ((i as u64) << shift);
-                        if is_table(e, level) {
+                        if is_table(e, level) && e & desc::KEEP != 0 {
+                            general!(i);
+                        } else if is_table(e, level) {
                             self.detach(cx, tbl, i, e, level, eva, live, 0, &mut bbm);
                             filled -= 1;
                         } else {
@@ -1264,6 +1356,59 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                     if is_table(e, level) {
                         filled +=
                             self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                    }
+                }
+            }
+            Op::TableAttrs { bits, level: at } => {
+                if level > at {
+                    // Below the entries that get the attributes: nothing to do (a new
+                    // or split table is left as it is).
+                    return Ok(0);
+                }
+                for i in first..=last {
+                    let (eva, e, s, t, _) = entry!(i);
+                    if bits == 0 && !is_table(e, level) {
+                        // Clearing: no table here, so no attributes to clear.
+                        continue;
+                    }
+                    if level < at || !is_table(e, level) {
+                        // Down to the entries at `at`, creating the tables on the way
+                        // (or splitting blocks: the leaves stay as they are).
+                        filled +=
+                            self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                        continue;
+                    }
+                    if DRY {
+                        continue;
+                    }
+                    let held = if bits != 0 { desc::HELD } else { 0 };
+                    let new = (e & !(desc::TABLE_ATTRS | desc::HELD)) | bits | held;
+                    if new == e {
+                        continue;
+                    }
+                    if bits == 0 && desc::count(e) == 0 && e & desc::HELD_BELOW == 0 {
+                        // An empty table whose attributes are cleared goes.
+                        self.detach(cx, tbl, i, e, level, eva, live, 0, &mut bbm);
+                        filled -= 1;
+                        continue;
+                    }
+                    // SAFETY: `tbl` is this table's frame, `i` within it.
+                    unsafe { tbl.add(i).write_volatile(new) };
+                    if live && (e ^ new) & desc::TABLE_ATTRS != 0 {
+                        // TLB entries combine the permissions of every table on their
+                        // path, and walk caches hold this descriptor: invalidate
+                        // everything below it (no break-before-make needed, as for a
+                        // permission change of a leaf).
+                        let span = level_size(level);
+                        if !cx.batch.note_subtree(eva, span) {
+                            if desc::count(e) == 0 {
+                                cx.batch.note_table(eva, span);
+                            } else {
+                                cx.batch.invalidate_all();
+                            }
+                        }
+                    } else if live {
+                        cx.batch.wrote();
                     }
                 }
             }
@@ -1426,17 +1571,38 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             ENTRIES as i32 + filled
         };
         debug_assert!((0..=ENTRIES as i32).contains(&count), "entry count {count}");
-        let mut pin = if was_table { e & desc::PINNED } else { 0 };
+        // Marks and table attributes stay with the table.
+        let mut keep = if was_table { e & desc::TABLE_KEEP } else { 0 };
         if cl == 3 && matches!(cx.op, Op::Map { blocks: false, .. }) {
-            pin = desc::PINNED;
+            keep |= desc::PINNED;
+        }
+        if let Op::TableAttrs { bits, level: at } = cx.op {
+            if level == at {
+                // A table created or split to carry the attributes.
+                keep |= bits | if bits != 0 { desc::HELD } else { 0 };
+            } else {
+                // Whether a held table is left below this one.
+                keep &= !desc::HELD_BELOW;
+                if (0..ENTRIES).any(|j| {
+                    // SAFETY: `cp` is the child table's frame, 512 entries.
+                    let d = unsafe { cp.add(j).read() };
+                    is_table(d, cl) && d & desc::KEEP != 0
+                }) {
+                    keep |= desc::HELD_BELOW;
+                }
+            }
         }
         let table_desc =
-            child_pa | pin | ((count as u64) << desc::COUNT_SHIFT) | desc::TABLE_OR_PAGE;
+            child_pa | keep | ((count as u64) << desc::COUNT_SHIFT) | desc::TABLE_OR_PAGE;
         let mut new = table_desc;
         match cx.op {
-            Op::Unmap if count == 0 => new = 0,
+            Op::Unmap | Op::TableAttrs { .. } if count == 0 && keep & desc::KEEP == 0 => {
+                new = 0;
+            }
             Op::Map { blocks: true, .. } | Op::Coalesce
-                if level >= 1 && pin == 0 && count == ENTRIES as i32 =>
+                if level >= 1
+                    && keep & (desc::PINNED | desc::KEEP) == 0
+                    && count == ENTRIES as i32 =>
             {
                 // `coalesce` merges only tables its range covers whole.
                 let whole = s == eva && t == eva + level_size(level);
@@ -1449,8 +1615,8 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             _ => {}
         }
         if was_table && new == table_desc {
-            // The same table: at most its count or pin changed, bits the hardware
-            // ignores (no maintenance, Arm ARM D8.3.1).
+            // The same table: at most its count or marks changed, bits the hardware
+            // ignores (no maintenance, Arm ARM D8.3.1); its table attributes are kept.
             if new != e {
                 // SAFETY: `tbl` is this table's frame, `i` within it.
                 unsafe { tbl.add(i).write_volatile(new) };

@@ -13,7 +13,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use mmu::testing::{HeapFrames, RecordingTlb};
 use mmu::{
-    Attributes, El1, El2, Error, MapFlags, PageTable, Regime, Stage2, SwBits, TlbContext, TlbOp,
+    Attributes, El1, El2, Error, MapFlags, PageTable, Regime, Stage2, SwBits, TableAttrs,
+    TlbContext, TlbOp,
 };
 use proptest::prelude::*;
 
@@ -132,6 +133,10 @@ fn segs_of(leaves: &[mmu::Mapping]) -> Vec<(u64, Seg)> {
 /// (leaf: last-level entries only; otherwise walk caches too).
 trait Tag: Regime {
     fn ours(&self, op: &TlbOp) -> bool;
+    /// The table attributes the regime accepts.
+    fn table_attrs(&self) -> TableAttrs {
+        TableAttrs::empty()
+    }
     /// The context every sequence of the table rooted at `root` must run in.
     fn context(&self, root: u64) -> TlbContext {
         let _ = root;
@@ -139,6 +144,9 @@ trait Tag: Regime {
     }
 }
 impl Tag for El2 {
+    fn table_attrs(&self) -> TableAttrs {
+        TableAttrs::NO_WRITE | TableAttrs::NO_EXEC_EL2
+    }
     fn ours(&self, op: &TlbOp) -> bool {
         matches!(
             op,
@@ -164,6 +172,9 @@ impl Tag for Stage2 {
     }
 }
 impl Tag for El1 {
+    fn table_attrs(&self) -> TableAttrs {
+        TableAttrs::all() - TableAttrs::NO_EXEC_EL2
+    }
     fn ours(&self, op: &TlbOp) -> bool {
         match *op {
             TlbOp::El1Va { asid, .. } | TlbOp::El1Range { asid, .. } | TlbOp::El1Asid { asid } => {
@@ -231,6 +242,8 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
     t.set_tlbi_range(ranges);
     let roots = t.frames_in_use();
     let mut model = Model::default();
+    // Ranges given table attributes, cleared again at the end.
+    let mut attributed = Vec::new();
     for op in ops {
         let before = leaves(&t);
         let tables_before = common::table_entries(&t);
@@ -275,6 +288,23 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
                 (r, None)
             }
             Op::Coalesce { .. } => (Ok(()), None),
+            Op::TableAttrs { va, size, attrs } => {
+                let a = TableAttrs::from_bits_truncate(attrs);
+                let r = t.set_table_attrs(va, size, a);
+                if r.is_ok() {
+                    attributed.push((va, size));
+                    // The limits reach every address of the range.
+                    for probe in [va, va + size / 2, va + size - PAGE] {
+                        assert!(t.table_attrs(probe).contains(a), "{op:?} at {probe:#x}");
+                    }
+                }
+                if t.regime().table_attrs().contains(a) {
+                    (r, None)
+                } else {
+                    assert_eq!(r, Err(Error::UnsupportedAttributes), "{op:?}");
+                    (Ok(()), None)
+                }
+            }
             Op::SetSw { va, pages, sw } => {
                 let sw = SwBits::new(sw).unwrap();
                 let r = t.set_sw_bits(va, pages * PAGE, sw);
@@ -408,7 +438,9 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
                 )
             })
             .count();
-        if !full {
+        // Table attributes change no leaf, yet invalidate what lies below them.
+        let table_op = matches!(op, Op::TableAttrs { .. });
+        if !full && !table_op {
             assert!(
                 by_address <= changed_leaves + removed_tables,
                 "{op:?}: {by_address} TLBIs for {changed_leaves} leaves and {removed_tables} tables: {ops:x?}"
@@ -419,6 +451,7 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
             now.get(&(m.va, m.level))
                 .is_some_and(|x| x.0 == m.output && x.1 == m.attrs.with_sw(SwBits::NONE))
         }) && tables_before.iter().all(|e| tables_now.contains(e))
+            && !table_op
         {
             assert!(
                 ops.is_empty(),
@@ -428,6 +461,10 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
     }
     t.unmap(0, t.geometry().input_size()).unwrap();
     assert!(leaves(&t).is_empty());
+    // Held tables stay until their attributes are cleared.
+    for &(va, size) in attributed.iter().rev() {
+        t.set_table_attrs(va, size, TableAttrs::empty()).unwrap();
+    }
     assert_eq!(
         t.allocator().in_use(),
         roots,

@@ -23,7 +23,7 @@ use std::rc::Rc;
 use mmu::testing::HeapFrames;
 use mmu::{
     Attributes, El1, El2, FrameAllocator, PageTable, PhysToVirt, Regime, Stage2, SwBits,
-    TlbMaintenance, TlbOp, TlbSequence,
+    TableAttrs, TlbMaintenance, TlbOp, TlbSequence,
 };
 use proptest::prelude::*;
 
@@ -34,8 +34,10 @@ const OA: u64 = 0x0000_FFFF_FFFF_F000;
 const BBM: u64 = OA | 0b11 | (0xF << 2) | (0b11 << 8) | (1 << 11) | (1 << 52);
 /// Software bits: a change of only these needs no invalidation.
 const SW: u64 = 0xF << 55;
-/// Table-descriptor bits the hardware uses: next-table address and type.
-const TABLE_BITS: u64 = OA | 0b11;
+/// Table attributes (APTable, XNTable/UXNTable, PXNTable), bits [62:59].
+const TABLE_ATTRS: u64 = 0xF << 59;
+/// Table-descriptor bits the hardware uses: next-table address, type and attributes.
+const TABLE_BITS: u64 = OA | 0b11 | TABLE_ATTRS;
 
 fn level_size(level: u8) -> u64 {
     1 << common::shift(level)
@@ -57,7 +59,10 @@ struct State {
 }
 
 impl State {
-    /// Every valid entry reachable in memory: leaves and table descriptors.
+    /// Every valid entry reachable in memory: leaves and table descriptors. A TLB
+    /// entry for a leaf combines the limits of every table on its path (Arm ARM
+    /// D8.4.2): the leaves here carry the union of the path's table attributes in
+    /// bits [62:59], which leaf descriptors of this crate never use.
     fn memory(&self) -> Entries {
         let (mut leaves, mut walks) = (BTreeMap::new(), BTreeMap::new());
         fn rec(
@@ -65,6 +70,7 @@ impl State {
             level: u8,
             base: u64,
             n: usize,
+            path: u64,
             leaves: &mut BTreeMap<(u64, u8), u64>,
             walks: &mut BTreeMap<(u8, u64), u64>,
         ) {
@@ -76,9 +82,18 @@ impl State {
                 let va = base + ((i as u64) << common::shift(level));
                 if level < 3 && d & 2 != 0 {
                     walks.insert((level, va), d);
-                    rec(d & OA, level + 1, va, 512, leaves, walks);
+                    rec(
+                        d & OA,
+                        level + 1,
+                        va,
+                        512,
+                        path | (d & TABLE_ATTRS),
+                        leaves,
+                        walks,
+                    );
                 } else {
-                    leaves.insert((va, level), d);
+                    assert_eq!(d & TABLE_ATTRS, 0, "leaf {d:#x} uses bits [62:59]");
+                    leaves.insert((va, level), d | path);
                 }
             }
         }
@@ -88,6 +103,7 @@ impl State {
                 self.start_level,
                 0,
                 self.root_entries,
+                0,
                 &mut leaves,
                 &mut walks,
             );
@@ -95,11 +111,17 @@ impl State {
         (leaves, walks)
     }
 
-    /// The walker caches everything it can reach now.
+    /// The walker caches everything it can reach now. An entry already cached stays
+    /// as it is (a TLB may keep the old translation until it is invalidated), so a
+    /// change that is not invalidated shows as a stale entry.
     fn fill(&mut self) {
         let (leaves, walks) = self.memory();
-        self.leaves.extend(leaves);
-        self.walks.extend(walks);
+        for (k, d) in leaves {
+            self.leaves.entry(k).or_insert(d);
+        }
+        for (k, d) in walks {
+            self.walks.entry(k).or_insert(d);
+        }
     }
 
     /// Cached entries that memory no longer agrees with; `bbm_only`: only those whose
@@ -123,7 +145,10 @@ impl State {
         }
         for (&(level, va), &d) in &self.walks {
             let m = walks.get(&(level, va)).copied();
-            let same = m.is_some_and(|m| (m ^ d) & TABLE_BITS == 0);
+            // A change of table attributes alone needs invalidation, not
+            // break-before-make.
+            let mask = if bbm_only { OA | 0b11 } else { TABLE_BITS };
+            let same = m.is_some_and(|m| (m ^ d) & mask == 0);
             let valid_now = m.is_some() || leaves.contains_key(&(va, level));
             if !same && (!bbm_only || valid_now) {
                 out.push(format!("walk L{level} {va:#x} {d:#x} vs memory {m:x?}"));
@@ -251,6 +276,9 @@ fn run<R: Regime>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: usize,
             } => t.protect(va, pages * PAGE, attrs[a]),
             Op::SetSw { va, pages, sw } => t.set_sw_bits(va, pages * PAGE, SwBits::truncate(sw)),
             Op::Coalesce { va, pages } => t.coalesce(va, pages * PAGE),
+            Op::TableAttrs { va, size, attrs } => {
+                t.set_table_attrs(va, size, TableAttrs::from_bits_truncate(attrs))
+            }
         };
         let mut s = state.borrow_mut();
         for e in s.disagreements(false) {
@@ -287,5 +315,39 @@ proptest! {
     #[test]
     fn el1_no_stale_entries(ops in prop::collection::vec(op(el1_attrs().len()), 1..24), threshold in 1usize..64, ranges: bool) {
         run(El1::new(3, 48), &el1_attrs(), &ops, threshold, ranges);
+    }
+}
+
+/// Table attributes over mapped pages: every cached leaf below must go (its TLB entry
+/// holds the combined permissions), whatever the threshold.
+#[test]
+fn table_attrs_over_mapped_pages() {
+    use common::GIB;
+    use mmu::MapFlags;
+    for ranges in [false, true] {
+        for threshold in [1, 8, 63] {
+            for (va, size) in [(GIB, GIB), (GIB, 2 << 20), (0, 4 * GIB)] {
+                let ops = [
+                    Op::Map {
+                        va: GIB,
+                        pages: 1024,
+                        out: 3 * GIB,
+                        attrs: 0,
+                        flags: MapFlags::NO_BLOCKS,
+                    },
+                    Op::Map {
+                        va: GIB + (4 << 20),
+                        pages: 512,
+                        out: 5 * GIB,
+                        attrs: 1,
+                        flags: MapFlags::empty(),
+                    },
+                    Op::TableAttrs { va, size, attrs: 1 },
+                    Op::TableAttrs { va, size, attrs: 0 },
+                ];
+                run(El2::new(39), &el2_attrs(), &ops, threshold, ranges);
+                run(El1::new(3, 48), &el1_attrs(), &ops, threshold, ranges);
+            }
+        }
     }
 }
