@@ -212,7 +212,7 @@ pub mod testing;
 
 pub use attrs::{Attributes, MapFlags, MemoryType, Permissions, SwBits, TableAttrs, MAIR_VALUE};
 pub use error::Error;
-pub use frame::{FrameAllocator, PhysToVirt, FRAME_SIZE};
+pub use frame::{FrameAllocator, FrameSource, IdMap, LinearMap, PhysToVirt, FRAME_SIZE};
 pub use regime::{El1, El2, Geometry, Regime, Stage2};
 pub use table::{Mapping, PageTable, Translation};
 pub use tlb::{
