@@ -197,6 +197,13 @@ bitflags! {
         /// Reject attributes that are both writable and executable at some level
         /// (a W^X policy) with [`Error::UnsupportedAttributes`](crate::Error::UnsupportedAttributes).
         const WXN = 1 << 2;
+        /// Never set the contiguous hint (descriptor bit 52). Without this flag, `map`
+        /// sets it on every aligned group of 16 entries (64 KiB of pages, 32 MiB of
+        /// 2 MiB blocks, 16 GiB of 1 GiB blocks) that the call fills from empty with
+        /// one contiguous, equally aligned output range: a TLB may then hold one
+        /// entry for the 16. Any later change to part of such a group first removes
+        /// the hint from all 16 with break-before-make.
+        const NO_CONTIGUOUS = 1 << 3;
     }
 }
 

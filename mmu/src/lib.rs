@@ -99,6 +99,13 @@
 //!   aligned and the range covers them, unless [`MapFlags::NO_BLOCKS`]. A table that
 //!   `map` makes uniform (one aligned contiguous range, identical attributes) is
 //!   merged back into a block.
+//! - The contiguous hint (bit 52, Arm ARM D8.7.1) is set on every aligned group of 16
+//!   entries (64 KiB of pages, 32 MiB of 2 MiB blocks) that one `map` call fills from
+//!   empty with one contiguous, equally aligned output range, unless
+//!   [`MapFlags::NO_CONTIGUOUS`]. A TLB may then hold one entry for the 16, so before
+//!   any operation changes part of such a group (unmap, protect, a REPLACE, a split)
+//!   the hint is removed from all 16 with break-before-make; an operation that
+//!   changes the whole group alike (protect, unmap) keeps it or removes the group.
 //! - Unmapping or protecting part of a block splits it. Tables left empty by `unmap`
 //!   are freed — after the TLB invalidation that guarantees no walker still uses them.
 //! - Stage 2 uses concatenated root tables (up to 16) to save a level where possible,

@@ -59,6 +59,8 @@ enum Op {
         bits: u64,
         blocks: bool,
         replace: bool,
+        /// Set the contiguous hint on groups filled from empty.
+        contiguous: bool,
     },
     Unmap,
     Protect {
@@ -106,6 +108,34 @@ impl View {
 #[inline(always)]
 fn attrs_key(attrs: &Attributes) -> u32 {
     u32::from(attrs.perms.bits()) | (attrs.mem_type as u32) << 8 | u32::from(attrs.sw.bits()) << 16
+}
+
+/// Entries of a group of 16 with the contiguous hint (Arm ARM D8.7.1, "The
+/// Contiguous bit": 16 adjacent entries of a 4 KiB-granule table, aligned to 16).
+const GROUP: usize = 16;
+
+/// The entries `a..b` (whole aligned groups of 16) among `first..=last` that a map
+/// with output offset `delta` fills at `level` and may give the contiguous hint: the
+/// output must be aligned to the group like the input. `a == b` when none.
+#[inline(always)]
+fn hint_groups(
+    first: usize,
+    last: usize,
+    delta: u64,
+    level: u8,
+    contiguous: bool,
+) -> (usize, usize) {
+    let span = (GROUP as u64) << level_shift(level);
+    if !contiguous || delta & (span - 1) != 0 {
+        return (first, first);
+    }
+    let a = (first + GROUP - 1) & !(GROUP - 1);
+    let b = (last + 1) & !(GROUP - 1);
+    if a < b {
+        (a, b)
+    } else {
+        (first, first)
+    }
 }
 
 /// The W^X policy of [`MapFlags::WXN`].
@@ -162,7 +192,7 @@ fn split_entry(block: u64, level: u8, i: usize) -> u64 {
     } else {
         desc::BLOCK
     };
-    (block & !(desc::OA_MASK | 0b11))
+    (block & !(desc::OA_MASK | 0b11 | desc::CONTIGUOUS))
         | ((block & desc::OA_MASK) + ((i as u64) << level_shift(level)))
         | ty
 }
@@ -409,7 +439,8 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         let replace = flags.contains(MapFlags::REPLACE);
         match self.map_entry::<3>(va, pa, bits, blocks, replace) {
             Some(result) => result,
-            None => self.map_run(va, pa, va + FRAME_SIZE, bits, blocks, replace),
+            // One page never fills a group of 16: no contiguous hint.
+            None => self.map_run(va, pa, va + FRAME_SIZE, bits, blocks, replace, false),
         }
     }
 
@@ -463,12 +494,21 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         };
         match single {
             Some(result) => result,
-            None => self.map_run(va, pa, end, bits, blocks, replace),
+            None => self.map_run(
+                va,
+                pa,
+                end,
+                bits,
+                blocks,
+                replace,
+                !flags.contains(MapFlags::NO_CONTIGUOUS),
+            ),
         }
     }
 
     /// `map` by the general walker.
     #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
     fn map_run(
         &mut self,
         va: u64,
@@ -477,12 +517,14 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         bits: u64,
         blocks: bool,
         replace: bool,
+        contiguous: bool,
     ) -> Result<(), Error> {
         let op = Op::Map {
             delta: pa.wrapping_sub(va),
             bits,
             blocks,
             replace,
+            contiguous,
         };
         self.run(op, va, end)
     }
@@ -544,6 +586,18 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             }
             path[depth & 3] = MaybeUninit::new(p);
             if shift == 12 {
+                if e & desc::CONTIGUOUS != 0 {
+                    // Part of a group with the contiguous hint, whose 15 other pages
+                    // keep the table (and its parents) in place: one entry fewer.
+                    self.unmap_hinted_page(va, p);
+                    // SAFETY: `path[depth - 1]` (depth >= 1: the root is never at
+                    // level 3) is the entry pointing to the page's table.
+                    unsafe {
+                        let q = path[(depth - 1) & 3].assume_init();
+                        q.write_volatile(q.read() - (1 << desc::COUNT_SHIFT));
+                    }
+                    return true;
+                }
                 break;
             }
             if e & 0b10 == 0 {
@@ -575,6 +629,45 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         }
         self.unmap_page_detach(va, &path, depth);
         true
+    }
+
+    /// Unmaps the page at `va` (entry `p`) of a group of 16 with the contiguous hint:
+    /// the whole group goes invalid, is invalidated, and the 15 other pages come back
+    /// without the hint (break-before-make, as [`unfold`](Self::unfold) does); the page
+    /// stays invalid. The caller counts it off its table, which keeps the 15.
+    #[cold]
+    #[inline(never)]
+    fn unmap_hinted_page(&mut self, va: u64, p: *mut u64) {
+        // The group's first entry: tables are 4 KiB aligned, so groups of 16 entries
+        // are 128-byte aligned in them.
+        let g = p.wrapping_sub((p as usize / 8) % GROUP);
+        let gva = va & !((GROUP as u64 * FRAME_SIZE) - 1);
+        let mut batch = TlbBatch::new(self.tlbi_threshold, self.tlbi_range);
+        for k in 0..GROUP {
+            // SAFETY: `g..g + GROUP` is the group of `p` in the same table frame.
+            unsafe {
+                let q = g.add(k);
+                let e = q.read();
+                if e & desc::VALID != 0 {
+                    q.write_volatile(e & !(desc::CONTIGUOUS | desc::VALID));
+                    batch.note(gva + k as u64 * FRAME_SIZE, 3, true);
+                }
+            }
+        }
+        batch.sync(&self.regime, self.root, &mut self.tlb);
+        for k in 0..GROUP {
+            // SAFETY: as above.
+            unsafe {
+                let q = g.add(k);
+                let e = q.read();
+                if q == p {
+                    q.write_volatile(0);
+                } else if e != 0 {
+                    q.write_volatile(e | desc::VALID);
+                }
+            }
+        }
+        publish(&mut self.tlb);
     }
 
     /// The rest of [`unmap_page`](Self::unmap_page) when the page was the last entry
@@ -1121,14 +1214,38 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             return Ok(0);
         }
 
+        if !DRY && level >= 1 {
+            self.unfold_partial(cx, tbl, level, base, va, end, first, last, live);
+        }
+
         // Fast path: filling a run of level-3 entries of a table nobody walks yet.
         if !DRY && level == 3 && !live {
-            if let Op::Map { delta, bits, .. } = cx.op {
+            if let Op::Map {
+                delta,
+                bits,
+                contiguous,
+                ..
+            } = cx.op
+            {
                 // The output may lie below the input: only the sum wraps back into range.
                 let out = (base + ((first as u64) << 12)).wrapping_add(delta);
                 let mut d = leaf_desc(3, out, bits);
-                for i in first..=last {
+                // Whole groups of 16 (all written here) get the contiguous hint.
+                let (a, b) = hint_groups(first, last, delta, 3, contiguous);
+                for i in first..a {
                     // SAFETY: `tbl` is a fresh level-3 table frame of 512 entries.
+                    unsafe { tbl.add(i).write(d) };
+                    d += FRAME_SIZE;
+                }
+                d |= desc::CONTIGUOUS;
+                for i in a..b {
+                    // SAFETY: as above.
+                    unsafe { tbl.add(i).write(d) };
+                    d += FRAME_SIZE;
+                }
+                d &= !desc::CONTIGUOUS;
+                for i in b..=last {
+                    // SAFETY: as above.
                     unsafe { tbl.add(i).write(d) };
                     d += FRAME_SIZE;
                 }
@@ -1161,6 +1278,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 bits,
                 blocks,
                 replace,
+                contiguous,
             } => {
                 // Whether a covered entry of this table becomes a leaf (page or block):
                 // blocks need the output aligned like the input, i.e. `delta` aligned.
@@ -1193,8 +1311,13 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         } else if e != 0 && !replace {
                             return Err(Error::AlreadyMapped { va: s });
                         } else if leaves_here && covered {
+                            let mut new = eva.wrapping_add(delta) | bits | ty;
+                            // The same mapping, software bits aside, keeps its
+                            // contiguous hint (the hardware ignores software bits).
+                            if (e ^ new) & !(desc::CONTIGUOUS | desc::SW_MASK) == 0 {
+                                new |= e & desc::CONTIGUOUS;
+                            }
                             if !DRY {
-                                let new = eva.wrapping_add(delta) | bits | ty;
                                 filled +=
                                     self.change(cx, tbl, i, e, new, level, eva, live, &mut bbm);
                             }
@@ -1222,27 +1345,79 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                     // The hot loop: invalid entries become leaves, in order.
                     if !(DRY && matches!(view, View::Empty)) {
                         let mut d = (base + ((lo as u64) << shift)).wrapping_add(delta) | bits | ty;
-                        for i in lo..hi {
-                            let e = if DRY {
-                                view.read(i)
-                            } else {
-                                // SAFETY: apply passes walk real table frames; `i` is within.
-                                unsafe { tbl.add(i).read() }
-                            };
-                            if e != 0 {
-                                general!(i);
-                            } else if !DRY {
-                                // SAFETY: `tbl` is this table's frame, `i` within it.
-                                unsafe {
-                                    if live {
-                                        tbl.add(i).write_volatile(d);
-                                    } else {
-                                        tbl.add(i).write(d);
+                        // Whole groups of 16 that are empty get the contiguous hint:
+                        // `ga..gb` (empty when none).
+                        let (ga, gb) = if DRY {
+                            (lo, lo)
+                        } else {
+                            hint_groups(lo, hi - 1, delta, level, contiguous)
+                        };
+                        // One entry the ordinary way: an invalid one becomes a leaf.
+                        macro_rules! one {
+                            ($i:expr) => {{
+                                let i = $i;
+                                let e = if DRY {
+                                    view.read(i)
+                                } else {
+                                    // SAFETY: apply passes walk real table frames; `i`
+                                    // is within them.
+                                    unsafe { tbl.add(i).read() }
+                                };
+                                if e != 0 {
+                                    general!(i);
+                                } else if !DRY {
+                                    // SAFETY: `tbl` is this table's frame, `i` within it.
+                                    unsafe {
+                                        if live {
+                                            tbl.add(i).write_volatile(d);
+                                        } else {
+                                            tbl.add(i).write(d);
+                                        }
                                     }
+                                    filled += 1;
                                 }
-                                filled += 1;
+                                d = d.wrapping_add(size);
+                            }};
+                        }
+                        for i in lo..ga {
+                            one!(i);
+                        }
+                        let mut g = ga;
+                        while g < gb {
+                            let group = g..g + GROUP;
+                            // SAFETY: `tbl` is this table's frame and the group lies
+                            // within `lo..hi`.
+                            let read = |k: usize| unsafe { tbl.add(k).read() };
+                            let step = |k: usize| ((k - g) as u64) << shift;
+                            if group
+                                .clone()
+                                .all(|k| read(k) == d.wrapping_add(step(k)) | desc::CONTIGUOUS)
+                            {
+                                // Already mapped so (REPLACE with the same mapping).
+                                d = d.wrapping_add((GROUP as u64) << shift);
+                            } else if group.clone().all(|k| read(k) == 0) {
+                                for k in group {
+                                    let h = d | desc::CONTIGUOUS;
+                                    // SAFETY: as above.
+                                    unsafe {
+                                        if live {
+                                            tbl.add(k).write_volatile(h);
+                                        } else {
+                                            tbl.add(k).write(h);
+                                        }
+                                    }
+                                    d = d.wrapping_add(size);
+                                }
+                                filled += GROUP as i32;
+                            } else {
+                                for k in group {
+                                    one!(k);
+                                }
                             }
-                            d = d.wrapping_add(size);
+                            g += GROUP;
+                        }
+                        for i in gb.max(ga)..hi {
+                            one!(i);
                         }
                     }
                     for i in hi..=last {
@@ -1414,8 +1589,10 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             }
             Op::Protect { bits: new_bits } | Op::SetSw { sw: new_bits } => {
                 // Protect replaces every attribute bit; SetSw only the software bits.
+                // A whole group keeps its contiguous hint (partly covered groups lost
+                // it above): its 16 entries change alike.
                 let keep = match cx.op {
-                    Op::Protect { .. } => desc::OA_MASK | 0b11,
+                    Op::Protect { .. } => desc::OA_MASK | 0b11 | desc::CONTIGUOUS,
                     _ => !desc::SW_MASK,
                 };
                 macro_rules! general {
@@ -1500,6 +1677,130 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             cx.batch.wrote();
         }
         Ok(filled)
+    }
+
+    /// Before an operation changes entries of the table `tbl` at `level` (entry 0 at
+    /// `base`) in `va .. end` (entries `first..=last`): removes the contiguous hint
+    /// from every group of 16 the change reaches only in part (only the groups of
+    /// `first` and `last` can be), or, for table attributes at this level, from every
+    /// group it reaches (its blocks become tables one by one). Under the hint a TLB
+    /// may hold one entry for the 16, so a group must never mix old and new entries.
+    /// Groups whose entries the operation leaves as they are keep the hint.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn unfold_partial(
+        &mut self,
+        cx: &mut Ctx,
+        tbl: *mut u64,
+        level: u8,
+        base: u64,
+        va: u64,
+        end: u64,
+        first: usize,
+        last: usize,
+        live: bool,
+    ) {
+        let all = match cx.op {
+            // Without REPLACE nothing valid changes (a hinted group is valid
+            // throughout, so any overlap with it is an error).
+            Op::Map { replace, .. } if !replace => return,
+            Op::Coalesce => return,
+            // Software bits need no unfolding, only the split of a block does.
+            Op::SetSw { .. } if level == 3 => return,
+            Op::TableAttrs { level: at, .. } => at == level,
+            _ => false,
+        };
+        let shift = level_shift(level);
+        let size = level_size(level);
+        let op = cx.op;
+        // Whether the operation changes entry `k` (descriptor `e`) other than in its
+        // software bits or as a whole group.
+        let changes = |k: usize, e: u64| -> bool {
+            if e & desc::VALID == 0 || is_table(e, level) {
+                return false;
+            }
+            let eva = base + ((k as u64) << shift);
+            let partial = va > eva || end < eva + size;
+            match op {
+                Op::Map { delta, bits, .. } => {
+                    let ty = if level == 3 {
+                        desc::TABLE_OR_PAGE
+                    } else {
+                        desc::BLOCK
+                    };
+                    let new = eva.wrapping_add(delta) | bits | ty;
+                    partial || (e ^ new) & !(desc::CONTIGUOUS | desc::SW_MASK) != 0
+                }
+                Op::Protect { bits } => {
+                    let new = (e & (desc::OA_MASK | 0b11 | desc::CONTIGUOUS)) | bits;
+                    // A partly covered block is split (if it changes at all).
+                    let mask = if partial { !0 } else { !desc::SW_MASK };
+                    (e ^ new) & mask != 0
+                }
+                Op::SetSw { sw } => partial && (e & !desc::SW_MASK) | sw != e,
+                _ => true,
+            }
+        };
+        let (g0, g1) = (first & !(GROUP - 1), last & !(GROUP - 1));
+        let mut g = g0;
+        while g <= g1 {
+            let gstart = base + ((g as u64) << shift);
+            let gend = gstart + ((GROUP as u64) << shift);
+            if all || va > gstart || end < gend {
+                let (lo, hi) = (g.max(first), (g + GROUP).min(last + 1));
+                // SAFETY: `tbl` is a table frame of this table; `k` is within
+                // `first..=last`.
+                if (lo..hi).any(|k| changes(k, unsafe { tbl.add(k).read() })) {
+                    self.unfold(cx, tbl, g, level, gstart, live);
+                }
+            }
+            g = if all || g == g1 { g + GROUP } else { g1 };
+        }
+    }
+
+    /// Removes the contiguous hint from the group of 16 entries from `g` (at `level`,
+    /// entry `g` at input address `gva`), with break-before-make: all of it invalid,
+    /// invalidated, then written back without the hint (Arm ARM D8.17.1 lists the
+    /// Contiguous bit among the changes that need it).
+    #[cold]
+    #[inline(never)]
+    fn unfold(&mut self, cx: &mut Ctx, tbl: *mut u64, g: usize, level: u8, gva: u64, live: bool) {
+        // The group `g..g + GROUP` lies within the table frame `tbl` of this table
+        // (groups are aligned and tables hold a multiple of 16 entries).
+        // SAFETY: as just said.
+        let entry = |k: usize| unsafe { tbl.add(k) };
+        // SAFETY: `entry(k)` is an entry of a table frame of this table.
+        if !(g..g + GROUP).any(|k| unsafe { entry(k).read() } & desc::CONTIGUOUS != 0) {
+            return;
+        }
+        for k in g..g + GROUP {
+            let p = entry(k);
+            // SAFETY: as above.
+            let e = unsafe { p.read() };
+            if !live {
+                // SAFETY: as above; nobody walks this table yet.
+                unsafe { p.write(e & !desc::CONTIGUOUS) };
+            } else if e & desc::VALID != 0 {
+                // SAFETY: as above.
+                unsafe { p.write_volatile(e & !(desc::CONTIGUOUS | desc::VALID)) };
+                let va = gva + (((k - g) as u64) << level_shift(level));
+                cx.batch.note(va, level, true);
+            }
+        }
+        if !live {
+            return;
+        }
+        cx.batch.sync(&self.regime, self.root, &mut self.tlb);
+        for k in g..g + GROUP {
+            let p = entry(k);
+            // SAFETY: as above.
+            let e = unsafe { p.read() };
+            if e != 0 && e & desc::VALID == 0 {
+                // SAFETY: as above.
+                unsafe { p.write_volatile(e | desc::VALID) };
+            }
+        }
+        cx.batch.wrote();
     }
 
     /// Handles entry `i` (descriptor `e`) of a table at `level` by working in the
@@ -1911,15 +2212,15 @@ fn uniform(cp: *mut u64, level: u8) -> Option<u64> {
         return None;
     }
     let step = level_size(level);
-    let mut want = first;
+    let mut want = first & !desc::CONTIGUOUS;
     for j in 1..ENTRIES {
         want += step;
-        // SAFETY: as above.
-        if unsafe { cp.add(j).read() } != want {
+        // SAFETY: as above. The contiguous hint of groups inside does not matter.
+        if unsafe { cp.add(j).read() } & !desc::CONTIGUOUS != want {
             return None;
         }
     }
-    Some((first & !0b11) | desc::BLOCK)
+    Some((first & !(0b11 | desc::CONTIGUOUS)) | desc::BLOCK)
 }
 
 impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> Drop for PageTable<R, A, T> {

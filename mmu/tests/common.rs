@@ -77,6 +77,42 @@ pub fn table_entries<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
     out
 }
 
+/// Every valid leaf reachable from the root: (input address, level) -> descriptor.
+pub fn raw_leaves<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
+    t: &PageTable<R, A, T>,
+) -> std::collections::HashMap<(u64, u8), u64> {
+    let g = t.geometry();
+    let mut out = std::collections::HashMap::new();
+    fn rec(
+        pa: u64,
+        level: u8,
+        base: u64,
+        entries: usize,
+        out: &mut std::collections::HashMap<(u64, u8), u64>,
+    ) {
+        for i in 0..entries {
+            let d = read(pa, i);
+            if d & 1 == 0 {
+                continue;
+            }
+            let va = base + ((i as u64) << shift(level));
+            if level < 3 && d & 2 != 0 {
+                rec(d & 0x0000_FFFF_FFFF_F000, level + 1, va, 512, out);
+            } else {
+                out.insert((va, level), d);
+            }
+        }
+    }
+    rec(
+        t.root_address(),
+        g.start_level(),
+        0,
+        g.root_entries(),
+        &mut out,
+    );
+    out
+}
+
 /// Number of non-root table frames reachable from the root.
 pub fn reachable_tables<R: Regime, T: TlbMaintenance>(t: &PageTable<R, HeapFrames, T>) -> usize {
     table_entries(t).len()

@@ -12,7 +12,11 @@
 //!   block);
 //! - no stale entry survives an operation: afterwards every cached leaf and walk-cache
 //!   entry matches memory (software bits aside, which need no invalidation);
-//! - no cached walk-cache entry points into a frame when the table frees it.
+//! - no cached walk-cache entry points into a frame when the table frees it;
+//! - the contiguous hint (bit 52): a group of 16 entries with it is consistent
+//!   whenever the crate runs maintenance and after every operation (all valid, hinted,
+//!   one contiguous output range, the same attributes), and the TLB, which may hold
+//!   one entry for the whole group, holds none that memory no longer agrees with.
 
 mod common;
 
@@ -43,6 +47,16 @@ fn level_size(level: u8) -> u64 {
     1 << common::shift(level)
 }
 
+/// The contiguous hint.
+const CONT: u64 = 1 << 52;
+
+/// The group of 16 that leaf `d` at `va` belongs to: its first input address and the
+/// descriptor its first entry has when the group is consistent.
+fn group_of(va: u64, level: u8, d: u64) -> (u64, u64) {
+    let gva = va & !(16 * level_size(level) - 1);
+    (gva, d - (va - gva))
+}
+
 /// Leaves by (input address, level) and table descriptors by (level, input address).
 type Entries = (BTreeMap<(u64, u8), u64>, BTreeMap<(u8, u64), u64>);
 
@@ -55,6 +69,9 @@ struct State {
     leaves: BTreeMap<(u64, u8), u64>,
     /// Cached table descriptors: (level of the entry, input address) -> descriptor.
     walks: BTreeMap<(u8, u64), u64>,
+    /// Cached contiguous-hint entries, one for a group of 16 leaves: (first input
+    /// address of the group, level) -> the descriptor its first entry would have.
+    conts: BTreeMap<(u64, u8), u64>,
     errors: Vec<String>,
 }
 
@@ -116,12 +133,45 @@ impl State {
     /// change that is not invalidated shows as a stale entry.
     fn fill(&mut self) {
         let (leaves, walks) = self.memory();
+        for (&(va, level), &d) in &leaves {
+            if d & CONT != 0 {
+                let (gva, gd) = group_of(va, level, d);
+                self.conts.entry((gva, level)).or_insert(gd);
+            }
+        }
         for (k, d) in leaves {
             self.leaves.entry(k).or_insert(d);
         }
         for (k, d) in walks {
             self.walks.entry(k).or_insert(d);
         }
+    }
+
+    /// Groups of 16 leaves in memory that carry the contiguous hint on some entry but
+    /// are not all valid, hinted, contiguous and alike (Arm ARM D8.7.1: misprogramming
+    /// of the Contiguous bit).
+    fn misprogrammed(&self) -> Vec<String> {
+        let (leaves, _) = self.memory();
+        let mut out = Vec::new();
+        for (&(va, level), &d) in &leaves {
+            if d & CONT == 0 {
+                continue;
+            }
+            let (gva, gd) = group_of(va, level, d);
+            for k in 0..16u64 {
+                let want = gd + k * level_size(level);
+                let m = leaves.get(&(gva + k * level_size(level), level));
+                if m.is_none_or(|&m| (m ^ want) & !SW != 0) {
+                    out.push(format!(
+                        "group L{level} {gva:#x}: entry {k} is {m:x?}, {want:#x} expected"
+                    ));
+                    break;
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// Cached entries that memory no longer agrees with; `bbm_only`: only those whose
@@ -141,6 +191,24 @@ impl State {
                     .is_some();
             if !same && (!bbm_only || valid_now) {
                 out.push(format!("leaf L{level} {va:#x} {d:#x} vs memory {m:x?}"));
+            }
+        }
+        for (&(gva, level), &gd) in &self.conts {
+            let size = level_size(level);
+            for k in 0..16u64 {
+                let a = gva + k * size;
+                let want = gd + k * size;
+                let m = leaves.get(&(a, level)).copied();
+                let mask = if bbm_only { BBM } else { !SW };
+                let same = m.is_some_and(|m| (m ^ want) & mask == 0);
+                let valid_now = (1..=3u8)
+                    .any(|l| leaves.contains_key(&(a & !(level_size(l) - 1), l)))
+                    || leaves.range((a, 0)..(a + size, 0)).next().is_some();
+                if !same && (!bbm_only || valid_now) {
+                    out.push(format!(
+                        "contiguous L{level} {gva:#x} (entry {k}) {want:#x} vs memory {m:x?}"
+                    ));
+                }
             }
         }
         for (&(level, va), &d) in &self.walks {
@@ -163,6 +231,7 @@ impl State {
             TlbOp::El2All | TlbOp::Stage2All { .. } | TlbOp::El1Asid { .. } => {
                 self.leaves.clear();
                 self.walks.clear();
+                self.conts.clear();
                 return;
             }
             TlbOp::El2Va { va, leaf } | TlbOp::El1Va { va, leaf, .. } => (va, 1, leaf),
@@ -179,6 +248,9 @@ impl State {
         let (lo, hi) = (addr, addr + pages * PAGE);
         self.leaves
             .retain(|&(va, l), _| !(va < hi && lo < va + level_size(l)));
+        // An entry for a contiguous group translates every address of the group.
+        self.conts
+            .retain(|&(va, l), _| !(va < hi && lo < va + 16 * level_size(l)));
         if !leaf {
             self.walks
                 .retain(|&(l, va), _| !(va < hi && lo < va + level_size(l)));
@@ -194,6 +266,10 @@ impl TlbMaintenance for SimTlb {
         for e in s.disagreements(true) {
             s.errors
                 .push(format!("break-before-make: {e} at {:?}", seq.ops()));
+        }
+        for e in s.misprogrammed() {
+            s.errors
+                .push(format!("contiguous hint: {e} at {:?}", seq.ops()));
         }
         s.fill();
         for op in seq.ops() {
@@ -283,6 +359,10 @@ fn run<R: Regime>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: usize,
         let mut s = state.borrow_mut();
         for e in s.disagreements(false) {
             s.errors.push(format!("stale after the operation: {e}"));
+        }
+        for e in s.misprogrammed() {
+            s.errors
+                .push(format!("contiguous hint after the operation: {e}"));
         }
         assert!(
             s.errors.is_empty(),
