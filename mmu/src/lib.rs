@@ -223,7 +223,7 @@ pub use frame::{FrameAllocator, FrameSource, IdMap, LinearMap, PhysToVirt, FRAME
 pub use regime::{El1, El2, Geometry, Regime, Stage2};
 pub use table::{Mapping, PageTable, Translation};
 pub use tlb::{
-    range_operand, range_operands, range_steps, tlbi_range_supported, NoTlbMaintenance, RangeStep,
-    TlbContext, TlbMaintenance, TlbOp, TlbSequence, DEFAULT_TLBI_THRESHOLD, MAX_RANGE_PAGES,
-    MAX_TLBI_BATCH,
+    range_operand, range_operands, range_steps, tlbi_operand, tlbi_range_supported, ttl_supported,
+    NoTlbMaintenance, RangeStep, TlbContext, TlbMaintenance, TlbOp, TlbSequence,
+    DEFAULT_TLBI_THRESHOLD, MAX_RANGE_PAGES, MAX_TLBI_BATCH,
 };

@@ -1034,7 +1034,10 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             }
             None => 4,
         };
-        let seq = TlbSequence::new(&ops[..n], self.regime.tlb_context(self.root));
+        // A leaf-only invalidation here is always of a page (level 3): the TTL hint.
+        let levels = [0, if leaf { 3 } else { 0 }, 0, 0, 0, 0];
+        let seq =
+            TlbSequence::with_levels(&ops[..n], &levels[..n], self.regime.tlb_context(self.root));
         self.tlb.execute(&seq);
     }
 
@@ -2060,7 +2063,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             // tables once they are empty).
             let has_leaves = new != 0 && desc::count(old) != 0;
             if has_leaves {
-                cx.batch.note_many(eva, level_size(cl), ENTRIES, true);
+                cx.batch.note_many(eva, cl, ENTRIES, true);
             }
             cx.batch.note_table(eva, level_size(level));
         }

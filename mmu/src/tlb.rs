@@ -221,12 +221,45 @@ pub enum TlbContext {
 #[derive(Debug)]
 pub struct TlbSequence<'a> {
     ops: &'a [TlbOp],
+    /// Per operation: the level of the leaves it invalidates (1..=3), 0 if unknown.
+    /// Empty: none known.
+    levels: &'a [u8],
     context: TlbContext,
 }
 
 impl<'a> TlbSequence<'a> {
     pub(crate) const fn new(ops: &'a [TlbOp], context: TlbContext) -> Self {
-        TlbSequence { ops, context }
+        TlbSequence {
+            ops,
+            levels: &[],
+            context,
+        }
+    }
+
+    pub(crate) const fn with_levels(
+        ops: &'a [TlbOp],
+        levels: &'a [u8],
+        context: TlbContext,
+    ) -> Self {
+        TlbSequence {
+            ops,
+            levels,
+            context,
+        }
+    }
+
+    /// For the by-address, leaf-only operation at `index` of [`ops`](Self::ops)
+    /// (`TLBI VALE2IS`, `IPAS2LE1IS`, `VALE1IS`): the level (1..=3) of the leaf entry
+    /// it removes, which the table knows; `None` for every other operation. A TLB
+    /// implementation on a CPU with FEAT_TTL may pass it as the TTL hint
+    /// ([`tlbi_operand`]); the hint is exact (every entry the operation must remove
+    /// was cached from a leaf at that level).
+    #[must_use]
+    pub fn leaf_level(&self, index: usize) -> Option<u8> {
+        match self.levels.get(index) {
+            Some(&l) if (1..=3).contains(&l) => Some(l),
+            _ => None,
+        }
     }
 
     /// The operations, to run in order.
@@ -284,6 +317,29 @@ pub const DEFAULT_TLBI_THRESHOLD: usize = 32;
 #[must_use]
 pub const fn tlbi_range_supported(isar0: u64) -> bool {
     (isar0 >> 56) & 0xF >= 0b0010
+}
+
+/// Whether `ID_AA64MMFR2_EL1` value `mmfr2` reports FEAT_TTL (TTL hints in TLBI
+/// operands): its TTL field (bits \[51:48\]) is 0b0001 or more.
+#[must_use]
+pub const fn ttl_supported(mmfr2: u64) -> bool {
+    (mmfr2 >> 48) & 0xF >= 0b0001
+}
+
+/// The operand of a by-address TLBI (`TLBI VA(L)E2IS`, `VA(L)E1IS`, `IPAS2(L)E1IS`)
+/// for `addr` with a 4 KiB granule, with the TTL hint for a leaf at `level` when given
+/// (FEAT_TTL; Arm ARM C5.5, e.g. "TLBI VALE2IS": bits \[43:0\] = address\[55:12\]
+/// (for an IPA, bits \[35:0\] = IPA\[47:12\]), TTL\[47:44\] = 0b01 (4 KiB granule) in
+/// \[3:2\] and the level in \[1:0\]; TTL = 0 means no hint). The caller ORs in the
+/// ASID (bits \[63:48\]) where the instruction has one. A level outside 1..=3 gives
+/// no hint.
+#[must_use]
+pub const fn tlbi_operand(addr: u64, level: Option<u8>) -> u64 {
+    let ttl = match level {
+        Some(l @ 1..=3) => 0b0100 | l as u64,
+        _ => 0,
+    };
+    ((addr >> 12) & ((1 << 44) - 1)) | (ttl << 44)
 }
 
 /// Makes descriptor writes that turned invalid entries valid visible to table walkers:
@@ -359,7 +415,9 @@ impl TlbBatch {
             self.all = true;
             return;
         }
-        self.addrs[self.len] = MaybeUninit::new((addr & !0xFFF) | u64::from(leaf));
+        // Bits [2:1]: the level of the leaf, for the TTL hint (leaf-only entries).
+        let level = if leaf { u64::from(level & 3) << 1 } else { 0 };
+        self.addrs[self.len] = MaybeUninit::new((addr & !0xFFF) | level | u64::from(leaf));
         self.pages[self.len] = MaybeUninit::new(1);
         self.len += 1;
     }
@@ -389,7 +447,7 @@ impl TlbBatch {
                     self.all = true;
                     return;
                 }
-                self.addrs[last] = MaybeUninit::new(a & (!1 | u64::from(leaf)));
+                self.addrs[last] = MaybeUninit::new(a & (!0xFFF | u64::from(leaf)));
                 self.pages[last] = MaybeUninit::new(n + pages);
                 return;
             }
@@ -421,7 +479,7 @@ impl TlbBatch {
             let pages = unsafe { self.pages[last].assume_init() };
             let last_page = (a & !0xFFF) + ((pages - 1) << 12);
             if last_page >= addr && last_page - addr < size {
-                self.addrs[last] = MaybeUninit::new(a & !1);
+                self.addrs[last] = MaybeUninit::new(a & !0xFFF);
                 return;
             }
         }
@@ -446,7 +504,8 @@ impl TlbBatch {
 
     /// `count` entries of `step` bytes from `addr` need invalidating (e.g. all leaves of
     /// a table being replaced).
-    pub(crate) fn note_many(&mut self, addr: u64, step: u64, count: usize, leaf: bool) {
+    pub(crate) fn note_many(&mut self, addr: u64, level: u8, count: usize, leaf: bool) {
+        let step = crate::desc::level_size(level);
         if self.ranges {
             self.written = true;
             if !self.all {
@@ -460,7 +519,7 @@ impl TlbBatch {
             return;
         }
         for i in 0..count as u64 {
-            self.note(addr + i * step, 3, leaf);
+            self.note(addr + i * step, level, leaf);
         }
     }
 
@@ -494,18 +553,21 @@ impl TlbBatch {
         }
         // Not initialised up front: most batches use a handful of the slots.
         let mut ops = [MaybeUninit::<TlbOp>::uninit(); MAX_TLBI_BATCH + 6];
+        // The leaf level of each operation, 0 when not known or not one.
+        let mut levels = [0u8; MAX_TLBI_BATCH + 6];
         let mut n = 0;
-        let mut push = |op: TlbOp| {
+        let mut push = |op: TlbOp, level: u8| {
             ops[n] = MaybeUninit::new(op);
+            levels[n] = level;
             n += 1;
         };
         // Arm ARM D8.17 (break-before-make) and the TLB maintenance examples in
         // D8.16: the descriptor writes must be complete (DSB ISHST) before the TLBI,
         // and the TLBI must be complete (DSB ISH) before relying on the new state.
-        push(TlbOp::DsbIshSt);
+        push(TlbOp::DsbIshSt, 0);
         if self.all {
-            push(regime.tlbi_all());
-            push(TlbOp::DsbIsh);
+            push(regime.tlbi_all(), 0);
+            push(TlbOp::DsbIsh, 0);
         } else if self.len > 0 {
             for k in 0..self.len {
                 // SAFETY: entries below `len` were written by `note`/`note_span`.
@@ -513,23 +575,27 @@ impl TlbBatch {
                 let (addr, leaf) = (a & !0xFFF, a & 1 != 0);
                 // SAFETY: as above.
                 let pages = unsafe { self.pages[k].assume_init() };
-                push(if pages == 1 {
-                    regime.tlbi_entry(addr, leaf)
+                if pages == 1 {
+                    push(regime.tlbi_entry(addr, leaf), ((a >> 1) & 3) as u8);
                 } else {
-                    regime.tlbi_range(addr, pages, leaf)
-                });
+                    push(regime.tlbi_range(addr, pages, leaf), 0);
+                }
             }
-            push(TlbOp::DsbIsh);
+            push(TlbOp::DsbIsh, 0);
             if let Some(op) = regime.tlbi_after_entries() {
-                push(op);
-                push(TlbOp::DsbIsh);
+                push(op, 0);
+                push(TlbOp::DsbIsh, 0);
             }
         }
-        push(TlbOp::Isb);
+        push(TlbOp::Isb, 0);
         // SAFETY: `push` initialised the first `n` slots; `MaybeUninit<TlbOp>` has the
         // layout of `TlbOp`.
         let ops = unsafe { core::slice::from_raw_parts(ops.as_ptr().cast::<TlbOp>(), n) };
-        tlb.execute(&TlbSequence::new(ops, regime.tlb_context(root)));
+        tlb.execute(&TlbSequence::with_levels(
+            ops,
+            &levels[..n],
+            regime.tlb_context(root),
+        ));
         self.len = 0;
         self.cost = 0;
         self.all = false;
@@ -587,6 +653,39 @@ mod tests {
         assert_eq!(spans(0, MAX_RANGE_PAGES), [(0, MAX_RANGE_PAGES)]);
         assert_eq!(spans(base, 1 << 18), [(base >> 12, 1 << 18)]);
         assert_eq!(range_operands(base, 0).count(), 0);
+    }
+
+    /// TTL hints (FEAT_TTL): TTL\[47:44\] = 0b01 (4 KiB granule) : level, field by
+    /// field; no hint for `None` or levels that cannot hold a 4 KiB-granule leaf.
+    #[test]
+    fn ttl_operands() {
+        let va = 0x0000_7F12_3456_7000u64;
+        let base = (va >> 12) & ((1 << 44) - 1);
+        assert_eq!(tlbi_operand(va, None), base);
+        for level in 1..=3u8 {
+            let x = tlbi_operand(va, Some(level));
+            assert_eq!(x & ((1 << 44) - 1), base, "address bits kept");
+            assert_eq!((x >> 46) & 0b11, 0b01, "TTL[3:2]: 4 KiB granule");
+            assert_eq!((x >> 44) & 0b11, u64::from(level), "TTL[1:0]: level");
+            assert_eq!(x >> 48, 0, "no ASID bits from the encoder");
+        }
+        assert_eq!(tlbi_operand(va, Some(0)), base);
+        assert_eq!(tlbi_operand(va, Some(4)), base);
+        // An IPA operand: IPA[47:12] in [35:0].
+        assert_eq!(
+            tlbi_operand(0xFFFF_FFFF_F000, Some(3)),
+            0xF_FFFF_FFFF | (0b0111 << 44)
+        );
+        // Page-offset bits never reach the operand.
+        assert_eq!(tlbi_operand(0x1FFF, Some(2)), 1 | (0b0110 << 44));
+
+        assert!(!ttl_supported(0));
+        assert!(ttl_supported(1 << 48));
+        assert!(
+            ttl_supported(0b0010 << 48),
+            "the ID scheme: higher values include it"
+        );
+        assert!(!ttl_supported(0xF << 52 | 0xFFFF_FFFF_FFFF));
     }
 
     proptest! {

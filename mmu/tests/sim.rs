@@ -225,8 +225,10 @@ impl State {
         out
     }
 
-    /// Removes what one operation invalidates.
-    fn invalidate(&mut self, op: &TlbOp) {
+    /// Removes what one operation invalidates. With a TTL hint (`level`), like a CPU
+    /// with FEAT_TTL, only leaves cached from that level: a wrong hint leaves a stale
+    /// entry behind.
+    fn invalidate(&mut self, op: &TlbOp, level: Option<u8>) {
         let (addr, pages, leaf) = match *op {
             TlbOp::El2All | TlbOp::Stage2All { .. } | TlbOp::El1Asid { .. } => {
                 self.leaves.clear();
@@ -246,11 +248,12 @@ impl State {
             _ => return,
         };
         let (lo, hi) = (addr, addr + pages * PAGE);
+        let hinted = |l: u8| level.is_none_or(|h| h == l);
         self.leaves
-            .retain(|&(va, l), _| !(va < hi && lo < va + level_size(l)));
+            .retain(|&(va, l), _| !(va < hi && lo < va + level_size(l) && hinted(l)));
         // An entry for a contiguous group translates every address of the group.
         self.conts
-            .retain(|&(va, l), _| !(va < hi && lo < va + 16 * level_size(l)));
+            .retain(|&(va, l), _| !(va < hi && lo < va + 16 * level_size(l) && hinted(l)));
         if !leaf {
             self.walks
                 .retain(|&(l, va), _| !(va < hi && lo < va + level_size(l)));
@@ -272,8 +275,8 @@ impl TlbMaintenance for SimTlb {
                 .push(format!("contiguous hint: {e} at {:?}", seq.ops()));
         }
         s.fill();
-        for op in seq.ops() {
-            s.invalidate(op);
+        for (i, op) in seq.ops().iter().enumerate() {
+            s.invalidate(op, seq.leaf_level(i));
         }
     }
 }

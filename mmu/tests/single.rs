@@ -113,3 +113,75 @@ fn single_page_unmap_frees_tables_exactly_when_empty() {
     assert!(t.translate(0x4000_0000).is_none());
     assert_eq!(t.translate(0x4000_1000).unwrap().level, 3);
 }
+
+/// The TTL level of each leaf-only invalidation is the level of the leaf removed; a
+/// non-leaf invalidation (a table went) and ranges carry none.
+#[test]
+fn leaf_levels_for_ttl_hints() {
+    let mut t = PageTable::new(El2::new(39), HeapFrames::new(), RecordingTlb::new()).unwrap();
+    let levels_of =
+        |t: &PageTable<El2, HeapFrames, RecordingTlb>| -> Vec<(mmu::TlbOp, Option<u8>)> {
+            let tlb = t.tlb();
+            tlb.sequences()
+                .iter()
+                .zip(tlb.leaf_levels())
+                .flat_map(|(s, l)| s.iter().copied().zip(l.iter().copied()))
+                .filter(|(op, _)| !op.is_barrier())
+                .collect()
+        };
+    let gib = 1u64 << 30;
+    t.map(gib, gib, gib, rw(), MapFlags::empty()).unwrap();
+    t.map(0x4000_0000 + gib, 0, 0x40_0000, rw(), MapFlags::empty())
+        .unwrap();
+    t.map(3 * gib, 0, 2 * PAGE, rw(), MapFlags::empty())
+        .unwrap();
+    t.tlb_mut().clear();
+    // A page (the table keeps the other one): level 3.
+    t.unmap(3 * gib, PAGE).unwrap();
+    assert_eq!(
+        levels_of(&t),
+        [(
+            mmu::TlbOp::El2Va {
+                va: 3 * gib,
+                leaf: true
+            },
+            Some(3)
+        )]
+    );
+    // The last page: its table goes, a non-leaf invalidation without a level.
+    t.tlb_mut().clear();
+    t.unmap(3 * gib + PAGE, PAGE).unwrap();
+    assert_eq!(
+        levels_of(&t),
+        [(
+            mmu::TlbOp::El2Va {
+                va: 3 * gib + PAGE,
+                leaf: false
+            },
+            None
+        )]
+    );
+    // A 2 MiB block: level 2; a 1 GiB block: level 1.
+    t.tlb_mut().clear();
+    t.unmap(0x4000_0000 + gib, 0x20_0000).unwrap();
+    t.unmap(gib, gib).unwrap();
+    assert_eq!(
+        levels_of(&t),
+        [
+            (
+                mmu::TlbOp::El2Va {
+                    va: 0x4000_0000 + gib,
+                    leaf: true
+                },
+                Some(2)
+            ),
+            (
+                mmu::TlbOp::El2Va {
+                    va: gib,
+                    leaf: true
+                },
+                Some(1)
+            ),
+        ]
+    );
+}
