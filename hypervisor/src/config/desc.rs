@@ -32,7 +32,9 @@ impl GuestRegion {
     /// True when `[ipa, ipa + len)` lies inside this region's IPA range.
     #[must_use]
     pub fn contains_ipa(&self, ipa: u64, len: u64) -> bool {
-        ipa >= self.ipa && len <= self.size && ipa - self.ipa <= self.size - len
+        ipa.checked_sub(self.ipa)
+            .zip(self.size.checked_sub(len))
+            .is_some_and(|(offset, room)| offset <= room)
     }
 }
 
@@ -152,24 +154,20 @@ fn u64s(bytes: &[u8]) -> Option<Vec<u64>> {
     if bytes.len() % 8 != 0 {
         return None;
     }
-    Some(
-        bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect(),
-    )
+    bytes
+        .chunks_exact(8)
+        .map(|c| c.try_into().ok().map(u64::from_be_bytes))
+        .collect()
 }
 
 fn u32s(bytes: &[u8]) -> Option<Vec<u32>> {
     if bytes.len() % 4 != 0 {
         return None;
     }
-    Some(
-        bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-    )
+    bytes
+        .chunks_exact(4)
+        .map(|c| c.try_into().ok().map(u32::from_be_bytes))
+        .collect()
 }
 
 fn string(bytes: &[u8]) -> Option<String> {
@@ -211,8 +209,10 @@ impl<'a> Node<'a> {
     fn one_u64(&self, name: &str, what: &'static str) -> Result<Option<u64>, DescError> {
         match self.u64_list(name, what)? {
             None => Ok(None),
-            Some(v) if v.len() == 1 => Ok(Some(v[0])),
-            Some(_) => Err(self.err(what)),
+            Some(v) => match v[..] {
+                [one] => Ok(Some(one)),
+                _ => Err(self.err(what)),
+            },
         }
     }
 
@@ -224,10 +224,9 @@ impl<'a> Node<'a> {
             return Err(self.err(what));
         }
         Ok(v.chunks_exact(3)
-            .map(|c| GuestRegion {
-                ipa: c[0],
-                pa: c[1],
-                size: c[2],
+            .filter_map(|c| match *c {
+                [ipa, pa, size] => Some(GuestRegion { ipa, pa, size }),
+                _ => None,
             })
             .collect())
     }
@@ -236,17 +235,13 @@ impl<'a> Node<'a> {
         let Some(v) = self.u64_list(name, "image must be <pa(2 cells) size(2 cells)>")? else {
             return Ok(None);
         };
-        if v.len() != 2 {
+        let [pa, size] = v[..] else {
             return Err(self.err("image must be <pa(2 cells) size(2 cells)>"));
-        }
+        };
         let ipa = self
             .one_u64(ipa_name, "image IPA must be one 64-bit value")?
             .ok_or_else(|| self.err("image without its -ipa property"))?;
-        Ok(Some(Image {
-            pa: v[0],
-            size: v[1],
-            ipa,
-        }))
+        Ok(Some(Image { pa, size, ipa }))
     }
 }
 
@@ -263,8 +258,9 @@ fn check_regions(
         {
             return Err(node.err(what));
         }
-        if regions[..i]
+        if regions
             .iter()
+            .take(i)
             .any(|o| overlaps(o.ipa, o.size, r.ipa, r.size))
         {
             return Err(node.err("regions overlap in IPA space"));
@@ -309,7 +305,11 @@ fn parse_vm(
     if cpus.is_empty() {
         return Err(node.err("cpus is empty"));
     }
-    if cpus.iter().enumerate().any(|(i, c)| cpus[..i].contains(c)) {
+    if cpus
+        .iter()
+        .enumerate()
+        .any(|(i, c)| cpus.iter().take(i).any(|o| o == c))
+    {
         return Err(node.err("a physical CPU is named twice in cpus"));
     }
     let memory = node.regions(
@@ -380,8 +380,9 @@ fn parse_vm(
         if !ranges.staging.contains(&PhysRange::new(img.pa, img.size)) {
             return Err(node.err("image is not inside the staging area"));
         }
-        if images[..i]
+        if images
             .iter()
+            .take(i)
             .flatten()
             .any(|o| overlaps(o.ipa, o.size, img.ipa, img.size))
         {
@@ -452,7 +453,7 @@ fn parse_vm(
 /// [`DescError::Invalid`] naming the first broken rule.
 pub fn parse(dt: &HostDt<'_>, ranges: &HostRanges<'_>) -> Result<Vec<VmDesc>, DescError> {
     let fdt = dt.fdt();
-    let Some(chosen) = fdt.find_node("/chosen") else {
+    let Some(chosen) = super::find_path(fdt, "/chosen") else {
         return Ok(Vec::new());
     };
     let mut vms: Vec<VmDesc> = Vec::new();

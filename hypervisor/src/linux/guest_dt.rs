@@ -29,7 +29,7 @@ use fdt::node::FdtNode;
 use fdt::Fdt;
 
 use crate::config::devices::{base_name, cells, read_cells, select, DeviceError};
-use crate::config::HostDt;
+use crate::config::{find_path, HostDt};
 use vm_fdt::FdtWriter;
 
 /// What the guest's device tree describes.
@@ -112,7 +112,7 @@ impl From<vm_fdt::Error> for GuestDtError {
 /// does not have, the initrd lies outside the guest RAM, or the tree cannot be written.
 pub fn build_guest_dt(host: &HostDt<'_>, cfg: &GuestDtConfig<'_>) -> Result<Vec<u8>, GuestDtError> {
     let host = host.fdt();
-    let root = host.find_node("/").ok_or(GuestDtError::HostDt)?;
+    let root = find_path(host, "/").ok_or(GuestDtError::HostDt)?;
     let (acells, scells) = cells(&root, 2, 1);
     if !(1..=2).contains(&acells) || !(1..=2).contains(&scells) {
         return Err(GuestDtError::Cells);
@@ -154,14 +154,15 @@ pub fn build_guest_dt(host: &HostDt<'_>, cfg: &GuestDtConfig<'_>) -> Result<Vec<
         w.property_u64("linux,initrd-start", start)?;
         w.property_u64("linux,initrd-end", end)?;
     }
-    if let Some(stdout) = host.chosen().stdout() {
-        if selected.iter().any(|n| n.name == stdout.name) {
-            if let Some(path) = host
-                .find_node("/chosen")
-                .and_then(|c| c.property("stdout-path"))
-            {
-                w.property("stdout-path", path.value)?;
-            }
+    // The host's console path (without its `:options`) is kept when the guest has that
+    // device.
+    if let Some(path) = find_path(host, "/chosen").and_then(|c| c.property("stdout-path")) {
+        let stdout = path
+            .as_str()
+            .and_then(|p| p.split(':').next())
+            .and_then(|p| find_path(host, p));
+        if stdout.is_some_and(|s| selected.iter().any(|n| n.name == s.name)) {
+            w.property("stdout-path", path.value)?;
         }
     }
     w.end_node(chosen)?;
@@ -212,7 +213,7 @@ fn copy_subtree(w: &mut FdtWriter, node: &FdtNode<'_, '_>, name: &str) -> Result
 }
 
 fn write_cpus(host: &Fdt<'_>, w: &mut FdtWriter, mpidrs: &[u64]) -> Result<(), GuestDtError> {
-    let cpus = host.find_node("/cpus").ok_or(GuestDtError::HostDt)?;
+    let cpus = find_path(host, "/cpus").ok_or(GuestDtError::HostDt)?;
     let (acells, _) = cells(&cpus, 1, 0);
     let node_reg =
         |n: &FdtNode<'_, '_>| n.property("reg").and_then(|p| read_cells(p.value, acells));

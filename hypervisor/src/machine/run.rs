@@ -111,6 +111,32 @@ impl GuestEl1 for MachineEl1 {
     fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64) {
         regs::set_el1_exception(esr, far, elr, spsr);
     }
+
+    fn controls(&self) -> crate::vcpu::cpu_state::El2Controls {
+        regs::el2_controls()
+    }
+
+    fn has_ras(&self) -> bool {
+        regs::id_regs().has_ras()
+    }
+
+    fn pmcr(&self) -> u64 {
+        regs::pmcr()
+    }
+
+    fn set_pmcr(&mut self, value: u64) {
+        regs::set_pmcr(value);
+    }
+
+    fn inject_serror(&mut self, vsesr: Option<u64>) {
+        regs::inject_serror(vsesr.filter(|_| self.has_ras()));
+    }
+
+    fn clean_invalidate(&mut self, pa: u64, len: u64) {
+        // SAFETY: `[pa, pa + len)` is RAM of the running VM (from its description, inside
+        // GUEST_RAM), which the hypervisor's stage 1 maps as normal memory.
+        unsafe { regs::clean_invalidate(pa, len) };
+    }
 }
 
 /// Primary-CPU hook: creates every VM the device tree describes, publishes them to the
@@ -375,6 +401,10 @@ fn run_vcpu(
         match next {
             Next::Resume => {}
             Next::Stop => return,
+            Next::Fatal => fatal(format_args!(
+                "VM {}: an error that may reach beyond the VM",
+                vm.desc.name
+            )),
             Next::Reset => {
                 if let Err(e) = manager.reset(vm.id) {
                     log::error!("VM {}: reset failed: {e}", vm.desc.name);
