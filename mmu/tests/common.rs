@@ -49,31 +49,46 @@ pub fn raw_lookup_at(root: u64, mut level: u8, va: u64) -> (u64, u8) {
     }
 }
 
-/// Every table entry reachable from the root: (level of the entry, input address it
-/// covers, address of the next-level table).
-pub fn table_entries<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
+/// Calls `f(level, input address, descriptor)` for every valid entry reachable from
+/// the root, tables before the entries below them.
+pub fn for_each_entry<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
     t: &PageTable<R, A, T>,
-) -> Vec<(u8, u64, u64)> {
-    let g = t.geometry();
-    let mut out = Vec::new();
-    fn rec(pa: u64, level: u8, base: u64, entries: usize, out: &mut Vec<(u8, u64, u64)>) {
+    mut f: impl FnMut(u8, u64, u64),
+) {
+    fn rec(pa: u64, level: u8, base: u64, entries: usize, f: &mut dyn FnMut(u8, u64, u64)) {
         for i in 0..entries {
             let d = read(pa, i);
-            if level < 3 && d & 3 == 3 {
-                let va = base + ((i as u64) << shift(level));
-                let next = d & 0x0000_FFFF_FFFF_F000;
-                out.push((level, va, next));
-                rec(next, level + 1, va, 512, out);
+            if d & 1 == 0 {
+                continue;
+            }
+            let va = base + ((i as u64) << shift(level));
+            f(level, va, d);
+            if level < 3 && d & 2 != 0 {
+                rec(d & 0x0000_FFFF_FFFF_F000, level + 1, va, 512, f);
             }
         }
     }
+    let g = t.geometry();
     rec(
         t.root_address(),
         g.start_level(),
         0,
         g.root_entries(),
-        &mut out,
+        &mut f,
     );
+}
+
+/// Every table entry reachable from the root: (level of the entry, input address it
+/// covers, address of the next-level table).
+pub fn table_entries<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
+    t: &PageTable<R, A, T>,
+) -> Vec<(u8, u64, u64)> {
+    let mut out = Vec::new();
+    for_each_entry(t, |level, va, d| {
+        if level < 3 && d & 3 == 3 {
+            out.push((level, va, d & 0x0000_FFFF_FFFF_F000));
+        }
+    });
     out
 }
 
@@ -81,35 +96,12 @@ pub fn table_entries<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
 pub fn raw_leaves<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
     t: &PageTable<R, A, T>,
 ) -> std::collections::HashMap<(u64, u8), u64> {
-    let g = t.geometry();
     let mut out = std::collections::HashMap::new();
-    fn rec(
-        pa: u64,
-        level: u8,
-        base: u64,
-        entries: usize,
-        out: &mut std::collections::HashMap<(u64, u8), u64>,
-    ) {
-        for i in 0..entries {
-            let d = read(pa, i);
-            if d & 1 == 0 {
-                continue;
-            }
-            let va = base + ((i as u64) << shift(level));
-            if level < 3 && d & 2 != 0 {
-                rec(d & 0x0000_FFFF_FFFF_F000, level + 1, va, 512, out);
-            } else {
-                out.insert((va, level), d);
-            }
+    for_each_entry(t, |level, va, d| {
+        if level == 3 || d & 2 == 0 {
+            out.insert((va, level), d);
         }
-    }
-    rec(
-        t.root_address(),
-        g.start_level(),
-        0,
-        g.root_entries(),
-        &mut out,
-    );
+    });
     out
 }
 
