@@ -12,7 +12,8 @@ use crate::error::Error;
 use crate::frame::{FrameAllocator, FRAME_SIZE};
 use crate::regime::{Geometry, Regime};
 use crate::tlb::{
-    publish, TlbBatch, TlbMaintenance, TlbOp, TlbSequence, DEFAULT_TLBI_THRESHOLD, MAX_TLBI_BATCH,
+    publish, TlbBatch, TlbContext, TlbMaintenance, TlbOp, TlbSequence, DEFAULT_TLBI_THRESHOLD,
+    MAX_TLBI_BATCH,
 };
 
 const ENTRIES: usize = 512;
@@ -240,6 +241,8 @@ pub struct PageTable<R: Regime, A: FrameAllocator, T: TlbMaintenance> {
     /// paths' checks.
     input_size: u64,
     output_size: u64,
+    /// `regime.tlb_context(root)`, fixed for the table's life.
+    context: TlbContext,
     /// The last attributes encoded ([`attrs_key`], `u32::MAX` for none) and their
     /// descriptor bits.
     encoded_key: u32,
@@ -276,6 +279,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             alloc.free_contiguous(root, n);
             return Err(e);
         }
+        let context = regime.tlb_context(root);
         Ok(PageTable {
             regime,
             alloc,
@@ -284,6 +288,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             root_shift: level_shift(geo.start_level()),
             input_size: geo.input_size(),
             output_size: 1 << out_bits,
+            context,
             encoded_key: u32::MAX,
             encoded_bits: 0,
             root,
@@ -654,7 +659,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 }
             }
         }
-        batch.sync(&self.regime, self.root, &mut self.tlb);
+        batch.sync(&self.regime, self.context, &mut self.tlb);
         for k in 0..GROUP {
             // SAFETY: as above.
             unsafe {
@@ -1036,8 +1041,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         };
         // A leaf-only invalidation here is always of a page (level 3): the TTL hint.
         let levels = [0, if leaf { 3 } else { 0 }, 0, 0, 0, 0];
-        let seq =
-            TlbSequence::with_levels(&ops[..n], &levels[..n], self.regime.tlb_context(self.root));
+        let seq = TlbSequence::with_levels(&ops[..n], &levels[..n], self.context);
         self.tlb.execute(&seq);
     }
 
@@ -1077,7 +1081,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             result.is_ok(),
             "apply pass failed after a successful dry pass"
         );
-        cx.batch.sync(&self.regime, self.root, &mut self.tlb);
+        cx.batch.sync(&self.regime, self.context, &mut self.tlb);
         // Only now, after the synchronisation above, are the detached tables unreachable.
         for a in &cx.free[..cx.nfree] {
             // SAFETY: `queue_free` initialised the first `nfree` slots.
@@ -1666,7 +1670,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         if !DRY && bbm {
             // Break-before-make, second half: the entries marked invalid in this run are
             // now out of every TLB; write their new values (Arm ARM D8.17.1).
-            cx.batch.sync(&self.regime, self.root, &mut self.tlb);
+            cx.batch.sync(&self.regime, self.context, &mut self.tlb);
             for i in first..=last {
                 // SAFETY: `tbl` is this table's frame; `i` is within it.
                 unsafe {
@@ -1793,7 +1797,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         if !live {
             return;
         }
-        cx.batch.sync(&self.regime, self.root, &mut self.tlb);
+        cx.batch.sync(&self.regime, self.context, &mut self.tlb);
         for k in g..g + GROUP {
             let p = entry(k);
             // SAFETY: as above.
@@ -2232,7 +2236,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> Drop for PageTable<R, A, T
     fn drop(&mut self) {
         let mut batch = TlbBatch::new(1, false);
         batch.invalidate_all();
-        batch.sync(&self.regime, self.root, &mut self.tlb);
+        batch.sync(&self.regime, self.context, &mut self.tlb);
         let root = self.ptr(self.root);
         let level = self.geo.start_level();
         for j in 0..self.geo.root_entries() {

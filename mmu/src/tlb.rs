@@ -539,7 +539,7 @@ impl TlbBatch {
     pub(crate) fn sync<R: crate::Regime, T: TlbMaintenance>(
         &mut self,
         regime: &R,
-        root: u64,
+        context: TlbContext,
         tlb: &mut T,
     ) {
         if !self.written {
@@ -591,11 +591,7 @@ impl TlbBatch {
         // SAFETY: `push` initialised the first `n` slots; `MaybeUninit<TlbOp>` has the
         // layout of `TlbOp`.
         let ops = unsafe { core::slice::from_raw_parts(ops.as_ptr().cast::<TlbOp>(), n) };
-        tlb.execute(&TlbSequence::with_levels(
-            ops,
-            &levels[..n],
-            regime.tlb_context(root),
-        ));
+        tlb.execute(&TlbSequence::with_levels(ops, &levels[..n], context));
         self.len = 0;
         self.cost = 0;
         self.all = false;
