@@ -203,6 +203,29 @@ bitflags! {
         /// one contiguous, equally aligned output range: a TLB may then hold one
         /// entry for the 16. Any later change to part of such a group first removes
         /// the hint from all 16 with break-before-make.
+        ///
+        /// ```
+        /// use mmu::testing::{HeapFrames, RecordingTlb};
+        /// use mmu::{Attributes, El2, MapFlags, PageTable, Permissions, TlbOp};
+        ///
+        /// let mut t = PageTable::new(El2::new(39), HeapFrames::new(), RecordingTlb::new())?;
+        /// let rw = Attributes::normal(Permissions::RW);
+        /// // 64 KiB of pages: one group of 16 with the hint.
+        /// t.map(0x4000_0000, 0x4000_0000, 0x1_0000, rw, MapFlags::NO_BLOCKS)?;
+        /// // Unmapping one page first takes the hint off the whole group (16 TLBIs).
+        /// t.unmap(0x4000_3000, 0x1000)?;
+        /// let by_va = |t: &PageTable<El2, HeapFrames, RecordingTlb>| {
+        ///     t.tlb().invalidations().iter().filter(|o| matches!(o, TlbOp::El2Va { .. })).count()
+        /// };
+        /// assert_eq!(by_va(&t), 16);
+        /// // Without the hint, the same unmap is one TLBI.
+        /// t.tlb_mut().clear();
+        /// let flags = MapFlags::NO_BLOCKS | MapFlags::NO_CONTIGUOUS;
+        /// t.map(0x5000_0000, 0x5000_0000, 0x1_0000, rw, flags)?;
+        /// t.unmap(0x5000_3000, 0x1000)?;
+        /// assert_eq!(by_va(&t), 1);
+        /// # Ok::<(), mmu::Error>(())
+        /// ```
         const NO_CONTIGUOUS = 1 << 3;
     }
 }

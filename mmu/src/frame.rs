@@ -194,6 +194,34 @@ impl<S: FrameSource> IdMap<S> {
 /// Frames reached at a fixed offset from their physical address (virtual = physical +
 /// `offset`, wrapping): a linear map of physical memory. Zeroes each frame it hands
 /// out.
+///
+/// # Example
+///
+/// ```
+/// use mmu::{El2, FrameSource, LinearMap, NoTlbMaintenance, PageTable};
+///
+/// #[repr(C, align(4096))]
+/// struct Frames([[u64; 512]; 4]);
+///
+/// /// Frames at physical 0x8000_0000.. (a buffer of this process stands for them).
+/// struct Pool { next: u64, end: u64 }
+///
+/// impl FrameSource for Pool {
+///     fn alloc(&mut self) -> Option<u64> {
+///         (self.next < self.end).then(|| { self.next += 4096; self.next - 4096 })
+///     }
+///     fn free(&mut self, _pa: u64) {}
+/// }
+///
+/// let buf = Box::leak(Box::new(Frames([[0; 512]; 4])));
+/// let offset = (buf.0.as_mut_ptr() as u64).wrapping_sub(0x8000_0000);
+/// // SAFETY: physical frame 0x8000_0000 + k * 4096 is `buf.0[k]`, reached at that
+/// // address plus `offset`, used by nothing else; the pool hands each out once.
+/// let frames = unsafe { LinearMap::new(Pool { next: 0x8000_0000, end: 0x8000_4000 }, offset) };
+/// let t = PageTable::new(El2::new(39), frames, NoTlbMaintenance)?;
+/// assert_eq!(t.root_address(), 0x8000_0000);
+/// # Ok::<(), mmu::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct LinearMap<S: FrameSource> {
     source: S,

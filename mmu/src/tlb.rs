@@ -333,6 +333,14 @@ pub const fn ttl_supported(mmfr2: u64) -> bool {
 /// \[3:2\] and the level in \[1:0\]; TTL = 0 means no hint). The caller ORs in the
 /// ASID (bits \[63:48\]) where the instruction has one. A level outside 1..=3 gives
 /// no hint.
+///
+/// ```
+/// // TLBI VALE2IS for a page at 0x4020_3000, leaf at level 3.
+/// assert_eq!(mmu::tlbi_operand(0x4020_3000, Some(3)), (0b0111 << 44) | 0x40203);
+/// assert_eq!(mmu::tlbi_operand(0x4020_3000, None), 0x40203);
+/// // FEAT_TTL is ID_AA64MMFR2_EL1.TTL (bits [51:48]) >= 1.
+/// assert!(mmu::ttl_supported(1 << 48));
+/// ```
 #[must_use]
 pub const fn tlbi_operand(addr: u64, level: Option<u8>) -> u64 {
     let ttl = match level {
