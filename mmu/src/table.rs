@@ -643,9 +643,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     #[cold]
     #[inline(never)]
     fn unmap_hinted_page(&mut self, va: u64, p: *mut u64) {
-        // The group's first entry: tables are 4 KiB aligned, so groups of 16 entries
-        // are 128-byte aligned in them.
-        let g = p.wrapping_sub((p as usize / 8) % GROUP);
+        // The group's first entry, from the page's index in its table (the pointer's
+        // own alignment is whatever `PhysToVirt` gives: only 8 bytes are promised).
+        let g = p.wrapping_sub(((va >> 12) as usize) % GROUP);
         let gva = va & !((GROUP as u64 * FRAME_SIZE) - 1);
         let mut batch = TlbBatch::new(self.tlbi_threshold, self.tlbi_range);
         for k in 0..GROUP {
