@@ -20,10 +20,9 @@ use crate::vm::{AbortPolicy, Ram, Stage2Mappings, Staged, VmNode};
 
 /// The smallest guest RAM accepted.
 pub const MIN_RAM: Size = Size::mib(16);
-/// The console UART every kernel guest gets (QEMU virt's PL011).
-pub const CONSOLE: &str = "/pl011@9000000";
-/// `compatible` values of the GIC node a kernel guest is given.
-const GIC_COMPATIBLES: [&str; 2] = ["arm,gic-v3", "arm,cortex-a15-gic"];
+/// IPA of the virtual PL011 every kernel guest gets: where QEMU virt has its PL011, so
+/// `console=ttyAMA0` and earlycon addresses work unchanged.
+pub const VUART_IPA: u64 = 0x0900_0000;
 
 /// A kernel guest, as the user asked for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,7 +37,8 @@ pub struct KernelGuest {
     pub cpus: u32,
     /// RAM.
     pub mem: Size,
-    /// Devices passed through besides the console and the GIC (host DT paths).
+    /// Devices passed through (host DT paths); the console and the GIC are the VM's
+    /// own virtual ones.
     pub devices: Vec<String>,
     /// What an access to an IPA with nothing behind it does.
     pub abort_policy: AbortPolicy,
@@ -70,7 +70,7 @@ fn file_len(path: &Path, what: &str) -> Result<u64, String> {
 
 impl KernelGuest {
     /// Lays the guest out and writes its VM node. `machine` is the device tree of the
-    /// machine it will run on (for the GIC's path and to check `devices`).
+    /// machine it will run on (to check `devices`).
     ///
     /// # Errors
     ///
@@ -148,10 +148,7 @@ impl KernelGuest {
                 Size(staging_size - IMAGE_BASE_ALIGN)
             ));
         }
-        let gic = machine
-            .find_compatible(&GIC_COMPATIBLES)
-            .ok_or("the machine's device tree has no GIC")?;
-        let mut devices = vec![CONSOLE.to_owned(), gic];
+        let mut devices: Vec<String> = Vec::new();
         for d in &self.devices {
             if machine.find(d).is_none() {
                 return Err(format!("--device {d}: the machine has no such node"));
@@ -178,6 +175,7 @@ impl KernelGuest {
         vm.initrd = initrd;
         vm.bootargs = Some(self.append.clone());
         vm.devices = devices;
+        vm.vuart = Some(VUART_IPA);
         vm.abort_policy = Some(self.abort_policy);
         vm.stage2 = Some(self.stage2);
         Ok(Plan { vm, loads })
@@ -261,7 +259,8 @@ mod tests {
         assert_eq!(plan.loads.len(), 2);
         assert_eq!(plan.loads[1].addr, initrd.pa);
         assert_eq!(plan.vm.cpus, [0, 1]);
-        assert_eq!(plan.vm.devices, ["/pl011@9000000", "/intc@8000000"]);
+        assert!(plan.vm.devices.is_empty(), "no GIC, no host console");
+        assert_eq!(plan.vm.vuart, Some(0x0900_0000));
         assert_eq!(plan.vm.memory[0].pa, plan.vm.memory[0].ipa);
     }
 
@@ -308,22 +307,14 @@ mod tests {
             file("be", &h)
         };
         assert!(err(guest(&be.0)).contains("BigEndian"));
-        let no_gic = Node::new("");
-        assert!(guest(&k.0)
-            .plan(&no_gic)
-            .expect_err("no GIC")
-            .contains("no GIC"));
     }
 
     #[test]
     fn extra_devices_are_added_once() {
         let k = file("k3", &image(0, 8 * MIB, 64));
         let mut g = guest(&k.0);
-        g.devices = vec!["/virtio_mmio@a000000".into(), "/pl011@9000000".into()];
+        g.devices = vec!["/virtio_mmio@a000000".into(), "/virtio_mmio@a000000".into()];
         let plan = g.plan(&machine()).expect("plans");
-        assert_eq!(
-            plan.vm.devices,
-            ["/pl011@9000000", "/intc@8000000", "/virtio_mmio@a000000"]
-        );
+        assert_eq!(plan.vm.devices, ["/virtio_mmio@a000000"]);
     }
 }

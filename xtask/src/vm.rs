@@ -221,6 +221,7 @@ mod tests {
         let ranges = hypervisor::config::HostRanges {
             ram: &[],
             staging: hypervisor::mem::layout::STAGING,
+            console: None,
         };
         let descs = hypervisor::config::parse(&dt, &ranges).expect("the hypervisor accepts it");
         let [d] = &descs[..] else { panic!("{descs:?}") };

@@ -30,6 +30,8 @@ pub enum DeviceError {
     /// `devices[i]` is not a top-level node of the host DT (or is one the guest never
     /// gets from the host, such as `/chosen`).
     NoSuchDevice(usize),
+    /// `devices[i]` is the GIC or an ITS, which only the hypervisor drives.
+    InterruptController(usize),
 }
 
 impl fmt::Display for DeviceError {
@@ -37,6 +39,10 @@ impl fmt::Display for DeviceError {
         match self {
             Self::NoRoot => f.write_str("the host device tree has no root node"),
             Self::NoSuchDevice(i) => write!(f, "device {i} is not a top-level host node"),
+            Self::InterruptController(i) => write!(
+                f,
+                "device {i} is the GIC or its ITS, which is never assigned to a VM"
+            ),
         }
     }
 }
@@ -82,6 +88,20 @@ pub fn passthrough_regions(
     Ok(merged)
 }
 
+/// The MMIO ranges of the host's GIC nodes and everything below them (the ITS), rounded
+/// out to pages: what no VM may have mapped.
+#[must_use]
+pub fn gic_regions(host: &Fdt<'_>) -> Vec<MmioRegion> {
+    let mut regions = Vec::new();
+    let Some(root) = host.find_node("/") else {
+        return regions;
+    };
+    for top in root.children().filter(is_interrupt_controller) {
+        collect_regs(&top, cells(&root, 2, 1), &mut regions);
+    }
+    regions
+}
+
 /// `#address-cells` and `#size-cells` of `node` (the cells of its children's `reg`).
 pub(crate) fn cells(node: &FdtNode<'_, '_>, default_a: usize, default_s: usize) -> (usize, usize) {
     let get = |name, default| {
@@ -124,14 +144,20 @@ pub(crate) fn select<'b, 'a>(
 ) -> Result<Vec<FdtNode<'b, 'a>>, DeviceError> {
     let root = host.find_node("/").ok_or(DeviceError::NoRoot)?;
     let tops: Vec<FdtNode<'b, 'a>> = root.children().collect();
-    let copyable = |n: &FdtNode<'_, '_>| !REWRITTEN.contains(&base_name(n.name));
+    // The GIC is the interrupt parent of nearly everything, but a guest gets its own.
+    let copyable = |n: &FdtNode<'_, '_>| {
+        !REWRITTEN.contains(&base_name(n.name)) && !is_interrupt_controller(n)
+    };
     let mut chosen = alloc::vec![false; tops.len()];
     for (i, path) in devices.iter().enumerate() {
         let name = path.strip_prefix('/').ok_or(DeviceError::NoSuchDevice(i))?;
         let at = tops
             .iter()
-            .position(|n| n.name == name && copyable(n))
+            .position(|n| n.name == name && !REWRITTEN.contains(&base_name(n.name)))
             .ok_or(DeviceError::NoSuchDevice(i))?;
+        if is_interrupt_controller(&tops[at]) {
+            return Err(DeviceError::InterruptController(i));
+        }
         chosen[at] = true;
     }
     // The EL1 generic timer is part of every CPU: always described.
@@ -187,6 +213,22 @@ pub(crate) fn select<'b, 'a>(
         .zip(chosen)
         .filter_map(|(n, c)| c.then_some(n))
         .collect())
+}
+
+/// `compatible` values of the interrupt controllers and MSI controllers a guest never
+/// gets from the host: the GICv3 (and v2) and its ITS.
+pub(crate) const GIC_COMPATIBLES: &[&str] = &[
+    "arm,gic-v3",
+    "arm,gic-v3-its",
+    "arm,gic-400",
+    "arm,cortex-a15-gic",
+    "arm,gic-v2m-frame",
+];
+
+/// Whether `node` is the host's GIC (or an ITS): never copied into a guest.
+pub(crate) fn is_interrupt_controller(node: &FdtNode<'_, '_>) -> bool {
+    node.compatible()
+        .is_some_and(|c| c.all().any(|s| GIC_COMPATIBLES.contains(&s)))
 }
 
 /// Node name without the unit address.
@@ -269,37 +311,36 @@ mod tests {
     use super::*;
     use crate::config::dtb::qemu_virt;
 
-    const DEVICES: &[&str] = &["/pl011@9000000", "/intc@8000000", "/timer"];
-
     #[test]
     fn regions_cover_the_devices_registers_rounded_to_pages() {
         let dt = qemu_virt();
         let host = dt.fdt();
-        let regions = passthrough_regions(host, DEVICES).unwrap();
-        // GIC distributor; then the ITS (0x808_0000, 128 KiB), the redistributors
-        // (0x80a_0000 + 0xf6_0000 = 0x900_0000) and the PL011 page, adjacent and merged.
+        // The PL011 page only: its interrupt parent, the GIC, never comes along.
+        let regions = passthrough_regions(host, &["/pl011@9000000", "/timer"]).unwrap();
         assert_eq!(
             regions,
-            [
-                MmioRegion {
-                    base: 0x800_0000,
-                    size: 0x1_0000
-                },
-                MmioRegion {
-                    base: 0x808_0000,
-                    size: 0x900_1000 - 0x808_0000
-                },
-            ]
+            [MmioRegion {
+                base: 0x900_0000,
+                size: 0x1000
+            }]
         );
-        // fw-cfg's 0x18 bytes become one page; the GIC comes along as interrupt parent.
+        // fw-cfg's 0x18 bytes become one page.
         let regions = passthrough_regions(host, &["/fw-cfg@9020000"]).unwrap();
-        assert!(regions.contains(&MmioRegion {
-            base: 0x902_0000,
-            size: 0x1000
-        }));
+        assert_eq!(
+            regions,
+            [MmioRegion {
+                base: 0x902_0000,
+                size: 0x1000
+            }]
+        );
         assert_eq!(
             passthrough_regions(host, &["/bogus"]),
             Err(DeviceError::NoSuchDevice(0))
+        );
+        // The GIC (with its ITS) is never a device a VM is given.
+        assert_eq!(
+            passthrough_regions(host, &["/pl011@9000000", "/intc@8000000"]),
+            Err(DeviceError::InterruptController(1))
         );
     }
 }

@@ -7,7 +7,9 @@ pub mod devices;
 pub mod dtb;
 mod hardware;
 
-pub use desc::{parse, AbortPolicy, GuestRegion, HostRanges, Image, Stage2Mappings, VmDesc};
+pub use desc::{
+    parse, AbortPolicy, GicIpa, GuestRegion, HostRanges, Image, Stage2Mappings, VmDesc, VUART_INTID,
+};
 pub use dtb::HostDt;
 pub use hardware::{Hardware, PsciConduit};
 

@@ -36,6 +36,10 @@ pub struct LinuxGuest<'a> {
     pub bootargs: &'a str,
     /// Host DT paths of the guest's pass-through devices.
     pub devices: &'a [&'a str],
+    /// Where the VM's virtual GIC is.
+    pub gic: crate::config::GicIpa,
+    /// IPA of the VM's virtual PL011, if any.
+    pub vuart: Option<u64>,
 }
 
 /// How to start a Linux guest: vCPU 0 enters `entry` with x0 = `dtb_ipa`, where the
@@ -68,9 +72,6 @@ pub enum LinuxBootError {
     DtbTooLarge,
     /// A Linux guest has exactly one RAM region.
     RamRegions,
-    /// vCPU *i* must run on physical CPU *i*: the guest drives the physical GIC, whose
-    /// affinity routing and redistributors follow the physical MPIDRs.
-    CpuNotIdentity,
     /// No room for the DTB after the staged images.
     NoStagingRoom,
 }
@@ -88,7 +89,6 @@ impl fmt::Display for LinuxBootError {
             Self::Dt(e) => write!(f, "device tree: {e}"),
             Self::DtbTooLarge => f.write_str("the guest device tree is larger than 2 MiB"),
             Self::RamRegions => f.write_str("a Linux guest has exactly one RAM region"),
-            Self::CpuNotIdentity => f.write_str("vCPU i must run on physical CPU i"),
             Self::NoStagingRoom => f.write_str("no room in the staging area for the DTB"),
         }
     }
@@ -130,6 +130,8 @@ pub fn prepare(host: &HostDt<'_>, guest: &LinuxGuest<'_>) -> Result<LinuxBoot, L
             bootargs: guest.bootargs,
             initrd,
             devices: guest.devices,
+            gic: guest.gic,
+            vuart: guest.vuart,
         },
     )
     .map_err(LinuxBootError::Dt)?;
@@ -164,16 +166,9 @@ pub fn complete_desc(
     let [ram] = desc.memory[..] else {
         return Err(LinuxBootError::RamRegions);
     };
-    if desc
-        .cpus
-        .iter()
-        .enumerate()
-        .any(|(i, c)| usize::try_from(*c).ok() != Some(i))
-    {
-        return Err(LinuxBootError::CpuNotIdentity);
-    }
-    // vCPU i has virtual MPIDR Aff0 = i (crate::psci), here equal to the physical one.
-    let mpidrs: Vec<u64> = (0..desc.cpus.len() as u64).collect();
+    // The physical CPUs the vCPUs run on (their host cpu nodes give the properties);
+    // vCPU i has virtual MPIDR Aff0 = i (crate::vm::psci).
+    let mpidrs: Vec<u64> = desc.cpus.iter().map(|&c| u64::from(c)).collect();
     let devices: Vec<&str> = desc
         .devices
         .iter()
@@ -191,6 +186,8 @@ pub fn complete_desc(
             initrd: desc.initrd.map(|i| (i.ipa, i.size)),
             bootargs,
             devices: &devices,
+            gic: desc.gic,
+            vuart: desc.vuart,
         },
     )?;
     let staged_end = [Some(desc.kernel), desc.initrd]
@@ -239,7 +236,9 @@ mod tests {
             kernel_ipa,
             initrd: Some((0x5fc0_0000, 0x1c_34f8)),
             bootargs: "console=ttyAMA0",
-            devices: &["/pl011@9000000", "/intc@8000000", "/timer"],
+            devices: &["/timer"],
+            gic: crate::config::GicIpa::QEMU_VIRT,
+            vuart: Some(0x0900_0000),
         }
     }
 
@@ -299,9 +298,10 @@ mod tests {
             arg: 0,
             abort: AbortPolicy::Stop,
             stage2: crate::config::Stage2Mappings::Pages,
-            vuart: None,
+            vuart: Some(0x0900_0000),
+            gic: crate::config::GicIpa::QEMU_VIRT,
             passthrough: vec![],
-            devices: vec!["/pl011@9000000".into()],
+            devices: vec![],
         }
     }
 
@@ -349,17 +349,20 @@ mod tests {
         );
         assert_eq!(d, before);
 
+        // A vCPU on another physical CPU than its index: vCPU 0 is still cpu@0.
         let mut d = linux_desc();
         d.cpus = vec![1];
-        assert_eq!(
-            complete_desc(
-                &mut d,
-                &qemu_virt(),
-                &header(),
-                PhysRange::new(0x7000_0000, 256 * MIB)
-            ),
-            Err(LinuxBootError::CpuNotIdentity)
-        );
+        let (_, dtb) = complete_desc(
+            &mut d,
+            &qemu_virt(),
+            &header(),
+            PhysRange::new(0x7000_0000, 256 * MIB),
+        )
+        .unwrap()
+        .unwrap();
+        let fdt = fdt::Fdt::new(&dtb).unwrap();
+        let ids: Vec<usize> = fdt.cpus().map(|c| c.ids().first()).collect();
+        assert_eq!(ids, [0]);
         let mut d = linux_desc();
         d.memory.push(d.memory[0]);
         assert_eq!(

@@ -30,6 +30,7 @@ use pl011::Pl011;
 mod console;
 mod cpu;
 mod fatal;
+mod gic;
 mod pl011;
 mod regs;
 pub mod run;
@@ -167,6 +168,23 @@ pub fn primary(dtb: usize) -> Machine {
     fault_exec_data();
     #[cfg(feature = "selftest-guest-entry")]
     selftest::run();
+
+    match platform.gic {
+        Some(g) if g.version == 3 => {
+            gic::init_distributor(g.distributor.base, g.second.base, g.second.size);
+            if !gic::init_cpu() {
+                fatal(format_args!("gic: no redistributor for cpu0"));
+            }
+            info!(
+                "gic: EL2 owns the GICv3: virtual CPU interface with {} list registers (ICH_VTR_EL2 {:#x})",
+                gic::list_registers(),
+                gic::ich_vtr()
+            );
+        }
+        _ => fatal(format_args!(
+            "a GICv3 is required (the device tree has none)"
+        )),
+    }
 
     CPU_MPIDR[0].store(mpidr, Ordering::Release);
     CPUS_ONLINE.store(1, Ordering::Release);
@@ -311,6 +329,9 @@ fn start_secondaries(platform: &Hardware, boot_mpidr: u64) -> usize {
 pub fn secondary(cpu: usize) {
     let mpidr = MPIDR_EL1.get() & MPIDR_AFFINITY_MASK;
     regs::leave_guest_context();
+    if !gic::init_cpu() {
+        fatal(format_args!("gic: no redistributor for cpu{cpu}"));
+    }
     info!("cpu{cpu} online: MPIDR {mpidr:#x}, MMU {}", mmu_state());
     #[cfg(feature = "fault-stack-overflow")]
     if cpu == 1 {

@@ -15,13 +15,16 @@ use spin::Once;
 
 use super::cpu::{cpu_mpidr, park, park_off, power_off, wake};
 use super::fatal::fatal;
+use super::gic;
 use super::regs;
 use super::{Machine, FRAMES};
 use crate::config;
 use crate::mem::frames::SharedFrames;
 use crate::mem::layout::{GUEST_RAM, STAGING};
+use crate::vcpu::irq::Taken;
 use crate::vcpu::schedule::{self, RunEnd, Start};
 use crate::vcpu::{self, GuestEl1, Next, VcpuCtx};
+use crate::vm::vgic::{lr::MAX_LIST_REGS, PhysAction, PhysGic, VcpuMask};
 use crate::vm::vmid::{Vmid, VmidBits, VmidFlush};
 use crate::vm::vuart::LineSink;
 use crate::vm::{Backend, MmuStage2, Stage2Config, Vm, VmManager, IPA_BITS};
@@ -89,6 +92,14 @@ impl Backend for MachineBackend {
         // manager); both are mapped, and they do not overlap.
         unsafe { boot::copy_and_clean(dst, src, len) };
     }
+
+    fn ich_vtr(&self) -> u64 {
+        gic::ich_vtr()
+    }
+
+    fn apply_gic(&mut self, action: PhysAction) {
+        gic::Physical.apply(action);
+    }
 }
 
 /// Prints the virtual UART's lines through the logger: `[name] text`.
@@ -100,16 +111,29 @@ impl LineSink for ConsoleLines {
     }
 }
 
-/// The running guest's EL1 exception registers.
-struct MachineEl1;
+/// What an exit of the running guest reaches on this CPU: its EL1 exception registers,
+/// the console, the physical GIC.
+struct MachineHost;
 
-impl GuestEl1 for MachineEl1 {
+impl GuestEl1 for MachineHost {
     fn vbar(&self) -> u64 {
         regs::vbar_el1()
     }
 
     fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64) {
         regs::set_el1_exception(esr, far, elr, spsr);
+    }
+}
+
+impl LineSink for MachineHost {
+    fn line(&mut self, name: &str, text: &str) {
+        ConsoleLines.line(name, text);
+    }
+}
+
+impl PhysGic for MachineHost {
+    fn apply(&mut self, action: PhysAction) {
+        gic::Physical.apply(action);
     }
 }
 
@@ -120,6 +144,7 @@ pub fn run_vms(machine: &Machine) -> ! {
     let ranges = config::HostRanges {
         ram: machine.platform.memory(),
         staging: STAGING,
+        console: machine.platform.uart,
     };
     let descs = match config::parse(&machine.dt, &ranges) {
         Ok(d) => d,
@@ -333,6 +358,10 @@ fn run_cpu(cpu: usize) -> ! {
     }
 }
 
+/// Most physical interrupts taken in one exit before the guest runs again (the rest
+/// stay pending and bring it back at once).
+const MAX_IRQS_PER_EXIT: usize = 16;
+
 fn run_vcpu(
     manager: &VmManager<MachineBackend>,
     vm: &Arc<Vm<MachineStage2>>,
@@ -345,12 +374,28 @@ fn run_vcpu(
         .with_backend(|b| b.stage2.regime(vm.vmid).vtcr())
         .unwrap_or(0);
     regs::enter_guest_context(vm.vttbr, vtcr, index as u64);
+    let nr_lrs = vm.vgic.lock().list_registers();
+    gic::vcpu_start(nr_lrs);
     let mut regs = boot::GuestRegs::new(entry, ctx);
+    let mut lrs = [0u64; MAX_LIST_REGS];
     loop {
+        let flush = vm.vgic.lock().flush(index);
+        gic::load(&flush);
         // SAFETY: HCR_EL2, VTCR_EL2 and VTTBR_EL2 were just set up for this VM, whose
         // stage 2 maps only its own RAM and pass-through devices; its EL1 registers are
-        // reset; interrupts are masked at EL2.
+        // reset; interrupts are masked at EL2; the virtual CPU interface holds this
+        // vCPU's list registers.
         let exit = unsafe { boot::enter_guest(&mut regs) };
+        let vmcr = gic::save(&mut lrs, nr_lrs);
+        {
+            let mut g = vm.vgic.lock();
+            g.sync(index, lrs.get(..nr_lrs).unwrap_or(&[]));
+            g.set_vmcr(index, vmcr);
+        }
+        let mut kicks = VcpuMask::EMPTY;
+        if matches!(exit, boot::Exit::Irq | boot::Exit::Fiq) {
+            take_interrupts(vm, index, &mut kicks);
+        }
         let mut ctx = VcpuCtx {
             x: &mut regs.x,
             pc: &mut regs.pc,
@@ -361,10 +406,11 @@ fn run_vcpu(
             index,
             &mut ctx,
             exit,
-            &mut MachineEl1,
-            &mut ConsoleLines,
+            &mut MachineHost,
             &mut |req| manager.share_call(vm, index, req),
+            &mut kicks,
         );
+        kick_others(vm, index, kicks);
         // A CPU_ON may have made another vCPU runnable.
         aarch64_cpu::asm::sev();
         for cpu in schedule::pending_starts(vm) {
@@ -374,13 +420,44 @@ fn run_vcpu(
         }
         match next {
             Next::Resume => {}
-            Next::Stop => return,
+            Next::Stop => {
+                gic::vcpu_stop(nr_lrs);
+                return;
+            }
             Next::Reset => {
+                gic::vcpu_stop(nr_lrs);
                 if let Err(e) = manager.reset(vm.id) {
                     log::error!("VM {}: reset failed: {e}", vm.desc.name);
                 }
                 return;
             }
+        }
+    }
+}
+
+/// Takes the physical interrupts pending at EL2 after an IRQ exit: acknowledges each,
+/// drops its priority, and either hands it to the guest (`vcpu::irq::physical`, the
+/// guest's deactivation of its HW list register deactivates it) or deactivates it.
+fn take_interrupts(vm: &Vm<MachineStage2>, index: usize, kicks: &mut VcpuMask) {
+    for _ in 0..MAX_IRQS_PER_EXIT {
+        let intid = gic::acknowledge();
+        if intid >= 1020 {
+            break;
+        }
+        gic::priority_drop(intid);
+        if vcpu::irq::physical(vm, index, intid, kicks) == Taken::Deactivate {
+            gic::deactivate(intid);
+        }
+    }
+}
+
+/// Signals the physical CPUs of the vCPUs in `kicks` (other than `index`, which enters
+/// next with its list registers refilled) so that they exit and pick up their new
+/// interrupts.
+fn kick_others(vm: &Vm<MachineStage2>, index: usize, kicks: VcpuMask) {
+    for j in kicks.iter().filter(|&j| j != index) {
+        if let Some(&cpu) = vm.desc.cpus.get(j) {
+            gic::kick(u64::from(cpu));
         }
     }
 }

@@ -1,5 +1,7 @@
 //! What a physical CPU does with one exit of the vCPU it runs: decode, then emulate the
-//! virtual UART, answer a hypercall, inject an abort, or stop the vCPU or the VM.
+//! virtual UART or the virtual GIC (distributor, redistributors, trapped SGI register
+//! writes), take a physical interrupt, answer a hypercall, inject an abort, or stop the
+//! vCPU or the VM.
 //!
 //! Register state is passed in as plain values and the guest's EL1 exception registers
 //! behind [`GuestEl1`], so this is tested on the host; the machine's run loop
@@ -7,14 +9,17 @@
 
 pub mod exit;
 pub mod hypercall;
+pub mod irq;
 pub mod schedule;
 
-use crate::config::AbortPolicy;
+use crate::config::{AbortPolicy, GicIpa, VUART_INTID};
 use crate::mem::PAGE_SIZE;
 use crate::vm::psci::PowerState;
 use crate::vm::share::Request;
+use crate::vm::vgic::{sgi::SgiRegister, MmioError, PhysGic, VcpuMask};
 use crate::vm::vuart::LineSink;
 use crate::vm::{Stage2Table, Vm, VmStatus};
+use boot::esr::{DataAccess, SysRegAccess};
 use core::sync::atomic::Ordering;
 use exit::{Abort, Exit};
 use hypercall::{Caller, Outcome};
@@ -37,6 +42,12 @@ pub trait GuestEl1 {
     /// Writes `ESR_EL1`, `FAR_EL1`, `ELR_EL1` and `SPSR_EL1`.
     fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64);
 }
+
+/// What an exit needs from the machine: the guest's EL1 exception registers, the
+/// console the virtual UART prints on, and the physical GIC a virtual GIC drives.
+pub trait Host: GuestEl1 + LineSink + PhysGic {}
+
+impl<T: GuestEl1 + LineSink + PhysGic> Host for T {}
 
 /// What the physical CPU does next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,15 +86,18 @@ pub fn stop_vm<S>(vm: &Vm<S>, what: core::fmt::Arguments<'_>) -> Next {
 /// (`crate::vm::VmManager::share_call`).
 pub type ShareCall<'a> = dyn FnMut(Request) -> [u64; 4] + 'a;
 
-/// Handles one exit of vCPU `vcpu` of `vm`; memory-sharing calls go to `share`.
+/// Handles one exit of vCPU `vcpu` of `vm` (a physical interrupt was already taken by
+/// the caller, [`irq::physical`]); memory-sharing calls go to `share`. Adds to `kicks`
+/// the vCPUs of `vm` that may now have an interrupt to take (the caller signals those
+/// running on other CPUs).
 pub fn handle_exit<S: Stage2Table>(
     vm: &Vm<S>,
     vcpu: usize,
     ctx: &mut VcpuCtx<'_>,
     exit: boot::Exit,
-    el1: &mut impl GuestEl1,
-    sink: &mut impl LineSink,
+    host: &mut impl Host,
     share: &mut ShareCall<'_>,
+    kicks: &mut VcpuMask,
 ) -> Next {
     // Another vCPU may have powered the VM off, reset or stopped it meanwhile.
     if vm.status() != VmStatus::Running || vm.psci.lock().state(vcpu) != Some(PowerState::On) {
@@ -92,17 +106,39 @@ pub fn handle_exit<S: Stage2Table>(
     match Exit::from(exit) {
         Exit::Interrupt => Next::Resume,
         Exit::SError { esr } => stop_vm(vm, format_args!("SError (ESR {:#x})", esr.bits())),
-        Exit::Hvc { .. } => hypercall(vm, vcpu, ctx, sink, share),
+        Exit::Hvc { .. } => hypercall(vm, vcpu, ctx, host, share),
         Exit::Smc { .. } => {
             // A trapped SMC returns to the SMC itself (preferred return address).
             *ctx.pc = ctx.pc.wrapping_add(4);
-            hypercall(vm, vcpu, ctx, sink, share)
+            hypercall(vm, vcpu, ctx, host, share)
         }
         Exit::Wfx { .. } => {
             *ctx.pc = ctx.pc.wrapping_add(4);
             Next::Resume
         }
-        Exit::Abort(abort) => stage2_abort(vm, ctx, &abort, el1, sink),
+        Exit::SysReg { access, esr } => match sgi_register(&access) {
+            Some(reg) if !access.read => {
+                let value = if access.rt == 31 {
+                    0
+                } else {
+                    ctx.x[usize::from(access.rt)]
+                };
+                let sent = vm.vgic.lock().sgi_write(vcpu, reg, value);
+                kicks.0 |= sent.0;
+                *ctx.pc = ctx.pc.wrapping_add(4);
+                Next::Resume
+            }
+            _ => stop_vm(
+                vm,
+                format_args!(
+                    "unhandled system register access: {} (ESR {:#x}, PC {:#x})",
+                    esr.decode(),
+                    esr.bits(),
+                    *ctx.pc
+                ),
+            ),
+        },
+        Exit::Abort(abort) => stage2_abort(vm, vcpu, ctx, &abort, host, kicks),
         Exit::Other { esr } => stop_vm(
             vm,
             format_args!(
@@ -162,39 +198,168 @@ fn hypercall<S>(
     }
 }
 
-fn stage2_abort<S: Stage2Table>(
+/// The SGI-generation register a trapped system-register access names, if any:
+/// `ICC_SGI1R_EL1` (op0 3, op1 0, CRn 12, CRm 11, op2 5), `ICC_ASGI1R_EL1` (op1 1,
+/// op2 6) and `ICC_SGI0R_EL1` (op1 2, op2 7). With `HCR_EL2.IMO` or `HCR_EL2.FMO` set, an
+/// EL1 write to any of them traps to EL2 with EC 0x18 (Arm ARM DDI 0487, the
+/// `ICC_SGI1R_EL1`/`ICC_ASGI1R_EL1`/`ICC_SGI0R_EL1` accessibility pseudocode:
+/// `EL2Enabled() && (HCR_EL2.IMO == '1' || HCR_EL2.FMO == '1')` takes
+/// `AArch64.SystemAccessTrap(EL2, 0x18)`; IHI 0069 12.11, "Traps and enables").
+#[must_use]
+pub fn sgi_register(a: &SysRegAccess) -> Option<SgiRegister> {
+    if (a.op0, a.crn, a.crm) != (3, 12, 11) {
+        return None;
+    }
+    match (a.op1, a.op2) {
+        (0, 5) => Some(SgiRegister::Sgi1r),
+        (1, 6) => Some(SgiRegister::Asgi1r),
+        (2, 7) => Some(SgiRegister::Sgi0r),
+        _ => None,
+    }
+}
+
+/// Emulates one MMIO access with syndrome `syn` through `access`, which gets
+/// `Some(value)` for a write (the source register truncated to the access size) and
+/// `None` for a read, whose result goes into the target register truncated,
+/// sign-extended as the syndrome asks, and cut to 32 bits for a W register. XZR as
+/// target discards the value (the read still happens, as it may have effects). On
+/// success the guest PC moves past the access.
+fn emulate_mmio<E>(
+    ctx: &mut VcpuCtx<'_>,
+    syn: &DataAccess,
+    is_write: bool,
+    access: impl FnOnce(Option<u64>) -> Result<u64, E>,
+) -> Result<(), E> {
+    let bits = u64::from(syn.size) * 8;
+    let mask = if bits >= 64 {
+        u64::MAX
+    } else {
+        (1 << bits) - 1
+    };
+    let reg = usize::from(syn.reg);
+    if is_write {
+        access(Some(ctx.x.get(reg).map_or(0, |x| x & mask)))?;
+    } else {
+        let mut value = access(None)? & mask;
+        if syn.sign_extend && bits < 64 && value & (1 << (bits - 1)) != 0 {
+            value |= !mask;
+        }
+        if !syn.sixty_four {
+            value &= 0xffff_ffff;
+        }
+        if let Some(x) = ctx.x.get_mut(reg) {
+            *x = value;
+        }
+    }
+    *ctx.pc = ctx.pc.wrapping_add(4);
+    Ok(())
+}
+
+/// Which emulated device an IPA of `vm` belongs to.
+enum Emulated {
+    Uart(u64),
+    Dist(u64),
+    Redist(u64),
+}
+
+fn emulated_at<S>(vm: &Vm<S>, ipa: u64) -> Option<Emulated> {
+    let GicIpa { dist, redist } = vm.desc.gic;
+    if let Some(base) = vm.desc.vuart {
+        if ipa.wrapping_sub(base) < PAGE_SIZE {
+            return Some(Emulated::Uart(ipa - base));
+        }
+    }
+    if ipa.wrapping_sub(dist) < GicIpa::DIST_SIZE {
+        return Some(Emulated::Dist(ipa - dist));
+    }
+    if ipa.wrapping_sub(redist) < GicIpa::redist_size(vm.desc.cpus.len()) {
+        return Some(Emulated::Redist(ipa - redist));
+    }
+    None
+}
+
+/// Raises or lowers the virtual UART's interrupt line to `level`.
+fn uart_line<S>(vm: &Vm<S>, level: bool, kicks: &mut VcpuMask) {
+    if let Ok(Some(target)) = vm.vgic.lock().set_spi_level(VUART_INTID, level) {
+        kicks.insert(target);
+    }
+}
+
+/// Emulates an access to the virtual UART or GIC; `None` if `abort` is not one.
+fn emulate<S>(
     vm: &Vm<S>,
     ctx: &mut VcpuCtx<'_>,
     abort: &Abort,
-    el1: &mut impl GuestEl1,
-    sink: &mut impl LineSink,
-) -> Next {
-    if let (Some(base), Some(syn)) = (vm.desc.vuart, abort.syndrome) {
-        if !abort.instruction && abort.ipa >= base && abort.ipa - base < PAGE_SIZE {
-            let offset = abort.ipa - base;
-            let bits = u64::from(syn.size) * 8;
-            let mask = if bits == 64 {
-                u64::MAX
-            } else {
-                (1 << bits) - 1
-            };
-            let reg = usize::from(syn.reg);
-            if abort.write {
-                let value = if reg == 31 { 0 } else { ctx.x[reg] & mask };
-                vm.uart.lock().write(offset, value, &vm.desc.name, sink);
-            } else if reg != 31 {
-                let mut value = vm.uart.lock().read(offset) & mask;
-                if syn.sign_extend && bits < 64 && value & (1 << (bits - 1)) != 0 {
-                    value |= !mask;
-                }
-                if !syn.sixty_four {
-                    value &= 0xffff_ffff;
-                }
-                ctx.x[reg] = value;
-            }
-            *ctx.pc = ctx.pc.wrapping_add(4);
-            return Next::Resume;
+    host: &mut impl Host,
+    kicks: &mut VcpuMask,
+) -> Option<Result<(), MmioError>> {
+    let syn = abort.syndrome?;
+    if abort.instruction {
+        return None;
+    }
+    let size = syn.size;
+    Some(match emulated_at(vm, abort.ipa)? {
+        Emulated::Uart(offset) => {
+            let mut uart = vm.uart.lock();
+            let _ = emulate_mmio::<MmioError>(ctx, &syn, abort.write, |w| {
+                Ok(match w {
+                    Some(v) => {
+                        uart.write(offset, v, &vm.desc.name, host);
+                        0
+                    }
+                    None => uart.read(offset),
+                })
+            });
+            let level = uart.irq_level();
+            drop(uart);
+            uart_line(vm, level, kicks);
+            Ok(())
         }
+        Emulated::Dist(offset) => {
+            let mut g = vm.vgic.lock();
+            emulate_mmio(ctx, &syn, abort.write, |w| match w {
+                Some(v) => g.dist_write(offset, size, v, host).map(|k| {
+                    kicks.0 |= k.0;
+                    0
+                }),
+                None => g.dist_read(offset, size),
+            })
+        }
+        Emulated::Redist(offset) => {
+            let mut g = vm.vgic.lock();
+            emulate_mmio(ctx, &syn, abort.write, |w| match w {
+                Some(v) => g.redist_write(offset, size, v, host).map(|k| {
+                    kicks.0 |= k.0;
+                    0
+                }),
+                None => g.redist_read(offset, size),
+            })
+        }
+    })
+}
+
+fn stage2_abort<S: Stage2Table>(
+    vm: &Vm<S>,
+    _vcpu: usize,
+    ctx: &mut VcpuCtx<'_>,
+    abort: &Abort,
+    host: &mut impl Host,
+    kicks: &mut VcpuMask,
+) -> Next {
+    match emulate(vm, ctx, abort, host, kicks) {
+        Some(Ok(())) => return Next::Resume,
+        Some(Err(e)) => {
+            // An access the GIC architecture does not allow (size, alignment): the
+            // guest's own mistake, handled by its abort policy like an unmapped access.
+            log::warn!(
+                "VM {}: {e} at IPA {:#x} (ESR {:#x})",
+                vm.desc.name,
+                abort.ipa,
+                abort.esr.bits()
+            );
+            return abort_policy(vm, ctx, abort, host);
+        }
+        None => {}
     }
     if abort.unmapped() && mapped_now(vm, abort.ipa) {
         // The page was invalid only during a break-before-make on the live stage 2
@@ -203,6 +368,16 @@ fn stage2_abort<S: Stage2Table>(
         // page is mapped: run the access again.
         return Next::Resume;
     }
+    abort_policy(vm, ctx, abort, host)
+}
+
+/// Stops the VM or injects an abort, as its description says.
+fn abort_policy<S>(
+    vm: &Vm<S>,
+    ctx: &mut VcpuCtx<'_>,
+    abort: &Abort,
+    el1: &mut impl GuestEl1,
+) -> Next {
     let what = access_name(abort);
     // A translation fault: nothing mapped there (or a page this VM lent away). A
     // permission fault: mapped without that access (e.g. a write to a page borrowed
@@ -289,7 +464,33 @@ mod tests {
         }
     }
 
+    /// The machine as one exit sees it, over the tests' pieces.
+    struct TestHost<'a> {
+        el1: &'a mut El1,
+        out: &'a mut Lines,
+        phys: Vec<crate::vm::vgic::PhysAction>,
+    }
+    impl GuestEl1 for TestHost<'_> {
+        fn vbar(&self) -> u64 {
+            self.el1.vbar()
+        }
+        fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64) {
+            self.el1.set_exception(esr, far, elr, spsr);
+        }
+    }
+    impl LineSink for TestHost<'_> {
+        fn line(&mut self, name: &str, text: &str) {
+            self.out.line(name, text);
+        }
+    }
+    impl PhysGic for TestHost<'_> {
+        fn apply(&mut self, action: crate::vm::vgic::PhysAction) {
+            self.phys.push(action);
+        }
+    }
+
     struct Cpu {
+        kicks: VcpuMask,
         x: [u64; 31],
         pc: u64,
         pstate: u64,
@@ -298,6 +499,7 @@ mod tests {
     impl Cpu {
         fn new() -> Self {
             Self {
+                kicks: VcpuMask::EMPTY,
                 x: [0; 31],
                 pc: 0x4000_1000,
                 pstate: 0x3c5,
@@ -316,7 +518,20 @@ mod tests {
                 pc: &mut self.pc,
                 pstate: &mut self.pstate,
             };
-            handle_exit(vm, vcpu, &mut ctx, e, el1, out, &mut |_| [u64::MAX; 4])
+            let mut host = TestHost {
+                el1,
+                out,
+                phys: Vec::new(),
+            };
+            handle_exit(
+                vm,
+                vcpu,
+                &mut ctx,
+                e,
+                &mut host,
+                &mut |_| [u64::MAX; 4],
+                &mut self.kicks,
+            )
         }
     }
 

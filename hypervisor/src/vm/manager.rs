@@ -15,6 +15,7 @@ use super::pool::{PagePool, PoolError};
 use super::psci::{PowerState, PsciVm};
 use super::share;
 use super::stage2::Stage2Table;
+use super::vgic::{self, PhysAction, PhysGic, Vgic};
 use super::vmid::{Vmid, VmidAllocator, VmidBits, VmidError, VmidFlush};
 use super::vuart::VUart;
 use super::{S2Kind, Vm, VmStatus};
@@ -40,6 +41,20 @@ pub trait Backend: VmidFlush {
     fn zero(&mut self, pa: u64, len: u64);
     /// Copies host physical memory (`src` and `dst` do not overlap).
     fn copy(&mut self, dst: u64, src: u64, len: u64);
+    /// `ICH_VTR_EL2` of the machine (list registers, priority bits of the virtual CPU
+    /// interface), for each VM's virtual GIC.
+    fn ich_vtr(&self) -> u64;
+    /// Applies a virtual GIC's change to the physical GIC (an interrupt the VM owns).
+    fn apply_gic(&mut self, action: PhysAction);
+}
+
+/// The physical GIC as a VM's virtual GIC drives it, through the backend.
+struct BackendGic<'a, P>(&'a mut P);
+
+impl<P: Backend> PhysGic for BackendGic<'_, P> {
+    fn apply(&mut self, action: PhysAction) {
+        self.0.apply_gic(action);
+    }
 }
 
 /// Why a VM could not be created or destroyed.
@@ -53,6 +68,8 @@ pub enum VmError {
     Stage2(mmu::Error),
     /// No VM with that id.
     NoSuchVm(u32),
+    /// The virtual GIC refused the VM's vCPUs or interrupts.
+    Vgic(vgic::ConfigError),
 }
 
 impl core::error::Error for VmError {}
@@ -64,6 +81,7 @@ impl fmt::Display for VmError {
             Self::Ram(r, e) => write!(f, "RAM at PA {:#x} size {:#x}: {e}", r.pa, r.size),
             Self::Stage2(e) => write!(f, "stage 2: {e}"),
             Self::NoSuchVm(id) => write!(f, "no VM {id}"),
+            Self::Vgic(e) => write!(f, "{e}"),
         }
     }
 }
@@ -117,6 +135,7 @@ impl<P: Backend> VmManager<P> {
     pub fn create(&self, desc: VmDesc) -> Result<Arc<Vm<P::S2>>, VmError> {
         let mut inner = self.inner.lock();
         let inner = &mut *inner;
+        let mut vgic = new_vgic(&desc, inner.platform.ich_vtr()).map_err(VmError::Vgic)?;
         let vmid = inner.vmids.allocate().map_err(VmError::Vmid)?;
         let mut s2 = match inner.platform.new_stage2(vmid, desc.stage2) {
             Ok(s2) => s2,
@@ -165,6 +184,7 @@ impl<P: Backend> VmManager<P> {
             return Err(e);
         }
         load_images(&mut inner.platform, &desc);
+        vgic.reset(&mut BackendGic(&mut inner.platform));
         let mut psci = PsciVm::new(desc.cpus.len());
         // vCPU 0 of a new VM is off, so this cannot fail.
         let _ = psci.power_on(0, desc.entry, desc.boot_x0());
@@ -177,6 +197,7 @@ impl<P: Backend> VmManager<P> {
             psci: Mutex::new(psci),
             status: Mutex::new(VmStatus::Running),
             uart: Mutex::new(VUart::new()),
+            vgic: Mutex::new(vgic),
             in_guest: AtomicUsize::new(0),
             boots: AtomicU32::new(1),
         });
@@ -207,6 +228,8 @@ impl<P: Backend> VmManager<P> {
             scrub_around_images(&mut inner.platform, &vm.desc, r);
         }
         load_images(&mut inner.platform, &vm.desc);
+        vm.vgic.lock().reset(&mut BackendGic(&mut inner.platform));
+        *vm.uart.lock() = VUart::new();
         let _ = psci.power_on(0, vm.desc.entry, vm.desc.boot_x0());
         vm.boots.fetch_add(1, Ordering::SeqCst);
         *vm.status.lock() = VmStatus::Running;
@@ -232,6 +255,8 @@ impl<P: Backend> VmManager<P> {
             inner.destroyed_failed += 1;
         }
         vm.psci.lock().all_off();
+        // Its hardware interrupts go back to disabled and inactive.
+        vm.vgic.lock().reset(&mut BackendGic(&mut inner.platform));
         // Its pages leave every other VM before they are scrubbed, and pages it borrowed
         // go back to pending.
         self.shares.lock().end_all(&inner.vms, &vm);
@@ -355,6 +380,38 @@ impl<P: Backend> VmManager<P> {
     pub fn with_backend<R>(&self, f: impl FnOnce(&mut P) -> R) -> R {
         f(&mut self.inner.lock().platform)
     }
+}
+
+/// The virtual GIC of a VM described by `desc`: vCPU *i* has virtual affinity Aff0 = *i*
+/// (as PSCI sees it, `crate::vm::psci`) and runs on physical CPU `desc.cpus[i]`; the
+/// EL1 timers are hardware PPIs; the virtual UART's SPI is emulated.
+fn new_vgic(desc: &VmDesc, ich_vtr: u64) -> Result<Vgic, vgic::ConfigError> {
+    let vcpus: Vec<vgic::VcpuDesc> = desc
+        .cpus
+        .iter()
+        .enumerate()
+        .map(|(i, &cpu)| vgic::VcpuDesc {
+            mpidr: i as u64,
+            pcpu_mpidr: u64::from(cpu),
+        })
+        .collect();
+    let mut spis = Vec::new();
+    if desc.vuart.is_some() {
+        spis.push(vgic::SpiDesc {
+            intid: crate::config::VUART_INTID,
+            source: vgic::SpiSource::Virtual,
+        });
+    }
+    let mut vgic = Vgic::new(&vgic::VgicConfig {
+        vcpus: &vcpus,
+        spis: &spis,
+        ich_vtr,
+    })?;
+    for ppi in [vgic::PPI_VTIMER, vgic::PPI_PTIMER] {
+        // Both are PPIs: this cannot fail.
+        let _ = vgic.set_hw_ppi(ppi);
+    }
+    Ok(vgic)
 }
 
 /// Zeroes RAM region `r` of `desc` except the bytes its images are copied over right

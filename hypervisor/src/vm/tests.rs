@@ -171,6 +171,12 @@ impl Backend for Fake {
             self.mem.insert(k - src + dst, v);
         }
     }
+
+    fn ich_vtr(&self) -> u64 {
+        crate::vm::vgic::tests::VTR_QEMU
+    }
+
+    fn apply_gic(&mut self, _action: crate::vm::vgic::PhysAction) {}
 }
 
 /// The fake memory of [`Fake`] with real `mmu` stage-2 tables whose frames come from
@@ -215,6 +221,12 @@ impl Backend for MmuFake {
     fn copy(&mut self, dst: u64, src: u64, len: u64) {
         self.fake.copy(dst, src, len);
     }
+
+    fn ich_vtr(&self) -> u64 {
+        crate::vm::vgic::tests::VTR_QEMU
+    }
+
+    fn apply_gic(&mut self, _action: crate::vm::vgic::PhysAction) {}
 }
 
 /// The guest RAM of the test managers: 4 MiB.
@@ -409,6 +421,12 @@ impl Backend for MachineLike {
     fn copy(&mut self, dst: u64, src: u64, len: u64) {
         self.fake.copy(dst, src, len);
     }
+
+    fn ich_vtr(&self) -> u64 {
+        crate::vm::vgic::tests::VTR_QEMU
+    }
+
+    fn apply_gic(&mut self, _action: crate::vm::vgic::PhysAction) {}
 }
 
 #[test]

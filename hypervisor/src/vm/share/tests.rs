@@ -578,9 +578,11 @@ fn calls_go_through_the_vcpu_exit_path() {
         }
         fn set_exception(&mut self, _: u64, _: u64, _: u64, _: u64) {}
     }
-    struct Sink;
-    impl crate::vm::vuart::LineSink for Sink {
+    impl crate::vm::vuart::LineSink for El1 {
         fn line(&mut self, _: &str, _: &str) {}
+    }
+    impl crate::vm::vgic::PhysGic for El1 {
+        fn apply(&mut self, _: crate::vm::vgic::PhysAction) {}
     }
     let m = manager(frames());
     let (a, b) = (vm(&m, 0), vm(&m, 1));
@@ -596,9 +598,16 @@ fn calls_go_through_the_vcpu_exit_path() {
         far: 0,
         hpfar: 0,
     };
-    let next = handle_exit(&a, 0, &mut ctx, hvc, &mut El1, &mut Sink, &mut |req| {
-        m.share_call(&a, 0, req)
-    });
+    let mut kicks = crate::vm::vgic::VcpuMask::EMPTY;
+    let next = handle_exit(
+        &a,
+        0,
+        &mut ctx,
+        hvc,
+        &mut El1,
+        &mut |req| m.share_call(&a, 0, req),
+        &mut kicks,
+    );
     assert_eq!(next, Next::Resume);
     let handle = m.with_shares(|t| t.transactions()[0].handle);
     assert_eq!(&x[..4], &[0, handle, 0, 0]);

@@ -64,7 +64,7 @@ pub mod redist;
 mod regs;
 pub mod sgi;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use alloc::vec::Vec;
 use core::fmt;

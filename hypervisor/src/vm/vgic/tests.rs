@@ -11,7 +11,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 /// QEMU's `ICH_VTR_EL2`: PRIbits = 4 (five priority bits), ListRegs = 3 (four LRs).
-pub(super) const VTR_QEMU: u64 = (4 << VTR_PRI_BITS_SHIFT) | 3;
+pub(crate) const VTR_QEMU: u64 = (4 << VTR_PRI_BITS_SHIFT) | 3;
 /// The hardware SPI the tests give their VM: virtual 40 = physical 72.
 const HW_V: u32 = 40;
 const HW_P: u32 = 72;
