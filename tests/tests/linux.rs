@@ -65,8 +65,11 @@ fn boot_linux(cpus: u32, cpu_model: &str) -> Boot {
 fn check(cpus: u32, cpu_model: &str) {
     let boot = boot_linux(cpus, cpu_model);
     let log = &boot.out;
+    // Each of the guest's console lines comes out of the hypervisor's console with the
+    // VM's name in front.
     assert!(
-        log.lines().any(|l| l.trim_end() == "TWOSTAGE-LINUX-UP"),
+        log.lines()
+            .any(|l| l.trim_end().ends_with("[linux] TWOSTAGE-LINUX-UP")),
         "no userspace marker:\n{log}"
     );
     let version = std::fs::read_to_string(root().join("out/linux/VERSION")).unwrap();
@@ -128,14 +131,22 @@ fn check(cpus: u32, cpu_model: &str) {
         GUEST_RAM_BASE + GUEST_RAM
     );
     assert!(log.contains(&ram_line), "no '{ram_line}':\n{log}");
-    let s2_lines = log
-        .lines()
-        .filter(|l| l.contains("VM linux stage 2:"))
-        .count();
-    assert!(
-        s2_lines >= 2,
-        "RAM and pass-through ranges expected:\n{log}"
-    );
+    // Its GIC and console are virtual: emulated, never mapped; nothing is passed through.
+    for emulated in [
+        "IPA [0x8000000, 0x8010000): virtual GIC distributor, unmapped (emulated)",
+        &format!(
+            "IPA [0x80a0000, {:#x}): virtual GIC redistributors, unmapped (emulated)",
+            0x80a_0000 + 0x2_0000 * u64::from(cpus)
+        ),
+        "IPA [0x9000000, 0x9001000): virtual UART, unmapped (emulated)",
+    ] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("VM linux stage 2:") && l.contains(emulated)),
+            "no '{emulated}':\n{log}"
+        );
+    }
+    assert!(!log.contains("pass-through"), "{log}");
     assert!(!log.contains(" stopped:"), "{log}");
     assert!(log.contains("VM linux powered off"), "{log}");
     assert!(log.contains("all VMs done: success"), "{log}");

@@ -158,6 +158,11 @@ pub fn init_distributor(dist: u64, redist: u64, redist_size: u64) {
     );
 }
 
+/// Whether the hypervisor drives a GICv3 ([`init_distributor`] ran).
+pub fn present() -> bool {
+    GIC.get().is_some()
+}
+
 /// `GICD_IROUTER` value for a CPU's MPIDR affinity (Aff3 at \[39:32\] in both).
 const fn route(mpidr: u64) -> u64 {
     mpidr & 0xff_00ff_ffff

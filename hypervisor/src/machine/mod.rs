@@ -181,9 +181,9 @@ pub fn primary(dtb: usize) -> Machine {
                 gic::ich_vtr()
             );
         }
-        _ => fatal(format_args!(
-            "a GICv3 is required (the device tree has none)"
-        )),
+        _ => warn!(
+            "gic: not a GICv3: no VM can run (EL2 owns interrupts through the GICv3 virtual CPU interface)"
+        ),
     }
 
     CPU_MPIDR[0].store(mpidr, Ordering::Release);
@@ -329,7 +329,7 @@ fn start_secondaries(platform: &Hardware, boot_mpidr: u64) -> usize {
 pub fn secondary(cpu: usize) {
     let mpidr = MPIDR_EL1.get() & MPIDR_AFFINITY_MASK;
     regs::leave_guest_context();
-    if !gic::init_cpu() {
+    if gic::present() && !gic::init_cpu() {
         fatal(format_args!("gic: no redistributor for cpu{cpu}"));
     }
     info!("cpu{cpu} online: MPIDR {mpidr:#x}, MMU {}", mmu_state());

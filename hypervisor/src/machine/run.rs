@@ -159,6 +159,12 @@ pub fn run_vms(machine: &Machine) -> ! {
         log::info!("no VMs described under /chosen: nothing to run");
         power_off();
     }
+    if !gic::present() {
+        fatal(format_args!(
+            "VMs need a GICv3: EL2 owns interrupts and gives each VM a virtual GICv3 \
+             through the GIC's virtual CPU interface"
+        ));
+    }
     let Some(pool) = FRAMES.get() else {
         fatal(format_args!("no page-table frame pool"))
     };
@@ -251,6 +257,19 @@ fn log_stage2_layout(desc: &config::VmDesc) {
             r.pa
         );
     }
+    let gic = desc.gic;
+    log::info!(
+        "VM {} stage 2: IPA [{:#x}, {:#x}): virtual GIC distributor, unmapped (emulated)",
+        desc.name,
+        gic.dist,
+        gic.dist + config::GicIpa::DIST_SIZE
+    );
+    log::info!(
+        "VM {} stage 2: IPA [{:#x}, {:#x}): virtual GIC redistributors, unmapped (emulated)",
+        desc.name,
+        gic.redist,
+        gic.redist + config::GicIpa::redist_size(desc.cpus.len())
+    );
     if let Some(u) = desc.vuart {
         log::info!(
             "VM {} stage 2: IPA [{u:#x}, {:#x}): virtual UART, unmapped (emulated)",
