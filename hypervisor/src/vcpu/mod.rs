@@ -780,4 +780,125 @@ mod tests {
         );
         assert!(out.0.is_empty());
     }
+
+    /// `MSR ICC_SGI1R_EL1, x<rt>` trapped (EC 0x18).
+    fn sgi1r_write(rt: u64) -> u64 {
+        (0x18 << 26) | (1 << 25) | (3 << 20) | (5 << 17) | (12 << 10) | (rt << 5) | (11 << 1)
+    }
+
+    #[test]
+    fn trapped_sgi_writes_reach_only_the_vms_own_vcpus() {
+        let m = manager();
+        let mut d = desc(0x5000_0000, 1);
+        d.cpus.push(2);
+        let vm = m.create(d).expect("vm");
+        let other = m.create(desc(0x5010_0000, 3)).expect("other vm");
+        vm.psci.lock().take_pending(0);
+        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+        // GICD_CTLR.EnableGrp1, then SGI 3 enabled on vCPU 1 (GICR_ISENABLER0).
+        cpu.x[1] = 2;
+        cpu.exit(
+            &vm,
+            0,
+            sync(dabt(true, 1, 2), 0x0800_0000),
+            &mut el1,
+            &mut out,
+        );
+        cpu.x[1] = 1 << 3;
+        cpu.exit(
+            &vm,
+            0,
+            sync(dabt(true, 1, 2), 0x080c_0000 + 0x1_0000 + 0x100),
+            &mut el1,
+            &mut out,
+        );
+        cpu.kicks = VcpuMask::EMPTY;
+        // Broadcast (IRM) SGI 3 from vCPU 0: vCPU 1 of this VM, nobody else.
+        cpu.x[4] = (3 << 24) | (1 << 40);
+        let pc = cpu.pc;
+        assert_eq!(
+            cpu.exit(&vm, 0, sync(sgi1r_write(4), 0), &mut el1, &mut out),
+            Next::Resume
+        );
+        assert_eq!(cpu.pc, pc + 4, "the MSR is stepped over");
+        assert_eq!(cpu.kicks, VcpuMask(0b10));
+        let pend = vm
+            .vgic
+            .lock()
+            .redist_read(0x2_0000 + 0x1_0000 + 0x200, 4)
+            .expect("read");
+        assert_eq!(pend, 1 << 3);
+        let p = other
+            .vgic
+            .lock()
+            .redist_read(0x1_0000 + 0x200, 4)
+            .expect("read");
+        assert_eq!(p, 0, "the other VM got nothing");
+        // A read of the distributor's GICD_TYPER through the abort path.
+        cpu.x[7] = 0xdead;
+        cpu.exit(
+            &vm,
+            0,
+            sync(dabt(false, 7, 2), 0x0800_0004),
+            &mut el1,
+            &mut out,
+        );
+        assert_eq!(cpu.x[7], u64::from(vm.vgic.lock().gicd_typer()));
+        // Any other trapped system register stops the VM.
+        let other_sysreg = (0x18 << 26) | (1 << 25) | (3 << 20) | (1 << 10) | 1;
+        assert_eq!(
+            cpu.exit(&vm, 0, sync(other_sysreg, 0), &mut el1, &mut out),
+            Next::Stop
+        );
+        assert_eq!(vm.status(), VmStatus::Failed);
+    }
+
+    #[test]
+    fn a_gic_access_of_a_bad_size_follows_the_abort_policy() {
+        let m = manager();
+        let mut d = desc(0x5000_0000, 1);
+        d.abort = AbortPolicy::Inject;
+        let vm = m.create(d).expect("vm");
+        vm.psci.lock().take_pending(0);
+        let (mut cpu, mut out) = (Cpu::new(), Lines::default());
+        let mut el1 = El1 {
+            vbar: 0x4000_8000,
+            set: None,
+        };
+        // A byte read of GICD_CTLR is not allowed (IHI 0069 12.1.3): abort injected.
+        cpu.exit(
+            &vm,
+            0,
+            sync(dabt(false, 3, 0), 0x0800_0000),
+            &mut el1,
+            &mut out,
+        );
+        assert!(el1.set.is_some());
+        assert_eq!(cpu.pc, 0x4000_8200);
+        assert_eq!(vm.status(), VmStatus::Running);
+    }
+
+    #[test]
+    fn the_uart_transmit_interrupt_goes_through_the_virtual_gic() {
+        let m = manager();
+        let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
+        vm.psci.lock().take_pending(0);
+        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+        let w = |cpu: &mut Cpu, el1: &mut El1, out: &mut Lines, ipa: u64, v: u64| {
+            cpu.x[2] = v;
+            cpu.exit(&vm, 0, sync(dabt(true, 2, 2), ipa), el1, out);
+        };
+        // GICD_CTLR, SPI 33 enabled (GICD_ISENABLER1 bit 1), UART TX interrupt unmasked.
+        w(&mut cpu, &mut el1, &mut out, 0x0800_0000, 2);
+        w(&mut cpu, &mut el1, &mut out, 0x0800_0104, 2);
+        w(&mut cpu, &mut el1, &mut out, 0x0900_0038, 1 << 5);
+        cpu.kicks = VcpuMask::EMPTY;
+        w(&mut cpu, &mut el1, &mut out, 0x0900_0000, u64::from(b'x'));
+        assert_eq!(cpu.kicks, VcpuMask(1), "SPI 33 is deliverable to vCPU 0");
+        let pend = vm.vgic.lock().dist_read(0x204, 4).expect("read");
+        assert_eq!(pend, 2, "GICD_ISPENDR1 shows INTID 33");
+        // UARTICR lowers the line: no longer pending.
+        w(&mut cpu, &mut el1, &mut out, 0x0900_0044, 1 << 5);
+        assert_eq!(vm.vgic.lock().dist_read(0x204, 4), Ok(0));
+    }
 }

@@ -25,6 +25,9 @@ const ARG_LINGER: u64 = 1 << 2;
 const ARG_RESET: u64 = 1 << 3;
 const ARG_SHARING: u64 = 1 << 4;
 const ARG_SPLIT_MERGE: u64 = 1 << 5;
+const ARG_IRQ: u64 = 1 << 6;
+const ARG_IRQ_LISTEN: u64 = 1 << 7;
+const ARG_SGI_ATTACK: u64 = 1 << 8;
 /// How long `ARG_LINGER` keeps the guest running.
 const LINGER_SECONDS: u64 = 3;
 
@@ -85,10 +88,45 @@ vectors:
     .endr
     .balign 128
     b       sync_el1h
-    .rept 11
+    .balign 128
+    b       irq_el1h
+    .rept 10
     .balign 128
     b       unexpected
     .endr
+
+// IRQ, current EL with SP_ELx (offset 0x280): the interrupt checks (guest::irq).
+irq_el1h:
+    sub     sp, sp, #176
+    stp     x0, x1, [sp]
+    stp     x2, x3, [sp, #16]
+    stp     x4, x5, [sp, #32]
+    stp     x6, x7, [sp, #48]
+    stp     x8, x9, [sp, #64]
+    stp     x10, x11, [sp, #80]
+    stp     x12, x13, [sp, #96]
+    stp     x14, x15, [sp, #112]
+    stp     x16, x17, [sp, #128]
+    stp     x18, x30, [sp, #144]
+    mrs     x0, elr_el1
+    mrs     x1, spsr_el1
+    stp     x0, x1, [sp, #160]
+    bl      guest_irq
+    ldp     x0, x1, [sp, #160]
+    msr     elr_el1, x0
+    msr     spsr_el1, x1
+    ldp     x0, x1, [sp]
+    ldp     x2, x3, [sp, #16]
+    ldp     x4, x5, [sp, #32]
+    ldp     x6, x7, [sp, #48]
+    ldp     x8, x9, [sp, #64]
+    ldp     x10, x11, [sp, #80]
+    ldp     x12, x13, [sp, #96]
+    ldp     x14, x15, [sp, #112]
+    ldp     x16, x17, [sp, #128]
+    ldp     x18, x30, [sp, #144]
+    add     sp, sp, #176
+    eret
 
 sync_el1h:
     // Save every register the Rust handler may clobber (AAPCS64 caller-saved).
@@ -150,6 +188,7 @@ macro_rules! println {
     }};
 }
 
+mod irq;
 mod sharing;
 mod split_merge;
 
@@ -226,7 +265,7 @@ static MMU_REGS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU
 
 /// Builds the stage-1 tables: RAM, the UART, the probe page and, for the sharing
 /// scenario (`sharing`), the window where it retrieves another VM's pages.
-fn build_tables(sharing: bool) -> Result<Table, mmu::Error> {
+fn build_tables(sharing: bool, gic: bool) -> Result<Table, mmu::Error> {
     let regime = El1::new(1, 39);
     let mut pt = PageTable::new(regime, StaticFrames { next: 0 }, ArmTlb)?;
     let rwx = Permissions::RW | Permissions::EXEC_EL1;
@@ -238,6 +277,10 @@ fn build_tables(sharing: bool) -> Result<Table, mmu::Error> {
         MapFlags::empty(),
     )?;
     pt.map(UART, UART, 4096, Attributes::device(), MapFlags::empty())?;
+    if gic {
+        let (start, size) = irq::GIC_WINDOW;
+        pt.map(start, start, size, Attributes::device(), MapFlags::empty())?;
+    }
     let probe = PROBE.load(Ordering::SeqCst);
     pt.map(
         probe,
@@ -342,6 +385,8 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
         mmu_on();
         if arg == split_merge::LOAD_CONTEXT {
             split_merge::load();
+        } else if arg == irq::IRQ_CONTEXT {
+            irq::secondary();
         } else {
             let info = hvc(VM_INFO, &[]);
             SECOND_SEEN.store(info[3] + 1, Ordering::SeqCst);
@@ -360,7 +405,8 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
         PROBE.store(arg & !0xfff, Ordering::SeqCst);
     }
     // The tables live in static frames for the rest of the run (this never returns).
-    let mut table = match build_tables(arg & ARG_SHARING != 0) {
+    let gic = arg & (ARG_IRQ | ARG_SGI_ATTACK) != 0;
+    let mut table = match build_tables(arg & ARG_SHARING != 0, gic) {
         Ok(t) => t,
         Err(e) => {
             println!("FAIL stage-1 tables: {e:?}");
@@ -422,6 +468,12 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
     }
     if arg & ARG_SPLIT_MERGE != 0 {
         split_merge::split_merge_check();
+    }
+    if arg & ARG_IRQ != 0 {
+        irq::irq_check(arg & ARG_IRQ_LISTEN != 0);
+    }
+    if arg & ARG_SGI_ATTACK != 0 {
+        irq::attack();
     }
     println!(
         "DONE pass={} fail={}",

@@ -69,7 +69,7 @@ pub(crate) mod tests;
 use alloc::vec::Vec;
 use core::fmt;
 use irq::Irq;
-pub use lr::{Flush, LrState, LrValue};
+pub use lr::{Flush, LrValue};
 
 /// Number of SGIs (INTIDs 0-15).
 pub const SGI_COUNT: u32 = 16;
