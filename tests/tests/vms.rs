@@ -549,3 +549,34 @@ fn interrupts_reach_own_vcpus_and_never_another_vm() {
 fn interrupts_reach_own_vcpus_and_never_another_vm_on_cpu_max() {
     interrupts("max");
 }
+
+/// The attack of a VM given the interrupt controller (through it, the ITS, a DMA master)
+/// or the hypervisor's console: the description is refused at start-up with the rule,
+/// before any VM runs.
+#[test]
+fn a_description_passing_through_the_gic_its_or_console_is_refused() {
+    for (device, rule) in [
+        (
+            "/intc@8000000",
+            "the GIC and its ITS are never assigned to a VM: EL2 owns interrupts, each VM \
+             has a virtual GIC",
+        ),
+        (
+            "/pl011@9000000",
+            "the hypervisor's console UART is never assigned to a VM: each VM has a virtual \
+             PL011 (vuart)",
+        ),
+    ] {
+        let mut attacker = guest("attacker", &[1], 0x5020_0000);
+        attacker.devices = vec![device.into()];
+        attacker.vuart = None;
+        let vms = [guest("alpha", &[2], 0x5000_0000), attacker];
+        let test = format!("refused-{}", device.trim_start_matches('/'));
+        let r = run(&test, "cortex-a57", &vms, &[]);
+        r.assert_status(exit_status::STARTUP);
+        r.assert_lines_in_order(&[&format!(
+            "fatal: VM description: VM node /chosen/vm-attacker: {rule}"
+        )]);
+        r.assert_no_line("VM alpha created");
+    }
+}

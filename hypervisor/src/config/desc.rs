@@ -137,6 +137,9 @@ pub struct VmDesc {
     /// Host DT paths of the devices in `passthrough-devices` (what a generated guest DTB
     /// describes).
     pub devices: Vec<String>,
+    /// The physical SPIs (INTIDs) of those devices: the VM's, at the same INTIDs in its
+    /// virtual GIC, and no other VM's.
+    pub spis: Vec<u32>,
 }
 
 impl VmDesc {
@@ -368,8 +371,20 @@ fn parse_vm(
         Some(v) => string_list(v)
             .ok_or_else(|| node.err("passthrough-devices must be a list of strings"))?,
     };
+    let mut spis = Vec::new();
     if !devices.is_empty() {
         let paths: Vec<&str> = devices.iter().map(String::as_str).collect();
+        spis = super::devices::passthrough_spis(host, &paths).map_err(|e| match e {
+            super::devices::DeviceError::NotAnSpi(_) => node.err(
+                "passthrough-devices: a device has an interrupt that is not an SPI (a PPI \
+                 belongs to every CPU)",
+            ),
+            super::devices::DeviceError::InterruptController(_) => node.err(
+                "the GIC and its ITS are never assigned to a VM: EL2 owns interrupts, \
+                 each VM has a virtual GIC",
+            ),
+            _ => node.err("passthrough-devices names no top-level host device"),
+        })?;
         let regions = super::devices::passthrough_regions(host, &paths).map_err(|e| match e {
             super::devices::DeviceError::InterruptController(_) => node.err(
                 "the GIC and its ITS are never assigned to a VM: EL2 owns interrupts, \
@@ -511,6 +526,11 @@ fn parse_vm(
         return Err(node.err("the GIC distributor overlaps the redistributors"));
     }
     let vuart = node.one_u64("vuart", "vuart must be one 64-bit IPA")?;
+    if vuart.is_some() && spis.contains(&VUART_INTID) {
+        return Err(
+            node.err("a passed-through device uses SPI INTID 33, the virtual UART's interrupt")
+        );
+    }
     if let Some(u) = vuart {
         if !aligned(u)
             || u.checked_add(PAGE_SIZE).is_none()
@@ -538,6 +558,7 @@ fn parse_vm(
         gic,
         passthrough,
         devices,
+        spis,
     })
 }
 
@@ -572,6 +593,9 @@ pub fn parse(dt: &HostDt<'_>, ranges: &HostRanges<'_>) -> Result<Vec<VmDesc>, De
             }
             if other.cpus.iter().any(|c| vm.cpus.contains(c)) {
                 return Err(node.err("a physical CPU is given to two VMs"));
+            }
+            if other.spis.iter().any(|i| vm.spis.contains(i)) {
+                return Err(node.err("an interrupt (SPI) is given to two VMs"));
             }
             if other.memory.iter().any(|a| {
                 vm.memory
@@ -889,7 +913,10 @@ pub(crate) mod tests {
     }
 
     /// A host tree with a GICv3 (and its ITS below it) and the console UART.
-    fn host_with_gic(vm: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    /// A host tree with a GICv3 (and its ITS below it), the console UART, an RTC with
+    /// SPI 2 and a PMU with a PPI, and one VM node per entry of `vms` (VM *i* on CPU
+    /// *i* + 1 with the extra properties `vms[i]`).
+    fn host_with_gic_vms(vms: &[&[(&str, Vec<u8>)]]) -> Vec<u8> {
         let mut w = FdtWriter::new().expect("writer");
         let root = w.begin_node("").expect("root");
         w.property_u32("#address-cells", 2).expect("prop");
@@ -915,21 +942,55 @@ pub(crate) mod tests {
         w.property("reg", &cells64(&[0x0900_0000, 0x1000]))
             .expect("prop");
         w.end_node(uart).expect("end");
-        let chosen = w.begin_node("chosen").expect("chosen");
-        let node = w.begin_node("vm").expect("vm");
-        let mut props = vm_props(0x5000_0000, 1);
-        props.retain(|(k, _)| *k != "vuart");
-        for (k, v) in props
-            .iter()
-            .map(|(k, v)| (*k, v))
-            .chain(vm.iter().map(|(k, v)| (*k, v)))
-        {
-            w.property(k, v).expect("prop");
+        for (name, base, irq) in [
+            ("rtc@9010000", 0x0901_0000, [0, 2, 4]),
+            ("pmu", 0, [1, 7, 4]),
+        ] {
+            let dev = w.begin_node(name).expect("node");
+            if base != 0 {
+                w.property("reg", &cells64(&[base, 0x1000])).expect("prop");
+            }
+            w.property("interrupts", &cells32(&irq)).expect("prop");
+            w.end_node(dev).expect("end");
         }
-        w.end_node(node).expect("end");
+        let chosen = w.begin_node("chosen").expect("chosen");
+        for (i, extra) in vms.iter().enumerate() {
+            let node = w.begin_node(&format!("vm{i}")).expect("vm");
+            let mut props = vm_props(0x5000_0000 + 0x10_0000 * i as u64, 1 + i as u32);
+            props.retain(|(k, _)| *k != "vuart");
+            for (k, v) in props
+                .iter()
+                .map(|(k, v)| (*k, v))
+                .chain(extra.iter().map(|(k, v)| (*k, v)))
+            {
+                w.property(k, v).expect("prop");
+            }
+            w.end_node(node).expect("end");
+        }
         w.end_node(chosen).expect("end");
         w.end_node(root).expect("end");
         w.finish().expect("finish")
+    }
+
+    fn host_with_gic(vm: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        host_with_gic_vms(&[vm])
+    }
+
+    #[test]
+    fn a_devices_spis_are_its_vms_only() {
+        let rtc = [("passthrough-devices", str_prop("/rtc@9010000"))];
+        let vms = parse(&host_with_gic(&rtc)).expect("valid");
+        assert_eq!(vms[0].spis, [34]);
+        let err = parse(&host_with_gic_vms(&[&rtc, &rtc])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "VM node /chosen/vm1: an interrupt (SPI) is given to two VMs"
+        );
+        let pmu = [("passthrough-devices", str_prop("/pmu"))];
+        assert!(parse(&host_with_gic(&pmu))
+            .unwrap_err()
+            .to_string()
+            .contains("an interrupt that is not an SPI"));
     }
 
     #[test]
@@ -957,7 +1018,7 @@ pub(crate) mod tests {
         let err = parse(&host_with_gic(&[("passthrough", console)])).unwrap_err();
         assert!(err
             .to_string()
-            .starts_with("VM node /chosen/vm: the hypervisor's console"));
+            .starts_with("VM node /chosen/vm0: the hypervisor's console"));
         // Nothing asked for: accepted, with the virtual GIC at QEMU virt's addresses.
         let ok = parse(&host_with_gic(&[])).expect("valid");
         assert_eq!(ok[0].gic, GicIpa::QEMU_VIRT);

@@ -32,6 +32,9 @@ pub enum DeviceError {
     NoSuchDevice(usize),
     /// `devices[i]` is the GIC or an ITS, which only the hypervisor drives.
     InterruptController(usize),
+    /// `devices[i]` (or a node below it) has an interrupt that is not a GIC SPI (a PPI,
+    /// or a specifier the hypervisor cannot read): it cannot be given to one VM.
+    NotAnSpi(usize),
 }
 
 impl fmt::Display for DeviceError {
@@ -43,6 +46,7 @@ impl fmt::Display for DeviceError {
                 f,
                 "device {i} is the GIC or its ITS, which is never assigned to a VM"
             ),
+            Self::NotAnSpi(i) => write!(f, "device {i} has an interrupt that is not an SPI"),
         }
     }
 }
@@ -100,6 +104,51 @@ pub fn gic_regions(host: &Fdt<'_>) -> Vec<MmioRegion> {
         collect_regs(&top, cells(&root, 2, 1), &mut regions);
     }
     regions
+}
+
+/// The SPIs (INTIDs 32..=1019) of the devices `devices` names (host DT paths), from the
+/// `interrupts` of those nodes and of their descendants, whose interrupt parent is the
+/// GIC (three-cell specifiers: type 0 = SPI, number, flags; IHI 0069 and the Linux
+/// `arm,gic-v3` binding). Sorted, without duplicates. The nodes they merely depend on
+/// (clocks) are not the VM's: their interrupts are not included.
+///
+/// # Errors
+/// [`DeviceError`] as [`passthrough_regions`], and [`DeviceError::NotAnSpi`] for a PPI or
+/// a specifier that is not three cells of a GIC SPI.
+pub fn passthrough_spis(host: &Fdt<'_>, devices: &[&str]) -> Result<Vec<u32>, DeviceError> {
+    let root = host.find_node("/").ok_or(DeviceError::NoRoot)?;
+    // Checks the paths (and refuses the GIC) the same way.
+    select(host, devices)?;
+    let mut spis = Vec::new();
+    for (i, path) in devices.iter().enumerate() {
+        let name = path.strip_prefix('/').ok_or(DeviceError::NoSuchDevice(i))?;
+        let Some(node) = root.children().find(|n| n.name == name) else {
+            return Err(DeviceError::NoSuchDevice(i));
+        };
+        let mut bad = false;
+        visit(&node, &mut |n| {
+            let Some(p) = n.property("interrupts") else {
+                return;
+            };
+            let cells: Vec<u32> = be_cells(p.value).collect();
+            if cells.is_empty() || cells.len() % 3 != 0 || p.value.len() % 4 != 0 {
+                bad = true;
+                return;
+            }
+            for spec in cells.chunks_exact(3) {
+                match (spec[0], 32u32.checked_add(spec[1])) {
+                    (0, Some(intid)) if intid <= 1019 => spis.push(intid),
+                    _ => bad = true,
+                }
+            }
+        });
+        if bad {
+            return Err(DeviceError::NotAnSpi(i));
+        }
+    }
+    spis.sort_unstable();
+    spis.dedup();
+    Ok(spis)
 }
 
 /// `#address-cells` and `#size-cells` of `node` (the cells of its children's `reg`).
@@ -341,6 +390,24 @@ mod tests {
         assert_eq!(
             passthrough_regions(host, &["/pl011@9000000", "/intc@8000000"]),
             Err(DeviceError::InterruptController(1))
+        );
+    }
+
+    #[test]
+    fn a_devices_spis_come_from_its_interrupts() {
+        let dt = qemu_virt();
+        let host = dt.fdt();
+        // QEMU virt's PL031 RTC has SPI 2 (INTID 34); its clock brings no interrupt.
+        assert_eq!(passthrough_spis(host, &["/pl031@9010000"]), Ok(vec![34]));
+        assert_eq!(passthrough_spis(host, &[]), Ok(vec![]));
+        // The architected timer's interrupts are PPIs: never one VM's device.
+        assert_eq!(
+            passthrough_spis(host, &["/pl031@9010000", "/timer"]),
+            Err(DeviceError::NotAnSpi(1))
+        );
+        assert_eq!(
+            passthrough_spis(host, &["/intc@8000000"]),
+            Err(DeviceError::InterruptController(0))
         );
     }
 }

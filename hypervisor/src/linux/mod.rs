@@ -302,6 +302,7 @@ mod tests {
             gic: crate::config::GicIpa::QEMU_VIRT,
             passthrough: vec![],
             devices: vec![],
+            spis: vec![],
         }
     }
 

@@ -384,7 +384,8 @@ impl<P: Backend> VmManager<P> {
 
 /// The virtual GIC of a VM described by `desc`: vCPU *i* has virtual affinity Aff0 = *i*
 /// (as PSCI sees it, `crate::vm::psci`) and runs on physical CPU `desc.cpus[i]`; the
-/// EL1 timers are hardware PPIs; the virtual UART's SPI is emulated.
+/// EL1 timers are hardware PPIs; the SPIs of its devices are hardware SPIs at their own
+/// INTIDs; the virtual UART's SPI is emulated.
 fn new_vgic(desc: &VmDesc, ich_vtr: u64) -> Result<Vgic, vgic::ConfigError> {
     let vcpus: Vec<vgic::VcpuDesc> = desc
         .cpus
@@ -395,7 +396,15 @@ fn new_vgic(desc: &VmDesc, ich_vtr: u64) -> Result<Vgic, vgic::ConfigError> {
             pcpu_mpidr: u64::from(cpu),
         })
         .collect();
-    let mut spis = Vec::new();
+    // A device's SPIs keep their INTIDs: the guest DT copies the device node as it is.
+    let mut spis: Vec<vgic::SpiDesc> = desc
+        .spis
+        .iter()
+        .map(|&intid| vgic::SpiDesc {
+            intid,
+            source: vgic::SpiSource::Hardware { pintid: intid },
+        })
+        .collect();
     if desc.vuart.is_some() {
         spis.push(vgic::SpiDesc {
             intid: crate::config::VUART_INTID,
