@@ -200,3 +200,78 @@ fn raw_binary_kernel_is_placed_like_qemus_loader_does() {
     assert!(log.contains("VM linux powered off"), "{log}");
     assert!(out.status.success(), "{log}");
 }
+
+/// Two Debian kernels side by side through the documented command (docs/linux-guest.md,
+/// "Several Linux VMs"): 2 vCPUs and 1 GiB each on a 4-CPU, 4 GiB machine. Each reaches
+/// its userspace with its own console, sees only its own CPUs and RAM, and powers off;
+/// the first to finish leaves the other running; the run ends with status 0.
+#[test]
+fn two_debian_kernels_side_by_side() {
+    let root = root();
+    let out = Command::new("timeout")
+        .arg("900")
+        .arg(root.join("scripts/run"))
+        .args(["--no-build", "--kernel", "out/linux/Image"])
+        .args(["--initrd", "out/linux/initramfs.cpio"])
+        .args(["--vms-count", "2", "--cpus", "2", "--mem", "1G"])
+        .args(["--machine-mem", "4G"])
+        .current_dir(&root)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("scripts/run starts");
+    let log =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let fact = |vm: &str, key: &str| {
+        let tag = format!("[{vm}] TWOSTAGE-{key} ");
+        log.lines()
+            .find_map(|l| l.find(&tag).map(|at| l[at + tag.len()..].trim().to_owned()))
+    };
+    let mut rams = Vec::new();
+    for vm in ["linux0", "linux1"] {
+        assert!(
+            log.lines()
+                .any(|l| l.trim_end().ends_with(&format!("[{vm}] TWOSTAGE-LINUX-UP"))),
+            "{vm}: no userspace marker\n{log}"
+        );
+        assert_eq!(fact(vm, "CPUS").as_deref(), Some("2"), "{vm}\n{log}");
+        let ram = fact(vm, "RAM").unwrap_or_else(|| panic!("{vm}: no RAM line\n{log}"));
+        let (start, end) = ram.split_once(' ').expect("two numbers");
+        let start = u64::from_str_radix(start, 16).expect("hex");
+        let end = u64::from_str_radix(end, 16).expect("hex");
+        assert_eq!(end - start + 1, 1 << 30, "{vm}: {ram}");
+        rams.push((start, end));
+        assert!(log.contains(&format!("VM {vm} powered off")), "{log}");
+        assert!(
+            log.contains(&format!("VM {vm} created: id")) && log.contains("2 vCPU(s)"),
+            "{log}"
+        );
+    }
+    assert!(
+        rams[0].1 < rams[1].0 || rams[1].1 < rams[0].0,
+        "their RAM overlaps: {rams:x?}"
+    );
+    // Both ran at once: each VM's vCPUs started before the first power-off, and the VM
+    // still running then went on to power off by itself.
+    let first_off = log
+        .lines()
+        .position(|l| l.contains(" powered off"))
+        .expect("a power-off line");
+    for vm in ["linux0", "linux1"] {
+        for vcpu in 0..2 {
+            let started = log
+                .lines()
+                .position(|l| l.contains(&format!("VM {vm}: vCPU {vcpu} starts")))
+                .unwrap_or_else(|| panic!("{vm} vCPU {vcpu} never started\n{log}"));
+            assert!(
+                started < first_off,
+                "{vm} started after the other ended\n{log}"
+            );
+        }
+    }
+    assert!(!log.contains(" stopped:"), "{log}");
+    assert!(log.contains("all VMs done: success"), "{log}");
+    assert!(
+        out.status.success(),
+        "QEMU did not exit with success:\n{log}"
+    );
+}

@@ -204,6 +204,7 @@ fn linux(runs: usize, cpus: u32, mem: Size, no_write: bool) -> Result<(), String
         append: append.into(),
         cpus,
         mem,
+        count: 1,
         devices: Vec::new(),
         abort_policy: AbortPolicy::Inject,
         stage2,

@@ -147,7 +147,8 @@ pub fn prepare(host: &HostDt<'_>, guest: &LinuxGuest<'_>) -> Result<LinuxBoot, L
 
 /// Completes the description of a VM that boots Linux (one with `bootargs` and no `dtb`):
 /// checks the layout, sets the entry point, builds the guest DTB and adds it as a staged
-/// image right after the last staged one, inside `staging`. Returns where
+/// image right after the last staged one of this VM, inside `staging` (and not below its
+/// start: a caller staging several VMs' DTBs passes the part still free). Returns where
 /// the caller must write the DTB bytes before the VM is created; `None` for other VMs.
 ///
 /// `kernel_head` is the start of the staged kernel (its first 64 bytes suffice).
@@ -196,8 +197,8 @@ pub fn complete_desc(
         .map(|i| i.pa.saturating_add(i.size))
         .max()
         .unwrap_or(staging.base);
-    let pa =
-        image::align_up(staged_end, crate::mem::PAGE_SIZE).ok_or(LinuxBootError::NoStagingRoom)?;
+    let pa = image::align_up(staged_end.max(staging.base), crate::mem::PAGE_SIZE)
+        .ok_or(LinuxBootError::NoStagingRoom)?;
     let size = boot.dtb.len() as u64;
     if !staging.contains(&PhysRange::new(pa, size)) {
         return Err(LinuxBootError::NoStagingRoom);

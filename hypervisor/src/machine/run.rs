@@ -20,7 +20,8 @@ use super::regs;
 use super::{Machine, FRAMES};
 use crate::config;
 use crate::mem::frames::SharedFrames;
-use crate::mem::layout::{GUEST_RAM, STAGING};
+use crate::mem::layout::{self, STAGING};
+use crate::mem::PhysRange;
 use crate::vcpu::irq::Taken;
 use crate::vcpu::schedule::{self, RunEnd, Start};
 use crate::vcpu::{self, GuestEl1, Next, VcpuCtx};
@@ -82,7 +83,8 @@ impl Backend for MachineBackend {
     }
 
     fn zero(&mut self, pa: u64, len: u64) {
-        // SAFETY: the manager only passes guest RAM it owns (checked against GUEST_RAM),
+        // SAFETY: the manager only passes guest RAM it owns (checked against its pool,
+        // host RAM outside the hypervisor's own, the DTB and staging),
         // which the hypervisor's stage 1 maps read/write; no vCPU of the VM runs.
         unsafe { boot::zero_and_clean(pa, len) };
     }
@@ -188,7 +190,15 @@ pub fn run_vms(machine: &Machine) -> ! {
         stage2,
         empty_root,
     };
-    let manager = VmManager::new(backend, vmid_bits, GUEST_RAM);
+    let guest_ram = layout::guest_ram(
+        machine.platform.memory(),
+        &machine.memory,
+        machine.platform.dtb,
+    );
+    for r in &guest_ram {
+        log::info!("guest RAM pool: {r}");
+    }
+    let manager = VmManager::new(backend, vmid_bits, &guest_ram);
     log::info!(
         "VMs: {} described, {}-bit VMIDs, {IPA_BITS}-bit IPA, {}-bit PA, range TLBI {}",
         descs.len(),
@@ -200,9 +210,18 @@ pub fn run_vms(machine: &Machine) -> ! {
         stage2.pa_bits,
         if stage2.tlbi_range { "yes" } else { "no" }
     );
+    // Each VM's generated DTB is staged after everything staged so far (every VM's
+    // images and the DTBs before it), so that a reset reloads its own.
+    let mut staged_end = descs
+        .iter()
+        .flat_map(|d| [Some(d.kernel), d.initrd, d.dtb])
+        .flatten()
+        .map(|i| i.pa.saturating_add(i.size))
+        .max()
+        .unwrap_or(STAGING.base);
     for mut desc in descs {
         let name = desc.name.clone();
-        stage_linux_dtb(&mut desc, &machine.dt);
+        stage_linux_dtb(&mut desc, &machine.dt, &mut staged_end);
         for &cpu in &desc.cpus {
             if cpu_index_of(u64::from(cpu)).is_none() {
                 fatal(format_args!("VM {name}: CPU {cpu:#x} is not an online CPU"));
@@ -281,20 +300,22 @@ fn log_stage2_layout(desc: &config::VmDesc) {
 
 /// For a VM that boots Linux (`bootargs` and no `dtb`), builds its DTB and stages it after
 /// its images (`crate::linux::complete_desc`); stops the run if the VM cannot boot.
-fn stage_linux_dtb(desc: &mut config::VmDesc, host: &config::HostDt<'_>) {
+fn stage_linux_dtb(desc: &mut config::VmDesc, host: &config::HostDt<'_>, staged_end: &mut u64) {
     let kernel = desc.kernel;
     let head_len = kernel.size.min(crate::linux::image::HEADER_LEN as u64) as usize;
     // SAFETY: the kernel's staged bytes lie in the staging range (`config::parse` checked
     // every image against it), which the hypervisor's stage 1 maps and QEMU filled before
     // any CPU ran; nothing writes it now.
     let head = unsafe { core::slice::from_raw_parts(kernel.pa as *const u8, head_len) };
-    match crate::linux::complete_desc(desc, host, head, STAGING) {
+    let free = PhysRange::new(*staged_end, STAGING.end().saturating_sub(*staged_end));
+    match crate::linux::complete_desc(desc, host, head, free) {
         Ok(None) => {}
         Ok(Some((pa, dtb))) => {
             // SAFETY: complete_desc placed `[pa, pa + len)` inside the staging range, after
             // every staged image of this VM; the range is mapped read/write and no CPU
             // runs a guest yet.
             unsafe { core::ptr::copy_nonoverlapping(dtb.as_ptr(), pa as *mut u8, dtb.len()) };
+            *staged_end = pa + dtb.len() as u64;
             log::info!(
                 "VM {}: Linux boot: kernel {:#x}, DTB ({} bytes) at {:#x}, initrd {:x?}",
                 desc.name,

@@ -107,14 +107,13 @@ pub struct VmManager<P: Backend> {
 }
 
 impl<P: Backend> VmManager<P> {
-    /// A manager with no VMs.
-    /// Guest RAM is taken from `guest_ram`.
-    pub fn new(platform: P, vmid_bits: VmidBits, guest_ram: PhysRange) -> Self {
+    /// A manager with no VMs. Guest RAM is taken from `guest_ram`.
+    pub fn new(platform: P, vmid_bits: VmidBits, guest_ram: &[PhysRange]) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 platform,
                 vmids: VmidAllocator::new(vmid_bits),
-                pool: PagePool::new(guest_ram.base, guest_ram.size),
+                pool: PagePool::new(guest_ram),
                 vms: Vec::new(),
                 next_id: 0,
                 destroyed_failed: 0,

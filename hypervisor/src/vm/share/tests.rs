@@ -38,7 +38,7 @@ fn manager(frames: &'static HeapFrames) -> M {
             frames,
         },
         VmidBits::Eight,
-        GUEST_RAM,
+        &[GUEST_RAM],
     )
 }
 
