@@ -70,10 +70,8 @@ fn place_ram(mem: u64, count: u32) -> (Vec<u64>, u64) {
     let mut bases = Vec::new();
     let mut at = GUEST_RAM_BASE;
     for _ in 0..count {
-        if at < STAGING.base && at + mem > STAGING.base {
-            at = STAGING.base + STAGING.size;
-        }
-        if at >= STAGING.base && at < STAGING.base + STAGING.size {
+        // A VM that would reach into staging goes above it.
+        if at < STAGING.base + STAGING.size && at + mem > STAGING.base {
             at = STAGING.base + STAGING.size;
         }
         bases.push(at);
