@@ -374,6 +374,15 @@ fn parse_vm(
     let mut spis = Vec::new();
     if !devices.is_empty() {
         let paths: Vec<&str> = devices.iter().map(String::as_str).collect();
+        // Without an SMMU a DMA master reaches any physical address: only a VM whose
+        // guest-physical addresses are the physical ones can drive it, and that VM is
+        // trusted with the machine's memory (docs/interrupts.md, "Device assignment").
+        if super::devices::any_dma_capable(host, &paths) && memory.iter().any(|m| m.ipa != m.pa) {
+            return Err(node.err(
+                "a DMA-capable device is only given to a VM whose RAM is identity-mapped \
+                 (IPA = PA): there is no SMMU, and that VM is trusted with memory",
+            ));
+        }
         spis = super::devices::passthrough_spis(host, &paths).map_err(|e| match e {
             super::devices::DeviceError::NotAnSpi(_) => node.err(
                 "passthrough-devices: a device has an interrupt that is not an SPI (a PPI \
@@ -953,11 +962,20 @@ pub(crate) mod tests {
             w.property("interrupts", &cells32(&irq)).expect("prop");
             w.end_node(dev).expect("end");
         }
+        let virtio = w.begin_node("virtio_mmio@a003e00").expect("node");
+        w.property_string("compatible", "virtio,mmio")
+            .expect("prop");
+        w.property("reg", &cells64(&[0x0a00_3e00, 0x200]))
+            .expect("prop");
+        w.property("interrupts", &cells32(&[0, 0x2f, 1]))
+            .expect("prop");
+        w.property_null("dma-coherent").expect("prop");
+        w.end_node(virtio).expect("end");
         let chosen = w.begin_node("chosen").expect("chosen");
         for (i, extra) in vms.iter().enumerate() {
             let node = w.begin_node(&format!("vm{i}")).expect("vm");
             let mut props = vm_props(0x5000_0000 + 0x10_0000 * i as u64, 1 + i as u32);
-            props.retain(|(k, _)| *k != "vuart");
+            props.retain(|(k, _)| *k != "vuart" && !extra.iter().any(|(e, _)| e == k));
             for (k, v) in props
                 .iter()
                 .map(|(k, v)| (*k, v))
@@ -991,6 +1009,24 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string()
             .contains("an interrupt that is not an SPI"));
+    }
+
+    #[test]
+    fn a_dma_master_goes_only_to_an_identity_mapped_vm() {
+        let virtio = ("passthrough-devices", str_prop("/virtio_mmio@a003e00"));
+        // vm_props maps IPA 0x4000_0000 to another PA: refused.
+        let err = parse(&host_with_gic(&[virtio.clone()])).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "a DMA-capable device is only given to a VM whose RAM is identity-mapped"
+            ),
+            "{err}"
+        );
+        let identity = ("memory", cells64(&[0x5000_0000, 0x5000_0000, 0x10_0000]));
+        let entry = [virtio, identity, ("kernel-ipa", cells64(&[0x5000_0000]))];
+        let vms = parse(&host_with_gic(&entry)).expect("valid");
+        assert_eq!(vms[0].spis, [79]);
+        assert_eq!(vms[0].passthrough[0].pa, 0x0a00_3000);
     }
 
     #[test]

@@ -151,6 +151,30 @@ pub fn passthrough_spis(host: &Fdt<'_>, devices: &[&str]) -> Result<Vec<u32>, De
     Ok(spis)
 }
 
+/// Whether any of the devices `devices` names (or a node below one) can master DMA: it
+/// is `virtio,mmio` (a virtio device reads and writes the guest's buffers by physical
+/// address) or says `dma-coherent`. With no SMMU such a device reaches every physical
+/// address its driver programs. Paths that name no node are ignored here
+/// ([`passthrough_regions`] refuses them).
+#[must_use]
+pub fn any_dma_capable(host: &Fdt<'_>, devices: &[&str]) -> bool {
+    let Some(root) = host.find_node("/") else {
+        return false;
+    };
+    let mut dma = false;
+    for path in devices {
+        let name = path.strip_prefix('/').unwrap_or(path);
+        if let Some(node) = root.children().find(|n| n.name == name) {
+            visit(&node, &mut |n| {
+                dma |= n.property("dma-coherent").is_some()
+                    || n.compatible()
+                        .is_some_and(|c| c.all().any(|s| s == "virtio,mmio"));
+            });
+        }
+    }
+    dma
+}
+
 /// `#address-cells` and `#size-cells` of `node` (the cells of its children's `reg`).
 pub(crate) fn cells(node: &FdtNode<'_, '_>, default_a: usize, default_s: usize) -> (usize, usize) {
     let get = |name, default| {
@@ -409,5 +433,18 @@ mod tests {
             passthrough_spis(host, &["/intc@8000000"]),
             Err(DeviceError::InterruptController(0))
         );
+    }
+
+    #[test]
+    fn virtio_mmio_is_a_dma_master_and_an_rtc_is_not() {
+        let dt = qemu_virt();
+        let host = dt.fdt();
+        assert!(any_dma_capable(host, &["/virtio_mmio@a000000"]));
+        assert!(any_dma_capable(
+            host,
+            &["/pl031@9010000", "/virtio_mmio@a003e00"]
+        ));
+        assert!(!any_dma_capable(host, &["/pl031@9010000", "/bogus"]));
+        assert!(!any_dma_capable(host, &[]));
     }
 }
