@@ -275,3 +275,65 @@ fn two_debian_kernels_side_by_side() {
         "QEMU did not exit with success:\n{log}"
     );
 }
+
+/// A virtio-mmio block device (QEMU `-device virtio-blk-device`) given to the Linux VM
+/// with its interrupt: the initramfs loads Debian's virtio_mmio, virtio_blk and ext4
+/// modules, mounts the disk and prints the file on it. The VM's RAM is identity-mapped,
+/// as a DMA-capable device requires.
+#[test]
+fn a_virtio_block_device_is_mounted_by_the_linux_vm() {
+    let root = root();
+    let dir = std::env::temp_dir().join(format!("twostage-disk-{}", std::process::id()));
+    let files = dir.join("root");
+    std::fs::create_dir_all(&files).expect("temporary directory");
+    let text = format!("disk of test {}", std::process::id());
+    std::fs::write(files.join("twostage-disk.txt"), format!("{text}\n")).expect("file");
+    let image = dir.join("disk.img");
+    let mke2fs = ["/usr/sbin/mke2fs", "/sbin/mke2fs", "mke2fs"]
+        .into_iter()
+        .find(|p| !p.starts_with('/') || std::path::Path::new(p).exists())
+        .expect("mke2fs");
+    let made = Command::new(mke2fs)
+        .args(["-q", "-t", "ext2", "-b", "1024", "-d"])
+        .arg(&files)
+        .arg(&image)
+        .arg("2048")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("mke2fs runs (e2fsprogs is part of every Debian system)");
+    assert!(made.success(), "mke2fs failed");
+    let out = Command::new("timeout")
+        .arg("600")
+        .arg(root.join("scripts/run"))
+        .args(["--no-build", "--kernel", "out/linux/Image"])
+        .args(["--initrd", "out/linux/initramfs.cpio"])
+        .args(["--device", "/virtio_mmio@a003e00", "--"])
+        .arg("-drive")
+        .arg(format!(
+            "if=none,file={},format=raw,id=hd,readonly=on",
+            image.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=hd"])
+        .current_dir(&root)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("scripts/run starts");
+    let _ = std::fs::remove_dir_all(&dir);
+    let log =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains(&format!("[linux] TWOSTAGE-DISK {text}")),
+        "the disk's file was not read:\n{log}"
+    );
+    assert!(
+        log.contains("VM linux: interrupts of its devices: SPIs [79]"),
+        "{log}"
+    );
+    assert!(
+        log.contains("IPA [0xa003000, 0xa004000) -> PA 0xa003000: pass-through"),
+        "{log}"
+    );
+    assert!(!log.contains(" stopped:"), "{log}");
+    assert!(log.contains("VM linux powered off"), "{log}");
+    assert!(out.status.success(), "{log}");
+}

@@ -276,6 +276,13 @@ fn log_stage2_layout(desc: &config::VmDesc) {
             r.pa
         );
     }
+    if !desc.spis.is_empty() {
+        log::info!(
+            "VM {}: interrupts of its devices: SPIs {:?} (hardware, this VM's only)",
+            desc.name,
+            desc.spis
+        );
+    }
     let gic = desc.gic;
     log::info!(
         "VM {} stage 2: IPA [{:#x}, {:#x}): virtual GIC distributor, unmapped (emulated)",
