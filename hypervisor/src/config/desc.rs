@@ -606,6 +606,13 @@ pub fn parse(dt: &HostDt<'_>, ranges: &HostRanges<'_>) -> Result<Vec<VmDesc>, De
             if other.spis.iter().any(|i| vm.spis.contains(i)) {
                 return Err(node.err("an interrupt (SPI) is given to two VMs"));
             }
+            if other.passthrough.iter().any(|a| {
+                vm.passthrough
+                    .iter()
+                    .any(|b| overlaps(a.pa, a.size, b.pa, b.size))
+            }) {
+                return Err(node.err("a device range is given to two VMs"));
+            }
             if other.memory.iter().any(|a| {
                 vm.memory
                     .iter()
@@ -1003,6 +1010,12 @@ pub(crate) mod tests {
         assert_eq!(
             err.to_string(),
             "VM node /chosen/vm1: an interrupt (SPI) is given to two VMs"
+        );
+        let raw = [("passthrough", cells64(&[0x0a00_0000, 0x0901_0000, 0x1000]))];
+        let err = parse(&host_with_gic_vms(&[&rtc, &raw])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "VM node /chosen/vm1: a device range is given to two VMs"
         );
         let pmu = [("passthrough-devices", str_prop("/pmu"))];
         assert!(parse(&host_with_gic(&pmu))
