@@ -17,6 +17,18 @@ struct Stacks(UnsafeCell<[[u8; STACK_SIZE]; MAX_CPUS]>);
 // SAFETY: the stacks are only touched through SP by the CPU that owns each one.
 unsafe impl Sync for Stacks {}
 
+/// Branches of the branch-history overwriting loop run on every exit from a guest (0: none);
+/// set once at start-up by [`set_bhb_loop`].
+#[no_mangle]
+static TWOSTAGE_BHB_LOOP: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// Makes every exit from a guest run `branches` taken branches then `DSB NSH; ISB` before
+/// any indirect branch at EL2 (the Spectre-BHB loop; the count depends on the CPU model).
+/// Keeps the largest count asked for, so CPUs of different models all get enough.
+pub fn set_bhb_loop(branches: u32) {
+    TWOSTAGE_BHB_LOOP.fetch_max(branches, core::sync::atomic::Ordering::SeqCst);
+}
+
 #[link_section = ".stacks"]
 #[no_mangle]
 static TWOSTAGE_STACKS: Stacks = Stacks(UnsafeCell::new([[0; STACK_SIZE]; MAX_CPUS]));
@@ -371,7 +383,18 @@ twostage_enter_guest:
 // Reached from GUEST_VECTOR with the guest's x0/x1 pushed on the hypervisor stack (the
 // stack twostage_enter_guest ran on) and x1 = exit kind.
 twostage_guest_exit:
-    ldr     x0, [sp, #(16 + 96)]    // GuestRegs pointer from the host frame
+    // Branch-history hardening before the first indirect branch or return at EL2
+    // (Spectre-BHB, docs/cpu-state.md): TWOSTAGE_BHB_LOOP taken branches overwrite the
+    // history the guest left, then DSB NSH; ISB. 0 = the CPU needs none.
+    adrp    x0, TWOSTAGE_BHB_LOOP
+    ldr     w0, [x0, :lo12:TWOSTAGE_BHB_LOOP]
+    cbz     w0, 83f
+81: b       82f
+82: subs    w0, w0, #1
+    b.ne    81b
+    dsb     nsh
+    isb
+83: ldr     x0, [sp, #(16 + 96)]    // GuestRegs pointer from the host frame
     stp     x2, x3, [x0, #16]
     stp     x4, x5, [x0, #32]
     stp     x6, x7, [x0, #48]

@@ -39,7 +39,7 @@ pub use frame::{ExceptionFrame, ExceptionKind, ExceptionSource, Exit, FpRegs, Gu
 pub use arch::{
     clean_dcache_range, copy_and_clean, enable_mmu, enter_guest, image_layout,
     publish_secondary_mmu, secondary_entry_address, semihosting_exit, semihosting_write0,
-    stack_range, zero_and_clean,
+    set_bhb_loop, stack_range, zero_and_clean,
 };
 
 /// The most CPUs the hypervisor brings up (one stack each).

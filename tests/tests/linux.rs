@@ -30,7 +30,7 @@ impl Boot {
     }
 }
 
-fn boot_linux(cpus: u32, cpu_model: &str) -> Boot {
+fn boot_linux(cpus: u32, cpu_model: &str, extra: &[&str]) -> Boot {
     let root = root();
     assert!(
         root.join("out/linux/Image").exists(),
@@ -50,6 +50,7 @@ fn boot_linux(cpus: u32, cpu_model: &str) -> Boot {
             "--cpu",
             cpu_model,
         ])
+        .args(extra)
         .current_dir(&root)
         .stdin(std::process::Stdio::null())
         .output()
@@ -62,8 +63,12 @@ fn boot_linux(cpus: u32, cpu_model: &str) -> Boot {
     }
 }
 
-fn check(cpus: u32, cpu_model: &str) {
-    let boot = boot_linux(cpus, cpu_model);
+fn check(cpus: u32, cpu_model: &str) -> Boot {
+    check_with(cpus, cpu_model, &[])
+}
+
+fn check_with(cpus: u32, cpu_model: &str, extra: &[&str]) -> Boot {
+    let boot = boot_linux(cpus, cpu_model, extra);
     let log = &boot.out;
     // Each of the guest's console lines comes out of the hypervisor's console with the
     // VM's name in front.
@@ -151,6 +156,7 @@ fn check(cpus: u32, cpu_model: &str) {
     assert!(log.contains("VM linux powered off"), "{log}");
     assert!(log.contains("all VMs done: success"), "{log}");
     assert!(boot.success, "QEMU did not exit with success:\n{log}");
+    boot
 }
 
 #[test]
@@ -161,6 +167,19 @@ fn debian_kernel_boots_on_one_cpu() {
 #[test]
 fn debian_kernel_boots_on_two_cpus() {
     check(2, "cortex-a57");
+}
+
+/// With MTE (FEAT_MTE2 and up) the guest gets allocation tags (`HCR_EL2.ATA`,
+/// docs/cpu-state.md): Linux detects MTE, and its first `GCR_EL1` write does not trap.
+#[test]
+fn debian_kernel_boots_with_mte_on_cpu_max() {
+    let boot = check_with(1, "max,sme=off", &["--machine-opt", "mte=on"]);
+    assert!(
+        boot.out
+            .contains("CPU features: detected: Memory Tagging Extension"),
+        "{}",
+        boot.out
+    );
 }
 
 /// The newest CPU QEMU has: pointer authentication, SVE (given to the guest at 128-bit

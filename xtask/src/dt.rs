@@ -173,7 +173,8 @@ impl DeviceTree {
     pub fn from_dtb(blob: &[u8]) -> Result<Self, String> {
         let fdt = fdt::Fdt::new(blob).map_err(|e| format!("not a device tree blob: {e:?}"))?;
         let root = fdt
-            .find_node("/")
+            .all_nodes()
+            .next()
             .ok_or("a device tree blob without a root node")?;
         fn read(node: fdt::node::FdtNode<'_, '_>) -> Node {
             Node {

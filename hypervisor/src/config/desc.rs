@@ -32,7 +32,9 @@ impl GuestRegion {
     /// True when `[ipa, ipa + len)` lies inside this region's IPA range.
     #[must_use]
     pub fn contains_ipa(&self, ipa: u64, len: u64) -> bool {
-        ipa >= self.ipa && len <= self.size && ipa - self.ipa <= self.size - len
+        ipa.checked_sub(self.ipa)
+            .zip(self.size.checked_sub(len))
+            .is_some_and(|(offset, room)| offset <= room)
     }
 }
 
@@ -95,7 +97,7 @@ impl GicIpa {
     /// Bytes of the redistributor region of a VM with `vcpus` vCPUs.
     #[must_use]
     pub const fn redist_size(vcpus: usize) -> u64 {
-        vcpus as u64 * Self::REDIST_STRIDE
+        (vcpus as u64).saturating_mul(Self::REDIST_STRIDE)
     }
 }
 
@@ -188,24 +190,20 @@ fn u64s(bytes: &[u8]) -> Option<Vec<u64>> {
     if bytes.len() % 8 != 0 {
         return None;
     }
-    Some(
-        bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect(),
-    )
+    bytes
+        .chunks_exact(8)
+        .map(|c| c.try_into().ok().map(u64::from_be_bytes))
+        .collect()
 }
 
 fn u32s(bytes: &[u8]) -> Option<Vec<u32>> {
     if bytes.len() % 4 != 0 {
         return None;
     }
-    Some(
-        bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-    )
+    bytes
+        .chunks_exact(4)
+        .map(|c| c.try_into().ok().map(u32::from_be_bytes))
+        .collect()
 }
 
 fn string(bytes: &[u8]) -> Option<String> {
@@ -247,8 +245,10 @@ impl<'a> Node<'a> {
     fn one_u64(&self, name: &str, what: &'static str) -> Result<Option<u64>, DescError> {
         match self.u64_list(name, what)? {
             None => Ok(None),
-            Some(v) if v.len() == 1 => Ok(Some(v[0])),
-            Some(_) => Err(self.err(what)),
+            Some(v) => match v[..] {
+                [one] => Ok(Some(one)),
+                _ => Err(self.err(what)),
+            },
         }
     }
 
@@ -260,10 +260,9 @@ impl<'a> Node<'a> {
             return Err(self.err(what));
         }
         Ok(v.chunks_exact(3)
-            .map(|c| GuestRegion {
-                ipa: c[0],
-                pa: c[1],
-                size: c[2],
+            .filter_map(|c| match *c {
+                [ipa, pa, size] => Some(GuestRegion { ipa, pa, size }),
+                _ => None,
             })
             .collect())
     }
@@ -272,17 +271,13 @@ impl<'a> Node<'a> {
         let Some(v) = self.u64_list(name, "image must be <pa(2 cells) size(2 cells)>")? else {
             return Ok(None);
         };
-        if v.len() != 2 {
+        let [pa, size] = v[..] else {
             return Err(self.err("image must be <pa(2 cells) size(2 cells)>"));
-        }
+        };
         let ipa = self
             .one_u64(ipa_name, "image IPA must be one 64-bit value")?
             .ok_or_else(|| self.err("image without its -ipa property"))?;
-        Ok(Some(Image {
-            pa: v[0],
-            size: v[1],
-            ipa,
-        }))
+        Ok(Some(Image { pa, size, ipa }))
     }
 }
 
@@ -299,8 +294,9 @@ fn check_regions(
         {
             return Err(node.err(what));
         }
-        if regions[..i]
+        if regions
             .iter()
+            .take(i)
             .any(|o| overlaps(o.ipa, o.size, r.ipa, r.size))
         {
             return Err(node.err("regions overlap in IPA space"));
@@ -347,7 +343,11 @@ fn parse_vm(
     if cpus.is_empty() {
         return Err(node.err("cpus is empty"));
     }
-    if cpus.iter().enumerate().any(|(i, c)| cpus[..i].contains(c)) {
+    if cpus
+        .iter()
+        .enumerate()
+        .any(|(i, c)| cpus.iter().take(i).any(|o| o == c))
+    {
         return Err(node.err("a physical CPU is named twice in cpus"));
     }
     let memory = node.regions(
@@ -466,8 +466,9 @@ fn parse_vm(
         if !ranges.staging.contains(&PhysRange::new(img.pa, img.size)) {
             return Err(node.err("image is not inside the staging area"));
         }
-        if images[..i]
+        if images
             .iter()
+            .take(i)
             .flatten()
             .any(|o| overlaps(o.ipa, o.size, img.ipa, img.size))
         {
@@ -580,7 +581,7 @@ fn parse_vm(
 /// [`DescError::Invalid`] naming the first broken rule.
 pub fn parse(dt: &HostDt<'_>, ranges: &HostRanges<'_>) -> Result<Vec<VmDesc>, DescError> {
     let fdt = dt.fdt();
-    let Some(chosen) = fdt.find_node("/chosen") else {
+    let Some(chosen) = super::find_path(fdt, "/chosen") else {
         return Ok(Vec::new());
     };
     let mut vms: Vec<VmDesc> = Vec::new();
@@ -1028,7 +1029,7 @@ pub(crate) mod tests {
     fn a_dma_master_goes_only_to_an_identity_mapped_vm() {
         let virtio = ("passthrough-devices", str_prop("/virtio_mmio@a003e00"));
         // vm_props maps IPA 0x4000_0000 to another PA: refused.
-        let err = parse(&host_with_gic(&[virtio.clone()])).unwrap_err();
+        let err = parse(&host_with_gic(std::slice::from_ref(&virtio))).unwrap_err();
         assert!(
             err.to_string().contains(
                 "a DMA-capable device is only given to a VM whose RAM is identity-mapped"

@@ -73,7 +73,7 @@ pub fn passthrough_regions(
     host: &Fdt<'_>,
     devices: &[&str],
 ) -> Result<Vec<MmioRegion>, DeviceError> {
-    let root = host.find_node("/").ok_or(DeviceError::NoRoot)?;
+    let root = super::find_path(host, "/").ok_or(DeviceError::NoRoot)?;
     let mut regions = Vec::new();
     for node in select(host, devices)? {
         collect_regs(&node, cells(&root, 2, 1), &mut regions);
@@ -83,8 +83,11 @@ pub fn passthrough_regions(
     for r in regions {
         match merged.last_mut() {
             Some(last) if r.base <= last.base.saturating_add(last.size) => {
-                let end = (last.base + last.size).max(r.base.saturating_add(r.size));
-                last.size = end - last.base;
+                let end = last
+                    .base
+                    .saturating_add(last.size)
+                    .max(r.base.saturating_add(r.size));
+                last.size = end.saturating_sub(last.base);
             }
             _ => merged.push(r),
         }
@@ -97,7 +100,7 @@ pub fn passthrough_regions(
 #[must_use]
 pub fn gic_regions(host: &Fdt<'_>) -> Vec<MmioRegion> {
     let mut regions = Vec::new();
-    let Some(root) = host.find_node("/") else {
+    let Some(root) = super::find_path(host, "/") else {
         return regions;
     };
     for top in root.children().filter(is_interrupt_controller) {
@@ -116,7 +119,7 @@ pub fn gic_regions(host: &Fdt<'_>) -> Vec<MmioRegion> {
 /// [`DeviceError`] as [`passthrough_regions`], and [`DeviceError::NotAnSpi`] for a PPI or
 /// a specifier that is not three cells of a GIC SPI.
 pub fn passthrough_spis(host: &Fdt<'_>, devices: &[&str]) -> Result<Vec<u32>, DeviceError> {
-    let root = host.find_node("/").ok_or(DeviceError::NoRoot)?;
+    let root = super::find_path(host, "/").ok_or(DeviceError::NoRoot)?;
     // Checks the paths (and refuses the GIC) the same way.
     select(host, devices)?;
     let mut spis = Vec::new();
@@ -136,8 +139,11 @@ pub fn passthrough_spis(host: &Fdt<'_>, devices: &[&str]) -> Result<Vec<u32>, De
                 return;
             }
             for spec in cells.chunks_exact(3) {
-                match (spec[0], 32u32.checked_add(spec[1])) {
-                    (0, Some(intid)) if intid <= 1019 => spis.push(intid),
+                match *spec {
+                    [0, n, _] => match 32u32.checked_add(n) {
+                        Some(intid) if intid <= 1019 => spis.push(intid),
+                        _ => bad = true,
+                    },
                     _ => bad = true,
                 }
             }
@@ -158,7 +164,7 @@ pub fn passthrough_spis(host: &Fdt<'_>, devices: &[&str]) -> Result<Vec<u32>, De
 /// ([`passthrough_regions`] refuses them).
 #[must_use]
 pub fn any_dma_capable(host: &Fdt<'_>, devices: &[&str]) -> bool {
-    let Some(root) = host.find_node("/") else {
+    let Some(root) = super::find_path(host, "/") else {
         return false;
     };
     let mut dma = false;
@@ -191,7 +197,7 @@ pub(crate) fn cells(node: &FdtNode<'_, '_>, default_a: usize, default_s: usize) 
 pub(crate) fn be_cells(value: &[u8]) -> impl Iterator<Item = u32> + '_ {
     value
         .chunks_exact(4)
-        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        .filter_map(|c| c.try_into().ok().map(u32::from_be_bytes))
 }
 
 pub(crate) fn read_cells(value: &[u8], ncells: usize) -> Option<u64> {
@@ -215,32 +221,31 @@ pub(crate) fn select<'b, 'a>(
     host: &'b Fdt<'a>,
     devices: &[&str],
 ) -> Result<Vec<FdtNode<'b, 'a>>, DeviceError> {
-    let root = host.find_node("/").ok_or(DeviceError::NoRoot)?;
+    let root = super::find_path(host, "/").ok_or(DeviceError::NoRoot)?;
     let tops: Vec<FdtNode<'b, 'a>> = root.children().collect();
     // The GIC is the interrupt parent of nearly everything, but a guest gets its own.
     let copyable = |n: &FdtNode<'_, '_>| {
         !REWRITTEN.contains(&base_name(n.name)) && !is_interrupt_controller(n)
     };
-    let mut chosen = alloc::vec![false; tops.len()];
+    // The EL1 generic timer is part of every CPU: always described.
+    let mut chosen: Vec<bool> = tops
+        .iter()
+        .map(|top| {
+            top.compatible()
+                .is_some_and(|c| c.all().any(|s| s == TIMER_COMPATIBLE))
+        })
+        .collect();
     for (i, path) in devices.iter().enumerate() {
         let name = path.strip_prefix('/').ok_or(DeviceError::NoSuchDevice(i))?;
-        let at = tops
+        let (top, pick) = tops
             .iter()
-            .position(|n| n.name == name && !REWRITTEN.contains(&base_name(n.name)))
+            .zip(chosen.iter_mut())
+            .find(|(n, _)| n.name == name && !REWRITTEN.contains(&base_name(n.name)))
             .ok_or(DeviceError::NoSuchDevice(i))?;
-        if is_interrupt_controller(&tops[at]) {
+        if is_interrupt_controller(top) {
             return Err(DeviceError::InterruptController(i));
         }
-        chosen[at] = true;
-    }
-    // The EL1 generic timer is part of every CPU: always described.
-    for (i, top) in tops.iter().enumerate() {
-        if top
-            .compatible()
-            .is_some_and(|c| c.all().any(|s| s == TIMER_COMPATIBLE))
-        {
-            chosen[i] = true;
-        }
+        *pick = true;
     }
     // phandle -> index of the top-level node holding it.
     let mut owners: Vec<(u32, usize)> = Vec::new();
@@ -262,16 +267,15 @@ pub(crate) fn select<'b, 'a>(
     }
     if chosen.iter().any(|c| *c) {
         loop {
-            for (i, top) in tops.iter().enumerate() {
-                if chosen[i] {
-                    visit(top, &mut |n| references(host, n, &mut wanted));
-                }
+            for (top, _) in tops.iter().zip(&chosen).filter(|(_, c)| **c) {
+                visit(top, &mut |n| references(host, n, &mut wanted));
             }
             let mut grew = false;
             for ph in wanted.drain(..) {
-                if let Some(i) = owner(ph) {
-                    if !chosen[i] && copyable(&tops[i]) {
-                        chosen[i] = true;
+                let Some(i) = owner(ph) else { continue };
+                if let (Some(top), Some(pick)) = (tops.get(i), chosen.get_mut(i)) {
+                    if !*pick && copyable(top) {
+                        *pick = true;
                         grew = true;
                     }
                 }
@@ -332,7 +336,7 @@ fn references(host: &Fdt<'_>, node: &FdtNode<'_, '_>, out: &mut Vec<u32>) {
                         .and_then(|n| n.property("#clock-cells"))
                         .and_then(|c| c.as_usize())
                         .unwrap_or(0);
-                    i += 1 + args;
+                    i = i.saturating_add(1).saturating_add(args);
                 }
             }
             _ => {}
@@ -345,27 +349,25 @@ fn references(host: &Fdt<'_>, node: &FdtNode<'_, '_>, out: &mut Vec<u32>) {
 fn collect_regs(node: &FdtNode<'_, '_>, parent_cells: (usize, usize), out: &mut Vec<MmioRegion>) {
     let (ac, sc) = parent_cells;
     if let Some(reg) = node.property("reg") {
-        let entry = 4 * (ac + sc);
+        // One or two cells each (checked first, so the products are at most 16).
         if (1..=2).contains(&ac) && (1..=2).contains(&sc) {
-            for chunk in reg.value.chunks_exact(entry) {
-                let (Some(base), Some(size)) =
-                    (read_cells(chunk, ac), read_cells(&chunk[4 * ac..], sc))
-                else {
+            let (a_bytes, s_bytes) = (ac.saturating_mul(4), sc.saturating_mul(4));
+            for chunk in reg.value.chunks_exact(a_bytes.saturating_add(s_bytes)) {
+                let (addr, len) = chunk.split_at(a_bytes);
+                let (Some(base), Some(size)) = (read_cells(addr, ac), read_cells(len, sc)) else {
                     continue;
                 };
-                let start = base & !(mmu::FRAME_SIZE - 1);
+                const PAGE_MASK: u64 = mmu::FRAME_SIZE.wrapping_sub(1);
+                let start = base & !PAGE_MASK;
                 let Some(end) = base
                     .checked_add(size)
-                    .and_then(|e| e.checked_add(mmu::FRAME_SIZE - 1))
-                    .map(|e| e & !(mmu::FRAME_SIZE - 1))
+                    .and_then(|e| e.checked_add(PAGE_MASK))
+                    .map(|e| e & !PAGE_MASK)
                 else {
                     continue;
                 };
-                if end > start {
-                    out.push(MmioRegion {
-                        base: start,
-                        size: end - start,
-                    });
+                if let Some(size) = end.checked_sub(start).filter(|s| *s > 0) {
+                    out.push(MmioRegion { base: start, size });
                 }
             }
         }

@@ -7,8 +7,22 @@
 //! Specification v0.4, 5.4 "Structure Block").
 //!
 //! It also rejects what would make the `fdt` crate panic (it indexes and unwraps on
-//! offsets and names it reads from the blob): a VM description comes from whoever
-//! builds the DTB, so a malformed one must be an error, not a crash.
+//! offsets, names and property values it reads from the blob): a VM description comes
+//! from whoever builds the DTB, so a malformed one must be an error, not a crash.
+//! `docs/decisions.md` ("Host device trees cannot panic the hypervisor") lists every
+//! panic site of `fdt` 0.1.5 (pinned) and which check or rule closes it:
+//!
+//! - the structure: header offsets and sizes inside the blob, a terminated memory
+//!   reservation block, one properly nested tree with properties before children, node
+//!   and property names that are terminated UTF-8 inside their blocks ([`validate`]);
+//! - property values the crate indexes or unwraps ([`check_property`]): every
+//!   `#...-cells`, `phandle` and `interrupt-parent` is one 32-bit cell, and every property
+//!   the crate reads as a string (`compatible`, `bootargs`, `stdout-path`, ...) is
+//!   non-empty and NUL-terminated (Devicetree Specification v0.4, 2.2.4 and 2.3);
+//! - the crate's accessors that panic or recurse without bound on a valid tree
+//!   (`Fdt::find_node` follows `/aliases` into itself, `Fdt::chosen` needs a `/chosen`)
+//!   are refused by `clippy.toml` (`disallowed-methods`); paths are looked up with
+//!   `config::find_path` instead.
 
 const FDT_MAGIC: u32 = 0xd00d_feed;
 const FDT_BEGIN_NODE: u32 = 1;
@@ -24,128 +38,229 @@ pub const HEADER_SIZE: usize = 40;
 /// FDT magic and a size that covers at least the header itself.
 #[must_use]
 pub fn total_size(header: &[u8]) -> Option<usize> {
-    let total = be32(header, 4).ok()? as usize;
+    let total = usize::try_from(be32(header, 4).ok()?).ok()?;
     (be32(header, 0).ok()? == FDT_MAGIC && total >= HEADER_SIZE).then_some(total)
 }
 
-/// The blob is not a well-formed flattened device tree.
+/// The blob is not a well-formed flattened device tree; the text says what is wrong.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MalformedDtb;
+pub struct MalformedDtb(pub &'static str);
 
 impl core::fmt::Display for MalformedDtb {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str("not a well-formed flattened device tree")
+        write!(f, "not a well-formed flattened device tree: {}", self.0)
     }
 }
 
 impl core::error::Error for MalformedDtb {}
 
+const TRUNCATED: MalformedDtb = MalformedDtb("a field lies beyond the end of its block");
+
+/// `at + n`, or the error `why` when it overflows.
+fn add(at: usize, n: usize, why: &'static str) -> Result<usize, MalformedDtb> {
+    at.checked_add(n).ok_or(MalformedDtb(why))
+}
+
 fn be32(b: &[u8], at: usize) -> Result<u32, MalformedDtb> {
-    let s = b
-        .get(at..at.checked_add(4).ok_or(MalformedDtb)?)
-        .ok_or(MalformedDtb)?;
-    Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+    let s = b.get(at..add(at, 4, TRUNCATED.0)?).ok_or(TRUNCATED)?;
+    let word: [u8; 4] = s.try_into().map_err(|_| TRUNCATED)?;
+    Ok(u32::from_be_bytes(word))
 }
 
-fn align4(x: usize) -> Option<usize> {
-    x.checked_add(3).map(|v| v & !3)
+fn be32_usize(b: &[u8], at: usize) -> Result<usize, MalformedDtb> {
+    usize::try_from(be32(b, at)?).map_err(|_| TRUNCATED)
 }
 
-/// Most node nesting accepted (the `fdt` crate indexes a fixed array by depth).
+fn align4(x: usize) -> Result<usize, MalformedDtb> {
+    x.checked_add(3)
+        .map(|v| v & !3)
+        .ok_or(MalformedDtb("a length overflows"))
+}
+
+/// Most node nesting accepted (the `fdt` crate and the guest tree writer recurse per level).
 const MAX_DEPTH: usize = 32;
 
 /// A C string at `at` that ends before `end`, as UTF-8 (the `fdt` crate unwraps both).
 fn c_str(blob: &[u8], at: usize, end: usize) -> Result<&str, MalformedDtb> {
-    let bytes = blob.get(at..end).ok_or(MalformedDtb)?;
-    let len = bytes.iter().position(|b| *b == 0).ok_or(MalformedDtb)?;
-    core::str::from_utf8(&bytes[..len]).map_err(|_| MalformedDtb)
+    let bytes = blob
+        .get(at..end)
+        .ok_or(MalformedDtb("a name lies outside its block"))?;
+    let len = bytes
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or(MalformedDtb("a name has no terminating NUL"))?;
+    let name = bytes.get(..len).ok_or(TRUNCATED)?;
+    core::str::from_utf8(name).map_err(|_| MalformedDtb("a name is not UTF-8"))
+}
+
+/// Properties whose value the `fdt` crate reads as one big-endian 32-bit cell and
+/// unwraps (`cell_sizes`) or that our readers take as one cell.
+fn is_single_cell(name: &str) -> bool {
+    (name.starts_with('#') && name.ends_with("-cells"))
+        || matches!(name, "phandle" | "linux,phandle" | "interrupt-parent")
+}
+
+/// Properties the `fdt` crate reads as strings by cutting off the last byte
+/// (`Chosen::bootargs`, `stdout`, `stdin`, `Compatible::first`) or that hold a string or
+/// string list by the Devicetree Specification (v0.4, 2.3 and 3.6).
+fn is_string(name: &str) -> bool {
+    matches!(
+        name,
+        "compatible"
+            | "model"
+            | "status"
+            | "device_type"
+            | "name"
+            | "bootargs"
+            | "stdout-path"
+            | "stdin-path"
+            | "method"
+            | "enable-method"
+    )
+}
+
+/// Checks a property value that the `fdt` crate (or our own readers) would index or
+/// unwrap by the property's name: one cell for `#...-cells`, `phandle` and
+/// `interrupt-parent`; a non-empty NUL-terminated value for string properties.
+///
+/// # Errors
+///
+/// [`MalformedDtb`] naming the rule the value breaks.
+pub fn check_property(name: &str, value: &[u8]) -> Result<(), MalformedDtb> {
+    if is_single_cell(name) && value.len() != 4 {
+        return Err(MalformedDtb(
+            "a #...-cells, phandle or interrupt-parent property is not one 32-bit cell",
+        ));
+    }
+    if is_string(name) && value.last() != Some(&0) {
+        return Err(MalformedDtb(
+            "a string property is empty or not NUL-terminated",
+        ));
+    }
+    Ok(())
+}
+
+/// Where the blocks of a checked blob lie.
+struct Layout {
+    /// Structure block start and end.
+    off: usize,
+    end: usize,
+    /// How many NOP tokens the structure block has.
+    nops: usize,
 }
 
 /// Checks everything the `fdt` crate relies on without checking itself: header offsets
 /// and sizes inside the blob, a terminated memory-reservation block, and a structure
 /// block that is one properly nested tree (properties before child nodes, names in UTF-8,
-/// property names inside the strings block). Returns the structure block's start and
-/// end and the number of NOP tokens in it.
-fn validate(blob: &[u8]) -> Result<(usize, usize, usize), MalformedDtb> {
-    let total = total_size(blob).ok_or(MalformedDtb)?;
-    let field = |at| be32(blob, at).map(|v| v as usize);
+/// property names inside the strings block, values per [`check_property`]).
+fn validate(blob: &[u8]) -> Result<Layout, MalformedDtb> {
+    let total = total_size(blob).ok_or(MalformedDtb("no FDT magic or a size below the header"))?;
+    let field = |at| be32_usize(blob, at);
     let (off, strings, rsv) = (field(8)?, field(12)?, field(16)?);
     let (version, strings_size, size) = (field(20)?, field(32)?, field(36)?);
-    let end = off.checked_add(size).ok_or(MalformedDtb)?;
-    let strings_end = strings.checked_add(strings_size).ok_or(MalformedDtb)?;
-    if total > blob.len() || version < 17 || end > total || strings_end > total {
-        return Err(MalformedDtb);
+    let end = add(off, size, "the structure block overflows")?;
+    let strings_end = add(strings, strings_size, "the strings block overflows")?;
+    if total > blob.len() {
+        return Err(MalformedDtb("totalsize is beyond the blob"));
     }
-    if off % 4 != 0 || rsv % 8 != 0 || rsv < 40 {
-        return Err(MalformedDtb);
+    if version < 17 {
+        return Err(MalformedDtb("version below 17"));
     }
+    if end > total || strings_end > total {
+        return Err(MalformedDtb("a block lies beyond totalsize"));
+    }
+    if off % 4 != 0 || rsv % 8 != 0 || rsv < HEADER_SIZE {
+        return Err(MalformedDtb("a block is misaligned or overlaps the header"));
+    }
+    let blob = blob.get(..total).ok_or(TRUNCATED)?;
     let mut entry = rsv;
     loop {
         let e = blob
-            .get(entry..entry.checked_add(16).ok_or(MalformedDtb)?)
-            .ok_or(MalformedDtb)?;
-        if entry + 16 > total {
-            return Err(MalformedDtb);
-        }
+            .get(entry..add(entry, 16, TRUNCATED.0)?)
+            .ok_or(MalformedDtb(
+                "the memory reservation block is not terminated",
+            ))?;
         if e.iter().all(|b| *b == 0) {
             break;
         }
-        entry += 16;
+        entry = add(entry, 16, TRUNCATED.0)?;
     }
-    let blob = &blob[..total];
+    let structure = blob.get(..end).ok_or(TRUNCATED)?;
     // Per depth: whether the open node already has a child (properties must come first).
     let mut has_child = [false; MAX_DEPTH + 1];
-    let mut depth = 0;
+    let mut depth: usize = 0;
     let mut root_done = false;
     let mut pos = off;
-    let mut nops = 0;
+    let mut nops: usize = 0;
+    let bad_nesting = MalformedDtb("the structure block is not one properly nested tree");
     loop {
-        let token = be32(&blob[..end], pos)?;
+        let token = be32(structure, pos)?;
         let len = match token {
             FDT_BEGIN_NODE => {
-                if root_done || depth == MAX_DEPTH {
-                    return Err(MalformedDtb);
+                if root_done || depth >= MAX_DEPTH {
+                    return Err(MalformedDtb("a second root or nodes nested too deep"));
                 }
-                has_child[depth] = true;
-                depth += 1;
-                has_child[depth] = false;
-                let name = c_str(blob, pos + 4, end)?;
-                4 + align4(name.len() + 1).ok_or(MalformedDtb)?
+                *has_child.get_mut(depth).ok_or(bad_nesting)? = true;
+                depth = add(depth, 1, bad_nesting.0)?;
+                *has_child.get_mut(depth).ok_or(bad_nesting)? = false;
+                let name = c_str(blob, add(pos, 4, TRUNCATED.0)?, end)?;
+                add(4, align4(add(name.len(), 1, TRUNCATED.0)?)?, TRUNCATED.0)?
             }
             FDT_PROP => {
-                if depth == 0 || has_child[depth] {
-                    return Err(MalformedDtb);
+                if depth == 0 || has_child.get(depth).copied().unwrap_or(true) {
+                    return Err(MalformedDtb(
+                        "a property outside a node or after a child node",
+                    ));
                 }
-                let vlen = be32(&blob[..end], pos + 4)? as usize;
-                let nameoff = be32(&blob[..end], pos + 8)? as usize;
-                c_str(
-                    blob,
-                    strings.checked_add(nameoff).ok_or(MalformedDtb)?,
-                    strings_end,
-                )?;
-                12 + align4(vlen).ok_or(MalformedDtb)?
+                let vlen = be32_usize(structure, add(pos, 4, TRUNCATED.0)?)?;
+                let nameoff = be32_usize(structure, add(pos, 8, TRUNCATED.0)?)?;
+                let name = c_str(blob, add(strings, nameoff, TRUNCATED.0)?, strings_end)?;
+                let at = add(pos, 12, TRUNCATED.0)?;
+                let value = structure
+                    .get(at..add(at, vlen, TRUNCATED.0)?)
+                    .ok_or(MalformedDtb(
+                        "a property value lies beyond the structure block",
+                    ))?;
+                check_property(name, value)?;
+                add(12, align4(vlen)?, TRUNCATED.0)?
             }
             FDT_END_NODE => {
-                if depth == 0 {
-                    return Err(MalformedDtb);
-                }
-                depth -= 1;
+                depth = depth.checked_sub(1).ok_or(bad_nesting)?;
                 root_done = depth == 0;
                 4
             }
             FDT_NOP => {
-                nops += 1;
+                nops = add(nops, 1, TRUNCATED.0)?;
                 4
             }
             FDT_END if root_done => break,
-            _ => return Err(MalformedDtb),
+            _ => return Err(MalformedDtb("an unknown token or the tree is not closed")),
         };
-        pos = pos
-            .checked_add(len)
-            .filter(|p| *p <= end)
-            .ok_or(MalformedDtb)?;
+        pos = add(pos, len, TRUNCATED.0)?;
+        if pos > end {
+            return Err(TRUNCATED);
+        }
     }
-    Ok((off, end, nops))
+    Ok(Layout { off, end, nops })
+}
+
+/// Length of the token at `read` of a checked structure block, and whether it is kept
+/// (NOPs are not).
+fn token_len(blob: &[u8], read: usize, end: usize) -> Result<(u32, usize), MalformedDtb> {
+    let token = be32(blob, read)?;
+    let len = match token {
+        FDT_BEGIN_NODE => {
+            let name = c_str(blob, add(read, 4, TRUNCATED.0)?, end)?;
+            add(4, align4(add(name.len(), 1, TRUNCATED.0)?)?, TRUNCATED.0)?
+        }
+        FDT_PROP => add(
+            12,
+            align4(be32_usize(blob, add(read, 4, TRUNCATED.0)?)?)?,
+            TRUNCATED.0,
+        )?,
+        _ => 4,
+    };
+    Ok((token, len))
 }
 
 /// Checks `blob` (see the module documentation) and removes every `FDT_NOP` token from
@@ -158,47 +273,40 @@ fn validate(blob: &[u8]) -> Result<(usize, usize, usize), MalformedDtb> {
 /// [`MalformedDtb`] (and `blob` unchanged) when the header, the reservation block or the
 /// token stream is not valid.
 pub fn strip_nops(blob: &mut [u8]) -> Result<usize, MalformedDtb> {
-    let (off, end, nops) = validate(blob)?;
+    let Layout { off, end, nops } = validate(blob)?;
     if nops == 0 {
         return Ok(0);
     }
-    // Second pass: compact.
+    // Second pass over the checked block: compact. It reads only tokens the first pass
+    // checked (and always ahead of where it writes), so it does not fail half-way.
     let mut read = off;
     let mut write = off;
     loop {
-        let token = be32(blob, read)?;
-        let len = match token {
-            FDT_BEGIN_NODE => {
-                let name_end = blob[read + 4..end]
-                    .iter()
-                    .position(|b| *b == 0)
-                    .ok_or(MalformedDtb)?;
-                4 + align4(name_end + 1).ok_or(MalformedDtb)?
+        let (token, len) = token_len(blob, read, end)?;
+        let next = add(read, len, TRUNCATED.0)?;
+        if token != FDT_NOP {
+            if next > end {
+                return Err(TRUNCATED);
             }
-            FDT_PROP => 12 + align4(be32(blob, read + 4)? as usize).ok_or(MalformedDtb)?,
-            FDT_END_NODE | FDT_END => 4,
-            _ => {
-                read += 4;
-                continue;
-            }
-        };
-        blob.copy_within(read..read + len, write);
-        write += len;
-        read += len;
+            blob.copy_within(read..next, write);
+            write = add(write, len, TRUNCATED.0)?;
+        }
+        read = next;
         if token == FDT_END {
             break;
         }
     }
-    let new_size = write - off;
-    while write + 4 <= end {
-        blob[write..write + 4].copy_from_slice(&FDT_END.to_be_bytes());
-        write += 4;
+    let new_size = u32::try_from(write.saturating_sub(off)).map_err(|_| TRUNCATED)?;
+    while let Some(word) = blob.get_mut(write..add(write, 4, TRUNCATED.0)?.min(end)) {
+        if word.len() < 4 {
+            break;
+        }
+        word.copy_from_slice(&FDT_END.to_be_bytes());
+        write = add(write, 4, TRUNCATED.0)?;
     }
-    blob[36..40].copy_from_slice(
-        &u32::try_from(new_size)
-            .map_err(|_| MalformedDtb)?
-            .to_be_bytes(),
-    );
+    blob.get_mut(36..40)
+        .ok_or(TRUNCATED)?
+        .copy_from_slice(&new_size.to_be_bytes());
     Ok(nops)
 }
 
@@ -228,9 +336,9 @@ impl<'a> HostDt<'a> {
     /// [`MalformedDtb`] (and `blob` unchanged) when it is not a well-formed device tree.
     pub fn new(blob: &'a mut [u8]) -> Result<Self, MalformedDtb> {
         strip_nops(blob)?;
-        let total = total_size(blob).ok_or(MalformedDtb)?;
-        let blob: &'a [u8] = &blob[..total];
-        let fdt = fdt::Fdt::new(blob).map_err(|_| MalformedDtb)?;
+        let total = total_size(blob).ok_or(TRUNCATED)?;
+        let blob: &'a [u8] = blob.get(..total).ok_or(TRUNCATED)?;
+        let fdt = fdt::Fdt::new(blob).map_err(|_| MalformedDtb("the fdt crate refuses it"))?;
         Ok(Self { fdt, blob })
     }
 
@@ -248,7 +356,8 @@ impl<'a> HostDt<'a> {
     pub unsafe fn at(addr: u64) -> Result<Self, MalformedDtb> {
         // SAFETY: the caller guarantees a readable header at `addr`.
         let header = unsafe { core::slice::from_raw_parts(addr as *const u8, HEADER_SIZE) };
-        let total = total_size(header).ok_or(MalformedDtb)?;
+        let total =
+            total_size(header).ok_or(MalformedDtb("no FDT magic or a size below the header"))?;
         // SAFETY: the caller guarantees `totalsize` bytes at `addr` that only we use.
         Self::new(unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, total) })
     }
@@ -275,6 +384,8 @@ pub(crate) fn qemu_virt() -> HostDt<'static> {
 }
 
 #[cfg(test)]
+// The tests read trees they built (or the hypervisor wrote) with the crate's own lookups.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use vm_fdt::FdtWriter;
@@ -362,7 +473,7 @@ mod tests {
             let mut b = good.clone();
             f(&mut b);
             let before = b.clone();
-            assert_eq!(strip_nops(&mut b), Err(MalformedDtb));
+            assert!(matches!(strip_nops(&mut b), Err(MalformedDtb(_))));
             assert_eq!(b, before, "a rejected blob is left alone");
         };
         // Strings block beyond the blob.
@@ -452,10 +563,10 @@ mod tests {
         let off = be32(&bad, 8).expect("off") as usize;
         bad[off..off + 4].copy_from_slice(&7u32.to_be_bytes());
         let before = bad.clone();
-        assert_eq!(strip_nops(&mut bad), Err(MalformedDtb));
+        assert!(matches!(strip_nops(&mut bad), Err(MalformedDtb(_))));
         assert_eq!(bad, before);
-        assert_eq!(strip_nops(&mut [0u8; 8]), Err(MalformedDtb));
+        assert!(matches!(strip_nops(&mut [0u8; 8]), Err(MalformedDtb(_))));
         let mut short = copy[..copy.len() - 8].to_vec();
-        assert_eq!(strip_nops(&mut short), Err(MalformedDtb));
+        assert!(matches!(strip_nops(&mut short), Err(MalformedDtb(_))));
     }
 }

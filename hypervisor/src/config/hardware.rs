@@ -134,14 +134,14 @@ impl Hardware {
     /// The RAM regions, in device-tree order.
     #[must_use]
     pub fn memory(&self) -> &[PhysRange] {
-        &self.memory[..self.memory_count]
+        self.memory.get(..self.memory_count).unwrap_or_default()
     }
 
     /// The MPIDR affinity value (the `reg` of each `/cpus/cpu@*` node) of every CPU, in
     /// device-tree order.
     #[must_use]
     pub fn cpus(&self) -> &[u64] {
-        &self.cpus[..self.cpu_count]
+        self.cpus.get(..self.cpu_count).unwrap_or_default()
     }
 
     /// The RAM region containing `region`, if any.
@@ -165,11 +165,12 @@ impl Hardware {
                 if size == 0 {
                     continue;
                 }
-                if self.memory_count == MAX_MEMORY_REGIONS {
-                    return Err(HardwareError::TooManyMemoryRegions);
-                }
-                self.memory[self.memory_count] = PhysRange::new(reg.starting_address as u64, size);
-                self.memory_count += 1;
+                let slot = self
+                    .memory
+                    .get_mut(self.memory_count)
+                    .ok_or(HardwareError::TooManyMemoryRegions)?;
+                *slot = PhysRange::new(reg.starting_address as u64, size);
+                self.memory_count = self.memory_count.saturating_add(1);
             }
         }
         if self.memory_count == 0 {
@@ -200,12 +201,13 @@ impl Hardware {
                 }
                 _ => return Err(HardwareError::BadCpuReg),
             };
-            if self.cpu_count == MAX_CPUS {
-                self.cpus_ignored += 1;
-                continue;
+            match self.cpus.get_mut(self.cpu_count) {
+                Some(slot) => {
+                    *slot = mpidr;
+                    self.cpu_count = self.cpu_count.saturating_add(1);
+                }
+                None => self.cpus_ignored = self.cpus_ignored.saturating_add(1),
             }
-            self.cpus[self.cpu_count] = mpidr;
-            self.cpu_count += 1;
         }
         if self.cpu_count == 0 {
             return Err(HardwareError::NoCpus);

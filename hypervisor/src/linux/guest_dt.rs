@@ -37,7 +37,7 @@ use fdt::Fdt;
 use crate::config::devices::{
     base_name, be_cells, cells, is_interrupt_controller, read_cells, select, DeviceError,
 };
-use crate::config::{GicIpa, HostDt};
+use crate::config::{find_path, GicIpa, HostDt};
 use vm_fdt::FdtWriter;
 
 /// What the guest's device tree describes.
@@ -132,7 +132,7 @@ impl From<vm_fdt::Error> for GuestDtError {
 /// does not have, the initrd lies outside the guest RAM, or the tree cannot be written.
 pub fn build_guest_dt(host: &HostDt<'_>, cfg: &GuestDtConfig<'_>) -> Result<Vec<u8>, GuestDtError> {
     let host = host.fdt();
-    let root = host.find_node("/").ok_or(GuestDtError::HostDt)?;
+    let root = find_path(host, "/").ok_or(GuestDtError::HostDt)?;
     let (acells, scells) = cells(&root, 2, 1);
     if !(1..=2).contains(&acells) || !(1..=2).contains(&scells) {
         return Err(GuestDtError::Cells);
@@ -156,14 +156,15 @@ pub fn build_guest_dt(host: &HostDt<'_>, cfg: &GuestDtConfig<'_>) -> Result<Vec<
     if cfg.cpus.is_empty() {
         return Err(GuestDtError::NoCpus);
     }
-    let mut next_phandle = max_phandle(host) + 1;
-    let gic_phandle = host
-        .find_node("/")
+    // Fresh phandles above every one the host uses (0xffff_ffff is not a valid one).
+    let mut next_phandle = max_phandle(host).saturating_add(1);
+    let gic_phandle = find_path(host, "/")
         .and_then(|r| r.property("interrupt-parent"))
         .and_then(|p| be_cells(p.value).next())
         .unwrap_or_else(|| {
-            next_phandle += 1;
-            next_phandle - 1
+            let fresh = next_phandle;
+            next_phandle = next_phandle.saturating_add(1);
+            fresh
         });
 
     let mut w = FdtWriter::new()?;
@@ -235,7 +236,7 @@ fn max_phandle(host: &Fdt<'_>) -> u32 {
         }
     }
     let mut max = 0;
-    if let Some(root) = host.find_node("/") {
+    if let Some(root) = find_path(host, "/") {
         visit(&root, &mut max);
     }
     max
@@ -341,7 +342,7 @@ fn copy_subtree(w: &mut FdtWriter, node: &FdtNode<'_, '_>, name: &str) -> Result
 }
 
 fn write_cpus(host: &Fdt<'_>, w: &mut FdtWriter, mpidrs: &[u64]) -> Result<(), GuestDtError> {
-    let cpus = host.find_node("/cpus").ok_or(GuestDtError::HostDt)?;
+    let cpus = find_path(host, "/cpus").ok_or(GuestDtError::HostDt)?;
     let (acells, _) = cells(&cpus, 1, 0);
     let node_reg =
         |n: &FdtNode<'_, '_>| n.property("reg").and_then(|p| read_cells(p.value, acells));

@@ -61,13 +61,11 @@ impl ImageHeader {
     #[must_use]
     pub fn parse(image: &[u8]) -> Option<Self> {
         let field = |at: usize| -> Option<u64> {
-            let bytes = image.get(at..at + 8)?;
-            let mut raw = [0u8; 8];
-            raw.copy_from_slice(bytes);
-            Some(u64::from_le_bytes(raw))
+            let bytes = image.get(at..at.checked_add(8)?)?;
+            Some(u64::from_le_bytes(bytes.try_into().ok()?))
         };
-        let magic = image.get(MAGIC_OFFSET..MAGIC_OFFSET + 4)?;
-        if u32::from_le_bytes([magic[0], magic[1], magic[2], magic[3]]) != IMAGE_MAGIC {
+        let magic = image.get(MAGIC_OFFSET..MAGIC_OFFSET.checked_add(4)?)?;
+        if u32::from_le_bytes(magic.try_into().ok()?) != IMAGE_MAGIC {
             return None;
         }
         Some(Self {
@@ -192,7 +190,8 @@ pub fn place_kernel(
 
 /// `value` rounded up to a multiple of `align` (a power of two), `None` on overflow.
 pub(crate) fn align_up(value: u64, align: u64) -> Option<u64> {
-    Some(value.checked_add(align - 1)? & !(align - 1))
+    let mask = align.checked_sub(1)?;
+    Some(value.checked_add(mask)? & !mask)
 }
 
 #[cfg(test)]

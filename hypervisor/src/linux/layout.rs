@@ -67,15 +67,20 @@ pub fn plan(
     let kernel = place_kernel(kernel_head, kernel_len, ram_base, ram_size)
         .map_err(GuestLayoutError::Kernel)?;
     // place_kernel checked that ram_base + ram_size does not overflow.
-    let ram_end = ram_base + ram_size;
-    let dtb = (ram_end & !(DTB_AREA - 1))
+    let ram_end = ram_base
+        .checked_add(ram_size)
+        .ok_or(GuestLayoutError::NoRoomForDtb)?;
+    let dtb = (ram_end & !DTB_AREA.wrapping_sub(1))
         .checked_sub(DTB_AREA)
         .filter(|&d| d >= kernel.end)
         .ok_or(GuestLayoutError::NoRoomForDtb)?;
     if let Some((start, end)) = initrd {
         let inside = start >= ram_base && start < end && end <= ram_end;
         let clear_of = |lo: u64, hi: u64| end <= lo || start >= hi;
-        if !inside || !clear_of(kernel.load, kernel.end) || !clear_of(dtb, dtb + DTB_AREA) {
+        if !inside
+            || !clear_of(kernel.load, kernel.end)
+            || !clear_of(dtb, dtb.saturating_add(DTB_AREA))
+        {
             return Err(GuestLayoutError::InitrdOverlap);
         }
     }

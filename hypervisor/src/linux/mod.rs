@@ -1,5 +1,17 @@
 //! Booting a Linux kernel as a guest: where the kernel, initrd and DTB go in guest RAM,
 //! and the device tree the guest sees. See docs/linux-guest.md.
+// Host input (device trees, images) is read here: no panics, no unchecked indexing or
+// arithmetic (docs/decisions.md, "Host device trees cannot panic the hypervisor").
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects,
+        clippy::panic
+    )
+)]
 
 use core::fmt;
 
@@ -213,6 +225,8 @@ pub fn complete_desc(
 }
 
 #[cfg(test)]
+// The tests read trees they built (or the hypervisor wrote) with the crate's own lookups.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

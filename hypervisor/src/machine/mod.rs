@@ -92,6 +92,12 @@ pub fn primary(dtb: usize) -> Machine {
         "running at EL{el}, MPIDR {mpidr:#x}, MIDR {:#x}",
         MIDR_EL1.get()
     );
+    let spectre = regs::el2_controls().spectre;
+    info!(
+        "branch-predictor hardening: Spectre-v2 {:?}, Spectre-BHB {:?} ({} branches at EL2 \
+         entry), SSB {:?} (docs/cpu-state.md)",
+        spectre.v2, spectre.bhb, spectre.bhb_loop, spectre.v4
+    );
     info!(
         "device tree at {:#x}, {} bytes",
         platform.dtb.base, platform.dtb.size

@@ -15,17 +15,19 @@ use aarch64_cpu::registers::{
     ID_AA64PFR0_EL1, MIDR_EL1, SPSR_EL1, VBAR_EL1,
 };
 
+use crate::vcpu::cpu_state::{El2Controls, IdRegs, PmuPolicy};
 use crate::vm::vmid::VmidBits;
 
 /// `HCR_EL2` for an AArch64 EL1 guest (D19.2.49):
 /// VM (0) stage 2 on, SWIO (1) set/way invalidation as clean+invalidate, FMO (3),
 /// IMO (4), AMO (5): physical FIQs, IRQs and SErrors are taken to EL2 and EL1 sees the
 /// virtual ones (the guest's `ICC_*_EL1` accesses reach the virtual CPU interface, its
-/// `ICC_SGI*R_EL1` writes trap), TSC (19) trap SMC (it is a PSCI/SMCCC conduit), RW (31)
-/// EL1 is AArch64, APK (40) / API (41) do not trap pointer-authentication keys and
-/// instructions (`-cpu max` has FEAT_PAuth). TWI/TWE stay 0: a guest's WFI waits on its
-/// own CPU until a virtual interrupt is pending in the list registers or a physical
-/// interrupt (a kick, a timer, a maintenance interrupt) brings it to EL2.
+/// `ICC_SGI*R_EL1` writes trap; docs/interrupts.md), TSC (19) trap SMC (it is a
+/// PSCI/SMCCC conduit), RW (31) EL1 is AArch64, APK (40) / API (41) do not trap
+/// pointer-authentication keys and instructions (`-cpu max` has FEAT_PAuth). TWI/TWE
+/// stay 0: a guest's WFI waits on its own CPU until a virtual interrupt is pending in the
+/// list registers or a physical one (a kick, a timer, a maintenance interrupt) brings it
+/// to EL2.
 pub const HCR_GUEST: u64 = (1 << 0)
     | (1 << 1)
     | (1 << 3)
@@ -56,45 +58,173 @@ pub fn vmid_bits() -> VmidBits {
     VmidBits::from_id_aa64mmfr1(ID_AA64MMFR1_EL1.get())
 }
 
-/// `CPTR_EL2.TZ` (bit 8, E2H = 0): SVE instructions and registers trap to EL2 when set
-/// (Arm ARM D19.2.30); the boot code sets it.
-const CPTR_EL2_TZ: u64 = 1 << 8;
-
-/// On a CPU with SVE (`ID_AA64PFR0_EL1.SVE`, bits \[35:32\]), lets the guest use it with
-/// the smallest vector length: `CPTR_EL2.TZ` = 0 and `ZCR_EL2.LEN` = 0 (128-bit vectors).
-/// The Z registers are then exactly the V registers the exit path saves and restores, and
-/// the predicate registers are never touched by the hypervisor's own code (it is built
-/// without SVE), so the guest's SVE state survives every exit; vCPUs never share a CPU.
-/// A Linux guest probes SVE at boot, which would otherwise stop it. SME stays trapped.
-fn allow_el1_sve_128() {
-    if (ID_AA64PFR0_EL1.get() >> 32) & 0xf == 0 {
-        return;
-    }
-    // SAFETY: with FEAT_SVE, clearing TZ only stops SVE accesses from trapping, and
-    // ZCR_EL2 (accessible once TZ is 0) only caps the vector length of EL1/EL0.
+/// The ID register fields [`El2Controls::for_cpu`] depends on, read on this CPU.
+pub fn id_regs() -> IdRegs {
+    let (pfr1, dfr0): (u64, u64);
+    // SAFETY: reading ID registers has no side effects (ID_AA64PFR1_EL1, ID_AA64DFR0_EL1
+    // by encoding: every Armv8.0 CPU has them, RAZ where a field is not implemented).
     unsafe {
         asm!(
-            "mrs {t}, cptr_el2",
-            "bic {t}, {t}, {tz}",
-            "msr cptr_el2, {t}",
-            "isb",
-            "msr S3_4_C1_C2_0, xzr", // ZCR_EL2
+            "mrs {p}, S3_0_C0_C4_1",
+            "mrs {d}, S3_0_C0_C5_0",
+            p = out(reg) pfr1,
+            d = out(reg) dfr0,
+            options(nomem, nostack, preserves_flags),
+        );
+    }
+    let mut id = IdRegs {
+        pfr0: ID_AA64PFR0_EL1.get(),
+        pfr1,
+        dfr0,
+        mmfr1: ID_AA64MMFR1_EL1.get(),
+        pmu_counters: 0,
+        midr: MIDR_EL1.get(),
+        // The firmware's SMCCC_ARCH_WORKAROUND_1 is not probed or called (QEMU has no
+        // firmware behind SMC besides PSCI): docs/cpu-state.md.
+        firmware_wa1: false,
+    };
+    if id.pmu_version() != 0 {
+        // PMCR_EL0.N [15:11]: the event counters the CPU implements.
+        id.pmu_counters = ((pmcr() >> 11) & 0x1f) as u8;
+    }
+    id
+}
+
+/// The EL2 controls for guests on this CPU (`docs/cpu-state.md`).
+pub fn el2_controls() -> El2Controls {
+    El2Controls::for_cpu(&id_regs())
+}
+
+/// `PMCR_EL0`. Only where the CPU has a PMU (`ID_AA64DFR0_EL1.PMUVer`).
+pub fn pmcr() -> u64 {
+    let v: u64;
+    // SAFETY: at EL2 PMCR_EL0 reads without trapping; no side effects.
+    unsafe { asm!("mrs {}, S3_3_C9_C12_0", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Writes `PMCR_EL0` (for the vCPU this CPU runs: the PMU belongs to its guest).
+pub fn set_pmcr(value: u64) {
+    // SAFETY: the PMU is the running guest's (static partitioning); EL2 counting is
+    // prohibited by MDCR_EL2 whatever PMCR_EL0 says, and the caller sets DP where needed.
+    unsafe {
+        asm!("msr S3_3_C9_C12_0, {}", "isb", in(reg) value, options(nostack, preserves_flags))
+    };
+}
+
+/// Makes a virtual SError pending for the guest: `VSESR_EL2` (FEAT_RAS) then
+/// `HCR_EL2.VSE`. The CPU clears VSE when the guest takes it (Arm ARM D1.3.5 "Virtual
+/// SError exceptions"); it is taken only while `HCR_EL2.AMO` routes SErrors to EL2.
+pub fn inject_serror(vsesr: Option<u64>) {
+    if let Some(v) = vsesr {
+        // SAFETY: VSESR_EL2 (FEAT_RAS, which the caller checked) only holds the syndrome
+        // of the next virtual SError.
+        unsafe { asm!("msr S3_4_C5_C2_3, {}", in(reg) v, options(nostack, preserves_flags)) };
+    }
+    // SAFETY: setting VSE only makes a virtual SError pending for EL1; the other HCR_EL2
+    // bits are written back unchanged.
+    unsafe {
+        asm!(
+            "mrs {t}, hcr_el2",
+            "orr {t}, {t}, {vse}",
+            "msr hcr_el2, {t}",
             "isb",
             t = out(reg) _,
-            tz = in(reg) CPTR_EL2_TZ,
+            vse = in(reg) crate::vcpu::cpu_state::hcr::VSE,
+            options(nostack),
+        );
+    }
+}
+
+/// Cleans and invalidates `[va, va + len)` to the point of coherency (`DC CIVAC`), then
+/// `DSB SY`.
+///
+/// # Safety
+///
+/// The range must be mapped at EL2 as normal memory.
+pub unsafe fn clean_invalidate(va: u64, len: u64) {
+    let ctr: u64;
+    // SAFETY: reading CTR_EL0 has no side effects.
+    unsafe { asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
+    let line = 4u64 << ((ctr >> 16) & 0xf);
+    let end = va.saturating_add(len);
+    let mut addr = va & !(line - 1);
+    while addr < end {
+        // SAFETY: DC CIVAC writes a line back and drops it without changing memory
+        // contents; the caller guarantees the line is mapped.
+        unsafe { asm!("dc civac, {}", in(reg) addr, options(nostack, preserves_flags)) };
+        addr += line;
+    }
+    // SAFETY: a barrier has no memory-safety effects.
+    unsafe { asm!("dsb sy", options(nostack, preserves_flags)) };
+}
+
+/// Writes the EL2 controls for a guest (`docs/cpu-state.md`): `MDCR_EL2`, `CPTR_EL2`,
+/// `HSTR_EL2`, `ACTLR_EL2`, and `ZCR_EL2.LEN` = 0 where SVE is allowed (128-bit vectors:
+/// the Z registers are then exactly the V registers the exit path saves and restores, and
+/// the hypervisor, built without SVE, never touches the predicate registers; vCPUs never
+/// share a CPU). `HCR_EL2` is written by the caller with the trap bits included.
+fn write_controls(c: &El2Controls) {
+    // SAFETY: these registers only decide what EL1/EL0 may do and what traps to EL2; EL2's
+    // own FP/SIMD stays untrapped (CPTR_EL2.TFP is 0 in every value). ZCR_EL2 is
+    // accessible once CPTR_EL2.TZ is 0, which `c.sve` implies.
+    unsafe {
+        asm!(
+            "msr mdcr_el2, {mdcr}",
+            "msr cptr_el2, {cptr}",
+            "msr hstr_el2, {hstr}",
+            "msr actlr_el2, {actlr}",
+            "isb",
+            mdcr = in(reg) c.mdcr,
+            cptr = in(reg) c.cptr,
+            hstr = in(reg) c.hstr,
+            actlr = in(reg) c.actlr,
+            options(nostack),
+        );
+        if c.sve {
+            asm!("msr S3_4_C1_C2_0, xzr", "isb", options(nostack)); // ZCR_EL2
+        }
+    }
+}
+
+/// Resets the guest-owned PMU and self-hosted debug state at vCPU start: counters
+/// disabled (`PMCR_EL0.E` = 0, DP set), every counter, interrupt and overflow cleared, no
+/// EL0 access; `MDSCR_EL1` = 0 (no breakpoints, watchpoints or single step).
+fn reset_guest_pmu_and_debug(c: &El2Controls) {
+    // SAFETY: MDSCR_EL1 only controls debug events of EL1/EL0.
+    unsafe { asm!("msr mdscr_el1, xzr", options(nostack, preserves_flags)) };
+    if matches!(c.pmu, PmuPolicy::Absent | PmuPolicy::Hidden) {
+        return;
+    }
+    // SAFETY: the PMU is this vCPU's (static partitioning) and this is its reset state.
+    unsafe {
+        asm!(
+            "msr S3_3_C9_C12_0, {dp}",  // PMCR_EL0 = DP
+            "msr S3_3_C9_C12_2, {all}", // PMCNTENCLR_EL0
+            "msr S3_0_C9_C14_2, {all}", // PMINTENCLR_EL1
+            "msr S3_3_C9_C12_3, {all}", // PMOVSCLR_EL0
+            "msr S3_3_C9_C14_0, xzr",   // PMUSERENR_EL0
+            "msr S3_3_C9_C12_5, xzr",   // PMSELR_EL0
+            "isb",
+            dp = in(reg) crate::vcpu::cpu_state::sysreg::PMCR_DP,
+            all = in(reg) u64::MAX,
             options(nostack),
         );
     }
 }
 
 /// Configures this CPU to run vCPU `index` of the VM with `vttbr`/`vtcr`, and resets the
-/// guest's EL1 state (the vCPU starts as after a PSCI `CPU_ON`: MMU off). `CPTR_EL2`
-/// (FP/SIMD not trapped, SVE and SME trapped) is set once per CPU by the boot code; SVE is
-/// then allowed at 128-bit vectors where the CPU has it.
+/// guest's EL1 state (the vCPU starts as after a PSCI `CPU_ON`: MMU off). Every EL2
+/// control register a guest's behaviour depends on is written here, from the CPU's ID
+/// registers ([`El2Controls`], `docs/cpu-state.md`); EL2 does not change them while the
+/// vCPU runs (only `HCR_EL2.VSE`, by [`inject_serror`]).
 pub fn enter_guest_context(vttbr: u64, vtcr: u64, index: u64) {
     let midr = MIDR_EL1.get();
     let vmpidr = (1 << 31) | (index & 0xff);
-    allow_el1_sve_128();
+    let controls = el2_controls();
+    write_controls(&controls);
+    boot::set_bhb_loop(u32::from(controls.spectre.bhb_loop));
+    reset_guest_pmu_and_debug(&controls);
     // SAFETY: these registers only affect the EL1&0 regime, which does not run until
     // `enter_guest`; the local TLBI VMALLS12E1 drops whatever this CPU cached for the
     // VMID before (the VMID is also flushed inner-shareable when it is freed).
@@ -132,7 +262,7 @@ pub fn enter_guest_context(vttbr: u64, vtcr: u64, index: u64) {
             "isb",
             vtcr = in(reg) vtcr,
             vttbr = in(reg) vttbr,
-            hcr = in(reg) HCR_GUEST,
+            hcr = in(reg) HCR_GUEST | controls.hcr_traps,
             cnthctl = in(reg) CNTHCTL_GUEST,
             midr = in(reg) midr,
             vmpidr = in(reg) vmpidr,

@@ -125,6 +125,32 @@ impl GuestEl1 for MachineHost {
     fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64) {
         regs::set_el1_exception(esr, far, elr, spsr);
     }
+
+    fn controls(&self) -> crate::vcpu::cpu_state::El2Controls {
+        regs::el2_controls()
+    }
+
+    fn has_ras(&self) -> bool {
+        regs::id_regs().has_ras()
+    }
+
+    fn pmcr(&self) -> u64 {
+        regs::pmcr()
+    }
+
+    fn set_pmcr(&mut self, value: u64) {
+        regs::set_pmcr(value);
+    }
+
+    fn inject_serror(&mut self, vsesr: Option<u64>) {
+        regs::inject_serror(vsesr.filter(|_| self.has_ras()));
+    }
+
+    fn clean_invalidate(&mut self, pa: u64, len: u64) {
+        // SAFETY: `[pa, pa + len)` is RAM of the running VM (from its description, inside
+        // its pool of guest RAM), which the hypervisor's stage 1 maps as normal memory.
+        unsafe { regs::clean_invalidate(pa, len) };
+    }
 }
 
 impl LineSink for MachineHost {
@@ -471,6 +497,10 @@ fn run_vcpu(
                 gic::vcpu_stop(nr_lrs);
                 return;
             }
+            Next::Fatal => fatal(format_args!(
+                "VM {}: an error that may reach beyond the VM",
+                vm.desc.name
+            )),
             Next::Reset => {
                 gic::vcpu_stop(nr_lrs);
                 if let Err(e) = manager.reset(vm.id) {

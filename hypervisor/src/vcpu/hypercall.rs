@@ -2,6 +2,7 @@
 //! PSCI (Arm DEN 0022) and the twostage vendor-specific hypervisor service.
 //! The function IDs and every value returned here are documented in `docs/hypercalls.md`.
 
+use super::cpu_state::spectre::{self, Mitigations};
 use crate::vm::psci::{PsciError, PsciVm};
 use smccc::arch as smccc_arch;
 use smccc::psci as p;
@@ -63,6 +64,8 @@ pub struct Caller<'a> {
     pub name: &'a str,
     /// How many times the VM was started.
     pub boots: u32,
+    /// What this CPU needs against branch-predictor attacks (SMCCC workaround answers).
+    pub spectre: Mitigations,
 }
 
 /// What the run loop must do after a call.
@@ -130,8 +133,25 @@ pub fn dispatch(
         smccc_arch::SMCCC_VERSION => ret(SMCCC_VERSION_1_1),
         smccc_arch::SMCCC_ARCH_FEATURES => match arg(1) as u32 {
             smccc_arch::SMCCC_VERSION | smccc_arch::SMCCC_ARCH_FEATURES => ret(0),
+            smccc_arch::SMCCC_ARCH_WORKAROUND_1 => ret(spectre::features_wa1(&caller.spectre)),
+            smccc_arch::SMCCC_ARCH_WORKAROUND_2 => ret(spectre::features_wa2(&caller.spectre)),
+            smccc_arch::SMCCC_ARCH_WORKAROUND_3 => ret(spectre::features_wa3(&caller.spectre)),
             _ => ret(NOT_SUPPORTED),
         },
+        // The call itself did the work: it entered EL2 through the entry mitigation
+        // (or the CPU needs none). Offered only where the discovery call says so.
+        smccc_arch::SMCCC_ARCH_WORKAROUND_1 | smccc_arch::SMCCC_ARCH_WORKAROUND_3 => {
+            let offered = if fid == smccc_arch::SMCCC_ARCH_WORKAROUND_1 {
+                spectre::features_wa1(&caller.spectre)
+            } else {
+                spectre::features_wa3(&caller.spectre)
+            };
+            ret(if offered == NOT_SUPPORTED {
+                NOT_SUPPORTED
+            } else {
+                0
+            })
+        }
         p::PSCI_VERSION => ret(PSCI_VERSION_1_1),
         p::PSCI_FEATURES => {
             if PSCI_IMPLEMENTED.contains(&(arg(1) as u32)) {
@@ -196,6 +216,14 @@ mod tests {
         vcpu: 0,
         name: "guest-a",
         boots: 2,
+        // QEMU's cortex-a57: no firmware workaround, the BHB loop at EL2 entry.
+        spectre: Mitigations {
+            v2: spectre::State::Vulnerable,
+            bhb: spectre::State::Mitigated,
+            v4: spectre::State::Vulnerable,
+            bhb_loop: 8,
+            firmware_wa1: false,
+        },
     };
 
     fn call(psci: &mut PsciVm, regs: &[u64]) -> Outcome {
@@ -228,7 +256,7 @@ mod tests {
         assert_eq!(
             x0(call(&mut ps, &[0x8000_0001, 0x8000_8000])),
             -1,
-            "no workaround 1"
+            "v2 cannot be mitigated without firmware"
         );
         assert_eq!(x0(call(&mut ps, &[0x8000_0001, 0x8000_0001])), 0);
         // The upper half of x0 is ignored.
@@ -335,5 +363,41 @@ mod tests {
     fn cpu_off_when_not_on_is_denied() {
         let mut ps = PsciVm::new(1);
         assert_eq!(x0(call(&mut ps, &[0x8400_0002])), -3);
+    }
+
+    /// `SMCCC_ARCH_FEATURES` of the three workarounds, and the calls, for CPUs of each
+    /// kind (DEN 0028: 0 = implemented and needed, 1 = not needed, -1 = not supported,
+    /// -2 = not required for workaround 2).
+    #[test]
+    fn workaround_discovery_follows_the_cpu() {
+        let mut ps = PsciVm::new(1);
+        let ask = |ps: &mut PsciVm, caller: &Caller<'_>, x: &[u64]| {
+            let mut regs = [0u64; 8];
+            regs[..x.len()].copy_from_slice(x);
+            x0(dispatch(&regs, caller, ps, |_| true))
+        };
+        let cases = [
+            // (MIDR, ID_AA64PFR0_EL1, firmware WA_1) -> (WA_1, WA_2, WA_3)
+            (0x411f_d070, 0x2222, false, (-1, -1, -1)), // A57 on QEMU
+            (0x411f_d070, 0x2222, true, (0, -1, 0)),    // A57 with TF-A
+            (0x410f_d034, 0x2222, false, (1, -2, 1)),   // A53
+            (0x000f_0510, 2 << 56, false, (1, -1, -1)), // max: CSV2, BHB unknown
+            (0x414f_d0b1, 1 << 56, false, (1, -1, 0)),  // A76: CSV2, BHB loop
+        ];
+        for (midr, pfr0, fw, (w1, w2, w3)) in cases {
+            let caller = Caller {
+                spectre: Mitigations::for_cpu(midr, pfr0, 0, 0, fw),
+                ..CALLER
+            };
+            let got = (
+                ask(&mut ps, &caller, &[0x8000_0001, 0x8000_8000]),
+                ask(&mut ps, &caller, &[0x8000_0001, 0x8000_7fff]),
+                ask(&mut ps, &caller, &[0x8000_0001, 0x8000_3fff]),
+            );
+            assert_eq!(got, (w1, w2, w3), "MIDR {midr:#x}");
+            // Calling a workaround that is offered (0 or 1) returns 0.
+            let call1 = ask(&mut ps, &caller, &[0x8000_8000]);
+            assert_eq!(call1, if w1 == -1 { -1 } else { 0 }, "MIDR {midr:#x}");
+        }
     }
 }

@@ -7,6 +7,7 @@
 //! behind [`GuestEl1`], so this is tested on the host; the machine's run loop
 //! (`crate::machine::run`) supplies the real ones.
 
+pub mod cpu_state;
 pub mod exit;
 pub mod hypercall;
 pub mod irq;
@@ -35,12 +36,107 @@ pub struct VcpuCtx<'a> {
     pub pstate: &'a mut u64,
 }
 
-/// The guest's EL1 registers an abort injection needs.
+/// The guest's EL1 registers an abort injection needs, and the CPU state it shares with
+/// EL2 (`cpu_state`).
 pub trait GuestEl1 {
     /// `VBAR_EL1`.
     fn vbar(&self) -> u64;
     /// Writes `ESR_EL1`, `FAR_EL1`, `ELR_EL1` and `SPSR_EL1`.
     fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64);
+    /// The EL2 controls this CPU runs guests with.
+    ///
+    /// The provided methods describe a CPU without PMU, RAS or any other optional
+    /// feature, on which nothing is emulated (for tests that do not need them); the
+    /// machine layer implements every method.
+    fn controls(&self) -> cpu_state::El2Controls {
+        cpu_state::El2Controls::for_cpu(&cpu_state::IdRegs::default())
+    }
+    /// Whether the CPU has FEAT_RAS (SError syndromes carry a severity).
+    fn has_ras(&self) -> bool {
+        false
+    }
+    /// `PMCR_EL0`.
+    fn pmcr(&self) -> u64 {
+        0
+    }
+    /// Writes `PMCR_EL0`.
+    fn set_pmcr(&mut self, _value: u64) {}
+    /// Makes a virtual SError pending for the guest (`HCR_EL2.VSE`, `VSESR_EL2`).
+    fn inject_serror(&mut self, _vsesr: Option<u64>) {}
+    /// Cleans and invalidates the data cache to the point of coherency over the host
+    /// physical range `[pa, pa + len)` of the VM's RAM.
+    fn clean_invalidate(&mut self, _pa: u64, _len: u64) {}
+}
+
+/// Handles a trapped system-register access or set/way instruction (`cpu_state::sysreg`);
+/// `None` when it is not one the controls trap on purpose.
+fn sysreg<S>(
+    vm: &Vm<S>,
+    ctx: &mut VcpuCtx<'_>,
+    access: &boot::esr::SysRegAccess,
+    el1: &mut impl GuestEl1,
+) -> Option<Next> {
+    use cpu_state::sysreg::{decide, Action, PMCR_DP};
+    let rt = usize::from(access.rt);
+    let operand = ctx.x.get(rt).copied().unwrap_or(0);
+    let read = |ctx: &mut VcpuCtx<'_>, value: u64| {
+        if let Some(r) = ctx.x.get_mut(rt) {
+            *r = value;
+        }
+    };
+    match decide(access, operand, &el1.controls()) {
+        Action::Unhandled => return None,
+        Action::RazWi if access.read => read(ctx, 0),
+        Action::RazWi => {}
+        Action::PmcrRead => read(ctx, el1.pmcr()),
+        Action::PmcrWrite => el1.set_pmcr(operand | PMCR_DP),
+        Action::SetWay { sweep_start } => {
+            // One sweep of a level by set/way is one clean+invalidate by VA of the VM's
+            // RAM: the guest's intent (its data at the point of coherency) without
+            // touching lines of other VMs in shared caches.
+            if sweep_start {
+                for r in &vm.desc.memory {
+                    el1.clean_invalidate(r.pa, r.size);
+                }
+            }
+        }
+    }
+    *ctx.pc = ctx.pc.wrapping_add(4);
+    Some(Next::Resume)
+}
+
+/// Handles an SError taken from the guest (`cpu_state::serror`).
+fn serror<S>(vm: &Vm<S>, esr: boot::esr::Esr, el1: &mut impl GuestEl1) -> Next {
+    use cpu_state::serror::{decide, Action};
+    let iss = esr.bits() & 0x1ff_ffff;
+    match decide(iss, el1.has_ras(), vm.desc.abort) {
+        Action::Resume => {
+            log::warn!(
+                "VM {}: corrected error (SError, ESR {:#x})",
+                vm.desc.name,
+                esr.bits()
+            );
+            Next::Resume
+        }
+        Action::Inject { vsesr } => {
+            log::warn!(
+                "VM {}: SError (ESR {:#x}) injected as a virtual SError",
+                vm.desc.name,
+                esr.bits()
+            );
+            el1.inject_serror(vsesr);
+            Next::Resume
+        }
+        Action::StopVm => stop_vm(vm, format_args!("SError (ESR {:#x})", esr.bits())),
+        Action::Fatal => {
+            log::error!(
+                "VM {}: uncontainable SError (ESR {:#x}): the machine stops",
+                vm.desc.name,
+                esr.bits()
+            );
+            Next::Fatal
+        }
+    }
 }
 
 /// What an exit needs from the machine: the guest's EL1 exception registers, the
@@ -58,6 +154,8 @@ pub enum Next {
     Stop,
     /// The VM asked for `SYSTEM_RESET`: reset it, then wait for vCPU 0's restart.
     Reset,
+    /// An error that may reach beyond this VM (an uncontainable SError): end the run.
+    Fatal,
 }
 
 /// PSTATE for an exception taken to EL1h with D, A, I, F masked (SPSR M\[3:0\] = 0b0101).
@@ -105,7 +203,7 @@ pub fn handle_exit<S: Stage2Table>(
     }
     match Exit::from(exit) {
         Exit::Interrupt => Next::Resume,
-        Exit::SError { esr } => stop_vm(vm, format_args!("SError (ESR {:#x})", esr.bits())),
+        Exit::SError { esr } => serror(vm, esr, host),
         Exit::Hvc { .. } => hypercall(vm, vcpu, ctx, host, share),
         Exit::Smc { .. } => {
             // A trapped SMC returns to the SMC itself (preferred return address).
@@ -128,15 +226,18 @@ pub fn handle_exit<S: Stage2Table>(
                 *ctx.pc = ctx.pc.wrapping_add(4);
                 Next::Resume
             }
-            _ => stop_vm(
-                vm,
-                format_args!(
-                    "unhandled system register access: {} (ESR {:#x}, PC {:#x})",
-                    esr.decode(),
-                    esr.bits(),
-                    *ctx.pc
-                ),
-            ),
+            _ => sysreg(vm, ctx, &access, host).unwrap_or_else(|| {
+                stop_vm(
+                    vm,
+                    format_args!(
+                        "unhandled exit, EC {:#x}: {} (ESR {:#x}, PC {:#x})",
+                        esr.class().ec(),
+                        esr.decode(),
+                        esr.bits(),
+                        *ctx.pc
+                    ),
+                )
+            }),
         },
         Exit::Abort(abort) => stage2_abort(vm, vcpu, ctx, &abort, host, kicks),
         Exit::Other { esr } => stop_vm(
@@ -156,7 +257,7 @@ fn hypercall<S>(
     vm: &Vm<S>,
     vcpu: usize,
     ctx: &mut VcpuCtx<'_>,
-    sink: &mut impl LineSink,
+    host: &mut impl Host,
     share: &mut ShareCall<'_>,
 ) -> Next {
     let x: [u64; 8] = core::array::from_fn(|i| ctx.x[i]);
@@ -166,6 +267,7 @@ fn hypercall<S>(
         vcpu,
         name: &vm.desc.name,
         boots: vm.boots.load(Ordering::SeqCst),
+        spectre: host.controls().spectre,
     };
     let outcome = {
         let mut psci = vm.psci.lock();
@@ -184,14 +286,14 @@ fn hypercall<S>(
         }
         Outcome::CpuOff => Next::Stop,
         Outcome::SystemOff => {
-            vm.uart.lock().flush(&vm.desc.name, sink);
+            vm.uart.lock().flush(&vm.desc.name, host);
             log::info!("VM {} powered off", vm.desc.name);
             *vm.status.lock() = VmStatus::Off;
             vm.psci.lock().all_off();
             Next::Stop
         }
         Outcome::SystemReset => {
-            vm.uart.lock().flush(&vm.desc.name, sink);
+            vm.uart.lock().flush(&vm.desc.name, host);
             log::info!("VM {} reset", vm.desc.name);
             Next::Reset
         }
@@ -446,6 +548,11 @@ mod tests {
     struct El1 {
         vbar: u64,
         set: Option<(u64, u64, u64, u64)>,
+        /// The CPU's ID registers (default: none of the optional features).
+        id: cpu_state::IdRegs,
+        pmcr: u64,
+        vse: Option<Option<u64>>,
+        flushed: Vec<(u64, u64)>,
     }
     impl GuestEl1 for El1 {
         fn vbar(&self) -> u64 {
@@ -453,6 +560,24 @@ mod tests {
         }
         fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64) {
             self.set = Some((esr, far, elr, spsr));
+        }
+        fn controls(&self) -> cpu_state::El2Controls {
+            cpu_state::El2Controls::for_cpu(&self.id)
+        }
+        fn has_ras(&self) -> bool {
+            self.id.has_ras()
+        }
+        fn pmcr(&self) -> u64 {
+            self.pmcr
+        }
+        fn set_pmcr(&mut self, value: u64) {
+            self.pmcr = value;
+        }
+        fn inject_serror(&mut self, vsesr: Option<u64>) {
+            self.vse = Some(vsesr);
+        }
+        fn clean_invalidate(&mut self, pa: u64, len: u64) {
+            self.flushed.push((pa, len));
         }
     }
 
@@ -476,6 +601,24 @@ mod tests {
         }
         fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64) {
             self.el1.set_exception(esr, far, elr, spsr);
+        }
+        fn controls(&self) -> cpu_state::El2Controls {
+            self.el1.controls()
+        }
+        fn has_ras(&self) -> bool {
+            self.el1.has_ras()
+        }
+        fn pmcr(&self) -> u64 {
+            self.el1.pmcr()
+        }
+        fn set_pmcr(&mut self, value: u64) {
+            self.el1.set_pmcr(value);
+        }
+        fn inject_serror(&mut self, vsesr: Option<u64>) {
+            self.el1.inject_serror(vsesr);
+        }
+        fn clean_invalidate(&mut self, pa: u64, len: u64) {
+            self.el1.clean_invalidate(pa, len);
         }
     }
     impl LineSink for TestHost<'_> {
@@ -665,7 +808,7 @@ mod tests {
         let (mut cpu, mut out) = (Cpu::new(), Lines::default());
         let mut el1 = El1 {
             vbar: 0x4000_8000,
-            set: None,
+            ..El1::default()
         };
         cpu.pstate = 0x345; // EL1h, I and F masked, some flags
         let n = cpu.exit(
@@ -863,7 +1006,7 @@ mod tests {
         let (mut cpu, mut out) = (Cpu::new(), Lines::default());
         let mut el1 = El1 {
             vbar: 0x4000_8000,
-            set: None,
+            ..El1::default()
         };
         // A byte read of GICD_CTLR is not allowed (IHI 0069 12.1.3): abort injected.
         cpu.exit(
@@ -900,5 +1043,151 @@ mod tests {
         // UARTICR lowers the line: no longer pending.
         w(&mut cpu, &mut el1, &mut out, 0x0900_0044, 1 << 5);
         assert_eq!(vm.vgic.lock().dist_read(0x204, 4), Ok(0));
+    }
+
+    fn serror(iss: u64) -> boot::Exit {
+        boot::Exit::SError {
+            esr: boot::esr::Esr::from_bits((0x2f << 26) | (1 << 25) | iss),
+        }
+    }
+
+    /// A RAS SError syndrome of error type `aet`.
+    fn ras(aet: u64) -> u64 {
+        (aet << 10) | 0x11
+    }
+
+    fn ras_cpu() -> El1 {
+        El1 {
+            id: cpu_state::IdRegs {
+                pfr0: 1 << 28,
+                ..cpu_state::IdRegs::default()
+            },
+            ..El1::default()
+        }
+    }
+
+    #[test]
+    fn serror_follows_severity_and_the_abort_policy() {
+        use cpu_state::serror::aet;
+        let m = manager();
+        let (mut cpu, mut out) = (Cpu::new(), Lines::default());
+        // Policy inject: a recoverable error becomes a virtual SError of that severity.
+        let mut d = desc(0x5000_0000, 1);
+        d.abort = AbortPolicy::Inject;
+        let vm = m.create(d).expect("vm");
+        vm.psci.lock().take_pending(0);
+        let mut el1 = ras_cpu();
+        assert_eq!(
+            cpu.exit(&vm, 0, serror(ras(aet::UER)), &mut el1, &mut out),
+            Next::Resume
+        );
+        assert_eq!(el1.vse, Some(Some(ras(aet::UER))));
+        // Corrected: nothing injected, the guest goes on.
+        let mut el1 = ras_cpu();
+        assert_eq!(
+            cpu.exit(&vm, 0, serror(ras(aet::CE)), &mut el1, &mut out),
+            Next::Resume
+        );
+        assert_eq!(el1.vse, None);
+        // No FEAT_RAS: injected with no syndrome register.
+        let mut el1 = El1::default();
+        cpu.exit(&vm, 0, serror(ras(aet::UC)), &mut el1, &mut out);
+        assert_eq!(el1.vse, Some(None));
+        // Uncontainable on a RAS CPU: the machine stops, whatever the policy.
+        let mut el1 = ras_cpu();
+        assert_eq!(
+            cpu.exit(&vm, 0, serror(ras(aet::UC)), &mut el1, &mut out),
+            Next::Fatal
+        );
+        assert_eq!(el1.vse, None);
+        // Unrecoverable: this VM stops, even with policy inject.
+        assert_eq!(
+            cpu.exit(&vm, 0, serror(ras(aet::UEU)), &mut ras_cpu(), &mut out),
+            Next::Stop
+        );
+        assert_eq!(vm.status(), VmStatus::Failed);
+
+        // Policy stop: a recoverable error stops the VM, nothing is injected.
+        let vm = m.create(desc(0x5010_0000, 2)).expect("vm");
+        vm.psci.lock().take_pending(0);
+        let mut el1 = ras_cpu();
+        assert_eq!(
+            cpu.exit(&vm, 0, serror(ras(aet::UEO)), &mut el1, &mut out),
+            Next::Stop
+        );
+        assert_eq!((el1.vse, vm.status()), (None, VmStatus::Failed));
+    }
+
+    /// ESR of a trapped MSR/MRS (EC 0x18) of `(op0, op1, crn, crm, op2)` with `rt`.
+    fn msr(reg: (u64, u64, u64, u64, u64), rt: u64, read: bool) -> u64 {
+        let (op0, op1, crn, crm, op2) = reg;
+        (0x18 << 26)
+            | (1 << 25)
+            | (op0 << 20)
+            | (op2 << 17)
+            | (op1 << 14)
+            | (crn << 10)
+            | (rt << 5)
+            | (crm << 1)
+            | u64::from(read)
+    }
+
+    #[test]
+    fn trapped_registers_are_emulated_and_others_stop_the_vm() {
+        let m = manager();
+        let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
+        vm.psci.lock().take_pending(0);
+        let (mut cpu, mut out) = (Cpu::new(), Lines::default());
+        let mut el1 = El1::default();
+        // ACTLR_EL1 reads as zero; the PC steps over the MRS.
+        cpu.x[3] = 0xdead;
+        let pc = cpu.pc;
+        let n = cpu.exit(
+            &vm,
+            0,
+            sync(msr((3, 0, 1, 0, 1), 3, true), 0),
+            &mut el1,
+            &mut out,
+        );
+        assert_eq!((n, cpu.x[3], cpu.pc), (Next::Resume, 0, pc + 4));
+        // A PMCR_EL0 write where DP must be forced (PMUv3p1).
+        el1.id.dfr0 = 4 << 8;
+        cpu.x[2] = 0b1;
+        cpu.exit(
+            &vm,
+            0,
+            sync(msr((3, 3, 9, 12, 0), 2, false), 0),
+            &mut el1,
+            &mut out,
+        );
+        assert_eq!(el1.pmcr, 0b1 | cpu_state::sysreg::PMCR_DP);
+        // A set/way sweep start cleans the VM's RAM by VA, once; the rest of it does not.
+        cpu.x[0] = 0b010;
+        cpu.exit(
+            &vm,
+            0,
+            sync(msr((1, 0, 7, 14, 2), 0, false), 0),
+            &mut el1,
+            &mut out,
+        );
+        cpu.x[0] = (1 << 30) | 0b010;
+        cpu.exit(
+            &vm,
+            0,
+            sync(msr((1, 0, 7, 14, 2), 0, false), 0),
+            &mut el1,
+            &mut out,
+        );
+        let ram: Vec<_> = vm.desc.memory.iter().map(|r| (r.pa, r.size)).collect();
+        assert_eq!(el1.flushed, ram);
+        // An IMPLEMENTATION DEFINED register: an unknown exit, the VM stops.
+        let n = cpu.exit(
+            &vm,
+            0,
+            sync(msr((3, 1, 15, 2, 0), 1, true), 0),
+            &mut el1,
+            &mut out,
+        );
+        assert_eq!((n, vm.status()), (Next::Stop, VmStatus::Failed));
     }
 }

@@ -72,6 +72,7 @@ impl PagePool {
     }
 
     /// The pool's ranges (sorted, merged).
+    #[cfg(test)]
     #[must_use]
     pub fn ranges(&self) -> &[PhysRange] {
         &self.ranges

@@ -15,12 +15,14 @@
 //! - bit 5: split and merge a stage-2 block under load: VM 0 shares and reclaims one
 //!   page 250 times while its vCPU 1 checks words on every page of the upper half of
 //!   the same 2 MiB RAM block; VM 1 waits for the end (`guest::split_merge`);
-//! - bit 6: the interrupt checks against the virtual GIC (`guest::irq`: SPI ownership,
+//! - bit 6: the PMU check (`guest::pmu`, `docs/cpu-state.md`);
+//! - bit 7: the interrupt checks against the virtual GIC (`guest::irq`: SPI ownership,
 //!   SGIs to itself and to vCPU 1 by target list and broadcast, priorities and active
-//!   state, the virtual timer waking WFI and pending while disabled);
-//! - bit 7: with bit 6, listen two seconds for SGIs that must never come (sent by
-//!   another VM with bit 8);
-//! - bit 8: send SGIs for three seconds by broadcast and to every target (an attacker
+//!   state, more pending interrupts than list registers, the virtual timer waking WFI
+//!   and pending while disabled);
+//! - bit 8: with bit 7, listen two seconds for SGIs that must never come (sent by
+//!   another VM with bit 9);
+//! - bit 9: send SGIs for three seconds by broadcast and to every target (an attacker
 //!   VM whose SGIs must stay inside it).
 //!
 //! It builds its own EL1&0 stage-1 tables with `mmu`, turns the MMU on, runs its checks,

@@ -1,4 +1,4 @@
-//! The interrupt checks (`arg` bit 6), against the VM's virtual GICv3 at QEMU virt's
+//! The interrupt checks (`arg` bit 7), against the VM's virtual GICv3 at QEMU virt's
 //! addresses: the distributor at [`GICD`], one redistributor per vCPU from [`GICR`].
 //! The guest uses the GIC CPU interface system registers (`ICC_*_EL1`; with
 //! `HCR_EL2.IMO` set they are the virtual interface), Group 1, EOImode 0.
@@ -20,9 +20,9 @@
 //! - `vtimer-pending-while-disabled`: with PPI 27 disabled at the redistributor a firing
 //!   timer shows pending in `GICR_ISPENDR0` and is not taken; cleared with
 //!   `GICR_ICPENDR0`, the timer fires again once enabled (`vtimer-after-clear`);
-//! - with `arg` bit 7 (`sgi-isolation`), it then waits [`ISOLATION_SECONDS`] with SGIs 8
+//! - with `arg` bit 8 (`sgi-isolation`), it then waits [`ISOLATION_SECONDS`] with SGIs 8
 //!   and 9 enabled on both vCPUs, and checks that none arrived: another VM of the run
-//!   ([`attack`], `arg` bit 8) broadcasts them meanwhile.
+//!   ([`attack`], `arg` bit 9) broadcasts them meanwhile.
 
 use core::arch::asm;
 use core::fmt::Write;
@@ -442,7 +442,7 @@ pub fn irq_check(listen: bool) {
     irqs(false);
 }
 
-/// The attacker (`arg` bit 8): a VM with one vCPU that, for [`ATTACK_SECONDS`], sends
+/// The attacker (`arg` bit 9): a VM with one vCPU that, for [`ATTACK_SECONDS`], sends
 /// SGI 8 to every other vCPU (IRM = 1) and SGI 9 to every Aff0 of Aff1 = 0, then checks
 /// that only its own SGI 9 reached it (nothing else exists in its VM).
 pub fn attack() {

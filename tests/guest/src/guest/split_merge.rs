@@ -33,6 +33,8 @@ const STRIDE: u64 = 512;
 const SLOTS: u64 = BUFFER.1 / STRIDE;
 /// How often (in words) vCPU 1 publishes its count and looks at the stop flag.
 const PUBLISH_EVERY: u64 = 64;
+/// After each pair, vCPU 0 waits up to 1/this of a second for vCPU 1 to publish progress.
+const PROGRESS_WAIT_DIVISOR: u64 = 20;
 
 /// Set by vCPU 0 when vCPU 1 must stop.
 static STOP: AtomicU64 = AtomicU64::new(0);
@@ -146,6 +148,16 @@ fn owner() {
             break;
         }
         pairs += 1;
+        // Let vCPU 1 publish progress before the next pair, so that the pairs interleave
+        // with its accesses even when the host runs its thread rarely (a loaded machine);
+        // a vCPU 1 that never runs still fails the concurrency check below.
+        let seen = ACCESSES.load(Ordering::Relaxed);
+        let (freq, t) = counter();
+        while ACCESSES.load(Ordering::Relaxed) == seen
+            && counter().1.wrapping_sub(t) < freq / PROGRESS_WAIT_DIVISOR
+        {
+            core::hint::spin_loop();
+        }
     }
     let ms = (counter().1 - t0) * 1000 / freq;
     let during = ACCESSES.load(Ordering::Relaxed) - before;
