@@ -233,6 +233,8 @@ impl KernelGuest {
                 vm.devices.clone_from(&devices);
             }
             vm.vuart = Some(VUART_IPA);
+            // What is typed on the console goes to the first VM.
+            vm.console_input = i == 0;
             vm.abort_policy = Some(self.abort_policy);
             vm.stage2 = Some(self.stage2);
             vms.push(vm);
@@ -325,6 +327,7 @@ mod tests {
         assert_eq!(vm.name, "linux");
         assert!(vm.devices.is_empty(), "no GIC, no host console");
         assert_eq!(vm.vuart, Some(0x0900_0000));
+        assert!(vm.console_input);
         assert_eq!(vm.memory[0].pa, vm.memory[0].ipa);
     }
 
@@ -343,6 +346,7 @@ mod tests {
             panic!("{plan:?}")
         };
         assert_eq!((a.name.as_str(), b.name.as_str()), ("linux0", "linux1"));
+        assert!(a.console_input && !b.console_input, "input goes to one VM");
         assert_eq!((a.cpus.clone(), b.cpus.clone()), (vec![0, 1], vec![2, 3]));
         // 1 GiB does not fit below staging: both go above it, one after the other.
         assert_eq!(a.memory[0].pa, STAGING.base + STAGING.size);

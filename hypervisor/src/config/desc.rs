@@ -131,6 +131,9 @@ pub struct VmDesc {
     pub stage2: Stage2Mappings,
     /// IPA of the emulated PL011 page, if any (its interrupt is [`VUART_INTID`]).
     pub vuart: Option<u64>,
+    /// The hypervisor's console input goes to this VM's `vuart` (`console-input`; one VM
+    /// at most).
+    pub console_input: bool,
     /// Where the emulated GIC is.
     pub gic: GicIpa,
     /// Device ranges mapped straight through (Device-nGnRE, RW, XN): the `passthrough`
@@ -552,6 +555,10 @@ fn parse_vm(
             return Err(node.err("vuart must be a free, page-aligned IPA"));
         }
     }
+    let console_input = node.get("console-input").is_some();
+    if console_input && vuart.is_none() {
+        return Err(node.err("console-input needs a vuart"));
+    }
     Ok(VmDesc {
         name,
         cpus,
@@ -565,6 +572,7 @@ fn parse_vm(
         abort,
         stage2,
         vuart,
+        console_input,
         gic,
         passthrough,
         devices,
@@ -603,6 +611,9 @@ pub fn parse(dt: &HostDt<'_>, ranges: &HostRanges<'_>) -> Result<Vec<VmDesc>, De
             }
             if other.cpus.iter().any(|c| vm.cpus.contains(c)) {
                 return Err(node.err("a physical CPU is given to two VMs"));
+            }
+            if other.console_input && vm.console_input {
+                return Err(node.err("console input is given to two VMs"));
             }
             if other.spis.iter().any(|i| vm.spis.contains(i)) {
                 return Err(node.err("an interrupt (SPI) is given to two VMs"));
@@ -1072,6 +1083,26 @@ pub(crate) mod tests {
         // Nothing asked for: accepted, with the virtual GIC at QEMU virt's addresses.
         let ok = parse(&host_with_gic(&[])).expect("valid");
         assert_eq!(ok[0].gic, GicIpa::QEMU_VIRT);
+    }
+
+    #[test]
+    fn console_input_goes_to_one_vm_with_a_uart() {
+        let input = |cpu, pa| with(vm_props(pa, cpu), "console-input", Vec::new());
+        let vms = parse(&dtb(&[("a", input(1, 0x5000_0000))])).expect("valid");
+        assert!(vms[0].console_input);
+        assert!(!parse(&dtb(&[("a", vm_props(0x5000_0000, 1))])).expect("valid")[0].console_input);
+        assert_eq!(
+            parse(&dtb(&[
+                ("a", input(1, 0x5000_0000)),
+                ("b", input(2, 0x5010_0000))
+            ]))
+            .unwrap_err()
+            .to_string(),
+            "VM node /chosen/b: console input is given to two VMs"
+        );
+        let mut no_uart = input(1, 0x5000_0000);
+        no_uart.retain(|(k, _)| *k != "vuart");
+        assert_eq!(rejected(no_uart), "console-input needs a vuart");
     }
 
     #[test]

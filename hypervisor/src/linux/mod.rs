@@ -314,6 +314,7 @@ mod tests {
             abort: AbortPolicy::Stop,
             stage2: crate::config::Stage2Mappings::Pages,
             vuart: Some(0x0900_0000),
+            console_input: false,
             gic: crate::config::GicIpa::QEMU_VIRT,
             passthrough: vec![],
             devices: vec![],

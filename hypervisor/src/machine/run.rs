@@ -16,6 +16,7 @@ use spin::Once;
 use super::cpu::{cpu_mpidr, park, park_off, power_off, wake};
 use super::fatal::fatal;
 use super::gic;
+use super::pl011::Pl011;
 use super::regs;
 use super::{Machine, FRAMES};
 use crate::config;
@@ -110,6 +111,103 @@ struct ConsoleLines;
 impl LineSink for ConsoleLines {
     fn line(&mut self, name: &str, text: &str) {
         log::info!("[{name}] {text}");
+    }
+
+    fn input_wanted(&mut self, _name: &str) {
+        // Only the input VM calls this (its description says so). Bytes the physical
+        // FIFO still holds raise its interrupt again, on that VM's CPU.
+        if let Some(input) = CONSOLE_INPUT.get() {
+            input.uart.set_rx_interrupt(true);
+        }
+    }
+}
+
+/// Where the console's input goes: the physical PL011's interrupt, the VM that gets it.
+struct ConsoleInput {
+    intid: u32,
+    vm: u32,
+    uart: Pl011,
+}
+
+// SAFETY: the PL011 value is an MMIO address; its receive side is used only through
+// `read_byte`/`set_rx_interrupt`, which touch the receive registers alone, each access
+// a single volatile load or store.
+unsafe impl Sync for ConsoleInput {}
+
+static CONSOLE_INPUT: Once<ConsoleInput> = Once::new();
+
+/// Sends the console's input to the VM whose description has `console-input`: its
+/// physical interrupt routed (level-sensitive) to that VM's vCPU 0's CPU and enabled, the
+/// PL011's receive interrupts unmasked. Without such a VM the input is not read.
+fn route_console_input(machine: &Machine) {
+    let Some(manager) = MANAGER.get() else { return };
+    let (Some(intid), Some(base)) = (machine.platform.uart_intid, machine.platform.uart) else {
+        return;
+    };
+    let Some(vm) = manager.vms_with(|d| d.console_input) else {
+        return;
+    };
+    let Some(&cpu) = vm.desc.cpus.first() else {
+        return;
+    };
+    // SAFETY: the PL011 the device tree names, mapped by the stage 1 ("uart"); this value
+    // only uses its receive registers (see `ConsoleInput`).
+    let uart = unsafe { Pl011::new(base.base as usize) };
+    let input = CONSOLE_INPUT.call_once(|| ConsoleInput {
+        intid,
+        vm: vm.id,
+        uart,
+    });
+    let mut phys = gic::Physical;
+    phys.apply(PhysAction::Trigger {
+        pintid: intid,
+        level: true,
+    });
+    phys.apply(PhysAction::Route {
+        pintid: intid,
+        mpidr: u64::from(cpu),
+    });
+    phys.apply(PhysAction::Enable {
+        pintid: intid,
+        enable: true,
+    });
+    input.uart.set_rx_interrupt(true);
+    log::info!(
+        "console input goes to VM {} (INTID {intid} on CPU {cpu:#x})",
+        vm.desc.name
+    );
+}
+
+/// The console's receive interrupt, taken on the input VM's CPU: moves as many bytes as
+/// its UART's receive FIFO takes; if more wait, masks the physical receive interrupt until
+/// the guest reads (`LineSink::input_wanted`), so a guest that does not read cannot keep
+/// its CPU in EL2.
+fn console_input(input: &ConsoleInput, vm: &Vm<MachineStage2>, kicks: &mut VcpuMask) {
+    if vm.id != input.vm {
+        // The VM is gone and another runs here now: the input has nowhere to go.
+        input.uart.set_rx_interrupt(false);
+        return;
+    }
+    let mut uart = vm.uart.lock();
+    while uart.input_room() > 0 {
+        match input.uart.read_byte() {
+            Some(b) => {
+                uart.push_input(&[b]);
+            }
+            None => break,
+        }
+    }
+    if uart.input_room() == 0 {
+        input.uart.set_rx_interrupt(false);
+    }
+    let level = uart.irq_level();
+    drop(uart);
+    if let Ok(Some(target)) = vm
+        .vgic
+        .lock()
+        .set_spi_level(crate::config::VUART_INTID, level)
+    {
+        kicks.insert(target);
     }
 }
 
@@ -271,6 +369,7 @@ pub fn run_vms(machine: &Machine) -> ! {
         }
     }
     MANAGER.call_once(|| manager);
+    route_console_input(machine);
     aarch64_cpu::asm::sev();
     for cpu in 1..boot::MAX_CPUS {
         wake(cpu);
@@ -522,6 +621,11 @@ fn take_interrupts(vm: &Vm<MachineStage2>, index: usize, kicks: &mut VcpuMask) {
             break;
         }
         gic::priority_drop(intid);
+        if let Some(input) = CONSOLE_INPUT.get().filter(|i| i.intid == intid) {
+            console_input(input, vm, kicks);
+            gic::deactivate(intid);
+            continue;
+        }
         if vcpu::irq::physical(vm, index, intid, kicks) == Taken::Deactivate {
             gic::deactivate(intid);
         }

@@ -415,6 +415,9 @@ fn emulate<S>(
             let level = uart.irq_level();
             drop(uart);
             uart_line(vm, level, kicks);
+            if vm.desc.console_input && !abort.write && offset == crate::vm::vuart::UARTDR {
+                host.input_wanted(&vm.desc.name);
+            }
             Ok(())
         }
         Emulated::Dist(offset) => {

@@ -326,6 +326,11 @@ impl<P: Backend> VmManager<P> {
         self.inner.lock().vms.iter().find(|v| v.id == id).cloned()
     }
 
+    /// The first live VM whose description satisfies `f`.
+    pub fn vms_with(&self, f: impl Fn(&VmDesc) -> bool) -> Option<Arc<Vm<P::S2>>> {
+        self.inner.lock().vms.iter().find(|v| f(&v.desc)).cloned()
+    }
+
     /// The VM whose vCPU runs on physical CPU `cpu`, with that vCPU's index.
     pub fn vm_on_cpu(&self, cpu: u32) -> Option<(Arc<Vm<P::S2>>, usize)> {
         let inner = self.inner.lock();

@@ -87,10 +87,13 @@ pub const MAX_LINE: usize = 160;
 /// Depth of the receive FIFO (the PL011's).
 pub const RX_FIFO: usize = 32;
 
-/// Receives the finished lines.
+/// Receives the finished lines (and hears when a VM's UART wants more input).
 pub trait LineSink {
     /// Emits one line (without its newline) of VM `name`.
     fn line(&mut self, name: &str, text: &str);
+    /// VM `name`, which gets the console's input, read its receive FIFO: there may be
+    /// room for more. (Nothing by default.)
+    fn input_wanted(&mut self, _name: &str) {}
 }
 
 /// One VM's PL011.
@@ -202,14 +205,18 @@ impl VUart {
 
     /// Receives `bytes` from the console; what does not fit in the receive FIFO is
     /// dropped (as a PL011 does, with an overrun). Returns how many were taken.
-    // The machine does not forward console input yet (docs/vms.md, "Console").
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn push_input(&mut self, bytes: &[u8]) -> usize {
         let room = RX_FIFO.saturating_sub(self.rx.len());
         let n = bytes.len().min(room);
         self.rx.extend(bytes.iter().take(n));
         self.update_rx();
         n
+    }
+
+    /// Free places in the receive FIFO.
+    #[must_use]
+    pub fn input_room(&self) -> usize {
+        RX_FIFO.saturating_sub(self.rx.len())
     }
 
     fn update_rx(&mut self) {
@@ -357,5 +364,8 @@ mod tests {
         assert_eq!(u.push_input(&big), RX_FIFO);
         assert_ne!(u.read(UARTFR) & FR_RXFF, 0);
         assert_eq!(u.push_input(b"y"), 0, "a full FIFO takes nothing");
+        assert_eq!(u.input_room(), 0);
+        u.read(UARTDR);
+        assert_eq!(u.input_room(), 1);
     }
 }
