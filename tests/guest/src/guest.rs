@@ -45,6 +45,33 @@ static mut GUEST_STACKS: Stacks = Stacks([[0; STACK_SIZE]; 2]);
 // compiled Rust may use SIMD registers anywhere.
 global_asm!(
     r#"
+// Every register a Rust handler may clobber (AAPCS64 caller-saved), in the first 160
+// bytes of the frame the vector made.
+.macro SAVE_CALLER_SAVED
+    stp     x0, x1, [sp]
+    stp     x2, x3, [sp, #16]
+    stp     x4, x5, [sp, #32]
+    stp     x6, x7, [sp, #48]
+    stp     x8, x9, [sp, #64]
+    stp     x10, x11, [sp, #80]
+    stp     x12, x13, [sp, #96]
+    stp     x14, x15, [sp, #112]
+    stp     x16, x17, [sp, #128]
+    stp     x18, x30, [sp, #144]
+.endm
+.macro RESTORE_CALLER_SAVED
+    ldp     x0, x1, [sp]
+    ldp     x2, x3, [sp, #16]
+    ldp     x4, x5, [sp, #32]
+    ldp     x6, x7, [sp, #48]
+    ldp     x8, x9, [sp, #64]
+    ldp     x10, x11, [sp, #80]
+    ldp     x12, x13, [sp, #96]
+    ldp     x14, x15, [sp, #112]
+    ldp     x16, x17, [sp, #128]
+    ldp     x18, x30, [sp, #144]
+.endm
+
 .section .text.entry, "ax"
 .global _start
 _start:
@@ -99,16 +126,7 @@ vectors:
 // IRQ, current EL with SP_ELx (offset 0x280): the interrupt checks (guest::irq).
 irq_el1h:
     sub     sp, sp, #176
-    stp     x0, x1, [sp]
-    stp     x2, x3, [sp, #16]
-    stp     x4, x5, [sp, #32]
-    stp     x6, x7, [sp, #48]
-    stp     x8, x9, [sp, #64]
-    stp     x10, x11, [sp, #80]
-    stp     x12, x13, [sp, #96]
-    stp     x14, x15, [sp, #112]
-    stp     x16, x17, [sp, #128]
-    stp     x18, x30, [sp, #144]
+    SAVE_CALLER_SAVED
     mrs     x0, elr_el1
     mrs     x1, spsr_el1
     stp     x0, x1, [sp, #160]
@@ -116,48 +134,21 @@ irq_el1h:
     ldp     x0, x1, [sp, #160]
     msr     elr_el1, x0
     msr     spsr_el1, x1
-    ldp     x0, x1, [sp]
-    ldp     x2, x3, [sp, #16]
-    ldp     x4, x5, [sp, #32]
-    ldp     x6, x7, [sp, #48]
-    ldp     x8, x9, [sp, #64]
-    ldp     x10, x11, [sp, #80]
-    ldp     x12, x13, [sp, #96]
-    ldp     x14, x15, [sp, #112]
-    ldp     x16, x17, [sp, #128]
-    ldp     x18, x30, [sp, #144]
+    RESTORE_CALLER_SAVED
     add     sp, sp, #176
     eret
 
 sync_el1h:
     // Save every register the Rust handler may clobber (AAPCS64 caller-saved).
     sub     sp, sp, #160
-    stp     x0, x1, [sp]
-    stp     x2, x3, [sp, #16]
-    stp     x4, x5, [sp, #32]
-    stp     x6, x7, [sp, #48]
-    stp     x8, x9, [sp, #64]
-    stp     x10, x11, [sp, #80]
-    stp     x12, x13, [sp, #96]
-    stp     x14, x15, [sp, #112]
-    stp     x16, x17, [sp, #128]
-    stp     x18, x30, [sp, #144]
+    SAVE_CALLER_SAVED
     mrs     x0, esr_el1
     mrs     x1, far_el1
     mrs     x2, elr_el1
     bl      guest_sync_exception
     // Returns the address to resume at.
     msr     elr_el1, x0
-    ldp     x0, x1, [sp]
-    ldp     x2, x3, [sp, #16]
-    ldp     x4, x5, [sp, #32]
-    ldp     x6, x7, [sp, #48]
-    ldp     x8, x9, [sp, #64]
-    ldp     x10, x11, [sp, #80]
-    ldp     x12, x13, [sp, #96]
-    ldp     x14, x15, [sp, #112]
-    ldp     x16, x17, [sp, #128]
-    ldp     x18, x30, [sp, #144]
+    RESTORE_CALLER_SAVED
     add     sp, sp, #160
     eret
 
