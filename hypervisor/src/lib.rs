@@ -18,7 +18,15 @@ pub mod config;
 mod console;
 pub mod linux;
 pub mod mem;
+// The coverage-guided fuzz targets (`fuzz/`, docs/fuzzing.md) drive the exit handler and
+// the VM manager directly: with the `fuzzing` feature these two modules are public.
+#[cfg(feature = "fuzzing")]
+pub mod vcpu;
+#[cfg(not(feature = "fuzzing"))]
 mod vcpu;
+#[cfg(feature = "fuzzing")]
+pub mod vm;
+#[cfg(not(feature = "fuzzing"))]
 mod vm;
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]

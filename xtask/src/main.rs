@@ -1,4 +1,4 @@
-//! `cargo xtask build | run | debug | test | bench | fetch-linux`: see `--help`.
+//! `cargo xtask build | run | debug | test | bench | fuzz | fetch-linux`: see `--help`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -13,6 +13,7 @@ use xtask::size::Size;
 use xtask::vm::{AbortPolicy, Stage2Mappings};
 
 mod bench;
+mod fuzz;
 mod test;
 
 /// Builds, runs, debugs, tests and benchmarks twostage, the AArch64 hypervisor, under
@@ -47,6 +48,9 @@ enum Cmd {
     Test(test::TestArgs),
     /// Benchmarks; each writes its section of docs/BENCHMARKS.md.
     Bench(bench::BenchArgs),
+    /// Runs the coverage-guided fuzz targets of fuzz/ (nightly toolchain, cargo-fuzz;
+    /// docs/fuzzing.md): `cargo xtask fuzz share_calls --seconds 3600`.
+    Fuzz(fuzz::FuzzArgs),
     /// Fetches the Debian arm64 kernel and builds the initramfs images (out/linux/).
     FetchLinux,
 }
@@ -394,6 +398,7 @@ fn main() -> ExitCode {
         Cmd::Debug(args) => debug(args),
         Cmd::Test(args) => test::run(args),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Fuzz(args) => fuzz::run(args),
         Cmd::FetchLinux => fetch_linux().map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {

@@ -7,12 +7,17 @@ use clap::Args;
 
 use xtask::artifacts::{self, root, Artifact, TARGET, TEST_VARIANTS};
 
+use crate::fuzz;
+
 /// Options of `cargo xtask test`.
 #[derive(Args)]
 pub struct TestArgs {
     /// Leave out formatting and lints.
     #[arg(long)]
     no_lints: bool,
+    /// Leave out the fuzz runs and Miri (they need the nightly toolchain).
+    #[arg(long)]
+    no_fuzz: bool,
 }
 
 /// One step: a title and a cargo command line.
@@ -138,6 +143,40 @@ fn run_step(step: &Step) -> Result<(), String> {
     }
 }
 
+/// Runs `f` as a titled, timed step.
+fn timed<T>(title: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    let start = Instant::now();
+    eprintln!("== {title}");
+    let r = f();
+    eprintln!(
+        "== {title}: {} in {:.0} s",
+        if r.is_ok() { "passed" } else { "FAILED" },
+        start.elapsed().as_secs_f64()
+    );
+    r
+}
+
+/// The nightly steps (docs/fuzzing.md): the fuzz crate's lints, `mmu`'s tests under
+/// Miri, then each fuzz target for a short run on its committed corpus.
+fn fuzz_and_miri(lints: bool) -> Result<(), String> {
+    if lints {
+        timed("clippy and formatting, fuzz crate (nightly)", fuzz::clippy)?;
+    }
+    let passed = timed("mmu under Miri", fuzz::miri)?;
+    eprintln!("== Miri: {passed} mmu tests passed, no undefined behaviour found");
+    timed(
+        "fuzz targets: build (nightly, AddressSanitizer)",
+        fuzz::build,
+    )?;
+    timed(
+        &format!(
+            "fuzz targets: {} s each on the committed corpus",
+            fuzz::TEST_SECONDS
+        ),
+        || fuzz::run_all(&fuzz::TARGETS, fuzz::TEST_SECONDS, 1, true),
+    )
+}
+
 /// Runs every step, stopping at the first failure.
 ///
 /// # Errors
@@ -154,6 +193,9 @@ pub fn run(args: &TestArgs) -> Result<ExitCode, String> {
         "host unit and property tests",
         &["test", "--workspace", "--exclude", "integration"],
     ))?;
+    if !args.no_fuzz {
+        fuzz_and_miri(!args.no_lints)?;
+    }
     run_step(&cargo(
         "mmu and its peers agree (aarch64-unknown-linux-gnu under qemu-aarch64)",
         &[

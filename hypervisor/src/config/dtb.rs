@@ -172,6 +172,13 @@ fn validate(blob: &[u8]) -> Result<Layout, MalformedDtb> {
     if off % 4 != 0 || rsv % 8 != 0 || rsv < HEADER_SIZE {
         return Err(MalformedDtb("a block is misaligned or overlaps the header"));
     }
+    // Removing NOPs rewrites the structure block in place after this check: a strings
+    // block inside it would change under names already checked.
+    if off < strings_end && strings < end {
+        return Err(MalformedDtb(
+            "the strings block overlaps the structure block",
+        ));
+    }
     let blob = blob.get(..total).ok_or(TRUNCATED)?;
     let mut entry = rsv;
     loop {
@@ -490,6 +497,11 @@ mod tests {
             let at = find(b, b"cpus");
             b[at] = 0xff;
         });
+        // The strings block inside the structure block.
+        reject(&|b| {
+            let off = be32(b, 8).expect("off");
+            b[12..16].copy_from_slice(&(off + 8).to_be_bytes());
+        });
         // An END_NODE turned into a NOP: the tree is not closed.
         reject(&|b| {
             let at = find(b, b"chosen");
@@ -507,6 +519,26 @@ mod tests {
             let end = at + blob_skip(b, at);
             b[end - 4..end].copy_from_slice(&FDT_NOP.to_be_bytes());
         });
+    }
+
+    #[test]
+    fn strings_inside_the_structure_block_are_refused() {
+        // Found by the config_dtb fuzz target: QEMU's tree with a VM node, its strings
+        // block moved into the structure block (off_dt_strings 0x1dd8 -> 0x2d8). The
+        // names the property offsets reach there pass the checks, but removing the
+        // NOPs rewrites those bytes, and the fdt crate then panicked on a name that is
+        // no longer UTF-8.
+        let mut blob =
+            include_bytes!("../../tests/fixtures/virt-gicv3-with-vm-in-chosen.dtb").to_vec();
+        blob[14] = 0x02;
+        let before = blob.clone();
+        assert_eq!(
+            HostDt::new(&mut blob).map(|_| ()),
+            Err(MalformedDtb(
+                "the strings block overlaps the structure block"
+            ))
+        );
+        assert_eq!(blob, before, "a rejected blob is left alone");
     }
 
     /// Length in bytes of the node starting at the BEGIN_NODE token at `at` (walks

@@ -315,13 +315,13 @@ impl<P: Backend> VmManager<P> {
     }
 
     /// Runs `f` with the memory-sharing transactions.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn with_shares<R>(&self, f: impl FnOnce(&share::Ledger) -> R) -> R {
         f(&self.shares.lock())
     }
 
     /// The VM with id `id`.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn get(&self, id: u32) -> Option<Arc<Vm<P::S2>>> {
         self.inner.lock().vms.iter().find(|v| v.id == id).cloned()
     }
@@ -344,7 +344,7 @@ impl<P: Backend> VmManager<P> {
     }
 
     /// All live VMs.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn vms(&self) -> Vec<Arc<Vm<P::S2>>> {
         self.inner.lock().vms.clone()
     }
@@ -369,7 +369,7 @@ impl<P: Backend> VmManager<P> {
     }
 
     /// (free guest RAM bytes, total guest RAM bytes, stage-2 table frames, VMIDs in use).
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn accounting(&self) -> (u64, u64, usize, usize) {
         let inner = self.inner.lock();
         (

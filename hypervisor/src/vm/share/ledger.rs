@@ -213,7 +213,7 @@ impl Ledger {
     }
 
     /// The live transactions, oldest first.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     #[must_use]
     pub fn transactions(&self) -> &[Transaction] {
         &self.live

@@ -354,7 +354,7 @@ impl Model {
         let v = off / 0x2_0000;
         let sgi = off % 0x2_0000 >= 0x1_0000;
         let r = off % 0x1_0000;
-        let dword = !sgi && matches!(r, 0x8..=0xf | 0x70..=0x7f | 0xa0..=0xa7 | 0xb0..=0xb7);
+        let dword = !sgi && matches!(r, 0x8 | 0xc | 0x70..=0x7f | 0xa0..=0xa7 | 0xb0..=0xb7);
         let byte = sgi && (0x400..0x420).contains(&r);
         if !size_ok(size, byte, dword) {
             return Err(MmioError::BadSize);
