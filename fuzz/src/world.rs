@@ -6,7 +6,7 @@
 use std::sync::{Arc, OnceLock};
 
 use hypervisor::config::{self, HostDt, HostRanges, Stage2Mappings, VmDesc};
-use hypervisor::mem::layout::{GUEST_RAM, STAGING};
+use hypervisor::mem::layout::{GUEST_RAM_BASE, STAGING};
 use hypervisor::mem::{PhysRange, PAGE_SIZE};
 use hypervisor::vm::vmid::{Vmid, VmidBits, VmidFlush};
 use hypervisor::vm::{MmuStage2, S2Kind, Stage2Table, Vm, VmManager, VmStatus, IPA_BITS};
@@ -48,7 +48,17 @@ impl<'f> hypervisor::vm::Backend for Machine<'f> {
     fn zero(&mut self, _pa: u64, _len: u64) {}
 
     fn copy(&mut self, _dst: u64, _src: u64, _len: u64) {}
+
+    fn ich_vtr(&self) -> u64 {
+        // QEMU 7.2's: four list registers, five priority bits.
+        0x90b8_0003
+    }
+
+    fn apply_gic(&mut self, _action: hypervisor::vm::vgic::PhysAction) {}
 }
+
+/// The guest RAM the manager hands out (the machine's 512 MiB below staging).
+const GUEST_POOL: PhysRange = PhysRange::new(GUEST_RAM_BASE, STAGING.base - GUEST_RAM_BASE);
 
 /// IPA of every VM's first RAM region.
 pub const RAM: u64 = 0x4000_0000;
@@ -157,6 +167,7 @@ pub fn descs() -> &'static [VmDesc] {
         let ranges = HostRanges {
             ram: &ram,
             staging: STAGING,
+            console: None,
         };
         config::parse(&dt, &ranges).expect("the description is valid")
     })
@@ -199,7 +210,7 @@ impl<'f> World<'f> {
     /// When a VM cannot be created.
     #[must_use]
     pub fn new(frames: &'f HeapFrames) -> Self {
-        let m = VmManager::new(Machine { frames }, VmidBits::Sixteen, GUEST_RAM);
+        let m = VmManager::new(Machine { frames }, VmidBits::Sixteen, &[GUEST_POOL]);
         let mut w = Self {
             m,
             frames,
