@@ -368,7 +368,7 @@ fn irq(runs: usize, no_write: bool) -> Result<(), String> {
     );
     vm.vuart = Some(0x0900_0000);
     // The test guest's interrupt checks (tests/guest/src/guest/irq.rs), then its timings.
-    vm.arg = Some(1 << 7);
+    vm.arg = Some(1 << 11);
     let machine = Machine {
         cpu: CPU.into(),
         cpus: 2,

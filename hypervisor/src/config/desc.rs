@@ -104,6 +104,33 @@ impl GicIpa {
 /// The INTID of the virtual UART's interrupt (SPI 1, QEMU virt's PL011 line).
 pub const VUART_INTID: u32 = 33;
 
+/// How many memory-sharing transactions a VM may take part in at a time
+/// (`sharing-max-owned`, `sharing-max-received`; `docs/vms.md`, `docs/hypercalls.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharingLimits {
+    /// Live transactions the VM may own (`SHARE`/`LEND` beyond it: `NO_MEMORY`).
+    pub owned: u32,
+    /// Live transactions any one other VM may address to this VM (beyond it: `BUSY`):
+    /// one owner cannot fill the VM's view for the others.
+    pub received: u32,
+}
+
+impl SharingLimits {
+    /// Default of both limits.
+    pub const DEFAULT: u32 = 16;
+    /// Largest value either limit may be given.
+    pub const MAX: u32 = 256;
+}
+
+impl Default for SharingLimits {
+    fn default() -> Self {
+        Self {
+            owned: Self::DEFAULT,
+            received: Self::DEFAULT,
+        }
+    }
+}
+
 /// One VM, as described.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmDesc {
@@ -145,6 +172,8 @@ pub struct VmDesc {
     /// The physical SPIs (INTIDs) of those devices: the VM's, at the same INTIDs in its
     /// virtual GIC, and no other VM's.
     pub spis: Vec<u32>,
+    /// Memory-sharing limits.
+    pub sharing: SharingLimits,
 }
 
 impl VmDesc {
@@ -243,6 +272,17 @@ impl<'a> Node<'a> {
         self.get(name)
             .map(|v| u64s(v).ok_or_else(|| self.err(what)))
             .transpose()
+    }
+
+    /// A property of one 32-bit cell, at most `max`.
+    fn one_u32(&self, name: &str, max: u32, what: &'static str) -> Result<Option<u32>, DescError> {
+        let Some(bytes) = self.get(name) else {
+            return Ok(None);
+        };
+        match u32s(bytes).as_deref() {
+            Some(&[v]) if v <= max => Ok(Some(v)),
+            _ => Err(self.err(what)),
+        }
     }
 
     fn one_u64(&self, name: &str, what: &'static str) -> Result<Option<u64>, DescError> {
@@ -559,7 +599,25 @@ fn parse_vm(
     if console_input && vuart.is_none() {
         return Err(node.err("console-input needs a vuart"));
     }
+    let defaults = SharingLimits::default();
+    let sharing = SharingLimits {
+        owned: node
+            .one_u32(
+                "sharing-max-owned",
+                SharingLimits::MAX,
+                "sharing-max-owned must be one 32-bit cell, at most 256",
+            )?
+            .unwrap_or(defaults.owned),
+        received: node
+            .one_u32(
+                "sharing-max-received",
+                SharingLimits::MAX,
+                "sharing-max-received must be one 32-bit cell, at most 256",
+            )?
+            .unwrap_or(defaults.received),
+    };
     Ok(VmDesc {
+        sharing,
         name,
         cpus,
         memory,
@@ -768,6 +826,34 @@ pub(crate) mod tests {
         assert_eq!(vms[0].vuart, Some(0x0900_0000));
         assert_eq!(vms[1].boot_x0(), 1);
         assert_eq!(vms[0].ram_size(), 0x10_0000);
+        assert_eq!(vms[0].sharing, SharingLimits::default());
+    }
+
+    #[test]
+    fn sharing_limits() {
+        let p = with(
+            with(vm_props(0x5000_0000, 1), "sharing-max-owned", cells32(&[3])),
+            "sharing-max-received",
+            cells32(&[0]),
+        );
+        let vms = parse(&dtb(&[("a", p)])).expect("valid");
+        assert_eq!(
+            vms[0].sharing,
+            SharingLimits {
+                owned: 3,
+                received: 0
+            }
+        );
+        for (key, bad) in [
+            ("sharing-max-owned", cells32(&[257])),
+            ("sharing-max-owned", cells32(&[1, 2])),
+            ("sharing-max-received", cells64(&[1])),
+            ("sharing-max-received", vec![0, 1]),
+            ("sharing-max-received", vec![]),
+        ] {
+            let what = rejected(with(vm_props(0x5000_0000, 1), key, bad));
+            assert!(what.starts_with(key), "{what}");
+        }
     }
 
     #[test]

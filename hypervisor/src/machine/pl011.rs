@@ -1,10 +1,11 @@
 //! Minimal PL011 UART driver (ARM PrimeCell UART PL011 TRM, DDI 0183: UARTDR at 0x000,
 //! UARTFR at 0x018 with TXFF = bit 5 and RXFE = bit 4, UARTIMSC at 0x038 with RXIM = bit 4
 //! and RTIM = bit 6). The baud rate and line settings are left as the firmware (QEMU) set
-//! them. Transmit is the logger's; receive (console input) is the run loop's: the two
-//! touch different registers (reading `UARTDR` only pops the receive FIFO).
+//! them. The waiting (bounded) is `crate::console::tx`'s. Transmit is the logger's;
+//! receive (console input) is the run loop's: the two touch different registers (reading
+//! `UARTDR` only pops the receive FIFO).
 
-use core::fmt;
+use crate::console::tx::TxFifo;
 
 const DR: usize = 0x000;
 const FR: usize = 0x018;
@@ -32,17 +33,6 @@ impl Pl011 {
     pub const unsafe fn new(base: usize) -> Self {
         Self { base }
     }
-
-    /// Sends one byte, waiting while the transmit FIFO is full.
-    pub fn write_byte(&mut self, byte: u8) {
-        // SAFETY: `new`'s contract makes base + FR and base + DR valid device registers.
-        unsafe {
-            while ((self.base + FR) as *const u32).read_volatile() & FR_TXFF != 0 {
-                core::hint::spin_loop();
-            }
-            ((self.base + DR) as *mut u32).write_volatile(u32::from(byte));
-        }
-    }
 }
 
 impl Pl011 {
@@ -68,14 +58,14 @@ impl Pl011 {
     }
 }
 
-impl fmt::Write for Pl011 {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        for b in s.bytes() {
-            if b == b'\n' {
-                self.write_byte(b'\r');
-            }
-            self.write_byte(b);
-        }
-        Ok(())
+impl TxFifo for Pl011 {
+    fn full(&self) -> bool {
+        // SAFETY: `new`'s contract makes base + FR a valid device register.
+        unsafe { ((self.base + FR) as *const u32).read_volatile() & FR_TXFF != 0 }
+    }
+
+    fn put(&mut self, byte: u8) {
+        // SAFETY: `new`'s contract makes base + DR a valid device register.
+        unsafe { ((self.base + DR) as *mut u32).write_volatile(u32::from(byte)) };
     }
 }

@@ -22,8 +22,7 @@
 //!
 //! Everything else reads as 0 and ignores writes.
 
-use alloc::collections::VecDeque;
-use alloc::string::String;
+use crate::console::line::{Line, LineBuffer};
 
 /// Data register.
 pub const UARTDR: u64 = 0x000;
@@ -82,25 +81,72 @@ const IFLS_RESET: u32 = 0x12;
 /// The ID registers, `UARTPeriphID0`..3 then `UARTPCellID0`..3.
 const ID: [u8; 8] = [0x11, 0x10, 0x34, 0x00, 0x0d, 0xf0, 0x05, 0xb1];
 
-/// A line longer than this is emitted in pieces.
-pub const MAX_LINE: usize = 160;
 /// Depth of the receive FIFO (the PL011's).
 pub const RX_FIFO: usize = 32;
 
-/// Receives the finished lines (and hears when a VM's UART wants more input).
+/// Where the console lines of and about a VM go, and the clock their rate limits read
+/// ([`crate::vm::Vm::guest_line`], [`crate::vm::Vm::log`]).
 pub trait LineSink {
-    /// Emits one line (without its newline) of VM `name`.
+    /// Emits one line (without its newline) that VM `name`'s guest printed.
     fn line(&mut self, name: &str, text: &str);
+    /// Emits one hypervisor log line about a VM.
+    fn event(&mut self, level: log::Level, args: core::fmt::Arguments<'_>);
+    /// Microseconds since boot.
+    fn micros(&self) -> u64;
     /// VM `name`, which gets the console's input, read its receive FIFO: there may be
     /// room for more. (Nothing by default.)
     fn input_wanted(&mut self, _name: &str) {}
 }
 
-/// One VM's PL011.
+/// The receive FIFO: a fixed ring (nothing is allocated).
+#[derive(Clone, Copy, Debug, Default)]
+struct RxFifo {
+    bytes: [u8; RX_FIFO],
+    head: usize,
+    len: usize,
+}
+
+impl RxFifo {
+    const fn new() -> Self {
+        Self {
+            bytes: [0; RX_FIFO],
+            head: 0,
+            len: 0,
+        }
+    }
+
+    const fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, b: u8) -> bool {
+        if self.len >= RX_FIFO {
+            return false;
+        }
+        if let Some(slot) = self.bytes.get_mut((self.head + self.len) % RX_FIFO) {
+            *slot = b;
+            self.len += 1;
+        }
+        true
+    }
+
+    fn pop(&mut self) -> Option<u8> {
+        if self.len == 0 {
+            return None;
+        }
+        let b = self.bytes.get(self.head).copied();
+        self.head = (self.head + 1) % RX_FIFO;
+        self.len -= 1;
+        b
+    }
+}
+
+/// One VM's PL011. Completed lines are handed back to the caller, which prints them once
+/// the UART's lock is released.
 #[derive(Debug)]
 pub struct VUart {
-    line: String,
-    rx: VecDeque<u8>,
+    line: LineBuffer,
+    rx: RxFifo,
     ris: u32,
     imsc: u32,
     cr: u32,
@@ -123,8 +169,8 @@ impl VUart {
     #[must_use]
     pub const fn new() -> Self {
         Self {
-            line: String::new(),
-            rx: VecDeque::new(),
+            line: LineBuffer::new(),
+            rx: RxFifo::new(),
             ris: 0,
             imsc: 0,
             cr: CR_RESET,
@@ -141,14 +187,14 @@ impl VUart {
     pub fn read(&mut self, offset: u64) -> u64 {
         u64::from(match offset {
             UARTDR => {
-                let byte = self.rx.pop_front().unwrap_or(0);
+                let byte = self.rx.pop().unwrap_or(0);
                 self.update_rx();
                 u32::from(byte)
             }
             UARTFR => {
                 // TXFF (bit 5) and BUSY (bit 3) are never set: the FIFO drains at once.
                 let mut fr = if self.rx.is_empty() { FR_IDLE } else { FR_TXFE };
-                if self.rx.len() >= RX_FIFO {
+                if self.rx.len >= RX_FIFO {
                     fr |= FR_RXFF;
                 }
                 fr as u32
@@ -172,13 +218,13 @@ impl VUart {
         })
     }
 
-    /// Emulates a write of `value` to `offset`; finished lines go to `sink`.
-    pub fn write(&mut self, offset: u64, value: u64, name: &str, sink: &mut impl LineSink) {
+    /// Emulates a write of `value` to `offset`; returns the line it completed, if any.
+    pub fn write(&mut self, offset: u64, value: u64) -> Option<Line> {
         let v = value as u32;
         match offset {
             UARTDR => {
-                self.transmit(value as u8, name, sink);
                 self.ris |= INT_TX;
+                return self.line.push(value as u8);
             }
             UARTILPR => self.ilpr = v & 0xff,
             UARTIBRD => self.ibrd = v & 0xffff,
@@ -195,6 +241,7 @@ impl VUart {
             UARTDMACR => self.dmacr = v & 0x7,
             _ => {}
         }
+        None
     }
 
     /// The interrupt output: any unmasked raw interrupt.
@@ -206,9 +253,7 @@ impl VUart {
     /// Receives `bytes` from the console; what does not fit in the receive FIFO is
     /// dropped (as a PL011 does, with an overrun). Returns how many were taken.
     pub fn push_input(&mut self, bytes: &[u8]) -> usize {
-        let room = RX_FIFO.saturating_sub(self.rx.len());
-        let n = bytes.len().min(room);
-        self.rx.extend(bytes.iter().take(n));
+        let n = bytes.iter().take_while(|&&b| self.rx.push(b)).count();
         self.update_rx();
         n
     }
@@ -216,7 +261,7 @@ impl VUart {
     /// Free places in the receive FIFO.
     #[must_use]
     pub fn input_room(&self) -> usize {
-        RX_FIFO.saturating_sub(self.rx.len())
+        RX_FIFO.saturating_sub(self.rx.len)
     }
 
     fn update_rx(&mut self) {
@@ -227,31 +272,9 @@ impl VUart {
         }
     }
 
-    fn transmit(&mut self, byte: u8, name: &str, sink: &mut impl LineSink) {
-        match byte {
-            b'\n' => self.flush(name, sink),
-            b'\r' => {}
-            b => {
-                // Control bytes and non-ASCII become '?' so the host console stays sane.
-                let c = if b.is_ascii_graphic() || b == b' ' || b == b'\t' {
-                    b as char
-                } else {
-                    '?'
-                };
-                self.line.push(c);
-                if self.line.len() >= MAX_LINE {
-                    self.flush(name, sink);
-                }
-            }
-        }
-    }
-
-    /// Emits a pending partial line, if any.
-    pub fn flush(&mut self, name: &str, sink: &mut impl LineSink) {
-        if !self.line.is_empty() {
-            sink.line(name, &self.line);
-            self.line.clear();
-        }
+    /// The pending partial line, if any.
+    pub fn flush(&mut self) -> Option<Line> {
+        self.line.take()
     }
 }
 
@@ -259,32 +282,18 @@ impl VUart {
 mod tests {
     use super::*;
 
-    #[derive(Default)]
-    struct Lines(Vec<String>);
-    impl LineSink for Lines {
-        fn line(&mut self, name: &str, text: &str) {
-            self.0.push(format!("[{name}] {text}"));
-        }
-    }
-
     #[test]
-    fn lines_are_prefixed_and_split() {
+    fn lines_are_collected_from_uartdr_only() {
         let mut u = VUart::new();
-        let mut out = Lines::default();
-        for b in b"hello\r\nworld\x01\n\n" {
-            u.write(UARTDR, u64::from(*b) | 0xff00, "vm1", &mut out);
+        let mut out = Vec::new();
+        for b in b"hello\r\nworld\x01\n" {
+            out.extend(u.write(UARTDR, u64::from(*b) | 0xff00));
         }
-        u.write(0x24, u64::from(b'x'), "vm1", &mut out); // not UARTDR: no output
-        assert_eq!(
-            out.0,
-            vec!["[vm1] hello".to_string(), "[vm1] world?".to_string()]
-        );
-        for _ in 0..MAX_LINE + 3 {
-            u.write(UARTDR, u64::from(b'a'), "v", &mut out);
-        }
-        assert_eq!(out.0.len(), 3);
-        u.flush("v", &mut out);
-        assert_eq!(out.0[3], "[v] aaa");
+        assert_eq!(u.write(0x24, u64::from(b'\n')), None, "not UARTDR: ignored");
+        let out: Vec<&str> = out.iter().map(Line::as_str).collect();
+        assert_eq!(out, ["hello", "world?"]);
+        u.write(UARTDR, u64::from(b'x'));
+        assert_eq!(u.flush().map(|l| l.as_str().to_string()), Some("x".into()));
     }
 
     #[test]
@@ -302,7 +311,6 @@ mod tests {
     #[test]
     fn control_registers_hold_what_is_written() {
         let mut u = VUart::new();
-        let mut out = Lines::default();
         for (off, val) in [
             (UARTIBRD, 0x1_0027),
             (UARTFBRD, 0xff),
@@ -311,7 +319,7 @@ mod tests {
             (UARTIFLS, 0x3f),
             (UARTDMACR, 0xf),
         ] {
-            u.write(off, val, "v", &mut out);
+            u.write(off, val);
         }
         assert_eq!(u.read(UARTIBRD), 0x27);
         assert_eq!(u.read(UARTFBRD), 0x3f);
@@ -319,42 +327,39 @@ mod tests {
         assert_eq!(u.read(UARTCR), 0x301);
         assert_eq!(u.read(UARTIFLS), 0x3f);
         assert_eq!(u.read(UARTDMACR), 0x7);
-        u.write(UARTRIS, 0xff, "v", &mut out);
+        assert_eq!(u.write(UARTRIS, 0xff), None);
         assert_eq!(u.read(UARTRIS), 0, "RIS is read-only");
-        assert!(out.0.is_empty());
     }
 
     #[test]
     fn transmit_interrupt_is_raised_by_a_write_masked_and_cleared() {
         let mut u = VUart::new();
-        let mut out = Lines::default();
-        u.write(UARTDR, u64::from(b'a'), "v", &mut out);
+        u.write(UARTDR, u64::from(b'a'));
         assert_eq!(u.read(UARTRIS), u64::from(INT_TX));
         assert_eq!(u.read(UARTMIS), 0);
         assert!(!u.irq_level(), "masked");
-        u.write(UARTIMSC, u64::from(INT_TX), "v", &mut out);
+        u.write(UARTIMSC, u64::from(INT_TX));
         assert!(u.irq_level());
         assert_eq!(u.read(UARTMIS), u64::from(INT_TX));
-        u.write(UARTICR, u64::from(INT_TX), "v", &mut out);
+        u.write(UARTICR, u64::from(INT_TX));
         assert!(!u.irq_level());
         assert_eq!(u.read(UARTRIS), 0);
-        u.write(UARTDR, u64::from(b'b'), "v", &mut out);
+        u.write(UARTDR, u64::from(b'b'));
         assert!(u.irq_level(), "the next byte raises it again");
-        u.write(UARTIMSC, 0, "v", &mut out);
+        u.write(UARTIMSC, 0);
         assert!(!u.irq_level());
     }
 
     #[test]
     fn received_bytes_are_read_in_order_with_their_interrupt() {
         let mut u = VUart::new();
-        let mut out = Lines::default();
-        u.write(UARTIMSC, u64::from(INT_RX | INT_RT), "v", &mut out);
+        u.write(UARTIMSC, u64::from(INT_RX | INT_RT));
         assert!(!u.irq_level());
         assert_eq!(u.push_input(b"hi"), 2);
         assert!(u.irq_level());
         assert_eq!(u.read(UARTFR) & FR_RXFE, 0);
         // ICR does not clear a receive interrupt while bytes wait.
-        u.write(UARTICR, u64::from(INT_RX | INT_RT), "v", &mut out);
+        u.write(UARTICR, u64::from(INT_RX | INT_RT));
         assert!(u.irq_level());
         assert_eq!(u.read(UARTDR), u64::from(b'h'));
         assert_eq!(u.read(UARTDR), u64::from(b'i'));

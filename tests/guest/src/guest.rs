@@ -26,9 +26,13 @@ const ARG_RESET: u64 = 1 << 3;
 const ARG_SHARING: u64 = 1 << 4;
 const ARG_SPLIT_MERGE: u64 = 1 << 5;
 const ARG_PMU: u64 = 1 << 6;
-const ARG_IRQ: u64 = 1 << 7;
-const ARG_IRQ_LISTEN: u64 = 1 << 8;
-const ARG_SGI_ATTACK: u64 = 1 << 9;
+const ARG_RACE: u64 = 1 << 7;
+const ARG_OFF_RESET: u64 = 1 << 8;
+const ARG_HOSTILE: u64 = 1 << 9;
+const ARG_BYSTANDER: u64 = 1 << 10;
+const ARG_IRQ: u64 = 1 << 11;
+const ARG_IRQ_LISTEN: u64 = 1 << 12;
+const ARG_SGI_ATTACK: u64 = 1 << 13;
 /// How long `ARG_LINGER` keeps the guest running.
 const LINGER_SECONDS: u64 = 3;
 
@@ -180,6 +184,7 @@ macro_rules! println {
     }};
 }
 
+mod hostile;
 mod irq;
 mod pmu;
 mod sharing;
@@ -378,6 +383,10 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
         mmu_on();
         if arg == split_merge::LOAD_CONTEXT {
             split_merge::load();
+        } else if arg == hostile::RACE_CONTEXT {
+            hostile::race_second();
+        } else if arg == hostile::OFF_RESET_CONTEXT {
+            hostile::off_reset_second();
         } else if arg == irq::IRQ_CONTEXT {
             irq::secondary();
         } else {
@@ -407,6 +416,13 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
         }
     };
     mmu_on();
+    // The lifecycle races run on every boot, without the base checks.
+    if arg & ARG_RACE != 0 {
+        hostile::race();
+    }
+    if arg & ARG_OFF_RESET != 0 {
+        hostile::off_reset();
+    }
     let s = sctlr();
     check("mmu-on", s & 1 == 1, format_args!("SCTLR_EL1 {s:#x}"));
 
@@ -466,12 +482,23 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
     if arg & ARG_PMU != 0 {
         pmu::pmu_check();
     }
+    if arg & ARG_HOSTILE != 0 {
+        hostile::hostile();
+    }
+    if arg & ARG_BYSTANDER != 0 {
+        hostile::bystander();
+    }
     if arg & ARG_IRQ != 0 {
         irq::irq_check(arg & ARG_IRQ_LISTEN != 0);
     }
     if arg & ARG_SGI_ATTACK != 0 {
         irq::attack();
     }
+    done()
+}
+
+/// Prints the final report and powers the VM off.
+fn done() -> ! {
     println!(
         "DONE pass={} fail={}",
         PASSED.load(Ordering::SeqCst),

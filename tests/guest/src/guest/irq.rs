@@ -1,4 +1,4 @@
-//! The interrupt checks (`arg` bit 7), against the VM's virtual GICv3 at QEMU virt's
+//! The interrupt checks (`arg` bit 11), against the VM's virtual GICv3 at QEMU virt's
 //! addresses: the distributor at [`GICD`], one redistributor per vCPU from [`GICR`].
 //! The guest uses the GIC CPU interface system registers (`ICC_*_EL1`; with
 //! `HCR_EL2.IMO` set they are the virtual interface), Group 1, EOImode 0.
@@ -20,9 +20,9 @@
 //! - `vtimer-pending-while-disabled`: with PPI 27 disabled at the redistributor a firing
 //!   timer shows pending in `GICR_ISPENDR0` and is not taken; cleared with
 //!   `GICR_ICPENDR0`, the timer fires again once enabled (`vtimer-after-clear`);
-//! - with `arg` bit 8 (`sgi-isolation`), it then waits [`ISOLATION_SECONDS`] with SGIs 8
+//! - with `arg` bit 12 (`sgi-isolation`), it then waits [`ISOLATION_SECONDS`] with SGIs 8
 //!   and 9 enabled on both vCPUs, and checks that none arrived: another VM of the run
-//!   ([`attack`], `arg` bit 9) broadcasts them meanwhile.
+//!   ([`attack`], `arg` bit 13) broadcasts them meanwhile.
 
 use core::arch::asm;
 use core::fmt::Write;
@@ -38,7 +38,7 @@ pub const GICR: u64 = 0x080A_0000;
 /// Bytes of the GIC window the guest maps: distributor up to two redistributors.
 pub const GIC_WINDOW: (u64, u64) = (GICD, GICR + 0x4_0000 - GICD);
 /// The `CPU_ON` context that makes vCPU 1 run [`secondary`].
-pub const IRQ_CONTEXT: u64 = 3;
+pub const IRQ_CONTEXT: u64 = 5;
 /// How long the isolation check listens for another VM's SGIs.
 const ISOLATION_SECONDS: u64 = 2;
 /// How long the attacker keeps sending.
@@ -495,7 +495,7 @@ pub fn irq_check(listen: bool) {
     irqs(false);
 }
 
-/// The attacker (`arg` bit 9): a VM with one vCPU that, for [`ATTACK_SECONDS`], sends
+/// The attacker (`arg` bit 13): a VM with one vCPU that, for [`ATTACK_SECONDS`], sends
 /// SGI 8 to every other vCPU (IRM = 1) and SGI 9 to every Aff0 of Aff1 = 0, then checks
 /// that only its own SGI 9 reached it (nothing else exists in its VM).
 pub fn attack() {
