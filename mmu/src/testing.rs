@@ -251,6 +251,7 @@ unsafe impl FrameAllocator for &HeapFrames {
 pub struct RecordingTlb {
     sequences: Vec<Vec<TlbOp>>,
     contexts: Vec<TlbContext>,
+    levels: Vec<Vec<Option<u8>>>,
 }
 
 impl RecordingTlb {
@@ -271,6 +272,12 @@ impl RecordingTlb {
         &self.contexts
     }
 
+    /// The TTL level of each recorded operation ([`TlbSequence::leaf_level`]), same
+    /// shape as [`sequences`](Self::sequences).
+    pub fn leaf_levels(&self) -> &[Vec<Option<u8>>] {
+        &self.levels
+    }
+
     /// All recorded operations, flattened.
     pub fn ops(&self) -> impl Iterator<Item = &TlbOp> {
         self.sequences.iter().flatten()
@@ -285,6 +292,7 @@ impl RecordingTlb {
     pub fn clear(&mut self) {
         self.sequences.clear();
         self.contexts.clear();
+        self.levels.clear();
     }
 }
 
@@ -292,6 +300,8 @@ impl TlbMaintenance for RecordingTlb {
     fn execute(&mut self, seq: &TlbSequence<'_>) {
         self.sequences.push(seq.ops().to_vec());
         self.contexts.push(seq.context());
+        self.levels
+            .push((0..seq.ops().len()).map(|i| seq.leaf_level(i)).collect());
     }
 }
 

@@ -14,7 +14,8 @@ use std::collections::HashMap;
 use mmu::testing::model::{runs_of, Model};
 use mmu::testing::{HeapFrames, RecordingTlb};
 use mmu::{
-    Attributes, El1, El2, Error, MapFlags, PageTable, Regime, Stage2, SwBits, TlbContext, TlbOp,
+    Attributes, El1, El2, Error, MapFlags, PageTable, Regime, Stage2, SwBits, TableAttrs,
+    TlbContext, TlbOp,
 };
 use proptest::prelude::*;
 
@@ -32,6 +33,10 @@ fn leaves<R: Regime>(t: &PageTable<R, HeapFrames, RecordingTlb>) -> Vec<mmu::Map
 /// (leaf: last-level entries only; otherwise walk caches too).
 trait Tag: Regime {
     fn ours(&self, op: &TlbOp) -> bool;
+    /// The table attributes the regime accepts.
+    fn table_attrs(&self) -> TableAttrs {
+        TableAttrs::empty()
+    }
     /// The context every sequence of the table rooted at `root` must run in.
     fn context(&self, root: u64) -> TlbContext {
         let _ = root;
@@ -39,6 +44,9 @@ trait Tag: Regime {
     }
 }
 impl Tag for El2 {
+    fn table_attrs(&self) -> TableAttrs {
+        TableAttrs::NO_WRITE | TableAttrs::NO_EXEC_EL2
+    }
     fn ours(&self, op: &TlbOp) -> bool {
         matches!(
             op,
@@ -64,6 +72,9 @@ impl Tag for Stage2 {
     }
 }
 impl Tag for El1 {
+    fn table_attrs(&self) -> TableAttrs {
+        TableAttrs::all() - TableAttrs::NO_EXEC_EL2
+    }
     fn ours(&self, op: &TlbOp) -> bool {
         match *op {
             TlbOp::El1Va { asid, .. } | TlbOp::El1Range { asid, .. } | TlbOp::El1Asid { asid } => {
@@ -131,8 +142,11 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
     t.set_tlbi_range(ranges);
     let roots = t.frames_in_use();
     let mut model = Model::default();
+    // Ranges given table attributes, cleared again at the end.
+    let mut attributed = Vec::new();
     for op in ops {
         let before = leaves(&t);
+        let raw_before = common::raw_leaves(&t);
         let tables_before = common::table_entries(&t);
         let live_before = t.allocator().live();
         t.tlb_mut().clear();
@@ -175,6 +189,23 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
                 (r, None)
             }
             Op::Coalesce { .. } => (Ok(()), None),
+            Op::TableAttrs { va, size, attrs } => {
+                let a = TableAttrs::from_bits_truncate(attrs);
+                let r = t.set_table_attrs(va, size, a);
+                if r.is_ok() {
+                    attributed.push((va, size));
+                    // The limits reach every address of the range.
+                    for probe in [va, va + size / 2, va + size - PAGE] {
+                        assert!(t.table_attrs(probe).contains(a), "{op:?} at {probe:#x}");
+                    }
+                }
+                if t.regime().table_attrs().contains(a) {
+                    (r, None)
+                } else {
+                    assert_eq!(r, Err(Error::UnsupportedAttributes), "{op:?}");
+                    (Ok(()), None)
+                }
+            }
             Op::SetSw { va, pages, sw } => {
                 let sw = SwBits::new(sw).unwrap();
                 let r = t.set_sw_bits(va, pages * PAGE, sw);
@@ -264,10 +295,24 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
                 );
             }
         }
-        let changed_leaves = before
+        // Leaves whose descriptor changed other than in software bits (the contiguous
+        // hint included: removing it from a group is a change of all 16).
+        let raw_now = common::raw_leaves(&t);
+        let changed_leaves = raw_before
             .iter()
-            .filter(|m| {
-                now.get(&(m.va, m.level)) != Some(&(m.output, m.attrs.with_sw(SwBits::NONE)))
+            .filter(|(k, d)| {
+                raw_now
+                    .get(k)
+                    .is_none_or(|n| (*n ^ **d) & !(0xF << 55) != 0)
+            })
+            .count();
+        // Entries that lost the contiguous hint: removing it is a batch of its own
+        // (break-before-make of the group), so an entry the operation then changes is
+        // invalidated once more.
+        let unfolded = raw_before
+            .iter()
+            .filter(|(k, d)| {
+                **d & (1 << 52) != 0 && raw_now.get(k).is_none_or(|n| n & (1 << 52) == 0)
             })
             .count();
         // Every table entry that went away was invalidated with a non-leaf TLBI.
@@ -308,9 +353,11 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
                 )
             })
             .count();
-        if !full {
+        // Table attributes change no leaf, yet invalidate what lies below them.
+        let table_op = matches!(op, Op::TableAttrs { .. });
+        if !full && !table_op {
             assert!(
-                by_address <= changed_leaves + removed_tables,
+                by_address <= changed_leaves + removed_tables + unfolded,
                 "{op:?}: {by_address} TLBIs for {changed_leaves} leaves and {removed_tables} tables: {ops:x?}"
             );
         }
@@ -319,6 +366,7 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
             now.get(&(m.va, m.level))
                 .is_some_and(|x| x.0 == m.output && x.1 == m.attrs.with_sw(SwBits::NONE))
         }) && tables_before.iter().all(|e| tables_now.contains(e))
+            && !table_op
         {
             assert!(
                 ops.is_empty(),
@@ -328,6 +376,10 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
     }
     t.unmap(0, t.geometry().input_size()).unwrap();
     assert!(leaves(&t).is_empty());
+    // Held tables stay until their attributes are cleared.
+    for &(va, size) in attributed.iter().rev() {
+        t.set_table_attrs(va, size, TableAttrs::empty()).unwrap();
+    }
     assert_eq!(
         t.allocator().in_use(),
         roots,
