@@ -128,6 +128,7 @@ fn all(c: &mut Criterion) {
     workloads::<Mmu<El2>>(c);
     workloads::<Mmu<Stage2>>(c);
     workloads::<Mmu<El2, 48>>(c);
+    workloads::<Mmu<El2, 39, true>>(c);
     split_merge::<El2>(c);
     split_merge::<Stage2>(c);
     workloads::<mmu_bench::paging::Paging>(c);

@@ -4,7 +4,10 @@
 //! (an offline table: the crate still runs its break-before-make and invalidation logic,
 //! the maintenance operations themselves are discarded, like the peers' compiled-out TLBIs).
 //!
-//! - map: [`PageTable::map`] over the range (`NO_BLOCKS` when blocks are forbidden).
+//! - map: [`PageTable::map`] over the range (`NO_BLOCKS` when blocks are forbidden), with
+//!   `NO_CONTIGUOUS` like `aarch64-paging`'s `NO_CONTIGUOUS_HINT` (no peer sets the
+//!   hint); `mmu-hint` is the same table with the crate's default, the contiguous hint
+//!   on whole groups of 16.
 //! - translate: [`PageTable::translate`].
 //! - unmap: [`PageTable::unmap`] over the range (frees emptied tables).
 //! - protect: [`PageTable::protect`] over the range with read-only attributes.
@@ -77,16 +80,19 @@ impl BenchRegime for Stage2 {
     }
 }
 
-/// `mmu` under test, for regime `R` with `BITS` of input address (39 or 48).
-pub struct Mmu<R: BenchRegime, const BITS: u8 = INPUT_BITS> {
+/// `mmu` under test, for regime `R` with `BITS` of input address (39 or 48), with the
+/// contiguous hint if `HINT`.
+pub struct Mmu<R: BenchRegime, const BITS: u8 = INPUT_BITS, const HINT: bool = false> {
     table: PageTable<R, CountingFrames, NoTlbMaintenance>,
 }
 
 const RW: Attributes = Attributes::normal(Permissions::RW);
 const RO: Attributes = Attributes::normal(Permissions::RO);
 
-impl<R: BenchRegime, const BITS: u8> Adapter for Mmu<R, BITS> {
-    const NAME: &'static str = if BITS == 48 {
+impl<R: BenchRegime, const BITS: u8, const HINT: bool> Adapter for Mmu<R, BITS, HINT> {
+    const NAME: &'static str = if HINT {
+        "mmu-hint"
+    } else if BITS == 48 {
         R::BENCH_NAME_48
     } else {
         R::BENCH_NAME
@@ -100,11 +106,14 @@ impl<R: BenchRegime, const BITS: u8> Adapter for Mmu<R, BITS> {
     }
 
     fn map_range(&mut self, va: u64, pa: u64, size: u64, blocks: bool) {
-        let flags = if blocks {
+        let mut flags = if blocks {
             MapFlags::empty()
         } else {
             MapFlags::NO_BLOCKS
         };
+        if !HINT {
+            flags |= MapFlags::NO_CONTIGUOUS;
+        }
         self.table.map(va, pa, size, RW, flags).expect("mmu map");
     }
 

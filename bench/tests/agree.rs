@@ -79,6 +79,11 @@ fn mmu_matches_model() {
 }
 
 #[test]
+fn mmu_with_contiguous_hint_matches_model() {
+    check::<Mmu<El2, 39, true>>();
+}
+
+#[test]
 fn mmu_stage2_matches_model() {
     check::<Mmu<Stage2>>();
 }

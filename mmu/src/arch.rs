@@ -6,7 +6,11 @@ use core::arch::asm;
 use crate::frame::FrameAllocator;
 use crate::regime::{El2, Stage2};
 use crate::table::PageTable;
-use crate::tlb::{range_operands, RangeStep, TlbContext, TlbMaintenance, TlbOp, TlbSequence};
+use core::sync::atomic::{AtomicU8, Ordering};
+
+use crate::tlb::{
+    range_operands, tlbi_operand, RangeStep, TlbContext, TlbMaintenance, TlbOp, TlbSequence,
+};
 
 /// Executes TLB maintenance with real `TLBI`/`DSB`/`ISB` instructions. Must run at EL2.
 ///
@@ -31,6 +35,33 @@ pub struct ArmTlb;
 /// `TLBI` operand of a VA-based EL2/EL1 operation: VA\[55:12\] in bits \[43:0\].
 const fn va_operand(va: u64) -> u64 {
     (va >> 12) & ((1 << 44) - 1)
+}
+
+/// Whether this CPU implements FEAT_TTL (`ID_AA64MMFR2_EL1.TTL`, bits \[51:48\], at
+/// least 0b0001), i.e. takes the TTL level hint in the operands of by-address TLBIs.
+/// [`ArmTlb`] passes the hint (from [`TlbSequence::leaf_level`]) by itself where the
+/// CPU has it.
+#[must_use]
+pub fn has_ttl() -> bool {
+    let mmfr2: u64;
+    // SAFETY: reading an ID register has no side effects.
+    unsafe { asm!("mrs {}, id_aa64mmfr2_el1", out(reg) mmfr2, options(nomem, nostack)) };
+    crate::tlb::ttl_supported(mmfr2)
+}
+
+/// [`has_ttl`], read once: 0 not known yet, 1 no, 2 yes. The PEs of a system share
+/// their features, so one answer serves all.
+static TTL: AtomicU8 = AtomicU8::new(0);
+
+fn ttl() -> bool {
+    match TTL.load(Ordering::Relaxed) {
+        0 => {
+            let yes = has_ttl();
+            TTL.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
+            yes
+        }
+        v => v == 2,
+    }
 }
 
 /// Whether this PE implements the range TLBI instructions (FEAT_TLBIRANGE):
@@ -131,7 +162,8 @@ pub unsafe fn invalidate_vmid(vtcr: u64, vttbr: u64) {
 
 impl ArmTlb {
     /// Executes one operation; a stage-2 one with its `vttbr` already current.
-    fn single(op: TlbOp) {
+    /// `level`: the TTL hint of a by-address leaf invalidation (FEAT_TTL only).
+    fn single(op: TlbOp, level: Option<u8>) {
         // SAFETY: TLB maintenance and barriers have no memory-safety effect beyond
         // making the translation tables' current contents take effect.
         unsafe {
@@ -140,7 +172,8 @@ impl ArmTlb {
                 TlbOp::DsbIsh => asm!("dsb ish", options(nostack)),
                 TlbOp::Isb => asm!("isb", options(nostack)),
                 TlbOp::El2Va { va, leaf: true } => {
-                    asm!("tlbi vale2is, {}", in(reg) va_operand(va), options(nostack))
+                    let x = tlbi_operand(va, level);
+                    asm!("tlbi vale2is, {}", in(reg) x, options(nostack))
                 }
                 TlbOp::El2Va { va, leaf: false } => {
                     asm!("tlbi vae2is, {}", in(reg) va_operand(va), options(nostack))
@@ -150,7 +183,8 @@ impl ArmTlb {
                 TlbOp::Stage2Ipa {
                     ipa, leaf: true, ..
                 } => {
-                    let x = (ipa >> 12) & ((1 << 36) - 1);
+                    // IPA < 2^48: IPA[47:12] in [35:0], TTL in [47:44].
+                    let x = tlbi_operand(ipa, level);
                     asm!("tlbi ipas2le1is, {}", in(reg) x, options(nostack))
                 }
                 TlbOp::Stage2Ipa {
@@ -166,7 +200,7 @@ impl ArmTlb {
                     va,
                     leaf: true,
                 } => {
-                    let x = ((asid as u64) << 48) | va_operand(va);
+                    let x = ((asid as u64) << 48) | tlbi_operand(va, level);
                     asm!("tlbi vale1is, {}", in(reg) x, options(nostack))
                 }
                 TlbOp::El1Va {
@@ -189,7 +223,7 @@ impl ArmTlb {
                     va,
                     pages,
                     0,
-                    |a| Self::single(TlbOp::El2Va { va: a, leaf }),
+                    |a| Self::single(TlbOp::El2Va { va: a, leaf }, None),
                     |x| {
                         if leaf {
                             // TLBI RVALE2IS, Xt
@@ -209,7 +243,7 @@ impl ArmTlb {
                     ipa,
                     pages,
                     0,
-                    |a| Self::single(TlbOp::Stage2Ipa { vmid, ipa: a, leaf }),
+                    |a| Self::single(TlbOp::Stage2Ipa { vmid, ipa: a, leaf }, None),
                     |x| {
                         if leaf {
                             // TLBI RIPAS2LE1IS, Xt
@@ -229,7 +263,7 @@ impl ArmTlb {
                     va,
                     pages,
                     (asid as u64) << 48,
-                    |a| Self::single(TlbOp::El1Va { asid, va: a, leaf }),
+                    |a| Self::single(TlbOp::El1Va { asid, va: a, leaf }, None),
                     |x| {
                         if leaf {
                             // TLBI RVALE1IS, Xt
@@ -251,8 +285,9 @@ impl TlbMaintenance for ArmTlb {
             TlbContext::Stage2 { vttbr, vtcr } => switch_stage2(vtcr, vttbr),
             TlbContext::Current => None,
         };
-        for op in seq.ops() {
-            Self::single(*op);
+        let ttl = ttl();
+        for (i, op) in seq.ops().iter().enumerate() {
+            Self::single(*op, if ttl { seq.leaf_level(i) } else { None });
         }
         if let Some((vtcr, vttbr)) = saved {
             // SAFETY: restores the values read by `switch_stage2`.

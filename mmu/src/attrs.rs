@@ -197,5 +197,86 @@ bitflags! {
         /// Reject attributes that are both writable and executable at some level
         /// (a W^X policy) with [`Error::UnsupportedAttributes`](crate::Error::UnsupportedAttributes).
         const WXN = 1 << 2;
+        /// Never set the contiguous hint (descriptor bit 52). Without this flag, `map`
+        /// sets it on every aligned group of 16 entries (64 KiB of pages, 32 MiB of
+        /// 2 MiB blocks, 16 GiB of 1 GiB blocks) that the call fills from empty with
+        /// one contiguous, equally aligned output range: a TLB may then hold one
+        /// entry for the 16. Any later change to part of such a group first removes
+        /// the hint from all 16 with break-before-make.
+        ///
+        /// ```
+        /// use mmu::testing::{HeapFrames, RecordingTlb};
+        /// use mmu::{Attributes, El2, MapFlags, PageTable, Permissions, TlbOp};
+        ///
+        /// let mut t = PageTable::new(El2::new(39), HeapFrames::new(), RecordingTlb::new())?;
+        /// let rw = Attributes::normal(Permissions::RW);
+        /// // 64 KiB of pages: one group of 16 with the hint.
+        /// t.map(0x4000_0000, 0x4000_0000, 0x1_0000, rw, MapFlags::NO_BLOCKS)?;
+        /// // Unmapping one page first takes the hint off the whole group (16 TLBIs).
+        /// t.unmap(0x4000_3000, 0x1000)?;
+        /// let by_va = |t: &PageTable<El2, HeapFrames, RecordingTlb>| {
+        ///     t.tlb().invalidations().iter().filter(|o| matches!(o, TlbOp::El2Va { .. })).count()
+        /// };
+        /// assert_eq!(by_va(&t), 16);
+        /// // Without the hint, the same unmap is one TLBI.
+        /// t.tlb_mut().clear();
+        /// let flags = MapFlags::NO_BLOCKS | MapFlags::NO_CONTIGUOUS;
+        /// t.map(0x5000_0000, 0x5000_0000, 0x1_0000, rw, flags)?;
+        /// t.unmap(0x5000_3000, 0x1000)?;
+        /// assert_eq!(by_va(&t), 1);
+        /// # Ok::<(), mmu::Error>(())
+        /// ```
+        const NO_CONTIGUOUS = 1 << 3;
+    }
+}
+
+bitflags! {
+    /// Table attributes: limits a table descriptor puts on everything mapped below it
+    /// (hierarchical permissions, Arm ARM D8.4.2), set with
+    /// [`PageTable::set_table_attrs`](crate::PageTable::set_table_attrs). A leaf's
+    /// effective permissions are its own [`Permissions`] less what the tables on its
+    /// path remove ([`limit`](Self::limit)).
+    ///
+    /// | regime | accepted | descriptor bits |
+    /// |---|---|---|
+    /// | [`El2`](crate::El2) | `NO_WRITE`, `NO_EXEC_EL2` | APTable\[1\], XNTable |
+    /// | [`El1`](crate::El1) | `NO_WRITE`, `NO_USER`, `NO_EXEC_EL1`, `NO_EXEC_EL0` | APTable\[1\], APTable\[0\], PXNTable, UXNTable |
+    /// | [`Stage2`](crate::Stage2) | none (stage-2 table descriptors have no attributes) | — |
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct TableAttrs: u8 {
+        /// No data writes below (APTable\[1\] = 1).
+        const NO_WRITE = 1 << 0;
+        /// No data access from EL0 below (APTable\[0\] = 1; [`El1`](crate::El1) only).
+        const NO_USER = 1 << 1;
+        /// No instruction fetch at EL2 below (XNTable; [`El2`](crate::El2) only).
+        const NO_EXEC_EL2 = 1 << 2;
+        /// No instruction fetch at EL1 below (PXNTable; [`El1`](crate::El1) only).
+        const NO_EXEC_EL1 = 1 << 3;
+        /// No instruction fetch at EL0 below (UXNTable; [`El1`](crate::El1) only).
+        const NO_EXEC_EL0 = 1 << 4;
+    }
+}
+
+impl TableAttrs {
+    /// The permissions left of `perms` under these table attributes.
+    #[must_use]
+    pub const fn limit(self, perms: Permissions) -> Permissions {
+        let mut p = perms;
+        if self.contains(Self::NO_WRITE) {
+            p = p.difference(Permissions::WRITE);
+        }
+        if self.contains(Self::NO_USER) {
+            p = p.difference(Permissions::USER);
+        }
+        if self.contains(Self::NO_EXEC_EL2) {
+            p = p.difference(Permissions::EXEC_EL2);
+        }
+        if self.contains(Self::NO_EXEC_EL1) {
+            p = p.difference(Permissions::EXEC_EL1);
+        }
+        if self.contains(Self::NO_EXEC_EL0) {
+            p = p.difference(Permissions::EXEC_EL0);
+        }
+        p
     }
 }

@@ -50,6 +50,33 @@ pub(crate) const COUNT_MASK: u64 = 0x3FF << COUNT_SHIFT;
 /// into a block.
 pub(crate) const PINNED: u64 = 1 << 55;
 
+/// Table descriptors: bit 56 (IGNORED) marks a table that carries table attributes
+/// (`PageTable::set_table_attrs`): it is never merged, freed or replaced as a side
+/// effect of another operation, so its restriction lasts until it is cleared.
+pub(crate) const HELD: u64 = 1 << 56;
+/// Table descriptors: bit 57 (IGNORED) marks a table with a `HELD` table somewhere
+/// below it, which is kept for the same reason.
+pub(crate) const HELD_BELOW: u64 = 1 << 57;
+/// Either mark: the table stays.
+pub(crate) const KEEP: u64 = HELD | HELD_BELOW;
+/// Table descriptors, stage 1 (Arm ARM D8.3.1, "Table descriptor", and D8.4.2
+/// "Hierarchical control of data access permissions"): APTable\[1\] (bit 62, no
+/// write below), APTable\[0\] (bit 61, no EL0 access below; RES0 in the EL2
+/// regime), UXNTable / XNTable (bit 60), PXNTable (bit 59; RES0 in the EL2 regime).
+/// Stage 2 table descriptors have none of them (RES0).
+pub(crate) const AP_TABLE_NO_WRITE: u64 = 1 << 62;
+/// APTable\[0\].
+pub(crate) const AP_TABLE_NO_EL0: u64 = 1 << 61;
+/// UXNTable (EL1&0) / XNTable (EL2).
+pub(crate) const XN_TABLE: u64 = 1 << 60;
+/// PXNTable (EL1&0).
+pub(crate) const PXN_TABLE: u64 = 1 << 59;
+/// All table-attribute bits.
+pub(crate) const TABLE_ATTRS: u64 = AP_TABLE_NO_WRITE | AP_TABLE_NO_EL0 | XN_TABLE | PXN_TABLE;
+/// Table-descriptor bits the crate keeps when it rewrites a descriptor for a table
+/// that stays (new count): its marks and its table attributes.
+pub(crate) const TABLE_KEEP: u64 = PINNED | KEEP | TABLE_ATTRS;
+
 /// Entry count stored in table descriptor `d`.
 #[inline(always)]
 pub(crate) const fn count(d: u64) -> u32 {

@@ -99,6 +99,13 @@
 //!   aligned and the range covers them, unless [`MapFlags::NO_BLOCKS`]. A table that
 //!   `map` makes uniform (one aligned contiguous range, identical attributes) is
 //!   merged back into a block.
+//! - The contiguous hint (bit 52, Arm ARM D8.7.1) is set on every aligned group of 16
+//!   entries (64 KiB of pages, 32 MiB of 2 MiB blocks) that one `map` call fills from
+//!   empty with one contiguous, equally aligned output range, unless
+//!   [`MapFlags::NO_CONTIGUOUS`]. A TLB may then hold one entry for the 16, so before
+//!   any operation changes part of such a group (unmap, protect, a REPLACE, a split)
+//!   the hint is removed from all 16 with break-before-make; an operation that
+//!   changes the whole group alike (protect, unmap) keeps it or removes the group.
 //! - Unmapping or protecting part of a block splits it. Tables left empty by `unmap`
 //!   are freed — after the TLB invalidation that guarantees no walker still uses them.
 //! - Stage 2 uses concatenated root tables (up to 16) to save a level where possible,
@@ -145,8 +152,11 @@
 //!   FEAT_TLBIRANGE; `arch::has_tlbi_range` (feature `arm-el2`) tells), contiguous changes
 //!   are one run each, invalidated by `TLBI RVALE2IS`/`RVAE2IS`, `RIPAS2LE1IS`/
 //!   `RIPAS2E1IS` or `RVALE1IS`/`RVAE1IS` ([`range_operands`] encodes them), and the
-//!   threshold counts runs: unmapping a gigabyte of pages is one range instruction
-//!   (the removed tables' leaves are not even visited) instead of a whole-regime
+//!   threshold counts the instructions the runs take ([`range_steps`]: one for a run of
+//!   up to 8 GiB, more for longer ones): unmapping a gigabyte of pages is one range
+//!   instruction (the removed tables' leaves are not even visited) instead of a
+//!   whole-regime invalidation, and unmapping terabytes, which would take hundreds of
+//!   range instructions, is one whole-regime
 //!   invalidation. A block is always covered as a whole;
 //! - software-bit-only changes need no invalidation (but splitting a block to change
 //!   part of it is a break-before-make change and is invalidated).
@@ -207,12 +217,13 @@ pub mod arch;
 #[cfg(feature = "std")]
 pub mod testing;
 
-pub use attrs::{Attributes, MapFlags, MemoryType, Permissions, SwBits, MAIR_VALUE};
+pub use attrs::{Attributes, MapFlags, MemoryType, Permissions, SwBits, TableAttrs, MAIR_VALUE};
 pub use error::Error;
-pub use frame::{FrameAllocator, PhysToVirt, FRAME_SIZE};
+pub use frame::{FrameAllocator, FrameSource, IdMap, LinearMap, PhysToVirt, FRAME_SIZE};
 pub use regime::{El1, El2, Geometry, Regime, Stage2};
 pub use table::{Mapping, PageTable, Translation};
 pub use tlb::{
-    range_operand, range_operands, tlbi_range_supported, NoTlbMaintenance, RangeStep, TlbContext,
-    TlbMaintenance, TlbOp, TlbSequence, DEFAULT_TLBI_THRESHOLD, MAX_RANGE_PAGES, MAX_TLBI_BATCH,
+    range_operand, range_operands, range_steps, tlbi_operand, tlbi_range_supported, ttl_supported,
+    NoTlbMaintenance, RangeStep, TlbContext, TlbMaintenance, TlbOp, TlbSequence,
+    DEFAULT_TLBI_THRESHOLD, MAX_RANGE_PAGES, MAX_TLBI_BATCH,
 };

@@ -4,7 +4,7 @@
 //! descriptor formats" (VMSAv8-64, 4 KiB granule) and D8.4 "Memory access control"
 //! (stage 1 AP/PXN/UXN, stage 2 S2AP/XN, MemAttr).
 
-use crate::attrs::{Attributes, MemoryType, Permissions, SwBits};
+use crate::attrs::{Attributes, MemoryType, Permissions, SwBits, TableAttrs};
 use crate::desc;
 use crate::error::Error;
 use crate::tlb::{TlbContext, TlbOp};
@@ -198,6 +198,26 @@ pub unsafe trait Regime {
     /// Attributes of a valid leaf descriptor written by [`encode`](Self::encode).
     fn decode(&self, desc: u64) -> Attributes;
 
+    /// Table-descriptor bits for `attrs` (only the table-attribute bits \[62:59\]). The
+    /// default accepts no attributes, as for stage 2.
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedAttributes`] if the regime cannot express `attrs`.
+    fn encode_table(&self, attrs: TableAttrs) -> Result<u64, Error> {
+        if attrs.is_empty() {
+            Ok(0)
+        } else {
+            Err(Error::UnsupportedAttributes)
+        }
+    }
+
+    /// Table attributes of a table descriptor written with
+    /// [`encode_table`](Self::encode_table).
+    fn decode_table(&self, desc: u64) -> TableAttrs {
+        let _ = desc;
+        TableAttrs::empty()
+    }
+
     /// Invalidation of the entries for one input address.
     fn tlbi_entry(&self, addr: u64, leaf: bool) -> TlbOp;
 
@@ -332,6 +352,32 @@ unsafe impl Regime for El2 {
             mem_type: MemoryType::from_mair_index((d >> 2) & 7).unwrap_or_default(),
             sw: SwBits::from_desc(d),
         }
+    }
+
+    fn encode_table(&self, attrs: TableAttrs) -> Result<u64, Error> {
+        // One privilege level: APTable[0] and PXNTable are RES0.
+        if !(TableAttrs::NO_WRITE | TableAttrs::NO_EXEC_EL2).contains(attrs) {
+            return Err(Error::UnsupportedAttributes);
+        }
+        let mut d = 0;
+        if attrs.contains(TableAttrs::NO_WRITE) {
+            d |= desc::AP_TABLE_NO_WRITE;
+        }
+        if attrs.contains(TableAttrs::NO_EXEC_EL2) {
+            d |= desc::XN_TABLE;
+        }
+        Ok(d)
+    }
+
+    fn decode_table(&self, d: u64) -> TableAttrs {
+        let mut a = TableAttrs::empty();
+        if d & desc::AP_TABLE_NO_WRITE != 0 {
+            a |= TableAttrs::NO_WRITE;
+        }
+        if d & desc::XN_TABLE != 0 {
+            a |= TableAttrs::NO_EXEC_EL2;
+        }
+        a
     }
 
     fn tlbi_entry(&self, va: u64, leaf: bool) -> TlbOp {
@@ -713,6 +759,39 @@ unsafe impl Regime for El1 {
             mem_type: MemoryType::from_mair_index((d >> 2) & 7).unwrap_or_default(),
             sw: SwBits::from_desc(d),
         }
+    }
+
+    fn encode_table(&self, attrs: TableAttrs) -> Result<u64, Error> {
+        if attrs.contains(TableAttrs::NO_EXEC_EL2) {
+            return Err(Error::UnsupportedAttributes);
+        }
+        let mut d = 0;
+        for (flag, bit) in [
+            (TableAttrs::NO_WRITE, desc::AP_TABLE_NO_WRITE),
+            (TableAttrs::NO_USER, desc::AP_TABLE_NO_EL0),
+            (TableAttrs::NO_EXEC_EL1, desc::PXN_TABLE),
+            (TableAttrs::NO_EXEC_EL0, desc::XN_TABLE),
+        ] {
+            if attrs.contains(flag) {
+                d |= bit;
+            }
+        }
+        Ok(d)
+    }
+
+    fn decode_table(&self, d: u64) -> TableAttrs {
+        let mut a = TableAttrs::empty();
+        for (flag, bit) in [
+            (TableAttrs::NO_WRITE, desc::AP_TABLE_NO_WRITE),
+            (TableAttrs::NO_USER, desc::AP_TABLE_NO_EL0),
+            (TableAttrs::NO_EXEC_EL1, desc::PXN_TABLE),
+            (TableAttrs::NO_EXEC_EL0, desc::XN_TABLE),
+        ] {
+            if d & bit != 0 {
+                a |= flag;
+            }
+        }
+        a
     }
 
     fn tlbi_entry(&self, va: u64, leaf: bool) -> TlbOp {

@@ -6,13 +6,14 @@ use core::mem::MaybeUninit;
 use core::ptr;
 use core::sync::atomic::{fence, Ordering};
 
-use crate::attrs::{Attributes, MapFlags, Permissions, SwBits};
+use crate::attrs::{Attributes, MapFlags, Permissions, SwBits, TableAttrs};
 use crate::desc::{self, is_table, level_shift, level_size};
 use crate::error::Error;
 use crate::frame::{FrameAllocator, FRAME_SIZE};
 use crate::regime::{Geometry, Regime};
 use crate::tlb::{
-    publish, TlbBatch, TlbMaintenance, TlbOp, TlbSequence, DEFAULT_TLBI_THRESHOLD, MAX_TLBI_BATCH,
+    publish, TlbBatch, TlbContext, TlbMaintenance, TlbOp, TlbSequence, DEFAULT_TLBI_THRESHOLD,
+    MAX_TLBI_BATCH,
 };
 
 const ENTRIES: usize = 512;
@@ -59,6 +60,8 @@ enum Op {
         bits: u64,
         blocks: bool,
         replace: bool,
+        /// Set the contiguous hint on groups filled from empty.
+        contiguous: bool,
     },
     Unmap,
     Protect {
@@ -68,6 +71,12 @@ enum Op {
         sw: u64,
     },
     Coalesce,
+    /// Set the table attributes of the table entries at `level` to `bits` (and mark
+    /// them held, unless `bits` is 0).
+    TableAttrs {
+        bits: u64,
+        level: u8,
+    },
 }
 
 /// What the walker sees as the contents of a table. Apply passes only use `Real`;
@@ -94,6 +103,54 @@ impl View {
             View::Split { desc, level } => split_entry(desc, level, i),
         }
     }
+}
+
+/// `attrs` packed into one word (never `u32::MAX`), for the encoding cache.
+#[inline(always)]
+fn attrs_key(attrs: &Attributes) -> u32 {
+    u32::from(attrs.perms.bits()) | (attrs.mem_type as u32) << 8 | u32::from(attrs.sw.bits()) << 16
+}
+
+/// Entries of a group of 16 with the contiguous hint (Arm ARM D8.7.1, "The
+/// Contiguous bit": 16 adjacent entries of a 4 KiB-granule table, aligned to 16).
+const GROUP: usize = 16;
+
+/// The entries `a..b` (whole aligned groups of 16) among `first..=last` that a map
+/// with output offset `delta` fills at `level` and may give the contiguous hint: the
+/// output must be aligned to the group like the input. `a == b` when none.
+#[inline(always)]
+fn hint_groups(
+    first: usize,
+    last: usize,
+    delta: u64,
+    level: u8,
+    contiguous: bool,
+) -> (usize, usize) {
+    let span = (GROUP as u64) << level_shift(level);
+    if !contiguous || delta & (span - 1) != 0 {
+        return (first, first);
+    }
+    let a = (first + GROUP - 1) & !(GROUP - 1);
+    let b = (last + 1) & !(GROUP - 1);
+    if a < b {
+        (a, b)
+    } else {
+        (first, first)
+    }
+}
+
+/// The W^X policy of [`MapFlags::WXN`].
+#[inline(always)]
+fn check_wxn(attrs: &Attributes, flags: MapFlags) -> Result<(), Error> {
+    if flags.contains(MapFlags::WXN)
+        && attrs.perms.contains(Permissions::WRITE)
+        && attrs
+            .perms
+            .intersects(Permissions::EXEC_EL2 | Permissions::EXEC_EL1 | Permissions::EXEC_EL0)
+    {
+        return Err(Error::UnsupportedAttributes);
+    }
+    Ok(())
 }
 
 /// Checks a table frame (run of `len` bytes) from the allocator: aligned to `len`
@@ -136,7 +193,7 @@ fn split_entry(block: u64, level: u8, i: usize) -> u64 {
     } else {
         desc::BLOCK
     };
-    (block & !(desc::OA_MASK | 0b11))
+    (block & !(desc::OA_MASK | 0b11 | desc::CONTIGUOUS))
         | ((block & desc::OA_MASK) + ((i as u64) << level_shift(level)))
         | ty
 }
@@ -180,8 +237,16 @@ pub struct PageTable<R: Regime, A: FrameAllocator, T: TlbMaintenance> {
     geo: Geometry,
     /// `level_shift(geo.start_level())`, kept for the lookup path.
     root_shift: u32,
-    /// The last attributes encoded and their descriptor bits.
-    encoded: Option<(Attributes, u64)>,
+    /// `geo.input_size()` and `1 << regime.output_bits()`, kept for the single-entry
+    /// paths' checks.
+    input_size: u64,
+    output_size: u64,
+    /// `regime.tlb_context(root)`, fixed for the table's life.
+    context: TlbContext,
+    /// The last attributes encoded ([`attrs_key`], `u32::MAX` for none) and their
+    /// descriptor bits.
+    encoded_key: u32,
+    encoded_bits: u64,
     root: u64,
     frames: usize,
     tlbi_threshold: usize,
@@ -214,13 +279,18 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             alloc.free_contiguous(root, n);
             return Err(e);
         }
+        let context = regime.tlb_context(root);
         Ok(PageTable {
             regime,
             alloc,
             tlb,
             geo,
             root_shift: level_shift(geo.start_level()),
-            encoded: None,
+            input_size: geo.input_size(),
+            output_size: 1 << out_bits,
+            context,
+            encoded_key: u32::MAX,
+            encoded_bits: 0,
             root,
             frames: n,
             tlbi_threshold: DEFAULT_TLBI_THRESHOLD,
@@ -277,7 +347,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// [`TlbOp::El1Range`]): an unmap or change of many pages then costs one
     /// instruction per contiguous run (a few for a very large one) instead of one per
     /// page or a whole-regime invalidation, and the threshold of
-    /// [`set_tlbi_threshold`](Self::set_tlbi_threshold) counts runs. Only turn it on
+    /// [`set_tlbi_threshold`](Self::set_tlbi_threshold) counts the range instructions
+    /// (see [`range_steps`](crate::range_steps); a run beyond 8 GiB takes several, so
+    /// a huge one becomes a whole-regime invalidation). Only turn it on
     /// when every PE that may use the table implements FEAT_TLBIRANGE
     /// (`ID_AA64ISAR0_EL1.TLB` >= 0b0010, see [`tlbi_range_supported`](crate::tlbi_range_supported); `arch::has_tlbi_range` (feature `arm-el2`) reads it).
     pub fn set_tlbi_range(&mut self, on: bool) {
@@ -285,15 +357,20 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     }
 
     /// The regime's encoding of `attrs`, restricted to attribute bits.
-    #[inline]
+    #[inline(always)]
     fn attr_bits(&mut self, attrs: &Attributes) -> Result<u64, Error> {
-        if let Some((a, bits)) = self.encoded {
-            if a == *attrs {
-                return Ok(bits);
-            }
+        if attrs_key(attrs) == self.encoded_key {
+            return Ok(self.encoded_bits);
         }
+        self.encode_attrs(attrs)
+    }
+
+    /// [`attr_bits`](Self::attr_bits) when the cache misses.
+    #[inline(never)]
+    fn encode_attrs(&mut self, attrs: &Attributes) -> Result<u64, Error> {
         let bits = self.regime.encode(attrs)? & !(desc::OA_MASK | 0b11);
-        self.encoded = Some((*attrs, bits));
+        self.encoded_key = attrs_key(attrs);
+        self.encoded_bits = bits;
         Ok(bits)
     }
 
@@ -328,45 +405,131 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         attrs: Attributes,
         flags: MapFlags,
     ) -> Result<(), Error> {
+        if size == FRAME_SIZE {
+            return self.map_page(va, pa, attrs, flags);
+        }
+        self.map_range(va, pa, size, attrs, flags)
+    }
+
+    /// `map` of one page: the checks of [`map_range`](Self::map_range) in their order,
+    /// reduced to one page (both sizes are powers of two, so an aligned page lies below
+    /// them whole exactly when its address does). Calls nothing but in tail position
+    /// on its common path, so it needs no stack frame there.
+    #[inline(never)]
+    fn map_page(
+        &mut self,
+        va: u64,
+        pa: u64,
+        attrs: Attributes,
+        flags: MapFlags,
+    ) -> Result<(), Error> {
+        if va % FRAME_SIZE != 0 {
+            return Err(Error::Misaligned);
+        }
+        if va >= self.input_size {
+            return Err(Error::OutOfRange);
+        }
+        if pa % FRAME_SIZE != 0 {
+            return Err(Error::Misaligned);
+        }
+        if pa >= self.output_size {
+            return Err(Error::OutOfRange);
+        }
+        check_wxn(&attrs, flags)?;
+        if attrs_key(&attrs) != self.encoded_key {
+            return self.map_page_encode(va, pa, attrs, flags);
+        }
+        let bits = self.encoded_bits;
+        let blocks = !flags.contains(MapFlags::NO_BLOCKS);
+        let replace = flags.contains(MapFlags::REPLACE);
+        match self.map_entry::<3>(va, pa, bits, blocks, replace) {
+            Some(result) => result,
+            // One page never fills a group of 16: no contiguous hint.
+            None => self.map_run(va, pa, va + FRAME_SIZE, bits, blocks, replace, false),
+        }
+    }
+
+    /// [`map_page`](Self::map_page) when `attrs` are not the cached ones.
+    #[cold]
+    #[inline(never)]
+    fn map_page_encode(
+        &mut self,
+        va: u64,
+        pa: u64,
+        attrs: Attributes,
+        flags: MapFlags,
+    ) -> Result<(), Error> {
+        self.encode_attrs(&attrs)?;
+        self.map_page(va, pa, attrs, flags)
+    }
+
+    /// `map` of anything but a single page.
+    fn map_range(
+        &mut self,
+        va: u64,
+        pa: u64,
+        size: u64,
+        attrs: Attributes,
+        flags: MapFlags,
+    ) -> Result<(), Error> {
         let end = self.check_range(va, size)?;
         if pa % FRAME_SIZE != 0 {
             return Err(Error::Misaligned);
         }
         let pa_end = pa.checked_add(size).ok_or(Error::OutOfRange)?;
-        if pa_end > 1u64 << self.regime.output_bits() {
+        if pa_end > self.output_size {
             return Err(Error::OutOfRange);
         }
-        if flags.contains(MapFlags::WXN)
-            && attrs.perms.contains(Permissions::WRITE)
-            && attrs
-                .perms
-                .intersects(Permissions::EXEC_EL2 | Permissions::EXEC_EL1 | Permissions::EXEC_EL0)
-        {
-            return Err(Error::UnsupportedAttributes);
-        }
+        check_wxn(&attrs, flags)?;
         let bits = self.attr_bits(&attrs)?;
         if size == 0 {
             return Ok(());
         }
         let blocks = !flags.contains(MapFlags::NO_BLOCKS);
         let replace = flags.contains(MapFlags::REPLACE);
-        // One entry: a page, or a block where blocks are allowed and fit.
-        let leaf = match size {
-            FRAME_SIZE => 3,
-            L2_BLOCK if blocks && (va | pa) % L2_BLOCK == 0 => 2,
-            L1_BLOCK if blocks && (va | pa) % L1_BLOCK == 0 && self.root_shift >= 30 => 1,
-            _ => 0,
-        };
-        if leaf != 0 {
-            if let Some(result) = self.map_entry(va, pa, bits, leaf, blocks, replace) {
-                return result;
+        // One entry: a block where blocks are allowed and fit.
+        let single = match size {
+            L2_BLOCK if blocks && (va | pa) % L2_BLOCK == 0 => {
+                self.map_entry::<2>(va, pa, bits, blocks, replace)
             }
+            L1_BLOCK if blocks && (va | pa) % L1_BLOCK == 0 && self.root_shift >= 30 => {
+                self.map_entry::<1>(va, pa, bits, blocks, replace)
+            }
+            _ => None,
+        };
+        match single {
+            Some(result) => result,
+            None => self.map_run(
+                va,
+                pa,
+                end,
+                bits,
+                blocks,
+                replace,
+                !flags.contains(MapFlags::NO_CONTIGUOUS),
+            ),
         }
+    }
+
+    /// `map` by the general walker.
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn map_run(
+        &mut self,
+        va: u64,
+        pa: u64,
+        end: u64,
+        bits: u64,
+        blocks: bool,
+        replace: bool,
+        contiguous: bool,
+    ) -> Result<(), Error> {
         let op = Op::Map {
             delta: pa.wrapping_sub(va),
             bits,
             blocks,
             replace,
+            contiguous,
         };
         self.run(op, va, end)
     }
@@ -378,14 +541,31 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// # Errors
     /// [`Error::Misaligned`], [`Error::OutOfRange`], [`Error::OutOfFrames`] (splitting
     /// a block needs frames). On error nothing changed.
+    #[inline]
     pub fn unmap(&mut self, va: u64, size: u64) -> Result<(), Error> {
+        if size == FRAME_SIZE {
+            // `check_range` for one page (the input size is a power of two).
+            if va % FRAME_SIZE != 0 {
+                return Err(Error::Misaligned);
+            }
+            if va >= self.input_size {
+                return Err(Error::OutOfRange);
+            }
+            if self.unmap_page(va) {
+                return Ok(());
+            }
+            return self.unmap_run(va, va + FRAME_SIZE);
+        }
         let end = self.check_range(va, size)?;
         if size == 0 {
             return Ok(());
         }
-        if size == FRAME_SIZE && self.unmap_page(va) {
-            return Ok(());
-        }
+        self.unmap_run(va, end)
+    }
+
+    /// `unmap` by the general walker.
+    #[inline(never)]
+    fn unmap_run(&mut self, va: u64, end: u64) -> Result<(), Error> {
         self.run(Op::Unmap, va, end)
     }
 
@@ -394,46 +574,126 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// became empty; `false` (nothing done) when a block must be split.
     #[inline]
     fn unmap_page(&mut self, va: u64) -> bool {
-        // Entry pointers of the walk, from the root's down to the page's.
-        let mut path = [ptr::null_mut::<u64>(); 4];
+        // Entry pointers of the walk, from the root's down to the page's. Only
+        // `..=depth` is written; `& 3` keeps the indices provably in bounds.
+        let mut path = [MaybeUninit::<*mut u64>::uninit(); 4];
         let mut shift = self.root_shift;
-        let mut tbl = self.ptr(self.root);
-        let mut idx = (va >> shift) as usize;
+        // SAFETY: the root holds `input size >> root_shift` entries; `va` is below the
+        // input size.
+        let mut p = unsafe { self.ptr(self.root).add((va >> shift) as usize) };
         let mut depth = 0;
         loop {
-            // SAFETY: `tbl` is a table frame of this table and `idx` is within it
-            // (root: `va` is below the input size; other levels: masked to 0..512).
-            let p = unsafe { tbl.add(idx) };
-            // SAFETY: as above.
+            // SAFETY: `p` is an entry of a table frame of this table.
             let e = unsafe { p.read() };
             if e & desc::VALID == 0 {
                 // A hole: nothing to do.
                 return true;
             }
-            path[depth & 3] = p;
+            path[depth & 3] = MaybeUninit::new(p);
             if shift == 12 {
+                if e & desc::CONTIGUOUS != 0 {
+                    // Part of a group with the contiguous hint, whose 15 other pages
+                    // keep the table (and its parents) in place: one entry fewer.
+                    self.unmap_hinted_page(va, p);
+                    // SAFETY: `path[depth - 1]` (depth >= 1: the root is never at
+                    // level 3) is the entry pointing to the page's table.
+                    unsafe {
+                        let q = path[(depth - 1) & 3].assume_init();
+                        q.write_volatile(q.read() - (1 << desc::COUNT_SHIFT));
+                    }
+                    return true;
+                }
                 break;
             }
             if e & 0b10 == 0 {
                 return false;
             }
             depth += 1;
-            tbl = self.ptr(e & desc::OA_MASK);
             shift -= 9;
-            idx = ((va >> shift) & 511) as usize;
+            // SAFETY: a table descriptor of this table points to one of its frames;
+            // the index is below 512.
+            p = unsafe {
+                self.ptr(e & desc::OA_MASK)
+                    .add(((va >> shift) & 511) as usize)
+            };
         }
-        // SAFETY: `path[depth]` is the page's entry.
-        unsafe { path[depth & 3].write_volatile(0) };
-        // Up the path: one entry fewer in each table until one keeps some.
+        // SAFETY: `p` is the page's entry.
+        unsafe { p.write_volatile(0) };
+        // The page's table keeps other entries (the common case), or is held: one
+        // fewer.
+        // SAFETY: `path[..=depth]` was written on the way down and `depth >= 1` (the
+        // root is never at level 3); `path[depth - 1]` points to the page's table.
+        let q = unsafe { path[(depth - 1) & 3].assume_init() };
+        // SAFETY: as above.
+        let e = unsafe { q.read() };
+        if desc::count(e) > 1 || e & desc::KEEP != 0 {
+            // SAFETY: as above; only the count (ignored by the hardware) changes.
+            unsafe { q.write_volatile(e - (1 << desc::COUNT_SHIFT)) };
+            self.sync_one(va, true);
+            return true;
+        }
+        self.unmap_page_detach(va, &path, depth);
+        true
+    }
+
+    /// Unmaps the page at `va` (entry `p`) of a group of 16 with the contiguous hint:
+    /// the whole group goes invalid, is invalidated, and the 15 other pages come back
+    /// without the hint (break-before-make, as [`unfold`](Self::unfold) does); the page
+    /// stays invalid. The caller counts it off its table, which keeps the 15.
+    #[cold]
+    #[inline(never)]
+    fn unmap_hinted_page(&mut self, va: u64, p: *mut u64) {
+        // The group's first entry, from the page's index in its table (the pointer's
+        // own alignment is whatever `PhysToVirt` gives: only 8 bytes are promised).
+        let g = p.wrapping_sub(((va >> 12) as usize) % GROUP);
+        let gva = va & !((GROUP as u64 * FRAME_SIZE) - 1);
+        let mut batch = TlbBatch::new(self.tlbi_threshold, self.tlbi_range);
+        for k in 0..GROUP {
+            // SAFETY: `g..g + GROUP` is the group of `p` in the same table frame.
+            unsafe {
+                let q = g.add(k);
+                let e = q.read();
+                if e & desc::VALID != 0 {
+                    q.write_volatile(e & !(desc::CONTIGUOUS | desc::VALID));
+                    batch.note(gva + k as u64 * FRAME_SIZE, 3, true);
+                }
+            }
+        }
+        batch.sync(&self.regime, self.context, &mut self.tlb);
+        for k in 0..GROUP {
+            // SAFETY: as above.
+            unsafe {
+                let q = g.add(k);
+                let e = q.read();
+                if q == p {
+                    q.write_volatile(0);
+                } else if e != 0 {
+                    q.write_volatile(e | desc::VALID);
+                }
+            }
+        }
+        publish(&mut self.tlb);
+    }
+
+    /// The rest of [`unmap_page`](Self::unmap_page) when the page was the last entry
+    /// of its table: up the `path` (entries `..depth` are the table entries leading
+    /// to the page), detaching the tables that became empty, then the invalidation,
+    /// then the frees.
+    #[cold]
+    #[inline(never)]
+    fn unmap_page_detach(&mut self, va: u64, path: &[MaybeUninit<*mut u64>; 4], mut depth: usize) {
         let mut freed = [0u64; 3];
         let mut nfreed = 0;
         while depth > 0 {
             depth -= 1;
-            let p = path[depth & 3];
-            // SAFETY: `p` is the entry pointing to the table just changed.
+            // SAFETY: the caller wrote `path[..depth]`; each is the entry pointing to
+            // the table below it.
+            let p = unsafe { path[depth & 3].assume_init() };
+            // SAFETY: as above.
             let e = unsafe { p.read() };
-            if desc::count(e) > 1 {
+            if desc::count(e) > 1 || e & desc::KEEP != 0 {
                 // SAFETY: as above; only the count (ignored by the hardware) changes.
+                // A held table stays, even empty.
                 unsafe { p.write_volatile(e - (1 << desc::COUNT_SHIFT)) };
                 break;
             }
@@ -443,16 +703,14 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             freed[nfreed.min(2)] = e & desc::OA_MASK;
             nfreed += 1;
         }
-        // One invalidation of `va`, the whole batch: leaf-only, or with walk caches
-        // when tables were detached (a non-leaf TLBI of an address removes the
-        // walk-cache entries of every table on its path).
-        self.sync_one(va, nfreed == 0);
+        // One invalidation of `va`, the whole batch, with walk caches: a non-leaf TLBI
+        // of an address removes the walk-cache entries of every table on its path.
+        self.sync_one(va, false);
         // Only now, after the synchronisation, are the detached tables unreachable.
         for &pa in &freed[..nfreed.min(3)] {
             self.alloc.free_frame(pa);
         }
         self.frames -= nfreed;
-        true
     }
 
     /// Sets the attributes (permissions, memory type and software bits) of every
@@ -487,40 +745,109 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         self.run(Op::SetSw { sw: sw.to_desc() }, va, end)
     }
 
-    /// Maps one leaf at `leaf` (3: a page, 2 or 1: a block) when that only means
-    /// filling an invalid entry, creating the missing tables above it; `None` when the
-    /// general walker is needed (an existing leaf on the path, or an entry that would
-    /// complete a table that could then be merged into a block).
+    /// Sets the table attributes of the table entries covering `va .. va + size`, so
+    /// that everything mapped below them, now and later, is limited by `attrs` (e.g.
+    /// a whole region made non-executable or read-only, whatever its leaves say).
+    ///
+    /// The entries are those of the largest table-entry span (512 GiB, 1 GiB or
+    /// 2 MiB) that `va` and `size` are both multiples of; each becomes a table if it is
+    /// not one yet (an empty table for a hole, a split for a block, with
+    /// break-before-make). A table with attributes is *held*: no other operation
+    /// merges, replaces or frees it (unmapping everything below it empties it but
+    /// keeps it and its attributes), until they are cleared with
+    /// `TableAttrs::empty()`, which also frees it if it is empty. Changing the
+    /// attributes of a live table invalidates everything below it.
+    ///
+    /// [`translate`](Self::translate) and [`walk`](Self::walk) report the leaves' own
+    /// attributes; [`table_attrs`](Self::table_attrs) gives the limits on an address.
+    ///
+    /// # Errors
+    /// [`Error::Misaligned`] (not a multiple of 2 MiB), [`Error::OutOfRange`],
+    /// [`Error::UnsupportedAttributes`] (see [`TableAttrs`]: stage 2 has none),
+    /// [`Error::OutOfFrames`]. On error nothing changed.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use mmu::testing::{HeapFrames, RecordingTlb};
+    /// use mmu::{Attributes, El2, MapFlags, PageTable, Permissions, TableAttrs};
+    ///
+    /// let mut hyp = PageTable::new(El2::new(39), HeapFrames::new(), RecordingTlb::new())?;
+    /// // The first GiB holds only devices: nothing in it may ever execute at EL2.
+    /// hyp.map(0x0900_0000, 0x0900_0000, 0x1000, Attributes::device(), MapFlags::empty())?;
+    /// hyp.set_table_attrs(0, 1 << 30, TableAttrs::NO_EXEC_EL2)?;
+    /// // A later executable mapping there is still execute-never.
+    /// let code = Attributes::normal(Permissions::READ | Permissions::EXEC_EL2);
+    /// hyp.map(0x0a00_0000, 0x0a00_0000, 0x1000, code, MapFlags::empty())?;
+    /// assert!(hyp.table_attrs(0x0a00_0000).contains(TableAttrs::NO_EXEC_EL2));
+    /// let perms = hyp.table_attrs(0x0a00_0000).limit(hyp.translate(0x0a00_0000).unwrap().attrs.perms);
+    /// assert_eq!(perms, Permissions::READ);
+    /// # Ok::<(), mmu::Error>(())
+    /// ```
+    pub fn set_table_attrs(&mut self, va: u64, size: u64, attrs: TableAttrs) -> Result<(), Error> {
+        let end = self.check_range(va, size)?;
+        let bits = self.regime.encode_table(attrs)? & desc::TABLE_ATTRS;
+        if size == 0 {
+            return Ok(());
+        }
+        let level = (self.geo.start_level()..=2)
+            .find(|&l| (va | size) % level_size(l) == 0)
+            .ok_or(Error::Misaligned)?;
+        self.run(Op::TableAttrs { bits, level }, va, end)
+    }
+
+    /// The table attributes on the walk to `va`: the union of those of every table
+    /// entry on its path (empty outside the input range).
+    #[must_use]
+    pub fn table_attrs(&self, va: u64) -> TableAttrs {
+        let mut out = TableAttrs::empty();
+        if va >> self.geo.input_bits() != 0 {
+            return out;
+        }
+        let mut shift = self.root_shift;
+        // SAFETY: as in `translate`.
+        let mut e = unsafe { self.ptr(self.root).add((va >> shift) as usize).read() };
+        while e & 0b11 == 0b11 && shift > 12 {
+            out |= self.regime.decode_table(e);
+            shift -= 9;
+            let next = self.ptr(e & desc::OA_MASK);
+            // SAFETY: `next` is a table frame of this table; the index is below 512.
+            e = unsafe { next.add(((va >> shift) & 511) as usize).read() };
+        }
+        out
+    }
+
+    /// Maps one leaf at level `LEAF` (3: a page, 2 or 1: a block) when that only
+    /// means filling an invalid entry, creating the missing tables above it; `None`
+    /// when the general walker is needed (an existing leaf on the path, or an entry
+    /// that would complete a table that could then be merged into a block).
     #[inline(always)]
-    fn map_entry(
+    fn map_entry<const LEAF: u32>(
         &mut self,
         va: u64,
         pa: u64,
         bits: u64,
-        leaf: u8,
         blocks: bool,
         replace: bool,
     ) -> Option<Result<(), Error>> {
-        let leaf_shift = level_shift(leaf);
+        let leaf_shift = level_shift(LEAF as u8);
         let mut shift = self.root_shift;
-        let mut tbl = self.ptr(self.root);
-        let mut idx = (va >> shift) as usize;
-        // The entry pointing to `tbl` (null for the root, whose count is not kept).
+        // SAFETY: the root frame(s) hold `input size >> root_shift` entries and `va` is
+        // below the input size (checked by the caller).
+        let mut p = unsafe { self.ptr(self.root).add((va >> shift) as usize) };
+        // The entry pointing to the table of `p` (null for the root, whose count is
+        // not kept).
         let mut parent: *mut u64 = ptr::null_mut();
-        let new_leaf = leaf_desc(leaf, pa, bits);
-        // NO_BLOCKS pages pin their level-3 table (never merged).
-        let pin = if blocks || leaf != 3 { 0 } else { desc::PINNED };
         loop {
-            // SAFETY: `tbl` is a table frame of this table and `idx` is within it
-            // (root: `va` is below the input size; other levels: masked to 0..512).
-            let e = unsafe { tbl.add(idx).read() };
+            // SAFETY: `p` is an entry of a table frame of this table.
+            let e = unsafe { p.read() };
+            if e == 0 {
+                break;
+            }
             if shift == leaf_shift || e & desc::VALID == 0 {
-                if e == 0 {
-                    break;
-                }
                 // A leaf maps `va` itself; a table (a block's place holding pages)
                 // is the general walker's: it finds the first mapped address.
-                return if replace || is_table(e, 3 - ((shift - 12) / 9) as u8) {
+                return if replace || is_table(e, LEAF as u8) {
                     None
                 } else {
                     Some(Err(Error::AlreadyMapped { va }))
@@ -530,65 +857,149 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 // A block on the way: the general walker handles conflicts and splits.
                 return None;
             }
-            parent = tbl.wrapping_add(idx);
-            tbl = self.ptr(e & desc::OA_MASK);
+            parent = p;
             shift -= 9;
-            idx = ((va >> shift) & 511) as usize;
+            // SAFETY: a table descriptor of this table points to one of its frames;
+            // the index is below 512.
+            p = unsafe {
+                self.ptr(e & desc::OA_MASK)
+                    .add(((va >> shift) & 511) as usize)
+            };
         }
-        // Entry `idx` of `tbl` is invalid. The tables still missing between it and the
-        // leaf: at most 3 (start level 0); `min` lets the compiler drop bounds checks.
-        let needed = (((shift - leaf_shift) / 9) as usize).min(3);
-        if needed == 0 && !parent.is_null() {
-            // SAFETY: `parent` is the entry of this table that points to `tbl`.
-            let p = unsafe { parent.read() };
-            if blocks && desc::count(p) == ENTRIES as u32 - 1 {
+        let new_leaf = leaf_desc(LEAF as u8, pa, bits);
+        // NO_BLOCKS pages pin their level-3 table (never merged).
+        let pin = if blocks || LEAF != 3 { 0 } else { desc::PINNED };
+        if shift != leaf_shift {
+            // Out of line: the allocator calls need a stack frame the rest does not.
+            return Some(self.attach_path::<LEAF>(va, p, parent, shift, new_leaf, pin));
+        }
+        if !parent.is_null() {
+            // SAFETY: `parent` is the entry of this table that points to `p`'s table.
+            let c = unsafe { parent.read() };
+            if blocks && desc::count(c) == ENTRIES as u32 - 1 {
                 // This leaf fills the table: the general walker may merge it.
                 return None;
             }
+            // SAFETY: `p` is the invalid entry found above.
+            unsafe { p.write_volatile(new_leaf) };
+            // One more non-zero entry in `p`'s table (and its pin, for a page written
+            // into an existing level-3 table): bits the hardware ignores.
+            // SAFETY: as above.
+            unsafe { parent.write_volatile((c + (1 << desc::COUNT_SHIFT)) | pin) };
+        } else {
+            // SAFETY: `p` is the invalid entry found above.
+            unsafe { p.write_volatile(new_leaf) };
         }
-        let mut frames = [0u64; 3];
-        for k in 0..needed {
-            match self.new_frame() {
-                Ok(f) => frames[k] = f,
-                Err(e) => {
-                    for &f in &frames[..k] {
-                        self.alloc.free_frame(f);
-                    }
-                    return Some(Err(e));
-                }
-            }
-        }
-        // Build the missing tables off-line (one entry each), then publish them with
-        // one write.
-        let mut d = new_leaf;
-        let mut s = leaf_shift;
-        for k in (0..needed).rev() {
-            let i = ((va >> s) & 511) as usize;
-            // SAFETY: `frames[k]` is a fresh zeroed frame nobody walks yet.
-            unsafe { self.ptr(frames[k]).add(i).write(d) };
-            let pinned = if k + 1 == needed { pin } else { 0 };
-            d = frames[k] | pinned | (1 << desc::COUNT_SHIFT) | desc::TABLE_OR_PAGE;
-            s += 9;
-        }
-        if needed > 0 {
-            // Publish the new tables' contents before the pointer to them.
-            fence(Ordering::Release);
-        }
-        // SAFETY: `tbl`/`idx` as in the loop above.
-        unsafe { tbl.add(idx).write_volatile(d) };
-        if !parent.is_null() {
-            // One more non-zero entry in `tbl` (and its pin, for a page written into an
-            // existing level-3 table): bits the hardware ignores.
-            let pinned = if needed == 0 { pin } else { 0 };
-            // SAFETY: `parent` is the entry of this table that points to `tbl`.
-            unsafe {
-                let p = parent.read();
-                parent.write_volatile((p + (1 << desc::COUNT_SHIFT)) | pinned);
-            }
-        }
-        self.frames += needed;
         publish(&mut self.tlb);
         Some(Ok(()))
+    }
+
+    /// The rest of [`map_entry`](Self::map_entry) when tables are missing: builds
+    /// them below the invalid entry `p` (of a table whose entries span `1 << shift`
+    /// bytes, which `parent` points to, or the root if null) and publishes them.
+    #[inline(never)]
+    fn attach_path<const LEAF: u32>(
+        &mut self,
+        va: u64,
+        p: *mut u64,
+        parent: *mut u64,
+        shift: u32,
+        new_leaf: u64,
+        pin: u64,
+    ) -> Result<(), Error> {
+        let leaf_shift = level_shift(LEAF as u8);
+        let d = if shift == leaf_shift + 9 {
+            // One table, the common case: kept short (few values live across the
+            // allocator call).
+            let off = ((va >> leaf_shift) & 511) as usize;
+            let tdesc = pin | (1 << desc::COUNT_SHIFT) | desc::TABLE_OR_PAGE;
+            let t = self.new_frame()?;
+            // SAFETY: `t` is a fresh zeroed frame nobody walks yet; `off` is below 512.
+            unsafe { self.ptr(t).add(off).write(new_leaf) };
+            self.frames += 1;
+            t | tdesc
+        } else {
+            let level = 3 - (shift - 12) / 9;
+            self.build_path(va, level + 1, LEAF, new_leaf, pin)?
+        };
+        // Publish the new tables' contents before the pointer to them.
+        fence(Ordering::Release);
+        // SAFETY: `p` is an invalid entry of this table (the caller's walk).
+        unsafe { p.write_volatile(d) };
+        if !parent.is_null() {
+            // One more non-zero entry in `p`'s table: bits the hardware ignores.
+            // SAFETY: `parent` is the entry of this table that points to `p`'s table.
+            unsafe { parent.write_volatile(parent.read() + (1 << desc::COUNT_SHIFT)) };
+        }
+        publish(&mut self.tlb);
+        Ok(())
+    }
+
+    /// Builds, off-line, the chain of tables at levels `from..=leaf` that lead to
+    /// `new_leaf` (the leaf of `va` at level `leaf`), one entry each, and returns the
+    /// table descriptor to publish (the caller orders the tables' contents before
+    /// it). On error every frame taken is given back.
+    #[inline(never)]
+    fn build_path(
+        &mut self,
+        va: u64,
+        from: u32,
+        leaf: u32,
+        new_leaf: u64,
+        pin: u64,
+    ) -> Result<u64, Error> {
+        let top = self.new_frame()?;
+        let mut cur = top;
+        let mut level = from;
+        while level < leaf {
+            let next = match self.new_frame() {
+                Ok(f) => f,
+                Err(e) => {
+                    self.free_path(top, from, level, va);
+                    return Err(e);
+                }
+            };
+            let pinned = if level + 1 == leaf { pin } else { 0 };
+            // SAFETY: `cur` is a fresh zeroed frame nobody walks yet.
+            unsafe {
+                self.ptr(cur)
+                    .add(((va >> level_shift(level as u8)) & 511) as usize)
+                    .write(next | pinned | (1 << desc::COUNT_SHIFT) | desc::TABLE_OR_PAGE);
+            }
+            cur = next;
+            level += 1;
+        }
+        // SAFETY: as above.
+        unsafe {
+            self.ptr(cur)
+                .add(((va >> level_shift(leaf as u8)) & 511) as usize)
+                .write(new_leaf);
+        }
+        self.frames += (leaf + 1 - from) as usize;
+        let pinned = if from == leaf { pin } else { 0 };
+        Ok(top | pinned | (1 << desc::COUNT_SHIFT) | desc::TABLE_OR_PAGE)
+    }
+
+    /// Gives back the chain of fresh tables `build_path` linked from `top` (at level
+    /// `from`) down to the one at level `last`.
+    #[cold]
+    fn free_path(&mut self, top: u64, from: u32, last: u32, va: u64) {
+        let mut cur = top;
+        for level in from..=last {
+            let next = if level < last {
+                // SAFETY: `cur` is a fresh frame of the chain; its entry for `va` links on.
+                unsafe {
+                    self.ptr(cur)
+                        .add(((va >> level_shift(level as u8)) & 511) as usize)
+                        .read()
+                        & desc::OA_MASK
+                }
+            } else {
+                0
+            };
+            self.alloc.free_frame(cur);
+            cur = next;
+        }
     }
 
     /// Merges every table whose whole span lies in `va .. va + size` and that maps one
@@ -628,7 +1039,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             }
             None => 4,
         };
-        let seq = TlbSequence::new(&ops[..n], self.regime.tlb_context(self.root));
+        // A leaf-only invalidation here is always of a page (level 3): the TTL hint.
+        let levels = [0, if leaf { 3 } else { 0 }, 0, 0, 0, 0];
+        let seq = TlbSequence::with_levels(&ops[..n], &levels[..n], self.context);
         self.tlb.execute(&seq);
     }
 
@@ -668,7 +1081,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             result.is_ok(),
             "apply pass failed after a successful dry pass"
         );
-        cx.batch.sync(&self.regime, self.root, &mut self.tlb);
+        cx.batch.sync(&self.regime, self.context, &mut self.tlb);
         // Only now, after the synchronisation above, are the detached tables unreachable.
         for a in &cx.free[..cx.nfree] {
             // SAFETY: `queue_free` initialised the first `nfree` slots.
@@ -698,12 +1111,14 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
 
     /// One frame from the allocator, checked by [`check_frame`] (and given back if
     /// unusable).
-    #[inline]
+    #[inline(always)]
     fn new_frame(&mut self) -> Result<u64, Error> {
         let pa = self.alloc.alloc_frame().ok_or(Error::OutOfFrames)?;
-        if let Err(e) = check_frame(pa, FRAME_SIZE, self.regime.output_bits()) {
+        // `check_frame` for one frame: aligned, and below the output size (a power of
+        // two, so the whole frame is when its address is).
+        if pa % FRAME_SIZE != 0 || pa >= self.output_size {
             self.alloc.free_frame(pa);
-            return Err(e);
+            return Err(Error::InvalidFrame { pa });
         }
         Ok(pa)
     }
@@ -806,14 +1221,38 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             return Ok(0);
         }
 
+        if !DRY && level >= 1 {
+            self.unfold_partial(cx, tbl, level, base, va, end, first, last, live);
+        }
+
         // Fast path: filling a run of level-3 entries of a table nobody walks yet.
         if !DRY && level == 3 && !live {
-            if let Op::Map { delta, bits, .. } = cx.op {
+            if let Op::Map {
+                delta,
+                bits,
+                contiguous,
+                ..
+            } = cx.op
+            {
                 // The output may lie below the input: only the sum wraps back into range.
                 let out = (base + ((first as u64) << 12)).wrapping_add(delta);
                 let mut d = leaf_desc(3, out, bits);
-                for i in first..=last {
+                // Whole groups of 16 (all written here) get the contiguous hint.
+                let (a, b) = hint_groups(first, last, delta, 3, contiguous);
+                for i in first..a {
                     // SAFETY: `tbl` is a fresh level-3 table frame of 512 entries.
+                    unsafe { tbl.add(i).write(d) };
+                    d += FRAME_SIZE;
+                }
+                d |= desc::CONTIGUOUS;
+                for i in a..b {
+                    // SAFETY: as above.
+                    unsafe { tbl.add(i).write(d) };
+                    d += FRAME_SIZE;
+                }
+                d &= !desc::CONTIGUOUS;
+                for i in b..=last {
+                    // SAFETY: as above.
                     unsafe { tbl.add(i).write(d) };
                     d += FRAME_SIZE;
                 }
@@ -846,6 +1285,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 bits,
                 blocks,
                 replace,
+                contiguous,
             } => {
                 // Whether a covered entry of this table becomes a leaf (page or block):
                 // blocks need the output aligned like the input, i.e. `delta` aligned.
@@ -860,14 +1300,31 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                     ($i:expr) => {{
                         let i = $i;
                         let (eva, e, s, t, covered) = entry!(i);
-                        if is_table(e, level) {
+                        if is_table(e, level)
+                            && replace
+                            && leaves_here
+                            && covered
+                            && e & desc::KEEP == 0
+                        {
+                            // The whole table gives way to one block, in one step:
+                            // nothing below it is rewritten first.
+                            if !DRY {
+                                let new = eva.wrapping_add(delta) | bits | ty;
+                                self.detach(cx, tbl, i, e, level, eva, live, new, &mut bbm);
+                            }
+                        } else if is_table(e, level) {
                             filled += self
                                 .descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
                         } else if e != 0 && !replace {
                             return Err(Error::AlreadyMapped { va: s });
                         } else if leaves_here && covered {
+                            let mut new = eva.wrapping_add(delta) | bits | ty;
+                            // The same mapping, software bits aside, keeps its
+                            // contiguous hint (the hardware ignores software bits).
+                            if (e ^ new) & !(desc::CONTIGUOUS | desc::SW_MASK) == 0 {
+                                new |= e & desc::CONTIGUOUS;
+                            }
                             if !DRY {
-                                let new = eva.wrapping_add(delta) | bits | ty;
                                 filled +=
                                     self.change(cx, tbl, i, e, new, level, eva, live, &mut bbm);
                             }
@@ -895,27 +1352,79 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                     // The hot loop: invalid entries become leaves, in order.
                     if !(DRY && matches!(view, View::Empty)) {
                         let mut d = (base + ((lo as u64) << shift)).wrapping_add(delta) | bits | ty;
-                        for i in lo..hi {
-                            let e = if DRY {
-                                view.read(i)
-                            } else {
-                                // SAFETY: apply passes walk real table frames; `i` is within.
-                                unsafe { tbl.add(i).read() }
-                            };
-                            if e != 0 {
-                                general!(i);
-                            } else if !DRY {
-                                // SAFETY: `tbl` is this table's frame, `i` within it.
-                                unsafe {
-                                    if live {
-                                        tbl.add(i).write_volatile(d);
-                                    } else {
-                                        tbl.add(i).write(d);
+                        // Whole groups of 16 that are empty get the contiguous hint:
+                        // `ga..gb` (empty when none).
+                        let (ga, gb) = if DRY {
+                            (lo, lo)
+                        } else {
+                            hint_groups(lo, hi - 1, delta, level, contiguous)
+                        };
+                        // One entry the ordinary way: an invalid one becomes a leaf.
+                        macro_rules! one {
+                            ($i:expr) => {{
+                                let i = $i;
+                                let e = if DRY {
+                                    view.read(i)
+                                } else {
+                                    // SAFETY: apply passes walk real table frames; `i`
+                                    // is within them.
+                                    unsafe { tbl.add(i).read() }
+                                };
+                                if e != 0 {
+                                    general!(i);
+                                } else if !DRY {
+                                    // SAFETY: `tbl` is this table's frame, `i` within it.
+                                    unsafe {
+                                        if live {
+                                            tbl.add(i).write_volatile(d);
+                                        } else {
+                                            tbl.add(i).write(d);
+                                        }
                                     }
+                                    filled += 1;
                                 }
-                                filled += 1;
+                                d = d.wrapping_add(size);
+                            }};
+                        }
+                        for i in lo..ga {
+                            one!(i);
+                        }
+                        let mut g = ga;
+                        while g < gb {
+                            let group = g..g + GROUP;
+                            // SAFETY: `tbl` is this table's frame and the group lies
+                            // within `lo..hi`.
+                            let read = |k: usize| unsafe { tbl.add(k).read() };
+                            let step = |k: usize| ((k - g) as u64) << shift;
+                            if group
+                                .clone()
+                                .all(|k| read(k) == d.wrapping_add(step(k)) | desc::CONTIGUOUS)
+                            {
+                                // Already mapped so (REPLACE with the same mapping).
+                                d = d.wrapping_add((GROUP as u64) << shift);
+                            } else if group.clone().all(|k| read(k) == 0) {
+                                for k in group {
+                                    let h = d | desc::CONTIGUOUS;
+                                    // SAFETY: as above.
+                                    unsafe {
+                                        if live {
+                                            tbl.add(k).write_volatile(h);
+                                        } else {
+                                            tbl.add(k).write(h);
+                                        }
+                                    }
+                                    d = d.wrapping_add(size);
+                                }
+                                filled += GROUP as i32;
+                            } else {
+                                for k in group {
+                                    one!(k);
+                                }
                             }
-                            d = d.wrapping_add(size);
+                            g += GROUP;
+                        }
+                        for i in gb.max(ga)..hi {
+                            one!(i);
                         }
                     }
                     for i in hi..=last {
@@ -932,12 +1441,12 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         let i = $i;
                         let (eva, e, s, t, covered) = entry!(i);
                         if e & desc::VALID == 0 {
-                        } else if is_table(e, level) && covered {
+                        } else if is_table(e, level) && covered && e & desc::KEEP == 0 {
                             if !DRY {
-                                self.detach(cx, tbl, i, e, level, eva, live);
+                                self.detach(cx, tbl, i, e, level, eva, live, 0, &mut bbm);
                                 filled -= 1;
                             }
-                        } else if covered {
+                        } else if covered && !is_table(e, level) {
                             if !DRY {
                                 filled += self.change(cx, tbl, i, e, 0, level, eva, live, &mut bbm);
                             }
@@ -964,19 +1473,40 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                             // Everything is invalidated at the end anyway: clear the
                             // entries and queue the level-3 tables, nothing to note.
                             cx.batch.wrote();
+                            // Counters in locals: `cx` may not be kept in registers
+                            // across the descriptor writes otherwise.
+                            let (mut removed, mut queued) = (0, 0);
                             for j in i..hi {
                                 // SAFETY: as below.
                                 let e = unsafe { tbl.add(j).read() };
                                 if e & desc::VALID == 0 {
                                     continue;
                                 }
+                                if e & desc::KEEP != 0 && e & 0b10 != 0 {
+                                    // A held table stays: emptied, not removed.
+                                    general!(j);
+                                    continue;
+                                }
                                 // SAFETY: `tbl` is this table's frame, `j` within it.
                                 unsafe { tbl.add(j).write_volatile(0) };
-                                filled -= 1;
+                                removed += 1;
                                 if e & 0b10 != 0 {
-                                    self.queue_free(cx, e & desc::OA_MASK);
+                                    let n = cx.nfree + queued;
+                                    if n < FREE_CHUNK {
+                                        cx.free[n] = MaybeUninit::new(e & desc::OA_MASK);
+                                        queued += 1;
+                                    } else {
+                                        // `queue_free` spills the chunk and counts.
+                                        cx.nfree = n;
+                                        cx.freed += queued;
+                                        queued = 0;
+                                        self.queue_free(cx, e & desc::OA_MASK);
+                                    }
                                 }
                             }
+                            cx.nfree += queued;
+                            cx.freed += queued;
+                            filled -= removed;
                             break;
                         }
                         // SAFETY: apply passes walk real table frames; `i` is within.
@@ -985,8 +1515,10 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                             continue;
                         }
                         let eva = base + ((i as u64) << shift);
-                        if is_table(e, level) {
-                            self.detach(cx, tbl, i, e, level, eva, live);
+                        if is_table(e, level) && e & desc::KEEP != 0 {
+                            general!(i);
+                        } else if is_table(e, level) {
+                            self.detach(cx, tbl, i, e, level, eva, live, 0, &mut bbm);
                             filled -= 1;
                         } else {
                             filled += self.change(cx, tbl, i, e, 0, level, eva, live, &mut bbm);
@@ -1009,10 +1541,65 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                     }
                 }
             }
+            Op::TableAttrs { bits, level: at } => {
+                if level > at {
+                    // Below the entries that get the attributes: nothing to do (a new
+                    // or split table is left as it is).
+                    return Ok(0);
+                }
+                for i in first..=last {
+                    let (eva, e, s, t, _) = entry!(i);
+                    if bits == 0 && !is_table(e, level) {
+                        // Clearing: no table here, so no attributes to clear.
+                        continue;
+                    }
+                    if level < at || !is_table(e, level) {
+                        // Down to the entries at `at`, creating the tables on the way
+                        // (or splitting blocks: the leaves stay as they are).
+                        filled +=
+                            self.descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
+                        continue;
+                    }
+                    if DRY {
+                        continue;
+                    }
+                    let held = if bits != 0 { desc::HELD } else { 0 };
+                    let new = (e & !(desc::TABLE_ATTRS | desc::HELD)) | bits | held;
+                    if new == e {
+                        continue;
+                    }
+                    if bits == 0 && desc::count(e) == 0 && e & desc::HELD_BELOW == 0 {
+                        // An empty table whose attributes are cleared goes.
+                        self.detach(cx, tbl, i, e, level, eva, live, 0, &mut bbm);
+                        filled -= 1;
+                        continue;
+                    }
+                    // SAFETY: `tbl` is this table's frame, `i` within it.
+                    unsafe { tbl.add(i).write_volatile(new) };
+                    if live && (e ^ new) & desc::TABLE_ATTRS != 0 {
+                        // TLB entries combine the permissions of every table on their
+                        // path, and walk caches hold this descriptor: invalidate
+                        // everything below it (no break-before-make needed, as for a
+                        // permission change of a leaf).
+                        let span = level_size(level);
+                        if !cx.batch.note_subtree(eva, span) {
+                            if desc::count(e) == 0 {
+                                cx.batch.note_table(eva, span);
+                            } else {
+                                cx.batch.invalidate_all();
+                            }
+                        }
+                    } else if live {
+                        cx.batch.wrote();
+                    }
+                }
+            }
             Op::Protect { bits: new_bits } | Op::SetSw { sw: new_bits } => {
                 // Protect replaces every attribute bit; SetSw only the software bits.
+                // A whole group keeps its contiguous hint (partly covered groups lost
+                // it above): its 16 entries change alike.
                 let keep = match cx.op {
-                    Op::Protect { .. } => desc::OA_MASK | 0b11,
+                    Op::Protect { .. } => desc::OA_MASK | 0b11 | desc::CONTIGUOUS,
                     _ => !desc::SW_MASK,
                 };
                 macro_rules! general {
@@ -1083,7 +1670,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         if !DRY && bbm {
             // Break-before-make, second half: the entries marked invalid in this run are
             // now out of every TLB; write their new values (Arm ARM D8.17.1).
-            cx.batch.sync(&self.regime, self.root, &mut self.tlb);
+            cx.batch.sync(&self.regime, self.context, &mut self.tlb);
             for i in first..=last {
                 // SAFETY: `tbl` is this table's frame; `i` is within it.
                 unsafe {
@@ -1097,6 +1684,130 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             cx.batch.wrote();
         }
         Ok(filled)
+    }
+
+    /// Before an operation changes entries of the table `tbl` at `level` (entry 0 at
+    /// `base`) in `va .. end` (entries `first..=last`): removes the contiguous hint
+    /// from every group of 16 the change reaches only in part (only the groups of
+    /// `first` and `last` can be), or, for table attributes at this level, from every
+    /// group it reaches (its blocks become tables one by one). Under the hint a TLB
+    /// may hold one entry for the 16, so a group must never mix old and new entries.
+    /// Groups whose entries the operation leaves as they are keep the hint.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn unfold_partial(
+        &mut self,
+        cx: &mut Ctx,
+        tbl: *mut u64,
+        level: u8,
+        base: u64,
+        va: u64,
+        end: u64,
+        first: usize,
+        last: usize,
+        live: bool,
+    ) {
+        let all = match cx.op {
+            // Without REPLACE nothing valid changes (a hinted group is valid
+            // throughout, so any overlap with it is an error).
+            Op::Map { replace, .. } if !replace => return,
+            Op::Coalesce => return,
+            // Software bits need no unfolding, only the split of a block does.
+            Op::SetSw { .. } if level == 3 => return,
+            Op::TableAttrs { level: at, .. } => at == level,
+            _ => false,
+        };
+        let shift = level_shift(level);
+        let size = level_size(level);
+        let op = cx.op;
+        // Whether the operation changes entry `k` (descriptor `e`) other than in its
+        // software bits or as a whole group.
+        let changes = |k: usize, e: u64| -> bool {
+            if e & desc::VALID == 0 || is_table(e, level) {
+                return false;
+            }
+            let eva = base + ((k as u64) << shift);
+            let partial = va > eva || end < eva + size;
+            match op {
+                Op::Map { delta, bits, .. } => {
+                    let ty = if level == 3 {
+                        desc::TABLE_OR_PAGE
+                    } else {
+                        desc::BLOCK
+                    };
+                    let new = eva.wrapping_add(delta) | bits | ty;
+                    partial || (e ^ new) & !(desc::CONTIGUOUS | desc::SW_MASK) != 0
+                }
+                Op::Protect { bits } => {
+                    let new = (e & (desc::OA_MASK | 0b11 | desc::CONTIGUOUS)) | bits;
+                    // A partly covered block is split (if it changes at all).
+                    let mask = if partial { !0 } else { !desc::SW_MASK };
+                    (e ^ new) & mask != 0
+                }
+                Op::SetSw { sw } => partial && (e & !desc::SW_MASK) | sw != e,
+                _ => true,
+            }
+        };
+        let (g0, g1) = (first & !(GROUP - 1), last & !(GROUP - 1));
+        let mut g = g0;
+        while g <= g1 {
+            let gstart = base + ((g as u64) << shift);
+            let gend = gstart + ((GROUP as u64) << shift);
+            if all || va > gstart || end < gend {
+                let (lo, hi) = (g.max(first), (g + GROUP).min(last + 1));
+                // SAFETY: `tbl` is a table frame of this table; `k` is within
+                // `first..=last`.
+                if (lo..hi).any(|k| changes(k, unsafe { tbl.add(k).read() })) {
+                    self.unfold(cx, tbl, g, level, gstart, live);
+                }
+            }
+            g = if all || g == g1 { g + GROUP } else { g1 };
+        }
+    }
+
+    /// Removes the contiguous hint from the group of 16 entries from `g` (at `level`,
+    /// entry `g` at input address `gva`), with break-before-make: all of it invalid,
+    /// invalidated, then written back without the hint (Arm ARM D8.17.1 lists the
+    /// Contiguous bit among the changes that need it).
+    #[cold]
+    #[inline(never)]
+    fn unfold(&mut self, cx: &mut Ctx, tbl: *mut u64, g: usize, level: u8, gva: u64, live: bool) {
+        // The group `g..g + GROUP` lies within the table frame `tbl` of this table
+        // (groups are aligned and tables hold a multiple of 16 entries).
+        // SAFETY: as just said.
+        let entry = |k: usize| unsafe { tbl.add(k) };
+        // SAFETY: `entry(k)` is an entry of a table frame of this table.
+        if !(g..g + GROUP).any(|k| unsafe { entry(k).read() } & desc::CONTIGUOUS != 0) {
+            return;
+        }
+        for k in g..g + GROUP {
+            let p = entry(k);
+            // SAFETY: as above.
+            let e = unsafe { p.read() };
+            if !live {
+                // SAFETY: as above; nobody walks this table yet.
+                unsafe { p.write(e & !desc::CONTIGUOUS) };
+            } else if e & desc::VALID != 0 {
+                // SAFETY: as above.
+                unsafe { p.write_volatile(e & !(desc::CONTIGUOUS | desc::VALID)) };
+                let va = gva + (((k - g) as u64) << level_shift(level));
+                cx.batch.note(va, level, true);
+            }
+        }
+        if !live {
+            return;
+        }
+        cx.batch.sync(&self.regime, self.context, &mut self.tlb);
+        for k in g..g + GROUP {
+            let p = entry(k);
+            // SAFETY: as above.
+            let e = unsafe { p.read() };
+            if e != 0 && e & desc::VALID == 0 {
+                // SAFETY: as above.
+                unsafe { p.write_volatile(e | desc::VALID) };
+            }
+        }
+        cx.batch.wrote();
     }
 
     /// Handles entry `i` (descriptor `e`) of a table at `level` by working in the
@@ -1168,17 +1879,38 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             ENTRIES as i32 + filled
         };
         debug_assert!((0..=ENTRIES as i32).contains(&count), "entry count {count}");
-        let mut pin = if was_table { e & desc::PINNED } else { 0 };
+        // Marks and table attributes stay with the table.
+        let mut keep = if was_table { e & desc::TABLE_KEEP } else { 0 };
         if cl == 3 && matches!(cx.op, Op::Map { blocks: false, .. }) {
-            pin = desc::PINNED;
+            keep |= desc::PINNED;
+        }
+        if let Op::TableAttrs { bits, level: at } = cx.op {
+            if level == at {
+                // A table created or split to carry the attributes.
+                keep |= bits | if bits != 0 { desc::HELD } else { 0 };
+            } else {
+                // Whether a held table is left below this one.
+                keep &= !desc::HELD_BELOW;
+                if (0..ENTRIES).any(|j| {
+                    // SAFETY: `cp` is the child table's frame, 512 entries.
+                    let d = unsafe { cp.add(j).read() };
+                    is_table(d, cl) && d & desc::KEEP != 0
+                }) {
+                    keep |= desc::HELD_BELOW;
+                }
+            }
         }
         let table_desc =
-            child_pa | pin | ((count as u64) << desc::COUNT_SHIFT) | desc::TABLE_OR_PAGE;
+            child_pa | keep | ((count as u64) << desc::COUNT_SHIFT) | desc::TABLE_OR_PAGE;
         let mut new = table_desc;
         match cx.op {
-            Op::Unmap if count == 0 => new = 0,
+            Op::Unmap | Op::TableAttrs { .. } if count == 0 && keep & desc::KEEP == 0 => {
+                new = 0;
+            }
             Op::Map { blocks: true, .. } | Op::Coalesce
-                if level >= 1 && pin == 0 && count == ENTRIES as i32 =>
+                if level >= 1
+                    && keep & (desc::PINNED | desc::KEEP) == 0
+                    && count == ENTRIES as i32 =>
             {
                 // `coalesce` merges only tables its range covers whole.
                 let whole = s == eva && t == eva + level_size(level);
@@ -1191,8 +1923,8 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             _ => {}
         }
         if was_table && new == table_desc {
-            // The same table: at most its count or pin changed, bits the hardware
-            // ignores (no maintenance, Arm ARM D8.3.1).
+            // The same table: at most its count or marks changed, bits the hardware
+            // ignores (no maintenance, Arm ARM D8.3.1); its table attributes are kept.
             if new != e {
                 // SAFETY: `tbl` is this table's frame, `i` within it.
                 unsafe { tbl.add(i).write_volatile(new) };
@@ -1211,8 +1943,11 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         Ok(filled)
     }
 
-    /// Unmaps the whole table entry `i` (table descriptor `e`): clears it, notes the
-    /// invalidation of every leaf below it and queues the subtree's frames for freeing.
+    /// Removes the table below entry `i` (table descriptor `e`) and puts `new` in its
+    /// place (0 to unmap, or a block): notes the invalidation of every leaf and table
+    /// entry below it and queues the subtree's frames for freeing. A block is written
+    /// with break-before-make (an invalid marker now, made valid once the run's
+    /// invalidations are complete, see `bbm`).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn detach(
@@ -1224,15 +1959,20 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         level: u8,
         eva: u64,
         live: bool,
+        new: u64,
+        bbm: &mut bool,
     ) {
         // SAFETY: `tbl` is a table frame owned by this table, `i` within it.
         let p = unsafe { tbl.add(i) };
         if live {
             // SAFETY: as above.
-            unsafe { p.write_volatile(0) };
+            unsafe { p.write_volatile(new & !desc::VALID) };
+            if new != 0 {
+                *bbm = true;
+            }
         } else {
             // SAFETY: as above; nobody walks this table yet.
-            unsafe { p.write(0) };
+            unsafe { p.write(new) };
         }
         let child = e & desc::OA_MASK;
         // With range invalidation the whole span goes in one note: no leaf to visit.
@@ -1327,7 +2067,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             // tables once they are empty).
             let has_leaves = new != 0 && desc::count(old) != 0;
             if has_leaves {
-                cx.batch.note_many(eva, level_size(cl), ENTRIES, true);
+                cx.batch.note_many(eva, cl, ENTRIES, true);
             }
             cx.batch.note_table(eva, level_size(level));
         }
@@ -1479,15 +2219,15 @@ fn uniform(cp: *mut u64, level: u8) -> Option<u64> {
         return None;
     }
     let step = level_size(level);
-    let mut want = first;
+    let mut want = first & !desc::CONTIGUOUS;
     for j in 1..ENTRIES {
         want += step;
-        // SAFETY: as above.
-        if unsafe { cp.add(j).read() } != want {
+        // SAFETY: as above. The contiguous hint of groups inside does not matter.
+        if unsafe { cp.add(j).read() } & !desc::CONTIGUOUS != want {
             return None;
         }
     }
-    Some((first & !0b11) | desc::BLOCK)
+    Some((first & !(0b11 | desc::CONTIGUOUS)) | desc::BLOCK)
 }
 
 impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> Drop for PageTable<R, A, T> {
@@ -1496,7 +2236,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> Drop for PageTable<R, A, T
     fn drop(&mut self) {
         let mut batch = TlbBatch::new(1, false);
         batch.invalidate_all();
-        batch.sync(&self.regime, self.root, &mut self.tlb);
+        batch.sync(&self.regime, self.context, &mut self.tlb);
         let root = self.ptr(self.root);
         let level = self.geo.start_level();
         for j in 0..self.geo.root_entries() {

@@ -169,6 +169,28 @@ pub fn range_operands(addr: u64, pages: u64) -> impl Iterator<Item = RangeStep> 
     })
 }
 
+/// How many instructions [`range_operands`] emits for `pages` pages (the same
+/// arithmetic, without building them).
+#[must_use]
+pub const fn range_steps(pages: u64) -> u64 {
+    let mut left = pages;
+    let mut n = 0;
+    if left % 2 == 1 {
+        n += 1;
+        left -= 1;
+    }
+    let mut scale = 0;
+    while scale < 4 {
+        let take = left % (1u64 << (5 * scale + 6));
+        if take != 0 {
+            n += 1;
+            left -= take;
+        }
+        scale += 1;
+    }
+    n + left / MAX_RANGE_PAGES
+}
+
 /// The translation context a [`TlbSequence`] must run in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TlbContext {
@@ -199,12 +221,45 @@ pub enum TlbContext {
 #[derive(Debug)]
 pub struct TlbSequence<'a> {
     ops: &'a [TlbOp],
+    /// Per operation: the level of the leaves it invalidates (1..=3), 0 if unknown.
+    /// Empty: none known.
+    levels: &'a [u8],
     context: TlbContext,
 }
 
 impl<'a> TlbSequence<'a> {
     pub(crate) const fn new(ops: &'a [TlbOp], context: TlbContext) -> Self {
-        TlbSequence { ops, context }
+        TlbSequence {
+            ops,
+            levels: &[],
+            context,
+        }
+    }
+
+    pub(crate) const fn with_levels(
+        ops: &'a [TlbOp],
+        levels: &'a [u8],
+        context: TlbContext,
+    ) -> Self {
+        TlbSequence {
+            ops,
+            levels,
+            context,
+        }
+    }
+
+    /// For the by-address, leaf-only operation at `index` of [`ops`](Self::ops)
+    /// (`TLBI VALE2IS`, `IPAS2LE1IS`, `VALE1IS`): the level (1..=3) of the leaf entry
+    /// it removes, which the table knows; `None` for every other operation. A TLB
+    /// implementation on a CPU with FEAT_TTL may pass it as the TTL hint
+    /// ([`tlbi_operand`]); the hint is exact (every entry the operation must remove
+    /// was cached from a leaf at that level).
+    #[must_use]
+    pub fn leaf_level(&self, index: usize) -> Option<u8> {
+        match self.levels.get(index) {
+            Some(&l) if (1..=3).contains(&l) => Some(l),
+            _ => None,
+        }
     }
 
     /// The operations, to run in order.
@@ -264,6 +319,37 @@ pub const fn tlbi_range_supported(isar0: u64) -> bool {
     (isar0 >> 56) & 0xF >= 0b0010
 }
 
+/// Whether `ID_AA64MMFR2_EL1` value `mmfr2` reports FEAT_TTL (TTL hints in TLBI
+/// operands): its TTL field (bits \[51:48\]) is 0b0001 or more.
+#[must_use]
+pub const fn ttl_supported(mmfr2: u64) -> bool {
+    (mmfr2 >> 48) & 0xF >= 0b0001
+}
+
+/// The operand of a by-address TLBI (`TLBI VA(L)E2IS`, `VA(L)E1IS`, `IPAS2(L)E1IS`)
+/// for `addr` with a 4 KiB granule, with the TTL hint for a leaf at `level` when given
+/// (FEAT_TTL; Arm ARM C5.5, e.g. "TLBI VALE2IS": bits \[43:0\] = address\[55:12\]
+/// (for an IPA, bits \[35:0\] = IPA\[47:12\]), TTL\[47:44\] = 0b01 (4 KiB granule) in
+/// \[3:2\] and the level in \[1:0\]; TTL = 0 means no hint). The caller ORs in the
+/// ASID (bits \[63:48\]) where the instruction has one. A level outside 1..=3 gives
+/// no hint.
+///
+/// ```
+/// // TLBI VALE2IS for a page at 0x4020_3000, leaf at level 3.
+/// assert_eq!(mmu::tlbi_operand(0x4020_3000, Some(3)), (0b0111 << 44) | 0x40203);
+/// assert_eq!(mmu::tlbi_operand(0x4020_3000, None), 0x40203);
+/// // FEAT_TTL is ID_AA64MMFR2_EL1.TTL (bits [51:48]) >= 1.
+/// assert!(mmu::ttl_supported(1 << 48));
+/// ```
+#[must_use]
+pub const fn tlbi_operand(addr: u64, level: Option<u8>) -> u64 {
+    let ttl = match level {
+        Some(l @ 1..=3) => 0b0100 | l as u64,
+        _ => 0,
+    };
+    ((addr >> 12) & ((1 << 44) - 1)) | (ttl << 44)
+}
+
 /// Makes descriptor writes that turned invalid entries valid visible to table walkers:
 /// `DSB ISHST; ISB`, no invalidation (no TLB can hold an invalid entry).
 #[inline]
@@ -279,7 +365,8 @@ pub(crate) fn publish<T: TlbMaintenance>(tlb: &mut T) {
 /// Without range invalidation every entry is one page (one by-address TLBI). With it
 /// (FEAT_TLBIRANGE, [`TlbBatch::new`]'s `ranges`), an entry is a run of pages that
 /// grows while the changes are contiguous, and a change covering a block or a whole
-/// table is noted as the span it covers; the threshold then counts runs.
+/// table is noted as the span it covers; the threshold then counts the range
+/// instructions the runs take ([`range_steps`]).
 pub(crate) struct TlbBatch {
     /// Page-aligned first addresses; bit 0 set for leaf-only invalidation. Only `..len`
     /// is initialised.
@@ -287,6 +374,8 @@ pub(crate) struct TlbBatch {
     /// Pages of each entry (always 1 without `ranges`).
     pages: [MaybeUninit<u64>; MAX_TLBI_BATCH],
     len: usize,
+    /// With ranges: the instructions the runs noted so far take ([`range_steps`]).
+    cost: u64,
     threshold: usize,
     /// Range instructions may be used.
     ranges: bool,
@@ -302,6 +391,7 @@ impl TlbBatch {
             addrs: [MaybeUninit::uninit(); MAX_TLBI_BATCH],
             pages: [MaybeUninit::uninit(); MAX_TLBI_BATCH],
             len: 0,
+            cost: 0,
             threshold,
             ranges,
             all: false,
@@ -333,7 +423,9 @@ impl TlbBatch {
             self.all = true;
             return;
         }
-        self.addrs[self.len] = MaybeUninit::new((addr & !0xFFF) | u64::from(leaf));
+        // Bits [2:1]: the level of the leaf, for the TTL hint (leaf-only entries).
+        let level = if leaf { u64::from(level & 3) << 1 } else { 0 };
+        self.addrs[self.len] = MaybeUninit::new((addr & !0xFFF) | level | u64::from(leaf));
         self.pages[self.len] = MaybeUninit::new(1);
         self.len += 1;
     }
@@ -357,15 +449,23 @@ impl TlbBatch {
             if (a & !0xFFF) + (n << 12) == addr {
                 // A non-leaf run invalidates leaves too: the run stays leaf-only only
                 // if both parts are.
-                self.addrs[last] = MaybeUninit::new(a & (!1 | u64::from(leaf)));
+                self.cost = self.cost - range_steps(n) + range_steps(n + pages);
+                if self.cost > self.threshold as u64 {
+                    // A run too long for range instructions (8 TiB takes 1,025).
+                    self.all = true;
+                    return;
+                }
+                self.addrs[last] = MaybeUninit::new(a & (!0xFFF | u64::from(leaf)));
                 self.pages[last] = MaybeUninit::new(n + pages);
                 return;
             }
         }
-        if self.len >= self.threshold {
+        let cost = self.cost + range_steps(pages);
+        if self.len >= self.threshold || cost > self.threshold as u64 {
             self.all = true;
             return;
         }
+        self.cost = cost;
         self.addrs[self.len] = MaybeUninit::new(addr | u64::from(leaf));
         self.pages[self.len] = MaybeUninit::new(pages);
         self.len += 1;
@@ -387,7 +487,7 @@ impl TlbBatch {
             let pages = unsafe { self.pages[last].assume_init() };
             let last_page = (a & !0xFFF) + ((pages - 1) << 12);
             if last_page >= addr && last_page - addr < size {
-                self.addrs[last] = MaybeUninit::new(a & !1);
+                self.addrs[last] = MaybeUninit::new(a & !0xFFF);
                 return;
             }
         }
@@ -412,7 +512,8 @@ impl TlbBatch {
 
     /// `count` entries of `step` bytes from `addr` need invalidating (e.g. all leaves of
     /// a table being replaced).
-    pub(crate) fn note_many(&mut self, addr: u64, step: u64, count: usize, leaf: bool) {
+    pub(crate) fn note_many(&mut self, addr: u64, level: u8, count: usize, leaf: bool) {
+        let step = crate::desc::level_size(level);
         if self.ranges {
             self.written = true;
             if !self.all {
@@ -426,7 +527,7 @@ impl TlbBatch {
             return;
         }
         for i in 0..count as u64 {
-            self.note(addr + i * step, 3, leaf);
+            self.note(addr + i * step, level, leaf);
         }
     }
 
@@ -446,7 +547,7 @@ impl TlbBatch {
     pub(crate) fn sync<R: crate::Regime, T: TlbMaintenance>(
         &mut self,
         regime: &R,
-        root: u64,
+        context: TlbContext,
         tlb: &mut T,
     ) {
         if !self.written {
@@ -460,18 +561,21 @@ impl TlbBatch {
         }
         // Not initialised up front: most batches use a handful of the slots.
         let mut ops = [MaybeUninit::<TlbOp>::uninit(); MAX_TLBI_BATCH + 6];
+        // The leaf level of each operation, 0 when not known or not one.
+        let mut levels = [0u8; MAX_TLBI_BATCH + 6];
         let mut n = 0;
-        let mut push = |op: TlbOp| {
+        let mut push = |op: TlbOp, level: u8| {
             ops[n] = MaybeUninit::new(op);
+            levels[n] = level;
             n += 1;
         };
         // Arm ARM D8.17 (break-before-make) and the TLB maintenance examples in
         // D8.16: the descriptor writes must be complete (DSB ISHST) before the TLBI,
         // and the TLBI must be complete (DSB ISH) before relying on the new state.
-        push(TlbOp::DsbIshSt);
+        push(TlbOp::DsbIshSt, 0);
         if self.all {
-            push(regime.tlbi_all());
-            push(TlbOp::DsbIsh);
+            push(regime.tlbi_all(), 0);
+            push(TlbOp::DsbIsh, 0);
         } else if self.len > 0 {
             for k in 0..self.len {
                 // SAFETY: entries below `len` were written by `note`/`note_span`.
@@ -479,24 +583,25 @@ impl TlbBatch {
                 let (addr, leaf) = (a & !0xFFF, a & 1 != 0);
                 // SAFETY: as above.
                 let pages = unsafe { self.pages[k].assume_init() };
-                push(if pages == 1 {
-                    regime.tlbi_entry(addr, leaf)
+                if pages == 1 {
+                    push(regime.tlbi_entry(addr, leaf), ((a >> 1) & 3) as u8);
                 } else {
-                    regime.tlbi_range(addr, pages, leaf)
-                });
+                    push(regime.tlbi_range(addr, pages, leaf), 0);
+                }
             }
-            push(TlbOp::DsbIsh);
+            push(TlbOp::DsbIsh, 0);
             if let Some(op) = regime.tlbi_after_entries() {
-                push(op);
-                push(TlbOp::DsbIsh);
+                push(op, 0);
+                push(TlbOp::DsbIsh, 0);
             }
         }
-        push(TlbOp::Isb);
+        push(TlbOp::Isb, 0);
         // SAFETY: `push` initialised the first `n` slots; `MaybeUninit<TlbOp>` has the
         // layout of `TlbOp`.
         let ops = unsafe { core::slice::from_raw_parts(ops.as_ptr().cast::<TlbOp>(), n) };
-        tlb.execute(&TlbSequence::new(ops, regime.tlb_context(root)));
+        tlb.execute(&TlbSequence::with_levels(ops, &levels[..n], context));
         self.len = 0;
+        self.cost = 0;
         self.all = false;
         self.written = false;
     }
@@ -554,6 +659,39 @@ mod tests {
         assert_eq!(range_operands(base, 0).count(), 0);
     }
 
+    /// TTL hints (FEAT_TTL): TTL\[47:44\] = 0b01 (4 KiB granule) : level, field by
+    /// field; no hint for `None` or levels that cannot hold a 4 KiB-granule leaf.
+    #[test]
+    fn ttl_operands() {
+        let va = 0x0000_7F12_3456_7000u64;
+        let base = (va >> 12) & ((1 << 44) - 1);
+        assert_eq!(tlbi_operand(va, None), base);
+        for level in 1..=3u8 {
+            let x = tlbi_operand(va, Some(level));
+            assert_eq!(x & ((1 << 44) - 1), base, "address bits kept");
+            assert_eq!((x >> 46) & 0b11, 0b01, "TTL[3:2]: 4 KiB granule");
+            assert_eq!((x >> 44) & 0b11, u64::from(level), "TTL[1:0]: level");
+            assert_eq!(x >> 48, 0, "no ASID bits from the encoder");
+        }
+        assert_eq!(tlbi_operand(va, Some(0)), base);
+        assert_eq!(tlbi_operand(va, Some(4)), base);
+        // An IPA operand: IPA[47:12] in [35:0].
+        assert_eq!(
+            tlbi_operand(0xFFFF_FFFF_F000, Some(3)),
+            0xF_FFFF_FFFF | (0b0111 << 44)
+        );
+        // Page-offset bits never reach the operand.
+        assert_eq!(tlbi_operand(0x1FFF, Some(2)), 1 | (0b0110 << 44));
+
+        assert!(!ttl_supported(0));
+        assert!(ttl_supported(1 << 48));
+        assert!(
+            ttl_supported(0b0010 << 48),
+            "the ID scheme: higher values include it"
+        );
+        assert!(!ttl_supported(0xF << 52 | 0xFFFF_FFFF_FFFF));
+    }
+
     proptest! {
         #[test]
         fn steps_cover_exactly_the_range(page in 0u64..(1 << 36), pages in 1u64..(3 * MAX_RANGE_PAGES)) {
@@ -567,6 +705,7 @@ mod tests {
             prop_assert_eq!(next, page + pages, "exactly the range: {:?}", s);
             prop_assert!(s.len() as u64 <= 5 + pages / MAX_RANGE_PAGES, "{} steps", s.len());
             prop_assert!(s.iter().filter(|x| x.1 == 1).count() <= 1);
+            prop_assert_eq!(range_steps(pages), s.len() as u64);
         }
     }
 }

@@ -49,31 +49,59 @@ pub fn raw_lookup_at(root: u64, mut level: u8, va: u64) -> (u64, u8) {
     }
 }
 
-/// Every table entry reachable from the root: (level of the entry, input address it
-/// covers, address of the next-level table).
-pub fn table_entries<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
+/// Calls `f(level, input address, descriptor)` for every valid entry reachable from
+/// the root, tables before the entries below them.
+pub fn for_each_entry<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
     t: &PageTable<R, A, T>,
-) -> Vec<(u8, u64, u64)> {
-    let g = t.geometry();
-    let mut out = Vec::new();
-    fn rec(pa: u64, level: u8, base: u64, entries: usize, out: &mut Vec<(u8, u64, u64)>) {
+    mut f: impl FnMut(u8, u64, u64),
+) {
+    fn rec(pa: u64, level: u8, base: u64, entries: usize, f: &mut dyn FnMut(u8, u64, u64)) {
         for i in 0..entries {
             let d = read(pa, i);
-            if level < 3 && d & 3 == 3 {
-                let va = base + ((i as u64) << shift(level));
-                let next = d & 0x0000_FFFF_FFFF_F000;
-                out.push((level, va, next));
-                rec(next, level + 1, va, 512, out);
+            if d & 1 == 0 {
+                continue;
+            }
+            let va = base + ((i as u64) << shift(level));
+            f(level, va, d);
+            if level < 3 && d & 2 != 0 {
+                rec(d & 0x0000_FFFF_FFFF_F000, level + 1, va, 512, f);
             }
         }
     }
+    let g = t.geometry();
     rec(
         t.root_address(),
         g.start_level(),
         0,
         g.root_entries(),
-        &mut out,
+        &mut f,
     );
+}
+
+/// Every table entry reachable from the root: (level of the entry, input address it
+/// covers, address of the next-level table).
+pub fn table_entries<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
+    t: &PageTable<R, A, T>,
+) -> Vec<(u8, u64, u64)> {
+    let mut out = Vec::new();
+    for_each_entry(t, |level, va, d| {
+        if level < 3 && d & 3 == 3 {
+            out.push((level, va, d & 0x0000_FFFF_FFFF_F000));
+        }
+    });
+    out
+}
+
+/// Every valid leaf reachable from the root: (input address, level) -> descriptor.
+pub fn raw_leaves<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
+    t: &PageTable<R, A, T>,
+) -> std::collections::HashMap<(u64, u8), u64> {
+    let mut out = std::collections::HashMap::new();
+    for_each_entry(t, |level, va, d| {
+        if level == 3 || d & 2 == 0 {
+            out.insert((va, level), d);
+        }
+    });
     out
 }
 
@@ -98,7 +126,10 @@ pub fn check_counts<R: Regime, A: FrameAllocator, T: TlbMaintenance>(t: &PageTab
                     "count of table {next:#x} (L{})",
                     level + 1
                 );
-                assert_ne!(live, 0, "empty table {next:#x} left behind");
+                // Tables with table attributes (held, bit 56) stay even when empty.
+                if d & (1 << 56) == 0 {
+                    assert_ne!(live, 0, "empty table {next:#x} left behind");
+                }
                 rec(next, level + 1, 512);
             }
         }
@@ -134,6 +165,13 @@ pub enum Op {
         pages: u64,
         sw: u8,
     },
+    /// `set_table_attrs` over `va .. va + size` (2 MiB or 1 GiB multiples) with
+    /// `TableAttrs::from_bits_truncate(attrs)`.
+    TableAttrs {
+        va: u64,
+        size: u64,
+        attrs: u8,
+    },
 }
 
 /// Input addresses that make blocks, splits and merges likely, inside 4 GiB.
@@ -167,6 +205,12 @@ pub fn op(n_attrs: usize) -> impl Strategy<Value = Op> {
         2 => (addr(), pages(), 0..n_attrs).prop_map(|(va, pages, attrs)| Op::Protect { va, pages, attrs }),
         1 => (addr(), pages(), 0..16u8).prop_map(|(va, pages, sw)| Op::SetSw { va, pages, sw }),
         1 => (0..4u64, 1..3u64).prop_map(|(g, n)| Op::Coalesce { va: g * GIB, pages: n * GIB / PAGE }),
+        1 => (0..4u64, prop::sample::select(vec![0u64, 1, 511]), prop::bool::ANY, 0..32u8)
+            .prop_map(|(g, m, gib, attrs)| if gib {
+                Op::TableAttrs { va: g * GIB, size: GIB, attrs }
+            } else {
+                Op::TableAttrs { va: g * GIB + m * MIB2, size: MIB2, attrs }
+            }),
     ]
 }
 

@@ -198,8 +198,15 @@ fn threshold_switches_to_whole_vm_invalidation() {
     let mut t = PageTable::new(Stage2::new(8, 40), HeapFrames::new(), RecordingTlb::new()).unwrap();
     t.set_tlbi_threshold(4);
     let rw = Attributes::normal(Permissions::RW);
-    t.map(0, 0x8000_0000, 16 * PAGE, rw, MapFlags::NO_BLOCKS)
-        .unwrap();
+    // No contiguous hint: removing it from the group would be 16 invalidations.
+    t.map(
+        0,
+        0x8000_0000,
+        16 * PAGE,
+        rw,
+        MapFlags::NO_BLOCKS | MapFlags::NO_CONTIGUOUS,
+    )
+    .unwrap();
     t.unmap(0, 4 * PAGE).unwrap();
     let inv = t.tlb().invalidations();
     assert_eq!(

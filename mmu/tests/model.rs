@@ -9,103 +9,17 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
+use mmu::testing::model::{runs_of, Model};
 use mmu::testing::{HeapFrames, RecordingTlb};
 use mmu::{
-    Attributes, El1, El2, Error, MapFlags, PageTable, Regime, Stage2, SwBits, TlbContext, TlbOp,
+    Attributes, El1, El2, Error, MapFlags, PageTable, Regime, Stage2, SwBits, TableAttrs,
+    TlbContext, TlbOp,
 };
 use proptest::prelude::*;
 
 use common::{el1_attrs, el2_attrs, op, s2_attrs, s2_xnx_attrs, Op, PAGE};
-
-/// A maximal run: input range, output of its first byte, attributes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Seg {
-    end: u64,
-    out: u64,
-    attrs: Attributes,
-}
-
-/// The model: disjoint segments keyed by start address.
-#[derive(Clone, Debug, Default)]
-struct Model {
-    segs: BTreeMap<u64, Seg>,
-}
-
-impl Model {
-    /// Splits segments so that `at` is a boundary.
-    fn split(&mut self, at: u64) {
-        let found = self.segs.range(..at).next_back().map(|(&s, &g)| (s, g));
-        if let Some((start, seg)) = found {
-            if seg.end > at {
-                self.segs.insert(start, Seg { end: at, ..seg });
-                self.segs.insert(
-                    at,
-                    Seg {
-                        out: seg.out + (at - start),
-                        ..seg
-                    },
-                );
-            }
-        }
-    }
-
-    fn starts_in(&self, va: u64, end: u64) -> Vec<u64> {
-        self.segs.range(va..end).map(|(&s, _)| s).collect()
-    }
-
-    fn remove(&mut self, va: u64, end: u64) {
-        self.split(va);
-        self.split(end);
-        for s in self.starts_in(va, end) {
-            self.segs.remove(&s);
-        }
-    }
-
-    fn insert(&mut self, va: u64, end: u64, out: u64, attrs: Attributes) {
-        self.remove(va, end);
-        self.segs.insert(va, Seg { end, out, attrs });
-    }
-
-    fn update(&mut self, va: u64, end: u64, f: impl Fn(Attributes) -> Attributes) {
-        self.split(va);
-        self.split(end);
-        for s in self.starts_in(va, end) {
-            if let Some(seg) = self.segs.get_mut(&s) {
-                seg.attrs = f(seg.attrs);
-            }
-        }
-    }
-
-    fn first_mapped(&self, va: u64, end: u64) -> Option<u64> {
-        if let Some((_, seg)) = self.segs.range(..=va).next_back() {
-            if seg.end > va {
-                return Some(va);
-            }
-        }
-        self.segs.range(va..end).next().map(|(&s, _)| s)
-    }
-
-    /// Canonical form: adjacent segments merged when contiguous with equal attributes.
-    fn canonical(&self) -> Vec<(u64, Seg)> {
-        canonical(self.segs.iter().map(|(&s, &g)| (s, g)))
-    }
-}
-
-fn canonical(it: impl Iterator<Item = (u64, Seg)>) -> Vec<(u64, Seg)> {
-    let mut v: Vec<(u64, Seg)> = Vec::new();
-    for (s, g) in it {
-        if let Some((ps, pg)) = v.last_mut() {
-            if pg.end == s && pg.attrs == g.attrs && pg.out + (s - *ps) == g.out {
-                pg.end = g.end;
-                continue;
-            }
-        }
-        v.push((s, g));
-    }
-    v
-}
 
 /// The leaves of the table as (va, level, output, attrs).
 fn leaves<R: Regime>(t: &PageTable<R, HeapFrames, RecordingTlb>) -> Vec<mmu::Mapping> {
@@ -115,23 +29,14 @@ fn leaves<R: Regime>(t: &PageTable<R, HeapFrames, RecordingTlb>) -> Vec<mmu::Map
     v
 }
 
-fn segs_of(leaves: &[mmu::Mapping]) -> Vec<(u64, Seg)> {
-    canonical(leaves.iter().map(|m| {
-        (
-            m.va,
-            Seg {
-                end: m.va + m.size,
-                out: m.output,
-                attrs: m.attrs,
-            },
-        )
-    }))
-}
-
 /// Which TLB operations belong to this table, and whether `op` covers `[va, va+size)`
 /// (leaf: last-level entries only; otherwise walk caches too).
 trait Tag: Regime {
     fn ours(&self, op: &TlbOp) -> bool;
+    /// The table attributes the regime accepts.
+    fn table_attrs(&self) -> TableAttrs {
+        TableAttrs::empty()
+    }
     /// The context every sequence of the table rooted at `root` must run in.
     fn context(&self, root: u64) -> TlbContext {
         let _ = root;
@@ -139,6 +44,9 @@ trait Tag: Regime {
     }
 }
 impl Tag for El2 {
+    fn table_attrs(&self) -> TableAttrs {
+        TableAttrs::NO_WRITE | TableAttrs::NO_EXEC_EL2
+    }
     fn ours(&self, op: &TlbOp) -> bool {
         matches!(
             op,
@@ -164,6 +72,9 @@ impl Tag for Stage2 {
     }
 }
 impl Tag for El1 {
+    fn table_attrs(&self) -> TableAttrs {
+        TableAttrs::all() - TableAttrs::NO_EXEC_EL2
+    }
     fn ours(&self, op: &TlbOp) -> bool {
         match *op {
             TlbOp::El1Va { asid, .. } | TlbOp::El1Range { asid, .. } | TlbOp::El1Asid { asid } => {
@@ -231,8 +142,11 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
     t.set_tlbi_range(ranges);
     let roots = t.frames_in_use();
     let mut model = Model::default();
+    // Ranges given table attributes, cleared again at the end.
+    let mut attributed = Vec::new();
     for op in ops {
         let before = leaves(&t);
+        let raw_before = common::raw_leaves(&t);
         let tables_before = common::table_entries(&t);
         let live_before = t.allocator().live();
         t.tlb_mut().clear();
@@ -275,6 +189,23 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
                 (r, None)
             }
             Op::Coalesce { .. } => (Ok(()), None),
+            Op::TableAttrs { va, size, attrs } => {
+                let a = TableAttrs::from_bits_truncate(attrs);
+                let r = t.set_table_attrs(va, size, a);
+                if r.is_ok() {
+                    attributed.push((va, size));
+                    // The limits reach every address of the range.
+                    for probe in [va, va + size / 2, va + size - PAGE] {
+                        assert!(t.table_attrs(probe).contains(a), "{op:?} at {probe:#x}");
+                    }
+                }
+                if t.regime().table_attrs().contains(a) {
+                    (r, None)
+                } else {
+                    assert_eq!(r, Err(Error::UnsupportedAttributes), "{op:?}");
+                    (Ok(()), None)
+                }
+            }
             Op::SetSw { va, pages, sw } => {
                 let sw = SwBits::new(sw).unwrap();
                 let r = t.set_sw_bits(va, pages * PAGE, sw);
@@ -300,7 +231,7 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
         }
         let after = leaves(&t);
         assert_eq!(
-            segs_of(&after),
+            runs_of(&after),
             model.canonical(),
             "translations after {op:?}"
         );
@@ -364,10 +295,24 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
                 );
             }
         }
-        let changed_leaves = before
+        // Leaves whose descriptor changed other than in software bits (the contiguous
+        // hint included: removing it from a group is a change of all 16).
+        let raw_now = common::raw_leaves(&t);
+        let changed_leaves = raw_before
             .iter()
-            .filter(|m| {
-                now.get(&(m.va, m.level)) != Some(&(m.output, m.attrs.with_sw(SwBits::NONE)))
+            .filter(|(k, d)| {
+                raw_now
+                    .get(k)
+                    .is_none_or(|n| (*n ^ **d) & !(0xF << 55) != 0)
+            })
+            .count();
+        // Entries that lost the contiguous hint: removing it is a batch of its own
+        // (break-before-make of the group), so an entry the operation then changes is
+        // invalidated once more.
+        let unfolded = raw_before
+            .iter()
+            .filter(|(k, d)| {
+                **d & (1 << 52) != 0 && raw_now.get(k).is_none_or(|n| n & (1 << 52) == 0)
             })
             .count();
         // Every table entry that went away was invalidated with a non-leaf TLBI.
@@ -408,9 +353,11 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
                 )
             })
             .count();
-        if !full {
+        // Table attributes change no leaf, yet invalidate what lies below them.
+        let table_op = matches!(op, Op::TableAttrs { .. });
+        if !full && !table_op {
             assert!(
-                by_address <= changed_leaves + removed_tables,
+                by_address <= changed_leaves + removed_tables + unfolded,
                 "{op:?}: {by_address} TLBIs for {changed_leaves} leaves and {removed_tables} tables: {ops:x?}"
             );
         }
@@ -419,6 +366,7 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
             now.get(&(m.va, m.level))
                 .is_some_and(|x| x.0 == m.output && x.1 == m.attrs.with_sw(SwBits::NONE))
         }) && tables_before.iter().all(|e| tables_now.contains(e))
+            && !table_op
         {
             assert!(
                 ops.is_empty(),
@@ -428,6 +376,10 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
     }
     t.unmap(0, t.geometry().input_size()).unwrap();
     assert!(leaves(&t).is_empty());
+    // Held tables stay until their attributes are cleared.
+    for &(va, size) in attributed.iter().rev() {
+        t.set_table_attrs(va, size, TableAttrs::empty()).unwrap();
+    }
     assert_eq!(
         t.allocator().in_use(),
         roots,

@@ -203,3 +203,100 @@ fn block_sized_map_over_pages_reports_the_first_mapped_page() {
     assert_eq!(e, Err(mmu::Error::AlreadyMapped { va: 0x20_1000 }));
     assert!(t.translate(0x20_0000).is_none());
 }
+
+/// REPLACE of a block-aligned range over a table replaces the table by the block in
+/// one break-before-make step. Before, the crate rewrote the table's 512 leaves with
+/// break-before-make (one batch of invalidations), then merged the now uniform table
+/// (a second batch).
+#[test]
+fn replace_over_a_table_is_one_step() {
+    let frames = HeapFrames::new();
+    let mut t = PageTable::new(El2::new(39), &frames, RecordingTlb::new()).unwrap();
+    let base = 0x4000_0000;
+    // A 2 MiB table of pages (mixed attributes so it is no block), and a 1 GiB
+    // region holding a level-2 table with level-3 tables below it.
+    t.map(base, 0x1_0000_0000, 0x20_0000, rw(), MapFlags::NO_BLOCKS)
+        .unwrap();
+    t.map(
+        0x8000_0000,
+        0x8000_0000,
+        0x40_0000,
+        rw(),
+        MapFlags::NO_BLOCKS,
+    )
+    .unwrap();
+    t.map(0x8040_0000, 0x8040_0000, 0x20_0000, rw(), MapFlags::empty())
+        .unwrap();
+    let before = t.frames_in_use();
+    t.tlb_mut().clear();
+    t.map(base, 0x2_0000_0000, 0x20_0000, rw(), MapFlags::REPLACE)
+        .unwrap();
+    let tr = t.translate(base + 0x1234).unwrap();
+    assert_eq!((tr.level, tr.output), (2, 0x2_0000_1234));
+    let batches = t
+        .tlb()
+        .sequences()
+        .iter()
+        .filter(|s| s.iter().any(|op| !op.is_barrier()))
+        .count();
+    assert_eq!(batches, 1, "{:?}", t.tlb().sequences());
+    assert_eq!(t.frames_in_use(), before - 1, "the level-3 table is freed");
+
+    // 1 GiB over a level-2 table with two level-3 tables and a block below it.
+    t.tlb_mut().clear();
+    t.map(
+        0x8000_0000,
+        0x3_0000_0000,
+        0x4000_0000,
+        rw(),
+        MapFlags::REPLACE,
+    )
+    .unwrap();
+    let tr = t.translate(0x8040_1000).unwrap();
+    assert_eq!((tr.level, tr.output), (1, 0x3_0040_1000));
+    let inv = t.tlb().invalidations();
+    assert_eq!(inv, [mmu::TlbOp::El2All], "every page below went: {inv:?}");
+    assert_eq!(t.frames_in_use(), before - 4);
+    assert_eq!(frames.in_use(), t.frames_in_use());
+}
+
+/// With range invalidation the threshold counts range instructions, not runs:
+/// unmapping 8 TiB was one run that took 1,024 range instructions (8 GiB each) and the
+/// `TLBI VMALLE1IS` after them, with interrupts masked in `arch::ArmTlb`; now it is
+/// one whole-VMID invalidation.
+#[test]
+fn huge_range_unmap_invalidates_the_whole_vmid() {
+    let ram = Attributes::new(Permissions::RW, mmu::MemoryType::Normal);
+    let mut s2 =
+        PageTable::new(Stage2::new(5, 48), HeapFrames::new(), RecordingTlb::new()).unwrap();
+    s2.set_tlbi_range(true);
+    let tib = 1u64 << 40;
+    s2.map(0, 0, 8 * tib, ram, MapFlags::empty()).unwrap();
+    s2.tlb_mut().clear();
+    s2.unmap(0, 8 * tib).unwrap();
+    assert_eq!(
+        s2.tlb().invalidations(),
+        [mmu::TlbOp::Stage2All { vmid: 5 }]
+    );
+    assert_eq!(mmu::range_steps((8 * tib) >> 12), 1024);
+
+    // A gigabyte is still one range instruction.
+    s2.map(0, 0, 1 << 30, ram, MapFlags::NO_BLOCKS).unwrap();
+    s2.tlb_mut().clear();
+    s2.unmap(0, 1 << 30).unwrap();
+    let inv = s2.tlb().invalidations();
+    assert!(
+        matches!(
+            inv[..],
+            [
+                mmu::TlbOp::Stage2Range {
+                    pages: 262_144,
+                    leaf: false,
+                    ..
+                },
+                mmu::TlbOp::Stage2Stage1All { .. }
+            ]
+        ),
+        "{inv:?}"
+    );
+}

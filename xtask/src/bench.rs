@@ -282,7 +282,7 @@ QEMU `-cpu {CPU}` (TCG), {runs} runs of each, interleaved.
 - bare QEMU at EL1: the same without EL2 (`virtualization=off`): the kernel starts at
   EL1 as in the VM, and QEMU emulates no stage 2;
 - under the hypervisor: QEMU's `-kernel` is the hypervisor, which boots the kernel at
-  EL1 in a VM (`stage2-mappings = \"pages\"`, GIC pass-through; docs/linux-guest.md);
+  EL1 in a VM (`stage2-mappings = \"pages\"`, virtual GIC and console; docs/linux-guest.md);
 - the same VM with its RAM in 2 MiB blocks at stage 2 (`stage2-mappings = \"blocks\"`),
   not part of the ratio: it shows what blocks cost under TCG.
 

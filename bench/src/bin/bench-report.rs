@@ -89,6 +89,10 @@ fn main() -> ExitCode {
             "mmu alone: the same workloads on a 48-bit (4-level) EL2 table",
         ),
         (
+            "mmu-hint",
+            "mmu alone: the same workloads with the contiguous hint (the crate's default)",
+        ),
+        (
             "mmu-splitmerge",
             "mmu alone: live split and merge of a 2 MiB block",
         ),

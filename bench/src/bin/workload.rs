@@ -73,6 +73,7 @@ const CRATES: &[&str] = &[
     "mmu",
     "mmu-stage2",
     "mmu-48",
+    "mmu-hint",
     "aarch64-paging",
     #[cfg(target_arch = "aarch64")]
     "page_table_multiarch",
@@ -126,6 +127,7 @@ fn main() -> ExitCode {
         "mmu" => run::<Mmu<El2>>(workload, setup_only),
         "mmu-stage2" => run::<Mmu<Stage2>>(workload, setup_only),
         "mmu-48" => run::<Mmu<El2, 48>>(workload, setup_only),
+        "mmu-hint" => run::<Mmu<El2, 39, true>>(workload, setup_only),
         "mmu-splitmerge" => match workload.as_str() {
             "split-mmu" => Some(split_merge::<El2>(false, setup_only)),
             "merge-mmu" => Some(split_merge::<El2>(true, setup_only)),

@@ -137,11 +137,14 @@ pub fn attributes(m: &Mapping) -> mmu::Attributes {
 }
 
 /// Enters every mapping into `table` (identity: VA = PA), refusing writable+executable
-/// attributes (`MapFlags::WXN`).
+/// attributes (`MapFlags::WXN`), then makes every 1 GiB region that holds mappings but
+/// no executable one execute-never as a whole (XNTable, `XN_TABLE_SPAN`): whatever is
+/// mapped there later cannot run at EL2 either.
 ///
 /// # Errors
 ///
-/// The first `mmu` error (out of frames, overlap, ...); earlier mappings stay.
+/// The first `mmu` error (out of frames, overlap, ...), with the mapping it concerns
+/// (`xn-table` for a region's table attribute); earlier mappings stay.
 pub fn build<A: mmu::FrameAllocator, T: mmu::TlbMaintenance>(
     table: &mut mmu::PageTable<mmu::El2, A, T>,
     maps: &[Mapping],
@@ -157,7 +160,47 @@ pub fn build<A: mmu::FrameAllocator, T: mmu::TlbMaintenance>(
             )
             .map_err(|e| (*m, e))?;
     }
+    for region in execute_never_regions(maps) {
+        table
+            .set_table_attrs(region.base, region.size, mmu::TableAttrs::NO_EXEC_EL2)
+            .map_err(|e| {
+                let m = Mapping {
+                    name: "xn-table",
+                    region,
+                    access: Access::ReadWrite,
+                    memory: Memory::Normal,
+                };
+                (m, e)
+            })?;
+    }
     Ok(())
+}
+
+/// Span of the regions [`build`] makes execute-never with a table attribute: one level-1
+/// entry of the 39-bit table.
+pub const XN_TABLE_SPAN: u64 = 1 << 30;
+
+/// The [`XN_TABLE_SPAN`]-aligned regions that hold some mapping but no executable one,
+/// in ascending order.
+#[must_use]
+pub fn execute_never_regions(maps: &[Mapping]) -> Vec<PhysRange> {
+    let mut regions: Vec<u64> = Vec::new();
+    for m in maps.iter().filter(|m| m.region.size > 0) {
+        let first = m.region.base / XN_TABLE_SPAN;
+        let last = (m.region.end() - 1) / XN_TABLE_SPAN;
+        regions.extend(first..=last);
+    }
+    regions.sort_unstable();
+    regions.dedup();
+    regions
+        .into_iter()
+        .map(|r| PhysRange::new(r * XN_TABLE_SPAN, XN_TABLE_SPAN))
+        .filter(|r| {
+            !maps
+                .iter()
+                .any(|m| m.access == Access::ReadExecute && m.region.overlaps(r))
+        })
+        .collect()
 }
 
 const fn page_range(base: u64, end: u64) -> PhysRange {
@@ -440,6 +483,25 @@ mod tests {
         // Holes stay unmapped: below RAM and between the devices.
         assert!(table.translate(0x3000_0000).is_none());
         assert!(table.translate(0x0).is_none());
+        // The devices' GiB and the RAM's last GiB are execute-never as whole subtrees;
+        // the GiB holding the text is not.
+        use mmu::TableAttrs;
+        assert_eq!(table.table_attrs(0x0900_0000), TableAttrs::NO_EXEC_EL2);
+        assert_eq!(table.table_attrs(0x3000_0000), TableAttrs::NO_EXEC_EL2);
+        assert_eq!(table.table_attrs(0x8000_0000), TableAttrs::NO_EXEC_EL2);
+        assert_eq!(table.table_attrs(0xbfff_f000), TableAttrs::NO_EXEC_EL2);
+        assert_eq!(table.table_attrs(0x4020_0040), TableAttrs::empty());
+        assert_eq!(
+            execute_never_regions(&maps),
+            [PhysRange::new(0, 1 << 30), PhysRange::new(2 << 30, 1 << 30)]
+        );
+        // Later mappings there stay execute-never (the table attribute is held).
+        assert_eq!(
+            table
+                .table_attrs(0x0a00_0000)
+                .limit(Permissions::READ | Permissions::EXEC_EL2),
+            Permissions::READ
+        );
     }
 
     #[test]

@@ -561,6 +561,63 @@ fn thousand_cycles_with_real_mmu_tables_leak_no_frame() {
     assert_eq!(frames.total_allocated(), frames.total_freed());
 }
 
+/// The raw stage-2 descriptor that ends the walk of `ipa` in a table of heap frames.
+fn raw_descriptor(
+    t: &mmu::PageTable<mmu::Stage2, &'static mmu::testing::HeapFrames, mmu::testing::RecordingTlb>,
+    ipa: u64,
+) -> u64 {
+    let mut level = t.geometry().start_level();
+    let mut table = t.root_address();
+    loop {
+        let shift = 12 + 9 * (3 - u32::from(level));
+        let index = ((ipa >> shift)
+            & if table == t.root_address() {
+                u64::MAX
+            } else {
+                511
+            }) as usize;
+        // SAFETY: `table` is a live frame of `t`'s heap frames; `index` is within it.
+        let d = unsafe { mmu::testing::frame_ptr(table).add(index).read() };
+        if level == 3 || d & 0b11 != 0b11 {
+            return d;
+        }
+        table = d & 0x0000_ffff_ffff_f000;
+        level += 1;
+    }
+}
+
+/// Guest RAM is mapped with the contiguous hint (descriptor bit 52) on its aligned groups
+/// of 16 pages or 2 MiB blocks: a TLB may hold one entry for 64 KiB (32 MiB).
+#[test]
+fn guest_ram_uses_the_contiguous_hint() {
+    let (m, _) = mmu_manager(VmidBits::Eight);
+    for (mappings, step) in [
+        (Stage2Mappings::Pages, 0x1000),
+        (Stage2Mappings::Blocks, 0x20_0000),
+    ] {
+        let mut d = desc(0x5000_0000, 1);
+        d.memory[0].size = 0x40_0000;
+        d.stage2 = mappings;
+        let vm = m.create(d).expect("create");
+        let s2 = vm.stage2.lock();
+        let t = &s2.as_ref().expect("live").0;
+        let first = raw_descriptor(t, 0x4000_0000);
+        let hinted = first & (1 << 52) != 0;
+        // 4 MiB is 1024 pages (64 groups) but only two 2 MiB blocks (no group of 16).
+        assert_eq!(
+            hinted,
+            mappings == Stage2Mappings::Pages,
+            "{mappings:?}: {first:#x}"
+        );
+        assert_eq!(
+            raw_descriptor(t, 0x4000_0000 + 17 * step) & (1 << 52) != 0,
+            hinted
+        );
+        drop(s2);
+        m.destroy(vm.id).expect("destroy");
+    }
+}
+
 #[test]
 fn stage2_mappings_of_the_description_reach_the_table() {
     let (m, frames) = mmu_manager(VmidBits::Eight);
