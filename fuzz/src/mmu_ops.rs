@@ -12,8 +12,9 @@
 //! predicts; every leaf that changed was covered by an invalidation of this table's
 //! regime (and VMID or ASID). At the end, unmapping everything leaves only the root.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
+use mmu::testing::model::{runs_of, Model};
 use mmu::testing::{HeapFrames, RecordingTlb};
 use mmu::{
     Attributes, El1, El2, Error, MapFlags, MemoryType, PageTable, Permissions, Regime, Stage2,
@@ -359,86 +360,6 @@ fn covers(op: &TlbOp, va: u64, size: u64) -> bool {
     }
 }
 
-/// A maximal run of the model: end of its input range, output of its first byte,
-/// attributes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Seg {
-    end: u64,
-    out: u64,
-    attrs: Attributes,
-}
-
-/// The model: disjoint runs keyed by their first input address.
-#[derive(Clone, Debug, Default)]
-struct Model {
-    segs: BTreeMap<u64, Seg>,
-}
-
-impl Model {
-    /// Splits the run across `at`, if any, so that `at` is a boundary.
-    fn split(&mut self, at: u64) {
-        let found = self.segs.range(..at).next_back().map(|(&s, &g)| (s, g));
-        if let Some((start, seg)) = found {
-            if seg.end > at {
-                self.segs.insert(start, Seg { end: at, ..seg });
-                let out = seg.out + (at - start);
-                self.segs.insert(at, Seg { out, ..seg });
-            }
-        }
-    }
-
-    fn starts_in(&self, va: u64, end: u64) -> Vec<u64> {
-        self.segs.range(va..end).map(|(&s, _)| s).collect()
-    }
-
-    fn remove(&mut self, va: u64, end: u64) {
-        self.split(va);
-        self.split(end);
-        for s in self.starts_in(va, end) {
-            self.segs.remove(&s);
-        }
-    }
-
-    fn update(&mut self, va: u64, end: u64, f: impl Fn(Attributes) -> Attributes) {
-        self.split(va);
-        self.split(end);
-        for s in self.starts_in(va, end) {
-            if let Some(seg) = self.segs.get_mut(&s) {
-                seg.attrs = f(seg.attrs);
-            }
-        }
-    }
-
-    /// The first mapped input address in `[va, end)`.
-    fn first_mapped(&self, va: u64, end: u64) -> Option<u64> {
-        if let Some((_, seg)) = self.segs.range(..=va).next_back() {
-            if seg.end > va {
-                return Some(va);
-            }
-        }
-        self.segs.range(va..end).next().map(|(&s, _)| s)
-    }
-
-    /// Adjacent runs merged where contiguous with equal attributes.
-    fn canonical(&self) -> Vec<(u64, Seg)> {
-        canonical(self.segs.iter().map(|(&s, &g)| (s, g)))
-    }
-}
-
-fn canonical(it: impl Iterator<Item = (u64, Seg)>) -> Vec<(u64, Seg)> {
-    let mut v: Vec<(u64, Seg)> = Vec::new();
-    for (s, g) in it {
-        if let Some((ps, pg)) = v.last_mut() {
-            if pg.end == s && pg.attrs == g.attrs && pg.out + (s - *ps) == g.out {
-                pg.end = g.end;
-                continue;
-            }
-        }
-        v.push((s, g));
-    }
-    v
-}
-
 type Table<'f, R> = PageTable<R, &'f HeapFrames, RecordingTlb>;
 
 /// The table's leaves, in order.
@@ -447,18 +368,6 @@ fn leaves<R: Regime>(t: &Table<'_, R>) -> Vec<mmu::Mapping> {
     let walked = t.walk(0, t.geometry().input_size(), |m| v.push(*m));
     assert_eq!(walked, Ok(()), "walking the whole input space");
     v
-}
-
-/// The table's leaves as canonical runs.
-fn runs(leaves: &[mmu::Mapping]) -> Vec<(u64, Seg)> {
-    canonical(leaves.iter().map(|m| {
-        let seg = Seg {
-            end: m.va + m.size,
-            out: m.output,
-            attrs: m.attrs,
-        };
-        (m.va, seg)
-    }))
 }
 
 /// Reads descriptor `i` of the table frame at `pa`.
@@ -545,7 +454,11 @@ fn check<R: Tag>(regime: R, attrs: &[Attributes], ops: &[(Op, Option<usize>)], c
             (r, c) => panic!("{op:?} (budget {budget:?}): {r:?}, model conflict {c:?}"),
         }
         let after = leaves(&t);
-        assert_eq!(runs(&after), model.canonical(), "translations after {op:?}");
+        assert_eq!(
+            runs_of(&after),
+            model.canonical(),
+            "translations after {op:?}"
+        );
         for m in after.iter().step_by(61).take(40) {
             let tr = t
                 .translate(m.va + m.size / 2)
@@ -612,16 +525,7 @@ fn apply(model: &mut Model, op: Op, attrs: &[Attributes]) {
             out,
             attrs: a,
             ..
-        } => {
-            let end = va + pages * PAGE;
-            model.remove(va, end);
-            let seg = Seg {
-                end,
-                out,
-                attrs: attrs[a],
-            };
-            model.segs.insert(va, seg);
-        }
+        } => model.insert(va, va + pages * PAGE, out, attrs[a]),
         Op::Unmap { va, pages } => model.remove(va, va + pages * PAGE),
         Op::Protect {
             va,

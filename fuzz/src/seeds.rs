@@ -1,5 +1,5 @@
 //! The seed corpus of each target, written by `cargo xtask fuzz --seeds` (the `seeds`
-//! binary): a few inputs that reach the interesting paths from the start, so that a
+//! example): a few inputs that reach the interesting paths from the start, so that a
 //! short run on the committed corpus exercises them.
 
 use crate::mmu_ops::{self, Op};

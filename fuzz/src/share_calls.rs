@@ -97,7 +97,7 @@ pub fn run(data: &[u8]) {
                 let before = (w.snapshot(), w.ledger());
                 // vCPU 1 of vm1 is off: its calls are refused.
                 let vcpu = usize::from(by == 1 && r[1] & 0x80 != 0);
-                let out = w.m.share_call(&w.vms[by], vcpu, req);
+                let (out, _note) = w.m.share_call(&w.vms[by], vcpu, req);
                 if out[0] == 0 {
                     if matches!(req, Request::Give { .. }) {
                         assert_ne!(out[1], 0, "a zero handle");

@@ -9,7 +9,7 @@ use hypervisor::config::{self, HostDt, HostRanges, Stage2Mappings, VmDesc};
 use hypervisor::mem::layout::{GUEST_RAM, STAGING};
 use hypervisor::mem::{PhysRange, PAGE_SIZE};
 use hypervisor::vm::vmid::{Vmid, VmidBits, VmidFlush};
-use hypervisor::vm::{MmuStage2, S2Kind, Stage2Table, Vm, VmManager, VmStatus, IPA_BITS};
+use hypervisor::vm::{MmuStage2, S2Kind, Stage2Table, Vm, VmManager, IPA_BITS};
 use mmu::testing::HeapFrames;
 use mmu::{NoTlbMaintenance, Permissions};
 use vm_fdt::FdtWriter;
@@ -27,8 +27,22 @@ impl VmidFlush for Machine<'_> {
     fn flush_vmid(&mut self, _vmid: Vmid) {}
 }
 
+/// Guest memory, not modelled: scrubs and image copies do nothing.
+pub struct NoMemory;
+
+impl hypervisor::vm::GuestMemory for NoMemory {
+    fn zero(&self, _pa: u64, _len: u64) {}
+
+    fn copy(&self, _dst: u64, _src: u64, _len: u64) {}
+}
+
 impl<'f> hypervisor::vm::Backend for Machine<'f> {
     type S2 = S2<'f>;
+    type Mem = NoMemory;
+
+    fn memory(&self) -> NoMemory {
+        NoMemory
+    }
 
     fn new_stage2(&mut self, vmid: Vmid, mappings: Stage2Mappings) -> Result<S2<'f>, mmu::Error> {
         let regime = mmu::Stage2::new(vmid.get(), IPA_BITS)
@@ -44,10 +58,6 @@ impl<'f> hypervisor::vm::Backend for Machine<'f> {
     fn table_frames(&self) -> usize {
         self.frames.in_use()
     }
-
-    fn zero(&mut self, _pa: u64, _len: u64) {}
-
-    fn copy(&mut self, _dst: u64, _src: u64, _len: u64) {}
 }
 
 /// IPA of every VM's first RAM region.
@@ -222,7 +232,7 @@ impl<'f> World<'f> {
             Ok(vm) => vm,
             Err(e) => panic!("creating vm{slot}: {e}"),
         };
-        vm.psci.lock().take_pending(0);
+        vm.state.lock().psci.take_pending(0);
         vm
     }
 
@@ -234,9 +244,6 @@ impl<'f> World<'f> {
     /// When either fails.
     pub fn recreate(&mut self, slot: usize) {
         let vm = &self.vms[slot];
-        if vm.status() == VmStatus::Running {
-            *vm.status.lock() = VmStatus::Off;
-        }
         if let Err(e) = self.m.destroy(vm.id) {
             panic!("destroying vm{slot}: {e}");
         }
@@ -253,7 +260,7 @@ impl<'f> World<'f> {
         if let Err(e) = self.m.reset(self.vms[slot].id) {
             panic!("resetting vm{slot}: {e}");
         }
-        self.vms[slot].psci.lock().take_pending(0);
+        self.vms[slot].state.lock().psci.take_pending(0);
     }
 
     /// Every leaf of every VM's stage 2, to compare before and after a call.
@@ -507,9 +514,6 @@ impl<'f> World<'f> {
     /// When something leaked.
     pub fn finish(self) {
         for v in &self.vms {
-            if v.status() == VmStatus::Running {
-                *v.status.lock() = VmStatus::Off;
-            }
             if v.stage2.lock().is_some() {
                 assert_eq!(self.m.destroy(v.id), Ok(()), "destroying {}", v.desc.name);
             }

@@ -14,6 +14,11 @@
 
 extern crate alloc;
 
+/// The lock of state that several CPUs contend for (the VM manager, each VM, the
+/// memory-sharing ledger): a ticket lock, so CPUs get it in the order they asked and none
+/// starves while others take it in a loop (`docs/decisions.md`).
+pub(crate) type Lock<T> = spin::mutex::TicketMutex<T>;
+
 pub mod config;
 mod console;
 pub mod linux;

@@ -304,3 +304,119 @@ impl TlbMaintenance for RecordingTlb {
             .push((0..seq.ops().len()).map(|i| seq.leaf_level(i)).collect());
     }
 }
+
+/// What a table should translate, for tests that check a table against a model:
+/// disjoint runs of input addresses, each with the output of its first byte and its
+/// attributes. Compare [`Model::canonical`] with [`runs_of`] the table's leaves.
+pub mod model {
+    use super::{BTreeMap, Vec};
+    use crate::{Attributes, Mapping};
+
+    /// A maximal run: end of its input range, output of its first byte, attributes.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Seg {
+        /// First input address after the run.
+        pub end: u64,
+        /// Output address of the run's first byte.
+        pub out: u64,
+        /// Attributes of every page of the run.
+        pub attrs: Attributes,
+    }
+
+    /// Disjoint runs keyed by their first input address.
+    #[derive(Clone, Debug, Default)]
+    pub struct Model {
+        segs: BTreeMap<u64, Seg>,
+    }
+
+    impl Model {
+        /// Splits the run across `at`, if any, so that `at` is a boundary.
+        fn split(&mut self, at: u64) {
+            let found = self.segs.range(..at).next_back().map(|(&s, &g)| (s, g));
+            if let Some((start, seg)) = found {
+                if seg.end > at {
+                    self.segs.insert(start, Seg { end: at, ..seg });
+                    let out = seg.out + (at - start);
+                    self.segs.insert(at, Seg { out, ..seg });
+                }
+            }
+        }
+
+        fn starts_in(&self, va: u64, end: u64) -> Vec<u64> {
+            self.segs.range(va..end).map(|(&s, _)| s).collect()
+        }
+
+        /// Unmaps `[va, end)`.
+        pub fn remove(&mut self, va: u64, end: u64) {
+            self.split(va);
+            self.split(end);
+            for s in self.starts_in(va, end) {
+                self.segs.remove(&s);
+            }
+        }
+
+        /// Maps `[va, end)` to `out` with `attrs`, replacing what was there.
+        pub fn insert(&mut self, va: u64, end: u64, out: u64, attrs: Attributes) {
+            self.remove(va, end);
+            self.segs.insert(va, Seg { end, out, attrs });
+        }
+
+        /// Changes the attributes of what is mapped in `[va, end)` with `f`.
+        pub fn update(&mut self, va: u64, end: u64, f: impl Fn(Attributes) -> Attributes) {
+            self.split(va);
+            self.split(end);
+            for s in self.starts_in(va, end) {
+                if let Some(seg) = self.segs.get_mut(&s) {
+                    seg.attrs = f(seg.attrs);
+                }
+            }
+        }
+
+        /// The first mapped input address in `[va, end)`.
+        #[must_use]
+        pub fn first_mapped(&self, va: u64, end: u64) -> Option<u64> {
+            if let Some((_, seg)) = self.segs.range(..=va).next_back() {
+                if seg.end > va {
+                    return Some(va);
+                }
+            }
+            self.segs.range(va..end).next().map(|(&s, _)| s)
+        }
+
+        /// Canonical form: adjacent runs merged where contiguous with equal attributes.
+        #[must_use]
+        pub fn canonical(&self) -> Vec<(u64, Seg)> {
+            canonical(self.segs.iter().map(|(&s, &g)| (s, g)))
+        }
+    }
+
+    /// `runs` (in input order) with adjacent ones merged where contiguous with equal
+    /// attributes.
+    pub fn canonical(runs: impl Iterator<Item = (u64, Seg)>) -> Vec<(u64, Seg)> {
+        let mut v: Vec<(u64, Seg)> = Vec::new();
+        for (s, g) in runs {
+            if let Some((ps, pg)) = v.last_mut() {
+                if pg.end == s && pg.attrs == g.attrs && pg.out + (s - *ps) == g.out {
+                    pg.end = g.end;
+                    continue;
+                }
+            }
+            v.push((s, g));
+        }
+        v
+    }
+
+    /// A table's leaves (in input order) in canonical form, to compare with
+    /// [`Model::canonical`].
+    #[must_use]
+    pub fn runs_of(leaves: &[Mapping]) -> Vec<(u64, Seg)> {
+        canonical(leaves.iter().map(|m| {
+            let seg = Seg {
+                end: m.va + m.size,
+                out: m.output,
+                attrs: m.attrs,
+            };
+            (m.va, seg)
+        }))
+    }
+}

@@ -9,8 +9,9 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
+use mmu::testing::model::{runs_of, Model};
 use mmu::testing::{HeapFrames, RecordingTlb};
 use mmu::{
     Attributes, El1, El2, Error, MapFlags, PageTable, Regime, Stage2, SwBits, TableAttrs,
@@ -20,113 +21,12 @@ use proptest::prelude::*;
 
 use common::{el1_attrs, el2_attrs, op, s2_attrs, s2_xnx_attrs, Op, PAGE};
 
-/// A maximal run: input range, output of its first byte, attributes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Seg {
-    end: u64,
-    out: u64,
-    attrs: Attributes,
-}
-
-/// The model: disjoint segments keyed by start address.
-#[derive(Clone, Debug, Default)]
-struct Model {
-    segs: BTreeMap<u64, Seg>,
-}
-
-impl Model {
-    /// Splits segments so that `at` is a boundary.
-    fn split(&mut self, at: u64) {
-        let found = self.segs.range(..at).next_back().map(|(&s, &g)| (s, g));
-        if let Some((start, seg)) = found {
-            if seg.end > at {
-                self.segs.insert(start, Seg { end: at, ..seg });
-                self.segs.insert(
-                    at,
-                    Seg {
-                        out: seg.out + (at - start),
-                        ..seg
-                    },
-                );
-            }
-        }
-    }
-
-    fn starts_in(&self, va: u64, end: u64) -> Vec<u64> {
-        self.segs.range(va..end).map(|(&s, _)| s).collect()
-    }
-
-    fn remove(&mut self, va: u64, end: u64) {
-        self.split(va);
-        self.split(end);
-        for s in self.starts_in(va, end) {
-            self.segs.remove(&s);
-        }
-    }
-
-    fn insert(&mut self, va: u64, end: u64, out: u64, attrs: Attributes) {
-        self.remove(va, end);
-        self.segs.insert(va, Seg { end, out, attrs });
-    }
-
-    fn update(&mut self, va: u64, end: u64, f: impl Fn(Attributes) -> Attributes) {
-        self.split(va);
-        self.split(end);
-        for s in self.starts_in(va, end) {
-            if let Some(seg) = self.segs.get_mut(&s) {
-                seg.attrs = f(seg.attrs);
-            }
-        }
-    }
-
-    fn first_mapped(&self, va: u64, end: u64) -> Option<u64> {
-        if let Some((_, seg)) = self.segs.range(..=va).next_back() {
-            if seg.end > va {
-                return Some(va);
-            }
-        }
-        self.segs.range(va..end).next().map(|(&s, _)| s)
-    }
-
-    /// Canonical form: adjacent segments merged when contiguous with equal attributes.
-    fn canonical(&self) -> Vec<(u64, Seg)> {
-        canonical(self.segs.iter().map(|(&s, &g)| (s, g)))
-    }
-}
-
-fn canonical(it: impl Iterator<Item = (u64, Seg)>) -> Vec<(u64, Seg)> {
-    let mut v: Vec<(u64, Seg)> = Vec::new();
-    for (s, g) in it {
-        if let Some((ps, pg)) = v.last_mut() {
-            if pg.end == s && pg.attrs == g.attrs && pg.out + (s - *ps) == g.out {
-                pg.end = g.end;
-                continue;
-            }
-        }
-        v.push((s, g));
-    }
-    v
-}
-
 /// The leaves of the table as (va, level, output, attrs).
 fn leaves<R: Regime>(t: &PageTable<R, HeapFrames, RecordingTlb>) -> Vec<mmu::Mapping> {
     let mut v = Vec::new();
     t.walk(0, t.geometry().input_size(), |m| v.push(*m))
         .unwrap();
     v
-}
-
-fn segs_of(leaves: &[mmu::Mapping]) -> Vec<(u64, Seg)> {
-    canonical(leaves.iter().map(|m| {
-        (
-            m.va,
-            Seg {
-                end: m.va + m.size,
-                out: m.output,
-                attrs: m.attrs,
-            },
-        )
-    }))
 }
 
 /// Which TLB operations belong to this table, and whether `op` covers `[va, va+size)`
@@ -331,7 +231,7 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
         }
         let after = leaves(&t);
         assert_eq!(
-            segs_of(&after),
+            runs_of(&after),
             model.canonical(),
             "translations after {op:?}"
         );

@@ -1,6 +1,6 @@
-//! `cargo xtask fuzz`: the coverage-guided fuzz targets of `fuzz/` (cargo-fuzz, libFuzzer,
-//! nightly toolchain), and the short runs and Miri runs of `cargo xtask test`
-//! (docs/fuzzing.md).
+//! `cargo xtask fuzz`: the coverage-guided fuzz targets of `fuzz/` (cargo-fuzz, libFuzzer;
+//! AddressSanitizer with the nightly toolchain), and the short runs and Miri runs of
+//! `cargo xtask test` (docs/fuzzing.md).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -31,9 +31,6 @@ pub struct FuzzArgs {
     /// How long each target runs.
     #[arg(long, default_value_t = 600)]
     seconds: u64,
-    /// Parallel libFuzzer jobs per target.
-    #[arg(long, default_value_t = 1)]
-    jobs: u32,
     /// Rewrite the seed corpus (fuzz/corpus/<target>/seed-*) and run nothing.
     #[arg(long)]
     seeds: bool,
@@ -54,30 +51,77 @@ fn fuzz_dir() -> PathBuf {
     root().join("fuzz")
 }
 
-/// Checks that the nightly toolchain and cargo-fuzz are there (`scripts/setup --test`
-/// installs them).
-fn tools() -> Result<(), String> {
-    let ok = |args: &[&str]| {
-        Command::new("cargo")
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !ok(&["+nightly", "fuzz", "--version"]) {
-        return Err(
-            "the nightly toolchain or cargo-fuzz is missing: run scripts/setup --test".into(),
-        );
-    }
-    Ok(())
+fn succeeds(toolchain: Option<&str>, args: &[&str]) -> bool {
+    let mut c = cargo(toolchain, &root());
+    c.args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
-/// `cargo +nightly ...` in `dir`, without the variables of the stable cargo running
-/// the xtask (which would pin its toolchain).
-fn nightly(dir: &Path) -> Command {
+/// The toolchain the fuzz targets build with: nightly (AddressSanitizer) where the
+/// machine has it, otherwise the default one with no sanitizer (coverage-guided all the
+/// same: panics, overflow checks and invariants are what the targets look for).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Toolchain {
+    /// `cargo +nightly fuzz`, AddressSanitizer.
+    Nightly,
+    /// `cargo fuzz --sanitizer none` on the default toolchain.
+    Default,
+}
+
+impl Toolchain {
+    /// Nightly if it and cargo-fuzz run, else the default toolchain with cargo-fuzz.
+    ///
+    /// # Errors
+    ///
+    /// cargo-fuzz is not installed (`scripts/setup --test` installs it).
+    pub fn detect() -> Result<Self, String> {
+        if succeeds(Some("nightly"), &["fuzz", "--version"]) {
+            Ok(Self::Nightly)
+        } else if succeeds(None, &["fuzz", "--version"]) {
+            Ok(Self::Default)
+        } else {
+            Err("cargo-fuzz is missing: run scripts/setup --test".into())
+        }
+    }
+
+    fn name(self) -> Option<&'static str> {
+        match self {
+            Self::Nightly => Some("nightly"),
+            Self::Default => None,
+        }
+    }
+
+    /// How the targets are built, for the step titles.
+    #[must_use]
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Nightly => "nightly, AddressSanitizer",
+            Self::Default => "no nightly toolchain here: default toolchain, no sanitizer",
+        }
+    }
+
+    /// `cargo [+nightly] fuzz SUB` with the sanitizer choice.
+    fn fuzz(self, sub: &str) -> Command {
+        let mut c = cargo(self.name(), &fuzz_dir());
+        c.args(["fuzz", sub]);
+        if self == Self::Default {
+            c.args(["--sanitizer", "none"]);
+        }
+        c
+    }
+}
+
+/// `cargo [+toolchain] ...` in `dir`, without the variables of the cargo running the
+/// xtask (which would pin its toolchain).
+fn cargo(toolchain: Option<&str>, dir: &Path) -> Command {
     let mut c = Command::new("cargo");
-    c.arg("+nightly").current_dir(dir);
+    if let Some(t) = toolchain {
+        c.arg(format!("+{t}"));
+    }
+    c.current_dir(dir);
     for var in [
         "CARGO",
         "RUSTC",
@@ -99,38 +143,34 @@ fn status(mut c: Command, what: &str) -> Result<(), String> {
     }
 }
 
-/// Builds every target (instrumented, with debug assertions and AddressSanitizer).
+/// Builds every target (instrumented, with debug assertions).
 ///
 /// # Errors
 ///
 /// The build failed.
-pub fn build() -> Result<(), String> {
-    tools()?;
-    let mut c = nightly(&fuzz_dir());
-    c.args(["fuzz", "build"]);
-    status(c, "cargo +nightly fuzz build")
+pub fn build(toolchain: Toolchain) -> Result<(), String> {
+    status(toolchain.fuzz("build"), "cargo fuzz build")
 }
 
-/// Lints the fuzz crate (its own workspace) with the nightly clippy.
+/// Lints and checks the formatting of the fuzz crate (its own workspace).
 ///
 /// # Errors
 ///
 /// A lint fired.
-pub fn clippy() -> Result<(), String> {
-    tools()?;
-    let mut c = nightly(&fuzz_dir());
+pub fn clippy(toolchain: Toolchain) -> Result<(), String> {
+    let mut c = cargo(toolchain.name(), &fuzz_dir());
     c.args(["clippy", "--all-targets", "--", "-D", "warnings"]);
-    status(c, "cargo +nightly clippy in fuzz/")?;
-    let mut c = nightly(&fuzz_dir());
+    status(c, "cargo clippy in fuzz/")?;
+    let mut c = cargo(toolchain.name(), &fuzz_dir());
     c.args(["fmt", "--", "--check"]);
     status(c, "cargo fmt in fuzz/")
 }
 
 /// Writes the seed corpus.
 fn seeds() -> Result<(), String> {
-    let mut c = nightly(&fuzz_dir());
-    c.args(["run", "-q", "--bin", "seeds"]);
-    status(c, "the seeds binary")
+    let mut c = cargo(None, &fuzz_dir());
+    c.args(["run", "-q", "--example", "seeds"]);
+    status(c, "the seeds example")
 }
 
 /// Runs `target` for `seconds` on the committed corpus; new inputs go to
@@ -140,7 +180,12 @@ fn seeds() -> Result<(), String> {
 /// # Errors
 ///
 /// libFuzzer could not be run.
-pub fn run_target(target: &str, seconds: u64, jobs: u32, fresh: bool) -> Result<Counts, String> {
+pub fn run_target(
+    toolchain: Toolchain,
+    target: &str,
+    seconds: u64,
+    fresh: bool,
+) -> Result<Counts, String> {
     let dir = fuzz_dir();
     let scratch = dir.join("target/corpus").join(target);
     if fresh {
@@ -148,8 +193,8 @@ pub fn run_target(target: &str, seconds: u64, jobs: u32, fresh: bool) -> Result<
     }
     std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
     let committed = dir.join("corpus").join(target);
-    let mut c = nightly(&dir);
-    c.args(["fuzz", "run", target])
+    let mut c = toolchain.fuzz("run");
+    c.arg(target)
         .arg(&scratch)
         .arg(&committed)
         .arg("--")
@@ -157,10 +202,6 @@ pub fn run_target(target: &str, seconds: u64, jobs: u32, fresh: bool) -> Result<
         // An input that runs for 20 s is a hang: reported like a crash.
         .arg("-timeout=20")
         .arg("-print_final_stats=1");
-    if jobs > 1 {
-        c.arg(format!("-jobs={jobs}"))
-            .arg(format!("-workers={jobs}"));
-    }
     let out = c
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -222,12 +263,17 @@ fn files(dir: &Path) -> usize {
 /// # Errors
 ///
 /// A target crashed, hung or could not be run.
-pub fn run_all(targets: &[&str], seconds: u64, jobs: u32, fresh: bool) -> Result<(), String> {
+pub fn run_all(
+    toolchain: Toolchain,
+    targets: &[&str],
+    seconds: u64,
+    fresh: bool,
+) -> Result<(), String> {
     let mut failed = Vec::new();
     for t in targets {
         let start = Instant::now();
         let committed = files(&fuzz_dir().join("corpus").join(t));
-        let c = run_target(t, seconds, jobs, fresh)?;
+        let c = run_target(toolchain, t, seconds, fresh)?;
         eprintln!(
             "== fuzz {t}: {} inputs run in {:.0} s, corpus {} ({committed} committed), {} crashes",
             c.runs,
@@ -257,7 +303,6 @@ pub fn run_all(targets: &[&str], seconds: u64, jobs: u32, fresh: bool) -> Result
 ///
 /// What failed.
 pub fn run(args: &FuzzArgs) -> Result<ExitCode, String> {
-    tools()?;
     if args.seeds {
         seeds()?;
         return Ok(ExitCode::SUCCESS);
@@ -267,20 +312,27 @@ pub fn run(args: &FuzzArgs) -> Result<ExitCode, String> {
         Some(t) => return Err(format!("no fuzz target {t}: {}", TARGETS.join(", "))),
         None => TARGETS.to_vec(),
     };
-    build()?;
-    run_all(&targets, args.seconds, args.jobs, false)?;
+    let toolchain = Toolchain::detect()?;
+    eprintln!("xtask: fuzzing with {}", toolchain.describe());
+    build(toolchain)?;
+    run_all(toolchain, &targets, args.seconds, false)?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// The Miri runs of `cargo xtask test`: `mmu`'s unit tests and the integration tests
 /// that finish in minutes under the interpreter (the ones that map a GiB in pages and
 /// the property tests over random sequences do not; proptest cases are cut to 1).
-/// Returns how many tests passed.
+/// Returns how many tests passed, `None` when the machine has no nightly toolchain with
+/// Miri (rustup cannot fetch one everywhere; `scripts/setup --test` installs it where it
+/// can).
 ///
 /// # Errors
 ///
-/// Miri found undefined behaviour, a test failed, or Miri is missing.
-pub fn miri() -> Result<usize, String> {
+/// Miri found undefined behaviour or a test failed.
+pub fn miri() -> Result<Option<usize>, String> {
+    if !succeeds(Some("nightly"), &["miri", "--version"]) {
+        return Ok(None);
+    }
     let runs: [&[&str]; 2] = [
         &[
             "--lib",
@@ -309,7 +361,7 @@ pub fn miri() -> Result<usize, String> {
     ];
     let mut passed = 0;
     for args in runs {
-        let mut c = nightly(&root());
+        let mut c = cargo(Some("nightly"), &root());
         c.args(["miri", "test", "-p", "mmu"])
             .args(args)
             // proptest reads the working directory for its regression files.
@@ -318,7 +370,7 @@ pub fn miri() -> Result<usize, String> {
             .stderr(Stdio::inherit());
         let out = c
             .output()
-            .map_err(|e| format!("cannot run cargo miri ({e}): run scripts/setup --test"))?;
+            .map_err(|e| format!("cannot run cargo miri: {e}"))?;
         let text = String::from_utf8_lossy(&out.stdout);
         print!("{text}");
         if !out.status.success() {
@@ -333,5 +385,5 @@ pub fn miri() -> Result<usize, String> {
             .filter_map(|l| l.split(' ').next()?.parse::<usize>().ok())
             .sum::<usize>();
     }
-    Ok(passed)
+    Ok(Some(passed))
 }

@@ -97,6 +97,11 @@ pub struct VmNode {
     pub stage2: Option<Stage2Mappings>,
     /// `abort-policy` (the hypervisor's default when `None`).
     pub abort_policy: Option<AbortPolicy>,
+    /// `sharing-max-owned`: live memory-sharing transactions the VM may own (the
+    /// hypervisor's default when `None`).
+    pub sharing_max_owned: Option<u32>,
+    /// `sharing-max-received`: live transactions any one other VM may address to it.
+    pub sharing_max_received: Option<u32>,
 }
 
 impl VmNode {
@@ -117,6 +122,8 @@ impl VmNode {
             devices: Vec::new(),
             stage2: None,
             abort_policy: None,
+            sharing_max_owned: None,
+            sharing_max_received: None,
         }
     }
 
@@ -156,6 +163,12 @@ impl VmNode {
         }
         if let Some(p) = self.abort_policy {
             n.set_str("abort-policy", p.as_str());
+        }
+        if let Some(max) = self.sharing_max_owned {
+            n.set_u32s("sharing-max-owned", &[max]);
+        }
+        if let Some(max) = self.sharing_max_received {
+            n.set_u32s("sharing-max-received", &[max]);
         }
         n
     }
@@ -259,5 +272,14 @@ mod tests {
         let d = parsed_by_the_hypervisor(&inject);
         assert_eq!(d.abort, hypervisor::config::AbortPolicy::Inject);
         assert_eq!(d.stage2, hypervisor::config::Stage2Mappings::Blocks);
+        assert_eq!(d.sharing, hypervisor::config::SharingLimits::default());
+        inject.sharing_max_owned = Some(2);
+        inject.sharing_max_received = Some(5);
+        let d = parsed_by_the_hypervisor(&inject);
+        assert_eq!(
+            (d.sharing.owned, d.sharing.received),
+            (2, 5),
+            "sharing limits"
+        );
     }
 }

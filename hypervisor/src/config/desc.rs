@@ -73,6 +73,33 @@ pub enum Stage2Mappings {
     Pages,
 }
 
+/// How many memory-sharing transactions a VM may take part in at a time
+/// (`sharing-max-owned`, `sharing-max-received`; `docs/vms.md`, `docs/hypercalls.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharingLimits {
+    /// Live transactions the VM may own (`SHARE`/`LEND` beyond it: `NO_MEMORY`).
+    pub owned: u32,
+    /// Live transactions any one other VM may address to this VM (beyond it: `BUSY`):
+    /// one owner cannot fill the VM's view for the others.
+    pub received: u32,
+}
+
+impl SharingLimits {
+    /// Default of both limits.
+    pub const DEFAULT: u32 = 16;
+    /// Largest value either limit may be given.
+    pub const MAX: u32 = 256;
+}
+
+impl Default for SharingLimits {
+    fn default() -> Self {
+        Self {
+            owned: Self::DEFAULT,
+            received: Self::DEFAULT,
+        }
+    }
+}
+
 /// One VM, as described.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmDesc {
@@ -106,6 +133,8 @@ pub struct VmDesc {
     /// Host DT paths of the devices in `passthrough-devices` (what a generated guest DTB
     /// describes).
     pub devices: Vec<String>,
+    /// Memory-sharing limits.
+    pub sharing: SharingLimits,
 }
 
 impl VmDesc {
@@ -204,6 +233,17 @@ impl<'a> Node<'a> {
         self.get(name)
             .map(|v| u64s(v).ok_or_else(|| self.err(what)))
             .transpose()
+    }
+
+    /// A property of one 32-bit cell, at most `max`.
+    fn one_u32(&self, name: &str, max: u32, what: &'static str) -> Result<Option<u32>, DescError> {
+        let Some(bytes) = self.get(name) else {
+            return Ok(None);
+        };
+        match u32s(bytes).as_deref() {
+            Some(&[v]) if v <= max => Ok(Some(v)),
+            _ => Err(self.err(what)),
+        }
     }
 
     fn one_u64(&self, name: &str, what: &'static str) -> Result<Option<u64>, DescError> {
@@ -426,7 +466,25 @@ fn parse_vm(
             return Err(node.err("vuart must be a free, page-aligned IPA"));
         }
     }
+    let defaults = SharingLimits::default();
+    let sharing = SharingLimits {
+        owned: node
+            .one_u32(
+                "sharing-max-owned",
+                SharingLimits::MAX,
+                "sharing-max-owned must be one 32-bit cell, at most 256",
+            )?
+            .unwrap_or(defaults.owned),
+        received: node
+            .one_u32(
+                "sharing-max-received",
+                SharingLimits::MAX,
+                "sharing-max-received must be one 32-bit cell, at most 256",
+            )?
+            .unwrap_or(defaults.received),
+    };
     Ok(VmDesc {
+        sharing,
         name,
         cpus,
         memory,
@@ -618,6 +676,34 @@ pub(crate) mod tests {
         assert_eq!(vms[0].vuart, Some(0x0900_0000));
         assert_eq!(vms[1].boot_x0(), 1);
         assert_eq!(vms[0].ram_size(), 0x10_0000);
+        assert_eq!(vms[0].sharing, SharingLimits::default());
+    }
+
+    #[test]
+    fn sharing_limits() {
+        let p = with(
+            with(vm_props(0x5000_0000, 1), "sharing-max-owned", cells32(&[3])),
+            "sharing-max-received",
+            cells32(&[0]),
+        );
+        let vms = parse(&dtb(&[("a", p)])).expect("valid");
+        assert_eq!(
+            vms[0].sharing,
+            SharingLimits {
+                owned: 3,
+                received: 0
+            }
+        );
+        for (key, bad) in [
+            ("sharing-max-owned", cells32(&[257])),
+            ("sharing-max-owned", cells32(&[1, 2])),
+            ("sharing-max-received", cells64(&[1])),
+            ("sharing-max-received", vec![0, 1]),
+            ("sharing-max-received", vec![]),
+        ] {
+            let what = rejected(with(vm_props(0x5000_0000, 1), key, bad));
+            assert!(what.starts_with(key), "{what}");
+        }
     }
 
     #[test]

@@ -19,7 +19,9 @@ pub mod devices;
 pub mod dtb;
 mod hardware;
 
-pub use desc::{parse, AbortPolicy, GuestRegion, HostRanges, Image, Stage2Mappings, VmDesc};
+pub use desc::{
+    parse, AbortPolicy, GuestRegion, HostRanges, Image, SharingLimits, Stage2Mappings, VmDesc,
+};
 pub use dtb::HostDt;
 pub use hardware::{find_path, Hardware, PsciConduit};
 

@@ -1,10 +1,12 @@
 //! The `log` backend: one line per record, `[seconds LEVEL cpuN] message`, written to the
-//! console under a lock so lines from different CPUs never mix.
+//! console under a lock (a fair one: CPUs print in the order they asked) so lines from
+//! different CPUs never mix.
 
 use core::fmt::{self, Write};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
-use spin::Mutex;
+
+use crate::Lock as Mutex;
 
 /// What the logger needs from the platform.
 pub trait LogContext: Sync + Send {
@@ -59,6 +61,11 @@ impl<P: LogContext> Logger<P> {
     /// Gives the logger its console.
     pub fn attach(&self, console: P::Console) {
         *self.console.lock() = Some(console);
+    }
+
+    /// Runs `f` on the console, if one is attached.
+    pub fn with_console<R>(&self, f: impl FnOnce(&mut P::Console) -> R) -> Option<R> {
+        self.console.lock().as_mut().map(f)
     }
 
     /// Whether a console is attached.

@@ -312,6 +312,7 @@ mod tests {
             bootargs: Some("console=ttyAMA0".into()),
             arg: 0,
             abort: AbortPolicy::Stop,
+            sharing: crate::config::SharingLimits::default(),
             stage2: crate::config::Stage2Mappings::Pages,
             vuart: None,
             passthrough: vec![],

@@ -9,6 +9,7 @@ use log::LevelFilter;
 use super::cpu::cpu_index;
 use super::pl011::Pl011;
 use crate::console::logger::{self, Logger};
+use crate::console::tx::BoundedTx;
 
 /// The hardware side of the logger: CPU index from `TPIDR_EL2` (set by the boot code),
 /// time from the generic timer.
@@ -17,7 +18,7 @@ pub(super) struct LogClock;
 static BOOT_TICKS: AtomicU64 = AtomicU64::new(0);
 
 impl logger::LogContext for LogClock {
-    type Console = Pl011;
+    type Console = BoundedTx<Pl011>;
 
     fn cpu(&self) -> usize {
         cpu_index()
@@ -34,6 +35,16 @@ impl logger::LogContext for LogClock {
 
 pub(super) static LOGGER: Logger<LogClock> = Logger::new(LogClock, LevelFilter::Info);
 
+/// Microseconds since boot (the log's time stamps).
+pub(super) fn micros() -> u64 {
+    logger::LogContext::micros(&LogClock)
+}
+
+/// Bytes the console dropped because the UART did not take them in time.
+pub(super) fn dropped_bytes() -> u64 {
+    LOGGER.with_console(|c| c.dropped()).unwrap_or(0)
+}
+
 /// Starts the time stamps of the log (the generic timer's count now is time 0).
 pub(super) fn start_clock() {
     BOOT_TICKS.store(CNTPCT_EL0.get(), Ordering::Relaxed);
@@ -41,7 +52,7 @@ pub(super) fn start_clock() {
 
 /// Sends the log to `uart` from now on.
 pub(super) fn attach(uart: Pl011) {
-    LOGGER.attach(uart);
+    LOGGER.attach(BoundedTx::new(uart));
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(LOGGER.level());
     }

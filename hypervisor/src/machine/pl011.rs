@@ -1,8 +1,8 @@
 //! Minimal PL011 UART transmitter (ARM PrimeCell UART PL011 TRM, DDI 0183: UARTDR at
 //! 0x000, UARTFR at 0x018 with TXFF = bit 5). The baud rate and line settings are left as
-//! the firmware (QEMU) set them.
+//! the firmware (QEMU) set them. The waiting (bounded) is `crate::console::tx`'s.
 
-use core::fmt;
+use crate::console::tx::TxFifo;
 
 const DR: usize = 0x000;
 const FR: usize = 0x018;
@@ -26,27 +26,16 @@ impl Pl011 {
     pub const unsafe fn new(base: usize) -> Self {
         Self { base }
     }
-
-    /// Sends one byte, waiting while the transmit FIFO is full.
-    pub fn write_byte(&mut self, byte: u8) {
-        // SAFETY: `new`'s contract makes base + FR and base + DR valid device registers.
-        unsafe {
-            while ((self.base + FR) as *const u32).read_volatile() & FR_TXFF != 0 {
-                core::hint::spin_loop();
-            }
-            ((self.base + DR) as *mut u32).write_volatile(u32::from(byte));
-        }
-    }
 }
 
-impl fmt::Write for Pl011 {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        for b in s.bytes() {
-            if b == b'\n' {
-                self.write_byte(b'\r');
-            }
-            self.write_byte(b);
-        }
-        Ok(())
+impl TxFifo for Pl011 {
+    fn full(&self) -> bool {
+        // SAFETY: `new`'s contract makes base + FR a valid device register.
+        unsafe { ((self.base + FR) as *const u32).read_volatile() & FR_TXFF != 0 }
+    }
+
+    fn put(&mut self, byte: u8) {
+        // SAFETY: `new`'s contract makes base + DR a valid device register.
+        unsafe { ((self.base + DR) as *mut u32).write_volatile(u32::from(byte)) };
     }
 }

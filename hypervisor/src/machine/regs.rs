@@ -13,7 +13,7 @@ use core::arch::asm;
 use aarch64_cpu::asm::barrier;
 use aarch64_cpu::registers::{
     Readable, Writeable, ELR_EL1, ESR_EL1, FAR_EL1, ICC_SRE_EL2, ID_AA64MMFR0_EL1,
-    ID_AA64MMFR1_EL1, ID_AA64PFR0_EL1, MIDR_EL1, SPSR_EL1, VBAR_EL1,
+    ID_AA64MMFR1_EL1, ID_AA64PFR0_EL1, MIDR_EL1, SCTLR_EL1, SPSR_EL1, VBAR_EL1,
 };
 
 use crate::vcpu::cpu_state::{El2Controls, IdRegs, PmuPolicy};
@@ -298,6 +298,11 @@ pub fn leave_guest_context() {
 /// The guest's `VBAR_EL1`.
 pub fn vbar_el1() -> u64 {
     VBAR_EL1.get()
+}
+
+/// The guest's `SCTLR_EL1`.
+pub fn sctlr_el1() -> u64 {
+    SCTLR_EL1.get()
 }
 
 /// Writes the guest's `ESR_EL1`, `FAR_EL1`, `ELR_EL1`, `SPSR_EL1` (abort injection).

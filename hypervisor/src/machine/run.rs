@@ -24,7 +24,7 @@ use crate::vcpu::schedule::{self, RunEnd, Start};
 use crate::vcpu::{self, GuestEl1, Next, VcpuCtx};
 use crate::vm::vmid::{Vmid, VmidBits, VmidFlush};
 use crate::vm::vuart::LineSink;
-use crate::vm::{Backend, MmuStage2, Stage2Config, Vm, VmManager, IPA_BITS};
+use crate::vm::{Backend, GuestMemory, MmuStage2, Stage2Config, Vm, VmManager, IPA_BITS};
 
 static MANAGER: Once<VmManager<MachineBackend>> = Once::new();
 /// The CPU that ends the run.
@@ -58,8 +58,31 @@ impl VmidFlush for MachineBackend {
     }
 }
 
+/// Guest RAM as the machine reaches it: through the hypervisor's identity map.
+struct MachineMemory;
+
+impl GuestMemory for MachineMemory {
+    fn zero(&self, pa: u64, len: u64) {
+        // SAFETY: the manager only passes guest RAM it has claimed (checked against
+        // GUEST_RAM), which the hypervisor's stage 1 maps read/write, and that no vCPU can
+        // reach at the time (`GuestMemory`).
+        unsafe { boot::zero_and_clean(pa, len) };
+    }
+
+    fn copy(&self, dst: u64, src: u64, len: u64) {
+        // SAFETY: `src` is in the staging range and `dst` in the VM's RAM (checked by the
+        // manager); both are mapped, and they do not overlap.
+        unsafe { boot::copy_and_clean(dst, src, len) };
+    }
+}
+
 impl Backend for MachineBackend {
     type S2 = MachineStage2;
+    type Mem = MachineMemory;
+
+    fn memory(&self) -> MachineMemory {
+        MachineMemory
+    }
 
     fn new_stage2(
         &mut self,
@@ -77,18 +100,6 @@ impl Backend for MachineBackend {
     fn table_frames(&self) -> usize {
         self.frames.pool().lock().in_use()
     }
-
-    fn zero(&mut self, pa: u64, len: u64) {
-        // SAFETY: the manager only passes guest RAM it owns (checked against GUEST_RAM),
-        // which the hypervisor's stage 1 maps read/write; no vCPU of the VM runs.
-        unsafe { boot::zero_and_clean(pa, len) };
-    }
-
-    fn copy(&mut self, dst: u64, src: u64, len: u64) {
-        // SAFETY: `src` is in the staging range and `dst` in the VM's RAM (checked by the
-        // manager); both are mapped, and they do not overlap.
-        unsafe { boot::copy_and_clean(dst, src, len) };
-    }
 }
 
 /// Prints the virtual UART's lines through the logger: `[name] text`.
@@ -98,6 +109,14 @@ impl LineSink for ConsoleLines {
     fn line(&mut self, name: &str, text: &str) {
         log::info!("[{name}] {text}");
     }
+
+    fn event(&mut self, level: log::Level, args: core::fmt::Arguments<'_>) {
+        log::log!(level, "{args}");
+    }
+
+    fn micros(&self) -> u64 {
+        super::console::micros()
+    }
 }
 
 /// The running guest's EL1 exception registers.
@@ -106,6 +125,10 @@ struct MachineEl1;
 impl GuestEl1 for MachineEl1 {
     fn vbar(&self) -> u64 {
         regs::vbar_el1()
+    }
+
+    fn sctlr(&self) -> u64 {
+        regs::sctlr_el1()
     }
 
     fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64) {
@@ -337,28 +360,55 @@ fn run_cpu(cpu: usize) -> ! {
         idle_forever(cpu)
     };
     loop {
-        // Off until a CPU_ON starts this vCPU (or the VM ends).
-        park_off(cpu, || {
-            has_work(cpu) || vm.status() != crate::vm::VmStatus::Running
-        });
-        let (entry, context) = loop {
-            match schedule::next_start(&vm, index) {
-                Start::Enter { entry, context } => break (entry, context),
-                Start::Wait => aarch64_cpu::asm::wfe(),
-                // The VM is finished; this CPU has nothing left to run.
-                Start::Done => idle_forever(cpu),
+        // Off until a CPU_ON or a reset starts this vCPU (or the VM ends).
+        park_off(cpu, || schedule::should_wake(&vm, index));
+        let (entry, context) = match schedule::next_start(&vm, index) {
+            Start::Enter { entry, context } => (entry, context),
+            // CPU 0 cannot go off: it waits for an event (every exit of a vCPU and every
+            // reset sends one).
+            Start::Wait => {
+                aarch64_cpu::asm::wfe();
+                continue;
             }
+            // The VM is finished; this CPU has nothing left to run.
+            Start::Done => idle_forever(cpu),
         };
-        log::info!("VM {}: vCPU {index} starts at {entry:#x}", vm.desc.name);
-        vm.enter();
+        // A guest may start and stop vCPUs in a loop: within the VM's budget of lines.
+        vm.log(
+            &mut ConsoleLines,
+            log::Level::Info,
+            format_args!("VM {}: vCPU {index} starts at {entry:#x}", vm.desc.name),
+        );
         run_vcpu(manager, &vm, index, entry, context);
         regs::leave_guest_context();
-        if let Some(ok) = schedule::vcpu_left(manager, &vm) {
+        let outcome = schedule::vcpu_left(manager, &vm);
+        // A CPU_ON or the reset this CPU just made may have made vCPUs runnable.
+        wake_pending(&vm);
+        if let Some(ok) = outcome {
             finish(ok);
         }
     }
 }
 
+/// Wakes the CPUs of `vm`'s vCPUs that have a start pending (parked ones by PSCI, CPU 0
+/// by an event, sent only then: a CPU waiting in `WFE` wakes for a start, not for every
+/// exit of every vCPU).
+fn wake_pending(vm: &Vm<MachineStage2>) {
+    let mut any = false;
+    for cpu in schedule::pending_starts(vm) {
+        any = true;
+        if let Some(i) = cpu_index_of(u64::from(cpu)) {
+            wake(i);
+        }
+    }
+    if any {
+        // The start was published under the VM's lock before this; the woken CPU takes
+        // the same lock to read it.
+        aarch64_cpu::asm::sev();
+    }
+}
+
+/// Runs vCPU `index` (counted loaded by its start) until it stops.
 fn run_vcpu(
     manager: &VmManager<MachineBackend>,
     vm: &Arc<Vm<MachineStage2>>,
@@ -372,10 +422,13 @@ fn run_vcpu(
         .unwrap_or(0);
     regs::enter_guest_context(vm.vttbr, vtcr, index as u64);
     let mut regs = boot::GuestRegs::new(entry, ctx);
-    loop {
+    // Checked before every entry, the first one too: another vCPU may have powered the
+    // VM off, reset or stopped it since the start was taken (the VM itself cannot be
+    // torn down while this vCPU is loaded); the CPU then backs out without entering.
+    while vm.runs(index) {
         // SAFETY: HCR_EL2, VTCR_EL2 and VTTBR_EL2 were just set up for this VM, whose
-        // stage 2 maps only its own RAM and pass-through devices; its EL1 registers are
-        // reset; interrupts are masked at EL2.
+        // stage 2 maps only its own RAM and pass-through devices and stays alive while
+        // this vCPU is loaded; its EL1 registers are reset; interrupts are masked at EL2.
         let exit = unsafe { boot::enter_guest(&mut regs) };
         let mut ctx = VcpuCtx {
             x: &mut regs.x,
@@ -392,12 +445,7 @@ fn run_vcpu(
             &mut |req| manager.share_call(vm, index, req),
         );
         // A CPU_ON may have made another vCPU runnable.
-        aarch64_cpu::asm::sev();
-        for cpu in schedule::pending_starts(vm) {
-            if let Some(i) = cpu_index_of(u64::from(cpu)) {
-                wake(i);
-            }
-        }
+        wake_pending(vm);
         match next {
             Next::Resume => {}
             Next::Stop => return,
@@ -405,12 +453,6 @@ fn run_vcpu(
                 "VM {}: an error that may reach beyond the VM",
                 vm.desc.name
             )),
-            Next::Reset => {
-                if let Err(e) = manager.reset(vm.id) {
-                    log::error!("VM {}: reset failed: {e}", vm.desc.name);
-                }
-                return;
-            }
         }
     }
 }
@@ -422,10 +464,22 @@ fn finish(ok: bool) -> ! {
         park();
     }
     let frames = FRAMES.get().map_or(0, |p| p.lock().in_use());
+    let dropped = super::console::dropped_bytes();
+    if dropped > 0 {
+        log::warn!("console: {dropped} byte(s) dropped (the UART did not take them in time)");
+    }
     log::info!(
         "page-table frames in use: {frames} ({} before the VMs were created)",
         FRAMES_BEFORE_VMS.load(Ordering::SeqCst)
     );
+    if let Some(m) = MANAGER.get() {
+        let (free, total, _, vmids) = m.accounting();
+        log::info!(
+            "guest RAM free: {} of {} KiB; VMIDs in use: {vmids}",
+            free / 1024,
+            total / 1024
+        );
+    }
     if ok {
         log::info!("twostage: all VMs done: success");
         power_off()

@@ -106,8 +106,11 @@ impl From<boot::Exit> for Exit {
 
 /// Builds the `ESR_EL1` value for a synchronous external abort injected into the guest as
 /// if its own access had failed: EC 0x25/0x24 (data abort, same/lower EL) or 0x21/0x20
-/// (instruction abort), IL = 1, DFSC/IFSC = 0b010000 (synchronous external abort, not on
-/// a table walk), WnR copied for data aborts (Arm ARM D24.2.40, ESR_EL1).
+/// (instruction abort), DFSC/IFSC = 0b010000 (synchronous external abort, not on a table
+/// walk), WnR copied for data aborts (Arm ARM D24.2.40, ESR_EL1). IL is the trapped
+/// instruction's (`ESR_EL2.IL`): 0 for a 16-bit T32 load or store at AArch32 EL0, 1
+/// otherwise (instruction aborts always report 1). An abort from EL0, AArch64 or AArch32,
+/// is a lower-EL abort to EL1.
 #[must_use]
 pub fn injected_abort_esr(abort: &Abort, from_el0: bool) -> u64 {
     let class = match (abort.instruction, from_el0) {
@@ -117,7 +120,12 @@ pub fn injected_abort_esr(abort: &Abort, from_el0: bool) -> u64 {
         (true, true) => ExceptionClass::InstructionAbortLower,
     };
     let wnr = if abort.write { 1 << 6 } else { 0 };
-    (u64::from(class.ec()) << 26) | (1 << 25) | wnr | 0x10
+    let il = if abort.instruction || abort.esr.il() {
+        1 << 25
+    } else {
+        0
+    };
+    (u64::from(class.ec()) << 26) | il | wnr | 0x10
 }
 
 #[cfg(test)]
@@ -234,5 +242,17 @@ mod tests {
         };
         assert_eq!(injected_abort_esr(&i, false) >> 26, 0x21);
         assert_eq!(injected_abort_esr(&i, false) & (1 << 6), 0);
+        // A 16-bit T32 store at AArch32 EL0 (ESR_EL2.IL = 0): IL = 0 in ESR_EL1 too.
+        let Exit::Abort(t16) = decode((0x24 << 26) | (1 << 6) | 0x07, 0, 0) else {
+            panic!()
+        };
+        let e = injected_abort_esr(&t16, true);
+        assert_eq!(e & (1 << 25), 0, "IL from the trapped instruction: {e:#x}");
+        assert_eq!(e >> 26, 0x24);
+        // An instruction abort reports IL = 1 whatever.
+        let Exit::Abort(ia) = decode(0x20 << 26 | 0x07, 0, 0) else {
+            panic!()
+        };
+        assert_ne!(injected_abort_esr(&ia, true) & (1 << 25), 0);
     }
 }

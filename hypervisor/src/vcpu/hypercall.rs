@@ -330,7 +330,10 @@ mod tests {
         );
         assert_eq!(
             call(&mut ps, &[0xC600_0015]),
-            Outcome::Share(Request::Query { handle: 0 })
+            Outcome::Share(Request::Query {
+                handle: 0,
+                owner: 0
+            })
         );
         // DONATE is not offered, nor 32-bit forms of the calls.
         for fid in [0xC600_0016u64, 0x8600_0010, 0xC600_0017, 0xC600_000F] {
@@ -345,8 +348,23 @@ mod tests {
         ps.take_pending(0);
         assert_eq!(x0(call(&mut ps, &[0xC400_0003, 1, 0x9000_0000, 5])), -9);
         assert_eq!(x0(call(&mut ps, &[0xC400_0003, 7, 0x4000_1000, 5])), -2);
+        assert_eq!(
+            x0(call(&mut ps, &[0xC400_0003, 1, 0x4000_1002, 5])),
+            -9,
+            "unaligned entry"
+        );
+        assert_eq!(x0(call(&mut ps, &[0xC400_0004, 1, 0])), 1, "still off");
         assert_eq!(x0(call(&mut ps, &[0xC400_0003, 1, 0x4000_1000, 5])), 0);
-        assert_eq!(x0(call(&mut ps, &[0xC400_0004, 1, 0])), 2);
+        assert_eq!(
+            x0(call(&mut ps, &[0xC400_0004, 1, 0])),
+            0,
+            "ON from the successful CPU_ON on, before the target's CPU takes the start"
+        );
+        assert_eq!(
+            x0(call(&mut ps, &[0xC400_0003, 1, 0x4000_2000, 6])),
+            -4,
+            "a second CPU_ON to a pending target is ALREADY_ON"
+        );
         assert_eq!(ps.take_pending(1), Some((0x4000_1000, 5)));
         assert_eq!(x0(call(&mut ps, &[0xC400_0004, 1, 0])), 0);
         // 32-bit CPU_ON truncates its arguments.

@@ -12,8 +12,7 @@ pub mod schedule;
 
 use crate::config::AbortPolicy;
 use crate::mem::PAGE_SIZE;
-use crate::vm::psci::PowerState;
-use crate::vm::share::Request;
+use crate::vm::share::{Note, Request};
 use crate::vm::vuart::LineSink;
 use crate::vm::{Stage2Table, Vm, VmStatus};
 use core::sync::atomic::Ordering;
@@ -38,6 +37,11 @@ pub trait GuestEl1 {
     fn vbar(&self) -> u64;
     /// Writes `ESR_EL1`, `FAR_EL1`, `ELR_EL1` and `SPSR_EL1`.
     fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64);
+    /// `SCTLR_EL1` (its SPAN and DSSBS bits shape PSTATE on exception entry). Provided:
+    /// SPAN set, DSSBS clear, as on a CPU without FEAT_PAN and FEAT_SSBS.
+    fn sctlr(&self) -> u64 {
+        SCTLR_SPAN
+    }
     /// The EL2 controls this CPU runs guests with.
     ///
     /// The provided methods describe a CPU without PMU, RAS or any other optional
@@ -101,28 +105,42 @@ fn sysreg<S>(
 }
 
 /// Handles an SError taken from the guest (`cpu_state::serror`).
-fn serror<S>(vm: &Vm<S>, esr: boot::esr::Esr, el1: &mut impl GuestEl1) -> Next {
+fn serror<S>(
+    vm: &Vm<S>,
+    esr: boot::esr::Esr,
+    el1: &mut impl GuestEl1,
+    sink: &mut impl LineSink,
+) -> Next {
     use cpu_state::serror::{decide, Action};
     let iss = esr.bits() & 0x1ff_ffff;
     match decide(iss, el1.has_ras(), vm.desc.abort) {
+        // A guest may cause these in a loop: within the VM's budget of lines.
         Action::Resume => {
-            log::warn!(
-                "VM {}: corrected error (SError, ESR {:#x})",
-                vm.desc.name,
-                esr.bits()
+            vm.log(
+                sink,
+                log::Level::Warn,
+                format_args!(
+                    "VM {}: corrected error (SError, ESR {:#x})",
+                    vm.desc.name,
+                    esr.bits()
+                ),
             );
             Next::Resume
         }
         Action::Inject { vsesr } => {
-            log::warn!(
-                "VM {}: SError (ESR {:#x}) injected as a virtual SError",
-                vm.desc.name,
-                esr.bits()
+            vm.log(
+                sink,
+                log::Level::Warn,
+                format_args!(
+                    "VM {}: SError (ESR {:#x}) injected as a virtual SError",
+                    vm.desc.name,
+                    esr.bits()
+                ),
             );
             el1.inject_serror(vsesr);
             Next::Resume
         }
-        Action::StopVm => stop_vm(vm, format_args!("SError (ESR {:#x})", esr.bits())),
+        Action::StopVm => stop_vm_flushed(vm, sink, format_args!("SError (ESR {:#x})", esr.bits())),
         Action::Fatal => {
             log::error!(
                 "VM {}: uncontainable SError (ESR {:#x}): the machine stops",
@@ -139,16 +157,80 @@ fn serror<S>(vm: &Vm<S>, esr: boot::esr::Esr, el1: &mut impl GuestEl1) -> Next {
 pub enum Next {
     /// Enter the guest again.
     Resume,
-    /// This vCPU is off (CPU_OFF, VM powered off or stopped): wait for a CPU_ON.
+    /// This vCPU is off (CPU_OFF, VM powered off, reset or stopped): leave the guest
+    /// ([`crate::vm::Vm::leave`] says whether this CPU now destroys or resets the VM)
+    /// and wait for a start.
     Stop,
-    /// The VM asked for `SYSTEM_RESET`: reset it, then wait for vCPU 0's restart.
-    Reset,
     /// An error that may reach beyond this VM (an uncontainable SError): end the run.
     Fatal,
 }
 
 /// PSTATE for an exception taken to EL1h with D, A, I, F masked (SPSR M\[3:0\] = 0b0101).
 pub const PSTATE_EL1H_MASKED: u64 = 0x3c5;
+
+/// AArch64 SPSR/PSTATE bits (Arm ARM C5.2.18, SPSR_EL2 for an exception from AArch64).
+mod spsr64 {
+    /// N, Z, C, V \[31:28\].
+    pub const NZCV: u64 = 0xf << 28;
+    /// DIT \[24\].
+    pub const DIT: u64 = 1 << 24;
+    /// PAN \[22\].
+    pub const PAN: u64 = 1 << 22;
+    /// SSBS \[12\].
+    pub const SSBS: u64 = 1 << 12;
+    /// M\[4\] (nRW): the exception came from AArch32.
+    pub const NRW: u64 = 1 << 4;
+}
+
+/// AArch32 SPSR bits that hold the same PSTATE fields at other places (Arm ARM C5.2.18,
+/// SPSR_EL2 for an exception from AArch32): DIT \[21\]; PAN \[22\] and NZCV \[31:28\]
+/// are where AArch64 has them.
+const SPSR32_DIT: u64 = 1 << 21;
+
+/// `SCTLR_EL1.SPAN` \[23\]: 0 sets PSTATE.PAN on an exception to EL1 (RES1 without
+/// FEAT_PAN, so nothing changes on such a CPU).
+const SCTLR_SPAN: u64 = 1 << 23;
+/// `SCTLR_EL1.DSSBS` \[44\]: the PSTATE.SSBS value on an exception to EL1.
+const SCTLR_DSSBS: u64 = 1 << 44;
+
+/// Where an exception from the guest state `spsr` (as `SPSR_EL2` holds it) enters
+/// `VBAR_EL1`, and whether it comes from EL0 (Arm ARM D1.10.2, "Exception vectors"):
+/// current EL with SP_EL0 0x000, current EL with SP_ELx 0x200, lower EL in AArch64
+/// 0x400, lower EL in AArch32 0x600 (+0 for a synchronous exception).
+#[must_use]
+pub const fn vector_offset(spsr: u64) -> (u64, bool) {
+    if spsr & spsr64::NRW != 0 {
+        // AArch32 state is only possible at EL0 (HCR_EL2.RW makes EL1 AArch64).
+        return (0x600, true);
+    }
+    match spsr & 0xf {
+        0b0100 => (0x000, false), // EL1t
+        0b0101 => (0x200, false), // EL1h
+        _ => (0x400, true),       // EL0t
+    }
+}
+
+/// PSTATE on taking an exception to EL1h from guest state `spsr` (Arm ARM D1.10.4,
+/// "PSTATE on exception entry", `AArch64.TakeException`): AArch64, EL1 with SP_EL1,
+/// D, A, I, F masked; N, Z, C, V and DIT kept (DIT read from bit 21 when the exception
+/// came from AArch32); PAN kept, and set if `SCTLR_EL1.SPAN` is 0; SSBS =
+/// `SCTLR_EL1.DSSBS`; SS, IL, UAO, BTYPE and everything else 0.
+#[must_use]
+pub const fn exception_pstate(spsr: u64, sctlr: u64) -> u64 {
+    let aarch32 = spsr & spsr64::NRW != 0;
+    let mut new = PSTATE_EL1H_MASKED | (spsr & (spsr64::NZCV | spsr64::PAN));
+    let dit = if aarch32 { SPSR32_DIT } else { spsr64::DIT };
+    if spsr & dit != 0 {
+        new |= spsr64::DIT;
+    }
+    if sctlr & SCTLR_SPAN == 0 {
+        new |= spsr64::PAN;
+    }
+    if sctlr & SCTLR_DSSBS != 0 {
+        new |= spsr64::SSBS;
+    }
+    new
+}
 
 fn access_name(a: &Abort) -> &'static str {
     if a.instruction {
@@ -160,18 +242,27 @@ fn access_name(a: &Abort) -> &'static str {
     }
 }
 
-/// Marks `vm` failed and every vCPU off, with one log line naming it, what happened and
+/// Marks `vm` failed and every vCPU off, then logs one line naming it, what happened and
 /// the ESR.
 pub fn stop_vm<S>(vm: &Vm<S>, what: core::fmt::Arguments<'_>) -> Next {
+    vm.state.lock().finish(VmStatus::Failed);
     log::error!("VM {} stopped: {}", vm.desc.name, what);
-    *vm.status.lock() = VmStatus::Failed;
-    vm.psci.lock().all_off();
     Next::Stop
 }
 
-/// Runs a memory-sharing call for the calling vCPU and returns x0..x3
+/// [`stop_vm`], after printing what the VM's console still holds.
+fn stop_vm_flushed<S>(
+    vm: &Vm<S>,
+    sink: &mut impl LineSink,
+    what: core::fmt::Arguments<'_>,
+) -> Next {
+    vm.flush_console(sink);
+    stop_vm(vm, what)
+}
+
+/// Runs a memory-sharing call for the calling vCPU and returns x0..x3 and what to log
 /// (`crate::vm::VmManager::share_call`).
-pub type ShareCall<'a> = dyn FnMut(Request) -> [u64; 4] + 'a;
+pub type ShareCall<'a> = dyn FnMut(Request) -> ([u64; 4], Note) + 'a;
 
 /// Handles one exit of vCPU `vcpu` of `vm`; memory-sharing calls go to `share`.
 pub fn handle_exit<S: Stage2Table>(
@@ -184,12 +275,12 @@ pub fn handle_exit<S: Stage2Table>(
     share: &mut ShareCall<'_>,
 ) -> Next {
     // Another vCPU may have powered the VM off, reset or stopped it meanwhile.
-    if vm.status() != VmStatus::Running || vm.psci.lock().state(vcpu) != Some(PowerState::On) {
+    if !vm.runs(vcpu) {
         return Next::Stop;
     }
     match Exit::from(exit) {
         Exit::Interrupt => Next::Resume,
-        Exit::SError { esr } => serror(vm, esr, el1),
+        Exit::SError { esr } => serror(vm, esr, el1, sink),
         Exit::Hvc { .. } => hypercall(vm, vcpu, ctx, sink, share, el1),
         Exit::Smc { .. } => {
             // A trapped SMC returns to the SMC itself (preferred return address).
@@ -206,8 +297,9 @@ pub fn handle_exit<S: Stage2Table>(
             _ => None,
         }
         .unwrap_or_else(|| {
-            stop_vm(
+            stop_vm_flushed(
                 vm,
+                sink,
                 format_args!(
                     "unhandled exit, EC {:#x}: {} (ESR {:#x}, PC {:#x})",
                     esr.class().ec(),
@@ -238,8 +330,22 @@ fn hypercall<S>(
         spectre: el1.controls().spectre,
     };
     let outcome = {
-        let mut psci = vm.psci.lock();
-        hypercall::dispatch(&x, &caller, &mut psci, |ipa| vm.is_ram(ipa, 4))
+        let mut st = vm.state.lock();
+        if !st.runs(vcpu) {
+            // Powered off, reset or stopped by another vCPU since the exit was taken.
+            return Next::Stop;
+        }
+        let outcome = hypercall::dispatch(&x, &caller, &mut st.psci, |ipa| vm.is_ram(ipa, 4));
+        // The VM-wide calls change the VM's state in the same step as the check above:
+        // of two vCPUs racing SYSTEM_OFF and SYSTEM_RESET, one wins whole.
+        match outcome {
+            Outcome::SystemOff => st.finish(VmStatus::Off),
+            Outcome::SystemReset => {
+                st.request_reset();
+            }
+            _ => {}
+        }
+        outcome
     };
     match outcome {
         Outcome::Return(r) => {
@@ -247,23 +353,28 @@ fn hypercall<S>(
             Next::Resume
         }
         Outcome::Share(req) => {
-            // The VM's PSCI lock is released: the call takes the manager's lock, this
-            // one again, then the transaction table's.
-            ctx.x[..4].copy_from_slice(&share(req));
+            // The VM's state lock is released: the call takes the manager's lock, then
+            // the transaction table's. Its log line is printed once both are released.
+            let (regs, note) = share(req);
+            ctx.x[..4].copy_from_slice(&regs);
+            note.log(vm, sink, &req, regs[0]);
             Next::Resume
         }
         Outcome::CpuOff => Next::Stop,
         Outcome::SystemOff => {
-            vm.uart.lock().flush(&vm.desc.name, sink);
+            vm.flush_console(sink);
             log::info!("VM {} powered off", vm.desc.name);
-            *vm.status.lock() = VmStatus::Off;
-            vm.psci.lock().all_off();
             Next::Stop
         }
         Outcome::SystemReset => {
-            vm.uart.lock().flush(&vm.desc.name, sink);
-            log::info!("VM {} reset", vm.desc.name);
-            Next::Reset
+            vm.flush_console(sink);
+            // A guest may reset in a loop: within the VM's budget.
+            vm.log(
+                sink,
+                log::Level::Info,
+                format_args!("VM {} reset", vm.desc.name),
+            );
+            Next::Stop
         }
     }
 }
@@ -276,7 +387,9 @@ fn stage2_abort<S: Stage2Table>(
     sink: &mut impl LineSink,
 ) -> Next {
     if let (Some(base), Some(syn)) = (vm.desc.vuart, abort.syndrome) {
-        if !abort.instruction && abort.ipa >= base && abort.ipa - base < PAGE_SIZE {
+        // A fault on the guest's own stage-1 table walk (S1PTW) at the device's IPA is
+        // not an access to the device: the abort policy handles it.
+        if !abort.instruction && !abort.s1ptw && abort.ipa >= base && abort.ipa - base < PAGE_SIZE {
             let offset = abort.ipa - base;
             let bits = u64::from(syn.size) * 8;
             let mask = if bits == 64 {
@@ -287,7 +400,11 @@ fn stage2_abort<S: Stage2Table>(
             let reg = usize::from(syn.reg);
             if abort.write {
                 let value = if reg == 31 { 0 } else { ctx.x[reg] & mask };
-                vm.uart.lock().write(offset, value, &vm.desc.name, sink);
+                // The line is printed after the UART's lock is released.
+                let line = vm.uart.lock().write(offset, value);
+                if let Some(line) = line {
+                    vm.guest_line(line.as_str(), sink);
+                }
             } else if reg != 31 {
                 let mut value = vm.uart.lock().read(offset) & mask;
                 if syn.sign_extend && bits < 64 && value & (1 << (bits - 1)) != 0 {
@@ -315,8 +432,9 @@ fn stage2_abort<S: Stage2Table>(
     // read-only). The fault status says which (ESR_EL2.ISS.DFSC/IFSC, Arm ARM D24.2.41).
     let unmapped = if abort.unmapped() { "unmapped " } else { "" };
     match vm.desc.abort {
-        AbortPolicy::Stop => stop_vm(
+        AbortPolicy::Stop => stop_vm_flushed(
             vm,
+            sink,
             format_args!(
                 "{what} of {unmapped}IPA {:#x} (ESR {:#x}, {})",
                 abort.ipa,
@@ -325,12 +443,17 @@ fn stage2_abort<S: Stage2Table>(
             ),
         ),
         AbortPolicy::Inject => {
-            log::warn!(
-                "VM {}: injected abort for {what} of {unmapped}IPA {:#x} (ESR {:#x}, {})",
-                vm.desc.name,
-                abort.ipa,
-                abort.esr.bits(),
-                abort.status
+            // A guest may fault in a loop: within the VM's budget of lines.
+            vm.log(
+                sink,
+                log::Level::Warn,
+                format_args!(
+                    "VM {}: injected abort for {what} of {unmapped}IPA {:#x} (ESR {:#x}, {})",
+                    vm.desc.name,
+                    abort.ipa,
+                    abort.esr.bits(),
+                    abort.status
+                ),
             );
             inject_abort(ctx, abort, el1);
             Next::Resume
@@ -349,21 +472,51 @@ fn mapped_now<S: Stage2Table>(vm: &Vm<S>, ipa: u64) -> bool {
 }
 
 /// Makes the vCPU take a synchronous external abort at EL1 for `abort`: the EL1 exception
-/// registers as the architecture would set them (Arm ARM D1.10 "Exception entry") and the
-/// PC at the vector `VBAR_EL1` + 0x200 (from EL1 with SP_ELx), + 0x000 (EL1 with SP_EL0)
-/// or + 0x400 (from EL0, AArch64).
+/// registers as the architecture would set them (Arm ARM D1.10 "Exception entry":
+/// `ESR_EL1`, `FAR_EL1`, `ELR_EL1` = the faulting instruction, `SPSR_EL1` = the state it
+/// ran in), PSTATE per [`exception_pstate`], and the PC at the vector
+/// [`vector_offset`] picks: EL1 with SP_EL0 or SP_EL1, or EL0 in AArch64 or AArch32.
 pub fn inject_abort(ctx: &mut VcpuCtx<'_>, abort: &Abort, el1: &mut impl GuestEl1) {
-    let mode = *ctx.pstate & 0xf;
-    let from_el0 = mode == 0;
-    let offset = match mode {
-        0b0101 => 0x200,
-        0b0100 => 0x000,
-        _ => 0x400,
-    };
+    let (offset, from_el0) = vector_offset(*ctx.pstate);
     let esr = exit::injected_abort_esr(abort, from_el0);
     el1.set_exception(esr, abort.far, *ctx.pc, *ctx.pstate);
     *ctx.pc = el1.vbar().wrapping_add(offset);
-    *ctx.pstate = PSTATE_EL1H_MASKED;
+    *ctx.pstate = exception_pstate(*ctx.pstate, el1.sctlr());
+}
+
+/// Fakes of what the machine gives [`handle_exit`], for tests that need none of it.
+#[cfg(test)]
+pub(crate) mod fakes {
+    /// A guest whose EL1 registers read 0 and ignore writes.
+    pub struct NoEl1;
+
+    impl super::GuestEl1 for NoEl1 {
+        fn vbar(&self) -> u64 {
+            0
+        }
+        fn sctlr(&self) -> u64 {
+            0
+        }
+        fn set_exception(&mut self, _: u64, _: u64, _: u64, _: u64) {}
+    }
+
+    /// A console that drops every line, at time 0.
+    pub struct NoLines;
+
+    impl super::LineSink for NoLines {
+        fn line(&mut self, _: &str, _: &str) {}
+        fn event(&mut self, _: log::Level, _: core::fmt::Arguments<'_>) {}
+        fn micros(&self) -> u64 {
+            0
+        }
+    }
+
+    /// The exit of an `HVC #0` from AArch64.
+    pub const HVC_EXIT: boot::Exit = boot::Exit::Sync {
+        esr: boot::esr::Esr::from_bits((0x16 << 26) | (1 << 25)),
+        far: 0,
+        hpfar: 0,
+    };
 }
 
 #[cfg(test)]
@@ -376,6 +529,7 @@ mod tests {
     #[derive(Default)]
     struct El1 {
         vbar: u64,
+        sctlr: u64,
         set: Option<(u64, u64, u64, u64)>,
         /// The CPU's ID registers (default: none of the optional features).
         id: cpu_state::IdRegs,
@@ -386,6 +540,9 @@ mod tests {
     impl GuestEl1 for El1 {
         fn vbar(&self) -> u64 {
             self.vbar
+        }
+        fn sctlr(&self) -> u64 {
+            self.sctlr
         }
         fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64) {
             self.set = Some((esr, far, elr, spsr));
@@ -410,11 +567,19 @@ mod tests {
         }
     }
 
+    /// The guest lines printed, the time (microseconds) the sink reports, and the lines
+    /// about VMs printed.
     #[derive(Default)]
-    struct Lines(Vec<String>);
+    struct Lines(Vec<String>, u64, Vec<String>);
     impl LineSink for Lines {
         fn line(&mut self, name: &str, text: &str) {
             self.0.push(format!("[{name}] {text}"));
+        }
+        fn event(&mut self, _: log::Level, args: core::fmt::Arguments<'_>) {
+            self.2.push(args.to_string());
+        }
+        fn micros(&self) -> u64 {
+            self.1
         }
     }
 
@@ -445,7 +610,9 @@ mod tests {
                 pc: &mut self.pc,
                 pstate: &mut self.pstate,
             };
-            handle_exit(vm, vcpu, &mut ctx, e, el1, out, &mut |_| [u64::MAX; 4])
+            handle_exit(vm, vcpu, &mut ctx, e, el1, out, &mut |_| {
+                ([u64::MAX; 4], Note::None)
+            })
         }
     }
 
@@ -474,7 +641,7 @@ mod tests {
     fn vuart_write_and_flag_read() {
         let m = manager();
         let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
-        vm.psci.lock().take_pending(0);
+        vm.state.lock().psci.take_pending(0);
         let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
         for b in b"ok\n" {
             cpu.x[5] = u64::from(*b) | 0x100;
@@ -504,7 +671,7 @@ mod tests {
     fn hvc_and_smc_calls() {
         let m = manager();
         let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
-        vm.psci.lock().take_pending(0);
+        vm.state.lock().psci.take_pending(0);
         vm.enter();
         let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
         cpu.x[0] = 0xC600_0001;
@@ -532,7 +699,7 @@ mod tests {
             cpu.exit(&vm, 0, boot::Exit::Irq, &mut el1, &mut out),
             Next::Stop
         );
-        assert!(vm.leave());
+        assert_eq!(vm.leave(), crate::vm::Leave::Destroy);
         assert_eq!(m.outcome(), None, "idle but not destroyed yet");
         m.destroy(vm.id).expect("destroy");
         assert_eq!(m.outcome(), Some(true));
@@ -543,8 +710,8 @@ mod tests {
         let m = manager();
         let a = m.create(desc(0x5000_0000, 1)).expect("a");
         let b = m.create(desc(0x5010_0000, 2)).expect("b");
-        a.psci.lock().take_pending(0);
-        b.psci.lock().take_pending(0);
+        a.state.lock().psci.take_pending(0);
+        b.state.lock().psci.take_pending(0);
         let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
         let n = cpu.exit(
             &a,
@@ -555,12 +722,12 @@ mod tests {
         );
         assert_eq!(n, Next::Stop);
         assert_eq!(a.status(), VmStatus::Failed);
-        assert_eq!(a.psci.lock().running(), 0);
+        assert_eq!(a.state.lock().psci.running(), 0);
         assert_eq!(b.status(), VmStatus::Running);
         assert_eq!(el1.set, None);
         m.destroy(a.id).expect("destroy a");
         assert_eq!(m.outcome(), None, "the other VM still runs");
-        *b.status.lock() = VmStatus::Off;
+        b.state.lock().status = VmStatus::Off;
         m.destroy(b.id).expect("destroy b");
         assert_eq!(
             m.outcome(),
@@ -575,10 +742,11 @@ mod tests {
         let mut d = desc(0x5000_0000, 1);
         d.abort = AbortPolicy::Inject;
         let vm = m.create(d).expect("vm");
-        vm.psci.lock().take_pending(0);
+        vm.state.lock().psci.take_pending(0);
         let (mut cpu, mut out) = (Cpu::new(), Lines::default());
         let mut el1 = El1 {
             vbar: 0x4000_8000,
+            sctlr: SCTLR_SPAN,
             ..El1::default()
         };
         cpu.pstate = 0x345; // EL1h, I and F masked, some flags
@@ -617,7 +785,7 @@ mod tests {
         let mut d = desc(0x5000_0000, 1);
         d.cpus.push(2);
         let vm = m.create(d).expect("vm");
-        vm.psci.lock().take_pending(0);
+        vm.state.lock().psci.take_pending(0);
         let (mut c0, mut c1, mut el1, mut out) =
             (Cpu::new(), Cpu::new(), El1::default(), Lines::default());
         c0.x[..4].copy_from_slice(&[0xC400_0003, 1, 0x4000_2000, 9]);
@@ -626,7 +794,7 @@ mod tests {
             Next::Resume
         );
         assert_eq!(c0.x[0], 0);
-        assert_eq!(vm.psci.lock().take_pending(1), Some((0x4000_2000, 9)));
+        assert_eq!(vm.state.lock().psci.take_pending(1), Some((0x4000_2000, 9)));
         c1.x[0] = 0xC600_0001;
         c1.exit(&vm, 1, sync(HVC, 0), &mut el1, &mut out);
         assert_eq!(c1.x[3], 1, "vCPU index");
@@ -635,11 +803,14 @@ mod tests {
             c1.exit(&vm, 1, sync(HVC, 0), &mut el1, &mut out),
             Next::Stop
         );
-        assert_eq!(vm.psci.lock().state(1), Some(PowerState::Off));
+        assert_eq!(
+            vm.state.lock().psci.state(1),
+            Some(crate::vm::psci::PowerState::Off)
+        );
         c0.x[0] = 0x8400_0009;
         assert_eq!(
             c0.exit(&vm, 0, sync(HVC, 0), &mut el1, &mut out),
-            Next::Reset
+            Next::Stop
         );
     }
 
@@ -650,7 +821,7 @@ mod tests {
         // access that faulted then finds the page mapped again and runs once more.
         let m = manager();
         let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
-        vm.psci.lock().take_pending(0);
+        vm.state.lock().psci.take_pending(0);
         let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
         let n = cpu.exit(
             &vm,
@@ -676,7 +847,7 @@ mod tests {
     fn unexpected_exits_stop_the_vm() {
         let m = manager();
         let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
-        vm.psci.lock().take_pending(0);
+        vm.state.lock().psci.take_pending(0);
         let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
         assert_eq!(
             cpu.exit(&vm, 0, boot::Exit::Irq, &mut el1, &mut out),
@@ -686,13 +857,215 @@ mod tests {
         assert_eq!(vm.status(), VmStatus::Failed);
         // Even the UART needs a valid syndrome: without ISV it is an abort.
         let vm2 = m.create(desc(0x5010_0000, 2)).expect("vm2");
-        vm2.psci.lock().take_pending(0);
+        vm2.state.lock().psci.take_pending(0);
         let no_isv = (0x24 << 26) | (1 << 25) | (1 << 6) | 0x07;
         assert_eq!(
             cpu.exit(&vm2, 0, sync(no_isv, 0x0900_0000), &mut el1, &mut out),
             Next::Stop
         );
         assert!(out.0.is_empty());
+    }
+
+    /// Every guest state an abort can come from lands at its own vector with the
+    /// syndrome of its EL, and PSTATE as the architecture sets it.
+    #[test]
+    fn injection_from_each_el_and_execution_state() {
+        let m = manager();
+        let mut d = desc(0x5000_0000, 1);
+        d.abort = AbortPolicy::Inject;
+        let vm = m.create(d).expect("vm");
+        vm.state.lock().psci.take_pending(0);
+        // (SPSR_EL2 of the guest, vector offset, ESR_EL1.EC of a data abort)
+        let nzcv = 0xa000_0000;
+        for (spsr, offset, ec) in [
+            (nzcv | 0x3c5, 0x200, 0x25), // EL1h
+            (nzcv | 0x3c4, 0x000, 0x25), // EL1t
+            (nzcv, 0x400, 0x24),         // EL0t, AArch64
+            (nzcv | 0x10, 0x600, 0x24),  // User mode, AArch32 (A32)
+            (nzcv | 0x30, 0x600, 0x24),  // User mode, AArch32, T32 (T bit 5)
+        ] {
+            let (mut cpu, mut out) = (Cpu::new(), Lines::default());
+            let mut el1 = El1 {
+                vbar: 0x4000_8000,
+                sctlr: SCTLR_SPAN,
+                ..El1::default()
+            };
+            cpu.pstate = spsr;
+            let n = cpu.exit(
+                &vm,
+                0,
+                sync(dabt(true, 1, 2), 0x7000_0010),
+                &mut el1,
+                &mut out,
+            );
+            assert_eq!(n, Next::Resume);
+            assert_eq!(cpu.pc, 0x4000_8000 + offset, "SPSR {spsr:#x}");
+            let (esr, _, elr, saved) = el1.set.expect("injected");
+            assert_eq!(esr >> 26, ec, "SPSR {spsr:#x}");
+            assert_eq!((elr, saved), (0x4000_1000, spsr));
+            assert_eq!(cpu.pstate, nzcv | 0x3c5, "NZCV kept, EL1h, DAIF masked");
+        }
+    }
+
+    #[test]
+    fn pstate_on_exception_entry() {
+        // PAN kept if SPAN = 1, set if SPAN = 0.
+        assert_eq!(exception_pstate(1 << 22, SCTLR_SPAN), 0x3c5 | 1 << 22);
+        assert_eq!(exception_pstate(0, 0), 0x3c5 | 1 << 22);
+        assert_eq!(exception_pstate(0, SCTLR_SPAN), 0x3c5);
+        // DIT from bit 24 (AArch64) or bit 21 (AArch32).
+        assert_eq!(exception_pstate(1 << 24, SCTLR_SPAN), 0x3c5 | 1 << 24);
+        assert_eq!(
+            exception_pstate(0x10 | 1 << 21, SCTLR_SPAN),
+            0x3c5 | 1 << 24
+        );
+        assert_eq!(exception_pstate(1 << 21, SCTLR_SPAN), 0x3c5, "bit 21 is SS");
+        // SSBS from SCTLR_EL1.DSSBS; SS (21), IL (20), BTYPE, UAO and the mode cleared.
+        assert_eq!(
+            exception_pstate(1 << 12 | 1 << 20 | 0xc00 | 1 << 23, SCTLR_SPAN),
+            0x3c5
+        );
+        assert_eq!(
+            exception_pstate(0, SCTLR_SPAN | SCTLR_DSSBS),
+            0x3c5 | 1 << 12
+        );
+    }
+
+    /// A stage-1 table walk that faults on the virtual UART's page is the guest's page
+    /// tables pointing at the device, not an access to it: never emulated.
+    #[test]
+    fn a_stage_1_walk_fault_on_the_uart_is_an_abort() {
+        let m = manager();
+        for policy in [AbortPolicy::Stop, AbortPolicy::Inject] {
+            let mut d = desc(
+                0x5000_0000 + u64::from(policy == AbortPolicy::Inject) * 0x10_0000,
+                1,
+            );
+            d.abort = policy;
+            let vm = m.create(d).expect("vm");
+            vm.state.lock().psci.take_pending(0);
+            let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+            cpu.x[5] = u64::from(b'x');
+            // A write with a valid syndrome, S1PTW = 1.
+            let esr = dabt(true, 5, 0) | 1 << 7;
+            let n = cpu.exit(&vm, 0, sync(esr, 0x0900_0000), &mut el1, &mut out);
+            vm.flush_console(&mut out);
+            assert!(out.0.is_empty(), "nothing printed: {:?}", out.0);
+            match policy {
+                AbortPolicy::Stop => {
+                    assert_eq!(n, Next::Stop);
+                    assert_eq!(vm.status(), VmStatus::Failed);
+                }
+                AbortPolicy::Inject => {
+                    assert_eq!(n, Next::Resume);
+                    assert!(el1.set.is_some(), "abort injected");
+                    assert_eq!(cpu.pc, 0x200, "VBAR_EL1 0 + current EL SPx");
+                }
+            }
+        }
+    }
+
+    /// The lines the rate-limit reports say were not printed.
+    fn dropped_reported(events: &[String]) -> u64 {
+        events
+            .iter()
+            .filter(|l| l.ends_with("not printed (console rate limit)"))
+            .flat_map(|l| {
+                // "VM x: N line(s) ..." or "VM x: G guest line(s) and E line(s) ...".
+                let words: Vec<&str> = l.split(' ').collect();
+                words
+                    .windows(2)
+                    .filter(|w| w[1] == "line(s)" || w[1] == "guest")
+                    .filter_map(|w| w[0].parse::<u64>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    }
+
+    /// A guest printing 1000 lines in 0.1 s gets its burst printed and the rest counted;
+    /// the count is printed with the next line let through.
+    #[test]
+    fn a_flooding_guest_is_rate_limited() {
+        let m = manager();
+        let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
+        vm.state.lock().psci.take_pending(0);
+        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+        for i in 0..1000u64 {
+            out.1 = 1_000_000 + i * 100;
+            for b in b"spam\n" {
+                cpu.x[5] = u64::from(*b);
+                cpu.exit(
+                    &vm,
+                    0,
+                    sync(dabt(true, 5, 0), 0x0900_0000),
+                    &mut el1,
+                    &mut out,
+                );
+            }
+        }
+        let (burst, rate) = crate::console::limit::VmConsole::GUEST;
+        let printed = out.0.len() as u64;
+        assert!(
+            printed >= u64::from(burst) && printed <= u64::from(burst + rate / 10 + 1),
+            "{printed} lines printed"
+        );
+        vm.flush_console(&mut out);
+        assert_eq!(
+            printed + dropped_reported(&out.2),
+            1000,
+            "every line printed or counted: {:?}",
+            out.2
+        );
+    }
+
+    /// 1000 SHARE + RECLAIM pairs through the exit path: the lines about them are held
+    /// to the VM's budget, not 2000 console lines.
+    #[test]
+    fn a_thousand_share_reclaim_pairs_are_rate_limited() {
+        let m = manager();
+        let a = m.create(desc(0x5000_0000, 1)).expect("a");
+        let b = m.create(desc(0x5010_0000, 2)).expect("b");
+        a.state.lock().psci.take_pending(0);
+        b.state.lock().psci.take_pending(0);
+        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+        let hvc = |cpu: &mut Cpu, out: &mut Lines, el1: &mut El1, regs: &[u64]| {
+            cpu.x[..regs.len()].copy_from_slice(regs);
+            let mut ctx = VcpuCtx {
+                x: &mut cpu.x,
+                pc: &mut cpu.pc,
+                pstate: &mut cpu.pstate,
+            };
+            handle_exit(&a, 0, &mut ctx, sync(HVC, 0), el1, out, &mut |req| {
+                m.share_call(&a, 0, req)
+            });
+            cpu.x[..2].try_into().map_or([0, 0], |r: [u64; 2]| r)
+        };
+        for i in 0..1000u64 {
+            out.1 = 1_000_000 + i * 1000;
+            let [r, handle] = hvc(
+                &mut cpu,
+                &mut out,
+                &mut el1,
+                &[0xC600_0010, 0x4000_0000, 1, 1, 1],
+            );
+            assert_eq!(r, 0, "SHARE {i}");
+            let [r, _] = hvc(&mut cpu, &mut out, &mut el1, &[0xC600_0014, handle]);
+            assert_eq!(r, 0, "RECLAIM {i}");
+        }
+        let (burst, rate) = crate::console::limit::VmConsole::EVENTS;
+        // 1 s of calls: at most the burst and one second's refill were printed.
+        let printed = out.2.iter().filter(|l| l.contains(" handle ")).count() as u64;
+        assert!(
+            printed <= u64::from(burst + rate + 1),
+            "{printed} lines printed"
+        );
+        a.flush_console(&mut out);
+        assert_eq!(printed + dropped_reported(&out.2), 2000, "{:?}", out.2);
+        assert_eq!(
+            b.console.lock().events.take_dropped(),
+            0,
+            "b's budget is its own"
+        );
     }
 
     fn serror(iss: u64) -> boot::Exit {
@@ -725,7 +1098,7 @@ mod tests {
         let mut d = desc(0x5000_0000, 1);
         d.abort = AbortPolicy::Inject;
         let vm = m.create(d).expect("vm");
-        vm.psci.lock().take_pending(0);
+        vm.state.lock().psci.take_pending(0);
         let mut el1 = ras_cpu();
         assert_eq!(
             cpu.exit(&vm, 0, serror(ras(aet::UER)), &mut el1, &mut out),
@@ -759,7 +1132,7 @@ mod tests {
 
         // Policy stop: a recoverable error stops the VM, nothing is injected.
         let vm = m.create(desc(0x5010_0000, 2)).expect("vm");
-        vm.psci.lock().take_pending(0);
+        vm.state.lock().psci.take_pending(0);
         let mut el1 = ras_cpu();
         assert_eq!(
             cpu.exit(&vm, 0, serror(ras(aet::UEO)), &mut el1, &mut out),
@@ -786,7 +1159,7 @@ mod tests {
     fn trapped_registers_are_emulated_and_others_stop_the_vm() {
         let m = manager();
         let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
-        vm.psci.lock().take_pending(0);
+        vm.state.lock().psci.take_pending(0);
         let (mut cpu, mut out) = (Cpu::new(), Lines::default());
         let mut el1 = El1::default();
         // ACTLR_EL1 reads as zero; the PC steps over the MRS.

@@ -6,11 +6,11 @@
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::vm::psci::PowerState;
-use crate::vm::{Backend, Vm, VmError, VmManager, VmStatus};
+use crate::vm::{Backend, Leave, Vm, VmError, VmManager, VmStatus};
 
 fn start_pending<S>(vm: &Vm<S>, index: usize) -> bool {
     matches!(
-        vm.psci.lock().state(index),
+        vm.state.lock().psci.state(index),
         Some(PowerState::OnPending { .. })
     )
 }
@@ -24,7 +24,7 @@ pub fn has_work<B: Backend>(manager: &VmManager<B>, cpu: u32) -> bool {
 }
 
 /// The physical CPUs (MPIDRs, as the description names them) of `vm`'s vCPUs that have a
-/// start pending, e.g. after a `CPU_ON`: the CPUs to wake.
+/// start pending, e.g. after a `CPU_ON` or a reset: the CPUs to wake.
 pub fn pending_starts<S>(vm: &Vm<S>) -> impl Iterator<Item = u32> + '_ {
     vm.desc
         .cpus
@@ -37,40 +37,65 @@ pub fn pending_starts<S>(vm: &Vm<S>) -> impl Iterator<Item = u32> + '_ {
 /// What a CPU does with a vCPU that is not running.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Start {
-    /// Enter the guest at `entry` with x0 = `context` (the start is now taken).
+    /// Enter the guest at `entry` with x0 = `context`: the start is taken and the vCPU
+    /// counted loaded (the CPU must call [`vcpu_left`] once it has left the guest).
     Enter {
         /// Entry IPA.
         entry: u64,
         /// x0.
         context: u64,
     },
-    /// Nothing yet: wait for a `CPU_ON`.
+    /// Nothing yet: wait for a `CPU_ON`, or for a reset to finish.
     Wait,
     /// The VM is powered off or stopped: the vCPU never runs again.
     Done,
 }
 
-/// Whether vCPU `index` of `vm` starts now.
+/// Whether vCPU `index` of `vm` starts now. Decided under the VM's lock in one step with
+/// counting the vCPU loaded ([`crate::vm::VmState::take_start`]): a VM powered off, reset
+/// or destroyed by another CPU a moment before gives `Done` or `Wait`, never `Enter`.
+///
+/// A CPU that waits calls this in a loop: it only takes the lock when it is free and
+/// otherwise answers `Wait` (the caller asks again). Queueing on the fair lock would let
+/// a waiting CPU that is itself descheduled (a vCPU thread of an oversubscribed QEMU host)
+/// hold up the running vCPUs of the VM behind its ticket.
 pub fn next_start<S>(vm: &Vm<S>, index: usize) -> Start {
-    if vm.status() != VmStatus::Running {
+    let Some(mut st) = vm.state.try_lock() else {
+        return Start::Wait;
+    };
+    if st.status.finished() {
         return Start::Done;
     }
-    match vm.psci.lock().take_pending(index) {
+    match st.take_start(index) {
         Some((entry, context)) => Start::Enter { entry, context },
         None => Start::Wait,
     }
 }
 
-/// Called once a vCPU of `vm` stopped and its CPU left the guest: destroys the VM if it is
-/// finished and no vCPU of it runs any more, and returns the outcome of the run if it is
-/// over (`Some(true)` when no VM failed, see [`VmManager::outcome`]).
+/// Whether a parked CPU of vCPU `index` of `vm` has something to do: a start to take,
+/// or its VM finished (it stops for good).
+pub fn should_wake<S>(vm: &Vm<S>, index: usize) -> bool {
+    let st = vm.state.lock();
+    st.status.finished()
+        || (st.status == VmStatus::Running
+            && matches!(st.psci.state(index), Some(PowerState::OnPending { .. })))
+}
+
+/// Called once a vCPU of `vm` stopped and its CPU left the guest: if it was the last
+/// loaded vCPU of a finished VM, destroys it; of a VM whose reset was asked, resets it
+/// (vCPU 0 then has a start pending: the caller wakes [`pending_starts`]). Returns the
+/// outcome of the run if it is over (`Some(true)` when no VM failed, see
+/// [`VmManager::outcome`]).
 pub fn vcpu_left<B: Backend>(manager: &VmManager<B>, vm: &Vm<B::S2>) -> Option<bool> {
-    if vm.leave() {
-        match manager.destroy(vm.id) {
-            // Another CPU destroyed it first.
-            Ok(()) | Err(VmError::NoSuchVm(_)) => {}
-            Err(e) => log::error!("VM {}: destroy failed: {e}", vm.desc.name),
-        }
+    let result = match vm.leave() {
+        Leave::Nothing => Ok(()),
+        Leave::Destroy => manager.destroy(vm.id),
+        Leave::Reset => manager.reset(vm.id),
+    };
+    match result {
+        // Another CPU destroyed it first, or is resetting or destroying it.
+        Ok(()) | Err(VmError::NoSuchVm(_) | VmError::Busy(_)) => {}
+        Err(e) => log::error!("VM {}: {e}", vm.desc.name),
     }
     manager.outcome()
 }
@@ -96,7 +121,9 @@ impl RunEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vcpu::Next;
     use crate::vm::tests::{desc, manager};
+    use alloc::sync::Arc;
 
     #[test]
     fn a_cpu_has_work_while_its_vcpu_waits_to_start() {
@@ -114,9 +141,13 @@ mod tests {
         );
         assert!(!has_work(&m, 1), "the start was taken");
         assert_eq!(next_start(&vm, 0), Start::Wait);
-        vm.psci.lock().cpu_off(0).expect("off");
-        vm.psci.lock().power_on(0, 0x4000_1000, 7).expect("on");
-        *vm.status.lock() = VmStatus::Failed;
+        vm.state.lock().psci.cpu_off(0).expect("off");
+        vm.state
+            .lock()
+            .psci
+            .power_on(0, 0x4000_1000, 7)
+            .expect("on");
+        vm.state.lock().status = VmStatus::Failed;
         assert!(!has_work(&m, 1), "a VM that does not run gives no work");
         assert_eq!(next_start(&vm, 0), Start::Done);
     }
@@ -128,11 +159,12 @@ mod tests {
         d.cpus = vec![1, 3, 2];
         let vm = m.create(d).expect("vm");
         assert_eq!(pending_starts(&vm).collect::<Vec<_>>(), [1]);
-        vm.psci.lock().take_pending(0);
+        vm.state.lock().psci.take_pending(0);
         assert_eq!(pending_starts(&vm).count(), 0);
         // vCPU 0 starts vCPU 2 (MPIDR Aff0 = 2), which runs on physical CPU 2.
-        vm.psci
+        vm.state
             .lock()
+            .psci
             .cpu_on(2, 0x4000_2000, 0, true)
             .expect("CPU_ON");
         assert_eq!(pending_starts(&vm).collect::<Vec<_>>(), [2]);
@@ -148,10 +180,10 @@ mod tests {
         assert_eq!(vcpu_left(&m, &a), None, "a still runs");
         assert_eq!(m.vms().len(), 2);
         a.enter();
-        *a.status.lock() = VmStatus::Off;
+        a.state.lock().status = VmStatus::Off;
         assert_eq!(vcpu_left(&m, &a), None, "b still runs");
         assert_eq!(m.vms().len(), 1, "a is destroyed");
-        *b.status.lock() = VmStatus::Failed;
+        b.state.lock().status = VmStatus::Failed;
         assert_eq!(vcpu_left(&m, &b), Some(false), "b failed");
         assert!(m.vms().is_empty());
         // A CPU that comes late to a VM another CPU destroyed.
@@ -165,5 +197,238 @@ mod tests {
         assert!(end.claim());
         assert!(!end.claim());
         assert!(!end.claim());
+    }
+
+    /// What a guest's HVC with x0.. = `regs` on vCPU `index` of `vm` does: the run
+    /// loop's next step and x0.
+    fn hvc<S: crate::vm::Stage2Table>(vm: &Vm<S>, index: usize, regs: &[u64]) -> (Next, u64) {
+        use crate::vcpu::fakes::{NoEl1, NoLines, HVC_EXIT};
+        let (mut x, mut pc, mut pstate) = ([0u64; 31], 0x4000_0000, 0x3c5);
+        x[..regs.len()].copy_from_slice(regs);
+        let mut ctx = crate::vcpu::VcpuCtx {
+            x: &mut x,
+            pc: &mut pc,
+            pstate: &mut pstate,
+        };
+        let next = crate::vcpu::handle_exit(
+            vm,
+            index,
+            &mut ctx,
+            HVC_EXIT,
+            &mut NoEl1,
+            &mut NoLines,
+            &mut |_| ([u64::MAX; 4], crate::vm::share::Note::None),
+        );
+        (next, x[0])
+    }
+
+    const CPU_ON: u64 = 0xC400_0003;
+    const CPU_OFF: u64 = 0x8400_0002;
+    const AFFINITY_INFO: u64 = 0xC400_0004;
+    const SYSTEM_OFF: u64 = 0x8400_0008;
+    const SYSTEM_RESET: u64 = 0x8400_0009;
+
+    fn two_vcpus(m: &VmManager<crate::vm::tests::Fake>) -> Arc<Vm<crate::vm::tests::FakeS2>> {
+        let mut d = desc(0x5000_0000, 1);
+        d.cpus.push(2);
+        m.create(d).expect("vm")
+    }
+
+    fn enter<S>(vm: &Vm<S>, index: usize) {
+        assert!(
+            matches!(next_start(vm, index), Start::Enter { .. }),
+            "vCPU {index} starts"
+        );
+    }
+
+    /// vCPU 0 starts vCPU 1, sees it ON and powers the VM off while vCPU 1's CPU has
+    /// taken its start but not entered yet: the VM stays alive (stage 2, VMID) until
+    /// that CPU has backed out, and is destroyed then, by it.
+    #[test]
+    fn a_vcpu_between_its_start_and_its_entry_keeps_the_vm_alive() {
+        let m = manager();
+        let vm = two_vcpus(&m);
+        enter(&vm, 0);
+        assert_eq!(hvc(&vm, 0, &[CPU_ON, 1, 0x4000_1000, 0]), (Next::Resume, 0));
+        assert_eq!(hvc(&vm, 0, &[AFFINITY_INFO, 1, 0]).1, 0, "ON");
+        // vCPU 1's CPU takes its start ...
+        enter(&vm, 1);
+        // ... and before it enters, vCPU 0 powers the VM off and its CPU leaves.
+        assert_eq!(hvc(&vm, 0, &[SYSTEM_OFF]).0, Next::Stop);
+        // (The run may end here: a finished VM whose vCPU never leaves does not hold it
+        // up. But nothing of the VM is freed.)
+        let _ = vcpu_left(&m, &vm);
+        assert_eq!(m.vms().len(), 1, "not destroyed under a loaded vCPU");
+        assert!(vm.stage2.lock().is_some(), "its stage 2 is not freed");
+        assert_eq!(m.destroy(vm.id), Err(VmError::Busy(vm.id)));
+        assert_eq!(m.reset(vm.id), Err(VmError::Finished(vm.id)));
+        // vCPU 1's CPU re-checks before it enters, backs out, and tears the VM down.
+        assert!(!vm.runs(1));
+        assert_eq!(vcpu_left(&m, &vm), Some(true));
+        assert!(m.vms().is_empty());
+        assert!(vm.stage2.lock().is_none());
+        assert_eq!(m.accounting().2, 0, "every table frame back");
+        // Nothing starts on a destroyed VM.
+        assert_eq!(next_start(&vm, 1), Start::Done);
+    }
+
+    /// The same race the other way: the VM is powered off before vCPU 1's CPU takes its
+    /// start; that CPU finds it finished and never enters.
+    #[test]
+    fn a_start_taken_after_power_off_is_refused() {
+        let m = manager();
+        let vm = two_vcpus(&m);
+        enter(&vm, 0);
+        hvc(&vm, 0, &[CPU_ON, 1, 0x4000_1000, 0]);
+        assert_eq!(hvc(&vm, 0, &[SYSTEM_OFF]).0, Next::Stop);
+        assert_eq!(vcpu_left(&m, &vm), Some(true), "destroyed, the run is over");
+        assert!(!should_wake(&vm, 1) || vm.status().finished());
+        assert_eq!(next_start(&vm, 1), Start::Done);
+    }
+
+    /// vCPU 1 resets the VM while vCPU 0 is off: vCPU 0's CPU is the one to wake once
+    /// the reset is done, and it starts at the entry point of a fresh boot.
+    #[test]
+    fn a_reset_from_vcpu_1_with_vcpu_0_off_starts_vcpu_0() {
+        let m = manager();
+        let vm = two_vcpus(&m);
+        enter(&vm, 0);
+        hvc(&vm, 0, &[CPU_ON, 1, 0x4000_1000, 0]);
+        enter(&vm, 1);
+        assert_eq!(hvc(&vm, 0, &[CPU_OFF]).0, Next::Stop);
+        assert_eq!(vcpu_left(&m, &vm), None);
+        assert_eq!(hvc(&vm, 1, &[SYSTEM_RESET]).0, Next::Stop);
+        assert_eq!(vcpu_left(&m, &vm), None, "the VM runs again");
+        assert_eq!(vm.boots.load(Ordering::SeqCst), 2, "reset done");
+        assert_eq!(pending_starts(&vm).collect::<Vec<_>>(), [1], "wake CPU 1");
+        assert!(should_wake(&vm, 0));
+        assert!(!should_wake(&vm, 1));
+        assert_eq!(
+            next_start(&vm, 0),
+            Start::Enter {
+                entry: 0x4000_0000,
+                context: 0
+            }
+        );
+    }
+
+    /// A reset asked while another vCPU is still in the guest waits for it: RAM is
+    /// scrubbed only once no vCPU of the VM is loaded, by the last CPU out, and no
+    /// vCPU starts in between.
+    #[test]
+    fn a_reset_waits_for_the_last_loaded_vcpu() {
+        let m = manager();
+        let vm = two_vcpus(&m);
+        enter(&vm, 0);
+        hvc(&vm, 0, &[CPU_ON, 1, 0x4000_1000, 0]);
+        enter(&vm, 1);
+        let zeroed = m.with_backend(|p| p.zeroed());
+        assert_eq!(hvc(&vm, 0, &[SYSTEM_RESET]).0, Next::Stop);
+        assert_eq!(vcpu_left(&m, &vm), None);
+        assert_eq!(vm.status(), VmStatus::Resetting);
+        assert_eq!(m.with_backend(|p| p.zeroed()), zeroed, "no scrub yet");
+        assert_eq!(next_start(&vm, 0), Start::Wait, "nothing starts meanwhile");
+        assert_eq!(m.reset(vm.id), Err(VmError::Busy(vm.id)));
+        assert_eq!(m.destroy(vm.id), Err(VmError::Busy(vm.id)));
+        // vCPU 1 traps: it is off now, and its CPU does the reset.
+        assert_eq!(hvc(&vm, 1, &[0xC600_0001]).0, Next::Stop);
+        assert_eq!(vcpu_left(&m, &vm), None);
+        assert_eq!(vm.status(), VmStatus::Running);
+        assert!(m.with_backend(|p| p.zeroed()) > zeroed, "scrubbed");
+        assert_eq!(vm.boots.load(Ordering::SeqCst), 2);
+        enter(&vm, 0);
+    }
+
+    /// Two vCPUs race `SYSTEM_OFF` against `SYSTEM_RESET`: whichever wins, the loser's
+    /// call does nothing, and the VM ends up either destroyed or running again.
+    #[test]
+    fn system_off_and_reset_racing() {
+        for off_first in [true, false] {
+            let m = manager();
+            let vm = two_vcpus(&m);
+            enter(&vm, 0);
+            hvc(&vm, 0, &[CPU_ON, 1, 0x4000_1000, 0]);
+            enter(&vm, 1);
+            let (first, second) = if off_first {
+                (SYSTEM_OFF, SYSTEM_RESET)
+            } else {
+                (SYSTEM_RESET, SYSTEM_OFF)
+            };
+            assert_eq!(hvc(&vm, 0, &[first]).0, Next::Stop);
+            assert_eq!(hvc(&vm, 1, &[second]).0, Next::Stop, "already stopped");
+            let _ = vcpu_left(&m, &vm);
+            assert_eq!(m.vms().len(), 1, "vCPU 1 is still loaded");
+            let end = vcpu_left(&m, &vm);
+            if off_first {
+                assert_eq!(end, Some(true));
+                assert!(m.vms().is_empty());
+            } else {
+                assert_eq!(end, None);
+                assert_eq!(vm.status(), VmStatus::Running);
+                assert_eq!(vm.boots.load(Ordering::SeqCst), 2);
+            }
+        }
+    }
+
+    /// Physical CPUs on threads run the schedule against one two-vCPU VM whose guest
+    /// starts, stops, resets and powers off at random. Whenever a CPU is between a taken
+    /// start and its leave, the VM must be alive (listed, stage 2 present); at the end
+    /// every frame is back.
+    #[test]
+    fn threads_never_run_a_vcpu_of_a_torn_down_vm() {
+        use std::sync::atomic::AtomicUsize;
+        for round in 0..40u64 {
+            let m = manager();
+            let vm = two_vcpus(&m);
+            let entries = AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                for index in 0..2usize {
+                    let (m, vm, entries) = (&m, &vm, &entries);
+                    s.spawn(move || {
+                        let mut seed = round * 7 + index as u64 + 1;
+                        let mut rnd = move || {
+                            seed ^= seed << 13;
+                            seed ^= seed >> 7;
+                            seed ^= seed << 17;
+                            seed
+                        };
+                        for _ in 0..20_000 {
+                            match next_start(vm, index) {
+                                Start::Done => return,
+                                Start::Wait => {
+                                    std::thread::yield_now();
+                                    continue;
+                                }
+                                Start::Enter { .. } => {}
+                            }
+                            entries.fetch_add(1, Ordering::SeqCst);
+                            assert!(vm.stage2.lock().is_some(), "entered a torn-down VM");
+                            while vm.runs(index) {
+                                assert!(vm.stage2.lock().is_some(), "ran a torn-down VM");
+                                let call = match rnd() % 16 {
+                                    0 => [SYSTEM_OFF, 0, 0],
+                                    1 | 2 => [SYSTEM_RESET, 0, 0],
+                                    3 | 4 => [CPU_OFF, 0, 0],
+                                    5..=9 => [CPU_ON, 1 - index as u64, 0x4000_1000],
+                                    _ => [AFFINITY_INFO, 1 - index as u64, 0],
+                                };
+                                if hvc(vm, index, &call).0 == Next::Stop {
+                                    break;
+                                }
+                            }
+                            if vcpu_left(m, vm).is_some() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+            assert!(entries.load(Ordering::SeqCst) > 0);
+            // Whatever happened, the VM is either destroyed with nothing left, or alive.
+            if m.vms().is_empty() {
+                assert_eq!(m.accounting().2, 0, "round {round}: frames back");
+                assert!(vm.stage2.lock().is_none());
+            }
+        }
     }
 }

@@ -9,22 +9,36 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use spin::Mutex;
 
 use super::pool::{PagePool, PoolError};
-use super::psci::{PowerState, PsciVm};
 use super::share;
 use super::stage2::Stage2Table;
 use super::vmid::{Vmid, VmidAllocator, VmidBits, VmidError, VmidFlush};
 use super::vuart::VUart;
-use super::{S2Kind, Vm, VmStatus};
+use super::{S2Kind, Vm, VmState, VmStatus};
 use crate::config::{GuestRegion, Stage2Mappings, VmDesc};
+use crate::console::limit::VmConsole;
 use crate::mem::PhysRange;
+use crate::Lock;
+
+/// Host physical memory as the manager scrubs and fills guest RAM: used without the
+/// manager's lock, on RAM that no VM can reach at the time (claimed and not yet mapped
+/// into a running vCPU, or of a VM being reset or destroyed with no vCPU loaded).
+pub trait GuestMemory: Send + Sync {
+    /// Zeroes host physical memory.
+    fn zero(&self, pa: u64, len: u64);
+    /// Copies host physical memory (`src` and `dst` do not overlap).
+    fn copy(&self, dst: u64, src: u64, len: u64);
+}
 
 /// What the manager needs from the machine.
 pub trait Backend: VmidFlush {
     /// The stage-2 table type.
     type S2: Stage2Table;
+    /// Guest RAM access, kept outside the manager's lock.
+    type Mem: GuestMemory;
+    /// The memory accessor the manager keeps (taken once, when it is made).
+    fn memory(&self) -> Self::Mem;
     /// A new, empty stage-2 table tagged with `vmid` (its root frames are taken now) whose
     /// every mapping uses the entries `mappings` allows.
     ///
@@ -36,10 +50,6 @@ pub trait Backend: VmidFlush {
     fn free_stage2(&mut self, s2: Self::S2);
     /// Table frames currently allocated to stage-2 tables.
     fn table_frames(&self) -> usize;
-    /// Zeroes host physical memory.
-    fn zero(&mut self, pa: u64, len: u64);
-    /// Copies host physical memory (`src` and `dst` do not overlap).
-    fn copy(&mut self, dst: u64, src: u64, len: u64);
 }
 
 /// Why a VM could not be created or destroyed.
@@ -53,6 +63,11 @@ pub enum VmError {
     Stage2(mmu::Error),
     /// No VM with that id.
     NoSuchVm(u32),
+    /// The VM has a vCPU loaded on a physical CPU, or another CPU is already resetting
+    /// or destroying it: nothing was done.
+    Busy(u32),
+    /// The VM is powered off or stopped: it cannot be reset.
+    Finished(u32),
 }
 
 impl core::error::Error for VmError {}
@@ -64,6 +79,11 @@ impl fmt::Display for VmError {
             Self::Ram(r, e) => write!(f, "RAM at PA {:#x} size {:#x}: {e}", r.pa, r.size),
             Self::Stage2(e) => write!(f, "stage 2: {e}"),
             Self::NoSuchVm(id) => write!(f, "no VM {id}"),
+            Self::Busy(id) => write!(
+                f,
+                "VM {id} has a vCPU loaded or is already being reset or destroyed"
+            ),
+            Self::Finished(id) => write!(f, "VM {id} is powered off or stopped"),
         }
     }
 }
@@ -81,11 +101,16 @@ struct Inner<P: Backend> {
 /// All VMs, behind one lock, and the memory-sharing transactions between them, behind
 /// another.
 ///
-/// Lock order: `inner`, then a VM's `psci`, then `shares`, then one VM's `stage2` at a
-/// time.
+/// Lock order: `inner`, then `shares`, then one VM's `stage2` at a time. A VM's `state`
+/// is a leaf lock (taken under any of these, never the other way round). No lock is
+/// held while guest RAM is scrubbed or filled, and nothing is logged under a lock.
 pub struct VmManager<P: Backend> {
-    inner: Mutex<Inner<P>>,
-    shares: Mutex<share::Ledger>,
+    inner: Lock<Inner<P>>,
+    shares: Lock<share::Ledger>,
+    mem: P::Mem,
+    /// VMs taken off the list whose teardown (scrub, log line) is not finished: the run
+    /// is not over while one is ([`Self::outcome`]).
+    dying: AtomicUsize,
 }
 
 impl<P: Backend> VmManager<P> {
@@ -93,7 +118,9 @@ impl<P: Backend> VmManager<P> {
     /// Guest RAM is taken from `guest_ram`.
     pub fn new(platform: P, vmid_bits: VmidBits, guest_ram: PhysRange) -> Self {
         Self {
-            inner: Mutex::new(Inner {
+            mem: platform.memory(),
+            dying: AtomicUsize::new(0),
+            inner: Lock::new(Inner {
                 platform,
                 vmids: VmidAllocator::new(vmid_bits),
                 pool: PagePool::new(guest_ram.base, guest_ram.size),
@@ -101,7 +128,7 @@ impl<P: Backend> VmManager<P> {
                 next_id: 0,
                 destroyed_failed: 0,
             }),
-            shares: Mutex::new(share::Ledger::new()),
+            shares: Lock::new(share::Ledger::new()),
         }
     }
 
@@ -115,6 +142,37 @@ impl<P: Backend> VmManager<P> {
     ///
     /// [`VmError`]; a failed create leaves nothing allocated.
     pub fn create(&self, desc: VmDesc) -> Result<Arc<Vm<P::S2>>, VmError> {
+        let (s2, vmid) = self.claim_and_map(&desc)?;
+        // The RAM is claimed (no other VM can get it) and the VM is not listed yet (no
+        // CPU can run it): scrub and load without the lock.
+        for r in &desc.memory {
+            scrub_around_images(&self.mem, &desc, r);
+        }
+        load_images(&self.mem, &desc);
+        let mut state = VmState::new(desc.cpus.len());
+        // vCPU 0 of a new VM is off, so this cannot fail.
+        let _ = state.psci.power_on(0, desc.entry, desc.boot_x0());
+        let mut inner = self.inner.lock();
+        let vm = Arc::new(Vm {
+            id: inner.next_id,
+            vttbr: s2.vttbr(),
+            vmid,
+            desc,
+            stage2: Lock::new(Some(s2)),
+            state: Lock::new(state),
+            uart: Lock::new(VUart::new()),
+            console: Lock::new(VmConsole::new()),
+            boots: AtomicU32::new(1),
+        });
+        inner.next_id += 1;
+        self.shares.lock().add_party(vm.id, vm.desc.sharing);
+        inner.vms.push(Arc::clone(&vm));
+        Ok(vm)
+    }
+
+    /// The first part of [`Self::create`], under the lock: a VMID, a stage 2, the RAM
+    /// claimed and mapped, the pass-through ranges mapped; undone whole on failure.
+    fn claim_and_map(&self, desc: &VmDesc) -> Result<(P::S2, Vmid), VmError> {
         let mut inner = self.inner.lock();
         let inner = &mut *inner;
         let vmid = inner.vmids.allocate().map_err(VmError::Vmid)?;
@@ -137,7 +195,6 @@ impl<P: Backend> VmManager<P> {
                     .claim(r.pa, r.size)
                     .map_err(|e| VmError::Ram(*r, e))?;
                 claimed += 1;
-                scrub_around_images(&mut inner.platform, &desc, r);
                 s2.map(r.ipa, r.pa, r.size, S2Kind::Ram)
                     .map_err(VmError::Stage2)?;
                 mapped_ram += 1;
@@ -156,138 +213,173 @@ impl<P: Backend> VmManager<P> {
             for r in &desc.memory[..mapped_ram] {
                 let _ = s2.unmap(r.ipa, r.size);
             }
+            // Nothing was written to the claimed pages yet (the scrub comes after):
+            // they go back as they were, and whoever claims them next scrubs them.
             for r in &desc.memory[..claimed] {
-                inner.platform.zero(r.pa, r.size);
                 let _ = inner.pool.release(r.pa, r.size);
             }
             inner.platform.free_stage2(s2);
             let _ = inner.vmids.release(vmid, &mut inner.platform);
             return Err(e);
         }
-        load_images(&mut inner.platform, &desc);
-        let mut psci = PsciVm::new(desc.cpus.len());
-        // vCPU 0 of a new VM is off, so this cannot fail.
-        let _ = psci.power_on(0, desc.entry, desc.boot_x0());
-        let vm = Arc::new(Vm {
-            id: inner.next_id,
-            vttbr: s2.vttbr(),
-            desc,
-            vmid,
-            stage2: Mutex::new(Some(s2)),
-            psci: Mutex::new(psci),
-            status: Mutex::new(VmStatus::Running),
-            uart: Mutex::new(VUart::new()),
-            in_guest: AtomicUsize::new(0),
-            boots: AtomicU32::new(1),
-        });
-        inner.next_id += 1;
-        inner.vms.push(Arc::clone(&vm));
-        Ok(vm)
+        Ok((s2, vmid))
     }
 
-    /// Reboots a VM in place: every vCPU off, RAM scrubbed, images copied in again, vCPU 0
-    /// on at the entry point. The VMID and stage 2 stay.
+    /// Reboots a VM in place: every vCPU off, its memory-sharing transactions ended, RAM
+    /// scrubbed, images copied in again, vCPU 0 on at the entry point. The VMID and
+    /// stage 2 stay. The RAM work runs without any lock: the VM is marked resetting
+    /// (no vCPU starts) and no vCPU of it is loaded, which the claim checks.
     ///
     /// # Errors
     ///
-    /// [`VmError::NoSuchVm`].
+    /// [`VmError::NoSuchVm`]; [`VmError::Busy`] while a vCPU of the VM is loaded or
+    /// another CPU resets or destroys it; [`VmError::Finished`] for a VM powered off or
+    /// stopped. Nothing is done then.
     pub fn reset(&self, id: u32) -> Result<(), VmError> {
-        let mut inner = self.inner.lock();
-        let inner = &mut *inner;
-        let vm = inner
-            .vms
-            .iter()
-            .find(|v| v.id == id)
-            .ok_or(VmError::NoSuchVm(id))?;
-        let mut psci = vm.psci.lock();
-        psci.all_off();
-        // Its pages leave every other VM before they are scrubbed.
-        self.shares.lock().end_all(&inner.vms, vm);
+        let (vm, ended) = {
+            let inner = self.inner.lock();
+            let vm = inner
+                .vms
+                .iter()
+                .find(|v| v.id == id)
+                .cloned()
+                .ok_or(VmError::NoSuchVm(id))?;
+            {
+                let mut st = vm.state.lock();
+                if st.status.finished() {
+                    return Err(VmError::Finished(id));
+                }
+                if !st.claim() {
+                    return Err(VmError::Busy(id));
+                }
+                st.status = VmStatus::Resetting;
+                st.psci.all_off();
+            }
+            // Its pages leave every other VM before they are scrubbed.
+            let ended = self.shares.lock().end_all(&inner.vms, &vm);
+            (vm, ended)
+        };
+        ended.log(&vm.desc.name);
         for r in &vm.desc.memory {
-            scrub_around_images(&mut inner.platform, &vm.desc, r);
+            scrub_around_images(&self.mem, &vm.desc, r);
         }
-        load_images(&mut inner.platform, &vm.desc);
-        let _ = psci.power_on(0, vm.desc.entry, vm.desc.boot_x0());
+        load_images(&self.mem, &vm.desc);
         vm.boots.fetch_add(1, Ordering::SeqCst);
-        *vm.status.lock() = VmStatus::Running;
+        let mut st = vm.state.lock();
+        // vCPU 0 is off (all were turned off above, and none starts while resetting).
+        let _ = st.psci.power_on(0, vm.desc.entry, vm.desc.boot_x0());
+        st.status = VmStatus::Running;
+        st.release_claim();
         Ok(())
     }
 
-    /// Destroys a VM whose vCPUs no longer run: unmaps and frees its stage 2, scrubs and
-    /// returns its RAM, flushes and frees its VMID, and logs what came back.
+    /// Destroys a VM none of whose vCPUs is loaded: ends its memory-sharing transactions,
+    /// unmaps and frees its stage 2, scrubs and returns its RAM, flushes and frees its
+    /// VMID, and logs what came back. A VM that still runs is marked powered off first
+    /// (no vCPU of it starts again). The scrub runs without any lock: the VM is off the
+    /// list and its RAM still claimed.
     ///
     /// # Errors
     ///
-    /// [`VmError::NoSuchVm`].
+    /// [`VmError::NoSuchVm`]; [`VmError::Busy`] while a vCPU of the VM is loaded or
+    /// another CPU resets it. Nothing is done then.
     pub fn destroy(&self, id: u32) -> Result<(), VmError> {
-        let mut inner = self.inner.lock();
-        let inner = &mut *inner;
-        let i = inner
-            .vms
-            .iter()
-            .position(|v| v.id == id)
-            .ok_or(VmError::NoSuchVm(id))?;
-        let vm = inner.vms.swap_remove(i);
-        if vm.status() == VmStatus::Failed {
-            inner.destroyed_failed += 1;
-        }
-        vm.psci.lock().all_off();
-        // Its pages leave every other VM before they are scrubbed, and pages it borrowed
-        // go back to pending.
-        self.shares.lock().end_all(&inner.vms, &vm);
-        {
-            let mut s2 = vm.stage2.lock();
-            if let Some(s2) = s2.as_mut() {
-                for p in &vm.desc.passthrough {
-                    let _ = s2.unmap(p.ipa, p.size);
+        let (vm, ended) = {
+            let mut inner = self.inner.lock();
+            let inner = &mut *inner;
+            let i = inner
+                .vms
+                .iter()
+                .position(|v| v.id == id)
+                .ok_or(VmError::NoSuchVm(id))?;
+            {
+                let mut st = inner.vms[i].state.lock();
+                if !st.claim() {
+                    return Err(VmError::Busy(id));
                 }
-                for r in &vm.desc.memory {
-                    let _ = s2.unmap(r.ipa, r.size);
+                st.finish(VmStatus::Off);
+                if st.status == VmStatus::Failed {
+                    inner.destroyed_failed += 1;
                 }
+            }
+            let vm = inner.vms.swap_remove(i);
+            // Counted before the lock is released: `outcome` sees the VM listed or dying.
+            self.dying.fetch_add(1, Ordering::SeqCst);
+            // Its pages leave every other VM before they are scrubbed, and pages it
+            // borrowed go back to pending.
+            let mut shares = self.shares.lock();
+            let ended = shares.end_all(&inner.vms, &vm);
+            shares.remove_party(vm.id);
+            drop(shares);
+            (vm, ended)
+        };
+        ended.log(&vm.desc.name);
+        if let Some(s2) = vm.stage2.lock().as_mut() {
+            for p in &vm.desc.passthrough {
+                let _ = s2.unmap(p.ipa, p.size);
+            }
+            for r in &vm.desc.memory {
+                let _ = s2.unmap(r.ipa, r.size);
             }
         }
         for r in &vm.desc.memory {
-            inner.platform.zero(r.pa, r.size);
-            let _ = inner.pool.release(r.pa, r.size);
+            self.mem.zero(r.pa, r.size);
         }
-        // The flush runs before the VMID can be handed out again.
-        let _ = inner.vmids.release(vm.vmid, &mut inner.platform);
-        if let Some(s2) = vm.stage2.lock().take() {
-            inner.platform.free_stage2(s2);
-        }
-        // Logged under the lock, so that no CPU can see the run finished (and end it)
-        // before this line is out.
+        let (free, total, frames, vmids) = {
+            let mut inner = self.inner.lock();
+            let inner = &mut *inner;
+            for r in &vm.desc.memory {
+                let _ = inner.pool.release(r.pa, r.size);
+            }
+            // The flush runs before the VMID can be handed out again.
+            let _ = inner.vmids.release(vm.vmid, &mut inner.platform);
+            if let Some(s2) = vm.stage2.lock().take() {
+                inner.platform.free_stage2(s2);
+            }
+            (
+                inner.pool.free_bytes(),
+                inner.pool.total_bytes(),
+                inner.platform.table_frames(),
+                inner.vmids.in_use(),
+            )
+        };
         log::info!(
             "VM {} destroyed: {} KiB RAM scrubbed and returned, VMID {} released; guest RAM \
-             free {} of {} KiB, page-table frames in use {}, VMIDs in use {}",
+             free {} of {} KiB, page-table frames in use {frames}, VMIDs in use {vmids}",
             vm.desc.name,
             vm.desc.ram_size() / 1024,
             vm.vmid,
-            inner.pool.free_bytes() / 1024,
-            inner.pool.total_bytes() / 1024,
-            inner.platform.table_frames(),
-            inner.vmids.in_use()
+            free / 1024,
+            total / 1024,
         );
+        // Only now may a CPU see the run over (and end it): the line above is out.
+        self.dying.fetch_sub(1, Ordering::SeqCst);
         Ok(())
     }
 
     /// Runs memory-sharing call `req` made by vCPU `vcpu` of `caller` and returns
     /// x0..x3 (`docs/hypercalls.md`, "Memory sharing between VMs"). A vCPU that is no
-    /// longer on (its VM is being reset or stopped) gets `DENIED`.
+    /// longer on (another vCPU powered the VM off, reset or stopped it) gets `DENIED`.
+    /// The calling vCPU is loaded, so its VM cannot be reset or destroyed during the call.
     ///
     /// The manager lock is held for the whole call: the VMs it sees are the live ones,
-    /// and no list of them is copied (a call allocates nothing).
-    pub fn share_call(&self, caller: &Vm<P::S2>, vcpu: usize, req: share::Request) -> [u64; 4] {
-        let inner = self.inner.lock();
-        let psci = caller.psci.lock();
-        let r = if psci.state(vcpu) == Some(PowerState::On) {
-            self.shares.lock().call(&inner.vms, caller, req)
-        } else {
-            Err(share::Error::Denied)
+    /// and no list of them is copied (a call allocates nothing). What the call did is
+    /// returned for the caller to log ([`share::Note::log`]) once every lock is released.
+    pub fn share_call(
+        &self,
+        caller: &Vm<P::S2>,
+        vcpu: usize,
+        req: share::Request,
+    ) -> ([u64; 4], share::Note) {
+        let (r, note) = {
+            let inner = self.inner.lock();
+            if caller.runs(vcpu) {
+                self.shares.lock().call(&inner.vms, caller, req)
+            } else {
+                (Err(share::Error::Denied), share::Note::None)
+            }
         };
-        drop(psci);
-        drop(inner);
-        share::result_regs(r)
+        (share::result_regs(r), note)
     }
 
     /// Runs `f` with the memory-sharing transactions.
@@ -320,18 +412,21 @@ impl<P: Backend> VmManager<P> {
         self.inner.lock().vms.clone()
     }
 
-    /// `None` while some VM runs or a finished VM waits to be destroyed (no vCPU runs
-    /// it); otherwise `Some(true)` if no VM, live or destroyed, was stopped by the
-    /// hypervisor. A finished VM whose vCPU never exits again does not hold the run up.
+    /// `None` while some VM runs or resets, a finished VM waits to be destroyed (no vCPU
+    /// of it is loaded) or is being destroyed; otherwise `Some(true)` if no VM, live or
+    /// destroyed, was stopped by the hypervisor. A finished VM whose vCPU never exits
+    /// again does not hold the run up.
     pub fn outcome(&self) -> Option<bool> {
         let inner = self.inner.lock();
+        if self.dying.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
         let mut ok = inner.destroyed_failed == 0;
         for vm in &inner.vms {
-            if vm.finished_and_idle() {
-                return None;
-            }
-            match vm.status() {
-                VmStatus::Running => return None,
+            let st = vm.state.lock();
+            match st.status {
+                VmStatus::Running | VmStatus::Resetting => return None,
+                _ if st.loaded() == 0 => return None,
                 VmStatus::Failed => ok = false,
                 VmStatus::Off => {}
             }
@@ -340,7 +435,6 @@ impl<P: Backend> VmManager<P> {
     }
 
     /// (free guest RAM bytes, total guest RAM bytes, stage-2 table frames, VMIDs in use).
-    #[cfg(any(test, feature = "fuzzing"))]
     pub fn accounting(&self) -> (u64, u64, usize, usize) {
         let inner = self.inner.lock();
         (
@@ -360,7 +454,7 @@ impl<P: Backend> VmManager<P> {
 /// Zeroes RAM region `r` of `desc` except the bytes its images are copied over right
 /// after ([`load_images`]): every byte ends up either zero or image, as with a full
 /// scrub, without clearing (for a Linux kernel, 32 MiB) what is overwritten anyway.
-fn scrub_around_images<P: Backend>(platform: &mut P, desc: &VmDesc, r: &GuestRegion) {
+fn scrub_around_images(mem: &impl GuestMemory, desc: &VmDesc, r: &GuestRegion) {
     let mut covered: Vec<(u64, u64)> = [Some(desc.kernel), desc.initrd, desc.dtb]
         .into_iter()
         .flatten()
@@ -374,24 +468,24 @@ fn scrub_around_images<P: Backend>(platform: &mut P, desc: &VmDesc, r: &GuestReg
     let mut at = r.pa;
     for (start, end) in covered {
         if start > at {
-            platform.zero(at, start - at);
+            mem.zero(at, start - at);
         }
         at = at.max(end);
     }
     let end = r.pa + r.size;
     if end > at {
-        platform.zero(at, end - at);
+        mem.zero(at, end - at);
     }
 }
 
-fn load_images<P: Backend>(platform: &mut P, desc: &VmDesc) {
+fn load_images(mem: &impl GuestMemory, desc: &VmDesc) {
     for img in [Some(desc.kernel), desc.initrd, desc.dtb]
         .into_iter()
         .flatten()
     {
         // The description was checked: the image lies inside one RAM region.
         if let Some(r) = desc.ram_region(img.ipa, img.size) {
-            platform.copy(r.pa + (img.ipa - r.ipa), img.pa, img.size);
+            mem.copy(r.pa + (img.ipa - r.ipa), img.pa, img.size);
         }
     }
 }

@@ -21,15 +21,16 @@ pub mod vuart;
 #[cfg(test)]
 pub(crate) mod tests;
 
-pub use manager::{Backend, VmError, VmManager};
+pub use manager::{Backend, GuestMemory, VmError, VmManager};
 pub use stage2::{MmuStage2, S2Kind, Stage2Config, Stage2Table, IPA_BITS};
 
 use core::fmt;
-use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use spin::Mutex;
+use core::sync::atomic::AtomicU32;
 
 use crate::config::VmDesc;
-use psci::PsciVm;
+use crate::console::limit::{Admit, VmConsole};
+use crate::Lock;
+use psci::{PowerState, PsciVm};
 use vmid::Vmid;
 use vuart::VUart;
 
@@ -38,10 +39,122 @@ use vuart::VUart;
 pub enum VmStatus {
     /// Created; its vCPUs run.
     Running,
+    /// A `SYSTEM_RESET` was asked: no vCPU starts until the last loaded one has left and
+    /// the reset is done (then it is `Running` again, with vCPU 0 starting).
+    Resetting,
     /// Powered off by the guest (`SYSTEM_OFF`).
     Off,
     /// Stopped by the hypervisor because of a fault it could not handle.
     Failed,
+}
+
+impl VmStatus {
+    /// Powered off or stopped: its vCPUs never run again.
+    #[must_use]
+    pub const fn finished(self) -> bool {
+        matches!(self, Self::Off | Self::Failed)
+    }
+}
+
+/// What a CPU whose vCPU just left the guest must do for the VM (from [`Vm::leave`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leave {
+    /// Nothing: other vCPUs are loaded, or the VM runs.
+    Nothing,
+    /// The VM is finished and no vCPU is loaded: destroy it.
+    Destroy,
+    /// A reset was asked and no vCPU is loaded: reset it.
+    Reset,
+}
+
+/// What a VM's lock guards: its lifecycle, its vCPUs' power states and which of them are
+/// loaded on a physical CPU. Decisions that must not race (a vCPU starts; the VM is reset
+/// or destroyed) are taken under it, each as one step.
+///
+/// It is a leaf lock: nothing else is locked while it is held.
+#[derive(Debug)]
+pub struct VmState {
+    /// Lifecycle.
+    pub status: VmStatus,
+    /// vCPU power states.
+    pub psci: PsciVm,
+    /// vCPUs loaded: their physical CPU took a start and has not left the guest since.
+    loaded: usize,
+    /// A CPU is resetting or destroying the VM (claimed by the manager).
+    claimed: bool,
+}
+
+impl VmState {
+    /// A running VM with `vcpus` vCPUs, all off.
+    #[must_use]
+    pub fn new(vcpus: usize) -> Self {
+        Self {
+            status: VmStatus::Running,
+            psci: PsciVm::new(vcpus),
+            loaded: 0,
+            claimed: false,
+        }
+    }
+
+    /// vCPUs loaded on a physical CPU.
+    #[must_use]
+    pub const fn loaded(&self) -> usize {
+        self.loaded
+    }
+
+    /// Whether vCPU `index` may run guest code now: the VM runs and the vCPU is on.
+    #[must_use]
+    pub fn runs(&self, index: usize) -> bool {
+        self.status == VmStatus::Running && self.psci.state(index) == Some(PowerState::On)
+    }
+
+    /// Takes vCPU `index`'s pending start, if the VM runs and one is pending, and counts
+    /// the vCPU loaded in the same step: from here on the VM cannot be reset or destroyed
+    /// until the CPU calls [`Vm::leave`].
+    pub fn take_start(&mut self, index: usize) -> Option<(u64, u64)> {
+        if self.status != VmStatus::Running || self.claimed {
+            return None;
+        }
+        let start = self.psci.take_pending(index)?;
+        self.loaded += 1;
+        Some(start)
+    }
+
+    /// Asks for a reset (`SYSTEM_RESET`): every vCPU off, no vCPU starts, and the last
+    /// CPU to leave resets the VM. Returns false (and changes nothing) if the VM does
+    /// not run.
+    pub fn request_reset(&mut self) -> bool {
+        if self.status != VmStatus::Running {
+            return false;
+        }
+        self.status = VmStatus::Resetting;
+        self.psci.all_off();
+        true
+    }
+
+    /// Ends the VM with `status` (`Off` or `Failed`): every vCPU off. A VM that is already
+    /// finished keeps its first status.
+    pub fn finish(&mut self, status: VmStatus) {
+        if !self.status.finished() {
+            self.status = status;
+        }
+        self.psci.all_off();
+    }
+
+    /// Claims the VM for a reset (`reset`) or destroy: refused while a vCPU is loaded or
+    /// another CPU holds the claim. A claimed VM starts no vCPU.
+    pub(crate) fn claim(&mut self) -> bool {
+        if self.loaded > 0 || self.claimed {
+            return false;
+        }
+        self.claimed = true;
+        true
+    }
+
+    /// Gives up the claim (the reset is done).
+    pub(crate) fn release_claim(&mut self) {
+        self.claimed = false;
+    }
 }
 
 /// A live VM. Shared by the manager and the physical CPUs running its vCPUs.
@@ -55,18 +168,15 @@ pub struct Vm<S> {
     /// `VTTBR_EL2` value.
     pub vttbr: u64,
     /// Its stage-2 table (`None` once the VM is destroyed).
-    pub stage2: Mutex<Option<S>>,
-    /// vCPU power states.
-    pub psci: Mutex<PsciVm>,
-    /// Lifecycle.
-    pub status: Mutex<VmStatus>,
+    pub stage2: Lock<Option<S>>,
+    /// Lifecycle, vCPU power states and loaded vCPUs (a leaf lock).
+    pub state: Lock<VmState>,
     /// Virtual UART line buffer.
-    pub uart: Mutex<VUart>,
+    pub uart: Lock<VUart>,
+    /// Console rate limits of the guest's lines and of the lines about the VM.
+    pub console: Lock<VmConsole>,
     /// How many times vCPU 0 was started: 1 after create, +1 per reset.
     pub boots: AtomicU32,
-    /// Number of this VM's vCPUs currently executing guest code (see
-    /// [`Vm::enter`], [`Vm::leave`]); the VM may only be destroyed at 0.
-    pub in_guest: AtomicUsize,
 }
 
 impl<S> fmt::Debug for Vm<S> {
@@ -89,28 +199,108 @@ impl<S> Vm<S> {
     /// Current status.
     #[must_use]
     pub fn status(&self) -> VmStatus {
-        *self.status.lock()
+        self.state.lock().status
     }
 
-    /// Called before a physical CPU enters one of the VM's vCPUs.
-    pub fn enter(&self) {
-        self.in_guest.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// Called after a vCPU of the VM exited to the hypervisor and will not be entered
-    /// again now. Returns true when the VM is finished (powered off or stopped) and no
-    /// vCPU of it runs any more: the caller then destroys it. (Both sides order their
-    /// writes before their reads, so of a CPU finishing the VM and the last CPU leaving
-    /// it, at least one sees the other's write.)
+    /// Whether vCPU `index` may run guest code now ([`VmState::runs`]).
     #[must_use]
-    pub fn leave(&self) -> bool {
-        self.in_guest.fetch_sub(1, Ordering::SeqCst);
-        self.finished_and_idle()
+    pub fn runs(&self, index: usize) -> bool {
+        self.state.lock().runs(index)
     }
 
-    /// True when the VM is powered off or stopped and none of its vCPUs runs.
+    /// Called by a CPU whose vCPU (counted loaded by [`VmState::take_start`]) left the
+    /// guest and will not enter it again now. Says whether this CPU, the last one out,
+    /// must now destroy or reset the VM.
+    #[must_use]
+    pub fn leave(&self) -> Leave {
+        let mut st = self.state.lock();
+        st.loaded = st.loaded.saturating_sub(1);
+        if st.loaded > 0 || st.claimed {
+            Leave::Nothing
+        } else if st.status.finished() {
+            Leave::Destroy
+        } else if st.status == VmStatus::Resetting {
+            Leave::Reset
+        } else {
+            Leave::Nothing
+        }
+    }
+
+    /// Logs a line about the VM at `level` through `sink`, within the VM's budget of such
+    /// lines (`crate::console::limit`); a line that does not fit is counted, and the count
+    /// is printed before the next one that does.
+    pub fn log(
+        &self,
+        sink: &mut impl vuart::LineSink,
+        level: log::Level,
+        args: fmt::Arguments<'_>,
+    ) {
+        let admit = self.console.lock().events.admit(sink.micros());
+        if self.admitted(admit, sink, "line(s) about it") {
+            sink.event(level, args);
+        }
+    }
+
+    /// Prints line `text` of the guest through `sink`, within the guest's budget.
+    pub fn guest_line(&self, text: &str, sink: &mut impl vuart::LineSink) {
+        let admit = self.console.lock().guest.admit(sink.micros());
+        if self.admitted(admit, sink, "guest line(s)") {
+            sink.line(&self.desc.name, text);
+        }
+    }
+
+    /// Whether a line a rate limit decided on (`admit`) is printed; first reports the
+    /// `what` it held back before it, if any.
+    fn admitted(&self, admit: Admit, sink: &mut impl vuart::LineSink, what: &str) -> bool {
+        let Admit::Emit { dropped_before } = admit else {
+            return false;
+        };
+        if dropped_before > 0 {
+            sink.event(
+                log::Level::Warn,
+                format_args!(
+                    "VM {}: {dropped_before} {what} not printed (console rate limit)",
+                    self.desc.name
+                ),
+            );
+        }
+        true
+    }
+
+    /// Prints the guest's partial line and how many lines of and about the VM the rate
+    /// limits held back since the last report (as the VM ends or resets).
+    pub fn flush_console(&self, sink: &mut impl vuart::LineSink) {
+        let partial = self.uart.lock().flush();
+        if let Some(line) = partial {
+            self.guest_line(line.as_str(), sink);
+        }
+        let (guest, events) = {
+            let mut c = self.console.lock();
+            (c.guest.take_dropped(), c.events.take_dropped())
+        };
+        if guest + events > 0 {
+            sink.event(
+                log::Level::Warn,
+                format_args!(
+                    "VM {}: {guest} guest line(s) and {events} line(s) about it not printed \
+                     (console rate limit)",
+                    self.desc.name
+                ),
+            );
+        }
+    }
+
+    /// Counts a vCPU loaded without a start (tests that play a CPU already in the guest).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn enter(&self) {
+        self.state.lock().loaded += 1;
+    }
+
+    /// True when the VM is powered off or stopped and none of its vCPUs is loaded.
+    #[cfg(test)]
     #[must_use]
     pub fn finished_and_idle(&self) -> bool {
-        self.status() != VmStatus::Running && self.in_guest.load(Ordering::SeqCst) == 0
+        let st = self.state.lock();
+        st.status.finished() && st.loaded == 0
     }
 }

@@ -2,7 +2,11 @@
 //! the hypervisor itself makes).
 //!
 //! Each vCPU is `Off`, `OnPending` (a `CPU_ON` was accepted, its physical CPU has not
-//! picked it up yet) or `On`. vCPU *i* has virtual MPIDR Aff0 = *i* (all other affinity
+//! picked it up yet) or `On`. To the guest a pending vCPU is already on, as KVM answers:
+//! of several `CPU_ON` calls racing for one target exactly one gets `SUCCESS` and the
+//! others `ALREADY_ON`, and `AFFINITY_INFO` says `ON` from the successful call on (a
+//! guest that polls for `ON` after its `CPU_ON`, like Linux's CPU bring-up, never sees
+//! `ON_PENDING`, which the PSCI specification allows but does not require). vCPU *i* has virtual MPIDR Aff0 = *i* (all other affinity
 //! fields 0), which is what `VMPIDR_EL2` is set to and what the guest DTB names.
 //! Return values follow the PSCI specification (Arm DEN 0022) and use the `smccc` crate's
 //! error codes.
@@ -34,11 +38,10 @@ pub enum PowerState {
 pub enum PsciError {
     /// `INVALID_PARAMETERS` (-2): e.g. an MPIDR that names no vCPU of this VM.
     InvalidParameters,
-    /// `ALREADY_ON` (-4).
+    /// `ALREADY_ON` (-4): the target is on, or its start is pending.
     AlreadyOn,
-    /// `ON_PENDING` (-5).
-    OnPending,
-    /// `INVALID_ADDRESS` (-9): entry point outside the VM's memory.
+    /// `INVALID_ADDRESS` (-9): entry point outside the VM's memory, or not 4-byte
+    /// aligned (an AArch64 instruction address).
     InvalidAddress,
     /// `DENIED` (-3): e.g. `CPU_OFF` of a vCPU that is not on.
     Denied,
@@ -51,7 +54,6 @@ impl fmt::Display for PsciError {
         f.write_str(match self {
             Self::InvalidParameters => "INVALID_PARAMETERS",
             Self::AlreadyOn => "ALREADY_ON",
-            Self::OnPending => "ON_PENDING",
             Self::InvalidAddress => "INVALID_ADDRESS",
             Self::Denied => "DENIED",
         })
@@ -65,22 +67,20 @@ impl PsciError {
         match self {
             Self::InvalidParameters => psci_err::INVALID_PARAMETERS,
             Self::AlreadyOn => psci_err::ALREADY_ON,
-            Self::OnPending => psci_err::ON_PENDING,
             Self::InvalidAddress => psci_err::INVALID_ADDRESS,
             Self::Denied => psci_err::DENIED,
         }
     }
 }
 
-/// `AFFINITY_INFO` results (PSCI 5.1.6).
+/// `AFFINITY_INFO` results (PSCI 5.1.6). `ON_PENDING` (2) is never reported: a vCPU
+/// whose start is pending is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AffinityInfo {
     /// 0: at least one core of the affinity instance is on.
     On = 0,
     /// 1: off.
     Off = 1,
-    /// 2: on pending.
-    OnPending = 2,
 }
 
 /// The vCPU power states of one VM.
@@ -136,8 +136,7 @@ impl PsciVm {
             .get_mut(index)
             .ok_or(PsciError::InvalidParameters)?;
         match *state {
-            PowerState::On => Err(PsciError::AlreadyOn),
-            PowerState::OnPending { .. } => Err(PsciError::OnPending),
+            PowerState::On | PowerState::OnPending { .. } => Err(PsciError::AlreadyOn),
             PowerState::Off => {
                 *state = PowerState::OnPending { entry, context };
                 Ok(())
@@ -150,9 +149,9 @@ impl PsciVm {
     ///
     /// # Errors
     ///
-    /// `INVALID_PARAMETERS` for an unknown MPIDR, `INVALID_ADDRESS` for a bad entry,
-    /// `ALREADY_ON` / `ON_PENDING` when the target is not off. The state is unchanged on
-    /// error.
+    /// `INVALID_PARAMETERS` for an unknown MPIDR, `ALREADY_ON` when the target is on or
+    /// its start pending, `INVALID_ADDRESS` for an entry outside the VM's memory or not
+    /// 4-byte aligned. The state is unchanged on error.
     pub fn cpu_on(
         &mut self,
         target_mpidr: u64,
@@ -163,12 +162,12 @@ impl PsciVm {
         let index = self
             .vcpu_of_mpidr(target_mpidr)
             .ok_or(PsciError::InvalidParameters)?;
-        match self.vcpus[index] {
-            PowerState::On => return Err(PsciError::AlreadyOn),
-            PowerState::OnPending { .. } => return Err(PsciError::OnPending),
-            PowerState::Off => {}
+        if self.vcpus.get(index) != Some(&PowerState::Off) {
+            return Err(PsciError::AlreadyOn);
         }
-        if !entry_ok {
+        // The target starts in AArch64 (HCR_EL2.RW): its PC must be 4-byte aligned, or
+        // its first fetch takes a PC alignment fault (Arm ARM D1.3.5).
+        if !entry_ok || entry % 4 != 0 {
             return Err(PsciError::InvalidAddress);
         }
         self.power_on(index, entry, context)
@@ -201,10 +200,9 @@ impl PsciVm {
         let index = self
             .vcpu_of_mpidr(target_mpidr)
             .ok_or(PsciError::InvalidParameters)?;
-        Ok(match self.vcpus[index] {
-            PowerState::Off => AffinityInfo::Off,
-            PowerState::OnPending { .. } => AffinityInfo::OnPending,
-            PowerState::On => AffinityInfo::On,
+        Ok(match self.vcpus.get(index) {
+            Some(PowerState::On | PowerState::OnPending { .. }) => AffinityInfo::On,
+            _ => AffinityInfo::Off,
         })
     }
 
@@ -238,10 +236,14 @@ mod tests {
         assert_eq!(p.state(0), Some(PowerState::On));
         assert_eq!(p.affinity_info(1, 0), Ok(AffinityInfo::Off));
         p.cpu_on(1, 0x4000_1000, 42, true).expect("cpu_on");
-        assert_eq!(p.affinity_info(1, 0), Ok(AffinityInfo::OnPending));
+        assert_eq!(
+            p.affinity_info(1, 0),
+            Ok(AffinityInfo::On),
+            "on from the successful CPU_ON on"
+        );
         assert_eq!(
             p.cpu_on(1, 0x4000_1000, 42, true),
-            Err(PsciError::OnPending)
+            Err(PsciError::AlreadyOn)
         );
         assert_eq!(p.take_pending(1), Some((0x4000_1000, 42)));
         assert_eq!(p.take_pending(1), None);
@@ -274,6 +276,13 @@ mod tests {
             p.cpu_on(1, 0xdead, 0, false),
             Err(PsciError::InvalidAddress)
         );
+        for unaligned in [0x4000_0001, 0x4000_0002, 0x4000_0003] {
+            assert_eq!(
+                p.cpu_on(1, unaligned, 0, true),
+                Err(PsciError::InvalidAddress),
+                "entry {unaligned:#x}"
+            );
+        }
         assert_eq!(p.affinity_info(0, 1), Err(PsciError::InvalidParameters));
         assert_eq!(p.cpu_off(5), Err(PsciError::Denied));
         assert_eq!(p, before);
@@ -286,7 +295,6 @@ mod tests {
         assert_eq!(PsciError::InvalidParameters.code(), -2);
         assert_eq!(PsciError::Denied.code(), -3);
         assert_eq!(PsciError::AlreadyOn.code(), -4);
-        assert_eq!(PsciError::OnPending.code(), -5);
         assert_eq!(PsciError::InvalidAddress.code(), -9);
     }
 
@@ -297,5 +305,28 @@ mod tests {
         p.power_on(2, 1, 2).expect("on");
         p.all_off();
         assert_eq!(p.running(), 0);
+    }
+
+    /// Several vCPUs race `CPU_ON` to one target, in every order the lock can serialise
+    /// them: exactly one succeeds, every other gets `ALREADY_ON`, and from the success on
+    /// `AFFINITY_INFO` says `ON`, whether or not the target's CPU took its start yet.
+    #[test]
+    fn racing_cpu_on_one_success_others_already_on() {
+        for taken_after in 0..5 {
+            let mut p = PsciVm::new(4);
+            let mut results = Vec::new();
+            for caller in 0..5 {
+                if caller == taken_after {
+                    p.take_pending(3);
+                }
+                results.push(p.cpu_on(3, 0x4000_0000 + caller * 4, caller, true));
+                assert_eq!(p.affinity_info(3, 0), Ok(AffinityInfo::On));
+            }
+            assert_eq!(results[0], Ok(()));
+            assert!(
+                results[1..].iter().all(|r| *r == Err(PsciError::AlreadyOn)),
+                "{results:?}"
+            );
+        }
     }
 }

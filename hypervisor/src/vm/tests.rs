@@ -11,15 +11,74 @@ use alloc::sync::Arc;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Fake host memory (sparse: absent bytes are zero) and stage-2 tables that take one
-/// root frame plus one frame per 2 MiB of IPA space they map, from a shared counter.
+/// Fake host memory: sparse bytes (absent bytes are zero) and how many bytes were
+/// zeroed; shared between the [`Fake`] the tests inspect and the handle the manager
+/// keeps.
+#[derive(Clone, Default)]
+pub(crate) struct FakeMem(Arc<std::sync::Mutex<(BTreeMap<u64, u8>, u64)>>);
+
+impl FakeMem {
+    fn inner(&self) -> std::sync::MutexGuard<'_, (BTreeMap<u64, u8>, u64)> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl GuestMemory for FakeMem {
+    fn zero(&self, pa: u64, len: u64) {
+        let mut m = self.inner();
+        m.1 += len;
+        let keys: Vec<u64> = m.0.range(pa..pa + len).map(|(k, _)| *k).collect();
+        for k in keys {
+            m.0.remove(&k);
+        }
+    }
+    fn copy(&self, dst: u64, src: u64, len: u64) {
+        let mut m = self.inner();
+        let keys: Vec<u64> = m.0.range(dst..dst + len).map(|(k, _)| *k).collect();
+        for k in keys {
+            m.0.remove(&k);
+        }
+        let src_bytes: Vec<(u64, u8)> = m.0.range(src..src + len).map(|(k, v)| (*k, *v)).collect();
+        for (k, v) in src_bytes {
+            m.0.insert(k - src + dst, v);
+        }
+    }
+}
+
+/// Fake host memory and stage-2 tables that take one root frame plus one frame per 2 MiB
+/// of IPA space they map, from a shared counter.
 #[derive(Default)]
 pub(crate) struct Fake {
-    pub mem: BTreeMap<u64, u8>,
+    pub memory: FakeMem,
     pub frames: Arc<AtomicUsize>,
     pub flushed: Vec<Vmid>,
     pub fail_map_at: Option<u64>,
-    pub zeroed: u64,
+}
+
+impl Fake {
+    /// The fake memory's bytes.
+    pub fn mem(&self) -> impl std::ops::DerefMut<Target = BTreeMap<u64, u8>> + '_ {
+        struct Bytes<'a>(std::sync::MutexGuard<'a, (BTreeMap<u64, u8>, u64)>);
+        impl std::ops::Deref for Bytes<'_> {
+            type Target = BTreeMap<u64, u8>;
+            fn deref(&self) -> &Self::Target {
+                &self.0 .0
+            }
+        }
+        impl std::ops::DerefMut for Bytes<'_> {
+            fn deref_mut(&mut self) -> &mut Self::Target {
+                &mut self.0 .0
+            }
+        }
+        Bytes(self.memory.inner())
+    }
+
+    /// Bytes zeroed so far.
+    pub fn zeroed(&self) -> u64 {
+        self.memory.inner().1
+    }
 }
 
 pub(crate) struct FakeS2 {
@@ -129,6 +188,10 @@ impl VmidFlush for Fake {
 
 impl Backend for Fake {
     type S2 = FakeS2;
+    type Mem = FakeMem;
+    fn memory(&self) -> FakeMem {
+        self.memory.clone()
+    }
     fn new_stage2(&mut self, vmid: Vmid, _mappings: Stage2Mappings) -> Result<FakeS2, mmu::Error> {
         self.frames.fetch_add(1, Ordering::SeqCst);
         Ok(FakeS2 {
@@ -150,27 +213,6 @@ impl Backend for Fake {
     fn table_frames(&self) -> usize {
         self.frames.load(Ordering::SeqCst)
     }
-    fn zero(&mut self, pa: u64, len: u64) {
-        self.zeroed += len;
-        let keys: Vec<u64> = self.mem.range(pa..pa + len).map(|(k, _)| *k).collect();
-        for k in keys {
-            self.mem.remove(&k);
-        }
-    }
-    fn copy(&mut self, dst: u64, src: u64, len: u64) {
-        let keys: Vec<u64> = self.mem.range(dst..dst + len).map(|(k, _)| *k).collect();
-        for k in keys {
-            self.mem.remove(&k);
-        }
-        let src_bytes: Vec<(u64, u8)> = self
-            .mem
-            .range(src..src + len)
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        for (k, v) in src_bytes {
-            self.mem.insert(k - src + dst, v);
-        }
-    }
 }
 
 /// The fake memory of [`Fake`] with real `mmu` stage-2 tables whose frames come from
@@ -190,6 +232,10 @@ impl VmidFlush for MmuFake {
 
 impl Backend for MmuFake {
     type S2 = MmuS2;
+    type Mem = FakeMem;
+    fn memory(&self) -> FakeMem {
+        self.fake.memory.clone()
+    }
     fn new_stage2(&mut self, vmid: Vmid, mappings: Stage2Mappings) -> Result<MmuS2, mmu::Error> {
         // The VMID size is the machine's; 16 bits covers every VMID the manager hands
         // out under either setting.
@@ -209,12 +255,6 @@ impl Backend for MmuFake {
     fn table_frames(&self) -> usize {
         self.frames.in_use()
     }
-    fn zero(&mut self, pa: u64, len: u64) {
-        self.fake.zero(pa, len);
-    }
-    fn copy(&mut self, dst: u64, src: u64, len: u64) {
-        self.fake.copy(dst, src, len);
-    }
 }
 
 /// The guest RAM of the test managers: 4 MiB.
@@ -229,12 +269,12 @@ pub(crate) fn desc(pa: u64, cpu: u32) -> VmDesc {
 }
 
 pub(crate) fn manager() -> VmManager<Fake> {
-    let mut fake = Fake::default();
+    let fake = Fake::default();
     // A recognisable staged kernel image: 0x2000 bytes at 0x7000_0000.
     for i in (0..0x2000u64).step_by(61) {
-        fake.mem.insert(0x7000_0000 + i, (i % 251) as u8 + 1);
+        fake.mem().insert(0x7000_0000 + i, (i % 251) as u8 + 1);
     }
-    fake.mem.insert(0x7000_1fff, 0xee);
+    fake.mem().insert(0x7000_1fff, 0xee);
     VmManager::new(fake, VmidBits::Eight, GUEST_RAM)
 }
 
@@ -257,15 +297,15 @@ fn create_maps_ram_loads_image_and_starts_vcpu0() {
         );
     }
     m.with_backend(|p| {
-        assert_eq!(p.mem.get(&0x5000_0000), Some(&1));
-        assert_eq!(p.mem.get(&0x5000_1fff), Some(&0xee));
+        assert_eq!(p.mem().get(&0x5000_0000), Some(&1));
+        assert_eq!(p.mem().get(&0x5000_1fff), Some(&0xee));
         assert_eq!(
-            p.mem.get(&(0x5000_0000 + 61 * 7)),
+            p.mem().get(&(0x5000_0000 + 61 * 7)),
             Some(&((61 * 7 % 251) as u8 + 1))
         );
-        assert_eq!(p.mem.get(&0x5000_2000), None);
+        assert_eq!(p.mem().get(&0x5000_2000), None);
     });
-    assert_eq!(vm.psci.lock().take_pending(0), Some((0x4000_0000, 0)));
+    assert_eq!(vm.state.lock().psci.take_pending(0), Some((0x4000_0000, 0)));
     assert!(vm.is_ram(0x400f_f000, 0x1000));
     assert!(!vm.is_ram(0x400f_f000, 0x1001));
     assert_eq!(m.outcome(), None);
@@ -340,7 +380,7 @@ fn thousand_create_destroy_cycles_leak_nothing() {
         assert_eq!(used, 2);
         // The guest dirties its RAM.
         m.with_backend(|p| {
-            p.mem.insert(pa + 0xf_f000, 0xaa);
+            p.mem().insert(pa + 0xf_f000, 0xaa);
         });
         let (ida, idb) = (a.id, b.id);
         // `a` is still referenced (as a CPU would): destroy must not depend on that.
@@ -349,7 +389,7 @@ fn thousand_create_destroy_cycles_leak_nothing() {
         m.destroy(idb).expect("destroy b");
         m.with_backend(|p| {
             assert_eq!(
-                p.mem.range(0x5000_0000..0x5040_0000).count(),
+                p.mem().range(0x5000_0000..0x5040_0000).count(),
                 0,
                 "RAM scrubbed"
             );
@@ -393,6 +433,10 @@ impl VmidFlush for MachineLike {
 
 impl Backend for MachineLike {
     type S2 = MmuStage2<SharedFrames, mmu::testing::RecordingTlb>;
+    type Mem = FakeMem;
+    fn memory(&self) -> FakeMem {
+        self.fake.memory.clone()
+    }
     fn new_stage2(&mut self, vmid: Vmid, mappings: Stage2Mappings) -> Result<Self::S2, mmu::Error> {
         let tlb = mmu::testing::RecordingTlb::new();
         self.stage2.new_table(vmid, self.frames, tlb, mappings)
@@ -402,12 +446,6 @@ impl Backend for MachineLike {
     }
     fn table_frames(&self) -> usize {
         self.frames.pool().lock().in_use()
-    }
-    fn zero(&mut self, pa: u64, len: u64) {
-        self.fake.zero(pa, len);
-    }
-    fn copy(&mut self, dst: u64, src: u64, len: u64) {
-        self.fake.copy(dst, src, len);
     }
 }
 
@@ -594,27 +632,27 @@ fn reset_reloads_and_outcome() {
     let m = manager();
     let a = m.create(desc(0x5000_0000, 1)).expect("a");
     let b = m.create(desc(0x5010_0000, 2)).expect("b");
-    a.psci.lock().take_pending(0);
+    a.state.lock().psci.take_pending(0);
     m.with_backend(|p| {
-        p.mem.insert(0x5000_0000, 0x55);
-        p.mem.insert(0x5008_0000, 0x66);
+        p.mem().insert(0x5000_0000, 0x55);
+        p.mem().insert(0x5008_0000, 0x66);
     });
     assert_eq!(a.boots.load(Ordering::SeqCst), 1);
     m.reset(a.id).expect("reset");
     assert_eq!(a.boots.load(Ordering::SeqCst), 2);
     m.with_backend(|p| {
-        assert_eq!(p.mem.get(&0x5000_0000), Some(&1), "image copied again");
-        assert_eq!(p.mem.get(&0x5008_0000), None, "RAM scrubbed");
+        assert_eq!(p.mem().get(&0x5000_0000), Some(&1), "image copied again");
+        assert_eq!(p.mem().get(&0x5008_0000), None, "RAM scrubbed");
     });
-    assert_eq!(a.psci.lock().take_pending(0), Some((0x4000_0000, 0)));
+    assert_eq!(a.state.lock().psci.take_pending(0), Some((0x4000_0000, 0)));
     // Both VMs have a vCPU that never leaves the guest.
     a.enter();
     b.enter();
-    *a.status.lock() = VmStatus::Off;
+    a.state.lock().status = VmStatus::Off;
     assert_eq!(m.outcome(), None);
-    *b.status.lock() = VmStatus::Failed;
+    b.state.lock().status = VmStatus::Failed;
     assert_eq!(m.outcome(), Some(false));
-    *b.status.lock() = VmStatus::Off;
+    b.state.lock().status = VmStatus::Off;
     assert_eq!(m.outcome(), Some(true));
     assert_eq!(m.reset(9), Err(VmError::NoSuchVm(9)));
 }
@@ -625,15 +663,19 @@ fn finished_vms_are_destroyed_only_when_idle_and_remembered() {
     let a = m.create(desc(0x5000_0000, 1)).expect("a");
     let b = m.create(desc(0x5010_0000, 2)).expect("b");
     a.enter();
-    assert!(!a.leave(), "a running VM is not finished");
+    assert_eq!(a.leave(), Leave::Nothing, "a running VM is not finished");
     a.enter();
-    *a.status.lock() = VmStatus::Failed;
+    a.state.lock().status = VmStatus::Failed;
     assert!(!a.finished_and_idle(), "a vCPU still runs it");
-    assert!(a.leave(), "the last vCPU out finds it finished");
+    assert_eq!(
+        a.leave(),
+        Leave::Destroy,
+        "the last vCPU out finds it finished"
+    );
     assert_eq!(m.outcome(), None, "a waits to be destroyed");
     m.destroy(a.id).expect("destroy a");
     assert_eq!(m.outcome(), None, "b still runs");
-    *b.status.lock() = VmStatus::Off;
+    b.state.lock().status = VmStatus::Off;
     assert!(b.finished_and_idle());
     assert_eq!(m.outcome(), None, "b waits to be destroyed");
     m.destroy(b.id).expect("destroy b");
@@ -652,18 +694,22 @@ fn create_scrubs_every_byte_the_images_do_not_cover() {
     let m = manager();
     // Stale data in the RAM the VM will get: inside and outside the image's range.
     m.with_backend(|p| {
-        p.mem.insert(0x5000_0010, 0x55);
-        p.mem.insert(0x5000_3000, 0x66);
-        p.mem.insert(0x500f_ffff, 0x77);
+        p.mem().insert(0x5000_0010, 0x55);
+        p.mem().insert(0x5000_3000, 0x66);
+        p.mem().insert(0x500f_ffff, 0x77);
     });
     let vm = m.create(desc(0x5000_0000, 1)).expect("create");
     let ram = vm.desc.ram_size();
     m.with_backend(|p| {
         // The 0x2000-byte image replaced what was under it; the rest is zero.
-        assert_eq!(p.zeroed, ram - 0x2000, "only the bytes no image covers");
-        assert_eq!(p.mem.get(&0x5000_0010), None, "image bytes there are zero");
-        assert_eq!(p.mem.get(&0x5000_1fff), Some(&0xee));
-        assert_eq!(p.mem.get(&0x5000_3000), None);
-        assert_eq!(p.mem.get(&0x500f_ffff), None);
+        assert_eq!(p.zeroed(), ram - 0x2000, "only the bytes no image covers");
+        assert_eq!(
+            p.mem().get(&0x5000_0010),
+            None,
+            "image bytes there are zero"
+        );
+        assert_eq!(p.mem().get(&0x5000_1fff), Some(&0xee));
+        assert_eq!(p.mem().get(&0x5000_3000), None);
+        assert_eq!(p.mem().get(&0x500f_ffff), None);
     });
 }

@@ -7,7 +7,7 @@
 //! (transmit FIFO empty, receive FIFO empty), so a driver polling "TX full" never waits.
 //! Every other register reads as 0 and ignores writes.
 
-use alloc::string::String;
+use crate::console::line::{Line, LineBuffer};
 
 /// Data register offset.
 pub const UARTDR: u64 = 0x000;
@@ -15,19 +15,23 @@ pub const UARTDR: u64 = 0x000;
 pub const UARTFR: u64 = 0x018;
 /// `UARTFR` value: TXFE (bit 7) | RXFE (bit 4).
 pub const FR_IDLE: u64 = (1 << 7) | (1 << 4);
-/// A line longer than this is emitted in pieces.
-pub const MAX_LINE: usize = 160;
 
-/// Receives the finished lines.
+/// Where the console lines of and about a VM go, and the clock their rate limits read
+/// ([`crate::vm::Vm::guest_line`], [`crate::vm::Vm::log`]).
 pub trait LineSink {
-    /// Emits one line (without its newline) of VM `name`.
+    /// Emits one line (without its newline) that VM `name`'s guest printed.
     fn line(&mut self, name: &str, text: &str);
+    /// Emits one hypervisor log line about a VM.
+    fn event(&mut self, level: log::Level, args: core::fmt::Arguments<'_>);
+    /// Microseconds since boot.
+    fn micros(&self) -> u64;
 }
 
-/// The per-VM line buffer.
+/// The per-VM UART: a line buffer (`crate::console::line`). Completed lines are handed
+/// back to the caller, which prints them once the UART's lock is released.
 #[derive(Debug, Default)]
 pub struct VUart {
-    line: String,
+    line: LineBuffer,
 }
 
 impl VUart {
@@ -35,7 +39,7 @@ impl VUart {
     #[must_use]
     pub const fn new() -> Self {
         Self {
-            line: String::new(),
+            line: LineBuffer::new(),
         }
     }
 
@@ -49,35 +53,17 @@ impl VUart {
         }
     }
 
-    /// Emulates a write of `value` to `offset`.
-    pub fn write(&mut self, offset: u64, value: u64, name: &str, sink: &mut impl LineSink) {
+    /// Emulates a write of `value` to `offset`; returns the line it completed, if any.
+    pub fn write(&mut self, offset: u64, value: u64) -> Option<Line> {
         if offset != UARTDR {
-            return;
+            return None;
         }
-        match value as u8 {
-            b'\n' => self.flush(name, sink),
-            b'\r' => {}
-            b => {
-                // Control bytes and non-ASCII become '?' so the host console stays sane.
-                let c = if b.is_ascii_graphic() || b == b' ' || b == b'\t' {
-                    b as char
-                } else {
-                    '?'
-                };
-                self.line.push(c);
-                if self.line.len() >= MAX_LINE {
-                    self.flush(name, sink);
-                }
-            }
-        }
+        self.line.push(value as u8)
     }
 
-    /// Emits a pending partial line, if any.
-    pub fn flush(&mut self, name: &str, sink: &mut impl LineSink) {
-        if !self.line.is_empty() {
-            sink.line(name, &self.line);
-            self.line.clear();
-        }
+    /// The pending partial line, if any.
+    pub fn flush(&mut self) -> Option<Line> {
+        self.line.take()
     }
 }
 
@@ -85,32 +71,18 @@ impl VUart {
 mod tests {
     use super::*;
 
-    #[derive(Default)]
-    struct Lines(Vec<String>);
-    impl LineSink for Lines {
-        fn line(&mut self, name: &str, text: &str) {
-            self.0.push(format!("[{name}] {text}"));
-        }
-    }
-
     #[test]
-    fn lines_are_prefixed_and_split() {
+    fn lines_are_collected_from_uartdr_only() {
         let mut u = VUart::new();
-        let mut out = Lines::default();
-        for b in b"hello\r\nworld\x01\n\n" {
-            u.write(UARTDR, u64::from(*b) | 0xff00, "vm1", &mut out);
+        let mut out = Vec::new();
+        for b in b"hello\r\nworld\x01\n" {
+            out.extend(u.write(UARTDR, u64::from(*b) | 0xff00));
         }
-        u.write(0x24, u64::from(b'x'), "vm1", &mut out); // not UARTDR: ignored
-        assert_eq!(
-            out.0,
-            vec!["[vm1] hello".to_string(), "[vm1] world?".to_string()]
-        );
-        for _ in 0..MAX_LINE + 3 {
-            u.write(UARTDR, u64::from(b'a'), "v", &mut out);
-        }
-        assert_eq!(out.0.len(), 3);
-        u.flush("v", &mut out);
-        assert_eq!(out.0[3], "[v] aaa");
+        assert_eq!(u.write(0x24, u64::from(b'\n')), None, "not UARTDR: ignored");
+        let out: Vec<&str> = out.iter().map(Line::as_str).collect();
+        assert_eq!(out, ["hello", "world?"]);
+        u.write(UARTDR, u64::from(b'x'));
+        assert_eq!(u.flush().map(|l| l.as_str().to_string()), Some("x".into()));
     }
 
     #[test]

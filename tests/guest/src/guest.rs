@@ -26,6 +26,10 @@ const ARG_RESET: u64 = 1 << 3;
 const ARG_SHARING: u64 = 1 << 4;
 const ARG_SPLIT_MERGE: u64 = 1 << 5;
 const ARG_PMU: u64 = 1 << 6;
+const ARG_RACE: u64 = 1 << 7;
+const ARG_OFF_RESET: u64 = 1 << 8;
+const ARG_HOSTILE: u64 = 1 << 9;
+const ARG_BYSTANDER: u64 = 1 << 10;
 /// How long `ARG_LINGER` keeps the guest running.
 const LINGER_SECONDS: u64 = 3;
 
@@ -151,6 +155,7 @@ macro_rules! println {
     }};
 }
 
+mod hostile;
 mod pmu;
 mod sharing;
 mod split_merge;
@@ -344,6 +349,10 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
         mmu_on();
         if arg == split_merge::LOAD_CONTEXT {
             split_merge::load();
+        } else if arg == hostile::RACE_CONTEXT {
+            hostile::race_second();
+        } else if arg == hostile::OFF_RESET_CONTEXT {
+            hostile::off_reset_second();
         } else {
             let info = hvc(VM_INFO, &[]);
             SECOND_SEEN.store(info[3] + 1, Ordering::SeqCst);
@@ -370,6 +379,13 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
         }
     };
     mmu_on();
+    // The lifecycle races run on every boot, without the base checks.
+    if arg & ARG_RACE != 0 {
+        hostile::race();
+    }
+    if arg & ARG_OFF_RESET != 0 {
+        hostile::off_reset();
+    }
     let s = sctlr();
     check("mmu-on", s & 1 == 1, format_args!("SCTLR_EL1 {s:#x}"));
 
@@ -429,6 +445,17 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
     if arg & ARG_PMU != 0 {
         pmu::pmu_check();
     }
+    if arg & ARG_HOSTILE != 0 {
+        hostile::hostile();
+    }
+    if arg & ARG_BYSTANDER != 0 {
+        hostile::bystander();
+    }
+    done()
+}
+
+/// Prints the final report and powers the VM off.
+fn done() -> ! {
     println!(
         "DONE pass={} fail={}",
         PASSED.load(Ordering::SeqCst),

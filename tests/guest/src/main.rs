@@ -14,7 +14,11 @@
 //!   shares and lends pages, VM 1 retrieves them; `guest::sharing`);
 //! - bit 5: split and merge a stage-2 block under load: VM 0 shares and reclaims one
 //!   page 250 times while its vCPU 1 checks words on every page of the upper half of
-//!   the same 2 MiB RAM block; VM 1 waits for the end (`guest::split_merge`).
+//!   the same 2 MiB RAM block; VM 1 waits for the end (`guest::split_merge`);
+//! - bits 7 to 10: adversarial scenarios (`guest::hostile`): 7, a lifecycle race on every
+//!   reset and the power-off; 8, a reset by vCPU 1 while vCPU 0 is off; 9, a hostile VM
+//!   (quota, storms, bad PSCI arguments, unused SMCCC ranges, aborts); 10, a bystander
+//!   that outlives it (VM 2 of the description must still share while it runs).
 //!
 //! It builds its own EL1&0 stage-1 tables with `mmu`, turns the MMU on, runs its checks,
 //! prints one `PASS name` or `FAIL name: detail` line per check and a final

@@ -32,8 +32,12 @@ pub const MAX_PAGES: u64 = 65_536;
 pub enum Error {
     /// `INVALID_PARAMETERS` (-2).
     InvalidParameters,
-    /// `NO_MEMORY` (-3).
+    /// `NO_MEMORY` (-3): no table frame, or the owner's limit of live transactions
+    /// (`sharing-max-owned`) is reached.
     NoMemory,
+    /// `BUSY` (-4): the receiver's limit of live transactions from this owner
+    /// (`sharing-max-received`) is reached.
+    Busy,
     /// `DENIED` (-6).
     Denied,
     /// `NO_DATA` (-9).
@@ -47,6 +51,7 @@ impl Error {
         match self {
             Self::InvalidParameters => -2,
             Self::NoMemory => -3,
+            Self::Busy => -4,
             Self::Denied => -6,
             Self::NoData => -9,
         }
@@ -69,6 +74,7 @@ impl fmt::Display for Error {
         f.write_str(match self {
             Self::InvalidParameters => "INVALID_PARAMETERS",
             Self::NoMemory => "NO_MEMORY",
+            Self::Busy => "BUSY",
             Self::Denied => "DENIED",
             Self::NoData => "NO_DATA",
         })
@@ -185,10 +191,12 @@ pub enum Request {
         handle: u64,
     },
     /// `QUERY`: x1 = handle, or 0 for the oldest pending transaction addressed to the
-    /// caller.
+    /// caller by owner x2.
     Query {
         /// Handle or 0.
         handle: u64,
+        /// With handle 0: the owner VM id.
+        owner: u64,
     },
 }
 
@@ -216,7 +224,10 @@ impl Request {
             },
             fid::RELINQUISH => Self::Relinquish { handle: x[1] },
             fid::RECLAIM => Self::Reclaim { handle: x[1] },
-            fid::QUERY => Self::Query { handle: x[1] },
+            fid::QUERY => Self::Query {
+                handle: x[1],
+                owner: x[2],
+            },
             _ => return None,
         })
     }

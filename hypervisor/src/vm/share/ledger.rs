@@ -4,15 +4,186 @@
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::fmt;
 
 use super::abi::{Error, Kind, Perms, Request, MAX_PAGES};
 
-/// Most live transactions; one more is refused with [`Error::NoMemory`].
-pub const MAX_TRANSACTIONS: usize = 64;
 use super::page_state::{all_in_state, nothing_mapped, PageState};
-use crate::config::VmDesc;
+use crate::config::{SharingLimits, VmDesc};
 use crate::mem::PAGE_SIZE;
+use crate::vm::vuart::LineSink;
 use crate::vm::{S2Kind, Stage2Table, Vm, VmStatus, IPA_BITS};
+
+/// A VM name copied out of its description, for a log line printed after the locks a
+/// call ran under are released (VM names are at most 32 bytes, `docs/vms.md`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Name {
+    bytes: [u8; 32],
+    len: u8,
+}
+
+impl Name {
+    fn of(name: &str) -> Self {
+        let mut bytes = [0; 32];
+        let len = name.len().min(32);
+        bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
+        Self {
+            bytes,
+            len: len as u8,
+        }
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.bytes[..usize::from(self.len)];
+        f.write_str(core::str::from_utf8(s).unwrap_or("?"))
+    }
+}
+
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+/// What a successful call did, for its log line ([`Note::log`]), which the caller prints
+/// once every lock is released.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Note {
+    /// Nothing to say (a failed call, or `QUERY`).
+    None,
+    /// `SHARE`/`LEND` made a transaction.
+    Gave {
+        /// The transaction.
+        t: Transaction,
+        /// Receiver's name.
+        receiver: Name,
+    },
+    /// `RETRIEVE` mapped a transaction's pages into the caller.
+    Retrieved {
+        /// The transaction, retrieved.
+        t: Transaction,
+        /// Owner's name.
+        owner: Name,
+    },
+    /// `RELINQUISH` unmapped them again.
+    Relinquished {
+        /// The transaction (pending again).
+        t: Transaction,
+        /// Where they were mapped.
+        ipa: u64,
+    },
+    /// `RECLAIM` ended a transaction.
+    Reclaimed {
+        /// The ended transaction.
+        t: Transaction,
+    },
+}
+
+impl Note {
+    /// Logs what the call `req` of `caller` did (x0 = `status`) through `sink`, within the
+    /// VM's budget of lines about it ([`Vm::log`]): an info line for a change, a debug
+    /// line for a failure.
+    pub fn log<S>(&self, caller: &Vm<S>, sink: &mut impl LineSink, req: &Request, status: u64) {
+        let name = &caller.desc.name;
+        let info = log::Level::Info;
+        match *self {
+            Self::None => {
+                if status != 0 && log::log_enabled!(log::Level::Debug) {
+                    caller.log(
+                        sink,
+                        log::Level::Debug,
+                        format_args!("VM {name}: {req:x?} failed: {}", status as i64),
+                    );
+                }
+            }
+            Self::Gave { t, receiver } => caller.log(
+                sink,
+                info,
+                format_args!(
+                    "VM {name} {} {} page(s) at IPA {:#x} with VM {receiver} ({}): handle {}",
+                    match t.kind {
+                        Kind::Share => "shares",
+                        Kind::Lend => "lends",
+                    },
+                    t.pages,
+                    t.ipa,
+                    t.perms,
+                    t.handle
+                ),
+            ),
+            Self::Retrieved { t, owner } => {
+                if let State::Retrieved { ipa, perms } = t.state {
+                    caller.log(
+                        sink,
+                        info,
+                        format_args!(
+                            "VM {name} retrieves handle {} from VM {owner}: {} page(s) at IPA \
+                             {ipa:#x} ({perms})",
+                            t.handle, t.pages
+                        ),
+                    );
+                }
+            }
+            Self::Relinquished { t, ipa } => caller.log(
+                sink,
+                info,
+                format_args!(
+                    "VM {name} relinquishes handle {}: {} page(s) at IPA {ipa:#x} unmapped",
+                    t.handle, t.pages
+                ),
+            ),
+            Self::Reclaimed { t } => caller.log(
+                sink,
+                info,
+                format_args!(
+                    "VM {name} reclaims handle {}: {} page(s) at IPA {:#x} are its own again",
+                    t.handle, t.pages, t.ipa
+                ),
+            ),
+        }
+    }
+}
+
+/// What [`Ledger::end_all`] did, logged by the caller once its locks are released.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ended {
+    /// Borrowed mappings of the VM removed (its transactions pending again).
+    pub relinquished: usize,
+    /// Transactions it owned that ended (revoked from their receiver if retrieved).
+    pub revoked: usize,
+    /// Operations that failed (pages left mapped or not returned); never expected.
+    pub failed: usize,
+    /// Handle of the last transaction revoked.
+    pub last_revoked: u64,
+}
+
+impl Ended {
+    /// Logs the summary for VM `name` (nothing if nothing ended).
+    pub fn log(&self, name: &str) {
+        if self.relinquished > 0 {
+            log::info!(
+                "VM {name}: {} borrowed mapping(s) relinquished as the VM ends or resets",
+                self.relinquished
+            );
+        }
+        if self.revoked > 0 {
+            log::info!(
+                "VM {name}: {} transaction(s) revoked and ended as the VM ends or resets \
+                 (last handle {})",
+                self.revoked,
+                self.last_revoked
+            );
+        }
+        if self.failed > 0 {
+            log::error!(
+                "VM {name}: {} memory-sharing operation(s) failed as the VM ended",
+                self.failed
+            );
+        }
+    }
+}
 
 /// Where a transaction is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,7 +202,9 @@ pub enum State {
 /// One live transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Transaction {
-    /// Its handle (non-zero, never reused).
+    /// Its handle (non-zero, never reused): owner id \[63:48\], receiver id \[47:32\],
+    /// and the count of transactions that owner made with that receiver \[31:0\], so it
+    /// tells either party nothing it does not know (no other VM's activity).
     pub handle: u64,
     /// Share or lend.
     pub kind: Kind,
@@ -188,28 +361,85 @@ fn find_vm<S>(vms: &[Arc<Vm<S>>], id: u32) -> Option<&Vm<S>> {
     vms.iter().find(|v| v.id == id).map(|v| &**v)
 }
 
-/// The live transactions, and the calls that make and end them.
+/// A VM as a party to transactions: its limits, and the last handle number it used
+/// with each receiver.
 #[derive(Debug)]
+struct Party {
+    id: u32,
+    limits: SharingLimits,
+    /// Live transactions it owns.
+    owned: u32,
+    /// `sequence[r]`: transactions made so far with receiver VM id `r`.
+    sequence: Vec<u32>,
+}
+
+/// The live transactions, and the calls that make and end them.
+#[derive(Debug, Default)]
 pub struct Ledger {
     live: Vec<Transaction>,
-    next_handle: u64,
+    parties: Vec<Party>,
 }
 
-impl Default for Ledger {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+/// Highest VM id a handle can name (16 bits each for owner and receiver).
+const MAX_PARTY_ID: u32 = 0xffff;
 
 impl Ledger {
-    /// No transactions; room for [`MAX_TRANSACTIONS`] is reserved now, so creating one
-    /// never allocates.
+    /// No transactions and no parties.
     #[must_use]
     pub fn new() -> Self {
-        Self {
-            live: Vec::with_capacity(MAX_TRANSACTIONS),
-            next_handle: 1,
+        Self::default()
+    }
+
+    /// Registers VM `id` (before it runs) with its `limits`. Room for the transactions it
+    /// may own is reserved now, so a call never allocates: the table can hold every
+    /// party's quota at once, and no VM can take another's room.
+    pub fn add_party(&mut self, id: u32, limits: SharingLimits) {
+        // One sequence per possible receiver: VM ids are dense, from 0 in creation order.
+        let width = self
+            .parties
+            .iter()
+            .map(|p| p.sequence.len())
+            .max()
+            .unwrap_or(0)
+            .max(id.min(MAX_PARTY_ID) as usize + 1);
+        for p in &mut self.parties {
+            p.sequence.resize(width, 0);
         }
+        self.live.reserve(limits.owned as usize);
+        self.parties.push(Party {
+            id,
+            limits,
+            owned: 0,
+            sequence: alloc::vec![0; width],
+        });
+    }
+
+    /// Forgets VM `id` (destroyed; its transactions were ended by [`Self::end_all`]).
+    pub fn remove_party(&mut self, id: u32) {
+        self.parties.retain(|p| p.id != id);
+    }
+
+    fn party(&self, id: u32) -> Option<&Party> {
+        self.parties.iter().find(|p| p.id == id)
+    }
+
+    fn party_mut(&mut self, id: u32) -> Option<&mut Party> {
+        self.parties.iter_mut().find(|p| p.id == id)
+    }
+
+    /// The handle the next transaction of `owner` with `receiver` gets (not taken yet).
+    fn next_handle(&self, owner: u32, receiver: u32) -> Result<u64, Error> {
+        if owner > MAX_PARTY_ID || receiver > MAX_PARTY_ID {
+            return Err(Error::NoMemory);
+        }
+        let p = self.party(owner).ok_or(Error::Denied)?;
+        let seq = p
+            .sequence
+            .get(receiver as usize)
+            .ok_or(Error::Denied)?
+            .checked_add(1)
+            .ok_or(Error::NoMemory)?;
+        Ok((u64::from(owner) << 48) | (u64::from(receiver) << 32) | u64::from(seq))
     }
 
     /// The live transactions, oldest first.
@@ -231,8 +461,8 @@ impl Ledger {
     }
 
     /// Runs one call by `caller` (a live, running VM); `vms` are the live VMs (the
-    /// caller among them). Returns x1..x3 on success. Logs one line per successful
-    /// call that changes something (info), and failures (debug).
+    /// caller among them). Returns x1..x3 on success, and what to log ([`Note::log`]) once
+    /// the caller's locks are released.
     ///
     /// # Errors
     ///
@@ -242,7 +472,7 @@ impl Ledger {
         vms: &[Arc<Vm<S>>],
         caller: &Vm<S>,
         req: Request,
-    ) -> Result<[u64; 3], Error> {
+    ) -> (Result<[u64; 3], Error>, Note) {
         let r = match req {
             Request::Give {
                 kind,
@@ -252,20 +482,24 @@ impl Ledger {
                 perms,
             } => self
                 .give(vms, caller, kind, ipa, pages, receiver, perms)
-                .map(|h| [h, 0, 0]),
+                .map(|(t, receiver)| ([t.handle, 0, 0], Note::Gave { t, receiver })),
             Request::Retrieve { handle, ipa, perms } => self
                 .retrieve(vms, caller, handle, ipa, perms)
-                .map(|()| [0; 3]),
-            Request::Relinquish { handle } => self.relinquish(caller, handle).map(|()| [0; 3]),
-            Request::Reclaim { handle } => self.reclaim(caller, handle).map(|()| [0; 3]),
-            Request::Query { handle } => self
-                .query(caller.id, handle)
-                .map(|t| [t.handle, t.packed(), t.pages]),
+                .map(|(t, owner)| ([0; 3], Note::Retrieved { t, owner })),
+            Request::Relinquish { handle } => self
+                .relinquish(caller, handle)
+                .map(|(t, ipa)| ([0; 3], Note::Relinquished { t, ipa })),
+            Request::Reclaim { handle } => self
+                .reclaim(caller, handle)
+                .map(|t| ([0; 3], Note::Reclaimed { t })),
+            Request::Query { handle, owner } => self
+                .query(caller.id, handle, owner)
+                .map(|t| ([t.handle, t.packed(), t.pages], Note::None)),
         };
-        if let Err(e) = r {
-            log::debug!("VM {}: {req:x?} failed: {e}", caller.desc.name);
+        match r {
+            Ok((regs, note)) => (Ok(regs), note),
+            Err(e) => (Err(e), Note::None),
         }
-        r
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -278,7 +512,7 @@ impl Ledger {
         pages: u64,
         receiver: u64,
         perms: u64,
-    ) -> Result<u64, Error> {
+    ) -> Result<(Transaction, Name), Error> {
         let size = ipa_range(ipa, pages)?;
         let perms = Perms::from_raw(perms)?;
         let receiver = u32::try_from(receiver)
@@ -298,16 +532,29 @@ impl Ledger {
         {
             return Err(Error::Denied);
         }
+        let party = self.party(owner.id).ok_or(Error::Denied)?;
+        if party.owned >= party.limits.owned {
+            return Err(Error::NoMemory);
+        }
+        let inbox = self
+            .party(receiver.id)
+            .ok_or(Error::Denied)?
+            .limits
+            .received;
+        let from_owner = self
+            .live
+            .iter()
+            .filter(|t| t.owner == owner.id && t.receiver == receiver.id)
+            .count();
+        if from_owner >= inbox as usize {
+            return Err(Error::Busy);
+        }
+        let handle = self.next_handle(owner.id, receiver.id)?;
         let mut guard = owner.stage2.lock();
         let s2 = guard.as_mut().ok_or(Error::Denied)?;
         if !all_in_state(s2, ipa, size, PageState::Owned) {
             return Err(Error::Denied);
         }
-        if self.live.len() >= MAX_TRANSACTIONS {
-            return Err(Error::NoMemory);
-        }
-        let handle = self.next_handle;
-        let next = handle.checked_add(1).ok_or(Error::NoMemory)?;
         match kind {
             // May split a block (and fail, changing nothing); no TLB maintenance: the
             // hardware ignores the software bits.
@@ -317,9 +564,13 @@ impl Ledger {
         }
         .map_err(Error::from_mmu)?;
         drop(guard);
-        self.next_handle = next;
-        // Capacity was reserved in `new` and checked above: no allocation.
-        self.live.push(Transaction {
+        if let Some(p) = self.party_mut(owner.id) {
+            p.owned += 1;
+            if let Some(seq) = p.sequence.get_mut(receiver.id as usize) {
+                *seq += 1;
+            }
+        }
+        let t = Transaction {
             handle,
             kind,
             owner: owner.id,
@@ -328,17 +579,10 @@ impl Ledger {
             pages,
             perms,
             state: State::Pending,
-        });
-        log::info!(
-            "VM {} {} {pages} page(s) at IPA {ipa:#x} with VM {} ({perms}): handle {handle}",
-            owner.desc.name,
-            match kind {
-                Kind::Share => "shares",
-                Kind::Lend => "lends",
-            },
-            receiver.desc.name
-        );
-        Ok(handle)
+        };
+        // The owner's quota was reserved in `add_party` and checked above: no allocation.
+        self.live.push(t);
+        Ok((t, Name::of(&receiver.desc.name)))
     }
 
     fn retrieve<S: Stage2Table>(
@@ -348,7 +592,7 @@ impl Ledger {
         handle: u64,
         ipa: u64,
         perms: u64,
-    ) -> Result<(), Error> {
+    ) -> Result<(Transaction, Name), Error> {
         let i = self.index(handle, receiver.id)?;
         let t = self.live[i];
         let size = ipa_range(ipa, t.pages)?;
@@ -369,16 +613,14 @@ impl Ledger {
         map_segments(s2, ipa, segments, perms.borrowed_attributes()).map_err(Error::from_mmu)?;
         drop(guard);
         self.live[i].state = State::Retrieved { ipa, perms };
-        log::info!(
-            "VM {} retrieves handle {handle} from VM {}: {} page(s) at IPA {ipa:#x} ({perms})",
-            receiver.desc.name,
-            owner.desc.name,
-            t.pages
-        );
-        Ok(())
+        Ok((self.live[i], Name::of(&owner.desc.name)))
     }
 
-    fn relinquish<S: Stage2Table>(&mut self, receiver: &Vm<S>, handle: u64) -> Result<(), Error> {
+    fn relinquish<S: Stage2Table>(
+        &mut self,
+        receiver: &Vm<S>,
+        handle: u64,
+    ) -> Result<(Transaction, u64), Error> {
         let i = self.index(handle, receiver.id)?;
         let t = self.live[i];
         let State::Retrieved { ipa, .. } = t.state else {
@@ -389,12 +631,7 @@ impl Ledger {
         }
         Self::unmap_borrowed(receiver, ipa, t.size())?;
         self.live[i].state = State::Pending;
-        log::info!(
-            "VM {} relinquishes handle {handle}: {} page(s) at IPA {ipa:#x} unmapped",
-            receiver.desc.name,
-            t.pages
-        );
-        Ok(())
+        Ok((self.live[i], ipa))
     }
 
     /// Removes a receiver's borrowed mapping, with the TLB invalidation for its VMID
@@ -406,21 +643,19 @@ impl Ledger {
         s2.unmap(ipa, size).map_err(Error::from_mmu)
     }
 
-    fn reclaim<S: Stage2Table>(&mut self, owner: &Vm<S>, handle: u64) -> Result<(), Error> {
+    fn reclaim<S: Stage2Table>(
+        &mut self,
+        owner: &Vm<S>,
+        handle: u64,
+    ) -> Result<Transaction, Error> {
         let i = self.index(handle, owner.id)?;
         let t = self.live[i];
         if t.owner != owner.id || t.state != State::Pending {
             return Err(Error::Denied);
         }
         Self::restore_owner(owner, &t)?;
-        self.live.remove(i);
-        log::info!(
-            "VM {} reclaims handle {handle}: {} page(s) at IPA {:#x} are its own again",
-            owner.desc.name,
-            t.pages,
-            t.ipa
-        );
-        Ok(())
+        self.end(i);
+        Ok(t)
     }
 
     /// Gives the pages of pending transaction `t` back to its owner: software bits back
@@ -442,11 +677,22 @@ impl Ledger {
         .map_err(Error::from_mmu)
     }
 
-    fn query(&self, caller: u32, handle: u64) -> Result<Transaction, Error> {
+    /// Removes live transaction `i` and gives its owner the room back.
+    fn end(&mut self, i: usize) {
+        let t = self.live.remove(i);
+        if let Some(p) = self.party_mut(t.owner) {
+            p.owned = p.owned.saturating_sub(1);
+        }
+    }
+
+    fn query(&self, caller: u32, handle: u64, owner: u64) -> Result<Transaction, Error> {
         let t = if handle == 0 {
+            // Only what `owner` sent: other VMs' transactions to the caller cannot hide it.
             self.live
                 .iter()
-                .find(|t| t.receiver == caller && t.state == State::Pending)
+                .find(|t| {
+                    t.receiver == caller && u64::from(t.owner) == owner && t.state == State::Pending
+                })
                 .ok_or(Error::NoData)?
         } else {
             &self.live[self.index(handle, caller)?]
@@ -458,24 +704,17 @@ impl Ledger {
     /// (`docs/hypercalls.md`): as receiver, its borrowed mappings are removed (the
     /// transaction is pending again); as owner, each receiver's mapping is removed with
     /// its TLB invalidation, the pages return to `vm`, and the transaction ends. `vms`
-    /// holds the other live VMs.
-    pub fn end_all<S: Stage2Table>(&mut self, vms: &[Arc<Vm<S>>], vm: &Vm<S>) {
+    /// holds the other live VMs. Returns what ended, for the caller to log.
+    pub fn end_all<S: Stage2Table>(&mut self, vms: &[Arc<Vm<S>>], vm: &Vm<S>) -> Ended {
+        let mut ended = Ended::default();
         for t in &mut self.live {
             if t.receiver != vm.id {
                 continue;
             }
             if let State::Retrieved { ipa, .. } = t.state {
                 match Self::unmap_borrowed(vm, ipa, t.size()) {
-                    Ok(()) => log::info!(
-                        "VM {}: handle {} relinquished as the VM ends or resets",
-                        vm.desc.name,
-                        t.handle
-                    ),
-                    Err(e) => log::error!(
-                        "VM {}: handle {}: borrowed pages not unmapped: {e}",
-                        vm.desc.name,
-                        t.handle
-                    ),
+                    Ok(()) => ended.relinquished += 1,
+                    Err(_) => ended.failed += 1,
                 }
                 t.state = State::Pending;
             }
@@ -489,28 +728,18 @@ impl Ledger {
             }
             if let State::Retrieved { ipa, .. } = t.state {
                 if let Some(receiver) = find_vm(vms, t.receiver) {
-                    if let Err(e) = Self::unmap_borrowed(receiver, ipa, t.size()) {
-                        log::error!(
-                            "VM {}: handle {}: pages not revoked: {e}",
-                            receiver.desc.name,
-                            t.handle
-                        );
+                    if Self::unmap_borrowed(receiver, ipa, t.size()).is_err() {
+                        ended.failed += 1;
                     }
                 }
             }
-            if let Err(e) = Self::restore_owner(vm, &t) {
-                log::error!(
-                    "VM {}: handle {}: pages not returned: {e}",
-                    vm.desc.name,
-                    t.handle
-                );
+            if Self::restore_owner(vm, &t).is_err() {
+                ended.failed += 1;
             }
-            self.live.remove(i);
-            log::info!(
-                "VM {}: handle {} revoked and ended as the VM ends or resets",
-                vm.desc.name,
-                t.handle
-            );
+            self.end(i);
+            ended.revoked += 1;
+            ended.last_revoked = t.handle;
         }
+        ended
     }
 }

@@ -23,4 +23,4 @@ mod page_state;
 mod tests;
 
 pub use abi::{fid, result_regs, Error, Request};
-pub use ledger::Ledger;
+pub use ledger::{Ledger, Note};

@@ -2,9 +2,10 @@
 //! recording TLB).
 
 use super::abi::{Kind, Perms, MAX_PAGES};
-use super::ledger::{State, Transaction, MAX_TRANSACTIONS};
+use super::ledger::{State, Transaction};
 use super::page_state::PageState;
 use super::*;
+use crate::config::SharingLimits;
 use crate::config::{GuestRegion, Stage2Mappings};
 use crate::mem::PAGE_SIZE;
 use crate::vm::tests::{desc, MmuFake, MmuS2, GUEST_RAM};
@@ -48,7 +49,7 @@ fn vm(m: &M, n: u64) -> V {
     d.name = format!("vm{n}");
     d.stage2 = Stage2Mappings::Pages;
     let v = m.create(d).expect("create");
-    v.psci.lock().take_pending(0);
+    v.state.lock().psci.take_pending(0);
     v
 }
 
@@ -60,7 +61,7 @@ fn block_vm(m: &M) -> V {
     d.memory[0].size = 0x20_0000;
     d.stage2 = Stage2Mappings::Blocks;
     let v = m.create(d).expect("create");
-    v.psci.lock().take_pending(0);
+    v.state.lock().psci.take_pending(0);
     v
 }
 
@@ -69,7 +70,7 @@ fn call(m: &M, v: &V, regs: &[u64]) -> [u64; 4] {
     let mut x = [0u64; 8];
     x[..regs.len()].copy_from_slice(regs);
     let req = Request::decode(&x).expect("a sharing call");
-    m.share_call(v, 0, req)
+    m.share_call(v, 0, req).0
 }
 
 fn code(r: [u64; 4]) -> i64 {
@@ -122,7 +123,7 @@ fn clear_tlb(v: &V) {
 
 fn destroy_all(m: &M, vms: &[&V]) {
     for v in vms {
-        *v.status.lock() = VmStatus::Off;
+        v.state.lock().status = VmStatus::Off;
         m.destroy(v.id).expect("destroy");
     }
 }
@@ -301,7 +302,7 @@ fn share_and_lend_errors_change_nothing() {
         }
     }
     // A receiver that is not running.
-    *c.status.lock() = VmStatus::Off;
+    c.state.lock().status = VmStatus::Off;
     refused(
         &m,
         &all,
@@ -309,39 +310,97 @@ fn share_and_lend_errors_change_nothing() {
         &[fid::SHARE.into(), RAM, 1, c.id.into(), 1],
         DENIED,
     );
-    *c.status.lock() = VmStatus::Running;
+    c.state.lock().status = VmStatus::Running;
     // A vCPU that is no longer on (its VM is resetting) is refused too.
-    c.psci.lock().all_off();
+    c.state.lock().psci.all_off();
     refused(&m, &all, &c, &[fid::SHARE.into(), RAM, 1, bid, 1], DENIED);
     assert_ne!(shared, lent);
 }
 
+const BUSY: i64 = -4;
+
+/// Per-VM limits: an owner cannot hold more than `sharing-max-owned` live transactions
+/// (`NO_MEMORY`), nor address more than the receiver's `sharing-max-received` to one
+/// receiver (`BUSY`); a VM that fills its own quota leaves the others' intact, so an
+/// unrelated VM still gets its SHARE.
 #[test]
-fn the_table_is_bounded() {
+fn per_vm_limits_keep_one_vm_from_filling_the_table() {
     let fr = frames();
     let m = manager(fr);
-    let (a, b) = (vm(&m, 0), vm(&m, 1));
+    let (a, b, c) = (vm(&m, 0), vm(&m, 1), vm(&m, 2));
+    // `a` shares with `b` until it is refused: its own quota (default 16) runs out.
     let mut handles = Vec::new();
-    for i in 0..MAX_TRANSACTIONS as u64 {
-        handles.push(give(&m, &a, fid::SHARE, RAM + i * P, 1, &b, 1));
+    let mut refusal = 0;
+    for i in 0..300u64 {
+        let r = call(&m, &a, &[fid::SHARE.into(), RAM + i * P, 1, b.id.into(), 1]);
+        if r[0] != 0 {
+            refusal = code(r);
+            break;
+        }
+        handles.push(r[1]);
     }
-    let next = RAM + MAX_TRANSACTIONS as u64 * P;
+    assert_eq!(refusal, NO_MEMORY, "the owner's quota");
+    assert_eq!(handles.len(), SharingLimits::DEFAULT as usize);
+    // An unrelated VM still shares with `b`, and with `a`.
+    let from_c = give(&m, &c, fid::SHARE, RAM, 1, &b, 1);
+    give(&m, &c, fid::SHARE, RAM + P, 1, &a, 1);
+    // `b` finds `c`'s transaction by owner, however many `a` left pending before it.
+    let q = call(&m, &b, &[fid::QUERY.into(), 0, c.id.into()]);
+    assert_eq!((q[0], q[1]), (0, from_c));
+    let q = call(&m, &b, &[fid::QUERY.into(), 0, a.id.into()]);
+    assert_eq!((q[0], q[1]), (0, handles[0]), "the oldest from `a`");
+    assert_eq!(
+        code(call(&m, &b, &[fid::QUERY.into(), 0, 7])),
+        NO_DATA,
+        "no such owner"
+    );
+    // Handles say only what the two parties know: owner, receiver, and their own count.
+    assert_eq!(from_c, u64::from(c.id) << 48 | u64::from(b.id) << 32 | 1);
+    assert_eq!(handles[3], u64::from(b.id) << 32 | 4);
+    // Room comes back with a RECLAIM; handles are never reused.
+    assert_eq!(call(&m, &a, &[fid::RECLAIM.into(), handles[7]])[0], 0);
+    let h = give(&m, &a, fid::LEND, RAM + 100 * P, 1, &b, 1);
+    assert!(!handles.contains(&h) && h > handles[15], "{h:#x}");
+    destroy_all(&m, &[&a, &b, &c]);
+    assert_eq!(fr.in_use(), 0);
+}
+
+#[test]
+fn a_receiver_limit_applies_per_owner() {
+    let fr = frames();
+    let m = manager(fr);
+    let a = vm(&m, 0);
+    let mut d = desc(0x5010_0000, 2);
+    d.name = "small".into();
+    d.stage2 = Stage2Mappings::Pages;
+    d.sharing = SharingLimits {
+        owned: 0,
+        received: 2,
+    };
+    let b = m.create(d).expect("create");
+    b.state.lock().psci.take_pending(0);
+    let c = vm(&m, 2);
+    give(&m, &a, fid::SHARE, RAM, 1, &b, 1);
+    give(&m, &a, fid::LEND, RAM + P, 1, &b, 1);
     refused(
         &m,
-        &[&a, &b],
+        &[&a, &b, &c],
         &a,
-        &[fid::SHARE.into(), next, 1, b.id.into(), 1],
+        &[fid::SHARE.into(), RAM + 2 * P, 1, b.id.into(), 1],
+        BUSY,
+    );
+    // Another owner has its own two.
+    give(&m, &c, fid::SHARE, RAM, 1, &b, 1);
+    give(&m, &c, fid::SHARE, RAM + P, 1, &b, 1);
+    // `b` may own nothing.
+    refused(
+        &m,
+        &[&a, &b, &c],
+        &b,
+        &[fid::SHARE.into(), RAM, 1, a.id.into(), 1],
         NO_MEMORY,
     );
-    assert_eq!(call(&m, &a, &[fid::RECLAIM.into(), handles[7]])[0], 0);
-    let h = give(&m, &a, fid::LEND, next, 1, &b, 1);
-    handles.push(h);
-    let mut sorted = handles.clone();
-    sorted.sort_unstable();
-    sorted.dedup();
-    assert_eq!(sorted.len(), handles.len(), "handles are never reused");
-    assert!(!handles[..7].contains(&h) && h > handles[7]);
-    destroy_all(&m, &[&a, &b]);
+    destroy_all(&m, &[&a, &b, &c]);
     assert_eq!(fr.in_use(), 0);
 }
 
@@ -403,7 +462,7 @@ fn pass_through_ranges_are_not_free() {
         size: P,
     });
     let b = m.create(d).expect("b");
-    b.psci.lock().take_pending(0);
+    b.state.lock().psci.take_pending(0);
     let h = give(&m, &a, fid::SHARE, RAM, 2, &b, 1);
     let r = u64::from(fid::RETRIEVE);
     refused(&m, &[&a, &b], &b, &[r, h, 0x0a00_0000 - P, 1], INVALID);
@@ -411,7 +470,7 @@ fn pass_through_ranges_are_not_free() {
 }
 
 #[test]
-fn query_finds_the_oldest_pending_transaction() {
+fn query_finds_the_oldest_pending_transaction_of_an_owner() {
     let m = manager(frames());
     let (a, b, c) = (vm(&m, 0), vm(&m, 1), vm(&m, 2));
     let q = u64::from(fid::QUERY);
@@ -420,10 +479,15 @@ fn query_finds_the_oldest_pending_transaction() {
     let h2 = give(&m, &c, fid::LEND, RAM + P, 3, &b, 0b101);
     let h3 = give(&m, &a, fid::SHARE, RAM + P, 1, &c, 1);
     assert_eq!(call(&m, &b, &[q, 0])[1], h1);
-    assert_eq!(call(&m, &c, &[q, 0])[1], h3);
+    assert_eq!(call(&m, &c, &[q, 0, a.id.into()])[1], h3);
     assert_eq!(code(call(&m, &a, &[q, 0])), NO_DATA);
     assert_eq!(call(&m, &b, &[u64::from(fid::RETRIEVE), h1, FREE, 1])[0], 0);
-    let r = call(&m, &b, &[q, 0]);
+    assert_eq!(
+        code(call(&m, &b, &[q, 0, a.id.into()])),
+        NO_DATA,
+        "nothing more pending from `a`"
+    );
+    let r = call(&m, &b, &[q, 0, c.id.into()]);
     let packed = u64::from(c.id) | u64::from(b.id) << 16 | 0b101 << 32 | 1 << 40;
     assert_eq!(r, [0, h2, packed, 3]);
     assert_eq!(code(call(&m, &a, &[q, h2])), INVALID, "not a party");
@@ -523,7 +587,7 @@ fn resetting_the_receiver_drops_its_mappings_only() {
     assert_eq!(call(&m, &b, &[fid::RETRIEVE.into(), h, FREE, 1])[0], 0);
     clear_tlb(&b);
     m.reset(b.id).expect("reset");
-    b.psci.lock().take_pending(0);
+    b.state.lock().psci.take_pending(0);
     assert!(translate(&b, FREE).is_none());
     assert_eq!(invalidated_ipas(&b, b.vmid.get()), vec![FREE, FREE + P]);
     assert!(translate(&a, RAM).is_none(), "still lent");
@@ -575,18 +639,8 @@ fn destroying_either_party_mid_transaction_leaks_nothing() {
 
 #[test]
 fn calls_go_through_the_vcpu_exit_path() {
-    use crate::vcpu::{handle_exit, GuestEl1, Next, VcpuCtx};
-    struct El1;
-    impl GuestEl1 for El1 {
-        fn vbar(&self) -> u64 {
-            0
-        }
-        fn set_exception(&mut self, _: u64, _: u64, _: u64, _: u64) {}
-    }
-    struct Sink;
-    impl crate::vm::vuart::LineSink for Sink {
-        fn line(&mut self, _: &str, _: &str) {}
-    }
+    use crate::vcpu::fakes::{NoEl1, NoLines, HVC_EXIT};
+    use crate::vcpu::{handle_exit, Next, VcpuCtx};
     let m = manager(frames());
     let (a, b) = (vm(&m, 0), vm(&m, 1));
     let (mut x, mut pc, mut pstate) = ([0u64; 31], 0x4000_1000, 0x3c5);
@@ -596,14 +650,15 @@ fn calls_go_through_the_vcpu_exit_path() {
         pc: &mut pc,
         pstate: &mut pstate,
     };
-    let hvc = boot::Exit::Sync {
-        esr: boot::esr::Esr::from_bits((0x16 << 26) | (1 << 25)),
-        far: 0,
-        hpfar: 0,
-    };
-    let next = handle_exit(&a, 0, &mut ctx, hvc, &mut El1, &mut Sink, &mut |req| {
-        m.share_call(&a, 0, req)
-    });
+    let next = handle_exit(
+        &a,
+        0,
+        &mut ctx,
+        HVC_EXIT,
+        &mut NoEl1,
+        &mut NoLines,
+        &mut |req| m.share_call(&a, 0, req),
+    );
     assert_eq!(next, Next::Resume);
     let handle = m.with_shares(|t| t.transactions()[0].handle);
     assert_eq!(&x[..4], &[0, handle, 0, 0]);
@@ -663,6 +718,8 @@ mod model {
         Query {
             by: usize,
             handle: usize,
+            /// With handle 0: the owner asked about (3: an unknown VM id).
+            owner: usize,
         },
         Reset {
             vm: usize,
@@ -702,7 +759,8 @@ mod model {
                 .prop_map(|(by, handle, slot, perms)| Op::Retrieve { by, handle, slot, perms }),
             2 => (by(), handle()).prop_map(|(by, handle)| Op::Relinquish { by, handle }),
             2 => (by(), handle()).prop_map(|(by, handle)| Op::Reclaim { by, handle }),
-            1 => (by(), handle()).prop_map(|(by, handle)| Op::Query { by, handle }),
+            1 => (by(), handle(), 0..4usize)
+                .prop_map(|(by, handle, owner)| Op::Query { by, handle, owner }),
             1 => (0..3usize).prop_map(|vm| Op::Reset { vm }),
         ]
     }
@@ -747,7 +805,8 @@ mod model {
         m: M,
         vms: Vec<V>,
         model: Vec<T>,
-        next_handle: u64,
+        /// Transactions made so far per (owner, receiver).
+        sequence: std::collections::BTreeMap<(usize, usize), u64>,
         handles: Vec<u64>,
     }
 
@@ -763,6 +822,13 @@ mod model {
             } else {
                 999
             }
+        }
+
+        /// The handle of the next transaction `by` makes with `to`.
+        fn next_handle(&self, by: usize, to: usize) -> u64 {
+            let id = |i: usize| u64::from(self.vms[i].id);
+            let seq = self.sequence.get(&(by, to)).copied().unwrap_or(0) + 1;
+            id(by) << 48 | id(to) << 32 | seq
         }
 
         /// `op` with `by` 3 and 4 replaced by the party allowed to make the call.
@@ -800,9 +866,10 @@ mod model {
                     by: party(by, handle, true),
                     handle,
                 },
-                Op::Query { by, handle } => Op::Query {
+                Op::Query { by, handle, owner } => Op::Query {
                     by: party(by, handle, by == 3),
                     handle,
+                    owner,
                 },
                 other => other,
             }
@@ -838,7 +905,7 @@ mod model {
                     if busy {
                         return Err(DENIED);
                     }
-                    Ok([self.next_handle, 0, 0])
+                    Ok([self.next_handle(by, to as usize), 0, 0])
                 }
                 Op::Retrieve {
                     by,
@@ -882,13 +949,13 @@ mod model {
                     }
                     Ok([0; 3])
                 }
-                Op::Query { by, handle } => {
+                Op::Query { by, handle, owner } => {
                     let h = self.handle(handle);
                     let t = if h == 0 {
                         *self
                             .model
                             .iter()
-                            .find(|t| t.receiver == by && t.retrieved.is_none())
+                            .find(|t| t.receiver == by && t.owner == owner && t.retrieved.is_none())
                             .ok_or(NO_DATA)?
                     } else {
                         self.model[find(h, by).ok_or(INVALID)?]
@@ -916,8 +983,9 @@ mod model {
                     to,
                     perms,
                 } => {
+                    let handle = self.next_handle(by, to as usize);
                     self.model.push(T {
-                        handle: self.next_handle,
+                        handle,
                         lend,
                         owner: by,
                         receiver: to as usize,
@@ -926,8 +994,8 @@ mod model {
                         perms,
                         retrieved: None,
                     });
-                    self.handles.push(self.next_handle);
-                    self.next_handle += 1;
+                    self.handles.push(handle);
+                    *self.sequence.entry((by, to as usize)).or_default() += 1;
                 }
                 Op::Retrieve {
                     handle,
@@ -999,10 +1067,17 @@ mod model {
                     x(by, &[fid::RELINQUISH.into(), self.handle(handle)])
                 }
                 Op::Reclaim { by, handle } => x(by, &[fid::RECLAIM.into(), self.handle(handle)]),
-                Op::Query { by, handle } => x(by, &[fid::QUERY.into(), self.handle(handle)]),
+                Op::Query { by, handle, owner } => {
+                    let owner = if owner < 3 {
+                        u64::from(self.vms[owner].id)
+                    } else {
+                        77
+                    };
+                    x(by, &[fid::QUERY.into(), self.handle(handle), owner])
+                }
                 Op::Reset { vm } => {
                     self.m.reset(self.vms[vm].id).expect("reset");
-                    self.vms[vm].psci.lock().take_pending(0);
+                    self.vms[vm].state.lock().psci.take_pending(0);
                     [0; 4]
                 }
             }
@@ -1077,7 +1152,7 @@ mod model {
             let fr = frames();
             let m = manager(fr);
             let vms: Vec<V> = vec![vm(&m, 0), vm(&m, 1), block_vm(&m)];
-            let mut w = World { m, vms, model: Vec::new(), next_handle: 1, handles: Vec::new() };
+            let mut w = World { m, vms, model: Vec::new(), sequence: Default::default(), handles: Vec::new() };
             for op in ops {
                 let op = w.resolve(op);
                 let expected = w.predict(op);
@@ -1114,9 +1189,9 @@ fn concurrent_calls_and_resets_stay_consistent() {
     type FM = VmManager<Fake>;
     type FV = Arc<Vm<FakeS2>>;
     fn on(v: &FV) {
-        let mut p = v.psci.lock();
-        if p.state(0) != Some(PowerState::On) {
-            p.take_pending(0);
+        let mut st = v.state.lock();
+        if st.psci.state(0) != Some(PowerState::On) {
+            st.psci.take_pending(0);
         }
     }
     fn x(m: &FM, v: &FV, regs: &[u64]) -> [u64; 4] {
@@ -1124,6 +1199,7 @@ fn concurrent_calls_and_resets_stay_consistent() {
         let mut x = [0u64; 8];
         x[..regs.len()].copy_from_slice(regs);
         m.share_call(v, 0, Request::decode(&x).expect("sharing call"))
+            .0
     }
     let m = fake_manager();
     let mk = |pa, cpu| {

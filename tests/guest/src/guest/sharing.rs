@@ -102,6 +102,7 @@ pub(super) enum ShareError {
     NotSupported,
     InvalidParameters,
     NoMemory,
+    Busy,
     Denied,
     NoData,
     /// Any other negative x0.
@@ -120,6 +121,7 @@ impl ShareError {
             -1 => Self::NotSupported,
             -2 => Self::InvalidParameters,
             -3 => Self::NoMemory,
+            -4 => Self::Busy,
             -6 => Self::Denied,
             -9 => Self::NoData,
             e => Self::Other(e),
@@ -203,9 +205,18 @@ pub(super) fn reclaim(handle: u64) -> ShareResult<()> {
     call(MEM_RECLAIM, &[handle]).map(|_| ())
 }
 
-/// `QUERY`: `handle` 0 asks for the oldest pending transaction addressed to the caller.
+/// VM id of the owner in the two-VM scenarios (`TWOSTAGE_VM_INFO`: VM 0 owns).
+pub(super) const OWNER_VM: u64 = 0;
+
+/// `QUERY`: `handle` 0 asks for the oldest pending transaction addressed to the caller by
+/// [`OWNER_VM`].
 pub(super) fn query(handle: u64) -> ShareResult<Transaction> {
-    let r = call(MEM_QUERY, &[handle])?;
+    query_from(handle, OWNER_VM)
+}
+
+/// `QUERY` with x2 = `owner` (what handle 0 looks for).
+pub(super) fn query_from(handle: u64, owner: u64) -> ShareResult<Transaction> {
+    let r = call(MEM_QUERY, &[handle, owner])?;
     let kind = match (r[2] >> 40) & 0xff {
         0 => Kind::Share,
         1 => Kind::Lend,
