@@ -106,6 +106,7 @@ pub fn check_tree(blob: &mut [u8]) {
     let ranges = HostRanges {
         ram: &ram,
         staging: STAGING,
+        console: Some(PhysRange::new(0x0900_0000, 0x1000)),
     };
     let Ok(mut vms) = config::parse(&dt, &ranges) else {
         return;

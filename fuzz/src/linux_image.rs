@@ -151,6 +151,8 @@ pub fn run(data: &[u8]) {
         initrd,
         bootargs: &bootargs,
         devices: &devices,
+        gic: hypervisor::config::GicIpa::QEMU_VIRT,
+        vuart: odd_path.is_multiple_of(2).then_some(0x0900_0000),
     };
     if let Ok(boot) = linux::prepare(&host, &guest) {
         check_boot(&guest, &boot);

@@ -22,6 +22,7 @@
 use hypervisor::vcpu::schedule::{self, Start};
 use hypervisor::vcpu::{handle_exit, GuestEl1, Next, VcpuCtx};
 use hypervisor::vm::share::fid;
+use hypervisor::vm::vgic::{PhysAction, PhysGic, VcpuMask};
 use hypervisor::vm::vuart::LineSink;
 use hypervisor::vm::VmStatus;
 
@@ -42,8 +43,11 @@ const CLASSES: [u64; 14] = [
 
 /// IPAs of an abort: the virtual UART, RAM, the second RAM region, the pass-through
 /// page, where borrowed pages go, nothing, the top of the IPA space and above it.
-const IPAS: [u64; 8] = [
+const IPAS: [u64; 10] = [
     VUART,
+    // The virtual GIC's distributor and redistributors (every VM's, QEMU virt's IPAs).
+    0x0800_0000,
+    0x080a_0000,
     RAM,
     RAM2,
     DEVICE,
@@ -137,6 +141,42 @@ impl LineSink for Lines {
     fn micros(&self) -> u64 {
         // Time stands still: every VM's console budget runs out, as in a flood.
         0
+    }
+}
+
+/// What one exit reaches: the EL1 registers, the console, the physical GIC (whose
+/// changes are checked to be for the VM's own interrupts: it owns none here).
+struct Host<'a> {
+    el1: &'a mut El1,
+    lines: &'a mut Lines,
+}
+
+impl GuestEl1 for Host<'_> {
+    fn vbar(&self) -> u64 {
+        self.el1.vbar()
+    }
+    fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64) {
+        self.el1.set_exception(esr, far, elr, spsr);
+    }
+}
+
+impl LineSink for Host<'_> {
+    fn line(&mut self, name: &str, text: &str) {
+        self.lines.line(name, text);
+    }
+    fn event(&mut self, level: log::Level, args: core::fmt::Arguments<'_>) {
+        self.lines.event(level, args);
+    }
+    fn micros(&self) -> u64 {
+        self.lines.micros()
+    }
+}
+
+impl PhysGic for Host<'_> {
+    fn apply(&mut self, action: PhysAction) {
+        // No VM of the description owns a hardware interrupt: nothing a guest does may
+        // change the physical GIC.
+        panic!("a guest's exit changed the physical GIC: {action:?}");
     }
 }
 
@@ -279,15 +319,26 @@ pub fn run(data: &[u8]) {
         let m = &w.m;
         let next = {
             let mut ctx = VcpuCtx { x, pc, pstate };
-            handle_exit(
+            let mut host = Host {
+                el1: &mut el1,
+                lines: &mut lines,
+            };
+            let mut kicks = VcpuMask::EMPTY;
+            let next = handle_exit(
                 &vm,
                 index,
                 &mut ctx,
                 exit,
-                &mut el1,
-                &mut lines,
+                &mut host,
                 &mut |req| m.share_call(&vm, index, req),
-            )
+                &mut kicks,
+            );
+            assert!(
+                kicks.iter().all(|k| k < vm.desc.cpus.len()),
+                "{} kicked a vCPU it does not have: {kicks:?}",
+                vm.desc.name
+            );
+            next
         };
         let after: Vec<VmStatus> = w
             .vms

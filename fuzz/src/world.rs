@@ -6,7 +6,7 @@
 use std::sync::{Arc, OnceLock};
 
 use hypervisor::config::{self, HostDt, HostRanges, Stage2Mappings, VmDesc};
-use hypervisor::mem::layout::{GUEST_RAM, STAGING};
+use hypervisor::mem::layout::{GUEST_RAM_BASE, STAGING};
 use hypervisor::mem::{PhysRange, PAGE_SIZE};
 use hypervisor::vm::vmid::{Vmid, VmidBits, VmidFlush};
 use hypervisor::vm::{MmuStage2, S2Kind, Stage2Table, Vm, VmManager, IPA_BITS};
@@ -58,7 +58,17 @@ impl<'f> hypervisor::vm::Backend for Machine<'f> {
     fn table_frames(&self) -> usize {
         self.frames.in_use()
     }
+
+    fn ich_vtr(&self) -> u64 {
+        // QEMU 7.2's: four list registers, five priority bits.
+        0x90b8_0003
+    }
+
+    fn apply_gic(&mut self, _action: hypervisor::vm::vgic::PhysAction) {}
 }
+
+/// The guest RAM the manager hands out (the machine's 512 MiB below staging).
+const GUEST_POOL: PhysRange = PhysRange::new(GUEST_RAM_BASE, STAGING.base - GUEST_RAM_BASE);
 
 /// IPA of every VM's first RAM region.
 pub const RAM: u64 = 0x4000_0000;
@@ -167,6 +177,7 @@ pub fn descs() -> &'static [VmDesc] {
         let ranges = HostRanges {
             ram: &ram,
             staging: STAGING,
+            console: None,
         };
         config::parse(&dt, &ranges).expect("the description is valid")
     })
@@ -209,7 +220,7 @@ impl<'f> World<'f> {
     /// When a VM cannot be created.
     #[must_use]
     pub fn new(frames: &'f HeapFrames) -> Self {
-        let m = VmManager::new(Machine { frames }, VmidBits::Sixteen, GUEST_RAM);
+        let m = VmManager::new(Machine { frames }, VmidBits::Sixteen, &[GUEST_POOL]);
         let mut w = Self {
             m,
             frames,

@@ -10,8 +10,20 @@ use hypervisor::mem::layout::STAGING;
 use proptest::prelude::*;
 
 /// QEMU 7.2's virt tree with a Linux VM description under `/chosen` and
-/// `stdout-path = "/pl011@9000000"` (the tree the Linux tests boot).
+/// `stdout-path = "/pl011@9000000"`. Its VM was described the old way, with the console
+/// and the GIC passed through, which the hypervisor now refuses: [`linux_vm`] gives it
+/// the virtual PL011 instead, as `cargo xtask run --linux` does.
 const LINUX_VM: &[u8] = include_bytes!("fixtures/virt-gicv3-with-vm-in-chosen.dtb");
+
+/// [`LINUX_VM`] with its VM given the virtual PL011 and no pass-through device (the tree
+/// the Linux tests boot).
+fn linux_vm() -> Node {
+    let mut t = Node::read(LINUX_VM);
+    let vm = t.at("chosen/linux-vm");
+    vm.props.retain(|(n, _)| n != "passthrough-devices");
+    vm.set("vuart", &0x0900_0000u64.to_be_bytes());
+    t
+}
 
 /// A node of a device tree being edited: name, properties in order, children in order.
 #[derive(Clone, Debug)]
@@ -165,6 +177,7 @@ fn start_up(blob: &[u8]) -> Result<usize, String> {
     let ranges = HostRanges {
         ram: hw.memory(),
         staging: STAGING,
+        console: hw.uart,
     };
     let vms = config::parse(&dt, &ranges).map_err(|e| e.to_string())?;
     let mut built = 0;
@@ -185,16 +198,21 @@ fn start_up(blob: &[u8]) -> Result<usize, String> {
 
 #[test]
 fn the_unedited_tree_builds_one_guest_tree() {
-    assert_eq!(start_up(LINUX_VM), Ok(1));
-    // And the test writer reproduces it faithfully.
-    assert_eq!(start_up(&Node::read(LINUX_VM).write()), Ok(1));
+    // The fixture as it is: its VM has the GIC and the console passed through.
+    let err = start_up(LINUX_VM).unwrap_err();
+    assert!(
+        err.contains("the GIC and its ITS are never assigned"),
+        "{err}"
+    );
+    // With the virtual PL011 instead (and the test writer reproduces a tree faithfully).
+    assert_eq!(start_up(&linux_vm().write()), Ok(1));
 }
 
 /// Regression: an empty `stdout-path;` in `/chosen` with a Linux VM made the `fdt` crate
 /// cut a byte off an empty value (`Chosen::stdout`) while writing the guest tree.
 #[test]
 fn an_empty_stdout_path_is_an_error() {
-    let mut t = Node::read(LINUX_VM);
+    let mut t = linux_vm();
     t.at("chosen").set("stdout-path", b"");
     let err = start_up(&t.write()).unwrap_err();
     assert!(err.contains("string property is empty"), "{err}");
@@ -205,7 +223,7 @@ fn an_empty_stdout_path_is_an_error() {
 #[test]
 fn a_two_byte_address_cells_is_an_error() {
     for path in ["", "cpus"] {
-        let mut t = Node::read(LINUX_VM);
+        let mut t = linux_vm();
         t.at(path).set("#address-cells", &[0, 2]);
         let err = start_up(&t.write()).unwrap_err();
         assert!(err.contains("not one 32-bit cell"), "{path}: {err}");
@@ -217,7 +235,7 @@ fn a_two_byte_address_cells_is_an_error() {
 /// (here the tree has no `/chosen`, which the VM descriptions are looked up under).
 #[test]
 fn a_self_referencing_alias_is_not_followed() {
-    let mut t = Node::read(LINUX_VM);
+    let mut t = linux_vm();
     t.children.retain(|c| c.name != "chosen");
     t.children.push(Node {
         name: "aliases".into(),
@@ -234,7 +252,7 @@ fn a_self_referencing_alias_is_not_followed() {
 fn odd_cell_counts_are_errors_or_ignored() {
     for cells in [0u32, 3, 4, 0xffff_ffff] {
         for path in ["", "cpus", "pl011@9000000"] {
-            let mut t = Node::read(LINUX_VM);
+            let mut t = linux_vm();
             t.at(path).set("#address-cells", &cells.to_be_bytes());
             t.at(path).set("#size-cells", &cells.to_be_bytes());
             // Either outcome is fine; what matters is that it returns.
@@ -398,7 +416,7 @@ proptest! {
     /// accepted by the whole start-up path, never a panic.
     #[test]
     fn mutated_host_trees_never_panic(edits in proptest::collection::vec(edit(), 1..6)) {
-        let mut tree = Node::read(LINUX_VM);
+        let mut tree = linux_vm();
         let blob = apply(&mut tree, &edits);
         let _ = start_up(&blob);
     }

@@ -527,6 +527,104 @@ fn block_split_and_merge_under_load_from_another_vcpu() {
     assert_all_destroyed_without_leak(&r, &["owner", "receiver"]);
 }
 
+/// `arg` bits of the test guest's interrupt checks (`tests/guest/src/guest/irq.rs`).
+const ARG_IRQ: u64 = 1 << 11;
+const ARG_IRQ_LISTEN: u64 = 1 << 12;
+const ARG_SGI_ATTACK: u64 = 1 << 13;
+
+/// The virtual GIC from the inside, and isolation from the outside: VM `victim` (two
+/// vCPUs on CPUs 0 and 1) runs the interrupt checks (SPI ownership, SGIs by target list
+/// and broadcast to its own vCPUs, one of them waiting in WFI on another CPU, priorities,
+/// active state, the virtual timer waking WFI and pending while disabled) and then
+/// listens for SGIs 8 and 9 that VM `attacker` (CPU 2) keeps sending meanwhile by
+/// broadcast and to every target: none may arrive, and the attacker's own broadcast
+/// reaches nobody (it has no other vCPU).
+fn interrupts(cpu: &str) {
+    let r = run(
+        &format!("interrupts-{cpu}"),
+        cpu,
+        &[
+            with_arg(
+                guest("victim", &[0, 1], 0x5000_0000),
+                ARG_IRQ | ARG_IRQ_LISTEN,
+            ),
+            with_arg(guest("attacker", &[2], 0x5020_0000), ARG_SGI_ATTACK),
+        ],
+        &[],
+    );
+    r.assert_success();
+    assert_passed(&r, "victim", 20);
+    assert_passed(&r, "attacker", 10);
+    for name in [
+        "gic-spi-not-owned",
+        "sgi-self",
+        "gic-priority-order",
+        "gic-active-state",
+        "gic-more-pending-than-list-registers",
+        "sgi-target-list",
+        "sgi-broadcast",
+        "sgi-isolation",
+        "vtimer-wakes-wfi",
+        "vtimer-pending-while-disabled",
+        "vtimer-after-clear",
+    ] {
+        assert!(
+            lines_of(&r, "victim").contains(&format!("PASS {name}").as_str()),
+            "victim: no PASS {name}\n{}",
+            r.stdout
+        );
+    }
+    // The attack overlapped the listening.
+    r.assert_lines_in_order(&["[victim] listening for SGIs", "[attacker] sgi-attack: sent"]);
+    assert!(
+        lines_of(&r, "attacker").contains(&"PASS sgi-attack-stays-home"),
+        "{}",
+        r.stdout
+    );
+    assert_all_destroyed_without_leak(&r, &["victim", "attacker"]);
+}
+
+#[test]
+fn interrupts_reach_own_vcpus_and_never_another_vm() {
+    interrupts("cortex-a57");
+}
+
+#[test]
+fn interrupts_reach_own_vcpus_and_never_another_vm_on_cpu_max() {
+    interrupts("max");
+}
+
+/// The attack of a VM given the interrupt controller (through it, the ITS, a DMA master)
+/// or the hypervisor's console: the description is refused at start-up with the rule,
+/// before any VM runs.
+#[test]
+fn a_description_passing_through_the_gic_its_or_console_is_refused() {
+    for (device, rule) in [
+        (
+            "/intc@8000000",
+            "the GIC and its ITS are never assigned to a VM: EL2 owns interrupts, each VM \
+             has a virtual GIC",
+        ),
+        (
+            "/pl011@9000000",
+            "the hypervisor's console UART is never assigned to a VM: each VM has a virtual \
+             PL011 (vuart)",
+        ),
+    ] {
+        let mut attacker = guest("attacker", &[1], 0x5020_0000);
+        attacker.devices = vec![device.into()];
+        attacker.vuart = None;
+        let vms = [guest("alpha", &[2], 0x5000_0000), attacker];
+        let test = format!("refused-{}", device.trim_start_matches('/'));
+        let r = run(&test, "cortex-a57", &vms, &[]);
+        r.assert_status(exit_status::STARTUP);
+        r.assert_lines_in_order(&[&format!(
+            "fatal: VM description: VM node /chosen/vm-attacker: {rule}"
+        )]);
+        r.assert_no_line("VM alpha created");
+    }
+}
+
 /// The guest's PMU never counts the hypervisor: one VM measures 1000 hypercalls with the
 /// cycle counter and an event counter filtered for EL2 only (the attack of counting EL2
 /// cycles) and gets zero; its own EL1 cycles are counted where the PMU is given (`max`,

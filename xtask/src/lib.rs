@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use dt::{DeviceTree, Node};
 use linux::KernelGuest;
 use qemu::{Load, Qemu};
+use vm::VmNode;
 
 /// The description of the default guests: two EL1 test-guest VMs.
 pub const TEST_GUESTS_DTS: &str = "docs/examples/two-test-guests.dts";
@@ -53,17 +54,20 @@ pub fn test_guests(qemu: Qemu, dir: &Path) -> Result<Qemu, String> {
 /// A missing image, a guest that does not fit the machine or its RAM, or what
 /// [`write_host_dtb`] says.
 pub fn kernel_guest(qemu: Qemu, guest: &KernelGuest, dir: &Path) -> Result<Qemu, String> {
-    if guest.cpus > qemu.machine.cpus {
+    let cpus = guest.cpus.saturating_mul(guest.count);
+    if cpus > qemu.machine.cpus {
         return Err(format!(
-            "--cpus {} is more than the machine's {} (--machine-cpus)",
-            guest.cpus, qemu.machine.cpus
+            "{} VM(s) of --cpus {} need {cpus} CPUs, more than the machine's {} \
+             (--machine-cpus)",
+            guest.count, guest.cpus, qemu.machine.cpus
         ));
     }
     let mut qemu = qemu.kernel(artifacts::existing(artifacts::Artifact::Hypervisor.bin())?);
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let plan = guest.plan(&dt::dump(&qemu, dir)?.root)?;
+    let plan = guest.plan(&dt::dump(&qemu, dir)?.root, qemu.machine.memory)?;
     qemu.loads = plan.loads;
-    write_host_dtb(&mut qemu, &[plan.vm.to_node()], &[], dir)?;
+    let nodes: Vec<Node> = plan.vms.iter().map(VmNode::to_node).collect();
+    write_host_dtb(&mut qemu, &nodes, &[], dir)?;
     Ok(qemu)
 }
 

@@ -1,17 +1,19 @@
-//! A kernel as the hypervisor's guest (`docs/linux-guest.md`): where its RAM is, where
-//! QEMU stages the kernel and initramfs, and the VM node that says so.
+//! A kernel as the hypervisor's guest, once or several times side by side
+//! (`docs/linux-guest.md`): where each VM's RAM is, where QEMU stages the kernel and
+//! initramfs (once, for every VM), and the VM nodes that say so.
 //!
-//! The guest's RAM starts at the guest-RAM range of `docs/memory-map.md` and is
-//! identity-mapped (IPA = PA); the kernel goes where the hypervisor's own Image parser
+//! Each VM's RAM is identity-mapped (IPA = PA) at the first free place of the machine's
+//! RAM, from `hypervisor::mem::layout::GUEST_RAM_BASE` on, around the staging range
+//! (`docs/memory-map.md`); the kernel goes where the hypervisor's own Image parser
 //! puts it (`hypervisor::linux::image`), which the hypervisor checks against
-//! `kernel-ipa`.
+//! `kernel-ipa`. VM *i* runs on physical CPUs `i * cpus ..`.
 
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use hypervisor::linux::image::{place_kernel, HEADER_LEN, IMAGE_BASE_ALIGN};
-use hypervisor::mem::layout::{GUEST_RAM, STAGING};
+use hypervisor::mem::layout::{GUEST_RAM_BASE, STAGING};
 
 use crate::dt::Node;
 use crate::qemu::Load;
@@ -20,10 +22,9 @@ use crate::vm::{AbortPolicy, Ram, Stage2Mappings, Staged, VmNode};
 
 /// The smallest guest RAM accepted.
 pub const MIN_RAM: Size = Size::mib(16);
-/// The console UART every kernel guest gets (QEMU virt's PL011).
-pub const CONSOLE: &str = "/pl011@9000000";
-/// `compatible` values of the GIC node a kernel guest is given.
-const GIC_COMPATIBLES: [&str; 2] = ["arm,gic-v3", "arm,cortex-a15-gic"];
+/// IPA of the virtual PL011 every kernel guest gets: where QEMU virt has its PL011, so
+/// `console=ttyAMA0` and earlycon addresses work unchanged.
+pub const VUART_IPA: u64 = 0x0900_0000;
 
 /// A kernel guest, as the user asked for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,11 +35,15 @@ pub struct KernelGuest {
     pub initrd: Option<PathBuf>,
     /// Its command line.
     pub append: String,
-    /// vCPUs (on physical CPUs 0..cpus).
+    /// vCPUs of each VM (VM *i* on physical CPUs `i * cpus .. (i + 1) * cpus`).
     pub cpus: u32,
-    /// RAM.
+    /// RAM of each VM.
     pub mem: Size,
-    /// Devices passed through besides the console and the GIC (host DT paths).
+    /// How many VMs boot the kernel side by side (`linux` for one; `linux0`, `linux1`, ...
+    /// for more).
+    pub count: u32,
+    /// Devices passed through (host DT paths); the console and the GIC are the VM's
+    /// own virtual ones.
     pub devices: Vec<String>,
     /// What an access to an IPA with nothing behind it does.
     pub abort_policy: AbortPolicy,
@@ -46,13 +51,34 @@ pub struct KernelGuest {
     pub stage2: Stage2Mappings,
 }
 
-/// The VM node and the files QEMU stages for it.
+/// The VM nodes and the files QEMU stages for them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
-    /// The VM.
-    pub vm: VmNode,
-    /// Kernel, then initramfs.
+    /// The VMs.
+    pub vms: Vec<VmNode>,
+    /// Kernel, then initramfs (staged once for all VMs).
     pub loads: Vec<Load>,
+}
+
+/// Start of the machine's RAM on QEMU virt.
+pub const MACHINE_RAM_BASE: u64 = 0x4000_0000;
+
+/// Where `count` VMs of `mem` bytes each go (2 MiB aligned, identity-mapped): first fit
+/// from [`GUEST_RAM_BASE`] up, around the staging range; returns their bases and the end
+/// of the last one.
+fn place_ram(mem: u64, count: u32) -> (Vec<u64>, u64) {
+    let mut bases = Vec::new();
+    let mut at = GUEST_RAM_BASE;
+    for _ in 0..count {
+        // A VM that would reach into staging goes above it.
+        if at < STAGING.base + STAGING.size && at + mem > STAGING.base {
+            at = STAGING.base + STAGING.size;
+        }
+        bases.push(at);
+        at += mem;
+    }
+    let end = bases.last().map_or(GUEST_RAM_BASE, |b| b + mem);
+    (bases, end)
 }
 
 fn align_up(v: u64, align: u64) -> u64 {
@@ -69,15 +95,22 @@ fn file_len(path: &Path, what: &str) -> Result<u64, String> {
 }
 
 impl KernelGuest {
-    /// Lays the guest out and writes its VM node. `machine` is the device tree of the
-    /// machine it will run on (for the GIC's path and to check `devices`).
+    /// The machine RAM the guests need: at least 2 GiB, rounded up to whole GiB.
+    #[must_use]
+    pub fn machine_mem_needed(&self) -> Size {
+        let (_, end) = place_ram(self.mem.0, self.count.max(1));
+        let gib = 1u64 << 30;
+        Size((end - MACHINE_RAM_BASE).div_ceil(gib).max(2) * gib)
+    }
+
+    /// Lays the guests out and writes their VM nodes. `machine` is the device tree of
+    /// the machine they will run on (to check `devices`), `machine_mem` its RAM.
     ///
     /// # Errors
     ///
     /// A one-line message for a file that is missing, a size that does not fit, a
     /// device the machine does not have, or a kernel the hypervisor would refuse.
-    pub fn plan(&self, machine: &Node) -> Result<Plan, String> {
-        let (ram_base, ram_max) = (GUEST_RAM.base, GUEST_RAM.size);
+    pub fn plan(&self, machine: &Node, machine_mem: Size) -> Result<Plan, String> {
         let (staging, staging_size) = (STAGING.base, STAGING.size);
         let mem = self.mem.0;
         if mem < MIN_RAM.0 || mem % IMAGE_BASE_ALIGN != 0 {
@@ -86,16 +119,26 @@ impl KernelGuest {
                 self.mem
             ));
         }
-        if mem > ram_max {
-            return Err(format!(
-                "--mem {} is more than the {} of guest RAM (docs/memory-map.md)",
-                self.mem,
-                Size(ram_max)
-            ));
-        }
         if self.cpus == 0 {
             return Err("--cpus must be at least 1".into());
         }
+        if self.count == 0 {
+            return Err("--vms-count must be at least 1".into());
+        }
+        let (bases, end) = place_ram(mem, self.count);
+        if end > MACHINE_RAM_BASE + machine_mem.0 {
+            return Err(format!(
+                "{} VM(s) of {} do not fit in the machine's {} of RAM (the hypervisor keeps \
+                 the first {} and staging {}; docs/memory-map.md): give --machine-mem {}",
+                self.count,
+                self.mem,
+                machine_mem,
+                Size(GUEST_RAM_BASE - MACHINE_RAM_BASE),
+                Size(staging_size),
+                self.machine_mem_needed()
+            ));
+        }
+        let ram_base = bases[0];
         let klen = file_len(&self.kernel, "kernel")?;
         let mut head = Vec::with_capacity(HEADER_LEN);
         File::open(&self.kernel)
@@ -108,7 +151,6 @@ impl KernelGuest {
                 self.mem
             )
         })?;
-        let ram_end = ram_base + mem;
         let mut loads = vec![Load {
             file: self.kernel.clone(),
             addr: staging,
@@ -119,9 +161,9 @@ impl KernelGuest {
             Some(path) => {
                 let ilen = file_len(path, "initrd")?;
                 // Just below the top 2 MiB of RAM, where the hypervisor puts the guest DTB.
-                let ipa = ram_end
+                let offset = mem
                     .checked_sub(IMAGE_BASE_ALIGN + align_up(ilen, IMAGE_BASE_ALIGN))
-                    .filter(|&ipa| ipa >= placed.end)
+                    .filter(|&off| ram_base + off >= placed.end)
                     .ok_or_else(|| {
                         format!(
                             "kernel and initrd do not fit in {} of RAM: give --mem more",
@@ -131,7 +173,7 @@ impl KernelGuest {
                 let staged = Staged {
                     pa: next,
                     size: ilen,
-                    ipa,
+                    ipa: offset,
                 };
                 loads.push(Load {
                     file: path.clone(),
@@ -148,10 +190,7 @@ impl KernelGuest {
                 Size(staging_size - IMAGE_BASE_ALIGN)
             ));
         }
-        let gic = machine
-            .find_compatible(&GIC_COMPATIBLES)
-            .ok_or("the machine's device tree has no GIC")?;
-        let mut devices = vec![CONSOLE.to_owned(), gic];
+        let mut devices: Vec<String> = Vec::new();
         for d in &self.devices {
             if machine.find(d).is_none() {
                 return Err(format!("--device {d}: the machine has no such node"));
@@ -160,27 +199,47 @@ impl KernelGuest {
                 devices.push(d.clone());
             }
         }
-        let mut vm = VmNode::new(
-            "linux",
-            &(0..self.cpus).collect::<Vec<_>>(),
-            Ram {
-                ipa: ram_base,
-                pa: ram_base,
-                size: mem,
-            },
-            Staged {
-                pa: staging,
-                size: klen,
-                ipa: placed.load,
-            },
-        );
-        vm.node = "linux-vm".into();
-        vm.initrd = initrd;
-        vm.bootargs = Some(self.append.clone());
-        vm.devices = devices;
-        vm.abort_policy = Some(self.abort_policy);
-        vm.stage2 = Some(self.stage2);
-        Ok(Plan { vm, loads })
+        let mut vms = Vec::new();
+        for (i, &base) in (0u32..).zip(&bases) {
+            let name = if self.count == 1 {
+                "linux".to_owned()
+            } else {
+                format!("linux{i}")
+            };
+            let first = i * self.cpus;
+            let mut vm = VmNode::new(
+                &name,
+                &(first..first + self.cpus).collect::<Vec<_>>(),
+                Ram {
+                    ipa: base,
+                    pa: base,
+                    size: mem,
+                },
+                Staged {
+                    pa: staging,
+                    size: klen,
+                    // The kernel sits at the same offset in every VM's RAM.
+                    ipa: placed.load - ram_base + base,
+                },
+            );
+            vm.node = format!("{name}-vm");
+            vm.initrd = initrd.map(|s| Staged {
+                ipa: base + s.ipa,
+                ..s
+            });
+            vm.bootargs = Some(self.append.clone());
+            // Devices (and with them DMA) go to the first VM only.
+            if i == 0 {
+                vm.devices.clone_from(&devices);
+            }
+            vm.vuart = Some(VUART_IPA);
+            // What is typed on the console goes to the first VM.
+            vm.console_input = i == 0;
+            vm.abort_policy = Some(self.abort_policy);
+            vm.stage2 = Some(self.stage2);
+            vms.push(vm);
+        }
+        Ok(Plan { vms, loads })
     }
 }
 
@@ -235,6 +294,7 @@ mod tests {
             append: "console=ttyAMA0".into(),
             cpus: 2,
             mem: Size::mib(256),
+            count: 1,
             devices: Vec::new(),
             abort_policy: AbortPolicy::Inject,
             stage2: Stage2Mappings::Pages,
@@ -247,42 +307,85 @@ mod tests {
         let i = file("i", &[7; 3 * MIB as usize + 1]);
         let mut g = guest(&k.0);
         g.initrd = Some(i.0.clone());
-        let plan = g.plan(&machine()).expect("plans");
-        let base = GUEST_RAM.base;
+        let plan = g.plan(&machine(), Size::gib(2)).expect("plans");
+        let [vm] = &plan.vms[..] else {
+            panic!("{plan:?}")
+        };
+        let base = GUEST_RAM_BASE;
         let staging = STAGING.base;
-        assert_eq!(plan.vm.kernel.ipa, base + 0x20_0000);
-        assert_eq!(plan.vm.kernel.pa, staging);
-        assert_eq!(plan.vm.kernel.size, 5 * MIB + 3);
-        let initrd = plan.vm.initrd.expect("initrd");
+        assert_eq!(vm.kernel.ipa, base + 0x20_0000);
+        assert_eq!(vm.kernel.pa, staging);
+        assert_eq!(vm.kernel.size, 5 * MIB + 3);
+        let initrd = vm.initrd.expect("initrd");
         // Staged at the first 2 MiB boundary after the kernel; in RAM, 4 MiB (its size
         // rounded up) below the top 2 MiB.
         assert_eq!(initrd.pa, staging + 6 * MIB);
         assert_eq!(initrd.ipa, base + 256 * MIB - 2 * MIB - 4 * MIB);
         assert_eq!(plan.loads.len(), 2);
         assert_eq!(plan.loads[1].addr, initrd.pa);
-        assert_eq!(plan.vm.cpus, [0, 1]);
-        assert_eq!(plan.vm.devices, ["/pl011@9000000", "/intc@8000000"]);
-        assert_eq!(plan.vm.memory[0].pa, plan.vm.memory[0].ipa);
+        assert_eq!(vm.cpus, [0, 1]);
+        assert_eq!(vm.name, "linux");
+        assert!(vm.devices.is_empty(), "no GIC, no host console");
+        assert_eq!(vm.vuart, Some(0x0900_0000));
+        assert!(vm.console_input);
+        assert_eq!(vm.memory[0].pa, vm.memory[0].ipa);
+    }
+
+    #[test]
+    fn several_vms_get_their_own_cpus_and_ram_around_staging_and_share_the_images() {
+        let k = file("k4", &image(0x20_0000, 40 * MIB, 4096));
+        let i = file("i4", &[7; 3 * MIB as usize]);
+        let mut g = guest(&k.0);
+        g.initrd = Some(i.0.clone());
+        g.count = 2;
+        g.mem = Size::gib(1);
+        assert_eq!(g.machine_mem_needed(), Size::gib(3));
+        assert!(g.plan(&machine(), Size::gib(2)).is_err(), "does not fit 2G");
+        let plan = g.plan(&machine(), Size::gib(4)).expect("plans");
+        let [a, b] = &plan.vms[..] else {
+            panic!("{plan:?}")
+        };
+        assert_eq!((a.name.as_str(), b.name.as_str()), ("linux0", "linux1"));
+        assert!(a.console_input && !b.console_input, "input goes to one VM");
+        assert_eq!((a.cpus.clone(), b.cpus.clone()), (vec![0, 1], vec![2, 3]));
+        // 1 GiB does not fit below staging: both go above it, one after the other.
+        assert_eq!(a.memory[0].pa, STAGING.base + STAGING.size);
+        assert_eq!(b.memory[0].pa, a.memory[0].pa + (1 << 30));
+        assert_eq!(a.memory[0].ipa, a.memory[0].pa);
+        assert_eq!(b.kernel.ipa, b.memory[0].pa + 0x20_0000);
+        assert_eq!(a.kernel.pa, b.kernel.pa, "one staged kernel");
+        let (ia, ib) = (a.initrd.unwrap(), b.initrd.unwrap());
+        assert_eq!(ia.pa, ib.pa, "one staged initrd");
+        assert_eq!(ib.ipa - b.memory[0].pa, ia.ipa - a.memory[0].pa);
+        assert_eq!(plan.loads.len(), 2);
+        // Small VMs fill the window below staging first.
+        g.mem = Size::mib(256);
+        let plan = g.plan(&machine(), Size::gib(2)).expect("plans");
+        assert_eq!(plan.vms[1].memory[0].pa, GUEST_RAM_BASE + 256 * MIB);
     }
 
     #[test]
     fn a_raw_binary_goes_where_qemus_loader_puts_one() {
         let k = file("raw", &[0x14, 0, 0, 0]);
-        let plan = guest(&k.0).plan(&machine()).expect("plans");
-        assert_eq!(plan.vm.kernel.ipa, GUEST_RAM.base + 0x8_0000);
+        let plan = guest(&k.0).plan(&machine(), Size::gib(2)).expect("plans");
+        assert_eq!(plan.vms[0].kernel.ipa, GUEST_RAM_BASE + 0x8_0000);
     }
 
     #[test]
     fn bad_requests_are_one_line_errors() {
         let k = file("k2", &image(0x20_0000, 8 * MIB, 4096));
         let m = machine();
-        let err = |g: KernelGuest| g.plan(&m).expect_err("refused");
+        let err = |g: KernelGuest| g.plan(&m, Size::gib(2)).expect_err("refused");
         let mut g = guest(&k.0);
         g.mem = Size::mib(15);
         assert!(err(g).contains("at least 16M"));
         let mut g = guest(&k.0);
-        g.mem = Size(GUEST_RAM.size + 2 * MIB);
-        assert!(err(g).contains("more than the 512M of guest RAM"));
+        // 2 GiB of machine RAM hold 512M below staging and 1G above it.
+        g.mem = Size(Size::gib(1).0 + 2 * MIB);
+        assert!(err(g).contains("do not fit in the machine's 2G of RAM"));
+        let mut g = guest(&k.0);
+        g.count = 0;
+        assert!(err(g).contains("--vms-count"));
         let mut g = guest(&k.0);
         g.mem = Size(17 * MIB);
         assert!(err(g).contains("multiple of 2M"));
@@ -308,22 +411,14 @@ mod tests {
             file("be", &h)
         };
         assert!(err(guest(&be.0)).contains("BigEndian"));
-        let no_gic = Node::new("");
-        assert!(guest(&k.0)
-            .plan(&no_gic)
-            .expect_err("no GIC")
-            .contains("no GIC"));
     }
 
     #[test]
     fn extra_devices_are_added_once() {
         let k = file("k3", &image(0, 8 * MIB, 64));
         let mut g = guest(&k.0);
-        g.devices = vec!["/virtio_mmio@a000000".into(), "/pl011@9000000".into()];
-        let plan = g.plan(&machine()).expect("plans");
-        assert_eq!(
-            plan.vm.devices,
-            ["/pl011@9000000", "/intc@8000000", "/virtio_mmio@a000000"]
-        );
+        g.devices = vec!["/virtio_mmio@a000000".into(), "/virtio_mmio@a000000".into()];
+        let plan = g.plan(&machine(), Size::gib(2)).expect("plans");
+        assert_eq!(plan.vms[0].devices, ["/virtio_mmio@a000000"]);
     }
 }

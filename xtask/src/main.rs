@@ -87,9 +87,21 @@ pub struct RunArgs {
     /// The guest's vCPUs [default: 1].
     #[arg(long, requires = "kernel_guest", help_heading = "The kernel guest")]
     cpus: Option<u32>,
-    /// The guest's RAM, at most 512M (docs/memory-map.md) [default: 256M].
+    /// Each guest's RAM, as much as the machine has free (docs/memory-map.md)
+    /// [default: 256M].
     #[arg(long, requires = "kernel_guest", help_heading = "The kernel guest")]
     mem: Option<Size>,
+    /// Boot the kernel in this many VMs side by side, each with --cpus vCPUs on CPUs of
+    /// its own and --mem of RAM, each with its own console (lines prefixed linux0,
+    /// linux1, ...); the run ends when all are done.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        requires = "kernel_guest",
+        help_heading = "The kernel guest"
+    )]
+    vms_count: u32,
     /// Its initramfs [--linux: out/linux/initramfs-shell.cpio].
     #[arg(
         long,
@@ -127,8 +139,9 @@ pub struct RunArgs {
         help_heading = "The kernel guest"
     )]
     stage2: Stage2Mappings,
-    /// Pass a host device through to the guest, by its path in the machine's device
-    /// tree (repeatable), besides the console UART and the GIC it always gets.
+    /// Pass a host device through to the (first) guest, by its path in the machine's
+    /// device tree (repeatable), with its interrupts. The GIC, its ITS and the console
+    /// are never passed through: every VM has a virtual GIC and a virtual PL011.
     #[arg(
         long = "device",
         value_name = "DT-PATH",
@@ -140,12 +153,12 @@ pub struct RunArgs {
     /// CPU model: cortex-a57, max, or a model with options (max,sme=off).
     #[arg(long, default_value = "cortex-a57", help_heading = "The machine")]
     cpu: String,
-    /// The machine's CPUs [default: 4; with a kernel guest, its vCPUs].
+    /// The machine's CPUs [default: 4; with kernel guests, their vCPUs].
     #[arg(long, help_heading = "The machine")]
     machine_cpus: Option<u32>,
-    /// The machine's RAM.
-    #[arg(long, default_value = "2G", help_heading = "The machine")]
-    machine_mem: Size,
+    /// The machine's RAM [default: 2G, or what the kernel guests need].
+    #[arg(long, help_heading = "The machine")]
+    machine_mem: Option<Size>,
     /// GIC version.
     #[arg(long, value_enum, default_value = "3", help_heading = "The machine")]
     gic_version: GicVersion,
@@ -234,6 +247,7 @@ impl RunArgs {
             append: self.append.clone(),
             cpus: self.cpus.unwrap_or(1),
             mem: self.mem.unwrap_or(Size::mib(256)),
+            count: self.vms_count,
             devices: self.devices.clone(),
             abort_policy: self.abort_policy,
             stage2: self.stage2,
@@ -241,14 +255,21 @@ impl RunArgs {
     }
 
     fn machine(&self, guests: &Guests) -> Machine {
-        let cpus = match guests {
-            Guests::Kernel(k) => self.machine_cpus.unwrap_or(k.cpus),
-            _ => self.machine_cpus.unwrap_or(4),
+        let (cpus, memory) = match guests {
+            Guests::Kernel(k) => (
+                self.machine_cpus
+                    .unwrap_or(k.cpus.saturating_mul(k.count.max(1))),
+                self.machine_mem.unwrap_or_else(|| k.machine_mem_needed()),
+            ),
+            _ => (
+                self.machine_cpus.unwrap_or(4),
+                self.machine_mem.unwrap_or(Size::gib(2)),
+            ),
         };
         Machine {
             cpu: self.cpu.clone(),
             cpus,
-            memory: self.machine_mem,
+            memory,
             gic_version: match self.gic_version {
                 GicVersion::V2 => 2,
                 GicVersion::V3 => 3,

@@ -91,6 +91,8 @@ pub struct VmNode {
     pub bootargs: Option<String>,
     /// `vuart`: IPA of the emulated UART page.
     pub vuart: Option<u64>,
+    /// `console-input`: the console's input goes to this VM's UART.
+    pub console_input: bool,
     /// `passthrough-devices`: host DT paths.
     pub devices: Vec<String>,
     /// `stage2-mappings` (the hypervisor's default when `None`).
@@ -119,6 +121,7 @@ impl VmNode {
             arg: None,
             bootargs: None,
             vuart: None,
+            console_input: false,
             devices: Vec::new(),
             stage2: None,
             abort_policy: None,
@@ -154,6 +157,9 @@ impl VmNode {
         }
         if let Some(vuart) = self.vuart {
             n.set_u64s("vuart", &[vuart]);
+        }
+        if self.console_input {
+            n.set("console-input", Vec::new());
         }
         if !self.devices.is_empty() {
             n.set_strs("passthrough-devices", &self.devices);
@@ -234,6 +240,7 @@ mod tests {
         let ranges = hypervisor::config::HostRanges {
             ram: &[],
             staging: hypervisor::mem::layout::STAGING,
+            console: None,
         };
         let descs = hypervisor::config::parse(&dt, &ranges).expect("the hypervisor accepts it");
         let [d] = &descs[..] else { panic!("{descs:?}") };

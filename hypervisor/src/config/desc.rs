@@ -73,6 +73,37 @@ pub enum Stage2Mappings {
     Pages,
 }
 
+/// Where a VM's emulated GICv3 lies in its IPA space (`gic-distributor`,
+/// `gic-redistributors`); QEMU virt's addresses by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GicIpa {
+    /// IPA of the 64 KiB distributor frame.
+    pub dist: u64,
+    /// IPA of the redistributors: 128 KiB per vCPU, one after the other.
+    pub redist: u64,
+}
+
+impl GicIpa {
+    /// QEMU virt's: GICD at `0x0800_0000`, GICR at `0x080A_0000`.
+    pub const QEMU_VIRT: Self = Self {
+        dist: 0x0800_0000,
+        redist: 0x080A_0000,
+    };
+    /// Size of the distributor frame.
+    pub const DIST_SIZE: u64 = 0x1_0000;
+    /// Size of one vCPU's redistributor (`RD_base` and `SGI_base`).
+    pub const REDIST_STRIDE: u64 = 0x2_0000;
+
+    /// Bytes of the redistributor region of a VM with `vcpus` vCPUs.
+    #[must_use]
+    pub const fn redist_size(vcpus: usize) -> u64 {
+        (vcpus as u64).saturating_mul(Self::REDIST_STRIDE)
+    }
+}
+
+/// The INTID of the virtual UART's interrupt (SPI 1, QEMU virt's PL011 line).
+pub const VUART_INTID: u32 = 33;
+
 /// How many memory-sharing transactions a VM may take part in at a time
 /// (`sharing-max-owned`, `sharing-max-received`; `docs/vms.md`, `docs/hypercalls.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,14 +156,22 @@ pub struct VmDesc {
     pub abort: AbortPolicy,
     /// Block or page mappings at stage 2.
     pub stage2: Stage2Mappings,
-    /// IPA of the emulated PL011-like UART page, if any.
+    /// IPA of the emulated PL011 page, if any (its interrupt is [`VUART_INTID`]).
     pub vuart: Option<u64>,
+    /// The hypervisor's console input goes to this VM's `vuart` (`console-input`; one VM
+    /// at most).
+    pub console_input: bool,
+    /// Where the emulated GIC is.
+    pub gic: GicIpa,
     /// Device ranges mapped straight through (Device-nGnRE, RW, XN): the `passthrough`
     /// triples, then the identity-mapped ranges of `passthrough-devices`.
     pub passthrough: Vec<GuestRegion>,
     /// Host DT paths of the devices in `passthrough-devices` (what a generated guest DTB
     /// describes).
     pub devices: Vec<String>,
+    /// The physical SPIs (INTIDs) of those devices: the VM's, at the same INTIDs in its
+    /// virtual GIC, and no other VM's.
+    pub spis: Vec<u32>,
     /// Memory-sharing limits.
     pub sharing: SharingLimits,
 }
@@ -323,6 +362,8 @@ pub struct HostRanges<'a> {
     pub ram: &'a [PhysRange],
     /// Where QEMU stages guest images: every image must lie inside.
     pub staging: PhysRange,
+    /// The hypervisor's console UART: never assigned to a VM.
+    pub console: Option<PhysRange>,
 }
 
 fn parse_vm(
@@ -373,10 +414,36 @@ fn parse_vm(
         Some(v) => string_list(v)
             .ok_or_else(|| node.err("passthrough-devices must be a list of strings"))?,
     };
+    let mut spis = Vec::new();
     if !devices.is_empty() {
         let paths: Vec<&str> = devices.iter().map(String::as_str).collect();
-        let regions = super::devices::passthrough_regions(host, &paths)
-            .map_err(|_| node.err("passthrough-devices names no top-level host device"))?;
+        // Without an SMMU a DMA master reaches any physical address: only a VM whose
+        // guest-physical addresses are the physical ones can drive it, and that VM is
+        // trusted with the machine's memory (docs/interrupts.md, "Device assignment").
+        if super::devices::any_dma_capable(host, &paths) && memory.iter().any(|m| m.ipa != m.pa) {
+            return Err(node.err(
+                "a DMA-capable device is only given to a VM whose RAM is identity-mapped \
+                 (IPA = PA): there is no SMMU, and that VM is trusted with memory",
+            ));
+        }
+        spis = super::devices::passthrough_spis(host, &paths).map_err(|e| match e {
+            super::devices::DeviceError::NotAnSpi(_) => node.err(
+                "passthrough-devices: a device has an interrupt that is not an SPI (a PPI \
+                 belongs to every CPU)",
+            ),
+            super::devices::DeviceError::InterruptController(_) => node.err(
+                "the GIC and its ITS are never assigned to a VM: EL2 owns interrupts, \
+                 each VM has a virtual GIC",
+            ),
+            _ => node.err("passthrough-devices names no top-level host device"),
+        })?;
+        let regions = super::devices::passthrough_regions(host, &paths).map_err(|e| match e {
+            super::devices::DeviceError::InterruptController(_) => node.err(
+                "the GIC and its ITS are never assigned to a VM: EL2 owns interrupts, \
+                     each VM has a virtual GIC",
+            ),
+            _ => node.err("passthrough-devices names no top-level host device"),
+        })?;
         passthrough.extend(regions.iter().map(|r| GuestRegion {
             ipa: r.base,
             pa: r.base,
@@ -388,6 +455,28 @@ fn parse_vm(
         &passthrough,
         "passthrough range not page-aligned, empty or overflowing",
     )?;
+    // EL2 owns the interrupt controller (a guest with the GIC could reach every VM's
+    // interrupts, and the ITS is a DMA master) and the console it prints every VM's
+    // lines on.
+    let gic = super::devices::gic_regions(host);
+    for p in &passthrough {
+        let range = PhysRange::new(p.pa, p.size);
+        if gic
+            .iter()
+            .any(|g| range.overlaps(&PhysRange::new(g.base, g.size)))
+        {
+            return Err(node.err(
+                "the GIC and its ITS are never assigned to a VM: EL2 owns interrupts, each VM \
+                 has a virtual GIC",
+            ));
+        }
+        if ranges.console.is_some_and(|c| range.overlaps(&c)) {
+            return Err(node.err(
+                "the hypervisor's console UART is never assigned to a VM: each VM has a \
+                 virtual PL011 (vuart)",
+            ));
+        }
+    }
     for p in &passthrough {
         if ranges
             .ram
@@ -454,17 +543,61 @@ fn parse_vm(
         Some(Some(s)) if s == "pages" => Stage2Mappings::Pages,
         Some(_) => return Err(node.err("stage2-mappings must be \"blocks\" or \"pages\"")),
     };
+    let gic = GicIpa {
+        dist: node
+            .one_u64("gic-distributor", "gic-distributor must be one 64-bit IPA")?
+            .unwrap_or(GicIpa::QEMU_VIRT.dist),
+        redist: node
+            .one_u64(
+                "gic-redistributors",
+                "gic-redistributors must be one 64-bit IPA",
+            )?
+            .unwrap_or(GicIpa::QEMU_VIRT.redist),
+    };
+    let gic_frames = [
+        (gic.dist, GicIpa::DIST_SIZE),
+        (gic.redist, GicIpa::redist_size(cpus.len())),
+    ];
+    let taken = |base: u64, size: u64| {
+        memory
+            .iter()
+            .chain(&passthrough)
+            .any(|r| overlaps(r.ipa, r.size, base, size))
+    };
+    for (base, size) in gic_frames {
+        if base % 0x1_0000 != 0 || base.checked_add(size).is_none() || taken(base, size) {
+            return Err(node
+                .err("the GIC distributor and redistributors must be free, 64 KiB aligned IPAs"));
+        }
+    }
+    if overlaps(
+        gic_frames[0].0,
+        gic_frames[0].1,
+        gic_frames[1].0,
+        gic_frames[1].1,
+    ) {
+        return Err(node.err("the GIC distributor overlaps the redistributors"));
+    }
     let vuart = node.one_u64("vuart", "vuart must be one 64-bit IPA")?;
+    if vuart.is_some() && spis.contains(&VUART_INTID) {
+        return Err(
+            node.err("a passed-through device uses SPI INTID 33, the virtual UART's interrupt")
+        );
+    }
     if let Some(u) = vuart {
         if !aligned(u)
             || u.checked_add(PAGE_SIZE).is_none()
-            || memory
+            || taken(u, PAGE_SIZE)
+            || gic_frames
                 .iter()
-                .chain(&passthrough)
-                .any(|r| overlaps(r.ipa, r.size, u, PAGE_SIZE))
+                .any(|&(b, s)| overlaps(b, s, u, PAGE_SIZE))
         {
             return Err(node.err("vuart must be a free, page-aligned IPA"));
         }
+    }
+    let console_input = node.get("console-input").is_some();
+    if console_input && vuart.is_none() {
+        return Err(node.err("console-input needs a vuart"));
     }
     let defaults = SharingLimits::default();
     let sharing = SharingLimits {
@@ -497,8 +630,11 @@ fn parse_vm(
         abort,
         stage2,
         vuart,
+        console_input,
+        gic,
         passthrough,
         devices,
+        spis,
     })
 }
 
@@ -534,6 +670,19 @@ pub fn parse(dt: &HostDt<'_>, ranges: &HostRanges<'_>) -> Result<Vec<VmDesc>, De
             if other.cpus.iter().any(|c| vm.cpus.contains(c)) {
                 return Err(node.err("a physical CPU is given to two VMs"));
             }
+            if other.console_input && vm.console_input {
+                return Err(node.err("console input is given to two VMs"));
+            }
+            if other.spis.iter().any(|i| vm.spis.contains(i)) {
+                return Err(node.err("an interrupt (SPI) is given to two VMs"));
+            }
+            if other.passthrough.iter().any(|a| {
+                vm.passthrough
+                    .iter()
+                    .any(|b| overlaps(a.pa, a.size, b.pa, b.size))
+            }) {
+                return Err(node.err("a device range is given to two VMs"));
+            }
             if other.memory.iter().any(|a| {
                 vm.memory
                     .iter()
@@ -559,6 +708,7 @@ pub(crate) mod tests {
         let ranges = HostRanges {
             ram: &[PhysRange::new(0x4000_0000, 0x8000_0000)],
             staging: crate::mem::layout::STAGING,
+            console: Some(PhysRange::new(0x0900_0000, 0x1000)),
         };
         HostDt::new(blob).ok().map(|dt| super::parse(&dt, &ranges))
     }
@@ -720,7 +870,7 @@ pub(crate) mod tests {
             ("dtb", cells64(&[0x7800_0000, 0x1_0000])),
             ("dtb-ipa", cells64(&[0x5f00_0000])),
             ("bootargs", str_prop("console=ttyAMA0 rdinit=/init")),
-            ("passthrough", cells64(&[0x0900_0000, 0x0900_0000, 0x1000])),
+            ("passthrough", cells64(&[0x0a00_0000, 0x0a00_0000, 0x1000])),
         ];
         let vms = parse(&dtb(&[("vm-linux", p)])).expect("valid");
         let v = &vms[0];
@@ -839,8 +989,8 @@ pub(crate) mod tests {
         let root = w.begin_node("").expect("root");
         w.property_u32("#address-cells", 2).expect("prop");
         w.property_u32("#size-cells", 2).expect("prop");
-        let uart = w.begin_node("uart@9000000").expect("node");
-        w.property("reg", &cells64(&[0x0900_0000, 0x1000]))
+        let uart = w.begin_node("uart@9040000").expect("node");
+        w.property("reg", &cells64(&[0x0904_0000, 0x1000]))
             .expect("prop");
         w.end_node(uart).expect("end");
         let chosen = w.begin_node("chosen").expect("chosen");
@@ -850,30 +1000,233 @@ pub(crate) mod tests {
         for (k, v) in &props {
             w.property(k, v).expect("prop");
         }
-        w.property("passthrough-devices", b"/uart@9000000\0")
+        w.property("passthrough-devices", b"/uart@9040000\0")
             .expect("prop");
         w.end_node(vm).expect("end");
         w.end_node(chosen).expect("end");
         w.end_node(root).expect("end");
         let blob = w.finish().expect("finish");
         let v = parse(&blob).expect("valid").remove(0);
-        assert_eq!(v.devices, ["/uart@9000000"]);
+        assert_eq!(v.devices, ["/uart@9040000"]);
         assert_eq!(
             v.passthrough,
             [GuestRegion {
-                ipa: 0x0900_0000,
-                pa: 0x0900_0000,
+                ipa: 0x0904_0000,
+                pa: 0x0904_0000,
                 size: 0x1000
             }]
         );
         // A path the host does not have rejects the description.
         let bad = blob
             .windows(13)
-            .position(|w| w == b"/uart@9000000")
+            .position(|w| w == b"/uart@9040000")
             .expect("path in blob");
         let mut broken = blob.clone();
         broken[bad + 1] = b'x';
         assert!(matches!(parse(&broken), Err(DescError::Invalid { .. })));
+    }
+
+    /// A host tree with a GICv3 (and its ITS below it) and the console UART.
+    /// A host tree with a GICv3 (and its ITS below it), the console UART, an RTC with
+    /// SPI 2 and a PMU with a PPI, and one VM node per entry of `vms` (VM *i* on CPU
+    /// *i* + 1 with the extra properties `vms[i]`).
+    fn host_with_gic_vms(vms: &[&[(&str, Vec<u8>)]]) -> Vec<u8> {
+        let mut w = FdtWriter::new().expect("writer");
+        let root = w.begin_node("").expect("root");
+        w.property_u32("#address-cells", 2).expect("prop");
+        w.property_u32("#size-cells", 2).expect("prop");
+        let gic = w.begin_node("intc@8000000").expect("node");
+        w.property_string("compatible", "arm,gic-v3").expect("prop");
+        w.property(
+            "reg",
+            &cells64(&[0x0800_0000, 0x1_0000, 0x080a_0000, 0xf6_0000]),
+        )
+        .expect("prop");
+        w.property_u32("#address-cells", 2).expect("prop");
+        w.property_u32("#size-cells", 2).expect("prop");
+        w.property_null("ranges").expect("prop");
+        let its = w.begin_node("its@8080000").expect("node");
+        w.property_string("compatible", "arm,gic-v3-its")
+            .expect("prop");
+        w.property("reg", &cells64(&[0x0808_0000, 0x2_0000]))
+            .expect("prop");
+        w.end_node(its).expect("end");
+        w.end_node(gic).expect("end");
+        let uart = w.begin_node("pl011@9000000").expect("node");
+        w.property("reg", &cells64(&[0x0900_0000, 0x1000]))
+            .expect("prop");
+        w.end_node(uart).expect("end");
+        for (name, base, irq) in [
+            ("rtc@9010000", 0x0901_0000, [0, 2, 4]),
+            ("pmu", 0, [1, 7, 4]),
+        ] {
+            let dev = w.begin_node(name).expect("node");
+            if base != 0 {
+                w.property("reg", &cells64(&[base, 0x1000])).expect("prop");
+            }
+            w.property("interrupts", &cells32(&irq)).expect("prop");
+            w.end_node(dev).expect("end");
+        }
+        let virtio = w.begin_node("virtio_mmio@a003e00").expect("node");
+        w.property_string("compatible", "virtio,mmio")
+            .expect("prop");
+        w.property("reg", &cells64(&[0x0a00_3e00, 0x200]))
+            .expect("prop");
+        w.property("interrupts", &cells32(&[0, 0x2f, 1]))
+            .expect("prop");
+        w.property_null("dma-coherent").expect("prop");
+        w.end_node(virtio).expect("end");
+        let chosen = w.begin_node("chosen").expect("chosen");
+        for (i, extra) in vms.iter().enumerate() {
+            let node = w.begin_node(&format!("vm{i}")).expect("vm");
+            let mut props = vm_props(0x5000_0000 + 0x10_0000 * i as u64, 1 + i as u32);
+            props.retain(|(k, _)| *k != "vuart" && !extra.iter().any(|(e, _)| e == k));
+            for (k, v) in props
+                .iter()
+                .map(|(k, v)| (*k, v))
+                .chain(extra.iter().map(|(k, v)| (*k, v)))
+            {
+                w.property(k, v).expect("prop");
+            }
+            w.end_node(node).expect("end");
+        }
+        w.end_node(chosen).expect("end");
+        w.end_node(root).expect("end");
+        w.finish().expect("finish")
+    }
+
+    fn host_with_gic(vm: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        host_with_gic_vms(&[vm])
+    }
+
+    #[test]
+    fn a_devices_spis_are_its_vms_only() {
+        let rtc = [("passthrough-devices", str_prop("/rtc@9010000"))];
+        let vms = parse(&host_with_gic(&rtc)).expect("valid");
+        assert_eq!(vms[0].spis, [34]);
+        let err = parse(&host_with_gic_vms(&[&rtc, &rtc])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "VM node /chosen/vm1: an interrupt (SPI) is given to two VMs"
+        );
+        let raw = [("passthrough", cells64(&[0x0a00_0000, 0x0901_0000, 0x1000]))];
+        let err = parse(&host_with_gic_vms(&[&rtc, &raw])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "VM node /chosen/vm1: a device range is given to two VMs"
+        );
+        let pmu = [("passthrough-devices", str_prop("/pmu"))];
+        assert!(parse(&host_with_gic(&pmu))
+            .unwrap_err()
+            .to_string()
+            .contains("an interrupt that is not an SPI"));
+    }
+
+    #[test]
+    fn a_dma_master_goes_only_to_an_identity_mapped_vm() {
+        let virtio = ("passthrough-devices", str_prop("/virtio_mmio@a003e00"));
+        // vm_props maps IPA 0x4000_0000 to another PA: refused.
+        let err = parse(&host_with_gic(std::slice::from_ref(&virtio))).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "a DMA-capable device is only given to a VM whose RAM is identity-mapped"
+            ),
+            "{err}"
+        );
+        let identity = ("memory", cells64(&[0x5000_0000, 0x5000_0000, 0x10_0000]));
+        let entry = [virtio, identity, ("kernel-ipa", cells64(&[0x5000_0000]))];
+        let vms = parse(&host_with_gic(&entry)).expect("valid");
+        assert_eq!(vms[0].spis, [79]);
+        assert_eq!(vms[0].passthrough[0].pa, 0x0a00_3000);
+    }
+
+    #[test]
+    fn the_gic_its_and_console_are_never_assigned() {
+        let why = |vm: &[(&str, Vec<u8>)]| match parse(&host_with_gic(vm)) {
+            Err(DescError::Invalid { what, .. }) => what,
+            other => panic!("expected a rejection, got {other:?}"),
+        };
+        let gic_rule = "the GIC and its ITS are never assigned to a VM";
+        assert!(why(&[("passthrough-devices", str_prop("/intc@8000000"))]).starts_with(gic_rule));
+        // The ITS alone, or the redistributors, as raw ranges.
+        for (ipa, size) in [(0x0808_0000, 0x1000), (0x0810_0000, 0x2_0000)] {
+            let raw = cells64(&[0x1000_0000, ipa, size]);
+            assert!(
+                why(&[("passthrough", raw)]).starts_with(gic_rule),
+                "{ipa:#x}"
+            );
+        }
+        let console = cells64(&[0x1000_0000, 0x0900_0000, 0x1000]);
+        assert!(why(&[("passthrough", console.clone())])
+            .starts_with("the hypervisor's console UART is never assigned"));
+        assert!(why(&[("passthrough-devices", str_prop("/pl011@9000000"))])
+            .starts_with("the hypervisor's console UART is never assigned"));
+        // The message names the node and the rule.
+        let err = parse(&host_with_gic(&[("passthrough", console)])).unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("VM node /chosen/vm0: the hypervisor's console"));
+        // Nothing asked for: accepted, with the virtual GIC at QEMU virt's addresses.
+        let ok = parse(&host_with_gic(&[])).expect("valid");
+        assert_eq!(ok[0].gic, GicIpa::QEMU_VIRT);
+    }
+
+    #[test]
+    fn console_input_goes_to_one_vm_with_a_uart() {
+        let input = |cpu, pa| with(vm_props(pa, cpu), "console-input", Vec::new());
+        let vms = parse(&dtb(&[("a", input(1, 0x5000_0000))])).expect("valid");
+        assert!(vms[0].console_input);
+        assert!(!parse(&dtb(&[("a", vm_props(0x5000_0000, 1))])).expect("valid")[0].console_input);
+        assert_eq!(
+            parse(&dtb(&[
+                ("a", input(1, 0x5000_0000)),
+                ("b", input(2, 0x5010_0000))
+            ]))
+            .unwrap_err()
+            .to_string(),
+            "VM node /chosen/b: console input is given to two VMs"
+        );
+        let mut no_uart = input(1, 0x5000_0000);
+        no_uart.retain(|(k, _)| *k != "vuart");
+        assert_eq!(rejected(no_uart), "console-input needs a vuart");
+    }
+
+    #[test]
+    fn the_virtual_gic_needs_free_aligned_ipas() {
+        let on_ram = with(
+            vm_props(0x5000_0000, 1),
+            "gic-distributor",
+            cells64(&[0x4000_0000]),
+        );
+        assert!(rejected(on_ram).starts_with("the GIC distributor and redistributors"));
+        let unaligned = with(
+            vm_props(0x5000_0000, 1),
+            "gic-redistributors",
+            cells64(&[0x080a_1000]),
+        );
+        assert!(rejected(unaligned).starts_with("the GIC distributor and redistributors"));
+        let overlap = with(
+            vm_props(0x5000_0000, 1),
+            "gic-redistributors",
+            cells64(&[0x0800_0000]),
+        );
+        assert_eq!(
+            rejected(overlap),
+            "the GIC distributor overlaps the redistributors"
+        );
+        let uart_on_gic = with(vm_props(0x5000_0000, 1), "vuart", cells64(&[0x080a_0000]));
+        assert_eq!(
+            rejected(uart_on_gic),
+            "vuart must be a free, page-aligned IPA"
+        );
+        let moved = with(
+            vm_props(0x5000_0000, 1),
+            "gic-distributor",
+            cells64(&[0x2000_0000]),
+        );
+        let v = parse(&dtb(&[("vm0", moved)])).expect("valid").remove(0);
+        assert_eq!(v.gic.dist, 0x2000_0000);
+        assert_eq!(v.gic.redist, GicIpa::QEMU_VIRT.redist);
     }
 }
 

@@ -30,6 +30,11 @@ pub enum DeviceError {
     /// `devices[i]` is not a top-level node of the host DT (or is one the guest never
     /// gets from the host, such as `/chosen`).
     NoSuchDevice(usize),
+    /// `devices[i]` is the GIC or an ITS, which only the hypervisor drives.
+    InterruptController(usize),
+    /// `devices[i]` (or a node below it) has an interrupt that is not a GIC SPI (a PPI,
+    /// or a specifier the hypervisor cannot read): it cannot be given to one VM.
+    NotAnSpi(usize),
 }
 
 impl fmt::Display for DeviceError {
@@ -37,6 +42,11 @@ impl fmt::Display for DeviceError {
         match self {
             Self::NoRoot => f.write_str("the host device tree has no root node"),
             Self::NoSuchDevice(i) => write!(f, "device {i} is not a top-level host node"),
+            Self::InterruptController(i) => write!(
+                f,
+                "device {i} is the GIC or its ITS, which is never assigned to a VM"
+            ),
+            Self::NotAnSpi(i) => write!(f, "device {i} has an interrupt that is not an SPI"),
         }
     }
 }
@@ -85,6 +95,92 @@ pub fn passthrough_regions(
     Ok(merged)
 }
 
+/// The MMIO ranges of the host's GIC nodes and everything below them (the ITS), rounded
+/// out to pages: what no VM may have mapped.
+#[must_use]
+pub fn gic_regions(host: &Fdt<'_>) -> Vec<MmioRegion> {
+    let mut regions = Vec::new();
+    let Some(root) = super::find_path(host, "/") else {
+        return regions;
+    };
+    for top in root.children().filter(is_interrupt_controller) {
+        collect_regs(&top, cells(&root, 2, 1), &mut regions);
+    }
+    regions
+}
+
+/// The SPIs (INTIDs 32..=1019) of the devices `devices` names (host DT paths), from the
+/// `interrupts` of those nodes and of their descendants, whose interrupt parent is the
+/// GIC (three-cell specifiers: type 0 = SPI, number, flags; IHI 0069 and the Linux
+/// `arm,gic-v3` binding). Sorted, without duplicates. The nodes they merely depend on
+/// (clocks) are not the VM's: their interrupts are not included.
+///
+/// # Errors
+/// [`DeviceError`] as [`passthrough_regions`], and [`DeviceError::NotAnSpi`] for a PPI or
+/// a specifier that is not three cells of a GIC SPI.
+pub fn passthrough_spis(host: &Fdt<'_>, devices: &[&str]) -> Result<Vec<u32>, DeviceError> {
+    let root = super::find_path(host, "/").ok_or(DeviceError::NoRoot)?;
+    // Checks the paths (and refuses the GIC) the same way.
+    select(host, devices)?;
+    let mut spis = Vec::new();
+    for (i, path) in devices.iter().enumerate() {
+        let name = path.strip_prefix('/').ok_or(DeviceError::NoSuchDevice(i))?;
+        let Some(node) = root.children().find(|n| n.name == name) else {
+            return Err(DeviceError::NoSuchDevice(i));
+        };
+        let mut bad = false;
+        visit(&node, &mut |n| {
+            let Some(p) = n.property("interrupts") else {
+                return;
+            };
+            let cells: Vec<u32> = be_cells(p.value).collect();
+            if cells.is_empty() || cells.len() % 3 != 0 || p.value.len() % 4 != 0 {
+                bad = true;
+                return;
+            }
+            for spec in cells.chunks_exact(3) {
+                match *spec {
+                    [0, n, _] => match 32u32.checked_add(n) {
+                        Some(intid) if intid <= 1019 => spis.push(intid),
+                        _ => bad = true,
+                    },
+                    _ => bad = true,
+                }
+            }
+        });
+        if bad {
+            return Err(DeviceError::NotAnSpi(i));
+        }
+    }
+    spis.sort_unstable();
+    spis.dedup();
+    Ok(spis)
+}
+
+/// Whether any of the devices `devices` names (or a node below one) can master DMA: it
+/// is `virtio,mmio` (a virtio device reads and writes the guest's buffers by physical
+/// address) or says `dma-coherent`. With no SMMU such a device reaches every physical
+/// address its driver programs. Paths that name no node are ignored here
+/// ([`passthrough_regions`] refuses them).
+#[must_use]
+pub fn any_dma_capable(host: &Fdt<'_>, devices: &[&str]) -> bool {
+    let Some(root) = super::find_path(host, "/") else {
+        return false;
+    };
+    let mut dma = false;
+    for path in devices {
+        let name = path.strip_prefix('/').unwrap_or(path);
+        if let Some(node) = root.children().find(|n| n.name == name) {
+            visit(&node, &mut |n| {
+                dma |= n.property("dma-coherent").is_some()
+                    || n.compatible()
+                        .is_some_and(|c| c.all().any(|s| s == "virtio,mmio"));
+            });
+        }
+    }
+    dma
+}
+
 /// `#address-cells` and `#size-cells` of `node` (the cells of its children's `reg`).
 pub(crate) fn cells(node: &FdtNode<'_, '_>, default_a: usize, default_s: usize) -> (usize, usize) {
     let get = |name, default| {
@@ -127,7 +223,10 @@ pub(crate) fn select<'b, 'a>(
 ) -> Result<Vec<FdtNode<'b, 'a>>, DeviceError> {
     let root = super::find_path(host, "/").ok_or(DeviceError::NoRoot)?;
     let tops: Vec<FdtNode<'b, 'a>> = root.children().collect();
-    let copyable = |n: &FdtNode<'_, '_>| !REWRITTEN.contains(&base_name(n.name));
+    // The GIC is the interrupt parent of nearly everything, but a guest gets its own.
+    let copyable = |n: &FdtNode<'_, '_>| {
+        !REWRITTEN.contains(&base_name(n.name)) && !is_interrupt_controller(n)
+    };
     // The EL1 generic timer is part of every CPU: always described.
     let mut chosen: Vec<bool> = tops
         .iter()
@@ -138,11 +237,14 @@ pub(crate) fn select<'b, 'a>(
         .collect();
     for (i, path) in devices.iter().enumerate() {
         let name = path.strip_prefix('/').ok_or(DeviceError::NoSuchDevice(i))?;
-        let (_, pick) = tops
+        let (top, pick) = tops
             .iter()
             .zip(chosen.iter_mut())
-            .find(|(n, _)| n.name == name && copyable(n))
+            .find(|(n, _)| n.name == name && !REWRITTEN.contains(&base_name(n.name)))
             .ok_or(DeviceError::NoSuchDevice(i))?;
+        if is_interrupt_controller(top) {
+            return Err(DeviceError::InterruptController(i));
+        }
         *pick = true;
     }
     // phandle -> index of the top-level node holding it.
@@ -188,6 +290,22 @@ pub(crate) fn select<'b, 'a>(
         .zip(chosen)
         .filter_map(|(n, c)| c.then_some(n))
         .collect())
+}
+
+/// `compatible` values of the interrupt controllers and MSI controllers a guest never
+/// gets from the host: the GICv3 (and v2) and its ITS.
+pub(crate) const GIC_COMPATIBLES: &[&str] = &[
+    "arm,gic-v3",
+    "arm,gic-v3-its",
+    "arm,gic-400",
+    "arm,cortex-a15-gic",
+    "arm,gic-v2m-frame",
+];
+
+/// Whether `node` is the host's GIC (or an ITS): never copied into a guest.
+pub(crate) fn is_interrupt_controller(node: &FdtNode<'_, '_>) -> bool {
+    node.compatible()
+        .is_some_and(|c| c.all().any(|s| GIC_COMPATIBLES.contains(&s)))
 }
 
 /// Node name without the unit address.
@@ -268,37 +386,67 @@ mod tests {
     use super::*;
     use crate::config::dtb::qemu_virt;
 
-    const DEVICES: &[&str] = &["/pl011@9000000", "/intc@8000000", "/timer"];
-
     #[test]
     fn regions_cover_the_devices_registers_rounded_to_pages() {
         let dt = qemu_virt();
         let host = dt.fdt();
-        let regions = passthrough_regions(host, DEVICES).unwrap();
-        // GIC distributor; then the ITS (0x808_0000, 128 KiB), the redistributors
-        // (0x80a_0000 + 0xf6_0000 = 0x900_0000) and the PL011 page, adjacent and merged.
+        // The PL011 page only: its interrupt parent, the GIC, never comes along.
+        let regions = passthrough_regions(host, &["/pl011@9000000", "/timer"]).unwrap();
         assert_eq!(
             regions,
-            [
-                MmioRegion {
-                    base: 0x800_0000,
-                    size: 0x1_0000
-                },
-                MmioRegion {
-                    base: 0x808_0000,
-                    size: 0x900_1000 - 0x808_0000
-                },
-            ]
+            [MmioRegion {
+                base: 0x900_0000,
+                size: 0x1000
+            }]
         );
-        // fw-cfg's 0x18 bytes become one page; the GIC comes along as interrupt parent.
+        // fw-cfg's 0x18 bytes become one page.
         let regions = passthrough_regions(host, &["/fw-cfg@9020000"]).unwrap();
-        assert!(regions.contains(&MmioRegion {
-            base: 0x902_0000,
-            size: 0x1000
-        }));
+        assert_eq!(
+            regions,
+            [MmioRegion {
+                base: 0x902_0000,
+                size: 0x1000
+            }]
+        );
         assert_eq!(
             passthrough_regions(host, &["/bogus"]),
             Err(DeviceError::NoSuchDevice(0))
         );
+        // The GIC (with its ITS) is never a device a VM is given.
+        assert_eq!(
+            passthrough_regions(host, &["/pl011@9000000", "/intc@8000000"]),
+            Err(DeviceError::InterruptController(1))
+        );
+    }
+
+    #[test]
+    fn a_devices_spis_come_from_its_interrupts() {
+        let dt = qemu_virt();
+        let host = dt.fdt();
+        // QEMU virt's PL031 RTC has SPI 2 (INTID 34); its clock brings no interrupt.
+        assert_eq!(passthrough_spis(host, &["/pl031@9010000"]), Ok(vec![34]));
+        assert_eq!(passthrough_spis(host, &[]), Ok(vec![]));
+        // The architected timer's interrupts are PPIs: never one VM's device.
+        assert_eq!(
+            passthrough_spis(host, &["/pl031@9010000", "/timer"]),
+            Err(DeviceError::NotAnSpi(1))
+        );
+        assert_eq!(
+            passthrough_spis(host, &["/intc@8000000"]),
+            Err(DeviceError::InterruptController(0))
+        );
+    }
+
+    #[test]
+    fn virtio_mmio_is_a_dma_master_and_an_rtc_is_not() {
+        let dt = qemu_virt();
+        let host = dt.fdt();
+        assert!(any_dma_capable(host, &["/virtio_mmio@a000000"]));
+        assert!(any_dma_capable(
+            host,
+            &["/pl031@9010000", "/virtio_mmio@a003e00"]
+        ));
+        assert!(!any_dma_capable(host, &["/pl031@9010000", "/bogus"]));
+        assert!(!any_dma_capable(host, &[]));
     }
 }

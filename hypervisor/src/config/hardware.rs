@@ -63,6 +63,9 @@ pub struct Hardware {
     /// The PL011 console (the `/chosen` `stdout-path` node if it is a PL011, otherwise
     /// the first `arm,pl011` node).
     pub uart: Option<PhysRange>,
+    /// The console PL011's interrupt (INTID of its first GIC SPI in `interrupts`), for
+    /// console input.
+    pub uart_intid: Option<u32>,
     /// The GIC.
     pub gic: Option<Gic>,
     /// PSCI.
@@ -120,12 +123,16 @@ impl Hardware {
             cpu_count: 0,
             cpus_ignored: 0,
             uart: None,
+            uart_intid: None,
             gic: None,
             psci: None,
         };
         platform.parse_memory(fdt)?;
         platform.parse_cpus(fdt)?;
-        platform.uart = find_uart(fdt)?;
+        (platform.uart, platform.uart_intid) = match find_uart(fdt)? {
+            Some((range, intid)) => (Some(range), intid),
+            None => (None, None),
+        };
         platform.gic = find_gic(fdt)?;
         platform.psci = find_psci(fdt);
         Ok(platform)
@@ -246,7 +253,21 @@ fn is_compatible(node: FdtNode<'_, '_>, compatible: &str) -> bool {
         .is_some_and(|c| c.all().any(|s| s == compatible))
 }
 
-fn find_uart(fdt: &Fdt<'_>) -> Result<Option<PhysRange>, HardwareError> {
+/// The INTID of the first SPI in `node`'s `interrupts` (GIC three-cell specifiers).
+fn first_spi(node: FdtNode<'_, '_>) -> Option<u32> {
+    let v = node.property("interrupts")?.value;
+    let cell = |i: usize| {
+        v.get(i..i.checked_add(4)?)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_be_bytes)
+    };
+    match (cell(0)?, cell(4)?) {
+        (0, n) => n.checked_add(32).filter(|&i| i <= 1019),
+        _ => None,
+    }
+}
+
+fn find_uart(fdt: &Fdt<'_>) -> Result<Option<(PhysRange, Option<u32>)>, HardwareError> {
     let stdout = find_path(fdt, "/chosen")
         .and_then(|c| c.property("stdout-path"))
         .and_then(|p| p.as_str())
@@ -254,7 +275,7 @@ fn find_uart(fdt: &Fdt<'_>) -> Result<Option<PhysRange>, HardwareError> {
         .and_then(|path| find_path(fdt, path))
         .filter(|node| is_compatible(*node, "arm,pl011"));
     match stdout.or_else(|| fdt.find_compatible(&["arm,pl011"])) {
-        Some(node) => first_reg(node, "pl011").map(Some),
+        Some(node) => Ok(Some((first_reg(node, "pl011")?, first_spi(node)))),
         None => Ok(None),
     }
 }
@@ -331,6 +352,7 @@ pub(crate) mod tests {
         assert_eq!(p.cpus(), &[0, 1, 2, 3]);
         assert_eq!(p.cpus_ignored, 0);
         assert_eq!(p.uart, Some(PhysRange::new(0x0900_0000, 0x1000)));
+        assert_eq!(p.uart_intid, Some(33), "QEMU virt's PL011 is SPI 1");
         assert_eq!(
             p.gic,
             Some(Gic {

@@ -48,6 +48,10 @@ pub struct LinuxGuest<'a> {
     pub bootargs: &'a str,
     /// Host DT paths of the guest's pass-through devices.
     pub devices: &'a [&'a str],
+    /// Where the VM's virtual GIC is.
+    pub gic: crate::config::GicIpa,
+    /// IPA of the VM's virtual PL011, if any.
+    pub vuart: Option<u64>,
 }
 
 /// How to start a Linux guest: vCPU 0 enters `entry` with x0 = `dtb_ipa`, where the
@@ -80,9 +84,6 @@ pub enum LinuxBootError {
     DtbTooLarge,
     /// A Linux guest has exactly one RAM region.
     RamRegions,
-    /// vCPU *i* must run on physical CPU *i*: the guest drives the physical GIC, whose
-    /// affinity routing and redistributors follow the physical MPIDRs.
-    CpuNotIdentity,
     /// No room for the DTB after the staged images.
     NoStagingRoom,
 }
@@ -100,7 +101,6 @@ impl fmt::Display for LinuxBootError {
             Self::Dt(e) => write!(f, "device tree: {e}"),
             Self::DtbTooLarge => f.write_str("the guest device tree is larger than 2 MiB"),
             Self::RamRegions => f.write_str("a Linux guest has exactly one RAM region"),
-            Self::CpuNotIdentity => f.write_str("vCPU i must run on physical CPU i"),
             Self::NoStagingRoom => f.write_str("no room in the staging area for the DTB"),
         }
     }
@@ -142,6 +142,8 @@ pub fn prepare(host: &HostDt<'_>, guest: &LinuxGuest<'_>) -> Result<LinuxBoot, L
             bootargs: guest.bootargs,
             initrd,
             devices: guest.devices,
+            gic: guest.gic,
+            vuart: guest.vuart,
         },
     )
     .map_err(LinuxBootError::Dt)?;
@@ -157,7 +159,8 @@ pub fn prepare(host: &HostDt<'_>, guest: &LinuxGuest<'_>) -> Result<LinuxBoot, L
 
 /// Completes the description of a VM that boots Linux (one with `bootargs` and no `dtb`):
 /// checks the layout, sets the entry point, builds the guest DTB and adds it as a staged
-/// image right after the last staged one, inside `staging`. Returns where
+/// image right after the last staged one of this VM, inside `staging` (and not below its
+/// start: a caller staging several VMs' DTBs passes the part still free). Returns where
 /// the caller must write the DTB bytes before the VM is created; `None` for other VMs.
 ///
 /// `kernel_head` is the start of the staged kernel (its first 64 bytes suffice).
@@ -176,16 +179,9 @@ pub fn complete_desc(
     let [ram] = desc.memory[..] else {
         return Err(LinuxBootError::RamRegions);
     };
-    if desc
-        .cpus
-        .iter()
-        .enumerate()
-        .any(|(i, c)| usize::try_from(*c).ok() != Some(i))
-    {
-        return Err(LinuxBootError::CpuNotIdentity);
-    }
-    // vCPU i has virtual MPIDR Aff0 = i (crate::psci), here equal to the physical one.
-    let mpidrs: Vec<u64> = (0..desc.cpus.len() as u64).collect();
+    // The physical CPUs the vCPUs run on (their host cpu nodes give the properties);
+    // vCPU i has virtual MPIDR Aff0 = i (crate::vm::psci).
+    let mpidrs: Vec<u64> = desc.cpus.iter().map(|&c| u64::from(c)).collect();
     let devices: Vec<&str> = desc
         .devices
         .iter()
@@ -203,6 +199,8 @@ pub fn complete_desc(
             initrd: desc.initrd.map(|i| (i.ipa, i.size)),
             bootargs,
             devices: &devices,
+            gic: desc.gic,
+            vuart: desc.vuart,
         },
     )?;
     let staged_end = [Some(desc.kernel), desc.initrd]
@@ -211,8 +209,8 @@ pub fn complete_desc(
         .map(|i| i.pa.saturating_add(i.size))
         .max()
         .unwrap_or(staging.base);
-    let pa =
-        image::align_up(staged_end, crate::mem::PAGE_SIZE).ok_or(LinuxBootError::NoStagingRoom)?;
+    let pa = image::align_up(staged_end.max(staging.base), crate::mem::PAGE_SIZE)
+        .ok_or(LinuxBootError::NoStagingRoom)?;
     let size = boot.dtb.len() as u64;
     if !staging.contains(&PhysRange::new(pa, size)) {
         return Err(LinuxBootError::NoStagingRoom);
@@ -253,7 +251,9 @@ mod tests {
             kernel_ipa,
             initrd: Some((0x5fc0_0000, 0x1c_34f8)),
             bootargs: "console=ttyAMA0",
-            devices: &["/pl011@9000000", "/intc@8000000", "/timer"],
+            devices: &["/timer"],
+            gic: crate::config::GicIpa::QEMU_VIRT,
+            vuart: Some(0x0900_0000),
         }
     }
 
@@ -314,9 +314,12 @@ mod tests {
             abort: AbortPolicy::Stop,
             sharing: crate::config::SharingLimits::default(),
             stage2: crate::config::Stage2Mappings::Pages,
-            vuart: None,
+            vuart: Some(0x0900_0000),
+            console_input: false,
+            gic: crate::config::GicIpa::QEMU_VIRT,
             passthrough: vec![],
-            devices: vec!["/pl011@9000000".into()],
+            devices: vec![],
+            spis: vec![],
         }
     }
 
@@ -364,17 +367,20 @@ mod tests {
         );
         assert_eq!(d, before);
 
+        // A vCPU on another physical CPU than its index: vCPU 0 is still cpu@0.
         let mut d = linux_desc();
         d.cpus = vec![1];
-        assert_eq!(
-            complete_desc(
-                &mut d,
-                &qemu_virt(),
-                &header(),
-                PhysRange::new(0x7000_0000, 256 * MIB)
-            ),
-            Err(LinuxBootError::CpuNotIdentity)
-        );
+        let (_, dtb) = complete_desc(
+            &mut d,
+            &qemu_virt(),
+            &header(),
+            PhysRange::new(0x7000_0000, 256 * MIB),
+        )
+        .unwrap()
+        .unwrap();
+        let fdt = fdt::Fdt::new(&dtb).unwrap();
+        let ids: Vec<usize> = fdt.cpus().map(|c| c.ids().first()).collect();
+        assert_eq!(ids, [0]);
         let mut d = linux_desc();
         d.memory.push(d.memory[0]);
         assert_eq!(

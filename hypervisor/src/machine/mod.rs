@@ -30,6 +30,7 @@ use pl011::Pl011;
 mod console;
 mod cpu;
 mod fatal;
+mod gic;
 mod pl011;
 mod regs;
 pub mod run;
@@ -174,6 +175,23 @@ pub fn primary(dtb: usize) -> Machine {
     #[cfg(feature = "selftest-guest-entry")]
     selftest::run();
 
+    match platform.gic {
+        Some(g) if g.version == 3 => {
+            gic::init_distributor(g.distributor.base, g.second.base, g.second.size);
+            if !gic::init_cpu() {
+                fatal(format_args!("gic: no redistributor for cpu0"));
+            }
+            info!(
+                "gic: EL2 owns the GICv3: virtual CPU interface with {} list registers (ICH_VTR_EL2 {:#x})",
+                gic::list_registers(),
+                gic::ich_vtr()
+            );
+        }
+        _ => warn!(
+            "gic: not a GICv3: no VM can run (EL2 owns interrupts through the GICv3 virtual CPU interface)"
+        ),
+    }
+
     CPU_MPIDR[0].store(mpidr, Ordering::Release);
     CPUS_ONLINE.store(1, Ordering::Release);
     info!("cpu0 online: MPIDR {mpidr:#x}, MMU {}", mmu_state());
@@ -317,6 +335,9 @@ fn start_secondaries(platform: &Hardware, boot_mpidr: u64) -> usize {
 pub fn secondary(cpu: usize) {
     let mpidr = MPIDR_EL1.get() & MPIDR_AFFINITY_MASK;
     regs::leave_guest_context();
+    if gic::present() && !gic::init_cpu() {
+        fatal(format_args!("gic: no redistributor for cpu{cpu}"));
+    }
     info!("cpu{cpu} online: MPIDR {mpidr:#x}, MMU {}", mmu_state());
     #[cfg(feature = "fault-stack-overflow")]
     if cpu == 1 {

@@ -1,12 +1,19 @@
-//! Minimal PL011 UART transmitter (ARM PrimeCell UART PL011 TRM, DDI 0183: UARTDR at
-//! 0x000, UARTFR at 0x018 with TXFF = bit 5). The baud rate and line settings are left as
-//! the firmware (QEMU) set them. The waiting (bounded) is `crate::console::tx`'s.
+//! Minimal PL011 UART driver (ARM PrimeCell UART PL011 TRM, DDI 0183: UARTDR at 0x000,
+//! UARTFR at 0x018 with TXFF = bit 5 and RXFE = bit 4, UARTIMSC at 0x038 with RXIM = bit 4
+//! and RTIM = bit 6). The baud rate and line settings are left as the firmware (QEMU) set
+//! them. The waiting (bounded) is `crate::console::tx`'s. Transmit is the logger's;
+//! receive (console input) is the run loop's: the two touch different registers (reading
+//! `UARTDR` only pops the receive FIFO).
 
 use crate::console::tx::TxFifo;
 
 const DR: usize = 0x000;
 const FR: usize = 0x018;
 const FR_TXFF: u32 = 1 << 5;
+const FR_RXFE: u32 = 1 << 4;
+const IMSC: usize = 0x038;
+/// RXIM | RTIM: receive and receive-timeout interrupts.
+const IMSC_RX: u32 = (1 << 4) | (1 << 6);
 
 /// A PL011 at a fixed MMIO address.
 #[derive(Debug)]
@@ -25,6 +32,29 @@ impl Pl011 {
     #[must_use]
     pub const unsafe fn new(base: usize) -> Self {
         Self { base }
+    }
+}
+
+impl Pl011 {
+    /// The next received byte, if any.
+    pub fn read_byte(&self) -> Option<u8> {
+        // SAFETY: `new`'s contract makes base + FR and base + DR valid device registers;
+        // reading DR pops the receive FIFO only, which nothing else reads.
+        unsafe {
+            if ((self.base + FR) as *const u32).read_volatile() & FR_RXFE != 0 {
+                return None;
+            }
+            Some(((self.base + DR) as *const u32).read_volatile() as u8)
+        }
+    }
+
+    /// Unmasks (or masks) the receive interrupts.
+    pub fn set_rx_interrupt(&self, on: bool) {
+        // SAFETY: as `read_byte`; the transmit side never uses interrupts, so IMSC is
+        // the receiver's alone.
+        unsafe {
+            ((self.base + IMSC) as *mut u32).write_volatile(if on { IMSC_RX } else { 0 });
+        }
     }
 }
 

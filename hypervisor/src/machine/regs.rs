@@ -10,21 +10,33 @@
 
 use core::arch::asm;
 
-use aarch64_cpu::asm::barrier;
 use aarch64_cpu::registers::{
-    Readable, Writeable, ELR_EL1, ESR_EL1, FAR_EL1, ICC_SRE_EL2, ID_AA64MMFR0_EL1,
-    ID_AA64MMFR1_EL1, ID_AA64PFR0_EL1, MIDR_EL1, SCTLR_EL1, SPSR_EL1, VBAR_EL1,
+    Readable, Writeable, ELR_EL1, ESR_EL1, FAR_EL1, ID_AA64MMFR0_EL1, ID_AA64MMFR1_EL1,
+    ID_AA64PFR0_EL1, MIDR_EL1, SCTLR_EL1, SPSR_EL1, VBAR_EL1,
 };
 
 use crate::vcpu::cpu_state::{El2Controls, IdRegs, PmuPolicy};
 use crate::vm::vmid::VmidBits;
 
 /// `HCR_EL2` for an AArch64 EL1 guest (D19.2.49):
-/// VM (0) stage 2 on, SWIO (1) set/way invalidation as clean+invalidate, TSC (19) trap
-/// SMC (it is a PSCI/SMCCC conduit), RW (31) EL1 is AArch64, APK (40) / API (41) do not
-/// trap pointer-authentication keys and instructions (`-cpu max` has FEAT_PAuth).
-/// IMO/FMO/AMO stay 0: physical interrupts go to the guest when it runs.
-pub const HCR_GUEST: u64 = (1 << 0) | (1 << 1) | (1 << 19) | (1 << 31) | (1 << 40) | (1 << 41);
+/// VM (0) stage 2 on, SWIO (1) set/way invalidation as clean+invalidate, FMO (3),
+/// IMO (4), AMO (5): physical FIQs, IRQs and SErrors are taken to EL2 and EL1 sees the
+/// virtual ones (the guest's `ICC_*_EL1` accesses reach the virtual CPU interface, its
+/// `ICC_SGI*R_EL1` writes trap; docs/interrupts.md), TSC (19) trap SMC (it is a
+/// PSCI/SMCCC conduit), RW (31) EL1 is AArch64, APK (40) / API (41) do not trap
+/// pointer-authentication keys and instructions (`-cpu max` has FEAT_PAuth). TWI/TWE
+/// stay 0: a guest's WFI waits on its own CPU until a virtual interrupt is pending in the
+/// list registers or a physical one (a kick, a timer, a maintenance interrupt) brings it
+/// to EL2.
+pub const HCR_GUEST: u64 = (1 << 0)
+    | (1 << 1)
+    | (1 << 3)
+    | (1 << 4)
+    | (1 << 5)
+    | (1 << 19)
+    | (1 << 31)
+    | (1 << 40)
+    | (1 << 41);
 /// `HCR_EL2` while no guest runs (also from start-up on): only RW, EL1 is AArch64, stage 2
 /// off, no VHE.
 pub const HCR_IDLE: u64 = 1 << 31;
@@ -44,24 +56,6 @@ pub fn pa_bits() -> u8 {
 /// VMID width from `ID_AA64MMFR1_EL1.VMIDBits`.
 pub fn vmid_bits() -> VmidBits {
     VmidBits::from_id_aa64mmfr1(ID_AA64MMFR1_EL1.get())
-}
-
-/// `ICC_SRE_EL2`: SRE (bit 0) system-register interface at EL2, Enable (bit 3) EL1 may
-/// set its own `ICC_SRE_EL1.SRE` without trapping (Arm GICv3 architecture specification,
-/// 12.7.11). With `ICH_HCR_EL2.En` = 0 and `HCR_EL2.{IMO,FMO}` = 0 a guest's `ICC_*_EL1`
-/// accesses then reach the physical CPU interface: GIC pass-through (docs/linux-guest.md).
-const ICC_SRE_EL2_GUEST: u64 = (1 << 3) | 1;
-
-/// Lets EL1 use the GICv3 CPU interface system registers, when the CPU has them
-/// (`ID_AA64PFR0_EL1.GIC`, bits \[27:24\]); otherwise `ICC_SRE_EL2` does not exist.
-fn allow_el1_gic_sysregs() {
-    if (ID_AA64PFR0_EL1.get() >> 24) & 0xf == 0 {
-        return;
-    }
-    // ICC_SRE_EL2 exists (checked above); setting SRE and Enable only changes how EL1
-    // reaches the GIC CPU interface, not EL2's own state. (QEMU fixes these bits to 1.)
-    ICC_SRE_EL2.set(ICC_SRE_EL2.get() | ICC_SRE_EL2_GUEST);
-    barrier::isb(barrier::SY);
 }
 
 /// The ID register fields [`El2Controls::for_cpu`] depends on, read on this CPU.
@@ -228,7 +222,6 @@ pub fn enter_guest_context(vttbr: u64, vtcr: u64, index: u64) {
     let midr = MIDR_EL1.get();
     let vmpidr = (1 << 31) | (index & 0xff);
     let controls = el2_controls();
-    allow_el1_gic_sysregs();
     write_controls(&controls);
     boot::set_bhb_loop(u32::from(controls.spectre.bhb_loop));
     reset_guest_pmu_and_debug(&controls);

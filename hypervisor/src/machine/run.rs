@@ -15,13 +15,18 @@ use spin::Once;
 
 use super::cpu::{cpu_mpidr, park, park_off, power_off, wake};
 use super::fatal::fatal;
+use super::gic;
+use super::pl011::Pl011;
 use super::regs;
 use super::{Machine, FRAMES};
 use crate::config;
 use crate::mem::frames::SharedFrames;
-use crate::mem::layout::{GUEST_RAM, STAGING};
+use crate::mem::layout::{self, STAGING};
+use crate::mem::PhysRange;
+use crate::vcpu::irq::Taken;
 use crate::vcpu::schedule::{self, RunEnd, Start};
 use crate::vcpu::{self, GuestEl1, Next, VcpuCtx};
+use crate::vm::vgic::{lr::MAX_LIST_REGS, PhysAction, PhysGic, VcpuMask};
 use crate::vm::vmid::{Vmid, VmidBits, VmidFlush};
 use crate::vm::vuart::LineSink;
 use crate::vm::{Backend, GuestMemory, MmuStage2, Stage2Config, Vm, VmManager, IPA_BITS};
@@ -64,7 +69,7 @@ struct MachineMemory;
 impl GuestMemory for MachineMemory {
     fn zero(&self, pa: u64, len: u64) {
         // SAFETY: the manager only passes guest RAM it has claimed (checked against
-        // GUEST_RAM), which the hypervisor's stage 1 maps read/write, and that no vCPU can
+        // its pool of guest RAM), which the hypervisor's stage 1 maps read/write, and that no vCPU can
         // reach at the time (`GuestMemory`).
         unsafe { boot::zero_and_clean(pa, len) };
     }
@@ -100,6 +105,14 @@ impl Backend for MachineBackend {
     fn table_frames(&self) -> usize {
         self.frames.pool().lock().in_use()
     }
+
+    fn ich_vtr(&self) -> u64 {
+        gic::ich_vtr()
+    }
+
+    fn apply_gic(&mut self, action: PhysAction) {
+        gic::Physical.apply(action);
+    }
 }
 
 /// Prints the virtual UART's lines through the logger: `[name] text`.
@@ -117,12 +130,21 @@ impl LineSink for ConsoleLines {
     fn micros(&self) -> u64 {
         super::console::micros()
     }
+
+    fn input_wanted(&mut self, _name: &str) {
+        // Only the input VM calls this (its description says so). Bytes the physical
+        // FIFO still holds raise its interrupt again, on that VM's CPU.
+        if let Some(input) = CONSOLE_INPUT.get() {
+            input.uart.set_rx_interrupt(true);
+        }
+    }
 }
 
-/// The running guest's EL1 exception registers.
-struct MachineEl1;
+/// What an exit of the running guest reaches on this CPU: its EL1 exception registers,
+/// the console, the physical GIC.
+struct MachineHost;
 
-impl GuestEl1 for MachineEl1 {
+impl GuestEl1 for MachineHost {
     fn vbar(&self) -> u64 {
         regs::vbar_el1()
     }
@@ -157,8 +179,121 @@ impl GuestEl1 for MachineEl1 {
 
     fn clean_invalidate(&mut self, pa: u64, len: u64) {
         // SAFETY: `[pa, pa + len)` is RAM of the running VM (from its description, inside
-        // GUEST_RAM), which the hypervisor's stage 1 maps as normal memory.
+        // its pool of guest RAM), which the hypervisor's stage 1 maps as normal memory.
         unsafe { regs::clean_invalidate(pa, len) };
+    }
+}
+
+impl LineSink for MachineHost {
+    fn line(&mut self, name: &str, text: &str) {
+        ConsoleLines.line(name, text);
+    }
+
+    fn event(&mut self, level: log::Level, args: core::fmt::Arguments<'_>) {
+        ConsoleLines.event(level, args);
+    }
+
+    fn micros(&self) -> u64 {
+        ConsoleLines.micros()
+    }
+
+    fn input_wanted(&mut self, name: &str) {
+        ConsoleLines.input_wanted(name);
+    }
+}
+
+impl PhysGic for MachineHost {
+    fn apply(&mut self, action: PhysAction) {
+        gic::Physical.apply(action);
+    }
+}
+
+/// Where the console's input goes: the physical PL011's interrupt, the VM that gets it.
+struct ConsoleInput {
+    intid: u32,
+    vm: u32,
+    uart: Pl011,
+}
+
+// SAFETY: the PL011 value is an MMIO address; its receive side is used only through
+// `read_byte`/`set_rx_interrupt`, which touch the receive registers alone, each access
+// a single volatile load or store.
+unsafe impl Sync for ConsoleInput {}
+
+static CONSOLE_INPUT: Once<ConsoleInput> = Once::new();
+
+/// Sends the console's input to the VM whose description has `console-input`: its
+/// physical interrupt routed (level-sensitive) to that VM's vCPU 0's CPU and enabled, the
+/// PL011's receive interrupts unmasked. Without such a VM the input is not read.
+fn route_console_input(machine: &Machine) {
+    let Some(manager) = MANAGER.get() else { return };
+    let (Some(intid), Some(base)) = (machine.platform.uart_intid, machine.platform.uart) else {
+        return;
+    };
+    let Some(vm) = manager.vms_with(|d| d.console_input) else {
+        return;
+    };
+    let Some(&cpu) = vm.desc.cpus.first() else {
+        return;
+    };
+    // SAFETY: the PL011 the device tree names, mapped by the stage 1 ("uart"); this value
+    // only uses its receive registers (see `ConsoleInput`).
+    let uart = unsafe { Pl011::new(base.base as usize) };
+    let input = CONSOLE_INPUT.call_once(|| ConsoleInput {
+        intid,
+        vm: vm.id,
+        uart,
+    });
+    let mut phys = gic::Physical;
+    phys.apply(PhysAction::Trigger {
+        pintid: intid,
+        level: true,
+    });
+    phys.apply(PhysAction::Route {
+        pintid: intid,
+        mpidr: u64::from(cpu),
+    });
+    phys.apply(PhysAction::Enable {
+        pintid: intid,
+        enable: true,
+    });
+    input.uart.set_rx_interrupt(true);
+    log::info!(
+        "console input goes to VM {} (INTID {intid} on CPU {cpu:#x})",
+        vm.desc.name
+    );
+}
+
+/// The console's receive interrupt, taken on the input VM's CPU: moves as many bytes as
+/// its UART's receive FIFO takes; if more wait, masks the physical receive interrupt until
+/// the guest reads (`LineSink::input_wanted`), so a guest that does not read cannot keep
+/// its CPU in EL2.
+fn console_input(input: &ConsoleInput, vm: &Vm<MachineStage2>, kicks: &mut VcpuMask) {
+    if vm.id != input.vm {
+        // The VM is gone and another runs here now: the input has nowhere to go.
+        input.uart.set_rx_interrupt(false);
+        return;
+    }
+    let mut uart = vm.uart.lock();
+    while uart.input_room() > 0 {
+        match input.uart.read_byte() {
+            Some(b) => {
+                uart.push_input(&[b]);
+            }
+            None => break,
+        }
+    }
+    if uart.input_room() == 0 {
+        input.uart.set_rx_interrupt(false);
+    }
+    let level = uart.irq_level();
+    drop(uart);
+    if let Ok(Some(target)) = vm
+        .vgic
+        .lock()
+        .set_spi_level(crate::config::VUART_INTID, level)
+    {
+        kicks.insert(target);
     }
 }
 
@@ -169,6 +304,7 @@ pub fn run_vms(machine: &Machine) -> ! {
     let ranges = config::HostRanges {
         ram: machine.platform.memory(),
         staging: STAGING,
+        console: machine.platform.uart,
     };
     let descs = match config::parse(&machine.dt, &ranges) {
         Ok(d) => d,
@@ -182,6 +318,12 @@ pub fn run_vms(machine: &Machine) -> ! {
     if descs.is_empty() {
         log::info!("no VMs described under /chosen: nothing to run");
         power_off();
+    }
+    if !gic::present() {
+        fatal(format_args!(
+            "VMs need a GICv3: EL2 owns interrupts and gives each VM a virtual GICv3 \
+             through the GIC's virtual CPU interface"
+        ));
     }
     let Some(pool) = FRAMES.get() else {
         fatal(format_args!("no page-table frame pool"))
@@ -206,7 +348,15 @@ pub fn run_vms(machine: &Machine) -> ! {
         stage2,
         empty_root,
     };
-    let manager = VmManager::new(backend, vmid_bits, GUEST_RAM);
+    let guest_ram = layout::guest_ram(
+        machine.platform.memory(),
+        &machine.memory,
+        machine.platform.dtb,
+    );
+    for r in &guest_ram {
+        log::info!("guest RAM pool: {r}");
+    }
+    let manager = VmManager::new(backend, vmid_bits, &guest_ram);
     log::info!(
         "VMs: {} described, {}-bit VMIDs, {IPA_BITS}-bit IPA, {}-bit PA, range TLBI {}",
         descs.len(),
@@ -218,9 +368,18 @@ pub fn run_vms(machine: &Machine) -> ! {
         stage2.pa_bits,
         if stage2.tlbi_range { "yes" } else { "no" }
     );
+    // Each VM's generated DTB is staged after everything staged so far (every VM's
+    // images and the DTBs before it), so that a reset reloads its own.
+    let mut staged_end = descs
+        .iter()
+        .flat_map(|d| [Some(d.kernel), d.initrd, d.dtb])
+        .flatten()
+        .map(|i| i.pa.saturating_add(i.size))
+        .max()
+        .unwrap_or(STAGING.base);
     for mut desc in descs {
         let name = desc.name.clone();
-        stage_linux_dtb(&mut desc, &machine.dt);
+        stage_linux_dtb(&mut desc, &machine.dt, &mut staged_end);
         for &cpu in &desc.cpus {
             if cpu_index_of(u64::from(cpu)).is_none() {
                 fatal(format_args!("VM {name}: CPU {cpu:#x} is not an online CPU"));
@@ -244,6 +403,7 @@ pub fn run_vms(machine: &Machine) -> ! {
         }
     }
     MANAGER.call_once(|| manager);
+    route_console_input(machine);
     aarch64_cpu::asm::sev();
     for cpu in 1..boot::MAX_CPUS {
         wake(cpu);
@@ -275,6 +435,26 @@ fn log_stage2_layout(desc: &config::VmDesc) {
             r.pa
         );
     }
+    if !desc.spis.is_empty() {
+        log::info!(
+            "VM {}: interrupts of its devices: SPIs {:?} (hardware, this VM's only)",
+            desc.name,
+            desc.spis
+        );
+    }
+    let gic = desc.gic;
+    log::info!(
+        "VM {} stage 2: IPA [{:#x}, {:#x}): virtual GIC distributor, unmapped (emulated)",
+        desc.name,
+        gic.dist,
+        gic.dist + config::GicIpa::DIST_SIZE
+    );
+    log::info!(
+        "VM {} stage 2: IPA [{:#x}, {:#x}): virtual GIC redistributors, unmapped (emulated)",
+        desc.name,
+        gic.redist,
+        gic.redist + config::GicIpa::redist_size(desc.cpus.len())
+    );
     if let Some(u) = desc.vuart {
         log::info!(
             "VM {} stage 2: IPA [{u:#x}, {:#x}): virtual UART, unmapped (emulated)",
@@ -286,20 +466,22 @@ fn log_stage2_layout(desc: &config::VmDesc) {
 
 /// For a VM that boots Linux (`bootargs` and no `dtb`), builds its DTB and stages it after
 /// its images (`crate::linux::complete_desc`); stops the run if the VM cannot boot.
-fn stage_linux_dtb(desc: &mut config::VmDesc, host: &config::HostDt<'_>) {
+fn stage_linux_dtb(desc: &mut config::VmDesc, host: &config::HostDt<'_>, staged_end: &mut u64) {
     let kernel = desc.kernel;
     let head_len = kernel.size.min(crate::linux::image::HEADER_LEN as u64) as usize;
     // SAFETY: the kernel's staged bytes lie in the staging range (`config::parse` checked
     // every image against it), which the hypervisor's stage 1 maps and QEMU filled before
     // any CPU ran; nothing writes it now.
     let head = unsafe { core::slice::from_raw_parts(kernel.pa as *const u8, head_len) };
-    match crate::linux::complete_desc(desc, host, head, STAGING) {
+    let free = PhysRange::new(*staged_end, STAGING.end().saturating_sub(*staged_end));
+    match crate::linux::complete_desc(desc, host, head, free) {
         Ok(None) => {}
         Ok(Some((pa, dtb))) => {
             // SAFETY: complete_desc placed `[pa, pa + len)` inside the staging range, after
             // every staged image of this VM; the range is mapped read/write and no CPU
             // runs a guest yet.
             unsafe { core::ptr::copy_nonoverlapping(dtb.as_ptr(), pa as *mut u8, dtb.len()) };
+            *staged_end = pa + dtb.len() as u64;
             log::info!(
                 "VM {}: Linux boot: kernel {:#x}, DTB ({} bytes) at {:#x}, initrd {:x?}",
                 desc.name,
@@ -408,6 +590,10 @@ fn wake_pending(vm: &Vm<MachineStage2>) {
     }
 }
 
+/// Most physical interrupts taken in one exit before the guest runs again (the rest
+/// stay pending and bring it back at once).
+const MAX_IRQS_PER_EXIT: usize = 16;
+
 /// Runs vCPU `index` (counted loaded by its start) until it stops.
 fn run_vcpu(
     manager: &VmManager<MachineBackend>,
@@ -421,15 +607,31 @@ fn run_vcpu(
         .with_backend(|b| b.stage2.regime(vm.vmid).vtcr())
         .unwrap_or(0);
     regs::enter_guest_context(vm.vttbr, vtcr, index as u64);
+    let nr_lrs = vm.vgic.lock().list_registers();
+    gic::vcpu_start(nr_lrs);
     let mut regs = boot::GuestRegs::new(entry, ctx);
+    let mut lrs = [0u64; MAX_LIST_REGS];
     // Checked before every entry, the first one too: another vCPU may have powered the
     // VM off, reset or stopped it since the start was taken (the VM itself cannot be
     // torn down while this vCPU is loaded); the CPU then backs out without entering.
     while vm.runs(index) {
+        let flush = vm.vgic.lock().flush(index);
+        gic::load(&flush);
         // SAFETY: HCR_EL2, VTCR_EL2 and VTTBR_EL2 were just set up for this VM, whose
         // stage 2 maps only its own RAM and pass-through devices and stays alive while
-        // this vCPU is loaded; its EL1 registers are reset; interrupts are masked at EL2.
+        // this vCPU is loaded; its EL1 registers are reset; interrupts are masked at EL2;
+        // the virtual CPU interface holds this vCPU's list registers.
         let exit = unsafe { boot::enter_guest(&mut regs) };
+        let vmcr = gic::save(&mut lrs, nr_lrs);
+        {
+            let mut g = vm.vgic.lock();
+            g.sync(index, lrs.get(..nr_lrs).unwrap_or(&[]));
+            g.set_vmcr(index, vmcr);
+        }
+        let mut kicks = VcpuMask::EMPTY;
+        if matches!(exit, boot::Exit::Irq | boot::Exit::Fiq) {
+            take_interrupts(vm, index, &mut kicks);
+        }
         let mut ctx = VcpuCtx {
             x: &mut regs.x,
             pc: &mut regs.pc,
@@ -440,19 +642,53 @@ fn run_vcpu(
             index,
             &mut ctx,
             exit,
-            &mut MachineEl1,
-            &mut ConsoleLines,
+            &mut MachineHost,
             &mut |req| manager.share_call(vm, index, req),
+            &mut kicks,
         );
+        kick_others(vm, index, kicks);
         // A CPU_ON may have made another vCPU runnable.
         wake_pending(vm);
         match next {
             Next::Resume => {}
-            Next::Stop => return,
+            Next::Stop => break,
             Next::Fatal => fatal(format_args!(
                 "VM {}: an error that may reach beyond the VM",
                 vm.desc.name
             )),
+        }
+    }
+    gic::vcpu_stop(nr_lrs);
+}
+
+/// Takes the physical interrupts pending at EL2 after an IRQ exit: acknowledges each,
+/// drops its priority, and either hands it to the guest (`vcpu::irq::physical`, the
+/// guest's deactivation of its HW list register deactivates it) or deactivates it.
+fn take_interrupts(vm: &Vm<MachineStage2>, index: usize, kicks: &mut VcpuMask) {
+    for _ in 0..MAX_IRQS_PER_EXIT {
+        let intid = gic::acknowledge();
+        if intid >= 1020 {
+            break;
+        }
+        gic::priority_drop(intid);
+        if let Some(input) = CONSOLE_INPUT.get().filter(|i| i.intid == intid) {
+            console_input(input, vm, kicks);
+            gic::deactivate(intid);
+            continue;
+        }
+        if vcpu::irq::physical(vm, index, intid, kicks) == Taken::Deactivate {
+            gic::deactivate(intid);
+        }
+    }
+}
+
+/// Signals the physical CPUs of the vCPUs in `kicks` (other than `index`, which enters
+/// next with its list registers refilled) so that they exit and pick up their new
+/// interrupts.
+fn kick_others(vm: &Vm<MachineStage2>, index: usize, kicks: VcpuMask) {
+    for j in kicks.iter().filter(|&j| j != index) {
+        if let Some(&cpu) = vm.desc.cpus.get(j) {
+            gic::kick(u64::from(cpu));
         }
     }
 }

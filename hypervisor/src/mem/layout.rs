@@ -9,8 +9,10 @@ use crate::mem::{PhysRange, PAGE_SIZE};
 /// lies above.
 pub const HYP_RAM_END: u64 = 0x4800_0000;
 
-/// Host physical range guest RAM is taken from (`docs/memory-map.md`).
-pub const GUEST_RAM: PhysRange = PhysRange::new(0x5000_0000, 0x2000_0000);
+/// Where the scripts start placing guest RAM: the first 2 MiB boundary clear of the
+/// hypervisor's RAM and of the DTB QEMU puts at [`HYP_RAM_END`] (`docs/memory-map.md`).
+/// The hypervisor itself takes guest RAM from every RAM bank ([`guest_ram`]).
+pub const GUEST_RAM_BASE: u64 = 0x5000_0000;
 
 /// Host physical range where QEMU's `-device loader` stages guest images
 /// (`docs/memory-map.md`); never mapped into a guest.
@@ -91,9 +93,83 @@ pub fn plan(image: PhysRange, ram: &[PhysRange], dtb: PhysRange) -> Result<HypMe
     })
 }
 
+/// The host RAM guests may have: every bank of `ram` less the hypervisor's own (from the
+/// start of the bank holding its image up to [`HYP_RAM_END`]), the device tree `dtb`
+/// and the [`STAGING`] range, in page-aligned ranges sorted by address.
+#[must_use]
+pub fn guest_ram(ram: &[PhysRange], hyp: &HypMemory, dtb: PhysRange) -> alloc::vec::Vec<PhysRange> {
+    let own_start = ram
+        .iter()
+        .find(|r| r.contains(&hyp.image))
+        .map_or(hyp.image.base, |r| r.base);
+    let dtb_start = align_down(dtb.base);
+    let dtb_end = align_up(dtb.end());
+    let holes = [
+        (own_start, HYP_RAM_END.max(hyp.frames.end())),
+        (dtb_start, dtb_end),
+        (STAGING.base, STAGING.end()),
+    ];
+    let mut out = alloc::vec::Vec::new();
+    for bank in ram {
+        let mut pieces = alloc::vec![(align_up(bank.base), align_down(bank.end()))];
+        for &(hs, he) in &holes {
+            let mut next = alloc::vec::Vec::new();
+            for (s, e) in pieces {
+                if he <= s || hs >= e {
+                    next.push((s, e));
+                    continue;
+                }
+                if hs > s {
+                    next.push((s, hs));
+                }
+                if he < e {
+                    next.push((he, e));
+                }
+            }
+            pieces = next;
+        }
+        out.extend(
+            pieces
+                .into_iter()
+                .filter(|(s, e)| e > s)
+                .map(|(s, e)| PhysRange::new(s, e - s)),
+        );
+    }
+    out.sort_by_key(|r| r.base);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_ram_is_every_bank_less_the_hypervisor_dtb_and_staging() {
+        let m = plan(IMAGE, &[RAM], PhysRange::new(HYP_RAM_END, 0x1800)).unwrap();
+        let g = guest_ram(&[RAM], &m, PhysRange::new(HYP_RAM_END, 0x1800));
+        assert_eq!(
+            g,
+            [
+                PhysRange::new(HYP_RAM_END + 0x2000, STAGING.base - HYP_RAM_END - 0x2000),
+                PhysRange::new(STAGING.end(), RAM.end() - STAGING.end()),
+            ]
+        );
+        // A second bank (and a DTB inside it) counts too; nothing of the hypervisor's.
+        let high = PhysRange::new(0x1_0000_0000, 0x4000_0000);
+        let dtb = PhysRange::new(0x1_0000_0000, 0x1000);
+        let g = guest_ram(&[RAM, high], &m, dtb);
+        assert_eq!(g.last(), Some(&PhysRange::new(0x1_0000_1000, 0x3fff_f000)));
+        assert!(g.iter().all(|r| !r.overlaps(&m.image)
+            && !r.overlaps(&m.heap)
+            && !r.overlaps(&m.frames)
+            && !r.overlaps(&STAGING)
+            && !r.overlaps(&dtb)));
+        let total: u64 = g.iter().map(|r| r.size).sum();
+        assert_eq!(
+            total,
+            RAM.size + high.size - (HYP_RAM_END - RAM.base) - STAGING.size - 0x1000
+        );
+    }
 
     const RAM: PhysRange = PhysRange::new(0x4000_0000, 2 << 30);
     const IMAGE: PhysRange = PhysRange::new(0x4020_0000, 0x8_1234);

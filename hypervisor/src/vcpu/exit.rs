@@ -5,7 +5,7 @@
 //!
 //! Also builds the `ESR_EL1` value of an abort the hypervisor injects into a guest.
 
-use boot::esr::{DataAccess, Esr, ExceptionClass, FaultStatus, Syndrome, WfxKind};
+use boot::esr::{DataAccess, Esr, ExceptionClass, FaultStatus, Syndrome, SysRegAccess, WfxKind};
 
 /// A stage-2 (or stage-1 walk) abort taken from the guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +56,13 @@ pub enum Exit {
         /// True for WFE/WFET.
         wfe: bool,
     },
+    /// A trapped `MSR`/`MRS` (EC 0x18), e.g. a write to `ICC_SGI1R_EL1`.
+    SysReg {
+        /// The decoded access.
+        access: SysRegAccess,
+        /// `ESR_EL2`.
+        esr: Esr,
+    },
     /// Data or instruction abort from the guest (EC 0x24 / 0x20).
     Abort(Abort),
     /// A physical IRQ or FIQ.
@@ -97,6 +104,7 @@ impl From<boot::Exit> for Exit {
             Syndrome::Wfx { kind } => Self::Wfx {
                 wfe: matches!(kind, WfxKind::Wfe | WfxKind::Wfet),
             },
+            Syndrome::SysReg(access) => Self::SysReg { access, esr },
             Syndrome::DataAbort(a) if a.from_lower_el => abort(a, false),
             Syndrome::InstructionAbort(a) if a.from_lower_el => abort(a, true),
             _ => Self::Other { esr },
@@ -156,12 +164,16 @@ mod tests {
                 esr: Esr::from_bits(esr(7, 0))
             }
         );
+        // MSR ICC_SGI1R_EL1, x3: Op0 3, Op2 5, Op1 0, CRn 12, Rt 3, CRm 11, write.
+        let iss = (3 << 20) | (5 << 17) | (12 << 10) | (3 << 5) | (11 << 1);
+        let Exit::SysReg { access, .. } = decode(esr(0x18, iss), 0, 0) else {
+            panic!("not a system register trap")
+        };
         assert_eq!(
-            decode(esr(0x18, 0), 0, 0),
-            Exit::Other {
-                esr: Esr::from_bits(esr(0x18, 0))
-            }
+            (access.op0, access.op1, access.crn, access.crm, access.op2),
+            (3, 0, 12, 11, 5)
         );
+        assert_eq!((access.rt, access.read), (3, false));
     }
 
     #[test]

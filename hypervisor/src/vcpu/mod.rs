@@ -8,13 +8,16 @@
 pub mod cpu_state;
 pub mod exit;
 pub mod hypercall;
+pub mod irq;
 pub mod schedule;
 
-use crate::config::AbortPolicy;
+use crate::config::{AbortPolicy, GicIpa, VUART_INTID};
 use crate::mem::PAGE_SIZE;
 use crate::vm::share::{Note, Request};
+use crate::vm::vgic::{sgi::SgiRegister, MmioError, PhysGic, VcpuMask};
 use crate::vm::vuart::LineSink;
 use crate::vm::{Stage2Table, Vm, VmStatus};
+use boot::esr::{DataAccess, SysRegAccess};
 use core::sync::atomic::Ordering;
 use exit::{Abort, Exit};
 use hypercall::{Caller, Outcome};
@@ -105,19 +108,14 @@ fn sysreg<S>(
 }
 
 /// Handles an SError taken from the guest (`cpu_state::serror`).
-fn serror<S>(
-    vm: &Vm<S>,
-    esr: boot::esr::Esr,
-    el1: &mut impl GuestEl1,
-    sink: &mut impl LineSink,
-) -> Next {
+fn serror<S>(vm: &Vm<S>, esr: boot::esr::Esr, host: &mut impl Host) -> Next {
     use cpu_state::serror::{decide, Action};
     let iss = esr.bits() & 0x1ff_ffff;
-    match decide(iss, el1.has_ras(), vm.desc.abort) {
+    match decide(iss, host.has_ras(), vm.desc.abort) {
         // A guest may cause these in a loop: within the VM's budget of lines.
         Action::Resume => {
             vm.log(
-                sink,
+                host,
                 log::Level::Warn,
                 format_args!(
                     "VM {}: corrected error (SError, ESR {:#x})",
@@ -129,7 +127,7 @@ fn serror<S>(
         }
         Action::Inject { vsesr } => {
             vm.log(
-                sink,
+                host,
                 log::Level::Warn,
                 format_args!(
                     "VM {}: SError (ESR {:#x}) injected as a virtual SError",
@@ -137,10 +135,10 @@ fn serror<S>(
                     esr.bits()
                 ),
             );
-            el1.inject_serror(vsesr);
+            host.inject_serror(vsesr);
             Next::Resume
         }
-        Action::StopVm => stop_vm_flushed(vm, sink, format_args!("SError (ESR {:#x})", esr.bits())),
+        Action::StopVm => stop_vm_flushed(vm, host, format_args!("SError (ESR {:#x})", esr.bits())),
         Action::Fatal => {
             log::error!(
                 "VM {}: uncontainable SError (ESR {:#x}): the machine stops",
@@ -151,6 +149,12 @@ fn serror<S>(
         }
     }
 }
+
+/// What an exit needs from the machine: the guest's EL1 exception registers, the
+/// console the virtual UART prints on, and the physical GIC a virtual GIC drives.
+pub trait Host: GuestEl1 + LineSink + PhysGic {}
+
+impl<T: GuestEl1 + LineSink + PhysGic> Host for T {}
 
 /// What the physical CPU does next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -264,15 +268,18 @@ fn stop_vm_flushed<S>(
 /// (`crate::vm::VmManager::share_call`).
 pub type ShareCall<'a> = dyn FnMut(Request) -> ([u64; 4], Note) + 'a;
 
-/// Handles one exit of vCPU `vcpu` of `vm`; memory-sharing calls go to `share`.
+/// Handles one exit of vCPU `vcpu` of `vm` (a physical interrupt was already taken by
+/// the caller, [`irq::physical`]); memory-sharing calls go to `share`. Adds to `kicks`
+/// the vCPUs of `vm` that may now have an interrupt to take (the caller signals those
+/// running on other CPUs).
 pub fn handle_exit<S: Stage2Table>(
     vm: &Vm<S>,
     vcpu: usize,
     ctx: &mut VcpuCtx<'_>,
     exit: boot::Exit,
-    el1: &mut impl GuestEl1,
-    sink: &mut impl LineSink,
+    host: &mut impl Host,
     share: &mut ShareCall<'_>,
+    kicks: &mut VcpuMask,
 ) -> Next {
     // Another vCPU may have powered the VM off, reset or stopped it meanwhile.
     if !vm.runs(vcpu) {
@@ -280,35 +287,55 @@ pub fn handle_exit<S: Stage2Table>(
     }
     match Exit::from(exit) {
         Exit::Interrupt => Next::Resume,
-        Exit::SError { esr } => serror(vm, esr, el1, sink),
-        Exit::Hvc { .. } => hypercall(vm, vcpu, ctx, sink, share, el1),
+        Exit::SError { esr } => serror(vm, esr, host),
+        Exit::Hvc { .. } => hypercall(vm, vcpu, ctx, host, share),
         Exit::Smc { .. } => {
             // A trapped SMC returns to the SMC itself (preferred return address).
             *ctx.pc = ctx.pc.wrapping_add(4);
-            hypercall(vm, vcpu, ctx, sink, share, el1)
+            hypercall(vm, vcpu, ctx, host, share)
         }
         Exit::Wfx { .. } => {
             *ctx.pc = ctx.pc.wrapping_add(4);
             Next::Resume
         }
-        Exit::Abort(abort) => stage2_abort(vm, ctx, &abort, el1, sink),
-        Exit::Other { esr } => match esr.decode() {
-            boot::esr::Syndrome::SysReg(access) => sysreg(vm, ctx, &access, el1),
-            _ => None,
-        }
-        .unwrap_or_else(|| {
-            stop_vm_flushed(
-                vm,
-                sink,
-                format_args!(
-                    "unhandled exit, EC {:#x}: {} (ESR {:#x}, PC {:#x})",
-                    esr.class().ec(),
-                    esr.decode(),
-                    esr.bits(),
-                    *ctx.pc
-                ),
-            )
-        }),
+        Exit::SysReg { access, esr } => match sgi_register(&access) {
+            Some(reg) if !access.read => {
+                let value = if access.rt == 31 {
+                    0
+                } else {
+                    ctx.x[usize::from(access.rt)]
+                };
+                let sent = vm.vgic.lock().sgi_write(vcpu, reg, value);
+                kicks.0 |= sent.0;
+                *ctx.pc = ctx.pc.wrapping_add(4);
+                Next::Resume
+            }
+            _ => sysreg(vm, ctx, &access, host).unwrap_or_else(|| {
+                stop_vm_flushed(
+                    vm,
+                    host,
+                    format_args!(
+                        "unhandled exit, EC {:#x}: {} (ESR {:#x}, PC {:#x})",
+                        esr.class().ec(),
+                        esr.decode(),
+                        esr.bits(),
+                        *ctx.pc
+                    ),
+                )
+            }),
+        },
+        Exit::Abort(abort) => stage2_abort(vm, ctx, &abort, host, kicks),
+        Exit::Other { esr } => stop_vm_flushed(
+            vm,
+            host,
+            format_args!(
+                "unhandled exit, EC {:#x}: {} (ESR {:#x}, PC {:#x})",
+                esr.class().ec(),
+                esr.decode(),
+                esr.bits(),
+                *ctx.pc
+            ),
+        ),
     }
 }
 
@@ -316,9 +343,8 @@ fn hypercall<S>(
     vm: &Vm<S>,
     vcpu: usize,
     ctx: &mut VcpuCtx<'_>,
-    sink: &mut impl LineSink,
+    host: &mut impl Host,
     share: &mut ShareCall<'_>,
-    el1: &impl GuestEl1,
 ) -> Next {
     let x: [u64; 8] = core::array::from_fn(|i| ctx.x[i]);
     let caller = Caller {
@@ -327,7 +353,7 @@ fn hypercall<S>(
         vcpu,
         name: &vm.desc.name,
         boots: vm.boots.load(Ordering::SeqCst),
-        spectre: el1.controls().spectre,
+        spectre: host.controls().spectre,
     };
     let outcome = {
         let mut st = vm.state.lock();
@@ -357,20 +383,20 @@ fn hypercall<S>(
             // the transaction table's. Its log line is printed once both are released.
             let (regs, note) = share(req);
             ctx.x[..4].copy_from_slice(&regs);
-            note.log(vm, sink, &req, regs[0]);
+            note.log(vm, host, &req, regs[0]);
             Next::Resume
         }
         Outcome::CpuOff => Next::Stop,
         Outcome::SystemOff => {
-            vm.flush_console(sink);
+            vm.flush_console(host);
             log::info!("VM {} powered off", vm.desc.name);
             Next::Stop
         }
         Outcome::SystemReset => {
-            vm.flush_console(sink);
+            vm.flush_console(host);
             // A guest may reset in a loop: within the VM's budget.
             vm.log(
-                sink,
+                host,
                 log::Level::Info,
                 format_args!("VM {} reset", vm.desc.name),
             );
@@ -379,45 +405,177 @@ fn hypercall<S>(
     }
 }
 
+/// The SGI-generation register a trapped system-register access names, if any:
+/// `ICC_SGI1R_EL1` (op0 3, op1 0, CRn 12, CRm 11, op2 5), `ICC_ASGI1R_EL1` (op1 1,
+/// op2 6) and `ICC_SGI0R_EL1` (op1 2, op2 7). With `HCR_EL2.IMO` or `HCR_EL2.FMO` set, an
+/// EL1 write to any of them traps to EL2 with EC 0x18 (Arm ARM DDI 0487, the
+/// `ICC_SGI1R_EL1`/`ICC_ASGI1R_EL1`/`ICC_SGI0R_EL1` accessibility pseudocode:
+/// `EL2Enabled() && (HCR_EL2.IMO == '1' || HCR_EL2.FMO == '1')` takes
+/// `AArch64.SystemAccessTrap(EL2, 0x18)`; IHI 0069 12.11, "Traps and enables").
+#[must_use]
+pub fn sgi_register(a: &SysRegAccess) -> Option<SgiRegister> {
+    if (a.op0, a.crn, a.crm) != (3, 12, 11) {
+        return None;
+    }
+    match (a.op1, a.op2) {
+        (0, 5) => Some(SgiRegister::Sgi1r),
+        (1, 6) => Some(SgiRegister::Asgi1r),
+        (2, 7) => Some(SgiRegister::Sgi0r),
+        _ => None,
+    }
+}
+
+/// Emulates one MMIO access with syndrome `syn` through `access`, which gets
+/// `Some(value)` for a write (the source register truncated to the access size) and
+/// `None` for a read, whose result goes into the target register truncated,
+/// sign-extended as the syndrome asks, and cut to 32 bits for a W register. XZR as
+/// target discards the value (the read still happens, as it may have effects). On
+/// success the guest PC moves past the access.
+fn emulate_mmio<E>(
+    ctx: &mut VcpuCtx<'_>,
+    syn: &DataAccess,
+    is_write: bool,
+    access: impl FnOnce(Option<u64>) -> Result<u64, E>,
+) -> Result<(), E> {
+    let bits = u64::from(syn.size) * 8;
+    let mask = if bits >= 64 {
+        u64::MAX
+    } else {
+        (1 << bits) - 1
+    };
+    let reg = usize::from(syn.reg);
+    if is_write {
+        access(Some(ctx.x.get(reg).map_or(0, |x| x & mask)))?;
+    } else {
+        let mut value = access(None)? & mask;
+        if syn.sign_extend && bits < 64 && value & (1 << (bits - 1)) != 0 {
+            value |= !mask;
+        }
+        if !syn.sixty_four {
+            value &= 0xffff_ffff;
+        }
+        if let Some(x) = ctx.x.get_mut(reg) {
+            *x = value;
+        }
+    }
+    *ctx.pc = ctx.pc.wrapping_add(4);
+    Ok(())
+}
+
+/// Which emulated device an IPA of `vm` belongs to.
+enum Emulated {
+    Uart(u64),
+    Dist(u64),
+    Redist(u64),
+}
+
+fn emulated_at<S>(vm: &Vm<S>, ipa: u64) -> Option<Emulated> {
+    let GicIpa { dist, redist } = vm.desc.gic;
+    if let Some(base) = vm.desc.vuart {
+        if ipa.wrapping_sub(base) < PAGE_SIZE {
+            return Some(Emulated::Uart(ipa - base));
+        }
+    }
+    if ipa.wrapping_sub(dist) < GicIpa::DIST_SIZE {
+        return Some(Emulated::Dist(ipa - dist));
+    }
+    if ipa.wrapping_sub(redist) < GicIpa::redist_size(vm.desc.cpus.len()) {
+        return Some(Emulated::Redist(ipa - redist));
+    }
+    None
+}
+
+/// Raises or lowers the virtual UART's interrupt line to `level`.
+fn uart_line<S>(vm: &Vm<S>, level: bool, kicks: &mut VcpuMask) {
+    if let Ok(Some(target)) = vm.vgic.lock().set_spi_level(VUART_INTID, level) {
+        kicks.insert(target);
+    }
+}
+
+/// Emulates an access to the virtual UART or GIC; `None` if `abort` is not one.
+fn emulate<S>(
+    vm: &Vm<S>,
+    ctx: &mut VcpuCtx<'_>,
+    abort: &Abort,
+    host: &mut impl Host,
+    kicks: &mut VcpuMask,
+) -> Option<Result<(), MmioError>> {
+    let syn = abort.syndrome?;
+    // A fault on the guest's own stage-1 table walk (S1PTW) at a device's IPA is not an
+    // access to the device: the abort policy handles it.
+    if abort.instruction || abort.s1ptw {
+        return None;
+    }
+    let size = syn.size;
+    Some(match emulated_at(vm, abort.ipa)? {
+        Emulated::Uart(offset) => {
+            let mut uart = vm.uart.lock();
+            let mut line = None;
+            let _ = emulate_mmio::<MmioError>(ctx, &syn, abort.write, |w| {
+                Ok(match w {
+                    Some(v) => {
+                        line = uart.write(offset, v);
+                        0
+                    }
+                    None => uart.read(offset),
+                })
+            });
+            let level = uart.irq_level();
+            drop(uart);
+            // The line is printed after the UART's lock is released.
+            if let Some(line) = line {
+                vm.guest_line(line.as_str(), host);
+            }
+            uart_line(vm, level, kicks);
+            if vm.desc.console_input && !abort.write && offset == crate::vm::vuart::UARTDR {
+                host.input_wanted(&vm.desc.name);
+            }
+            Ok(())
+        }
+        Emulated::Dist(offset) => {
+            let mut g = vm.vgic.lock();
+            emulate_mmio(ctx, &syn, abort.write, |w| match w {
+                Some(v) => g.dist_write(offset, size, v, host).map(|k| {
+                    kicks.0 |= k.0;
+                    0
+                }),
+                None => g.dist_read(offset, size),
+            })
+        }
+        Emulated::Redist(offset) => {
+            let mut g = vm.vgic.lock();
+            emulate_mmio(ctx, &syn, abort.write, |w| match w {
+                Some(v) => g.redist_write(offset, size, v, host).map(|k| {
+                    kicks.0 |= k.0;
+                    0
+                }),
+                None => g.redist_read(offset, size),
+            })
+        }
+    })
+}
+
 fn stage2_abort<S: Stage2Table>(
     vm: &Vm<S>,
     ctx: &mut VcpuCtx<'_>,
     abort: &Abort,
-    el1: &mut impl GuestEl1,
-    sink: &mut impl LineSink,
+    host: &mut impl Host,
+    kicks: &mut VcpuMask,
 ) -> Next {
-    if let (Some(base), Some(syn)) = (vm.desc.vuart, abort.syndrome) {
-        // A fault on the guest's own stage-1 table walk (S1PTW) at the device's IPA is
-        // not an access to the device: the abort policy handles it.
-        if !abort.instruction && !abort.s1ptw && abort.ipa >= base && abort.ipa - base < PAGE_SIZE {
-            let offset = abort.ipa - base;
-            let bits = u64::from(syn.size) * 8;
-            let mask = if bits == 64 {
-                u64::MAX
-            } else {
-                (1 << bits) - 1
-            };
-            let reg = usize::from(syn.reg);
-            if abort.write {
-                let value = if reg == 31 { 0 } else { ctx.x[reg] & mask };
-                // The line is printed after the UART's lock is released.
-                let line = vm.uart.lock().write(offset, value);
-                if let Some(line) = line {
-                    vm.guest_line(line.as_str(), sink);
-                }
-            } else if reg != 31 {
-                let mut value = vm.uart.lock().read(offset) & mask;
-                if syn.sign_extend && bits < 64 && value & (1 << (bits - 1)) != 0 {
-                    value |= !mask;
-                }
-                if !syn.sixty_four {
-                    value &= 0xffff_ffff;
-                }
-                ctx.x[reg] = value;
-            }
-            *ctx.pc = ctx.pc.wrapping_add(4);
-            return Next::Resume;
+    match emulate(vm, ctx, abort, host, kicks) {
+        Some(Ok(())) => return Next::Resume,
+        Some(Err(e)) => {
+            // An access the GIC architecture does not allow (size, alignment): the
+            // guest's own mistake, handled by its abort policy like an unmapped access.
+            log::warn!(
+                "VM {}: {e} at IPA {:#x} (ESR {:#x})",
+                vm.desc.name,
+                abort.ipa,
+                abort.esr.bits()
+            );
+            return abort_policy(vm, ctx, abort, host);
         }
+        None => {}
     }
     if abort.unmapped() && mapped_now(vm, abort.ipa) {
         // The page was invalid only during a break-before-make on the live stage 2
@@ -426,6 +584,11 @@ fn stage2_abort<S: Stage2Table>(
         // page is mapped: run the access again.
         return Next::Resume;
     }
+    abort_policy(vm, ctx, abort, host)
+}
+
+/// Stops the VM or injects an abort, as its description says.
+fn abort_policy<S>(vm: &Vm<S>, ctx: &mut VcpuCtx<'_>, abort: &Abort, host: &mut impl Host) -> Next {
     let what = access_name(abort);
     // A translation fault: nothing mapped there (or a page this VM lent away). A
     // permission fault: mapped without that access (e.g. a write to a page borrowed
@@ -434,7 +597,7 @@ fn stage2_abort<S: Stage2Table>(
     match vm.desc.abort {
         AbortPolicy::Stop => stop_vm_flushed(
             vm,
-            sink,
+            host,
             format_args!(
                 "{what} of {unmapped}IPA {:#x} (ESR {:#x}, {})",
                 abort.ipa,
@@ -445,7 +608,7 @@ fn stage2_abort<S: Stage2Table>(
         AbortPolicy::Inject => {
             // A guest may fault in a loop: within the VM's budget of lines.
             vm.log(
-                sink,
+                host,
                 log::Level::Warn,
                 format_args!(
                     "VM {}: injected abort for {what} of {unmapped}IPA {:#x} (ESR {:#x}, {})",
@@ -455,7 +618,7 @@ fn stage2_abort<S: Stage2Table>(
                     abort.status
                 ),
             );
-            inject_abort(ctx, abort, el1);
+            inject_abort(ctx, abort, host);
             Next::Resume
         }
     }
@@ -509,6 +672,31 @@ pub(crate) mod fakes {
         fn micros(&self) -> u64 {
             0
         }
+    }
+
+    /// [`NoEl1`] and [`NoLines`] in one, with a physical GIC that ignores every change.
+    pub struct NoHost;
+
+    impl super::GuestEl1 for NoHost {
+        fn vbar(&self) -> u64 {
+            0
+        }
+        fn sctlr(&self) -> u64 {
+            0
+        }
+        fn set_exception(&mut self, _: u64, _: u64, _: u64, _: u64) {}
+    }
+
+    impl super::LineSink for NoHost {
+        fn line(&mut self, _: &str, _: &str) {}
+        fn event(&mut self, _: log::Level, _: core::fmt::Arguments<'_>) {}
+        fn micros(&self) -> u64 {
+            0
+        }
+    }
+
+    impl crate::vm::vgic::PhysGic for NoHost {
+        fn apply(&mut self, _: crate::vm::vgic::PhysAction) {}
     }
 
     /// The exit of an `HVC #0` from AArch64.
@@ -583,7 +771,57 @@ mod tests {
         }
     }
 
+    /// The machine as one exit sees it, over the tests' pieces.
+    struct TestHost<'a> {
+        el1: &'a mut El1,
+        out: &'a mut Lines,
+    }
+    impl GuestEl1 for TestHost<'_> {
+        fn vbar(&self) -> u64 {
+            self.el1.vbar()
+        }
+        fn sctlr(&self) -> u64 {
+            self.el1.sctlr()
+        }
+        fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64) {
+            self.el1.set_exception(esr, far, elr, spsr);
+        }
+        fn controls(&self) -> cpu_state::El2Controls {
+            self.el1.controls()
+        }
+        fn has_ras(&self) -> bool {
+            self.el1.has_ras()
+        }
+        fn pmcr(&self) -> u64 {
+            self.el1.pmcr()
+        }
+        fn set_pmcr(&mut self, value: u64) {
+            self.el1.set_pmcr(value);
+        }
+        fn inject_serror(&mut self, vsesr: Option<u64>) {
+            self.el1.inject_serror(vsesr);
+        }
+        fn clean_invalidate(&mut self, pa: u64, len: u64) {
+            self.el1.clean_invalidate(pa, len);
+        }
+    }
+    impl LineSink for TestHost<'_> {
+        fn line(&mut self, name: &str, text: &str) {
+            self.out.line(name, text);
+        }
+        fn event(&mut self, level: log::Level, args: core::fmt::Arguments<'_>) {
+            self.out.event(level, args);
+        }
+        fn micros(&self) -> u64 {
+            self.out.micros()
+        }
+    }
+    impl PhysGic for TestHost<'_> {
+        fn apply(&mut self, _action: crate::vm::vgic::PhysAction) {}
+    }
+
     struct Cpu {
+        kicks: VcpuMask,
         x: [u64; 31],
         pc: u64,
         pstate: u64,
@@ -592,6 +830,7 @@ mod tests {
     impl Cpu {
         fn new() -> Self {
             Self {
+                kicks: VcpuMask::EMPTY,
                 x: [0; 31],
                 pc: 0x4000_1000,
                 pstate: 0x3c5,
@@ -610,9 +849,16 @@ mod tests {
                 pc: &mut self.pc,
                 pstate: &mut self.pstate,
             };
-            handle_exit(vm, vcpu, &mut ctx, e, el1, out, &mut |_| {
-                ([u64::MAX; 4], Note::None)
-            })
+            let mut host = TestHost { el1, out };
+            handle_exit(
+                vm,
+                vcpu,
+                &mut ctx,
+                e,
+                &mut host,
+                &mut |_| ([u64::MAX; 4], Note::None),
+                &mut self.kicks,
+            )
         }
     }
 
@@ -1035,9 +1281,15 @@ mod tests {
                 pc: &mut cpu.pc,
                 pstate: &mut cpu.pstate,
             };
-            handle_exit(&a, 0, &mut ctx, sync(HVC, 0), el1, out, &mut |req| {
-                m.share_call(&a, 0, req)
-            });
+            handle_exit(
+                &a,
+                0,
+                &mut ctx,
+                sync(HVC, 0),
+                &mut TestHost { el1, out },
+                &mut |req| m.share_call(&a, 0, req),
+                &mut VcpuMask::default(),
+            );
             cpu.x[..2].try_into().map_or([0, 0], |r: [u64; 2]| r)
         };
         for i in 0..1000u64 {
@@ -1212,5 +1464,126 @@ mod tests {
             &mut out,
         );
         assert_eq!((n, vm.status()), (Next::Stop, VmStatus::Failed));
+    }
+
+    /// `MSR ICC_SGI1R_EL1, x<rt>` trapped (EC 0x18).
+    fn sgi1r_write(rt: u64) -> u64 {
+        (0x18 << 26) | (1 << 25) | (3 << 20) | (5 << 17) | (12 << 10) | (rt << 5) | (11 << 1)
+    }
+
+    #[test]
+    fn trapped_sgi_writes_reach_only_the_vms_own_vcpus() {
+        let m = manager();
+        let mut d = desc(0x5000_0000, 1);
+        d.cpus.push(2);
+        let vm = m.create(d).expect("vm");
+        let other = m.create(desc(0x5010_0000, 3)).expect("other vm");
+        vm.state.lock().psci.take_pending(0);
+        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+        // GICD_CTLR.EnableGrp1, then SGI 3 enabled on vCPU 1 (GICR_ISENABLER0).
+        cpu.x[1] = 2;
+        cpu.exit(
+            &vm,
+            0,
+            sync(dabt(true, 1, 2), 0x0800_0000),
+            &mut el1,
+            &mut out,
+        );
+        cpu.x[1] = 1 << 3;
+        cpu.exit(
+            &vm,
+            0,
+            sync(dabt(true, 1, 2), 0x080c_0000 + 0x1_0000 + 0x100),
+            &mut el1,
+            &mut out,
+        );
+        cpu.kicks = VcpuMask::EMPTY;
+        // Broadcast (IRM) SGI 3 from vCPU 0: vCPU 1 of this VM, nobody else.
+        cpu.x[4] = (3 << 24) | (1 << 40);
+        let pc = cpu.pc;
+        assert_eq!(
+            cpu.exit(&vm, 0, sync(sgi1r_write(4), 0), &mut el1, &mut out),
+            Next::Resume
+        );
+        assert_eq!(cpu.pc, pc + 4, "the MSR is stepped over");
+        assert_eq!(cpu.kicks, VcpuMask(0b10));
+        let pend = vm
+            .vgic
+            .lock()
+            .redist_read(0x2_0000 + 0x1_0000 + 0x200, 4)
+            .expect("read");
+        assert_eq!(pend, 1 << 3);
+        let p = other
+            .vgic
+            .lock()
+            .redist_read(0x1_0000 + 0x200, 4)
+            .expect("read");
+        assert_eq!(p, 0, "the other VM got nothing");
+        // A read of the distributor's GICD_TYPER through the abort path.
+        cpu.x[7] = 0xdead;
+        cpu.exit(
+            &vm,
+            0,
+            sync(dabt(false, 7, 2), 0x0800_0004),
+            &mut el1,
+            &mut out,
+        );
+        assert_eq!(cpu.x[7], u64::from(vm.vgic.lock().gicd_typer()));
+        // Any other trapped system register stops the VM.
+        let other_sysreg = (0x18 << 26) | (1 << 25) | (3 << 20) | (1 << 10) | 1;
+        assert_eq!(
+            cpu.exit(&vm, 0, sync(other_sysreg, 0), &mut el1, &mut out),
+            Next::Stop
+        );
+        assert_eq!(vm.status(), VmStatus::Failed);
+    }
+
+    #[test]
+    fn a_gic_access_of_a_bad_size_follows_the_abort_policy() {
+        let m = manager();
+        let mut d = desc(0x5000_0000, 1);
+        d.abort = AbortPolicy::Inject;
+        let vm = m.create(d).expect("vm");
+        vm.state.lock().psci.take_pending(0);
+        let (mut cpu, mut out) = (Cpu::new(), Lines::default());
+        let mut el1 = El1 {
+            vbar: 0x4000_8000,
+            ..El1::default()
+        };
+        // A byte read of GICD_CTLR is not allowed (IHI 0069 12.1.3): abort injected.
+        cpu.exit(
+            &vm,
+            0,
+            sync(dabt(false, 3, 0), 0x0800_0000),
+            &mut el1,
+            &mut out,
+        );
+        assert!(el1.set.is_some());
+        assert_eq!(cpu.pc, 0x4000_8200);
+        assert_eq!(vm.status(), VmStatus::Running);
+    }
+
+    #[test]
+    fn the_uart_transmit_interrupt_goes_through_the_virtual_gic() {
+        let m = manager();
+        let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
+        vm.state.lock().psci.take_pending(0);
+        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+        let w = |cpu: &mut Cpu, el1: &mut El1, out: &mut Lines, ipa: u64, v: u64| {
+            cpu.x[2] = v;
+            cpu.exit(&vm, 0, sync(dabt(true, 2, 2), ipa), el1, out);
+        };
+        // GICD_CTLR, SPI 33 enabled (GICD_ISENABLER1 bit 1), UART TX interrupt unmasked.
+        w(&mut cpu, &mut el1, &mut out, 0x0800_0000, 2);
+        w(&mut cpu, &mut el1, &mut out, 0x0800_0104, 2);
+        w(&mut cpu, &mut el1, &mut out, 0x0900_0038, 1 << 5);
+        cpu.kicks = VcpuMask::EMPTY;
+        w(&mut cpu, &mut el1, &mut out, 0x0900_0000, u64::from(b'x'));
+        assert_eq!(cpu.kicks, VcpuMask(1), "SPI 33 is deliverable to vCPU 0");
+        let pend = vm.vgic.lock().dist_read(0x204, 4).expect("read");
+        assert_eq!(pend, 2, "GICD_ISPENDR1 shows INTID 33");
+        // UARTICR lowers the line: no longer pending.
+        w(&mut cpu, &mut el1, &mut out, 0x0900_0044, 1 << 5);
+        assert_eq!(vm.vgic.lock().dist_read(0x204, 4), Ok(0));
     }
 }

@@ -202,7 +202,7 @@ mod tests {
     /// What a guest's HVC with x0.. = `regs` on vCPU `index` of `vm` does: the run
     /// loop's next step and x0.
     fn hvc<S: crate::vm::Stage2Table>(vm: &Vm<S>, index: usize, regs: &[u64]) -> (Next, u64) {
-        use crate::vcpu::fakes::{NoEl1, NoLines, HVC_EXIT};
+        use crate::vcpu::fakes::{NoHost, HVC_EXIT};
         let (mut x, mut pc, mut pstate) = ([0u64; 31], 0x4000_0000, 0x3c5);
         x[..regs.len()].copy_from_slice(regs);
         let mut ctx = crate::vcpu::VcpuCtx {
@@ -210,14 +210,15 @@ mod tests {
             pc: &mut pc,
             pstate: &mut pstate,
         };
+        let mut kicks = crate::vm::vgic::VcpuMask::EMPTY;
         let next = crate::vcpu::handle_exit(
             vm,
             index,
             &mut ctx,
             HVC_EXIT,
-            &mut NoEl1,
-            &mut NoLines,
+            &mut NoHost,
             &mut |_| ([u64::MAX; 4], crate::vm::share::Note::None),
+            &mut kicks,
         );
         (next, x[0])
     }

@@ -13,6 +13,7 @@ use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use super::pool::{PagePool, PoolError};
 use super::share;
 use super::stage2::Stage2Table;
+use super::vgic::{self, PhysAction, PhysGic, Vgic};
 use super::vmid::{Vmid, VmidAllocator, VmidBits, VmidError, VmidFlush};
 use super::vuart::VUart;
 use super::{S2Kind, Vm, VmState, VmStatus};
@@ -50,6 +51,20 @@ pub trait Backend: VmidFlush {
     fn free_stage2(&mut self, s2: Self::S2);
     /// Table frames currently allocated to stage-2 tables.
     fn table_frames(&self) -> usize;
+    /// `ICH_VTR_EL2` of the machine (list registers, priority bits of the virtual CPU
+    /// interface), for each VM's virtual GIC.
+    fn ich_vtr(&self) -> u64;
+    /// Applies a virtual GIC's change to the physical GIC (an interrupt the VM owns).
+    fn apply_gic(&mut self, action: PhysAction);
+}
+
+/// The physical GIC as a VM's virtual GIC drives it, through the backend.
+struct BackendGic<'a, P>(&'a mut P);
+
+impl<P: Backend> PhysGic for BackendGic<'_, P> {
+    fn apply(&mut self, action: PhysAction) {
+        self.0.apply_gic(action);
+    }
 }
 
 /// Why a VM could not be created or destroyed.
@@ -63,6 +78,8 @@ pub enum VmError {
     Stage2(mmu::Error),
     /// No VM with that id.
     NoSuchVm(u32),
+    /// The virtual GIC refused the VM's vCPUs or interrupts.
+    Vgic(vgic::ConfigError),
     /// The VM has a vCPU loaded on a physical CPU, or another CPU is already resetting
     /// or destroying it: nothing was done.
     Busy(u32),
@@ -79,6 +96,7 @@ impl fmt::Display for VmError {
             Self::Ram(r, e) => write!(f, "RAM at PA {:#x} size {:#x}: {e}", r.pa, r.size),
             Self::Stage2(e) => write!(f, "stage 2: {e}"),
             Self::NoSuchVm(id) => write!(f, "no VM {id}"),
+            Self::Vgic(e) => write!(f, "{e}"),
             Self::Busy(id) => write!(
                 f,
                 "VM {id} has a vCPU loaded or is already being reset or destroyed"
@@ -116,14 +134,14 @@ pub struct VmManager<P: Backend> {
 impl<P: Backend> VmManager<P> {
     /// A manager with no VMs.
     /// Guest RAM is taken from `guest_ram`.
-    pub fn new(platform: P, vmid_bits: VmidBits, guest_ram: PhysRange) -> Self {
+    pub fn new(platform: P, vmid_bits: VmidBits, guest_ram: &[PhysRange]) -> Self {
         Self {
             mem: platform.memory(),
             dying: AtomicUsize::new(0),
             inner: Lock::new(Inner {
                 platform,
                 vmids: VmidAllocator::new(vmid_bits),
-                pool: PagePool::new(guest_ram.base, guest_ram.size),
+                pool: PagePool::new(guest_ram),
                 vms: Vec::new(),
                 next_id: 0,
                 destroyed_failed: 0,
@@ -142,6 +160,8 @@ impl<P: Backend> VmManager<P> {
     ///
     /// [`VmError`]; a failed create leaves nothing allocated.
     pub fn create(&self, desc: VmDesc) -> Result<Arc<Vm<P::S2>>, VmError> {
+        let ich_vtr = self.inner.lock().platform.ich_vtr();
+        let mut vgic = new_vgic(&desc, ich_vtr).map_err(VmError::Vgic)?;
         let (s2, vmid) = self.claim_and_map(&desc)?;
         // The RAM is claimed (no other VM can get it) and the VM is not listed yet (no
         // CPU can run it): scrub and load without the lock.
@@ -153,6 +173,8 @@ impl<P: Backend> VmManager<P> {
         // vCPU 0 of a new VM is off, so this cannot fail.
         let _ = state.psci.power_on(0, desc.entry, desc.boot_x0());
         let mut inner = self.inner.lock();
+        // Its hardware SPIs start disabled and inactive, routed to its first CPU.
+        vgic.reset(&mut BackendGic(&mut inner.platform));
         let vm = Arc::new(Vm {
             id: inner.next_id,
             vttbr: s2.vttbr(),
@@ -162,6 +184,7 @@ impl<P: Backend> VmManager<P> {
             state: Lock::new(state),
             uart: Lock::new(VUart::new()),
             console: Lock::new(VmConsole::new()),
+            vgic: Lock::new(vgic),
             boots: AtomicU32::new(1),
         });
         inner.next_id += 1;
@@ -237,7 +260,7 @@ impl<P: Backend> VmManager<P> {
     /// stopped. Nothing is done then.
     pub fn reset(&self, id: u32) -> Result<(), VmError> {
         let (vm, ended) = {
-            let inner = self.inner.lock();
+            let mut inner = self.inner.lock();
             let vm = inner
                 .vms
                 .iter()
@@ -255,6 +278,10 @@ impl<P: Backend> VmManager<P> {
                 st.status = VmStatus::Resetting;
                 st.psci.all_off();
             }
+            // Its interrupt controller and UART back to their reset state (its hardware
+            // interrupts disabled and deactivated).
+            vm.vgic.lock().reset(&mut BackendGic(&mut inner.platform));
+            *vm.uart.lock() = VUart::new();
             // Its pages leave every other VM before they are scrubbed.
             let ended = self.shares.lock().end_all(&inner.vms, &vm);
             (vm, ended)
@@ -303,6 +330,8 @@ impl<P: Backend> VmManager<P> {
                 }
             }
             let vm = inner.vms.swap_remove(i);
+            // Its hardware interrupts go back to disabled and inactive.
+            vm.vgic.lock().reset(&mut BackendGic(&mut inner.platform));
             // Counted before the lock is released: `outcome` sees the VM listed or dying.
             self.dying.fetch_add(1, Ordering::SeqCst);
             // Its pages leave every other VM before they are scrubbed, and pages it
@@ -394,6 +423,11 @@ impl<P: Backend> VmManager<P> {
         self.inner.lock().vms.iter().find(|v| v.id == id).cloned()
     }
 
+    /// The first live VM whose description satisfies `f`.
+    pub fn vms_with(&self, f: impl Fn(&VmDesc) -> bool) -> Option<Arc<Vm<P::S2>>> {
+        self.inner.lock().vms.iter().find(|v| f(&v.desc)).cloned()
+    }
+
     /// The VM whose vCPU runs on physical CPU `cpu`, with that vCPU's index.
     pub fn vm_on_cpu(&self, cpu: u32) -> Option<(Arc<Vm<P::S2>>, usize)> {
         let inner = self.inner.lock();
@@ -449,6 +483,47 @@ impl<P: Backend> VmManager<P> {
     pub fn with_backend<R>(&self, f: impl FnOnce(&mut P) -> R) -> R {
         f(&mut self.inner.lock().platform)
     }
+}
+
+/// The virtual GIC of a VM described by `desc`: vCPU *i* has virtual affinity Aff0 = *i*
+/// (as PSCI sees it, `crate::vm::psci`) and runs on physical CPU `desc.cpus[i]`; the
+/// EL1 timers are hardware PPIs; the SPIs of its devices are hardware SPIs at their own
+/// INTIDs; the virtual UART's SPI is emulated.
+fn new_vgic(desc: &VmDesc, ich_vtr: u64) -> Result<Vgic, vgic::ConfigError> {
+    let vcpus: Vec<vgic::VcpuDesc> = desc
+        .cpus
+        .iter()
+        .enumerate()
+        .map(|(i, &cpu)| vgic::VcpuDesc {
+            mpidr: i as u64,
+            pcpu_mpidr: u64::from(cpu),
+        })
+        .collect();
+    // A device's SPIs keep their INTIDs: the guest DT copies the device node as it is.
+    let mut spis: Vec<vgic::SpiDesc> = desc
+        .spis
+        .iter()
+        .map(|&intid| vgic::SpiDesc {
+            intid,
+            source: vgic::SpiSource::Hardware { pintid: intid },
+        })
+        .collect();
+    if desc.vuart.is_some() {
+        spis.push(vgic::SpiDesc {
+            intid: crate::config::VUART_INTID,
+            source: vgic::SpiSource::Virtual,
+        });
+    }
+    let mut vgic = Vgic::new(&vgic::VgicConfig {
+        vcpus: &vcpus,
+        spis: &spis,
+        ich_vtr,
+    })?;
+    for ppi in [vgic::PPI_VTIMER, vgic::PPI_PTIMER] {
+        // Both are PPIs: this cannot fail.
+        let _ = vgic.set_hw_ppi(ppi);
+    }
+    Ok(vgic)
 }
 
 /// Zeroes RAM region `r` of `desc` except the bytes its images are copied over right

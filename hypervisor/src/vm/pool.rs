@@ -1,4 +1,4 @@
-//! Ownership of guest RAM: which pages of the guest-memory range belong to which VM.
+//! Ownership of guest RAM: which pages of the host RAM guests may have belong to which VM.
 //!
 //! VM descriptions name the physical pages of each VM's RAM; the pool makes sure a page is
 //! given to at most one VM at a time and that every page comes back on destroy.
@@ -6,6 +6,8 @@
 use core::fmt;
 
 use alloc::vec::Vec;
+
+use crate::mem::PhysRange;
 
 /// Why a claim or release failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,29 +32,50 @@ impl fmt::Display for PoolError {
     }
 }
 
-/// The guest-memory range and the claimed parts of it.
+/// The guest-memory ranges and the claimed parts of them.
 #[derive(Debug)]
 pub struct PagePool {
-    base: u64,
-    size: u64,
+    /// Sorted, disjoint, adjacent ones merged.
+    ranges: Vec<PhysRange>,
     claimed: Vec<(u64, u64)>,
 }
 
 impl PagePool {
-    /// A pool over `[base, base + size)`, all free.
+    /// A pool over `ranges` (in any order; overlapping or adjacent ones are merged), all
+    /// free.
     #[must_use]
-    pub const fn new(base: u64, size: u64) -> Self {
+    pub fn new(ranges: &[PhysRange]) -> Self {
+        let mut sorted: Vec<PhysRange> = ranges.iter().copied().filter(|r| r.size > 0).collect();
+        sorted.sort_by_key(|r| r.base);
+        let mut merged: Vec<PhysRange> = Vec::new();
+        for r in sorted {
+            match merged.last_mut() {
+                Some(last) if r.base <= last.end() => {
+                    let end = last.end().max(r.end());
+                    last.size = end - last.base;
+                }
+                _ => merged.push(r),
+            }
+        }
         Self {
-            base,
-            size,
+            ranges: merged,
             claimed: Vec::new(),
         }
     }
 
-    /// True when `[pa, pa + size)` lies inside the pool range.
+    /// True when `[pa, pa + size)` lies inside one pool range.
     #[must_use]
     pub fn covers(&self, pa: u64, size: u64) -> bool {
-        pa >= self.base && size <= self.size && pa - self.base <= self.size - size
+        self.ranges
+            .iter()
+            .any(|r| pa >= r.base && size <= r.size && pa - r.base <= r.size - size)
+    }
+
+    /// The pool's ranges (sorted, merged).
+    #[cfg(test)]
+    #[must_use]
+    pub fn ranges(&self) -> &[PhysRange] {
+        &self.ranges
     }
 
     /// Claims `[pa, pa + size)` for one VM.
@@ -93,13 +116,13 @@ impl PagePool {
     /// Bytes not claimed by any VM.
     #[must_use]
     pub fn free_bytes(&self) -> u64 {
-        self.size - self.claimed.iter().map(|c| c.1).sum::<u64>()
+        self.total_bytes() - self.claimed.iter().map(|c| c.1).sum::<u64>()
     }
 
     /// Bytes in the pool.
     #[must_use]
-    pub const fn total_bytes(&self) -> u64 {
-        self.size
+    pub fn total_bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.size).sum()
     }
 }
 
@@ -109,7 +132,7 @@ mod tests {
 
     #[test]
     fn claim_and_release() {
-        let mut p = PagePool::new(0x5000_0000, 0x10_0000);
+        let mut p = PagePool::new(&[PhysRange::new(0x5000_0000, 0x10_0000)]);
         p.claim(0x5000_0000, 0x8000).expect("claim");
         assert_eq!(p.claim(0x5000_7000, 0x2000), Err(PoolError::InUse));
         assert_eq!(p.claim(0x4fff_f000, 0x2000), Err(PoolError::OutOfRange));
@@ -121,5 +144,27 @@ mod tests {
         p.release(0x5000_0000, 0x8000).expect("release");
         p.release(0x5000_8000, 0x1000).expect("release");
         assert_eq!(p.free_bytes(), p.total_bytes());
+    }
+
+    #[test]
+    fn several_ranges_merge_where_adjacent_and_a_claim_stays_inside_one() {
+        let mut p = PagePool::new(&[
+            PhysRange::new(0x8000_0000, 0x10_0000),
+            PhysRange::new(0x5000_0000, 0x10_0000),
+            PhysRange::new(0x5010_0000, 0x10_0000),
+        ]);
+        assert_eq!(
+            p.ranges(),
+            [
+                PhysRange::new(0x5000_0000, 0x20_0000),
+                PhysRange::new(0x8000_0000, 0x10_0000)
+            ]
+        );
+        assert_eq!(p.total_bytes(), 0x30_0000);
+        p.claim(0x500f_f000, 0x2000)
+            .expect("across the merged boundary");
+        assert_eq!(p.claim(0x501f_f000, 0x2000), Err(PoolError::OutOfRange));
+        p.claim(0x8000_0000, 0x10_0000).expect("the second range");
+        assert_eq!(p.free_bytes(), 0x30_0000 - 0x10_2000);
     }
 }

@@ -213,6 +213,11 @@ impl Backend for Fake {
     fn table_frames(&self) -> usize {
         self.frames.load(Ordering::SeqCst)
     }
+    fn ich_vtr(&self) -> u64 {
+        crate::vm::vgic::tests::VTR_QEMU
+    }
+
+    fn apply_gic(&mut self, _action: crate::vm::vgic::PhysAction) {}
 }
 
 /// The fake memory of [`Fake`] with real `mmu` stage-2 tables whose frames come from
@@ -255,6 +260,11 @@ impl Backend for MmuFake {
     fn table_frames(&self) -> usize {
         self.frames.in_use()
     }
+    fn ich_vtr(&self) -> u64 {
+        crate::vm::vgic::tests::VTR_QEMU
+    }
+
+    fn apply_gic(&mut self, _action: crate::vm::vgic::PhysAction) {}
 }
 
 /// The guest RAM of the test managers: 4 MiB.
@@ -275,7 +285,7 @@ pub(crate) fn manager() -> VmManager<Fake> {
         fake.mem().insert(0x7000_0000 + i, (i % 251) as u8 + 1);
     }
     fake.mem().insert(0x7000_1fff, 0xee);
-    VmManager::new(fake, VmidBits::Eight, GUEST_RAM)
+    VmManager::new(fake, VmidBits::Eight, &[GUEST_RAM])
 }
 
 #[test]
@@ -447,6 +457,11 @@ impl Backend for MachineLike {
     fn table_frames(&self) -> usize {
         self.frames.pool().lock().in_use()
     }
+    fn ich_vtr(&self) -> u64 {
+        crate::vm::vgic::tests::VTR_QEMU
+    }
+
+    fn apply_gic(&mut self, _action: crate::vm::vgic::PhysAction) {}
 }
 
 #[test]
@@ -464,7 +479,7 @@ fn a_40_bit_ipa_space_takes_a_concatenated_root_from_the_machine_frame_source() 
         frames: machine_frames(64),
         stage2,
     };
-    let m = VmManager::new(backend, VmidBits::Eight, GUEST_RAM);
+    let m = VmManager::new(backend, VmidBits::Eight, &[GUEST_RAM]);
     // RAM above 512 GiB of IPA: only the second table of the root reaches it.
     let ipa = 0x80_4000_0000;
     let mut d = desc(0x5000_0000, 1);
@@ -505,7 +520,7 @@ fn mmu_manager(bits: VmidBits) -> (VmManager<MmuFake>, &'static mmu::testing::He
         fake: Fake::default(),
         frames,
     };
-    (VmManager::new(fake, bits, GUEST_RAM), frames)
+    (VmManager::new(fake, bits, &[GUEST_RAM]), frames)
 }
 
 #[test]

@@ -30,6 +30,9 @@ const ARG_RACE: u64 = 1 << 7;
 const ARG_OFF_RESET: u64 = 1 << 8;
 const ARG_HOSTILE: u64 = 1 << 9;
 const ARG_BYSTANDER: u64 = 1 << 10;
+const ARG_IRQ: u64 = 1 << 11;
+const ARG_IRQ_LISTEN: u64 = 1 << 12;
+const ARG_SGI_ATTACK: u64 = 1 << 13;
 /// How long `ARG_LINGER` keeps the guest running.
 const LINGER_SECONDS: u64 = 3;
 
@@ -46,6 +49,33 @@ static mut GUEST_STACKS: Stacks = Stacks([[0; STACK_SIZE]; 2]);
 // compiled Rust may use SIMD registers anywhere.
 global_asm!(
     r#"
+// Every register a Rust handler may clobber (AAPCS64 caller-saved), in the first 160
+// bytes of the frame the vector made.
+.macro SAVE_CALLER_SAVED
+    stp     x0, x1, [sp]
+    stp     x2, x3, [sp, #16]
+    stp     x4, x5, [sp, #32]
+    stp     x6, x7, [sp, #48]
+    stp     x8, x9, [sp, #64]
+    stp     x10, x11, [sp, #80]
+    stp     x12, x13, [sp, #96]
+    stp     x14, x15, [sp, #112]
+    stp     x16, x17, [sp, #128]
+    stp     x18, x30, [sp, #144]
+.endm
+.macro RESTORE_CALLER_SAVED
+    ldp     x0, x1, [sp]
+    ldp     x2, x3, [sp, #16]
+    ldp     x4, x5, [sp, #32]
+    ldp     x6, x7, [sp, #48]
+    ldp     x8, x9, [sp, #64]
+    ldp     x10, x11, [sp, #80]
+    ldp     x12, x13, [sp, #96]
+    ldp     x14, x15, [sp, #112]
+    ldp     x16, x17, [sp, #128]
+    ldp     x18, x30, [sp, #144]
+.endm
+
 .section .text.entry, "ax"
 .global _start
 _start:
@@ -90,40 +120,39 @@ vectors:
     .endr
     .balign 128
     b       sync_el1h
-    .rept 11
+    .balign 128
+    b       irq_el1h
+    .rept 10
     .balign 128
     b       unexpected
     .endr
 
+// IRQ, current EL with SP_ELx (offset 0x280): the interrupt checks (guest::irq).
+irq_el1h:
+    sub     sp, sp, #176
+    SAVE_CALLER_SAVED
+    mrs     x0, elr_el1
+    mrs     x1, spsr_el1
+    stp     x0, x1, [sp, #160]
+    bl      guest_irq
+    ldp     x0, x1, [sp, #160]
+    msr     elr_el1, x0
+    msr     spsr_el1, x1
+    RESTORE_CALLER_SAVED
+    add     sp, sp, #176
+    eret
+
 sync_el1h:
     // Save every register the Rust handler may clobber (AAPCS64 caller-saved).
     sub     sp, sp, #160
-    stp     x0, x1, [sp]
-    stp     x2, x3, [sp, #16]
-    stp     x4, x5, [sp, #32]
-    stp     x6, x7, [sp, #48]
-    stp     x8, x9, [sp, #64]
-    stp     x10, x11, [sp, #80]
-    stp     x12, x13, [sp, #96]
-    stp     x14, x15, [sp, #112]
-    stp     x16, x17, [sp, #128]
-    stp     x18, x30, [sp, #144]
+    SAVE_CALLER_SAVED
     mrs     x0, esr_el1
     mrs     x1, far_el1
     mrs     x2, elr_el1
     bl      guest_sync_exception
     // Returns the address to resume at.
     msr     elr_el1, x0
-    ldp     x0, x1, [sp]
-    ldp     x2, x3, [sp, #16]
-    ldp     x4, x5, [sp, #32]
-    ldp     x6, x7, [sp, #48]
-    ldp     x8, x9, [sp, #64]
-    ldp     x10, x11, [sp, #80]
-    ldp     x12, x13, [sp, #96]
-    ldp     x14, x15, [sp, #112]
-    ldp     x16, x17, [sp, #128]
-    ldp     x18, x30, [sp, #144]
+    RESTORE_CALLER_SAVED
     add     sp, sp, #160
     eret
 
@@ -156,6 +185,7 @@ macro_rules! println {
 }
 
 mod hostile;
+mod irq;
 mod pmu;
 mod sharing;
 mod split_merge;
@@ -233,7 +263,7 @@ static MMU_REGS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU
 
 /// Builds the stage-1 tables: RAM, the UART, the probe page and, for the sharing
 /// scenario (`sharing`), the window where it retrieves another VM's pages.
-fn build_tables(sharing: bool) -> Result<Table, mmu::Error> {
+fn build_tables(sharing: bool, gic: bool) -> Result<Table, mmu::Error> {
     let regime = El1::new(1, 39);
     let mut pt = PageTable::new(regime, StaticFrames { next: 0 }, ArmTlb)?;
     let rwx = Permissions::RW | Permissions::EXEC_EL1;
@@ -245,6 +275,10 @@ fn build_tables(sharing: bool) -> Result<Table, mmu::Error> {
         MapFlags::empty(),
     )?;
     pt.map(UART, UART, 4096, Attributes::device(), MapFlags::empty())?;
+    if gic {
+        let (start, size) = irq::GIC_WINDOW;
+        pt.map(start, start, size, Attributes::device(), MapFlags::empty())?;
+    }
     let probe = PROBE.load(Ordering::SeqCst);
     pt.map(
         probe,
@@ -353,6 +387,8 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
             hostile::race_second();
         } else if arg == hostile::OFF_RESET_CONTEXT {
             hostile::off_reset_second();
+        } else if arg == irq::IRQ_CONTEXT {
+            irq::secondary();
         } else {
             let info = hvc(VM_INFO, &[]);
             SECOND_SEEN.store(info[3] + 1, Ordering::SeqCst);
@@ -371,7 +407,8 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
         PROBE.store(arg & !0xfff, Ordering::SeqCst);
     }
     // The tables live in static frames for the rest of the run (this never returns).
-    let mut table = match build_tables(arg & ARG_SHARING != 0) {
+    let gic = arg & (ARG_IRQ | ARG_SGI_ATTACK) != 0;
+    let mut table = match build_tables(arg & ARG_SHARING != 0, gic) {
         Ok(t) => t,
         Err(e) => {
             println!("FAIL stage-1 tables: {e:?}");
@@ -450,6 +487,12 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
     }
     if arg & ARG_BYSTANDER != 0 {
         hostile::bystander();
+    }
+    if arg & ARG_IRQ != 0 {
+        irq::irq_check(arg & ARG_IRQ_LISTEN != 0);
+    }
+    if arg & ARG_SGI_ATTACK != 0 {
+        irq::attack();
     }
     done()
 }

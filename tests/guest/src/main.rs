@@ -15,10 +15,19 @@
 //! - bit 5: split and merge a stage-2 block under load: VM 0 shares and reclaims one
 //!   page 250 times while its vCPU 1 checks words on every page of the upper half of
 //!   the same 2 MiB RAM block; VM 1 waits for the end (`guest::split_merge`);
+//! - bit 6: the PMU check (`guest::pmu`, `docs/cpu-state.md`);
 //! - bits 7 to 10: adversarial scenarios (`guest::hostile`): 7, a lifecycle race on every
 //!   reset and the power-off; 8, a reset by vCPU 1 while vCPU 0 is off; 9, a hostile VM
 //!   (quota, storms, bad PSCI arguments, unused SMCCC ranges, aborts); 10, a bystander
-//!   that outlives it (VM 2 of the description must still share while it runs).
+//!   that outlives it (VM 2 of the description must still share while it runs);
+//! - bit 11: the interrupt checks against the virtual GIC (`guest::irq`: SPI ownership,
+//!   SGIs to itself and to vCPU 1 by target list and broadcast, priorities and active
+//!   state, more pending interrupts than list registers, the virtual timer waking WFI
+//!   and pending while disabled);
+//! - bit 12: with bit 11, listen two seconds for SGIs that must never come (sent by
+//!   another VM with bit 13);
+//! - bit 13: send SGIs for three seconds by broadcast and to every target (an attacker
+//!   VM whose SGIs must stay inside it).
 //!
 //! It builds its own EL1&0 stage-1 tables with `mmu`, turns the MMU on, runs its checks,
 //! prints one `PASS name` or `FAIL name: detail` line per check and a final

@@ -39,7 +39,7 @@ fn manager(frames: &'static HeapFrames) -> M {
             frames,
         },
         VmidBits::Eight,
-        GUEST_RAM,
+        &[GUEST_RAM],
     )
 }
 
@@ -639,7 +639,7 @@ fn destroying_either_party_mid_transaction_leaks_nothing() {
 
 #[test]
 fn calls_go_through_the_vcpu_exit_path() {
-    use crate::vcpu::fakes::{NoEl1, NoLines, HVC_EXIT};
+    use crate::vcpu::fakes::{NoHost, HVC_EXIT};
     use crate::vcpu::{handle_exit, Next, VcpuCtx};
     let m = manager(frames());
     let (a, b) = (vm(&m, 0), vm(&m, 1));
@@ -650,14 +650,15 @@ fn calls_go_through_the_vcpu_exit_path() {
         pc: &mut pc,
         pstate: &mut pstate,
     };
+    let mut kicks = crate::vm::vgic::VcpuMask::EMPTY;
     let next = handle_exit(
         &a,
         0,
         &mut ctx,
         HVC_EXIT,
-        &mut NoEl1,
-        &mut NoLines,
+        &mut NoHost,
         &mut |req| m.share_call(&a, 0, req),
+        &mut kicks,
     );
     assert_eq!(next, Next::Resume);
     let handle = m.with_shares(|t| t.transactions()[0].handle);

@@ -336,8 +336,9 @@ impl Vgic {
     /// Marks `intid` as held by `vcpu`'s list registers and returns the value for it.
     fn place(&mut self, vcpu: usize, tag: u8, intid: u32) -> Option<LrValue> {
         let (irq, hw) = if intid < PRIVATE_COUNT {
-            let irq = *self.vcpus.get(vcpu)?.private.get(intid as usize)?;
-            (irq, None)
+            let v = self.vcpus.get(vcpu)?;
+            let irq = *v.private.get(intid as usize)?;
+            (irq, v.holds_hw(intid).then_some(intid))
         } else {
             let s = self.spis.get((intid - PRIVATE_COUNT) as usize)?;
             let hw = match s.source {
@@ -392,14 +393,18 @@ impl Vgic {
             let Some(intid) = *slot else { continue };
             let state = read_back.get(n).map_or(w.state(), |&r| LrValue(r).state());
             let (irq, hw) = if intid < PRIVATE_COUNT {
-                let Some(irq) = self
-                    .vcpus
-                    .get_mut(vcpu)
-                    .and_then(|v| v.private.get_mut(intid as usize))
-                else {
+                let Some(v) = self.vcpus.get_mut(vcpu) else {
                     continue;
                 };
-                (irq, false)
+                let hw = w.hw().is_some();
+                if hw && !state.pending() && !state.active() {
+                    // The guest deactivated it, and with it the physical PPI.
+                    v.hw_held &= !(1 << intid);
+                }
+                let Some(irq) = v.private.get_mut(intid as usize) else {
+                    continue;
+                };
+                (irq, hw)
             } else {
                 let Some(s) = self.spis.get_mut((intid - PRIVATE_COUNT) as usize) else {
                     continue;

@@ -64,12 +64,12 @@ pub mod redist;
 mod regs;
 pub mod sgi;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use alloc::vec::Vec;
 use core::fmt;
 use irq::Irq;
-pub use lr::{Flush, LrState, LrValue};
+pub use lr::{Flush, LrValue};
 
 /// Number of SGIs (INTIDs 0-15).
 pub const SGI_COUNT: u32 = 16;
@@ -252,6 +252,17 @@ pub enum PhysAction {
         /// Set (true) or clear.
         active: bool,
     },
+    /// Deactivate (and clear the pending state of) the private interrupt `pintid` of the
+    /// physical CPU with affinity `mpidr` (`GICR_ICACTIVER0`, `GICR_ICPENDR0` of its
+    /// redistributor): a hardware PPI ([`Vgic::set_hw_ppi`]) whose activation the vCPU
+    /// held is dropped because the guest cleared its pending or active state, or the
+    /// VM was reset.
+    DeactivatePrivate {
+        /// Affinity of the physical CPU.
+        mpidr: u64,
+        /// The PPI (16..=31).
+        pintid: u32,
+    },
 }
 
 impl PhysAction {
@@ -264,7 +275,8 @@ impl PhysAction {
             | Self::Trigger { pintid, .. }
             | Self::Route { pintid, .. }
             | Self::Pending { pintid, .. }
-            | Self::Active { pintid, .. } => pintid,
+            | Self::Active { pintid, .. }
+            | Self::DeactivatePrivate { pintid, .. } => pintid,
         }
     }
 }
@@ -358,6 +370,11 @@ struct VcpuState {
     /// invalid), and the value written.
     lrs: [Option<u32>; lr::MAX_LIST_REGS],
     written: [LrValue; lr::MAX_LIST_REGS],
+    /// PPIs backed by the same PPI of the vCPU's physical CPU (bit = INTID).
+    hw_ppis: u32,
+    /// Hardware PPIs whose physical activation this vCPU holds: taken at EL2, not yet
+    /// deactivated by the guest (bit = INTID).
+    hw_held: u32,
 }
 
 impl VcpuState {
@@ -373,11 +390,24 @@ impl VcpuState {
             },
             lrs: [None; lr::MAX_LIST_REGS],
             written: [LrValue::INVALID; lr::MAX_LIST_REGS],
+            hw_ppis: 0,
+            hw_held: 0,
         }
     }
 
-    fn reset(&mut self) {
+    /// Back to the reset state; the hardware PPIs stay hardware PPIs. Returns the
+    /// hardware PPIs whose physical activation was held (to be deactivated).
+    fn reset(&mut self) -> u32 {
+        let (hw_ppis, held) = (self.hw_ppis, self.hw_held);
         *self = Self::new(self.desc);
+        self.hw_ppis = hw_ppis;
+        held
+    }
+
+    /// Whether private interrupt `intid` is a hardware PPI whose physical activation
+    /// this vCPU holds.
+    fn holds_hw(&self, intid: u32) -> bool {
+        intid < PRIVATE_COUNT && self.hw_held & (1 << intid) != 0
     }
 }
 
@@ -507,7 +537,11 @@ impl Vgic {
     pub fn reset(&mut self, phys: &mut impl PhysGic) {
         self.ctlr = 0;
         for v in &mut self.vcpus {
-            v.reset();
+            let held = v.reset();
+            let mpidr = v.desc.pcpu_mpidr & AFFINITY_MASK;
+            for pintid in (SGI_COUNT..PRIVATE_COUNT).filter(|i| held & (1 << i) != 0) {
+                phys.apply(PhysAction::DeactivatePrivate { mpidr, pintid });
+            }
         }
         for s in &mut self.spis {
             s.irq = Irq::reset(true);
@@ -613,6 +647,56 @@ impl Vgic {
         let irq = self.ppi_mut(vcpu, intid)?;
         irq.latch = true;
         Ok(irq.enabled)
+    }
+
+    /// Makes PPI `intid` (16..=31) of every vCPU a hardware PPI: the same PPI of the
+    /// vCPU's physical CPU, taken at EL2 and raised with [`Vgic::inject_hw_ppi`], then
+    /// delivered with the HW bit so that the guest's deactivation deactivates the
+    /// physical one (the EL1 timers, [`PPI_VTIMER`] and [`PPI_PTIMER`]: the vCPU never
+    /// leaves its physical CPU). The PPI's virtual enable, priority and group stay the
+    /// guest's; the physical one stays enabled (the machine layer keeps it so).
+    ///
+    /// # Errors
+    ///
+    /// [`IrqError::NotOwned`] if `intid` is not a PPI.
+    pub fn set_hw_ppi(&mut self, intid: u32) -> Result<(), IrqError> {
+        if !(SGI_COUNT..PRIVATE_COUNT).contains(&intid) {
+            return Err(IrqError::NotOwned);
+        }
+        for v in &mut self.vcpus {
+            v.hw_ppis |= 1 << intid;
+        }
+        Ok(())
+    }
+
+    /// The hardware PPI `intid` of `vcpu`'s physical CPU was taken at EL2 (acknowledged,
+    /// priority dropped, still active): makes the virtual PPI pending. It stays pending
+    /// while the guest keeps it disabled (and the physical one stays active, so it does
+    /// not fire again), shows in `GICR_ISPENDR0`, and reaches the guest with the HW bit
+    /// once enabled. Returns whether the vCPU can take it now.
+    ///
+    /// # Errors
+    ///
+    /// [`IrqError::NoSuchVcpu`], or [`IrqError::NotOwned`] if `intid` is not a hardware
+    /// PPI ([`Vgic::set_hw_ppi`]): the caller then deactivates it itself.
+    pub fn inject_hw_ppi(&mut self, vcpu: usize, intid: u32) -> Result<bool, IrqError> {
+        let ctlr = self.ctlr;
+        let v = self.vcpus.get_mut(vcpu).ok_or(IrqError::NoSuchVcpu)?;
+        if !(SGI_COUNT..PRIVATE_COUNT).contains(&intid) || v.hw_ppis & (1 << intid) == 0 {
+            return Err(IrqError::NotOwned);
+        }
+        v.hw_held |= 1 << intid;
+        let irq = v
+            .private
+            .get_mut(intid as usize)
+            .ok_or(IrqError::NotOwned)?;
+        irq.latch = true;
+        let grp = if irq.group1 {
+            CTLR_ENABLE_GRP1
+        } else {
+            CTLR_ENABLE_GRP0
+        };
+        Ok(irq.enabled && ctlr & grp != 0)
     }
 
     fn ppi_mut(&mut self, vcpu: usize, intid: u32) -> Result<&mut Irq, IrqError> {

@@ -220,7 +220,7 @@ fn run(lrs: usize, ops: &[Op]) -> Result<(), TestCaseError> {
             }
             Op::DistRead(o, s) => prop_assert_eq!(g.dist_read(o, s), m.dist_read(o, s)),
             Op::RedistWrite(o, s, v) => {
-                let r = g.redist_write(o, s, v);
+                let r = g.redist_write(o, s, v, &mut NoPhys);
                 prop_assert_eq!(r.map(|_| ()), m.redist_write(o, s, v));
                 kicks = r.ok();
             }
@@ -370,12 +370,12 @@ proptest! {
         let mut phys = Vec::new();
         g.dist_write(0, 4, 3, &mut phys).unwrap();
         // Edge-triggered everything, enabled, with the given priorities; all pending.
-        g.redist_write(0x1_0c04, 4, 0xaaaa_aaaa).unwrap();
-        g.redist_write(0x1_0100, 4, 0xffff_ffff).unwrap();
+        g.redist_write(0x1_0c04, 4, 0xaaaa_aaaa, &mut NoPhys).unwrap();
+        g.redist_write(0x1_0100, 4, 0xffff_ffff, &mut NoPhys).unwrap();
         for (n, p) in prios.iter().enumerate() {
-            g.redist_write(0x1_0400 + n as u64, 1, u64::from(*p) << 3).unwrap();
+            g.redist_write(0x1_0400 + n as u64, 1, u64::from(*p) << 3, &mut NoPhys).unwrap();
         }
-        g.redist_write(0x1_0200, 4, 0xffff_ffff).unwrap();
+        g.redist_write(0x1_0200, 4, 0xffff_ffff, &mut NoPhys).unwrap();
         g.dist_write(0xc08, 4, 0xaaaa_aaaa, &mut phys).unwrap();
         g.dist_write(0x104, 4, (1 << 1) | (1 << 2), &mut phys).unwrap();
         g.dist_write(0x400 + 33, 1, u64::from(spi_prios[0]) << 3, &mut phys).unwrap();
@@ -432,7 +432,7 @@ proptest! {
         let mut phys = Vec::new();
         for (off, size, val, redist) in accesses {
             if redist {
-                let _ = g.redist_write(off, size, val);
+                let _ = g.redist_write(off, size, val, &mut NoPhys);
                 let _ = g.redist_read(off, size);
             } else {
                 let _ = g.dist_write(off, size, val, &mut phys);

@@ -4,7 +4,9 @@
 //! There are no LPIs and no virtual LPI frames.
 
 use super::regs::{self, BitReg, Sizes};
-use super::{MmioError, NoPhys, VcpuMask, Vgic, AFFINITY_MASK, PRIVATE_COUNT, SGI_COUNT};
+use super::{
+    MmioError, NoPhys, PhysAction, PhysGic, VcpuMask, Vgic, AFFINITY_MASK, PRIVATE_COUNT, SGI_COUNT,
+};
 
 /// Size of one redistributor frame.
 pub const FRAME_SIZE: u64 = 0x1_0000;
@@ -236,6 +238,7 @@ impl Vgic {
         offset: u64,
         size: u8,
         value: u64,
+        phys: &mut impl PhysGic,
     ) -> Result<VcpuMask, MmioError> {
         let addr = RedistAddr::decode(offset);
         let reg = Reg::decode(addr.frame, addr.offset);
@@ -256,10 +259,24 @@ impl Vgic {
         match reg {
             Reg::Waker => v.sleep = value & WAKER_PROCESSOR_SLEEP != 0,
             Reg::Bits(r) => {
+                let mpidr = v.desc.pcpu_mpidr & AFFINITY_MASK;
+                let mut held = v.hw_held;
                 for (i, irq) in v.private.iter_mut().enumerate() {
-                    // Private interrupts are never hardware interrupts: nothing physical.
+                    // Nothing a guest writes here reaches the physical GIC directly.
                     r.write(irq, (value >> i) & 1 != 0, None, &mut NoPhys);
+                    let bit = 1u32 << i;
+                    let cleared = matches!(r, BitReg::ClearPending | BitReg::ClearActive);
+                    // A hardware PPI whose pending or active state the guest cleared
+                    // before deactivating it: drop the physical activation it held.
+                    if cleared && held & bit != 0 && !irq.pending() && !irq.active {
+                        held &= !bit;
+                        phys.apply(PhysAction::DeactivatePrivate {
+                            mpidr,
+                            pintid: i as u32,
+                        });
+                    }
                 }
+                v.hw_held = held;
             }
             Reg::Priority(first) => {
                 for i in 0..u32::from(size) {

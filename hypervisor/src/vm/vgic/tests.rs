@@ -11,7 +11,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 /// QEMU's `ICH_VTR_EL2`: PRIbits = 4 (five priority bits), ListRegs = 3 (four LRs).
-pub(super) const VTR_QEMU: u64 = (4 << VTR_PRI_BITS_SHIFT) | 3;
+pub(crate) const VTR_QEMU: u64 = (4 << VTR_PRI_BITS_SHIFT) | 3;
 /// The hardware SPI the tests give their VM: virtual 40 = physical 72.
 const HW_V: u32 = 40;
 const HW_P: u32 = 72;
@@ -249,7 +249,7 @@ fn access_size_and_alignment_rules() {
         Err(MmioError::OutOfRange)
     );
     assert_eq!(
-        g.redist_write(rd(1, GICR_WAKER), 4, 0),
+        g.redist_write(rd(1, GICR_WAKER), 4, 0, &mut NoPhys),
         Err(MmioError::OutOfRange)
     );
     assert_eq!(g.redist_read(u64::MAX - 3, 4), Err(MmioError::OutOfRange));
@@ -295,7 +295,8 @@ fn unimplemented_registers_are_raz_wi() {
         (0x0010, 4),
     ];
     for (off, size) in cases {
-        g.redist_write(rd(0, off), size, u64::MAX).unwrap();
+        g.redist_write(rd(0, off), size, u64::MAX, &mut NoPhys)
+            .unwrap();
         assert_eq!(g.redist_read(rd(0, off), size), Ok(0), "{off:#x}");
     }
 }
@@ -418,13 +419,13 @@ fn priorities_are_byte_accessible_and_masked() {
         }]
     );
     // Redistributor: PPIs and SGIs, bytes and words.
-    g.redist_write(sgi(0, GICR_IPRIORITYR + 27), 1, 0x88)
+    g.redist_write(sgi(0, GICR_IPRIORITYR + 27), 1, 0x88, &mut NoPhys)
         .unwrap();
     assert_eq!(
         g.redist_read(sgi(0, GICR_IPRIORITYR + 24), 4),
         Ok(0x8800_0000)
     );
-    g.redist_write(sgi(0, GICR_IPRIORITYR), 4, 0xffff_ffff)
+    g.redist_write(sgi(0, GICR_IPRIORITYR), 4, 0xffff_ffff, &mut NoPhys)
         .unwrap();
     assert_eq!(g.redist_read(sgi(0, GICR_IPRIORITYR), 4), Ok(0xf8f8_f8f8));
     assert_eq!(g.redist_read(sgi(0, GICR_IPRIORITYR + 0x20), 4), Ok(0));
@@ -446,10 +447,12 @@ fn icfgr_trigger_mode() {
     );
     // SGIs always edge; PPIs writable, level at reset.
     assert_eq!(g.redist_read(sgi(0, GICR_ICFGR0), 4), Ok(0xaaaa_aaaa));
-    g.redist_write(sgi(0, GICR_ICFGR0), 4, 0).unwrap();
+    g.redist_write(sgi(0, GICR_ICFGR0), 4, 0, &mut NoPhys)
+        .unwrap();
     assert_eq!(g.redist_read(sgi(0, GICR_ICFGR0), 4), Ok(0xaaaa_aaaa));
     assert_eq!(g.redist_read(sgi(0, GICR_ICFGR1), 4), Ok(0));
-    g.redist_write(sgi(0, GICR_ICFGR1), 4, 0x5555_ffff).unwrap();
+    g.redist_write(sgi(0, GICR_ICFGR1), 4, 0x5555_ffff, &mut NoPhys)
+        .unwrap();
     assert_eq!(g.redist_read(sgi(0, GICR_ICFGR1), 4), Ok(0x0000_aaaa));
 }
 
@@ -596,7 +599,8 @@ fn waker_handshake() {
     let mut g = vgic(2);
     let sleeping = WAKER_PROCESSOR_SLEEP | WAKER_CHILDREN_ASLEEP;
     assert_eq!(g.redist_read(rd(1, GICR_WAKER), 4), Ok(sleeping));
-    g.redist_write(rd(1, GICR_WAKER), 4, 0).unwrap();
+    g.redist_write(rd(1, GICR_WAKER), 4, 0, &mut NoPhys)
+        .unwrap();
     assert_eq!(g.redist_read(rd(1, GICR_WAKER), 4), Ok(0));
     assert_eq!(
         g.redist_read(rd(0, GICR_WAKER), 4),
@@ -604,10 +608,10 @@ fn waker_handshake() {
         "per vCPU"
     );
     // ChildrenAsleep is read-only; ProcessorSleep brings it back.
-    g.redist_write(rd(1, GICR_WAKER), 4, WAKER_CHILDREN_ASLEEP)
+    g.redist_write(rd(1, GICR_WAKER), 4, WAKER_CHILDREN_ASLEEP, &mut NoPhys)
         .unwrap();
     assert_eq!(g.redist_read(rd(1, GICR_WAKER), 4), Ok(0));
-    g.redist_write(rd(1, GICR_WAKER), 4, WAKER_PROCESSOR_SLEEP)
+    g.redist_write(rd(1, GICR_WAKER), 4, WAKER_PROCESSOR_SLEEP, &mut NoPhys)
         .unwrap();
     assert_eq!(g.redist_read(rd(1, GICR_WAKER), 4), Ok(sleeping));
 }
@@ -615,21 +619,26 @@ fn waker_handshake() {
 #[test]
 fn private_registers_are_per_vcpu() {
     let mut g = vgic(2);
-    g.redist_write(sgi(1, GICR_ISENABLER0), 4, 0x0800_ffff)
+    g.redist_write(sgi(1, GICR_ISENABLER0), 4, 0x0800_ffff, &mut NoPhys)
         .unwrap();
     assert_eq!(g.redist_read(sgi(1, GICR_ISENABLER0), 4), Ok(0x0800_ffff));
     assert_eq!(g.redist_read(sgi(1, GICR_ICENABLER0), 4), Ok(0x0800_ffff));
     assert_eq!(g.redist_read(sgi(0, GICR_ISENABLER0), 4), Ok(0));
-    g.redist_write(sgi(1, GICR_ICENABLER0), 4, 0xff).unwrap();
+    g.redist_write(sgi(1, GICR_ICENABLER0), 4, 0xff, &mut NoPhys)
+        .unwrap();
     assert_eq!(g.redist_read(sgi(1, GICR_ISENABLER0), 4), Ok(0x0800_ff00));
-    g.redist_write(sgi(1, GICR_ISPENDR0), 4, 0x3).unwrap();
-    g.redist_write(sgi(1, GICR_ICPENDR0), 4, 0x1).unwrap();
+    g.redist_write(sgi(1, GICR_ISPENDR0), 4, 0x3, &mut NoPhys)
+        .unwrap();
+    g.redist_write(sgi(1, GICR_ICPENDR0), 4, 0x1, &mut NoPhys)
+        .unwrap();
     assert_eq!(g.redist_read(sgi(1, GICR_ISPENDR0), 4), Ok(0x2));
-    g.redist_write(sgi(1, GICR_ISACTIVER0), 4, 0x30).unwrap();
-    g.redist_write(sgi(1, GICR_ICACTIVER0), 4, 0x10).unwrap();
+    g.redist_write(sgi(1, GICR_ISACTIVER0), 4, 0x30, &mut NoPhys)
+        .unwrap();
+    g.redist_write(sgi(1, GICR_ICACTIVER0), 4, 0x10, &mut NoPhys)
+        .unwrap();
     assert_eq!(g.redist_read(sgi(1, GICR_ISACTIVER0), 4), Ok(0x20));
     assert_eq!(g.redist_read(sgi(1, GICR_IGROUPR0), 4), Ok(0xffff_ffff));
-    g.redist_write(sgi(1, GICR_IGROUPR0), 4, 0xffff_fffe)
+    g.redist_write(sgi(1, GICR_IGROUPR0), 4, 0xffff_fffe, &mut NoPhys)
         .unwrap();
     assert_eq!(g.redist_read(sgi(1, GICR_IGROUPR0), 4), Ok(0xffff_fffe));
     assert_eq!(g.redist_read(sgi(0, GICR_IGROUPR0), 4), Ok(0xffff_ffff));
@@ -643,11 +652,11 @@ fn timer_level_shows_pending_while_disabled_and_wakes_only_when_enabled() {
     assert_eq!(g.redist_read(sgi(1, GICR_ISPENDR0), 4), Ok(1 << PPI_VTIMER));
     assert!(!g.has_deliverable(1), "disabled");
     // Clearing the pending state of a level held high does nothing.
-    g.redist_write(sgi(1, GICR_ICPENDR0), 4, 1 << PPI_VTIMER)
+    g.redist_write(sgi(1, GICR_ICPENDR0), 4, 1 << PPI_VTIMER, &mut NoPhys)
         .unwrap();
     assert_eq!(g.redist_read(sgi(1, GICR_ISPENDR0), 4), Ok(1 << PPI_VTIMER));
     let kicks = g
-        .redist_write(sgi(1, GICR_ISENABLER0), 4, 1 << PPI_VTIMER)
+        .redist_write(sgi(1, GICR_ISENABLER0), 4, 1 << PPI_VTIMER, &mut NoPhys)
         .unwrap();
     assert_eq!(kicks, VcpuMask(1 << 1));
     assert!(g.has_deliverable(1));
@@ -673,9 +682,14 @@ fn timer_level_shows_pending_while_disabled_and_wakes_only_when_enabled() {
     assert!(!g.has_deliverable(1));
     assert_eq!(g.redist_read(sgi(1, GICR_ISPENDR0), 4), Ok(0));
     // Edge-configured PPI: a rising level latches.
-    g.redist_write(sgi(1, GICR_ICFGR1), 4, 0b10 << (2 * (PPI_PTIMER - 16)))
-        .unwrap();
-    g.redist_write(sgi(1, GICR_ISENABLER0), 4, 1 << PPI_PTIMER)
+    g.redist_write(
+        sgi(1, GICR_ICFGR1),
+        4,
+        0b10 << (2 * (PPI_PTIMER - 16)),
+        &mut NoPhys,
+    )
+    .unwrap();
+    g.redist_write(sgi(1, GICR_ISENABLER0), 4, 1 << PPI_PTIMER, &mut NoPhys)
         .unwrap();
     assert_eq!(g.set_ppi_level(1, PPI_PTIMER, true), Ok(true));
     assert_eq!(g.set_ppi_level(1, PPI_PTIMER, false), Ok(true), "latched");
@@ -780,7 +794,8 @@ fn sgis_reach_only_the_vms_own_vcpus() {
 fn sgi0r_only_raises_group0_sgis() {
     let mut g = vgic(2);
     // vCPU 1: SGI 4 in Group 0, SGI 5 in Group 1.
-    g.redist_write(sgi(1, GICR_IGROUPR0), 4, !(1 << 4)).unwrap();
+    g.redist_write(sgi(1, GICR_IGROUPR0), 4, !(1 << 4), &mut NoPhys)
+        .unwrap();
     let s4 = sgi1r(4, 0, 0b10);
     let s5 = sgi1r(5, 0, 0b10);
     assert_eq!(g.sgi_write(0, SgiRegister::Sgi0r, s5), VcpuMask::EMPTY);
@@ -828,10 +843,12 @@ fn lr_encoding_bit_by_bit() {
 /// and makes them pending.
 fn many_sgis(g: &mut Vgic) {
     dw(g, GICD_CTLR, 3);
-    g.redist_write(sgi(0, GICR_ISENABLER0), 4, 0xffff).unwrap();
+    g.redist_write(sgi(0, GICR_ISENABLER0), 4, 0xffff, &mut NoPhys)
+        .unwrap();
     for i in 0..16u64 {
         let p = 0x10 * (15 - i);
-        g.redist_write(sgi(0, GICR_IPRIORITYR + i), 1, p).unwrap();
+        g.redist_write(sgi(0, GICR_IPRIORITYR + i), 1, p, &mut NoPhys)
+            .unwrap();
         g.sgi_write(0, SgiRegister::Sgi1r, sgi1r(i, 0, 1));
     }
 }
@@ -886,16 +903,20 @@ fn flush_fills_by_priority_and_asks_for_maintenance() {
 fn active_only_lrs_ask_for_underflow_and_free_lrs_stay_invalid() {
     let mut g = vgic(1);
     many_sgis(&mut g);
-    g.redist_write(sgi(0, GICR_ISACTIVER0), 4, 0xf).unwrap();
+    g.redist_write(sgi(0, GICR_ISACTIVER0), 4, 0xf, &mut NoPhys)
+        .unwrap();
     let f = g.flush(0);
     assert!(f.lrs().iter().all(|l| l.state() == LrState::PendingActive));
     assert_eq!(f.hcr(), ICH_HCR_NPIE);
     // Four active-only interrupts and more pending: underflow.
     let mut g = vgic(1);
     dw(&mut g, GICD_CTLR, 3);
-    g.redist_write(sgi(0, GICR_ISACTIVER0), 4, 0xf).unwrap();
-    g.redist_write(sgi(0, GICR_ISENABLER0), 4, 0x10).unwrap();
-    g.redist_write(sgi(0, GICR_ISPENDR0), 4, 0x10).unwrap();
+    g.redist_write(sgi(0, GICR_ISACTIVER0), 4, 0xf, &mut NoPhys)
+        .unwrap();
+    g.redist_write(sgi(0, GICR_ISENABLER0), 4, 0x10, &mut NoPhys)
+        .unwrap();
+    g.redist_write(sgi(0, GICR_ISPENDR0), 4, 0x10, &mut NoPhys)
+        .unwrap();
     let f = g.flush(0);
     assert!(f.lrs().iter().all(|l| l.state() == LrState::Active));
     assert_eq!(f.hcr(), ICH_HCR_UIE);
@@ -945,7 +966,7 @@ fn hardware_spi_goes_with_hw_bit_and_guest_deactivation_retires_it() {
 fn level_interrupt_is_redelivered_while_held_and_edge_is_not() {
     let mut g = vgic(1);
     dw(&mut g, GICD_CTLR, 2);
-    g.redist_write(sgi(0, GICR_ISENABLER0), 4, 1 << PPI_VTIMER)
+    g.redist_write(sgi(0, GICR_ISENABLER0), 4, 1 << PPI_VTIMER, &mut NoPhys)
         .unwrap();
     g.set_ppi_level(0, PPI_VTIMER, true).unwrap();
     let f = g.flush(0);
@@ -973,7 +994,8 @@ fn level_interrupt_is_redelivered_while_held_and_edge_is_not() {
 fn an_edge_arriving_while_in_a_list_register_is_not_lost() {
     let mut g = vgic(1);
     dw(&mut g, GICD_CTLR, 2);
-    g.redist_write(sgi(0, GICR_ISENABLER0), 4, 1).unwrap();
+    g.redist_write(sgi(0, GICR_ISENABLER0), 4, 1, &mut NoPhys)
+        .unwrap();
     g.sgi_write(0, SgiRegister::Sgi1r, sgi1r(0, 0, 1));
     let f = g.flush(0);
     // Another SGI 0 while the guest runs; the guest takes the first.
@@ -1023,4 +1045,97 @@ fn vcpu_mask() {
     assert_eq!(m, VcpuMask(1 | (1 << 63)));
     assert!(m.contains(63) && !m.contains(64) && !m.contains(1));
     assert_eq!(m.iter().collect::<Vec<_>>(), vec![0, 63]);
+}
+
+// ---- hardware PPIs (the EL1 timers) ----
+
+#[test]
+fn hardware_timer_ppi_pends_while_disabled_and_goes_with_the_hw_bit() {
+    let mut g = vgic(2);
+    assert_eq!(
+        g.set_hw_ppi(3),
+        Err(IrqError::NotOwned),
+        "an SGI is never hardware"
+    );
+    g.set_hw_ppi(PPI_VTIMER).expect("a PPI");
+    assert_eq!(g.inject_hw_ppi(0, 26), Err(IrqError::NotOwned));
+    assert_eq!(g.inject_hw_ppi(5, PPI_VTIMER), Err(IrqError::NoSuchVcpu));
+    dw(&mut g, GICD_CTLR, u64::from(CTLR_ENABLE_GRP1));
+    // Taken at EL2 while the guest keeps it disabled: pending, visible, not delivered.
+    assert_eq!(g.inject_hw_ppi(1, PPI_VTIMER), Ok(false));
+    let pend = g.redist_read(sgi(1, GICR_ISPENDR0), 4).unwrap();
+    assert_ne!(pend & (1 << PPI_VTIMER), 0, "pending while disabled");
+    assert_eq!(
+        g.redist_read(sgi(0, GICR_ISPENDR0), 4),
+        Ok(0),
+        "vCPU 0 untouched"
+    );
+    assert_eq!(g.flush(1).used(), 0);
+    g.sync(1, &[]);
+    // Enabled: it goes into a list register with HW = 1 and pINTID = 27.
+    let mut phys = Vec::new();
+    g.redist_write(sgi(1, GICR_ISENABLER0), 4, 1 << PPI_VTIMER, &mut phys)
+        .unwrap();
+    assert!(phys.is_empty());
+    let f = g.flush(1);
+    assert_eq!(f.used(), 1);
+    let lr = f.lrs()[0];
+    assert_eq!(
+        (lr.vintid(), lr.hw(), lr.eoi()),
+        (PPI_VTIMER, Some(PPI_VTIMER), false)
+    );
+    assert_eq!(lr.state(), LrState::Pending);
+    // The guest acknowledged and deactivated it (the LR reads back invalid): the
+    // physical activation is gone with it, nothing left to drop on reset.
+    g.sync(1, &[0]);
+    assert_eq!(g.redist_read(sgi(1, GICR_ISPENDR0), 4), Ok(0));
+    let mut phys = Vec::new();
+    g.reset(&mut phys);
+    assert!(
+        !phys
+            .iter()
+            .any(|a| matches!(a, PhysAction::DeactivatePrivate { .. })),
+        "{phys:?}"
+    );
+}
+
+#[test]
+fn clearing_a_held_hardware_ppi_or_resetting_drops_the_physical_activation() {
+    let mut g = vgic(2);
+    g.set_hw_ppi(PPI_PTIMER).expect("a PPI");
+    g.inject_hw_ppi(0, PPI_PTIMER).expect("hw ppi");
+    // Clearing the pending state of a disabled, held timer PPI deactivates it at the
+    // physical redistributor of vCPU 0's CPU, once.
+    let mut phys = Vec::new();
+    g.redist_write(sgi(0, GICR_ICPENDR0), 4, 1 << PPI_PTIMER, &mut phys)
+        .unwrap();
+    assert_eq!(
+        phys,
+        vec![PhysAction::DeactivatePrivate {
+            mpidr: 0x100,
+            pintid: PPI_PTIMER
+        }]
+    );
+    phys.clear();
+    g.redist_write(sgi(0, GICR_ICPENDR0), 4, 1 << PPI_PTIMER, &mut phys)
+        .unwrap();
+    assert!(phys.is_empty(), "not held any more");
+    // A software ISPENDR write never makes a list register with the HW bit.
+    g.redist_write(sgi(0, GICR_ISPENDR0), 4, 1 << PPI_PTIMER, &mut phys)
+        .unwrap();
+    g.redist_write(sgi(0, GICR_ISENABLER0), 4, 1 << PPI_PTIMER, &mut phys)
+        .unwrap();
+    dw(&mut g, GICD_CTLR, u64::from(CTLR_ENABLE_GRP1));
+    assert_eq!(g.flush(0).lrs()[0].hw(), None);
+    g.sync(0, &[]);
+    // Held on vCPU 1 at reset: dropped on vCPU 1's CPU.
+    g.inject_hw_ppi(1, PPI_PTIMER).expect("hw ppi");
+    let mut phys = Vec::new();
+    g.reset(&mut phys);
+    assert!(phys.contains(&PhysAction::DeactivatePrivate {
+        mpidr: 0x101,
+        pintid: PPI_PTIMER
+    }));
+    // Still a hardware PPI after the reset.
+    assert_eq!(g.inject_hw_ppi(1, PPI_PTIMER), Ok(false));
 }
