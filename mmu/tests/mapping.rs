@@ -32,12 +32,8 @@ impl FrameSource for Pool {
 
 #[test]
 fn linear_map_reaches_zeroes_and_returns_frames() {
-    let buf: &'static mut [Frame] = Box::leak(
-        (0..8)
-            .map(|_| Frame([0xDEAD_BEEF; 512]))
-            .collect::<Vec<_>>()
-            .into_boxed_slice(),
-    );
+    // Declared before the table, so it outlives it.
+    let mut buf: Vec<Frame> = (0..8).map(|_| Frame([0xDEAD_BEEF; 512])).collect();
     let host = buf.as_mut_ptr() as u64;
     let freed = Rc::new(RefCell::new(Vec::new()));
     let pool = Pool {
@@ -45,8 +41,8 @@ fn linear_map_reaches_zeroes_and_returns_frames() {
         freed: freed.clone(),
     };
     let offset = host.wrapping_sub(PA_BASE);
-    // SAFETY: frame `PA_BASE + k * 4096` is `buf[k]`, leaked, used by nothing else,
-    // handed out once by the pool.
+    // SAFETY: frame `PA_BASE + k * 4096` is `buf[k]`, which outlives the allocator, used
+    // by nothing else, handed out once by the pool.
     let mut frames = unsafe { LinearMap::new(pool, offset) };
     assert_eq!(frames.offset(), offset);
     assert_eq!(frames.phys_to_virt(PA_BASE + 4096) as u64, host + 4096);
@@ -88,14 +84,15 @@ fn linear_map_reaches_zeroes_and_returns_frames() {
 fn unaligned_frame_pointers_keep_contiguous_groups_right() {
     // 8 frames of 512 words after one word: every frame starts 8 bytes past a 4 KiB
     // boundary of the buffer (which itself is only 8-byte aligned).
-    let words: &'static mut [u64] = Box::leak(vec![0u64; 9 * 512].into_boxed_slice());
+    // Declared before the table, so it outlives it.
+    let mut words = vec![0u64; 9 * 512];
     let host = words.as_mut_ptr() as u64 + 8;
     let pool = Pool {
         free: (0..8).rev().map(|i| PA_BASE + i * 4096).collect(),
         freed: Rc::new(RefCell::new(Vec::new())),
     };
-    // SAFETY: frame `PA_BASE + k * 4096` is words `1 + 512 k ..` of the leaked buffer,
-    // used by nothing else, handed out once.
+    // SAFETY: frame `PA_BASE + k * 4096` is words `1 + 512 k ..` of `words`, which
+    // outlives the allocator, used by nothing else, handed out once.
     let frames = unsafe { LinearMap::new(pool, host.wrapping_sub(PA_BASE)) };
     let mut t = PageTable::new(El2::new(39), frames, NoTlbMaintenance).unwrap();
     let rw = Attributes::normal(Permissions::RW);
@@ -106,8 +103,8 @@ fn unaligned_frame_pointers_keep_contiguous_groups_right() {
     t.unmap(base + 3 * 4096, 4096).unwrap();
     // Raw entry `i` of the frame at `pa`, through the same offset.
     let raw = |pa: u64, i: usize| {
-        // SAFETY: the leaked buffer outlives the table; reading a word the table
-        // wrote (no operation runs concurrently).
+        // SAFETY: `words` outlives the table; reading a word the table wrote (no
+        // operation runs concurrently).
         unsafe {
             (host as *const u64)
                 .add(((pa - PA_BASE) / 8) as usize + i)

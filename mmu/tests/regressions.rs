@@ -280,17 +280,18 @@ fn huge_range_unmap_invalidates_the_whole_vmid() {
     );
     assert_eq!(mmu::range_steps((8 * tib) >> 12), 1024);
 
-    // A gigabyte is still one range instruction.
-    s2.map(0, 0, 1 << 30, ram, MapFlags::NO_BLOCKS).unwrap();
+    // 8 GiB (eight 1 GiB blocks, their emptied table freed: non-leaf) is still one
+    // range instruction.
+    s2.map(0, 0, 8 << 30, ram, MapFlags::empty()).unwrap();
     s2.tlb_mut().clear();
-    s2.unmap(0, 1 << 30).unwrap();
+    s2.unmap(0, 8 << 30).unwrap();
     let inv = s2.tlb().invalidations();
     assert!(
         matches!(
             inv[..],
             [
                 mmu::TlbOp::Stage2Range {
-                    pages: 262_144,
+                    pages: 2_097_152,
                     leaf: false,
                     ..
                 },
@@ -299,4 +300,5 @@ fn huge_range_unmap_invalidates_the_whole_vmid() {
         ),
         "{inv:?}"
     );
+    assert_eq!(mmu::range_steps(2_097_152), 1);
 }
