@@ -699,6 +699,17 @@ fn finish(ok: bool) -> ! {
     if !RUN_END.claim() {
         park();
     }
+    // A finished VM's last vCPU may be leaving on another CPU at this moment, about to
+    // destroy the VM: give that up to a second, so that the lines below account for it
+    // (a vCPU that never exits again does not hold the run up longer).
+    if let Some(m) = MANAGER.get() {
+        let deadline = super::console::micros().saturating_add(1_000_000);
+        while m.accounting().3 > 0 && super::console::micros() < deadline {
+            for _ in 0..1000 {
+                core::hint::spin_loop();
+            }
+        }
+    }
     let frames = FRAMES.get().map_or(0, |p| p.lock().in_use());
     let dropped = super::console::dropped_bytes();
     if dropped > 0 {
