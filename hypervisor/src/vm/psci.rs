@@ -114,9 +114,8 @@ impl PsciVm {
     /// Maps a guest MPIDR to a vCPU index: Aff0 only, Aff1-3 must be zero.
     #[must_use]
     pub fn vcpu_of_mpidr(&self, mpidr: u64) -> Option<usize> {
-        // Aff3 [39:32], Aff2 [23:16], Aff1 [15:8], Aff0 [7:0]; other bits ignored.
-        let aff_mask = 0xff_00ff_ffff_u64;
-        let aff = mpidr & aff_mask;
+        // The affinity fields only; other bits ignored.
+        let aff = mpidr & super::vgic::AFFINITY_MASK;
         if aff > 0xff {
             return None;
         }
