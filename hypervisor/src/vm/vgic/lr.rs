@@ -296,10 +296,14 @@ impl Vgic {
             let Some(s) = self.spis.get(usize::from(idx)) else {
                 continue;
             };
-            if s.irq.in_lr.is_some() || self.spi_target(s.route) != Some(vcpu) {
+            // The cheap state checks first: the target is a search of the vCPUs.
+            if s.irq.in_lr.is_some() {
                 continue;
             }
-            if let Some(pending) = self.lr_candidate(&s.irq) {
+            let Some(pending) = self.lr_candidate(&s.irq) else {
+                continue;
+            };
+            if self.spi_target(s.route) == Some(vcpu) {
                 offer(Key {
                     pending_only: u8::from(!s.irq.active && pending),
                     priority: s.irq.priority,
@@ -314,12 +318,13 @@ impl Vgic {
                 continue;
             };
             any_pending |= value.state().pending();
-            if let (Some(lr), Some(v)) = (out.lrs.get_mut(slot), self.vcpus.get_mut(vcpu)) {
+            let written = self
+                .vcpus
+                .get_mut(vcpu)
+                .and_then(|v| v.written.get_mut(slot));
+            if let (Some(lr), Some(w)) = (out.lrs.get_mut(slot), written) {
                 *lr = value;
-                if let (Some(l), Some(w)) = (v.lrs.get_mut(slot), v.written.get_mut(slot)) {
-                    *l = Some(key.intid);
-                    *w = value;
-                }
+                *w = value;
                 out.used = slot + 1;
             }
         }
@@ -385,12 +390,14 @@ impl Vgic {
         let Some(v) = self.vcpus.get_mut(vcpu) else {
             return;
         };
-        let slots = v.lrs;
-        let written = v.written;
-        v.lrs = [None; MAX_LIST_REGS];
-        v.written = [LrValue::INVALID; MAX_LIST_REGS];
-        for (n, (slot, w)) in slots.iter().zip(written).enumerate() {
-            let Some(intid) = *slot else { continue };
+        let written = core::mem::replace(&mut v.written, [LrValue::INVALID; MAX_LIST_REGS]);
+        for (n, w) in written.into_iter().enumerate() {
+            // A list register the flush filled is never written invalid (`Vgic::place`
+            // places only active or pending interrupts): an invalid one was left free.
+            if w.state() == LrState::Invalid {
+                continue;
+            }
+            let intid = w.vintid();
             let state = read_back.get(n).map_or(w.state(), |&r| LrValue(r).state());
             let (irq, hw) = if intid < PRIVATE_COUNT {
                 let Some(v) = self.vcpus.get_mut(vcpu) else {

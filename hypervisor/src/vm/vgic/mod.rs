@@ -366,9 +366,8 @@ struct VcpuState {
     /// `GICR_WAKER.ProcessorSleep`.
     sleep: bool,
     cpuif: CpuIf,
-    /// The INTID written into each list register by the last flush (None = left
-    /// invalid), and the value written.
-    lrs: [Option<u32>; lr::MAX_LIST_REGS],
+    /// The value the last flush wrote into each list register (invalid = left free;
+    /// otherwise its vINTID is the interrupt it holds).
     written: [LrValue; lr::MAX_LIST_REGS],
     /// PPIs backed by the same PPI of the vCPU's physical CPU (bit = INTID).
     hw_ppis: u32,
@@ -388,7 +387,6 @@ impl VcpuState {
                 grp0: true,
                 grp1: true,
             },
-            lrs: [None; lr::MAX_LIST_REGS],
             written: [LrValue::INVALID; lr::MAX_LIST_REGS],
             hw_ppis: 0,
             hw_held: 0,
@@ -547,39 +545,40 @@ impl Vgic {
             s.irq = Irq::reset(true);
             s.route = 0;
         }
-        for i in 0..self.owned.len() {
-            let Some(&idx) = self.owned.get(i) else {
-                continue;
-            };
-            let Some(&Spi {
+        let mpidr = self.route_pcpu(0);
+        for &idx in &self.owned {
+            let Some(Spi {
                 source: Some(SpiSource::Hardware { pintid }),
                 ..
-            }) = self.spis.get(usize::from(idx))
+            }) = self.spis.get(usize::from(idx)).copied()
             else {
                 continue;
             };
-            phys.apply(PhysAction::Enable {
-                pintid,
-                enable: false,
-            });
-            phys.apply(PhysAction::Pending {
-                pintid,
-                pending: false,
-            });
-            phys.apply(PhysAction::Active {
-                pintid,
-                active: false,
-            });
-            phys.apply(PhysAction::Trigger {
-                pintid,
-                level: true,
-            });
-            phys.apply(PhysAction::Priority {
-                pintid,
-                priority: 0,
-            });
-            let mpidr = self.route_pcpu(0);
-            phys.apply(PhysAction::Route { pintid, mpidr });
+            for action in [
+                PhysAction::Enable {
+                    pintid,
+                    enable: false,
+                },
+                PhysAction::Pending {
+                    pintid,
+                    pending: false,
+                },
+                PhysAction::Active {
+                    pintid,
+                    active: false,
+                },
+                PhysAction::Trigger {
+                    pintid,
+                    level: true,
+                },
+                PhysAction::Priority {
+                    pintid,
+                    priority: 0,
+                },
+                PhysAction::Route { pintid, mpidr },
+            ] {
+                phys.apply(action);
+            }
         }
     }
 
@@ -806,7 +805,7 @@ impl Vgic {
         };
         let mut best: Option<PendingIrq> = None;
         let mut offer = |intid: u32, irq: &Irq| {
-            if takeable(irq) && best.is_none_or(|b| irq.priority < b.priority) {
+            if best.is_none_or(|b| irq.priority < b.priority) {
                 best = Some(PendingIrq {
                     intid,
                     priority: irq.priority,
@@ -814,11 +813,14 @@ impl Vgic {
             }
         };
         for (i, irq) in v.private.iter().enumerate() {
-            offer(i as u32, irq);
+            if takeable(irq) {
+                offer(i as u32, irq);
+            }
         }
         for &idx in &self.owned {
             if let Some(s) = self.spis.get(usize::from(idx)) {
-                if self.spi_target(s.route) == Some(vcpu) {
+                // The cheap state checks first: the target is a search of the vCPUs.
+                if takeable(&s.irq) && self.spi_target(s.route) == Some(vcpu) {
                     offer(PRIVATE_COUNT + u32::from(idx), &s.irq);
                 }
             }
