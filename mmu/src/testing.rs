@@ -307,7 +307,8 @@ impl TlbMaintenance for RecordingTlb {
 
 /// What a table should translate, for tests that check a table against a model:
 /// disjoint runs of input addresses, each with the output of its first byte and its
-/// attributes. Compare [`Model::canonical`] with [`runs_of`] the table's leaves.
+/// attributes. Compare [`Model::canonical`](model::Model::canonical) with
+/// [`runs_of`](model::runs_of) the table's leaves.
 pub mod model {
     use super::{BTreeMap, Vec};
     use crate::{Attributes, Mapping};
