@@ -15,11 +15,12 @@
 use std::collections::HashMap;
 
 use mmu::testing::model::{runs_of, Model};
-use mmu::testing::{HeapFrames, RecordingTlb};
-use mmu::{
-    Attributes, El1, El2, Error, MapFlags, MemoryType, PageTable, Permissions, Regime, Stage2,
-    SwBits, TlbOp,
+pub use mmu::testing::ops::Op;
+use mmu::testing::ops::{
+    check_tables, covers, el1_attrs, el2_attrs, leaves, s2_attrs, s2_xnx_attrs, Ours,
 };
+use mmu::testing::{HeapFrames, RecordingTlb};
+use mmu::{Attributes, El1, El2, Error, MapFlags, PageTable, Stage2, SwBits, TlbOp};
 
 use crate::input::{pick, Bytes};
 
@@ -43,56 +44,6 @@ const FLAGS: [MapFlags; 4] = [
     MapFlags::NO_BLOCKS,
     MapFlags::REPLACE.union(MapFlags::NO_BLOCKS),
 ];
-
-/// One operation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
-    /// `map(va, out, pages, attrs[attrs], flags)`.
-    Map {
-        /// Input address.
-        va: u64,
-        /// 4 KiB pages.
-        pages: u64,
-        /// Output address.
-        out: u64,
-        /// Index into the regime's attribute table.
-        attrs: usize,
-        /// Map flags.
-        flags: MapFlags,
-    },
-    /// `unmap(va, pages)`.
-    Unmap {
-        /// Input address.
-        va: u64,
-        /// 4 KiB pages.
-        pages: u64,
-    },
-    /// `protect(va, pages, attrs[attrs])`.
-    Protect {
-        /// Input address.
-        va: u64,
-        /// 4 KiB pages.
-        pages: u64,
-        /// Index into the regime's attribute table.
-        attrs: usize,
-    },
-    /// `set_sw_bits(va, pages, sw)`.
-    SetSw {
-        /// Input address.
-        va: u64,
-        /// 4 KiB pages.
-        pages: u64,
-        /// Software bits.
-        sw: u8,
-    },
-    /// `coalesce(va, pages)`.
-    Coalesce {
-        /// Input address.
-        va: u64,
-        /// 4 KiB pages.
-        pages: u64,
-    },
-}
 
 /// The operation of a record, and the frame budget it runs with (`None`: unlimited).
 ///
@@ -154,6 +105,10 @@ pub fn decode(r: [u8; OP_LEN]) -> (Op, Option<usize>) {
 
 /// The record [`decode`] reads as `op` (for seeds); `out` must be `va` plus one of the
 /// output offsets and addresses one of the slots.
+///
+/// # Panics
+///
+/// `op` sets table attributes, which no record does.
 #[must_use]
 pub fn encode(op: Op, budget: Option<u8>) -> [u8; OP_LEN] {
     fn slot(slots: &[u64], v: u64) -> u8 {
@@ -197,6 +152,7 @@ pub fn encode(op: Op, budget: Option<u8>) -> [u8; OP_LEN] {
             (6, va, pages)
         }
         Op::Coalesce { va, pages } => (7, va, pages),
+        Op::TableAttrs { .. } => panic!("no record sets table attributes: {op:?}"),
     };
     let (g, m, p) = split(va);
     r[0] = kind;
@@ -212,56 +168,6 @@ pub fn encode(op: Op, budget: Option<u8>) -> [u8; OP_LEN] {
         r[7] |= 0xf0;
     }
     r
-}
-
-/// The regime of header byte 0, with its attribute table.
-fn attrs_el2() -> [Attributes; 5] {
-    [
-        Attributes::normal(Permissions::RW),
-        Attributes::normal(Permissions::READ.union(Permissions::EXEC_EL2)),
-        Attributes::normal(Permissions::RO),
-        Attributes::device(),
-        Attributes::normal(Permissions::RW).with_sw(SwBits::truncate(3)),
-    ]
-}
-
-fn attrs_s2() -> [Attributes; 5] {
-    let x = Permissions::EXEC_EL1.union(Permissions::EXEC_EL0);
-    [
-        Attributes::normal(Permissions::RW.union(x)),
-        Attributes::normal(Permissions::RO),
-        Attributes::new(Permissions::RW, MemoryType::NormalNonCacheable),
-        Attributes::device(),
-        Attributes::normal(Permissions::empty()).with_sw(SwBits::truncate(1)),
-    ]
-}
-
-fn attrs_s2_xnx() -> [Attributes; 5] {
-    [
-        Attributes::normal(Permissions::RW.union(Permissions::EXEC_EL1)),
-        Attributes::normal(Permissions::READ.union(Permissions::EXEC_EL0)),
-        Attributes::new(Permissions::RW, MemoryType::NormalNonCacheable),
-        Attributes::new(Permissions::WRITE, MemoryType::DeviceNGnRnE),
-        Attributes::normal(
-            Permissions::RW
-                .union(Permissions::EXEC_EL1)
-                .union(Permissions::EXEC_EL0),
-        ),
-    ]
-}
-
-fn attrs_el1() -> [Attributes; 5] {
-    [
-        Attributes::normal(Permissions::RW),
-        Attributes::normal(Permissions::READ.union(Permissions::EXEC_EL1)),
-        Attributes::normal(Permissions::RW.union(Permissions::USER)),
-        Attributes::normal(
-            Permissions::READ
-                .union(Permissions::USER)
-                .union(Permissions::EXEC_EL0),
-        ),
-        Attributes::new(Permissions::RW, MemoryType::DeviceNGnRnE),
-    ]
 }
 
 /// Runs one input.
@@ -281,130 +187,39 @@ pub fn run(data: &[u8]) {
     }
     let cfg = (threshold, ranges);
     match regime % 5 {
-        0 => check(El2::new(39), &attrs_el2(), &ops, cfg),
+        0 => check(El2::new(39), &el2_attrs(), &ops, cfg),
         1 => {
             let vmid = 1 + u16::from(regime >> 3);
             check(
                 Stage2::new(vmid, 40).with_vmid16(true),
-                &attrs_s2(),
+                &s2_attrs(),
                 &ops,
                 cfg,
             );
         }
         2 => check(
             Stage2::new(9, 36).with_xnx(true).with_fwb(true),
-            &attrs_s2_xnx(),
+            &s2_xnx_attrs(),
             &ops,
             cfg,
         ),
         // 34-bit IPA: 16 concatenated level-2 root tables.
-        3 => check(Stage2::new(3, 34), &attrs_s2(), &ops, cfg),
+        3 => check(Stage2::new(3, 34), &s2_attrs(), &ops, cfg),
         _ => check(
             El1::new(u16::from(regime >> 3), 48).with_asid16(true),
-            &attrs_el1(),
+            &el1_attrs(),
             &ops,
             cfg,
         ),
     }
 }
 
-/// Which TLB operations are this table's.
-trait Tag: Regime + Copy {
-    fn ours(&self, op: &TlbOp) -> bool;
-}
-
-impl Tag for El2 {
-    fn ours(&self, op: &TlbOp) -> bool {
-        matches!(
-            op,
-            TlbOp::El2Va { .. } | TlbOp::El2Range { .. } | TlbOp::El2All
-        )
-    }
-}
-
-impl Tag for Stage2 {
-    fn ours(&self, op: &TlbOp) -> bool {
-        match *op {
-            TlbOp::Stage2Ipa { vmid, .. }
-            | TlbOp::Stage2Range { vmid, .. }
-            | TlbOp::Stage2All { vmid }
-            | TlbOp::Stage2Stage1All { vmid } => vmid == self.vmid(),
-            _ => false,
-        }
-    }
-}
-
-impl Tag for El1 {
-    fn ours(&self, op: &TlbOp) -> bool {
-        match *op {
-            TlbOp::El1Va { asid, .. } | TlbOp::El1Range { asid, .. } | TlbOp::El1Asid { asid } => {
-                asid == self.asid()
-            }
-            _ => false,
-        }
-    }
-}
-
-/// Whether `op` invalidates the translation of some address of `[va, va + size)`.
-fn covers(op: &TlbOp, va: u64, size: u64) -> bool {
-    let hit = |a: u64| a >= va && a < va + size;
-    let overlap = |a: u64, pages: u64| a < va + size && va < a.saturating_add(pages * PAGE);
-    match *op {
-        TlbOp::El2All | TlbOp::Stage2All { .. } | TlbOp::El1Asid { .. } => true,
-        TlbOp::El2Va { va: a, .. } | TlbOp::El1Va { va: a, .. } => hit(a),
-        TlbOp::Stage2Ipa { ipa, .. } => hit(ipa),
-        TlbOp::El2Range { va: a, pages, .. }
-        | TlbOp::El1Range { va: a, pages, .. }
-        | TlbOp::Stage2Range { ipa: a, pages, .. } => overlap(a, pages),
-        _ => false,
-    }
-}
-
-type Table<'f, R> = PageTable<R, &'f HeapFrames, RecordingTlb>;
-
-/// The table's leaves, in order.
-fn leaves<R: Regime>(t: &Table<'_, R>) -> Vec<mmu::Mapping> {
-    let mut v = Vec::new();
-    let walked = t.walk(0, t.geometry().input_size(), |m| v.push(*m));
-    assert_eq!(walked, Ok(()), "walking the whole input space");
-    v
-}
-
-/// Reads descriptor `i` of the table frame at `pa`.
-fn read(pa: u64, i: usize) -> u64 {
-    let p = mmu::testing::frame_ptr(pa);
-    assert!(
-        !p.is_null(),
-        "table frame {pa:#x} is not a HeapFrames frame"
-    );
-    assert!(i < 512 * 16, "descriptor index {i}");
-    // SAFETY: `p` is the host address of a simulated frame (or concatenated root) of
-    // the pool, which outlives the table, and `i` indexes inside it.
-    unsafe { p.add(i).read_volatile() }
-}
-
-/// Checks the descriptor counts in table entries (bits \[11:2\] count the non-zero
-/// entries of the next-level table) and returns the number of non-root tables.
-fn check_tables<R: Regime>(t: &Table<'_, R>) -> usize {
-    fn rec(pa: u64, level: u8, entries: usize) -> usize {
-        let mut tables = 0;
-        for i in 0..entries {
-            let d = read(pa, i);
-            if level < 3 && d & 3 == 3 {
-                let next = d & 0x0000_ffff_ffff_f000;
-                let live = (0..512).filter(|&j| read(next, j) != 0).count() as u64;
-                assert_eq!((d >> 2) & 0x3ff, live, "count of table {next:#x}");
-                assert_ne!(live, 0, "empty table {next:#x} left behind");
-                tables += 1 + rec(next, level + 1, 512);
-            }
-        }
-        tables
-    }
-    let g = t.geometry();
-    rec(t.root_address(), g.start_level(), g.root_entries())
-}
-
-fn check<R: Tag>(regime: R, attrs: &[Attributes], ops: &[(Op, Option<usize>)], cfg: (usize, bool)) {
+fn check<R: Ours>(
+    regime: R,
+    attrs: &[Attributes],
+    ops: &[(Op, Option<usize>)],
+    cfg: (usize, bool),
+) {
     let frames = HeapFrames::new();
     let Ok(mut t) = PageTable::new(regime, &frames, RecordingTlb::new()) else {
         panic!("a new table");
@@ -418,35 +233,11 @@ fn check<R: Tag>(regime: R, attrs: &[Attributes], ops: &[(Op, Option<usize>)], c
         let live_before = frames.live();
         t.tlb_mut().clear();
         frames.fail_after(budget);
-        let (result, conflict) = match op {
-            Op::Map {
-                va,
-                pages,
-                out,
-                attrs: a,
-                flags,
-            } => {
-                let conflict = if flags.contains(MapFlags::REPLACE) {
-                    None
-                } else {
-                    model.first_mapped(va, va + pages * PAGE)
-                };
-                (t.map(va, out, pages * PAGE, attrs[a], flags), conflict)
-            }
-            Op::Unmap { va, pages } => (t.unmap(va, pages * PAGE), None),
-            Op::Protect {
-                va,
-                pages,
-                attrs: a,
-            } => (t.protect(va, pages * PAGE, attrs[a]), None),
-            Op::SetSw { va, pages, sw } => {
-                (t.set_sw_bits(va, pages * PAGE, SwBits::truncate(sw)), None)
-            }
-            Op::Coalesce { va, pages } => (t.coalesce(va, pages * PAGE), None),
-        };
+        let conflict = op.conflict(&model);
+        let result = op.run(&mut t, attrs);
         frames.fail_after(None);
         match (result, conflict) {
-            (Ok(()), None) => apply(&mut model, op, attrs),
+            (Ok(()), None) => op.apply(&mut model, attrs),
             (Err(Error::AlreadyMapped { va }), Some(first)) => {
                 assert_eq!(va, first, "{op:?}: first mapped address");
             }
@@ -500,7 +291,7 @@ fn check<R: Tag>(regime: R, attrs: &[Attributes], ops: &[(Op, Option<usize>)], c
         for m in &before {
             if now.get(&(m.va, m.level)) != Some(&(m.output, m.attrs.with_sw(SwBits::NONE))) {
                 assert!(
-                    done.iter().any(|o| covers(o, m.va, m.size)),
+                    done.iter().any(|o| covers(o, m.va, m.size, false)),
                     "leaf {m:x?} changed by {op:?} without a TLBI"
                 );
             }
@@ -514,28 +305,4 @@ fn check<R: Tag>(regime: R, attrs: &[Attributes], ops: &[(Op, Option<usize>)], c
         roots,
         "unmapping everything leaves only the root"
     );
-}
-
-/// What a successful `op` does to the model.
-fn apply(model: &mut Model, op: Op, attrs: &[Attributes]) {
-    match op {
-        Op::Map {
-            va,
-            pages,
-            out,
-            attrs: a,
-            ..
-        } => model.insert(va, va + pages * PAGE, out, attrs[a]),
-        Op::Unmap { va, pages } => model.remove(va, va + pages * PAGE),
-        Op::Protect {
-            va,
-            pages,
-            attrs: a,
-        } => model.update(va, va + pages * PAGE, |_| attrs[a]),
-        Op::SetSw { va, pages, sw } => {
-            let sw = SwBits::truncate(sw);
-            model.update(va, va + pages * PAGE, |a| a.with_sw(sw));
-        }
-        Op::Coalesce { .. } => {}
-    }
 }

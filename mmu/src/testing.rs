@@ -307,7 +307,8 @@ impl TlbMaintenance for RecordingTlb {
 
 /// What a table should translate, for tests that check a table against a model:
 /// disjoint runs of input addresses, each with the output of its first byte and its
-/// attributes. Compare [`Model::canonical`] with [`runs_of`] the table's leaves.
+/// attributes. Compare [`Model::canonical`](model::Model::canonical) with
+/// [`runs_of`](model::runs_of) the table's leaves.
 pub mod model {
     use super::{BTreeMap, Vec};
     use crate::{Attributes, Mapping};
@@ -418,5 +419,350 @@ pub mod model {
             };
             (m.va, seg)
         }))
+    }
+}
+
+/// Operation sequences checked against a [`model::Model`], shared by the property
+/// tests and the `mmu_ops` fuzz target: the operations, what each does to a table and
+/// to the model, the attribute table of each regime they index, and the inspection of
+/// the table and of its TLB maintenance after each one.
+pub mod ops {
+    use super::model::Model;
+    use super::{frame_ptr, Vec};
+    use crate::{
+        Attributes, El1, El2, Error, FrameAllocator, MapFlags, Mapping, MemoryType, PageTable,
+        Permissions, Regime, Stage2, SwBits, TableAttrs, TlbMaintenance, TlbOp,
+    };
+
+    const PAGE: u64 = 4096;
+    /// Bits of a table descriptor holding the next-level table's address.
+    const NEXT_TABLE: u64 = 0x0000_ffff_ffff_f000;
+
+    /// One operation on 4 KiB pages; `attrs` of `Map` and `Protect` index the
+    /// regime's attribute table ([`el2_attrs`] and the like).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Op {
+        /// `map(va, out, pages, attrs[attrs], flags)`.
+        Map {
+            /// Input address.
+            va: u64,
+            /// 4 KiB pages.
+            pages: u64,
+            /// Output address.
+            out: u64,
+            /// Index into the regime's attribute table.
+            attrs: usize,
+            /// Map flags.
+            flags: MapFlags,
+        },
+        /// `unmap(va, pages)`.
+        Unmap {
+            /// Input address.
+            va: u64,
+            /// 4 KiB pages.
+            pages: u64,
+        },
+        /// `coalesce(va, pages)`.
+        Coalesce {
+            /// Input address.
+            va: u64,
+            /// 4 KiB pages.
+            pages: u64,
+        },
+        /// `protect(va, pages, attrs[attrs])`.
+        Protect {
+            /// Input address.
+            va: u64,
+            /// 4 KiB pages.
+            pages: u64,
+            /// Index into the regime's attribute table.
+            attrs: usize,
+        },
+        /// `set_sw_bits(va, pages, SwBits::truncate(sw))`.
+        SetSw {
+            /// Input address.
+            va: u64,
+            /// 4 KiB pages.
+            pages: u64,
+            /// Software bits (the low four count).
+            sw: u8,
+        },
+        /// `set_table_attrs(va, size, TableAttrs::from_bits_truncate(attrs))`.
+        TableAttrs {
+            /// Input address (2 MiB aligned).
+            va: u64,
+            /// Bytes (a multiple of 2 MiB or 1 GiB).
+            size: u64,
+            /// Table attribute bits.
+            attrs: u8,
+        },
+    }
+
+    impl Op {
+        /// Runs the operation on `t`, with `attrs` the attribute table.
+        ///
+        /// # Errors
+        /// The table's error.
+        ///
+        /// # Panics
+        /// An attribute index outside `attrs`.
+        pub fn run<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
+            self,
+            t: &mut PageTable<R, A, T>,
+            attrs: &[Attributes],
+        ) -> Result<(), Error> {
+            match self {
+                Op::Map {
+                    va,
+                    pages,
+                    out,
+                    attrs: a,
+                    flags,
+                } => t.map(va, out, pages * PAGE, attrs[a], flags),
+                Op::Unmap { va, pages } => t.unmap(va, pages * PAGE),
+                Op::Coalesce { va, pages } => t.coalesce(va, pages * PAGE),
+                Op::Protect {
+                    va,
+                    pages,
+                    attrs: a,
+                } => t.protect(va, pages * PAGE, attrs[a]),
+                Op::SetSw { va, pages, sw } => {
+                    t.set_sw_bits(va, pages * PAGE, SwBits::truncate(sw))
+                }
+                Op::TableAttrs { va, size, attrs } => {
+                    t.set_table_attrs(va, size, TableAttrs::from_bits_truncate(attrs))
+                }
+            }
+        }
+
+        /// The first address a `Map` without [`MapFlags::REPLACE`] must report as
+        /// already mapped, by the model (`None` for every other operation).
+        #[must_use]
+        pub fn conflict(self, model: &Model) -> Option<u64> {
+            match self {
+                Op::Map {
+                    va, pages, flags, ..
+                } if !flags.contains(MapFlags::REPLACE) => {
+                    model.first_mapped(va, va + pages * PAGE)
+                }
+                _ => None,
+            }
+        }
+
+        /// What the operation does to the translations of `model` when it succeeds
+        /// (coalescing and table attributes change none).
+        ///
+        /// # Panics
+        /// An attribute index outside `attrs`.
+        pub fn apply(self, model: &mut Model, attrs: &[Attributes]) {
+            match self {
+                Op::Map {
+                    va,
+                    pages,
+                    out,
+                    attrs: a,
+                    ..
+                } => model.insert(va, va + pages * PAGE, out, attrs[a]),
+                Op::Unmap { va, pages } => model.remove(va, va + pages * PAGE),
+                Op::Protect {
+                    va,
+                    pages,
+                    attrs: a,
+                } => model.update(va, va + pages * PAGE, |_| attrs[a]),
+                Op::SetSw { va, pages, sw } => {
+                    let sw = SwBits::truncate(sw);
+                    model.update(va, va + pages * PAGE, |a| a.with_sw(sw));
+                }
+                Op::Coalesce { .. } | Op::TableAttrs { .. } => {}
+            }
+        }
+    }
+
+    /// Attributes for EL2 tables: writable, executable, read-only, device, and with
+    /// software bits.
+    #[must_use]
+    pub fn el2_attrs() -> [Attributes; 5] {
+        [
+            Attributes::normal(Permissions::RW),
+            Attributes::normal(Permissions::READ.union(Permissions::EXEC_EL2)),
+            Attributes::normal(Permissions::RO),
+            Attributes::device(),
+            Attributes::normal(Permissions::RW).with_sw(SwBits::truncate(3)),
+        ]
+    }
+
+    /// Attributes for stage-2 tables without FEAT_XNX.
+    #[must_use]
+    pub fn s2_attrs() -> [Attributes; 5] {
+        let x = Permissions::EXEC_EL1.union(Permissions::EXEC_EL0);
+        [
+            Attributes::normal(Permissions::RW.union(x)),
+            Attributes::normal(Permissions::RO),
+            Attributes::new(Permissions::RW, MemoryType::NormalNonCacheable),
+            Attributes::device(),
+            Attributes::normal(Permissions::empty()).with_sw(SwBits::truncate(1)),
+        ]
+    }
+
+    /// Attributes for stage-2 tables with FEAT_XNX (execute at EL1 and EL0 apart).
+    #[must_use]
+    pub fn s2_xnx_attrs() -> [Attributes; 5] {
+        [
+            Attributes::normal(Permissions::RW.union(Permissions::EXEC_EL1)),
+            Attributes::normal(Permissions::READ.union(Permissions::EXEC_EL0)),
+            Attributes::new(Permissions::RW, MemoryType::NormalNonCacheable),
+            Attributes::new(Permissions::WRITE, MemoryType::DeviceNGnRnE),
+            Attributes::normal(
+                Permissions::RW
+                    .union(Permissions::EXEC_EL1)
+                    .union(Permissions::EXEC_EL0),
+            ),
+        ]
+    }
+
+    /// Attributes for EL1&0 tables: kernel and user, executable at each.
+    #[must_use]
+    pub fn el1_attrs() -> [Attributes; 5] {
+        [
+            Attributes::normal(Permissions::RW),
+            Attributes::normal(Permissions::READ.union(Permissions::EXEC_EL1)),
+            Attributes::normal(Permissions::RW.union(Permissions::USER)),
+            Attributes::normal(
+                Permissions::READ
+                    .union(Permissions::USER)
+                    .union(Permissions::EXEC_EL0),
+            ),
+            Attributes::new(Permissions::RW, MemoryType::DeviceNGnRnE),
+        ]
+    }
+
+    /// Which TLB operations belong to a table of this regime (its VMID or ASID).
+    pub trait Ours: Regime + Copy {
+        /// Whether `op` is one of this table's.
+        fn ours(&self, op: &TlbOp) -> bool;
+    }
+
+    impl Ours for El2 {
+        fn ours(&self, op: &TlbOp) -> bool {
+            matches!(
+                op,
+                TlbOp::El2Va { .. } | TlbOp::El2Range { .. } | TlbOp::El2All
+            )
+        }
+    }
+
+    impl Ours for Stage2 {
+        fn ours(&self, op: &TlbOp) -> bool {
+            match *op {
+                TlbOp::Stage2Ipa { vmid, .. }
+                | TlbOp::Stage2Range { vmid, .. }
+                | TlbOp::Stage2All { vmid }
+                | TlbOp::Stage2Stage1All { vmid } => vmid == self.vmid(),
+                _ => false,
+            }
+        }
+    }
+
+    impl Ours for El1 {
+        fn ours(&self, op: &TlbOp) -> bool {
+            match *op {
+                TlbOp::El1Va { asid, .. }
+                | TlbOp::El1Range { asid, .. }
+                | TlbOp::El1Asid { asid } => asid == self.asid(),
+                _ => false,
+            }
+        }
+    }
+
+    /// Whether `op` invalidates an entry that translates some address of
+    /// `[va, va + size)` (with `need_nonleaf`, walk caches too): an address operation
+    /// must name an address in it; a range operation must overlap it (an entry used to
+    /// translate any address of the range is invalidated, Arm ARM D8.16).
+    #[must_use]
+    pub fn covers(op: &TlbOp, va: u64, size: u64, need_nonleaf: bool) -> bool {
+        let hit = |a: u64, leaf: bool| a >= va && a < va + size && (!need_nonleaf || !leaf);
+        let overlap = |a: u64, pages: u64, leaf: bool| {
+            a < va + size && va < a.saturating_add(pages * PAGE) && (!need_nonleaf || !leaf)
+        };
+        match *op {
+            TlbOp::El2All | TlbOp::Stage2All { .. } | TlbOp::El1Asid { .. } => true,
+            TlbOp::El2Va { va: a, leaf } | TlbOp::El1Va { va: a, leaf, .. } => hit(a, leaf),
+            TlbOp::Stage2Ipa { ipa, leaf, .. } => hit(ipa, leaf),
+            TlbOp::El2Range { va: a, pages, leaf }
+            | TlbOp::El1Range {
+                va: a, pages, leaf, ..
+            }
+            | TlbOp::Stage2Range {
+                ipa: a,
+                pages,
+                leaf,
+                ..
+            } => overlap(a, pages, leaf),
+            _ => false,
+        }
+    }
+
+    /// The table's leaves over its whole input space, in order.
+    ///
+    /// # Panics
+    /// The walk fails.
+    pub fn leaves<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
+        t: &PageTable<R, A, T>,
+    ) -> Vec<Mapping> {
+        let mut v = Vec::new();
+        let walked = t.walk(0, t.geometry().input_size(), |m| v.push(*m));
+        assert_eq!(walked, Ok(()), "walking the whole input space");
+        v
+    }
+
+    /// Reads descriptor `i` of the table frame at `pa`, a [`HeapFrames`](super::HeapFrames)
+    /// frame (or concatenated root).
+    ///
+    /// # Panics
+    /// `pa` is not such a frame, or `i` lies beyond 16 concatenated tables.
+    #[must_use]
+    pub fn read(pa: u64, i: usize) -> u64 {
+        let p = frame_ptr(pa);
+        assert!(!p.is_null(), "{pa:#x} is not a HeapFrames frame");
+        assert!(i < 512 * 16, "descriptor index {i}");
+        // SAFETY: `p` is the host address of the simulated frame (or concatenated root)
+        // at `pa`, which stays allocated for the life of the process, and a root is
+        // at most 16 concatenated tables.
+        unsafe { p.add(i).read_volatile() }
+    }
+
+    /// Checks the crate's bookkeeping in table descriptors (bits \[11:2\] count the
+    /// non-zero entries of the next-level table, exactly; a table left empty is freed
+    /// unless it holds table attributes, bit 56) and returns the number of non-root
+    /// tables reachable from the root.
+    ///
+    /// # Panics
+    /// A count is wrong or an empty table was left behind.
+    pub fn check_tables<R: Regime, A: FrameAllocator, T: TlbMaintenance>(
+        t: &PageTable<R, A, T>,
+    ) -> usize {
+        fn rec(pa: u64, level: u8, entries: usize) -> usize {
+            let mut tables = 0;
+            for i in 0..entries {
+                let d = read(pa, i);
+                if level < 3 && d & 3 == 3 {
+                    let next = d & NEXT_TABLE;
+                    let live = (0..512).filter(|&j| read(next, j) != 0).count() as u64;
+                    assert_eq!(
+                        (d >> 2) & 0x3ff,
+                        live,
+                        "count of table {next:#x} (L{})",
+                        level + 1
+                    );
+                    if d & (1 << 56) == 0 {
+                        assert_ne!(live, 0, "empty table {next:#x} left behind");
+                    }
+                    tables += 1 + rec(next, level + 1, 512);
+                }
+            }
+            tables
+        }
+        let g = t.geometry();
+        rec(t.root_address(), g.start_level(), g.root_entries())
     }
 }

@@ -1,11 +1,9 @@
 //! Helpers shared by the integration tests: raw table inspection.
 #![allow(dead_code)]
 
+use mmu::testing::ops::{read, Op};
 use mmu::testing::HeapFrames;
-use mmu::{
-    Attributes, FrameAllocator, MapFlags, MemoryType, PageTable, Permissions, Regime, SwBits,
-    TlbMaintenance,
-};
+use mmu::{FrameAllocator, MapFlags, PageTable, Regime, TlbMaintenance};
 use proptest::prelude::*;
 
 pub const PAGE: u64 = 4096;
@@ -15,15 +13,6 @@ pub const GIB: u64 = 1 << 30;
 /// Bits of the input address resolved at `level`.
 pub fn shift(level: u8) -> u32 {
     12 + 9 * (3 - u32::from(level))
-}
-
-/// Reads descriptor `i` of the table frame at `pa` (a `HeapFrames` frame).
-pub fn read(pa: u64, i: usize) -> u64 {
-    let p = mmu::testing::frame_ptr(pa);
-    assert!(!p.is_null(), "{pa:#x} is not a HeapFrames frame");
-    // SAFETY: `p` is the host address of the simulated frame (or concatenated root)
-    // at `pa`, which outlives the table, and `i` is in range.
-    unsafe { p.add(i).read_volatile() }
 }
 
 /// Raw walk of `va`: the descriptor that ends the walk and its level.
@@ -110,70 +99,6 @@ pub fn reachable_tables<R: Regime, T: TlbMaintenance>(t: &PageTable<R, HeapFrame
     table_entries(t).len()
 }
 
-/// Checks the crate's bookkeeping in table descriptors: bits [11:2] count the
-/// non-zero entries of the next-level table, exactly.
-pub fn check_counts<R: Regime, A: FrameAllocator, T: TlbMaintenance>(t: &PageTable<R, A, T>) {
-    let g = t.geometry();
-    fn rec(pa: u64, level: u8, entries: usize) {
-        for i in 0..entries {
-            let d = read(pa, i);
-            if level < 3 && d & 3 == 3 {
-                let next = d & 0x0000_FFFF_FFFF_F000;
-                let live = (0..512).filter(|&j| read(next, j) != 0).count() as u64;
-                assert_eq!(
-                    (d >> 2) & 0x3FF,
-                    live,
-                    "count of table {next:#x} (L{})",
-                    level + 1
-                );
-                // Tables with table attributes (held, bit 56) stay even when empty.
-                if d & (1 << 56) == 0 {
-                    assert_ne!(live, 0, "empty table {next:#x} left behind");
-                }
-                rec(next, level + 1, 512);
-            }
-        }
-    }
-    rec(t.root_address(), g.start_level(), g.root_entries());
-}
-
-/// A random operation of the property tests.
-#[derive(Clone, Debug)]
-pub enum Op {
-    Map {
-        va: u64,
-        pages: u64,
-        out: u64,
-        attrs: usize,
-        flags: MapFlags,
-    },
-    Unmap {
-        va: u64,
-        pages: u64,
-    },
-    Coalesce {
-        va: u64,
-        pages: u64,
-    },
-    Protect {
-        va: u64,
-        pages: u64,
-        attrs: usize,
-    },
-    SetSw {
-        va: u64,
-        pages: u64,
-        sw: u8,
-    },
-    /// `set_table_attrs` over `va .. va + size` (2 MiB or 1 GiB multiples) with
-    /// `TableAttrs::from_bits_truncate(attrs)`.
-    TableAttrs {
-        va: u64,
-        size: u64,
-        attrs: u8,
-    },
-}
-
 /// Input addresses that make blocks, splits and merges likely, inside 4 GiB.
 pub fn addr() -> impl Strategy<Value = u64> {
     (
@@ -188,6 +113,7 @@ pub fn pages() -> impl Strategy<Value = u64> {
     prop::sample::select(vec![1u64, 2, 5, 511, 512, 513, 1024, 1536])
 }
 
+/// A random operation, with attribute indices below `n_attrs`.
 pub fn op(n_attrs: usize) -> impl Strategy<Value = Op> {
     let flags = prop::sample::select(vec![
         MapFlags::empty(),
@@ -211,46 +137,5 @@ pub fn op(n_attrs: usize) -> impl Strategy<Value = Op> {
             } else {
                 Op::TableAttrs { va: g * GIB + m * MIB2, size: MIB2, attrs }
             }),
-    ]
-}
-
-pub fn el2_attrs() -> Vec<Attributes> {
-    vec![
-        Attributes::normal(Permissions::RW),
-        Attributes::normal(Permissions::READ | Permissions::EXEC_EL2),
-        Attributes::normal(Permissions::RO),
-        Attributes::device(),
-        Attributes::normal(Permissions::RW).with_sw(SwBits::new(3).unwrap()),
-    ]
-}
-
-pub fn s2_attrs() -> Vec<Attributes> {
-    let x = Permissions::EXEC_EL1 | Permissions::EXEC_EL0;
-    vec![
-        Attributes::normal(Permissions::RW | x),
-        Attributes::normal(Permissions::RO),
-        Attributes::new(Permissions::RW, MemoryType::NormalNonCacheable),
-        Attributes::device(),
-        Attributes::normal(Permissions::empty()).with_sw(SwBits::new(1).unwrap()),
-    ]
-}
-
-pub fn s2_xnx_attrs() -> Vec<Attributes> {
-    vec![
-        Attributes::normal(Permissions::RW | Permissions::EXEC_EL1),
-        Attributes::normal(Permissions::READ | Permissions::EXEC_EL0),
-        Attributes::new(Permissions::RW, MemoryType::NormalNonCacheable),
-        Attributes::new(Permissions::WRITE, MemoryType::DeviceNGnRnE),
-        Attributes::normal(Permissions::RW | Permissions::EXEC_EL1 | Permissions::EXEC_EL0),
-    ]
-}
-
-pub fn el1_attrs() -> Vec<Attributes> {
-    vec![
-        Attributes::normal(Permissions::RW),
-        Attributes::normal(Permissions::READ | Permissions::EXEC_EL1),
-        Attributes::normal(Permissions::RW | Permissions::USER),
-        Attributes::normal(Permissions::READ | Permissions::USER | Permissions::EXEC_EL0),
-        Attributes::new(Permissions::RW, MemoryType::DeviceNGnRnE),
     ]
 }

@@ -12,27 +12,17 @@ mod common;
 use std::collections::HashMap;
 
 use mmu::testing::model::{runs_of, Model};
-use mmu::testing::{HeapFrames, RecordingTlb};
-use mmu::{
-    Attributes, El1, El2, Error, MapFlags, PageTable, Regime, Stage2, SwBits, TableAttrs,
-    TlbContext, TlbOp,
+use mmu::testing::ops::{
+    check_tables, covers, el1_attrs, el2_attrs, leaves, s2_attrs, s2_xnx_attrs, Op, Ours,
 };
+use mmu::testing::{HeapFrames, RecordingTlb};
+use mmu::{Attributes, El1, El2, Error, PageTable, Stage2, SwBits, TableAttrs, TlbContext, TlbOp};
 use proptest::prelude::*;
 
-use common::{el1_attrs, el2_attrs, op, s2_attrs, s2_xnx_attrs, Op, PAGE};
+use common::{op, PAGE};
 
-/// The leaves of the table as (va, level, output, attrs).
-fn leaves<R: Regime>(t: &PageTable<R, HeapFrames, RecordingTlb>) -> Vec<mmu::Mapping> {
-    let mut v = Vec::new();
-    t.walk(0, t.geometry().input_size(), |m| v.push(*m))
-        .unwrap();
-    v
-}
-
-/// Which TLB operations belong to this table, and whether `op` covers `[va, va+size)`
-/// (leaf: last-level entries only; otherwise walk caches too).
-trait Tag: Regime {
-    fn ours(&self, op: &TlbOp) -> bool;
+/// What a table of this regime must do besides its TLB operations being its own.
+trait Tag: Ours {
     /// The table attributes the regime accepts.
     fn table_attrs(&self) -> TableAttrs {
         TableAttrs::empty()
@@ -47,23 +37,8 @@ impl Tag for El2 {
     fn table_attrs(&self) -> TableAttrs {
         TableAttrs::NO_WRITE | TableAttrs::NO_EXEC_EL2
     }
-    fn ours(&self, op: &TlbOp) -> bool {
-        matches!(
-            op,
-            TlbOp::El2Va { .. } | TlbOp::El2Range { .. } | TlbOp::El2All
-        )
-    }
 }
 impl Tag for Stage2 {
-    fn ours(&self, op: &TlbOp) -> bool {
-        match *op {
-            TlbOp::Stage2Ipa { vmid, .. }
-            | TlbOp::Stage2Range { vmid, .. }
-            | TlbOp::Stage2All { vmid }
-            | TlbOp::Stage2Stage1All { vmid } => vmid == self.vmid(),
-            _ => false,
-        }
-    }
     fn context(&self, root: u64) -> TlbContext {
         TlbContext::Stage2 {
             vttbr: self.vttbr(root),
@@ -74,40 +49,6 @@ impl Tag for Stage2 {
 impl Tag for El1 {
     fn table_attrs(&self) -> TableAttrs {
         TableAttrs::all() - TableAttrs::NO_EXEC_EL2
-    }
-    fn ours(&self, op: &TlbOp) -> bool {
-        match *op {
-            TlbOp::El1Va { asid, .. } | TlbOp::El1Range { asid, .. } | TlbOp::El1Asid { asid } => {
-                asid == self.asid()
-            }
-            _ => false,
-        }
-    }
-}
-
-/// Whether `op` invalidates an entry that translates `[va, va + size)`: an address
-/// operation must name an address in it; a range operation must overlap it (an entry
-/// used to translate any address of the range is invalidated, Arm ARM D8.16).
-fn covers(op: &TlbOp, va: u64, size: u64, need_nonleaf: bool) -> bool {
-    let hit = |a: u64, leaf: bool| a >= va && a < va + size && (!need_nonleaf || !leaf);
-    let overlap = |a: u64, pages: u64, leaf: bool| {
-        a < va + size && va < a + pages * PAGE && (!need_nonleaf || !leaf)
-    };
-    match *op {
-        TlbOp::El2All | TlbOp::Stage2All { .. } | TlbOp::El1Asid { .. } => true,
-        TlbOp::El2Va { va: a, leaf } | TlbOp::El1Va { va: a, leaf, .. } => hit(a, leaf),
-        TlbOp::Stage2Ipa { ipa, leaf, .. } => hit(ipa, leaf),
-        TlbOp::El2Range { va: a, pages, leaf }
-        | TlbOp::El1Range {
-            va: a, pages, leaf, ..
-        }
-        | TlbOp::Stage2Range {
-            ipa: a,
-            pages,
-            leaf,
-            ..
-        } => overlap(a, pages, leaf),
-        _ => false,
     }
 }
 
@@ -136,7 +77,7 @@ fn check_sequence(seq: &[TlbOp]) {
     assert!(!pending_ipa, "IPAS2E1IS without VMALLE1IS: {seq:?}");
 }
 
-fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: usize, ranges: bool) {
+fn run<R: Tag>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: usize, ranges: bool) {
     let mut t = PageTable::new(regime, HeapFrames::new(), RecordingTlb::new()).unwrap();
     t.set_tlbi_threshold(threshold);
     t.set_tlbi_range(ranges);
@@ -150,80 +91,28 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
         let tables_before = common::table_entries(&t);
         let live_before = t.allocator().live();
         t.tlb_mut().clear();
-        let (result, expect_conflict) = match *op {
-            Op::Map {
-                va,
-                pages,
-                out,
-                attrs: ai,
-                flags,
-            } => {
-                let end = va + pages * PAGE;
-                let conflict = if flags.contains(MapFlags::REPLACE) {
-                    None
-                } else {
-                    model.first_mapped(va, end)
-                };
-                let r = t.map(va, out, pages * PAGE, attrs[ai], flags);
-                if r.is_ok() {
-                    model.insert(va, end, out, attrs[ai]);
-                }
-                (r, conflict)
-            }
-            Op::Unmap { va, pages } => {
-                let r = t.unmap(va, pages * PAGE);
-                if r.is_ok() {
-                    model.remove(va, va + pages * PAGE);
-                }
-                (r, None)
-            }
-            Op::Protect {
-                va,
-                pages,
-                attrs: ai,
-            } => {
-                let r = t.protect(va, pages * PAGE, attrs[ai]);
-                if r.is_ok() {
-                    model.update(va, va + pages * PAGE, |_| attrs[ai]);
-                }
-                (r, None)
-            }
-            Op::Coalesce { .. } => (Ok(()), None),
-            Op::TableAttrs { va, size, attrs } => {
-                let a = TableAttrs::from_bits_truncate(attrs);
-                let r = t.set_table_attrs(va, size, a);
-                if r.is_ok() {
-                    attributed.push((va, size));
-                    // The limits reach every address of the range.
-                    for probe in [va, va + size / 2, va + size - PAGE] {
-                        assert!(t.table_attrs(probe).contains(a), "{op:?} at {probe:#x}");
-                    }
-                }
-                if t.regime().table_attrs().contains(a) {
-                    (r, None)
-                } else {
-                    assert_eq!(r, Err(Error::UnsupportedAttributes), "{op:?}");
-                    (Ok(()), None)
+        let expect_conflict = op.conflict(&model);
+        let mut result = op.run(&mut t, attrs);
+        if result.is_ok() {
+            op.apply(&mut model, attrs);
+        }
+        if let Op::TableAttrs { va, size, attrs } = *op {
+            let a = TableAttrs::from_bits_truncate(attrs);
+            if result.is_ok() {
+                attributed.push((va, size));
+                // The limits reach every address of the range.
+                for probe in [va, va + size / 2, va + size - PAGE] {
+                    assert!(t.table_attrs(probe).contains(a), "{op:?} at {probe:#x}");
                 }
             }
-            Op::SetSw { va, pages, sw } => {
-                let sw = SwBits::new(sw).unwrap();
-                let r = t.set_sw_bits(va, pages * PAGE, sw);
-                if r.is_ok() {
-                    model.update(va, va + pages * PAGE, |a| a.with_sw(sw));
-                }
-                (r, None)
+            if !t.regime().table_attrs().contains(a) {
+                assert_eq!(result, Err(Error::UnsupportedAttributes), "{op:?}");
+                result = Ok(());
             }
-        };
-        let result = match *op {
-            Op::Coalesce { va, pages } => {
-                let tables = common::reachable_tables(&t);
-                let r = t.coalesce(va, pages * PAGE);
-                assert!(common::reachable_tables(&t) <= tables);
-                r
-            }
-            _ => result,
-        };
+        }
+        if let Op::Coalesce { .. } = op {
+            assert!(common::reachable_tables(&t) <= tables_before.len());
+        }
         match (result, expect_conflict) {
             (Ok(()), None) => {}
             (Err(Error::AlreadyMapped { va }), Some(first)) => assert_eq!(va, first, "{op:?}"),
@@ -242,8 +131,8 @@ fn run<R: Tag + Copy>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: us
             assert_eq!((tr.attrs, tr.level), (m.attrs, m.level));
         }
         // Frame accounting.
-        common::check_counts(&t);
-        let reachable = common::reachable_tables(&t);
+        let reachable = check_tables(&t);
+        assert_eq!(reachable, common::reachable_tables(&t));
         assert_eq!(
             t.allocator().in_use(),
             roots + reachable,

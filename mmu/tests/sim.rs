@@ -26,12 +26,14 @@ use std::rc::Rc;
 
 use mmu::testing::HeapFrames;
 use mmu::{
-    Attributes, El1, El2, FrameAllocator, PageTable, PhysToVirt, Regime, Stage2, SwBits,
-    TableAttrs, TlbMaintenance, TlbOp, TlbSequence,
+    Attributes, El1, El2, FrameAllocator, PageTable, PhysToVirt, Regime, Stage2, TlbMaintenance,
+    TlbOp, TlbSequence,
 };
 use proptest::prelude::*;
 
-use common::{el1_attrs, el2_attrs, op, s2_attrs, Op, PAGE};
+use common::{op, PAGE};
+use mmu::testing::ops::{el1_attrs, el2_attrs, read, s2_attrs, Op};
+
 const OA: u64 = 0x0000_FFFF_FFFF_F000;
 /// Leaf bits whose change needs break-before-make: output address, type, memory
 /// type, shareability, nG, contiguous (Arm ARM D8.17.1).
@@ -92,7 +94,7 @@ impl State {
             walks: &mut BTreeMap<(u8, u64), u64>,
         ) {
             for i in 0..n {
-                let d = common::read(pa, i);
+                let d = read(pa, i);
                 if d & 1 == 0 {
                     continue;
                 }
@@ -339,26 +341,7 @@ fn run<R: Regime>(regime: R, attrs: &[Attributes], ops: &[Op], threshold: usize,
     }
     for op in ops {
         state.borrow_mut().fill();
-        let _ = match *op {
-            Op::Map {
-                va,
-                pages,
-                out,
-                attrs: a,
-                flags,
-            } => t.map(va, out, pages * PAGE, attrs[a], flags),
-            Op::Unmap { va, pages } => t.unmap(va, pages * PAGE),
-            Op::Protect {
-                va,
-                pages,
-                attrs: a,
-            } => t.protect(va, pages * PAGE, attrs[a]),
-            Op::SetSw { va, pages, sw } => t.set_sw_bits(va, pages * PAGE, SwBits::truncate(sw)),
-            Op::Coalesce { va, pages } => t.coalesce(va, pages * PAGE),
-            Op::TableAttrs { va, size, attrs } => {
-                t.set_table_attrs(va, size, TableAttrs::from_bits_truncate(attrs))
-            }
-        };
+        let _ = op.run(&mut t, attrs);
         let mut s = state.borrow_mut();
         for e in s.disagreements(false) {
             s.errors.push(format!("stale after the operation: {e}"));

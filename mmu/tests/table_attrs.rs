@@ -3,6 +3,7 @@
 
 mod common;
 
+use mmu::testing::ops::{check_tables, read};
 use mmu::testing::{HeapFrames, RecordingTlb};
 use mmu::{
     Attributes, El1, El2, Error, MapFlags, MemoryType, PageTable, Permissions, Stage2, TableAttrs,
@@ -24,7 +25,7 @@ fn encodings_per_regime() {
         .unwrap();
     let (d, level) = common::raw_lookup_at(t.root_address(), 1, 0);
     assert_eq!(level, 2, "an empty table was created below the root entry");
-    let root = common::read(t.root_address(), 0);
+    let root = read(t.root_address(), 0);
     assert_eq!(
         root & (0xF << 59),
         (1 << 62) | (1 << 60),
@@ -46,8 +47,8 @@ fn encodings_per_regime() {
     let mut t = PageTable::new(El1::new(1, 39), HeapFrames::new(), RecordingTlb::new()).unwrap();
     t.set_table_attrs(0, MIB2, TableAttrs::all() - TableAttrs::NO_EXEC_EL2)
         .unwrap();
-    let l1 = common::read(t.root_address(), 0);
-    let l2 = common::read(l1 & 0xFFFF_FFFF_F000, 0);
+    let l1 = read(t.root_address(), 0);
+    let l2 = read(l1 & 0xFFFF_FFFF_F000, 0);
     assert_eq!(l1 & (0xF << 59), 0, "only the 2 MiB entry gets them");
     assert_eq!(
         l2 & (0xF << 59),
@@ -130,7 +131,7 @@ fn held_tables_stay_until_cleared() {
     t.map(base, base, PAGE, rw(), MapFlags::empty()).unwrap();
     t.unmap(base, PAGE).unwrap();
     assert_eq!(t.frames_in_use(), 3);
-    common::check_counts(&t);
+    check_tables(&t);
     // Cleared: the empty table and its parent go.
     t.set_table_attrs(base, MIB2, TableAttrs::empty()).unwrap();
     assert_eq!(t.frames_in_use(), 1);
