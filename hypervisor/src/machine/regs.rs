@@ -215,16 +215,15 @@ fn reset_guest_pmu_and_debug(c: &El2Controls) {
 
 /// Configures this CPU to run vCPU `index` of the VM with `vttbr`/`vtcr`, and resets the
 /// guest's EL1 state (the vCPU starts as after a PSCI `CPU_ON`: MMU off). Every EL2
-/// control register a guest's behaviour depends on is written here, from the CPU's ID
-/// registers ([`El2Controls`], `docs/cpu-state.md`); EL2 does not change them while the
-/// vCPU runs (only `HCR_EL2.VSE`, by [`inject_serror`]).
-pub fn enter_guest_context(vttbr: u64, vtcr: u64, index: u64) {
+/// control register a guest's behaviour depends on is written here, from `controls`
+/// ([`el2_controls`] of this CPU, `docs/cpu-state.md`); EL2 does not change them while
+/// the vCPU runs (only `HCR_EL2.VSE`, by [`inject_serror`]).
+pub fn enter_guest_context(vttbr: u64, vtcr: u64, index: u64, controls: &El2Controls) {
     let midr = MIDR_EL1.get();
     let vmpidr = (1 << 31) | (index & 0xff);
-    let controls = el2_controls();
-    write_controls(&controls);
+    write_controls(controls);
     boot::set_bhb_loop(u32::from(controls.spectre.bhb_loop));
-    reset_guest_pmu_and_debug(&controls);
+    reset_guest_pmu_and_debug(controls);
     // SAFETY: these registers only affect the EL1&0 regime, which does not run until
     // `enter_guest`; the local TLBI VMALLS12E1 drops whatever this CPU cached for the
     // VMID before (the VMID is also flushed inner-shareable when it is freed).

@@ -23,6 +23,7 @@ use crate::config;
 use crate::mem::frames::SharedFrames;
 use crate::mem::layout::{self, STAGING};
 use crate::mem::PhysRange;
+use crate::vcpu::cpu_state::El2Controls;
 use crate::vcpu::irq::Taken;
 use crate::vcpu::schedule::{self, RunEnd, Start};
 use crate::vcpu::{self, GuestEl1, Next, VcpuCtx};
@@ -141,8 +142,25 @@ impl LineSink for ConsoleLines {
 }
 
 /// What an exit of the running guest reaches on this CPU: its EL1 exception registers,
-/// the console, the physical GIC.
-struct MachineHost;
+/// the console, the physical GIC; and what the CPU is, read once when the vCPU starts
+/// (not on every exit that asks).
+struct MachineHost {
+    /// The EL2 controls the vCPU runs with.
+    controls: El2Controls,
+    /// The CPU has FEAT_RAS.
+    ras: bool,
+}
+
+impl MachineHost {
+    /// Reads this CPU's ID registers.
+    fn new() -> Self {
+        let id = regs::id_regs();
+        Self {
+            controls: El2Controls::for_cpu(&id),
+            ras: id.has_ras(),
+        }
+    }
+}
 
 impl GuestEl1 for MachineHost {
     fn vbar(&self) -> u64 {
@@ -157,12 +175,12 @@ impl GuestEl1 for MachineHost {
         regs::set_el1_exception(esr, far, elr, spsr);
     }
 
-    fn controls(&self) -> crate::vcpu::cpu_state::El2Controls {
-        regs::el2_controls()
+    fn controls(&self) -> El2Controls {
+        self.controls
     }
 
     fn has_ras(&self) -> bool {
-        regs::id_regs().has_ras()
+        self.ras
     }
 
     fn pmcr(&self) -> u64 {
@@ -606,7 +624,8 @@ fn run_vcpu(
     let vtcr = manager
         .with_backend(|b| b.stage2.regime(vm.vmid).vtcr())
         .unwrap_or(0);
-    regs::enter_guest_context(vm.vttbr, vtcr, index as u64);
+    let mut host = MachineHost::new();
+    regs::enter_guest_context(vm.vttbr, vtcr, index as u64, &host.controls);
     let nr_lrs = vm.vgic.lock().list_registers();
     gic::vcpu_start(nr_lrs);
     let mut regs = boot::GuestRegs::new(entry, ctx);
@@ -642,7 +661,7 @@ fn run_vcpu(
             index,
             &mut ctx,
             exit,
-            &mut MachineHost,
+            &mut host,
             &mut |req| manager.share_call(vm, index, req),
             &mut kicks,
         );
