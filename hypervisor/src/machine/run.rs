@@ -630,21 +630,23 @@ fn run_vcpu(
     gic::vcpu_start(nr_lrs);
     let mut regs = boot::GuestRegs::new(entry, ctx);
     let mut lrs = [0u64; MAX_LIST_REGS];
+    // List registers that may hold an interrupt (the first ones): none after `vcpu_start`.
+    let mut live = 0;
     // Checked before every entry, the first one too: another vCPU may have powered the
     // VM off, reset or stopped it since the start was taken (the VM itself cannot be
     // torn down while this vCPU is loaded); the CPU then backs out without entering.
     while vm.runs(index) {
         let flush = vm.vgic.lock().flush(index);
-        gic::load(&flush);
+        live = gic::load(&flush, live);
         // SAFETY: HCR_EL2, VTCR_EL2 and VTTBR_EL2 were just set up for this VM, whose
         // stage 2 maps only its own RAM and pass-through devices and stays alive while
         // this vCPU is loaded; its EL1 registers are reset; interrupts are masked at EL2;
         // the virtual CPU interface holds this vCPU's list registers.
         let exit = unsafe { boot::enter_guest(&mut regs) };
-        let vmcr = gic::save(&mut lrs, nr_lrs);
+        let vmcr = gic::save(&mut lrs, live, flush.hcr() != 0);
         {
             let mut g = vm.vgic.lock();
-            g.sync(index, lrs.get(..nr_lrs).unwrap_or(&[]));
+            g.sync(index, lrs.get(..live).unwrap_or(&[]));
             g.set_vmcr(index, vmcr);
         }
         let mut kicks = VcpuMask::EMPTY;
