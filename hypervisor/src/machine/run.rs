@@ -37,6 +37,10 @@ static MANAGER: Once<VmManager<MachineBackend>> = Once::new();
 static RUN_END: RunEnd = RunEnd::new();
 /// Page-table frames in use right before the first VM was created.
 static FRAMES_BEFORE_VMS: AtomicUsize = AtomicUsize::new(0);
+/// CPUs taking a vCPU start or between a taken one and the end of
+/// [`schedule::vcpu_left`] (which destroys a finished VM whose last vCPU that was): what
+/// the end of the run waits for, without a lock.
+static LOADED: AtomicUsize = AtomicUsize::new(0);
 
 /// One VM's stage 2 on the machine: frames from the pool, TLB maintenance by `asm!`.
 type MachineStage2 = MmuStage2<SharedFrames, ArmTlb>;
@@ -562,16 +566,22 @@ fn run_cpu(cpu: usize) -> ! {
     loop {
         // Off until a CPU_ON or a reset starts this vCPU (or the VM ends).
         park_off(cpu, || schedule::should_wake(&vm, index));
-        let (entry, context) = match schedule::next_start(&vm, index) {
-            Start::Enter { entry, context } => (entry, context),
-            // CPU 0 cannot go off: it waits for an event (every exit of a vCPU and every
-            // reset sends one).
-            Start::Wait => {
-                aarch64_cpu::asm::wfe();
-                continue;
+        // Counted before the start is taken, so the end of the run cannot miss a CPU that
+        // has taken one.
+        LOADED.fetch_add(1, Ordering::SeqCst);
+        let start = schedule::next_start(&vm, index);
+        let Start::Enter { entry, context } = start else {
+            LOADED.fetch_sub(1, Ordering::SeqCst);
+            match start {
+                // The VM is finished; this CPU has nothing left to run.
+                Start::Done => idle_forever(cpu),
+                // CPU 0 cannot go off: it waits for an event (every exit of a vCPU and
+                // every reset sends one).
+                _ => {
+                    aarch64_cpu::asm::wfe();
+                    continue;
+                }
             }
-            // The VM is finished; this CPU has nothing left to run.
-            Start::Done => idle_forever(cpu),
         };
         // A guest may start and stop vCPUs in a loop: within the VM's budget of lines.
         vm.log(
@@ -582,6 +592,7 @@ fn run_cpu(cpu: usize) -> ! {
         run_vcpu(manager, &vm, index, entry, context);
         regs::leave_guest_context();
         let outcome = schedule::vcpu_left(manager, &vm);
+        LOADED.fetch_sub(1, Ordering::SeqCst);
         // A CPU_ON or the reset this CPU just made may have made vCPUs runnable.
         wake_pending(&vm);
         if let Some(ok) = outcome {
@@ -722,14 +733,11 @@ fn finish(ok: bool) -> ! {
     }
     // A finished VM's last vCPU may be leaving on another CPU at this moment, about to
     // destroy the VM: give that up to a second, so that the lines below account for it
-    // (a vCPU that never exits again does not hold the run up longer).
-    if let Some(m) = MANAGER.get() {
-        let deadline = super::console::micros().saturating_add(1_000_000);
-        while m.accounting().3 > 0 && super::console::micros() < deadline {
-            for _ in 0..1000 {
-                core::hint::spin_loop();
-            }
-        }
+    // (a vCPU that never exits again does not hold the run up longer). This CPU left its
+    // own vCPU before it got here.
+    let deadline = super::console::micros().saturating_add(1_000_000);
+    while LOADED.load(Ordering::SeqCst) > 0 && super::console::micros() < deadline {
+        core::hint::spin_loop();
     }
     let frames = FRAMES.get().map_or(0, |p| p.lock().in_use());
     let dropped = super::console::dropped_bytes();
