@@ -136,29 +136,6 @@ pub fn inject_serror(vsesr: Option<u64>) {
     }
 }
 
-/// Cleans and invalidates `[va, va + len)` to the point of coherency (`DC CIVAC`), then
-/// `DSB SY`.
-///
-/// # Safety
-///
-/// The range must be mapped at EL2 as normal memory.
-pub unsafe fn clean_invalidate(va: u64, len: u64) {
-    let ctr: u64;
-    // SAFETY: reading CTR_EL0 has no side effects.
-    unsafe { asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
-    let line = 4u64 << ((ctr >> 16) & 0xf);
-    let end = va.saturating_add(len);
-    let mut addr = va & !(line - 1);
-    while addr < end {
-        // SAFETY: DC CIVAC writes a line back and drops it without changing memory
-        // contents; the caller guarantees the line is mapped.
-        unsafe { asm!("dc civac, {}", in(reg) addr, options(nostack, preserves_flags)) };
-        addr += line;
-    }
-    // SAFETY: a barrier has no memory-safety effects.
-    unsafe { asm!("dsb sy", options(nostack, preserves_flags)) };
-}
-
 /// Writes the EL2 controls for a guest (`docs/cpu-state.md`): `MDCR_EL2`, `CPTR_EL2`,
 /// `HSTR_EL2`, `ACTLR_EL2`, and `ZCR_EL2.LEN` = 0 where SVE is allowed (128-bit vectors:
 /// the Z registers are then exactly the V registers the exit path saves and restores, and

@@ -200,9 +200,9 @@ impl GuestEl1 for MachineHost {
     }
 
     fn clean_invalidate(&mut self, pa: u64, len: u64) {
-        // SAFETY: `[pa, pa + len)` is RAM of the running VM (from its description, inside
-        // its pool of guest RAM), which the hypervisor's stage 1 maps as normal memory.
-        unsafe { regs::clean_invalidate(pa, len) };
+        // `[pa, pa + len)` is RAM of the running VM (from its description, inside its pool
+        // of guest RAM), which the hypervisor's stage 1 maps as normal memory.
+        boot::clean_invalidate_dcache_range(pa, len);
     }
 }
 
@@ -435,27 +435,24 @@ pub fn run_vms(machine: &Machine) -> ! {
 
 /// One log line per stage-2 range of a new VM: what the guest can reach, and how.
 fn log_stage2_layout(desc: &config::VmDesc) {
-    for r in &desc.memory {
+    let mapped = |r: &config::GuestRegion, what: &str| {
         log::info!(
-            "VM {} stage 2: IPA [{:#x}, {:#x}) -> PA {:#x}: RAM, normal write-back, RWX, {}",
-            desc.name,
-            r.ipa,
-            r.ipa + r.size,
-            r.pa,
-            match desc.stage2 {
-                config::Stage2Mappings::Blocks => "blocks where aligned",
-                config::Stage2Mappings::Pages => "4 KiB pages",
-            }
-        );
-    }
-    for r in &desc.passthrough {
-        log::info!(
-            "VM {} stage 2: IPA [{:#x}, {:#x}) -> PA {:#x}: pass-through, device-nGnRE, RW",
+            "VM {} stage 2: IPA [{:#x}, {:#x}) -> PA {:#x}: {what}",
             desc.name,
             r.ipa,
             r.ipa + r.size,
             r.pa
         );
+    };
+    let ram = match desc.stage2 {
+        config::Stage2Mappings::Blocks => "RAM, normal write-back, RWX, blocks where aligned",
+        config::Stage2Mappings::Pages => "RAM, normal write-back, RWX, 4 KiB pages",
+    };
+    for r in &desc.memory {
+        mapped(r, ram);
+    }
+    for r in &desc.passthrough {
+        mapped(r, "pass-through, device-nGnRE, RW");
     }
     if !desc.spis.is_empty() {
         log::info!(
