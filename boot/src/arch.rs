@@ -18,7 +18,7 @@ struct Stacks(UnsafeCell<[[u8; STACK_SIZE]; MAX_CPUS]>);
 unsafe impl Sync for Stacks {}
 
 /// Branches of the branch-history overwriting loop run on every exit from a guest (0: none);
-/// set once at start-up by [`set_bhb_loop`].
+/// raised by [`set_bhb_loop`] before each vCPU start, never lowered.
 #[no_mangle]
 static TWOSTAGE_BHB_LOOP: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
 
