@@ -18,7 +18,7 @@ struct Stacks(UnsafeCell<[[u8; STACK_SIZE]; MAX_CPUS]>);
 unsafe impl Sync for Stacks {}
 
 /// Branches of the branch-history overwriting loop run on every exit from a guest (0: none);
-/// set once at start-up by [`set_bhb_loop`].
+/// raised by [`set_bhb_loop`] before each vCPU start, never lowered.
 #[no_mangle]
 static TWOSTAGE_BHB_LOOP: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
 
@@ -548,44 +548,70 @@ pub fn stack_range(cpu: usize) -> Option<(u64, u64)> {
     Some((bottom, bottom + STACK_SIZE as u64))
 }
 
-/// Cleans the data cache to the point of coherency over `[start, start + len)`, so that a
-/// CPU running with its MMU off sees what this CPU wrote through the cache.
-pub fn clean_dcache_range(start: u64, len: u64) {
-    let ctr: u64;
-    // SAFETY: reading CTR_EL0 has no side effects.
-    unsafe { asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
-    let line = 4u64 << ((ctr >> 16) & 0xf);
-    let mut addr = start & !(line - 1);
-    let end = start.saturating_add(len);
-    // Four lines per step while they fit (fewer loop iterations), then one at a time.
-    while end - addr >= 4 * line {
-        // SAFETY: DC CVAC writes back a line without changing memory contents; the four
-        // lines from `addr` start below `end`, in the mapped memory the callers pass.
-        unsafe {
-            asm!(
-                "dc cvac, {a}",
-                "add {a}, {a}, {l}",
-                "dc cvac, {a}",
-                "add {a}, {a}, {l}",
-                "dc cvac, {a}",
-                "add {a}, {a}, {l}",
-                "dc cvac, {a}",
-                "add {a}, {a}, {l}",
-                a = inout(reg) addr,
-                l = in(reg) line,
-                options(nostack, preserves_flags)
-            );
+/// Defines a data-cache maintenance function by VA to the point of coherency over
+/// `[start, start + len)`: `DC <op>` on every line (the line size from `CTR_EL0.DminLine`),
+/// then `DSB SY`.
+macro_rules! dcache_by_va {
+    ($(#[$doc:meta])* $name:ident, $op:literal) => {
+        $(#[$doc])*
+        pub fn $name(start: u64, len: u64) {
+            let ctr: u64;
+            // SAFETY: reading CTR_EL0 has no side effects.
+            unsafe {
+                asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags))
+            };
+            let line = 4u64 << ((ctr >> 16) & 0xf);
+            let mut addr = start & !(line - 1);
+            let end = start.saturating_add(len);
+            // Four lines per step while they fit (fewer loop iterations), then one at a time.
+            while end - addr >= 4 * line {
+                // SAFETY: the operation writes back (and may drop) a line without changing
+                // memory contents; the four lines from `addr` start below `end`, in the
+                // mapped memory the callers pass.
+                unsafe {
+                    asm!(
+                        concat!("dc ", $op, ", {a}"),
+                        "add {a}, {a}, {l}",
+                        concat!("dc ", $op, ", {a}"),
+                        "add {a}, {a}, {l}",
+                        concat!("dc ", $op, ", {a}"),
+                        "add {a}, {a}, {l}",
+                        concat!("dc ", $op, ", {a}"),
+                        "add {a}, {a}, {l}",
+                        a = inout(reg) addr,
+                        l = in(reg) line,
+                        options(nostack, preserves_flags)
+                    );
+                }
+            }
+            while addr < end {
+                // SAFETY: as above; it faults only for unmapped addresses, and the callers
+                // pass mapped memory.
+                unsafe {
+                    asm!(concat!("dc ", $op, ", {}"), in(reg) addr, options(nostack, preserves_flags))
+                };
+                addr += line;
+            }
+            // SAFETY: a barrier has no memory-safety effects.
+            unsafe { asm!("dsb sy", options(nostack, preserves_flags)) };
         }
-    }
-    while addr < end {
-        // SAFETY: DC CVAC writes back a line without changing memory contents; it faults
-        // only for unmapped addresses, and the callers pass mapped memory.
-        unsafe { asm!("dc cvac, {}", in(reg) addr, options(nostack, preserves_flags)) };
-        addr += line;
-    }
-    // SAFETY: a barrier has no memory-safety effects.
-    unsafe { asm!("dsb sy", options(nostack, preserves_flags)) };
+    };
 }
+
+dcache_by_va!(
+    /// Cleans the data cache to the point of coherency over `[start, start + len)`, so that
+    /// a CPU running with its MMU off sees what this CPU wrote through the cache.
+    clean_dcache_range,
+    "cvac"
+);
+
+dcache_by_va!(
+    /// Cleans and invalidates the data cache to the point of coherency over
+    /// `[start, start + len)` (`DC CIVAC`): the data reaches memory and no line of the range
+    /// stays in this CPU's caches.
+    clean_invalidate_dcache_range,
+    "civac"
+);
 
 /// Makes `[start, start + len)` all zero, writing only the 128-byte blocks that are not
 /// zero already, then cleans the range to the point of coherency (guest RAM scrubbing:

@@ -152,6 +152,23 @@ fn stack_overflow_hits_the_guard_page() {
     ]);
 }
 
+/// A device tree whose CPU nodes do not include the boot CPU (cpu@0 claims MPIDR 8, with
+/// eight CPUs: eight others) stops at start-up with a message, not an index panic.
+#[test]
+fn refuses_a_device_tree_without_the_boot_cpu() {
+    let dir = integration::out_dir().join("tests/no-boot-cpu");
+    std::fs::create_dir_all(&dir).expect("test directory");
+    let fragment = dir.join("cpus.dts");
+    std::fs::write(&fragment, "/ { cpus { cpu@0 { reg = <0x8>; }; }; };\n").expect("fragment");
+    let run = Boot::new()
+        .cpus(8)
+        .with_vms("no-boot-cpu", &[], &[&fragment])
+        .run();
+    run.assert_status(exit_status::STARTUP);
+    run.assert_lines_in_order(&["fatal: the boot CPU (MPIDR 0x0) is not among the CPUs"]);
+    run.assert_no_line("*** panic");
+}
+
 #[test]
 fn refuses_to_run_below_el2() {
     let run = Boot::new().without_el2().run();

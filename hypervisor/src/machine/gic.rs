@@ -382,26 +382,36 @@ pub fn vcpu_start(lrs: usize) {
     write_ich_hcr(ICH_HCR_EN);
 }
 
-/// Loads a flush of the virtual GIC before a VM entry: every list register, then
-/// `ICH_HCR_EL2` = En and the maintenance requests.
-pub fn load(flush: &Flush) {
-    for (n, lr) in flush.lrs().iter().enumerate() {
+/// Loads a flush of the virtual GIC before a VM entry and returns how many list registers
+/// hold an interrupt now (the first ones). Only the list registers that hold one now or
+/// may still hold one from the last entry (the first `live`) are written: the guest
+/// cannot make a list register valid, so the others are still invalid. `ICH_HCR_EL2` is
+/// written only when the flush asks for maintenance; otherwise it is already `En` alone
+/// ([`vcpu_start`], [`save`]), and `ERET` synchronizes the list register writes.
+pub fn load(flush: &Flush, live: usize) -> usize {
+    for (n, lr) in flush.lrs().iter().enumerate().take(flush.used().max(live)) {
         write_lr(n, lr.0);
     }
-    write_ich_hcr(ICH_HCR_EN | flush.hcr());
+    if flush.hcr() != 0 {
+        write_ich_hcr(ICH_HCR_EN | flush.hcr());
+    }
+    flush.used()
 }
 
-/// Reads the list registers back after an exit into `out` (the first `lrs`), and
-/// `ICH_VMCR_EL2`; then turns the maintenance requests off so the maintenance interrupt
-/// is not raised again while EL2 runs.
-pub fn save(out: &mut [u64; MAX_LIST_REGS], lrs: usize) -> u64 {
-    for (n, slot) in out.iter_mut().enumerate().take(lrs) {
+/// Reads the first `used` list registers back after an exit into `out` (the others held
+/// no interrupt and the guest cannot have changed that), and `ICH_VMCR_EL2`; then, if the
+/// entry asked for `maintenance`, turns the requests off so the maintenance interrupt is
+/// not raised again while EL2 runs.
+pub fn save(out: &mut [u64; MAX_LIST_REGS], used: usize, maintenance: bool) -> u64 {
+    for (n, slot) in out.iter_mut().enumerate().take(used) {
         *slot = read_lr(n);
     }
     let vmcr: u64;
     // SAFETY: EL2 read of ICH_VMCR_EL2.
     unsafe { asm!("mrs {}, S3_4_C12_C11_7", out(reg) vmcr, options(nomem, nostack)) };
-    write_ich_hcr(ICH_HCR_EN);
+    if maintenance {
+        write_ich_hcr(ICH_HCR_EN);
+    }
     vmcr
 }
 

@@ -304,11 +304,23 @@ fn mmu_state() -> &'static str {
 
 /// Starts every other CPU with PSCI CPU_ON and waits until all are online.
 fn start_secondaries(platform: &Hardware, boot_mpidr: u64) -> usize {
+    // Then the others are at most `MAX_CPUS - 1`: each gets an index, a stack and a slot.
+    if !platform.cpus().contains(&boot_mpidr) {
+        fatal(format_args!(
+            "the boot CPU (MPIDR {boot_mpidr:#x}) is not among the CPUs the device tree \
+             describes (the first {} are used: {:x?})",
+            boot::MAX_CPUS,
+            platform.cpus()
+        ));
+    }
     let entry = boot::secondary_entry_address();
     let mut expected = 1;
     let others = platform.cpus().iter().copied().filter(|&m| m != boot_mpidr);
     for (index, mpidr) in (1..).zip(others) {
-        CPU_MPIDR[index].store(mpidr, Ordering::Release);
+        let Some(slot) = CPU_MPIDR.get(index) else {
+            break;
+        };
+        slot.store(mpidr, Ordering::Release);
         match psci_cpu_on(mpidr, entry, index as u64) {
             Ok(()) => expected += 1,
             Err(e) => error!("cpu{index} (MPIDR {mpidr:#x}): CPU_ON failed: {e:?}"),

@@ -136,29 +136,6 @@ pub fn inject_serror(vsesr: Option<u64>) {
     }
 }
 
-/// Cleans and invalidates `[va, va + len)` to the point of coherency (`DC CIVAC`), then
-/// `DSB SY`.
-///
-/// # Safety
-///
-/// The range must be mapped at EL2 as normal memory.
-pub unsafe fn clean_invalidate(va: u64, len: u64) {
-    let ctr: u64;
-    // SAFETY: reading CTR_EL0 has no side effects.
-    unsafe { asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
-    let line = 4u64 << ((ctr >> 16) & 0xf);
-    let end = va.saturating_add(len);
-    let mut addr = va & !(line - 1);
-    while addr < end {
-        // SAFETY: DC CIVAC writes a line back and drops it without changing memory
-        // contents; the caller guarantees the line is mapped.
-        unsafe { asm!("dc civac, {}", in(reg) addr, options(nostack, preserves_flags)) };
-        addr += line;
-    }
-    // SAFETY: a barrier has no memory-safety effects.
-    unsafe { asm!("dsb sy", options(nostack, preserves_flags)) };
-}
-
 /// Writes the EL2 controls for a guest (`docs/cpu-state.md`): `MDCR_EL2`, `CPTR_EL2`,
 /// `HSTR_EL2`, `ACTLR_EL2`, and `ZCR_EL2.LEN` = 0 where SVE is allowed (128-bit vectors:
 /// the Z registers are then exactly the V registers the exit path saves and restores, and
@@ -215,16 +192,15 @@ fn reset_guest_pmu_and_debug(c: &El2Controls) {
 
 /// Configures this CPU to run vCPU `index` of the VM with `vttbr`/`vtcr`, and resets the
 /// guest's EL1 state (the vCPU starts as after a PSCI `CPU_ON`: MMU off). Every EL2
-/// control register a guest's behaviour depends on is written here, from the CPU's ID
-/// registers ([`El2Controls`], `docs/cpu-state.md`); EL2 does not change them while the
-/// vCPU runs (only `HCR_EL2.VSE`, by [`inject_serror`]).
-pub fn enter_guest_context(vttbr: u64, vtcr: u64, index: u64) {
+/// control register a guest's behaviour depends on is written here, from `controls`
+/// ([`el2_controls`] of this CPU, `docs/cpu-state.md`); EL2 does not change them while
+/// the vCPU runs (only `HCR_EL2.VSE`, by [`inject_serror`]).
+pub fn enter_guest_context(vttbr: u64, vtcr: u64, index: u64, controls: &El2Controls) {
     let midr = MIDR_EL1.get();
     let vmpidr = (1 << 31) | (index & 0xff);
-    let controls = el2_controls();
-    write_controls(&controls);
+    write_controls(controls);
     boot::set_bhb_loop(u32::from(controls.spectre.bhb_loop));
-    reset_guest_pmu_and_debug(&controls);
+    reset_guest_pmu_and_debug(controls);
     // SAFETY: these registers only affect the EL1&0 regime, which does not run until
     // `enter_guest`; the local TLBI VMALLS12E1 drops whatever this CPU cached for the
     // VMID before (the VMID is also flushed inner-shareable when it is freed).

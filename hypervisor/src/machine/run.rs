@@ -23,6 +23,7 @@ use crate::config;
 use crate::mem::frames::SharedFrames;
 use crate::mem::layout::{self, STAGING};
 use crate::mem::PhysRange;
+use crate::vcpu::cpu_state::El2Controls;
 use crate::vcpu::irq::Taken;
 use crate::vcpu::schedule::{self, RunEnd, Start};
 use crate::vcpu::{self, GuestEl1, Next, VcpuCtx};
@@ -36,6 +37,10 @@ static MANAGER: Once<VmManager<MachineBackend>> = Once::new();
 static RUN_END: RunEnd = RunEnd::new();
 /// Page-table frames in use right before the first VM was created.
 static FRAMES_BEFORE_VMS: AtomicUsize = AtomicUsize::new(0);
+/// CPUs taking a vCPU start or between a taken one and the end of
+/// [`schedule::vcpu_left`] (which destroys a finished VM whose last vCPU that was): what
+/// the end of the run waits for, without a lock.
+static LOADED: AtomicUsize = AtomicUsize::new(0);
 
 /// One VM's stage 2 on the machine: frames from the pool, TLB maintenance by `asm!`.
 type MachineStage2 = MmuStage2<SharedFrames, ArmTlb>;
@@ -141,8 +146,25 @@ impl LineSink for ConsoleLines {
 }
 
 /// What an exit of the running guest reaches on this CPU: its EL1 exception registers,
-/// the console, the physical GIC.
-struct MachineHost;
+/// the console, the physical GIC; and what the CPU is, read once when the vCPU starts
+/// (not on every exit that asks).
+struct MachineHost {
+    /// The EL2 controls the vCPU runs with.
+    controls: El2Controls,
+    /// The CPU has FEAT_RAS.
+    ras: bool,
+}
+
+impl MachineHost {
+    /// Reads this CPU's ID registers.
+    fn new() -> Self {
+        let id = regs::id_regs();
+        Self {
+            controls: El2Controls::for_cpu(&id),
+            ras: id.has_ras(),
+        }
+    }
+}
 
 impl GuestEl1 for MachineHost {
     fn vbar(&self) -> u64 {
@@ -157,12 +179,12 @@ impl GuestEl1 for MachineHost {
         regs::set_el1_exception(esr, far, elr, spsr);
     }
 
-    fn controls(&self) -> crate::vcpu::cpu_state::El2Controls {
-        regs::el2_controls()
+    fn controls(&self) -> El2Controls {
+        self.controls
     }
 
     fn has_ras(&self) -> bool {
-        regs::id_regs().has_ras()
+        self.ras
     }
 
     fn pmcr(&self) -> u64 {
@@ -178,9 +200,9 @@ impl GuestEl1 for MachineHost {
     }
 
     fn clean_invalidate(&mut self, pa: u64, len: u64) {
-        // SAFETY: `[pa, pa + len)` is RAM of the running VM (from its description, inside
-        // its pool of guest RAM), which the hypervisor's stage 1 maps as normal memory.
-        unsafe { regs::clean_invalidate(pa, len) };
+        // `[pa, pa + len)` is RAM of the running VM (from its description, inside its pool
+        // of guest RAM), which the hypervisor's stage 1 maps as normal memory.
+        boot::clean_invalidate_dcache_range(pa, len);
     }
 }
 
@@ -413,27 +435,24 @@ pub fn run_vms(machine: &Machine) -> ! {
 
 /// One log line per stage-2 range of a new VM: what the guest can reach, and how.
 fn log_stage2_layout(desc: &config::VmDesc) {
-    for r in &desc.memory {
+    let mapped = |r: &config::GuestRegion, what: &str| {
         log::info!(
-            "VM {} stage 2: IPA [{:#x}, {:#x}) -> PA {:#x}: RAM, normal write-back, RWX, {}",
-            desc.name,
-            r.ipa,
-            r.ipa + r.size,
-            r.pa,
-            match desc.stage2 {
-                config::Stage2Mappings::Blocks => "blocks where aligned",
-                config::Stage2Mappings::Pages => "4 KiB pages",
-            }
-        );
-    }
-    for r in &desc.passthrough {
-        log::info!(
-            "VM {} stage 2: IPA [{:#x}, {:#x}) -> PA {:#x}: pass-through, device-nGnRE, RW",
+            "VM {} stage 2: IPA [{:#x}, {:#x}) -> PA {:#x}: {what}",
             desc.name,
             r.ipa,
             r.ipa + r.size,
             r.pa
         );
+    };
+    let ram = match desc.stage2 {
+        config::Stage2Mappings::Blocks => "RAM, normal write-back, RWX, blocks where aligned",
+        config::Stage2Mappings::Pages => "RAM, normal write-back, RWX, 4 KiB pages",
+    };
+    for r in &desc.memory {
+        mapped(r, ram);
+    }
+    for r in &desc.passthrough {
+        mapped(r, "pass-through, device-nGnRE, RW");
     }
     if !desc.spis.is_empty() {
         log::info!(
@@ -544,16 +563,22 @@ fn run_cpu(cpu: usize) -> ! {
     loop {
         // Off until a CPU_ON or a reset starts this vCPU (or the VM ends).
         park_off(cpu, || schedule::should_wake(&vm, index));
-        let (entry, context) = match schedule::next_start(&vm, index) {
-            Start::Enter { entry, context } => (entry, context),
-            // CPU 0 cannot go off: it waits for an event (every exit of a vCPU and every
-            // reset sends one).
-            Start::Wait => {
-                aarch64_cpu::asm::wfe();
-                continue;
+        // Counted before the start is taken, so the end of the run cannot miss a CPU that
+        // has taken one.
+        LOADED.fetch_add(1, Ordering::SeqCst);
+        let start = schedule::next_start(&vm, index);
+        let Start::Enter { entry, context } = start else {
+            LOADED.fetch_sub(1, Ordering::SeqCst);
+            match start {
+                // The VM is finished; this CPU has nothing left to run.
+                Start::Done => idle_forever(cpu),
+                // CPU 0 cannot go off: it waits for an event (every exit of a vCPU and
+                // every reset sends one).
+                _ => {
+                    aarch64_cpu::asm::wfe();
+                    continue;
+                }
             }
-            // The VM is finished; this CPU has nothing left to run.
-            Start::Done => idle_forever(cpu),
         };
         // A guest may start and stop vCPUs in a loop: within the VM's budget of lines.
         vm.log(
@@ -564,6 +589,7 @@ fn run_cpu(cpu: usize) -> ! {
         run_vcpu(manager, &vm, index, entry, context);
         regs::leave_guest_context();
         let outcome = schedule::vcpu_left(manager, &vm);
+        LOADED.fetch_sub(1, Ordering::SeqCst);
         // A CPU_ON or the reset this CPU just made may have made vCPUs runnable.
         wake_pending(&vm);
         if let Some(ok) = outcome {
@@ -606,26 +632,29 @@ fn run_vcpu(
     let vtcr = manager
         .with_backend(|b| b.stage2.regime(vm.vmid).vtcr())
         .unwrap_or(0);
-    regs::enter_guest_context(vm.vttbr, vtcr, index as u64);
+    let mut host = MachineHost::new();
+    regs::enter_guest_context(vm.vttbr, vtcr, index as u64, &host.controls);
     let nr_lrs = vm.vgic.lock().list_registers();
     gic::vcpu_start(nr_lrs);
     let mut regs = boot::GuestRegs::new(entry, ctx);
     let mut lrs = [0u64; MAX_LIST_REGS];
+    // List registers that may hold an interrupt (the first ones): none after `vcpu_start`.
+    let mut live = 0;
     // Checked before every entry, the first one too: another vCPU may have powered the
     // VM off, reset or stopped it since the start was taken (the VM itself cannot be
     // torn down while this vCPU is loaded); the CPU then backs out without entering.
     while vm.runs(index) {
         let flush = vm.vgic.lock().flush(index);
-        gic::load(&flush);
+        live = gic::load(&flush, live);
         // SAFETY: HCR_EL2, VTCR_EL2 and VTTBR_EL2 were just set up for this VM, whose
         // stage 2 maps only its own RAM and pass-through devices and stays alive while
         // this vCPU is loaded; its EL1 registers are reset; interrupts are masked at EL2;
         // the virtual CPU interface holds this vCPU's list registers.
         let exit = unsafe { boot::enter_guest(&mut regs) };
-        let vmcr = gic::save(&mut lrs, nr_lrs);
+        let vmcr = gic::save(&mut lrs, live, flush.hcr() != 0);
         {
             let mut g = vm.vgic.lock();
-            g.sync(index, lrs.get(..nr_lrs).unwrap_or(&[]));
+            g.sync(index, lrs.get(..live).unwrap_or(&[]));
             g.set_vmcr(index, vmcr);
         }
         let mut kicks = VcpuMask::EMPTY;
@@ -642,7 +671,7 @@ fn run_vcpu(
             index,
             &mut ctx,
             exit,
-            &mut MachineHost,
+            &mut host,
             &mut |req| manager.share_call(vm, index, req),
             &mut kicks,
         );
@@ -701,14 +730,11 @@ fn finish(ok: bool) -> ! {
     }
     // A finished VM's last vCPU may be leaving on another CPU at this moment, about to
     // destroy the VM: give that up to a second, so that the lines below account for it
-    // (a vCPU that never exits again does not hold the run up longer).
-    if let Some(m) = MANAGER.get() {
-        let deadline = super::console::micros().saturating_add(1_000_000);
-        while m.accounting().3 > 0 && super::console::micros() < deadline {
-            for _ in 0..1000 {
-                core::hint::spin_loop();
-            }
-        }
+    // (a vCPU that never exits again does not hold the run up longer). This CPU left its
+    // own vCPU before it got here.
+    let deadline = super::console::micros().saturating_add(1_000_000);
+    while LOADED.load(Ordering::SeqCst) > 0 && super::console::micros() < deadline {
+        core::hint::spin_loop();
     }
     let frames = FRAMES.get().map_or(0, |p| p.lock().in_use());
     let dropped = super::console::dropped_bytes();

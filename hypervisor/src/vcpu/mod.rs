@@ -820,11 +820,14 @@ mod tests {
         fn apply(&mut self, _action: crate::vm::vgic::PhysAction) {}
     }
 
+    /// A vCPU at its exits, with the guest's EL1 registers and the console it reaches.
     struct Cpu {
         kicks: VcpuMask,
         x: [u64; 31],
         pc: u64,
         pstate: u64,
+        el1: El1,
+        out: Lines,
     }
 
     impl Cpu {
@@ -834,32 +837,45 @@ mod tests {
                 x: [0; 31],
                 pc: 0x4000_1000,
                 pstate: 0x3c5,
+                el1: El1::default(),
+                out: Lines::default(),
             }
         }
-        fn exit<S: Stage2Table>(
+
+        /// Handles exit `e` of vCPU `vcpu` of `vm`, with memory-sharing calls failing.
+        fn exit<S: Stage2Table>(&mut self, vm: &Vm<S>, vcpu: usize, e: boot::Exit) -> Next {
+            self.exit_sharing(vm, vcpu, e, &mut |_| ([u64::MAX; 4], Note::None))
+        }
+
+        /// Handles exit `e` of vCPU `vcpu` of `vm`, with memory-sharing calls to `share`.
+        fn exit_sharing<S: Stage2Table>(
             &mut self,
             vm: &Vm<S>,
             vcpu: usize,
             e: boot::Exit,
-            el1: &mut El1,
-            out: &mut Lines,
+            share: &mut ShareCall<'_>,
         ) -> Next {
             let mut ctx = VcpuCtx {
                 x: &mut self.x,
                 pc: &mut self.pc,
                 pstate: &mut self.pstate,
             };
-            let mut host = TestHost { el1, out };
-            handle_exit(
-                vm,
-                vcpu,
-                &mut ctx,
-                e,
-                &mut host,
-                &mut |_| ([u64::MAX; 4], Note::None),
-                &mut self.kicks,
-            )
+            let mut host = TestHost {
+                el1: &mut self.el1,
+                out: &mut self.out,
+            };
+            handle_exit(vm, vcpu, &mut ctx, e, &mut host, share, &mut self.kicks)
         }
+    }
+
+    /// A VM created from `d` whose vCPU 0 has taken its boot start (it runs).
+    fn running(
+        m: &crate::vm::VmManager<crate::vm::tests::Fake>,
+        d: crate::config::VmDesc,
+    ) -> alloc::sync::Arc<Vm<crate::vm::tests::FakeS2>> {
+        let vm = m.create(d).expect("vm");
+        vm.state.lock().psci.take_pending(0);
+        vm
     }
 
     const HVC: u64 = (0x16 << 26) | (1 << 25);
@@ -886,65 +902,39 @@ mod tests {
     #[test]
     fn vuart_write_and_flag_read() {
         let m = manager();
-        let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
-        vm.state.lock().psci.take_pending(0);
-        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+        let vm = running(&m, desc(0x5000_0000, 1));
+        let mut cpu = Cpu::new();
         for b in b"ok\n" {
             cpu.x[5] = u64::from(*b) | 0x100;
-            let n = cpu.exit(
-                &vm,
-                0,
-                sync(dabt(true, 5, 0), 0x0900_0000),
-                &mut el1,
-                &mut out,
-            );
+            let n = cpu.exit(&vm, 0, sync(dabt(true, 5, 0), 0x0900_0000));
             assert_eq!(n, Next::Resume);
         }
-        assert_eq!(out.0, vec!["[vm] ok".to_string()]);
+        assert_eq!(cpu.out.0, vec!["[vm] ok".to_string()]);
         assert_eq!(cpu.pc, 0x4000_100c);
         cpu.x[7] = 0xdead;
-        cpu.exit(
-            &vm,
-            0,
-            sync(dabt(false, 7, 2), 0x0900_0018),
-            &mut el1,
-            &mut out,
-        );
+        cpu.exit(&vm, 0, sync(dabt(false, 7, 2), 0x0900_0018));
         assert_eq!(cpu.x[7], 0x90);
     }
 
     #[test]
     fn hvc_and_smc_calls() {
         let m = manager();
-        let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
-        vm.state.lock().psci.take_pending(0);
+        let vm = running(&m, desc(0x5000_0000, 1));
         vm.enter();
-        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+        let mut cpu = Cpu::new();
         cpu.x[0] = 0xC600_0001;
-        assert_eq!(
-            cpu.exit(&vm, 0, sync(HVC, 0), &mut el1, &mut out),
-            Next::Resume
-        );
+        assert_eq!(cpu.exit(&vm, 0, sync(HVC, 0)), Next::Resume);
         assert_eq!(&cpu.x[..4], &[0, 0, u64::from(vm.vmid.get()), 0]);
         assert_eq!(cpu.pc, 0x4000_1000, "HVC returns past itself already");
         cpu.x[0] = 0x1234;
-        assert_eq!(
-            cpu.exit(&vm, 0, sync(SMC, 0), &mut el1, &mut out),
-            Next::Resume
-        );
+        assert_eq!(cpu.exit(&vm, 0, sync(SMC, 0)), Next::Resume);
         assert_eq!(cpu.x[0], u64::MAX, "NOT_SUPPORTED");
         assert_eq!(cpu.pc, 0x4000_1004, "SMC is stepped over");
         cpu.x[0] = 0x8400_0008;
-        assert_eq!(
-            cpu.exit(&vm, 0, sync(HVC, 0), &mut el1, &mut out),
-            Next::Stop
-        );
+        assert_eq!(cpu.exit(&vm, 0, sync(HVC, 0)), Next::Stop);
         assert_eq!(vm.status(), VmStatus::Off);
         // A VM that is off does not run again.
-        assert_eq!(
-            cpu.exit(&vm, 0, boot::Exit::Irq, &mut el1, &mut out),
-            Next::Stop
-        );
+        assert_eq!(cpu.exit(&vm, 0, boot::Exit::Irq), Next::Stop);
         assert_eq!(vm.leave(), crate::vm::Leave::Destroy);
         assert_eq!(m.outcome(), None, "idle but not destroyed yet");
         m.destroy(vm.id).expect("destroy");
@@ -954,23 +944,15 @@ mod tests {
     #[test]
     fn unmapped_read_stops_only_that_vm() {
         let m = manager();
-        let a = m.create(desc(0x5000_0000, 1)).expect("a");
-        let b = m.create(desc(0x5010_0000, 2)).expect("b");
-        a.state.lock().psci.take_pending(0);
-        b.state.lock().psci.take_pending(0);
-        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
-        let n = cpu.exit(
-            &a,
-            0,
-            sync(dabt(false, 1, 3), 0x7000_0000),
-            &mut el1,
-            &mut out,
-        );
+        let a = running(&m, desc(0x5000_0000, 1));
+        let b = running(&m, desc(0x5010_0000, 2));
+        let mut cpu = Cpu::new();
+        let n = cpu.exit(&a, 0, sync(dabt(false, 1, 3), 0x7000_0000));
         assert_eq!(n, Next::Stop);
         assert_eq!(a.status(), VmStatus::Failed);
         assert_eq!(a.state.lock().psci.running(), 0);
         assert_eq!(b.status(), VmStatus::Running);
-        assert_eq!(el1.set, None);
+        assert_eq!(cpu.el1.set, None);
         m.destroy(a.id).expect("destroy a");
         assert_eq!(m.outcome(), None, "the other VM still runs");
         b.state.lock().status = VmStatus::Off;
@@ -987,24 +969,17 @@ mod tests {
         let m = manager();
         let mut d = desc(0x5000_0000, 1);
         d.abort = AbortPolicy::Inject;
-        let vm = m.create(d).expect("vm");
-        vm.state.lock().psci.take_pending(0);
-        let (mut cpu, mut out) = (Cpu::new(), Lines::default());
-        let mut el1 = El1 {
+        let vm = running(&m, d);
+        let mut cpu = Cpu::new();
+        cpu.el1 = El1 {
             vbar: 0x4000_8000,
             sctlr: SCTLR_SPAN,
             ..El1::default()
         };
         cpu.pstate = 0x345; // EL1h, I and F masked, some flags
-        let n = cpu.exit(
-            &vm,
-            0,
-            sync(dabt(false, 1, 3), 0x7000_0010),
-            &mut el1,
-            &mut out,
-        );
+        let n = cpu.exit(&vm, 0, sync(dabt(false, 1, 3), 0x7000_0010));
         assert_eq!(n, Next::Resume);
-        let (esr, far, elr, spsr) = el1.set.expect("exception registers written");
+        let (esr, far, elr, spsr) = cpu.el1.set.expect("exception registers written");
         assert_eq!(esr >> 26, 0x25);
         assert_eq!(esr & 0x3f, 0x10);
         assert_eq!(far, 0xffff_0000_0000_0010);
@@ -1013,15 +988,9 @@ mod tests {
         assert_eq!(cpu.pstate, 0x3c5);
         // From EL0 the lower-EL vector is used.
         cpu.pstate = 0;
-        cpu.exit(
-            &vm,
-            0,
-            sync(dabt(true, 1, 3), 0x7000_0010),
-            &mut el1,
-            &mut out,
-        );
+        cpu.exit(&vm, 0, sync(dabt(true, 1, 3), 0x7000_0010));
         assert_eq!(cpu.pc, 0x4000_8400);
-        assert_eq!(el1.set.map(|s| s.0 >> 26), Some(0x24));
+        assert_eq!(cpu.el1.set.map(|s| s.0 >> 26), Some(0x24));
         assert_eq!(vm.status(), VmStatus::Running);
     }
 
@@ -1030,34 +999,23 @@ mod tests {
         let m = manager();
         let mut d = desc(0x5000_0000, 1);
         d.cpus.push(2);
-        let vm = m.create(d).expect("vm");
-        vm.state.lock().psci.take_pending(0);
-        let (mut c0, mut c1, mut el1, mut out) =
-            (Cpu::new(), Cpu::new(), El1::default(), Lines::default());
+        let vm = running(&m, d);
+        let (mut c0, mut c1) = (Cpu::new(), Cpu::new());
         c0.x[..4].copy_from_slice(&[0xC400_0003, 1, 0x4000_2000, 9]);
-        assert_eq!(
-            c0.exit(&vm, 0, sync(HVC, 0), &mut el1, &mut out),
-            Next::Resume
-        );
+        assert_eq!(c0.exit(&vm, 0, sync(HVC, 0)), Next::Resume);
         assert_eq!(c0.x[0], 0);
         assert_eq!(vm.state.lock().psci.take_pending(1), Some((0x4000_2000, 9)));
         c1.x[0] = 0xC600_0001;
-        c1.exit(&vm, 1, sync(HVC, 0), &mut el1, &mut out);
+        c1.exit(&vm, 1, sync(HVC, 0));
         assert_eq!(c1.x[3], 1, "vCPU index");
         c1.x[0] = 0x8400_0002;
-        assert_eq!(
-            c1.exit(&vm, 1, sync(HVC, 0), &mut el1, &mut out),
-            Next::Stop
-        );
+        assert_eq!(c1.exit(&vm, 1, sync(HVC, 0)), Next::Stop);
         assert_eq!(
             vm.state.lock().psci.state(1),
             Some(crate::vm::psci::PowerState::Off)
         );
         c0.x[0] = 0x8400_0009;
-        assert_eq!(
-            c0.exit(&vm, 0, sync(HVC, 0), &mut el1, &mut out),
-            Next::Stop
-        );
+        assert_eq!(c0.exit(&vm, 0, sync(HVC, 0)), Next::Stop);
     }
 
     #[test]
@@ -1066,50 +1024,32 @@ mod tests {
         // part of a block, or reclaiming it) leaves the range invalid for a moment: an
         // access that faulted then finds the page mapped again and runs once more.
         let m = manager();
-        let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
-        vm.state.lock().psci.take_pending(0);
-        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
-        let n = cpu.exit(
-            &vm,
-            0,
-            sync(dabt(false, 1, 3), 0x4000_2008),
-            &mut el1,
-            &mut out,
-        );
+        let vm = running(&m, desc(0x5000_0000, 1));
+        let mut cpu = Cpu::new();
+        let n = cpu.exit(&vm, 0, sync(dabt(false, 1, 3), 0x4000_2008));
         assert_eq!(n, Next::Resume);
         assert_eq!(cpu.pc, 0x4000_1000, "the faulting instruction runs again");
         assert_eq!(vm.status(), VmStatus::Running);
-        assert_eq!(el1.set, None, "no abort injected");
+        assert_eq!(cpu.el1.set, None, "no abort injected");
         // A permission fault on a mapped page is not a transient state: the policy holds.
         let perm = (dabt(true, 1, 3) & !0x3f) | 0x0f;
-        assert_eq!(
-            cpu.exit(&vm, 0, sync(perm, 0x4000_2008), &mut el1, &mut out),
-            Next::Stop
-        );
+        assert_eq!(cpu.exit(&vm, 0, sync(perm, 0x4000_2008)), Next::Stop);
         assert_eq!(vm.status(), VmStatus::Failed);
     }
 
     #[test]
     fn unexpected_exits_stop_the_vm() {
         let m = manager();
-        let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
-        vm.state.lock().psci.take_pending(0);
-        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
-        assert_eq!(
-            cpu.exit(&vm, 0, boot::Exit::Irq, &mut el1, &mut out),
-            Next::Resume
-        );
-        assert_eq!(cpu.exit(&vm, 0, sync(0, 0), &mut el1, &mut out), Next::Stop);
+        let vm = running(&m, desc(0x5000_0000, 1));
+        let mut cpu = Cpu::new();
+        assert_eq!(cpu.exit(&vm, 0, boot::Exit::Irq), Next::Resume);
+        assert_eq!(cpu.exit(&vm, 0, sync(0, 0)), Next::Stop);
         assert_eq!(vm.status(), VmStatus::Failed);
         // Even the UART needs a valid syndrome: without ISV it is an abort.
-        let vm2 = m.create(desc(0x5010_0000, 2)).expect("vm2");
-        vm2.state.lock().psci.take_pending(0);
+        let vm2 = running(&m, desc(0x5010_0000, 2));
         let no_isv = (0x24 << 26) | (1 << 25) | (1 << 6) | 0x07;
-        assert_eq!(
-            cpu.exit(&vm2, 0, sync(no_isv, 0x0900_0000), &mut el1, &mut out),
-            Next::Stop
-        );
-        assert!(out.0.is_empty());
+        assert_eq!(cpu.exit(&vm2, 0, sync(no_isv, 0x0900_0000)), Next::Stop);
+        assert!(cpu.out.0.is_empty());
     }
 
     /// Every guest state an abort can come from lands at its own vector with the
@@ -1119,8 +1059,7 @@ mod tests {
         let m = manager();
         let mut d = desc(0x5000_0000, 1);
         d.abort = AbortPolicy::Inject;
-        let vm = m.create(d).expect("vm");
-        vm.state.lock().psci.take_pending(0);
+        let vm = running(&m, d);
         // (SPSR_EL2 of the guest, vector offset, ESR_EL1.EC of a data abort)
         let nzcv = 0xa000_0000;
         for (spsr, offset, ec) in [
@@ -1130,23 +1069,17 @@ mod tests {
             (nzcv | 0x10, 0x600, 0x24),  // User mode, AArch32 (A32)
             (nzcv | 0x30, 0x600, 0x24),  // User mode, AArch32, T32 (T bit 5)
         ] {
-            let (mut cpu, mut out) = (Cpu::new(), Lines::default());
-            let mut el1 = El1 {
+            let mut cpu = Cpu::new();
+            cpu.el1 = El1 {
                 vbar: 0x4000_8000,
                 sctlr: SCTLR_SPAN,
                 ..El1::default()
             };
             cpu.pstate = spsr;
-            let n = cpu.exit(
-                &vm,
-                0,
-                sync(dabt(true, 1, 2), 0x7000_0010),
-                &mut el1,
-                &mut out,
-            );
+            let n = cpu.exit(&vm, 0, sync(dabt(true, 1, 2), 0x7000_0010));
             assert_eq!(n, Next::Resume);
             assert_eq!(cpu.pc, 0x4000_8000 + offset, "SPSR {spsr:#x}");
-            let (esr, _, elr, saved) = el1.set.expect("injected");
+            let (esr, _, elr, saved) = cpu.el1.set.expect("injected");
             assert_eq!(esr >> 26, ec, "SPSR {spsr:#x}");
             assert_eq!((elr, saved), (0x4000_1000, spsr));
             assert_eq!(cpu.pstate, nzcv | 0x3c5, "NZCV kept, EL1h, DAIF masked");
@@ -1188,15 +1121,14 @@ mod tests {
                 1,
             );
             d.abort = policy;
-            let vm = m.create(d).expect("vm");
-            vm.state.lock().psci.take_pending(0);
-            let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+            let vm = running(&m, d);
+            let mut cpu = Cpu::new();
             cpu.x[5] = u64::from(b'x');
             // A write with a valid syndrome, S1PTW = 1.
             let esr = dabt(true, 5, 0) | 1 << 7;
-            let n = cpu.exit(&vm, 0, sync(esr, 0x0900_0000), &mut el1, &mut out);
-            vm.flush_console(&mut out);
-            assert!(out.0.is_empty(), "nothing printed: {:?}", out.0);
+            let n = cpu.exit(&vm, 0, sync(esr, 0x0900_0000));
+            vm.flush_console(&mut cpu.out);
+            assert!(cpu.out.0.is_empty(), "nothing printed: {:?}", cpu.out.0);
             match policy {
                 AbortPolicy::Stop => {
                     assert_eq!(n, Next::Stop);
@@ -1204,7 +1136,7 @@ mod tests {
                 }
                 AbortPolicy::Inject => {
                     assert_eq!(n, Next::Resume);
-                    assert!(el1.set.is_some(), "abort injected");
+                    assert!(cpu.el1.set.is_some(), "abort injected");
                     assert_eq!(cpu.pc, 0x200, "VBAR_EL1 0 + current EL SPx");
                 }
             }
@@ -1233,34 +1165,27 @@ mod tests {
     #[test]
     fn a_flooding_guest_is_rate_limited() {
         let m = manager();
-        let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
-        vm.state.lock().psci.take_pending(0);
-        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+        let vm = running(&m, desc(0x5000_0000, 1));
+        let mut cpu = Cpu::new();
         for i in 0..1000u64 {
-            out.1 = 1_000_000 + i * 100;
+            cpu.out.1 = 1_000_000 + i * 100;
             for b in b"spam\n" {
                 cpu.x[5] = u64::from(*b);
-                cpu.exit(
-                    &vm,
-                    0,
-                    sync(dabt(true, 5, 0), 0x0900_0000),
-                    &mut el1,
-                    &mut out,
-                );
+                cpu.exit(&vm, 0, sync(dabt(true, 5, 0), 0x0900_0000));
             }
         }
         let (burst, rate) = crate::console::limit::VmConsole::GUEST;
-        let printed = out.0.len() as u64;
+        let printed = cpu.out.0.len() as u64;
         assert!(
             printed >= u64::from(burst) && printed <= u64::from(burst + rate / 10 + 1),
             "{printed} lines printed"
         );
-        vm.flush_console(&mut out);
+        vm.flush_console(&mut cpu.out);
         assert_eq!(
-            printed + dropped_reported(&out.2),
+            printed + dropped_reported(&cpu.out.2),
             1000,
             "every line printed or counted: {:?}",
-            out.2
+            cpu.out.2
         );
     }
 
@@ -1269,50 +1194,35 @@ mod tests {
     #[test]
     fn a_thousand_share_reclaim_pairs_are_rate_limited() {
         let m = manager();
-        let a = m.create(desc(0x5000_0000, 1)).expect("a");
-        let b = m.create(desc(0x5010_0000, 2)).expect("b");
-        a.state.lock().psci.take_pending(0);
-        b.state.lock().psci.take_pending(0);
-        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
-        let hvc = |cpu: &mut Cpu, out: &mut Lines, el1: &mut El1, regs: &[u64]| {
+        let a = running(&m, desc(0x5000_0000, 1));
+        let b = running(&m, desc(0x5010_0000, 2));
+        let mut cpu = Cpu::new();
+        let hvc = |cpu: &mut Cpu, regs: &[u64]| {
             cpu.x[..regs.len()].copy_from_slice(regs);
-            let mut ctx = VcpuCtx {
-                x: &mut cpu.x,
-                pc: &mut cpu.pc,
-                pstate: &mut cpu.pstate,
-            };
-            handle_exit(
-                &a,
-                0,
-                &mut ctx,
-                sync(HVC, 0),
-                &mut TestHost { el1, out },
-                &mut |req| m.share_call(&a, 0, req),
-                &mut VcpuMask::default(),
-            );
+            cpu.exit_sharing(&a, 0, sync(HVC, 0), &mut |req| m.share_call(&a, 0, req));
             cpu.x[..2].try_into().map_or([0, 0], |r: [u64; 2]| r)
         };
         for i in 0..1000u64 {
-            out.1 = 1_000_000 + i * 1000;
-            let [r, handle] = hvc(
-                &mut cpu,
-                &mut out,
-                &mut el1,
-                &[0xC600_0010, 0x4000_0000, 1, 1, 1],
-            );
+            cpu.out.1 = 1_000_000 + i * 1000;
+            let [r, handle] = hvc(&mut cpu, &[0xC600_0010, 0x4000_0000, 1, 1, 1]);
             assert_eq!(r, 0, "SHARE {i}");
-            let [r, _] = hvc(&mut cpu, &mut out, &mut el1, &[0xC600_0014, handle]);
+            let [r, _] = hvc(&mut cpu, &[0xC600_0014, handle]);
             assert_eq!(r, 0, "RECLAIM {i}");
         }
         let (burst, rate) = crate::console::limit::VmConsole::EVENTS;
         // 1 s of calls: at most the burst and one second's refill were printed.
-        let printed = out.2.iter().filter(|l| l.contains(" handle ")).count() as u64;
+        let printed = cpu.out.2.iter().filter(|l| l.contains(" handle ")).count() as u64;
         assert!(
             printed <= u64::from(burst + rate + 1),
             "{printed} lines printed"
         );
-        a.flush_console(&mut out);
-        assert_eq!(printed + dropped_reported(&out.2), 2000, "{:?}", out.2);
+        a.flush_console(&mut cpu.out);
+        assert_eq!(
+            printed + dropped_reported(&cpu.out.2),
+            2000,
+            "{:?}",
+            cpu.out.2
+        );
         assert_eq!(
             b.console.lock().events.take_dropped(),
             0,
@@ -1345,52 +1255,36 @@ mod tests {
     fn serror_follows_severity_and_the_abort_policy() {
         use cpu_state::serror::aet;
         let m = manager();
-        let (mut cpu, mut out) = (Cpu::new(), Lines::default());
+        let mut cpu = Cpu::new();
         // Policy inject: a recoverable error becomes a virtual SError of that severity.
         let mut d = desc(0x5000_0000, 1);
         d.abort = AbortPolicy::Inject;
-        let vm = m.create(d).expect("vm");
-        vm.state.lock().psci.take_pending(0);
-        let mut el1 = ras_cpu();
-        assert_eq!(
-            cpu.exit(&vm, 0, serror(ras(aet::UER)), &mut el1, &mut out),
-            Next::Resume
-        );
-        assert_eq!(el1.vse, Some(Some(ras(aet::UER))));
+        let vm = running(&m, d);
+        cpu.el1 = ras_cpu();
+        assert_eq!(cpu.exit(&vm, 0, serror(ras(aet::UER))), Next::Resume);
+        assert_eq!(cpu.el1.vse, Some(Some(ras(aet::UER))));
         // Corrected: nothing injected, the guest goes on.
-        let mut el1 = ras_cpu();
-        assert_eq!(
-            cpu.exit(&vm, 0, serror(ras(aet::CE)), &mut el1, &mut out),
-            Next::Resume
-        );
-        assert_eq!(el1.vse, None);
+        cpu.el1 = ras_cpu();
+        assert_eq!(cpu.exit(&vm, 0, serror(ras(aet::CE))), Next::Resume);
+        assert_eq!(cpu.el1.vse, None);
         // No FEAT_RAS: injected with no syndrome register.
-        let mut el1 = El1::default();
-        cpu.exit(&vm, 0, serror(ras(aet::UC)), &mut el1, &mut out);
-        assert_eq!(el1.vse, Some(None));
+        cpu.el1 = El1::default();
+        cpu.exit(&vm, 0, serror(ras(aet::UC)));
+        assert_eq!(cpu.el1.vse, Some(None));
         // Uncontainable on a RAS CPU: the machine stops, whatever the policy.
-        let mut el1 = ras_cpu();
-        assert_eq!(
-            cpu.exit(&vm, 0, serror(ras(aet::UC)), &mut el1, &mut out),
-            Next::Fatal
-        );
-        assert_eq!(el1.vse, None);
+        cpu.el1 = ras_cpu();
+        assert_eq!(cpu.exit(&vm, 0, serror(ras(aet::UC))), Next::Fatal);
+        assert_eq!(cpu.el1.vse, None);
         // Unrecoverable: this VM stops, even with policy inject.
-        assert_eq!(
-            cpu.exit(&vm, 0, serror(ras(aet::UEU)), &mut ras_cpu(), &mut out),
-            Next::Stop
-        );
+        cpu.el1 = ras_cpu();
+        assert_eq!(cpu.exit(&vm, 0, serror(ras(aet::UEU))), Next::Stop);
         assert_eq!(vm.status(), VmStatus::Failed);
 
         // Policy stop: a recoverable error stops the VM, nothing is injected.
-        let vm = m.create(desc(0x5010_0000, 2)).expect("vm");
-        vm.state.lock().psci.take_pending(0);
-        let mut el1 = ras_cpu();
-        assert_eq!(
-            cpu.exit(&vm, 0, serror(ras(aet::UEO)), &mut el1, &mut out),
-            Next::Stop
-        );
-        assert_eq!((el1.vse, vm.status()), (None, VmStatus::Failed));
+        let vm = running(&m, desc(0x5010_0000, 2));
+        cpu.el1 = ras_cpu();
+        assert_eq!(cpu.exit(&vm, 0, serror(ras(aet::UEO))), Next::Stop);
+        assert_eq!((cpu.el1.vse, vm.status()), (None, VmStatus::Failed));
     }
 
     /// ESR of a trapped MSR/MRS (EC 0x18) of `(op0, op1, crn, crm, op2)` with `rt`.
@@ -1410,59 +1304,28 @@ mod tests {
     #[test]
     fn trapped_registers_are_emulated_and_others_stop_the_vm() {
         let m = manager();
-        let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
-        vm.state.lock().psci.take_pending(0);
-        let (mut cpu, mut out) = (Cpu::new(), Lines::default());
-        let mut el1 = El1::default();
+        let vm = running(&m, desc(0x5000_0000, 1));
+        let mut cpu = Cpu::new();
+        cpu.el1 = El1::default();
         // ACTLR_EL1 reads as zero; the PC steps over the MRS.
         cpu.x[3] = 0xdead;
         let pc = cpu.pc;
-        let n = cpu.exit(
-            &vm,
-            0,
-            sync(msr((3, 0, 1, 0, 1), 3, true), 0),
-            &mut el1,
-            &mut out,
-        );
+        let n = cpu.exit(&vm, 0, sync(msr((3, 0, 1, 0, 1), 3, true), 0));
         assert_eq!((n, cpu.x[3], cpu.pc), (Next::Resume, 0, pc + 4));
         // A PMCR_EL0 write where DP must be forced (PMUv3p1).
-        el1.id.dfr0 = 4 << 8;
+        cpu.el1.id.dfr0 = 4 << 8;
         cpu.x[2] = 0b1;
-        cpu.exit(
-            &vm,
-            0,
-            sync(msr((3, 3, 9, 12, 0), 2, false), 0),
-            &mut el1,
-            &mut out,
-        );
-        assert_eq!(el1.pmcr, 0b1 | cpu_state::sysreg::PMCR_DP);
+        cpu.exit(&vm, 0, sync(msr((3, 3, 9, 12, 0), 2, false), 0));
+        assert_eq!(cpu.el1.pmcr, 0b1 | cpu_state::sysreg::PMCR_DP);
         // A set/way sweep start cleans the VM's RAM by VA, once; the rest of it does not.
         cpu.x[0] = 0b010;
-        cpu.exit(
-            &vm,
-            0,
-            sync(msr((1, 0, 7, 14, 2), 0, false), 0),
-            &mut el1,
-            &mut out,
-        );
+        cpu.exit(&vm, 0, sync(msr((1, 0, 7, 14, 2), 0, false), 0));
         cpu.x[0] = (1 << 30) | 0b010;
-        cpu.exit(
-            &vm,
-            0,
-            sync(msr((1, 0, 7, 14, 2), 0, false), 0),
-            &mut el1,
-            &mut out,
-        );
+        cpu.exit(&vm, 0, sync(msr((1, 0, 7, 14, 2), 0, false), 0));
         let ram: Vec<_> = vm.desc.memory.iter().map(|r| (r.pa, r.size)).collect();
-        assert_eq!(el1.flushed, ram);
+        assert_eq!(cpu.el1.flushed, ram);
         // An IMPLEMENTATION DEFINED register: an unknown exit, the VM stops.
-        let n = cpu.exit(
-            &vm,
-            0,
-            sync(msr((3, 1, 15, 2, 0), 1, true), 0),
-            &mut el1,
-            &mut out,
-        );
+        let n = cpu.exit(&vm, 0, sync(msr((3, 1, 15, 2, 0), 1, true), 0));
         assert_eq!((n, vm.status()), (Next::Stop, VmStatus::Failed));
     }
 
@@ -1476,35 +1339,23 @@ mod tests {
         let m = manager();
         let mut d = desc(0x5000_0000, 1);
         d.cpus.push(2);
-        let vm = m.create(d).expect("vm");
+        let vm = running(&m, d);
         let other = m.create(desc(0x5010_0000, 3)).expect("other vm");
-        vm.state.lock().psci.take_pending(0);
-        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
+        let mut cpu = Cpu::new();
         // GICD_CTLR.EnableGrp1, then SGI 3 enabled on vCPU 1 (GICR_ISENABLER0).
         cpu.x[1] = 2;
-        cpu.exit(
-            &vm,
-            0,
-            sync(dabt(true, 1, 2), 0x0800_0000),
-            &mut el1,
-            &mut out,
-        );
+        cpu.exit(&vm, 0, sync(dabt(true, 1, 2), 0x0800_0000));
         cpu.x[1] = 1 << 3;
         cpu.exit(
             &vm,
             0,
             sync(dabt(true, 1, 2), 0x080c_0000 + 0x1_0000 + 0x100),
-            &mut el1,
-            &mut out,
         );
         cpu.kicks = VcpuMask::EMPTY;
         // Broadcast (IRM) SGI 3 from vCPU 0: vCPU 1 of this VM, nobody else.
         cpu.x[4] = (3 << 24) | (1 << 40);
         let pc = cpu.pc;
-        assert_eq!(
-            cpu.exit(&vm, 0, sync(sgi1r_write(4), 0), &mut el1, &mut out),
-            Next::Resume
-        );
+        assert_eq!(cpu.exit(&vm, 0, sync(sgi1r_write(4), 0)), Next::Resume);
         assert_eq!(cpu.pc, pc + 4, "the MSR is stepped over");
         assert_eq!(cpu.kicks, VcpuMask(0b10));
         let pend = vm
@@ -1521,20 +1372,11 @@ mod tests {
         assert_eq!(p, 0, "the other VM got nothing");
         // A read of the distributor's GICD_TYPER through the abort path.
         cpu.x[7] = 0xdead;
-        cpu.exit(
-            &vm,
-            0,
-            sync(dabt(false, 7, 2), 0x0800_0004),
-            &mut el1,
-            &mut out,
-        );
+        cpu.exit(&vm, 0, sync(dabt(false, 7, 2), 0x0800_0004));
         assert_eq!(cpu.x[7], u64::from(vm.vgic.lock().gicd_typer()));
         // Any other trapped system register stops the VM.
         let other_sysreg = (0x18 << 26) | (1 << 25) | (3 << 20) | (1 << 10) | 1;
-        assert_eq!(
-            cpu.exit(&vm, 0, sync(other_sysreg, 0), &mut el1, &mut out),
-            Next::Stop
-        );
+        assert_eq!(cpu.exit(&vm, 0, sync(other_sysreg, 0)), Next::Stop);
         assert_eq!(vm.status(), VmStatus::Failed);
     }
 
@@ -1543,22 +1385,15 @@ mod tests {
         let m = manager();
         let mut d = desc(0x5000_0000, 1);
         d.abort = AbortPolicy::Inject;
-        let vm = m.create(d).expect("vm");
-        vm.state.lock().psci.take_pending(0);
-        let (mut cpu, mut out) = (Cpu::new(), Lines::default());
-        let mut el1 = El1 {
+        let vm = running(&m, d);
+        let mut cpu = Cpu::new();
+        cpu.el1 = El1 {
             vbar: 0x4000_8000,
             ..El1::default()
         };
         // A byte read of GICD_CTLR is not allowed (IHI 0069 12.1.3): abort injected.
-        cpu.exit(
-            &vm,
-            0,
-            sync(dabt(false, 3, 0), 0x0800_0000),
-            &mut el1,
-            &mut out,
-        );
-        assert!(el1.set.is_some());
+        cpu.exit(&vm, 0, sync(dabt(false, 3, 0), 0x0800_0000));
+        assert!(cpu.el1.set.is_some());
         assert_eq!(cpu.pc, 0x4000_8200);
         assert_eq!(vm.status(), VmStatus::Running);
     }
@@ -1566,24 +1401,23 @@ mod tests {
     #[test]
     fn the_uart_transmit_interrupt_goes_through_the_virtual_gic() {
         let m = manager();
-        let vm = m.create(desc(0x5000_0000, 1)).expect("vm");
-        vm.state.lock().psci.take_pending(0);
-        let (mut cpu, mut el1, mut out) = (Cpu::new(), El1::default(), Lines::default());
-        let w = |cpu: &mut Cpu, el1: &mut El1, out: &mut Lines, ipa: u64, v: u64| {
+        let vm = running(&m, desc(0x5000_0000, 1));
+        let mut cpu = Cpu::new();
+        let w = |cpu: &mut Cpu, ipa: u64, v: u64| {
             cpu.x[2] = v;
-            cpu.exit(&vm, 0, sync(dabt(true, 2, 2), ipa), el1, out);
+            cpu.exit(&vm, 0, sync(dabt(true, 2, 2), ipa));
         };
         // GICD_CTLR, SPI 33 enabled (GICD_ISENABLER1 bit 1), UART TX interrupt unmasked.
-        w(&mut cpu, &mut el1, &mut out, 0x0800_0000, 2);
-        w(&mut cpu, &mut el1, &mut out, 0x0800_0104, 2);
-        w(&mut cpu, &mut el1, &mut out, 0x0900_0038, 1 << 5);
+        w(&mut cpu, 0x0800_0000, 2);
+        w(&mut cpu, 0x0800_0104, 2);
+        w(&mut cpu, 0x0900_0038, 1 << 5);
         cpu.kicks = VcpuMask::EMPTY;
-        w(&mut cpu, &mut el1, &mut out, 0x0900_0000, u64::from(b'x'));
+        w(&mut cpu, 0x0900_0000, u64::from(b'x'));
         assert_eq!(cpu.kicks, VcpuMask(1), "SPI 33 is deliverable to vCPU 0");
         let pend = vm.vgic.lock().dist_read(0x204, 4).expect("read");
         assert_eq!(pend, 2, "GICD_ISPENDR1 shows INTID 33");
         // UARTICR lowers the line: no longer pending.
-        w(&mut cpu, &mut el1, &mut out, 0x0900_0044, 1 << 5);
+        w(&mut cpu, 0x0900_0044, 1 << 5);
         assert_eq!(vm.vgic.lock().dist_read(0x204, 4), Ok(0));
     }
 }

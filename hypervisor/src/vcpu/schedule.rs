@@ -242,6 +242,15 @@ mod tests {
         );
     }
 
+    /// [`two_vcpus`] with vCPU 0 started, and vCPU 1 started by its `CPU_ON`.
+    fn both_running(m: &VmManager<crate::vm::tests::Fake>) -> Arc<Vm<crate::vm::tests::FakeS2>> {
+        let vm = two_vcpus(m);
+        enter(&vm, 0);
+        assert_eq!(hvc(&vm, 0, &[CPU_ON, 1, 0x4000_1000, 0]), (Next::Resume, 0));
+        enter(&vm, 1);
+        vm
+    }
+
     /// vCPU 0 starts vCPU 1, sees it ON and powers the VM off while vCPU 1's CPU has
     /// taken its start but not entered yet: the VM stays alive (stage 2, VMID) until
     /// that CPU has backed out, and is destroyed then, by it.
@@ -292,10 +301,7 @@ mod tests {
     #[test]
     fn a_reset_from_vcpu_1_with_vcpu_0_off_starts_vcpu_0() {
         let m = manager();
-        let vm = two_vcpus(&m);
-        enter(&vm, 0);
-        hvc(&vm, 0, &[CPU_ON, 1, 0x4000_1000, 0]);
-        enter(&vm, 1);
+        let vm = both_running(&m);
         assert_eq!(hvc(&vm, 0, &[CPU_OFF]).0, Next::Stop);
         assert_eq!(vcpu_left(&m, &vm), None);
         assert_eq!(hvc(&vm, 1, &[SYSTEM_RESET]).0, Next::Stop);
@@ -319,10 +325,7 @@ mod tests {
     #[test]
     fn a_reset_waits_for_the_last_loaded_vcpu() {
         let m = manager();
-        let vm = two_vcpus(&m);
-        enter(&vm, 0);
-        hvc(&vm, 0, &[CPU_ON, 1, 0x4000_1000, 0]);
-        enter(&vm, 1);
+        let vm = both_running(&m);
         let zeroed = m.with_backend(|p| p.zeroed());
         assert_eq!(hvc(&vm, 0, &[SYSTEM_RESET]).0, Next::Stop);
         assert_eq!(vcpu_left(&m, &vm), None);
@@ -346,10 +349,7 @@ mod tests {
     fn system_off_and_reset_racing() {
         for off_first in [true, false] {
             let m = manager();
-            let vm = two_vcpus(&m);
-            enter(&vm, 0);
-            hvc(&vm, 0, &[CPU_ON, 1, 0x4000_1000, 0]);
-            enter(&vm, 1);
+            let vm = both_running(&m);
             let (first, second) = if off_first {
                 (SYSTEM_OFF, SYSTEM_RESET)
             } else {
