@@ -62,6 +62,28 @@ fn scripts_run_explains_bad_options() {
             &["--no-build", "--kernel", "Cargo.toml", "--mem", "lots"],
             "'lots' is not a size",
         ),
+        // Sizes and counts the machine's RAM is computed from, before any check of the
+        // kernel: an error, not an overflow or an allocation per requested VM.
+        (
+            &[
+                "--no-build",
+                "--kernel",
+                "Cargo.toml",
+                "--mem",
+                "17179869182G",
+            ],
+            "do not fit in the address space",
+        ),
+        (
+            &[
+                "--no-build",
+                "--kernel",
+                "Cargo.toml",
+                "--vms-count",
+                "4000000000",
+            ],
+            "the hypervisor brings up",
+        ),
         (
             &[
                 "--no-build",

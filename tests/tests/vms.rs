@@ -9,6 +9,13 @@ use std::time::Duration;
 
 use integration::{artifact, exit_status, root, AbortPolicy, Boot, Ram, Run, Staged, VmNode};
 
+// The test guest's `arg` bits, from the guest's own definition (all of them; each test
+// sets the ones it needs).
+#[allow(dead_code)]
+#[path = "../guest/src/arg.rs"]
+mod arg;
+use arg::*;
+
 const CPUS: u32 = 4;
 /// Where QEMU stages the test guest (the start of the staging range of
 /// docs/memory-map.md).
@@ -169,8 +176,8 @@ fn two_vms(cpu: &str, vmid_bits: u32) {
         cpu,
         &[
             // Both linger for three seconds, so that their runs overlap.
-            with_arg(guest("alpha", &[1], 0x5000_0000), 4),
-            with_arg(guest("beta", &[2], 0x5020_0000), 4),
+            with_arg(guest("alpha", &[1], 0x5000_0000), ARG_LINGER),
+            with_arg(guest("beta", &[2], 0x5020_0000), ARG_LINGER),
         ],
         &[],
     );
@@ -214,15 +221,15 @@ fn unmapped_ipa_stops_or_aborts_only_that_vm() {
         "cortex-a57",
         &[
             // Reads the hypervisor's image (its PA used as an IPA): stopped by the hypervisor.
-            with_arg(guest("alpha", &[1], 0x5000_0000), 0x4020_0000 | 1),
+            with_arg(guest("alpha", &[1], 0x5000_0000), 0x4020_0000 | ARG_ABORT),
             // Reads alpha's RAM (its PA used as an IPA), gets an injected abort and carries on.
             {
-                let mut vm = with_arg(guest("beta", &[2], 0x5020_0000), 0x5000_0000 | 1);
+                let mut vm = with_arg(guest("beta", &[2], 0x5020_0000), 0x5000_0000 | ARG_ABORT);
                 vm.abort_policy = Some(AbortPolicy::Inject);
                 vm
             },
             // Does not touch it and runs on for three seconds after the others.
-            with_arg(guest("gamma", &[3], 0x5040_0000), 4),
+            with_arg(guest("gamma", &[3], 0x5040_0000), ARG_LINGER),
         ],
         &[],
     );
@@ -253,7 +260,10 @@ fn second_vcpu_starts_with_psci_cpu_on() {
     let r = run(
         "cpu-on",
         "cortex-a57",
-        &[with_arg(guest("duo", &[1, 2], 0x5000_0000), 2)],
+        &[with_arg(
+            guest("duo", &[1, 2], 0x5000_0000),
+            ARG_SECOND_VCPU,
+        )],
         &[],
     );
     r.assert_success();
@@ -281,7 +291,7 @@ fn system_reset_restarts_the_vm_with_scrubbed_ram() {
     let r = run(
         "reset",
         "cortex-a57",
-        &[with_arg(guest("solo", &[1], 0x5000_0000), 8)],
+        &[with_arg(guest("solo", &[1], 0x5000_0000), ARG_RESET)],
         &[],
     );
     r.assert_success();
@@ -527,11 +537,6 @@ fn block_split_and_merge_under_load_from_another_vcpu() {
     assert_all_destroyed_without_leak(&r, &["owner", "receiver"]);
 }
 
-/// `arg` bits of the test guest's interrupt checks (`tests/guest/src/guest/irq.rs`).
-const ARG_IRQ: u64 = 1 << 11;
-const ARG_IRQ_LISTEN: u64 = 1 << 12;
-const ARG_SGI_ATTACK: u64 = 1 << 13;
-
 /// The virtual GIC from the inside, and isolation from the outside: VM `victim` (two
 /// vCPUs on CPUs 0 and 1) runs the interrupt checks (SPI ownership, SGIs by target list
 /// and broadcast to its own vCPUs, one of them waiting in WFI on another CPU, priorities,
@@ -635,8 +640,8 @@ fn pmu_sees_no_el2_cycles(cpu: &str) {
         &format!("pmu-{cpu}"),
         cpu,
         &[
-            with_arg(guest("counter", &[1], 0x5000_0000), 1 << 6),
-            with_arg(guest("bystander", &[2], 0x5020_0000), 4),
+            with_arg(guest("counter", &[1], 0x5000_0000), ARG_PMU),
+            with_arg(guest("bystander", &[2], 0x5020_0000), ARG_LINGER),
         ],
         &[],
     );
@@ -667,11 +672,6 @@ fn pmu_reads_as_zero_where_el2_cannot_be_filtered_on_cortex_a57() {
 // `arg` bits 7 to 10): after each, the other VMs passed and the hypervisor's invariants
 // hold (every VM destroyed, stage-2 frames and guest pages all back, no VMID in use).
 
-const ARG_LINGER: u64 = 1 << 2;
-const ARG_RACE: u64 = 1 << 7;
-const ARG_OFF_RESET: u64 = 1 << 8;
-const ARG_HOSTILE: u64 = 1 << 9;
-const ARG_BYSTANDER: u64 = 1 << 10;
 /// `hostile::RACE_BOOTS`.
 const RACE_BOOTS: usize = 20;
 

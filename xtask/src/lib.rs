@@ -64,10 +64,11 @@ pub fn kernel_guest(qemu: Qemu, guest: &KernelGuest, dir: &Path) -> Result<Qemu,
     }
     let mut qemu = qemu.kernel(artifacts::existing(artifacts::Artifact::Hypervisor.bin())?);
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let plan = guest.plan(&dt::dump(&qemu, dir)?.root, qemu.machine.memory)?;
+    let machine = dt::dump(&qemu, dir)?;
+    let plan = guest.plan(&machine.root, qemu.machine.memory)?;
     qemu.loads = plan.loads;
     let nodes: Vec<Node> = plan.vms.iter().map(VmNode::to_node).collect();
-    write_host_dtb(&mut qemu, &nodes, &[], dir)?;
+    add_vms(&mut qemu, machine, &nodes, &[], dir)?;
     Ok(qemu)
 }
 
@@ -87,7 +88,18 @@ pub fn write_host_dtb(
     dir: &Path,
 ) -> Result<DeviceTree, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut tree = dt::dump(qemu, dir)?;
+    let machine = dt::dump(qemu, dir)?;
+    add_vms(qemu, machine, vms, fragments, dir)
+}
+
+/// [`write_host_dtb`] from `tree`, the machine's tree QEMU already dumped for `qemu`.
+fn add_vms(
+    qemu: &mut Qemu,
+    mut tree: DeviceTree,
+    vms: &[Node],
+    fragments: &[PathBuf],
+    dir: &Path,
+) -> Result<DeviceTree, String> {
     tree.drop_memory_nodes();
     for vm in vms {
         tree.add_vm(vm.clone());

@@ -65,20 +65,19 @@ pub const MACHINE_RAM_BASE: u64 = 0x4000_0000;
 
 /// Where `count` VMs of `mem` bytes each go (2 MiB aligned, identity-mapped): first fit
 /// from [`GUEST_RAM_BASE`] up, around the staging range; returns their bases and the end
-/// of the last one.
-fn place_ram(mem: u64, count: u32) -> (Vec<u64>, u64) {
+/// of the last one, `None` when they would run past the end of the address space.
+fn place_ram(mem: u64, count: u32) -> Option<(Vec<u64>, u64)> {
     let mut bases = Vec::new();
     let mut at = GUEST_RAM_BASE;
     for _ in 0..count {
         // A VM that would reach into staging goes above it.
-        if at < STAGING.base + STAGING.size && at + mem > STAGING.base {
+        if at < STAGING.base + STAGING.size && at.checked_add(mem)? > STAGING.base {
             at = STAGING.base + STAGING.size;
         }
         bases.push(at);
-        at += mem;
+        at = at.checked_add(mem)?;
     }
-    let end = bases.last().map_or(GUEST_RAM_BASE, |b| b + mem);
-    (bases, end)
+    Some((bases, at))
 }
 
 fn align_up(v: u64, align: u64) -> u64 {
@@ -95,23 +94,14 @@ fn file_len(path: &Path, what: &str) -> Result<u64, String> {
 }
 
 impl KernelGuest {
-    /// The machine RAM the guests need: at least 2 GiB, rounded up to whole GiB.
-    #[must_use]
-    pub fn machine_mem_needed(&self) -> Size {
-        let (_, end) = place_ram(self.mem.0, self.count.max(1));
-        let gib = 1u64 << 30;
-        Size((end - MACHINE_RAM_BASE).div_ceil(gib).max(2) * gib)
-    }
-
-    /// Lays the guests out and writes their VM nodes. `machine` is the device tree of
-    /// the machine they will run on (to check `devices`), `machine_mem` its RAM.
+    /// Checks the numbers the user gave: at least one VM of at least one vCPU, no more
+    /// vCPUs in all than the hypervisor brings up CPUs, RAM a multiple of 2 MiB of at
+    /// least [`MIN_RAM`], and all the VMs' RAM inside the address space.
     ///
     /// # Errors
     ///
-    /// A one-line message for a file that is missing, a size that does not fit, a
-    /// device the machine does not have, or a kernel the hypervisor would refuse.
-    pub fn plan(&self, machine: &Node, machine_mem: Size) -> Result<Plan, String> {
-        let (staging, staging_size) = (STAGING.base, STAGING.size);
+    /// A one-line message naming the option that is wrong.
+    pub fn check(&self) -> Result<(), String> {
         let mem = self.mem.0;
         if mem < MIN_RAM.0 || mem % IMAGE_BASE_ALIGN != 0 {
             return Err(format!(
@@ -125,8 +115,55 @@ impl KernelGuest {
         if self.count == 0 {
             return Err("--vms-count must be at least 1".into());
         }
-        let (bases, end) = place_ram(mem, self.count);
-        if end > MACHINE_RAM_BASE + machine_mem.0 {
+        let cpus = u64::from(self.cpus) * u64::from(self.count);
+        if cpus > boot::MAX_CPUS as u64 {
+            return Err(format!(
+                "{} VM(s) of --cpus {} need {cpus} CPUs, more than the {} the hypervisor \
+                 brings up",
+                self.count,
+                self.cpus,
+                boot::MAX_CPUS
+            ));
+        }
+        if place_ram(mem, self.count).is_none() {
+            return Err(format!(
+                "{} VM(s) of --mem {} do not fit in the address space",
+                self.count, self.mem
+            ));
+        }
+        Ok(())
+    }
+
+    /// The machine RAM the guests need: at least 2 GiB, rounded up to whole GiB.
+    ///
+    /// # Errors
+    ///
+    /// What [`KernelGuest::check`] says.
+    pub fn machine_mem_needed(&self) -> Result<Size, String> {
+        self.check()?;
+        let end = place_ram(self.mem.0, self.count).map_or(u64::MAX, |(_, end)| end);
+        let gib = 1u64 << 30;
+        Ok(Size(
+            (end - MACHINE_RAM_BASE)
+                .div_ceil(gib)
+                .max(2)
+                .saturating_mul(gib),
+        ))
+    }
+
+    /// Lays the guests out and writes their VM nodes. `machine` is the device tree of
+    /// the machine they will run on (to check `devices`), `machine_mem` its RAM.
+    ///
+    /// # Errors
+    ///
+    /// A one-line message for a file that is missing, a size that does not fit, a
+    /// device the machine does not have, or a kernel the hypervisor would refuse.
+    pub fn plan(&self, machine: &Node, machine_mem: Size) -> Result<Plan, String> {
+        let (staging, staging_size) = (STAGING.base, STAGING.size);
+        self.check()?;
+        let mem = self.mem.0;
+        let (bases, end) = place_ram(mem, self.count).ok_or("checked above")?;
+        if end > MACHINE_RAM_BASE.saturating_add(machine_mem.0) {
             return Err(format!(
                 "{} VM(s) of {} do not fit in the machine's {} of RAM (the hypervisor keeps \
                  the first {} and staging {}; docs/memory-map.md): give --machine-mem {}",
@@ -135,7 +172,7 @@ impl KernelGuest {
                 machine_mem,
                 Size(GUEST_RAM_BASE - MACHINE_RAM_BASE),
                 Size(staging_size),
-                self.machine_mem_needed()
+                self.machine_mem_needed()?
             ));
         }
         let ram_base = bases[0];
@@ -146,7 +183,7 @@ impl KernelGuest {
             .map_err(|e| format!("cannot read {}: {e}", self.kernel.display()))?;
         let placed = place_kernel(&head, klen, ram_base, mem).map_err(|e| {
             format!(
-                "{} cannot boot in {} of RAM: {e:?}",
+                "{} cannot boot in {} of RAM: {e}",
                 self.kernel.display(),
                 self.mem
             )
@@ -339,7 +376,7 @@ mod tests {
         g.initrd = Some(i.0.clone());
         g.count = 2;
         g.mem = Size::gib(1);
-        assert_eq!(g.machine_mem_needed(), Size::gib(3));
+        assert_eq!(g.machine_mem_needed(), Ok(Size::gib(3)));
         assert!(g.plan(&machine(), Size::gib(2)).is_err(), "does not fit 2G");
         let plan = g.plan(&machine(), Size::gib(4)).expect("plans");
         let [a, b] = &plan.vms[..] else {
@@ -392,6 +429,20 @@ mod tests {
         let mut g = guest(&k.0);
         g.cpus = 0;
         assert!(err(g).contains("--cpus"));
+        // Sizes and counts that would overflow the RAM placement or allocate a base per
+        // VM for billions of VMs are refused before anything is placed.
+        let mut g = guest(&k.0);
+        g.mem = Size(u64::MAX - (IMAGE_BASE_ALIGN - 1));
+        assert!(err(g.clone()).contains("do not fit in the address space"));
+        assert!(g.machine_mem_needed().is_err());
+        let mut g = guest(&k.0);
+        g.cpus = 1;
+        g.count = u32::MAX;
+        assert!(err(g.clone()).contains(&format!(
+            "more than the {} the hypervisor brings up",
+            boot::MAX_CPUS
+        )));
+        assert!(g.machine_mem_needed().is_err());
         let g = guest(Path::new("/no/such/kernel"));
         assert!(err(g).contains("no kernel file '/no/such/kernel'"));
         let mut g = guest(&k.0);
@@ -410,7 +461,7 @@ mod tests {
             h[24] |= 1;
             file("be", &h)
         };
-        assert!(err(guest(&be.0)).contains("BigEndian"));
+        assert!(err(guest(&be.0)).contains("the kernel is big-endian"));
     }
 
     #[test]

@@ -241,7 +241,7 @@ impl RunArgs {
         } else {
             return Ok(Guests::Default);
         };
-        Ok(Guests::Kernel(KernelGuest {
+        let guest = KernelGuest {
             kernel,
             initrd,
             append: self.append.clone(),
@@ -251,22 +251,27 @@ impl RunArgs {
             devices: self.devices.clone(),
             abort_policy: self.abort_policy,
             stage2: self.stage2,
-        }))
+        };
+        guest.check()?;
+        Ok(Guests::Kernel(guest))
     }
 
-    fn machine(&self, guests: &Guests) -> Machine {
+    fn machine(&self, guests: &Guests) -> Result<Machine, String> {
         let (cpus, memory) = match guests {
             Guests::Kernel(k) => (
                 self.machine_cpus
                     .unwrap_or(k.cpus.saturating_mul(k.count.max(1))),
-                self.machine_mem.unwrap_or_else(|| k.machine_mem_needed()),
+                match self.machine_mem {
+                    Some(m) => m,
+                    None => k.machine_mem_needed()?,
+                },
             ),
             _ => (
                 self.machine_cpus.unwrap_or(4),
                 self.machine_mem.unwrap_or(Size::gib(2)),
             ),
         };
-        Machine {
+        Ok(Machine {
             cpu: self.cpu.clone(),
             cpus,
             memory,
@@ -276,7 +281,7 @@ impl RunArgs {
             },
             el2: true,
             options: self.machine_opts.clone(),
-        }
+        })
     }
 
     /// Builds what the run needs (unless --no-build) and writes its QEMU command line.
@@ -295,7 +300,7 @@ impl RunArgs {
             };
             artifacts::build(needed)?;
         }
-        let base = Qemu::new(self.machine(&guests))
+        let base = Qemu::new(self.machine(&guests)?)
             .console(console)
             .extra(self.qemu_args.clone());
         let hypervisor = || artifacts::existing(Artifact::Hypervisor.bin());

@@ -323,17 +323,23 @@ mod tests {
         }
     }
 
+    /// [`complete_desc`] of `d` on QEMU virt with [`header`], staging from `staging`.
+    fn complete_in(
+        d: &mut VmDesc,
+        staging: PhysRange,
+    ) -> Result<Option<(u64, Vec<u8>)>, LinuxBootError> {
+        complete_desc(d, &qemu_virt(), &header(), staging)
+    }
+
+    /// [`complete_in`] the 256 MiB from 0x7000_0000.
+    fn complete(d: &mut VmDesc) -> Result<Option<(u64, Vec<u8>)>, LinuxBootError> {
+        complete_in(d, PhysRange::new(0x7000_0000, 256 * MIB))
+    }
+
     #[test]
     fn a_linux_description_gets_its_dtb_staged_after_the_initrd() {
         let mut d = linux_desc();
-        let (pa, dtb) = complete_desc(
-            &mut d,
-            &qemu_virt(),
-            &header(),
-            PhysRange::new(0x7000_0000, 256 * MIB),
-        )
-        .unwrap()
-        .unwrap();
+        let (pa, dtb) = complete(&mut d).unwrap().unwrap();
         assert_eq!(pa, 0x721c_4000, "the page after the initrd's last byte");
         assert_eq!(
             d.dtb,
@@ -356,50 +362,22 @@ mod tests {
         let mut d = linux_desc();
         d.bootargs = None;
         let before = d.clone();
-        assert_eq!(
-            complete_desc(
-                &mut d,
-                &qemu_virt(),
-                &header(),
-                PhysRange::new(0x7000_0000, 256 * MIB)
-            ),
-            Ok(None)
-        );
+        assert_eq!(complete(&mut d), Ok(None));
         assert_eq!(d, before);
 
         // A vCPU on another physical CPU than its index: vCPU 0 is still cpu@0.
         let mut d = linux_desc();
         d.cpus = vec![1];
-        let (_, dtb) = complete_desc(
-            &mut d,
-            &qemu_virt(),
-            &header(),
-            PhysRange::new(0x7000_0000, 256 * MIB),
-        )
-        .unwrap()
-        .unwrap();
+        let (_, dtb) = complete(&mut d).unwrap().unwrap();
         let fdt = fdt::Fdt::new(&dtb).unwrap();
         let ids: Vec<usize> = fdt.cpus().map(|c| c.ids().first()).collect();
         assert_eq!(ids, [0]);
         let mut d = linux_desc();
         d.memory.push(d.memory[0]);
-        assert_eq!(
-            complete_desc(
-                &mut d,
-                &qemu_virt(),
-                &header(),
-                PhysRange::new(0x7000_0000, 256 * MIB)
-            ),
-            Err(LinuxBootError::RamRegions)
-        );
+        assert_eq!(complete(&mut d), Err(LinuxBootError::RamRegions));
         let mut d = linux_desc();
         assert_eq!(
-            complete_desc(
-                &mut d,
-                &qemu_virt(),
-                &header(),
-                PhysRange::new(0x7000_0000, 0x21c_4000)
-            ),
+            complete_in(&mut d, PhysRange::new(0x7000_0000, 0x21c_4000)),
             Err(LinuxBootError::NoStagingRoom)
         );
         assert_eq!(d.dtb, None, "a refused description is unchanged");

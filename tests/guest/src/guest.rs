@@ -19,20 +19,10 @@ pub const UNMAPPED_IPA: u64 = 0x7000_0000;
 /// The page the abort check reads: `arg[63:12]` if nonzero, else [`UNMAPPED_IPA`].
 static PROBE: AtomicU64 = AtomicU64::new(UNMAPPED_IPA);
 
-const ARG_ABORT: u64 = 1 << 0;
-const ARG_SECOND_VCPU: u64 = 1 << 1;
-const ARG_LINGER: u64 = 1 << 2;
-const ARG_RESET: u64 = 1 << 3;
-const ARG_SHARING: u64 = 1 << 4;
-const ARG_SPLIT_MERGE: u64 = 1 << 5;
-const ARG_PMU: u64 = 1 << 6;
-const ARG_RACE: u64 = 1 << 7;
-const ARG_OFF_RESET: u64 = 1 << 8;
-const ARG_HOSTILE: u64 = 1 << 9;
-const ARG_BYSTANDER: u64 = 1 << 10;
-const ARG_IRQ: u64 = 1 << 11;
-const ARG_IRQ_LISTEN: u64 = 1 << 12;
-const ARG_SGI_ATTACK: u64 = 1 << 13;
+use crate::arg::{
+    ARG_ABORT, ARG_BYSTANDER, ARG_HOSTILE, ARG_IRQ, ARG_IRQ_LISTEN, ARG_LINGER, ARG_OFF_RESET,
+    ARG_PMU, ARG_RACE, ARG_RESET, ARG_SECOND_VCPU, ARG_SGI_ATTACK, ARG_SHARING, ARG_SPLIT_MERGE,
+};
 /// How long `ARG_LINGER` keeps the guest running.
 const LINGER_SECONDS: u64 = 3;
 

@@ -37,6 +37,8 @@
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 #[cfg(target_os = "none")]
+mod arg;
+#[cfg(target_os = "none")]
 mod guest;
 
 /// On a hosted target there is nothing to run: the test guest is a bare-metal image.
