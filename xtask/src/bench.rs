@@ -354,7 +354,7 @@ const IRQ_ROWS: [(&str, &str, &str); 6] = [
     ("sgi-self", "SGI to itself", ""),
     (
         "gicd",
-        "one distributor access (`GICD_TYPER` read; an emulated access under the hypervisor)",
+        "one distributor access, a `GICD_TYPER` read (emulated under the hypervisor)",
         "",
     ),
 ];
@@ -486,8 +486,8 @@ fn irq(runs: usize, no_write: bool) -> Result<(), String> {
     );
     let spin_note = if spin.0 > ipi.0 && spin.1 > ipi.1 {
         format!(
-            " Under TCG a spinning receiver is slower to interrupt than a sleeping one, in \
-             both settings ({:.0} and {:.0} ns).",
+            "\n  Under TCG a spinning receiver is slower to interrupt than a sleeping one, in \
+             both settings:\n  {:.0} ns bare and {:.0} ns in the VM.",
             spin.0, spin.1
         )
     } else {
@@ -498,7 +498,7 @@ fn irq(runs: usize, no_write: bool) -> Result<(), String> {
         .find_map(|l| l.strip_prefix("Hypervisor vendor:"))
         .map(|v| {
             format!(
-                " (this host is itself a virtual machine, hypervisor {}, so the host's \
+                "\n  (this host is itself a virtual machine, hypervisor {}, so the host's \
                  own timer is virtualised too)",
                 v.trim()
             )
@@ -557,8 +557,8 @@ TCG nothing on either side costs what it does on a chip:
   section. That is the hypervisor's share in every row: an SGI to itself takes {:.0} ns
   bare and {:.0} ns in the VM.
 - **Timer expiry is a host timer.** QEMU turns `CNTV_CVAL_EL0` into a host timer; the
-  interrupt is raised when the host wakes QEMU's thread{nested}, so the timer rows are tens
-  of microseconds on both sides. The hypervisor's median is {:.0} ns above the bare one
+  interrupt is raised when the host wakes QEMU's thread, so the timer rows are tens of
+  microseconds on both sides{nested}. The hypervisor's median is {:.0} ns above the bare one
   ({}, against 4.1x on hardware, where the delivery itself is 222 ns). Its own path (the
   exit, the list register, the return) is what the SGI row adds, a few microseconds;
   anything beyond that arises in QEMU before the interrupt reaches EL2. When this
