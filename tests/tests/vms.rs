@@ -599,6 +599,63 @@ fn interrupts_reach_own_vcpus_and_never_another_vm_on_cpu_max() {
     interrupts("max");
 }
 
+/// Asserts that `run` of the latency guest ended well and printed every metric with
+/// plausible values: nonzero, the minimum at most the median, the median below 10 ms
+/// (a check that the measurement works, not of how fast anything is).
+fn assert_latency_plausible(run: &Run, setting: &str) {
+    run.assert_success();
+    assert!(
+        run.stdout.contains("PASS latency") && run.stdout.contains("DONE pass=1 fail=0"),
+        "{setting}: the latency guest did not pass\n{}",
+        run.stdout
+    );
+    let got = xtask::latency::parse(&run.stdout)
+        .unwrap_or_else(|e| panic!("{setting}: {e}\n{}", run.stdout));
+    assert!(got.cntfrq > 0, "{setting}: CNTFRQ_EL0 reads 0");
+    for (name, s) in xtask::latency::METRICS.iter().zip(got.stats) {
+        assert!(
+            s.min > 0 && s.min <= s.median && s.min <= s.mean && s.median < 10_000_000,
+            "{setting}: implausible {name} {s} (median/mean/min, ns)\n{}",
+            run.stdout
+        );
+    }
+}
+
+/// The interrupt-latency guest (`arg` bit 14) runs unchanged in both settings that
+/// `cargo xtask bench irq` compares: on bare QEMU (`virtualization=off`; its ELF is QEMU's
+/// `-kernel`, entered at EL1 at its ELF entry point, with QEMU's own GICv3 and PSCI) and
+/// as a 2-vCPU VM, and in both completes every measurement (virtual timer, IPIs to a
+/// waiting and a spinning vCPU 1, SGI to itself, distributor reads).
+#[test]
+fn latency_guest_runs_on_bare_qemu_and_in_a_vm() {
+    let bare = Boot::new()
+        .without_el2()
+        .cpus(2)
+        .kernel(artifact("test-guest.elf"))
+        .timeout(TIMEOUT)
+        .run();
+    assert_latency_plausible(&bare, "bare QEMU");
+    let vm = run(
+        "latency",
+        "cortex-a57",
+        &[with_arg(
+            guest("latency", &[0, 1], 0x5000_0000),
+            ARG_LATENCY,
+        )],
+        &[],
+    );
+    assert_latency_plausible(&vm, "hypervisor");
+    // The VM's lines, not the hypervisor's: the guest ran in the VM.
+    assert!(
+        lines_of(&vm, "latency")
+            .iter()
+            .any(|l| l.starts_with("latency: cntfrq=")),
+        "{}",
+        vm.stdout
+    );
+    assert_all_destroyed_without_leak(&vm, &["latency"]);
+}
+
 /// The attack of a VM given the interrupt controller (through it, the ITS, a DMA master)
 /// or the hypervisor's console: the description is refused at start-up with the rule,
 /// before any VM runs.

@@ -3,10 +3,15 @@
 //! The library holds what the command line and the QEMU integration tests share: one
 //! QEMU command builder ([`qemu`]), one device-tree writer ([`dt`]) with typed VM nodes
 //! ([`vm`]), the layout of a kernel guest ([`linux`]), the images in `out/`
-//! ([`artifacts`]), and running a command with a time limit ([`process`]).
+//! ([`artifacts`]), running a command with a time limit ([`process`]), the test guest's
+//! `arg` bits ([`guest_arg`]) and its latency results ([`latency`]).
 
 pub mod artifacts;
 pub mod dt;
+/// The test guest's `arg` bits: the guest's own definition.
+#[path = "../../tests/guest/src/arg.rs"]
+pub mod guest_arg;
+pub mod latency;
 pub mod linux;
 pub mod process;
 pub mod qemu;

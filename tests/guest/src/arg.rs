@@ -1,6 +1,6 @@
 //! The bits of the test guest's `arg` (x0 at entry; `main.rs` says what each does).
-//! One definition for the guest and for the QEMU tests that set them
-//! (`tests/tests/vms.rs` includes this file).
+//! One definition for the guest and for the QEMU tests and benchmarks that set them
+//! (`tests/tests/vms.rs` and `xtask/src/lib.rs` include this file).
 
 /// After the other checks, read the probe page (`arg[63:12]`).
 pub const ARG_ABORT: u64 = 1 << 0;
@@ -30,3 +30,6 @@ pub const ARG_IRQ: u64 = 1 << 11;
 pub const ARG_IRQ_LISTEN: u64 = 1 << 12;
 /// Send SGIs for three seconds to every target.
 pub const ARG_SGI_ATTACK: u64 = 1 << 13;
+/// Only the interrupt-latency measurement (`guest::latency`), which also runs on bare
+/// QEMU; the ELF entry point `bare_start` sets it.
+pub const ARG_LATENCY: u64 = 1 << 14;

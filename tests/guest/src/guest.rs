@@ -20,8 +20,9 @@ pub const UNMAPPED_IPA: u64 = 0x7000_0000;
 static PROBE: AtomicU64 = AtomicU64::new(UNMAPPED_IPA);
 
 use crate::arg::{
-    ARG_ABORT, ARG_BYSTANDER, ARG_HOSTILE, ARG_IRQ, ARG_IRQ_LISTEN, ARG_LINGER, ARG_OFF_RESET,
-    ARG_PMU, ARG_RACE, ARG_RESET, ARG_SECOND_VCPU, ARG_SGI_ATTACK, ARG_SHARING, ARG_SPLIT_MERGE,
+    ARG_ABORT, ARG_BYSTANDER, ARG_HOSTILE, ARG_IRQ, ARG_IRQ_LISTEN, ARG_LATENCY, ARG_LINGER,
+    ARG_OFF_RESET, ARG_PMU, ARG_RACE, ARG_RESET, ARG_SECOND_VCPU, ARG_SGI_ATTACK, ARG_SHARING,
+    ARG_SPLIT_MERGE,
 };
 /// How long `ARG_LINGER` keeps the guest running.
 const LINGER_SECONDS: u64 = 3;
@@ -35,6 +36,9 @@ struct Stacks([[u8; STACK_SIZE]; 2]);
 static mut GUEST_STACKS: Stacks = Stacks([[0; STACK_SIZE]; 2]);
 
 // Entry of both vCPUs: x0 = description arg (vCPU 0) or CPU_ON context = vCPU index 1.
+// `bare_start` is the ELF entry point (linker/test-guest.ld), where QEMU's ELF loader
+// starts the guest on bare QEMU: it runs the latency measurement (x0 = ARG_LATENCY). The
+// hypervisor enters the raw image at its first byte, `_start`.
 // FP/SIMD is enabled first (CPACR_EL1.FPEN = 0b11, Arm ARM D19.2 CPACR_EL1) because
 // compiled Rust may use SIMD registers anywhere.
 global_asm!(
@@ -78,6 +82,11 @@ _start:
     str     xzr, [x1], #8
     b       1b
 2:  b       common_start
+
+.global bare_start
+bare_start:
+    mov     x0, #{latency}
+    b       _start
 
 .global secondary_start
 secondary_start:
@@ -152,6 +161,7 @@ unexpected:
     bl      guest_unexpected_exception
 "#,
     stack = const STACK_SIZE,
+    latency = const ARG_LATENCY,
 );
 
 /// Writes to the virtual UART.
@@ -176,6 +186,7 @@ macro_rules! println {
 
 mod hostile;
 mod irq;
+mod latency;
 mod pmu;
 mod sharing;
 mod split_merge;
@@ -379,6 +390,8 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
             hostile::off_reset_second();
         } else if arg == irq::IRQ_CONTEXT {
             irq::secondary();
+        } else if arg == latency::LATENCY_CONTEXT {
+            latency::secondary();
         } else {
             let info = hvc(VM_INFO, &[]);
             SECOND_SEEN.store(info[3] + 1, Ordering::SeqCst);
@@ -397,7 +410,7 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
         PROBE.store(arg & !0xfff, Ordering::SeqCst);
     }
     // The tables live in static frames for the rest of the run (this never returns).
-    let gic = arg & (ARG_IRQ | ARG_SGI_ATTACK) != 0;
+    let gic = arg & (ARG_IRQ | ARG_SGI_ATTACK | ARG_LATENCY) != 0;
     let mut table = match build_tables(arg & ARG_SHARING != 0, gic) {
         Ok(t) => t,
         Err(e) => {
@@ -406,6 +419,11 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
         }
     };
     mmu_on();
+    // Only the measurement, which makes no hypervisor call (it also runs on bare QEMU).
+    if arg & ARG_LATENCY != 0 {
+        latency::latency();
+        done();
+    }
     // The lifecycle races run on every boot, without the base checks.
     if arg & ARG_RACE != 0 {
         hostile::race();

@@ -1,4 +1,5 @@
-//! The EL1 test guest (runs on `aarch64-unknown-none` under the hypervisor).
+//! The EL1 test guest (runs on `aarch64-unknown-none` under the hypervisor; its latency
+//! measurement, bit 14 below, also on bare QEMU).
 //!
 //! Entered at EL1 with the MMU off and x0 = the `arg` of its VM description:
 //! - bits \[63:12\]: the page the abort check (bit 0) reads, if nonzero (default
@@ -27,7 +28,11 @@
 //! - bit 12: with bit 11, listen two seconds for SGIs that must never come (sent by
 //!   another VM with bit 13);
 //! - bit 13: send SGIs for three seconds by broadcast and to every target (an attacker
-//!   VM whose SGIs must stay inside it).
+//!   VM whose SGIs must stay inside it);
+//! - bit 14: only measure interrupt latencies (`guest::latency`: virtual timer, SGIs to
+//!   vCPU 1 and to itself, one distributor read), with no hypervisor call, so that the
+//!   same image also runs on bare QEMU: there QEMU's ELF loader enters `out/test-guest.elf`
+//!   at its ELF entry point `bare_start`, which sets this bit.
 //!
 //! It builds its own EL1&0 stage-1 tables with `mmu`, turns the MMU on, runs its checks,
 //! prints one `PASS name` or `FAIL name: detail` line per check and a final

@@ -23,6 +23,11 @@
 //! - with `arg` bit 12 (`sgi-isolation`), it then waits [`ISOLATION_SECONDS`] with SGIs 8
 //!   and 9 enabled on both vCPUs, and checks that none arrived: another VM of the run
 //!   ([`attack`], `arg` bit 13) broadcasts them meanwhile.
+//!
+//! The GIC set-up and the handler also serve the latency measurement
+//! (`super::latency`), which runs on QEMU's own GICv3 as well: nothing here relies on
+//! what only the virtual GIC does (interrupts are made Group 1 explicitly, the
+//! redistributor is woken and waited for).
 
 use core::arch::asm;
 use core::fmt::Write;
@@ -44,7 +49,8 @@ const ISOLATION_SECONDS: u64 = 2;
 /// How long the attacker keeps sending.
 const ATTACK_SECONDS: u64 = 3;
 
-const PPI_VTIMER: u32 = 27;
+/// INTID of the EL1 virtual timer (PPI 27 on QEMU virt, Arm BSA).
+pub const PPI_VTIMER: u32 = 27;
 
 /// Interrupts taken, per vCPU and INTID (0-31).
 static COUNTS: [[AtomicU32; 32]; 2] = [const { [const { AtomicU32::new(0) }; 32] }; 2];
@@ -53,19 +59,20 @@ static ORDER: [AtomicU32; 4] = [const { AtomicU32::new(0) }; 4];
 static ORDER_LEN: AtomicU64 = AtomicU64::new(0);
 /// `GICR_ISACTIVER0` as read inside the handler of SGI 4 and of SGI 5.
 static ACTIVE_SEEN: [AtomicU32; 2] = [const { AtomicU32::new(0) }; 2];
-/// The virtual counter when the handler last took an interrupt on vCPU 0.
-static LAST_IRQ_AT: AtomicU64 = AtomicU64::new(0);
+/// Per vCPU, the virtual counter at the handler's entry when it last took an interrupt
+/// (written before the interrupt is counted in [`COUNTS`]).
+static LAST_IRQ_AT: [AtomicU64; 2] = [const { AtomicU64::new(0) }; 2];
 /// Set by vCPU 1 once its GIC is set up; cleared by vCPU 0 to let it go.
 static SECOND_READY: AtomicU64 = AtomicU64::new(0);
 static RELEASE: AtomicU64 = AtomicU64::new(0);
 
-fn r32(addr: u64) -> u32 {
+pub(super) fn r32(addr: u64) -> u32 {
     // SAFETY: `addr` lies in the GIC window the guest's stage 1 maps as device memory;
     // a 32-bit access to a GIC register is one the hypervisor emulates.
     unsafe { read_volatile(addr as *const u32) }
 }
 
-fn w32(addr: u64, v: u32) {
+pub(super) fn w32(addr: u64, v: u32) {
     // SAFETY: as `r32`.
     unsafe { write_volatile(addr as *mut u32, v) }
 }
@@ -86,7 +93,7 @@ fn w64(addr: u64, v: u64) {
 }
 
 /// `SGI_base` of vCPU `i`'s redistributor.
-const fn sgi_base(i: u64) -> u64 {
+pub(super) const fn sgi_base(i: u64) -> u64 {
     GICR + i * 0x2_0000 + 0x1_0000
 }
 
@@ -97,14 +104,26 @@ fn vcpu_index() -> usize {
     (mpidr & 0xff) as usize
 }
 
-/// Wakes this vCPU's redistributor, enables SGIs 1-9, and sets up its CPU interface:
-/// system registers, priority mask 0xff, binary point 0, Group 1 on.
-fn init_cpu(i: u64) {
+/// Turns the distributor on: `GICD_CTLR` = EnableGrp1 | ARE (IHI 0069 `GICD_CTLR`, one
+/// Security state: bit 1 EnableGrp1, bit 4 ARE), then waits for `RWP` (bit 31) to clear.
+/// The virtual GIC keeps ARE set whatever is written; QEMU's GICv3 wants it written.
+pub(super) fn distributor_on() {
+    w32(GICD, (1 << 4) | (1 << 1));
+    wait_ms(100, || r32(GICD) & (1 << 31) == 0);
+}
+
+/// Wakes vCPU `i`'s redistributor and waits until it is awake, makes its SGIs and PPIs
+/// Group 1 (`GICR_IGROUPR0`: QEMU's GICv3 resets them to Group 0, which with one Security
+/// state would be signalled as FIQ), enables the SGIs and PPIs of `enable`, and sets up
+/// its CPU interface: system registers, priority mask 0xff, binary point 0, Group 1 on.
+pub(super) fn init_cpu(i: u64, enable: u32) {
     let rd = GICR + i * 0x2_0000;
     w32(rd + 0x14, 0); // GICR_WAKER: ProcessorSleep = 0
-    w32(sgi_base(i) + 0x100, 0x3fe); // GICR_ISENABLER0: SGIs 1-9
-                                     // SAFETY: the GIC CPU interface registers at EL1 (the virtual interface); they only
-                                     // affect this vCPU's interrupt handling.
+    wait_ms(100, || r32(rd + 0x14) & (1 << 2) == 0); // ChildrenAsleep
+    w32(sgi_base(i) + 0x080, u32::MAX); // GICR_IGROUPR0: all Group 1
+    w32(sgi_base(i) + 0x100, enable); // GICR_ISENABLER0
+                                      // SAFETY: the GIC CPU interface registers at EL1 (the virtual interface under the
+                                      // hypervisor); they only affect this CPU's interrupt handling.
     unsafe {
         asm!(
             "mov {t}, #7",
@@ -122,7 +141,10 @@ fn init_cpu(i: u64) {
     }
 }
 
-fn irqs(on: bool) {
+/// SGIs 1-9, the ones the interrupt checks use.
+const CHECK_SGIS: u32 = 0x3fe;
+
+pub(super) fn irqs(on: bool) {
     // SAFETY: changing PSTATE.I of this vCPU.
     unsafe {
         if on {
@@ -134,13 +156,13 @@ fn irqs(on: bool) {
 }
 
 /// Writes `ICC_SGI1R_EL1` (the hypervisor traps and emulates it).
-fn send_sgi(value: u64) {
+pub(super) fn send_sgi(value: u64) {
     // SAFETY: an SGI request; the hypervisor delivers it within this VM only.
     unsafe { asm!("msr S3_0_C12_C11_5, {}", "isb", in(reg) value, options(nostack)) };
 }
 
 /// `ICC_SGI1R_EL1` for SGI `intid` to the vCPUs of Aff1 = 0 in `targets`.
-const fn sgi_to(intid: u64, targets: u64) -> u64 {
+pub(super) const fn sgi_to(intid: u64, targets: u64) -> u64 {
     (intid << 24) | (targets & 0xffff)
 }
 
@@ -149,12 +171,18 @@ const fn sgi_broadcast(intid: u64) -> u64 {
     (intid << 24) | (1 << 40)
 }
 
-fn count(vcpu: usize, intid: u32) -> u32 {
+pub(super) fn count(vcpu: usize, intid: u32) -> u32 {
     COUNTS[vcpu][intid as usize].load(Ordering::SeqCst)
 }
 
+/// The virtual counter at the entry of the handler that last took an interrupt on
+/// `vcpu`.
+pub(super) fn last_irq_at(vcpu: usize) -> u64 {
+    LAST_IRQ_AT[vcpu].load(Ordering::SeqCst)
+}
+
 /// Waits up to `ms` milliseconds for `done`.
-fn wait_ms(ms: u64, done: impl Fn() -> bool) -> bool {
+pub(super) fn wait_ms(ms: u64, done: impl Fn() -> bool) -> bool {
     let (freq, start) = counter();
     while counter().1.wrapping_sub(start) < freq * ms / 1000 {
         if done() {
@@ -165,14 +193,14 @@ fn wait_ms(ms: u64, done: impl Fn() -> bool) -> bool {
     done()
 }
 
-fn vcount() -> u64 {
+pub(super) fn vcount() -> u64 {
     let v: u64;
     // SAFETY: reading the virtual counter.
     unsafe { asm!("isb", "mrs {}, cntvct_el0", out(reg) v, options(nomem, nostack)) };
     v
 }
 
-fn vtimer(cval: u64, ctl: u64) {
+pub(super) fn vtimer(cval: u64, ctl: u64) {
     // SAFETY: programming this vCPU's EL1 virtual timer.
     unsafe {
         asm!(
@@ -190,10 +218,9 @@ fn vtimer(cval: u64, ctl: u64) {
 /// interrupt, counting them.
 #[no_mangle]
 extern "C" fn guest_irq() {
+    let at = vcount();
     let me = vcpu_index().min(1);
-    if me == 0 {
-        LAST_IRQ_AT.store(vcount(), Ordering::SeqCst);
-    }
+    LAST_IRQ_AT[me].store(at, Ordering::SeqCst);
     loop {
         let iar: u64;
         // SAFETY: acknowledging the highest-priority pending interrupt (ICC_IAR1_EL1).
@@ -225,7 +252,7 @@ extern "C" fn guest_irq() {
 /// vCPU 1 of the interrupt check: sets up its GIC, then waits in WFI with IRQs on until
 /// released.
 pub fn secondary() {
-    init_cpu(1);
+    init_cpu(1, CHECK_SGIS);
     irqs(true);
     SECOND_READY.store(1, Ordering::SeqCst);
     while RELEASE.load(Ordering::SeqCst) == 0 {
@@ -423,57 +450,10 @@ fn vtimer_checks() {
     vtimer(u64::MAX, 0);
 }
 
-/// Prints (information, not a check) what interrupts cost the guest, measured with the
-/// generic timer: the mean of 200 SGIs sent to itself from the `ICC_SGI1R_EL1` write to
-/// the handler, of 20 virtual timer interrupts from the timer's deadline to the handler,
-/// and of 1000 `GICD_TYPER` reads (one emulated distributor access each):
-/// `irq-timing: sgi <ns> ns, vtimer <ns> ns, gicd-read <ns> ns`.
-fn timing() {
-    let (freq, _) = counter();
-    let ns = |ticks: u64, n: u64| {
-        u128::from(ticks) * 1_000_000_000 / (u128::from(freq) * u128::from(n.max(1)))
-    };
-    // SGI 1 to itself: from just before the write to the handler's count.
-    let mut sgi_ticks = 0u64;
-    for _ in 0..200 {
-        let before = count(0, 1);
-        let t0 = vcount();
-        send_sgi(sgi_to(1, 1));
-        while count(0, 1) == before {
-            core::hint::spin_loop();
-        }
-        sgi_ticks += LAST_IRQ_AT.load(Ordering::SeqCst).wrapping_sub(t0);
-    }
-    // The virtual timer: deadline 1 ms ahead, measured from the deadline.
-    w32(sgi_base(0) + 0x100, 1 << PPI_VTIMER);
-    let mut timer_ticks = 0u64;
-    for _ in 0..20 {
-        let before = count(0, PPI_VTIMER);
-        let deadline = vcount() + freq / 1000;
-        vtimer(deadline, 1);
-        while count(0, PPI_VTIMER) == before {
-            core::hint::spin_loop();
-        }
-        timer_ticks += LAST_IRQ_AT.load(Ordering::SeqCst).wrapping_sub(deadline);
-    }
-    let t0 = vcount();
-    for _ in 0..1000 {
-        core::hint::black_box(r32(GICD + 0x4));
-    }
-    let read_ticks = vcount().wrapping_sub(t0);
-    let _ = writeln!(
-        Uart,
-        "irq-timing: sgi {} ns, vtimer {} ns, gicd-read {} ns",
-        ns(sgi_ticks, 200),
-        ns(timer_ticks, 20),
-        ns(read_ticks, 1000)
-    );
-}
-
 /// The interrupt checks on vCPU 0 (see the module documentation).
 pub fn irq_check(listen: bool) {
-    w32(GICD, 0b10); // GICD_CTLR: EnableGrp1
-    init_cpu(0);
+    distributor_on();
+    init_cpu(0, CHECK_SGIS);
     spi_ownership();
     irqs(true);
     send_sgi(sgi_to(1, 0b1));
@@ -491,7 +471,6 @@ pub fn irq_check(listen: bool) {
     }
     release_vcpu1();
     vtimer_checks();
-    timing();
     irqs(false);
 }
 
@@ -499,8 +478,8 @@ pub fn irq_check(listen: bool) {
 /// SGI 8 to every other vCPU (IRM = 1) and SGI 9 to every Aff0 of Aff1 = 0, then checks
 /// that only its own SGI 9 reached it (nothing else exists in its VM).
 pub fn attack() {
-    w32(GICD, 0b10);
-    init_cpu(0);
+    distributor_on();
+    init_cpu(0, CHECK_SGIS);
     irqs(true);
     let (freq, start) = counter();
     let mut sent = 0u64;
