@@ -377,7 +377,14 @@ impl VcpuMask {
 
     /// The vCPU indices in the set, in increasing order.
     pub fn iter(self) -> impl Iterator<Item = usize> {
-        (0..MAX_VCPUS).filter(move |&i| self.contains(i))
+        // One step per member (the lowest set bit, then cleared), not one per possible
+        // vCPU: the run loop asks on every exit, almost always of an empty set.
+        let mut bits = self.0;
+        core::iter::from_fn(move || {
+            let i = bits.trailing_zeros();
+            bits &= bits.wrapping_sub(1);
+            (i < u64::BITS).then_some(i as usize)
+        })
     }
 }
 

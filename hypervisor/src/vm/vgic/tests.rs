@@ -1175,3 +1175,14 @@ fn clearing_a_held_hardware_ppi_or_resetting_drops_the_physical_activation() {
     // Still a hardware PPI after the reset.
     assert_eq!(g.inject_hw_ppi(1, PPI_PTIMER), Ok(false));
 }
+
+#[test]
+fn vcpu_mask_iterates_its_members_in_order() {
+    assert_eq!(VcpuMask::EMPTY.iter().count(), 0);
+    let mut m = VcpuMask::EMPTY;
+    for i in [63, 5, 0, 64, 1000] {
+        m.insert(i);
+    }
+    assert_eq!(m.iter().collect::<Vec<_>>(), vec![0, 5, 63]);
+    assert!(m.iter().all(|i| m.contains(i)));
+}
