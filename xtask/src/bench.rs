@@ -185,6 +185,41 @@ fn log_clock_ms(run: &Run, needle: &str) -> Option<f64> {
     Some(secs * 1000.0)
 }
 
+/// The printk line of the kernel's last step before userspace.
+const RUN_INIT: &str = "Run /init as init process";
+/// QEMU's deterministic mode: one instruction is 1 ns of virtual time and idle time is
+/// skipped, so virtual time counts instructions, whatever else the host runs.
+const ICOUNT: [&str; 2] = ["-icount", "shift=0,sleep=off"];
+
+/// The kernel's own time stamp (`[    0.786024] `, milliseconds) on the first line with
+/// `needle`: the last bracketed number before it (under the hypervisor the line also
+/// carries the hypervisor's prefix).
+fn kernel_clock_ms(run: &Run, needle: &str) -> Option<f64> {
+    let line = run.stdout.lines().find(|l| l.contains(needle))?;
+    let before = &line[..line.find(needle)?];
+    let open = before.rfind('[')?;
+    let secs: f64 = before[open + 1..].split(']').next()?.trim().parse().ok()?;
+    Some(secs * 1000.0)
+}
+
+/// Instruction time (QEMU `-icount`) of one boot: the kernel's clock at [`RUN_INIT`] and,
+/// under the hypervisor, its own clock at the first guest instruction.
+fn instruction_time(
+    qemu: &Qemu,
+    name: &str,
+    hypervisor: bool,
+) -> Result<(f64, Option<f64>), String> {
+    let (_, run) = time_to_marker(&qemu.clone().extra(ICOUNT), name)?;
+    let kernel =
+        kernel_clock_ms(&run, RUN_INIT).ok_or_else(|| format!("{name}: no {RUN_INIT:?} line"))?;
+    let setup = if hypervisor {
+        Some(log_clock_ms(&run, "vCPU 0 starts").ok_or("no vCPU start line")?)
+    } else {
+        None
+    };
+    Ok((kernel, setup))
+}
+
 fn linux(runs: usize, cpus: u32, mem: Size, no_write: bool) -> Result<(), String> {
     let load = load_average();
     crate::fetch_linux()?;
@@ -250,6 +285,16 @@ fn linux(runs: usize, cpus: u32, mem: Size, no_write: bool) -> Result<(), String
             hb[i - 1]
         );
     }
+    let (icount_bare, _) = instruction_time(&bare(true), "linux-bare-icount", false)?;
+    let (icount_el1, _) = instruction_time(&bare(false), "linux-bare-el1-icount", false)?;
+    let (icount_hyp, icount_setup) = instruction_time(&hyp_pages, "linux-hypervisor-icount", true)?;
+    let icount_setup = icount_setup.unwrap_or(f64::NAN);
+    let icount_ratio = icount_hyp / icount_bare.min(icount_el1);
+    eprintln!(
+        "instruction time (-icount), kernel clock at {RUN_INIT:?}: bare {icount_bare:.1} ms, \
+         bare at EL1 {icount_el1:.1} ms, hypervisor {icount_hyp:.1} ms (ratio {icount_ratio:.3}); \
+         hypervisor set-up {icount_setup:.1} ms"
+    );
     let (m2, m1, mh, mb, ms) = (
         median(&b2),
         median(&b1),
@@ -303,6 +348,25 @@ set-up, so an estimate). The set-up is mostly creating the VM: the part of its {
 RAM that no image covers is scrubbed and cleaned to the point of coherency, and the
 kernel, the initramfs and the DTB are copied in from the staging range.
 
+### Instruction time
+
+Wall time on a shared 2-CPU host moves with whatever else runs. The same boots under
+QEMU's deterministic mode (`-icount shift=0,sleep=off`: one instruction is one
+nanosecond of virtual time, idle time is skipped, the vCPUs take turns on one host
+thread) give the same numbers on every run and under any load. They count instructions
+(the guest's and EL2's), not what an exit costs QEMU, so they show the hypervisor's
+work, not TCG's. The kernel's own clock at `{RUN_INIT}` (the kernel's boot from its
+clock's start to userspace; it leaves out the time before the kernel runs):
+
+| | kernel clock at `{RUN_INIT}` (ms of instructions) | hypervisor / this |
+|---|---|---|
+| bare QEMU | {icount_bare:.1} | {:.3} |
+| bare QEMU at EL1 | {icount_el1:.1} | {:.3} |
+| under the hypervisor | {icount_hyp:.1} | |
+
+Before the kernel runs, the hypervisor's start-up and VM creation take
+{icount_setup:.1} ms of instructions (its clock at the first guest instruction).
+
 {}<!-- linux-boot: end -->
 ",
         version.trim(),
@@ -312,6 +376,8 @@ kernel, the initramfs and the DTB are copied in from the staging range.
         list(&setup),
         list(&hb),
         mh - ms,
+        icount_hyp / icount_bare,
+        icount_hyp / icount_el1,
         machine_lines(
             &format!("cargo xtask bench linux --runs {runs} --cpus {cpus} --mem {mem}"),
             &load
@@ -669,5 +735,34 @@ mod tests {
         assert!((median(&[3.0, 1.0, 2.0]) - 2.0).abs() < 1e-9);
         assert!((median(&[4.0, 1.0, 2.0, 3.0]) - 2.5).abs() < 1e-9);
         assert!(median(&[]).is_nan());
+    }
+
+    fn run_with(stdout: &str) -> Run {
+        Run {
+            command: String::new(),
+            stdout: stdout.into(),
+            line_times: Vec::new(),
+            stderr: String::new(),
+            status: Some(0),
+            timed_out: false,
+            duration: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn kernel_and_hypervisor_clocks_are_read_from_their_prefixes() {
+        let bare = run_with("[    0.780414] Freeing\n[    0.786024] Run /init as init process\n");
+        assert_eq!(kernel_clock_ms(&bare, RUN_INIT), Some(786.024));
+        let under = run_with(
+            "[   0.150000 INFO  cpu0] VM linux: vCPU 0 starts at 0x50000000\n\
+             [   0.991397 INFO  cpu0] [linux] [    0.829735] Run /init as init process\n",
+        );
+        assert_eq!(kernel_clock_ms(&under, RUN_INIT), Some(829.735));
+        assert_eq!(log_clock_ms(&under, "vCPU 0 starts"), Some(150.0));
+        assert_eq!(
+            kernel_clock_ms(&run_with("Run /init as init process"), RUN_INIT),
+            None
+        );
+        assert_eq!(kernel_clock_ms(&bare, "absent"), None);
     }
 }

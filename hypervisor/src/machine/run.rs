@@ -27,7 +27,7 @@ use crate::vcpu::cpu_state::El2Controls;
 use crate::vcpu::irq::Taken;
 use crate::vcpu::schedule::{self, RunEnd, Start};
 use crate::vcpu::{self, GuestEl1, Next, VcpuCtx};
-use crate::vm::vgic::{lr::MAX_LIST_REGS, PhysAction, PhysGic, VcpuMask};
+use crate::vm::vgic::{lr::MAX_LIST_REGS, Flush, PhysAction, PhysGic, VcpuMask};
 use crate::vm::vmid::{Vmid, VmidBits, VmidFlush};
 use crate::vm::vuart::LineSink;
 use crate::vm::{Backend, GuestMemory, MmuStage2, Stage2Config, Vm, VmManager, IPA_BITS};
@@ -308,14 +308,9 @@ fn console_input(input: &ConsoleInput, vm: &Vm<MachineStage2>, kicks: &mut VcpuM
     if uart.input_room() == 0 {
         input.uart.set_rx_interrupt(false);
     }
-    let level = uart.irq_level();
-    drop(uart);
-    if let Ok(Some(target)) = vm
-        .vgic
-        .lock()
-        .set_spi_level(crate::config::VUART_INTID, level)
-    {
-        kicks.insert(target);
+    // Under the UART's lock, as every change of its line (`vcpu::uart_line`).
+    if let Some(level) = uart.irq_change() {
+        vcpu::uart_line(vm, level, kicks);
     }
 }
 
@@ -640,27 +635,50 @@ fn run_vcpu(
     let mut lrs = [0u64; MAX_LIST_REGS];
     // List registers that may hold an interrupt (the first ones): none after `vcpu_start`.
     let mut live = 0;
+    // The flush in the list registers while it is still the model's (the guest left it
+    // as it was), with the virtual GIC's lock count right after it was made; and the
+    // `ICH_VMCR_EL2` the model has.
+    let mut kept: Option<(Flush, u64)> = None;
+    let mut vmcr_synced = None;
     // Checked before every entry, the first one too: another vCPU may have powered the
     // VM off, reset or stopped it since the start was taken (the VM itself cannot be
     // torn down while this vCPU is loaded); the CPU then backs out without entering.
     while vm.runs(index) {
-        let flush = vm.vgic.lock().flush(index);
-        live = gic::load(&flush, live);
+        // Nobody took the virtual GIC's lock since the kept flush was made (this CPU's
+        // exit handling included), so a flush now would be the same: the list registers
+        // already hold it (`SharedVgic`). Most exits (a UART or hypercall access) skip
+        // both the flush and the sync this way.
+        let flush = match kept {
+            Some((flush, takes)) if vm.vgic.takes() == takes => flush,
+            _ => {
+                let mut g = vm.vgic.lock();
+                let flush = g.flush(index);
+                kept = Some((flush, vm.vgic.takes()));
+                drop(g);
+                live = gic::load(&flush, live);
+                flush
+            }
+        };
         // SAFETY: HCR_EL2, VTCR_EL2 and VTTBR_EL2 were just set up for this VM, whose
         // stage 2 maps only its own RAM and pass-through devices and stays alive while
         // this vCPU is loaded; its EL1 registers are reset; interrupts are masked at EL2;
         // the virtual CPU interface holds this vCPU's list registers.
         let exit = unsafe { boot::enter_guest(&mut regs) };
         let vmcr = gic::save(&mut lrs, live, flush.hcr() != 0);
-        {
+        let read_back = lrs.get(..live).unwrap_or(&[]);
+        if vmcr_synced != Some(vmcr) || !flush.unchanged(read_back) {
+            kept = None;
             let mut g = vm.vgic.lock();
-            g.sync(index, lrs.get(..live).unwrap_or(&[]));
+            g.sync(index, read_back);
             g.set_vmcr(index, vmcr);
+            vmcr_synced = Some(vmcr);
         }
         let mut kicks = VcpuMask::EMPTY;
         if matches!(exit, boot::Exit::Irq | boot::Exit::Fiq) {
             take_interrupts(vm, index, &mut kicks);
         }
+        // Only a PSCI call (CPU_ON, SYSTEM_RESET) makes a start pending while the VM runs.
+        let call = vcpu::exit::is_call(&exit);
         let mut ctx = VcpuCtx {
             x: &mut regs.x,
             pc: &mut regs.pc,
@@ -676,8 +694,10 @@ fn run_vcpu(
             &mut kicks,
         );
         kick_others(vm, index, kicks);
-        // A CPU_ON may have made another vCPU runnable.
-        wake_pending(vm);
+        if call {
+            // A CPU_ON may have made another vCPU runnable.
+            wake_pending(vm);
+        }
         match next {
             Next::Resume => {}
             Next::Stop => break,

@@ -112,6 +112,17 @@ impl From<boot::Exit> for Exit {
     }
 }
 
+/// Whether `exit` is an `HVC` or a trapped `SMC` from AArch64: a hypervisor call, PSCI
+/// included (the only exits that can make another vCPU's start pending).
+#[must_use]
+pub fn is_call(exit: &boot::Exit) -> bool {
+    matches!(
+        exit,
+        boot::Exit::Sync { esr, .. }
+            if matches!(esr.class(), ExceptionClass::Hvc64 | ExceptionClass::Smc64)
+    )
+}
+
 /// Builds the `ESR_EL1` value for a synchronous external abort injected into the guest as
 /// if its own access had failed: EC 0x25/0x24 (data abort, same/lower EL) or 0x21/0x20
 /// (instruction abort), DFSC/IFSC = 0b010000 (synchronous external abort, not on a table
@@ -142,6 +153,21 @@ mod tests {
 
     fn esr(ec: u8, iss: u32) -> u64 {
         (u64::from(ec) << 26) | (1 << 25) | u64::from(iss)
+    }
+
+    #[test]
+    fn only_hvc_and_smc_are_calls() {
+        let sync = |ec| boot::Exit::Sync {
+            esr: Esr::from_bits(esr(ec, 0)),
+            far: 0,
+            hpfar: 0,
+        };
+        assert!(is_call(&sync(0x16)), "HVC");
+        assert!(is_call(&sync(0x17)), "SMC");
+        for ec in [0x01, 0x18, 0x20, 0x24, 0x13, 0x15] {
+            assert!(!is_call(&sync(ec)), "EC {ec:#x}");
+        }
+        assert!(!is_call(&boot::Exit::Irq));
     }
 
     fn decode(esr: u64, far: u64, hpfar: u64) -> Exit {

@@ -485,8 +485,10 @@ fn emulated_at<S>(vm: &Vm<S>, ipa: u64) -> Option<Emulated> {
     None
 }
 
-/// Raises or lowers the virtual UART's interrupt line to `level`.
-fn uart_line<S>(vm: &Vm<S>, level: bool, kicks: &mut VcpuMask) {
+/// Raises or lowers the virtual UART's interrupt line to `level` (a change reported by
+/// `VUart::irq_change`, with the UART's lock held: the UART's lock is taken before the
+/// GIC's).
+pub fn uart_line<S>(vm: &Vm<S>, level: bool, kicks: &mut VcpuMask) {
     if let Ok(Some(target)) = vm.vgic.lock().set_spi_level(VUART_INTID, level) {
         kicks.insert(target);
     }
@@ -520,13 +522,16 @@ fn emulate<S>(
                     None => uart.read(offset),
                 })
             });
-            let level = uart.irq_level();
+            // Under the UART's lock, so that changes reach the GIC in the order they
+            // happened.
+            if let Some(level) = uart.irq_change() {
+                uart_line(vm, level, kicks);
+            }
             drop(uart);
             // The line is printed after the UART's lock is released.
             if let Some(line) = line {
                 vm.guest_line(line.as_str(), host);
             }
-            uart_line(vm, level, kicks);
             if vm.desc.console_input && !abort.write && offset == crate::vm::vuart::UARTDR {
                 host.input_wanted(&vm.desc.name);
             }

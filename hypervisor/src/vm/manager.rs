@@ -184,7 +184,7 @@ impl<P: Backend> VmManager<P> {
             state: Lock::new(state),
             uart: Lock::new(VUart::new()),
             console: Lock::new(VmConsole::new()),
-            vgic: Lock::new(vgic),
+            vgic: vgic::SharedVgic::new(vgic),
             boots: AtomicU32::new(1),
         });
         inner.next_id += 1;

@@ -176,7 +176,7 @@ pub struct Vm<S> {
     /// Console rate limits of the guest's lines and of the lines about the VM.
     pub console: Lock<VmConsole>,
     /// The virtual GICv3. A leaf lock: nothing else is locked while it is held.
-    pub vgic: Lock<vgic::Vgic>,
+    pub vgic: vgic::SharedVgic,
     /// How many times vCPU 0 was started: 1 after create, +1 per reset.
     pub boots: AtomicU32,
 }

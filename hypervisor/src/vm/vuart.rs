@@ -156,6 +156,8 @@ pub struct VUart {
     ifls: u32,
     dmacr: u32,
     ilpr: u32,
+    /// The interrupt output as last handed to the virtual GIC ([`VUart::irq_change`]).
+    reported: bool,
 }
 
 impl Default for VUart {
@@ -180,6 +182,7 @@ impl VUart {
             ifls: IFLS_RESET,
             dmacr: 0,
             ilpr: 0,
+            reported: false,
         }
     }
 
@@ -248,6 +251,18 @@ impl VUart {
     #[must_use]
     pub const fn irq_level(&self) -> bool {
         self.ris & self.imsc != 0
+    }
+
+    /// The interrupt output if it changed since the last call (at reset it is low, as
+    /// the virtual GIC's line is): the caller hands only changes to the virtual GIC, so
+    /// that the many accesses that leave the line as it was (each transmitted byte, each
+    /// flag read) do not take the GIC's lock.
+    pub fn irq_change(&mut self) -> Option<bool> {
+        let level = self.irq_level();
+        (level != self.reported).then(|| {
+            self.reported = level;
+            level
+        })
     }
 
     /// Receives `bytes` from the console; what does not fit in the receive FIFO is
@@ -348,6 +363,21 @@ mod tests {
         assert!(u.irq_level(), "the next byte raises it again");
         u.write(UARTIMSC, 0);
         assert!(!u.irq_level());
+    }
+
+    #[test]
+    fn only_changes_of_the_interrupt_output_are_reported() {
+        let mut u = VUart::new();
+        assert_eq!(u.irq_change(), None, "low at reset, as the GIC's line");
+        u.write(UARTIMSC, u64::from(INT_TX));
+        assert_eq!(u.irq_change(), None, "nothing raw yet");
+        u.write(UARTDR, u64::from(b'a'));
+        assert_eq!(u.irq_change(), Some(true));
+        u.write(UARTDR, u64::from(b'b'));
+        assert_eq!(u.irq_change(), None, "still high");
+        u.write(UARTICR, u64::from(INT_TX));
+        assert_eq!(u.irq_change(), Some(false));
+        assert_eq!(u.irq_change(), None);
     }
 
     #[test]

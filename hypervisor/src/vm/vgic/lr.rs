@@ -220,6 +220,17 @@ impl Flush {
     pub const fn hcr(&self) -> u64 {
         self.hcr
     }
+
+    /// Whether the guest left this flush as it was loaded: no maintenance was asked for
+    /// and `read_back`, the list registers that held an interrupt read after the exit,
+    /// are the values written. Then [`Vgic::sync`] would only take the interrupts out of
+    /// the list registers for the next flush to put them back.
+    #[must_use]
+    pub fn unchanged(&self, read_back: &[u64]) -> bool {
+        self.hcr == 0
+            && read_back.len() == self.used
+            && self.lrs.iter().zip(read_back).all(|(w, &r)| w.0 == r)
+    }
 }
 
 /// A candidate for a list register: order key and where it lives.

@@ -38,10 +38,14 @@
 //!
 //! # Calling protocol
 //!
-//! The model is one plain value per VM; the caller serialises access to it (a lock).
-//! On every exit of a vCPU, call [`Vgic::sync`] with that vCPU's list registers before
-//! emulating anything; before every entry call [`Vgic::flush`] and write the values it
-//! returns. A maintenance interrupt is a sync followed by a flush
+//! The model is one plain value per VM; the caller serialises access to it (a lock,
+//! [`SharedVgic`]). On every exit of a vCPU, call [`Vgic::sync`] with that vCPU's list
+//! registers before emulating anything; before every entry call [`Vgic::flush`] and write
+//! the values it returns. Both may be skipped when they would change nothing: the sync
+//! when the list registers read back as written ([`Flush::unchanged`]) and `ICH_VMCR_EL2`
+//! is as last synced (the model then is as the registers are, as while the vCPU runs);
+//! the flush when, in addition, nobody took the lock since it was made
+//! ([`SharedVgic::takes`]): the registers already hold it. A maintenance interrupt is a sync followed by a flush
 //! ([`Vgic::maintenance`]). Writes return the set of vCPUs ([`VcpuMask`]) that may have
 //! a newly deliverable interrupt, so the caller can wake or kick them.
 //!
@@ -68,8 +72,46 @@ pub(crate) mod tests;
 
 use alloc::vec::Vec;
 use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
 use irq::Irq;
 pub use lr::{Flush, LrValue};
+
+use crate::Lock;
+
+/// A VM's virtual GIC behind its lock, with a count of the times the lock was taken.
+///
+/// A CPU that reads the same count after an exit as right after its last
+/// [`Vgic::flush`] knows that nothing changed the model since: if its list registers also
+/// read back as written, the flush it would make now is the one already loaded, and it
+/// can enter again without taking the lock (the machine's run loop does).
+pub struct SharedVgic {
+    vgic: Lock<Vgic>,
+    takes: AtomicU64,
+}
+
+impl SharedVgic {
+    /// Puts `vgic` behind its lock.
+    #[must_use]
+    pub const fn new(vgic: Vgic) -> Self {
+        Self {
+            vgic: Lock::new(vgic),
+            takes: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes the lock (and counts it).
+    pub fn lock(&self) -> spin::mutex::TicketMutexGuard<'_, Vgic> {
+        let guard = self.vgic.lock();
+        self.takes.fetch_add(1, Ordering::SeqCst);
+        guard
+    }
+
+    /// How many times the lock was taken so far.
+    #[must_use]
+    pub fn takes(&self) -> u64 {
+        self.takes.load(Ordering::SeqCst)
+    }
+}
 
 /// Number of SGIs (INTIDs 0-15).
 pub const SGI_COUNT: u32 = 16;
@@ -335,7 +377,14 @@ impl VcpuMask {
 
     /// The vCPU indices in the set, in increasing order.
     pub fn iter(self) -> impl Iterator<Item = usize> {
-        (0..MAX_VCPUS).filter(move |&i| self.contains(i))
+        // One step per member (the lowest set bit, then cleared), not one per possible
+        // vCPU: the run loop asks on every exit, almost always of an empty set.
+        let mut bits = self.0;
+        core::iter::from_fn(move || {
+            let i = bits.trailing_zeros();
+            bits &= bits.wrapping_sub(1);
+            (i < u64::BITS).then_some(i as usize)
+        })
     }
 }
 

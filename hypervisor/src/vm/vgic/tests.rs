@@ -1018,6 +1018,42 @@ fn unsynced_flush_keeps_state() {
 }
 
 #[test]
+fn a_flush_the_guest_left_as_it_was_is_the_next_flush() {
+    let mut g = vgic(1);
+    dw(&mut g, GICD_CTLR, 3);
+    g.redist_write(sgi(0, GICR_ISENABLER0), 4, 0b111, &mut NoPhys)
+        .unwrap();
+    for i in 0..3 {
+        g.sgi_write(0, SgiRegister::Sgi1r, sgi1r(i, 0, 1));
+    }
+    let f = g.flush(0);
+    assert_eq!(
+        (f.used(), f.hcr()),
+        (3, 0),
+        "three fit in four: no maintenance"
+    );
+    let written: Vec<u64> = f.lrs().iter().take(f.used()).map(|l| l.0).collect();
+    assert!(f.unchanged(&written));
+    // Folding the unchanged registers back and flushing again loads the same: skipping
+    // both is exact.
+    g.sync(0, &written);
+    assert_eq!(g.flush(0), f);
+    // The guest acknowledged one, or fewer registers were read back: changed.
+    let mut acked = written.clone();
+    acked[1] = f.lrs()[1].with_state(LrState::Active).0;
+    assert!(!f.unchanged(&acked));
+    assert!(!f.unchanged(&written[..2]));
+    // A flush that asked for maintenance is never left as it was.
+    let mut g = vgic(1);
+    many_sgis(&mut g);
+    let f = g.flush(0);
+    let written: Vec<u64> = f.lrs().iter().map(|l| l.0).collect();
+    assert!(!f.unchanged(&written));
+    // Nothing in the registers, nothing read back: unchanged.
+    assert!(vgic(1).flush(0).unchanged(&[]));
+}
+
+#[test]
 fn an_spi_is_never_in_two_vcpus_list_registers() {
     let mut g = vgic(2);
     dw(&mut g, GICD_CTLR, 2);
@@ -1138,4 +1174,15 @@ fn clearing_a_held_hardware_ppi_or_resetting_drops_the_physical_activation() {
     }));
     // Still a hardware PPI after the reset.
     assert_eq!(g.inject_hw_ppi(1, PPI_PTIMER), Ok(false));
+}
+
+#[test]
+fn vcpu_mask_iterates_its_members_in_order() {
+    assert_eq!(VcpuMask::EMPTY.iter().count(), 0);
+    let mut m = VcpuMask::EMPTY;
+    for i in [63, 5, 0, 64, 1000] {
+        m.insert(i);
+    }
+    assert_eq!(m.iter().collect::<Vec<_>>(), vec![0, 5, 63]);
+    assert!(m.iter().all(|i| m.contains(i)));
 }
