@@ -285,6 +285,28 @@ pub fn handle_exit<S: Stage2Table>(
     if !vm.runs(vcpu) {
         return Next::Stop;
     }
+    let next = handle(vm, vcpu, ctx, exit, host, share, kicks);
+    if next == Next::Stop && vm.status() != VmStatus::Running {
+        // This exit powered the VM off, reset or stopped it: its other vCPUs must leave
+        // the guest too (the last one out resets or destroys the VM), and one that sits
+        // in WFI with interrupts masked (Linux parks its other CPUs so before it powers
+        // off or reboots) would not exit on its own.
+        for i in 0..vm.desc.cpus.len() {
+            kicks.insert(i);
+        }
+    }
+    next
+}
+
+fn handle<S: Stage2Table>(
+    vm: &Vm<S>,
+    vcpu: usize,
+    ctx: &mut VcpuCtx<'_>,
+    exit: boot::Exit,
+    host: &mut impl Host,
+    share: &mut ShareCall<'_>,
+    kicks: &mut VcpuMask,
+) -> Next {
     match Exit::from(exit) {
         Exit::Interrupt => Next::Resume,
         Exit::SError { esr } => serror(vm, esr, host),
@@ -1021,6 +1043,36 @@ mod tests {
         );
         c0.x[0] = 0x8400_0009;
         assert_eq!(c0.exit(&vm, 0, sync(HVC, 0)), Next::Stop);
+    }
+
+    #[test]
+    fn ending_the_vm_kicks_its_other_vcpus_and_cpu_off_does_not() {
+        // 0x8400_0002 CPU_OFF, 0x8400_0008 SYSTEM_OFF, 0x8400_0009 SYSTEM_RESET.
+        for (call, kicked) in [
+            (0x8400_0002, false),
+            (0x8400_0008, true),
+            (0x8400_0009, true),
+        ] {
+            let m = manager();
+            let mut d = desc(0x5000_0000, 1);
+            d.cpus.push(2);
+            d.cpus.push(3);
+            let vm = running(&m, d);
+            let mut c0 = Cpu::new();
+            c0.x[0] = call;
+            assert_eq!(c0.exit(&vm, 0, sync(HVC, 0)), Next::Stop, "{call:#x}");
+            let others = [1, 2].into_iter().all(|i| c0.kicks.contains(i));
+            assert_eq!(others, kicked, "{call:#x}: vCPUs 1 and 2 kicked");
+        }
+        // A VM stopped by the hypervisor (an unmapped access under the stop policy).
+        let m = manager();
+        let mut d = desc(0x5000_0000, 1);
+        d.cpus.push(2);
+        d.abort = crate::config::AbortPolicy::Stop;
+        let vm = running(&m, d);
+        let mut c0 = Cpu::new();
+        assert_eq!(c0.exit(&vm, 0, sync(dabt(false, 1, 2), 0x1000)), Next::Stop);
+        assert!(c0.kicks.contains(1));
     }
 
     #[test]

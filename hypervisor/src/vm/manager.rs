@@ -351,9 +351,8 @@ impl<P: Backend> VmManager<P> {
                 let _ = s2.unmap(r.ipa, r.size);
             }
         }
-        for r in &vm.desc.memory {
-            self.mem.zero(r.pa, r.size);
-        }
+        // The RAM goes back to the pool as it is: RAM is scrubbed when it is given to a
+        // VM (`create`, `reset`), and nothing maps the pool in between.
         let (free, total, frames, vmids) = {
             let mut inner = self.inner.lock();
             let inner = &mut *inner;
@@ -373,7 +372,7 @@ impl<P: Backend> VmManager<P> {
             )
         };
         log::info!(
-            "VM {} destroyed: {} KiB RAM scrubbed and returned, VMID {} released; guest RAM \
+            "VM {} destroyed: {} KiB RAM returned, VMID {} released; guest RAM \
              free {} of {} KiB, page-table frames in use {frames}, VMIDs in use {vmids}",
             vm.desc.name,
             vm.desc.ram_size() / 1024,
