@@ -9,7 +9,7 @@
 use super::regs::{self, BitReg, Sizes};
 use super::{
     MmioError, PhysAction, PhysGic, Spi, SpiSource, VcpuMask, Vgic, CTLR_ARE, CTLR_DS,
-    CTLR_ENABLE_GRP0, CTLR_ENABLE_GRP1, PRIVATE_COUNT,
+    CTLR_ENABLE_GRP0, CTLR_ENABLE_GRP1,
 };
 
 /// Size of the distributor frame.
