@@ -471,6 +471,8 @@ twostage_guest_exit:
 );
 
 // The pairs stored with one STP must be adjacent in the structures.
+// Compile-time layout checks: an overflow here is a build error, not a run-time one.
+#[allow(clippy::arithmetic_side_effects)]
 const _: () = {
     assert!(offset_of!(ExceptionFrame, sp) == offset_of!(ExceptionFrame, x) + 31 * 8);
     assert!(offset_of!(ExceptionFrame, spsr) == offset_of!(ExceptionFrame, elr) + 8);
@@ -544,8 +546,9 @@ pub fn stack_range(cpu: usize) -> Option<(u64, u64)> {
         return None;
     }
     let base = TWOSTAGE_STACKS.0.get() as u64;
-    let bottom = base + (cpu * STACK_SIZE) as u64;
-    Some((bottom, bottom + STACK_SIZE as u64))
+    // `cpu < MAX_CPUS`: inside the linked stack area, no overflow.
+    let bottom = base.checked_add(u64::try_from(cpu.checked_mul(STACK_SIZE)?).ok()?)?;
+    Some((bottom, bottom.checked_add(STACK_SIZE as u64)?))
 }
 
 /// Defines a data-cache maintenance function by VA to the point of coherency over
@@ -560,11 +563,13 @@ macro_rules! dcache_by_va {
             unsafe {
                 asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags))
             };
+            // CTR_EL0.DminLine [19:16]: log2 of the line size in words, so `line` is a
+            // power of two from 4 bytes to 128 KiB and the products below are small.
             let line = 4u64 << ((ctr >> 16) & 0xf);
-            let mut addr = start & !(line - 1);
+            let mut addr = start & !line.wrapping_sub(1);
             let end = start.saturating_add(len);
             // Four lines per step while they fit (fewer loop iterations), then one at a time.
-            while end - addr >= 4 * line {
+            while end.saturating_sub(addr) >= line.saturating_mul(4) {
                 // SAFETY: the operation writes back (and may drop) a line without changing
                 // memory contents; the four lines from `addr` start below `end`, in the
                 // mapped memory the callers pass.
@@ -590,7 +595,8 @@ macro_rules! dcache_by_va {
                 unsafe {
                     asm!(concat!("dc ", $op, ", {}"), in(reg) addr, options(nostack, preserves_flags))
                 };
-                addr += line;
+                // Saturating: a range ending at the top of the address space ends the loop.
+                addr = addr.saturating_add(line);
             }
             // SAFETY: a barrier has no memory-safety effects.
             unsafe { asm!("dsb sy", options(nostack, preserves_flags)) };
@@ -673,7 +679,8 @@ pub unsafe fn zero_and_clean(start: u64, len: u64) {
                 "cmp {p}, {end}",
                 "b.lo 2b",
                 p = inout(reg) start => _,
-                end = in(reg) start + bulk,
+                // The caller's range does not wrap (it is mapped memory).
+                end = in(reg) start.wrapping_add(bulk),
                 a = out(reg) _,
                 b = out(reg) _,
                 c = out(reg) _,
@@ -683,7 +690,7 @@ pub unsafe fn zero_and_clean(start: u64, len: u64) {
         }
     }
     // SAFETY: the tail lies in the caller's range.
-    unsafe { core::ptr::write_bytes((start + bulk) as *mut u8, 0, (len - bulk) as usize) };
+    unsafe { core::ptr::write_bytes(start.wrapping_add(bulk) as *mut u8, 0, (len & 127) as usize) };
     clean_dcache_range(start, len);
 }
 
@@ -697,7 +704,8 @@ pub unsafe fn zero_and_clean(start: u64, len: u64) {
 /// and unused by anything else meanwhile.
 pub unsafe fn copy_and_clean(dst: u64, src: u64, len: u64) {
     let bulk = len & !63;
-    let mut off = 0;
+    // Offsets into the caller's ranges, which are mapped memory: the sums do not wrap.
+    let mut off = 0u64;
     while off < bulk {
         // SAFETY: `[src + off, +64)` and `[dst + off, +64)` lie in the caller's ranges;
         // v0-v3 are declared clobbered.
@@ -707,20 +715,20 @@ pub unsafe fn copy_and_clean(dst: u64, src: u64, len: u64) {
                 "ldp q2, q3, [{s}, #32]",
                 "stp q0, q1, [{d}]",
                 "stp q2, q3, [{d}, #32]",
-                s = in(reg) src + off,
-                d = in(reg) dst + off,
+                s = in(reg) src.wrapping_add(off),
+                d = in(reg) dst.wrapping_add(off),
                 out("v0") _, out("v1") _, out("v2") _, out("v3") _,
                 options(nostack, preserves_flags)
             );
         }
-        off += 64;
+        off = off.wrapping_add(64);
     }
     // SAFETY: the tail lies in the caller's ranges, which do not overlap.
     unsafe {
         core::ptr::copy_nonoverlapping(
-            (src + bulk) as *const u8,
-            (dst + bulk) as *mut u8,
-            (len - bulk) as usize,
+            src.wrapping_add(bulk) as *const u8,
+            dst.wrapping_add(bulk) as *mut u8,
+            (len & 63) as usize,
         );
     }
     clean_dcache_range(dst, len);

@@ -25,6 +25,18 @@
 //! On the host only the portable parts compile: ESR decoding ([`esr`]) and the frame types.
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+// Syndromes (`esr`) and exit frames carry values a guest chose: no panics, no unchecked
+// indexing or arithmetic, as in the hypervisor crate. Tests may unwrap.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects,
+        clippy::panic
+    )
+)]
 #![warn(missing_docs)]
 
 pub mod esr;

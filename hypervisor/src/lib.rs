@@ -6,6 +6,20 @@
 //! hypervisor's own memory) and `console` (log lines and fault reports) beside them.
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+// Every module reads guest or host input (guest registers, syndromes, MMIO accesses,
+// hypercall arguments, the host device tree): no panics, no unchecked indexing or
+// arithmetic (docs/decisions.md, "Guest and host input cannot panic the hypervisor").
+// Tests may unwrap.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects,
+        clippy::panic
+    )
+)]
 // Public: what the build tools use (`config` to check the VM descriptions they write,
 // `mem::layout` for the memory map, `linux::image`) and the machine layer. On the host the
 // machine layer is not built, so what only it uses looks unused there: dead code is found

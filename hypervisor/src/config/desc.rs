@@ -36,6 +36,17 @@ impl GuestRegion {
             .zip(self.size.checked_sub(len))
             .is_some_and(|(offset, room)| offset <= room)
     }
+
+    /// The host PA of guest IPA `ipa`, if `[ipa, ipa + len)` lies inside this region
+    /// and the PA range does not wrap.
+    #[must_use]
+    pub fn pa_of(&self, ipa: u64, len: u64) -> Option<u64> {
+        if !self.contains_ipa(ipa, len) {
+            return None;
+        }
+        let pa = self.pa.checked_add(ipa.checked_sub(self.ipa)?)?;
+        pa.checked_add(len).map(|_| pa)
+    }
 }
 
 /// An image QEMU staged at host PA `pa` (`-device loader`), copied into the VM's RAM at
@@ -783,6 +794,30 @@ pub(crate) mod tests {
             Err(DescError::Invalid { what, .. }) => what,
             other => panic!("expected a rejection, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn pa_of_an_ipa_range_inside_a_region_only() {
+        let r = GuestRegion {
+            ipa: 0x4000_0000,
+            pa: 0x5000_0000,
+            size: 0x10_0000,
+        };
+        assert_eq!(r.pa_of(0x4000_0000, 0x10_0000), Some(0x5000_0000));
+        assert_eq!(r.pa_of(0x4000_3000, 0x1000), Some(0x5000_3000));
+        assert_eq!(r.pa_of(0x4000_3000, 0x10_0000), None, "runs past the end");
+        assert_eq!(r.pa_of(0x3fff_f000, 0x2000), None, "starts below");
+        assert_eq!(r.pa_of(u64::MAX, 2), None);
+        // A region whose PA range would pass 2^64 (the description's checks refuse
+        // it): only the part that ends below 2^64 has a PA.
+        let top = GuestRegion {
+            ipa: 0,
+            pa: u64::MAX - 0x1fff,
+            size: 0x3000,
+        };
+        assert_eq!(top.pa_of(0, 0x1000), Some(u64::MAX - 0x1fff));
+        assert_eq!(top.pa_of(0x1000, 0x1000), None);
+        assert_eq!(top.pa_of(0x2000, 0x1000), None);
     }
 
     #[test]

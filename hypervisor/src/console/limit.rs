@@ -27,7 +27,8 @@ impl TokenBucket {
         Self {
             burst,
             per_second,
-            micro_tokens: burst as u64 * ONE,
+            // A u32 count of millionths fits in a u64: the product is exact.
+            micro_tokens: (burst as u64).saturating_mul(ONE),
             last_us: None,
         }
     }
@@ -39,16 +40,17 @@ impl TokenBucket {
         if self.last_us.is_none_or(|last| now_us > last) {
             self.last_us = Some(now_us);
         }
-        let cap = u64::from(self.burst) * ONE;
+        let cap = u64::from(self.burst).saturating_mul(ONE);
         self.micro_tokens = self
             .micro_tokens
             .saturating_add(elapsed.saturating_mul(u64::from(self.per_second)))
             .min(cap);
-        if self.micro_tokens >= ONE {
-            self.micro_tokens -= ONE;
-            true
-        } else {
-            false
+        match self.micro_tokens.checked_sub(ONE) {
+            Some(left) => {
+                self.micro_tokens = left;
+                true
+            }
+            None => false,
         }
     }
 }

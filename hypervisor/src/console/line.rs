@@ -24,7 +24,8 @@ impl Line {
     #[must_use]
     pub fn as_str(&self) -> &str {
         // Only printable ASCII is ever stored.
-        core::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
+        let bytes = self.bytes.get(..self.len).unwrap_or_default();
+        core::str::from_utf8(bytes).unwrap_or("")
     }
 }
 
@@ -69,7 +70,8 @@ impl LineBuffer {
                 // `len < MAX_LINE` holds: a full line is handed out right away.
                 if let Some(slot) = self.line.bytes.get_mut(self.line.len) {
                     *slot = c;
-                    self.line.len += 1;
+                    // Below `MAX_LINE` (the slot exists): the sum is exact.
+                    self.line.len = self.line.len.saturating_add(1);
                 }
                 (self.line.len >= MAX_LINE).then(|| self.take_line())
             }

@@ -43,13 +43,12 @@ pub fn write_exception(
         "    SPSR_EL2 {:#018x}  SP      {:#018x}",
         frame.spsr, frame.sp
     )?;
-    for row in 0..8 {
+    // x0-x30, four to a row.
+    for (row, regs) in frame.x.chunks(4).enumerate() {
         write!(out, "   ")?;
-        for col in 0..4 {
-            let r = row * 4 + col;
-            if r < 31 {
-                write!(out, " x{r:<2} {:#018x}", frame.x[r])?;
-            }
+        for (col, value) in regs.iter().enumerate() {
+            let r = row.saturating_mul(4).saturating_add(col);
+            write!(out, " x{r:<2} {value:#018x}")?;
         }
         writeln!(out)?;
     }

@@ -72,7 +72,8 @@ impl<T: TxFifo> fmt::Write for BoundedTx<T> {
             if !sent {
                 // The rest of this write is dropped; the caller's line goes on (a log
                 // line must not fail the code that logs it).
-                self.dropped = self.dropped.saturating_add((bytes.len() - i) as u64);
+                let left = bytes.len().saturating_sub(i);
+                self.dropped = self.dropped.saturating_add(left as u64);
                 return Ok(());
             }
         }

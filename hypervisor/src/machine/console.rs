@@ -1,6 +1,7 @@
 //! The hypervisor's console: the `log` backend over the PL011, with the CPU index and
 //! time since boot on every line.
 
+use core::num::NonZeroU128;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use aarch64_cpu::registers::{Readable, CNTFRQ_EL0, CNTPCT_EL0};
@@ -28,8 +29,10 @@ impl logger::LogContext for LogClock {
         let ticks = CNTPCT_EL0
             .get()
             .wrapping_sub(BOOT_TICKS.load(Ordering::Relaxed));
-        let freq = CNTFRQ_EL0.get().max(1);
-        (u128::from(ticks) * 1_000_000 / u128::from(freq)) as u64
+        // A frequency of 0 (firmware that did not set CNTFRQ_EL0) counts as 1 Hz. The
+        // product of a u64 and a million fits in a u128.
+        let freq = NonZeroU128::new(u128::from(CNTFRQ_EL0.get())).unwrap_or(NonZeroU128::MIN);
+        (u128::from(ticks).saturating_mul(1_000_000) / freq) as u64
     }
 }
 

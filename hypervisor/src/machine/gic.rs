@@ -34,7 +34,7 @@ use spin::Once;
 
 use super::cpu::MPIDR_AFFINITY_MASK;
 use crate::vcpu::irq::{KICK_SGI, MAINTENANCE_PPI};
-use crate::vm::vgic::lr::{ICH_HCR_EN, MAX_LIST_REGS, VTR_LIST_REGS_MASK};
+use crate::vm::vgic::lr::{ICH_HCR_EN, MAX_LIST_REGS};
 use crate::vm::vgic::{Flush, PhysAction, PhysGic, PPI_PTIMER, PPI_VTIMER};
 
 /// Priority of every physical interrupt (all equal: EL2 takes them with IRQs masked,
@@ -84,6 +84,19 @@ struct Frames {
 
 static GIC: Once<Frames> = Once::new();
 
+/// The address of the register `off` bytes into the frame at `base`. The frames come
+/// from the checked device tree and every offset used lies inside its frame: the
+/// address arithmetic (modulo 2^64, as the CPU's) does not wrap.
+const fn at(base: usize, off: usize) -> usize {
+    base.wrapping_add(off)
+}
+
+/// Offset of element `n` of a register array of `stride`-byte elements at `off` (`n`
+/// is an INTID below 1024 or a block of them: the products are small).
+const fn nth(off: usize, n: usize, stride: usize) -> usize {
+    off.wrapping_add(n.wrapping_mul(stride))
+}
+
 fn read32(addr: usize) -> u32 {
     // SAFETY: every address passed here lies in the GIC's distributor or redistributor
     // frames, which the stage-1 table maps Device-nGnRE for the whole run ("gicd" and
@@ -110,7 +123,7 @@ fn write64(addr: usize, value: u64) {
 /// bounded number of reads.
 fn wait_rwp(dist: usize) {
     for _ in 0..1_000_000 {
-        if read32(dist + GICD_CTLR) & CTLR_RWP == 0 {
+        if read32(at(dist, GICD_CTLR)) & CTLR_RWP == 0 {
             return;
         }
         core::hint::spin_loop();
@@ -128,30 +141,29 @@ pub fn init_distributor(dist: u64, redist: u64, redist_size: u64) {
         redist_size: redist_size as usize,
     });
     let d = frames.dist;
-    write32(d + GICD_CTLR, 0);
+    write32(at(d, GICD_CTLR), 0);
     wait_rwp(d);
-    let lines = ((read32(d + GICD_TYPER) & 0x1f) + 1) * 32;
-    let lines = lines.min(1020);
+    // GICD_TYPER.ITLinesNumber [4:0]: 32 × (N + 1) INTIDs, at most 1020 usable.
+    let blocks = (read32(at(d, GICD_TYPER)) & 0x1f) as usize;
+    let lines = ((blocks << 5) | 0x1f).min(1019).saturating_add(1);
     let me = MPIDR_EL1.get() & MPIDR_AFFINITY_MASK;
-    for block in 1..lines / 32 {
-        let off = block as usize * 4;
-        write32(d + GICD_ICENABLER + off, u32::MAX);
-        write32(d + GICD_ICPENDR + off, u32::MAX);
-        write32(d + GICD_ICACTIVER + off, u32::MAX);
-        write32(d + GICD_IGROUPR + off, u32::MAX);
+    for block in 1..=blocks {
+        for reg in [GICD_ICENABLER, GICD_ICPENDR, GICD_ICACTIVER, GICD_IGROUPR] {
+            write32(at(d, nth(reg, block, 4)), u32::MAX);
+        }
     }
     let prio = u32::from_ne_bytes([PRIORITY; 4]);
     for intid in (32..lines).step_by(4) {
-        write32(d + GICD_IPRIORITYR + intid as usize, prio);
+        write32(at(d, nth(GICD_IPRIORITYR, intid, 1)), prio);
     }
     for intid in (32..lines).step_by(16) {
-        write32(d + GICD_ICFGR + intid as usize / 4, 0);
+        write32(at(d, nth(GICD_ICFGR, intid / 16, 4)), 0);
     }
     for intid in 32..lines {
-        write64(d + GICD_IROUTER + 8 * intid as usize, route(me));
+        write64(at(d, nth(GICD_IROUTER, intid, 8)), route(me));
     }
     wait_rwp(d);
-    write32(d + GICD_CTLR, CTLR_ARE | CTLR_ENABLE_GRP1);
+    write32(at(d, GICD_CTLR), CTLR_ARE | CTLR_ENABLE_GRP1);
     wait_rwp(d);
     log::info!(
         "gic: distributor at {dist:#x}: {lines} interrupt lines, SPIs off until a VM owns them"
@@ -175,21 +187,28 @@ fn redistributor(mpidr: u64) -> Option<usize> {
     let aff = mpidr & MPIDR_AFFINITY_MASK;
     // GICR_TYPER[63:32] is Aff3.Aff2.Aff1.Aff0.
     let want = (aff & 0xff_ffff) | ((aff >> 32) << 24);
-    let mut at = f.redist;
-    while at + 2 * SGI_BASE <= f.redist + f.redist_size {
-        let typer = read64(at + GICR_TYPER);
+    // Offsets into the region, whose size the device tree gave: a redistributor is
+    // read only where its two frames lie inside.
+    let mut offset = 0usize;
+    while offset
+        .checked_add(2 * SGI_BASE)
+        .is_some_and(|end| end <= f.redist_size)
+    {
+        let rd = at(f.redist, offset);
+        let typer = read64(at(rd, GICR_TYPER));
         if typer >> 32 == want {
-            return Some(at);
+            return Some(rd);
         }
         if typer & GICR_TYPER_LAST != 0 {
             return None;
         }
         // Two 64 KiB frames, four with virtual LPIs (IHI 0069 12.10).
-        at += if typer & GICR_TYPER_VLPIS != 0 {
+        let stride = if typer & GICR_TYPER_VLPIS != 0 {
             4 * SGI_BASE
         } else {
             2 * SGI_BASE
         };
+        offset = offset.checked_add(stride)?;
     }
     None
 }
@@ -201,24 +220,24 @@ pub fn init_cpu() -> bool {
     let Some(rd) = redistributor(me) else {
         return false;
     };
-    let waker = read32(rd + GICR_WAKER);
-    write32(rd + GICR_WAKER, waker & !WAKER_PROCESSOR_SLEEP);
+    let waker = read32(at(rd, GICR_WAKER));
+    write32(at(rd, GICR_WAKER), waker & !WAKER_PROCESSOR_SLEEP);
     for _ in 0..1_000_000 {
-        if read32(rd + GICR_WAKER) & WAKER_CHILDREN_ASLEEP == 0 {
+        if read32(at(rd, GICR_WAKER)) & WAKER_CHILDREN_ASLEEP == 0 {
             break;
         }
         core::hint::spin_loop();
     }
-    write32(rd + GICR_ICENABLER0, u32::MAX);
-    write32(rd + GICR_ICPENDR0, u32::MAX);
-    write32(rd + GICR_ICACTIVER0, u32::MAX);
-    write32(rd + GICR_IGROUPR0, u32::MAX);
+    write32(at(rd, GICR_ICENABLER0), u32::MAX);
+    write32(at(rd, GICR_ICPENDR0), u32::MAX);
+    write32(at(rd, GICR_ICACTIVER0), u32::MAX);
+    write32(at(rd, GICR_IGROUPR0), u32::MAX);
     let prio = u32::from_ne_bytes([PRIORITY; 4]);
     for intid in (0..32).step_by(4) {
-        write32(rd + GICR_IPRIORITYR + intid, prio);
+        write32(at(rd, nth(GICR_IPRIORITYR, intid, 1)), prio);
     }
     write32(
-        rd + GICR_ISENABLER0,
+        at(rd, GICR_ISENABLER0),
         (1 << KICK_SGI) | (1 << MAINTENANCE_PPI) | (1 << PPI_VTIMER) | (1 << PPI_PTIMER),
     );
     // SAFETY: the GIC system registers exist (the device tree names a GICv3 and its
@@ -259,7 +278,7 @@ pub fn ich_vtr() -> u64 {
 
 /// Number of list registers (`ICH_VTR_EL2.ListRegs` + 1).
 pub fn list_registers() -> usize {
-    ((ich_vtr() & VTR_LIST_REGS_MASK) as usize + 1).min(MAX_LIST_REGS)
+    crate::vm::vgic::lr::list_regs_from_vtr(ich_vtr())
 }
 
 /// Acknowledges the highest-priority pending Group 1 interrupt (`ICC_IAR1_EL1`); 1020-1023
@@ -347,10 +366,11 @@ pub fn vcpu_start(lrs: usize) {
     for n in 0..lrs {
         write_lr(n, 0);
     }
-    let pre_bits = ((ich_vtr() >> 26) & 0x7) + 1;
-    let aprs = match pre_bits {
-        7 => 4,
-        6 => 2,
+    // ICH_VTR_EL2.PREbits [28:26] is the number of preemption bits - 1: 7 bits need
+    // four active-priority registers of each group, 6 bits two, 5 bits one.
+    let aprs = match (ich_vtr() >> 26) & 0x7 {
+        6 => 4,
+        5 => 2,
         _ => 1,
     };
     // SAFETY: EL2 writes of the virtual interface's active-priority and control
@@ -433,7 +453,10 @@ pub struct Physical;
 /// interrupt distributor register pair.
 fn dist_bit(dist: usize, set: usize, clear: usize, intid: u32, on: bool) {
     let reg = if on { set } else { clear };
-    write32(dist + reg + 4 * (intid as usize / 32), 1 << (intid % 32));
+    write32(
+        at(dist, nth(reg, intid as usize / 32, 4)),
+        1 << (intid % 32),
+    );
 }
 
 impl PhysGic for Physical {
@@ -451,8 +474,9 @@ impl PhysGic for Physical {
             // (in the list register).
             PhysAction::Priority { .. } => {}
             PhysAction::Trigger { pintid, level } => {
-                let reg = d + GICD_ICFGR + 4 * (pintid as usize / 16);
-                let shift = 2 * (pintid % 16) + 1;
+                // Int_config[1] of INTID n is bit 2(n % 16) + 1 of GICD_ICFGR<n / 16>.
+                let reg = at(d, nth(GICD_ICFGR, pintid as usize / 16, 4));
+                let shift = ((pintid % 16) << 1) | 1;
                 let v = read32(reg);
                 let v = if level {
                     v & !(1 << shift)
@@ -462,7 +486,7 @@ impl PhysGic for Physical {
                 write32(reg, v);
             }
             PhysAction::Route { pintid, mpidr } => {
-                write64(d + GICD_IROUTER + 8 * pintid as usize, route(mpidr));
+                write64(at(d, nth(GICD_IROUTER, pintid as usize, 8)), route(mpidr));
             }
             PhysAction::Pending { pintid, pending } => {
                 dist_bit(d, GICD_ISPENDR, GICD_ICPENDR, pintid, pending);
@@ -472,8 +496,8 @@ impl PhysGic for Physical {
             }
             PhysAction::DeactivatePrivate { mpidr, pintid } => {
                 if let Some(rd) = redistributor(mpidr) {
-                    write32(rd + GICR_ICACTIVER0, 1 << (pintid % 32));
-                    write32(rd + GICR_ICPENDR0, 1 << (pintid % 32));
+                    write32(at(rd, GICR_ICACTIVER0), 1 << (pintid % 32));
+                    write32(at(rd, GICR_ICPENDR0), 1 << (pintid % 32));
                 }
             }
         }

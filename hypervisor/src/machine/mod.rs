@@ -135,7 +135,7 @@ pub fn primary(dtb: usize) -> Machine {
     PSCI_CONDUIT.call_once(|| psci.conduit);
 
     let image = boot::image_layout();
-    let image_region = PhysRange::new(image.text_start, image.image_end - image.text_start);
+    let image_region = PhysRange::from_to(image.text_start, image.image_end);
     let memory = layout::plan(image_region, platform.memory(), platform.dtb)
         .unwrap_or_else(|e| fatal(format_args!("memory layout: {e}")));
     info!("hypervisor image: {}", memory.image);
@@ -265,7 +265,7 @@ fn enable_stage1(pool: &'static Mutex<FramePool>, maps: &[stage1::Mapping]) {
 /// W^X proof: write to the hypervisor's own text with the MMU on. Must fault.
 #[cfg(feature = "fault-write-text")]
 fn fault_write_text(text_start: u64) {
-    let target = text_start + 0x40;
+    let target = text_start.wrapping_add(0x40);
     warn!("fault-write-text: writing to the hypervisor text at {target:#x}");
     // SAFETY: deliberately unsound: this build exists to show the write is stopped by the
     // MMU (the page is mapped read-only), which ends the run with the EL2 fault report.
@@ -314,7 +314,7 @@ fn start_secondaries(platform: &Hardware, boot_mpidr: u64) -> usize {
         ));
     }
     let entry = boot::secondary_entry_address();
-    let mut expected = 1;
+    let mut expected = 1usize;
     let others = platform.cpus().iter().copied().filter(|&m| m != boot_mpidr);
     for (index, mpidr) in (1..).zip(others) {
         let Some(slot) = CPU_MPIDR.get(index) else {
@@ -322,12 +322,17 @@ fn start_secondaries(platform: &Hardware, boot_mpidr: u64) -> usize {
         };
         slot.store(mpidr, Ordering::Release);
         match psci_cpu_on(mpidr, entry, index as u64) {
-            Ok(()) => expected += 1,
+            // One per CPU slot: the sum is exact.
+            Ok(()) => expected = expected.saturating_add(1),
             Err(e) => error!("cpu{index} (MPIDR {mpidr:#x}): CPU_ON failed: {e:?}"),
         }
     }
     let freq = CNTFRQ_EL0.get();
-    let deadline = CNTPCT_EL0.get() + freq * SECONDARY_TIMEOUT_MS / 1000;
+    // Saturating: a counter or frequency near the top waits until the counter's end
+    // rather than not at all.
+    let deadline = CNTPCT_EL0
+        .get()
+        .saturating_add(freq.saturating_mul(SECONDARY_TIMEOUT_MS) / 1000);
     while CPUS_ONLINE.load(Ordering::Acquire) < expected && CNTPCT_EL0.get() < deadline {
         core::hint::spin_loop();
     }
@@ -357,6 +362,7 @@ pub fn secondary(cpu: usize) {
         recurse(0);
     }
     #[cfg(feature = "fault-panic")]
+    #[allow(clippy::panic)] // The fault-panic build panics here on purpose.
     if cpu == 1 {
         panic!("fault-panic: deliberate panic on cpu{cpu}");
     }
@@ -368,5 +374,6 @@ pub fn secondary(cpu: usize) {
 #[allow(unconditional_recursion)]
 fn recurse(depth: u64) -> u64 {
     let frame = core::hint::black_box([depth; 64]);
-    recurse(depth + 1) + frame[(depth % 64) as usize]
+    // The frame is used after the call: no tail call.
+    recurse(depth.wrapping_add(1)) ^ frame.iter().fold(0, |a, b| a ^ b)
 }

@@ -36,15 +36,20 @@ impl Pl011 {
 }
 
 impl Pl011 {
+    /// The address of register `off` (inside the 4 KiB block at `base`: no wrap).
+    const fn reg(&self, off: usize) -> usize {
+        self.base.wrapping_add(off)
+    }
+
     /// The next received byte, if any.
     pub fn read_byte(&self) -> Option<u8> {
         // SAFETY: `new`'s contract makes base + FR and base + DR valid device registers;
         // reading DR pops the receive FIFO only, which nothing else reads.
         unsafe {
-            if ((self.base + FR) as *const u32).read_volatile() & FR_RXFE != 0 {
+            if (self.reg(FR) as *const u32).read_volatile() & FR_RXFE != 0 {
                 return None;
             }
-            Some(((self.base + DR) as *const u32).read_volatile() as u8)
+            Some((self.reg(DR) as *const u32).read_volatile() as u8)
         }
     }
 
@@ -53,7 +58,7 @@ impl Pl011 {
         // SAFETY: as `read_byte`; the transmit side never uses interrupts, so IMSC is
         // the receiver's alone.
         unsafe {
-            ((self.base + IMSC) as *mut u32).write_volatile(if on { IMSC_RX } else { 0 });
+            (self.reg(IMSC) as *mut u32).write_volatile(if on { IMSC_RX } else { 0 });
         }
     }
 }
@@ -61,11 +66,11 @@ impl Pl011 {
 impl TxFifo for Pl011 {
     fn full(&self) -> bool {
         // SAFETY: `new`'s contract makes base + FR a valid device register.
-        unsafe { ((self.base + FR) as *const u32).read_volatile() & FR_TXFF != 0 }
+        unsafe { (self.reg(FR) as *const u32).read_volatile() & FR_TXFF != 0 }
     }
 
     fn put(&mut self, byte: u8) {
         // SAFETY: `new`'s contract makes base + DR a valid device register.
-        unsafe { ((self.base + DR) as *mut u32).write_volatile(u32::from(byte)) };
+        unsafe { (self.reg(DR) as *mut u32).write_volatile(u32::from(byte)) };
     }
 }

@@ -435,7 +435,7 @@ fn log_stage2_layout(desc: &config::VmDesc) {
             "VM {} stage 2: IPA [{:#x}, {:#x}) -> PA {:#x}: {what}",
             desc.name,
             r.ipa,
-            r.ipa + r.size,
+            r.ipa.saturating_add(r.size),
             r.pa
         );
     };
@@ -461,19 +461,20 @@ fn log_stage2_layout(desc: &config::VmDesc) {
         "VM {} stage 2: IPA [{:#x}, {:#x}): virtual GIC distributor, unmapped (emulated)",
         desc.name,
         gic.dist,
-        gic.dist + config::GicIpa::DIST_SIZE
+        gic.dist.saturating_add(config::GicIpa::DIST_SIZE)
     );
     log::info!(
         "VM {} stage 2: IPA [{:#x}, {:#x}): virtual GIC redistributors, unmapped (emulated)",
         desc.name,
         gic.redist,
-        gic.redist + config::GicIpa::redist_size(desc.cpus.len())
+        gic.redist
+            .saturating_add(config::GicIpa::redist_size(desc.cpus.len()))
     );
     if let Some(u) = desc.vuart {
         log::info!(
             "VM {} stage 2: IPA [{u:#x}, {:#x}): virtual UART, unmapped (emulated)",
             desc.name,
-            u + crate::mem::PAGE_SIZE
+            u.saturating_add(crate::mem::PAGE_SIZE)
         );
     }
 }
@@ -495,14 +496,15 @@ fn stage_linux_dtb(desc: &mut config::VmDesc, host: &config::HostDt<'_>, staged_
             // every staged image of this VM; the range is mapped read/write and no CPU
             // runs a guest yet.
             unsafe { core::ptr::copy_nonoverlapping(dtb.as_ptr(), pa as *mut u8, dtb.len()) };
-            *staged_end = pa + dtb.len() as u64;
+            // Inside the staging range (see above): the sum is exact.
+            *staged_end = pa.saturating_add(dtb.len() as u64);
             log::info!(
                 "VM {}: Linux boot: kernel {:#x}, DTB ({} bytes) at {:#x}, initrd {:x?}",
                 desc.name,
                 desc.entry,
                 dtb.len(),
                 desc.boot_x0(),
-                desc.initrd.map(|i| (i.ipa, i.ipa + i.size))
+                desc.initrd.map(|i| (i.ipa, i.ipa.saturating_add(i.size)))
             );
         }
         Err(e) => fatal(format_args!("VM {}: cannot boot Linux: {e}", desc.name)),

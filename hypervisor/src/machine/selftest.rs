@@ -4,6 +4,7 @@
 //! HVC and trapped SMC exits decode as expected.
 
 use core::arch::global_asm;
+use core::num::NonZeroU128;
 
 use aarch64_cpu::registers::{
     Readable, Writeable, CNTFRQ_EL0, CNTPCT_EL0, CPACR_EL1, HCR_EL2, SCTLR_EL1,
@@ -74,7 +75,7 @@ pub fn run() {
         matches!(exit, Exit::Sync { esr, .. } if esr.decode() == Syndrome::Hvc64 { imm: 0x4711 });
     expect(hvc, "first exit is not HVC #0x4711", &regs, &exit);
     expect(
-        regs.pc == entry + 12,
+        regs.pc == entry.wrapping_add(12),
         "HVC exit PC is not the next instruction",
         &regs,
         &exit,
@@ -139,10 +140,12 @@ pub fn run() {
             matches!(exit, Exit::Sync { esr, .. } if esr.decode() == Syndrome::Hvc64 { imm: 1 });
         expect(ok, "loop exit is not HVC #1", &regs, &exit);
     }
-    let ticks = CNTPCT_EL0.get() - start;
-    let ns = u128::from(ticks) * 1_000_000_000
-        / u128::from(CNTFRQ_EL0.get().max(1))
-        / u128::from(ROUND_TRIPS);
+    // The counter counts up; a frequency of 0 counts as 1 Hz.
+    let ticks = CNTPCT_EL0.get().wrapping_sub(start);
+    let freq = NonZeroU128::new(u128::from(CNTFRQ_EL0.get())).unwrap_or(NonZeroU128::MIN);
+    let ns = (u128::from(ticks).saturating_mul(1_000_000_000) / freq)
+        .checked_div(u128::from(ROUND_TRIPS))
+        .unwrap_or(0);
     info!("guest entry self-test: HVC and SMC exits, registers, PC, PSTATE and SIMD state: ok");
     info!("guest entry self-test: {ROUND_TRIPS} HVC round trips, {ns} ns each");
     super::regs::leave_guest_context();

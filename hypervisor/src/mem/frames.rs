@@ -49,7 +49,11 @@ impl FramePool {
     /// A pool over the whole pages inside `region`.
     #[must_use]
     pub fn new(region: PhysRange) -> Self {
-        let base = (region.base + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
+        // A base that cannot be rounded up to a page leaves no whole page.
+        let base = region
+            .base
+            .checked_next_multiple_of(PAGE_SIZE)
+            .unwrap_or(u64::MAX);
         let frames = (region.end().saturating_sub(base) / PAGE_SIZE) as usize;
         Self {
             base,
@@ -64,7 +68,8 @@ impl FramePool {
     /// The range the pool hands out.
     #[must_use]
     pub fn region(&self) -> PhysRange {
-        PhysRange::new(self.base, self.frames as u64 * PAGE_SIZE)
+        // `frames` whole pages fit between `base` and the region's end: exact.
+        PhysRange::new(self.base, (self.frames as u64).saturating_mul(PAGE_SIZE))
     }
 
     /// Total frames.
@@ -85,29 +90,66 @@ impl FramePool {
         self.peak
     }
 
-    /// Takes a free frame and returns its physical address (contents not cleared).
-    pub fn alloc(&mut self) -> Option<u64> {
-        if self.in_use == self.frames {
+    /// The address of frame `idx` (below `frames`: the sum stays inside the region).
+    fn address(&self, idx: usize) -> u64 {
+        self.base
+            .saturating_add((idx as u64).saturating_mul(PAGE_SIZE))
+    }
+
+    /// The frame number of `pa`, if it is a page-aligned address of the pool.
+    fn index(&self, pa: u64) -> Option<usize> {
+        if pa % PAGE_SIZE != 0 {
             return None;
         }
-        let words = self.used.len();
-        for step in 0..words {
-            let w = (self.next / 64 + step) % words;
-            let free = !self.used[w];
-            if free == 0 {
-                continue;
+        let idx = usize::try_from(pa.checked_sub(self.base)? / PAGE_SIZE).ok()?;
+        (idx < self.frames).then_some(idx)
+    }
+
+    /// Whether frame `idx` is allocated (one past the bitmap counts as allocated: it is
+    /// never handed out).
+    fn is_used(&self, idx: usize) -> bool {
+        self.used
+            .get(idx / 64)
+            .is_none_or(|word| word & (1 << (idx % 64)) != 0)
+    }
+
+    /// Marks frame `idx` allocated or free.
+    fn mark(&mut self, idx: usize, used: bool) {
+        if let Some(word) = self.used.get_mut(idx / 64) {
+            if used {
+                *word |= 1 << (idx % 64);
+            } else {
+                *word &= !(1 << (idx % 64));
             }
-            let idx = w * 64 + free.trailing_zeros() as usize;
-            if idx >= self.frames {
-                continue;
-            }
-            self.used[w] |= 1 << (idx % 64);
-            self.in_use += 1;
-            self.peak = self.peak.max(self.in_use);
-            self.next = idx;
-            return Some(self.base + idx as u64 * PAGE_SIZE);
         }
-        None
+    }
+
+    /// Counts `count` more frames in use (never more than `frames`: the sum is exact).
+    fn took(&mut self, count: usize) {
+        self.in_use = self.in_use.saturating_add(count);
+        self.peak = self.peak.max(self.in_use);
+    }
+
+    /// Takes a free frame and returns its physical address (contents not cleared).
+    pub fn alloc(&mut self) -> Option<u64> {
+        if self.in_use >= self.frames {
+            return None;
+        }
+        // From the word of the last frame handed out to the end, then from the start.
+        let start = self.next / 64;
+        let words = self.used.len();
+        let idx = (start..words).chain(0..start).find_map(|w| {
+            let free = !self.used.get(w)?;
+            // `w < words`, so the frame number fits (`words * 64` frames do).
+            let idx = w
+                .saturating_mul(64)
+                .saturating_add(free.trailing_zeros() as usize);
+            (free != 0 && idx < self.frames).then_some(idx)
+        })?;
+        self.mark(idx, true);
+        self.took(1);
+        self.next = idx;
+        Some(self.address(idx))
     }
 
     /// Takes `count` physically contiguous free frames whose first address is aligned to
@@ -120,19 +162,22 @@ impl FramePool {
         if count == 1 {
             return self.alloc();
         }
-        let align = count as u64 * PAGE_SIZE;
-        let first = (self.base.next_multiple_of(align) - self.base) / PAGE_SIZE;
-        let mut idx = first as usize;
-        while idx + count <= self.frames {
-            if (idx..idx + count).all(|i| self.used[i / 64] & (1 << (i % 64)) == 0) {
-                for i in idx..idx + count {
-                    self.used[i / 64] |= 1 << (i % 64);
+        let align = (count as u64).checked_mul(PAGE_SIZE)?;
+        let first = self
+            .base
+            .checked_next_multiple_of(align)?
+            .checked_sub(self.base)?
+            / PAGE_SIZE;
+        let mut idx = usize::try_from(first).ok()?;
+        while let Some(end) = idx.checked_add(count).filter(|&end| end <= self.frames) {
+            if (idx..end).all(|i| !self.is_used(i)) {
+                for i in idx..end {
+                    self.mark(i, true);
                 }
-                self.in_use += count;
-                self.peak = self.peak.max(self.in_use);
-                return Some(self.base + idx as u64 * PAGE_SIZE);
+                self.took(count);
+                return Some(self.address(idx));
             }
-            idx += count;
+            idx = end;
         }
         None
     }
@@ -147,27 +192,19 @@ impl FramePool {
         if pa % PAGE_SIZE != 0 {
             return Err(FrameError::Misaligned(pa));
         }
-        if pa < self.base || pa >= self.region().end() {
-            return Err(FrameError::NotInPool(pa));
-        }
-        let idx = ((pa - self.base) / PAGE_SIZE) as usize;
-        let bit = 1u64 << (idx % 64);
-        if self.used[idx / 64] & bit == 0 {
+        let idx = self.index(pa).ok_or(FrameError::NotInPool(pa))?;
+        if !self.is_used(idx) {
             return Err(FrameError::DoubleFree(pa));
         }
-        self.used[idx / 64] &= !bit;
-        self.in_use -= 1;
+        self.mark(idx, false);
+        self.in_use = self.in_use.saturating_sub(1);
         Ok(())
     }
 
     /// Whether `pa` is an allocated frame of this pool.
     #[must_use]
     pub fn is_allocated(&self, pa: u64) -> bool {
-        if pa % PAGE_SIZE != 0 || pa < self.base || pa >= self.region().end() {
-            return false;
-        }
-        let idx = ((pa - self.base) / PAGE_SIZE) as usize;
-        self.used[idx / 64] & (1 << (idx % 64)) != 0
+        self.index(pa).is_some_and(|idx| self.is_used(idx))
     }
 }
 
@@ -197,10 +234,11 @@ impl SharedFrames {
     }
 }
 
-fn zero_frames(pa: u64, count: usize) {
+/// Zeroes `bytes` bytes of frames at `pa`.
+fn zero_frames(pa: u64, bytes: usize) {
     // SAFETY: `SharedFrames::new`'s contract: the frames are identity mapped, writable and
-    // owned by the caller (just allocated from the pool).
-    unsafe { core::ptr::write_bytes(pa as *mut u8, 0, count * PAGE_SIZE as usize) };
+    // owned by the caller (just allocated from the pool, `bytes` of them).
+    unsafe { core::ptr::write_bytes(pa as *mut u8, 0, bytes) };
 }
 
 // SAFETY: `SharedFrames::new`'s contract: the pool's frames are identity mapped and
@@ -215,13 +253,15 @@ unsafe impl mmu::PhysToVirt for SharedFrames {
 unsafe impl mmu::FrameAllocator for SharedFrames {
     fn alloc_frame(&mut self) -> Option<u64> {
         let pa = self.pool.lock().alloc()?;
-        zero_frames(pa, 1);
+        zero_frames(pa, PAGE_SIZE as usize);
         Some(pa)
     }
 
     fn alloc_contiguous(&mut self, count: usize) -> Option<u64> {
+        // The run's size is known to fit before any frame is taken.
+        let bytes = count.checked_mul(PAGE_SIZE as usize)?;
         let pa = self.pool.lock().alloc_contiguous(count)?;
-        zero_frames(pa, count);
+        zero_frames(pa, bytes);
         Some(pa)
     }
 
@@ -313,5 +353,32 @@ mod tests {
             FramePool::new(PhysRange::new(0x4100_0800, 0x100)).capacity(),
             0
         );
+    }
+
+    #[test]
+    fn a_pool_at_the_top_of_the_address_space_neither_wraps_nor_panics() {
+        // A base in the last page cannot be rounded up: no frames.
+        let mut none = FramePool::new(PhysRange::new(u64::MAX - 0x800, 0x800));
+        assert_eq!(none.capacity(), 0);
+        assert_eq!(none.alloc(), None);
+        assert_eq!(none.alloc_contiguous(2), None);
+        assert_eq!(none.free(!0xfff), Err(FrameError::NotInPool(!0xfff)));
+        // Fourteen frames below the last page: a run aligned to 8 frames would start
+        // at 2^64, so there is none; single frames are all there.
+        let base = 0xffff_ffff_ffff_1000;
+        let mut top = FramePool::new(PhysRange::new(base, 0xe000));
+        assert_eq!(top.capacity(), 14);
+        assert_eq!(top.alloc_contiguous(8), None);
+        let all: Vec<u64> = core::iter::from_fn(|| top.alloc()).collect();
+        assert_eq!(all.len(), 14);
+        assert_eq!(all.last(), Some(&(base + 13 * PAGE_SIZE)));
+        assert!(top.is_allocated(base));
+        assert!(!top.is_allocated(base - PAGE_SIZE));
+        assert_eq!(
+            top.free(base - PAGE_SIZE),
+            Err(FrameError::NotInPool(base - PAGE_SIZE))
+        );
+        top.free(base).expect("free");
+        assert_eq!(top.free(base), Err(FrameError::DoubleFree(base)));
     }
 }

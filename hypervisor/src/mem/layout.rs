@@ -53,8 +53,10 @@ impl fmt::Display for LayoutError {
     }
 }
 
-const fn align_up(x: u64) -> u64 {
-    (x + PAGE_SIZE - 1) & !(PAGE_SIZE - 1)
+/// `x` rounded up to a page; `None` in the last page below 2^64, which has no page
+/// boundary above it.
+const fn align_up(x: u64) -> Option<u64> {
+    x.checked_next_multiple_of(PAGE_SIZE)
 }
 
 const fn align_down(x: u64) -> u64 {
@@ -74,7 +76,7 @@ pub fn plan(image: PhysRange, ram: &[PhysRange], dtb: PhysRange) -> Result<HypMe
         .iter()
         .find(|r| r.contains(&image))
         .ok_or(LayoutError::ImageNotInRam)?;
-    let heap_base = align_up(image.end());
+    let heap_base = align_up(image.end()).ok_or(LayoutError::TooSmall)?;
     let frames_base = heap_base
         .checked_add(HEAP_SIZE)
         .ok_or(LayoutError::TooSmall)?;
@@ -82,14 +84,15 @@ pub fn plan(image: PhysRange, ram: &[PhysRange], dtb: PhysRange) -> Result<HypMe
     if dtb.base >= image.end() && dtb.base < limit {
         limit = dtb.base;
     }
-    let limit = align_down(limit);
-    if limit < frames_base + PAGE_SIZE {
-        return Err(LayoutError::TooSmall);
-    }
+    // At least one frame between `frames_base` and the limit.
+    let frames_size = align_down(limit)
+        .checked_sub(frames_base)
+        .filter(|&size| size >= PAGE_SIZE)
+        .ok_or(LayoutError::TooSmall)?;
     Ok(HypMemory {
         image,
         heap: PhysRange::new(heap_base, HEAP_SIZE),
-        frames: PhysRange::new(frames_base, limit - frames_base),
+        frames: PhysRange::new(frames_base, frames_size),
     })
 }
 
@@ -103,7 +106,8 @@ pub fn guest_ram(ram: &[PhysRange], hyp: &HypMemory, dtb: PhysRange) -> alloc::v
         .find(|r| r.contains(&hyp.image))
         .map_or(hyp.image.base, |r| r.base);
     let dtb_start = align_down(dtb.base);
-    let dtb_end = align_up(dtb.end());
+    // A device tree in the last page below 2^64 keeps everything above its start.
+    let dtb_end = align_up(dtb.end()).unwrap_or(u64::MAX);
     let holes = [
         (own_start, HYP_RAM_END.max(hyp.frames.end())),
         (dtb_start, dtb_end),
@@ -111,7 +115,11 @@ pub fn guest_ram(ram: &[PhysRange], hyp: &HypMemory, dtb: PhysRange) -> alloc::v
     ];
     let mut out = alloc::vec::Vec::new();
     for bank in ram {
-        let mut pieces = alloc::vec![(align_up(bank.base), align_down(bank.end()))];
+        // A bank starting in the last page below 2^64 holds no whole page.
+        let Some(start) = align_up(bank.base) else {
+            continue;
+        };
+        let mut pieces = alloc::vec![(start, align_down(bank.end()))];
         for &(hs, he) in &holes {
             let mut next = alloc::vec::Vec::new();
             for (s, e) in pieces {
@@ -131,8 +139,8 @@ pub fn guest_ram(ram: &[PhysRange], hyp: &HypMemory, dtb: PhysRange) -> alloc::v
         out.extend(
             pieces
                 .into_iter()
-                .filter(|(s, e)| e > s)
-                .map(|(s, e)| PhysRange::new(s, e - s)),
+                .filter_map(|(s, e)| Some(PhysRange::new(s, e.checked_sub(s)?)))
+                .filter(|r| r.size > 0),
         );
     }
     out.sort_by_key(|r| r.base);
@@ -168,6 +176,30 @@ mod tests {
         assert_eq!(
             total,
             RAM.size + high.size - (HYP_RAM_END - RAM.base) - STAGING.size - 0x1000
+        );
+    }
+
+    #[test]
+    fn a_bank_or_dtb_in_the_last_page_below_2_64_adds_no_guest_ram() {
+        // Host device trees are input: a memory node or a device tree at the very top
+        // of the address space must not round up past 2^64 (which wrapped to 0 and made
+        // a bank of everything below it, MMIO included).
+        let m = plan(IMAGE, &[RAM], PhysRange::new(HYP_RAM_END, 0x1800)).unwrap();
+        let normal = guest_ram(&[RAM], &m, PhysRange::new(HYP_RAM_END, 0x1800));
+        let top = PhysRange::new(u64::MAX - 0xffe, 0x10);
+        assert_eq!(
+            guest_ram(&[RAM, top], &m, PhysRange::new(HYP_RAM_END, 0x1800)),
+            normal
+        );
+        let g = guest_ram(&[RAM], &m, PhysRange::new(u64::MAX - 0x10, 0x20));
+        assert_eq!(
+            g,
+            guest_ram(&[RAM], &m, PhysRange::default()),
+            "a device tree at the top takes nothing of RAM"
+        );
+        assert_eq!(
+            plan(top, &[top], PhysRange::default()),
+            Err(LayoutError::TooSmall)
         );
     }
 

@@ -18,6 +18,13 @@ impl PhysRange {
         Self { base, size }
     }
 
+    /// The range from `base` up to `end` (exclusive); empty if `end` is not above
+    /// `base`.
+    #[must_use]
+    pub const fn from_to(base: u64, end: u64) -> Self {
+        Self::new(base, end.saturating_sub(base))
+    }
+
     /// One past the last byte (saturating).
     #[must_use]
     pub const fn end(&self) -> u64 {
@@ -62,5 +69,11 @@ mod tests {
         assert!(a.overlaps(&PhysRange::new(0x2fff, 1)));
         assert!(!a.overlaps(&PhysRange::new(0x3000, 1)));
         assert_eq!(PhysRange::new(u64::MAX - 1, 10).end(), u64::MAX);
+        assert_eq!(PhysRange::from_to(0x1000, 0x3000), a);
+        assert_eq!(
+            PhysRange::from_to(0x3000, 0x1000).size,
+            0,
+            "inverted: empty"
+        );
     }
 }

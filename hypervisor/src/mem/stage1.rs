@@ -88,10 +88,10 @@ const STACK: u64 = boot::STACK_SIZE as u64;
 /// `image.data_end`), that CPU's index: the fault was a stack overflow.
 #[must_use]
 pub fn stack_guard_owner(image: &ImageLayout, addr: u64) -> Option<usize> {
-    if addr < image.data_end || addr >= image.image_end {
+    if addr >= image.image_end {
         return None;
     }
-    let offset = addr - image.data_end;
+    let offset = addr.checked_sub(image.data_end)?;
     (offset % STACK < PAGE_SIZE).then_some((offset / STACK) as usize)
 }
 
@@ -187,14 +187,16 @@ pub fn execute_never_regions(maps: &[Mapping]) -> Vec<PhysRange> {
     let mut regions: Vec<u64> = Vec::new();
     for m in maps.iter().filter(|m| m.region.size > 0) {
         let first = m.region.base / XN_TABLE_SPAN;
-        let last = (m.region.end() - 1) / XN_TABLE_SPAN;
+        // `size > 0`: the region's last byte is `end - 1`.
+        let last = m.region.end().saturating_sub(1) / XN_TABLE_SPAN;
         regions.extend(first..=last);
     }
     regions.sort_unstable();
     regions.dedup();
     regions
         .into_iter()
-        .map(|r| PhysRange::new(r * XN_TABLE_SPAN, XN_TABLE_SPAN))
+        // `r` is an address divided by the span: the product is exact.
+        .map(|r| PhysRange::new(r.saturating_mul(XN_TABLE_SPAN), XN_TABLE_SPAN))
         .filter(|r| {
             !maps
                 .iter()
@@ -203,10 +205,15 @@ pub fn execute_never_regions(maps: &[Mapping]) -> Vec<PhysRange> {
         .collect()
 }
 
+/// The whole pages covering `[base, end)`: its end rounded up to a page, or to the last
+/// page boundary below 2^64 for a range that reaches into the last page.
 const fn page_range(base: u64, end: u64) -> PhysRange {
     let base = base & !(PAGE_SIZE - 1);
-    let end = (end + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
-    PhysRange::new(base, end - base)
+    let end = match end.checked_next_multiple_of(PAGE_SIZE) {
+        Some(end) => end,
+        None => !(PAGE_SIZE - 1),
+    };
+    PhysRange::from_to(base, end)
 }
 
 /// What the hypervisor maps besides its own memory: the device tree, all RAM, and the
@@ -246,34 +253,39 @@ pub fn plan(
     };
     add(
         "text",
-        PhysRange::new(image.text_start, image.text_end - image.text_start),
+        PhysRange::from_to(image.text_start, image.text_end),
         Access::ReadExecute,
         Memory::Normal,
     );
     add(
         "rodata",
-        PhysRange::new(image.text_end, image.rodata_end - image.text_end),
+        PhysRange::from_to(image.text_end, image.rodata_end),
         Access::ReadOnly,
         Memory::Normal,
     );
     add(
         "data+bss",
-        PhysRange::new(image.rodata_end, image.data_end - image.rodata_end),
+        PhysRange::from_to(image.rodata_end, image.data_end),
         Access::ReadWrite,
         Memory::Normal,
     );
     // One stack per CPU from `data_end`, each with its lowest page left unmapped as a
     // guard: an overflow faults instead of running into the neighbouring stack.
-    for cpu in 0..boot::MAX_CPUS as u64 {
-        let base = image.data_end + cpu * STACK;
-        if base + STACK <= image.image_end {
-            add(
-                "stack",
-                PhysRange::new(base + PAGE_SIZE, STACK - PAGE_SIZE),
-                Access::ReadWrite,
-                Memory::Normal,
-            );
-        }
+    let mut base = image.data_end;
+    for _ in 0..boot::MAX_CPUS {
+        let Some(end) = base
+            .checked_add(STACK)
+            .filter(|&end| end <= image.image_end)
+        else {
+            break;
+        };
+        add(
+            "stack",
+            PhysRange::from_to(base.saturating_add(PAGE_SIZE), end),
+            Access::ReadWrite,
+            Memory::Normal,
+        );
+        base = end;
     }
     add("heap", mem.heap, Access::ReadWrite, Memory::Normal);
     add("pt-frames", mem.frames, Access::ReadWrite, Memory::Normal);
@@ -281,30 +293,27 @@ pub fn plan(
     add("dtb", dtb, Access::ReadOnly, Memory::Normal);
     // RAM outside the hypervisor's own memory and the device tree.
     let own_end = mem.frames.end().max(mem.heap.end());
+    // (`add` leaves out the empty ranges `from_to` makes of inverted ones.)
     for bank in machine.ram {
         let mut start = bank.base.max(own_end);
         if bank.end() <= start {
             continue;
         }
-        if dtb.overlaps(&PhysRange::new(start, bank.end() - start)) {
-            if dtb.base > start {
-                add(
-                    "ram",
-                    PhysRange::new(start, dtb.base - start),
-                    Access::ReadWrite,
-                    Memory::Normal,
-                );
-            }
-            start = dtb.end();
-        }
-        if bank.end() > start {
+        if dtb.overlaps(&PhysRange::from_to(start, bank.end())) {
             add(
                 "ram",
-                PhysRange::new(start, bank.end() - start),
+                PhysRange::from_to(start, dtb.base),
                 Access::ReadWrite,
                 Memory::Normal,
             );
+            start = dtb.end();
         }
+        add(
+            "ram",
+            PhysRange::from_to(start, bank.end()),
+            Access::ReadWrite,
+            Memory::Normal,
+        );
     }
     for &(name, range) in machine.devices {
         add(
@@ -324,13 +333,15 @@ pub fn plan(
 ///
 /// The first violation found.
 pub fn check(maps: &[Mapping]) -> Result<(), PlanError> {
-    for (i, m) in maps.iter().enumerate() {
+    let mut rest = maps;
+    while let Some((m, later)) = rest.split_first() {
         if m.region.base % PAGE_SIZE != 0 || m.region.size % PAGE_SIZE != 0 {
             return Err(PlanError::Misaligned(m.name));
         }
-        if let Some(o) = maps[i + 1..].iter().find(|o| o.region.overlaps(&m.region)) {
+        if let Some(o) = later.iter().find(|o| o.region.overlaps(&m.region)) {
             return Err(PlanError::Overlap(m.name, o.name));
         }
+        rest = later;
     }
     Ok(())
 }
@@ -524,6 +535,25 @@ mod tests {
             None,
             "past the stacks"
         );
+    }
+
+    #[test]
+    fn page_ranges_round_outwards_and_stop_below_2_64() {
+        assert_eq!(
+            page_range(0x4000_1234, 0x4000_5678),
+            PhysRange::new(0x4000_1000, 0x5000)
+        );
+        assert_eq!(
+            page_range(0x4000_0000, 0x4000_1000),
+            PhysRange::new(0x4000_0000, 0x1000)
+        );
+        // A range reaching into the last page below 2^64 (a device tree or device at
+        // an address no PA size has) ends at the last page boundary, without wrapping.
+        assert_eq!(
+            page_range(u64::MAX - 0x1800, u64::MAX),
+            PhysRange::new(0xffff_ffff_ffff_e000, 0x1000)
+        );
+        assert_eq!(page_range(u64::MAX - 0x10, u64::MAX).size, 0);
     }
 
     #[test]

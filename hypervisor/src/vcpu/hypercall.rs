@@ -122,16 +122,16 @@ pub fn dispatch(
     // SMCCC: the function ID is w0; the upper half of x0 is ignored.
     let fid = x[0] as u32;
     // SMC32/HVC32 calls (bit 30 clear) take 32-bit arguments.
-    let arg = |i: usize| {
+    let args = x.map(|v| {
         if fid & (1 << 30) == 0 {
-            x[i] & 0xffff_ffff
+            v & 0xffff_ffff
         } else {
-            x[i]
+            v
         }
-    };
+    });
     match fid {
         smccc_arch::SMCCC_VERSION => ret(SMCCC_VERSION_1_1),
-        smccc_arch::SMCCC_ARCH_FEATURES => match arg(1) as u32 {
+        smccc_arch::SMCCC_ARCH_FEATURES => match args[1] as u32 {
             smccc_arch::SMCCC_VERSION | smccc_arch::SMCCC_ARCH_FEATURES => ret(0),
             smccc_arch::SMCCC_ARCH_WORKAROUND_1 => ret(spectre::features_wa1(&caller.spectre)),
             smccc_arch::SMCCC_ARCH_WORKAROUND_2 => ret(spectre::features_wa2(&caller.spectre)),
@@ -154,22 +154,22 @@ pub fn dispatch(
         }
         p::PSCI_VERSION => ret(PSCI_VERSION_1_1),
         p::PSCI_FEATURES => {
-            if PSCI_IMPLEMENTED.contains(&(arg(1) as u32)) {
+            if PSCI_IMPLEMENTED.contains(&(args[1] as u32)) {
                 ret(0)
             } else {
                 ret(NOT_SUPPORTED)
             }
         }
         p::PSCI_CPU_ON_32 | p::PSCI_CPU_ON_64 => {
-            let entry = arg(2);
-            psci_result(psci.cpu_on(arg(1), entry, arg(3), entry_ok(entry)))
+            let entry = args[2];
+            psci_result(psci.cpu_on(args[1], entry, args[3], entry_ok(entry)))
         }
         p::PSCI_CPU_OFF => match psci.cpu_off(caller.vcpu) {
             Ok(()) => Outcome::CpuOff,
             Err(e) => psci_result(Err(e)),
         },
         p::PSCI_AFFINITY_INFO_32 | p::PSCI_AFFINITY_INFO_64 => {
-            match psci.affinity_info(arg(1), arg(2)) {
+            match psci.affinity_info(args[1], args[2]) {
                 Ok(state) => ret(state as u64),
                 Err(e) => psci_result(Err(e)),
             }
@@ -196,9 +196,14 @@ pub fn dispatch(
         vendor::VM_BOOTS => Outcome::Return([0, u64::from(caller.boots), 0, 0]),
         vendor::VM_NAME => {
             let bytes = caller.name.as_bytes();
+            // The first 24 bytes, eight to a register, the first in the low byte.
             let mut words = [0u64; 3];
-            for (i, b) in bytes.iter().take(24).enumerate() {
-                words[i / 8] |= u64::from(*b) << (8 * (i % 8));
+            for (word, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
+                let mut le = [0u8; 8];
+                for (d, s) in le.iter_mut().zip(chunk) {
+                    *d = *s;
+                }
+                *word = u64::from_le_bytes(le);
             }
             Outcome::Return([bytes.len() as u64, words[0], words[1], words[2]])
         }
@@ -302,6 +307,20 @@ mod tests {
         assert_eq!(name[0], 7);
         assert_eq!(&name[1].to_le_bytes()[..7], b"guest-a");
         assert_eq!(name[1].to_le_bytes()[7], 0);
+    }
+
+    #[test]
+    fn a_long_name_gives_its_length_and_first_24_bytes() {
+        let name = "abcdefgh-ijklmnop-qrstuvwx-yz0123";
+        let caller = Caller { name, ..CALLER };
+        let mut x = [0u64; 8];
+        x[0] = u64::from(vendor::VM_NAME);
+        let out = dispatch(&x, &caller, &mut PsciVm::new(1), |_| false);
+        let word = |s: &str| u64::from_le_bytes(s.as_bytes().try_into().expect("8 bytes"));
+        assert_eq!(
+            out,
+            Outcome::Return([33, word("abcdefgh"), word("-ijklmno"), word("p-qrstuv")])
+        );
     }
 
     #[test]

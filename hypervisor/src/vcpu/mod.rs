@@ -33,6 +33,23 @@ pub struct VcpuCtx<'a> {
     pub pstate: &'a mut u64,
 }
 
+impl VcpuCtx<'_> {
+    /// General-purpose register `n` as a register-transfer instruction reads it: `n` is
+    /// the syndrome's 5-bit Rt/SRT field, where 31 names XZR (Arm ARM DDI 0487,
+    /// C1.2.5), which reads as zero, as does any larger number.
+    #[must_use]
+    pub fn reg(&self, n: u8) -> u64 {
+        self.x.get(usize::from(n)).copied().unwrap_or(0)
+    }
+
+    /// Writes general-purpose register `n` (31, XZR, and larger numbers discard it).
+    pub fn set_reg(&mut self, n: u8, value: u64) {
+        if let Some(r) = self.x.get_mut(usize::from(n)) {
+            *r = value;
+        }
+    }
+}
+
 /// The guest's EL1 registers an abort injection needs, and the CPU state it shares with
 /// EL2 (`cpu_state`).
 pub trait GuestEl1 {
@@ -79,13 +96,8 @@ fn sysreg<S>(
     el1: &mut impl GuestEl1,
 ) -> Option<Next> {
     use cpu_state::sysreg::{decide, Action, PMCR_DP};
-    let rt = usize::from(access.rt);
-    let operand = ctx.x.get(rt).copied().unwrap_or(0);
-    let read = |ctx: &mut VcpuCtx<'_>, value: u64| {
-        if let Some(r) = ctx.x.get_mut(rt) {
-            *r = value;
-        }
-    };
+    let operand = ctx.reg(access.rt);
+    let read = |ctx: &mut VcpuCtx<'_>, value: u64| ctx.set_reg(access.rt, value);
     match decide(access, operand, &el1.controls()) {
         Action::Unhandled => return None,
         Action::RazWi if access.read => read(ctx, 0),
@@ -322,12 +334,7 @@ fn handle<S: Stage2Table>(
         }
         Exit::SysReg { access, esr } => match sgi_register(&access) {
             Some(reg) if !access.read => {
-                let value = if access.rt == 31 {
-                    0
-                } else {
-                    ctx.x[usize::from(access.rt)]
-                };
-                let sent = vm.vgic.lock().sgi_write(vcpu, reg, value);
+                let sent = vm.vgic.lock().sgi_write(vcpu, reg, ctx.reg(access.rt));
                 kicks.0 |= sent.0;
                 *ctx.pc = ctx.pc.wrapping_add(4);
                 Next::Resume
@@ -368,7 +375,9 @@ fn hypercall<S>(
     host: &mut impl Host,
     share: &mut ShareCall<'_>,
 ) -> Next {
-    let x: [u64; 8] = core::array::from_fn(|i| ctx.x[i]);
+    // SMCCC passes arguments in x0..x7 (ARM DEN 0028, 2.6).
+    let [x0, x1, x2, x3, x4, x5, x6, x7, ..] = *ctx.x;
+    let x = [x0, x1, x2, x3, x4, x5, x6, x7];
     let caller = Caller {
         vm_id: vm.id,
         vmid: vm.vmid.get(),
@@ -459,26 +468,25 @@ fn emulate_mmio<E>(
     is_write: bool,
     access: impl FnOnce(Option<u64>) -> Result<u64, E>,
 ) -> Result<(), E> {
-    let bits = u64::from(syn.size) * 8;
-    let mask = if bits >= 64 {
-        u64::MAX
-    } else {
-        (1 << bits) - 1
-    };
-    let reg = usize::from(syn.reg);
+    // The low `size` bytes: SAS gives 1, 2, 4 or 8 (a larger size is all 64 bits, and
+    // size 0 an empty mask rather than a shift out of range).
+    let bits = u32::from(syn.size).saturating_mul(8);
+    let mask = u64::MAX
+        .checked_shr(64u32.saturating_sub(bits))
+        .unwrap_or(0);
+    // The top bit of the access, which SSE copies upwards (none for a 64-bit access).
+    let sign = mask & !(mask >> 1);
     if is_write {
-        access(Some(ctx.x.get(reg).map_or(0, |x| x & mask)))?;
+        access(Some(ctx.reg(syn.reg) & mask))?;
     } else {
         let mut value = access(None)? & mask;
-        if syn.sign_extend && bits < 64 && value & (1 << (bits - 1)) != 0 {
+        if syn.sign_extend && value & sign != 0 {
             value |= !mask;
         }
         if !syn.sixty_four {
             value &= 0xffff_ffff;
         }
-        if let Some(x) = ctx.x.get_mut(reg) {
-            *x = value;
-        }
+        ctx.set_reg(syn.reg, value);
     }
     *ctx.pc = ctx.pc.wrapping_add(4);
     Ok(())
@@ -494,15 +502,19 @@ enum Emulated {
 fn emulated_at<S>(vm: &Vm<S>, ipa: u64) -> Option<Emulated> {
     let GicIpa { dist, redist } = vm.desc.gic;
     if let Some(base) = vm.desc.vuart {
-        if ipa.wrapping_sub(base) < PAGE_SIZE {
-            return Some(Emulated::Uart(ipa - base));
+        // One wrapping subtraction: an IPA below the base wraps to a large offset.
+        let off = ipa.wrapping_sub(base);
+        if off < PAGE_SIZE {
+            return Some(Emulated::Uart(off));
         }
     }
-    if ipa.wrapping_sub(dist) < GicIpa::DIST_SIZE {
-        return Some(Emulated::Dist(ipa - dist));
+    let off = ipa.wrapping_sub(dist);
+    if off < GicIpa::DIST_SIZE {
+        return Some(Emulated::Dist(off));
     }
-    if ipa.wrapping_sub(redist) < GicIpa::redist_size(vm.desc.cpus.len()) {
-        return Some(Emulated::Redist(ipa - redist));
+    let off = ipa.wrapping_sub(redist);
+    if off < GicIpa::redist_size(vm.desc.cpus.len()) {
+        return Some(Emulated::Redist(off));
     }
     None
 }
@@ -1476,5 +1488,91 @@ mod tests {
         // UARTICR lowers the line: no longer pending.
         w(&mut cpu, 0x0900_0044, 1 << 5);
         assert_eq!(vm.vgic.lock().dist_read(0x204, 4), Ok(0));
+    }
+
+    /// A load of `raw` through `emulate_mmio` with the syndrome's size, SSE and SF into
+    /// x5: what the register holds afterwards.
+    fn load(raw: u64, size: u8, sign_extend: bool, sixty_four: bool) -> u64 {
+        let mut x = [0xdead_beef; 31];
+        let (mut pc, mut pstate) = (0x1000, 0);
+        let mut ctx = VcpuCtx {
+            x: &mut x,
+            pc: &mut pc,
+            pstate: &mut pstate,
+        };
+        let syn = DataAccess {
+            size,
+            sign_extend,
+            reg: 5,
+            sixty_four,
+            acquire_release: false,
+        };
+        let done: Result<(), ()> = emulate_mmio(&mut ctx, &syn, false, |w| {
+            assert_eq!(w, None, "a load reads");
+            Ok(raw)
+        });
+        assert_eq!(done, Ok(()));
+        assert_eq!(pc, 0x1004, "the PC moves past the load");
+        x[5]
+    }
+
+    #[test]
+    fn mmio_loads_truncate_sign_extend_and_cut_to_w_registers() {
+        // LDRB/LDRH/LDR W/LDR X (zero-extended), LDRSB/LDRSH/LDRSW into X, and into W
+        // (the upper half zero): Arm ARM DDI 0487, ISS of a data abort, SAS/SSE/SF.
+        let cases = [
+            (0x1234_5678_9abc_def0, 1, false, true, 0xf0),
+            (0x1234_5678_9abc_def0, 2, false, true, 0xdef0),
+            (0x1234_5678_9abc_def0, 4, false, false, 0x9abc_def0),
+            (0x1234_5678_9abc_def0, 8, false, true, 0x1234_5678_9abc_def0),
+            (0x80, 1, true, true, 0xffff_ffff_ffff_ff80),
+            (0x80, 1, true, false, 0xffff_ff80),
+            (0x7f, 1, true, true, 0x7f),
+            (0x8000, 2, true, true, 0xffff_ffff_ffff_8000),
+            (0x8000_0000, 4, true, true, 0xffff_ffff_8000_0000),
+            (0x7fff_ffff, 4, true, true, 0x7fff_ffff),
+            (u64::MAX, 8, true, true, u64::MAX),
+            (u64::MAX, 8, true, false, 0xffff_ffff),
+        ];
+        for (raw, size, sse, sf, want) in cases {
+            assert_eq!(
+                load(raw, size, sse, sf),
+                want,
+                "{raw:#x} size {size} SSE {sse} SF {sf}"
+            );
+        }
+    }
+
+    #[test]
+    fn mmio_sizes_no_syndrome_encodes_neither_panic_nor_leak() {
+        // SAS encodes 1, 2, 4 or 8 only; a size of 0 (an empty access) reads nothing
+        // and one above 8 reads all 64 bits, signed or not.
+        for sse in [false, true] {
+            assert_eq!(load(u64::MAX, 0, sse, true), 0, "size 0, SSE {sse}");
+            for size in [9, 16, 128, 255] {
+                let raw = 0x8000_0000_0000_0001;
+                assert_eq!(load(raw, size, sse, true), raw, "size {size}, SSE {sse}");
+            }
+        }
+    }
+
+    #[test]
+    fn register_numbers_31_and_above_read_zero_and_discard_writes() {
+        let mut x: [u64; 31] = core::array::from_fn(|i| i as u64 + 100);
+        let (mut pc, mut pstate) = (0, 0);
+        let mut ctx = VcpuCtx {
+            x: &mut x,
+            pc: &mut pc,
+            pstate: &mut pstate,
+        };
+        assert_eq!(ctx.reg(0), 100);
+        assert_eq!(ctx.reg(30), 130);
+        for n in [31, 32, 200, u8::MAX] {
+            assert_eq!(ctx.reg(n), 0, "register {n} reads as XZR");
+            ctx.set_reg(n, 7);
+        }
+        ctx.set_reg(30, 7);
+        let want: [u64; 31] = core::array::from_fn(|i| if i == 30 { 7 } else { i as u64 + 100 });
+        assert_eq!(x, want, "only x30 was written");
     }
 }

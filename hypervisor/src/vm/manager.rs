@@ -187,7 +187,9 @@ impl<P: Backend> VmManager<P> {
             vgic: vgic::SharedVgic::new(vgic),
             boots: AtomicU32::new(1),
         });
-        inner.next_id += 1;
+        // One VM is created per description, at start-up: never near `u32::MAX`, and
+        // the id of a last one would be reused rather than wrap to 0.
+        inner.next_id = inner.next_id.saturating_add(1);
         self.shares.lock().add_party(vm.id, vm.desc.sharing);
         inner.vms.push(Arc::clone(&vm));
         Ok(vm)
@@ -208,37 +210,39 @@ impl<P: Backend> VmManager<P> {
                 return Err(VmError::Stage2(e));
             }
         };
-        let mut claimed = 0;
-        let mut mapped_ram = 0;
-        let mut mapped_dev = 0;
+        // How many of each list are done; at most the list's length, so the sums are
+        // exact.
+        let mut claimed = 0usize;
+        let mut mapped_ram = 0usize;
+        let mut mapped_dev = 0usize;
         let result = (|| {
             for r in &desc.memory {
                 inner
                     .pool
                     .claim(r.pa, r.size)
                     .map_err(|e| VmError::Ram(*r, e))?;
-                claimed += 1;
+                claimed = claimed.saturating_add(1);
                 s2.map(r.ipa, r.pa, r.size, S2Kind::Ram)
                     .map_err(VmError::Stage2)?;
-                mapped_ram += 1;
+                mapped_ram = mapped_ram.saturating_add(1);
             }
             for p in &desc.passthrough {
                 s2.map(p.ipa, p.pa, p.size, S2Kind::Device)
                     .map_err(VmError::Stage2)?;
-                mapped_dev += 1;
+                mapped_dev = mapped_dev.saturating_add(1);
             }
             Ok(())
         })();
         if let Err(e) = result {
-            for p in &desc.passthrough[..mapped_dev] {
+            for p in desc.passthrough.iter().take(mapped_dev) {
                 let _ = s2.unmap(p.ipa, p.size);
             }
-            for r in &desc.memory[..mapped_ram] {
+            for r in desc.memory.iter().take(mapped_ram) {
                 let _ = s2.unmap(r.ipa, r.size);
             }
             // Nothing was written to the claimed pages yet (the scrub comes after):
             // they go back as they were, and whoever claims them next scrubs them.
-            for r in &desc.memory[..claimed] {
+            for r in desc.memory.iter().take(claimed) {
                 let _ = inner.pool.release(r.pa, r.size);
             }
             inner.platform.free_stage2(s2);
@@ -320,13 +324,15 @@ impl<P: Backend> VmManager<P> {
                 .position(|v| v.id == id)
                 .ok_or(VmError::NoSuchVm(id))?;
             {
-                let mut st = inner.vms[i].state.lock();
+                let vm = inner.vms.get(i).ok_or(VmError::NoSuchVm(id))?;
+                let mut st = vm.state.lock();
                 if !st.claim() {
                     return Err(VmError::Busy(id));
                 }
                 st.finish(VmStatus::Off);
                 if st.status == VmStatus::Failed {
-                    inner.destroyed_failed += 1;
+                    // At most one per VM ever created: the sum is exact.
+                    inner.destroyed_failed = inner.destroyed_failed.saturating_add(1);
                 }
             }
             let vm = inner.vms.swap_remove(i);
@@ -532,23 +538,23 @@ fn scrub_around_images(mem: &impl GuestMemory, desc: &VmDesc, r: &GuestRegion) {
     let mut covered: Vec<(u64, u64)> = [Some(desc.kernel), desc.initrd, desc.dtb]
         .into_iter()
         .flatten()
-        .filter(|img| r.contains_ipa(img.ipa, img.size))
-        .map(|img| {
-            let pa = r.pa + (img.ipa - r.ipa);
-            (pa, pa + img.size)
+        .filter_map(|img| {
+            let pa = r.pa_of(img.ipa, img.size)?;
+            Some((pa, pa.checked_add(img.size)?))
         })
         .collect();
     covered.sort_unstable();
     let mut at = r.pa;
     for (start, end) in covered {
-        if start > at {
-            mem.zero(at, start - at);
+        if let Some(gap) = start.checked_sub(at).filter(|&gap| gap > 0) {
+            mem.zero(at, gap);
         }
         at = at.max(end);
     }
-    let end = r.pa + r.size;
-    if end > at {
-        mem.zero(at, end - at);
+    // The description's checks refuse a region whose PA range wraps.
+    let end = r.pa.saturating_add(r.size);
+    if let Some(rest) = end.checked_sub(at).filter(|&rest| rest > 0) {
+        mem.zero(at, rest);
     }
 }
 
@@ -558,8 +564,11 @@ fn load_images(mem: &impl GuestMemory, desc: &VmDesc) {
         .flatten()
     {
         // The description was checked: the image lies inside one RAM region.
-        if let Some(r) = desc.ram_region(img.ipa, img.size) {
-            mem.copy(r.pa + (img.ipa - r.ipa), img.pa, img.size);
+        if let Some(pa) = desc
+            .ram_region(img.ipa, img.size)
+            .and_then(|r| r.pa_of(img.ipa, img.size))
+        {
+            mem.copy(pa, img.pa, img.size);
         }
     }
 }

@@ -115,8 +115,11 @@ impl VmState {
         if self.status != VmStatus::Running || self.claimed {
             return None;
         }
+        // At most one vCPU per physical CPU is loaded: the count cannot reach
+        // `usize::MAX`, and if it could the start would wait rather than wrap.
+        let loaded = self.loaded.checked_add(1)?;
         let start = self.psci.take_pending(index)?;
-        self.loaded += 1;
+        self.loaded = loaded;
         Some(start)
     }
 
@@ -280,7 +283,7 @@ impl<S> Vm<S> {
             let mut c = self.console.lock();
             (c.guest.take_dropped(), c.events.take_dropped())
         };
-        if guest + events > 0 {
+        if guest > 0 || events > 0 {
             sink.event(
                 log::Level::Warn,
                 format_args!(
@@ -295,7 +298,8 @@ impl<S> Vm<S> {
     /// Counts a vCPU loaded without a start (tests that play a CPU already in the guest).
     #[cfg(any(test, feature = "fuzzing"))]
     pub fn enter(&self) {
-        self.state.lock().loaded += 1;
+        let mut st = self.state.lock();
+        st.loaded = st.loaded.saturating_add(1);
     }
 
     /// True when the VM is powered off or stopped and none of its vCPUs is loaded.

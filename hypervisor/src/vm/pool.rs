@@ -51,8 +51,9 @@ impl PagePool {
         for r in sorted {
             match merged.last_mut() {
                 Some(last) if r.base <= last.end() => {
+                    // `end` is at least `last.base`: the subtraction cannot wrap.
                     let end = last.end().max(r.end());
-                    last.size = end - last.base;
+                    last.size = end.saturating_sub(last.base);
                 }
                 _ => merged.push(r),
             }
@@ -66,9 +67,11 @@ impl PagePool {
     /// True when `[pa, pa + size)` lies inside one pool range.
     #[must_use]
     pub fn covers(&self, pa: u64, size: u64) -> bool {
-        self.ranges
-            .iter()
-            .any(|r| pa >= r.base && size <= r.size && pa - r.base <= r.size - size)
+        self.ranges.iter().any(|r| {
+            pa.checked_sub(r.base)
+                .zip(r.size.checked_sub(size))
+                .is_some_and(|(offset, room)| offset <= room)
+        })
     }
 
     /// The pool's ranges (sorted, merged).
@@ -87,10 +90,11 @@ impl PagePool {
         if size == 0 || (pa | size) % crate::mem::PAGE_SIZE != 0 || !self.covers(pa, size) {
             return Err(PoolError::OutOfRange);
         }
+        let range = PhysRange::new(pa, size);
         if self
             .claimed
             .iter()
-            .any(|&(b, s)| pa < b + s && b < pa + size)
+            .any(|&(b, s)| range.overlaps(&PhysRange::new(b, s)))
         {
             return Err(PoolError::InUse);
         }
@@ -116,7 +120,9 @@ impl PagePool {
     /// Bytes not claimed by any VM.
     #[must_use]
     pub fn free_bytes(&self) -> u64 {
-        self.total_bytes() - self.claimed.iter().map(|c| c.1).sum::<u64>()
+        // Claims are disjoint parts of the ranges: never more than the total.
+        self.total_bytes()
+            .saturating_sub(self.claimed.iter().map(|c| c.1).sum::<u64>())
     }
 
     /// Bytes in the pool.
@@ -166,5 +172,20 @@ mod tests {
         assert_eq!(p.claim(0x501f_f000, 0x2000), Err(PoolError::OutOfRange));
         p.claim(0x8000_0000, 0x10_0000).expect("the second range");
         assert_eq!(p.free_bytes(), 0x30_0000 - 0x10_2000);
+    }
+
+    #[test]
+    fn claims_at_the_top_of_the_address_space_neither_wrap_nor_panic() {
+        let base = 0u64.wrapping_sub(0x10_0000);
+        let mut p = PagePool::new(&[PhysRange::new(base, 0x10_0000)]);
+        p.claim(base, 0xf_f000).expect("all but the last page");
+        p.claim(base + 0xf_f000, 0x1000).expect("the last page");
+        assert_eq!(p.claim(base + 0xf_f000, 0x1000), Err(PoolError::InUse));
+        // Ranges whose end wraps past 2^64 are outside the pool.
+        assert_eq!(p.claim(base + 0xf_f000, 0x2000), Err(PoolError::OutOfRange));
+        assert_eq!(p.claim(0x1000, !0xfff), Err(PoolError::OutOfRange));
+        assert_eq!(p.free_bytes(), 0);
+        p.release(base, 0xf_f000).expect("release");
+        assert_eq!(p.free_bytes(), 0xf_f000);
     }
 }

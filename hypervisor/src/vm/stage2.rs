@@ -152,12 +152,18 @@ impl<A: mmu::FrameAllocator, T: mmu::TlbMaintenance> Stage2Table for MmuStage2<A
         // `mmu` merges only tables the range covers whole: widen it to the 2 MiB
         // blocks it touches (a table merges only where all of it is uniform).
         const BLOCK: u64 = 2 << 20;
+        // Clamped to the IPA space (the end of a range at its very top cannot be rounded
+        // up), so a range past it is empty rather than wrapped.
+        let top = 1u64
+            .checked_shl(u32::from(self.0.geometry().input_bits()))
+            .unwrap_or(u64::MAX);
         let lo = ipa & !(BLOCK - 1);
         let hi = ipa
             .saturating_add(size)
-            .next_multiple_of(BLOCK)
-            .min(1 << self.0.geometry().input_bits());
-        self.0.coalesce(lo, hi - lo)
+            .checked_next_multiple_of(BLOCK)
+            .unwrap_or(u64::MAX)
+            .min(top);
+        self.0.coalesce(lo, hi.saturating_sub(lo))
     }
 
     fn walk(

@@ -732,3 +732,33 @@ fn create_scrubs_every_byte_the_images_do_not_cover() {
         assert_eq!(p.mem().get(&0x500f_ffff), None);
     });
 }
+
+#[test]
+fn coalescing_at_the_top_of_the_ipa_space_stays_inside_it() {
+    let frames: &'static mmu::testing::HeapFrames =
+        Box::leak(Box::new(mmu::testing::HeapFrames::new()));
+    let regime = mmu::Stage2::new(1, IPA_BITS).with_pa_bits(40);
+    let mut s2 = MmuStage2::new(
+        regime,
+        frames,
+        mmu::testing::RecordingTlb::new(),
+        Stage2Mappings::Blocks,
+    )
+    .expect("stage 2");
+    let top = 1u64 << IPA_BITS;
+    // The last page: widened to its 2 MiB block, which ends at the top.
+    assert_eq!(s2.coalesce(top - 0x1000, 0x1000), Ok(()));
+    // A range from the top is empty; one past it is refused as out of range; one
+    // whose end would wrap or round past 2^64 is cut at the top: never wrapped to low
+    // addresses, never a panic.
+    assert_eq!(s2.coalesce(top, 0x1000), Ok(()));
+    assert_eq!(s2.coalesce(!0xfff, 0x1000), Err(mmu::Error::OutOfRange));
+    assert_eq!(
+        s2.coalesce(u64::MAX - 0x1f_ffff, 0x20_0000),
+        Err(mmu::Error::OutOfRange)
+    );
+    assert_eq!(s2.coalesce(0x1000, u64::MAX), Ok(()));
+    let mut mapped = 0;
+    s2.walk(0, top, &mut |_| mapped += 1).expect("walk");
+    assert_eq!(mapped, 0, "nothing was mapped");
+}

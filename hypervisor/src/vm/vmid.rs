@@ -105,7 +105,9 @@ impl VmidAllocator {
     #[must_use]
     pub fn new(bits: VmidBits) -> Self {
         let mut used = vec![0u64; bits.count() / 64];
-        used[0] = 1; // VMID 0 is never given to a guest.
+        if let Some(first) = used.first_mut() {
+            *first = 1; // VMID 0 is never given to a guest.
+        }
         Self {
             bits,
             used,
@@ -120,8 +122,22 @@ impl VmidAllocator {
         self.in_use
     }
 
+    /// Whether VMID `id` is taken (one that does not exist is never free).
     fn is_used(&self, id: usize) -> bool {
-        self.used[id / 64] & (1 << (id % 64)) != 0
+        self.used
+            .get(id / 64)
+            .is_none_or(|word| word & (1 << (id % 64)) != 0)
+    }
+
+    /// Marks VMID `id` used or free (nothing for one that does not exist).
+    fn mark(&mut self, id: usize, used: bool) {
+        if let Some(word) = self.used.get_mut(id / 64) {
+            if used {
+                *word |= 1 << (id % 64);
+            } else {
+                *word &= !(1 << (id % 64));
+            }
+        }
     }
 
     /// Allocates a VMID.
@@ -131,21 +147,22 @@ impl VmidAllocator {
     /// [`VmidError::Exhausted`] when all `2^bits - 1` guest VMIDs are in use.
     pub fn allocate(&mut self) -> Result<Vmid, VmidError> {
         let count = self.bits.count();
-        if self.in_use == count - 1 {
+        if self.in_use >= count.saturating_sub(1) {
             return Err(VmidError::Exhausted);
         }
-        let mut id = self.next;
-        for _ in 0..count {
-            if id != 0 && !self.is_used(id) {
-                self.used[id / 64] |= 1 << (id % 64);
-                self.in_use += 1;
-                self.next = (id + 1) % count;
-                // `id < count <= 1 << 16`, so it fits.
-                return Ok(Vmid(id as u16));
-            }
-            id = (id + 1) % count;
-        }
-        Err(VmidError::Exhausted)
+        // From `next` to the end, then from 1 back up to it: each guest VMID once.
+        let id = (self.next..count)
+            .chain(1..self.next)
+            .find(|&id| id != 0 && !self.is_used(id))
+            .ok_or(VmidError::Exhausted)?;
+        // `id < count <= 1 << 16`: it fits.
+        let vmid = u16::try_from(id).map_err(|_| VmidError::Exhausted)?;
+        self.mark(id, true);
+        // Below `count` (checked above): the sums are exact. A `next` of `count`
+        // starts the next search at 1.
+        self.in_use = self.in_use.saturating_add(1);
+        self.next = id.saturating_add(1);
+        Ok(Vmid(vmid))
     }
 
     /// Returns `vmid` to the free set after flushing its TLB entries through `tlb`.
@@ -160,8 +177,8 @@ impl VmidAllocator {
             return Err(VmidError::NotAllocated(vmid));
         }
         tlb.flush_vmid(vmid);
-        self.used[id / 64] &= !(1 << (id % 64));
-        self.in_use -= 1;
+        self.mark(id, false);
+        self.in_use = self.in_use.saturating_sub(1);
         Ok(())
     }
 }
@@ -215,6 +232,22 @@ mod tests {
     #[test]
     fn exhaustion_16_bit() {
         exhaust(VmidBits::Sixteen);
+    }
+
+    #[test]
+    fn after_the_last_vmid_the_search_starts_again_at_1() {
+        let mut a = VmidAllocator::new(VmidBits::Eight);
+        let mut tlb = Recorder::default();
+        let all: Vec<Vmid> = (1..256).map(|_| a.allocate().expect("vmid")).collect();
+        assert_eq!(all.last().map(|v| v.get()), Some(255));
+        for v in [5, 3, 200] {
+            a.release(Vmid(v), &mut tlb).expect("release");
+        }
+        // Next after 255 is 0, never given out, then 1, 2, 3.
+        assert_eq!(a.allocate(), Ok(Vmid(3)));
+        assert_eq!(a.allocate(), Ok(Vmid(5)));
+        assert_eq!(a.allocate(), Ok(Vmid(200)));
+        assert_eq!(a.allocate(), Err(VmidError::Exhausted));
     }
 
     #[test]

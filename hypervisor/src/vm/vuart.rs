@@ -98,7 +98,8 @@ pub trait LineSink {
     fn input_wanted(&mut self, _name: &str) {}
 }
 
-/// The receive FIFO: a fixed ring (nothing is allocated).
+/// The receive FIFO: a fixed ring (nothing is allocated). `head < RX_FIFO` and
+/// `len <= RX_FIFO` always.
 #[derive(Clone, Copy, Debug, Default)]
 struct RxFifo {
     bytes: [u8; RX_FIFO],
@@ -123,9 +124,14 @@ impl RxFifo {
         if self.len >= RX_FIFO {
             return false;
         }
-        if let Some(slot) = self.bytes.get_mut((self.head + self.len) % RX_FIFO) {
+        // Ring positions are taken modulo `RX_FIFO`, which divides 2^64: a wrapping sum
+        // has the same residue (and with the invariant it never wraps).
+        if let Some(slot) = self
+            .bytes
+            .get_mut(self.head.wrapping_add(self.len) % RX_FIFO)
+        {
             *slot = b;
-            self.len += 1;
+            self.len = self.len.saturating_add(1);
         }
         true
     }
@@ -135,8 +141,8 @@ impl RxFifo {
             return None;
         }
         let b = self.bytes.get(self.head).copied();
-        self.head = (self.head + 1) % RX_FIFO;
-        self.len -= 1;
+        self.head = self.head.wrapping_add(1) % RX_FIFO;
+        self.len = self.len.saturating_sub(1);
         b
     }
 }
@@ -214,8 +220,11 @@ impl VUart {
             UARTRIS => self.ris,
             UARTMIS => self.ris & self.imsc,
             UARTDMACR => self.dmacr,
-            o if (UARTPERIPHID0..UARTPERIPHID0 + 32).contains(&o) && o % 4 == 0 => ID
-                .get(((o - UARTPERIPHID0) / 4) as usize)
+            // The eight ID registers, one byte in each word from `UARTPERIPHID0`.
+            o if o % 4 == 0 => o
+                .checked_sub(UARTPERIPHID0)
+                .and_then(|i| usize::try_from(i / 4).ok())
+                .and_then(|i| ID.get(i))
                 .map_or(0, |&b| u32::from(b)),
             _ => 0,
         })

@@ -25,19 +25,23 @@ pub struct Name {
 impl Name {
     fn of(name: &str) -> Self {
         let mut bytes = [0; 32];
-        let len = name.len().min(32);
-        bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
-        Self {
-            bytes,
-            len: len as u8,
+        let mut len = 0u8;
+        for (d, s) in bytes.iter_mut().zip(name.as_bytes()) {
+            *d = *s;
+            // At most 32 of them (`bytes`' length).
+            len = len.saturating_add(1);
         }
+        Self { bytes, len }
     }
 }
 
 impl fmt::Display for Name {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = &self.bytes[..usize::from(self.len)];
-        f.write_str(core::str::from_utf8(s).unwrap_or("?"))
+        let s = self
+            .bytes
+            .get(..usize::from(self.len))
+            .and_then(|s| core::str::from_utf8(s).ok());
+        f.write_str(s.unwrap_or("?"))
     }
 }
 
@@ -223,8 +227,21 @@ pub struct Transaction {
 }
 
 impl Transaction {
+    /// Whether `handle` names this transaction for `caller` (its owner or receiver).
+    fn named(&self, handle: u64, caller: u32) -> bool {
+        handle != 0 && self.handle == handle && (self.owner == caller || self.receiver == caller)
+    }
+
+    /// Bytes: `pages` was checked at `SHARE`/`LEND` ([`ipa_range`]: at most
+    /// [`MAX_PAGES`]), so the product cannot saturate.
     fn size(&self) -> u64 {
-        self.pages * PAGE_SIZE
+        self.pages.saturating_mul(PAGE_SIZE)
+    }
+
+    /// Whether `[ipa, ipa + size)` of the owner overlaps this transaction's pages.
+    fn overlaps(&self, ipa: u64, size: u64) -> bool {
+        // Both ranges were checked to end inside the IPA space: the sums are exact.
+        self.ipa < ipa.saturating_add(size) && ipa < self.ipa.saturating_add(self.size())
     }
 
     /// `QUERY`'s x2: owner | receiver << 16 | permissions << 32 | kind << 40 | state << 48.
@@ -252,7 +269,9 @@ fn ipa_range(ipa: u64, pages: u64) -> Result<u64, Error> {
     if ipa % PAGE_SIZE != 0 || pages == 0 || pages > MAX_PAGES {
         return Err(Error::InvalidParameters);
     }
-    let size = pages * PAGE_SIZE;
+    let size = pages
+        .checked_mul(PAGE_SIZE)
+        .ok_or(Error::InvalidParameters)?;
     match ipa.checked_add(size) {
         Some(end) if end <= 1 << IPA_BITS => Ok(size),
         _ => Err(Error::InvalidParameters),
@@ -284,12 +303,16 @@ impl Iterator for Segments<'_> {
             return None;
         }
         let r = self.desc.ram_region(self.at, PAGE_SIZE)?;
+        // `r` holds the page at `at`; a region whose addresses would wrap (which the
+        // description's checks refuse) ends the walk short, and `ram_segments` denies.
+        let offset = self.at.checked_sub(r.ipa)?;
+        let region_end = r.ipa.checked_add(r.size)?;
         let s = Segment {
             ipa: self.at,
-            pa: r.pa + (self.at - r.ipa),
-            size: (r.ipa + r.size).min(self.end) - self.at,
+            pa: r.pa.checked_add(offset)?,
+            size: region_end.min(self.end).checked_sub(self.at)?,
         };
-        self.at += s.size;
+        self.at = self.at.checked_add(s.size)?;
         Some(s)
     }
 }
@@ -300,7 +323,7 @@ fn ram_segments(desc: &VmDesc, ipa: u64, size: u64) -> Result<Segments<'_>, Erro
     let segments = Segments {
         desc,
         at: ipa,
-        end: ipa + size,
+        end: ipa.checked_add(size).ok_or(Error::InvalidParameters)?,
     };
     if segments.clone().map(|s| s.size).sum::<u64>() == size {
         Ok(segments)
@@ -312,7 +335,9 @@ fn ram_segments(desc: &VmDesc, ipa: u64, size: u64) -> Result<Segments<'_>, Erro
 /// Whether `[ipa, ipa + size)` of the receiver `desc` is free: no RAM, pass-through
 /// range or virtual UART page in it.
 fn ipa_free(desc: &VmDesc, ipa: u64, size: u64) -> bool {
-    let overlaps = |base: u64, len: u64| base < ipa + size && ipa < base.saturating_add(len);
+    // `[ipa, ipa + size)` was checked to end inside the IPA space ([`ipa_range`]).
+    let overlaps =
+        |base: u64, len: u64| base < ipa.saturating_add(size) && ipa < base.saturating_add(len);
     !desc
         .memory
         .iter()
@@ -329,12 +354,23 @@ fn map_segments<S: Stage2Table>(
     segments: Segments<'_>,
     attrs: mmu::Attributes,
 ) -> Result<(), mmu::Error> {
+    // Where segment `s` goes: as far from `ipa` as it is from the first segment.
     let base = segments.at;
+    let at = |s: &Segment| {
+        s.ipa
+            .checked_sub(base)
+            .and_then(|offset| ipa.checked_add(offset))
+    };
     for (i, s) in segments.clone().enumerate() {
-        if let Err(e) = s2.map_pages(ipa + (s.ipa - base), s.pa, s.size, attrs) {
+        let mapped = at(&s)
+            .ok_or(mmu::Error::OutOfRange)
+            .and_then(|to| s2.map_pages(to, s.pa, s.size, attrs));
+        if let Err(e) = mapped {
             for done in segments.take(i) {
                 // Unmapping 4 KiB pages just mapped splits nothing: it cannot fail.
-                let _ = s2.unmap(ipa + (done.ipa - base), done.size);
+                if let Some(to) = at(&done) {
+                    let _ = s2.unmap(to, done.size);
+                }
             }
             return Err(e);
         }
@@ -401,7 +437,8 @@ impl Ledger {
             .map(|p| p.sequence.len())
             .max()
             .unwrap_or(0)
-            .max(id.min(MAX_PARTY_ID) as usize + 1);
+            // At most `MAX_PARTY_ID + 1`: the sum is exact.
+            .max((id.min(MAX_PARTY_ID) as usize).saturating_add(1));
         for p in &mut self.parties {
             p.sequence.resize(width, 0);
         }
@@ -427,8 +464,9 @@ impl Ledger {
         self.parties.iter_mut().find(|p| p.id == id)
     }
 
-    /// The handle the next transaction of `owner` with `receiver` gets (not taken yet).
-    fn next_handle(&self, owner: u32, receiver: u32) -> Result<u64, Error> {
+    /// The handle the next transaction of `owner` with `receiver` gets (not taken yet),
+    /// and its sequence number.
+    fn next_handle(&self, owner: u32, receiver: u32) -> Result<(u64, u32), Error> {
         if owner > MAX_PARTY_ID || receiver > MAX_PARTY_ID {
             return Err(Error::NoMemory);
         }
@@ -439,7 +477,8 @@ impl Ledger {
             .ok_or(Error::Denied)?
             .checked_add(1)
             .ok_or(Error::NoMemory)?;
-        Ok((u64::from(owner) << 48) | (u64::from(receiver) << 32) | u64::from(seq))
+        let handle = (u64::from(owner) << 48) | (u64::from(receiver) << 32) | u64::from(seq);
+        Ok((handle, seq))
     }
 
     /// The live transactions, oldest first.
@@ -451,12 +490,18 @@ impl Ledger {
 
     /// The transaction with `handle`, if `caller` is its owner or receiver: to any
     /// other VM a handle does not exist (it cannot probe which handles are live).
-    fn index(&self, handle: u64, caller: u32) -> Result<usize, Error> {
+    fn get(&self, handle: u64, caller: u32) -> Result<&Transaction, Error> {
         self.live
             .iter()
-            .position(|t| {
-                handle != 0 && t.handle == handle && (t.owner == caller || t.receiver == caller)
-            })
+            .find(|t| t.named(handle, caller))
+            .ok_or(Error::InvalidParameters)
+    }
+
+    /// [`Self::get`], to change it.
+    fn get_mut(&mut self, handle: u64, caller: u32) -> Result<&mut Transaction, Error> {
+        self.live
+            .iter_mut()
+            .find(|t| t.named(handle, caller))
             .ok_or(Error::InvalidParameters)
     }
 
@@ -528,7 +573,7 @@ impl Ledger {
         if self
             .live
             .iter()
-            .any(|t| t.owner == owner.id && t.ipa < ipa + size && ipa < t.ipa + t.size())
+            .any(|t| t.owner == owner.id && t.overlaps(ipa, size))
         {
             return Err(Error::Denied);
         }
@@ -549,7 +594,7 @@ impl Ledger {
         if from_owner >= inbox as usize {
             return Err(Error::Busy);
         }
-        let handle = self.next_handle(owner.id, receiver.id)?;
+        let (handle, seq) = self.next_handle(owner.id, receiver.id)?;
         let mut guard = owner.stage2.lock();
         let s2 = guard.as_mut().ok_or(Error::Denied)?;
         if !all_in_state(s2, ipa, size, PageState::Owned) {
@@ -565,9 +610,10 @@ impl Ledger {
         .map_err(Error::from_mmu)?;
         drop(guard);
         if let Some(p) = self.party_mut(owner.id) {
-            p.owned += 1;
-            if let Some(seq) = p.sequence.get_mut(receiver.id as usize) {
-                *seq += 1;
+            // Below `limits.owned` (checked above): the sum is exact.
+            p.owned = p.owned.saturating_add(1);
+            if let Some(s) = p.sequence.get_mut(receiver.id as usize) {
+                *s = seq;
             }
         }
         let t = Transaction {
@@ -593,8 +639,7 @@ impl Ledger {
         ipa: u64,
         perms: u64,
     ) -> Result<(Transaction, Name), Error> {
-        let i = self.index(handle, receiver.id)?;
-        let t = self.live[i];
+        let t = self.get_mut(handle, receiver.id)?;
         let size = ipa_range(ipa, t.pages)?;
         let perms = Perms::from_raw(perms)?;
         if t.receiver != receiver.id || t.state != State::Pending || !perms.within(t.perms) {
@@ -612,8 +657,8 @@ impl Ledger {
         }
         map_segments(s2, ipa, segments, perms.borrowed_attributes()).map_err(Error::from_mmu)?;
         drop(guard);
-        self.live[i].state = State::Retrieved { ipa, perms };
-        Ok((self.live[i], Name::of(&owner.desc.name)))
+        t.state = State::Retrieved { ipa, perms };
+        Ok((*t, Name::of(&owner.desc.name)))
     }
 
     fn relinquish<S: Stage2Table>(
@@ -621,8 +666,7 @@ impl Ledger {
         receiver: &Vm<S>,
         handle: u64,
     ) -> Result<(Transaction, u64), Error> {
-        let i = self.index(handle, receiver.id)?;
-        let t = self.live[i];
+        let t = self.get_mut(handle, receiver.id)?;
         let State::Retrieved { ipa, .. } = t.state else {
             return Err(Error::Denied);
         };
@@ -630,8 +674,8 @@ impl Ledger {
             return Err(Error::Denied);
         }
         Self::unmap_borrowed(receiver, ipa, t.size())?;
-        self.live[i].state = State::Pending;
-        Ok((self.live[i], ipa))
+        t.state = State::Pending;
+        Ok((*t, ipa))
     }
 
     /// Removes a receiver's borrowed mapping, with the TLB invalidation for its VMID
@@ -648,13 +692,12 @@ impl Ledger {
         owner: &Vm<S>,
         handle: u64,
     ) -> Result<Transaction, Error> {
-        let i = self.index(handle, owner.id)?;
-        let t = self.live[i];
+        let t = *self.get(handle, owner.id)?;
         if t.owner != owner.id || t.state != State::Pending {
             return Err(Error::Denied);
         }
         Self::restore_owner(owner, &t)?;
-        self.end(i);
+        self.end(&t);
         Ok(t)
     }
 
@@ -677,9 +720,10 @@ impl Ledger {
         .map_err(Error::from_mmu)
     }
 
-    /// Removes live transaction `i` and gives its owner the room back.
-    fn end(&mut self, i: usize) {
-        let t = self.live.remove(i);
+    /// Removes live transaction `t` and gives its owner the room back.
+    fn end(&mut self, t: &Transaction) {
+        // Handles are unique: this removes `t` alone.
+        self.live.retain(|l| l.handle != t.handle);
         if let Some(p) = self.party_mut(t.owner) {
             p.owned = p.owned.saturating_sub(1);
         }
@@ -695,7 +739,7 @@ impl Ledger {
                 })
                 .ok_or(Error::NoData)?
         } else {
-            &self.live[self.index(handle, caller)?]
+            self.get(handle, caller)?
         };
         Ok(*t)
     }
@@ -713,33 +757,35 @@ impl Ledger {
             }
             if let State::Retrieved { ipa, .. } = t.state {
                 match Self::unmap_borrowed(vm, ipa, t.size()) {
-                    Ok(()) => ended.relinquished += 1,
-                    Err(_) => ended.failed += 1,
+                    Ok(()) => ended.relinquished = ended.relinquished.saturating_add(1),
+                    Err(_) => ended.failed = ended.failed.saturating_add(1),
                 }
                 t.state = State::Pending;
             }
         }
-        let mut i = 0;
-        while i < self.live.len() {
-            let t = self.live[i];
+        // The counts are at most the number of live transactions: the sums are exact.
+        let Self { live, parties } = self;
+        live.retain(|t| {
             if t.owner != vm.id {
-                i += 1;
-                continue;
+                return true;
             }
             if let State::Retrieved { ipa, .. } = t.state {
                 if let Some(receiver) = find_vm(vms, t.receiver) {
                     if Self::unmap_borrowed(receiver, ipa, t.size()).is_err() {
-                        ended.failed += 1;
+                        ended.failed = ended.failed.saturating_add(1);
                     }
                 }
             }
-            if Self::restore_owner(vm, &t).is_err() {
-                ended.failed += 1;
+            if Self::restore_owner(vm, t).is_err() {
+                ended.failed = ended.failed.saturating_add(1);
             }
-            self.end(i);
-            ended.revoked += 1;
+            if let Some(p) = parties.iter_mut().find(|p| p.id == t.owner) {
+                p.owned = p.owned.saturating_sub(1);
+            }
+            ended.revoked = ended.revoked.saturating_add(1);
             ended.last_revoked = t.handle;
-        }
+            false
+        });
         ended
     }
 }

@@ -42,7 +42,10 @@ impl PageState {
 
 /// Whether every page of `[ipa, ipa + size)` is mapped in `s2` in state `state`.
 pub(super) fn all_in_state<S: Stage2Table>(s2: &S, ipa: u64, size: u64, state: PageState) -> bool {
-    let end = ipa + size;
+    // A range that wraps holds no pages of any state.
+    let Some(end) = ipa.checked_add(size) else {
+        return false;
+    };
     let mut next = ipa;
     let mut ok = true;
     let walked = s2.walk(ipa, size, &mut |m| {
@@ -50,7 +53,8 @@ pub(super) fn all_in_state<S: Stage2Table>(s2: &S, ipa: u64, size: u64, state: P
         if start != next || PageState::from_sw(m.attrs.sw) != Some(state) {
             ok = false;
         }
-        next = (m.va + m.size).min(end);
+        // A mapping ends inside the IPA space: the sum cannot saturate.
+        next = m.va.saturating_add(m.size).min(end);
     });
     walked.is_ok() && ok && next == end
 }

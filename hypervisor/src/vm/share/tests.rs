@@ -666,6 +666,27 @@ fn calls_go_through_the_vcpu_exit_path() {
 }
 
 #[test]
+fn page_state_checks_of_ranges_that_wrap_are_false() {
+    let m = manager(frames());
+    let a = vm(&m, 0);
+    let guard = a.stage2.lock();
+    let s2 = guard.as_ref().expect("stage 2");
+    assert!(super::page_state::all_in_state(
+        s2,
+        RAM,
+        2 * P,
+        PageState::Owned
+    ));
+    // A range whose end passes 2^64 holds no page in any state.
+    for (ipa, size) in [(!0xfff, 2 * P), (RAM, !0xfff)] {
+        assert!(
+            !super::page_state::all_in_state(s2, ipa, size, PageState::Owned),
+            "{ipa:#x} + {size:#x}"
+        );
+    }
+}
+
+#[test]
 fn page_states_round_trip_through_software_bits() {
     for s in [
         PageState::Owned,

@@ -9,7 +9,7 @@
 use super::regs::{self, BitReg, Sizes};
 use super::{
     MmioError, PhysAction, PhysGic, Spi, SpiSource, VcpuMask, Vgic, CTLR_ARE, CTLR_DS,
-    CTLR_ENABLE_GRP0, CTLR_ENABLE_GRP1, PRIVATE_COUNT,
+    CTLR_ENABLE_GRP0, CTLR_ENABLE_GRP1,
 };
 
 /// Size of the distributor frame.
@@ -91,18 +91,19 @@ impl Reg {
             GICD_CTLR => Self::Ctlr,
             GICD_TYPER => Self::Typer,
             GICD_IIDR => Self::Iidr,
-            0x0080..=0x03ff => {
-                let block = offset & !0x7f;
-                match BitReg::from_block(block) {
-                    Some(r) => Self::Bits(r, ((offset - block) / 4 * 32) as u32),
-                    None => Self::Raz,
-                }
-            }
-            0x0400..=0x07ff => Self::Priority((offset - GICD_IPRIORITYR) as u32),
+            // Within each arm the offset from the block's base is the low bits of
+            // `offset` (every base is aligned to its block's size), so the INTIDs are
+            // masks and shifts of it: 32 per word of a bitmap, one per byte of
+            // IPRIORITYR, 16 per word of ICFGR, one per 8 bytes of IROUTER.
+            0x0080..=0x03ff => match BitReg::from_block(offset & !0x7f) {
+                Some(r) => Self::Bits(r, ((offset & 0x7c) << 3) as u32),
+                None => Self::Raz,
+            },
+            0x0400..=0x07ff => Self::Priority((offset & 0x3ff) as u32),
             0x0800..=0x0bff | 0x0f10..=0x0f2f => Self::ByteRaz,
-            0x0c00..=0x0cff => Self::Cfg(((offset - GICD_ICFGR) / 4 * 16) as u32),
+            0x0c00..=0x0cff => Self::Cfg(((offset & 0xfc) << 2) as u32),
             0x6000..=0x7fff => Self::Router {
-                intid: ((offset - GICD_IROUTER) / 8) as u32,
+                intid: ((offset & 0x1fff) >> 3) as u32,
                 high: offset % 8 == 4,
             },
             _ => regs::id_register(offset).map_or(Self::Raz, Self::Id),
@@ -132,7 +133,7 @@ impl Vgic {
     #[must_use]
     pub fn gicd_typer(&self) -> u32 {
         let lines = (self.intid_limit() / 32).saturating_sub(1) & 0x1f;
-        let cpus = (self.vcpus.len().clamp(1, 8) - 1) as u32;
+        let cpus = (self.vcpus.len().clamp(1, 8).saturating_sub(1)) as u32;
         lines | (cpus << 5) | TYPER_IDBITS | TYPER_A3V | TYPER_RSS
     }
 
@@ -152,18 +153,24 @@ impl Vgic {
             Reg::Typer => u64::from(self.gicd_typer()),
             Reg::Iidr => u64::from(regs::IIDR),
             Reg::Bits(r, first) => (0..32u32).fold(0, |acc, b| {
-                let set = self.owned_spi(first + b).is_some_and(|s| r.read(&s.irq));
+                let set = self
+                    .owned_spi(first.saturating_add(b))
+                    .is_some_and(|s| r.read(&s.irq));
                 acc | (u64::from(set) << b)
             }),
             Reg::Priority(first) => regs::read_priorities(first, size, |intid| {
                 self.owned_spi(intid).map_or(0, |s| s.irq.priority)
             }),
-            Reg::Cfg(first) => (0..16u32).fold(0, |acc, k| {
-                let bits = self
-                    .owned_spi(first + k)
-                    .map_or(0, |s| regs::cfg_bits(&s.irq));
-                acc | (u64::from(bits) << (2 * k))
-            }),
+            // Two bits per INTID: interrupt `k` of the word at bit `shift = 2k`.
+            Reg::Cfg(first) => (0..32u32)
+                .step_by(2)
+                .zip(0u32..)
+                .fold(0, |acc, (shift, k)| {
+                    let bits = self
+                        .owned_spi(first.saturating_add(k))
+                        .map_or(0, |s| regs::cfg_bits(&s.irq));
+                    acc | (u64::from(bits) << shift)
+                }),
             Reg::Router { intid, high } => {
                 let route = self.owned_spi(intid).map_or(0, |s| s.route);
                 match (size, high) {
@@ -208,39 +215,56 @@ impl Vgic {
             Reg::Bits(r, first) => {
                 for b in 0..32u32 {
                     let bit = (value >> b) & 1 != 0;
-                    self.with_spi(first + b, phys, &mut kicks, |spi, hw, phys| {
-                        r.write(&mut spi.irq, bit, hw, phys);
-                    });
+                    self.with_spi(
+                        first.saturating_add(b),
+                        phys,
+                        &mut kicks,
+                        |spi, hw, phys| {
+                            r.write(&mut spi.irq, bit, hw, phys);
+                        },
+                    );
                 }
             }
             Reg::Priority(first) => {
                 let mask = self.priority_mask;
-                for i in 0..u32::from(size) {
-                    let prio = (value >> (8 * i)) as u8 & mask;
-                    self.with_spi(first + i, phys, &mut kicks, |spi, hw, phys| {
-                        if spi.irq.priority != prio {
-                            spi.irq.priority = prio;
-                            if let Some(pintid) = hw {
-                                phys.apply(PhysAction::Priority {
-                                    pintid,
-                                    priority: prio,
-                                });
+                // Byte `i` of the access is the priority of INTID `first + i`.
+                for (i, byte) in (0..u32::from(size)).zip(value.to_le_bytes()) {
+                    let prio = byte & mask;
+                    self.with_spi(
+                        first.saturating_add(i),
+                        phys,
+                        &mut kicks,
+                        |spi, hw, phys| {
+                            if spi.irq.priority != prio {
+                                spi.irq.priority = prio;
+                                if let Some(pintid) = hw {
+                                    phys.apply(PhysAction::Priority {
+                                        pintid,
+                                        priority: prio,
+                                    });
+                                }
                             }
-                        }
-                    });
+                        },
+                    );
                 }
             }
             Reg::Cfg(first) => {
-                for k in 0..16u32 {
-                    let level = (value >> (2 * k + 1)) & 1 == 0;
-                    self.with_spi(first + k, phys, &mut kicks, |spi, hw, phys| {
-                        if spi.irq.level != level {
-                            spi.irq.level = level;
-                            if let Some(pintid) = hw {
-                                phys.apply(PhysAction::Trigger { pintid, level });
+                // Int_config[1] of interrupt `k` is bit `2k + 1`: 0 is level-sensitive.
+                for (bit, k) in (1..32u32).step_by(2).zip(0u32..) {
+                    let level = (value >> bit) & 1 == 0;
+                    self.with_spi(
+                        first.saturating_add(k),
+                        phys,
+                        &mut kicks,
+                        |spi, hw, phys| {
+                            if spi.irq.level != level {
+                                spi.irq.level = level;
+                                if let Some(pintid) = hw {
+                                    phys.apply(PhysAction::Trigger { pintid, level });
+                                }
                             }
-                        }
-                    });
+                        },
+                    );
                 }
             }
             Reg::Router { intid, high } => {
@@ -260,8 +284,9 @@ impl Vgic {
 
     /// The owned SPI `intid`, if any.
     fn owned_spi(&self, intid: u32) -> Option<&Spi> {
-        let idx = intid.checked_sub(PRIVATE_COUNT)?;
-        self.spis.get(idx as usize).filter(|s| s.source.is_some())
+        self.spis
+            .get(super::spi_index(intid)?)
+            .filter(|s| s.source.is_some())
     }
 
     /// Whether an SPI can be taken (enabled, pending, group enabled), and its target.
@@ -286,10 +311,7 @@ impl Vgic {
         let Some(before) = self.owned_spi(intid).copied() else {
             return;
         };
-        let Some(spi) = intid
-            .checked_sub(PRIVATE_COUNT)
-            .and_then(|idx| self.spis.get_mut(idx as usize))
-        else {
+        let Some(spi) = super::spi_index(intid).and_then(|idx| self.spis.get_mut(idx)) else {
             return;
         };
         let hw = match spi.source {

@@ -8,7 +8,7 @@
 //! \[63:62\].
 
 use super::irq::Irq;
-use super::{SpiSource, Vgic, PRIVATE_COUNT};
+use super::{spi_index, spi_intid, SpiSource, Vgic, PRIVATE_COUNT};
 
 /// The architectural maximum number of list registers (`ICH_VTR_EL2.ListRegs` is
 /// 0..=15).
@@ -51,13 +51,17 @@ pub const VTR_PRI_BITS_SHIFT: u32 = 29;
 /// The number of list registers `ICH_VTR_EL2` reports (`ListRegs` + 1, at most 16).
 #[must_use]
 pub fn list_regs_from_vtr(ich_vtr: u64) -> usize {
-    ((ich_vtr & VTR_LIST_REGS_MASK) as usize + 1).min(MAX_LIST_REGS)
+    // A 5-bit field: the sum is exact.
+    ((ich_vtr & VTR_LIST_REGS_MASK) as usize)
+        .saturating_add(1)
+        .min(MAX_LIST_REGS)
 }
 
 /// The number of virtual priority bits `ICH_VTR_EL2` reports (`PRIbits` + 1, 1..=8).
 #[must_use]
 pub const fn priority_bits_from_vtr(ich_vtr: u64) -> u8 {
-    ((ich_vtr >> VTR_PRI_BITS_SHIFT) & 0x7) as u8 + 1
+    // A 3-bit field: the sum is exact.
+    (((ich_vtr >> VTR_PRI_BITS_SHIFT) & 0x7) as u8).saturating_add(1)
 }
 
 /// The state field of a list register.
@@ -318,7 +322,7 @@ impl Vgic {
                 offer(Key {
                     pending_only: u8::from(!s.irq.active && pending),
                     priority: s.irq.priority,
-                    intid: PRIVATE_COUNT + u32::from(idx),
+                    intid: spi_intid(idx),
                 });
             }
         }
@@ -336,7 +340,8 @@ impl Vgic {
             if let (Some(lr), Some(w)) = (out.lrs.get_mut(slot), written) {
                 *lr = value;
                 *w = value;
-                out.used = slot + 1;
+                // `slot < n <= MAX_LIST_REGS`: the sum is exact.
+                out.used = slot.saturating_add(1);
             }
         }
         if overflow {
@@ -356,7 +361,7 @@ impl Vgic {
             let irq = *v.private.get(intid as usize)?;
             (irq, v.holds_hw(intid).then_some(intid))
         } else {
-            let s = self.spis.get((intid - PRIVATE_COUNT) as usize)?;
+            let s = self.spis.get(spi_index(intid)?)?;
             let hw = match s.source {
                 Some(SpiSource::Hardware { pintid }) => Some(pintid),
                 _ => None,
@@ -381,7 +386,7 @@ impl Vgic {
         let slot = if intid < PRIVATE_COUNT {
             self.vcpus.get_mut(vcpu)?.private.get_mut(intid as usize)?
         } else {
-            &mut self.spis.get_mut((intid - PRIVATE_COUNT) as usize)?.irq
+            &mut self.spis.get_mut(spi_index(intid)?)?.irq
         };
         slot.in_lr = Some(tag);
         slot.lr_pending = pending;
@@ -424,7 +429,7 @@ impl Vgic {
                 };
                 (irq, hw)
             } else {
-                let Some(s) = self.spis.get_mut((intid - PRIVATE_COUNT) as usize) else {
+                let Some(s) = spi_index(intid).and_then(|i| self.spis.get_mut(i)) else {
                     continue;
                 };
                 let hw = matches!(s.source, Some(SpiSource::Hardware { .. }));

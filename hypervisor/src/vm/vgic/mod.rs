@@ -126,6 +126,16 @@ pub const PPI_VTIMER: u32 = 27;
 /// PPI of the EL1 physical timer (Arm BSA; QEMU `virt`).
 pub const PPI_PTIMER: u32 = 30;
 
+/// The index in a VM's SPI table of `intid`, if it is an SPI number (not 0-31).
+fn spi_index(intid: u32) -> Option<usize> {
+    intid.checked_sub(PRIVATE_COUNT).map(|i| i as usize)
+}
+
+/// The INTID of entry `idx` of a VM's SPI table (at most 988 entries: the sum is exact).
+fn spi_intid(idx: u16) -> u32 {
+    PRIVATE_COUNT.saturating_add(u32::from(idx))
+}
+
 /// The affinity fields Aff3 \[39:32\], Aff2 \[23:16\], Aff1 \[15:8\] and Aff0 \[7:0\], as laid
 /// out both in `MPIDR_EL1` and in `GICD_IROUTER<n>` (IHI 0069, `GICD_IROUTER<n>`).
 pub const AFFINITY_MASK: u64 = 0x0000_00ff_00ff_ffff;
@@ -519,8 +529,10 @@ impl Vgic {
         }
         for (i, a) in config.vcpus.iter().enumerate() {
             let aff = a.mpidr & AFFINITY_MASK;
-            if config.vcpus[..i]
+            if config
+                .vcpus
                 .iter()
+                .take(i)
                 .any(|b| b.mpidr & AFFINITY_MASK == aff)
             {
                 return Err(ConfigError::DuplicateAffinity(aff));
@@ -531,27 +543,30 @@ impl Vgic {
             if !(PRIVATE_COUNT..=MAX_SPI_INTID).contains(&s.intid) {
                 return Err(ConfigError::SpiOutOfRange(s.intid));
             }
-            if config.spis[..i].iter().any(|t| t.intid == s.intid) {
+            if config.spis.iter().take(i).any(|t| t.intid == s.intid) {
                 return Err(ConfigError::DuplicateSpi(s.intid));
             }
             if let SpiSource::Hardware { pintid } = s.source {
                 if !(PRIVATE_COUNT..=MAX_SPI_INTID).contains(&pintid) {
                     return Err(ConfigError::PhysOutOfRange(pintid));
                 }
-                let dup = config.spis[..i]
-                    .iter()
-                    .any(|t| matches!(t.source, SpiSource::Hardware { pintid: p } if p == pintid));
+                let dup =
+                    config.spis.iter().take(i).any(
+                        |t| matches!(t.source, SpiSource::Hardware { pintid: p } if p == pintid),
+                    );
                 if dup {
                     return Err(ConfigError::DuplicatePhys(pintid));
                 }
             }
             max = max.max(s.intid);
         }
-        // Whole blocks of 32 up to the last owned SPI (`GICD_TYPER.ITLinesNumber`).
-        let lines = (max + 1).div_ceil(32) * 32;
+        // Whole blocks of 32 up to the last owned SPI (`GICD_TYPER.ITLinesNumber`):
+        // `max <= MAX_SPI_INTID` (checked above), so at most 1024 and the arithmetic
+        // is exact.
+        let lines = max.saturating_add(1).div_ceil(32).saturating_mul(32);
         let mut spis = Vec::new();
         spis.resize(
-            (lines - PRIVATE_COUNT) as usize,
+            lines.saturating_sub(PRIVATE_COUNT) as usize,
             Spi {
                 irq: Irq::reset(true),
                 route: 0,
@@ -560,10 +575,13 @@ impl Vgic {
         );
         let mut owned = Vec::new();
         for s in config.spis {
-            let idx = (s.intid - PRIVATE_COUNT) as usize;
-            if let Some(slot) = spis.get_mut(idx) {
+            // Every SPI was checked to lie in 32..=1019 above.
+            let Some(idx) = s.intid.checked_sub(PRIVATE_COUNT) else {
+                continue;
+            };
+            if let (Some(slot), Ok(short)) = (spis.get_mut(idx as usize), u16::try_from(idx)) {
                 slot.source = Some(s.source);
-                owned.push(idx as u16);
+                owned.push(short);
             }
         }
         owned.sort_unstable();
@@ -646,7 +664,8 @@ impl Vgic {
     /// The first INTID past the VM's SPI range (32 × (`ITLinesNumber` + 1)).
     #[must_use]
     pub fn intid_limit(&self) -> u32 {
-        PRIVATE_COUNT + self.spis.len() as u32
+        // At most 988 SPIs (`new`): the sum is exact.
+        PRIVATE_COUNT.saturating_add(u32::try_from(self.spis.len()).unwrap_or(u32::MAX))
     }
 
     /// Records the guest's virtual CPU interface settings (`ICH_VMCR_EL2` as saved on

@@ -132,7 +132,8 @@ impl Reg {
             Frame::SgiBase => match offset {
                 GICR_ICFGR0 => Self::Cfg0,
                 GICR_ICFGR1 => Self::Cfg1,
-                0x0400..=0x041f => Self::Priority((offset - GICR_IPRIORITYR) as u32),
+                // One byte per INTID from `GICR_IPRIORITYR` (0x400): the low bits.
+                0x0400..=0x041f => Self::Priority((offset & 0x1f) as u32),
                 _ => BitReg::from_block(offset).map_or(Self::Raz, Self::Bits),
             },
         }
@@ -152,7 +153,8 @@ impl Vgic {
     /// past it is [`MmioError::OutOfRange`].
     #[must_use]
     pub fn redist_region_size(&self) -> u64 {
-        self.vcpus.len() as u64 * REDIST_STRIDE
+        // At most `MAX_VCPUS` vCPUs: the product is exact.
+        (self.vcpus.len() as u64).saturating_mul(REDIST_STRIDE)
     }
 
     /// `GICR_TYPER` of `vcpu`'s redistributor: its virtual affinity, Processor_Number =
@@ -166,7 +168,7 @@ impl Vgic {
         let m = v.desc.mpidr & AFFINITY_MASK;
         // Aff3 sits at [39:32] of MPIDR_EL1 and at [31:24] of the affinity value.
         let aff = (m & 0xff_ffff) | ((m >> 32) << 24);
-        let last = if vcpu + 1 == self.vcpus.len() {
+        let last = if self.vcpus.len().checked_sub(1) == Some(vcpu) {
             TYPER_LAST
         } else {
             0
@@ -217,10 +219,14 @@ impl Vgic {
                 v.private.get(intid as usize).map_or(0, |irq| irq.priority)
             }),
             Reg::Cfg0 => u64::from(regs::ICFGR_ALL_EDGE),
-            Reg::Cfg1 => (SGI_COUNT..PRIVATE_COUNT).fold(0, |acc, intid| {
-                let bits = v.private.get(intid as usize).map_or(0, regs::cfg_bits);
-                acc | (u64::from(bits) << (2 * (intid - SGI_COUNT)))
-            }),
+            // Two bits per PPI: INTID `16 + k` at bit `2k`.
+            Reg::Cfg1 => (SGI_COUNT..PRIVATE_COUNT).zip((0..32u32).step_by(2)).fold(
+                0,
+                |acc, (intid, shift)| {
+                    let bits = v.private.get(intid as usize).map_or(0, regs::cfg_bits);
+                    acc | (u64::from(bits) << shift)
+                },
+            ),
             Reg::Raz64 | Reg::Raz => 0,
         })
     }
@@ -279,16 +285,17 @@ impl Vgic {
                 v.hw_held = held;
             }
             Reg::Priority(first) => {
-                for i in 0..u32::from(size) {
+                // Byte `i` of the access is the priority of INTID `first + i`.
+                for (i, byte) in (0..u32::from(size)).zip(value.to_le_bytes()) {
                     let intid = first.saturating_add(i) as usize;
                     if let Some(irq) = v.private.get_mut(intid) {
-                        irq.priority = (value >> (8 * i)) as u8 & mask;
+                        irq.priority = byte & mask;
                     }
                 }
             }
             Reg::Cfg1 => {
-                for intid in SGI_COUNT..PRIVATE_COUNT {
-                    let shift = 2 * (intid - SGI_COUNT) + 1;
+                // Int_config[1] of INTID `16 + k` is bit `2k + 1`: 0 is level-sensitive.
+                for (intid, shift) in (SGI_COUNT..PRIVATE_COUNT).zip((1..32u32).step_by(2)) {
                     if let Some(irq) = v.private.get_mut(intid as usize) {
                         irq.level = (value >> shift) & 1 == 0;
                     }

@@ -45,7 +45,7 @@ pub(super) fn check(offset: u64, size: u8, frame: u64, sizes: Sizes) -> Result<(
     if !ok {
         return Err(MmioError::BadSize);
     }
-    if offset % u64::from(size) != 0 {
+    if offset.checked_rem(u64::from(size)) != Some(0) {
         return Err(MmioError::Misaligned);
     }
     Ok(())
@@ -191,7 +191,11 @@ pub(super) const IIDR: u32 = 0x5400_043b;
 
 /// Reads `size` (1 or 4) priority bytes starting at INTID `first`, through `get`.
 pub(super) fn read_priorities(first: u32, size: u8, get: impl Fn(u32) -> u8) -> u64 {
-    (0..u32::from(size)).fold(0, |acc, i| {
-        acc | (u64::from(get(first.saturating_add(i))) << (8 * i))
-    })
+    // Byte `i` of the value is the priority of INTID `first + i` (at most 1023 + 3:
+    // the sum is exact).
+    let mut bytes = [0u8; 8];
+    for (i, b) in (0..u32::from(size)).zip(bytes.iter_mut()) {
+        *b = get(first.saturating_add(i));
+    }
+    u64::from_le_bytes(bytes)
 }

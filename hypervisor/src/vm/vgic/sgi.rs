@@ -79,9 +79,10 @@ impl SgiTarget {
         if mpidr & !0xff != self.affinity {
             return false;
         }
-        let aff0 = (mpidr & 0xff) as u32;
-        let base = self.range as u32 * 16;
-        aff0 >= base && aff0 < base + 16 && self.target_list & (1 << (aff0 - base)) != 0
+        // TargetList bit `n` names Aff0 = RS × 16 + n: the Aff0's high nibble is the
+        // block, its low nibble the bit.
+        let aff0 = mpidr & 0xff;
+        aff0 >> 4 == self.range as u64 && self.target_list & (1 << (aff0 & 0xf)) != 0
     }
 }
 

@@ -750,6 +750,34 @@ fn sgi1r_decoding() {
     assert_eq!(SgiTarget::decode(u64::MAX).intid, 15);
 }
 
+#[test]
+fn a_target_list_names_exactly_aff0_rs_times_16_plus_n() {
+    // Every RS (including the values a constructed target may hold past 4 bits), every
+    // Aff0, one-bit and all-bit lists: the PE is named iff Aff0 = RS × 16 + n for a set
+    // bit n of TargetList (DDI 0487, `ICC_SGI1R_EL1`).
+    for range in 0..=u8::MAX {
+        for list in [1u16, 0x8000, 0xa5a5, u16::MAX] {
+            let t = SgiTarget {
+                intid: 0,
+                broadcast: false,
+                affinity: 0x12_0034_5600,
+                range,
+                target_list: list,
+            };
+            for aff0 in 0..=0xffu32 {
+                let named =
+                    (0..16u32).any(|n| list & (1 << n) != 0 && aff0 == u32::from(range) * 16 + n);
+                let mpidr = 0x12_0034_5600 | u64::from(aff0);
+                assert_eq!(
+                    t.targets(mpidr, 0),
+                    named,
+                    "RS {range} list {list:#x} Aff0 {aff0}"
+                );
+            }
+        }
+    }
+}
+
 fn sgi1r(intid: u64, aff1: u64, list: u64) -> u64 {
     (intid << SGIR_INTID_SHIFT) | (aff1 << SGIR_AFF1_SHIFT) | list
 }
