@@ -1317,6 +1317,13 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                                 .descend::<DRY>(cx, view, i, e, level, eva, s, t, live, &mut bbm)?;
                         } else if e != 0 && !replace {
                             return Err(Error::AlreadyMapped { va: s });
+                        } else if !covered
+                            && e & desc::VALID != 0
+                            && (e ^ (eva.wrapping_add(delta) | bits | ty)) & !desc::CONTIGUOUS == 0
+                        {
+                            // A block that already maps the part asked for as asked,
+                            // software bits included, stays: a split would rewrite the
+                            // same translation (and unfold its group, `unfold_partial`).
                         } else if leaves_here && covered {
                             let mut new = eva.wrapping_add(delta) | bits | ty;
                             // The same mapping, software bits aside, keeps its
@@ -1736,7 +1743,14 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         desc::BLOCK
                     };
                     let new = eva.wrapping_add(delta) | bits | ty;
-                    partial || (e ^ new) & !(desc::CONTIGUOUS | desc::SW_MASK) != 0
+                    // A partly covered block that already maps that part as asked,
+                    // software bits included, is left as it is (`visit`).
+                    let mask = if partial {
+                        !desc::CONTIGUOUS
+                    } else {
+                        !(desc::CONTIGUOUS | desc::SW_MASK)
+                    };
+                    (e ^ new) & mask != 0
                 }
                 Op::Protect { bits } => {
                     let new = (e & (desc::OA_MASK | 0b11 | desc::CONTIGUOUS)) | bits;

@@ -188,3 +188,28 @@ fn splits_and_merges_drop_the_hint() {
     assert!(t.tlb().invalidations().is_empty());
     assert!(hinted(&t, GIB + 40 * MIB2, 64, PAGE).iter().all(|&x| x));
 }
+
+#[test]
+fn replacing_part_of_a_hinted_block_with_the_same_mapping_changes_nothing() {
+    // 32 MiB of 2 MiB blocks: one group of 16 with the hint. Mapping one page (or 1 MiB)
+    // inside it again, as it is, neither splits the block nor unfolds the group.
+    let mut t = PageTable::new(Stage2::new(3, 40), HeapFrames::new(), RecordingTlb::new()).unwrap();
+    let (ipa, pa) = (GIB, 8 * GIB);
+    t.map(ipa, pa, 16 * MIB2, rw(), MapFlags::empty()).unwrap();
+    assert!(hinted(&t, ipa, 16, MIB2).iter().all(|&h| h));
+    let frames = t.frames_in_use();
+    t.tlb_mut().clear();
+    let at = ipa + 5 * MIB2 + 7 * PAGE;
+    t.map(at, pa + (at - ipa), PAGE, rw(), MapFlags::REPLACE)
+        .unwrap();
+    t.map(at, pa + (at - ipa), MIB2 / 2, rw(), MapFlags::REPLACE)
+        .unwrap();
+    assert_eq!(t.tlb().invalidations(), Vec::<TlbOp>::new());
+    assert_eq!(t.frames_in_use(), frames);
+    assert!(hinted(&t, ipa, 16, MIB2).iter().all(|&h| h));
+    // A different output does change it: split, with the group unfolded first.
+    t.map(at, 0x10 * GIB, PAGE, rw(), MapFlags::REPLACE)
+        .unwrap();
+    assert!(!t.tlb().invalidations().is_empty());
+    assert!(!hinted(&t, ipa, 16, MIB2).iter().all(|&h| h));
+}
