@@ -439,8 +439,12 @@ fn parse_vm(
         }
         spis = super::devices::passthrough_spis(host, &paths).map_err(|e| match e {
             super::devices::DeviceError::NotAnSpi(_) => node.err(
-                "passthrough-devices: a device has an interrupt that is not an SPI (a PPI \
-                 belongs to every CPU)",
+                "passthrough-devices: a device has an interrupt that is not a GIC SPI (a PPI \
+                 belongs to every CPU; another controller's line is not a GIC interrupt)",
+            ),
+            super::devices::DeviceError::SharedSpi(_) => node.err(
+                "passthrough-devices: a device shares its interrupt (SPI) with a host node \
+                 the VM is not given, such as the hypervisor's console",
             ),
             super::devices::DeviceError::InterruptController(_) => node.err(
                 "the GIC and its ITS are never assigned to a VM: EL2 owns interrupts, \
@@ -1061,17 +1065,18 @@ pub(crate) mod tests {
         assert!(matches!(parse(&broken), Err(DescError::Invalid { .. })));
     }
 
-    /// A host tree with a GICv3 (and its ITS below it) and the console UART.
-    /// A host tree with a GICv3 (and its ITS below it), the console UART, an RTC with
-    /// SPI 2 and a PMU with a PPI, and one VM node per entry of `vms` (VM *i* on CPU
-    /// *i* + 1 with the extra properties `vms[i]`).
+    /// A host tree with a GICv3 (phandle 1, every node's interrupt parent, and its ITS
+    /// below it), the console UART, an RTC with SPI 2 and a PMU with a PPI, and one VM
+    /// node per entry of `vms` (VM *i* on CPU *i* + 1 with the extra properties `vms[i]`).
     fn host_with_gic_vms(vms: &[&[(&str, Vec<u8>)]]) -> Vec<u8> {
         let mut w = FdtWriter::new().expect("writer");
         let root = w.begin_node("").expect("root");
         w.property_u32("#address-cells", 2).expect("prop");
         w.property_u32("#size-cells", 2).expect("prop");
+        w.property_u32("interrupt-parent", 1).expect("prop");
         let gic = w.begin_node("intc@8000000").expect("node");
         w.property_string("compatible", "arm,gic-v3").expect("prop");
+        w.property_u32("phandle", 1).expect("prop");
         w.property(
             "reg",
             &cells64(&[0x0800_0000, 0x1_0000, 0x080a_0000, 0xf6_0000]),
@@ -1154,7 +1159,7 @@ pub(crate) mod tests {
         assert!(parse(&host_with_gic(&pmu))
             .unwrap_err()
             .to_string()
-            .contains("an interrupt that is not an SPI"));
+            .contains("an interrupt that is not a GIC SPI"));
     }
 
     #[test]

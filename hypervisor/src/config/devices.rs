@@ -33,8 +33,12 @@ pub enum DeviceError {
     /// `devices[i]` is the GIC or an ITS, which only the hypervisor drives.
     InterruptController(usize),
     /// `devices[i]` (or a node below it) has an interrupt that is not a GIC SPI (a PPI,
-    /// or a specifier the hypervisor cannot read): it cannot be given to one VM.
+    /// an interrupt of another controller, or a specifier the hypervisor cannot read):
+    /// it cannot be given to one VM.
     NotAnSpi(usize),
+    /// An SPI of `devices[i]` is also the interrupt of a host node the VM is not given
+    /// (the hypervisor's console, another device).
+    SharedSpi(usize),
 }
 
 impl fmt::Display for DeviceError {
@@ -47,6 +51,10 @@ impl fmt::Display for DeviceError {
                 "device {i} is the GIC or its ITS, which is never assigned to a VM"
             ),
             Self::NotAnSpi(i) => write!(f, "device {i} has an interrupt that is not an SPI"),
+            Self::SharedSpi(i) => write!(
+                f,
+                "device {i} shares an interrupt (SPI) with a host node the VM is not given"
+            ),
         }
     }
 }
@@ -110,51 +118,116 @@ pub fn gic_regions(host: &Fdt<'_>) -> Vec<MmioRegion> {
 }
 
 /// The SPIs (INTIDs 32..=1019) of the devices `devices` names (host DT paths), from the
-/// `interrupts` of those nodes and of their descendants, whose interrupt parent is the
-/// GIC (three-cell specifiers: type 0 = SPI, number, flags; IHI 0069 and the Linux
-/// `arm,gic-v3` binding). Sorted, without duplicates. The nodes they merely depend on
-/// (clocks) are not the VM's: their interrupts are not included.
+/// `interrupts` (or `interrupts-extended`) of those nodes and of their descendants,
+/// whose interrupt parent is the GIC (three-cell specifiers: type 0 = SPI, number,
+/// flags; IHI 0069 and the Linux `arm,gic-v3` binding). The interrupt parent is the
+/// node's `interrupt-parent`, else its parent's, up to the root (the devicetree
+/// specification, "Interrupts"). Sorted, without duplicates. The nodes they merely depend
+/// on (clocks) are not the VM's: their interrupts are not included.
 ///
 /// # Errors
-/// [`DeviceError`] as [`passthrough_regions`], and [`DeviceError::NotAnSpi`] for a PPI or
-/// a specifier that is not three cells of a GIC SPI.
+/// [`DeviceError`] as [`passthrough_regions`]; [`DeviceError::NotAnSpi`] for a PPI or a
+/// specifier that is not three cells of a GIC SPI, or an interrupt whose parent is not
+/// the GIC (its cells would name some other controller's line, not a GIC SPI); and
+/// [`DeviceError::SharedSpi`] when another host node outside `devices` (the hypervisor's
+/// console, another device) has the same SPI: the VM would own that node's interrupt.
 pub fn passthrough_spis(host: &Fdt<'_>, devices: &[&str]) -> Result<Vec<u32>, DeviceError> {
     let root = super::find_path(host, "/").ok_or(DeviceError::NoRoot)?;
     // Checks the paths (and refuses the GIC) the same way.
     select(host, devices)?;
+    let gics: Vec<u32> = root
+        .children()
+        .filter(is_interrupt_controller)
+        .filter_map(|n| phandle(&n))
+        .collect();
+    let root_parent = interrupt_parent(&root);
     let mut spis = Vec::new();
     for (i, path) in devices.iter().enumerate() {
         let name = path.strip_prefix('/').ok_or(DeviceError::NoSuchDevice(i))?;
         let Some(node) = root.children().find(|n| n.name == name) else {
             return Err(DeviceError::NoSuchDevice(i));
         };
-        let mut bad = false;
-        visit(&node, &mut |n| {
-            let Some(p) = n.property("interrupts") else {
-                return;
-            };
-            let cells: Vec<u32> = be_cells(p.value).collect();
-            if cells.is_empty() || cells.len() % 3 != 0 || p.value.len() % 4 != 0 {
-                bad = true;
-                return;
-            }
-            for spec in cells.chunks_exact(3) {
-                match *spec {
-                    [0, n, _] => match 32u32.checked_add(n) {
-                        Some(intid) if intid <= 1019 => spis.push(intid),
-                        _ => bad = true,
-                    },
-                    _ => bad = true,
-                }
-            }
-        });
-        if bad {
+        if !node_spis(&node, root_parent, &gics, &mut spis) {
             return Err(DeviceError::NotAnSpi(i));
         }
     }
     spis.sort_unstable();
     spis.dedup();
+    // Every other top-level node (GIC nodes aside: theirs are PPIs) with a readable SPI.
+    for other in root.children() {
+        let name = other.name;
+        if is_interrupt_controller(&other)
+            || devices.iter().any(|d| d.strip_prefix('/') == Some(name))
+        {
+            continue;
+        }
+        let mut theirs = Vec::new();
+        // A node whose interrupts cannot be read shares nothing the VM could be given.
+        let _ = node_spis(&other, root_parent, &gics, &mut theirs);
+        if let Some(i) = devices
+            .iter()
+            .position(|_| theirs.iter().any(|t| spis.contains(t)))
+        {
+            return Err(DeviceError::SharedSpi(i));
+        }
+    }
     Ok(spis)
+}
+
+/// The `phandle` of `node`.
+fn phandle(node: &FdtNode<'_, '_>) -> Option<u32> {
+    node.properties()
+        .find(|p| p.name == "phandle" || p.name == "linux,phandle")
+        .and_then(|p| be_cells(p.value).next())
+}
+
+/// The `interrupt-parent` property of `node` itself.
+fn interrupt_parent(node: &FdtNode<'_, '_>) -> Option<u32> {
+    node.property("interrupt-parent")
+        .and_then(|p| be_cells(p.value).next())
+}
+
+/// Adds the GIC SPIs of `node` and its descendants (`inherited`: the interrupt parent of
+/// `node`'s parent) to `out`; false if one of their interrupts is not a GIC SPI.
+fn node_spis(
+    node: &FdtNode<'_, '_>,
+    inherited: Option<u32>,
+    gics: &[u32],
+    out: &mut Vec<u32>,
+) -> bool {
+    let parent = interrupt_parent(node).or(inherited);
+    let spi = |spec: &[u32], out: &mut Vec<u32>| match *spec {
+        [0, n, _] => match 32u32.checked_add(n) {
+            Some(intid) if intid <= 1019 => {
+                out.push(intid);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    };
+    let mut ok = true;
+    if let Some(p) = node.property("interrupts-extended") {
+        // <phandle cell cell cell>...: every controller must be the GIC (3 cells each).
+        let cells: Vec<u32> = be_cells(p.value).collect();
+        ok = !cells.is_empty()
+            && p.value.len() % 16 == 0
+            && cells.chunks_exact(4).all(|c| match c.split_first() {
+                Some((ph, spec)) => gics.contains(ph) && spi(spec, out),
+                None => false,
+            });
+    } else if let Some(p) = node.property("interrupts") {
+        let cells: Vec<u32> = be_cells(p.value).collect();
+        ok = parent.is_some_and(|ph| gics.contains(&ph))
+            && !cells.is_empty()
+            && cells.len() % 3 == 0
+            && p.value.len() % 4 == 0
+            && cells.chunks_exact(3).all(|spec| spi(spec, out));
+    }
+    for child in node.children() {
+        ok &= node_spis(&child, parent, gics, out);
+    }
+    ok
 }
 
 /// Whether any of the devices `devices` names (or a node below one) can master DMA: it
@@ -434,6 +507,94 @@ mod tests {
         assert_eq!(
             passthrough_spis(host, &["/intc@8000000"]),
             Err(DeviceError::InterruptController(0))
+        );
+    }
+
+    /// A host tree: GIC (phandle 1, the root's interrupt parent), a GPIO interrupt
+    /// controller (phandle 2), the console with SPI 1, and devices whose interrupts
+    /// come every way the devicetree allows.
+    fn host_with_interrupt_parents() -> Vec<u8> {
+        let be =
+            |cells: &[u32]| -> Vec<u8> { cells.iter().flat_map(|c| c.to_be_bytes()).collect() };
+        let mut w = vm_fdt::FdtWriter::new().expect("writer");
+        let root = w.begin_node("").expect("root");
+        w.property_u32("interrupt-parent", 1).expect("prop");
+        let gic = w.begin_node("intc@8000000").expect("node");
+        w.property_string("compatible", "arm,gic-v3").expect("prop");
+        w.property_u32("phandle", 1).expect("prop");
+        w.property("interrupts", &be(&[1, 9, 4])).expect("prop");
+        w.end_node(gic).expect("end");
+        type Node<'a> = (&'a str, &'a [(&'a str, &'a [u32])]);
+        let nodes: &[Node<'_>] = &[
+            ("pl011@9000000", &[("interrupts", &[0, 1, 4])]),
+            (
+                "gpio@9030000",
+                &[
+                    ("phandle", &[2]),
+                    ("#interrupt-cells", &[2]),
+                    ("interrupts", &[0, 7, 4]),
+                ],
+            ),
+            // A GPIO line: its cells are the GPIO controller's, not a GIC SPI.
+            (
+                "keys",
+                &[("interrupt-parent", &[2]), ("interrupts", &[1, 4])],
+            ),
+            ("ext", &[("interrupts-extended", &[1, 0, 5, 4, 1, 0, 6, 4])]),
+            (
+                "ext-gpio",
+                &[("interrupts-extended", &[1, 0, 10, 4, 2, 3, 1, 0])],
+            ),
+            // SPI 1, which the console has.
+            ("twin", &[("interrupts", &[0, 1, 4])]),
+        ];
+        for (name, props) in nodes {
+            let n = w.begin_node(name).expect("node");
+            for (k, v) in *props {
+                w.property(k, &be(v)).expect("prop");
+            }
+            w.end_node(n).expect("end");
+        }
+        // A bus without interrupt-parent: its child inherits the root's (the GIC).
+        let bus = w.begin_node("bus").expect("node");
+        let child = w.begin_node("dev@0").expect("node");
+        w.property("interrupts", &be(&[0, 8, 4])).expect("prop");
+        w.end_node(child).expect("end");
+        w.end_node(bus).expect("end");
+        w.end_node(root).expect("end");
+        w.finish().expect("finish")
+    }
+
+    #[test]
+    fn only_gic_interrupts_count_and_an_spi_is_never_shared() {
+        let mut blob = host_with_interrupt_parents();
+        let dt = crate::config::HostDt::new(&mut blob).expect("valid tree");
+        let host = dt.fdt();
+        assert_eq!(passthrough_spis(host, &["/ext"]), Ok(vec![37, 38]));
+        assert_eq!(
+            passthrough_spis(host, &["/bus"]),
+            Ok(vec![40]),
+            "inherited parent"
+        );
+        assert_eq!(passthrough_spis(host, &["/gpio@9030000"]), Ok(vec![39]));
+        assert_eq!(
+            passthrough_spis(host, &["/bus", "/keys"]),
+            Err(DeviceError::NotAnSpi(1)),
+            "another controller's line"
+        );
+        assert_eq!(
+            passthrough_spis(host, &["/ext-gpio"]),
+            Err(DeviceError::NotAnSpi(0))
+        );
+        assert_eq!(
+            passthrough_spis(host, &["/twin"]),
+            Err(DeviceError::SharedSpi(0)),
+            "the console's SPI"
+        );
+        // Given together, the two nodes of one SPI are one VM's.
+        assert_eq!(
+            passthrough_spis(host, &["/twin", "/pl011@9000000"]),
+            Ok(vec![33])
         );
     }
 

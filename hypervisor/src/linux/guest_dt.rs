@@ -113,8 +113,8 @@ impl From<DeviceError> for GuestDtError {
             DeviceError::NoRoot => Self::HostDt,
             DeviceError::NoSuchDevice(i) => Self::NoSuchDevice(i),
             DeviceError::InterruptController(i) => Self::InterruptController(i),
-            // Only `passthrough_spis` reports it, which the guest DT does not use.
-            DeviceError::NotAnSpi(i) => Self::NoSuchDevice(i),
+            // Only `passthrough_spis` reports these, which the guest DT does not use.
+            DeviceError::NotAnSpi(i) | DeviceError::SharedSpi(i) => Self::NoSuchDevice(i),
         }
     }
 }
