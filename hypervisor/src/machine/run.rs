@@ -18,10 +18,11 @@ use super::fatal::fatal;
 use super::gic;
 use super::pl011::Pl011;
 use super::regs;
-use super::{Machine, FRAMES};
+use super::{with_guest_ram, Machine, FRAMES};
 use crate::config;
 use crate::mem::frames::SharedFrames;
-use crate::mem::layout::{self, STAGING};
+use crate::mem::layout::STAGING;
+use crate::mem::window::Access;
 use crate::mem::PhysRange;
 use crate::vcpu::cpu_state::El2Controls;
 use crate::vcpu::irq::Taken;
@@ -68,21 +69,30 @@ impl VmidFlush for MachineBackend {
     }
 }
 
-/// Guest RAM as the machine reaches it: through the hypervisor's identity map.
+/// Guest RAM as the machine reaches it: through the guest RAM window, a chunk at a time
+/// (`super::with_guest_ram`); the hypervisor's stage 1 does not map it otherwise.
 struct MachineMemory;
 
 impl GuestMemory for MachineMemory {
     fn zero(&self, pa: u64, len: u64) {
-        // SAFETY: the manager only passes guest RAM it has claimed (checked against
-        // its pool of guest RAM), which the hypervisor's stage 1 maps read/write, and that no vCPU can
-        // reach at the time (`GuestMemory`).
-        unsafe { boot::zero_and_clean(pa, len) };
+        with_guest_ram(pa, len, Access::ReadWrite, |va, n| {
+            // SAFETY: the manager only passes guest RAM it has claimed (checked against
+            // its pool of guest RAM, and again by the window), which no vCPU can reach at
+            // the time (`GuestMemory`); the window maps the chunk writable at `va` until
+            // this returns.
+            unsafe { boot::zero_and_clean(va, n) };
+        });
     }
 
     fn copy(&self, dst: u64, src: u64, len: u64) {
-        // SAFETY: `src` is in the staging range and `dst` in the VM's RAM (checked by the
-        // manager); both are mapped, and they do not overlap.
-        unsafe { boot::copy_and_clean(dst, src, len) };
+        let mut from = src;
+        with_guest_ram(dst, len, Access::ReadWrite, |va, n| {
+            // SAFETY: `src` is in the staging range, which the stage 1 maps ("staging"),
+            // and `dst` in the VM's RAM (checked by the manager), mapped writable at `va`
+            // by the window until this returns; guest RAM and staging do not overlap.
+            unsafe { boot::copy_and_clean(va, from, n) };
+            from += n;
+        });
     }
 }
 
@@ -201,8 +211,9 @@ impl GuestEl1 for MachineHost {
 
     fn clean_invalidate(&mut self, pa: u64, len: u64) {
         // `[pa, pa + len)` is RAM of the running VM (from its description, inside its pool
-        // of guest RAM), which the hypervisor's stage 1 maps as normal memory.
-        boot::clean_invalidate_dcache_range(pa, len);
+        // of guest RAM), mapped read-only, normal memory, by the window a chunk at a time
+        // (`DC CIVAC` needs read permission only).
+        with_guest_ram(pa, len, Access::Read, boot::clean_invalidate_dcache_range);
     }
 }
 
@@ -370,15 +381,10 @@ pub fn run_vms(machine: &Machine) -> ! {
         stage2,
         empty_root,
     };
-    let guest_ram = layout::guest_ram(
-        machine.platform.memory(),
-        &machine.memory,
-        machine.platform.dtb,
-    );
-    for r in &guest_ram {
+    for r in &machine.guest_ram {
         log::info!("guest RAM pool: {r}");
     }
-    let manager = VmManager::new(backend, vmid_bits, &guest_ram);
+    let manager = VmManager::new(backend, vmid_bits, &machine.guest_ram);
     log::info!(
         "VMs: {} described, {}-bit VMIDs, {IPA_BITS}-bit IPA, {}-bit PA, range TLBI {}",
         descs.len(),
