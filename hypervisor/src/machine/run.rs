@@ -430,6 +430,8 @@ pub fn run_vms(machine: &Machine) -> ! {
             Err(e) => fatal(format_args!("VM {name}: {e}")),
         }
     }
+    #[cfg(feature = "fault-read-guest-ram")]
+    fault_read_guest_ram(&manager, machine);
     MANAGER.call_once(|| manager);
     route_console_input(machine);
     aarch64_cpu::asm::sev();
@@ -437,6 +439,26 @@ pub fn run_vms(machine: &Machine) -> ! {
         wake(cpu);
     }
     run_cpu(0)
+}
+
+/// Isolation proof: read, at EL2, the first byte of the first VM's RAM (just scrubbed
+/// and loaded through the window), or of the guest RAM pool without a VM. The
+/// hypervisor's stage 1 does not map it, so this must fault.
+#[cfg(feature = "fault-read-guest-ram")]
+fn fault_read_guest_ram(manager: &VmManager<MachineBackend>, machine: &Machine) {
+    let vm_ram = manager
+        .vms_with(|_| true)
+        .and_then(|vm| vm.desc.memory.first().map(|r| r.pa));
+    let Some(pa) = vm_ram.or(machine.guest_ram.first().map(|r| r.base)) else {
+        fatal(format_args!("fault-read-guest-ram: no guest RAM"))
+    };
+    log::warn!("fault-read-guest-ram: reading guest RAM at {pa:#x}");
+    // SAFETY: deliberately unsound: this build exists to show that guest RAM is not
+    // mapped at EL2 outside the window, which ends the run with the EL2 fault report.
+    let v = unsafe { (pa as *const u64).read_volatile() };
+    fatal(format_args!(
+        "fault-read-guest-ram: the read of guest RAM did not fault ({v:#x})"
+    ));
 }
 
 /// One log line per stage-2 range of a new VM: what the guest can reach, and how.
