@@ -305,7 +305,7 @@ fn system_reset_restarts_the_vm_with_scrubbed_ram() {
         "VM solo: vCPU 0 starts",
         "[solo] PASS memory-scrubbed",
         "[solo] PASS system-reset",
-        "[solo] DONE pass=12 fail=0",
+        "[solo] DONE pass=13 fail=0",
         "VM solo destroyed",
         "all VMs done: success",
     ]);
@@ -345,9 +345,9 @@ fn invalid_description_stops_at_start_up_with_a_message() {
     r.assert_no_line("VM alpha created");
 }
 
-/// Checks every test-guest VM makes whatever its `arg` asks for (the 11 checks of
+/// Checks every test-guest VM makes whatever its `arg` asks for (the 12 checks of
 /// `tests/guest/src/guest.rs` before the optional ones).
-const BASE_CHECKS: usize = 11;
+const BASE_CHECKS: usize = 12;
 /// Checks of the sharing scenario (`arg` bit 4) in `tests/guest/src/guest/sharing.rs`:
 /// the owner's (bad input, share, lend, reclaim) and the receiver's.
 const OWNER_CHECKS: usize = 56;
