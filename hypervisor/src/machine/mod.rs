@@ -6,7 +6,7 @@
 //! the guest-entry self-test and the fatal paths. The decisions it acts on are made by
 //! host-tested code (`crate::vcpu::schedule`, `crate::vm`).
 
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use aarch64_cpu::registers::{
     CurrentEL, Readable, CNTFRQ_EL0, CNTPCT_EL0, MIDR_EL1, MPIDR_EL1, SCTLR_EL2,
@@ -246,6 +246,17 @@ static STAGE1: Once<Mutex<PageTable<El2, SharedFrames, ArmTlb>>> = Once::new();
 /// [`STAGE1`].
 static WINDOW: Once<Window> = Once::new();
 
+/// Whether the CPUs have FEAT_MTE2 and EL2 was set up to store allocation tags
+/// (`SCTLR_EL2.ATA`, `MAIR_EL2` attribute 4 Tagged): guest RAM is then scrubbed of its
+/// tags too ([`scrubs_tags`]). Written once, before any VM exists.
+static TAGS: AtomicBool = AtomicBool::new(false);
+
+/// Whether scrubbing and loading guest RAM must also clear its allocation tags: the
+/// CPUs have FEAT_MTE2, so a VM may have left tags in its RAM (`HCR_EL2.ATA`).
+pub fn scrubs_tags() -> bool {
+    TAGS.load(Ordering::Relaxed)
+}
+
 /// The page every CPU's window anchor maps (read-only): zeros, nothing secret.
 #[repr(C, align(4096))]
 struct AnchorPage([u8; 4096]);
@@ -288,11 +299,15 @@ fn enable_stage1(pool: &'static Mutex<FramePool>, maps: &[stage1::Mapping], wind
     if let Err(e) = window.install(&mut table, anchor) {
         fatal(format_args!("stage 1: guest RAM window: {e}"));
     }
+    // With FEAT_MTE2, EL2 may store allocation tags (SCTLR_EL2.ATA) into memory it maps
+    // Tagged (MAIR attribute 4): the scrub of guest RAM clears them (`MachineMemory`).
+    let mte2 = regs::id_regs().has_mte2();
+    TAGS.store(mte2, Ordering::Relaxed);
     let cfg = MmuConfig {
-        mair: table.mair_el2(),
+        mair: stage1::mair_el2(mte2),
         tcr: table.tcr_el2(),
         ttbr0: table.ttbr0_el2(),
-        sctlr: stage1::SCTLR_EL2_MMU_ON,
+        sctlr: stage1::sctlr_el2(mte2),
     };
     // SAFETY: the table identity-maps the image (text executable, data and stacks
     // writable), the heap, the frame pool and the UART with the attributes MAIR_EL2

@@ -18,7 +18,7 @@ use super::fatal::fatal;
 use super::gic;
 use super::pl011::Pl011;
 use super::regs;
-use super::{with_guest_ram, Machine, FRAMES};
+use super::{scrubs_tags, with_guest_ram, Machine, FRAMES};
 use crate::config;
 use crate::mem::frames::SharedFrames;
 use crate::mem::layout::STAGING;
@@ -75,22 +75,44 @@ struct MachineMemory;
 
 impl GuestMemory for MachineMemory {
     fn zero(&self, pa: u64, len: u64) {
-        with_guest_ram(pa, len, Access::ReadWrite, |va, n| {
+        let tags = scrubs_tags();
+        let access = if tags {
+            Access::ReadWriteTagged
+        } else {
+            Access::ReadWrite
+        };
+        with_guest_ram(pa, len, access, |va, n| {
             // SAFETY: the manager only passes guest RAM it has claimed (checked against
             // its pool of guest RAM, and again by the window), which no vCPU can reach at
             // the time (`GuestMemory`); the window maps the chunk writable at `va` until
             // this returns.
             unsafe { boot::zero_and_clean(va, n) };
+            if tags {
+                // SAFETY: as above; the chunk is mapped Tagged and EL2 may store tags
+                // (`scrubs_tags`: FEAT_MTE2, SCTLR_EL2.ATA, MAIR attribute 4 = 0xF0).
+                unsafe { boot::clear_tags(va, n) };
+            }
         });
     }
 
     fn copy(&self, dst: u64, src: u64, len: u64) {
+        let tags = scrubs_tags();
+        let access = if tags {
+            Access::ReadWriteTagged
+        } else {
+            Access::ReadWrite
+        };
         let mut from = src;
-        with_guest_ram(dst, len, Access::ReadWrite, |va, n| {
+        with_guest_ram(dst, len, access, |va, n| {
             // SAFETY: `src` is in the staging range, which the stage 1 maps ("staging"),
             // and `dst` in the VM's RAM (checked by the manager), mapped writable at `va`
             // by the window until this returns; guest RAM and staging do not overlap.
             unsafe { boot::copy_and_clean(va, from, n) };
+            if tags {
+                // SAFETY: as in `zero`: the image's granules get tag 0 like the zeroed
+                // ones, so no tag of the VM's RAM survives a scrub and reload.
+                unsafe { boot::clear_tags(va, n) };
+            }
             from += n;
         });
     }

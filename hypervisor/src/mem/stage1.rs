@@ -107,6 +107,35 @@ pub const VA_BITS: u8 = 39;
 pub const SCTLR_EL2_MMU_ON: u64 =
     0x30c5_0830 | (1 << 0) | (1 << 2) | (1 << 3) | (1 << 12) | (1 << 19);
 
+/// `SCTLR_EL2.ATA` (bit 43, E2H = 0): allocation tag access at EL2 is not trapped
+/// (FEAT_MTE2; DDI 0487, "SCTLR_EL2"). Set on CPUs with FEAT_MTE2, so that the scrub of
+/// guest RAM can clear its tags; `TCF` (bits \[41:40\]) stays 0: EL2's own accesses are
+/// never tag checked.
+pub const SCTLR_EL2_ATA: u64 = 1 << 43;
+
+/// `SCTLR_EL2` with the MMU on: [`SCTLR_EL2_MMU_ON`], with [`SCTLR_EL2_ATA`] on a CPU
+/// with FEAT_MTE2 (`mte2`).
+#[must_use]
+pub const fn sctlr_el2(mte2: bool) -> u64 {
+    if mte2 {
+        SCTLR_EL2_MMU_ON | SCTLR_EL2_ATA
+    } else {
+        SCTLR_EL2_MMU_ON
+    }
+}
+
+/// `MAIR_EL2`: `mmu`'s value, whose attribute 4 ([`mmu::MemoryType::NormalTagged`]) is
+/// Tagged Normal memory (`0xF0`) on a CPU with FEAT_MTE2 (`mte2`) and plain write-back
+/// Normal memory elsewhere, where `0xF0` is not defined.
+#[must_use]
+pub const fn mair_el2(mte2: bool) -> u64 {
+    if mte2 {
+        mmu::MAIR_VALUE_TAGGED
+    } else {
+        mmu::MAIR_VALUE
+    }
+}
+
 /// The output address size for `TCR_EL2.PS` from `ID_AA64MMFR0_EL1.PARange` (bits
 /// \[3:0\]): 32, 36, 40, 42, 44 or 48 bits; larger ranges are used as 48 bits.
 #[must_use]
@@ -538,6 +567,20 @@ mod tests {
         assert_eq!(SCTLR_EL2_MMU_ON & 0b1101, 0b1101, "M, C, SA");
         assert_ne!(SCTLR_EL2_MMU_ON & (1 << 19), 0, "WXN");
         assert_eq!(SCTLR_EL2_MMU_ON & (1 << 25), 0, "little endian");
+        assert_eq!(sctlr_el2(false), SCTLR_EL2_MMU_ON);
+        assert_eq!(sctlr_el2(true) ^ SCTLR_EL2_MMU_ON, 1 << 43, "ATA only");
+        assert_eq!(
+            sctlr_el2(true) & (0b11 << 40),
+            0,
+            "TCF: no tag checks at EL2"
+        );
+        assert_eq!(
+            mair_el2(false) >> 32 & 0xff,
+            0xff,
+            "attr 4 untagged write-back"
+        );
+        assert_eq!(mair_el2(true) >> 32 & 0xff, 0xf0, "attr 4 Tagged Normal");
+        assert_eq!(mair_el2(true) & 0xffff_ffff, mair_el2(false) & 0xffff_ffff);
         assert_eq!(pa_bits(4), 44);
         assert_eq!(pa_bits(5), 48);
         assert_eq!(pa_bits(6), 48);

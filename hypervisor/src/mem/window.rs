@@ -29,7 +29,7 @@
 use alloc::vec::Vec;
 use core::fmt;
 
-use mmu::{Attributes, El2, MapFlags, PageTable, Permissions, TableAttrs};
+use mmu::{Attributes, El2, MapFlags, MemoryType, PageTable, Permissions, TableAttrs};
 
 use crate::mem::{PhysRange, PAGE_SIZE};
 
@@ -51,6 +51,10 @@ pub enum Access {
     Read,
     /// Read and write (scrubbing, copying in).
     ReadWrite,
+    /// Read and write as Tagged Normal memory, so that the allocation tags can be
+    /// cleared too (scrubbing and copying in on a CPU with FEAT_MTE2, whose `MAIR_EL2`
+    /// is then `mmu::MAIR_VALUE_TAGGED`).
+    ReadWriteTagged,
 }
 
 impl Access {
@@ -60,6 +64,7 @@ impl Access {
         match self {
             Self::Read => Attributes::normal(Permissions::RO),
             Self::ReadWrite => Attributes::normal(Permissions::RW),
+            Self::ReadWriteTagged => Attributes::new(Permissions::RW, MemoryType::NormalTagged),
         }
     }
 }
@@ -557,13 +562,23 @@ mod tests {
     }
 
     #[test]
-    fn read_access_is_read_only() {
+    fn each_access_gets_its_attributes() {
         let (w, t) = installed(1);
-        w.for_each_chunk(&t, 0, 0x8000_0000, 0x1000, Access::Read, |va, _| {
-            let p = t.lock().translate(va).unwrap().attrs.perms;
-            assert_eq!(p, Permissions::RO);
-        })
-        .unwrap();
+        for (access, perms, mem) in [
+            (Access::Read, Permissions::RO, MemoryType::Normal),
+            (Access::ReadWrite, Permissions::RW, MemoryType::Normal),
+            (
+                Access::ReadWriteTagged,
+                Permissions::RW,
+                MemoryType::NormalTagged,
+            ),
+        ] {
+            w.for_each_chunk(&t, 0, 0x8000_0000, 0x1000, access, |va, _| {
+                let a = t.lock().translate(va).unwrap().attrs;
+                assert_eq!((a.perms, a.mem_type), (perms, mem), "{access:?}");
+            })
+            .unwrap();
+        }
         // Nothing is mapped for a range outside the pool.
         let mut called = false;
         let r = w.for_each_chunk(&t, 0, 0x4020_0000, 0x1000, Access::Read, |_, _| {
