@@ -313,6 +313,43 @@ fn system_reset_restarts_the_vm_with_scrubbed_ram() {
     assert_all_destroyed_without_leak(&r, &["solo"]);
 }
 
+/// With MTE (`-cpu max -machine mte=on`; the VM may use allocation tags,
+/// `HCR_EL2.ATA`), the tags a VM stored in its RAM before a reset read as 0 after it:
+/// the scrub and the reload clear tags as well as data, both where the scrub zeroes and
+/// where the image is copied back (`arg` bit 14, `tests/guest/src/guest/mte.rs`).
+#[test]
+fn mte_tags_do_not_survive_a_reset() {
+    let test = "mte-reset";
+    let r = Boot::new()
+        .cpu_model("max")
+        .machine_option("mte=on")
+        .cpus(CPUS)
+        .load(artifact("test-guest.bin"), STAGED_AT)
+        .with_vms(
+            test,
+            &[with_arg(guest("solo", &[1], 0x5000_0000), ARG_MTE)],
+            &[],
+        )
+        .timeout(TIMEOUT)
+        .run();
+    let log = integration::out_dir()
+        .join("tests")
+        .join(test)
+        .join("console.log");
+    std::fs::write(log, &r.stdout).expect("log");
+    r.assert_success();
+    r.assert_lines_in_order(&[
+        "[solo] PASS mte-tags-set",
+        "[solo] resetting",
+        "VM solo reset",
+        "VM solo: vCPU 0 starts",
+        "[solo] PASS mte-tags-scrubbed",
+        &format!("[solo] DONE pass={} fail=0", BASE_CHECKS + 1),
+    ]);
+    r.assert_no_line("[solo] FAIL");
+    assert_all_destroyed_without_leak(&r, &["solo"]);
+}
+
 /// Runs the example description `docs/examples/<name>.dts` on CPU model `cpu` (the
 /// xtask refuses it if its `kernel` size no longer covers the test guest).
 fn run_example(test: &str, name: &str, cpu: &str) -> Run {

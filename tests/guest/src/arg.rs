@@ -30,3 +30,5 @@ pub const ARG_IRQ: u64 = 1 << 11;
 pub const ARG_IRQ_LISTEN: u64 = 1 << 12;
 /// Send SGIs for three seconds to every target.
 pub const ARG_SGI_ATTACK: u64 = 1 << 13;
+/// The MTE check: tags stored before a reset are gone after it (`guest::mte`).
+pub const ARG_MTE: u64 = 1 << 14;

@@ -27,7 +27,9 @@
 //! - bit 12: with bit 11, listen two seconds for SGIs that must never come (sent by
 //!   another VM with bit 13);
 //! - bit 13: send SGIs for three seconds by broadcast and to every target (an attacker
-//!   VM whose SGIs must stay inside it).
+//!   VM whose SGIs must stay inside it);
+//! - bit 14: the MTE check (`guest::mte`, a CPU with FEAT_MTE2): allocation tags stored
+//!   on the first boot, then `SYSTEM_RESET`; after it the tags must be 0 again.
 //!
 //! It builds its own EL1&0 stage-1 tables with `mmu`, turns the MMU on, runs its checks,
 //! prints one `PASS name` or `FAIL name: detail` line per check and a final
