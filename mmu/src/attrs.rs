@@ -53,6 +53,13 @@ pub enum MemoryType {
     DeviceNGnRE,
     /// Device-nGnRnE (strongly ordered).
     DeviceNGnRnE,
+    /// Tagged Normal memory (FEAT_MTE2): inner and outer write-back like
+    /// [`Normal`](Self::Normal), with Allocation Tags: the tag instructions (`STG`,
+    /// `STGM`, `DC GZVA`, ...) read and write the tags of memory mapped so. Stage-1
+    /// regimes only (stage 2 has no such type: [`Stage2`](crate::Stage2) rejects it).
+    /// It is tagged only with [`MAIR_VALUE_TAGGED`] in `MAIR_ELx` (on a CPU with
+    /// FEAT_MTE2); with [`MAIR_VALUE`] it is plain write-back Normal memory.
+    NormalTagged,
 }
 
 impl MemoryType {
@@ -64,6 +71,7 @@ impl MemoryType {
             MemoryType::DeviceNGnRnE => 1,
             MemoryType::DeviceNGnRE => 2,
             MemoryType::NormalNonCacheable => 3,
+            MemoryType::NormalTagged => 4,
         }
     }
 
@@ -75,6 +83,7 @@ impl MemoryType {
             1 => Some(MemoryType::DeviceNGnRnE),
             2 => Some(MemoryType::DeviceNGnRE),
             3 => Some(MemoryType::NormalNonCacheable),
+            4 => Some(MemoryType::NormalTagged),
             _ => None,
         }
     }
@@ -90,9 +99,18 @@ impl MemoryType {
 ///
 /// Attr0 = `0xFF` Normal inner/outer write-back non-transient read/write-allocate,
 /// Attr1 = `0x00` Device-nGnRnE, Attr2 = `0x04` Device-nGnRE,
-/// Attr3 = `0x44` Normal inner/outer non-cacheable (Arm ARM D19, `MAIR_ELx.Attr<n>`).
+/// Attr3 = `0x44` Normal inner/outer non-cacheable (Arm ARM D19, `MAIR_ELx.Attr<n>`),
+/// Attr4 = `0xFF` like Attr0: [`MemoryType::NormalTagged`] without tags, for any CPU
+/// (`0xF0` is only defined with FEAT_MTE2: [`MAIR_VALUE_TAGGED`]).
 #[allow(clippy::identity_op)]
-pub const MAIR_VALUE: u64 = 0xFF | (0x00 << 8) | (0x04 << 16) | (0x44 << 24);
+pub const MAIR_VALUE: u64 = 0xFF | (0x00 << 8) | (0x04 << 16) | (0x44 << 24) | (0xFF << 32);
+
+/// [`MAIR_VALUE`] with Attr4 = `0xF0`, Tagged Normal memory (inner/outer write-back
+/// non-transient read/write-allocate, with Allocation Tags; FEAT_MTE2, Arm ARM D10
+/// "The Memory Tagging Extension" and `MAIR_ELx.Attr<n>`): for a CPU with FEAT_MTE2
+/// (`ID_AA64PFR1_EL1.MTE` >= 2) whose [`MemoryType::NormalTagged`] mappings are to
+/// hold tags.
+pub const MAIR_VALUE_TAGGED: u64 = (MAIR_VALUE & !(0xFF << 32)) | (0xF0 << 32);
 
 /// Four software-defined bits stored in descriptor bits \[58:55\].
 ///

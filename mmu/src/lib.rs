@@ -84,7 +84,8 @@
 //! stage-1 regime, separate EL1/EL0 execute permission on stage 2 without FEAT_XNX,
 //! EL0-writable and EL1-executable at EL1&0, ...) is rejected with
 //! [`Error::UnsupportedAttributes`], never silently changed. The stage-1 regimes
-//! use [`MAIR_VALUE`] for `MAIR_ELx`.
+//! use [`MAIR_VALUE`] for `MAIR_ELx` ([`MAIR_VALUE_TAGGED`] on a CPU with FEAT_MTE2,
+//! for [`MemoryType::NormalTagged`] mappings to hold allocation tags).
 //!
 //! # Operations and their guarantees
 //!
@@ -217,7 +218,10 @@ pub mod arch;
 #[cfg(feature = "std")]
 pub mod testing;
 
-pub use attrs::{Attributes, MapFlags, MemoryType, Permissions, SwBits, TableAttrs, MAIR_VALUE};
+pub use attrs::{
+    Attributes, MapFlags, MemoryType, Permissions, SwBits, TableAttrs, MAIR_VALUE,
+    MAIR_VALUE_TAGGED,
+};
 pub use error::Error;
 pub use frame::{FrameAllocator, FrameSource, IdMap, LinearMap, PhysToVirt, FRAME_SIZE};
 pub use regime::{El1, El2, Geometry, Regime, Stage2};

@@ -508,6 +508,9 @@ impl Stage2 {
             (MemoryType::NormalNonCacheable, true) => 0b0101,
             (MemoryType::DeviceNGnRE, _) => 0b0001,
             (MemoryType::DeviceNGnRnE, _) => 0b0000,
+            // Refused by `encode`: stage 2 has no tagged type (its Normal write-back
+            // leaves tags to stage 1).
+            (MemoryType::NormalTagged, _) => 0b1111,
         };
         v << 2
     }
@@ -530,7 +533,9 @@ unsafe impl Regime for Stage2 {
     #[inline]
     fn encode(&self, attrs: &Attributes) -> Result<u64, Error> {
         let p = attrs.perms;
-        if p.intersects(Permissions::EXEC_EL2 | Permissions::USER) {
+        if p.intersects(Permissions::EXEC_EL2 | Permissions::USER)
+            || attrs.mem_type == MemoryType::NormalTagged
+        {
             return Err(Error::UnsupportedAttributes);
         }
         let mut d = common_bits(attrs) | self.mem_attr(attrs.mem_type);

@@ -10,7 +10,7 @@ mod common;
 use mmu::testing::{HeapFrames, RecordingTlb};
 use mmu::{
     Attributes, El1, El2, Error, Geometry, MapFlags, MemoryType, PageTable, Permissions, Regime,
-    Stage2, SwBits, MAIR_VALUE,
+    Stage2, SwBits, MAIR_VALUE, MAIR_VALUE_TAGGED,
 };
 
 const P: Permissions = Permissions::READ;
@@ -95,6 +95,29 @@ fn el2_stage1_descriptors() {
             Err(Error::UnsupportedAttributes)
         );
     }
+}
+
+/// Tagged Normal memory is AttrIndx 4 in both stage-1 regimes, otherwise like Normal
+/// write-back (inner shareable); stage 2 has no tagged type and refuses it.
+#[test]
+fn normal_tagged_is_attr_index_4_at_stage_1_only() {
+    let tagged = a(P | W, MemoryType::NormalTagged);
+    let (d, _) = leaf(El2::new(48), 4096, tagged).unwrap();
+    assert_eq!(
+        d,
+        0x8000_0000 | PAGE | attr_indx(4) | AP1 | SH_IS | AF | UXN_XN
+    );
+    let (d, _) = leaf(El1::new(1, 48), 4096, tagged).unwrap();
+    assert_eq!(d & 0x31C, attr_indx(4) | SH_IS);
+    for s2 in [Stage2::new(1, 40), Stage2::new(1, 40).with_fwb(true)] {
+        assert_eq!(leaf(s2, 4096, tagged), Err(Error::UnsupportedAttributes));
+    }
+    assert_eq!(MemoryType::NormalTagged.mair_index(), 4);
+    assert_eq!(
+        MemoryType::from_mair_index(4),
+        Some(MemoryType::NormalTagged)
+    );
+    assert_eq!(MemoryType::from_mair_index(5), None);
 }
 
 #[test]
@@ -187,6 +210,7 @@ fn decode_inverts_encode() {
         MemoryType::NormalNonCacheable,
         MemoryType::DeviceNGnRE,
         MemoryType::DeviceNGnRnE,
+        MemoryType::NormalTagged,
     ];
     fn check<R: Regime>(r: &R, attrs: Attributes) -> bool {
         match r.encode(&attrs) {
@@ -219,14 +243,15 @@ fn decode_inverts_encode() {
             }
         }
     }
-    // EL2: READ required, WRITE/EXEC_EL2 free: 4 permission sets.
-    assert_eq!(counts[0], 4 * 4 * 3);
-    // Stage 2: READ/WRITE free, EXEC_EL1 == EXEC_EL0: 8 sets; with XNX 16.
+    // EL2: READ required, WRITE/EXEC_EL2 free: 4 permission sets, 5 memory types.
+    assert_eq!(counts[0], 4 * 5 * 3);
+    // Stage 2: READ/WRITE free, EXEC_EL1 == EXEC_EL0: 8 sets; with XNX 16; 4 memory
+    // types (no tagged one).
     assert_eq!(counts[1], 8 * 4 * 3);
     assert_eq!(counts[2], 16 * 4 * 3);
     assert_eq!(counts[3], 8 * 4 * 3);
     // EL1: READ required; WRITE, USER, EXEC_EL1, EXEC_EL0 free except W+U+X1: 16 - 2.
-    assert_eq!(counts[4], 14 * 4 * 3);
+    assert_eq!(counts[4], 14 * 5 * 3);
 }
 
 #[test]
@@ -310,8 +335,10 @@ fn tcr_ttbr_mair() {
         El1::new(300, 39).with_asid16(false).tcr(),
         Err(Error::InvalidConfig)
     );
-    // MAIR: Attr0 = 0xFF, Attr1 = 0x00, Attr2 = 0x04, Attr3 = 0x44.
-    assert_eq!(MAIR_VALUE, 0x4404_00FF);
+    // MAIR: Attr0 = 0xFF, Attr1 = 0x00, Attr2 = 0x04, Attr3 = 0x44, Attr4 = 0xFF
+    // (write-back, untagged) or 0xF0 (Tagged Normal, FEAT_MTE2).
+    assert_eq!(MAIR_VALUE, 0xFF_4404_00FF);
+    assert_eq!(MAIR_VALUE_TAGGED, 0xF0_4404_00FF);
     let t = PageTable::new(El2::new(48), HeapFrames::new(), RecordingTlb::new()).unwrap();
     assert_eq!(t.tcr_el2(), 0x8085_3510);
     assert_eq!(t.ttbr0_el2(), t.root_address());

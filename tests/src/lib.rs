@@ -84,6 +84,13 @@ impl Boot {
         self
     }
 
+    /// One more `-machine` option, e.g. `mte=on` (the device tree describes it).
+    #[must_use]
+    pub fn machine_option(mut self, option: &str) -> Self {
+        self.qemu.machine.options.push(option.into());
+        self
+    }
+
     /// The machine without EL2 (`virtualization=off`).
     #[must_use]
     pub fn without_el2(mut self) -> Self {

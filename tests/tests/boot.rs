@@ -1,7 +1,8 @@
 //! The hypervisor boots at EL2 on QEMU `virt`, builds its own stage 1, brings every CPU
-//! online and powers off; its W^X is real; and the start-up checks stop bad boots loudly.
+//! online and powers off; its W^X is real, and so is the absence of guest RAM from its
+//! address space; and the start-up checks stop bad boots loudly.
 
-use integration::{artifact, exit_status, Boot, Run};
+use integration::{artifact, exit_status, Boot, Ram, Run, Staged, VmNode};
 
 fn boot(cpu_model: &str, cpus: u32) -> Run {
     let run = Boot::new().cpu_model(cpu_model).cpus(cpus).run();
@@ -114,6 +115,55 @@ fn executing_own_data_faults() {
         &format!("ELR_EL2  {target}  FAR_EL2 {target}"),
         "*** stopping the machine (exit status 2)",
     ]);
+}
+
+/// Guest RAM is not in the hypervisor's address space: after a VM was created (its RAM
+/// scrubbed and its image copied in through the window), reading that RAM at EL2 at its
+/// physical address takes a translation fault.
+#[test]
+fn reading_guest_ram_at_el2_faults() {
+    let image = artifact("test-guest.bin");
+    let size = std::fs::metadata(&image)
+        .expect("guest image")
+        .len()
+        .div_ceil(4096)
+        * 4096;
+    let vm = VmNode::new(
+        "alpha",
+        &[1],
+        Ram {
+            ipa: 0x4000_0000,
+            pa: 0x5020_0000,
+            size: 0x20_0000,
+        },
+        Staged {
+            pa: 0x7000_0000,
+            size,
+            ipa: 0x4000_0000,
+        },
+    );
+    let run = Boot::new()
+        .cpus(2)
+        .kernel(artifact("hypervisor-fault-read-guest-ram.bin"))
+        .load(image, 0x7000_0000)
+        .with_vms("fault-read-guest-ram", &[vm], &[])
+        .run();
+    run.assert_status(exit_status::EL2_EXCEPTION);
+    let target = announced_address(&run, "fault-read-guest-ram: reading guest RAM at");
+    assert_eq!(target, "0x0000000050200000");
+    run.assert_lines_in_order(&[
+        "stage 1: guest RAM not mapped: EL2 reaches it through the window at 0x7fc0000000",
+        "MMU on",
+        "guest RAM pool: [0x480",
+        "VM alpha created",
+        "fault-read-guest-ram",
+        "*** unexpected synchronous exception taken from EL2 on cpu0",
+        "EC 0x25: data abort at EL2",
+        "cause    data abort at EL2 on read: translation fault",
+        &format!("FAR_EL2 {target}"),
+        "*** stopping the machine (exit status 2)",
+    ]);
+    run.assert_no_line("stage 1: ram ");
 }
 
 #[test]

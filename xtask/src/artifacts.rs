@@ -10,9 +10,10 @@ pub const TARGET: &str = "aarch64-unknown-none";
 /// Hypervisor builds with a fault-injection or self-test feature, each proving one
 /// property in the QEMU tests (`hypervisor/Cargo.toml` says what each does). Only the
 /// tests need them.
-pub const TEST_VARIANTS: [&str; 5] = [
+pub const TEST_VARIANTS: [&str; 6] = [
     "fault-write-text",
     "fault-exec-data",
+    "fault-read-guest-ram",
     "fault-panic",
     "fault-stack-overflow",
     "selftest-guest-entry",

@@ -6,7 +6,7 @@
 //! the guest-entry self-test and the fatal paths. The decisions it acts on are made by
 //! host-tested code (`crate::vcpu::schedule`, `crate::vm`).
 
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use aarch64_cpu::registers::{
     CurrentEL, Readable, CNTFRQ_EL0, CNTPCT_EL0, MIDR_EL1, MPIDR_EL1, SCTLR_EL2,
@@ -22,8 +22,9 @@ use mmu::{El2, PageTable};
 use crate::config::{Hardware, HostDt};
 use crate::mem::frames::{FramePool, SharedFrames};
 use crate::mem::layout::{self, HypMemory};
+use crate::mem::window::{self, Window};
 use crate::mem::{stage1, PhysRange};
-use cpu::{psci_cpu_on, CPUS_ONLINE, CPU_MPIDR, MPIDR_AFFINITY_MASK, PSCI_CONDUIT};
+use cpu::{cpu_index, psci_cpu_on, CPUS_ONLINE, CPU_MPIDR, MPIDR_AFFINITY_MASK, PSCI_CONDUIT};
 use fatal::{early_failure, fatal};
 use pl011::Pl011;
 
@@ -57,6 +58,9 @@ pub struct Machine {
     pub platform: Hardware,
     /// The hypervisor's own memory.
     pub memory: HypMemory,
+    /// The RAM guests may have (`layout::guest_ram`): not mapped at EL2 but through the
+    /// window ([`with_guest_ram`]).
+    pub guest_ram: alloc::vec::Vec<PhysRange>,
     /// Number of CPUs online (including the primary).
     pub cpus_online: usize,
 }
@@ -167,7 +171,22 @@ pub fn primary(dtb: usize) -> Machine {
     for m in &maps {
         info!("stage 1: {m}");
     }
-    enable_stage1(pool, &maps);
+    let guest_ram = layout::guest_ram(platform.memory(), &memory, platform.dtb);
+    let Some(window_base) = stage1::window_base(&maps, platform.memory()) else {
+        fatal(format_args!(
+            "stage 1: no free {} MiB region for the guest RAM window",
+            window::SPAN >> 20
+        ))
+    };
+    let window = Window::new(window_base, boot::MAX_CPUS, &guest_ram)
+        .unwrap_or_else(|e| fatal(format_args!("stage 1: {e}")));
+    info!(
+        "stage 1: guest RAM not mapped: EL2 reaches it through the window at {:#x}, \
+         at most {} MiB per CPU at a time, never executable",
+        window.region().base,
+        window::CHUNK >> 20
+    );
+    enable_stage1(pool, &maps, window);
     #[cfg(feature = "fault-write-text")]
     fault_write_text(image.text_start);
     #[cfg(feature = "fault-exec-data")]
@@ -200,6 +219,7 @@ pub fn primary(dtb: usize) -> Machine {
         dt,
         platform,
         memory,
+        guest_ram,
         cpus_online,
     }
 }
@@ -222,9 +242,45 @@ fn driven_devices(platform: &Hardware) -> alloc::vec::Vec<(&'static str, PhysRan
 /// would give its live table frames back to the pool.
 static STAGE1: Once<Mutex<PageTable<El2, SharedFrames, ArmTlb>>> = Once::new();
 
-/// Builds the stage-1 table from the plan, turns the MMU and caches on, and publishes the
-/// register values for the secondary CPUs.
-fn enable_stage1(pool: &'static Mutex<FramePool>, maps: &[stage1::Mapping]) {
+/// The window through which EL2 reaches guest RAM ([`with_guest_ram`]), installed in
+/// [`STAGE1`].
+static WINDOW: Once<Window> = Once::new();
+
+/// Whether the CPUs have FEAT_MTE2 and EL2 was set up to store allocation tags
+/// (`SCTLR_EL2.ATA`, `MAIR_EL2` attribute 4 Tagged): guest RAM is then scrubbed of its
+/// tags too ([`scrubs_tags`]). Written once, before any VM exists.
+static TAGS: AtomicBool = AtomicBool::new(false);
+
+/// Whether scrubbing and loading guest RAM must also clear its allocation tags: the
+/// CPUs have FEAT_MTE2, so a VM may have left tags in its RAM (`HCR_EL2.ATA`).
+pub fn scrubs_tags() -> bool {
+    TAGS.load(Ordering::Relaxed)
+}
+
+/// The page every CPU's window anchor maps (read-only): zeros, nothing secret.
+#[repr(C, align(4096))]
+struct AnchorPage([u8; 4096]);
+static WINDOW_ANCHOR: AnchorPage = AnchorPage([0; 4096]);
+
+/// Runs `work(va, len)` over guest RAM `[pa, pa + len)`, a chunk of at most 2 MiB at a
+/// time, each mapped at `va` in this CPU's window slot with `access` while `work` runs
+/// (`crate::mem::window`). The stage-1 lock is held only to map and unmap each chunk.
+///
+/// A range outside the guest RAM pool, or a window that cannot map, is a hypervisor bug
+/// (the callers pass RAM of a VM description, claimed from the pool): the machine stops
+/// with the reason rather than touch memory it should not.
+pub fn with_guest_ram(pa: u64, len: u64, access: window::Access, work: impl FnMut(u64, u64)) {
+    let (Some(w), Some(table)) = (WINDOW.get(), STAGE1.get()) else {
+        fatal(format_args!("guest RAM window used before start-up"))
+    };
+    if let Err(e) = w.for_each_chunk(table, cpu_index(), pa, len, access, work) {
+        fatal(format_args!("guest RAM window on cpu{}: {e}", cpu_index()));
+    }
+}
+
+/// Builds the stage-1 table from the plan and installs the guest RAM window, turns the
+/// MMU and caches on, and publishes the register values for the secondary CPUs.
+fn enable_stage1(pool: &'static Mutex<FramePool>, maps: &[stage1::Mapping], window: Window) {
     let pa_bits = regs::pa_bits();
     // SAFETY: the frame pool lies in RAM that only page tables use, and it is identity
     // mapped read-write (the "pt-frames" mapping) once the MMU is on.
@@ -239,11 +295,19 @@ fn enable_stage1(pool: &'static Mutex<FramePool>, maps: &[stage1::Mapping]) {
     if let Err((m, e)) = stage1::build(&mut table, maps) {
         fatal(format_args!("stage 1: mapping {} failed: {e}", m.name));
     }
+    let anchor = (&raw const WINDOW_ANCHOR) as u64;
+    if let Err(e) = window.install(&mut table, anchor) {
+        fatal(format_args!("stage 1: guest RAM window: {e}"));
+    }
+    // With FEAT_MTE2, EL2 may store allocation tags (SCTLR_EL2.ATA) into memory it maps
+    // Tagged (MAIR attribute 4): the scrub of guest RAM clears them (`MachineMemory`).
+    let mte2 = regs::id_regs().has_mte2();
+    TAGS.store(mte2, Ordering::Relaxed);
     let cfg = MmuConfig {
-        mair: table.mair_el2(),
+        mair: stage1::mair_el2(mte2),
         tcr: table.tcr_el2(),
         ttbr0: table.ttbr0_el2(),
-        sctlr: stage1::SCTLR_EL2_MMU_ON,
+        sctlr: stage1::sctlr_el2(mte2),
     };
     // SAFETY: the table identity-maps the image (text executable, data and stacks
     // writable), the heap, the frame pool and the UART with the attributes MAIR_EL2
@@ -260,6 +324,7 @@ fn enable_stage1(pool: &'static Mutex<FramePool>, maps: &[stage1::Mapping]) {
         mmu_state()
     );
     STAGE1.call_once(|| Mutex::new(table));
+    WINDOW.call_once(|| window);
 }
 
 /// W^X proof: write to the hypervisor's own text with the MMU on. Must fault.

@@ -18,10 +18,11 @@ use super::fatal::fatal;
 use super::gic;
 use super::pl011::Pl011;
 use super::regs;
-use super::{Machine, FRAMES};
+use super::{scrubs_tags, with_guest_ram, Machine, FRAMES};
 use crate::config;
 use crate::mem::frames::SharedFrames;
-use crate::mem::layout::{self, STAGING};
+use crate::mem::layout::STAGING;
+use crate::mem::window::Access;
 use crate::mem::PhysRange;
 use crate::vcpu::cpu_state::El2Controls;
 use crate::vcpu::irq::Taken;
@@ -68,21 +69,53 @@ impl VmidFlush for MachineBackend {
     }
 }
 
-/// Guest RAM as the machine reaches it: through the hypervisor's identity map.
+/// Guest RAM as the machine reaches it: through the guest RAM window, a chunk at a time
+/// (`super::with_guest_ram`); the hypervisor's stage 1 does not map it otherwise.
 struct MachineMemory;
 
 impl GuestMemory for MachineMemory {
     fn zero(&self, pa: u64, len: u64) {
-        // SAFETY: the manager only passes guest RAM it has claimed (checked against
-        // its pool of guest RAM), which the hypervisor's stage 1 maps read/write, and that no vCPU can
-        // reach at the time (`GuestMemory`).
-        unsafe { boot::zero_and_clean(pa, len) };
+        let tags = scrubs_tags();
+        let access = if tags {
+            Access::ReadWriteTagged
+        } else {
+            Access::ReadWrite
+        };
+        with_guest_ram(pa, len, access, |va, n| {
+            // SAFETY: the manager only passes guest RAM it has claimed (checked against
+            // its pool of guest RAM, and again by the window), which no vCPU can reach at
+            // the time (`GuestMemory`); the window maps the chunk writable at `va` until
+            // this returns.
+            unsafe { boot::zero_and_clean(va, n) };
+            if tags {
+                // SAFETY: as above; the chunk is mapped Tagged and EL2 may store tags
+                // (`scrubs_tags`: FEAT_MTE2, SCTLR_EL2.ATA, MAIR attribute 4 = 0xF0).
+                unsafe { boot::clear_tags(va, n) };
+            }
+        });
     }
 
     fn copy(&self, dst: u64, src: u64, len: u64) {
-        // SAFETY: `src` is in the staging range and `dst` in the VM's RAM (checked by the
-        // manager); both are mapped, and they do not overlap.
-        unsafe { boot::copy_and_clean(dst, src, len) };
+        let tags = scrubs_tags();
+        let access = if tags {
+            Access::ReadWriteTagged
+        } else {
+            Access::ReadWrite
+        };
+        let mut from = src;
+        with_guest_ram(dst, len, access, |va, n| {
+            // SAFETY: `src` is in the staging range, which the stage 1 maps ("staging"),
+            // and `dst` in the VM's RAM (checked by the manager), mapped writable at `va`
+            // by the window until this returns; guest RAM and staging do not overlap.
+            unsafe { boot::copy_and_clean(va, from, n) };
+            if tags {
+                // SAFETY: as in `zero`: the image's granules get tag 0 like the zeroed
+                // ones, so no tag of the VM's RAM survives a scrub and reload.
+                unsafe { boot::clear_tags(va, n) };
+            }
+            // `[from, from + len)` is the staged image: no step passes its end.
+            from = from.saturating_add(n);
+        });
     }
 }
 
@@ -201,8 +234,9 @@ impl GuestEl1 for MachineHost {
 
     fn clean_invalidate(&mut self, pa: u64, len: u64) {
         // `[pa, pa + len)` is RAM of the running VM (from its description, inside its pool
-        // of guest RAM), which the hypervisor's stage 1 maps as normal memory.
-        boot::clean_invalidate_dcache_range(pa, len);
+        // of guest RAM), mapped read-only, normal memory, by the window a chunk at a time
+        // (`DC CIVAC` needs read permission only).
+        with_guest_ram(pa, len, Access::Read, boot::clean_invalidate_dcache_range);
     }
 }
 
@@ -365,15 +399,10 @@ pub fn run_vms(machine: &Machine) -> ! {
         stage2,
         empty_root,
     };
-    let guest_ram = layout::guest_ram(
-        machine.platform.memory(),
-        &machine.memory,
-        machine.platform.dtb,
-    );
-    for r in &guest_ram {
+    for r in &machine.guest_ram {
         log::info!("guest RAM pool: {r}");
     }
-    let manager = VmManager::new(backend, vmid_bits, &guest_ram);
+    let manager = VmManager::new(backend, vmid_bits, &machine.guest_ram);
     log::info!(
         "VMs: {} described, {}-bit VMIDs, {IPA_BITS}-bit IPA, {}-bit PA, range TLBI {}",
         descs.len(),
@@ -419,6 +448,8 @@ pub fn run_vms(machine: &Machine) -> ! {
             Err(e) => fatal(format_args!("VM {name}: {e}")),
         }
     }
+    #[cfg(feature = "fault-read-guest-ram")]
+    fault_read_guest_ram(&manager, machine);
     MANAGER.call_once(|| manager);
     route_console_input(machine);
     aarch64_cpu::asm::sev();
@@ -426,6 +457,26 @@ pub fn run_vms(machine: &Machine) -> ! {
         wake(cpu);
     }
     run_cpu(0)
+}
+
+/// Isolation proof: read, at EL2, the first byte of the first VM's RAM (just scrubbed
+/// and loaded through the window), or of the guest RAM pool without a VM. The
+/// hypervisor's stage 1 does not map it, so this must fault.
+#[cfg(feature = "fault-read-guest-ram")]
+fn fault_read_guest_ram(manager: &VmManager<MachineBackend>, machine: &Machine) {
+    let vm_ram = manager
+        .vms_with(|_| true)
+        .and_then(|vm| vm.desc.memory.first().map(|r| r.pa));
+    let Some(pa) = vm_ram.or(machine.guest_ram.first().map(|r| r.base)) else {
+        fatal(format_args!("fault-read-guest-ram: no guest RAM"))
+    };
+    log::warn!("fault-read-guest-ram: reading guest RAM at {pa:#x}");
+    // SAFETY: deliberately unsound: this build exists to show that guest RAM is not
+    // mapped at EL2 outside the window, which ends the run with the EL2 fault report.
+    let v = unsafe { (pa as *const u64).read_volatile() };
+    fatal(format_args!(
+        "fault-read-guest-ram: the read of guest RAM did not fault ({v:#x})"
+    ));
 }
 
 /// One log line per stage-2 range of a new VM: what the guest can reach, and how.

@@ -53,8 +53,6 @@ impl fmt::Display for LayoutError {
     }
 }
 
-/// `x` rounded up to a page; `None` in the last page below 2^64, which has no page
-/// boundary above it.
 const fn align_up(x: u64) -> Option<u64> {
     x.checked_next_multiple_of(PAGE_SIZE)
 }
@@ -96,31 +94,37 @@ pub fn plan(image: PhysRange, ram: &[PhysRange], dtb: PhysRange) -> Result<HypMe
     })
 }
 
-/// The host RAM guests may have: every bank of `ram` less the hypervisor's own (from the
-/// start of the bank holding its image up to [`HYP_RAM_END`]), the device tree `dtb`
-/// and the [`STAGING`] range, in page-aligned ranges sorted by address.
-#[must_use]
-pub fn guest_ram(ram: &[PhysRange], hyp: &HypMemory, dtb: PhysRange) -> alloc::vec::Vec<PhysRange> {
+/// The hypervisor's own RAM as [`guest_ram`] and [`staging_ram`] leave it out: from the
+/// start of the bank holding its image up to [`HYP_RAM_END`] (or the end of its frame
+/// pool, if later).
+fn own_ram(ram: &[PhysRange], hyp: &HypMemory) -> (u64, u64) {
     let own_start = ram
         .iter()
         .find(|r| r.contains(&hyp.image))
         .map_or(hyp.image.base, |r| r.base);
-    let dtb_start = align_down(dtb.base);
-    // A device tree in the last page below 2^64 keeps everything above its start.
-    let dtb_end = align_up(dtb.end()).unwrap_or(u64::MAX);
-    let holes = [
-        (own_start, HYP_RAM_END.max(hyp.frames.end())),
-        (dtb_start, dtb_end),
-        (STAGING.base, STAGING.end()),
-    ];
+    (own_start, HYP_RAM_END.max(hyp.frames.end()))
+}
+
+/// The pages the device tree `dtb` occupies; one in the last page below 2^64 keeps
+/// everything above its start.
+fn dtb_hole(dtb: PhysRange) -> (u64, u64) {
+    (
+        align_down(dtb.base),
+        align_up(dtb.end()).unwrap_or(u64::MAX),
+    )
+}
+
+/// The page-aligned parts of `ranges` (`(start, end)` pairs) outside every one of
+/// `holes`, as ranges sorted by address.
+fn less(ranges: &[(u64, u64)], holes: &[(u64, u64)]) -> alloc::vec::Vec<PhysRange> {
     let mut out = alloc::vec::Vec::new();
-    for bank in ram {
-        // A bank starting in the last page below 2^64 holds no whole page.
-        let Some(start) = align_up(bank.base) else {
+    for &(start, end) in ranges {
+        // A range starting in the last page below 2^64 holds no whole page.
+        let Some(start) = align_up(start) else {
             continue;
         };
-        let mut pieces = alloc::vec![(start, align_down(bank.end()))];
-        for &(hs, he) in &holes {
+        let mut pieces = alloc::vec![(start, align_down(end))];
+        for &(hs, he) in holes {
             let mut next = alloc::vec::Vec::new();
             for (s, e) in pieces {
                 if he <= s || hs >= e {
@@ -145,6 +149,39 @@ pub fn guest_ram(ram: &[PhysRange], hyp: &HypMemory, dtb: PhysRange) -> alloc::v
     }
     out.sort_by_key(|r| r.base);
     out
+}
+
+/// The host RAM guests may have: every bank of `ram` less the hypervisor's own (from the
+/// start of the bank holding its image up to [`HYP_RAM_END`]), the device tree `dtb`
+/// and the [`STAGING`] range, in page-aligned ranges sorted by address.
+#[must_use]
+pub fn guest_ram(ram: &[PhysRange], hyp: &HypMemory, dtb: PhysRange) -> alloc::vec::Vec<PhysRange> {
+    let banks: alloc::vec::Vec<_> = ram.iter().map(|r| (r.base, r.end())).collect();
+    let holes = [
+        own_ram(ram, hyp),
+        dtb_hole(dtb),
+        (STAGING.base, STAGING.end()),
+    ];
+    less(&banks, &holes)
+}
+
+/// The part of the [`STAGING`] range that is RAM (inside a bank of `ram`), less the
+/// hypervisor's own RAM and the device tree `dtb`: what the hypervisor maps to read the
+/// staged images (and write the device trees it stages), in page-aligned ranges sorted by
+/// address. Never part of [`guest_ram`].
+#[must_use]
+pub fn staging_ram(
+    ram: &[PhysRange],
+    hyp: &HypMemory,
+    dtb: PhysRange,
+) -> alloc::vec::Vec<PhysRange> {
+    let parts: alloc::vec::Vec<_> = ram
+        .iter()
+        .filter(|r| r.overlaps(&STAGING))
+        .map(|r| (r.base.max(STAGING.base), r.end().min(STAGING.end())))
+        .collect();
+    let holes = [own_ram(ram, hyp), dtb_hole(dtb)];
+    less(&parts, &holes)
 }
 
 #[cfg(test)]
@@ -200,6 +237,44 @@ mod tests {
         assert_eq!(
             plan(top, &[top], PhysRange::default()),
             Err(LayoutError::TooSmall)
+        );
+    }
+
+
+    #[test]
+    fn staging_ram_is_the_staging_range_in_ram_and_never_guest_ram() {
+        let dtb = PhysRange::new(HYP_RAM_END, 0x1800);
+        let m = plan(IMAGE, &[RAM], dtb).unwrap();
+        assert_eq!(staging_ram(&[RAM], &m, dtb), [STAGING]);
+        // RAM that ends inside the staging range, or before it.
+        let short = PhysRange::new(RAM.base, 0x3800_0000);
+        assert_eq!(
+            staging_ram(&[short], &m, dtb),
+            [PhysRange::new(STAGING.base, 0x0800_0000)]
+        );
+        let small = PhysRange::new(RAM.base, 0x2000_0000);
+        assert!(staging_ram(&[small], &m, dtb).is_empty());
+        // Two banks around a hole in the middle of the staging range, and a DTB in it.
+        let banks = [
+            PhysRange::new(RAM.base, 0x3400_0000),
+            PhysRange::new(0x7800_0000, 0x1000_0000),
+        ];
+        let dtb = PhysRange::new(0x7900_0800, 0x1000);
+        let m = plan(IMAGE, &banks, dtb).unwrap();
+        let staging = staging_ram(&banks, &m, dtb);
+        assert_eq!(
+            staging,
+            [
+                PhysRange::new(0x7000_0000, 0x0400_0000),
+                PhysRange::new(0x7800_0000, 0x0100_0000),
+                PhysRange::new(0x7900_2000, 0x0700_0000 - 0x2000),
+            ]
+        );
+        let guest = guest_ram(&banks, &m, dtb);
+        assert!(guest.iter().all(|g| staging.iter().all(|s| !s.overlaps(g))));
+        assert_eq!(
+            guest.last(),
+            Some(&PhysRange::new(STAGING.end(), 0x0800_0000))
         );
     }
 

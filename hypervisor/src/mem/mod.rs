@@ -5,6 +5,7 @@ pub mod frames;
 pub mod layout;
 mod range;
 pub mod stage1;
+pub mod window;
 
 pub use range::PhysRange;
 

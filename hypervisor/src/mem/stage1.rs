@@ -10,7 +10,8 @@ use core::fmt;
 
 use boot::ImageLayout;
 
-use crate::mem::layout::HypMemory;
+use crate::mem::layout::{self, HypMemory};
+use crate::mem::window;
 use crate::mem::{PhysRange, PAGE_SIZE};
 
 /// Access permissions of a hypervisor mapping.
@@ -105,6 +106,35 @@ pub const VA_BITS: u8 = 39;
 /// endian. With WXN, any writable page is also execute-never, whatever its descriptor says.
 pub const SCTLR_EL2_MMU_ON: u64 =
     0x30c5_0830 | (1 << 0) | (1 << 2) | (1 << 3) | (1 << 12) | (1 << 19);
+
+/// `SCTLR_EL2.ATA` (bit 43, E2H = 0): allocation tag access at EL2 is not trapped
+/// (FEAT_MTE2; DDI 0487, "SCTLR_EL2"). Set on CPUs with FEAT_MTE2, so that the scrub of
+/// guest RAM can clear its tags; `TCF` (bits \[41:40\]) stays 0: EL2's own accesses are
+/// never tag checked.
+pub const SCTLR_EL2_ATA: u64 = 1 << 43;
+
+/// `SCTLR_EL2` with the MMU on: [`SCTLR_EL2_MMU_ON`], with [`SCTLR_EL2_ATA`] on a CPU
+/// with FEAT_MTE2 (`mte2`).
+#[must_use]
+pub const fn sctlr_el2(mte2: bool) -> u64 {
+    if mte2 {
+        SCTLR_EL2_MMU_ON | SCTLR_EL2_ATA
+    } else {
+        SCTLR_EL2_MMU_ON
+    }
+}
+
+/// `MAIR_EL2`: `mmu`'s value, whose attribute 4 ([`mmu::MemoryType::NormalTagged`]) is
+/// Tagged Normal memory (`0xF0`) on a CPU with FEAT_MTE2 (`mte2`) and plain write-back
+/// Normal memory elsewhere, where `0xF0` is not defined.
+#[must_use]
+pub const fn mair_el2(mte2: bool) -> u64 {
+    if mte2 {
+        mmu::MAIR_VALUE_TAGGED
+    } else {
+        mmu::MAIR_VALUE
+    }
+}
 
 /// The output address size for `TCR_EL2.PS` from `ID_AA64MMFR0_EL1.PARange` (bits
 /// \[3:0\]): 32, 36, 40, 42, 44 or 48 bits; larger ranges are used as 48 bits.
@@ -216,8 +246,8 @@ const fn page_range(base: u64, end: u64) -> PhysRange {
     PhysRange::from_to(base, end)
 }
 
-/// What the hypervisor maps besides its own memory: the device tree, all RAM, and the
-/// devices it drives.
+/// What the hypervisor maps besides its own memory: the device tree, the staging range
+/// (the part of it in RAM), and the devices it drives.
 #[derive(Clone, Copy, Debug)]
 pub struct Machine<'a> {
     /// Where the device tree lies.
@@ -229,8 +259,10 @@ pub struct Machine<'a> {
 }
 
 /// The hypervisor's mappings: its image by section, heap, page-table frames, the device
-/// tree, the RAM above the hypervisor (read-write, execute-never, for loading and
-/// scrubbing guest memory) and the devices it drives (UART, GIC).
+/// tree, the staging range (read-write, execute-never: the images it copies into VMs) and
+/// the devices it drives (UART, GIC). Nothing of the guest RAM pool
+/// ([`layout::guest_ram`]) is mapped; [`window_base`] places the window through which
+/// EL2 reaches it.
 ///
 /// # Errors
 ///
@@ -291,29 +323,11 @@ pub fn plan(
     add("pt-frames", mem.frames, Access::ReadWrite, Memory::Normal);
     let dtb = page_range(machine.dtb.base, machine.dtb.end());
     add("dtb", dtb, Access::ReadOnly, Memory::Normal);
-    // RAM outside the hypervisor's own memory and the device tree.
-    let own_end = mem.frames.end().max(mem.heap.end());
-    // (`add` leaves out the empty ranges `from_to` makes of inverted ones.)
-    for bank in machine.ram {
-        let mut start = bank.base.max(own_end);
-        if bank.end() <= start {
-            continue;
-        }
-        if dtb.overlaps(&PhysRange::from_to(start, bank.end())) {
-            add(
-                "ram",
-                PhysRange::from_to(start, dtb.base),
-                Access::ReadWrite,
-                Memory::Normal,
-            );
-            start = dtb.end();
-        }
-        add(
-            "ram",
-            PhysRange::from_to(start, bank.end()),
-            Access::ReadWrite,
-            Memory::Normal,
-        );
+    // Of the RAM above its own, the hypervisor maps only the staging range (read-write:
+    // it stages the device trees it generates there). Guest RAM is not mapped: EL2
+    // reaches it through the window (`crate::mem::window`), a chunk at a time.
+    for r in layout::staging_ram(machine.ram, mem, machine.dtb) {
+        add("staging", r, Access::ReadWrite, Memory::Normal);
     }
     for &(name, range) in machine.devices {
         add(
@@ -344,6 +358,19 @@ pub fn check(maps: &[Mapping]) -> Result<(), PlanError> {
         rest = later;
     }
     Ok(())
+}
+
+/// The start of the guest-RAM window's region ([`window::SPAN`] bytes, aligned): the
+/// highest such region of the [`VA_BITS`] address space that holds none of `maps` and
+/// no RAM of `ram` (so that no physical address of RAM, guest RAM included, is ever a
+/// valid EL2 virtual address outside the window). `None` if there is none.
+#[must_use]
+pub fn window_base(maps: &[Mapping], ram: &[PhysRange]) -> Option<u64> {
+    let regions = (1u64 << VA_BITS) / window::SPAN;
+    (0..regions).rev().map(|i| i.saturating_mul(window::SPAN)).find(|&base| {
+        let r = PhysRange::new(base, window::SPAN);
+        !maps.iter().any(|m| m.region.overlaps(&r)) && !ram.iter().any(|b| b.overlaps(&r))
+    })
 }
 
 #[cfg(test)]
@@ -421,31 +448,38 @@ mod tests {
     }
 
     #[test]
-    fn ram_around_the_dtb_is_split() {
+    fn only_staging_of_the_ram_above_the_hypervisor_is_mapped() {
         let p = platform_with_dtb_at(layout::HYP_RAM_END);
         let maps = plan(&image(), &mem(&p), &p).unwrap();
-        let ram: Vec<_> = maps
+        let above: Vec<_> = maps
             .iter()
-            .filter(|m| m.name == "ram")
-            .map(|m| m.region)
+            .filter(|m| m.region.base >= layout::HYP_RAM_END)
+            .map(|m| (m.name, m.region))
             .collect();
-        // QEMU puts the DTB at the start of the RAM above the hypervisor: one RAM range
-        // after it, up to the end of RAM.
-        assert_eq!(ram.len(), 1);
-        assert_eq!(ram[0].base, layout::HYP_RAM_END + 0x2000);
-        assert_eq!(ram[0].end(), 0x4000_0000 + (2 << 30));
-        let dtb_higher = platform_with_dtb_at(0x6000_0000);
-        let maps = plan(&image(), &mem(&dtb_higher), &dtb_higher).unwrap();
-        let ram: Vec<_> = maps
+        // The DTB QEMU puts right after the hypervisor's RAM, then the staging range;
+        // nothing else of the RAM up to its end at 3 GiB.
+        assert_eq!(
+            above,
+            [
+                ("dtb", PhysRange::new(layout::HYP_RAM_END, 0x2000)),
+                ("staging", layout::STAGING),
+            ]
+        );
+        let staging = maps.iter().find(|m| m.name == "staging").unwrap();
+        assert_eq!(staging.access, Access::ReadWrite);
+        // A DTB inside the staging range is cut out of it.
+        let in_staging = platform_with_dtb_at(0x7800_0000);
+        let maps = plan(&image(), &mem(&in_staging), &in_staging).unwrap();
+        let staging: Vec<_> = maps
             .iter()
-            .filter(|m| m.name == "ram")
+            .filter(|m| m.name == "staging")
             .map(|m| m.region)
             .collect();
         assert_eq!(
-            ram,
+            staging,
             [
-                PhysRange::new(layout::HYP_RAM_END, 0x6000_0000 - layout::HYP_RAM_END),
-                PhysRange::new(0x6000_2000, 0xc000_0000 - 0x6000_2000)
+                PhysRange::new(0x7000_0000, 0x0800_0000),
+                PhysRange::new(0x7800_2000, 0x0800_0000 - 0x2000)
             ]
         );
     }
@@ -494,18 +528,23 @@ mod tests {
         // Holes stay unmapped: below RAM and between the devices.
         assert!(table.translate(0x3000_0000).is_none());
         assert!(table.translate(0x0).is_none());
-        // The devices' GiB and the RAM's last GiB are execute-never as whole subtrees;
-        // the GiB holding the text is not.
+        // Guest RAM is not mapped (here: the RAM after the DTB up to staging, and
+        // everything after staging).
+        assert!(table.translate(layout::HYP_RAM_END + 0x2000).is_none());
+        assert!(table.translate(0x6fff_f000).is_none());
+        assert!(table.translate(0x8000_0000).is_none());
+        assert!(table.translate(0xbfff_f000).is_none());
+        assert_eq!(
+            table.translate(0x7000_0000).unwrap().attrs.perms,
+            Permissions::RW
+        );
+        // The devices' GiB is execute-never as a whole subtree; the GiB holding the
+        // text is not.
         use mmu::TableAttrs;
         assert_eq!(table.table_attrs(0x0900_0000), TableAttrs::NO_EXEC_EL2);
         assert_eq!(table.table_attrs(0x3000_0000), TableAttrs::NO_EXEC_EL2);
-        assert_eq!(table.table_attrs(0x8000_0000), TableAttrs::NO_EXEC_EL2);
-        assert_eq!(table.table_attrs(0xbfff_f000), TableAttrs::NO_EXEC_EL2);
         assert_eq!(table.table_attrs(0x4020_0040), TableAttrs::empty());
-        assert_eq!(
-            execute_never_regions(&maps),
-            [PhysRange::new(0, 1 << 30), PhysRange::new(2 << 30, 1 << 30)]
-        );
+        assert_eq!(execute_never_regions(&maps), [PhysRange::new(0, 1 << 30)]);
         // Later mappings there stay execute-never (the table attribute is held).
         assert_eq!(
             table
@@ -561,6 +600,20 @@ mod tests {
         assert_eq!(SCTLR_EL2_MMU_ON & 0b1101, 0b1101, "M, C, SA");
         assert_ne!(SCTLR_EL2_MMU_ON & (1 << 19), 0, "WXN");
         assert_eq!(SCTLR_EL2_MMU_ON & (1 << 25), 0, "little endian");
+        assert_eq!(sctlr_el2(false), SCTLR_EL2_MMU_ON);
+        assert_eq!(sctlr_el2(true) ^ SCTLR_EL2_MMU_ON, 1 << 43, "ATA only");
+        assert_eq!(
+            sctlr_el2(true) & (0b11 << 40),
+            0,
+            "TCF: no tag checks at EL2"
+        );
+        assert_eq!(
+            mair_el2(false) >> 32 & 0xff,
+            0xff,
+            "attr 4 untagged write-back"
+        );
+        assert_eq!(mair_el2(true) >> 32 & 0xff, 0xf0, "attr 4 Tagged Normal");
+        assert_eq!(mair_el2(true) & 0xffff_ffff, mair_el2(false) & 0xffff_ffff);
         assert_eq!(pa_bits(4), 44);
         assert_eq!(pa_bits(5), 48);
         assert_eq!(pa_bits(6), 48);
@@ -591,5 +644,121 @@ mod tests {
             m("b", 0x2000, Access::ReadWrite)
         ])
         .is_ok());
+    }
+
+    /// A RAM layout: a first bank at 1 GiB holding the image (at least 64 MiB), up to
+    /// three more banks above it (adjacent or not), and the DTB either where QEMU puts
+    /// it or anywhere in a bank clear of the hypervisor's image and heap.
+    fn ram_layout() -> impl proptest::strategy::Strategy<Value = (Vec<PhysRange>, PhysRange)> {
+        use proptest::prelude::*;
+        const GIB: u64 = 1 << 30;
+        let pages =
+            |lo: u64, hi: u64| (lo / PAGE_SIZE..=hi / PAGE_SIZE).prop_map(|p| p * PAGE_SIZE);
+        (
+            pages(64 << 20, 8 * GIB),
+            proptest::collection::vec((pages(0, 4 * GIB), pages(2 << 20, 4 * GIB)), 0..4),
+            any::<prop::sample::Index>(),
+            any::<u64>(),
+            any::<bool>(),
+        )
+            .prop_map(|(size0, more, bank, offset, at_qemu_place)| {
+                let mut ram = vec![PhysRange::new(0x4000_0000, size0)];
+                for (gap, size) in more {
+                    let base = ram.last().unwrap().end() + gap;
+                    ram.push(PhysRange::new(base, size));
+                }
+                let dtb_size = 0x1800;
+                let dtb = if at_qemu_place && size0 >= 256 << 20 {
+                    PhysRange::new(layout::HYP_RAM_END, dtb_size)
+                } else {
+                    let b = ram[bank.index(ram.len())];
+                    // Clear of the image and the heap in the first bank.
+                    let lo = if b.base == 0x4000_0000 {
+                        0x4200_0000
+                    } else {
+                        b.base
+                    };
+                    let span = b.end() - lo - 0x2000;
+                    PhysRange::new(lo + (offset % span) / 8 * 8, dtb_size)
+                };
+                (ram, dtb)
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// Whatever the RAM banks and wherever the DTB: the plan, and the table built
+        /// from it with the window installed, map nothing of the guest RAM pool, at
+        /// its physical address or any other; the window's region holds no RAM and no
+        /// other mapping; and every RAM page is guest RAM or the hypervisor's own.
+        #[test]
+        fn nothing_of_the_guest_ram_pool_is_mapped((ram, dtb) in ram_layout(), probe: u64) {
+            use mmu::testing::{HeapFrames, RecordingTlb};
+            use mmu::{El2, PageTable};
+            const DEVICES: &[(&str, PhysRange)] = &[("uart", PhysRange::new(0x0900_0000, 0x1000))];
+            let machine = Machine { dtb, ram: &ram, devices: DEVICES };
+            let img = image();
+            let hyp = mem(&machine);
+            let maps = plan(&img, &hyp, &machine).unwrap();
+            let pool = layout::guest_ram(&ram, &hyp, dtb);
+            for m in &maps {
+                for g in &pool {
+                    proptest::prop_assert!(!m.region.overlaps(g), "{m} maps guest RAM {g}");
+                }
+                if m.name == "staging" {
+                    proptest::prop_assert!(layout::STAGING.contains(&m.region));
+                    proptest::prop_assert!(ram.iter().any(|b| b.contains(&m.region)));
+                }
+            }
+            let base = window_base(&maps, &ram).unwrap();
+            let region = PhysRange::new(base, window::SPAN);
+            proptest::prop_assert!(maps.iter().all(|m| !m.region.overlaps(&region)));
+            proptest::prop_assert!(ram.iter().all(|b| !b.overlaps(&region)));
+
+            let mut table = PageTable::new(
+                El2::new(VA_BITS).with_pa_bits(40),
+                HeapFrames::new(),
+                RecordingTlb::new(),
+            )
+            .unwrap();
+            build(&mut table, &maps).unwrap();
+            let w = window::Window::new(base, boot::MAX_CPUS, &pool).unwrap();
+            w.install(&mut table, img.text_end).unwrap();
+            table
+                .walk(0, 1 << VA_BITS, |leaf| {
+                    let va = PhysRange::new(leaf.va, leaf.size);
+                    let out = PhysRange::new(leaf.output, leaf.size);
+                    for g in &pool {
+                        assert!(!va.overlaps(g) && !out.overlaps(g), "{leaf:?} and {g}");
+                    }
+                })
+                .unwrap();
+
+            // Not vacuous: a RAM page that is not mapped and not the hypervisor's own
+            // is in the pool.
+            let total: u64 = ram.iter().map(|b| b.size).sum();
+            let mut at = (probe % total) & !(PAGE_SIZE - 1);
+            let page = ram
+                .iter()
+                .find_map(|b| {
+                    if at < b.size {
+                        Some(PhysRange::new(b.base + at, PAGE_SIZE))
+                    } else {
+                        at -= b.size;
+                        None
+                    }
+                })
+                .unwrap();
+            let own = PhysRange::new(0x4000_0000, layout::HYP_RAM_END.max(hyp.frames.end()) - 0x4000_0000);
+            let dtb_pages = page_range(dtb.base, dtb.end());
+            if !maps.iter().any(|m| m.region.overlaps(&page))
+                && !own.overlaps(&page)
+                && !dtb_pages.overlaps(&page)
+                && !layout::STAGING.overlaps(&page)
+            {
+                proptest::prop_assert!(pool.iter().any(|g| g.contains(&page)), "{page} lost");
+            }
+        }
     }
 }

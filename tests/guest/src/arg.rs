@@ -33,3 +33,5 @@ pub const ARG_SGI_ATTACK: u64 = 1 << 13;
 /// Only the interrupt-latency measurement (`guest::latency`), which also runs on bare
 /// QEMU; the ELF entry point `bare_start` sets it.
 pub const ARG_LATENCY: u64 = 1 << 14;
+/// The MTE check: tags stored before a reset are gone after it (`guest::mte`).
+pub const ARG_MTE: u64 = 1 << 15;

@@ -21,8 +21,8 @@ static PROBE: AtomicU64 = AtomicU64::new(UNMAPPED_IPA);
 
 use crate::arg::{
     ARG_ABORT, ARG_BYSTANDER, ARG_HOSTILE, ARG_IRQ, ARG_IRQ_LISTEN, ARG_LATENCY, ARG_LINGER,
-    ARG_OFF_RESET, ARG_PMU, ARG_RACE, ARG_RESET, ARG_SECOND_VCPU, ARG_SGI_ATTACK, ARG_SHARING,
-    ARG_SPLIT_MERGE,
+    ARG_MTE, ARG_OFF_RESET, ARG_PMU, ARG_RACE, ARG_RESET, ARG_SECOND_VCPU, ARG_SGI_ATTACK,
+    ARG_SHARING, ARG_SPLIT_MERGE,
 };
 /// How long `ARG_LINGER` keeps the guest running.
 const LINGER_SECONDS: u64 = 3;
@@ -187,6 +187,7 @@ macro_rules! println {
 mod hostile;
 mod irq;
 mod latency;
+mod mte;
 mod pmu;
 mod sharing;
 mod split_merge;
@@ -259,12 +260,18 @@ unsafe impl FrameAllocator for StaticFrames {
 /// The guest's stage-1 table, live once the MMU is on.
 type Table = PageTable<El1, StaticFrames, ArmTlb>;
 
-/// `TTBR0_EL1`, `TCR_EL1`, `MAIR_EL1` of the tables vCPU 0 built (for vCPU 1).
-static MMU_REGS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+/// `TTBR0_EL1`, `TCR_EL1`, `MAIR_EL1` of the tables vCPU 0 built (for vCPU 1), and the
+/// bits `mmu_on` sets in `SCTLR_EL1` besides M, C and I.
+static MMU_REGS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 
-/// Builds the stage-1 tables: RAM, the UART, the probe page and, for the sharing
-/// scenario (`sharing`), the window where it retrieves another VM's pages.
-fn build_tables(sharing: bool, gic: bool) -> Result<Table, mmu::Error> {
+/// `SCTLR_EL1.ATA` (bit 43): allocation tag access at EL1 (FEAT_MTE2).
+const SCTLR_ATA: u64 = 1 << 43;
+
+/// Builds the stage-1 tables: RAM, the UART, the probe page, for the sharing scenario
+/// (`sharing`) the window where it retrieves another VM's pages, and for the MTE check
+/// (`mte`, on a CPU with FEAT_MTE2) the Tagged alias of two RAM pages (`mte::ALIAS`),
+/// with `MAIR_EL1` attribute 4 Tagged and tag access on.
+fn build_tables(sharing: bool, gic: bool, mte: bool) -> Result<Table, mmu::Error> {
     let regime = El1::new(1, 39);
     let mut pt = PageTable::new(regime, StaticFrames { next: 0 }, ArmTlb)?;
     let rwx = Permissions::RW | Permissions::EXEC_EL1;
@@ -298,9 +305,23 @@ fn build_tables(sharing: bool, gic: bool) -> Result<Table, mmu::Error> {
             MapFlags::empty(),
         )?;
     }
+    let mut mair = pt.mair_el1();
+    if mte && mte::has_mte2() {
+        for (i, pa) in mte::PAGES.into_iter().enumerate() {
+            pt.map(
+                mte::ALIAS + i as u64 * 4096,
+                pa,
+                4096,
+                Attributes::new(Permissions::RW, MemoryType::NormalTagged),
+                MapFlags::empty(),
+            )?;
+        }
+        mair = mmu::MAIR_VALUE_TAGGED;
+        MMU_REGS[3].store(SCTLR_ATA, Ordering::SeqCst);
+    }
     MMU_REGS[0].store(pt.ttbr0_el1(), Ordering::SeqCst);
     MMU_REGS[1].store(pt.tcr_el1(), Ordering::SeqCst);
-    MMU_REGS[2].store(pt.mair_el1(), Ordering::SeqCst);
+    MMU_REGS[2].store(mair, Ordering::SeqCst);
     Ok(pt)
 }
 
@@ -310,8 +331,10 @@ fn mmu_on() {
     let ttbr = MMU_REGS[0].load(Ordering::SeqCst);
     let tcr = MMU_REGS[1].load(Ordering::SeqCst);
     let mair = MMU_REGS[2].load(Ordering::SeqCst);
+    let extra = MMU_REGS[3].load(Ordering::SeqCst);
     // SAFETY: the tables identity-map all RAM the guest uses (code, data, stacks), so
-    // execution continues at the same addresses with the MMU on.
+    // execution continues at the same addresses with the MMU on; `extra` is 0 or
+    // SCTLR_EL1.ATA, set only with FEAT_MTE2.
     unsafe {
         asm!(
             "dsb ish",
@@ -326,8 +349,10 @@ fn mmu_on() {
             "orr {tmp}, {tmp}, #(1 << 0)",
             "orr {tmp}, {tmp}, #(1 << 2)",
             "orr {tmp}, {tmp}, #(1 << 12)",
+            "orr {tmp}, {tmp}, {extra}",
             "msr sctlr_el1, {tmp}",
             "isb",
+            extra = in(reg) extra,
             mair = in(reg) mair,
             tcr = in(reg) tcr,
             ttbr = in(reg) ttbr,
@@ -411,7 +436,7 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
     }
     // The tables live in static frames for the rest of the run (this never returns).
     let gic = arg & (ARG_IRQ | ARG_SGI_ATTACK | ARG_LATENCY) != 0;
-    let mut table = match build_tables(arg & ARG_SHARING != 0, gic) {
+    let mut table = match build_tables(arg & ARG_SHARING != 0, gic, arg & ARG_MTE != 0) {
         Ok(t) => t,
         Err(e) => {
             println!("FAIL stage-1 tables: {e:?}");
@@ -466,6 +491,7 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
     workaround_check();
     hypercall_timing();
     memory_check();
+    set_way_check();
     fp_check();
     tlb_check(&mut table);
 
@@ -501,6 +527,9 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
     }
     if arg & ARG_SGI_ATTACK != 0 {
         irq::attack();
+    }
+    if arg & ARG_MTE != 0 {
+        mte::mte_check();
     }
     done()
 }
@@ -549,6 +578,27 @@ fn memory_check() {
         "memory-rw",
         bad.is_none(),
         format_args!("mismatch at word {bad:?}"),
+    );
+}
+
+/// A clean and invalidate by set/way that starts a sweep (set 0, way 0, level 1) traps
+/// to EL2, which cleans and invalidates all of the VM's RAM by VA instead, reaching it
+/// through its guest-RAM window (`docs/cpu-state.md`, TSW); the guest resumes after the
+/// instruction with its RAM (the pattern [`memory_check`] wrote) unchanged.
+fn set_way_check() {
+    let p = (RAM.0 + 0x10_0000) as *const u64;
+    let expected = |i: usize| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    // SAFETY: a data-cache maintenance instruction: at EL1 under HCR_EL2.TSW it traps,
+    // and the hypervisor's emulation changes no memory contents.
+    unsafe { asm!("dc cisw, {}", in(reg) 0u64, options(nostack, preserves_flags)) };
+    let bad = [1usize, 2, 0x4000, 0x7fff].into_iter().find(|&i| {
+        // SAFETY: the words [`memory_check`] wrote, in RAM nothing else uses.
+        unsafe { p.add(i).read_volatile() != expected(i) }
+    });
+    check(
+        "set-way-clean",
+        bad.is_none(),
+        format_args!("word {bad:?} changed"),
     );
 }
 

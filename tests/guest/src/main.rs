@@ -33,6 +33,8 @@
 //!   vCPU 1 and to itself, one distributor read), with no hypervisor call, so that the
 //!   same image also runs on bare QEMU: there QEMU's ELF loader enters `out/test-guest.elf`
 //!   at its ELF entry point `bare_start`, which sets this bit.
+//! - bit 15: the MTE check (`guest::mte`, a CPU with FEAT_MTE2): allocation tags stored
+//!   on the first boot, then `SYSTEM_RESET`; after it the tags must be 0 again.
 //!
 //! It builds its own EL1&0 stage-1 tables with `mmu`, turns the MMU on, runs its checks,
 //! prints one `PASS name` or `FAIL name: detail` line per check and a final
