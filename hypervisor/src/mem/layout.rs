@@ -240,7 +240,6 @@ mod tests {
         );
     }
 
-
     #[test]
     fn staging_ram_is_the_staging_range_in_ram_and_never_guest_ram() {
         let dtb = PhysRange::new(HYP_RAM_END, 0x1800);

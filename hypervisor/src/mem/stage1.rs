@@ -367,10 +367,13 @@ pub fn check(maps: &[Mapping]) -> Result<(), PlanError> {
 #[must_use]
 pub fn window_base(maps: &[Mapping], ram: &[PhysRange]) -> Option<u64> {
     let regions = (1u64 << VA_BITS) / window::SPAN;
-    (0..regions).rev().map(|i| i.saturating_mul(window::SPAN)).find(|&base| {
-        let r = PhysRange::new(base, window::SPAN);
-        !maps.iter().any(|m| m.region.overlaps(&r)) && !ram.iter().any(|b| b.overlaps(&r))
-    })
+    (0..regions)
+        .rev()
+        .map(|i| i.saturating_mul(window::SPAN))
+        .find(|&base| {
+            let r = PhysRange::new(base, window::SPAN);
+            !maps.iter().any(|m| m.region.overlaps(&r)) && !ram.iter().any(|b| b.overlaps(&r))
+        })
 }
 
 #[cfg(test)]
