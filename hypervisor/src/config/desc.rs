@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use super::dtb::HostDt;
-use crate::mem::{PhysRange, PAGE_SIZE};
+use crate::mem::{PhysAddr, PhysRange, PAGE_SIZE};
 
 /// The `compatible` string of a VM node.
 pub const COMPATIBLE: &str = "twostage,vm";
@@ -471,10 +471,10 @@ fn parse_vm(
     // lines on.
     let gic = super::devices::gic_regions(host);
     for p in &passthrough {
-        let range = PhysRange::new(p.pa, p.size);
+        let range = PhysRange::new(PhysAddr::new(p.pa), p.size);
         if gic
             .iter()
-            .any(|g| range.overlaps(&PhysRange::new(g.base, g.size)))
+            .any(|g| range.overlaps(&PhysRange::new(PhysAddr::new(g.base), g.size)))
         {
             return Err(node.err(
                 "the GIC and its ITS are never assigned to a VM: EL2 owns interrupts, each VM \
@@ -492,7 +492,7 @@ fn parse_vm(
         if ranges
             .ram
             .iter()
-            .any(|r| r.overlaps(&PhysRange::new(p.pa, p.size)))
+            .any(|r| r.overlaps(&PhysRange::new(PhysAddr::new(p.pa), p.size)))
         {
             return Err(node.err("passthrough range covers host RAM"));
         }
@@ -517,7 +517,10 @@ fn parse_vm(
         if img.size == 0 || !memory.iter().any(|r| r.contains_ipa(img.ipa, img.size)) {
             return Err(node.err("image is empty or not inside one memory region"));
         }
-        if !ranges.staging.contains(&PhysRange::new(img.pa, img.size)) {
+        if !ranges
+            .staging
+            .contains(&PhysRange::new(PhysAddr::new(img.pa), img.size))
+        {
             return Err(node.err("image is not inside the staging area"));
         }
         if images
@@ -717,9 +720,9 @@ pub(crate) mod tests {
     pub(crate) fn parse_blob(blob: &[u8]) -> Option<Result<Vec<VmDesc>, DescError>> {
         let blob = Box::leak(blob.to_vec().into_boxed_slice());
         let ranges = HostRanges {
-            ram: &[PhysRange::new(0x4000_0000, 0x8000_0000)],
+            ram: &[PhysRange::new(PhysAddr::new(0x4000_0000), 0x8000_0000)],
             staging: crate::mem::layout::STAGING,
-            console: Some(PhysRange::new(0x0900_0000, 0x1000)),
+            console: Some(PhysRange::new(PhysAddr::new(0x0900_0000), 0x1000)),
         };
         HostDt::new(blob).ok().map(|dt| super::parse(&dt, &ranges))
     }

@@ -10,7 +10,7 @@ mod layout;
 use alloc::vec::Vec;
 
 use crate::config::{HostDt, Image, VmDesc};
-use crate::mem::PhysRange;
+use crate::mem::{PhysAddr, PhysRange};
 
 use guest_dt::{build_guest_dt, GuestDtConfig, GuestDtError};
 use layout::{plan, GuestLayoutError, DTB_AREA};
@@ -196,11 +196,11 @@ pub fn complete_desc(
         .flatten()
         .map(|i| i.pa.saturating_add(i.size))
         .max()
-        .unwrap_or(staging.base);
-    let pa = image::align_up(staged_end.max(staging.base), crate::mem::PAGE_SIZE)
+        .unwrap_or(staging.base.get());
+    let pa = image::align_up(staged_end.max(staging.base.get()), crate::mem::PAGE_SIZE)
         .ok_or(LinuxBootError::NoStagingRoom)?;
     let size = boot.dtb.len() as u64;
-    if !staging.contains(&PhysRange::new(pa, size)) {
+    if !staging.contains(&PhysRange::new(PhysAddr::new(pa), size)) {
         return Err(LinuxBootError::NoStagingRoom);
     }
     desc.entry = boot.entry;
@@ -321,7 +321,7 @@ mod tests {
 
     /// [`complete_in`] the 256 MiB from 0x7000_0000.
     fn complete(d: &mut VmDesc) -> Result<Option<(u64, Vec<u8>)>, LinuxBootError> {
-        complete_in(d, PhysRange::new(0x7000_0000, 256 * MIB))
+        complete_in(d, PhysRange::new(PhysAddr::new(0x7000_0000), 256 * MIB))
     }
 
     #[test]
@@ -365,7 +365,10 @@ mod tests {
         assert_eq!(complete(&mut d), Err(LinuxBootError::RamRegions));
         let mut d = linux_desc();
         assert_eq!(
-            complete_in(&mut d, PhysRange::new(0x7000_0000, 0x21c_4000)),
+            complete_in(
+                &mut d,
+                PhysRange::new(PhysAddr::new(0x7000_0000), 0x21c_4000)
+            ),
             Err(LinuxBootError::NoStagingRoom)
         );
         assert_eq!(d.dtb, None, "a refused description is unchanged");

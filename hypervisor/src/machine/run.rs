@@ -22,7 +22,7 @@ use super::{Machine, FRAMES};
 use crate::config;
 use crate::mem::frames::SharedFrames;
 use crate::mem::layout::{self, STAGING};
-use crate::mem::PhysRange;
+use crate::mem::{PhysAddr, PhysRange};
 use crate::vcpu::cpu_state::El2Controls;
 use crate::vcpu::irq::Taken;
 use crate::vcpu::schedule::{self, RunEnd, Start};
@@ -260,7 +260,7 @@ fn route_console_input(machine: &Machine) {
     };
     // SAFETY: the PL011 the device tree names, mapped by the stage 1 ("uart"); this value
     // only uses its receive registers (see `ConsoleInput`).
-    let uart = unsafe { Pl011::new(base.base as usize) };
+    let uart = unsafe { Pl011::new(base.base.get() as usize) };
     let input = CONSOLE_INPUT.call_once(|| ConsoleInput {
         intid,
         vm: vm.id,
@@ -393,7 +393,7 @@ pub fn run_vms(machine: &Machine) -> ! {
         .flatten()
         .map(|i| i.pa.saturating_add(i.size))
         .max()
-        .unwrap_or(STAGING.base);
+        .unwrap_or(STAGING.base.get());
     for mut desc in descs {
         let name = desc.name.clone();
         stage_linux_dtb(&mut desc, &machine.dt, &mut staged_end);
@@ -488,7 +488,7 @@ fn stage_linux_dtb(desc: &mut config::VmDesc, host: &config::HostDt<'_>, staged_
     // every image against it), which the hypervisor's stage 1 maps and QEMU filled before
     // any CPU ran; nothing writes it now.
     let head = unsafe { core::slice::from_raw_parts(kernel.pa as *const u8, head_len) };
-    let free = PhysRange::new(*staged_end, STAGING.end().saturating_sub(*staged_end));
+    let free = PhysRange::from_to(PhysAddr::new(*staged_end), STAGING.end());
     match crate::linux::complete_desc(desc, host, head, free) {
         Ok(None) => {}
         Ok(Some((pa, dtb))) => {

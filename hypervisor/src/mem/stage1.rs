@@ -11,7 +11,7 @@ use core::fmt;
 use boot::ImageLayout;
 
 use crate::mem::layout::HypMemory;
-use crate::mem::{PhysRange, PAGE_SIZE};
+use crate::mem::{PhysAddr, PhysRange, VirtAddr, PAGE_SIZE};
 
 /// Access permissions of a hypervisor mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,7 +87,9 @@ const STACK: u64 = boot::STACK_SIZE as u64;
 /// If `addr` lies in the unmapped guard page below a CPU's stack (the stacks start at
 /// `image.data_end`), that CPU's index: the fault was a stack overflow.
 #[must_use]
-pub fn stack_guard_owner(image: &ImageLayout, addr: u64) -> Option<usize> {
+pub fn stack_guard_owner(image: &ImageLayout, addr: VirtAddr) -> Option<usize> {
+    // The stage 1 is an identity map: the image's physical addresses are its virtual ones.
+    let addr = addr.get();
     if addr >= image.image_end {
         return None;
     }
@@ -149,11 +151,12 @@ pub fn build<A: mmu::FrameAllocator, T: mmu::TlbMaintenance>(
     table: &mut mmu::PageTable<mmu::El2, A, T>,
     maps: &[Mapping],
 ) -> Result<(), (Mapping, mmu::Error)> {
+    // The `mmu` boundary: identity, each mapping's VA is its PA.
     for m in maps {
         table
             .map(
-                m.region.base,
-                m.region.base,
+                m.region.base.get(),
+                m.region.base.get(),
                 m.region.size,
                 attributes(m),
                 mmu::MapFlags::WXN,
@@ -162,7 +165,7 @@ pub fn build<A: mmu::FrameAllocator, T: mmu::TlbMaintenance>(
     }
     for region in execute_never_regions(maps) {
         table
-            .set_table_attrs(region.base, region.size, mmu::TableAttrs::NO_EXEC_EL2)
+            .set_table_attrs(region.base.get(), region.size, mmu::TableAttrs::NO_EXEC_EL2)
             .map_err(|e| {
                 let m = Mapping {
                     name: "xn-table",
@@ -186,9 +189,9 @@ pub const XN_TABLE_SPAN: u64 = 1 << 30;
 pub fn execute_never_regions(maps: &[Mapping]) -> Vec<PhysRange> {
     let mut regions: Vec<u64> = Vec::new();
     for m in maps.iter().filter(|m| m.region.size > 0) {
-        let first = m.region.base / XN_TABLE_SPAN;
+        let first = m.region.base.get() / XN_TABLE_SPAN;
         // `size > 0`: the region's last byte is `end - 1`.
-        let last = m.region.end().saturating_sub(1) / XN_TABLE_SPAN;
+        let last = m.region.end().get().saturating_sub(1) / XN_TABLE_SPAN;
         regions.extend(first..=last);
     }
     regions.sort_unstable();
@@ -196,7 +199,12 @@ pub fn execute_never_regions(maps: &[Mapping]) -> Vec<PhysRange> {
     regions
         .into_iter()
         // `r` is an address divided by the span: the product is exact.
-        .map(|r| PhysRange::new(r.saturating_mul(XN_TABLE_SPAN), XN_TABLE_SPAN))
+        .map(|r| {
+            PhysRange::new(
+                PhysAddr::new(r.saturating_mul(XN_TABLE_SPAN)),
+                XN_TABLE_SPAN,
+            )
+        })
         .filter(|r| {
             !maps
                 .iter()
@@ -207,11 +215,11 @@ pub fn execute_never_regions(maps: &[Mapping]) -> Vec<PhysRange> {
 
 /// The whole pages covering `[base, end)`: its end rounded up to a page, or to the last
 /// page boundary below 2^64 for a range that reaches into the last page.
-const fn page_range(base: u64, end: u64) -> PhysRange {
-    let base = base & !(PAGE_SIZE - 1);
-    let end = match end.checked_next_multiple_of(PAGE_SIZE) {
+const fn page_range(base: PhysAddr, end: PhysAddr) -> PhysRange {
+    let base = base.align_down(PAGE_SIZE);
+    let end = match end.checked_align_up(PAGE_SIZE) {
         Some(end) => end,
-        None => !(PAGE_SIZE - 1),
+        None => PhysAddr::new(!(PAGE_SIZE - 1)),
     };
     PhysRange::from_to(base, end)
 }
@@ -241,6 +249,8 @@ pub fn plan(
     machine: &Machine<'_>,
 ) -> Result<Vec<Mapping>, PlanError> {
     let mut maps = Vec::new();
+    // `boot`'s image layout is raw linker addresses: physical ones.
+    let pa = PhysAddr::new;
     let mut add = |name, region: PhysRange, access, memory| {
         if region.size > 0 {
             maps.push(Mapping {
@@ -253,19 +263,19 @@ pub fn plan(
     };
     add(
         "text",
-        PhysRange::from_to(image.text_start, image.text_end),
+        PhysRange::from_to(pa(image.text_start), pa(image.text_end)),
         Access::ReadExecute,
         Memory::Normal,
     );
     add(
         "rodata",
-        PhysRange::from_to(image.text_end, image.rodata_end),
+        PhysRange::from_to(pa(image.text_end), pa(image.rodata_end)),
         Access::ReadOnly,
         Memory::Normal,
     );
     add(
         "data+bss",
-        PhysRange::from_to(image.rodata_end, image.data_end),
+        PhysRange::from_to(pa(image.rodata_end), pa(image.data_end)),
         Access::ReadWrite,
         Memory::Normal,
     );
@@ -281,7 +291,7 @@ pub fn plan(
         };
         add(
             "stack",
-            PhysRange::from_to(base.saturating_add(PAGE_SIZE), end),
+            PhysRange::from_to(pa(base.saturating_add(PAGE_SIZE)), pa(end)),
             Access::ReadWrite,
             Memory::Normal,
         );
@@ -335,7 +345,7 @@ pub fn plan(
 pub fn check(maps: &[Mapping]) -> Result<(), PlanError> {
     let mut rest = maps;
     while let Some((m, later)) = rest.split_first() {
-        if m.region.base % PAGE_SIZE != 0 || m.region.size % PAGE_SIZE != 0 {
+        if !m.region.base.is_aligned(PAGE_SIZE) || m.region.size % PAGE_SIZE != 0 {
             return Err(PlanError::Misaligned(m.name));
         }
         if let Some(o) = later.iter().find(|o| o.region.overlaps(&m.region)) {
@@ -350,6 +360,14 @@ pub fn check(maps: &[Mapping]) -> Result<(), PlanError> {
 mod tests {
     use super::*;
     use crate::mem::layout;
+
+    const fn pr(base: u64, size: u64) -> PhysRange {
+        PhysRange::new(PhysAddr::new(base), size)
+    }
+
+    fn guard(image: &ImageLayout, addr: u64) -> Option<usize> {
+        stack_guard_owner(image, VirtAddr::new(addr))
+    }
 
     /// Size of QEMU's device tree for `virt` with 4 CPUs.
     const SMP4: &[u8] = include_bytes!("../../tests/fixtures/virt-gicv3-a57-smp4-2g.dtb");
@@ -366,14 +384,14 @@ mod tests {
 
     /// QEMU's RAM (2 GiB at 0x4000_0000), UART and GICv3, with the device tree at `base`.
     fn platform_with_dtb_at(base: u64) -> Machine<'static> {
-        const RAM: &[PhysRange] = &[PhysRange::new(0x4000_0000, 2 << 30)];
+        const RAM: &[PhysRange] = &[pr(0x4000_0000, 2 << 30)];
         const DEVICES: &[(&str, PhysRange)] = &[
-            ("uart", PhysRange::new(0x0900_0000, 0x1000)),
-            ("gicd", PhysRange::new(0x0800_0000, 0x1_0000)),
-            ("gicr", PhysRange::new(0x080a_0000, 0xf6_0000)),
+            ("uart", pr(0x0900_0000, 0x1000)),
+            ("gicd", pr(0x0800_0000, 0x1_0000)),
+            ("gicr", pr(0x080a_0000, 0xf6_0000)),
         ];
         Machine {
-            dtb: PhysRange::new(base, SMP4.len() as u64),
+            dtb: pr(base, SMP4.len() as u64),
             ram: RAM,
             devices: DEVICES,
         }
@@ -382,7 +400,7 @@ mod tests {
     fn mem(p: &Machine<'_>) -> HypMemory {
         let img = image();
         layout::plan(
-            PhysRange::new(img.text_start, img.image_end - img.text_start),
+            pr(img.text_start, img.image_end - img.text_start),
             p.ram,
             p.dtb,
         )
@@ -391,26 +409,23 @@ mod tests {
 
     #[test]
     fn sections_get_their_permissions() {
-        let p = platform_with_dtb_at(layout::HYP_RAM_END);
+        let p = platform_with_dtb_at(layout::HYP_RAM_END.get());
         let maps = plan(&image(), &mem(&p), &p).unwrap();
         let find = |name| maps.iter().find(|m| m.name == name).copied().unwrap();
         assert_eq!(find("text").access, Access::ReadExecute);
-        assert_eq!(find("text").region, PhysRange::new(0x4020_0000, 0x13000));
+        assert_eq!(find("text").region, pr(0x4020_0000, 0x13000));
         assert_eq!(find("rodata").access, Access::ReadOnly);
         assert_eq!(find("data+bss").access, Access::ReadWrite);
         let stacks: Vec<_> = maps.iter().filter(|m| m.name == "stack").collect();
         assert_eq!(stacks.len(), boot::MAX_CPUS);
         // Each stack leaves its lowest page unmapped.
-        assert_eq!(
-            stacks[0].region,
-            PhysRange::new(0x4022_1000, STACK - PAGE_SIZE)
-        );
-        assert_eq!(stacks[1].region.base, 0x4022_0000 + STACK + PAGE_SIZE);
+        assert_eq!(stacks[0].region, pr(0x4022_1000, STACK - PAGE_SIZE));
+        assert_eq!(stacks[1].region.base.get(), 0x4022_0000 + STACK + PAGE_SIZE);
         assert!(stacks.iter().all(|m| m.access == Access::ReadWrite));
         assert_eq!(find("dtb").access, Access::ReadOnly);
         assert_eq!(find("uart").memory, Memory::Device);
         assert_eq!(find("gicd").memory, Memory::Device);
-        assert_eq!(find("gicr").region, PhysRange::new(0x080a_0000, 0xf6_0000));
+        assert_eq!(find("gicr").region, pr(0x080a_0000, 0xf6_0000));
         // Exactly one executable mapping, and it is the text.
         let exec: Vec<_> = maps
             .iter()
@@ -422,7 +437,7 @@ mod tests {
 
     #[test]
     fn ram_around_the_dtb_is_split() {
-        let p = platform_with_dtb_at(layout::HYP_RAM_END);
+        let p = platform_with_dtb_at(layout::HYP_RAM_END.get());
         let maps = plan(&image(), &mem(&p), &p).unwrap();
         let ram: Vec<_> = maps
             .iter()
@@ -432,8 +447,8 @@ mod tests {
         // QEMU puts the DTB at the start of the RAM above the hypervisor: one RAM range
         // after it, up to the end of RAM.
         assert_eq!(ram.len(), 1);
-        assert_eq!(ram[0].base, layout::HYP_RAM_END + 0x2000);
-        assert_eq!(ram[0].end(), 0x4000_0000 + (2 << 30));
+        assert_eq!(ram[0].base.get(), layout::HYP_RAM_END.get() + 0x2000);
+        assert_eq!(ram[0].end().get(), 0x4000_0000 + (2 << 30));
         let dtb_higher = platform_with_dtb_at(0x6000_0000);
         let maps = plan(&image(), &mem(&dtb_higher), &dtb_higher).unwrap();
         let ram: Vec<_> = maps
@@ -444,8 +459,11 @@ mod tests {
         assert_eq!(
             ram,
             [
-                PhysRange::new(layout::HYP_RAM_END, 0x6000_0000 - layout::HYP_RAM_END),
-                PhysRange::new(0x6000_2000, 0xc000_0000 - 0x6000_2000)
+                pr(
+                    layout::HYP_RAM_END.get(),
+                    0x6000_0000 - layout::HYP_RAM_END.get()
+                ),
+                pr(0x6000_2000, 0xc000_0000 - 0x6000_2000)
             ]
         );
     }
@@ -454,7 +472,7 @@ mod tests {
     fn built_table_enforces_the_policy() {
         use mmu::testing::{HeapFrames, RecordingTlb};
         use mmu::{El2, MemoryType, PageTable, Permissions};
-        let p = platform_with_dtb_at(layout::HYP_RAM_END);
+        let p = platform_with_dtb_at(layout::HYP_RAM_END.get());
         let maps = plan(&image(), &mem(&p), &p).unwrap();
         let mut table = PageTable::new(
             El2::new(VA_BITS).with_pa_bits(44),
@@ -504,7 +522,7 @@ mod tests {
         assert_eq!(table.table_attrs(0x4020_0040), TableAttrs::empty());
         assert_eq!(
             execute_never_regions(&maps),
-            [PhysRange::new(0, 1 << 30), PhysRange::new(2 << 30, 1 << 30)]
+            [pr(0, 1 << 30), pr(2 << 30, 1 << 30)]
         );
         // Later mappings there stay execute-never (the table attribute is held).
         assert_eq!(
@@ -518,42 +536,34 @@ mod tests {
     #[test]
     fn guard_pages() {
         let img = image();
-        assert_eq!(stack_guard_owner(&img, 0x4022_0000), Some(0));
-        assert_eq!(stack_guard_owner(&img, 0x4022_0fff), Some(0));
-        assert_eq!(
-            stack_guard_owner(&img, 0x4022_1000),
-            None,
-            "cpu0's stack proper"
-        );
-        assert_eq!(
-            stack_guard_owner(&img, 0x4022_0000 + 3 * STACK + 8),
-            Some(3)
-        );
-        assert_eq!(stack_guard_owner(&img, 0x4021_ffff), None, "data");
-        assert_eq!(
-            stack_guard_owner(&img, img.image_end),
-            None,
-            "past the stacks"
-        );
+        assert_eq!(guard(&img, 0x4022_0000), Some(0));
+        assert_eq!(guard(&img, 0x4022_0fff), Some(0));
+        assert_eq!(guard(&img, 0x4022_1000), None, "cpu0's stack proper");
+        assert_eq!(guard(&img, 0x4022_0000 + 3 * STACK + 8), Some(3));
+        assert_eq!(guard(&img, 0x4021_ffff), None, "data");
+        assert_eq!(guard(&img, img.image_end), None, "past the stacks");
     }
 
     #[test]
     fn page_ranges_round_outwards_and_stop_below_2_64() {
         assert_eq!(
-            page_range(0x4000_1234, 0x4000_5678),
-            PhysRange::new(0x4000_1000, 0x5000)
+            page_range(PhysAddr::new(0x4000_1234), PhysAddr::new(0x4000_5678)),
+            pr(0x4000_1000, 0x5000)
         );
         assert_eq!(
-            page_range(0x4000_0000, 0x4000_1000),
-            PhysRange::new(0x4000_0000, 0x1000)
+            page_range(PhysAddr::new(0x4000_0000), PhysAddr::new(0x4000_1000)),
+            pr(0x4000_0000, 0x1000)
         );
         // A range reaching into the last page below 2^64 (a device tree or device at
         // an address no PA size has) ends at the last page boundary, without wrapping.
         assert_eq!(
-            page_range(u64::MAX - 0x1800, u64::MAX),
-            PhysRange::new(0xffff_ffff_ffff_e000, 0x1000)
+            page_range(PhysAddr::new(u64::MAX - 0x1800), PhysAddr::new(u64::MAX)),
+            pr(0xffff_ffff_ffff_e000, 0x1000)
         );
-        assert_eq!(page_range(u64::MAX - 0x10, u64::MAX).size, 0);
+        assert_eq!(
+            page_range(PhysAddr::new(u64::MAX - 0x10), PhysAddr::new(u64::MAX)).size,
+            0
+        );
     }
 
     #[test]
@@ -571,7 +581,7 @@ mod tests {
     fn policy_violations_are_reported() {
         let m = |name, base, access| Mapping {
             name,
-            region: PhysRange::new(base, PAGE_SIZE),
+            region: pr(base, PAGE_SIZE),
             access,
             memory: Memory::Normal,
         };

@@ -19,7 +19,7 @@ use super::vuart::VUart;
 use super::{S2Kind, Vm, VmState, VmStatus};
 use crate::config::{GuestRegion, Stage2Mappings, VmDesc};
 use crate::console::limit::VmConsole;
-use crate::mem::PhysRange;
+use crate::mem::{PhysAddr, PhysRange};
 use crate::Lock;
 
 /// Host physical memory as the manager scrubs and fills guest RAM: used without the
@@ -219,7 +219,7 @@ impl<P: Backend> VmManager<P> {
             for r in &desc.memory {
                 inner
                     .pool
-                    .claim(r.pa, r.size)
+                    .claim(PhysRange::new(PhysAddr::new(r.pa), r.size))
                     .map_err(|e| VmError::Ram(*r, e))?;
                 claimed = claimed.saturating_add(1);
                 s2.map(r.ipa, r.pa, r.size, S2Kind::Ram)
@@ -243,7 +243,9 @@ impl<P: Backend> VmManager<P> {
             // Nothing was written to the claimed pages yet (the scrub comes after):
             // they go back as they were, and whoever claims them next scrubs them.
             for r in desc.memory.iter().take(claimed) {
-                let _ = inner.pool.release(r.pa, r.size);
+                let _ = inner
+                    .pool
+                    .release(PhysRange::new(PhysAddr::new(r.pa), r.size));
             }
             inner.platform.free_stage2(s2);
             let _ = inner.vmids.release(vmid, &mut inner.platform);
@@ -363,7 +365,9 @@ impl<P: Backend> VmManager<P> {
             let mut inner = self.inner.lock();
             let inner = &mut *inner;
             for r in &vm.desc.memory {
-                let _ = inner.pool.release(r.pa, r.size);
+                let _ = inner
+                    .pool
+                    .release(PhysRange::new(PhysAddr::new(r.pa), r.size));
             }
             // The flush runs before the VMID can be handed out again.
             let _ = inner.vmids.release(vm.vmid, &mut inner.platform);

@@ -6,7 +6,7 @@ use super::vmid::{Vmid, VmidBits, VmidFlush};
 use super::*;
 use crate::config::{tests as dt, GuestRegion, Stage2Mappings};
 use crate::mem::frames::{FramePool, SharedFrames};
-use crate::mem::PhysRange;
+use crate::mem::{PhysAddr, PhysRange};
 use alloc::sync::Arc;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -268,7 +268,7 @@ impl Backend for MmuFake {
 }
 
 /// The guest RAM of the test managers: 4 MiB.
-pub(crate) const GUEST_RAM: PhysRange = PhysRange::new(0x5000_0000, 0x40_0000);
+pub(crate) const GUEST_RAM: PhysRange = PhysRange::new(PhysAddr::new(0x5000_0000), 0x40_0000);
 
 pub(crate) fn desc(pa: u64, cpu: u32) -> VmDesc {
     let blob = dt::dtb(&[("vm", dt::vm_props(pa, cpu))]);
@@ -425,7 +425,7 @@ fn machine_frames(count: usize) -> SharedFrames {
     // SAFETY: the layout has a non-zero size.
     let base = unsafe { std::alloc::alloc_zeroed(layout) };
     assert!(!base.is_null(), "out of host memory");
-    let pool = FramePool::new(PhysRange::new(base as u64, bytes as u64));
+    let pool = FramePool::new(PhysRange::new(PhysAddr::new(base as u64), bytes as u64));
     // SAFETY: the pool's frames are leaked heap memory that nothing else uses, readable and
     // writable at their own address.
     unsafe { SharedFrames::new(Box::leak(Box::new(spin::Mutex::new(pool)))) }
