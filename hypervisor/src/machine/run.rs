@@ -72,17 +72,17 @@ impl VmidFlush for MachineBackend {
 struct MachineMemory;
 
 impl GuestMemory for MachineMemory {
-    fn zero(&self, pa: u64, len: u64) {
+    fn zero(&self, pa: PhysAddr, len: u64) {
         // SAFETY: the manager only passes guest RAM it has claimed (checked against
         // its pool of guest RAM), which the hypervisor's stage 1 maps read/write, and that no vCPU can
         // reach at the time (`GuestMemory`).
-        unsafe { boot::zero_and_clean(pa, len) };
+        unsafe { boot::zero_and_clean(pa.get(), len) };
     }
 
-    fn copy(&self, dst: u64, src: u64, len: u64) {
+    fn copy(&self, dst: PhysAddr, src: PhysAddr, len: u64) {
         // SAFETY: `src` is in the staging range and `dst` in the VM's RAM (checked by the
         // manager); both are mapped, and they do not overlap.
-        unsafe { boot::copy_and_clean(dst, src, len) };
+        unsafe { boot::copy_and_clean(dst.get(), src.get(), len) };
     }
 }
 
@@ -199,10 +199,10 @@ impl GuestEl1 for MachineHost {
         regs::inject_serror(vsesr.filter(|_| self.has_ras()));
     }
 
-    fn clean_invalidate(&mut self, pa: u64, len: u64) {
+    fn clean_invalidate(&mut self, pa: PhysAddr, len: u64) {
         // `[pa, pa + len)` is RAM of the running VM (from its description, inside its pool
         // of guest RAM), which the hypervisor's stage 1 maps as normal memory.
-        boot::clean_invalidate_dcache_range(pa, len);
+        boot::clean_invalidate_dcache_range(pa.get(), len);
     }
 }
 
@@ -391,9 +391,9 @@ pub fn run_vms(machine: &Machine) -> ! {
         .iter()
         .flat_map(|d| [Some(d.kernel), d.initrd, d.dtb])
         .flatten()
-        .map(|i| i.pa.saturating_add(i.size))
+        .map(|i| i.pa_range().end())
         .max()
-        .unwrap_or(STAGING.base.get());
+        .unwrap_or(STAGING.base);
     for mut desc in descs {
         let name = desc.name.clone();
         stage_linux_dtb(&mut desc, &machine.dt, &mut staged_end);
@@ -481,21 +481,25 @@ fn log_stage2_layout(desc: &config::VmDesc) {
 
 /// For a VM that boots Linux (`bootargs` and no `dtb`), builds its DTB and stages it after
 /// its images (`crate::linux::complete_desc`); stops the run if the VM cannot boot.
-fn stage_linux_dtb(desc: &mut config::VmDesc, host: &config::HostDt<'_>, staged_end: &mut u64) {
+fn stage_linux_dtb(
+    desc: &mut config::VmDesc,
+    host: &config::HostDt<'_>,
+    staged_end: &mut PhysAddr,
+) {
     let kernel = desc.kernel;
     let head_len = kernel.size.min(crate::linux::image::HEADER_LEN as u64) as usize;
     // SAFETY: the kernel's staged bytes lie in the staging range (`config::parse` checked
     // every image against it), which the hypervisor's stage 1 maps and QEMU filled before
     // any CPU ran; nothing writes it now.
-    let head = unsafe { core::slice::from_raw_parts(kernel.pa as *const u8, head_len) };
-    let free = PhysRange::from_to(PhysAddr::new(*staged_end), STAGING.end());
+    let head = unsafe { core::slice::from_raw_parts(kernel.pa.get() as *const u8, head_len) };
+    let free = PhysRange::from_to(*staged_end, STAGING.end());
     match crate::linux::complete_desc(desc, host, head, free) {
         Ok(None) => {}
         Ok(Some((pa, dtb))) => {
             // SAFETY: complete_desc placed `[pa, pa + len)` inside the staging range, after
             // every staged image of this VM; the range is mapped read/write and no CPU
             // runs a guest yet.
-            unsafe { core::ptr::copy_nonoverlapping(dtb.as_ptr(), pa as *mut u8, dtb.len()) };
+            unsafe { core::ptr::copy_nonoverlapping(dtb.as_ptr(), pa.get() as *mut u8, dtb.len()) };
             // Inside the staging range (see above): the sum is exact.
             *staged_end = pa.saturating_add(dtb.len() as u64);
             log::info!(
