@@ -508,7 +508,8 @@ fn stage_linux_dtb(
                 desc.entry,
                 dtb.len(),
                 desc.boot_x0(),
-                desc.initrd.map(|i| (i.ipa, i.ipa.saturating_add(i.size)))
+                desc.initrd
+                    .map(|i| (i.ipa.get(), i.ipa_range().end().get()))
             );
         }
         Err(e) => fatal(format_args!("VM {}: cannot boot Linux: {e}", desc.name)),
