@@ -15,7 +15,7 @@
 use hypervisor::config::{self, Hardware, HostDt, HostRanges, VmDesc};
 use hypervisor::linux;
 use hypervisor::mem::layout::STAGING;
-use hypervisor::mem::{PhysRange, PAGE_SIZE};
+use hypervisor::mem::{PhysAddr, PhysRange, PAGE_SIZE};
 
 use crate::input::Bytes;
 
@@ -101,12 +101,12 @@ pub fn check_tree(blob: &mut [u8]) {
             check_hardware(&hw);
             hw.memory().to_vec()
         }
-        Err(_) => vec![PhysRange::new(0x4000_0000, 0x8000_0000)],
+        Err(_) => vec![PhysRange::new(PhysAddr::new(0x4000_0000), 0x8000_0000)],
     };
     let ranges = HostRanges {
         ram: &ram,
         staging: STAGING,
-        console: Some(PhysRange::new(0x0900_0000, 0x1000)),
+        console: Some(PhysRange::new(PhysAddr::new(0x0900_0000), 0x1000)),
     };
     let Ok(mut vms) = config::parse(&dt, &ranges) else {
         return;
@@ -142,7 +142,7 @@ pub fn check_tree(blob: &mut [u8]) {
 fn check_hardware(hw: &Hardware) {
     for r in hw.memory() {
         assert!(
-            r.size > 0 && r.base.checked_add(r.size).is_some(),
+            r.size > 0 && r.base.get().checked_add(r.size).is_some(),
             "RAM range {r:?}"
         );
     }
@@ -161,43 +161,46 @@ fn check_descs(vms: &[VmDesc], ranges: &HostRanges<'_>) {
         assert!(!vm.cpus.is_empty(), "{name}: no CPU");
         assert!(!vm.memory.is_empty(), "{name}: no RAM");
         let aligned = |v: u64| v.is_multiple_of(PAGE_SIZE);
+        // The oracle's own arithmetic on raw values, independent of the ranges the
+        // checks under test use.
         for (j, r) in vm.memory.iter().enumerate() {
+            let (r_ipa, r_pa) = (r.ipa.get(), r.pa.get());
             assert!(
-                r.size > 0 && aligned(r.ipa | r.pa | r.size),
+                r.size > 0 && aligned(r_ipa | r_pa | r.size),
                 "{name}: RAM {r:?}"
             );
-            assert!(r.ipa.checked_add(r.size).is_some() && r.pa.checked_add(r.size).is_some());
+            assert!(r_ipa.checked_add(r.size).is_some() && r_pa.checked_add(r.size).is_some());
             for o in &vm.memory[j + 1..] {
                 assert!(
-                    !overlaps(r.ipa, r.size, o.ipa, o.size),
+                    !overlaps(r_ipa, r.size, o.ipa.get(), o.size),
                     "{name}: RAM IPAs overlap"
                 );
                 assert!(
-                    !overlaps(r.pa, r.size, o.pa, o.size),
+                    !overlaps(r_pa, r.size, o.pa.get(), o.size),
                     "{name}: RAM PAs overlap"
                 );
             }
             for o in vms[i + 1..].iter().flat_map(|v| &v.memory) {
                 assert!(
-                    !overlaps(r.pa, r.size, o.pa, o.size),
+                    !overlaps(r_pa, r.size, o.pa.get(), o.size),
                     "{name}: RAM of two VMs"
                 );
             }
         }
         for p in &vm.passthrough {
             assert!(
-                p.size > 0 && aligned(p.ipa | p.pa | p.size),
+                p.size > 0 && aligned(p.ipa.get() | p.pa.get() | p.size),
                 "{name}: pass-through {p:?}"
             );
             for r in &vm.memory {
                 assert!(
-                    !overlaps(p.ipa, p.size, r.ipa, r.size),
+                    !overlaps(p.ipa.get(), p.size, r.ipa.get(), r.size),
                     "{name}: device over RAM"
                 );
             }
             for h in ranges.ram {
                 assert!(
-                    !overlaps(p.pa, p.size, h.base, h.size),
+                    !overlaps(p.pa.get(), p.size, h.base.get(), h.size),
                     "{name}: device over host RAM"
                 );
             }
@@ -208,7 +211,7 @@ fn check_descs(vms: &[VmDesc], ranges: &HostRanges<'_>) {
                 "{name}: image outside RAM"
             );
             assert!(
-                ranges.staging.contains(&PhysRange::new(img.pa, img.size)),
+                ranges.staging.contains(&img.pa_range()),
                 "{name}: image outside staging"
             );
         }
@@ -217,10 +220,11 @@ fn check_descs(vms: &[VmDesc], ranges: &HostRanges<'_>) {
             "{name}: entry outside RAM"
         );
         if let Some(u) = vm.vuart {
+            let u = u.get();
             assert!(aligned(u), "{name}: vuart {u:#x}");
             for r in &vm.memory {
                 assert!(
-                    !overlaps(u, PAGE_SIZE, r.ipa, r.size),
+                    !overlaps(u, PAGE_SIZE, r.ipa.get(), r.size),
                     "{name}: vuart over RAM"
                 );
             }

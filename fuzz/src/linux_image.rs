@@ -14,6 +14,7 @@
 use hypervisor::config::HostDt;
 use hypervisor::linux::image::{place_kernel, ImageHeader, KernelKind, IMAGE_BASE_ALIGN};
 use hypervisor::linux::{self, LinuxGuest};
+use hypervisor::mem::{Ipa, IpaRange};
 
 use crate::config_dtb::FIXTURES;
 use crate::input::{pick, Bytes};
@@ -142,17 +143,17 @@ pub fn run(data: &[u8]) {
         _ => {}
     }
     let guest = LinuxGuest {
-        ram_base,
+        ram_base: Ipa::new(ram_base),
         ram_size,
         cpus: &cpus,
         kernel_head: &kernel_head,
         kernel_len,
-        kernel_ipa,
-        initrd,
+        kernel_ipa: Ipa::new(kernel_ipa),
+        initrd: initrd.map(|(start, len)| IpaRange::new(Ipa::new(start), len)),
         bootargs: &bootargs,
         devices: &devices,
         gic: hypervisor::config::GicIpa::QEMU_VIRT,
-        vuart: odd_path.is_multiple_of(2).then_some(0x0900_0000),
+        vuart: odd_path.is_multiple_of(2).then_some(Ipa::new(0x0900_0000)),
     };
     if let Ok(boot) = linux::prepare(&host, &guest) {
         check_boot(&guest, &boot);
@@ -200,34 +201,34 @@ fn check_placement(head: &[u8], len: u64, ram_base: u64, ram_size: u64) {
 }
 
 fn check_boot(guest: &LinuxGuest<'_>, boot: &linux::LinuxBoot) {
-    let ram_end = guest.ram_base + guest.ram_size;
+    // The oracle's own arithmetic, on raw IPAs.
+    let ram_base = guest.ram_base.get();
+    let dtb_ipa = boot.dtb_ipa.get();
+    let ram_end = ram_base + guest.ram_size;
     assert_eq!(boot.entry, guest.kernel_ipa, "entry at the kernel");
     let Ok(p) = place_kernel(
         guest.kernel_head,
         guest.kernel_len,
-        guest.ram_base,
+        ram_base,
         guest.ram_size,
     ) else {
         panic!("a prepared boot has a placed kernel");
     };
-    assert!(boot.dtb_ipa >= p.end, "the DTB area overlaps the kernel");
-    assert!(
-        boot.dtb_ipa + DTB_AREA <= ram_end,
-        "the DTB area leaves RAM"
-    );
+    assert!(dtb_ipa >= p.end, "the DTB area overlaps the kernel");
+    assert!(dtb_ipa + DTB_AREA <= ram_end, "the DTB area leaves RAM");
     assert!(
         boot.dtb.len() as u64 <= DTB_AREA,
         "the DTB is larger than its area"
     );
-    if let Some((start, len)) = guest.initrd {
+    if let Some((start, len)) = guest.initrd.map(|r| (r.base.get(), r.size)) {
         let end = start + len;
         assert!(
-            start >= guest.ram_base && end <= ram_end && len > 0,
+            start >= ram_base && end <= ram_end && len > 0,
             "initrd outside RAM"
         );
         assert!(end <= p.load || start >= p.end, "initrd over the kernel");
         assert!(
-            end <= boot.dtb_ipa || start >= boot.dtb_ipa + DTB_AREA,
+            end <= dtb_ipa || start >= dtb_ipa + DTB_AREA,
             "initrd over the DTB"
         );
     }

@@ -213,7 +213,7 @@ fn created(w: &World<'_>, slot: usize, cpus: &mut [Cpu]) {
         if s == slot {
             cpus[k] = if index == 0 {
                 vm.enter();
-                start(vm.desc.entry, vm.desc.boot_x0())
+                start(vm.desc.entry.get(), vm.desc.boot_x0())
             } else {
                 None
             };

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 
 use hypervisor::config::{self, HostDt, HostRanges, Stage2Mappings, VmDesc};
 use hypervisor::mem::layout::{GUEST_RAM_BASE, STAGING};
-use hypervisor::mem::{PhysRange, PAGE_SIZE};
+use hypervisor::mem::{Ipa, IpaRange, PhysAddr, PhysRange, PAGE_SIZE};
 use hypervisor::vm::vmid::{Vmid, VmidBits, VmidFlush};
 use hypervisor::vm::{MmuStage2, S2Kind, Stage2Table, Vm, VmManager, IPA_BITS};
 use mmu::testing::HeapFrames;
@@ -31,9 +31,9 @@ impl VmidFlush for Machine<'_> {
 pub struct NoMemory;
 
 impl hypervisor::vm::GuestMemory for NoMemory {
-    fn zero(&self, _pa: u64, _len: u64) {}
+    fn zero(&self, _pa: PhysAddr, _len: u64) {}
 
-    fn copy(&self, _dst: u64, _src: u64, _len: u64) {}
+    fn copy(&self, _dst: PhysAddr, _src: PhysAddr, _len: u64) {}
 }
 
 impl<'f> hypervisor::vm::Backend for Machine<'f> {
@@ -68,7 +68,7 @@ impl<'f> hypervisor::vm::Backend for Machine<'f> {
 }
 
 /// The guest RAM the manager hands out (the machine's 512 MiB below staging).
-const GUEST_POOL: PhysRange = PhysRange::new(GUEST_RAM_BASE, STAGING.base - GUEST_RAM_BASE);
+const GUEST_POOL: PhysRange = PhysRange::from_to(GUEST_RAM_BASE, STAGING.base);
 
 /// IPA of every VM's first RAM region.
 pub const RAM: u64 = 0x4000_0000;
@@ -173,7 +173,7 @@ pub fn descs() -> &'static [VmDesc] {
     DESCS.get_or_init(|| {
         let mut blob = description().expect("the description is written");
         let dt = HostDt::new(&mut blob).expect("the description is a device tree");
-        let ram = [PhysRange::new(0x4000_0000, 0x8000_0000)];
+        let ram = [PhysRange::new(PhysAddr::new(0x4000_0000), 0x8000_0000)];
         let ranges = HostRanges {
             ram: &ram,
             staging: STAGING,
@@ -282,7 +282,7 @@ impl<'f> World<'f> {
             .map(|v| {
                 let mut out = Vec::new();
                 if let Some(s2) = v.stage2.lock().as_ref() {
-                    let _ = s2.walk(0, 1 << IPA_BITS, &mut |m| out.push(*m));
+                    let _ = s2.walk(Ipa::ZERO, 1 << IPA_BITS, &mut |m| out.push(*m));
                 }
                 out
             })
@@ -295,7 +295,16 @@ impl<'f> World<'f> {
         self.m.with_shares(|l| {
             l.transactions()
                 .iter()
-                .map(|t| (t.handle, t.owner, t.receiver, t.ipa, t.pages, t.packed()))
+                .map(|t| {
+                    (
+                        t.handle,
+                        t.owner,
+                        t.receiver,
+                        t.ipa.get(),
+                        t.pages,
+                        t.packed(),
+                    )
+                })
                 .collect()
         })
     }
@@ -383,7 +392,7 @@ impl<'f> World<'f> {
             let Some(s2) = s2.as_ref() else { continue };
             let d = &v.desc;
             let mut pages: Vec<mmu::Mapping> = Vec::new();
-            let walked = s2.walk(0, 1 << IPA_BITS, &mut |m| {
+            let walked = s2.walk(Ipa::ZERO, 1 << IPA_BITS, &mut |m| {
                 for i in 0..m.size / PAGE_SIZE {
                     let mut p = *m;
                     p.va += i * PAGE_SIZE;
@@ -397,8 +406,14 @@ impl<'f> World<'f> {
             for p in &pages {
                 let state = p.attrs.sw.bits();
                 let ipa = p.va;
-                if let Some(r) = d.ram_region(ipa, PAGE_SIZE) {
-                    assert_eq!(p.output, r.pa + (ipa - r.ipa), "{}: RAM {ipa:#x}", d.name);
+                // The oracle's own arithmetic, on raw values.
+                if let Some(r) = d.ram_region(Ipa::new(ipa), PAGE_SIZE) {
+                    assert_eq!(
+                        p.output,
+                        r.pa.get() + (ipa - r.ipa.get()),
+                        "{}: RAM {ipa:#x}",
+                        d.name
+                    );
                     assert_eq!(
                         p.attrs.with_sw(mmu::SwBits::NONE),
                         S2Kind::Ram.attributes(),
@@ -415,14 +430,13 @@ impl<'f> World<'f> {
                     }
                     mapped_own += 1;
                     host.entry(p.output).or_default().0 += 1;
-                } else if let Some(r) = d
-                    .passthrough
-                    .iter()
-                    .find(|r| r.contains_ipa(ipa, PAGE_SIZE))
-                {
+                } else if let Some(r) = d.passthrough.iter().find(|r| {
+                    r.ipa_range()
+                        .contains(&IpaRange::new(Ipa::new(ipa), PAGE_SIZE))
+                }) {
                     assert_eq!(
                         p.output,
-                        r.pa + (ipa - r.ipa),
+                        r.pa.get() + (ipa - r.ipa.get()),
                         "{}: device {ipa:#x}",
                         d.name
                     );
@@ -443,8 +457,8 @@ impl<'f> World<'f> {
                         o.desc
                             .memory
                             .iter()
-                            .find(|r| r.pa <= p.output && p.output < r.pa + r.size)
-                            .map(|r| (o, r.ipa + (p.output - r.pa)))
+                            .find(|r| r.pa_range().contains_addr(PhysAddr::new(p.output)))
+                            .map(|r| (o, r.ipa.get() + (p.output - r.pa.get())))
                     });
                     let Some((o, oipa)) = owner else {
                         panic!(

@@ -453,7 +453,7 @@ fn irq(runs: usize, no_write: bool) -> Result<(), String> {
         .len()
         .div_ceil(4096)
         * 4096;
-    let staging = hypervisor::mem::layout::STAGING.base;
+    let staging = hypervisor::mem::layout::STAGING.base.get();
     let mut vm = VmNode::new(
         "irq",
         &[0, 1],

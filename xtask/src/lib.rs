@@ -40,7 +40,7 @@ pub fn test_guests(qemu: Qemu, dir: &Path) -> Result<Qemu, String> {
         .kernel(artifacts::existing(artifacts::Artifact::Hypervisor.bin())?)
         .load(
             artifacts::existing(artifacts::Artifact::TestGuest.bin())?,
-            hypervisor::mem::layout::STAGING.base,
+            hypervisor::mem::layout::STAGING.base.get(),
         );
     write_host_dtb(
         &mut qemu,

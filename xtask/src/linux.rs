@@ -13,7 +13,13 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use hypervisor::linux::image::{place_kernel, HEADER_LEN, IMAGE_BASE_ALIGN};
-use hypervisor::mem::layout::{GUEST_RAM_BASE, STAGING};
+use hypervisor::mem::layout;
+
+/// [`layout::GUEST_RAM_BASE`], as the raw address the device tree writer takes.
+const GUEST_RAM_BASE: u64 = layout::GUEST_RAM_BASE.get();
+/// Start and size of [`layout::STAGING`], raw.
+const STAGING_BASE: u64 = layout::STAGING.base.get();
+const STAGING_SIZE: u64 = layout::STAGING.size;
 
 use crate::dt::Node;
 use crate::qemu::Load;
@@ -71,8 +77,8 @@ fn place_ram(mem: u64, count: u32) -> Option<(Vec<u64>, u64)> {
     let mut at = GUEST_RAM_BASE;
     for _ in 0..count {
         // A VM that would reach into staging goes above it.
-        if at < STAGING.base + STAGING.size && at.checked_add(mem)? > STAGING.base {
-            at = STAGING.base + STAGING.size;
+        if at < STAGING_BASE + STAGING_SIZE && at.checked_add(mem)? > STAGING_BASE {
+            at = STAGING_BASE + STAGING_SIZE;
         }
         bases.push(at);
         at = at.checked_add(mem)?;
@@ -159,7 +165,7 @@ impl KernelGuest {
     /// A one-line message for a file that is missing, a size that does not fit, a
     /// device the machine does not have, or a kernel the hypervisor would refuse.
     pub fn plan(&self, machine: &Node, machine_mem: Size) -> Result<Plan, String> {
-        let (staging, staging_size) = (STAGING.base, STAGING.size);
+        let (staging, staging_size) = (STAGING_BASE, STAGING_SIZE);
         self.check()?;
         let mem = self.mem.0;
         let (bases, end) = place_ram(mem, self.count).ok_or("checked above")?;
@@ -349,7 +355,7 @@ mod tests {
             panic!("{plan:?}")
         };
         let base = GUEST_RAM_BASE;
-        let staging = STAGING.base;
+        let staging = STAGING_BASE;
         assert_eq!(vm.kernel.ipa, base + 0x20_0000);
         assert_eq!(vm.kernel.pa, staging);
         assert_eq!(vm.kernel.size, 5 * MIB + 3);
@@ -386,7 +392,7 @@ mod tests {
         assert!(a.console_input && !b.console_input, "input goes to one VM");
         assert_eq!((a.cpus.clone(), b.cpus.clone()), (vec![0, 1], vec![2, 3]));
         // 1 GiB does not fit below staging: both go above it, one after the other.
-        assert_eq!(a.memory[0].pa, STAGING.base + STAGING.size);
+        assert_eq!(a.memory[0].pa, STAGING_BASE + STAGING_SIZE);
         assert_eq!(b.memory[0].pa, a.memory[0].pa + (1 << 30));
         assert_eq!(a.memory[0].ipa, a.memory[0].pa);
         assert_eq!(b.kernel.ipa, b.memory[0].pa + 0x20_0000);

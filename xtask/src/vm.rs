@@ -257,21 +257,22 @@ mod tests {
             ipa: 0x4010_0000,
         });
         vm.bootargs = Some("console=ttyAMA0 quiet".into());
+        use hypervisor::mem::{Ipa, PhysAddr};
         let d = parsed_by_the_hypervisor(&vm);
         assert_eq!(d.name, "alpha");
         assert_eq!(d.cpus, [1, 2]);
         assert_eq!(d.ram_size(), 0x20_0000);
-        assert_eq!(d.memory[0].ipa, 0x4000_0000);
-        assert_eq!(d.memory[0].pa, 0x5000_0000);
+        assert_eq!(d.memory[0].ipa, Ipa::new(0x4000_0000));
+        assert_eq!(d.memory[0].pa, PhysAddr::new(0x5000_0000));
         assert_eq!(d.arg, 0x4020_0001);
         assert_eq!(d.bootargs.as_deref(), Some("console=ttyAMA0 quiet"));
         assert_eq!(d.abort, hypervisor::config::AbortPolicy::Stop);
         assert_eq!(d.stage2, hypervisor::config::Stage2Mappings::Pages);
-        assert_eq!(d.vuart, Some(0x900_0000));
+        assert_eq!(d.vuart, Some(Ipa::new(0x900_0000)));
         let initrd = d.initrd.expect("initrd");
         assert_eq!(
             (initrd.pa, initrd.size, initrd.ipa),
-            (0x7100_0000, 0x1234, 0x4010_0000)
+            (PhysAddr::new(0x7100_0000), 0x1234, Ipa::new(0x4010_0000))
         );
         let mut inject = test_guest();
         inject.abort_policy = Some(AbortPolicy::Inject);

@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use super::dtb::HostDt;
-use crate::mem::{PhysRange, PAGE_SIZE};
+use crate::mem::{Ipa, IpaRange, PhysAddr, PhysRange, PAGE_SIZE};
 
 /// The `compatible` string of a VM node.
 pub const COMPATIBLE: &str = "twostage,vm";
@@ -21,30 +21,34 @@ pub const MAX_NAME: usize = 32;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GuestRegion {
     /// Guest IPA.
-    pub ipa: u64,
+    pub ipa: Ipa,
     /// Host physical address.
-    pub pa: u64,
+    pub pa: PhysAddr,
     /// Bytes (a multiple of [`PAGE_SIZE`]).
     pub size: u64,
 }
 
 impl GuestRegion {
-    /// True when `[ipa, ipa + len)` lies inside this region's IPA range.
+    /// The region in the guest's IPA space.
     #[must_use]
-    pub fn contains_ipa(&self, ipa: u64, len: u64) -> bool {
-        ipa.checked_sub(self.ipa)
-            .zip(self.size.checked_sub(len))
-            .is_some_and(|(offset, room)| offset <= room)
+    pub const fn ipa_range(&self) -> IpaRange {
+        IpaRange::new(self.ipa, self.size)
+    }
+
+    /// The host physical range backing it.
+    #[must_use]
+    pub const fn pa_range(&self) -> PhysRange {
+        PhysRange::new(self.pa, self.size)
     }
 
     /// The host PA of guest IPA `ipa`, if `[ipa, ipa + len)` lies inside this region
     /// and the PA range does not wrap.
     #[must_use]
-    pub fn pa_of(&self, ipa: u64, len: u64) -> Option<u64> {
-        if !self.contains_ipa(ipa, len) {
+    pub fn pa_of(&self, ipa: Ipa, len: u64) -> Option<PhysAddr> {
+        if !self.ipa_range().contains(&IpaRange::new(ipa, len)) {
             return None;
         }
-        let pa = self.pa.checked_add(ipa.checked_sub(self.ipa)?)?;
+        let pa = self.pa.checked_add(ipa.checked_offset_from(self.ipa)?)?;
         pa.checked_add(len).map(|_| pa)
     }
 }
@@ -54,11 +58,25 @@ impl GuestRegion {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Image {
     /// Staging host PA.
-    pub pa: u64,
+    pub pa: PhysAddr,
     /// Bytes to copy.
     pub size: u64,
     /// Destination guest IPA (inside one RAM region).
-    pub ipa: u64,
+    pub ipa: Ipa,
+}
+
+impl Image {
+    /// Where it is staged.
+    #[must_use]
+    pub const fn pa_range(&self) -> PhysRange {
+        PhysRange::new(self.pa, self.size)
+    }
+
+    /// Where it goes in the guest.
+    #[must_use]
+    pub const fn ipa_range(&self) -> IpaRange {
+        IpaRange::new(self.ipa, self.size)
+    }
 }
 
 /// What happens when the guest touches an IPA that is neither RAM, a pass-through range
@@ -89,16 +107,16 @@ pub enum Stage2Mappings {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GicIpa {
     /// IPA of the 64 KiB distributor frame.
-    pub dist: u64,
+    pub dist: Ipa,
     /// IPA of the redistributors: 128 KiB per vCPU, one after the other.
-    pub redist: u64,
+    pub redist: Ipa,
 }
 
 impl GicIpa {
     /// QEMU virt's: GICD at `0x0800_0000`, GICR at `0x080A_0000`.
     pub const QEMU_VIRT: Self = Self {
-        dist: 0x0800_0000,
-        redist: 0x080A_0000,
+        dist: Ipa::new(0x0800_0000),
+        redist: Ipa::new(0x080A_0000),
     };
     /// Size of the distributor frame.
     pub const DIST_SIZE: u64 = 0x1_0000;
@@ -109,6 +127,18 @@ impl GicIpa {
     #[must_use]
     pub const fn redist_size(vcpus: usize) -> u64 {
         (vcpus as u64).saturating_mul(Self::REDIST_STRIDE)
+    }
+
+    /// The distributor frame.
+    #[must_use]
+    pub const fn dist_range(&self) -> IpaRange {
+        IpaRange::new(self.dist, Self::DIST_SIZE)
+    }
+
+    /// The redistributor region of a VM with `vcpus` vCPUs.
+    #[must_use]
+    pub const fn redist_range(&self, vcpus: usize) -> IpaRange {
+        IpaRange::new(self.redist, Self::redist_size(vcpus))
     }
 }
 
@@ -154,7 +184,7 @@ pub struct VmDesc {
     /// Kernel image.
     pub kernel: Image,
     /// Entry IPA of vCPU 0.
-    pub entry: u64,
+    pub entry: Ipa,
     /// Optional initial ramdisk.
     pub initrd: Option<Image>,
     /// Optional guest DTB; when present x0 = its IPA at entry.
@@ -168,7 +198,7 @@ pub struct VmDesc {
     /// Block or page mappings at stage 2.
     pub stage2: Stage2Mappings,
     /// IPA of the emulated PL011 page, if any (its interrupt is [`VUART_INTID`]).
-    pub vuart: Option<u64>,
+    pub vuart: Option<Ipa>,
     /// The hypervisor's console input goes to this VM's `vuart` (`console-input`; one VM
     /// at most).
     pub console_input: bool,
@@ -190,8 +220,9 @@ pub struct VmDesc {
 impl VmDesc {
     /// The RAM region holding `[ipa, ipa + len)`, if one does.
     #[must_use]
-    pub fn ram_region(&self, ipa: u64, len: u64) -> Option<&GuestRegion> {
-        self.memory.iter().find(|r| r.contains_ipa(ipa, len))
+    pub fn ram_region(&self, ipa: Ipa, len: u64) -> Option<&GuestRegion> {
+        let range = IpaRange::new(ipa, len);
+        self.memory.iter().find(|r| r.ipa_range().contains(&range))
     }
 
     /// Total RAM bytes.
@@ -203,7 +234,7 @@ impl VmDesc {
     /// x0 for vCPU 0 at entry.
     #[must_use]
     pub fn boot_x0(&self) -> u64 {
-        self.dtb.map_or(self.arg, |d| d.ipa)
+        self.dtb.map_or(self.arg, |d| d.ipa.get())
     }
 }
 
@@ -256,10 +287,6 @@ fn string(bytes: &[u8]) -> Option<String> {
 
 fn aligned(x: u64) -> bool {
     x % PAGE_SIZE == 0
-}
-
-fn overlaps(a: u64, alen: u64, b: u64, blen: u64) -> bool {
-    a < b.saturating_add(blen) && b < a.saturating_add(alen)
 }
 
 struct Node<'a> {
@@ -315,7 +342,11 @@ impl<'a> Node<'a> {
         }
         Ok(v.chunks_exact(3)
             .filter_map(|c| match *c {
-                [ipa, pa, size] => Some(GuestRegion { ipa, pa, size }),
+                [ipa, pa, size] => Some(GuestRegion {
+                    ipa: Ipa::new(ipa),
+                    pa: PhysAddr::new(pa),
+                    size,
+                }),
                 _ => None,
             })
             .collect())
@@ -331,7 +362,11 @@ impl<'a> Node<'a> {
         let ipa = self
             .one_u64(ipa_name, "image IPA must be one 64-bit value")?
             .ok_or_else(|| self.err("image without its -ipa property"))?;
-        Ok(Some(Image { pa, size, ipa }))
+        Ok(Some(Image {
+            pa: PhysAddr::new(pa),
+            size,
+            ipa: Ipa::new(ipa),
+        }))
     }
 }
 
@@ -342,7 +377,9 @@ fn check_regions(
 ) -> Result<(), DescError> {
     for (i, r) in regions.iter().enumerate() {
         if r.size == 0
-            || !aligned(r.ipa | r.pa | r.size)
+            || !r.ipa.is_aligned(PAGE_SIZE)
+            || !r.pa.is_aligned(PAGE_SIZE)
+            || !aligned(r.size)
             || r.ipa.checked_add(r.size).is_none()
             || r.pa.checked_add(r.size).is_none()
         {
@@ -351,7 +388,7 @@ fn check_regions(
         if regions
             .iter()
             .take(i)
-            .any(|o| overlaps(o.ipa, o.size, r.ipa, r.size))
+            .any(|o| o.ipa_range().overlaps(&r.ipa_range()))
         {
             return Err(node.err("regions overlap in IPA space"));
         }
@@ -431,7 +468,10 @@ fn parse_vm(
         // Without an SMMU a DMA master reaches any physical address: only a VM whose
         // guest-physical addresses are the physical ones can drive it, and that VM is
         // trusted with the machine's memory (docs/interrupts.md, "Device assignment").
-        if super::devices::any_dma_capable(host, &paths) && memory.iter().any(|m| m.ipa != m.pa) {
+        // (Identity: the IPA's value is the PA's.)
+        if super::devices::any_dma_capable(host, &paths)
+            && memory.iter().any(|m| m.ipa.get() != m.pa.get())
+        {
             return Err(node.err(
                 "a DMA-capable device is only given to a VM whose RAM is identity-mapped \
                  (IPA = PA): there is no SMMU, and that VM is trusted with memory",
@@ -459,8 +499,9 @@ fn parse_vm(
             ),
             _ => node.err("passthrough-devices names no top-level host device"),
         })?;
+        // Identity-mapped: each device's IPA is its PA.
         passthrough.extend(regions.iter().map(|r| GuestRegion {
-            ipa: r.base,
+            ipa: Ipa::new(r.base.get()),
             pa: r.base,
             size: r.size,
         }));
@@ -475,11 +516,8 @@ fn parse_vm(
     // lines on.
     let gic = super::devices::gic_regions(host);
     for p in &passthrough {
-        let range = PhysRange::new(p.pa, p.size);
-        if gic
-            .iter()
-            .any(|g| range.overlaps(&PhysRange::new(g.base, g.size)))
-        {
+        let range = p.pa_range();
+        if gic.iter().any(|g| range.overlaps(g)) {
             return Err(node.err(
                 "the GIC and its ITS are never assigned to a VM: EL2 owns interrupts, each VM \
                  has a virtual GIC",
@@ -493,20 +531,16 @@ fn parse_vm(
         }
     }
     for p in &passthrough {
-        if ranges
-            .ram
-            .iter()
-            .any(|r| r.overlaps(&PhysRange::new(p.pa, p.size)))
-        {
+        if ranges.ram.iter().any(|r| r.overlaps(&p.pa_range())) {
             return Err(node.err("passthrough range covers host RAM"));
         }
         if memory
             .iter()
-            .any(|m| overlaps(m.ipa, m.size, p.ipa, p.size))
+            .any(|m| m.ipa_range().overlaps(&p.ipa_range()))
         {
             return Err(node.err("passthrough range overlaps memory in IPA space"));
         }
-        if memory.iter().any(|m| overlaps(m.pa, m.size, p.pa, p.size)) {
+        if memory.iter().any(|m| m.pa_range().overlaps(&p.pa_range())) {
             return Err(node.err("passthrough range overlaps memory in PA space"));
         }
     }
@@ -518,25 +552,34 @@ fn parse_vm(
     let images = [Some(kernel), initrd, dtb];
     for (i, img) in images.iter().enumerate() {
         let Some(img) = img else { continue };
-        if img.size == 0 || !memory.iter().any(|r| r.contains_ipa(img.ipa, img.size)) {
+        if img.size == 0
+            || !memory
+                .iter()
+                .any(|r| r.ipa_range().contains(&img.ipa_range()))
+        {
             return Err(node.err("image is empty or not inside one memory region"));
         }
-        if !ranges.staging.contains(&PhysRange::new(img.pa, img.size)) {
+        if !ranges.staging.contains(&img.pa_range()) {
             return Err(node.err("image is not inside the staging area"));
         }
         if images
             .iter()
             .take(i)
             .flatten()
-            .any(|o| overlaps(o.ipa, o.size, img.ipa, img.size))
+            .any(|o| o.ipa_range().overlaps(&img.ipa_range()))
         {
             return Err(node.err("images overlap in the guest"));
         }
     }
     let entry = node
         .one_u64("entry", "entry must be one 64-bit value")?
-        .unwrap_or(kernel.ipa);
-    if !memory.iter().any(|r| r.contains_ipa(entry, 4)) || entry % 4 != 0 {
+        .map_or(kernel.ipa, Ipa::new);
+    let first_instruction = IpaRange::new(entry, 4);
+    if !memory
+        .iter()
+        .any(|r| r.ipa_range().contains(&first_instruction))
+        || !entry.is_aligned(4)
+    {
         return Err(node.err("entry is not an aligned IPA inside memory"));
     }
     let bootargs = node
@@ -561,51 +604,48 @@ fn parse_vm(
     let gic = GicIpa {
         dist: node
             .one_u64("gic-distributor", "gic-distributor must be one 64-bit IPA")?
-            .unwrap_or(GicIpa::QEMU_VIRT.dist),
+            .map_or(GicIpa::QEMU_VIRT.dist, Ipa::new),
         redist: node
             .one_u64(
                 "gic-redistributors",
                 "gic-redistributors must be one 64-bit IPA",
             )?
-            .unwrap_or(GicIpa::QEMU_VIRT.redist),
+            .map_or(GicIpa::QEMU_VIRT.redist, Ipa::new),
     };
-    let gic_frames = [
-        (gic.dist, GicIpa::DIST_SIZE),
-        (gic.redist, GicIpa::redist_size(cpus.len())),
-    ];
-    let taken = |base: u64, size: u64| {
+    let gic_frames = [gic.dist_range(), gic.redist_range(cpus.len())];
+    let taken = |range: &IpaRange| {
         memory
             .iter()
             .chain(&passthrough)
-            .any(|r| overlaps(r.ipa, r.size, base, size))
+            .any(|r| r.ipa_range().overlaps(range))
     };
-    for (base, size) in gic_frames {
-        if base % 0x1_0000 != 0 || base.checked_add(size).is_none() || taken(base, size) {
+    for frame in &gic_frames {
+        if !frame.base.is_aligned(0x1_0000)
+            || frame.base.checked_add(frame.size).is_none()
+            || taken(frame)
+        {
             return Err(node
                 .err("the GIC distributor and redistributors must be free, 64 KiB aligned IPAs"));
         }
     }
-    if overlaps(
-        gic_frames[0].0,
-        gic_frames[0].1,
-        gic_frames[1].0,
-        gic_frames[1].1,
-    ) {
+    let [dist, redist] = &gic_frames;
+    if dist.overlaps(redist) {
         return Err(node.err("the GIC distributor overlaps the redistributors"));
     }
-    let vuart = node.one_u64("vuart", "vuart must be one 64-bit IPA")?;
+    let vuart = node
+        .one_u64("vuart", "vuart must be one 64-bit IPA")?
+        .map(Ipa::new);
     if vuart.is_some() && spis.contains(&VUART_INTID) {
         return Err(
             node.err("a passed-through device uses SPI INTID 33, the virtual UART's interrupt")
         );
     }
     if let Some(u) = vuart {
-        if !aligned(u)
+        let page = IpaRange::new(u, PAGE_SIZE);
+        if !u.is_aligned(PAGE_SIZE)
             || u.checked_add(PAGE_SIZE).is_none()
-            || taken(u, PAGE_SIZE)
-            || gic_frames
-                .iter()
-                .any(|&(b, s)| overlaps(b, s, u, PAGE_SIZE))
+            || taken(&page)
+            || gic_frames.iter().any(|f| f.overlaps(&page))
         {
             return Err(node.err("vuart must be a free, page-aligned IPA"));
         }
@@ -694,14 +734,14 @@ pub fn parse(dt: &HostDt<'_>, ranges: &HostRanges<'_>) -> Result<Vec<VmDesc>, De
             if other.passthrough.iter().any(|a| {
                 vm.passthrough
                     .iter()
-                    .any(|b| overlaps(a.pa, a.size, b.pa, b.size))
+                    .any(|b| a.pa_range().overlaps(&b.pa_range()))
             }) {
                 return Err(node.err("a device range is given to two VMs"));
             }
             if other.memory.iter().any(|a| {
                 vm.memory
                     .iter()
-                    .any(|b| overlaps(a.pa, a.size, b.pa, b.size))
+                    .any(|b| a.pa_range().overlaps(&b.pa_range()))
             }) {
                 return Err(node.err("RAM overlaps another VM's RAM"));
             }
@@ -721,9 +761,9 @@ pub(crate) mod tests {
     pub(crate) fn parse_blob(blob: &[u8]) -> Option<Result<Vec<VmDesc>, DescError>> {
         let blob = Box::leak(blob.to_vec().into_boxed_slice());
         let ranges = HostRanges {
-            ram: &[PhysRange::new(0x4000_0000, 0x8000_0000)],
+            ram: &[PhysRange::new(PhysAddr::new(0x4000_0000), 0x8000_0000)],
             staging: crate::mem::layout::STAGING,
-            console: Some(PhysRange::new(0x0900_0000, 0x1000)),
+            console: Some(PhysRange::new(PhysAddr::new(0x0900_0000), 0x1000)),
         };
         HostDt::new(blob).ok().map(|dt| super::parse(&dt, &ranges))
     }
@@ -803,25 +843,38 @@ pub(crate) mod tests {
     #[test]
     fn pa_of_an_ipa_range_inside_a_region_only() {
         let r = GuestRegion {
-            ipa: 0x4000_0000,
-            pa: 0x5000_0000,
+            ipa: Ipa::new(0x4000_0000),
+            pa: PhysAddr::new(0x5000_0000),
             size: 0x10_0000,
         };
-        assert_eq!(r.pa_of(0x4000_0000, 0x10_0000), Some(0x5000_0000));
-        assert_eq!(r.pa_of(0x4000_3000, 0x1000), Some(0x5000_3000));
-        assert_eq!(r.pa_of(0x4000_3000, 0x10_0000), None, "runs past the end");
-        assert_eq!(r.pa_of(0x3fff_f000, 0x2000), None, "starts below");
-        assert_eq!(r.pa_of(u64::MAX, 2), None);
+        assert_eq!(
+            r.pa_of(Ipa::new(0x4000_0000), 0x10_0000),
+            Some(PhysAddr::new(0x5000_0000))
+        );
+        assert_eq!(
+            r.pa_of(Ipa::new(0x4000_3000), 0x1000),
+            Some(PhysAddr::new(0x5000_3000))
+        );
+        assert_eq!(
+            r.pa_of(Ipa::new(0x4000_3000), 0x10_0000),
+            None,
+            "runs past the end"
+        );
+        assert_eq!(r.pa_of(Ipa::new(0x3fff_f000), 0x2000), None, "starts below");
+        assert_eq!(r.pa_of(Ipa::new(u64::MAX), 2), None);
         // A region whose PA range would pass 2^64 (the description's checks refuse
         // it): only the part that ends below 2^64 has a PA.
         let top = GuestRegion {
-            ipa: 0,
-            pa: u64::MAX - 0x1fff,
+            ipa: Ipa::new(0),
+            pa: PhysAddr::new(u64::MAX - 0x1fff),
             size: 0x3000,
         };
-        assert_eq!(top.pa_of(0, 0x1000), Some(u64::MAX - 0x1fff));
-        assert_eq!(top.pa_of(0x1000, 0x1000), None);
-        assert_eq!(top.pa_of(0x2000, 0x1000), None);
+        assert_eq!(
+            top.pa_of(Ipa::new(0), 0x1000),
+            Some(PhysAddr::new(u64::MAX - 0x1fff))
+        );
+        assert_eq!(top.pa_of(Ipa::new(0x1000), 0x1000), None);
+        assert_eq!(top.pa_of(Ipa::new(0x2000), 0x1000), None);
     }
 
     #[test]
@@ -844,25 +897,25 @@ pub(crate) mod tests {
         assert_eq!(
             vms[0].memory,
             vec![GuestRegion {
-                ipa: 0x4000_0000,
-                pa: 0x5000_0000,
+                ipa: Ipa::new(0x4000_0000),
+                pa: PhysAddr::new(0x5000_0000),
                 size: 0x10_0000
             }]
         );
         assert_eq!(
             vms[0].kernel,
             Image {
-                pa: 0x7000_0000,
+                pa: PhysAddr::new(0x7000_0000),
                 size: 0x2000,
-                ipa: 0x4000_0000
+                ipa: Ipa::new(0x4000_0000)
             }
         );
-        assert_eq!(vms[0].entry, 0x4000_0000);
+        assert_eq!(vms[0].entry, Ipa::new(0x4000_0000));
         assert_eq!(vms[0].abort, AbortPolicy::Stop);
         assert_eq!(vms[0].stage2, Stage2Mappings::Blocks);
         assert_eq!(vms[1].stage2, Stage2Mappings::Pages);
         assert_eq!(vms[1].abort, AbortPolicy::Inject);
-        assert_eq!(vms[0].vuart, Some(0x0900_0000));
+        assert_eq!(vms[0].vuart, Some(Ipa::new(0x0900_0000)));
         assert_eq!(vms[1].boot_x0(), 1);
         assert_eq!(vms[0].ram_size(), 0x10_0000);
         assert_eq!(vms[0].sharing, SharingLimits::default());
@@ -915,9 +968,9 @@ pub(crate) mod tests {
         let v = &vms[0];
         assert_eq!(v.cpus, vec![2, 3]);
         assert_eq!(v.boot_x0(), 0x5f00_0000);
-        assert_eq!(v.entry, 0x5020_0000);
+        assert_eq!(v.entry, Ipa::new(0x5020_0000));
         assert_eq!(v.bootargs.as_deref(), Some("console=ttyAMA0 rdinit=/init"));
-        assert_eq!(v.initrd.map(|i| i.ipa), Some(0x5800_0000));
+        assert_eq!(v.initrd.map(|i| i.ipa), Some(Ipa::new(0x5800_0000)));
         assert_eq!(v.passthrough.len(), 1);
         assert_eq!(v.vuart, None);
     }
@@ -1050,8 +1103,8 @@ pub(crate) mod tests {
         assert_eq!(
             v.passthrough,
             [GuestRegion {
-                ipa: 0x0904_0000,
-                pa: 0x0904_0000,
+                ipa: Ipa::new(0x0904_0000),
+                pa: PhysAddr::new(0x0904_0000),
                 size: 0x1000
             }]
         );
@@ -1177,7 +1230,7 @@ pub(crate) mod tests {
         let entry = [virtio, identity, ("kernel-ipa", cells64(&[0x5000_0000]))];
         let vms = parse(&host_with_gic(&entry)).expect("valid");
         assert_eq!(vms[0].spis, [79]);
-        assert_eq!(vms[0].passthrough[0].pa, 0x0a00_3000);
+        assert_eq!(vms[0].passthrough[0].pa, PhysAddr::new(0x0a00_3000));
     }
 
     #[test]
@@ -1265,7 +1318,7 @@ pub(crate) mod tests {
             cells64(&[0x2000_0000]),
         );
         let v = parse(&dtb(&[("vm0", moved)])).expect("valid").remove(0);
-        assert_eq!(v.gic.dist, 0x2000_0000);
+        assert_eq!(v.gic.dist, Ipa::new(0x2000_0000));
         assert_eq!(v.gic.redist, GicIpa::QEMU_VIRT.redist);
     }
 }

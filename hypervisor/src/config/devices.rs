@@ -9,6 +9,8 @@ use core::fmt;
 use fdt::node::FdtNode;
 use fdt::Fdt;
 
+use crate::mem::{PhysAddr, PhysRange};
+
 /// Top-level host nodes that are never copied: the guest gets its own.
 pub(crate) const REWRITTEN: &[&str] = &[
     "chosen",
@@ -61,41 +63,28 @@ impl fmt::Display for DeviceError {
 
 impl core::error::Error for DeviceError {}
 
-/// A guest-physical MMIO range a pass-through device occupies, rounded out to 4 KiB pages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MmioRegion {
-    /// First byte (page aligned).
-    pub base: u64,
-    /// Length in bytes (a multiple of 4 KiB).
-    pub size: u64,
-}
-
-/// The MMIO ranges of the devices `devices` (host DT paths) passes through, with the
-/// nodes they depend on: every `reg` of those nodes and of their descendants that sit
-/// on identity-mapped buses (empty `ranges` all the way up), rounded out to 4 KiB
-/// pages, sorted and merged.
+/// The host physical MMIO ranges of the devices `devices` (host DT paths) passes
+/// through, with the nodes they depend on: every `reg` of those nodes and of their
+/// descendants that sit on identity-mapped buses (empty `ranges` all the way up), rounded
+/// out to 4 KiB pages, sorted and merged.
 ///
 /// # Errors
 /// [`DeviceError`] when the tree has no root or a path names no top-level node.
 pub fn passthrough_regions(
     host: &Fdt<'_>,
     devices: &[&str],
-) -> Result<Vec<MmioRegion>, DeviceError> {
+) -> Result<Vec<PhysRange>, DeviceError> {
     let root = super::find_path(host, "/").ok_or(DeviceError::NoRoot)?;
     let mut regions = Vec::new();
     for node in select(host, devices)? {
         collect_regs(&node, cells(&root, 2, 1), &mut regions);
     }
-    regions.sort_by_key(|r: &MmioRegion| r.base);
-    let mut merged: Vec<MmioRegion> = Vec::new();
+    regions.sort_by_key(|r: &PhysRange| r.base);
+    let mut merged: Vec<PhysRange> = Vec::new();
     for r in regions {
         match merged.last_mut() {
-            Some(last) if r.base <= last.base.saturating_add(last.size) => {
-                let end = last
-                    .base
-                    .saturating_add(last.size)
-                    .max(r.base.saturating_add(r.size));
-                last.size = end.saturating_sub(last.base);
+            Some(last) if r.base <= last.end() => {
+                *last = PhysRange::from_to(last.base, last.end().max(r.end()));
             }
             _ => merged.push(r),
         }
@@ -106,7 +95,7 @@ pub fn passthrough_regions(
 /// The MMIO ranges of the host's GIC nodes and everything below them (the ITS), rounded
 /// out to pages: what no VM may have mapped.
 #[must_use]
-pub fn gic_regions(host: &Fdt<'_>) -> Vec<MmioRegion> {
+pub fn gic_regions(host: &Fdt<'_>) -> Vec<PhysRange> {
     let mut regions = Vec::new();
     let Some(root) = super::find_path(host, "/") else {
         return regions;
@@ -419,7 +408,7 @@ fn references(host: &Fdt<'_>, node: &FdtNode<'_, '_>, out: &mut Vec<u32>) {
 
 /// Adds the `reg` ranges of `node` (its parent's cells are `parent_cells`) and of the
 /// descendants reached through identity `ranges`.
-fn collect_regs(node: &FdtNode<'_, '_>, parent_cells: (usize, usize), out: &mut Vec<MmioRegion>) {
+fn collect_regs(node: &FdtNode<'_, '_>, parent_cells: (usize, usize), out: &mut Vec<PhysRange>) {
     let (ac, sc) = parent_cells;
     if let Some(reg) = node.property("reg") {
         // One or two cells each (checked first, so the products are at most 16).
@@ -440,7 +429,7 @@ fn collect_regs(node: &FdtNode<'_, '_>, parent_cells: (usize, usize), out: &mut 
                     continue;
                 };
                 if let Some(size) = end.checked_sub(start).filter(|s| *s > 0) {
-                    out.push(MmioRegion { base: start, size });
+                    out.push(PhysRange::new(PhysAddr::new(start), size));
                 }
             }
         }
@@ -465,22 +454,10 @@ mod tests {
         let host = dt.fdt();
         // The PL011 page only: its interrupt parent, the GIC, never comes along.
         let regions = passthrough_regions(host, &["/pl011@9000000", "/timer"]).unwrap();
-        assert_eq!(
-            regions,
-            [MmioRegion {
-                base: 0x900_0000,
-                size: 0x1000
-            }]
-        );
+        assert_eq!(regions, [PhysRange::new(PhysAddr::new(0x900_0000), 0x1000)]);
         // fw-cfg's 0x18 bytes become one page.
         let regions = passthrough_regions(host, &["/fw-cfg@9020000"]).unwrap();
-        assert_eq!(
-            regions,
-            [MmioRegion {
-                base: 0x902_0000,
-                size: 0x1000
-            }]
-        );
+        assert_eq!(regions, [PhysRange::new(PhysAddr::new(0x902_0000), 0x1000)]);
         assert_eq!(
             passthrough_regions(host, &["/bogus"]),
             Err(DeviceError::NoSuchDevice(0))

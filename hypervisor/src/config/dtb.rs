@@ -375,10 +375,14 @@ impl<'a> HostDt<'a> {
         &self.fdt
     }
 
-    /// Where the blob lies and how long it is.
+    /// Where the blob lies and how long it is (its address is physical: the hypervisor's
+    /// stage 1 is an identity map, and before it the MMU is off).
     #[must_use]
     pub fn range(&self) -> crate::mem::PhysRange {
-        crate::mem::PhysRange::new(self.blob.as_ptr() as u64, self.blob.len() as u64)
+        crate::mem::PhysRange::new(
+            crate::mem::PhysAddr::new(self.blob.as_ptr() as u64),
+            self.blob.len() as u64,
+        )
     }
 }
 

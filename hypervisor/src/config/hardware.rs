@@ -8,7 +8,7 @@
 use core::fmt;
 
 use super::dtb::HostDt;
-use crate::mem::PhysRange;
+use crate::mem::{PhysAddr, PhysRange};
 
 use fdt::node::FdtNode;
 use fdt::Fdt;
@@ -176,7 +176,7 @@ impl Hardware {
                     .memory
                     .get_mut(self.memory_count)
                     .ok_or(HardwareError::TooManyMemoryRegions)?;
-                *slot = PhysRange::new(reg.starting_address as u64, size);
+                *slot = PhysRange::new(PhysAddr::new(reg.starting_address as u64), size);
                 self.memory_count = self.memory_count.saturating_add(1);
             }
         }
@@ -245,7 +245,10 @@ fn first_reg(node: FdtNode<'_, '_>, name: &'static str) -> Result<PhysRange, Har
         .and_then(|mut r| r.next())
         .ok_or(HardwareError::BadReg(name))?;
     let size = reg.size.ok_or(HardwareError::BadReg(name))? as u64;
-    Ok(PhysRange::new(reg.starting_address as u64, size))
+    Ok(PhysRange::new(
+        PhysAddr::new(reg.starting_address as u64),
+        size,
+    ))
 }
 
 fn is_compatible(node: FdtNode<'_, '_>, compatible: &str) -> bool {
@@ -294,7 +297,7 @@ fn find_gic(fdt: &Fdt<'_>) -> Result<Option<Gic>, HardwareError> {
     let mut next = || -> Result<PhysRange, HardwareError> {
         let r = regs.next().ok_or(HardwareError::BadReg("gic"))?;
         Ok(PhysRange::new(
-            r.starting_address as u64,
+            PhysAddr::new(r.starting_address as u64),
             r.size.ok_or(HardwareError::BadReg("gic"))? as u64,
         ))
     };
@@ -348,17 +351,23 @@ pub(crate) mod tests {
     #[test]
     fn qemu_virt_four_cpus() {
         let p = parse(SMP4);
-        assert_eq!(p.memory(), &[PhysRange::new(0x4000_0000, 2 << 30)]);
+        assert_eq!(
+            p.memory(),
+            &[PhysRange::new(PhysAddr::new(0x4000_0000), 2 << 30)]
+        );
         assert_eq!(p.cpus(), &[0, 1, 2, 3]);
         assert_eq!(p.cpus_ignored, 0);
-        assert_eq!(p.uart, Some(PhysRange::new(0x0900_0000, 0x1000)));
+        assert_eq!(
+            p.uart,
+            Some(PhysRange::new(PhysAddr::new(0x0900_0000), 0x1000))
+        );
         assert_eq!(p.uart_intid, Some(33), "QEMU virt's PL011 is SPI 1");
         assert_eq!(
             p.gic,
             Some(Gic {
                 version: 3,
-                distributor: PhysRange::new(0x0800_0000, 0x1_0000),
-                second: PhysRange::new(0x080a_0000, 0xf6_0000),
+                distributor: PhysRange::new(PhysAddr::new(0x0800_0000), 0x1_0000),
+                second: PhysRange::new(PhysAddr::new(0x080a_0000), 0xf6_0000),
             })
         );
         assert_eq!(
@@ -378,27 +387,42 @@ pub(crate) mod tests {
         let blob = include_bytes!("../../tests/fixtures/virt-gicv3-with-vm-in-chosen.dtb");
         let p = parse(blob);
         assert_eq!(p.cpus(), &[0]);
-        assert_eq!(p.memory(), &[PhysRange::new(0x4000_0000, 2 << 30)]);
-        assert_eq!(p.uart, Some(PhysRange::new(0x0900_0000, 0x1000)));
+        assert_eq!(
+            p.memory(),
+            &[PhysRange::new(PhysAddr::new(0x4000_0000), 2 << 30)]
+        );
+        assert_eq!(
+            p.uart,
+            Some(PhysRange::new(PhysAddr::new(0x0900_0000), 0x1000))
+        );
     }
 
     #[test]
     fn qemu_virt_one_cpu_less_ram() {
         let p = parse(SMP1);
-        assert_eq!(p.memory(), &[PhysRange::new(0x4000_0000, 512 << 20)]);
+        assert_eq!(
+            p.memory(),
+            &[PhysRange::new(PhysAddr::new(0x4000_0000), 512 << 20)]
+        );
         assert_eq!(p.cpus(), &[0]);
     }
 
     #[test]
     fn ram_containing() {
         let p = parse(SMP4);
-        let inside = PhysRange::new(0x4020_0000, 0x10_0000);
+        let inside = PhysRange::new(PhysAddr::new(0x4020_0000), 0x10_0000);
         assert_eq!(
             p.ram_containing(&inside),
-            Some(PhysRange::new(0x4000_0000, 2 << 30))
+            Some(PhysRange::new(PhysAddr::new(0x4000_0000), 2 << 30))
         );
-        assert_eq!(p.ram_containing(&PhysRange::new(0x3fff_f000, 0x2000)), None);
-        assert_eq!(p.ram_containing(&PhysRange::new(0xc000_0000, 0x1000)), None);
+        assert_eq!(
+            p.ram_containing(&PhysRange::new(PhysAddr::new(0x3fff_f000), 0x2000)),
+            None
+        );
+        assert_eq!(
+            p.ram_containing(&PhysRange::new(PhysAddr::new(0xc000_0000), 0x1000)),
+            None
+        );
     }
 
     #[test]
@@ -590,7 +614,10 @@ pub(crate) mod tests {
             .build(),
         );
         assert_eq!(p.memory().len(), MAX_MEMORY_REGIONS);
-        assert_eq!(p.memory()[3], PhysRange::new(0x3_4000_0000, 0x1000_0000));
+        assert_eq!(
+            p.memory()[3],
+            PhysRange::new(PhysAddr::new(0x3_4000_0000), 0x1000_0000)
+        );
         let mut too_many = banks;
         too_many.push((0x10_0000_0000, 0x1000));
         assert_eq!(
@@ -656,7 +683,10 @@ pub(crate) mod tests {
             }
             .build(),
         );
-        assert_eq!(first.uart, Some(PhysRange::new(0x0900_0000, 0x1000)));
+        assert_eq!(
+            first.uart,
+            Some(PhysRange::new(PhysAddr::new(0x0900_0000), 0x1000))
+        );
         let chosen = parse(
             &Tree {
                 uarts,
@@ -665,7 +695,10 @@ pub(crate) mod tests {
             }
             .build(),
         );
-        assert_eq!(chosen.uart, Some(PhysRange::new(0x0904_0000, 0x1000)));
+        assert_eq!(
+            chosen.uart,
+            Some(PhysRange::new(PhysAddr::new(0x0904_0000), 0x1000))
+        );
         // stdout-path naming something that is not a PL011: fall back to the first PL011.
         let other = parse(
             &Tree {
@@ -675,7 +708,10 @@ pub(crate) mod tests {
             }
             .build(),
         );
-        assert_eq!(other.uart, Some(PhysRange::new(0x0900_0000, 0x1000)));
+        assert_eq!(
+            other.uart,
+            Some(PhysRange::new(PhysAddr::new(0x0900_0000), 0x1000))
+        );
     }
 
     #[test]

@@ -259,16 +259,13 @@ fn write_gic(
     cells: (usize, usize),
 ) -> Result<(), GuestDtError> {
     let node = w.begin_node(&format!("intc@{:x}", cfg.gic.dist))?;
+    let (dist, redist) = (cfg.gic.dist.get(), cfg.gic.redist.get());
     w.property_string("compatible", "arm,gic-v3")?;
     w.property_u32("#interrupt-cells", 3)?;
     w.property_null("interrupt-controller")?;
     w.property_u32("#redistributor-regions", 1)?;
-    let mut r = reg(cfg.gic.dist, GicIpa::DIST_SIZE, cells)?;
-    r.extend(reg(
-        cfg.gic.redist,
-        GicIpa::redist_size(cfg.cpus.len()),
-        cells,
-    )?);
+    let mut r = reg(dist, GicIpa::DIST_SIZE, cells)?;
+    r.extend(reg(redist, GicIpa::redist_size(cfg.cpus.len()), cells)?);
     w.property("reg", &r)?;
     w.property_u32("phandle", phandle)?;
     w.end_node(node)?;

@@ -10,7 +10,7 @@ mod layout;
 use alloc::vec::Vec;
 
 use crate::config::{HostDt, Image, VmDesc};
-use crate::mem::PhysRange;
+use crate::mem::{Ipa, IpaRange, PhysAddr, PhysRange};
 
 use guest_dt::{build_guest_dt, GuestDtConfig, GuestDtError};
 use layout::{plan, GuestLayoutError, DTB_AREA};
@@ -18,8 +18,8 @@ use layout::{plan, GuestLayoutError, DTB_AREA};
 /// A Linux guest as its VM description gives it.
 #[derive(Clone, Copy, Debug)]
 pub struct LinuxGuest<'a> {
-    /// Guest RAM start (IPA).
-    pub ram_base: u64,
+    /// Guest RAM start.
+    pub ram_base: Ipa,
     /// Guest RAM bytes.
     pub ram_size: u64,
     /// MPIDRs of the physical CPUs of the guest's vCPUs, in vCPU order.
@@ -29,9 +29,9 @@ pub struct LinuxGuest<'a> {
     /// Length of the kernel file.
     pub kernel_len: u64,
     /// IPA the description loads the kernel at.
-    pub kernel_ipa: u64,
-    /// IPA and length of the initrd, if any.
-    pub initrd: Option<(u64, u64)>,
+    pub kernel_ipa: Ipa,
+    /// Where the initrd is, if there is one.
+    pub initrd: Option<IpaRange>,
     /// Kernel command line.
     pub bootargs: &'a str,
     /// Host DT paths of the guest's pass-through devices.
@@ -39,7 +39,7 @@ pub struct LinuxGuest<'a> {
     /// Where the VM's virtual GIC is.
     pub gic: crate::config::GicIpa,
     /// IPA of the VM's virtual PL011, if any.
-    pub vuart: Option<u64>,
+    pub vuart: Option<Ipa>,
 }
 
 /// How to start a Linux guest: vCPU 0 enters `entry` with x0 = `dtb_ipa`, where the
@@ -47,9 +47,9 @@ pub struct LinuxGuest<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinuxBoot {
     /// Entry point (the kernel's first byte).
-    pub entry: u64,
+    pub entry: Ipa,
     /// IPA of the DTB.
-    pub dtb_ipa: u64,
+    pub dtb_ipa: Ipa,
     /// The guest DTB.
     pub dtb: Vec<u8>,
 }
@@ -62,9 +62,9 @@ pub enum LinuxBootError {
     /// The description loads the kernel elsewhere than its header requires.
     KernelIpa {
         /// Where the kernel has to go.
-        expected: u64,
+        expected: Ipa,
         /// Where the description put it.
-        given: u64,
+        given: Ipa,
     },
     /// The guest DT could not be made.
     Dt(GuestDtError),
@@ -99,39 +99,43 @@ impl fmt::Display for LinuxBootError {
 /// # Errors
 /// [`LinuxBootError`] when the layout, the kernel's load address or the DT is wrong.
 pub fn prepare(host: &HostDt<'_>, guest: &LinuxGuest<'_>) -> Result<LinuxBoot, LinuxBootError> {
+    // The layout and the guest DT are plain arithmetic and cells in the guest's IPA
+    // space: raw values from here on.
     let initrd = match guest.initrd {
-        Some((ipa, len)) => Some((
-            ipa,
-            ipa.checked_add(len)
-                .ok_or(LinuxBootError::Layout(GuestLayoutError::InitrdOverlap))?,
+        Some(r) => Some((
+            r.base.get(),
+            r.base
+                .checked_add(r.size)
+                .ok_or(LinuxBootError::Layout(GuestLayoutError::InitrdOverlap))?
+                .get(),
         )),
         None => None,
     };
     let layout = plan(
-        guest.ram_base,
+        guest.ram_base.get(),
         guest.ram_size,
         guest.kernel_head,
         guest.kernel_len,
         initrd,
     )
     .map_err(LinuxBootError::Layout)?;
-    if layout.kernel.load != guest.kernel_ipa {
+    if layout.kernel.load != guest.kernel_ipa.get() {
         return Err(LinuxBootError::KernelIpa {
-            expected: layout.kernel.load,
+            expected: Ipa::new(layout.kernel.load),
             given: guest.kernel_ipa,
         });
     }
     let dtb = build_guest_dt(
         host,
         &GuestDtConfig {
-            ram_base: guest.ram_base,
+            ram_base: guest.ram_base.get(),
             ram_size: guest.ram_size,
             cpus: guest.cpus,
             bootargs: guest.bootargs,
             initrd,
             devices: guest.devices,
             gic: guest.gic,
-            vuart: guest.vuart,
+            vuart: guest.vuart.map(Ipa::get),
         },
     )
     .map_err(LinuxBootError::Dt)?;
@@ -139,8 +143,8 @@ pub fn prepare(host: &HostDt<'_>, guest: &LinuxGuest<'_>) -> Result<LinuxBoot, L
         return Err(LinuxBootError::DtbTooLarge);
     }
     Ok(LinuxBoot {
-        entry: layout.kernel.load,
-        dtb_ipa: layout.dtb,
+        entry: Ipa::new(layout.kernel.load),
+        dtb_ipa: Ipa::new(layout.dtb),
         dtb,
     })
 }
@@ -160,7 +164,7 @@ pub fn complete_desc(
     host: &HostDt<'_>,
     kernel_head: &[u8],
     staging: PhysRange,
-) -> Result<Option<(u64, Vec<u8>)>, LinuxBootError> {
+) -> Result<Option<(PhysAddr, Vec<u8>)>, LinuxBootError> {
     let (Some(bootargs), None) = (&desc.bootargs, desc.dtb) else {
         return Ok(None);
     };
@@ -184,7 +188,7 @@ pub fn complete_desc(
             kernel_head,
             kernel_len: desc.kernel.size,
             kernel_ipa: desc.kernel.ipa,
-            initrd: desc.initrd.map(|i| (i.ipa, i.size)),
+            initrd: desc.initrd.map(|i| i.ipa_range()),
             bootargs,
             devices: &devices,
             gic: desc.gic,
@@ -194,10 +198,12 @@ pub fn complete_desc(
     let staged_end = [Some(desc.kernel), desc.initrd]
         .into_iter()
         .flatten()
-        .map(|i| i.pa.saturating_add(i.size))
+        .map(|i| i.pa_range().end())
         .max()
         .unwrap_or(staging.base);
-    let pa = image::align_up(staged_end.max(staging.base), crate::mem::PAGE_SIZE)
+    let pa = staged_end
+        .max(staging.base)
+        .checked_align_up(crate::mem::PAGE_SIZE)
         .ok_or(LinuxBootError::NoStagingRoom)?;
     let size = boot.dtb.len() as u64;
     if !staging.contains(&PhysRange::new(pa, size)) {
@@ -230,18 +236,19 @@ mod tests {
     }
 
     fn guest<'a>(head: &'a [u8], kernel_ipa: u64) -> LinuxGuest<'a> {
+        let kernel_ipa = Ipa::new(kernel_ipa);
         LinuxGuest {
-            ram_base: 0x5000_0000,
+            ram_base: Ipa::new(0x5000_0000),
             ram_size: 256 * MIB,
             cpus: &[0, 1],
             kernel_head: head,
             kernel_len: 32 * MIB,
             kernel_ipa,
-            initrd: Some((0x5fc0_0000, 0x1c_34f8)),
+            initrd: Some(IpaRange::new(Ipa::new(0x5fc0_0000), 0x1c_34f8)),
             bootargs: "console=ttyAMA0",
             devices: &["/timer"],
             gic: crate::config::GicIpa::QEMU_VIRT,
-            vuart: Some(0x0900_0000),
+            vuart: Some(Ipa::new(0x0900_0000)),
         }
     }
 
@@ -249,8 +256,8 @@ mod tests {
     fn entry_dtb_and_initrd_agree_with_the_layout() {
         let h = header();
         let boot = prepare(&qemu_virt(), &guest(&h, 0x5000_0000)).unwrap();
-        assert_eq!(boot.entry, 0x5000_0000);
-        assert_eq!(boot.dtb_ipa, 0x5fe0_0000);
+        assert_eq!(boot.entry, Ipa::new(0x5000_0000));
+        assert_eq!(boot.dtb_ipa, Ipa::new(0x5fe0_0000));
         let fdt = fdt::Fdt::new(&boot.dtb).unwrap();
         let start = fdt.find_node("/chosen").unwrap();
         let end = start.property("linux,initrd-end").unwrap().value;
@@ -263,15 +270,15 @@ mod tests {
         assert_eq!(
             prepare(&qemu_virt(), &guest(&h, 0x5008_0000)),
             Err(LinuxBootError::KernelIpa {
-                expected: 0x5000_0000,
-                given: 0x5008_0000
+                expected: Ipa::new(0x5000_0000),
+                given: Ipa::new(0x5008_0000)
             })
         );
         // The same file without a header is a raw binary: 0x8_0000 up.
         let raw = [0u8; 64];
         assert_eq!(
             prepare(&qemu_virt(), &guest(&raw, 0x5008_0000)).map(|b| b.entry),
-            Ok(0x5008_0000)
+            Ok(Ipa::new(0x5008_0000))
         );
     }
 
@@ -281,20 +288,20 @@ mod tests {
             name: "linux".into(),
             cpus: vec![0, 1],
             memory: vec![GuestRegion {
-                ipa: 0x5000_0000,
-                pa: 0x5000_0000,
+                ipa: Ipa::new(0x5000_0000),
+                pa: PhysAddr::new(0x5000_0000),
                 size: 256 * MIB,
             }],
             kernel: Image {
-                pa: 0x7000_0000,
+                pa: PhysAddr::new(0x7000_0000),
                 size: 32 * MIB,
-                ipa: 0x5000_0000,
+                ipa: Ipa::new(0x5000_0000),
             },
-            entry: 0x5000_0000,
+            entry: Ipa::new(0x5000_0000),
             initrd: Some(Image {
-                pa: 0x7200_0000,
+                pa: PhysAddr::new(0x7200_0000),
                 size: 0x1c_34f8,
-                ipa: 0x5fc0_0000,
+                ipa: Ipa::new(0x5fc0_0000),
             }),
             dtb: None,
             bootargs: Some("console=ttyAMA0".into()),
@@ -302,7 +309,7 @@ mod tests {
             abort: AbortPolicy::Stop,
             sharing: crate::config::SharingLimits::default(),
             stage2: crate::config::Stage2Mappings::Pages,
-            vuart: Some(0x0900_0000),
+            vuart: Some(Ipa::new(0x0900_0000)),
             console_input: false,
             gic: crate::config::GicIpa::QEMU_VIRT,
             passthrough: vec![],
@@ -315,30 +322,34 @@ mod tests {
     fn complete_in(
         d: &mut VmDesc,
         staging: PhysRange,
-    ) -> Result<Option<(u64, Vec<u8>)>, LinuxBootError> {
+    ) -> Result<Option<(PhysAddr, Vec<u8>)>, LinuxBootError> {
         complete_desc(d, &qemu_virt(), &header(), staging)
     }
 
     /// [`complete_in`] the 256 MiB from 0x7000_0000.
-    fn complete(d: &mut VmDesc) -> Result<Option<(u64, Vec<u8>)>, LinuxBootError> {
-        complete_in(d, PhysRange::new(0x7000_0000, 256 * MIB))
+    fn complete(d: &mut VmDesc) -> Result<Option<(PhysAddr, Vec<u8>)>, LinuxBootError> {
+        complete_in(d, PhysRange::new(PhysAddr::new(0x7000_0000), 256 * MIB))
     }
 
     #[test]
     fn a_linux_description_gets_its_dtb_staged_after_the_initrd() {
         let mut d = linux_desc();
         let (pa, dtb) = complete(&mut d).unwrap().unwrap();
-        assert_eq!(pa, 0x721c_4000, "the page after the initrd's last byte");
+        assert_eq!(
+            pa,
+            PhysAddr::new(0x721c_4000),
+            "the page after the initrd's last byte"
+        );
         assert_eq!(
             d.dtb,
             Some(Image {
                 pa,
                 size: dtb.len() as u64,
-                ipa: 0x5fe0_0000
+                ipa: Ipa::new(0x5fe0_0000)
             })
         );
         assert_eq!(d.boot_x0(), 0x5fe0_0000);
-        assert_eq!(d.entry, 0x5000_0000);
+        assert_eq!(d.entry, Ipa::new(0x5000_0000));
         let fdt = fdt::Fdt::new(&dtb).unwrap();
         assert_eq!(fdt.cpus().count(), 2);
         assert!(fdt.find_node("/pl011@9000000").is_some());
@@ -365,7 +376,10 @@ mod tests {
         assert_eq!(complete(&mut d), Err(LinuxBootError::RamRegions));
         let mut d = linux_desc();
         assert_eq!(
-            complete_in(&mut d, PhysRange::new(0x7000_0000, 0x21c_4000)),
+            complete_in(
+                &mut d,
+                PhysRange::new(PhysAddr::new(0x7000_0000), 0x21c_4000)
+            ),
             Err(LinuxBootError::NoStagingRoom)
         );
         assert_eq!(d.dtb, None, "a refused description is unchanged");
@@ -375,12 +389,12 @@ mod tests {
     fn initrd_over_the_dtb_is_refused() {
         let h = header();
         let mut g = guest(&h, 0x5000_0000);
-        g.initrd = Some((0x5fd0_0000, 2 * MIB));
+        g.initrd = Some(IpaRange::new(Ipa::new(0x5fd0_0000), 2 * MIB));
         assert_eq!(
             prepare(&qemu_virt(), &g),
             Err(LinuxBootError::Layout(GuestLayoutError::InitrdOverlap))
         );
-        g.initrd = Some((u64::MAX - 10, 20));
+        g.initrd = Some(IpaRange::new(Ipa::new(u64::MAX - 10), 20));
         assert_eq!(
             prepare(&qemu_virt(), &g),
             Err(LinuxBootError::Layout(GuestLayoutError::InitrdOverlap))

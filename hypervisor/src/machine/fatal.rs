@@ -10,7 +10,7 @@ use log::error;
 use super::console::LOGGER;
 use super::cpu::{cpu_index, park};
 use crate::console::report;
-use crate::mem::stage1;
+use crate::mem::{stage1, VirtAddr};
 
 static IN_FATAL: [AtomicBool; boot::MAX_CPUS] = [const { AtomicBool::new(false) }; boot::MAX_CPUS];
 
@@ -44,7 +44,9 @@ pub fn el2_exception(frame: &mut ExceptionFrame, source: ExceptionSource, kind: 
     if LOGGER.has_console() {
         LOGGER.with_console_forced(|c, _, cpu| {
             let _ = report::write_exception(c, cpu, frame, source, kind);
-            if let Some(owner) = stage1::stack_guard_owner(&boot::image_layout(), frame.far) {
+            if let Some(owner) =
+                stage1::stack_guard_owner(&boot::image_layout(), VirtAddr::new(frame.far))
+            {
                 let _ = writeln!(
                     c,
                     "    FAR is in the guard page below cpu{owner}'s stack: stack overflow"

@@ -23,7 +23,7 @@ use crate::config::{Hardware, HostDt};
 use crate::mem::frames::{FramePool, SharedFrames};
 use crate::mem::layout::{self, HypMemory};
 use crate::mem::window::{self, Window};
-use crate::mem::{stage1, PhysRange};
+use crate::mem::{stage1, PhysAddr, PhysRange};
 use cpu::{cpu_index, psci_cpu_on, CPUS_ONLINE, CPU_MPIDR, MPIDR_AFFINITY_MASK, PSCI_CONDUIT};
 use fatal::{early_failure, fatal};
 use pl011::Pl011;
@@ -87,7 +87,7 @@ pub fn primary(dtb: usize) -> Machine {
     };
     // SAFETY: the device tree names this PL011; the MMU is off (device accesses) and the
     // stage-1 tables map it Device-nGnRE before the MMU goes on.
-    console::attach(unsafe { Pl011::new(uart.base as usize) });
+    console::attach(unsafe { Pl011::new(uart.base.get() as usize) });
 
     let el = CurrentEL.read(CurrentEL::EL);
     let mpidr = MPIDR_EL1.get() & MPIDR_AFFINITY_MASK;
@@ -139,7 +139,10 @@ pub fn primary(dtb: usize) -> Machine {
     PSCI_CONDUIT.call_once(|| psci.conduit);
 
     let image = boot::image_layout();
-    let image_region = PhysRange::from_to(image.text_start, image.image_end);
+    let image_region = PhysRange::from_to(
+        PhysAddr::new(image.text_start),
+        PhysAddr::new(image.image_end),
+    );
     let memory = layout::plan(image_region, platform.memory(), platform.dtb)
         .unwrap_or_else(|e| fatal(format_args!("memory layout: {e}")));
     info!("hypervisor image: {}", memory.image);
@@ -147,7 +150,7 @@ pub fn primary(dtb: usize) -> Machine {
     // stays reserved for the heap for the whole run.
     unsafe {
         HEAP.lock()
-            .init(memory.heap.base as usize, memory.heap.size as usize)
+            .init(memory.heap.base.get() as usize, memory.heap.size as usize)
     };
     info!("heap: {}", memory.heap);
     let pool = FRAMES.call_once(|| Mutex::new(FramePool::new(memory.frames)));
@@ -196,7 +199,7 @@ pub fn primary(dtb: usize) -> Machine {
 
     match platform.gic {
         Some(g) if g.version == 3 => {
-            gic::init_distributor(g.distributor.base, g.second.base, g.second.size);
+            gic::init_distributor(g.distributor.base.get(), g.second.base.get(), g.second.size);
             if !gic::init_cpu() {
                 fatal(format_args!("gic: no redistributor for cpu0"));
             }

@@ -23,7 +23,7 @@ use crate::config;
 use crate::mem::frames::SharedFrames;
 use crate::mem::layout::STAGING;
 use crate::mem::window::Access;
-use crate::mem::PhysRange;
+use crate::mem::{PhysAddr, PhysRange};
 use crate::vcpu::cpu_state::El2Controls;
 use crate::vcpu::irq::Taken;
 use crate::vcpu::schedule::{self, RunEnd, Start};
@@ -74,14 +74,14 @@ impl VmidFlush for MachineBackend {
 struct MachineMemory;
 
 impl GuestMemory for MachineMemory {
-    fn zero(&self, pa: u64, len: u64) {
+    fn zero(&self, pa: PhysAddr, len: u64) {
         let tags = scrubs_tags();
         let access = if tags {
             Access::ReadWriteTagged
         } else {
             Access::ReadWrite
         };
-        with_guest_ram(pa, len, access, |va, n| {
+        with_guest_ram(pa.get(), len, access, |va, n| {
             // SAFETY: the manager only passes guest RAM it has claimed (checked against
             // its pool of guest RAM, and again by the window), which no vCPU can reach at
             // the time (`GuestMemory`); the window maps the chunk writable at `va` until
@@ -95,15 +95,15 @@ impl GuestMemory for MachineMemory {
         });
     }
 
-    fn copy(&self, dst: u64, src: u64, len: u64) {
+    fn copy(&self, dst: PhysAddr, src: PhysAddr, len: u64) {
         let tags = scrubs_tags();
         let access = if tags {
             Access::ReadWriteTagged
         } else {
             Access::ReadWrite
         };
-        let mut from = src;
-        with_guest_ram(dst, len, access, |va, n| {
+        let mut from = src.get();
+        with_guest_ram(dst.get(), len, access, |va, n| {
             // SAFETY: `src` is in the staging range, which the stage 1 maps ("staging"),
             // and `dst` in the VM's RAM (checked by the manager), mapped writable at `va`
             // by the window until this returns; guest RAM and staging do not overlap.
@@ -232,11 +232,16 @@ impl GuestEl1 for MachineHost {
         regs::inject_serror(vsesr.filter(|_| self.has_ras()));
     }
 
-    fn clean_invalidate(&mut self, pa: u64, len: u64) {
+    fn clean_invalidate(&mut self, pa: PhysAddr, len: u64) {
         // `[pa, pa + len)` is RAM of the running VM (from its description, inside its pool
         // of guest RAM), mapped read-only, normal memory, by the window a chunk at a time
         // (`DC CIVAC` needs read permission only).
-        with_guest_ram(pa, len, Access::Read, boot::clean_invalidate_dcache_range);
+        with_guest_ram(
+            pa.get(),
+            len,
+            Access::Read,
+            boot::clean_invalidate_dcache_range,
+        );
     }
 }
 
@@ -294,7 +299,7 @@ fn route_console_input(machine: &Machine) {
     };
     // SAFETY: the PL011 the device tree names, mapped by the stage 1 ("uart"); this value
     // only uses its receive registers (see `ConsoleInput`).
-    let uart = unsafe { Pl011::new(base.base as usize) };
+    let uart = unsafe { Pl011::new(base.base.get() as usize) };
     let input = CONSOLE_INPUT.call_once(|| ConsoleInput {
         intid,
         vm: vm.id,
@@ -420,7 +425,7 @@ pub fn run_vms(machine: &Machine) -> ! {
         .iter()
         .flat_map(|d| [Some(d.kernel), d.initrd, d.dtb])
         .flatten()
-        .map(|i| i.pa.saturating_add(i.size))
+        .map(|i| i.pa_range().end())
         .max()
         .unwrap_or(STAGING.base);
     for mut desc in descs {
@@ -532,21 +537,25 @@ fn log_stage2_layout(desc: &config::VmDesc) {
 
 /// For a VM that boots Linux (`bootargs` and no `dtb`), builds its DTB and stages it after
 /// its images (`crate::linux::complete_desc`); stops the run if the VM cannot boot.
-fn stage_linux_dtb(desc: &mut config::VmDesc, host: &config::HostDt<'_>, staged_end: &mut u64) {
+fn stage_linux_dtb(
+    desc: &mut config::VmDesc,
+    host: &config::HostDt<'_>,
+    staged_end: &mut PhysAddr,
+) {
     let kernel = desc.kernel;
     let head_len = kernel.size.min(crate::linux::image::HEADER_LEN as u64) as usize;
     // SAFETY: the kernel's staged bytes lie in the staging range (`config::parse` checked
     // every image against it), which the hypervisor's stage 1 maps and QEMU filled before
     // any CPU ran; nothing writes it now.
-    let head = unsafe { core::slice::from_raw_parts(kernel.pa as *const u8, head_len) };
-    let free = PhysRange::new(*staged_end, STAGING.end().saturating_sub(*staged_end));
+    let head = unsafe { core::slice::from_raw_parts(kernel.pa.get() as *const u8, head_len) };
+    let free = PhysRange::from_to(*staged_end, STAGING.end());
     match crate::linux::complete_desc(desc, host, head, free) {
         Ok(None) => {}
         Ok(Some((pa, dtb))) => {
             // SAFETY: complete_desc placed `[pa, pa + len)` inside the staging range, after
             // every staged image of this VM; the range is mapped read/write and no CPU
             // runs a guest yet.
-            unsafe { core::ptr::copy_nonoverlapping(dtb.as_ptr(), pa as *mut u8, dtb.len()) };
+            unsafe { core::ptr::copy_nonoverlapping(dtb.as_ptr(), pa.get() as *mut u8, dtb.len()) };
             // Inside the staging range (see above): the sum is exact.
             *staged_end = pa.saturating_add(dtb.len() as u64);
             log::info!(
@@ -555,7 +564,8 @@ fn stage_linux_dtb(desc: &mut config::VmDesc, host: &config::HostDt<'_>, staged_
                 desc.entry,
                 dtb.len(),
                 desc.boot_x0(),
-                desc.initrd.map(|i| (i.ipa, i.ipa.saturating_add(i.size)))
+                desc.initrd
+                    .map(|i| (i.ipa.get(), i.ipa_range().end().get()))
             );
         }
         Err(e) => fatal(format_args!("VM {}: cannot boot Linux: {e}", desc.name)),

@@ -8,8 +8,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::mem::PhysRange;
-use crate::mem::PAGE_SIZE;
+use crate::mem::{PhysAddr, PhysRange, PAGE_SIZE};
 
 /// Why a frame could not be returned to the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,9 +51,9 @@ impl FramePool {
         // A base that cannot be rounded up to a page leaves no whole page.
         let base = region
             .base
-            .checked_next_multiple_of(PAGE_SIZE)
-            .unwrap_or(u64::MAX);
-        let frames = (region.end().saturating_sub(base) / PAGE_SIZE) as usize;
+            .checked_align_up(PAGE_SIZE)
+            .map_or(u64::MAX, PhysAddr::get);
+        let frames = (region.end().get().saturating_sub(base) / PAGE_SIZE) as usize;
         Self {
             base,
             frames,
@@ -69,7 +68,10 @@ impl FramePool {
     #[must_use]
     pub fn region(&self) -> PhysRange {
         // `frames` whole pages fit between `base` and the region's end: exact.
-        PhysRange::new(self.base, (self.frames as u64).saturating_mul(PAGE_SIZE))
+        PhysRange::new(
+            PhysAddr::new(self.base),
+            (self.frames as u64).saturating_mul(PAGE_SIZE),
+        )
     }
 
     /// Total frames.
@@ -282,11 +284,13 @@ mod tests {
     #[test]
     fn hands_out_every_frame_once() {
         // 130 frames: the last bitmap word is partial.
-        let mut pool = FramePool::new(PhysRange::new(0x4100_0000, 130 * PAGE_SIZE));
+        let mut pool = FramePool::new(PhysRange::new(PhysAddr::new(0x4100_0000), 130 * PAGE_SIZE));
         let mut seen = BTreeSet::new();
         while let Some(pa) = pool.alloc() {
             assert_eq!(pa % PAGE_SIZE, 0);
-            assert!(pool.region().contains(&PhysRange::new(pa, PAGE_SIZE)));
+            assert!(pool
+                .region()
+                .contains(&PhysRange::new(PhysAddr::new(pa), PAGE_SIZE)));
             assert!(seen.insert(pa), "frame {pa:#x} handed out twice");
         }
         assert_eq!(seen.len(), 130);
@@ -296,7 +300,7 @@ mod tests {
 
     #[test]
     fn free_and_reuse() {
-        let mut pool = FramePool::new(PhysRange::new(0x4100_0000, 4 * PAGE_SIZE));
+        let mut pool = FramePool::new(PhysRange::new(PhysAddr::new(0x4100_0000), 4 * PAGE_SIZE));
         let a = pool.alloc().unwrap();
         let b = pool.alloc().unwrap();
         assert!(pool.is_allocated(a));
@@ -324,7 +328,7 @@ mod tests {
     #[test]
     fn contiguous_runs_are_aligned_and_exclusive() {
         // Base deliberately not 16 KiB aligned.
-        let mut pool = FramePool::new(PhysRange::new(0x4100_1000, 32 * PAGE_SIZE));
+        let mut pool = FramePool::new(PhysRange::new(PhysAddr::new(0x4100_1000), 32 * PAGE_SIZE));
         let single = pool.alloc().unwrap();
         let run = pool.alloc_contiguous(4).unwrap();
         assert_eq!(run % (4 * PAGE_SIZE), 0);
@@ -347,10 +351,13 @@ mod tests {
 
     #[test]
     fn unaligned_region_is_trimmed_to_whole_pages() {
-        let pool = FramePool::new(PhysRange::new(0x4100_0800, 3 * PAGE_SIZE));
-        assert_eq!(pool.region(), PhysRange::new(0x4100_1000, 2 * PAGE_SIZE));
+        let pool = FramePool::new(PhysRange::new(PhysAddr::new(0x4100_0800), 3 * PAGE_SIZE));
         assert_eq!(
-            FramePool::new(PhysRange::new(0x4100_0800, 0x100)).capacity(),
+            pool.region(),
+            PhysRange::new(PhysAddr::new(0x4100_1000), 2 * PAGE_SIZE)
+        );
+        assert_eq!(
+            FramePool::new(PhysRange::new(PhysAddr::new(0x4100_0800), 0x100)).capacity(),
             0
         );
     }
@@ -358,7 +365,7 @@ mod tests {
     #[test]
     fn a_pool_at_the_top_of_the_address_space_neither_wraps_nor_panics() {
         // A base in the last page cannot be rounded up: no frames.
-        let mut none = FramePool::new(PhysRange::new(u64::MAX - 0x800, 0x800));
+        let mut none = FramePool::new(PhysRange::new(PhysAddr::new(u64::MAX - 0x800), 0x800));
         assert_eq!(none.capacity(), 0);
         assert_eq!(none.alloc(), None);
         assert_eq!(none.alloc_contiguous(2), None);
@@ -366,7 +373,7 @@ mod tests {
         // Fourteen frames below the last page: a run aligned to 8 frames would start
         // at 2^64, so there is none; single frames are all there.
         let base = 0xffff_ffff_ffff_1000;
-        let mut top = FramePool::new(PhysRange::new(base, 0xe000));
+        let mut top = FramePool::new(PhysRange::new(PhysAddr::new(base), 0xe000));
         assert_eq!(top.capacity(), 14);
         assert_eq!(top.alloc_contiguous(8), None);
         let all: Vec<u64> = core::iter::from_fn(|| top.alloc()).collect();

@@ -3,20 +3,20 @@
 
 use core::fmt;
 
-use crate::mem::{PhysRange, PAGE_SIZE};
+use crate::mem::{PhysAddr, PhysRange, PAGE_SIZE};
 
 /// End of the RAM the hypervisor keeps for itself (`docs/memory-map.md`); guest memory
 /// lies above.
-pub const HYP_RAM_END: u64 = 0x4800_0000;
+pub const HYP_RAM_END: PhysAddr = PhysAddr::new(0x4800_0000);
 
 /// Where the scripts start placing guest RAM: the first 2 MiB boundary clear of the
 /// hypervisor's RAM and of the DTB QEMU puts at [`HYP_RAM_END`] (`docs/memory-map.md`).
 /// The hypervisor itself takes guest RAM from every RAM bank ([`guest_ram`]).
-pub const GUEST_RAM_BASE: u64 = 0x5000_0000;
+pub const GUEST_RAM_BASE: PhysAddr = PhysAddr::new(0x5000_0000);
 
 /// Host physical range where QEMU's `-device loader` stages guest images
 /// (`docs/memory-map.md`); never mapped into a guest.
-pub const STAGING: PhysRange = PhysRange::new(0x7000_0000, 0x1000_0000);
+pub const STAGING: PhysRange = PhysRange::new(PhysAddr::new(0x7000_0000), 0x1000_0000);
 
 /// Bytes of heap (`buddy_system_allocator`), placed right after the image.
 pub const HEAP_SIZE: u64 = 16 << 20;
@@ -53,12 +53,14 @@ impl fmt::Display for LayoutError {
     }
 }
 
-const fn align_up(x: u64) -> Option<u64> {
-    x.checked_next_multiple_of(PAGE_SIZE)
+/// `x` rounded up to a page; `None` in the last page below 2^64, which has no page
+/// boundary above it.
+const fn align_up(x: PhysAddr) -> Option<PhysAddr> {
+    x.checked_align_up(PAGE_SIZE)
 }
 
-const fn align_down(x: u64) -> u64 {
-    x & !(PAGE_SIZE - 1)
+const fn align_down(x: PhysAddr) -> PhysAddr {
+    x.align_down(PAGE_SIZE)
 }
 
 /// Lays out heap and frame pool after the image.
@@ -84,7 +86,7 @@ pub fn plan(image: PhysRange, ram: &[PhysRange], dtb: PhysRange) -> Result<HypMe
     }
     // At least one frame between `frames_base` and the limit.
     let frames_size = align_down(limit)
-        .checked_sub(frames_base)
+        .checked_offset_from(frames_base)
         .filter(|&size| size >= PAGE_SIZE)
         .ok_or(LayoutError::TooSmall)?;
     Ok(HypMemory {
@@ -97,7 +99,7 @@ pub fn plan(image: PhysRange, ram: &[PhysRange], dtb: PhysRange) -> Result<HypMe
 /// The hypervisor's own RAM as [`guest_ram`] and [`staging_ram`] leave it out: from the
 /// start of the bank holding its image up to [`HYP_RAM_END`] (or the end of its frame
 /// pool, if later).
-fn own_ram(ram: &[PhysRange], hyp: &HypMemory) -> (u64, u64) {
+fn own_ram(ram: &[PhysRange], hyp: &HypMemory) -> (PhysAddr, PhysAddr) {
     let own_start = ram
         .iter()
         .find(|r| r.contains(&hyp.image))
@@ -107,16 +109,19 @@ fn own_ram(ram: &[PhysRange], hyp: &HypMemory) -> (u64, u64) {
 
 /// The pages the device tree `dtb` occupies; one in the last page below 2^64 keeps
 /// everything above its start.
-fn dtb_hole(dtb: PhysRange) -> (u64, u64) {
+fn dtb_hole(dtb: PhysRange) -> (PhysAddr, PhysAddr) {
     (
         align_down(dtb.base),
-        align_up(dtb.end()).unwrap_or(u64::MAX),
+        align_up(dtb.end()).unwrap_or(PhysAddr::new(u64::MAX)),
     )
 }
 
 /// The page-aligned parts of `ranges` (`(start, end)` pairs) outside every one of
 /// `holes`, as ranges sorted by address.
-fn less(ranges: &[(u64, u64)], holes: &[(u64, u64)]) -> alloc::vec::Vec<PhysRange> {
+fn less(
+    ranges: &[(PhysAddr, PhysAddr)],
+    holes: &[(PhysAddr, PhysAddr)],
+) -> alloc::vec::Vec<PhysRange> {
     let mut out = alloc::vec::Vec::new();
     for &(start, end) in ranges {
         // A range starting in the last page below 2^64 holds no whole page.
@@ -143,7 +148,7 @@ fn less(ranges: &[(u64, u64)], holes: &[(u64, u64)]) -> alloc::vec::Vec<PhysRang
         out.extend(
             pieces
                 .into_iter()
-                .filter_map(|(s, e)| Some(PhysRange::new(s, e.checked_sub(s)?)))
+                .filter_map(|(s, e)| Some(PhysRange::new(s, e.checked_offset_from(s)?)))
                 .filter(|r| r.size > 0),
         );
     }
@@ -188,22 +193,28 @@ pub fn staging_ram(
 mod tests {
     use super::*;
 
+    const END: u64 = HYP_RAM_END.get();
+
+    const fn pr(base: u64, size: u64) -> PhysRange {
+        PhysRange::new(PhysAddr::new(base), size)
+    }
+
     #[test]
     fn guest_ram_is_every_bank_less_the_hypervisor_dtb_and_staging() {
-        let m = plan(IMAGE, &[RAM], PhysRange::new(HYP_RAM_END, 0x1800)).unwrap();
-        let g = guest_ram(&[RAM], &m, PhysRange::new(HYP_RAM_END, 0x1800));
+        let m = plan(IMAGE, &[RAM], pr(END, 0x1800)).unwrap();
+        let g = guest_ram(&[RAM], &m, pr(END, 0x1800));
         assert_eq!(
             g,
             [
-                PhysRange::new(HYP_RAM_END + 0x2000, STAGING.base - HYP_RAM_END - 0x2000),
-                PhysRange::new(STAGING.end(), RAM.end() - STAGING.end()),
+                pr(END + 0x2000, STAGING.base.get() - END - 0x2000),
+                pr(STAGING.end().get(), RAM.end().get() - STAGING.end().get()),
             ]
         );
         // A second bank (and a DTB inside it) counts too; nothing of the hypervisor's.
-        let high = PhysRange::new(0x1_0000_0000, 0x4000_0000);
-        let dtb = PhysRange::new(0x1_0000_0000, 0x1000);
+        let high = pr(0x1_0000_0000, 0x4000_0000);
+        let dtb = pr(0x1_0000_0000, 0x1000);
         let g = guest_ram(&[RAM, high], &m, dtb);
-        assert_eq!(g.last(), Some(&PhysRange::new(0x1_0000_1000, 0x3fff_f000)));
+        assert_eq!(g.last(), Some(&pr(0x1_0000_1000, 0x3fff_f000)));
         assert!(g.iter().all(|r| !r.overlaps(&m.image)
             && !r.overlaps(&m.heap)
             && !r.overlaps(&m.frames)
@@ -212,7 +223,7 @@ mod tests {
         let total: u64 = g.iter().map(|r| r.size).sum();
         assert_eq!(
             total,
-            RAM.size + high.size - (HYP_RAM_END - RAM.base) - STAGING.size - 0x1000
+            RAM.size + high.size - (END - RAM.base.get()) - STAGING.size - 0x1000
         );
     }
 
@@ -221,14 +232,11 @@ mod tests {
         // Host device trees are input: a memory node or a device tree at the very top
         // of the address space must not round up past 2^64 (which wrapped to 0 and made
         // a bank of everything below it, MMIO included).
-        let m = plan(IMAGE, &[RAM], PhysRange::new(HYP_RAM_END, 0x1800)).unwrap();
-        let normal = guest_ram(&[RAM], &m, PhysRange::new(HYP_RAM_END, 0x1800));
-        let top = PhysRange::new(u64::MAX - 0xffe, 0x10);
-        assert_eq!(
-            guest_ram(&[RAM, top], &m, PhysRange::new(HYP_RAM_END, 0x1800)),
-            normal
-        );
-        let g = guest_ram(&[RAM], &m, PhysRange::new(u64::MAX - 0x10, 0x20));
+        let m = plan(IMAGE, &[RAM], pr(END, 0x1800)).unwrap();
+        let normal = guest_ram(&[RAM], &m, pr(END, 0x1800));
+        let top = pr(u64::MAX - 0xffe, 0x10);
+        assert_eq!(guest_ram(&[RAM, top], &m, pr(END, 0x1800)), normal);
+        let g = guest_ram(&[RAM], &m, pr(u64::MAX - 0x10, 0x20));
         assert_eq!(
             g,
             guest_ram(&[RAM], &m, PhysRange::default()),
@@ -242,48 +250,49 @@ mod tests {
 
     #[test]
     fn staging_ram_is_the_staging_range_in_ram_and_never_guest_ram() {
-        let dtb = PhysRange::new(HYP_RAM_END, 0x1800);
+        let dtb = pr(END, 0x1800);
         let m = plan(IMAGE, &[RAM], dtb).unwrap();
         assert_eq!(staging_ram(&[RAM], &m, dtb), [STAGING]);
         // RAM that ends inside the staging range, or before it.
-        let short = PhysRange::new(RAM.base, 0x3800_0000);
+        let short = pr(RAM.base.get(), 0x3800_0000);
         assert_eq!(
             staging_ram(&[short], &m, dtb),
-            [PhysRange::new(STAGING.base, 0x0800_0000)]
+            [pr(STAGING.base.get(), 0x0800_0000)]
         );
-        let small = PhysRange::new(RAM.base, 0x2000_0000);
+        let small = pr(RAM.base.get(), 0x2000_0000);
         assert!(staging_ram(&[small], &m, dtb).is_empty());
         // Two banks around a hole in the middle of the staging range, and a DTB in it.
         let banks = [
-            PhysRange::new(RAM.base, 0x3400_0000),
-            PhysRange::new(0x7800_0000, 0x1000_0000),
+            pr(RAM.base.get(), 0x3400_0000),
+            pr(0x7800_0000, 0x1000_0000),
         ];
-        let dtb = PhysRange::new(0x7900_0800, 0x1000);
+        let dtb = pr(0x7900_0800, 0x1000);
         let m = plan(IMAGE, &banks, dtb).unwrap();
         let staging = staging_ram(&banks, &m, dtb);
         assert_eq!(
             staging,
             [
-                PhysRange::new(0x7000_0000, 0x0400_0000),
-                PhysRange::new(0x7800_0000, 0x0100_0000),
-                PhysRange::new(0x7900_2000, 0x0700_0000 - 0x2000),
+                pr(0x7000_0000, 0x0400_0000),
+                pr(0x7800_0000, 0x0100_0000),
+                pr(0x7900_2000, 0x0700_0000 - 0x2000),
             ]
         );
         let guest = guest_ram(&banks, &m, dtb);
         assert!(guest.iter().all(|g| staging.iter().all(|s| !s.overlaps(g))));
-        assert_eq!(
-            guest.last(),
-            Some(&PhysRange::new(STAGING.end(), 0x0800_0000))
-        );
+        assert_eq!(guest.last(), Some(&pr(STAGING.end().get(), 0x0800_0000)));
     }
 
-    const RAM: PhysRange = PhysRange::new(0x4000_0000, 2 << 30);
-    const IMAGE: PhysRange = PhysRange::new(0x4020_0000, 0x8_1234);
+    const RAM: PhysRange = pr(0x4000_0000, 2 << 30);
+    const IMAGE: PhysRange = pr(0x4020_0000, 0x8_1234);
 
     #[test]
     fn heap_then_frames_up_to_the_dtb() {
-        let m = plan(IMAGE, &[RAM], PhysRange::new(HYP_RAM_END, 0x2000)).unwrap();
-        assert_eq!(m.heap.base, 0x4028_2000, "page aligned after the image");
+        let m = plan(IMAGE, &[RAM], pr(END, 0x2000)).unwrap();
+        assert_eq!(
+            m.heap.base.get(),
+            0x4028_2000,
+            "page aligned after the image"
+        );
         assert_eq!(m.heap.size, HEAP_SIZE);
         assert_eq!(m.frames.base, m.heap.end());
         assert_eq!(m.frames.end(), HYP_RAM_END);
@@ -292,18 +301,18 @@ mod tests {
 
     #[test]
     fn dtb_below_the_limit_cuts_the_pool() {
-        let dtb = PhysRange::new(0x4400_0800, 0x2000);
+        let dtb = pr(0x4400_0800, 0x2000);
         let m = plan(IMAGE, &[RAM], dtb).unwrap();
-        assert_eq!(m.frames.end(), 0x4400_0000);
+        assert_eq!(m.frames.end().get(), 0x4400_0000);
         assert!(!m.frames.overlaps(&dtb));
     }
 
     #[test]
     fn small_ram_cuts_the_pool() {
-        let ram = PhysRange::new(0x4000_0000, 0x0200_0000 + 0x40_0000 + HEAP_SIZE);
-        let m = plan(IMAGE, &[ram], PhysRange::new(0x5000_0000, 0x1000)).unwrap();
+        let ram = pr(0x4000_0000, 0x0200_0000 + 0x40_0000 + HEAP_SIZE);
+        let m = plan(IMAGE, &[ram], pr(0x5000_0000, 0x1000)).unwrap();
         assert_eq!(m.frames.end(), ram.end());
-        let tiny = PhysRange::new(0x4000_0000, 0x40_0000);
+        let tiny = pr(0x4000_0000, 0x40_0000);
         assert_eq!(
             plan(IMAGE, &[tiny], PhysRange::default()),
             Err(LayoutError::TooSmall)
@@ -312,7 +321,7 @@ mod tests {
 
     #[test]
     fn image_outside_ram() {
-        let ram = PhysRange::new(0x8000_0000, 1 << 30);
+        let ram = pr(0x8000_0000, 1 << 30);
         assert_eq!(
             plan(IMAGE, &[ram], PhysRange::default()),
             Err(LayoutError::ImageNotInRam)

@@ -12,7 +12,7 @@ use boot::ImageLayout;
 
 use crate::mem::layout::{self, HypMemory};
 use crate::mem::window;
-use crate::mem::{PhysRange, PAGE_SIZE};
+use crate::mem::{PhysAddr, PhysRange, VirtAddr, PAGE_SIZE};
 
 /// Access permissions of a hypervisor mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,7 +88,9 @@ const STACK: u64 = boot::STACK_SIZE as u64;
 /// If `addr` lies in the unmapped guard page below a CPU's stack (the stacks start at
 /// `image.data_end`), that CPU's index: the fault was a stack overflow.
 #[must_use]
-pub fn stack_guard_owner(image: &ImageLayout, addr: u64) -> Option<usize> {
+pub fn stack_guard_owner(image: &ImageLayout, addr: VirtAddr) -> Option<usize> {
+    // The stage 1 is an identity map: the image's physical addresses are its virtual ones.
+    let addr = addr.get();
     if addr >= image.image_end {
         return None;
     }
@@ -179,11 +181,12 @@ pub fn build<A: mmu::FrameAllocator, T: mmu::TlbMaintenance>(
     table: &mut mmu::PageTable<mmu::El2, A, T>,
     maps: &[Mapping],
 ) -> Result<(), (Mapping, mmu::Error)> {
+    // The `mmu` boundary: identity, each mapping's VA is its PA.
     for m in maps {
         table
             .map(
-                m.region.base,
-                m.region.base,
+                m.region.base.get(),
+                m.region.base.get(),
                 m.region.size,
                 attributes(m),
                 mmu::MapFlags::WXN,
@@ -192,7 +195,7 @@ pub fn build<A: mmu::FrameAllocator, T: mmu::TlbMaintenance>(
     }
     for region in execute_never_regions(maps) {
         table
-            .set_table_attrs(region.base, region.size, mmu::TableAttrs::NO_EXEC_EL2)
+            .set_table_attrs(region.base.get(), region.size, mmu::TableAttrs::NO_EXEC_EL2)
             .map_err(|e| {
                 let m = Mapping {
                     name: "xn-table",
@@ -216,9 +219,9 @@ pub const XN_TABLE_SPAN: u64 = 1 << 30;
 pub fn execute_never_regions(maps: &[Mapping]) -> Vec<PhysRange> {
     let mut regions: Vec<u64> = Vec::new();
     for m in maps.iter().filter(|m| m.region.size > 0) {
-        let first = m.region.base / XN_TABLE_SPAN;
+        let first = m.region.base.get() / XN_TABLE_SPAN;
         // `size > 0`: the region's last byte is `end - 1`.
-        let last = m.region.end().saturating_sub(1) / XN_TABLE_SPAN;
+        let last = m.region.end().get().saturating_sub(1) / XN_TABLE_SPAN;
         regions.extend(first..=last);
     }
     regions.sort_unstable();
@@ -226,7 +229,12 @@ pub fn execute_never_regions(maps: &[Mapping]) -> Vec<PhysRange> {
     regions
         .into_iter()
         // `r` is an address divided by the span: the product is exact.
-        .map(|r| PhysRange::new(r.saturating_mul(XN_TABLE_SPAN), XN_TABLE_SPAN))
+        .map(|r| {
+            PhysRange::new(
+                PhysAddr::new(r.saturating_mul(XN_TABLE_SPAN)),
+                XN_TABLE_SPAN,
+            )
+        })
         .filter(|r| {
             !maps
                 .iter()
@@ -237,11 +245,11 @@ pub fn execute_never_regions(maps: &[Mapping]) -> Vec<PhysRange> {
 
 /// The whole pages covering `[base, end)`: its end rounded up to a page, or to the last
 /// page boundary below 2^64 for a range that reaches into the last page.
-const fn page_range(base: u64, end: u64) -> PhysRange {
-    let base = base & !(PAGE_SIZE - 1);
-    let end = match end.checked_next_multiple_of(PAGE_SIZE) {
+const fn page_range(base: PhysAddr, end: PhysAddr) -> PhysRange {
+    let base = base.align_down(PAGE_SIZE);
+    let end = match end.checked_align_up(PAGE_SIZE) {
         Some(end) => end,
-        None => !(PAGE_SIZE - 1),
+        None => PhysAddr::new(!(PAGE_SIZE - 1)),
     };
     PhysRange::from_to(base, end)
 }
@@ -273,6 +281,8 @@ pub fn plan(
     machine: &Machine<'_>,
 ) -> Result<Vec<Mapping>, PlanError> {
     let mut maps = Vec::new();
+    // `boot`'s image layout is raw linker addresses: physical ones.
+    let pa = PhysAddr::new;
     let mut add = |name, region: PhysRange, access, memory| {
         if region.size > 0 {
             maps.push(Mapping {
@@ -285,19 +295,19 @@ pub fn plan(
     };
     add(
         "text",
-        PhysRange::from_to(image.text_start, image.text_end),
+        PhysRange::from_to(pa(image.text_start), pa(image.text_end)),
         Access::ReadExecute,
         Memory::Normal,
     );
     add(
         "rodata",
-        PhysRange::from_to(image.text_end, image.rodata_end),
+        PhysRange::from_to(pa(image.text_end), pa(image.rodata_end)),
         Access::ReadOnly,
         Memory::Normal,
     );
     add(
         "data+bss",
-        PhysRange::from_to(image.rodata_end, image.data_end),
+        PhysRange::from_to(pa(image.rodata_end), pa(image.data_end)),
         Access::ReadWrite,
         Memory::Normal,
     );
@@ -313,7 +323,7 @@ pub fn plan(
         };
         add(
             "stack",
-            PhysRange::from_to(base.saturating_add(PAGE_SIZE), end),
+            PhysRange::from_to(pa(base.saturating_add(PAGE_SIZE)), pa(end)),
             Access::ReadWrite,
             Memory::Normal,
         );
@@ -349,7 +359,7 @@ pub fn plan(
 pub fn check(maps: &[Mapping]) -> Result<(), PlanError> {
     let mut rest = maps;
     while let Some((m, later)) = rest.split_first() {
-        if m.region.base % PAGE_SIZE != 0 || m.region.size % PAGE_SIZE != 0 {
+        if !m.region.base.is_aligned(PAGE_SIZE) || m.region.size % PAGE_SIZE != 0 {
             return Err(PlanError::Misaligned(m.name));
         }
         if let Some(o) = later.iter().find(|o| o.region.overlaps(&m.region)) {
@@ -371,7 +381,8 @@ pub fn window_base(maps: &[Mapping], ram: &[PhysRange]) -> Option<u64> {
         .rev()
         .map(|i| i.saturating_mul(window::SPAN))
         .find(|&base| {
-            let r = PhysRange::new(base, window::SPAN);
+            // Identity map: the region's VAs are the PAs a mapping or RAM would have.
+            let r = PhysRange::new(PhysAddr::new(base), window::SPAN);
             !maps.iter().any(|m| m.region.overlaps(&r)) && !ram.iter().any(|b| b.overlaps(&r))
         })
 }
@@ -380,6 +391,14 @@ pub fn window_base(maps: &[Mapping], ram: &[PhysRange]) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::mem::layout;
+
+    const fn pr(base: u64, size: u64) -> PhysRange {
+        PhysRange::new(PhysAddr::new(base), size)
+    }
+
+    fn guard(image: &ImageLayout, addr: u64) -> Option<usize> {
+        stack_guard_owner(image, VirtAddr::new(addr))
+    }
 
     /// Size of QEMU's device tree for `virt` with 4 CPUs.
     const SMP4: &[u8] = include_bytes!("../../tests/fixtures/virt-gicv3-a57-smp4-2g.dtb");
@@ -396,14 +415,14 @@ mod tests {
 
     /// QEMU's RAM (2 GiB at 0x4000_0000), UART and GICv3, with the device tree at `base`.
     fn platform_with_dtb_at(base: u64) -> Machine<'static> {
-        const RAM: &[PhysRange] = &[PhysRange::new(0x4000_0000, 2 << 30)];
+        const RAM: &[PhysRange] = &[pr(0x4000_0000, 2 << 30)];
         const DEVICES: &[(&str, PhysRange)] = &[
-            ("uart", PhysRange::new(0x0900_0000, 0x1000)),
-            ("gicd", PhysRange::new(0x0800_0000, 0x1_0000)),
-            ("gicr", PhysRange::new(0x080a_0000, 0xf6_0000)),
+            ("uart", pr(0x0900_0000, 0x1000)),
+            ("gicd", pr(0x0800_0000, 0x1_0000)),
+            ("gicr", pr(0x080a_0000, 0xf6_0000)),
         ];
         Machine {
-            dtb: PhysRange::new(base, SMP4.len() as u64),
+            dtb: pr(base, SMP4.len() as u64),
             ram: RAM,
             devices: DEVICES,
         }
@@ -412,7 +431,7 @@ mod tests {
     fn mem(p: &Machine<'_>) -> HypMemory {
         let img = image();
         layout::plan(
-            PhysRange::new(img.text_start, img.image_end - img.text_start),
+            pr(img.text_start, img.image_end - img.text_start),
             p.ram,
             p.dtb,
         )
@@ -421,26 +440,23 @@ mod tests {
 
     #[test]
     fn sections_get_their_permissions() {
-        let p = platform_with_dtb_at(layout::HYP_RAM_END);
+        let p = platform_with_dtb_at(layout::HYP_RAM_END.get());
         let maps = plan(&image(), &mem(&p), &p).unwrap();
         let find = |name| maps.iter().find(|m| m.name == name).copied().unwrap();
         assert_eq!(find("text").access, Access::ReadExecute);
-        assert_eq!(find("text").region, PhysRange::new(0x4020_0000, 0x13000));
+        assert_eq!(find("text").region, pr(0x4020_0000, 0x13000));
         assert_eq!(find("rodata").access, Access::ReadOnly);
         assert_eq!(find("data+bss").access, Access::ReadWrite);
         let stacks: Vec<_> = maps.iter().filter(|m| m.name == "stack").collect();
         assert_eq!(stacks.len(), boot::MAX_CPUS);
         // Each stack leaves its lowest page unmapped.
-        assert_eq!(
-            stacks[0].region,
-            PhysRange::new(0x4022_1000, STACK - PAGE_SIZE)
-        );
-        assert_eq!(stacks[1].region.base, 0x4022_0000 + STACK + PAGE_SIZE);
+        assert_eq!(stacks[0].region, pr(0x4022_1000, STACK - PAGE_SIZE));
+        assert_eq!(stacks[1].region.base.get(), 0x4022_0000 + STACK + PAGE_SIZE);
         assert!(stacks.iter().all(|m| m.access == Access::ReadWrite));
         assert_eq!(find("dtb").access, Access::ReadOnly);
         assert_eq!(find("uart").memory, Memory::Device);
         assert_eq!(find("gicd").memory, Memory::Device);
-        assert_eq!(find("gicr").region, PhysRange::new(0x080a_0000, 0xf6_0000));
+        assert_eq!(find("gicr").region, pr(0x080a_0000, 0xf6_0000));
         // Exactly one executable mapping, and it is the text.
         let exec: Vec<_> = maps
             .iter()
@@ -452,7 +468,7 @@ mod tests {
 
     #[test]
     fn only_staging_of_the_ram_above_the_hypervisor_is_mapped() {
-        let p = platform_with_dtb_at(layout::HYP_RAM_END);
+        let p = platform_with_dtb_at(layout::HYP_RAM_END.get());
         let maps = plan(&image(), &mem(&p), &p).unwrap();
         let above: Vec<_> = maps
             .iter()
@@ -481,8 +497,8 @@ mod tests {
         assert_eq!(
             staging,
             [
-                PhysRange::new(0x7000_0000, 0x0800_0000),
-                PhysRange::new(0x7800_2000, 0x0800_0000 - 0x2000)
+                pr(0x7000_0000, 0x0800_0000),
+                pr(0x7800_2000, 0x0800_0000 - 0x2000)
             ]
         );
     }
@@ -491,7 +507,7 @@ mod tests {
     fn built_table_enforces_the_policy() {
         use mmu::testing::{HeapFrames, RecordingTlb};
         use mmu::{El2, MemoryType, PageTable, Permissions};
-        let p = platform_with_dtb_at(layout::HYP_RAM_END);
+        let p = platform_with_dtb_at(layout::HYP_RAM_END.get());
         let maps = plan(&image(), &mem(&p), &p).unwrap();
         let mut table = PageTable::new(
             El2::new(VA_BITS).with_pa_bits(44),
@@ -533,7 +549,9 @@ mod tests {
         assert!(table.translate(0x0).is_none());
         // Guest RAM is not mapped (here: the RAM after the DTB up to staging, and
         // everything after staging).
-        assert!(table.translate(layout::HYP_RAM_END + 0x2000).is_none());
+        assert!(table
+            .translate(layout::HYP_RAM_END.get() + 0x2000)
+            .is_none());
         assert!(table.translate(0x6fff_f000).is_none());
         assert!(table.translate(0x8000_0000).is_none());
         assert!(table.translate(0xbfff_f000).is_none());
@@ -547,7 +565,7 @@ mod tests {
         assert_eq!(table.table_attrs(0x0900_0000), TableAttrs::NO_EXEC_EL2);
         assert_eq!(table.table_attrs(0x3000_0000), TableAttrs::NO_EXEC_EL2);
         assert_eq!(table.table_attrs(0x4020_0040), TableAttrs::empty());
-        assert_eq!(execute_never_regions(&maps), [PhysRange::new(0, 1 << 30)]);
+        assert_eq!(execute_never_regions(&maps), [pr(0, 1 << 30)]);
         // Later mappings there stay execute-never (the table attribute is held).
         assert_eq!(
             table
@@ -560,42 +578,34 @@ mod tests {
     #[test]
     fn guard_pages() {
         let img = image();
-        assert_eq!(stack_guard_owner(&img, 0x4022_0000), Some(0));
-        assert_eq!(stack_guard_owner(&img, 0x4022_0fff), Some(0));
-        assert_eq!(
-            stack_guard_owner(&img, 0x4022_1000),
-            None,
-            "cpu0's stack proper"
-        );
-        assert_eq!(
-            stack_guard_owner(&img, 0x4022_0000 + 3 * STACK + 8),
-            Some(3)
-        );
-        assert_eq!(stack_guard_owner(&img, 0x4021_ffff), None, "data");
-        assert_eq!(
-            stack_guard_owner(&img, img.image_end),
-            None,
-            "past the stacks"
-        );
+        assert_eq!(guard(&img, 0x4022_0000), Some(0));
+        assert_eq!(guard(&img, 0x4022_0fff), Some(0));
+        assert_eq!(guard(&img, 0x4022_1000), None, "cpu0's stack proper");
+        assert_eq!(guard(&img, 0x4022_0000 + 3 * STACK + 8), Some(3));
+        assert_eq!(guard(&img, 0x4021_ffff), None, "data");
+        assert_eq!(guard(&img, img.image_end), None, "past the stacks");
     }
 
     #[test]
     fn page_ranges_round_outwards_and_stop_below_2_64() {
         assert_eq!(
-            page_range(0x4000_1234, 0x4000_5678),
-            PhysRange::new(0x4000_1000, 0x5000)
+            page_range(PhysAddr::new(0x4000_1234), PhysAddr::new(0x4000_5678)),
+            pr(0x4000_1000, 0x5000)
         );
         assert_eq!(
-            page_range(0x4000_0000, 0x4000_1000),
-            PhysRange::new(0x4000_0000, 0x1000)
+            page_range(PhysAddr::new(0x4000_0000), PhysAddr::new(0x4000_1000)),
+            pr(0x4000_0000, 0x1000)
         );
         // A range reaching into the last page below 2^64 (a device tree or device at
         // an address no PA size has) ends at the last page boundary, without wrapping.
         assert_eq!(
-            page_range(u64::MAX - 0x1800, u64::MAX),
-            PhysRange::new(0xffff_ffff_ffff_e000, 0x1000)
+            page_range(PhysAddr::new(u64::MAX - 0x1800), PhysAddr::new(u64::MAX)),
+            pr(0xffff_ffff_ffff_e000, 0x1000)
         );
-        assert_eq!(page_range(u64::MAX - 0x10, u64::MAX).size, 0);
+        assert_eq!(
+            page_range(PhysAddr::new(u64::MAX - 0x10), PhysAddr::new(u64::MAX)).size,
+            0
+        );
     }
 
     #[test]
@@ -627,7 +637,7 @@ mod tests {
     fn policy_violations_are_reported() {
         let m = |name, base, access| Mapping {
             name,
-            region: PhysRange::new(base, PAGE_SIZE),
+            region: pr(base, PAGE_SIZE),
             access,
             memory: Memory::Normal,
         };
@@ -665,10 +675,10 @@ mod tests {
             any::<bool>(),
         )
             .prop_map(|(size0, more, bank, offset, at_qemu_place)| {
-                let mut ram = vec![PhysRange::new(0x4000_0000, size0)];
+                let mut ram = vec![pr(0x4000_0000, size0)];
                 for (gap, size) in more {
-                    let base = ram.last().unwrap().end() + gap;
-                    ram.push(PhysRange::new(base, size));
+                    let base = ram.last().unwrap().end().get() + gap;
+                    ram.push(pr(base, size));
                 }
                 let dtb_size = 0x1800;
                 let dtb = if at_qemu_place && size0 >= 256 << 20 {
@@ -676,13 +686,13 @@ mod tests {
                 } else {
                     let b = ram[bank.index(ram.len())];
                     // Clear of the image and the heap in the first bank.
-                    let lo = if b.base == 0x4000_0000 {
+                    let lo = if b.base.get() == 0x4000_0000 {
                         0x4200_0000
                     } else {
-                        b.base
+                        b.base.get()
                     };
-                    let span = b.end() - lo - 0x2000;
-                    PhysRange::new(lo + (offset % span) / 8 * 8, dtb_size)
+                    let span = b.end().get() - lo - 0x2000;
+                    pr(lo + (offset % span) / 8 * 8, dtb_size)
                 };
                 (ram, dtb)
             })
@@ -699,7 +709,7 @@ mod tests {
         fn nothing_of_the_guest_ram_pool_is_mapped((ram, dtb) in ram_layout(), probe: u64) {
             use mmu::testing::{HeapFrames, RecordingTlb};
             use mmu::{El2, PageTable};
-            const DEVICES: &[(&str, PhysRange)] = &[("uart", PhysRange::new(0x0900_0000, 0x1000))];
+            const DEVICES: &[(&str, PhysRange)] = &[("uart", pr(0x0900_0000, 0x1000))];
             let machine = Machine { dtb, ram: &ram, devices: DEVICES };
             let img = image();
             let hyp = mem(&machine);
@@ -715,7 +725,7 @@ mod tests {
                 }
             }
             let base = window_base(&maps, &ram).unwrap();
-            let region = PhysRange::new(base, window::SPAN);
+            let region = pr(base, window::SPAN);
             proptest::prop_assert!(maps.iter().all(|m| !m.region.overlaps(&region)));
             proptest::prop_assert!(ram.iter().all(|b| !b.overlaps(&region)));
 
@@ -730,8 +740,8 @@ mod tests {
             w.install(&mut table, img.text_end).unwrap();
             table
                 .walk(0, 1 << VA_BITS, |leaf| {
-                    let va = PhysRange::new(leaf.va, leaf.size);
-                    let out = PhysRange::new(leaf.output, leaf.size);
+                    let va = pr(leaf.va, leaf.size);
+                    let out = pr(leaf.output, leaf.size);
                     for g in &pool {
                         assert!(!va.overlaps(g) && !out.overlaps(g), "{leaf:?} and {g}");
                     }
@@ -746,14 +756,14 @@ mod tests {
                 .iter()
                 .find_map(|b| {
                     if at < b.size {
-                        Some(PhysRange::new(b.base + at, PAGE_SIZE))
+                        Some(pr(b.base.get() + at, PAGE_SIZE))
                     } else {
                         at -= b.size;
                         None
                     }
                 })
                 .unwrap();
-            let own = PhysRange::new(0x4000_0000, layout::HYP_RAM_END.max(hyp.frames.end()) - 0x4000_0000);
+            let own = pr(0x4000_0000, layout::HYP_RAM_END.max(hyp.frames.end()).get() - 0x4000_0000);
             let dtb_pages = page_range(dtb.base, dtb.end());
             if !maps.iter().any(|m| m.region.overlaps(&page))
                 && !own.overlaps(&page)

@@ -31,7 +31,7 @@ use core::fmt;
 
 use mmu::{Attributes, El2, MapFlags, MemoryType, PageTable, Permissions, TableAttrs};
 
-use crate::mem::{PhysRange, PAGE_SIZE};
+use crate::mem::{PhysAddr, PhysRange, VirtAddr, VirtRange, PAGE_SIZE};
 
 /// Most bytes one chunk covers: a level-2 block.
 pub const CHUNK: u64 = 2 << 20;
@@ -129,7 +129,7 @@ impl Chunk {
             .saturating_add(self.len)
             .saturating_add(PAGE_SIZE - 1)
             & !(PAGE_SIZE - 1);
-        PhysRange::new(base, end.saturating_sub(base))
+        PhysRange::new(PhysAddr::new(base), end.saturating_sub(base))
     }
 
     /// Whether its pages are a whole aligned 2 MiB: mapped as one block.
@@ -190,8 +190,8 @@ impl Window {
 
     /// The virtual address range the window owns.
     #[must_use]
-    pub const fn region(&self) -> PhysRange {
-        PhysRange::new(self.base, SPAN)
+    pub const fn region(&self) -> VirtRange {
+        VirtRange::new(VirtAddr::new(self.base), SPAN)
     }
 
     /// Where CPU `cpu`'s block half starts.
@@ -226,7 +226,7 @@ impl Window {
         let inside = pa.checked_add(len).is_some_and(|end| {
             self.guest_ram
                 .iter()
-                .any(|r| r.base <= pa && end <= r.end())
+                .any(|r| r.base.get() <= pa && end <= r.end().get())
         });
         if inside {
             Ok(())
@@ -287,8 +287,8 @@ impl Window {
     ) -> Result<u64, WindowError> {
         self.check(chunk.pa, chunk.len)?;
         let pages = chunk.pages();
-        let last = pages.end().saturating_sub(1);
-        if pages.size > CHUNK || pages.base & !(CHUNK - 1) != last & !(CHUNK - 1) {
+        let last = pages.end().get().saturating_sub(1);
+        if pages.size > CHUNK || pages.base.get() & !(CHUNK - 1) != last & !(CHUNK - 1) {
             // Not one chunk of `chunks`: it would not fit the slot.
             return Err(WindowError::NotGuestRam {
                 pa: chunk.pa,
@@ -301,7 +301,7 @@ impl Window {
         } else {
             MapFlags::WXN | MapFlags::NO_BLOCKS | MapFlags::NO_CONTIGUOUS
         };
-        table.map(va, pages.base, pages.size, access.attributes(), flags)?;
+        table.map(va, pages.base.get(), pages.size, access.attributes(), flags)?;
         // The chunk starts in its first page, which `va` maps.
         Ok(va.saturating_add(chunk.pa & (PAGE_SIZE - 1)))
     }
@@ -361,9 +361,13 @@ mod tests {
     const BASE: u64 = 0x7f_c000_0000;
     const ANCHOR: u64 = 0x4021_3000;
     const POOL: [PhysRange; 2] = [
-        PhysRange::new(0x4800_2000, 0x2800_0000 - 0x2000),
-        PhysRange::new(0x8000_0000, 0x4000_0000),
+        pr(0x4800_2000, 0x2800_0000 - 0x2000),
+        pr(0x8000_0000, 0x4000_0000),
     ];
+
+    const fn pr(base: u64, size: u64) -> PhysRange {
+        PhysRange::new(PhysAddr::new(base), size)
+    }
 
     type Table = PageTable<El2, HeapFrames, RecordingTlb>;
 
@@ -387,7 +391,7 @@ mod tests {
     /// Every leaf in the window's region: (va, pa, size).
     fn window_leaves(w: &Window, t: &Table) -> Vec<(u64, u64, u64)> {
         let mut out = Vec::new();
-        t.walk(w.region().base, SPAN, |m| {
+        t.walk(w.region().base.get(), SPAN, |m| {
             out.push((m.va, m.output, m.size))
         })
         .unwrap();
@@ -421,8 +425,8 @@ mod tests {
             ]
         );
         assert!(!c[0].is_block() && c[1].is_block() && !c[2].is_block());
-        assert_eq!(c[0].pages(), PhysRange::new(0x4810_0000, 0x10_0000));
-        assert_eq!(c[2].pages(), PhysRange::new(0x4840_0000, 0x10_1000));
+        assert_eq!(c[0].pages(), pr(0x4810_0000, 0x10_0000));
+        assert_eq!(c[2].pages(), pr(0x4840_0000, 0x10_1000));
         assert_eq!(chunks(0x4800_0000, 0).count(), 0);
         // A byte range whose pages make a whole 2 MiB is a block.
         let c: Vec<_> = chunks(0x4820_0010, CHUNK - 0x20).collect();
@@ -460,11 +464,11 @@ mod tests {
             Err(WindowError::BadLayout)
         );
         let w = Window::new(BASE, 2, &POOL).unwrap();
-        assert!(w.check(POOL[0].base, POOL[0].size).is_ok());
+        assert!(w.check(POOL[0].base.get(), POOL[0].size).is_ok());
         // Across two pool ranges, before the pool, wrapping, the hypervisor's own RAM.
         for (pa, len) in [
-            (POOL[0].end() - 0x1000, 0x4000_0000),
-            (POOL[0].base - 0x1000, 0x2000),
+            (POOL[0].end().get() - 0x1000, 0x4000_0000),
+            (POOL[0].base.get() - 0x1000, 0x2000),
             (u64::MAX - 0xfff, 0x2000),
             (0x4020_0000, 0x1000),
         ] {

@@ -5,6 +5,7 @@
 //!
 //! Also builds the `ESR_EL1` value of an abort the hypervisor injects into a guest.
 
+use crate::mem::{Ipa, VirtAddr};
 use boot::esr::{DataAccess, Esr, ExceptionClass, FaultStatus, Syndrome, SysRegAccess, WfxKind};
 
 /// A stage-2 (or stage-1 walk) abort taken from the guest.
@@ -16,9 +17,9 @@ pub struct Abort {
     /// WnR reads as 1 without any write.
     pub write: bool,
     /// Faulting IPA (page from `HPFAR_EL2`, offset from `FAR_EL2`).
-    pub ipa: u64,
+    pub ipa: Ipa,
     /// Faulting virtual address (`FAR_EL2`).
-    pub far: u64,
+    pub far: VirtAddr,
     /// Fault status code.
     pub status: FaultStatus,
     /// How to emulate the access, when the hardware provided a syndrome (`ISV` = 1).
@@ -90,8 +91,8 @@ impl From<boot::Exit> for Exit {
             Self::Abort(Abort {
                 instruction,
                 write: a.write && !a.cache_maintenance,
-                ipa: boot::esr::fault_ipa(hpfar, far),
-                far,
+                ipa: Ipa::new(boot::esr::fault_ipa(hpfar, far)),
+                far: VirtAddr::new(far),
                 status: a.status,
                 syndrome: a.access,
                 s1ptw: a.s1ptw,
@@ -221,8 +222,8 @@ mod tests {
         assert!(!a.instruction);
         assert!(a.write);
         assert!(a.unmapped());
-        assert_eq!(a.ipa, 0x0900_0678);
-        assert_eq!(a.far, 0x1234_5678);
+        assert_eq!(a.ipa, Ipa::new(0x0900_0678));
+        assert_eq!(a.far, VirtAddr::new(0x1234_5678));
         assert_eq!(a.status, FaultStatus::Translation(3));
         let s = a.syndrome.expect("syndrome");
         assert_eq!(
@@ -242,7 +243,7 @@ mod tests {
         assert_eq!(a.syndrome, None);
         assert!(!a.write);
         assert!(!a.unmapped());
-        assert_eq!(a.ipa, 0xffff_ffff_fabc);
+        assert_eq!(a.ipa, Ipa::new(0xffff_ffff_fabc));
     }
 
     #[test]
@@ -251,7 +252,7 @@ mod tests {
             panic!()
         };
         assert!(a.instruction && !a.write && a.syndrome.is_none());
-        assert_eq!(a.ipa, 0x10010);
+        assert_eq!(a.ipa, Ipa::new(0x10010));
         // CM=1 with WnR=1 is not a write.
         let Exit::Abort(b) = decode(esr(0x24, (1 << 8) | (1 << 6) | 0x05), 0, 0) else {
             panic!()

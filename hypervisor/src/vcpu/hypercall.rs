@@ -332,7 +332,7 @@ mod tests {
             call(&mut ps, &[0xC600_0011, 0x4000_0000, 2, 1, 3]),
             Outcome::Share(Request::Give {
                 kind: Kind::Lend,
-                ipa: 0x4000_0000,
+                ipa: crate::mem::Ipa::new(0x4000_0000),
                 pages: 2,
                 receiver: 1,
                 perms: 3
@@ -342,7 +342,7 @@ mod tests {
             call(&mut ps, &[0xFFFF_0000_C600_0012, 5, 0x8000_0000, 1]),
             Outcome::Share(Request::Retrieve {
                 handle: 5,
-                ipa: 0x8000_0000,
+                ipa: crate::mem::Ipa::new(0x8000_0000),
                 perms: 1
             }),
             "the upper half of x0 is ignored"

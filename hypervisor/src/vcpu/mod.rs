@@ -11,8 +11,8 @@ pub mod hypercall;
 pub mod irq;
 pub mod schedule;
 
-use crate::config::{AbortPolicy, GicIpa, VUART_INTID};
-use crate::mem::PAGE_SIZE;
+use crate::config::{AbortPolicy, VUART_INTID};
+use crate::mem::{Ipa, IpaRange, PhysAddr, PAGE_SIZE};
 use crate::vm::share::{Note, Request};
 use crate::vm::vgic::{sgi::SgiRegister, MmioError, PhysGic, VcpuMask};
 use crate::vm::vuart::LineSink;
@@ -84,7 +84,7 @@ pub trait GuestEl1 {
     fn inject_serror(&mut self, _vsesr: Option<u64>) {}
     /// Cleans and invalidates the data cache to the point of coherency over the host
     /// physical range `[pa, pa + len)` of the VM's RAM.
-    fn clean_invalidate(&mut self, _pa: u64, _len: u64) {}
+    fn clean_invalidate(&mut self, _pa: PhysAddr, _len: u64) {}
 }
 
 /// Handles a trapped system-register access or set/way instruction (`cpu_state::sysreg`);
@@ -392,7 +392,8 @@ fn hypercall<S>(
             // Powered off, reset or stopped by another vCPU since the exit was taken.
             return Next::Stop;
         }
-        let outcome = hypercall::dispatch(&x, &caller, &mut st.psci, |ipa| vm.is_ram(ipa, 4));
+        let outcome =
+            hypercall::dispatch(&x, &caller, &mut st.psci, |ipa| vm.is_ram(Ipa::new(ipa), 4));
         // The VM-wide calls change the VM's state in the same step as the check above:
         // of two vCPUs racing SYSTEM_OFF and SYSTEM_RESET, one wins whole.
         match outcome {
@@ -499,24 +500,26 @@ enum Emulated {
     Redist(u64),
 }
 
-fn emulated_at<S>(vm: &Vm<S>, ipa: u64) -> Option<Emulated> {
-    let GicIpa { dist, redist } = vm.desc.gic;
-    if let Some(base) = vm.desc.vuart {
-        // One wrapping subtraction: an IPA below the base wraps to a large offset.
-        let off = ipa.wrapping_sub(base);
-        if off < PAGE_SIZE {
-            return Some(Emulated::Uart(off));
-        }
+fn emulated_at<S>(vm: &Vm<S>, ipa: Ipa) -> Option<Emulated> {
+    // The offset of `ipa` in `range`, if it lies there.
+    let offset = |range: IpaRange| {
+        range
+            .contains_addr(ipa)
+            .then(|| ipa.checked_offset_from(range.base))
+            .flatten()
+    };
+    let gic = vm.desc.gic;
+    if let Some(off) = vm
+        .desc
+        .vuart
+        .and_then(|base| offset(IpaRange::new(base, PAGE_SIZE)))
+    {
+        return Some(Emulated::Uart(off));
     }
-    let off = ipa.wrapping_sub(dist);
-    if off < GicIpa::DIST_SIZE {
+    if let Some(off) = offset(gic.dist_range()) {
         return Some(Emulated::Dist(off));
     }
-    let off = ipa.wrapping_sub(redist);
-    if off < GicIpa::redist_size(vm.desc.cpus.len()) {
-        return Some(Emulated::Redist(off));
-    }
-    None
+    offset(gic.redist_range(vm.desc.cpus.len())).map(Emulated::Redist)
 }
 
 /// Raises or lowers the virtual UART's interrupt line to `level` (a change reported by
@@ -664,8 +667,8 @@ fn abort_policy<S>(vm: &Vm<S>, ctx: &mut VcpuCtx<'_>, abort: &Abort, host: &mut 
 }
 
 /// Whether the VM's stage 2 maps the page of `ipa` (waits for a change in progress).
-fn mapped_now<S: Stage2Table>(vm: &Vm<S>, ipa: u64) -> bool {
-    let page = ipa & !(PAGE_SIZE - 1);
+fn mapped_now<S: Stage2Table>(vm: &Vm<S>, ipa: Ipa) -> bool {
+    let page = ipa.align_down(PAGE_SIZE);
     let mut mapped = false;
     if let Some(s2) = vm.stage2.lock().as_ref() {
         mapped = s2.walk(page, PAGE_SIZE, &mut |_| mapped = true).is_ok() && mapped;
@@ -681,7 +684,7 @@ fn mapped_now<S: Stage2Table>(vm: &Vm<S>, ipa: u64) -> bool {
 pub fn inject_abort(ctx: &mut VcpuCtx<'_>, abort: &Abort, el1: &mut impl GuestEl1) {
     let (offset, from_el0) = vector_offset(*ctx.pstate);
     let esr = exit::injected_abort_esr(abort, from_el0);
-    el1.set_exception(esr, abort.far, *ctx.pc, *ctx.pstate);
+    el1.set_exception(esr, abort.far.get(), *ctx.pc, *ctx.pstate);
     *ctx.pc = el1.vbar().wrapping_add(offset);
     *ctx.pstate = exception_pstate(*ctx.pstate, el1.sctlr());
 }
@@ -789,8 +792,8 @@ mod tests {
         fn inject_serror(&mut self, vsesr: Option<u64>) {
             self.vse = Some(vsesr);
         }
-        fn clean_invalidate(&mut self, pa: u64, len: u64) {
-            self.flushed.push((pa, len));
+        fn clean_invalidate(&mut self, pa: PhysAddr, len: u64) {
+            self.flushed.push((pa.get(), len));
         }
     }
 
@@ -840,7 +843,7 @@ mod tests {
         fn inject_serror(&mut self, vsesr: Option<u64>) {
             self.el1.inject_serror(vsesr);
         }
-        fn clean_invalidate(&mut self, pa: u64, len: u64) {
+        fn clean_invalidate(&mut self, pa: PhysAddr, len: u64) {
             self.el1.clean_invalidate(pa, len);
         }
     }
@@ -1391,7 +1394,12 @@ mod tests {
         cpu.exit(&vm, 0, sync(msr((1, 0, 7, 14, 2), 0, false), 0));
         cpu.x[0] = (1 << 30) | 0b010;
         cpu.exit(&vm, 0, sync(msr((1, 0, 7, 14, 2), 0, false), 0));
-        let ram: Vec<_> = vm.desc.memory.iter().map(|r| (r.pa, r.size)).collect();
+        let ram: Vec<_> = vm
+            .desc
+            .memory
+            .iter()
+            .map(|r| (r.pa.get(), r.size))
+            .collect();
         assert_eq!(cpu.el1.flushed, ram);
         // An IMPLEMENTATION DEFINED register: an unknown exit, the VM stops.
         let n = cpu.exit(&vm, 0, sync(msr((3, 1, 15, 2, 0), 1, true), 0));

@@ -19,7 +19,7 @@ use super::vuart::VUart;
 use super::{S2Kind, Vm, VmState, VmStatus};
 use crate::config::{GuestRegion, Stage2Mappings, VmDesc};
 use crate::console::limit::VmConsole;
-use crate::mem::PhysRange;
+use crate::mem::{PhysAddr, PhysRange};
 use crate::Lock;
 
 /// Host physical memory as the manager scrubs and fills guest RAM: used without the
@@ -27,9 +27,9 @@ use crate::Lock;
 /// into a running vCPU, or of a VM being reset or destroyed with no vCPU loaded).
 pub trait GuestMemory: Send + Sync {
     /// Zeroes host physical memory.
-    fn zero(&self, pa: u64, len: u64);
+    fn zero(&self, pa: PhysAddr, len: u64);
     /// Copies host physical memory (`src` and `dst` do not overlap).
-    fn copy(&self, dst: u64, src: u64, len: u64);
+    fn copy(&self, dst: PhysAddr, src: PhysAddr, len: u64);
 }
 
 /// What the manager needs from the machine.
@@ -171,7 +171,7 @@ impl<P: Backend> VmManager<P> {
         load_images(&self.mem, &desc);
         let mut state = VmState::new(desc.cpus.len());
         // vCPU 0 of a new VM is off, so this cannot fail.
-        let _ = state.psci.power_on(0, desc.entry, desc.boot_x0());
+        let _ = state.psci.power_on(0, desc.entry.get(), desc.boot_x0());
         let mut inner = self.inner.lock();
         // Its hardware SPIs start disabled and inactive, routed to its first CPU.
         vgic.reset(&mut BackendGic(&mut inner.platform));
@@ -219,7 +219,7 @@ impl<P: Backend> VmManager<P> {
             for r in &desc.memory {
                 inner
                     .pool
-                    .claim(r.pa, r.size)
+                    .claim(r.pa_range())
                     .map_err(|e| VmError::Ram(*r, e))?;
                 claimed = claimed.saturating_add(1);
                 s2.map(r.ipa, r.pa, r.size, S2Kind::Ram)
@@ -243,7 +243,7 @@ impl<P: Backend> VmManager<P> {
             // Nothing was written to the claimed pages yet (the scrub comes after):
             // they go back as they were, and whoever claims them next scrubs them.
             for r in desc.memory.iter().take(claimed) {
-                let _ = inner.pool.release(r.pa, r.size);
+                let _ = inner.pool.release(r.pa_range());
             }
             inner.platform.free_stage2(s2);
             let _ = inner.vmids.release(vmid, &mut inner.platform);
@@ -298,7 +298,7 @@ impl<P: Backend> VmManager<P> {
         vm.boots.fetch_add(1, Ordering::SeqCst);
         let mut st = vm.state.lock();
         // vCPU 0 is off (all were turned off above, and none starts while resetting).
-        let _ = st.psci.power_on(0, vm.desc.entry, vm.desc.boot_x0());
+        let _ = st.psci.power_on(0, vm.desc.entry.get(), vm.desc.boot_x0());
         st.status = VmStatus::Running;
         st.release_claim();
         Ok(())
@@ -363,7 +363,7 @@ impl<P: Backend> VmManager<P> {
             let mut inner = self.inner.lock();
             let inner = &mut *inner;
             for r in &vm.desc.memory {
-                let _ = inner.pool.release(r.pa, r.size);
+                let _ = inner.pool.release(r.pa_range());
             }
             // The flush runs before the VMID can be handed out again.
             let _ = inner.vmids.release(vm.vmid, &mut inner.platform);
@@ -535,7 +535,7 @@ fn new_vgic(desc: &VmDesc, ich_vtr: u64) -> Result<Vgic, vgic::ConfigError> {
 /// after ([`load_images`]): every byte ends up either zero or image, as with a full
 /// scrub, without clearing (for a Linux kernel, 32 MiB) what is overwritten anyway.
 fn scrub_around_images(mem: &impl GuestMemory, desc: &VmDesc, r: &GuestRegion) {
-    let mut covered: Vec<(u64, u64)> = [Some(desc.kernel), desc.initrd, desc.dtb]
+    let mut covered: Vec<(PhysAddr, PhysAddr)> = [Some(desc.kernel), desc.initrd, desc.dtb]
         .into_iter()
         .flatten()
         .filter_map(|img| {
@@ -546,14 +546,14 @@ fn scrub_around_images(mem: &impl GuestMemory, desc: &VmDesc, r: &GuestRegion) {
     covered.sort_unstable();
     let mut at = r.pa;
     for (start, end) in covered {
-        if let Some(gap) = start.checked_sub(at).filter(|&gap| gap > 0) {
+        if let Some(gap) = start.checked_offset_from(at).filter(|&gap| gap > 0) {
             mem.zero(at, gap);
         }
         at = at.max(end);
     }
     // The description's checks refuse a region whose PA range wraps.
     let end = r.pa.saturating_add(r.size);
-    if let Some(rest) = end.checked_sub(at).filter(|&rest| rest > 0) {
+    if let Some(rest) = end.checked_offset_from(at).filter(|&rest| rest > 0) {
         mem.zero(at, rest);
     }
 }

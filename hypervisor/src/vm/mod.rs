@@ -29,6 +29,7 @@ use core::sync::atomic::AtomicU32;
 
 use crate::config::VmDesc;
 use crate::console::limit::{Admit, VmConsole};
+use crate::mem::Ipa;
 use crate::Lock;
 use psci::{PowerState, PsciVm};
 use vmid::Vmid;
@@ -197,7 +198,7 @@ impl<S> fmt::Debug for Vm<S> {
 impl<S> Vm<S> {
     /// True when `[ipa, ipa + len)` is RAM of this VM.
     #[must_use]
-    pub fn is_ram(&self, ipa: u64, len: u64) -> bool {
+    pub fn is_ram(&self, ipa: Ipa, len: u64) -> bool {
         self.desc.ram_region(ipa, len).is_some()
     }
 

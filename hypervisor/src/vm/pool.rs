@@ -7,7 +7,7 @@ use core::fmt;
 
 use alloc::vec::Vec;
 
-use crate::mem::PhysRange;
+use crate::mem::{PhysRange, PAGE_SIZE};
 
 /// Why a claim or release failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,7 +37,7 @@ impl fmt::Display for PoolError {
 pub struct PagePool {
     /// Sorted, disjoint, adjacent ones merged.
     ranges: Vec<PhysRange>,
-    claimed: Vec<(u64, u64)>,
+    claimed: Vec<PhysRange>,
 }
 
 impl PagePool {
@@ -51,9 +51,13 @@ impl PagePool {
         for r in sorted {
             match merged.last_mut() {
                 Some(last) if r.base <= last.end() => {
-                    // `end` is at least `last.base`: the subtraction cannot wrap.
-                    let end = last.end().max(r.end());
-                    last.size = end.saturating_sub(last.base);
+                    // Sorted: `r` starts at or above `last`. Exact up to 2^64.
+                    let reach = r
+                        .base
+                        .checked_offset_from(last.base)
+                        .and_then(|offset| offset.checked_add(r.size))
+                        .unwrap_or(u64::MAX);
+                    last.size = last.size.max(reach);
                 }
                 _ => merged.push(r),
             }
@@ -64,14 +68,10 @@ impl PagePool {
         }
     }
 
-    /// True when `[pa, pa + size)` lies inside one pool range.
+    /// True when `range` lies inside one pool range.
     #[must_use]
-    pub fn covers(&self, pa: u64, size: u64) -> bool {
-        self.ranges.iter().any(|r| {
-            pa.checked_sub(r.base)
-                .zip(r.size.checked_sub(size))
-                .is_some_and(|(offset, room)| offset <= room)
-        })
+    pub fn covers(&self, range: &PhysRange) -> bool {
+        self.ranges.iter().any(|r| r.contains(range))
     }
 
     /// The pool's ranges (sorted, merged).
@@ -81,37 +81,36 @@ impl PagePool {
         &self.ranges
     }
 
-    /// Claims `[pa, pa + size)` for one VM.
+    /// Claims `range` for one VM.
     ///
     /// # Errors
     ///
     /// [`PoolError::OutOfRange`] or [`PoolError::InUse`]; nothing changes then.
-    pub fn claim(&mut self, pa: u64, size: u64) -> Result<(), PoolError> {
-        if size == 0 || (pa | size) % crate::mem::PAGE_SIZE != 0 || !self.covers(pa, size) {
+    pub fn claim(&mut self, range: PhysRange) -> Result<(), PoolError> {
+        if range.is_empty()
+            || !range.base.is_aligned(PAGE_SIZE)
+            || range.size % PAGE_SIZE != 0
+            || !self.covers(&range)
+        {
             return Err(PoolError::OutOfRange);
         }
-        let range = PhysRange::new(pa, size);
-        if self
-            .claimed
-            .iter()
-            .any(|&(b, s)| range.overlaps(&PhysRange::new(b, s)))
-        {
+        if self.claimed.iter().any(|c| range.overlaps(c)) {
             return Err(PoolError::InUse);
         }
-        self.claimed.push((pa, size));
+        self.claimed.push(range);
         Ok(())
     }
 
-    /// Returns a range claimed with the same `pa` and `size`.
+    /// Returns a range claimed exactly like `range`.
     ///
     /// # Errors
     ///
     /// [`PoolError::NotClaimed`].
-    pub fn release(&mut self, pa: u64, size: u64) -> Result<(), PoolError> {
+    pub fn release(&mut self, range: PhysRange) -> Result<(), PoolError> {
         let i = self
             .claimed
             .iter()
-            .position(|&c| c == (pa, size))
+            .position(|&c| c == range)
             .ok_or(PoolError::NotClaimed)?;
         self.claimed.swap_remove(i);
         Ok(())
@@ -122,7 +121,7 @@ impl PagePool {
     pub fn free_bytes(&self) -> u64 {
         // Claims are disjoint parts of the ranges: never more than the total.
         self.total_bytes()
-            .saturating_sub(self.claimed.iter().map(|c| c.1).sum::<u64>())
+            .saturating_sub(self.claimed.iter().map(|c| c.size).sum::<u64>())
     }
 
     /// Bytes in the pool.
@@ -135,57 +134,66 @@ impl PagePool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mem::PhysAddr;
+
+    const fn pr(base: u64, size: u64) -> PhysRange {
+        PhysRange::new(PhysAddr::new(base), size)
+    }
 
     #[test]
     fn claim_and_release() {
-        let mut p = PagePool::new(&[PhysRange::new(0x5000_0000, 0x10_0000)]);
-        p.claim(0x5000_0000, 0x8000).expect("claim");
-        assert_eq!(p.claim(0x5000_7000, 0x2000), Err(PoolError::InUse));
-        assert_eq!(p.claim(0x4fff_f000, 0x2000), Err(PoolError::OutOfRange));
-        assert_eq!(p.claim(0x500f_f000, 0x2000), Err(PoolError::OutOfRange));
-        assert_eq!(p.claim(0x5001_0800, 0x1000), Err(PoolError::OutOfRange));
-        p.claim(0x5000_8000, 0x1000).expect("adjacent");
+        let mut p = PagePool::new(&[pr(0x5000_0000, 0x10_0000)]);
+        p.claim(pr(0x5000_0000, 0x8000)).expect("claim");
+        assert_eq!(p.claim(pr(0x5000_7000, 0x2000)), Err(PoolError::InUse));
+        assert_eq!(p.claim(pr(0x4fff_f000, 0x2000)), Err(PoolError::OutOfRange));
+        assert_eq!(p.claim(pr(0x500f_f000, 0x2000)), Err(PoolError::OutOfRange));
+        assert_eq!(p.claim(pr(0x5001_0800, 0x1000)), Err(PoolError::OutOfRange));
+        p.claim(pr(0x5000_8000, 0x1000)).expect("adjacent");
         assert_eq!(p.free_bytes(), 0x10_0000 - 0x9000);
-        assert_eq!(p.release(0x5000_0000, 0x1000), Err(PoolError::NotClaimed));
-        p.release(0x5000_0000, 0x8000).expect("release");
-        p.release(0x5000_8000, 0x1000).expect("release");
+        assert_eq!(
+            p.release(pr(0x5000_0000, 0x1000)),
+            Err(PoolError::NotClaimed)
+        );
+        p.release(pr(0x5000_0000, 0x8000)).expect("release");
+        p.release(pr(0x5000_8000, 0x1000)).expect("release");
         assert_eq!(p.free_bytes(), p.total_bytes());
     }
 
     #[test]
     fn several_ranges_merge_where_adjacent_and_a_claim_stays_inside_one() {
         let mut p = PagePool::new(&[
-            PhysRange::new(0x8000_0000, 0x10_0000),
-            PhysRange::new(0x5000_0000, 0x10_0000),
-            PhysRange::new(0x5010_0000, 0x10_0000),
+            pr(0x8000_0000, 0x10_0000),
+            pr(0x5000_0000, 0x10_0000),
+            pr(0x5010_0000, 0x10_0000),
         ]);
         assert_eq!(
             p.ranges(),
-            [
-                PhysRange::new(0x5000_0000, 0x20_0000),
-                PhysRange::new(0x8000_0000, 0x10_0000)
-            ]
+            [pr(0x5000_0000, 0x20_0000), pr(0x8000_0000, 0x10_0000)]
         );
         assert_eq!(p.total_bytes(), 0x30_0000);
-        p.claim(0x500f_f000, 0x2000)
+        p.claim(pr(0x500f_f000, 0x2000))
             .expect("across the merged boundary");
-        assert_eq!(p.claim(0x501f_f000, 0x2000), Err(PoolError::OutOfRange));
-        p.claim(0x8000_0000, 0x10_0000).expect("the second range");
+        assert_eq!(p.claim(pr(0x501f_f000, 0x2000)), Err(PoolError::OutOfRange));
+        p.claim(pr(0x8000_0000, 0x10_0000))
+            .expect("the second range");
         assert_eq!(p.free_bytes(), 0x30_0000 - 0x10_2000);
     }
 
     #[test]
     fn claims_at_the_top_of_the_address_space_neither_wrap_nor_panic() {
         let base = 0u64.wrapping_sub(0x10_0000);
-        let mut p = PagePool::new(&[PhysRange::new(base, 0x10_0000)]);
-        p.claim(base, 0xf_f000).expect("all but the last page");
-        p.claim(base + 0xf_f000, 0x1000).expect("the last page");
-        assert_eq!(p.claim(base + 0xf_f000, 0x1000), Err(PoolError::InUse));
+        let mut p = PagePool::new(&[pr(base, 0x10_0000)]);
+        p.claim(pr(base, 0xf_f000)).expect("all but the last page");
+        p.claim(pr(base + 0xf_f000, 0x1000)).expect("the last page");
+        assert_eq!(p.claim(pr(base + 0xf_f000, 0x1000)), Err(PoolError::InUse));
         // Ranges whose end wraps past 2^64 are outside the pool.
-        assert_eq!(p.claim(base + 0xf_f000, 0x2000), Err(PoolError::OutOfRange));
-        assert_eq!(p.claim(0x1000, !0xfff), Err(PoolError::OutOfRange));
+        assert_eq!(
+            p.claim(pr(base + 0xf_f000, 0x2000)),
+            Err(PoolError::OutOfRange)
+        );
+        assert_eq!(p.claim(pr(0x1000, !0xfff)), Err(PoolError::OutOfRange));
         assert_eq!(p.free_bytes(), 0);
-        p.release(base, 0xf_f000).expect("release");
+        p.release(pr(base, 0xf_f000)).expect("release");
         assert_eq!(p.free_bytes(), 0xf_f000);
     }
 }

@@ -4,6 +4,7 @@
 
 use super::vmid::Vmid;
 use crate::config::Stage2Mappings;
+use crate::mem::{Ipa, PhysAddr};
 
 /// How a stage-2 range is mapped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,7 +48,7 @@ pub trait Stage2Table {
     /// # Errors
     ///
     /// The `mmu` error (out of frames, already mapped, out of range).
-    fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), mmu::Error>;
+    fn map(&mut self, ipa: Ipa, pa: PhysAddr, size: u64, kind: S2Kind) -> Result<(), mmu::Error>;
     /// Maps `[ipa, ipa + size)` to `[pa, pa + size)` with `attrs` (software bits
     /// included) in 4 KiB pages only, so that unmapping any part of it later needs no
     /// frame.
@@ -57,8 +58,8 @@ pub trait Stage2Table {
     /// As [`Stage2Table::map`].
     fn map_pages(
         &mut self,
-        ipa: u64,
-        pa: u64,
+        ipa: Ipa,
+        pa: PhysAddr,
         size: u64,
         attrs: mmu::Attributes,
     ) -> Result<(), mmu::Error>;
@@ -68,13 +69,13 @@ pub trait Stage2Table {
     /// # Errors
     ///
     /// The `mmu` error: out of frames when a block must be split.
-    fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), mmu::Error>;
+    fn unmap(&mut self, ipa: Ipa, size: u64) -> Result<(), mmu::Error>;
     /// Sets the software bits \[58:55\] of every mapping in `[ipa, ipa + size)`.
     ///
     /// # Errors
     ///
     /// The `mmu` error: out of frames when a block must be split.
-    fn set_sw(&mut self, ipa: u64, size: u64, sw: mmu::SwBits) -> Result<(), mmu::Error>;
+    fn set_sw(&mut self, ipa: Ipa, size: u64, sw: mmu::SwBits) -> Result<(), mmu::Error>;
     /// Merges the tables in `[ipa, ipa + size)` that became uniform again back into
     /// blocks, where the VM's description allows blocks (nothing otherwise). Needs no
     /// frame.
@@ -82,13 +83,14 @@ pub trait Stage2Table {
     /// # Errors
     ///
     /// The `mmu` error for a misaligned or out-of-range request.
-    fn coalesce(&mut self, ipa: u64, size: u64) -> Result<(), mmu::Error>;
-    /// Calls `f` for every leaf mapping that intersects `[ipa, ipa + size)`, in order.
+    fn coalesce(&mut self, ipa: Ipa, size: u64) -> Result<(), mmu::Error>;
+    /// Calls `f` for every leaf mapping that intersects `[ipa, ipa + size)`, in order
+    /// (`mmu`'s mappings: their `input` is an IPA, their `output` a PA).
     ///
     /// # Errors
     ///
     /// The `mmu` error for a misaligned or out-of-range request.
-    fn walk(&self, ipa: u64, size: u64, f: &mut dyn FnMut(&mmu::Mapping))
+    fn walk(&self, ipa: Ipa, size: u64, f: &mut dyn FnMut(&mmu::Mapping))
         -> Result<(), mmu::Error>;
     /// `VTTBR_EL2` for this table (root address and VMID).
     fn vttbr(&self) -> u64;
@@ -122,30 +124,34 @@ impl<A: mmu::FrameAllocator, T: mmu::TlbMaintenance> MmuStage2<A, T> {
     }
 }
 
+// The `mmu` boundary: its stage-2 API takes raw values, input IPA and output PA.
 impl<A: mmu::FrameAllocator, T: mmu::TlbMaintenance> Stage2Table for MmuStage2<A, T> {
-    fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), mmu::Error> {
-        self.0.map(ipa, pa, size, kind.attributes(), self.1)
+    fn map(&mut self, ipa: Ipa, pa: PhysAddr, size: u64, kind: S2Kind) -> Result<(), mmu::Error> {
+        self.0
+            .map(ipa.get(), pa.get(), size, kind.attributes(), self.1)
     }
 
     fn map_pages(
         &mut self,
-        ipa: u64,
-        pa: u64,
+        ipa: Ipa,
+        pa: PhysAddr,
         size: u64,
         attrs: mmu::Attributes,
     ) -> Result<(), mmu::Error> {
-        self.0.map(ipa, pa, size, attrs, mmu::MapFlags::NO_BLOCKS)
+        self.0
+            .map(ipa.get(), pa.get(), size, attrs, mmu::MapFlags::NO_BLOCKS)
     }
 
-    fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), mmu::Error> {
-        self.0.unmap(ipa, size)
+    fn unmap(&mut self, ipa: Ipa, size: u64) -> Result<(), mmu::Error> {
+        self.0.unmap(ipa.get(), size)
     }
 
-    fn set_sw(&mut self, ipa: u64, size: u64, sw: mmu::SwBits) -> Result<(), mmu::Error> {
-        self.0.set_sw_bits(ipa, size, sw)
+    fn set_sw(&mut self, ipa: Ipa, size: u64, sw: mmu::SwBits) -> Result<(), mmu::Error> {
+        self.0.set_sw_bits(ipa.get(), size, sw)
     }
 
-    fn coalesce(&mut self, ipa: u64, size: u64) -> Result<(), mmu::Error> {
+    fn coalesce(&mut self, ipa: Ipa, size: u64) -> Result<(), mmu::Error> {
+        let ipa = ipa.get();
         if self.1.contains(mmu::MapFlags::NO_BLOCKS) {
             return Ok(());
         }
@@ -168,11 +174,11 @@ impl<A: mmu::FrameAllocator, T: mmu::TlbMaintenance> Stage2Table for MmuStage2<A
 
     fn walk(
         &self,
-        ipa: u64,
+        ipa: Ipa,
         size: u64,
         f: &mut dyn FnMut(&mmu::Mapping),
     ) -> Result<(), mmu::Error> {
-        self.0.walk(ipa, size, f)
+        self.0.walk(ipa.get(), size, f)
     }
 
     fn vttbr(&self) -> u64 {

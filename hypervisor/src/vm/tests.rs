@@ -6,7 +6,7 @@ use super::vmid::{Vmid, VmidBits, VmidFlush};
 use super::*;
 use crate::config::{tests as dt, GuestRegion, Stage2Mappings};
 use crate::mem::frames::{FramePool, SharedFrames};
-use crate::mem::PhysRange;
+use crate::mem::{Ipa, PhysAddr, PhysRange};
 use alloc::sync::Arc;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,7 +26,8 @@ impl FakeMem {
 }
 
 impl GuestMemory for FakeMem {
-    fn zero(&self, pa: u64, len: u64) {
+    fn zero(&self, pa: PhysAddr, len: u64) {
+        let pa = pa.get();
         let mut m = self.inner();
         m.1 += len;
         let keys: Vec<u64> = m.0.range(pa..pa + len).map(|(k, _)| *k).collect();
@@ -34,7 +35,8 @@ impl GuestMemory for FakeMem {
             m.0.remove(&k);
         }
     }
-    fn copy(&self, dst: u64, src: u64, len: u64) {
+    fn copy(&self, dst: PhysAddr, src: PhysAddr, len: u64) {
+        let (dst, src) = (dst.get(), src.get());
         let mut m = self.inner();
         let keys: Vec<u64> = m.0.range(dst..dst + len).map(|(k, _)| *k).collect();
         for k in keys {
@@ -128,19 +130,20 @@ impl FakeS2 {
 }
 
 impl Stage2Table for FakeS2 {
-    fn map(&mut self, ipa: u64, pa: u64, size: u64, kind: S2Kind) -> Result<(), mmu::Error> {
-        self.insert(ipa, pa, size, kind, kind.attributes())
+    fn map(&mut self, ipa: Ipa, pa: PhysAddr, size: u64, kind: S2Kind) -> Result<(), mmu::Error> {
+        self.insert(ipa.get(), pa.get(), size, kind, kind.attributes())
     }
     fn map_pages(
         &mut self,
-        ipa: u64,
-        pa: u64,
+        ipa: Ipa,
+        pa: PhysAddr,
         size: u64,
         attrs: mmu::Attributes,
     ) -> Result<(), mmu::Error> {
-        self.insert(ipa, pa, size, S2Kind::Ram, attrs)
+        self.insert(ipa.get(), pa.get(), size, S2Kind::Ram, attrs)
     }
-    fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), mmu::Error> {
+    fn unmap(&mut self, ipa: Ipa, size: u64) -> Result<(), mmu::Error> {
+        let ipa = ipa.get();
         for off in (0..size).step_by(4096) {
             self.maps.remove(&(ipa + off));
             self.attrs.remove(&(ipa + off));
@@ -148,22 +151,24 @@ impl Stage2Table for FakeS2 {
         self.recount();
         Ok(())
     }
-    fn set_sw(&mut self, ipa: u64, size: u64, sw: mmu::SwBits) -> Result<(), mmu::Error> {
+    fn set_sw(&mut self, ipa: Ipa, size: u64, sw: mmu::SwBits) -> Result<(), mmu::Error> {
+        let ipa = ipa.get();
         for (_, a) in self.attrs.range_mut(ipa..ipa + size) {
             *a = a.with_sw(sw);
         }
         Ok(())
     }
-    fn coalesce(&mut self, _ipa: u64, _size: u64) -> Result<(), mmu::Error> {
+    fn coalesce(&mut self, _ipa: Ipa, _size: u64) -> Result<(), mmu::Error> {
         // Pages only: nothing to merge.
         Ok(())
     }
     fn walk(
         &self,
-        ipa: u64,
+        ipa: Ipa,
         size: u64,
         f: &mut dyn FnMut(&mmu::Mapping),
     ) -> Result<(), mmu::Error> {
+        let ipa = ipa.get();
         for (&va, &(output, _)) in self.maps.range(ipa..ipa + size) {
             f(&mmu::Mapping {
                 va,
@@ -268,7 +273,7 @@ impl Backend for MmuFake {
 }
 
 /// The guest RAM of the test managers: 4 MiB.
-pub(crate) const GUEST_RAM: PhysRange = PhysRange::new(0x5000_0000, 0x40_0000);
+pub(crate) const GUEST_RAM: PhysRange = PhysRange::new(PhysAddr::new(0x5000_0000), 0x40_0000);
 
 pub(crate) fn desc(pa: u64, cpu: u32) -> VmDesc {
     let blob = dt::dtb(&[("vm", dt::vm_props(pa, cpu))]);
@@ -316,8 +321,8 @@ fn create_maps_ram_loads_image_and_starts_vcpu0() {
         assert_eq!(p.mem().get(&0x5000_2000), None);
     });
     assert_eq!(vm.state.lock().psci.take_pending(0), Some((0x4000_0000, 0)));
-    assert!(vm.is_ram(0x400f_f000, 0x1000));
-    assert!(!vm.is_ram(0x400f_f000, 0x1001));
+    assert!(vm.is_ram(Ipa::new(0x400f_f000), 0x1000));
+    assert!(!vm.is_ram(Ipa::new(0x400f_f000), 0x1001));
     assert_eq!(m.outcome(), None);
 }
 
@@ -425,7 +430,7 @@ fn machine_frames(count: usize) -> SharedFrames {
     // SAFETY: the layout has a non-zero size.
     let base = unsafe { std::alloc::alloc_zeroed(layout) };
     assert!(!base.is_null(), "out of host memory");
-    let pool = FramePool::new(PhysRange::new(base as u64, bytes as u64));
+    let pool = FramePool::new(PhysRange::new(PhysAddr::new(base as u64), bytes as u64));
     // SAFETY: the pool's frames are leaked heap memory that nothing else uses, readable and
     // writable at their own address.
     unsafe { SharedFrames::new(Box::leak(Box::new(spin::Mutex::new(pool)))) }
@@ -487,9 +492,9 @@ fn a_40_bit_ipa_space_takes_a_concatenated_root_from_the_machine_frame_source() 
     // RAM above 512 GiB of IPA: only the second table of the root reaches it.
     let ipa = 0x80_4000_0000;
     let mut d = desc(0x5000_0000, 1);
-    d.memory[0].ipa = ipa;
-    d.kernel.ipa = ipa;
-    d.entry = ipa;
+    d.memory[0].ipa = Ipa::new(ipa);
+    d.kernel.ipa = Ipa::new(ipa);
+    d.entry = Ipa::new(ipa);
     let vm = m.create(d).expect("a VM with a 40-bit IPA space");
     let root = vm.vttbr & 0xffff_ffff_fffe;
     assert_eq!(
@@ -535,8 +540,8 @@ fn thousand_cycles_with_real_mmu_tables_leak_no_frame() {
         // A 2 MiB-aligned region (a block mapping) plus a device page.
         d.memory[0].size = 0x20_0000;
         d.passthrough.push(GuestRegion {
-            ipa: 0x0a00_0000,
-            pa: 0x0a00_0000,
+            ipa: Ipa::new(0x0a00_0000),
+            pa: PhysAddr::new(0x0a00_0000),
             size: 0x1000,
         });
         let vm = m.create(d).expect("create");
@@ -747,18 +752,21 @@ fn coalescing_at_the_top_of_the_ipa_space_stays_inside_it() {
     .expect("stage 2");
     let top = 1u64 << IPA_BITS;
     // The last page: widened to its 2 MiB block, which ends at the top.
-    assert_eq!(s2.coalesce(top - 0x1000, 0x1000), Ok(()));
+    assert_eq!(s2.coalesce(Ipa::new(top - 0x1000), 0x1000), Ok(()));
     // A range from the top is empty; one past it is refused as out of range; one
     // whose end would wrap or round past 2^64 is cut at the top: never wrapped to low
     // addresses, never a panic.
-    assert_eq!(s2.coalesce(top, 0x1000), Ok(()));
-    assert_eq!(s2.coalesce(!0xfff, 0x1000), Err(mmu::Error::OutOfRange));
+    assert_eq!(s2.coalesce(Ipa::new(top), 0x1000), Ok(()));
     assert_eq!(
-        s2.coalesce(u64::MAX - 0x1f_ffff, 0x20_0000),
+        s2.coalesce(Ipa::new(!0xfff), 0x1000),
         Err(mmu::Error::OutOfRange)
     );
-    assert_eq!(s2.coalesce(0x1000, u64::MAX), Ok(()));
+    assert_eq!(
+        s2.coalesce(Ipa::new(u64::MAX - 0x1f_ffff), 0x20_0000),
+        Err(mmu::Error::OutOfRange)
+    );
+    assert_eq!(s2.coalesce(Ipa::new(0x1000), u64::MAX), Ok(()));
     let mut mapped = 0;
-    s2.walk(0, top, &mut |_| mapped += 1).expect("walk");
+    s2.walk(Ipa::ZERO, top, &mut |_| mapped += 1).expect("walk");
     assert_eq!(mapped, 0, "nothing was mapped");
 }

@@ -5,6 +5,7 @@ use super::*;
 use crate::config::devices::be_cells;
 
 use crate::config::dtb::qemu_virt;
+use crate::mem::Ipa;
 
 const MIB: u64 = 1024 * 1024;
 const DEVICES: &[&str] = &["/pl031@9010000", "/timer"];
@@ -142,8 +143,8 @@ fn the_gic_is_the_vms_virtual_one_without_its() {
     // A GIC elsewhere in the VM's IPA space.
     let mut cfg = config(&[0], DEVICES);
     cfg.gic = GicIpa {
-        dist: 0x2000_0000,
-        redist: 0x2010_0000,
+        dist: Ipa::new(0x2000_0000),
+        redist: Ipa::new(0x2010_0000),
     };
     let dtb = build_guest_dt(&qemu_virt(), &cfg).unwrap();
     let fdt = Fdt::new(&dtb).unwrap();

@@ -2,6 +2,7 @@
 //! between VMs"): function IDs, the decoded [`Request`], permissions, and the FF-A status
 //! codes returned in x0.
 
+use crate::mem::Ipa;
 use core::fmt;
 
 use super::page_state::PageState;
@@ -163,7 +164,7 @@ pub enum Request {
         /// Share or lend.
         kind: Kind,
         /// Owner IPA.
-        ipa: u64,
+        ipa: Ipa,
         /// Page count.
         pages: u64,
         /// Receiver VM id.
@@ -176,7 +177,7 @@ pub enum Request {
         /// Handle.
         handle: u64,
         /// Receiver IPA.
-        ipa: u64,
+        ipa: Ipa,
         /// Permissions asked.
         perms: u64,
     },
@@ -212,14 +213,14 @@ impl Request {
                 } else {
                     Kind::Lend
                 },
-                ipa: x[1],
+                ipa: Ipa::new(x[1]),
                 pages: x[2],
                 receiver: x[3],
                 perms: x[4],
             },
             fid::RETRIEVE => Self::Retrieve {
                 handle: x[1],
-                ipa: x[2],
+                ipa: Ipa::new(x[2]),
                 perms: x[3],
             },
             fid::RELINQUISH => Self::Relinquish { handle: x[1] },

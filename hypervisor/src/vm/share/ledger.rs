@@ -10,7 +10,7 @@ use super::abi::{Error, Kind, Perms, Request, MAX_PAGES};
 
 use super::page_state::{all_in_state, nothing_mapped, PageState};
 use crate::config::{SharingLimits, VmDesc};
-use crate::mem::PAGE_SIZE;
+use crate::mem::{Ipa, IpaRange, PhysAddr, PAGE_SIZE};
 use crate::vm::vuart::LineSink;
 use crate::vm::{S2Kind, Stage2Table, Vm, VmStatus, IPA_BITS};
 
@@ -76,7 +76,7 @@ pub enum Note {
         /// The transaction (pending again).
         t: Transaction,
         /// Where they were mapped.
-        ipa: u64,
+        ipa: Ipa,
     },
     /// `RECLAIM` ended a transaction.
     Reclaimed {
@@ -197,7 +197,7 @@ pub enum State {
     /// Mapped into the receiver.
     Retrieved {
         /// Receiver IPA of the first page.
-        ipa: u64,
+        ipa: Ipa,
         /// Permissions of the receiver's mapping.
         perms: Perms,
     },
@@ -217,7 +217,7 @@ pub struct Transaction {
     /// Receiver VM id.
     pub receiver: u32,
     /// Owner IPA of the first page.
-    pub ipa: u64,
+    pub ipa: Ipa,
     /// Number of 4 KiB pages.
     pub pages: u64,
     /// Permissions the owner granted.
@@ -238,10 +238,9 @@ impl Transaction {
         self.pages.saturating_mul(PAGE_SIZE)
     }
 
-    /// Whether `[ipa, ipa + size)` of the owner overlaps this transaction's pages.
-    fn overlaps(&self, ipa: u64, size: u64) -> bool {
-        // Both ranges were checked to end inside the IPA space: the sums are exact.
-        self.ipa < ipa.saturating_add(size) && ipa < self.ipa.saturating_add(self.size())
+    /// The owner's pages it covers.
+    fn ipa_range(&self) -> IpaRange {
+        IpaRange::new(self.ipa, self.size())
     }
 
     /// `QUERY`'s x2: owner | receiver << 16 | permissions << 32 | kind << 40 | state << 48.
@@ -265,15 +264,15 @@ impl Transaction {
 
 /// The byte size of `pages` pages at `ipa`, if the range is page aligned, 1 to
 /// [`MAX_PAGES`] pages, and inside the IPA space.
-fn ipa_range(ipa: u64, pages: u64) -> Result<u64, Error> {
-    if ipa % PAGE_SIZE != 0 || pages == 0 || pages > MAX_PAGES {
+fn ipa_range(ipa: Ipa, pages: u64) -> Result<u64, Error> {
+    if !ipa.is_aligned(PAGE_SIZE) || pages == 0 || pages > MAX_PAGES {
         return Err(Error::InvalidParameters);
     }
     let size = pages
         .checked_mul(PAGE_SIZE)
         .ok_or(Error::InvalidParameters)?;
     match ipa.checked_add(size) {
-        Some(end) if end <= 1 << IPA_BITS => Ok(size),
+        Some(end) if end.get() <= 1 << IPA_BITS => Ok(size),
         _ => Err(Error::InvalidParameters),
     }
 }
@@ -281,8 +280,8 @@ fn ipa_range(ipa: u64, pages: u64) -> Result<u64, Error> {
 /// One piece of a request that lies in a single RAM region: IPA, PA, bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Segment {
-    ipa: u64,
-    pa: u64,
+    ipa: Ipa,
+    pa: PhysAddr,
     size: u64,
 }
 
@@ -291,8 +290,8 @@ struct Segment {
 #[derive(Clone)]
 struct Segments<'a> {
     desc: &'a VmDesc,
-    at: u64,
-    end: u64,
+    at: Ipa,
+    end: Ipa,
 }
 
 impl Iterator for Segments<'_> {
@@ -305,12 +304,12 @@ impl Iterator for Segments<'_> {
         let r = self.desc.ram_region(self.at, PAGE_SIZE)?;
         // `r` holds the page at `at`; a region whose addresses would wrap (which the
         // description's checks refuse) ends the walk short, and `ram_segments` denies.
-        let offset = self.at.checked_sub(r.ipa)?;
+        let offset = self.at.checked_offset_from(r.ipa)?;
         let region_end = r.ipa.checked_add(r.size)?;
         let s = Segment {
             ipa: self.at,
             pa: r.pa.checked_add(offset)?,
-            size: region_end.min(self.end).checked_sub(self.at)?,
+            size: region_end.min(self.end).checked_offset_from(self.at)?,
         };
         self.at = self.at.checked_add(s.size)?;
         Some(s)
@@ -319,7 +318,7 @@ impl Iterator for Segments<'_> {
 
 /// `[ipa, ipa + size)` of `desc`'s RAM, cut at region boundaries, or [`Error::Denied`]
 /// if some page of it is not RAM of the VM.
-fn ram_segments(desc: &VmDesc, ipa: u64, size: u64) -> Result<Segments<'_>, Error> {
+fn ram_segments(desc: &VmDesc, ipa: Ipa, size: u64) -> Result<Segments<'_>, Error> {
     let segments = Segments {
         desc,
         at: ipa,
@@ -334,23 +333,23 @@ fn ram_segments(desc: &VmDesc, ipa: u64, size: u64) -> Result<Segments<'_>, Erro
 
 /// Whether `[ipa, ipa + size)` of the receiver `desc` is free: no RAM, pass-through
 /// range or virtual UART page in it.
-fn ipa_free(desc: &VmDesc, ipa: u64, size: u64) -> bool {
-    // `[ipa, ipa + size)` was checked to end inside the IPA space ([`ipa_range`]).
-    let overlaps =
-        |base: u64, len: u64| base < ipa.saturating_add(size) && ipa < base.saturating_add(len);
+fn ipa_free(desc: &VmDesc, ipa: Ipa, size: u64) -> bool {
+    let range = IpaRange::new(ipa, size);
     !desc
         .memory
         .iter()
         .chain(desc.passthrough.iter())
-        .any(|r| overlaps(r.ipa, r.size))
-        && !desc.vuart.is_some_and(|u| overlaps(u, PAGE_SIZE))
+        .any(|r| r.ipa_range().overlaps(&range))
+        && !desc
+            .vuart
+            .is_some_and(|u| IpaRange::new(u, PAGE_SIZE).overlaps(&range))
 }
 
 /// Maps `segments` of the owner at `ipa` in `s2` with `attrs`, in 4 KiB pages; undoes
 /// what it mapped if a later segment fails.
 fn map_segments<S: Stage2Table>(
     s2: &mut S,
-    ipa: u64,
+    ipa: Ipa,
     segments: Segments<'_>,
     attrs: mmu::Attributes,
 ) -> Result<(), mmu::Error> {
@@ -358,7 +357,7 @@ fn map_segments<S: Stage2Table>(
     let base = segments.at;
     let at = |s: &Segment| {
         s.ipa
-            .checked_sub(base)
+            .checked_offset_from(base)
             .and_then(|offset| ipa.checked_add(offset))
     };
     for (i, s) in segments.clone().enumerate() {
@@ -553,7 +552,7 @@ impl Ledger {
         vms: &[Arc<Vm<S>>],
         owner: &Vm<S>,
         kind: Kind,
-        ipa: u64,
+        ipa: Ipa,
         pages: u64,
         receiver: u64,
         perms: u64,
@@ -573,7 +572,7 @@ impl Ledger {
         if self
             .live
             .iter()
-            .any(|t| t.owner == owner.id && t.overlaps(ipa, size))
+            .any(|t| t.owner == owner.id && t.ipa_range().overlaps(&IpaRange::new(ipa, size)))
         {
             return Err(Error::Denied);
         }
@@ -636,7 +635,7 @@ impl Ledger {
         vms: &[Arc<Vm<S>>],
         receiver: &Vm<S>,
         handle: u64,
-        ipa: u64,
+        ipa: Ipa,
         perms: u64,
     ) -> Result<(Transaction, Name), Error> {
         let t = self.get_mut(handle, receiver.id)?;
@@ -665,7 +664,7 @@ impl Ledger {
         &mut self,
         receiver: &Vm<S>,
         handle: u64,
-    ) -> Result<(Transaction, u64), Error> {
+    ) -> Result<(Transaction, Ipa), Error> {
         let t = self.get_mut(handle, receiver.id)?;
         let State::Retrieved { ipa, .. } = t.state else {
             return Err(Error::Denied);
@@ -681,7 +680,7 @@ impl Ledger {
     /// Removes a receiver's borrowed mapping, with the TLB invalidation for its VMID
     /// (`mmu`, before this returns). 4 KiB pages: nothing to split, so it cannot run out
     /// of frames; an error still leaves the table as it was.
-    fn unmap_borrowed<S: Stage2Table>(receiver: &Vm<S>, ipa: u64, size: u64) -> Result<(), Error> {
+    fn unmap_borrowed<S: Stage2Table>(receiver: &Vm<S>, ipa: Ipa, size: u64) -> Result<(), Error> {
         let mut guard = receiver.stage2.lock();
         let s2 = guard.as_mut().ok_or(Error::Denied)?;
         s2.unmap(ipa, size).map_err(Error::from_mmu)

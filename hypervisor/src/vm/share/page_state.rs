@@ -1,6 +1,7 @@
 //! The state of each page in a VM's stage 2, kept in the software bits of its entry, and
 //! the checks a call makes on a range of pages before it changes anything.
 
+use crate::mem::Ipa;
 use mmu::SwBits;
 
 use crate::vm::Stage2Table;
@@ -41,14 +42,17 @@ impl PageState {
 }
 
 /// Whether every page of `[ipa, ipa + size)` is mapped in `s2` in state `state`.
-pub(super) fn all_in_state<S: Stage2Table>(s2: &S, ipa: u64, size: u64, state: PageState) -> bool {
+pub(super) fn all_in_state<S: Stage2Table>(s2: &S, ipa: Ipa, size: u64, state: PageState) -> bool {
     // A range that wraps holds no pages of any state.
-    let Some(end) = ipa.checked_add(size) else {
+    let Some(end) = ipa.checked_add(size).map(Ipa::get) else {
         return false;
     };
+    let walked_ipa = ipa;
+    // The walk's mappings are `mmu`'s: raw IPAs in `va`.
+    let ipa = ipa.get();
     let mut next = ipa;
     let mut ok = true;
-    let walked = s2.walk(ipa, size, &mut |m| {
+    let walked = s2.walk(walked_ipa, size, &mut |m| {
         let start = m.va.max(ipa);
         if start != next || PageState::from_sw(m.attrs.sw) != Some(state) {
             ok = false;
@@ -60,7 +64,7 @@ pub(super) fn all_in_state<S: Stage2Table>(s2: &S, ipa: u64, size: u64, state: P
 }
 
 /// Whether nothing is mapped in `s2` in `[ipa, ipa + size)`.
-pub(super) fn nothing_mapped<S: Stage2Table>(s2: &S, ipa: u64, size: u64) -> bool {
+pub(super) fn nothing_mapped<S: Stage2Table>(s2: &S, ipa: Ipa, size: u64) -> bool {
     let mut any = false;
     let walked = s2.walk(ipa, size, &mut |_| any = true);
     walked.is_ok() && !any

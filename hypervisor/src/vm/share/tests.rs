@@ -7,7 +7,7 @@ use super::page_state::PageState;
 use super::*;
 use crate::config::SharingLimits;
 use crate::config::{GuestRegion, Stage2Mappings};
-use crate::mem::PAGE_SIZE;
+use crate::mem::{Ipa, PhysAddr, PAGE_SIZE};
 use crate::vm::tests::{desc, MmuFake, MmuS2, GUEST_RAM};
 use crate::vm::vmid::VmidBits;
 use crate::vm::{Vm, IPA_BITS};
@@ -457,8 +457,8 @@ fn pass_through_ranges_are_not_free() {
     let a = vm(&m, 0);
     let mut d = desc(0x5010_0000, 2);
     d.passthrough.push(GuestRegion {
-        ipa: 0x0a00_0000,
-        pa: 0x0a00_0000,
+        ipa: Ipa::new(0x0a00_0000),
+        pa: PhysAddr::new(0x0a00_0000),
         size: P,
     });
     let b = m.create(d).expect("b");
@@ -673,14 +673,14 @@ fn page_state_checks_of_ranges_that_wrap_are_false() {
     let s2 = guard.as_ref().expect("stage 2");
     assert!(super::page_state::all_in_state(
         s2,
-        RAM,
+        Ipa::new(RAM),
         2 * P,
         PageState::Owned
     ));
     // A range whose end passes 2^64 holds no page in any state.
     for (ipa, size) in [(!0xfff, 2 * P), (RAM, !0xfff)] {
         assert!(
-            !super::page_state::all_in_state(s2, ipa, size, PageState::Owned),
+            !super::page_state::all_in_state(s2, Ipa::new(ipa), size, PageState::Owned),
             "{ipa:#x} + {size:#x}"
         );
     }
@@ -1306,7 +1306,7 @@ fn concurrent_calls_and_resets_stay_consistent() {
         let ipa = RAM + page * P;
         let t = live
             .iter()
-            .find(|t| (t.ipa..t.ipa + t.pages * P).contains(&ipa));
+            .find(|t| (t.ipa.get()..t.ipa.get() + t.pages * P).contains(&ipa));
         let expect = match t.map(|t| t.kind) {
             None => Some(0),
             Some(Kind::Share) => Some(1),
