@@ -218,6 +218,19 @@ pub struct VmDesc {
 }
 
 impl VmDesc {
+    /// The IPA ranges of the devices the hypervisor emulates for this VM (left unmapped
+    /// at stage 2 so that every access traps): the virtual UART's page, the virtual GIC's
+    /// distributor frame and redistributor region.
+    pub fn emulated_ranges(&self) -> impl Iterator<Item = IpaRange> + '_ {
+        self.vuart
+            .map(|u| IpaRange::new(u, PAGE_SIZE))
+            .into_iter()
+            .chain([
+                self.gic.dist_range(),
+                self.gic.redist_range(self.cpus.len()),
+            ])
+    }
+
     /// The RAM region holding `[ipa, ipa + len)`, if one does.
     #[must_use]
     pub fn ram_region(&self, ipa: Ipa, len: u64) -> Option<&GuestRegion> {

@@ -332,17 +332,17 @@ fn ram_segments(desc: &VmDesc, ipa: Ipa, size: u64) -> Result<Segments<'_>, Erro
 }
 
 /// Whether `[ipa, ipa + size)` of the receiver `desc` is free: no RAM, pass-through
-/// range or virtual UART page in it.
+/// range or emulated device (virtual UART, virtual GIC) in it. A mapping over an
+/// emulated device would take its accesses away from the emulation.
 fn ipa_free(desc: &VmDesc, ipa: Ipa, size: u64) -> bool {
     let range = IpaRange::new(ipa, size);
     !desc
         .memory
         .iter()
         .chain(desc.passthrough.iter())
-        .any(|r| r.ipa_range().overlaps(&range))
-        && !desc
-            .vuart
-            .is_some_and(|u| IpaRange::new(u, PAGE_SIZE).overlaps(&range))
+        .map(crate::config::GuestRegion::ipa_range)
+        .chain(desc.emulated_ranges())
+        .any(|r| r.overlaps(&range))
 }
 
 /// Maps `segments` of the owner at `ipa` in `s2` with `attrs`, in 4 KiB pages; undoes

@@ -470,6 +470,27 @@ fn pass_through_ranges_are_not_free() {
 }
 
 #[test]
+fn the_emulated_gic_and_uart_are_not_free() {
+    let m = manager(frames());
+    let a = vm(&m, 0);
+    let b = vm(&m, 1);
+    assert_eq!(b.desc.cpus.len(), 1);
+    let h = give(&m, &a, fid::SHARE, RAM, 2, &b, 1);
+    let r = u64::from(fid::RETRIEVE);
+    let gic = b.desc.gic;
+    let redist_end = gic.redist_range(1).end().get();
+    // Two pages in the distributor, the last two of the (one vCPU's) redistributor
+    // region, two that end in the distributor, and the virtual UART's page.
+    let mut refused_at = vec![gic.dist.get(), redist_end - 2 * P, gic.dist.get() - P];
+    refused_at.extend(b.desc.vuart.map(|u| u.get()));
+    for ipa in refused_at {
+        refused(&m, &[&a, &b], &b, &[r, h, ipa, 1], INVALID);
+    }
+    // Right after the redistributors: free.
+    assert_eq!(call(&m, &b, &[r, h, redist_end, 1])[0], 0);
+}
+
+#[test]
 fn query_finds_the_oldest_pending_transaction_of_an_owner() {
     let m = manager(frames());
     let (a, b, c) = (vm(&m, 0), vm(&m, 1), vm(&m, 2));
