@@ -478,7 +478,7 @@ fn fault_read_guest_ram(manager: &VmManager<MachineBackend>, machine: &Machine) 
     log::warn!("fault-read-guest-ram: reading guest RAM at {pa:#x}");
     // SAFETY: deliberately unsound: this build exists to show that guest RAM is not
     // mapped at EL2 outside the window, which ends the run with the EL2 fault report.
-    let v = unsafe { (pa as *const u64).read_volatile() };
+    let v = unsafe { (pa.get() as *const u64).read_volatile() };
     fatal(format_args!(
         "fault-read-guest-ram: the read of guest RAM did not fault ({v:#x})"
     ));
