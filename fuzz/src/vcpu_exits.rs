@@ -315,7 +315,7 @@ pub fn run(data: &[u8]) {
             match schedule::next_start(&vm, index) {
                 // Taking the start counted the vCPU loaded.
                 Start::Enter { entry, context } => {
-                    cpus[c] = start(entry, context);
+                    cpus[c] = start(entry.get(), context);
                 }
                 Start::Wait | Start::Done => {
                     w.check();

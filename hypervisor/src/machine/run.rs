@@ -23,7 +23,7 @@ use crate::config;
 use crate::mem::frames::SharedFrames;
 use crate::mem::layout::STAGING;
 use crate::mem::window::Access;
-use crate::mem::{PhysAddr, PhysRange};
+use crate::mem::{Ipa, PhysAddr, PhysRange};
 use crate::vcpu::cpu_state::El2Controls;
 use crate::vcpu::irq::Taken;
 use crate::vcpu::schedule::{self, RunEnd, Start};
@@ -683,7 +683,7 @@ fn run_vcpu(
     manager: &VmManager<MachineBackend>,
     vm: &Arc<Vm<MachineStage2>>,
     index: usize,
-    entry: u64,
+    entry: Ipa,
     ctx: u64,
 ) {
     // The VM's table was built with this regime, so its VTCR_EL2 value exists.
@@ -694,7 +694,8 @@ fn run_vcpu(
     regs::enter_guest_context(vm.vttbr, vtcr, index as u64, &host.controls);
     let nr_lrs = vm.vgic.lock().list_registers();
     gic::vcpu_start(nr_lrs);
-    let mut regs = boot::GuestRegs::new(entry, ctx);
+    // The guest starts with its MMU off: its PC is the entry IPA.
+    let mut regs = boot::GuestRegs::new(entry.get(), ctx);
     let mut lrs = [0u64; MAX_LIST_REGS];
     // List registers that may hold an interrupt (the first ones): none after `vcpu_start`.
     let mut live = 0;

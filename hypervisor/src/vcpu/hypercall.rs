@@ -3,6 +3,7 @@
 //! The function IDs and every value returned here are documented in `docs/hypercalls.md`.
 
 use super::cpu_state::spectre::{self, Mitigations};
+use crate::mem::Ipa;
 use crate::vm::psci::{PsciError, PsciVm};
 use smccc::arch as smccc_arch;
 use smccc::psci as p;
@@ -117,7 +118,7 @@ pub fn dispatch(
     x: &[u64; 8],
     caller: &Caller<'_>,
     psci: &mut PsciVm,
-    entry_ok: impl Fn(u64) -> bool,
+    entry_ok: impl Fn(Ipa) -> bool,
 ) -> Outcome {
     // SMCCC: the function ID is w0; the upper half of x0 is ignored.
     let fid = x[0] as u32;
@@ -161,7 +162,7 @@ pub fn dispatch(
             }
         }
         p::PSCI_CPU_ON_32 | p::PSCI_CPU_ON_64 => {
-            let entry = args[2];
+            let entry = Ipa::new(args[2]);
             psci_result(psci.cpu_on(args[1], entry, args[3], entry_ok(entry)))
         }
         p::PSCI_CPU_OFF => match psci.cpu_off(caller.vcpu) {
@@ -235,7 +236,7 @@ mod tests {
         let mut x = [0u64; 8];
         x[..regs.len()].copy_from_slice(regs);
         dispatch(&x, &CALLER, psci, |ipa| {
-            (0x4000_0000..0x4010_0000).contains(&ipa)
+            (0x4000_0000..0x4010_0000).contains(&ipa.get())
         })
     }
 
@@ -363,7 +364,7 @@ mod tests {
     #[test]
     fn psci_cpu_on_through_dispatch() {
         let mut ps = PsciVm::new(2);
-        ps.power_on(0, 0x4000_0000, 0).expect("boot");
+        ps.power_on(0, Ipa::new(0x4000_0000), 0).expect("boot");
         ps.take_pending(0);
         assert_eq!(x0(call(&mut ps, &[0xC400_0003, 1, 0x9000_0000, 5])), -9);
         assert_eq!(x0(call(&mut ps, &[0xC400_0003, 7, 0x4000_1000, 5])), -2);
@@ -384,7 +385,7 @@ mod tests {
             -4,
             "a second CPU_ON to a pending target is ALREADY_ON"
         );
-        assert_eq!(ps.take_pending(1), Some((0x4000_1000, 5)));
+        assert_eq!(ps.take_pending(1), Some((Ipa::new(0x4000_1000), 5)));
         assert_eq!(x0(call(&mut ps, &[0xC400_0004, 1, 0])), 0);
         // 32-bit CPU_ON truncates its arguments.
         assert_eq!(

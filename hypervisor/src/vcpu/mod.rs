@@ -392,8 +392,7 @@ fn hypercall<S>(
             // Powered off, reset or stopped by another vCPU since the exit was taken.
             return Next::Stop;
         }
-        let outcome =
-            hypercall::dispatch(&x, &caller, &mut st.psci, |ipa| vm.is_ram(Ipa::new(ipa), 4));
+        let outcome = hypercall::dispatch(&x, &caller, &mut st.psci, |ipa| vm.is_ram(ipa, 4));
         // The VM-wide calls change the VM's state in the same step as the check above:
         // of two vCPUs racing SYSTEM_OFF and SYSTEM_RESET, one wins whole.
         match outcome {
@@ -1046,7 +1045,10 @@ mod tests {
         c0.x[..4].copy_from_slice(&[0xC400_0003, 1, 0x4000_2000, 9]);
         assert_eq!(c0.exit(&vm, 0, sync(HVC, 0)), Next::Resume);
         assert_eq!(c0.x[0], 0);
-        assert_eq!(vm.state.lock().psci.take_pending(1), Some((0x4000_2000, 9)));
+        assert_eq!(
+            vm.state.lock().psci.take_pending(1),
+            Some((Ipa::new(0x4000_2000), 9))
+        );
         c1.x[0] = 0xC600_0001;
         c1.exit(&vm, 1, sync(HVC, 0));
         assert_eq!(c1.x[3], 1, "vCPU index");

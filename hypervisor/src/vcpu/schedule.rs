@@ -5,6 +5,7 @@
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
+use crate::mem::Ipa;
 use crate::vm::psci::PowerState;
 use crate::vm::{Backend, Leave, Vm, VmError, VmManager, VmStatus};
 
@@ -41,7 +42,7 @@ pub enum Start {
     /// counted loaded (the CPU must call [`vcpu_left`] once it has left the guest).
     Enter {
         /// Entry IPA.
-        entry: u64,
+        entry: Ipa,
         /// x0.
         context: u64,
     },
@@ -135,7 +136,7 @@ mod tests {
         assert_eq!(
             next_start(&vm, 0),
             Start::Enter {
-                entry: 0x4000_0000,
+                entry: Ipa::new(0x4000_0000),
                 context: 0
             }
         );
@@ -145,7 +146,7 @@ mod tests {
         vm.state
             .lock()
             .psci
-            .power_on(0, 0x4000_1000, 7)
+            .power_on(0, Ipa::new(0x4000_1000), 7)
             .expect("on");
         vm.state.lock().status = VmStatus::Failed;
         assert!(!has_work(&m, 1), "a VM that does not run gives no work");
@@ -165,7 +166,7 @@ mod tests {
         vm.state
             .lock()
             .psci
-            .cpu_on(2, 0x4000_2000, 0, true)
+            .cpu_on(2, Ipa::new(0x4000_2000), 0, true)
             .expect("CPU_ON");
         assert_eq!(pending_starts(&vm).collect::<Vec<_>>(), [2]);
     }
@@ -313,7 +314,7 @@ mod tests {
         assert_eq!(
             next_start(&vm, 0),
             Start::Enter {
-                entry: 0x4000_0000,
+                entry: Ipa::new(0x4000_0000),
                 context: 0
             }
         );

@@ -171,7 +171,7 @@ impl<P: Backend> VmManager<P> {
         load_images(&self.mem, &desc);
         let mut state = VmState::new(desc.cpus.len());
         // vCPU 0 of a new VM is off, so this cannot fail.
-        let _ = state.psci.power_on(0, desc.entry.get(), desc.boot_x0());
+        let _ = state.psci.power_on(0, desc.entry, desc.boot_x0());
         let mut inner = self.inner.lock();
         // Its hardware SPIs start disabled and inactive, routed to its first CPU.
         vgic.reset(&mut BackendGic(&mut inner.platform));
@@ -298,7 +298,7 @@ impl<P: Backend> VmManager<P> {
         vm.boots.fetch_add(1, Ordering::SeqCst);
         let mut st = vm.state.lock();
         // vCPU 0 is off (all were turned off above, and none starts while resetting).
-        let _ = st.psci.power_on(0, vm.desc.entry.get(), vm.desc.boot_x0());
+        let _ = st.psci.power_on(0, vm.desc.entry, vm.desc.boot_x0());
         st.status = VmStatus::Running;
         st.release_claim();
         Ok(())

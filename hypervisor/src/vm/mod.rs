@@ -112,7 +112,7 @@ impl VmState {
     /// Takes vCPU `index`'s pending start, if the VM runs and one is pending, and counts
     /// the vCPU loaded in the same step: from here on the VM cannot be reset or destroyed
     /// until the CPU calls [`Vm::leave`].
-    pub fn take_start(&mut self, index: usize) -> Option<(u64, u64)> {
+    pub fn take_start(&mut self, index: usize) -> Option<(Ipa, u64)> {
         if self.status != VmStatus::Running || self.claimed {
             return None;
         }

@@ -13,6 +13,7 @@
 
 use core::fmt;
 
+use crate::mem::Ipa;
 use alloc::vec;
 use alloc::vec::Vec;
 use smccc::psci::error as psci_err;
@@ -25,7 +26,7 @@ pub enum PowerState {
     /// Started by `CPU_ON`; its physical CPU will enter it at `entry` with x0 = `context`.
     OnPending {
         /// Entry point IPA.
-        entry: u64,
+        entry: Ipa,
         /// Value for x0.
         context: u64,
     },
@@ -129,7 +130,7 @@ impl PsciVm {
     /// # Errors
     ///
     /// As [`Self::cpu_on`].
-    pub fn power_on(&mut self, index: usize, entry: u64, context: u64) -> Result<(), PsciError> {
+    pub fn power_on(&mut self, index: usize, entry: Ipa, context: u64) -> Result<(), PsciError> {
         let state = self
             .vcpus
             .get_mut(index)
@@ -154,7 +155,7 @@ impl PsciVm {
     pub fn cpu_on(
         &mut self,
         target_mpidr: u64,
-        entry: u64,
+        entry: Ipa,
         context: u64,
         entry_ok: bool,
     ) -> Result<(), PsciError> {
@@ -166,7 +167,7 @@ impl PsciVm {
         }
         // The target starts in AArch64 (HCR_EL2.RW): its PC must be 4-byte aligned, or
         // its first fetch takes a PC alignment fault (Arm ARM D1.3.5).
-        if !entry_ok || entry % 4 != 0 {
+        if !entry_ok || !entry.is_aligned(4) {
             return Err(PsciError::InvalidAddress);
         }
         self.power_on(index, entry, context)
@@ -207,7 +208,7 @@ impl PsciVm {
 
     /// Called by vCPU `index`'s physical CPU: if a start is pending, marks it `On` and
     /// returns `(entry, context)`.
-    pub fn take_pending(&mut self, index: usize) -> Option<(u64, u64)> {
+    pub fn take_pending(&mut self, index: usize) -> Option<(Ipa, u64)> {
         let state = self.vcpus.get_mut(index)?;
         if let PowerState::OnPending { entry, context } = *state {
             *state = PowerState::On;
@@ -230,25 +231,26 @@ mod tests {
     #[test]
     fn cpu_on_off_cycle() {
         let mut p = PsciVm::new(2);
-        p.power_on(0, 0x4000_0000, 7).expect("boot vcpu");
-        assert_eq!(p.take_pending(0), Some((0x4000_0000, 7)));
+        p.power_on(0, Ipa::new(0x4000_0000), 7).expect("boot vcpu");
+        assert_eq!(p.take_pending(0), Some((Ipa::new(0x4000_0000), 7)));
         assert_eq!(p.state(0), Some(PowerState::On));
         assert_eq!(p.affinity_info(1, 0), Ok(AffinityInfo::Off));
-        p.cpu_on(1, 0x4000_1000, 42, true).expect("cpu_on");
+        p.cpu_on(1, Ipa::new(0x4000_1000), 42, true)
+            .expect("cpu_on");
         assert_eq!(
             p.affinity_info(1, 0),
             Ok(AffinityInfo::On),
             "on from the successful CPU_ON on"
         );
         assert_eq!(
-            p.cpu_on(1, 0x4000_1000, 42, true),
+            p.cpu_on(1, Ipa::new(0x4000_1000), 42, true),
             Err(PsciError::AlreadyOn)
         );
-        assert_eq!(p.take_pending(1), Some((0x4000_1000, 42)));
+        assert_eq!(p.take_pending(1), Some((Ipa::new(0x4000_1000), 42)));
         assert_eq!(p.take_pending(1), None);
         assert_eq!(p.affinity_info(1, 0), Ok(AffinityInfo::On));
         assert_eq!(
-            p.cpu_on(1, 0x4000_1000, 42, true),
+            p.cpu_on(1, Ipa::new(0x4000_1000), 42, true),
             Err(PsciError::AlreadyOn)
         );
         assert_eq!(p.running(), 2);
@@ -262,22 +264,25 @@ mod tests {
     fn bad_parameters_change_nothing() {
         let mut p = PsciVm::new(2);
         let before = p.clone();
-        assert_eq!(p.cpu_on(2, 0, 0, true), Err(PsciError::InvalidParameters));
         assert_eq!(
-            p.cpu_on(0x100, 0, 0, true),
+            p.cpu_on(2, Ipa::new(0), 0, true),
             Err(PsciError::InvalidParameters)
         );
         assert_eq!(
-            p.cpu_on(0x1_0000_0000, 0, 0, true),
+            p.cpu_on(0x100, Ipa::new(0), 0, true),
             Err(PsciError::InvalidParameters)
         );
         assert_eq!(
-            p.cpu_on(1, 0xdead, 0, false),
+            p.cpu_on(0x1_0000_0000, Ipa::new(0), 0, true),
+            Err(PsciError::InvalidParameters)
+        );
+        assert_eq!(
+            p.cpu_on(1, Ipa::new(0xdead), 0, false),
             Err(PsciError::InvalidAddress)
         );
         for unaligned in [0x4000_0001, 0x4000_0002, 0x4000_0003] {
             assert_eq!(
-                p.cpu_on(1, unaligned, 0, true),
+                p.cpu_on(1, Ipa::new(unaligned), 0, true),
                 Err(PsciError::InvalidAddress),
                 "entry {unaligned:#x}"
             );
@@ -300,8 +305,8 @@ mod tests {
     #[test]
     fn all_off() {
         let mut p = PsciVm::new(3);
-        p.power_on(0, 1, 2).expect("on");
-        p.power_on(2, 1, 2).expect("on");
+        p.power_on(0, Ipa::new(1), 2).expect("on");
+        p.power_on(2, Ipa::new(1), 2).expect("on");
         p.all_off();
         assert_eq!(p.running(), 0);
     }
@@ -318,7 +323,7 @@ mod tests {
                 if caller == taken_after {
                     p.take_pending(3);
                 }
-                results.push(p.cpu_on(3, 0x4000_0000 + caller * 4, caller, true));
+                results.push(p.cpu_on(3, Ipa::new(0x4000_0000 + caller * 4), caller, true));
                 assert_eq!(p.affinity_info(3, 0), Ok(AffinityInfo::On));
             }
             assert_eq!(results[0], Ok(()));

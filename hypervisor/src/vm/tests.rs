@@ -320,7 +320,10 @@ fn create_maps_ram_loads_image_and_starts_vcpu0() {
         );
         assert_eq!(p.mem().get(&0x5000_2000), None);
     });
-    assert_eq!(vm.state.lock().psci.take_pending(0), Some((0x4000_0000, 0)));
+    assert_eq!(
+        vm.state.lock().psci.take_pending(0),
+        Some((Ipa::new(0x4000_0000), 0))
+    );
     assert!(vm.is_ram(Ipa::new(0x400f_f000), 0x1000));
     assert!(!vm.is_ram(Ipa::new(0x400f_f000), 0x1001));
     assert_eq!(m.outcome(), None);
@@ -668,7 +671,10 @@ fn reset_reloads_and_outcome() {
         assert_eq!(p.mem().get(&0x5000_0000), Some(&1), "image copied again");
         assert_eq!(p.mem().get(&0x5008_0000), None, "RAM scrubbed");
     });
-    assert_eq!(a.state.lock().psci.take_pending(0), Some((0x4000_0000, 0)));
+    assert_eq!(
+        a.state.lock().psci.take_pending(0),
+        Some((Ipa::new(0x4000_0000), 0))
+    );
     // Both VMs have a vCPU that never leaves the guest.
     a.enter();
     b.enter();
