@@ -227,22 +227,23 @@ fn linux(runs: usize, cpus: u32, mem: Size, no_write: bool) -> Result<(), String
     let dir = artifacts::out_dir().join("linux");
     let (kernel, initrd) = (dir.join("Image"), dir.join("initramfs.cpio"));
     let append = "console=ttyAMA0";
-    let bare_machine = |el2| Machine {
+    let bare_machine = |el2, cpus| Machine {
         cpu: CPU.into(),
         cpus,
         memory: mem,
         el2,
         ..Machine::default()
     };
-    let bare = |el2| {
-        Qemu::new(bare_machine(el2)).kernel(&kernel).extra([
+    let bare_on = |el2, cpus| {
+        Qemu::new(bare_machine(el2, cpus)).kernel(&kernel).extra([
             "-initrd".to_owned(),
             initrd.display().to_string(),
             "-append".to_owned(),
             append.to_owned(),
         ])
     };
-    let guest = |stage2| KernelGuest {
+    let bare = |el2| bare_on(el2, cpus);
+    let guest = |stage2, cpus| KernelGuest {
         kernel: kernel.clone(),
         initrd: Some(initrd.clone()),
         append: append.into(),
@@ -253,7 +254,7 @@ fn linux(runs: usize, cpus: u32, mem: Size, no_write: bool) -> Result<(), String
         abort_policy: AbortPolicy::Inject,
         stage2,
     };
-    let under = |stage2, name: &str| {
+    let under = |stage2, cpus, name: &str| {
         let machine = Machine {
             cpu: CPU.into(),
             cpus,
@@ -261,12 +262,12 @@ fn linux(runs: usize, cpus: u32, mem: Size, no_write: bool) -> Result<(), String
         };
         xtask::kernel_guest(
             Qemu::new(machine),
-            &guest(stage2),
+            &guest(stage2, cpus),
             &artifacts::out_dir().join("bench").join(name),
         )
     };
-    let hyp_pages = under(Stage2Mappings::Pages, "linux-pages")?;
-    let hyp_blocks = under(Stage2Mappings::Blocks, "linux-blocks")?;
+    let hyp_pages = under(Stage2Mappings::Pages, cpus, "linux-pages")?;
+    let hyp_blocks = under(Stage2Mappings::Blocks, cpus, "linux-blocks")?;
     let (mut b2, mut b1, mut hp, mut hb, mut setup) = (vec![], vec![], vec![], vec![], vec![]);
     for i in 1..=runs {
         b2.push(time_to_marker(&bare(true), "linux-bare")?.0);
@@ -285,9 +286,13 @@ fn linux(runs: usize, cpus: u32, mem: Size, no_write: bool) -> Result<(), String
             hb[i - 1]
         );
     }
-    let (icount_bare, _) = instruction_time(&bare(true), "linux-bare-icount", false)?;
-    let (icount_el1, _) = instruction_time(&bare(false), "linux-bare-el1-icount", false)?;
-    let (icount_hyp, icount_setup) = instruction_time(&hyp_pages, "linux-hypervisor-icount", true)?;
+    // One CPU: under -icount the CPUs take turns on one host thread, and with two a
+    // vCPU waiting in WFI for the hypervisor's kick was seen to stall for hundreds of
+    // milliseconds of virtual time, which multi-threaded runs never show.
+    let (icount_bare, _) = instruction_time(&bare_on(true, 1), "linux-bare-icount", false)?;
+    let (icount_el1, _) = instruction_time(&bare_on(false, 1), "linux-bare-el1-icount", false)?;
+    let hyp_one = under(Stage2Mappings::Pages, 1, "linux-pages-1")?;
+    let (icount_hyp, icount_setup) = instruction_time(&hyp_one, "linux-hypervisor-icount", true)?;
     let icount_setup = icount_setup.unwrap_or(f64::NAN);
     let icount_ratio = icount_hyp / icount_bare.min(icount_el1);
     eprintln!(
@@ -355,8 +360,11 @@ QEMU's deterministic mode (`-icount shift=0,sleep=off`: one instruction is one
 nanosecond of virtual time, idle time is skipped, the vCPUs take turns on one host
 thread) give the same numbers on every run and under any load. They count instructions
 (the guest's and EL2's), not what an exit costs QEMU, so they show the hypervisor's
-work, not TCG's. The kernel's own clock at `{RUN_INIT}` (the kernel's boot from its
-clock's start to userspace; it leaves out the time before the kernel runs):
+work, not TCG's. These runs have one CPU: with two, a vCPU waiting in `WFI` for the
+hypervisor's kick was seen to stall for hundreds of milliseconds of virtual time under
+`-icount`, which the multi-threaded runs above never show. The kernel's own clock at
+`{RUN_INIT}` (its boot from its clock's start to userspace; it leaves out the time
+before the kernel runs):
 
 | | kernel clock at `{RUN_INIT}` (ms of instructions) | hypervisor / this |
 |---|---|---|
