@@ -297,29 +297,7 @@ pub fn handle_exit<S: Stage2Table>(
     if !vm.runs(vcpu) {
         return Next::Stop;
     }
-    let next = handle(vm, vcpu, ctx, exit, host, share, kicks);
-    if next == Next::Stop && vm.status() != VmStatus::Running {
-        // This exit powered the VM off, reset or stopped it: its other vCPUs must leave
-        // the guest too (the last one out resets or destroys the VM), and one that sits
-        // in WFI with interrupts masked (Linux parks its other CPUs so before it powers
-        // off or reboots) would not exit on its own.
-        for i in 0..vm.desc.cpus.len() {
-            kicks.insert(i);
-        }
-    }
-    next
-}
-
-fn handle<S: Stage2Table>(
-    vm: &Vm<S>,
-    vcpu: usize,
-    ctx: &mut VcpuCtx<'_>,
-    exit: boot::Exit,
-    host: &mut impl Host,
-    share: &mut ShareCall<'_>,
-    kicks: &mut VcpuMask,
-) -> Next {
-    match Exit::from(exit) {
+    let next = match Exit::from(exit) {
         Exit::Interrupt => Next::Resume,
         Exit::SError { esr } => serror(vm, esr, host),
         Exit::Hvc { .. } => hypercall(vm, vcpu, ctx, host, share),
@@ -365,7 +343,17 @@ fn handle<S: Stage2Table>(
                 *ctx.pc
             ),
         ),
+    };
+    if next == Next::Stop && vm.status() != VmStatus::Running {
+        // This exit powered the VM off, reset or stopped it: its other vCPUs must leave
+        // the guest too (the last one out resets or destroys the VM), and one that sits
+        // in WFI with interrupts masked (Linux parks its other CPUs so before it powers
+        // off or reboots) would not exit on its own.
+        for i in 0..vm.desc.cpus.len() {
+            kicks.insert(i);
+        }
     }
+    next
 }
 
 fn hypercall<S>(
