@@ -635,12 +635,7 @@ TCG nothing on either side costs what it does on a chip:
   microseconds on both sides{nested}. The hypervisor's median is {:.0} ns above the bare one
   ({}, against 4.1x on hardware, where the delivery itself is 222 ns). Its own path (the
   exit, the list register, the return) is what the SGI row adds, a few microseconds;
-  anything beyond that arises in QEMU before the interrupt reaches EL2. When this
-  section was first written (this machine, QEMU 7.2), a temporary build that logged
-  `CNTVCT_EL0 - CNTV_CVAL_EL0` as each timer exit began found the exit starting about
-  4 to 5 µs before the guest's handler, and the exit itself 20 µs after the deadline in
-  some QEMU processes and 50 µs in others, where bare QEMU took a steady 20 µs to the
-  guest's handler.
+  anything beyond that arises in QEMU before the interrupt reaches EL2.
 - **An IPI is a message between host threads.** Each CPU is a host thread (multi-threaded
   TCG); an SGI to a CPU in WFI wakes a sleeping thread in both settings. Under the
   hypervisor the sender's write traps to EL2 first, and the receiving CPU takes a physical

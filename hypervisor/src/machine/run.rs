@@ -73,48 +73,51 @@ impl VmidFlush for MachineBackend {
 /// (`super::with_guest_ram`); the hypervisor's stage 1 does not map it otherwise.
 struct MachineMemory;
 
-impl GuestMemory for MachineMemory {
-    fn zero(&self, pa: PhysAddr, len: u64) {
+impl MachineMemory {
+    /// Runs `write(va, n, from)` over `[pa, pa + len)` of guest RAM, a window chunk at a
+    /// time mapped writable (`from`: the chunk's offset in the range), then clears the
+    /// chunk's allocation tags where the CPU has MTE: the scrub and the image copy leave
+    /// no tag of a VM behind.
+    fn write_chunks(pa: PhysAddr, len: u64, mut write: impl FnMut(u64, u64, u64)) {
         let tags = scrubs_tags();
         let access = if tags {
             Access::ReadWriteTagged
         } else {
             Access::ReadWrite
         };
+        let mut from = 0u64;
         with_guest_ram(pa.get(), len, access, |va, n| {
+            write(va, n, from);
+            if tags {
+                // SAFETY: the window maps the chunk Tagged and writable at `va` until this
+                // returns, and EL2 may store tags (`scrubs_tags`: FEAT_MTE2,
+                // SCTLR_EL2.ATA, MAIR attribute 4 = 0xF0).
+                unsafe { boot::clear_tags(va, n) };
+            }
+            // The chunks lie inside `[pa, pa + len)`: no step passes `len`.
+            from = from.saturating_add(n);
+        });
+    }
+}
+
+impl GuestMemory for MachineMemory {
+    fn zero(&self, pa: PhysAddr, len: u64) {
+        Self::write_chunks(pa, len, |va, n, _| {
             // SAFETY: the manager only passes guest RAM it has claimed (checked against
             // its pool of guest RAM, and again by the window), which no vCPU can reach at
             // the time (`GuestMemory`); the window maps the chunk writable at `va` until
             // this returns.
             unsafe { boot::zero_and_clean(va, n) };
-            if tags {
-                // SAFETY: as above; the chunk is mapped Tagged and EL2 may store tags
-                // (`scrubs_tags`: FEAT_MTE2, SCTLR_EL2.ATA, MAIR attribute 4 = 0xF0).
-                unsafe { boot::clear_tags(va, n) };
-            }
         });
     }
 
     fn copy(&self, dst: PhysAddr, src: PhysAddr, len: u64) {
-        let tags = scrubs_tags();
-        let access = if tags {
-            Access::ReadWriteTagged
-        } else {
-            Access::ReadWrite
-        };
-        let mut from = src.get();
-        with_guest_ram(dst.get(), len, access, |va, n| {
+        Self::write_chunks(dst, len, |va, n, from| {
             // SAFETY: `src` is in the staging range, which the stage 1 maps ("staging"),
             // and `dst` in the VM's RAM (checked by the manager), mapped writable at `va`
-            // by the window until this returns; guest RAM and staging do not overlap.
-            unsafe { boot::copy_and_clean(va, from, n) };
-            if tags {
-                // SAFETY: as in `zero`: the image's granules get tag 0 like the zeroed
-                // ones, so no tag of the VM's RAM survives a scrub and reload.
-                unsafe { boot::clear_tags(va, n) };
-            }
-            // `[from, from + len)` is the staged image: no step passes its end.
-            from = from.saturating_add(n);
+            // by the window until this returns; guest RAM and staging do not overlap, and
+            // `[src + from, + n)` lies in the staged image.
+            unsafe { boot::copy_and_clean(va, src.get().saturating_add(from), n) };
         });
     }
 }

@@ -17,7 +17,7 @@ use crate::vm::share::{Note, Request};
 use crate::vm::vgic::{sgi::SgiRegister, MmioError, PhysGic, VcpuMask};
 use crate::vm::vuart::LineSink;
 use crate::vm::{Stage2Table, Vm, VmStatus};
-use boot::esr::{DataAccess, SysRegAccess};
+use boot::esr::{DataAccess, Esr, SysRegAccess};
 use core::sync::atomic::Ordering;
 use exit::{Abort, Exit};
 use hypercall::{Caller, Outcome};
@@ -120,7 +120,7 @@ fn sysreg<S>(
 }
 
 /// Handles an SError taken from the guest (`cpu_state::serror`).
-fn serror<S>(vm: &Vm<S>, esr: boot::esr::Esr, host: &mut impl Host) -> Next {
+fn serror<S>(vm: &Vm<S>, esr: Esr, host: &mut impl Host) -> Next {
     use cpu_state::serror::{decide, Action};
     let iss = esr.bits() & 0x1ff_ffff;
     match decide(iss, host.has_ras(), vm.desc.abort) {
@@ -317,32 +317,12 @@ pub fn handle_exit<S: Stage2Table>(
                 *ctx.pc = ctx.pc.wrapping_add(4);
                 Next::Resume
             }
-            _ => sysreg(vm, ctx, &access, host).unwrap_or_else(|| {
-                stop_vm_flushed(
-                    vm,
-                    host,
-                    format_args!(
-                        "unhandled exit, EC {:#x}: {} (ESR {:#x}, PC {:#x})",
-                        esr.class().ec(),
-                        esr.decode(),
-                        esr.bits(),
-                        *ctx.pc
-                    ),
-                )
-            }),
+            _ => {
+                sysreg(vm, ctx, &access, host).unwrap_or_else(|| unhandled(vm, host, esr, *ctx.pc))
+            }
         },
         Exit::Abort(abort) => stage2_abort(vm, ctx, &abort, host, kicks),
-        Exit::Other { esr } => stop_vm_flushed(
-            vm,
-            host,
-            format_args!(
-                "unhandled exit, EC {:#x}: {} (ESR {:#x}, PC {:#x})",
-                esr.class().ec(),
-                esr.decode(),
-                esr.bits(),
-                *ctx.pc
-            ),
-        ),
+        Exit::Other { esr } => unhandled(vm, host, esr, *ctx.pc),
     };
     if next == Next::Stop && vm.status() != VmStatus::Running {
         // This exit powered the VM off, reset or stopped it: its other vCPUs must leave
@@ -354,6 +334,20 @@ pub fn handle_exit<S: Stage2Table>(
         }
     }
     next
+}
+
+/// Stops the VM for an exit the hypervisor does not handle.
+fn unhandled<S>(vm: &Vm<S>, host: &mut impl Host, esr: Esr, pc: u64) -> Next {
+    stop_vm_flushed(
+        vm,
+        host,
+        format_args!(
+            "unhandled exit, EC {:#x}: {} (ESR {:#x}, PC {pc:#x})",
+            esr.class().ec(),
+            esr.decode(),
+            esr.bits(),
+        ),
+    )
 }
 
 fn hypercall<S>(
@@ -907,6 +901,15 @@ mod tests {
         vm
     }
 
+    /// A running one-vCPU VM whose abort policy is to inject.
+    fn injecting(
+        m: &crate::vm::VmManager<crate::vm::tests::Fake>,
+    ) -> alloc::sync::Arc<Vm<crate::vm::tests::FakeS2>> {
+        let mut d = desc(0x5000_0000, 1);
+        d.abort = AbortPolicy::Inject;
+        running(m, d)
+    }
+
     const HVC: u64 = (0x16 << 26) | (1 << 25);
     const SMC: u64 = (0x17 << 26) | (1 << 25);
 
@@ -996,9 +999,7 @@ mod tests {
     #[test]
     fn unmapped_read_injects_when_asked() {
         let m = manager();
-        let mut d = desc(0x5000_0000, 1);
-        d.abort = AbortPolicy::Inject;
-        let vm = running(&m, d);
+        let vm = injecting(&m);
         let mut cpu = Cpu::new();
         cpu.el1 = El1 {
             vbar: 0x4000_8000,
@@ -1119,9 +1120,7 @@ mod tests {
     #[test]
     fn injection_from_each_el_and_execution_state() {
         let m = manager();
-        let mut d = desc(0x5000_0000, 1);
-        d.abort = AbortPolicy::Inject;
-        let vm = running(&m, d);
+        let vm = injecting(&m);
         // (SPSR_EL2 of the guest, vector offset, ESR_EL1.EC of a data abort)
         let nzcv = 0xa000_0000;
         for (spsr, offset, ec) in [
@@ -1319,9 +1318,7 @@ mod tests {
         let m = manager();
         let mut cpu = Cpu::new();
         // Policy inject: a recoverable error becomes a virtual SError of that severity.
-        let mut d = desc(0x5000_0000, 1);
-        d.abort = AbortPolicy::Inject;
-        let vm = running(&m, d);
+        let vm = injecting(&m);
         cpu.el1 = ras_cpu();
         assert_eq!(cpu.exit(&vm, 0, serror(ras(aet::UER))), Next::Resume);
         assert_eq!(cpu.el1.vse, Some(Some(ras(aet::UER))));
@@ -1450,9 +1447,7 @@ mod tests {
     #[test]
     fn a_gic_access_of_a_bad_size_follows_the_abort_policy() {
         let m = manager();
-        let mut d = desc(0x5000_0000, 1);
-        d.abort = AbortPolicy::Inject;
-        let vm = running(&m, d);
+        let vm = injecting(&m);
         let mut cpu = Cpu::new();
         cpu.el1 = El1 {
             vbar: 0x4000_8000,
