@@ -323,6 +323,32 @@ fn system_reset_restarts_the_vm_with_scrubbed_ram() {
     assert_all_destroyed_without_leak(&r, &["solo"]);
 }
 
+/// A reset scrubs all of a large VM's RAM although the scrub is shared out: the reset
+/// runs on CPU 1, and CPUs 2 and 3, parked with nothing to run, take 2 MiB pieces of it
+/// (`hypervisor/src/machine/guest_ram.rs`). The guest dirties every 64-byte line of its
+/// RAM above the first 2 MiB before the reset and finds all of it zero after.
+#[test]
+fn system_reset_scrubs_all_of_a_large_vms_ram() {
+    let mut big = with_arg(guest("big", &[1], 0x5000_0000), ARG_RESET | ARG_BIG_RAM);
+    big.memory[0].size = 32 << 20;
+    let r = run("reset-big", "cortex-a57", &[big], &[]);
+    r.assert_success();
+    r.assert_lines_in_order(&[
+        "VM big: vCPU 0 starts",
+        "[big] big-ram: 30 MiB above the first 2 MiB dirtied",
+        "[big] resetting",
+        "VM big reset",
+        "VM big: vCPU 0 starts",
+        "[big] PASS big-ram-scrubbed",
+        "[big] PASS system-reset",
+        "[big] DONE pass=",
+        "VM big destroyed",
+        "all VMs done: success",
+    ]);
+    r.assert_no_line("[big] FAIL");
+    assert_all_destroyed_without_leak(&r, &["big"]);
+}
+
 /// With MTE (`-cpu max -machine mte=on`; the VM may use allocation tags,
 /// `HCR_EL2.ATA`), the tags a VM stored in its RAM before a reset read as 0 after it:
 /// the scrub and the reload clear tags as well as data, both where the scrub zeroes and

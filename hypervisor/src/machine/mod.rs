@@ -32,6 +32,7 @@ mod console;
 mod cpu;
 mod fatal;
 mod gic;
+mod guest_ram;
 mod pl011;
 mod regs;
 pub mod run;
@@ -415,6 +416,9 @@ fn start_secondaries(platform: &Hardware, boot_mpidr: u64) -> usize {
     online
 }
 
+/// The secondary CPUs that have come online once.
+static STARTED: [AtomicBool; boot::MAX_CPUS] = [const { AtomicBool::new(false) }; boot::MAX_CPUS];
+
 /// Runs on each secondary CPU after the boot code set up its stack (and MMU, once the
 /// primary publishes its tables).
 pub fn secondary(cpu: usize) {
@@ -423,7 +427,15 @@ pub fn secondary(cpu: usize) {
     if gic::present() && !gic::init_cpu() {
         fatal(format_args!("gic: no redistributor for cpu{cpu}"));
     }
-    info!("cpu{cpu} online: MPIDR {mpidr:#x}, MMU {}", mmu_state());
+    // Said once: a parked CPU comes back through here each time it is woken.
+    let first = STARTED
+        .get(cpu)
+        .is_some_and(|s| !s.swap(true, Ordering::Relaxed));
+    if first {
+        info!("cpu{cpu} online: MPIDR {mpidr:#x}, MMU {}", mmu_state());
+    } else {
+        log::debug!("cpu{cpu} back from parking");
+    }
     #[cfg(feature = "fault-stack-overflow")]
     if cpu == 1 {
         warn!("fault-stack-overflow: recursing without bound on cpu{cpu}");
@@ -434,7 +446,9 @@ pub fn secondary(cpu: usize) {
     if cpu == 1 {
         panic!("fault-panic: deliberate panic on cpu{cpu}");
     }
-    CPUS_ONLINE.fetch_add(1, Ordering::AcqRel);
+    if first {
+        CPUS_ONLINE.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// Recursion that overflows the stack (the `fault-stack-overflow` build).

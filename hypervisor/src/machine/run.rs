@@ -16,9 +16,10 @@ use spin::Once;
 use super::cpu::{cpu_mpidr, park, park_off, power_off, wake};
 use super::fatal::fatal;
 use super::gic;
+use super::guest_ram::{self, MachineMemory};
 use super::pl011::Pl011;
 use super::regs;
-use super::{scrubs_tags, with_guest_ram, Machine, FRAMES};
+use super::{with_guest_ram, Machine, FRAMES};
 use crate::config;
 use crate::mem::frames::SharedFrames;
 use crate::mem::layout::STAGING;
@@ -31,7 +32,7 @@ use crate::vcpu::{self, GuestEl1, Next, VcpuCtx};
 use crate::vm::vgic::{lr::MAX_LIST_REGS, Flush, PhysAction, PhysGic, VcpuMask};
 use crate::vm::vmid::{Vmid, VmidBits, VmidFlush};
 use crate::vm::vuart::LineSink;
-use crate::vm::{Backend, GuestMemory, MmuStage2, Stage2Config, Vm, VmManager, IPA_BITS};
+use crate::vm::{Backend, MmuStage2, Stage2Config, Vm, VmManager, IPA_BITS};
 
 static MANAGER: Once<VmManager<MachineBackend>> = Once::new();
 /// The CPU that ends the run.
@@ -66,59 +67,6 @@ impl VmidFlush for MachineBackend {
             Ok(vtcr) => unsafe { mmu::arch::invalidate_vmid(vtcr, regime.vttbr(self.empty_root)) },
             Err(e) => log::error!("VMID {}: {e}", vmid.get()),
         }
-    }
-}
-
-/// Guest RAM as the machine reaches it: through the guest RAM window, a chunk at a time
-/// (`super::with_guest_ram`); the hypervisor's stage 1 does not map it otherwise.
-struct MachineMemory;
-
-impl MachineMemory {
-    /// Runs `write(va, n, from)` over `[pa, pa + len)` of guest RAM, a window chunk at a
-    /// time mapped writable (`from`: the chunk's offset in the range), then clears the
-    /// chunk's allocation tags where the CPU has MTE: the scrub and the image copy leave
-    /// no tag of a VM behind.
-    fn write_chunks(pa: PhysAddr, len: u64, mut write: impl FnMut(u64, u64, u64)) {
-        let tags = scrubs_tags();
-        let access = if tags {
-            Access::ReadWriteTagged
-        } else {
-            Access::ReadWrite
-        };
-        let mut from = 0u64;
-        with_guest_ram(pa.get(), len, access, |va, n| {
-            write(va, n, from);
-            if tags {
-                // SAFETY: the window maps the chunk Tagged and writable at `va` until this
-                // returns, and EL2 may store tags (`scrubs_tags`: FEAT_MTE2,
-                // SCTLR_EL2.ATA, MAIR attribute 4 = 0xF0).
-                unsafe { boot::clear_tags(va, n) };
-            }
-            // The chunks lie inside `[pa, pa + len)`: no step passes `len`.
-            from = from.saturating_add(n);
-        });
-    }
-}
-
-impl GuestMemory for MachineMemory {
-    fn zero(&self, pa: PhysAddr, len: u64) {
-        Self::write_chunks(pa, len, |va, n, _| {
-            // SAFETY: the manager only passes guest RAM it has claimed (checked against
-            // its pool of guest RAM, and again by the window), which no vCPU can reach at
-            // the time (`GuestMemory`); the window maps the chunk writable at `va` until
-            // this returns.
-            unsafe { boot::zero_and_clean(va, n) };
-        });
-    }
-
-    fn copy(&self, dst: PhysAddr, src: PhysAddr, len: u64) {
-        Self::write_chunks(dst, len, |va, n, from| {
-            // SAFETY: `src` is in the staging range, which the stage 1 maps ("staging"),
-            // and `dst` in the VM's RAM (checked by the manager), mapped writable at `va`
-            // by the window until this returns; guest RAM and staging do not overlap, and
-            // `[src + from, + n)` lies in the staged image.
-            unsafe { boot::copy_and_clean(va, src.get().saturating_add(from), n) };
-        });
     }
 }
 
@@ -575,15 +523,20 @@ fn stage_linux_dtb(
     }
 }
 
-/// Secondary-CPU hook: waits for the VMs to exist, then runs this CPU's vCPU, if any.
+/// Secondary-CPU hook: waits for the VMs to exist, then runs this CPU's vCPU, if any;
+/// helps with guest RAM work while it waits.
 pub fn secondary_idle(cpu: usize) -> ! {
     // Off until there is a vCPU to run here: the primary wakes every CPU once the VMs
-    // exist, and a guest's CPU_ON wakes the CPU of the vCPU it starts.
-    park_off(cpu, || has_work(cpu));
-    while MANAGER.get().is_none() {
-        aarch64_cpu::asm::wfe();
+    // exist, and a guest's CPU_ON wakes the CPU of the vCPU it starts. Meanwhile, a CPU
+    // that scrubs or loads guest RAM wakes parked CPUs to help (`guest_ram`).
+    loop {
+        guest_ram::help();
+        park_off(cpu, || has_work(cpu) || guest_ram::has_work());
+        // Back (not off): there is a vCPU to run, or guest RAM work to help with.
+        if has_work(cpu) {
+            run_cpu(cpu)
+        }
     }
-    run_cpu(cpu)
 }
 
 /// The index of the online CPU with MPIDR `mpidr`.

@@ -2,6 +2,7 @@
 //! of page-table frames; and the address and range types every module uses.
 
 mod addr;
+pub mod bulk;
 pub mod frames;
 pub mod layout;
 mod range;

@@ -35,3 +35,6 @@ pub const ARG_SGI_ATTACK: u64 = 1 << 13;
 pub const ARG_LATENCY: u64 = 1 << 14;
 /// The MTE check: tags stored before a reset are gone after it (`guest::mte`).
 pub const ARG_MTE: u64 = 1 << 15;
+/// With [`ARG_RESET`], a VM of 32 MiB whose whole RAM must be scrubbed by the reset
+/// (`guest::big_ram`).
+pub const ARG_BIG_RAM: u64 = 1 << 16;

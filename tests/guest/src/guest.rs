@@ -20,9 +20,9 @@ pub const UNMAPPED_IPA: u64 = 0x7000_0000;
 static PROBE: AtomicU64 = AtomicU64::new(UNMAPPED_IPA);
 
 use crate::arg::{
-    ARG_ABORT, ARG_BYSTANDER, ARG_HOSTILE, ARG_IRQ, ARG_IRQ_LISTEN, ARG_LATENCY, ARG_LINGER,
-    ARG_MTE, ARG_OFF_RESET, ARG_PMU, ARG_RACE, ARG_RESET, ARG_SECOND_VCPU, ARG_SGI_ATTACK,
-    ARG_SHARING, ARG_SPLIT_MERGE,
+    ARG_ABORT, ARG_BIG_RAM, ARG_BYSTANDER, ARG_HOSTILE, ARG_IRQ, ARG_IRQ_LISTEN, ARG_LATENCY,
+    ARG_LINGER, ARG_MTE, ARG_OFF_RESET, ARG_PMU, ARG_RACE, ARG_RESET, ARG_SECOND_VCPU,
+    ARG_SGI_ATTACK, ARG_SHARING, ARG_SPLIT_MERGE,
 };
 /// How long `ARG_LINGER` keeps the guest running.
 const LINGER_SECONDS: u64 = 3;
@@ -184,6 +184,7 @@ macro_rules! println {
     }};
 }
 
+mod big_ram;
 mod hostile;
 mod irq;
 mod latency;
@@ -271,7 +272,7 @@ const SCTLR_ATA: u64 = 1 << 43;
 /// (`sharing`) the window where it retrieves another VM's pages, and for the MTE check
 /// (`mte`, on a CPU with FEAT_MTE2) the Tagged alias of two RAM pages (`mte::ALIAS`),
 /// with `MAIR_EL1` attribute 4 Tagged and tag access on.
-fn build_tables(sharing: bool, gic: bool, mte: bool) -> Result<Table, mmu::Error> {
+fn build_tables(sharing: bool, gic: bool, mte: bool, big_ram: bool) -> Result<Table, mmu::Error> {
     let regime = El1::new(1, 39);
     let mut pt = PageTable::new(regime, StaticFrames { next: 0 }, ArmTlb)?;
     let rwx = Permissions::RW | Permissions::EXEC_EL1;
@@ -295,6 +296,15 @@ fn build_tables(sharing: bool, gic: bool, mte: bool) -> Result<Table, mmu::Error
         Attributes::new(Permissions::RW, MemoryType::Normal),
         MapFlags::empty(),
     )?;
+    if big_ram {
+        pt.map(
+            big_ram::ALIAS,
+            RAM.0 + RAM.1,
+            big_ram::ALIAS_SIZE,
+            Attributes::new(Permissions::RW, MemoryType::Normal),
+            MapFlags::empty(),
+        )?;
+    }
     if sharing {
         let (start, size) = sharing::WINDOW;
         pt.map(
@@ -436,7 +446,12 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
     }
     // The tables live in static frames for the rest of the run (this never returns).
     let gic = arg & (ARG_IRQ | ARG_SGI_ATTACK | ARG_LATENCY) != 0;
-    let mut table = match build_tables(arg & ARG_SHARING != 0, gic, arg & ARG_MTE != 0) {
+    let mut table = match build_tables(
+        arg & ARG_SHARING != 0,
+        gic,
+        arg & ARG_MTE != 0,
+        arg & ARG_BIG_RAM != 0,
+    ) {
         Ok(t) => t,
         Err(e) => {
             println!("FAIL stage-1 tables: {e:?}");
@@ -503,6 +518,9 @@ extern "C" fn guest_main(arg: u64, vcpu: u64) -> ! {
     }
     if arg & ARG_LINGER != 0 {
         linger();
+    }
+    if arg & ARG_BIG_RAM != 0 {
+        big_ram::big_ram_check();
     }
     if arg & ARG_RESET != 0 {
         reset_check();

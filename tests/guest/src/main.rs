@@ -35,6 +35,8 @@
 //!   at its ELF entry point `bare_start`, which sets this bit.
 //! - bit 15: the MTE check (`guest::mte`, a CPU with FEAT_MTE2): allocation tags stored
 //!   on the first boot, then `SYSTEM_RESET`; after it the tags must be 0 again.
+//! - bit 16: with bit 3, a VM with 32 MiB of RAM: every 64-byte line above the first
+//!   2 MiB is written before the reset and must read zero after it (`guest::big_ram`).
 //!
 //! It builds its own EL1&0 stage-1 tables with `mmu`, turns the MMU on, runs its checks,
 //! prints one `PASS name` or `FAIL name: detail` line per check and a final

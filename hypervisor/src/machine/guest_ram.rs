@@ -1,0 +1,129 @@
+//! Guest RAM as the machine writes it: scrubbing it and copying images into it through
+//! the guest RAM window ([`super::with_guest_ram`]; the hypervisor's stage 1 does not
+//! map it otherwise), with the bulk of the work shared with parked CPUs.
+//!
+//! Creating a VM scrubs all of its RAM that no image covers (for a 256 MiB Linux VM,
+//! about 220 MiB), and resetting one scrubs it again. A CPU whose vCPU is off, or that
+//! has none, is parked through the firmware with nothing to do; the CPU that scrubs wakes
+//! every parked CPU and they take 2 MiB chunks of the work in turn
+//! ([`crate::mem::bulk`]), each through its own window slot. Once the work is done they
+//! park again (or run their vCPU, if it was started meanwhile). Nothing depends on a
+//! helper arriving: the CPU that opened the work does whatever is left.
+
+use super::cpu::wake;
+use super::{scrubs_tags, with_guest_ram};
+use crate::mem::bulk::{BulkJob, Piece};
+use crate::mem::window::Access;
+use crate::mem::PhysAddr;
+use crate::vm::GuestMemory;
+
+/// Below this, a bulk write is not worth waking CPUs for: one CPU does it alone.
+const SHARE_FROM: u64 = 16 << 20;
+
+/// What a bulk write puts in guest RAM.
+#[derive(Clone, Copy, Debug)]
+enum Fill {
+    /// Zeros (a scrub).
+    Zero,
+    /// The bytes at `src` onwards (an image from the staging range).
+    Copy { src: PhysAddr },
+}
+
+/// The one bulk write that parked CPUs may help with.
+static BULK: BulkJob<Fill> = BulkJob::new();
+
+/// Whether there is a bulk write a parked CPU should wake up for.
+pub fn has_work() -> bool {
+    BULK.is_open()
+}
+
+/// Takes part in the open bulk write until it has nothing left to hand out.
+pub fn help() {
+    BULK.help(write);
+}
+
+/// Writes one piece, through this CPU's window slot.
+fn write(piece: Piece<Fill>) {
+    match piece.fill {
+        Fill::Zero => MachineMemory::write_chunks(piece.pa, piece.len, |va, n, _| {
+            // SAFETY: the manager only passes guest RAM it has claimed (checked against
+            // its pool of guest RAM, and again by the window), which no vCPU can reach at
+            // the time (`GuestMemory`); the window maps the chunk writable at `va` until
+            // this returns.
+            unsafe { boot::zero_and_clean(va, n) };
+        }),
+        Fill::Copy { src } => {
+            let src = src.saturating_add(piece.offset);
+            MachineMemory::write_chunks(piece.pa, piece.len, |va, n, from| {
+                // SAFETY: `src` is in the staging range, which the stage 1 maps
+                // ("staging"), and the piece in the VM's RAM (checked by the manager),
+                // mapped writable at `va` by the window until this returns; guest RAM and
+                // staging do not overlap, and `[src + from, + n)` lies in the staged
+                // image.
+                unsafe { boot::copy_and_clean(va, src.get().saturating_add(from), n) };
+            });
+        }
+    }
+}
+
+/// Writes `[dst, dst + len)` as `fill` says: with the parked CPUs' help if it is large.
+fn bulk(fill: Fill, dst: PhysAddr, len: u64) {
+    let piece = Piece {
+        fill,
+        pa: dst,
+        len,
+        offset: 0,
+    };
+    if len < SHARE_FROM {
+        return write(piece);
+    }
+    let wake_parked = || {
+        // `wake` does nothing for a CPU that is not parked (this one, CPU 0, a CPU
+        // running a vCPU); a parked one comes back through the secondary entry and
+        // finds the work (`super::run::secondary_idle`).
+        for cpu in 0..boot::MAX_CPUS {
+            wake(cpu);
+        }
+    };
+    BULK.run(fill, dst, len, wake_parked, write);
+}
+
+/// Guest RAM as the VM manager writes it (see the module documentation).
+pub(super) struct MachineMemory;
+
+impl MachineMemory {
+    /// Runs `write(va, n, from)` over `[pa, pa + len)` of guest RAM, a window chunk at a
+    /// time mapped writable (`from`: the chunk's offset in the range), then clears the
+    /// chunk's allocation tags where the CPU has MTE: the scrub and the image copy leave
+    /// no tag of a VM behind.
+    fn write_chunks(pa: PhysAddr, len: u64, mut write: impl FnMut(u64, u64, u64)) {
+        let tags = scrubs_tags();
+        let access = if tags {
+            Access::ReadWriteTagged
+        } else {
+            Access::ReadWrite
+        };
+        let mut from = 0u64;
+        with_guest_ram(pa.get(), len, access, |va, n| {
+            write(va, n, from);
+            if tags {
+                // SAFETY: the window maps the chunk Tagged and writable at `va` until this
+                // returns, and EL2 may store tags (`scrubs_tags`: FEAT_MTE2,
+                // SCTLR_EL2.ATA, MAIR attribute 4 = 0xF0).
+                unsafe { boot::clear_tags(va, n) };
+            }
+            // The chunks lie inside `[pa, pa + len)`: no step passes `len`.
+            from = from.saturating_add(n);
+        });
+    }
+}
+
+impl GuestMemory for MachineMemory {
+    fn zero(&self, pa: PhysAddr, len: u64) {
+        bulk(Fill::Zero, pa, len);
+    }
+
+    fn copy(&self, dst: PhysAddr, src: PhysAddr, len: u64) {
+        bulk(Fill::Copy { src }, dst, len);
+    }
+}
