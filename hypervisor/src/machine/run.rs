@@ -668,15 +668,17 @@ fn run_vcpu(
         // exit handling included), so a flush now would be the same: the list registers
         // already hold it (`SharedVgic`). Most exits (a UART or hypercall access) skip
         // both the flush and the sync this way.
-        let flush = match kept {
-            Some((flush, takes)) if vm.vgic.takes() == takes => flush,
+        // Borrowed, not copied: the flush is most of a cache line per list register.
+        let flush = match &kept {
+            Some((flush, takes)) if vm.vgic.takes() == *takes => flush,
             _ => {
                 let mut g = vm.vgic.lock();
                 let flush = g.flush(index);
-                kept = Some((flush, vm.vgic.takes()));
+                // Counted with the lock still held: a take after it must show.
+                let takes = vm.vgic.takes();
                 drop(g);
                 live = gic::load(&flush, live);
-                flush
+                &kept.insert((flush, takes)).0
             }
         };
         // SAFETY: HCR_EL2, VTCR_EL2 and VTTBR_EL2 were just set up for this VM, whose
