@@ -351,7 +351,10 @@ The second part of the hypervisor's time is Linux itself running as a guest:
 {:.0} ms against {m2:.0} / {m1:.0} ms on bare QEMU (median of the runs less median of the
 set-up, so an estimate). The set-up is mostly creating the VM: the part of its {mem} of
 RAM that no image covers is scrubbed and cleaned to the point of coherency, and the
-kernel, the initramfs and the DTB are copied in from the staging range.
+kernel, the initramfs and the DTB are copied in from the staging range; the CPUs
+parked until the guest starts them take 2 MiB pieces of that work
+(`hypervisor/src/machine/guest_ram.rs`). The rest of the set-up is the hypervisor's
+start-up and the building of the guest's device tree.
 
 ### Instruction time
 
@@ -697,11 +700,30 @@ fn hypercall(runs: usize, no_write: bool) -> Result<(), String> {
         }
         let m = median(&ns);
         let fastest = ns.iter().copied().fold(f64::INFINITY, f64::min);
+        // Under -icount a nanosecond is an instruction: the same loop counts the
+        // instructions of one round trip (EL2's and the guest's few), whatever the load.
+        // The VMs print it within milliseconds; the run is stopped after a while, as
+        // under -icount the CPUs take turns on one thread and a broadcast TLB
+        // invalidation at the end of a VM was seen to wait there for good.
+        let run = run_captured(
+            qemu.clone().extra(ICOUNT).command(),
+            Duration::from_secs(15),
+        )?;
+        let counted = round_trips(&run);
+        let instructions = counted
+            .first()
+            .copied()
+            .ok_or_else(|| format!("{cpu} under -icount: no round trip line:\n{}", run.stdout))?;
         println!(
-            "{cpu}: median {m:.0} ns, fastest {fastest:.0} ns per round trip ({})",
+            "{cpu}: median {m:.0} ns, fastest {fastest:.0} ns per round trip ({}); \
+             {instructions:.0} instructions",
             list(&ns)
         );
-        let _ = writeln!(rows, "| `{cpu}` | {} | {m:.0} | {fastest:.0} |", list(&ns));
+        let _ = writeln!(
+            rows,
+            "| `{cpu}` | {} | {m:.0} | {fastest:.0} | {instructions:.0} |",
+            list(&ns)
+        );
     }
     if no_write {
         return Ok(());
@@ -718,9 +740,12 @@ and prints the mean; the table has those means from {runs} runs per CPU model (t
 This is QEMU TCG time: it shows the exit path's relative cost and its changes, not what
 hardware would take. The host's load shows as slow outliers (a VM's thread losing its
 host CPU during the loop), so the fastest mean is the better estimate of the exit path.
+The last column is one more run under QEMU's deterministic mode (`-icount
+shift=0,sleep=off`, where a nanosecond of virtual time is one instruction): the
+instructions of one round trip, EL2's and the guest loop's, the same on every run.
 
-| CPU model | means (ns) | median (ns) | fastest (ns) |
-|---|---|---|---|
+| CPU model | means (ns) | median (ns) | fastest (ns) | instructions |
+|---|---|---|---|---|
 {rows}
 {}<!-- hypercall: end -->
 ",
