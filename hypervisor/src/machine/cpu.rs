@@ -89,6 +89,8 @@ pub fn wake(cpu: usize) {
             }
             Err(e) => {
                 error!("cpu{cpu}: CPU_ON to wake it failed: {e:?}");
+                // Still off: a later wake tries again.
+                flag.store(true, Ordering::SeqCst);
                 return;
             }
         }

@@ -5,14 +5,18 @@
 //! Creating a VM scrubs all of its RAM that no image covers (for a 256 MiB Linux VM,
 //! about 220 MiB), and resetting one scrubs it again. A CPU whose vCPU is off, or that
 //! has none, is parked through the firmware with nothing to do; the CPU that scrubs wakes
-//! every parked CPU and they take 2 MiB chunks of the work in turn
-//! ([`crate::mem::bulk`]), each through its own window slot. Once the work is done they
-//! park again (or run their vCPU, if it was started meanwhile). Nothing depends on a
-//! helper arriving: the CPU that opened the work does whatever is left.
+//! the parked CPUs that may help and they take 2 MiB chunks of the work in turn
+//! ([`crate::mem::bulk`]), each through its own window slot. Which CPUs may help is
+//! decided by [`super::run::helpers_for`]: while the VMs are being created, any; once
+//! they run, only CPUs that no VM uses and the CPUs of the VM whose RAM it is, so one
+//! VM's reset never takes a CPU of another VM. A helper leaves between two chunks as
+//! soon as its own vCPU has a start pending, and parks again when nothing is left.
+//! Nothing depends on a helper arriving: the CPU that opened the work does whatever is
+//! left.
 
-use super::cpu::wake;
+use super::cpu::{cpu_index, wake};
 use super::{scrubs_tags, with_guest_ram};
-use crate::mem::bulk::{BulkJob, Piece};
+use crate::mem::bulk::{cpu_bit, BulkJob, Piece};
 use crate::mem::window::Access;
 use crate::mem::PhysAddr;
 use crate::vm::GuestMemory;
@@ -32,14 +36,15 @@ enum Fill {
 /// The one bulk write that parked CPUs may help with.
 static BULK: BulkJob<Fill> = BulkJob::new();
 
-/// Whether there is a bulk write a parked CPU should wake up for.
-pub fn has_work() -> bool {
-    BULK.is_open()
+/// Whether the open bulk write has pieces left for CPU `cpu`.
+pub fn has_work(cpu: usize) -> bool {
+    BULK.has_pieces_for(cpu)
 }
 
-/// Takes part in the open bulk write until it has nothing left to hand out.
-pub fn help() {
-    BULK.help(write);
+/// CPU `cpu` takes part in the open bulk write, if it is one of its helpers, until
+/// nothing is left for it or `keep_going` (asked before each piece) says stop.
+pub fn help(cpu: usize, keep_going: impl Fn() -> bool) {
+    BULK.help(cpu, keep_going, write);
 }
 
 /// Writes one piece, through this CPU's window slot.
@@ -77,15 +82,16 @@ fn bulk(fill: Fill, dst: PhysAddr, len: u64) {
     if len < SHARE_FROM {
         return write(piece);
     }
+    let helpers = super::run::helpers_for(dst);
     let wake_parked = || {
         // `wake` does nothing for a CPU that is not parked (this one, CPU 0, a CPU
         // running a vCPU); a parked one comes back through the secondary entry and
         // finds the work (`super::run::secondary_idle`).
-        for cpu in 0..boot::MAX_CPUS {
+        for cpu in (0..boot::MAX_CPUS).filter(|&cpu| helpers & cpu_bit(cpu) != 0) {
             wake(cpu);
         }
     };
-    BULK.run(fill, dst, len, wake_parked, write);
+    BULK.run(cpu_index(), fill, (dst, len), helpers, wake_parked, write);
 }
 
 /// Guest RAM as the VM manager writes it (see the module documentation).

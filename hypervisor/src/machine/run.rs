@@ -21,6 +21,7 @@ use super::pl011::Pl011;
 use super::regs;
 use super::{with_guest_ram, Machine, FRAMES};
 use crate::config;
+use crate::mem::bulk::cpu_bit;
 use crate::mem::frames::SharedFrames;
 use crate::mem::layout::STAGING;
 use crate::mem::window::Access;
@@ -530,13 +531,26 @@ pub fn secondary_idle(cpu: usize) -> ! {
     // exist, and a guest's CPU_ON wakes the CPU of the vCPU it starts. Meanwhile, a CPU
     // that scrubs or loads guest RAM wakes parked CPUs to help (`guest_ram`).
     loop {
-        guest_ram::help();
-        park_off(cpu, || has_work(cpu) || guest_ram::has_work());
+        // Its own vCPU first: a helper leaves the work between two 2 MiB pieces.
+        guest_ram::help(cpu, || !has_work(cpu));
+        park_off(cpu, || has_work(cpu) || guest_ram::has_work(cpu));
         // Back (not off): there is a vCPU to run, or guest RAM work to help with.
         if has_work(cpu) {
             run_cpu(cpu)
         }
     }
+}
+
+/// The CPUs (bit `n` for CPU `n`) that may help scrub or load guest RAM at `pa`
+/// (`guest_ram`): every CPU while the VMs are being created (no guest runs yet); after
+/// that, as `schedule::may_help` decides.
+pub(super) fn helpers_for(pa: PhysAddr) -> u64 {
+    let cpus = 0..boot::MAX_CPUS;
+    let Some(manager) = MANAGER.get() else {
+        return cpus.fold(0, |mask, cpu| mask | cpu_bit(cpu));
+    };
+    cpus.filter(|&cpu| described_cpu(cpu).is_some_and(|m| schedule::may_help(manager, m, pa)))
+        .fold(0, |mask, cpu| mask | cpu_bit(cpu))
 }
 
 /// The index of the online CPU with MPIDR `mpidr`.

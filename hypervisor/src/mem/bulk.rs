@@ -3,11 +3,13 @@
 //!
 //! A [`BulkJob`] cuts the range into the window's chunks ([`crate::mem::window::chunks`]:
 //! at most 2 MiB, split at 2 MiB boundaries, so each is one window mapping) and hands
-//! them out one at a time. The CPU that opens the job calls its helpers, works through
-//! chunks itself, then waits until every chunk a helper took is finished; only then does
-//! it close the job and return, so when [`BulkJob::run`] returns the whole range is done,
-//! whoever did each part. Helpers that arrive late find nothing to take (or no job) and
-//! leave; a helper never has to arrive at all.
+//! them out one at a time, only to the CPUs the opener named. The CPU that opens the job
+//! calls its helpers, works through chunks itself, then waits until every chunk a helper
+//! took is finished; only then does it close the job and return, so when
+//! [`BulkJob::run`] returns the whole range is done, whoever did each part. A helper
+//! takes chunks only while its own `keep_going` says so, so it can leave between two
+//! chunks (for its own vCPU, say); helpers that arrive late find nothing left to take
+//! and leave; a helper never has to arrive at all.
 //!
 //! Only one job is open at a time. A CPU that needs a bulk write while another CPU's job
 //! is open does its own alone rather than wait.
@@ -33,9 +35,11 @@ pub struct Piece<F> {
     pub offset: u64,
 }
 
-/// The open job: what is left to hand out.
+/// The open job: what is left to hand out, and to whom.
 struct Open<F> {
     fill: F,
+    /// CPUs (by index, bit `n` for CPU `n`) that may take pieces.
+    helpers: u64,
     start: PhysAddr,
     /// Next byte to hand out.
     at: u64,
@@ -67,15 +71,18 @@ impl<F: Copy> BulkJob<F> {
         }
     }
 
-    /// Whether a job is open (it may have nothing left to hand out).
-    pub fn is_open(&self) -> bool {
-        self.open.lock().is_some()
+    /// Whether the open job has pieces left that CPU `cpu` may take.
+    pub fn has_pieces_for(&self, cpu: usize) -> bool {
+        self.open
+            .lock()
+            .as_ref()
+            .is_some_and(|job| job.at < job.end && named(job.helpers, cpu))
     }
 
-    /// Takes the open job's next piece, if any is left.
-    fn take(&self) -> Option<Piece<F>> {
+    /// Takes the open job's next piece, if any is left for `cpu`.
+    fn take(&self, cpu: usize) -> Option<Piece<F>> {
         let mut open = self.open.lock();
-        let job = open.as_mut()?;
+        let job = open.as_mut().filter(|job| named(job.helpers, cpu))?;
         let chunk = chunks(job.at, job.end.saturating_sub(job.at)).next()?;
         job.at = job.at.saturating_add(chunk.len);
         Some(Piece {
@@ -86,10 +93,12 @@ impl<F: Copy> BulkJob<F> {
         })
     }
 
-    /// A helper's part: runs `work` on pieces of the open job until none is left. Returns
-    /// at once if no job is open.
-    pub fn help(&self, mut work: impl FnMut(Piece<F>)) {
-        while let Some(piece) = self.take() {
+    /// A helper's part, on CPU `cpu`: runs `work` on pieces of the open job while
+    /// `keep_going` says so (asked before each piece) and pieces are left for `cpu`.
+    /// Returns at once if no job is open or `cpu` is not one of its helpers.
+    pub fn help(&self, cpu: usize, keep_going: impl Fn() -> bool, mut work: impl FnMut(Piece<F>)) {
+        while keep_going() {
+            let Some(piece) = self.take(cpu) else { return };
             work(piece);
             // Release: the opener, which reads `done` with Acquire, sees the piece's
             // writes once it sees it counted.
@@ -97,8 +106,9 @@ impl<F: Copy> BulkJob<F> {
         }
     }
 
-    /// Writes `[dst, dst + len)` as `fill` says: opens a job over it, calls
-    /// `call_helpers` (which should bring CPUs to [`Self::help`]), works on pieces with
+    /// Writes `[dst, dst + len)` as `fill` says on CPU `cpu`: opens a job over it that
+    /// the CPUs in `helpers` (bit `n` for CPU `n`) may take pieces of, calls
+    /// `call_helpers` (which should bring them to [`Self::help`]), works on pieces with
     /// `work` itself, and returns once every piece is done, by this CPU or a helper.
     ///
     /// If another job is open, this CPU does the whole range alone with one call of
@@ -106,9 +116,10 @@ impl<F: Copy> BulkJob<F> {
     /// range is memory).
     pub fn run(
         &self,
+        cpu: usize,
         fill: F,
-        dst: PhysAddr,
-        len: u64,
+        (dst, len): (PhysAddr, u64),
+        helpers: u64,
         call_helpers: impl FnOnce(),
         mut work: impl FnMut(Piece<F>),
     ) {
@@ -129,13 +140,14 @@ impl<F: Copy> BulkJob<F> {
             self.done.store(0, Ordering::Relaxed);
             *open = Some(Open {
                 fill,
+                helpers: helpers | cpu_bit(cpu),
                 start: dst,
                 at: dst.get(),
                 end: dst.get().saturating_add(len),
             });
         }
         call_helpers();
-        self.help(&mut work);
+        self.help(cpu, || true, &mut work);
         // Every piece is taken; wait for the helpers' last ones.
         while self.done.load(Ordering::Acquire) < len {
             core::hint::spin_loop();
@@ -144,17 +156,32 @@ impl<F: Copy> BulkJob<F> {
     }
 }
 
+/// Bit `cpu` of a CPU mask (none for an index past 63).
+#[must_use]
+pub fn cpu_bit(cpu: usize) -> u64 {
+    u32::try_from(cpu)
+        .ok()
+        .and_then(|c| 1u64.checked_shl(c))
+        .unwrap_or(0)
+}
+
+/// Whether `mask` names CPU `cpu`.
+fn named(mask: u64, cpu: usize) -> bool {
+    mask & cpu_bit(cpu) != 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::mem::window::CHUNK;
+    use core::cell::Cell;
     use std::sync::atomic::AtomicBool;
     use std::sync::{Arc, Barrier, Mutex as StdMutex};
     use std::vec::Vec;
 
-    fn pieces_of(job: &BulkJob<u8>) -> Vec<Piece<u8>> {
+    fn pieces_of(job: &BulkJob<u8>, cpu: usize) -> Vec<Piece<u8>> {
         let mut v = Vec::new();
-        job.help(|p| v.push(p));
+        job.help(cpu, || true, |p| v.push(p));
         v
     }
 
@@ -164,8 +191,8 @@ mod tests {
         let start = PhysAddr::new(0x4810_0800);
         let len = 3 * CHUNK + 0x1234;
         let mut seen = Vec::new();
-        job.run(7u8, start, len, || {}, |p| seen.push(p));
-        assert!(!job.is_open());
+        job.run(0, 7u8, (start, len), 0, || {}, |p| seen.push(p));
+        assert!(!job.has_pieces_for(0));
         let mut at = start.get();
         for p in &seen {
             assert_eq!(p.fill, 7);
@@ -182,6 +209,35 @@ mod tests {
         assert_eq!(seen.len(), 4);
     }
 
+    /// Only the CPUs the opener names take pieces, each only while it wants to; the
+    /// opener does the rest.
+    #[test]
+    fn only_named_helpers_take_pieces_and_stop_when_told() {
+        let job = BulkJob::new();
+        let by_helper = Cell::new(0);
+        let mut by_opener = 0;
+        job.run(
+            0,
+            1u8,
+            (PhysAddr::new(0x8000_0000), 6 * CHUNK),
+            cpu_bit(1) | cpu_bit(2),
+            || {
+                assert!(job.has_pieces_for(1) && job.has_pieces_for(2));
+                assert!(!job.has_pieces_for(3), "CPU 3 is not named");
+                assert!(pieces_of(&job, 3).is_empty(), "CPU 3 is not named");
+                // CPU 1 leaves after two pieces (its own vCPU has work, say).
+                job.help(
+                    1,
+                    || by_helper.get() < 2,
+                    |_| by_helper.set(by_helper.get() + 1),
+                );
+            },
+            |_| by_opener += 1,
+        );
+        assert_eq!((by_helper.get(), by_opener), (2, 4));
+        assert!(!job.has_pieces_for(1), "closed");
+    }
+
     #[test]
     fn a_second_opener_does_its_range_alone_in_one_piece() {
         let job = Arc::new(BulkJob::new());
@@ -189,15 +245,17 @@ mod tests {
         let mut outer_pieces = 0;
         let mut nested = Vec::new();
         job.run(
+            0,
             1u8,
-            PhysAddr::new(0x8000_0000),
-            2 * CHUNK,
+            (PhysAddr::new(0x8000_0000), 2 * CHUNK),
+            cpu_bit(1),
             || {
                 // While the first job is open, a second run neither waits nor shares.
                 inner.run(
+                    1,
                     2u8,
-                    PhysAddr::new(0x9000_0000),
-                    5 * CHUNK,
+                    (PhysAddr::new(0x9000_0000), 5 * CHUNK),
+                    u64::MAX,
                     || panic!("helpers called for a job that is not open"),
                     |p| nested.push(p),
                 );
@@ -215,7 +273,7 @@ mod tests {
         );
         assert_eq!(outer_pieces, 2);
         assert!(
-            pieces_of(&job).is_empty(),
+            pieces_of(&job, 1).is_empty(),
             "closed: nothing left to help with"
         );
     }
@@ -223,26 +281,31 @@ mod tests {
     #[test]
     fn without_a_job_helping_does_nothing() {
         let job = BulkJob::<u8>::new();
-        assert!(!job.is_open());
-        assert!(pieces_of(&job).is_empty());
+        assert!(!job.has_pieces_for(1));
+        assert!(pieces_of(&job, 1).is_empty());
+        assert_eq!(cpu_bit(64), 0, "no CPU past 63 is ever named");
     }
 
     /// Helpers on other threads write bytes of a shared buffer; `run` must return only
-    /// when every byte is written, each exactly once, however the pieces were shared.
+    /// when every byte is written, each exactly once, however the pieces were shared,
+    /// and a thread whose CPU is not named never takes a piece.
     #[test]
     fn run_returns_only_when_every_helper_piece_is_done() {
         const HELPERS: usize = 3;
+        const OUTSIDER: usize = 7;
         // Small pieces: a range of many 2 MiB chunks, each stood for by one counter.
         let chunks = 64u64;
         let written: Arc<Vec<AtomicU64>> =
             Arc::new((0..chunks).map(|_| AtomicU64::new(0)).collect());
         let by_helpers = Arc::new(StdMutex::new(0u64));
+        let named = (1..=HELPERS).fold(0, |m, cpu| m | cpu_bit(cpu));
         for round in 0..20u64 {
             let job = Arc::new(BulkJob::new());
-            let start = Arc::new(Barrier::new(HELPERS + 1));
+            let start = Arc::new(Barrier::new(HELPERS + 2));
             let stop = Arc::new(AtomicBool::new(false));
-            let threads: Vec<_> = (0..HELPERS)
-                .map(|_| {
+            let threads: Vec<_> = (1..=HELPERS)
+                .chain([OUTSIDER])
+                .map(|cpu| {
                     let (job, start, stop, written, by_helpers) = (
                         Arc::clone(&job),
                         Arc::clone(&start),
@@ -253,13 +316,18 @@ mod tests {
                     std::thread::spawn(move || {
                         start.wait();
                         while !stop.load(Ordering::Acquire) {
-                            job.help(|p: Piece<u64>| {
-                                // A slow helper: the opener must wait for it.
-                                std::thread::sleep(std::time::Duration::from_micros(200));
-                                let i = p.offset / CHUNK;
-                                written[i as usize].fetch_add(p.fill, Ordering::Relaxed);
-                                *by_helpers.lock().unwrap() += 1;
-                            });
+                            job.help(
+                                cpu,
+                                || true,
+                                |p: Piece<u64>| {
+                                    assert_ne!(cpu, OUTSIDER, "a CPU not named took {p:?}");
+                                    // A slow helper: the opener must wait for it.
+                                    std::thread::sleep(std::time::Duration::from_micros(200));
+                                    let i = p.offset / CHUNK;
+                                    written[i as usize].fetch_add(p.fill, Ordering::Relaxed);
+                                    *by_helpers.lock().unwrap() += 1;
+                                },
+                            );
                             std::thread::yield_now();
                         }
                     })
@@ -267,9 +335,10 @@ mod tests {
                 .collect();
             let fill = round + 1;
             job.run(
+                0,
                 fill,
-                PhysAddr::new(0x4000_0000),
-                chunks * CHUNK,
+                (PhysAddr::new(0x4000_0000), chunks * CHUNK),
+                named,
                 || {
                     start.wait();
                 },
@@ -292,7 +361,7 @@ mod tests {
             for t in threads {
                 t.join().unwrap();
             }
-            assert!(!job.is_open());
+            assert!(!job.has_pieces_for(1));
         }
         // The waiting above was tested only if helpers took part.
         assert!(

@@ -5,7 +5,7 @@
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use crate::mem::Ipa;
+use crate::mem::{Ipa, PhysAddr};
 use crate::vm::psci::PowerState;
 use crate::vm::{Backend, Leave, Vm, VmError, VmManager, VmStatus};
 
@@ -22,6 +22,18 @@ pub fn has_work<B: Backend>(manager: &VmManager<B>, cpu: u32) -> bool {
     manager
         .vm_on_cpu(cpu)
         .is_some_and(|(vm, index)| vm.status() == VmStatus::Running && start_pending(&vm, index))
+}
+
+/// Whether the physical CPU with MPIDR `cpu`, parked, may help scrub or load guest RAM
+/// at `pa` (`crate::mem::bulk`): if no VM uses it, or its VM owns that RAM. One VM's
+/// reset thus never takes a CPU of another VM.
+pub fn may_help<B: Backend>(manager: &VmManager<B>, cpu: u32, pa: PhysAddr) -> bool {
+    manager.vm_on_cpu(cpu).is_none_or(|(vm, _)| {
+        vm.desc
+            .memory
+            .iter()
+            .any(|r| r.pa_range().contains_addr(pa))
+    })
 }
 
 /// The physical CPUs (MPIDRs, as the description names them) of `vm`'s vCPUs that have a
@@ -190,6 +202,27 @@ mod tests {
         // A CPU that comes late to a VM another CPU destroyed.
         a.enter();
         assert_eq!(vcpu_left(&m, &a), Some(false));
+    }
+
+    #[test]
+    fn only_idle_cpus_and_the_owners_cpus_help_with_its_ram() {
+        let m = manager();
+        let a = m.create(desc(0x5000_0000, 1)).expect("a");
+        let _b = m.create(desc(0x5010_0000, 2)).expect("b");
+        let (in_a, in_b) = (PhysAddr::new(0x5000_1000), PhysAddr::new(0x5010_0000));
+        assert!(may_help(&m, 1, in_a), "A's own CPU");
+        assert!(!may_help(&m, 2, in_a), "B's CPU never works for A");
+        assert!(may_help(&m, 2, in_b));
+        assert!(!may_help(&m, 1, in_b));
+        assert!(
+            may_help(&m, 3, in_a) && may_help(&m, 3, in_b),
+            "no VM on CPU 3"
+        );
+        // Once A is gone, its CPU has no VM.
+        a.enter();
+        a.state.lock().status = VmStatus::Off;
+        assert_eq!(vcpu_left(&m, &a), None);
+        assert!(may_help(&m, 1, in_b));
     }
 
     #[test]
