@@ -2,8 +2,9 @@
 //! `asm!` and every system-register write of the hypervisor is in this folder:
 //! start-up (console, device tree, heap, page-table frames, the hypervisor's own stage 1,
 //! secondary CPUs), the physical CPUs and the firmware calls that start and park them
-//! (`cpu`), the run loop (`run`), the EL2 register values for a guest (`regs`), the PL011,
-//! the guest-entry self-test and the fatal paths. The decisions it acts on are made by
+//! (`cpu`), the run loop (`run`), guest RAM scrubs and image copies shared with parked
+//! CPUs (`guest_ram`), the EL2 register values for a guest (`regs`), the PL011, the
+//! guest-entry self-test and the fatal paths. The decisions it acts on are made by
 //! host-tested code (`crate::vcpu::schedule`, `crate::vm`).
 
 use core::sync::atomic::{AtomicBool, Ordering};
