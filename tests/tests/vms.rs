@@ -9,12 +9,9 @@ use std::time::Duration;
 
 use integration::{artifact, exit_status, root, AbortPolicy, Boot, Ram, Run, Staged, VmNode};
 
-// The test guest's `arg` bits, from the guest's own definition (all of them; each test
-// sets the ones it needs).
-#[allow(dead_code)]
-#[path = "../guest/src/arg.rs"]
-mod arg;
-use arg::*;
+// The test guest's `arg` bits, from the guest's own definition (each test sets the ones
+// it needs).
+use xtask::guest_arg::*;
 
 const CPUS: u32 = 4;
 /// Where QEMU stages the test guest (the start of the staging range of

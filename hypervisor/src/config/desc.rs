@@ -217,17 +217,32 @@ pub struct VmDesc {
     pub sharing: SharingLimits,
 }
 
+/// A device the hypervisor emulates for a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmulatedDevice {
+    /// The virtual PL011.
+    Uart,
+    /// The virtual GIC's distributor.
+    Dist,
+    /// The virtual GIC's redistributors.
+    Redist,
+}
+
 impl VmDesc {
-    /// The IPA ranges of the devices the hypervisor emulates for this VM (left unmapped
-    /// at stage 2 so that every access traps): the virtual UART's page, the virtual GIC's
-    /// distributor frame and redistributor region.
-    pub fn emulated_ranges(&self) -> impl Iterator<Item = IpaRange> + '_ {
+    /// The devices the hypervisor emulates for this VM with their IPA ranges (left
+    /// unmapped at stage 2 so that every access traps): the virtual UART's page, the
+    /// virtual GIC's distributor frame and redistributor region. The one list both the
+    /// trap handler and the memory-sharing checks read.
+    pub fn emulated_ranges(&self) -> impl Iterator<Item = (EmulatedDevice, IpaRange)> + '_ {
         self.vuart
-            .map(|u| IpaRange::new(u, PAGE_SIZE))
+            .map(|u| (EmulatedDevice::Uart, IpaRange::new(u, PAGE_SIZE)))
             .into_iter()
             .chain([
-                self.gic.dist_range(),
-                self.gic.redist_range(self.cpus.len()),
+                (EmulatedDevice::Dist, self.gic.dist_range()),
+                (
+                    EmulatedDevice::Redist,
+                    self.gic.redist_range(self.cpus.len()),
+                ),
             ])
     }
 

@@ -130,18 +130,19 @@ pub fn passthrough_spis(host: &Fdt<'_>, devices: &[&str]) -> Result<Vec<u32>, De
         .filter_map(|n| phandle(&n))
         .collect();
     let root_parent = interrupt_parent(&root);
-    let mut spis = Vec::new();
+    // Each device's own SPIs, in the order of `devices`.
+    let mut per_device = Vec::with_capacity(devices.len());
     for (i, path) in devices.iter().enumerate() {
         let name = path.strip_prefix('/').ok_or(DeviceError::NoSuchDevice(i))?;
         let Some(node) = root.children().find(|n| n.name == name) else {
             return Err(DeviceError::NoSuchDevice(i));
         };
-        if !node_spis(&node, root_parent, &gics, &mut spis) {
+        let mut mine = Vec::new();
+        if !node_spis(&node, root_parent, &gics, &mut mine) {
             return Err(DeviceError::NotAnSpi(i));
         }
+        per_device.push(mine);
     }
-    spis.sort_unstable();
-    spis.dedup();
     // Every other top-level node (GIC nodes aside: theirs are PPIs) with a readable SPI.
     for other in root.children() {
         let name = other.name;
@@ -153,13 +154,16 @@ pub fn passthrough_spis(host: &Fdt<'_>, devices: &[&str]) -> Result<Vec<u32>, De
         let mut theirs = Vec::new();
         // A node whose interrupts cannot be read shares nothing the VM could be given.
         let _ = node_spis(&other, root_parent, &gics, &mut theirs);
-        if let Some(i) = devices
+        if let Some(i) = per_device
             .iter()
-            .position(|_| theirs.iter().any(|t| spis.contains(t)))
+            .position(|mine| mine.iter().any(|t| theirs.contains(t)))
         {
             return Err(DeviceError::SharedSpi(i));
         }
     }
+    let mut spis: Vec<u32> = per_device.into_iter().flatten().collect();
+    spis.sort_unstable();
+    spis.dedup();
     Ok(spis)
 }
 
@@ -567,6 +571,11 @@ mod tests {
             passthrough_spis(host, &["/twin"]),
             Err(DeviceError::SharedSpi(0)),
             "the console's SPI"
+        );
+        assert_eq!(
+            passthrough_spis(host, &["/bus", "/twin"]),
+            Err(DeviceError::SharedSpi(1)),
+            "the refusal names the device that shares"
         );
         // Given together, the two nodes of one SPI are one VM's.
         assert_eq!(

@@ -8,8 +8,8 @@ pub mod dtb;
 mod hardware;
 
 pub use desc::{
-    parse, AbortPolicy, GicIpa, GuestRegion, HostRanges, Image, SharingLimits, Stage2Mappings,
-    VmDesc, VUART_INTID,
+    parse, AbortPolicy, EmulatedDevice, GicIpa, GuestRegion, HostRanges, Image, SharingLimits,
+    Stage2Mappings, VmDesc, VUART_INTID,
 };
 pub use dtb::HostDt;
 pub use hardware::{find_path, Hardware, PsciConduit};

@@ -545,11 +545,11 @@ pub fn secondary_idle(cpu: usize) -> ! {
 /// (`guest_ram`): every CPU while the VMs are being created (no guest runs yet); after
 /// that, as `schedule::may_help` decides.
 pub(super) fn helpers_for(pa: PhysAddr) -> u64 {
-    let cpus = 0..boot::MAX_CPUS;
     let Some(manager) = MANAGER.get() else {
-        return cpus.fold(0, |mask, cpu| mask | cpu_bit(cpu));
+        return u64::MAX;
     };
-    cpus.filter(|&cpu| described_cpu(cpu).is_some_and(|m| schedule::may_help(manager, m, pa)))
+    (0..boot::MAX_CPUS)
+        .filter(|&cpu| described_cpu(cpu).is_some_and(|m| schedule::may_help(manager, m, pa)))
         .fold(0, |mask, cpu| mask | cpu_bit(cpu))
 }
 

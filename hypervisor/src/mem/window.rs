@@ -223,12 +223,8 @@ impl Window {
     ///
     /// [`WindowError::NotGuestRam`].
     pub fn check(&self, pa: u64, len: u64) -> Result<(), WindowError> {
-        let inside = pa.checked_add(len).is_some_and(|end| {
-            self.guest_ram
-                .iter()
-                .any(|r| r.base.get() <= pa && end <= r.end().get())
-        });
-        if inside {
+        let range = PhysRange::new(PhysAddr::new(pa), len);
+        if self.guest_ram.iter().any(|r| r.contains(&range)) {
             Ok(())
         } else {
             Err(WindowError::NotGuestRam { pa, len })

@@ -11,8 +11,8 @@ pub mod hypercall;
 pub mod irq;
 pub mod schedule;
 
-use crate::config::{AbortPolicy, VUART_INTID};
-use crate::mem::{Ipa, IpaRange, PhysAddr, PAGE_SIZE};
+use crate::config::{AbortPolicy, EmulatedDevice, VUART_INTID};
+use crate::mem::{Ipa, PhysAddr, PAGE_SIZE};
 use crate::vm::share::{Note, Request};
 use crate::vm::vgic::{sgi::SgiRegister, MmioError, PhysGic, VcpuMask};
 use crate::vm::vuart::LineSink;
@@ -474,33 +474,15 @@ fn emulate_mmio<E>(
     Ok(())
 }
 
-/// Which emulated device an IPA of `vm` belongs to.
-enum Emulated {
-    Uart(u64),
-    Dist(u64),
-    Redist(u64),
-}
-
-fn emulated_at<S>(vm: &Vm<S>, ipa: Ipa) -> Option<Emulated> {
-    // The offset of `ipa` in `range`, if it lies there.
-    let offset = |range: IpaRange| {
+/// The emulated device an IPA of `vm` belongs to, and the offset into it.
+fn emulated_at<S>(vm: &Vm<S>, ipa: Ipa) -> Option<(EmulatedDevice, u64)> {
+    vm.desc.emulated_ranges().find_map(|(device, range)| {
         range
             .contains_addr(ipa)
             .then(|| ipa.checked_offset_from(range.base))
             .flatten()
-    };
-    let gic = vm.desc.gic;
-    if let Some(off) = vm
-        .desc
-        .vuart
-        .and_then(|base| offset(IpaRange::new(base, PAGE_SIZE)))
-    {
-        return Some(Emulated::Uart(off));
-    }
-    if let Some(off) = offset(gic.dist_range()) {
-        return Some(Emulated::Dist(off));
-    }
-    offset(gic.redist_range(vm.desc.cpus.len())).map(Emulated::Redist)
+            .map(|offset| (device, offset))
+    })
 }
 
 /// Raises or lowers the virtual UART's interrupt line to `level` (a change reported by
@@ -528,7 +510,7 @@ fn emulate<S>(
     }
     let size = syn.size;
     Some(match emulated_at(vm, abort.ipa)? {
-        Emulated::Uart(offset) => {
+        (EmulatedDevice::Uart, offset) => {
             let mut uart = vm.uart.lock();
             let mut line = None;
             let _ = emulate_mmio::<MmioError>(ctx, &syn, abort.write, |w| {
@@ -555,7 +537,7 @@ fn emulate<S>(
             }
             Ok(())
         }
-        Emulated::Dist(offset) => {
+        (EmulatedDevice::Dist, offset) => {
             let mut g = vm.vgic.lock();
             emulate_mmio(ctx, &syn, abort.write, |w| match w {
                 Some(v) => g.dist_write(offset, size, v, host).map(|k| {
@@ -565,7 +547,7 @@ fn emulate<S>(
                 None => g.dist_read(offset, size),
             })
         }
-        Emulated::Redist(offset) => {
+        (EmulatedDevice::Redist, offset) => {
             let mut g = vm.vgic.lock();
             emulate_mmio(ctx, &syn, abort.write, |w| match w {
                 Some(v) => g.redist_write(offset, size, v, host).map(|k| {

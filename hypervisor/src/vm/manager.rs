@@ -564,10 +564,7 @@ fn load_images(mem: &impl GuestMemory, desc: &VmDesc) {
         .flatten()
     {
         // The description was checked: the image lies inside one RAM region.
-        if let Some(pa) = desc
-            .ram_region(img.ipa, img.size)
-            .and_then(|r| r.pa_of(img.ipa, img.size))
-        {
+        if let Some(pa) = desc.memory.iter().find_map(|r| r.pa_of(img.ipa, img.size)) {
             mem.copy(pa, img.pa, img.size);
         }
     }

@@ -1,6 +1,6 @@
 //! The bits of the test guest's `arg` (x0 at entry; `main.rs` says what each does).
 //! One definition for the guest and for the QEMU tests and benchmarks that set them
-//! (`tests/tests/vms.rs` and `xtask/src/lib.rs` include this file).
+//! (`xtask/src/lib.rs` includes this file as `xtask::guest_arg`; the QEMU tests use that).
 
 /// After the other checks, read the probe page (`arg[63:12]`).
 pub const ARG_ABORT: u64 = 1 << 0;

@@ -601,8 +601,9 @@ fn memory_check() {
 
 /// A clean and invalidate by set/way that starts a sweep (set 0, way 0, level 1) traps
 /// to EL2, which cleans and invalidates all of the VM's RAM by VA instead, reaching it
-/// through its guest-RAM window (`docs/cpu-state.md`, TSW); the guest resumes after the
-/// instruction with its RAM (the pattern [`memory_check`] wrote) unchanged.
+/// through its guest-RAM window (`docs/cpu-state.md`, TSW). What this checks is that
+/// the guest resumes after the instruction with its RAM (the pattern [`memory_check`]
+/// wrote) unchanged: QEMU models no caches, so it cannot tell a clean from none.
 fn set_way_check() {
     let p = (RAM.0 + 0x10_0000) as *const u64;
     let expected = |i: usize| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);

@@ -304,12 +304,12 @@ impl Iterator for Segments<'_> {
         let r = self.desc.ram_region(self.at, PAGE_SIZE)?;
         // `r` holds the page at `at`; a region whose addresses would wrap (which the
         // description's checks refuse) ends the walk short, and `ram_segments` denies.
-        let offset = self.at.checked_offset_from(r.ipa)?;
         let region_end = r.ipa.checked_add(r.size)?;
+        let size = region_end.min(self.end).checked_offset_from(self.at)?;
         let s = Segment {
             ipa: self.at,
-            pa: r.pa.checked_add(offset)?,
-            size: region_end.min(self.end).checked_offset_from(self.at)?,
+            pa: r.pa_of(self.at, size)?,
+            size,
         };
         self.at = self.at.checked_add(s.size)?;
         Some(s)
@@ -341,7 +341,7 @@ fn ipa_free(desc: &VmDesc, ipa: Ipa, size: u64) -> bool {
         .iter()
         .chain(desc.passthrough.iter())
         .map(crate::config::GuestRegion::ipa_range)
-        .chain(desc.emulated_ranges())
+        .chain(desc.emulated_ranges().map(|(_, r)| r))
         .any(|r| r.overlaps(&range))
 }
 

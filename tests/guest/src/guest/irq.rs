@@ -93,7 +93,7 @@ fn w64(addr: u64, v: u64) {
 }
 
 /// `SGI_base` of vCPU `i`'s redistributor.
-pub(super) const fn sgi_base(i: u64) -> u64 {
+const fn sgi_base(i: u64) -> u64 {
     GICR + i * 0x2_0000 + 0x1_0000
 }
 
@@ -182,7 +182,7 @@ pub(super) fn last_irq_at(vcpu: usize) -> u64 {
 }
 
 /// Waits up to `ms` milliseconds for `done`.
-pub(super) fn wait_ms(ms: u64, done: impl Fn() -> bool) -> bool {
+fn wait_ms(ms: u64, done: impl Fn() -> bool) -> bool {
     let (freq, start) = counter();
     while counter().1.wrapping_sub(start) < freq * ms / 1000 {
         if done() {
