@@ -356,12 +356,14 @@ ratio moves by a few hundredths from one invocation of the command to the next.
 
 The second part of the hypervisor's time is Linux itself running as a guest:
 {:.0} ms against {m2:.0} / {m1:.0} ms on bare QEMU (median of the runs less median of the
-set-up, so an estimate). The set-up is mostly creating the VM: the part of its {mem} of
-RAM that no image covers is scrubbed and cleaned to the point of coherency, and the
-kernel, the initramfs and the DTB are copied in from the staging range; the CPUs
-parked until the guest starts them take 2 MiB pieces of that work
-(`hypervisor/src/machine/guest_ram.rs`). The rest of the set-up is the hypervisor's
-start-up and the building of the guest's device tree.
+set-up, so an estimate). The set-up is the hypervisor's start-up, the building of the
+guest's device tree, and creating the VM: the 2 MiB chunks of its RAM that the kernel,
+the initramfs and the DTB land in are scrubbed around them and cleaned to the point of
+coherency, and the images are copied in from the staging range, the CPUs parked until
+the guest starts them taking 2 MiB pieces of that work
+(`hypervisor/src/machine/guest_ram.rs`). The rest of its {mem} of RAM is scrubbed and
+mapped a chunk at a time as the guest first touches it, during the guest's part
+(docs/memory-map.md, \"Guest RAM on first touch\").
 
 ### Instruction time
 

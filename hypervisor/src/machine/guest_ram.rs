@@ -2,8 +2,9 @@
 //! the guest RAM window ([`super::with_guest_ram`]; the hypervisor's stage 1 does not
 //! map it otherwise), with the bulk of the work shared with parked CPUs.
 //!
-//! Creating a VM scrubs all of its RAM that no image covers (for a 256 MiB Linux VM,
-//! about 220 MiB), and resetting one scrubs it again. A CPU whose vCPU is off, or that
+//! Creating a VM scrubs the RAM around its images (all of its RAM for a VM with
+//! pass-through MMIO; otherwise the images' 2 MiB chunks, the rest on first touch,
+//! [`crate::vm::ram`]), and resetting one does again. A CPU whose vCPU is off, or that
 //! has none, is parked through the firmware with nothing to do; the CPU that scrubs wakes
 //! the parked CPUs that may help and they take 2 MiB chunks of the work in turn
 //! ([`crate::mem::bulk`]), each through its own window slot. Which CPUs may help is

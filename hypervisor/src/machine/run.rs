@@ -33,7 +33,7 @@ use crate::vcpu::{self, GuestEl1, Next, VcpuCtx};
 use crate::vm::vgic::{lr::MAX_LIST_REGS, Flush, PhysAction, PhysGic, VcpuMask};
 use crate::vm::vmid::{Vmid, VmidBits, VmidFlush};
 use crate::vm::vuart::LineSink;
-use crate::vm::{Backend, MmuStage2, Stage2Config, Vm, VmManager, IPA_BITS};
+use crate::vm::{Backend, GuestMemory, MmuStage2, Stage2Config, Vm, VmManager, IPA_BITS};
 
 static MANAGER: Once<VmManager<MachineBackend>> = Once::new();
 /// The CPU that ends the run.
@@ -194,6 +194,18 @@ impl GuestEl1 for MachineHost {
             Access::Read,
             boot::clean_invalidate_dcache_range,
         );
+    }
+}
+
+/// A first touch scrubs one chunk of the running VM's RAM (`crate::vm::ram`), on this
+/// CPU: 2 MiB is below what parked CPUs are woken for.
+impl GuestMemory for MachineHost {
+    fn zero(&self, pa: PhysAddr, len: u64) {
+        MachineMemory.zero(pa, len);
+    }
+
+    fn copy(&self, dst: PhysAddr, src: PhysAddr, len: u64) {
+        MachineMemory.copy(dst, src, len);
     }
 }
 

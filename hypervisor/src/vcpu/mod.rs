@@ -16,7 +16,7 @@ use crate::mem::{Ipa, PhysAddr, PAGE_SIZE};
 use crate::vm::share::{Note, Request};
 use crate::vm::vgic::{sgi::SgiRegister, MmioError, PhysGic, VcpuMask};
 use crate::vm::vuart::LineSink;
-use crate::vm::{Stage2Table, Vm, VmStatus};
+use crate::vm::{GuestMemory, Stage2Table, Vm, VmStatus};
 use boot::esr::{DataAccess, Esr, SysRegAccess};
 use core::sync::atomic::Ordering;
 use exit::{Abort, Exit};
@@ -164,9 +164,9 @@ fn serror<S>(vm: &Vm<S>, esr: Esr, host: &mut impl Host) -> Next {
 
 /// What an exit needs from the machine: the guest's EL1 exception registers, the
 /// console the virtual UART prints on, and the physical GIC a virtual GIC drives.
-pub trait Host: GuestEl1 + LineSink + PhysGic {}
+pub trait Host: GuestEl1 + LineSink + PhysGic + GuestMemory {}
 
-impl<T: GuestEl1 + LineSink + PhysGic> Host for T {}
+impl<T: GuestEl1 + LineSink + PhysGic + GuestMemory> Host for T {}
 
 /// What the physical CPU does next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -582,6 +582,21 @@ fn stage2_abort<S: Stage2Table>(
         }
         None => {}
     }
+    if abort.unmapped() {
+        // The guest's first access to a chunk of its RAM (`crate::vm::ram`): scrub and
+        // map it, then run the access again.
+        match vm.first_touch(abort.ipa, &*host) {
+            Ok(true) => return Next::Resume,
+            Ok(false) => {}
+            Err(e) => {
+                return stop_vm_flushed(
+                    vm,
+                    host,
+                    format_args!("RAM at IPA {:#x} could not be mapped: {e}", abort.ipa),
+                )
+            }
+        }
+    }
     if abort.unmapped() && mapped_now(vm, abort.ipa) {
         // The page was invalid only during a break-before-make on the live stage 2
         // (`mmu` splitting or merging a block for a memory-sharing call made by another
@@ -704,6 +719,11 @@ pub(crate) mod fakes {
         fn apply(&mut self, _: crate::vm::vgic::PhysAction) {}
     }
 
+    impl crate::vm::GuestMemory for NoHost {
+        fn zero(&self, _: crate::mem::PhysAddr, _: u64) {}
+        fn copy(&self, _: crate::mem::PhysAddr, _: crate::mem::PhysAddr, _: u64) {}
+    }
+
     /// The exit of an `HVC #0` from AArch64.
     pub const HVC_EXIT: boot::Exit = boot::Exit::Sync {
         esr: boot::esr::Esr::from_bits((0x16 << 26) | (1 << 25)),
@@ -729,6 +749,8 @@ mod tests {
         pmcr: u64,
         vse: Option<Option<u64>>,
         flushed: Vec<(u64, u64)>,
+        /// RAM scrubbed on first touch: (PA, length).
+        scrubbed: core::cell::RefCell<Vec<(u64, u64)>>,
     }
     impl GuestEl1 for El1 {
         fn vbar(&self) -> u64 {
@@ -823,6 +845,12 @@ mod tests {
     }
     impl PhysGic for TestHost<'_> {
         fn apply(&mut self, _action: crate::vm::vgic::PhysAction) {}
+    }
+    impl GuestMemory for TestHost<'_> {
+        fn zero(&self, pa: PhysAddr, len: u64) {
+            self.el1.scrubbed.borrow_mut().push((pa.get(), len));
+        }
+        fn copy(&self, _: PhysAddr, _: PhysAddr, _: u64) {}
     }
 
     /// A vCPU at its exits, with the guest's EL1 registers and the console it reaches.
@@ -1151,6 +1179,34 @@ mod tests {
             exception_pstate(0, SCTLR_SPAN | SCTLR_DSSBS),
             0x3c5 | 1 << 12
         );
+    }
+
+    /// A fault on RAM the guest never touched makes its chunk ready; on anything else
+    /// the abort policy applies.
+    #[test]
+    fn a_first_touch_of_ram_scrubs_its_chunk_and_runs_the_access_again() {
+        let m = manager();
+        let mut d = desc(0x5000_0000, 1);
+        // Two chunks; the image's is ready, the second waits for its first touch.
+        d.memory[0].size = 0x40_0000;
+        d.abort = AbortPolicy::Stop;
+        let vm = running(&m, d);
+        let mut cpu = Cpu::new();
+        // A load from the second chunk: translation fault, level 3.
+        let n = cpu.exit(&vm, 0, sync(dabt(false, 3, 3), 0x4030_0010));
+        assert_eq!(n, Next::Resume);
+        assert_eq!(cpu.pc, 0x4000_1000, "the access runs again");
+        assert_eq!(*cpu.el1.scrubbed.borrow(), [(0x5020_0000, 0x20_0000)]);
+        assert!(cpu.el1.set.is_none(), "no abort injected");
+        // An instruction fetch from it now: mapped, so the fault was a race; no scrub.
+        let iabt = (0x20 << 26) | (1 << 25) | 0x07;
+        assert_eq!(cpu.exit(&vm, 0, sync(iabt, 0x4020_0000)), Next::Resume);
+        assert_eq!(cpu.el1.scrubbed.borrow().len(), 1, "scrubbed once");
+        // Past the end of RAM: no first touch, the abort policy stops the VM.
+        let n = cpu.exit(&vm, 0, sync(dabt(false, 3, 3), 0x4040_0000));
+        assert_eq!(n, Next::Stop);
+        assert_eq!(vm.status(), VmStatus::Failed);
+        assert_eq!(cpu.el1.scrubbed.borrow().len(), 1);
     }
 
     /// A stage-1 table walk that faults on the virtual UART's page is the guest's page

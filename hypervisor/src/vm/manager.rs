@@ -11,6 +11,7 @@ use core::fmt;
 use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use super::pool::{PagePool, PoolError};
+use super::ram;
 use super::share;
 use super::stage2::Stage2Table;
 use super::vgic::{self, PhysAction, PhysGic, Vgic};
@@ -24,8 +25,9 @@ use crate::Lock;
 
 /// Host physical memory as the manager scrubs and fills guest RAM: used without the
 /// manager's lock, on RAM that no VM can reach at the time (claimed and not yet mapped
-/// into a running vCPU, or of a VM being reset or destroyed with no vCPU loaded).
-pub trait GuestMemory: Send + Sync {
+/// into a running vCPU, of a VM being reset or destroyed with no vCPU loaded, or a
+/// chunk not yet mapped, [`super::ram`]).
+pub trait GuestMemory {
     /// Zeroes host physical memory.
     fn zero(&self, pa: PhysAddr, len: u64);
     /// Copies host physical memory (`src` and `dst` do not overlap).
@@ -37,7 +39,7 @@ pub trait Backend: VmidFlush {
     /// The stage-2 table type.
     type S2: Stage2Table;
     /// Guest RAM access, kept outside the manager's lock.
-    type Mem: GuestMemory;
+    type Mem: GuestMemory + Send + Sync;
     /// The memory accessor the manager keeps (taken once, when it is made).
     fn memory(&self) -> Self::Mem;
     /// A new, empty stage-2 table tagged with `vmid` (its root frames are taken now) whose
@@ -119,9 +121,12 @@ struct Inner<P: Backend> {
 /// All VMs, behind one lock, and the memory-sharing transactions between them, behind
 /// another.
 ///
-/// Lock order: `inner`, then `shares`, then one VM's `stage2` at a time. A VM's `state`
-/// is a leaf lock (taken under any of these, never the other way round). No lock is
-/// held while guest RAM is scrubbed or filled, and nothing is logged under a lock.
+/// Lock order: `inner`, then `shares`, then one VM's `stage2` at a time. A VM's `ram`
+/// (its ready chunks, [`ram`]) comes before its `stage2` and is never taken under
+/// `inner` or `shares`; it alone is held while a chunk is scrubbed on first touch. A
+/// VM's `state` is a leaf lock (taken under any of these, never the other way round).
+/// No other lock is held while guest RAM is scrubbed or filled, and nothing is logged
+/// under a lock.
 pub struct VmManager<P: Backend> {
     inner: Lock<Inner<P>>,
     shares: Lock<share::Ledger>,
@@ -150,8 +155,10 @@ impl<P: Backend> VmManager<P> {
         }
     }
 
-    /// Creates a VM: VMID, stage 2, RAM claimed and scrubbed, images copied in, vCPU 0
-    /// powered on at the entry point. VM ids count up from 0 in creation order. `desc`
+    /// Creates a VM: VMID, stage 2, RAM claimed, the chunks its images land in mapped
+    /// and scrubbed (all of its RAM for a VM with pass-through MMIO; the rest is made ready
+    /// on first touch, [`super::ram`]), images copied in, vCPU 0 powered on at the entry
+    /// point. VM ids count up from 0 in creation order. `desc`
     /// was checked by `crate::config::parse` (its images are staged, its pass-through
     /// ranges clear of host RAM, its CPUs no other VM's); what can still fail is claiming
     /// its RAM and building its stage 2.
@@ -165,10 +172,11 @@ impl<P: Backend> VmManager<P> {
         let (s2, vmid) = self.claim_and_map(&desc)?;
         // The RAM is claimed (no other VM can get it) and the VM is not listed yet (no
         // CPU can run it): scrub and load without the lock.
-        for r in &desc.memory {
+        for r in &ram::start_ranges(&desc) {
             scrub_around_images(&self.mem, &desc, r);
         }
         load_images(&self.mem, &desc);
+        let chunks = ram::RamChunks::at_start(&desc);
         let mut state = VmState::new(desc.cpus.len());
         // vCPU 0 of a new VM is off, so this cannot fail.
         let _ = state.psci.power_on(0, desc.entry, desc.boot_x0());
@@ -181,6 +189,7 @@ impl<P: Backend> VmManager<P> {
             vmid,
             desc,
             stage2: Lock::new(Some(s2)),
+            ram: Lock::new(chunks),
             state: Lock::new(state),
             uart: Lock::new(VUart::new()),
             console: Lock::new(VmConsole::new()),
@@ -196,7 +205,8 @@ impl<P: Backend> VmManager<P> {
     }
 
     /// The first part of [`Self::create`], under the lock: a VMID, a stage 2, the RAM
-    /// claimed and mapped, the pass-through ranges mapped; undone whole on failure.
+    /// claimed and its start ranges mapped, the pass-through ranges mapped; undone whole
+    /// on failure.
     fn claim_and_map(&self, desc: &VmDesc) -> Result<(P::S2, Vmid), VmError> {
         let mut inner = self.inner.lock();
         let inner = &mut *inner;
@@ -215,6 +225,7 @@ impl<P: Backend> VmManager<P> {
         let mut claimed = 0usize;
         let mut mapped_ram = 0usize;
         let mut mapped_dev = 0usize;
+        let start = ram::start_ranges(desc);
         let result = (|| {
             for r in &desc.memory {
                 inner
@@ -222,6 +233,8 @@ impl<P: Backend> VmManager<P> {
                     .claim(r.pa_range())
                     .map_err(|e| VmError::Ram(*r, e))?;
                 claimed = claimed.saturating_add(1);
+            }
+            for r in &start {
                 s2.map(r.ipa, r.pa, r.size, S2Kind::Ram)
                     .map_err(VmError::Stage2)?;
                 mapped_ram = mapped_ram.saturating_add(1);
@@ -237,7 +250,7 @@ impl<P: Backend> VmManager<P> {
             for p in desc.passthrough.iter().take(mapped_dev) {
                 let _ = s2.unmap(p.ipa, p.size);
             }
-            for r in desc.memory.iter().take(mapped_ram) {
+            for r in start.iter().take(mapped_ram) {
                 let _ = s2.unmap(r.ipa, r.size);
             }
             // Nothing was written to the claimed pages yet (the scrub comes after):
@@ -252,10 +265,13 @@ impl<P: Backend> VmManager<P> {
         Ok((s2, vmid))
     }
 
-    /// Reboots a VM in place: every vCPU off, its memory-sharing transactions ended, RAM
-    /// scrubbed, images copied in again, vCPU 0 on at the entry point. The VMID and
-    /// stage 2 stay. The RAM work runs without any lock: the VM is marked resetting
-    /// (no vCPU starts) and no vCPU of it is loaded, which the claim checks.
+    /// Reboots a VM in place: every vCPU off, its memory-sharing transactions ended, its
+    /// RAM unmapped and started again as at creation (the images' chunks scrubbed and
+    /// loaded, the rest made ready on first touch, [`super::ram`]), vCPU 0 on at the
+    /// entry point. The VMID and stage 2 stay. The RAM work runs without any lock but
+    /// the VM's own: the VM is marked resetting (no vCPU starts) and no vCPU of it is
+    /// loaded, which the claim checks. A VM whose start ranges cannot be mapped again
+    /// (out of table frames) is stopped, with a log line.
     ///
     /// # Errors
     ///
@@ -291,7 +307,36 @@ impl<P: Backend> VmManager<P> {
             (vm, ended)
         };
         ended.log(&vm.desc.name);
-        for r in &vm.desc.memory {
+        let start = ram::start_ranges(&vm.desc);
+        let remapped = {
+            let mut chunks = vm.ram.lock();
+            let mut s2 = vm.stage2.lock();
+            let remapped = s2.as_mut().map(|s2| {
+                for r in &vm.desc.memory {
+                    s2.unmap(r.ipa, r.size)?;
+                }
+                start
+                    .iter()
+                    .try_for_each(|r| s2.map(r.ipa, r.pa, r.size, S2Kind::Ram))
+            });
+            // Whatever happened, no chunk is ready but those mapped again.
+            *chunks = match remapped {
+                Some(Ok(())) => ram::RamChunks::at_start(&vm.desc),
+                _ => ram::RamChunks::new(&vm.desc),
+            };
+            remapped
+        };
+        if let Some(Err(e)) = remapped {
+            log::error!(
+                "VM {} stopped: its RAM could not be mapped again after the reset: {e}",
+                vm.desc.name
+            );
+            let mut st = vm.state.lock();
+            st.finish(VmStatus::Failed);
+            st.release_claim();
+            return Ok(());
+        }
+        for r in &start {
             scrub_around_images(&self.mem, &vm.desc, r);
         }
         load_images(&self.mem, &vm.desc);
@@ -405,6 +450,23 @@ impl<P: Backend> VmManager<P> {
         vcpu: usize,
         req: share::Request,
     ) -> ([u64; 4], share::Note) {
+        if let share::Request::Give { ipa, pages, .. } = req {
+            // What is given must be scrubbed RAM, mapped and owned: the caller's chunks in
+            // the range are made ready first, outside the manager's locks (the caller's
+            // vCPU is loaded, so the VM cannot be reset meanwhile and they stay ready). A
+            // range that is not the caller's RAM is refused by the call itself.
+            let size = pages.saturating_mul(crate::mem::PAGE_SIZE);
+            if let Err(e) = caller.make_ready(ipa, size, &self.mem) {
+                log::warn!(
+                    "VM {}: RAM for a sharing call not mapped: {e}",
+                    caller.desc.name
+                );
+                return (
+                    share::result_regs(Err(share::Error::NoMemory)),
+                    share::Note::None,
+                );
+            }
+        }
         let (r, note) = {
             let inner = self.inner.lock();
             if caller.runs(vcpu) {

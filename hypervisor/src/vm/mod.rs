@@ -9,6 +9,7 @@
 mod manager;
 pub mod pool;
 pub mod psci;
+pub mod ram;
 pub mod share;
 mod stage2;
 // Parts of the model's API (queries such as `highest_pending`, register offsets) are
@@ -173,6 +174,9 @@ pub struct Vm<S> {
     pub vttbr: u64,
     /// Its stage-2 table (`None` once the VM is destroyed).
     pub stage2: Lock<Option<S>>,
+    /// Which chunks of its RAM are scrubbed and mapped ([`ram`]). Taken before `stage2`
+    /// and held while a chunk is scrubbed, so two vCPUs touching one chunk scrub it once.
+    pub ram: Lock<ram::RamChunks>,
     /// Lifecycle, vCPU power states and loaded vCPUs (a leaf lock).
     pub state: Lock<VmState>,
     /// Virtual UART line buffer.
@@ -192,6 +196,57 @@ impl<S> fmt::Debug for Vm<S> {
             .field("name", &self.desc.name)
             .field("vmid", &self.vmid)
             .finish_non_exhaustive()
+    }
+}
+
+impl<S: Stage2Table> Vm<S> {
+    /// Makes the RAM chunk holding `ipa` ready if it is not yet ([`ram`]): scrubs it
+    /// through `mem`, then maps it at stage 2. Returns whether this call did (the access
+    /// that faulted then runs again); false for an IPA that is not RAM, a chunk that was
+    /// ready already (another vCPU made it so meanwhile, or the fault is on a page lent
+    /// away) and a destroyed VM.
+    ///
+    /// # Errors
+    ///
+    /// The stage-2 mapping failed (out of table frames): the chunk stays not ready.
+    pub fn first_touch(
+        &self,
+        ipa: Ipa,
+        mem: &(impl GuestMemory + ?Sized),
+    ) -> Result<bool, mmu::Error> {
+        let Some((i, chunk)) = ram::chunk_of(&self.desc, ipa) else {
+            return Ok(false);
+        };
+        let mut ram = self.ram.lock();
+        if ram.is_ready(i) {
+            return Ok(false);
+        }
+        // Nothing maps the chunk yet: no vCPU can see it while it is scrubbed.
+        mem.zero(chunk.pa, chunk.size);
+        let mut s2 = self.stage2.lock();
+        let Some(s2) = s2.as_mut() else {
+            return Ok(false);
+        };
+        s2.map(chunk.ipa, chunk.pa, chunk.size, S2Kind::Ram)?;
+        ram.set_ready(i);
+        Ok(true)
+    }
+
+    /// [`Self::first_touch`] for every chunk of `[ipa, ipa + size)` that is RAM.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::first_touch`], for the first chunk that failed.
+    pub fn make_ready(
+        &self,
+        ipa: Ipa,
+        size: u64,
+        mem: &(impl GuestMemory + ?Sized),
+    ) -> Result<(), mmu::Error> {
+        for (_, c) in ram::chunks_in(&self.desc, ipa, size) {
+            self.first_touch(c.ipa, mem)?;
+        }
+        Ok(())
     }
 }
 

@@ -776,3 +776,141 @@ fn coalescing_at_the_top_of_the_ipa_space_stays_inside_it() {
     s2.walk(Ipa::ZERO, top, &mut |_| mapped += 1).expect("walk");
     assert_eq!(mapped, 0, "nothing was mapped");
 }
+
+/// A VM with 4 MiB of RAM at PA 0x5000_0000 (IPA 0x4000_0000): two 2 MiB chunks, its
+/// image in the first.
+fn two_chunk_desc() -> VmDesc {
+    let mut d = desc(0x5000_0000, 1);
+    d.memory[0].size = 0x40_0000;
+    d
+}
+
+fn mapped(vm: &Vm<FakeS2>, ipa: u64) -> Option<(u64, S2Kind)> {
+    vm.stage2
+        .lock()
+        .as_ref()
+        .expect("live")
+        .maps
+        .get(&ipa)
+        .copied()
+}
+
+#[test]
+fn ram_past_the_images_chunks_is_scrubbed_and_mapped_on_first_touch() {
+    let m = manager();
+    // Stale bytes of an earlier user in both chunks.
+    m.with_backend(|p| {
+        p.mem().insert(0x5010_0000, 0x66);
+        p.mem().insert(0x5030_0000, 0x77);
+    });
+    let vm = m.create(two_chunk_desc()).expect("create");
+    assert_eq!(mapped(&vm, 0x4000_0000), Some((0x5000_0000, S2Kind::Ram)));
+    assert_eq!(mapped(&vm, 0x4020_0000), None, "the second chunk waits");
+    let zeroed_at_create = m.with_backend(|p| p.zeroed());
+    assert_eq!(
+        zeroed_at_create,
+        0x20_0000 - 0x2000,
+        "only the image's chunk"
+    );
+    m.with_backend(|p| {
+        assert_eq!(
+            p.mem().get(&0x5010_0000),
+            None,
+            "the image's chunk is scrubbed"
+        );
+        assert_eq!(
+            p.mem().get(&0x5030_0000),
+            Some(&0x77),
+            "not mapped, not scrubbed yet"
+        );
+    });
+    let mem = m.with_backend(|p| p.memory.clone());
+    assert_eq!(vm.first_touch(Ipa::new(0x4030_0008), &mem), Ok(true));
+    m.with_backend(|p| {
+        assert_eq!(
+            p.zeroed(),
+            zeroed_at_create + 0x20_0000,
+            "exactly that chunk"
+        );
+        assert_eq!(p.mem().get(&0x5030_0000), None);
+    });
+    assert_eq!(mapped(&vm, 0x4020_0000), Some((0x5020_0000, S2Kind::Ram)));
+    assert_eq!(mapped(&vm, 0x403f_f000), Some((0x503f_f000, S2Kind::Ram)));
+    // Touched again (another vCPU faulted on it meanwhile): nothing is scrubbed twice.
+    m.with_backend(|p| {
+        p.mem().insert(0x5030_0000, 0x99);
+    });
+    assert_eq!(vm.first_touch(Ipa::new(0x4020_0000), &mem), Ok(false));
+    assert_eq!(vm.first_touch(Ipa::new(0x4000_0000), &mem), Ok(false));
+    assert_eq!(
+        vm.first_touch(Ipa::new(0x0900_0000), &mem),
+        Ok(false),
+        "not RAM"
+    );
+    m.with_backend(|p| {
+        assert_eq!(
+            p.mem().get(&0x5030_0000),
+            Some(&0x99),
+            "the guest's own data stays"
+        );
+        assert_eq!(p.zeroed(), zeroed_at_create + 0x20_0000);
+    });
+}
+
+#[test]
+fn a_first_touch_that_cannot_map_leaves_the_chunk_waiting() {
+    let m = manager();
+    let vm = m.create(two_chunk_desc()).expect("create");
+    let mem = m.with_backend(|p| p.memory.clone());
+    vm.stage2.lock().as_mut().expect("live").fail_at = Some(0x4020_0000);
+    assert_eq!(
+        vm.first_touch(Ipa::new(0x4020_0000), &mem),
+        Err(mmu::Error::OutOfFrames)
+    );
+    assert_eq!(mapped(&vm, 0x4020_0000), None);
+    assert!(!vm.ram.lock().is_ready(1));
+    vm.stage2.lock().as_mut().expect("live").fail_at = None;
+    assert_eq!(vm.first_touch(Ipa::new(0x4020_0000), &mem), Ok(true));
+}
+
+#[test]
+fn reset_takes_back_every_touched_chunk() {
+    let m = manager();
+    let vm = m.create(two_chunk_desc()).expect("create");
+    vm.state.lock().psci.take_pending(0);
+    let mem = m.with_backend(|p| p.memory.clone());
+    assert_eq!(vm.first_touch(Ipa::new(0x4020_0000), &mem), Ok(true));
+    m.with_backend(|p| {
+        p.mem().insert(0x5030_0000, 0x77);
+    });
+    m.reset(vm.id).expect("reset");
+    assert_eq!(mapped(&vm, 0x4000_0000), Some((0x5000_0000, S2Kind::Ram)));
+    assert_eq!(mapped(&vm, 0x4020_0000), None, "unmapped again");
+    assert_eq!(vm.ram.lock().ready_count(), 1);
+    assert_eq!(vm.status(), VmStatus::Running);
+    // The guest's old data is out of its reach until the chunk is scrubbed again.
+    assert_eq!(vm.first_touch(Ipa::new(0x4030_0000), &mem), Ok(true));
+    m.with_backend(|p| assert_eq!(p.mem().get(&0x5030_0000), None));
+}
+
+#[test]
+fn a_reset_whose_ram_cannot_be_mapped_again_stops_the_vm() {
+    let m = manager();
+    let vm = m.create(two_chunk_desc()).expect("create");
+    vm.state.lock().psci.take_pending(0);
+    vm.stage2.lock().as_mut().expect("live").fail_at = Some(0x4000_0000);
+    m.reset(vm.id).expect("reset");
+    assert_eq!(vm.status(), VmStatus::Failed);
+    assert_eq!(
+        vm.ram.lock().ready_count(),
+        0,
+        "nothing is mapped, nothing is ready"
+    );
+    assert_eq!(mapped(&vm, 0x4000_0000), None);
+    vm.state.lock().psci.take_pending(0);
+    assert_eq!(
+        vm.state.lock().take_start(0),
+        None,
+        "a stopped VM starts no vCPU"
+    );
+}

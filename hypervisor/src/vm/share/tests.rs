@@ -1414,3 +1414,51 @@ fn calls_that_change_no_table_allocate_nothing() {
         );
     }
 }
+
+/// Pages the owner gives from RAM it never touched are scrubbed first: the receiver
+/// never sees what an earlier user of that RAM left there, and the owner's chunk is
+/// ready (mapped, owned) around the lent pages.
+#[test]
+fn giving_untouched_ram_scrubs_its_chunk_first() {
+    let fr = frames();
+    let m = VmManager::new(
+        MmuFake {
+            fake: crate::vm::tests::Fake::default(),
+            frames: fr,
+        },
+        VmidBits::Eight,
+        &[crate::mem::PhysRange::new(
+            PhysAddr::new(0x5000_0000),
+            0x80_0000,
+        )],
+    );
+    let mut d = desc(0x5000_0000, 1);
+    d.name = "owner".into();
+    d.memory[0].size = 0x40_0000;
+    let a = m.create(d).expect("owner");
+    a.state.lock().psci.take_pending(0);
+    let b = vm(&m, 4);
+    let lent = RAM + 0x30_0000;
+    m.with_backend(|p| {
+        p.fake.mem().insert(0x5030_0010, 0x77);
+    });
+    assert!(
+        translate(&a, lent).is_none(),
+        "the second chunk is not ready"
+    );
+    let h = give(&m, &a, fid::LEND, lent, 2, &b, 0b011);
+    m.with_backend(|p| assert_eq!(p.fake.mem().get(&0x5030_0010), None, "scrubbed"));
+    assert!(a.ram.lock().is_ready(1));
+    assert!(translate(&a, lent).is_none(), "lent away");
+    assert_eq!(
+        translate(&a, RAM + 0x20_0000).map(|t| t.output),
+        Some(0x5020_0000),
+        "the rest of the chunk is the owner's"
+    );
+    // A fault on a lent page is not a first touch: the owner's own access is refused.
+    let mem = m.with_backend(|p| p.fake.memory.clone());
+    assert_eq!(a.first_touch(Ipa::new(lent), &mem), Ok(false));
+    assert_eq!(call(&m, &b, &[fid::RETRIEVE.into(), h, FREE, 0b011])[0], 0);
+    assert_eq!(translate(&b, FREE).map(|t| t.output), Some(0x5030_0000));
+    destroy_all(&m, &[&a, &b]);
+}
