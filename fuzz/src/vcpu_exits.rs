@@ -20,12 +20,13 @@
 //! it came from, with PSTATE EL1h and D, A, I, F masked, and `ESR_EL1`, `ELR_EL1` and
 //! `SPSR_EL1` as the architecture sets them.
 
+use hypervisor::mem::PhysAddr;
 use hypervisor::vcpu::schedule::{self, Start};
 use hypervisor::vcpu::{handle_exit, GuestEl1, Next, VcpuCtx};
 use hypervisor::vm::share::fid;
 use hypervisor::vm::vgic::{PhysAction, PhysGic, VcpuMask};
 use hypervisor::vm::vuart::LineSink;
-use hypervisor::vm::VmStatus;
+use hypervisor::vm::{GuestMemory, VmStatus};
 
 use crate::input::{pick, Bytes};
 use crate::world::{World, DEVICE, FREE, RAM, RAM2, VUART};
@@ -171,6 +172,12 @@ impl LineSink for Host<'_> {
     fn micros(&self) -> u64 {
         self.lines.micros()
     }
+}
+
+/// Guest RAM is not modelled here (`NoMemory`): a first touch's scrub changes nothing.
+impl GuestMemory for Host<'_> {
+    fn zero(&self, _: PhysAddr, _: u64) {}
+    fn copy(&self, _: PhysAddr, _: PhysAddr, _: u64) {}
 }
 
 impl PhysGic for Host<'_> {
