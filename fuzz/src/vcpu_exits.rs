@@ -178,6 +178,7 @@ impl LineSink for Host<'_> {
 impl GuestMemory for Host<'_> {
     fn zero(&self, _: PhysAddr, _: u64) {}
     fn copy(&self, _: PhysAddr, _: PhysAddr, _: u64) {}
+    fn clean_to_poc(&self, _: u64, _: u64) {}
 }
 
 impl PhysGic for Host<'_> {

@@ -34,6 +34,8 @@ impl hypervisor::vm::GuestMemory for NoMemory {
     fn zero(&self, _pa: PhysAddr, _len: u64) {}
 
     fn copy(&self, _dst: PhysAddr, _src: PhysAddr, _len: u64) {}
+
+    fn clean_to_poc(&self, _va: u64, _len: u64) {}
 }
 
 impl<'f> hypervisor::vm::Backend for Machine<'f> {

@@ -143,7 +143,8 @@ fn check_with(cpus: u32, cpu_model: &str, extra: &[&str]) -> Boot {
             "IPA [0x80a0000, {:#x}): virtual GIC redistributors, unmapped (emulated)",
             0x80a_0000 + 0x2_0000 * u64::from(cpus)
         ),
-        "IPA [0x9000000, 0x9001000): virtual UART, unmapped (emulated)",
+        "IPA [0x9000000, 0x9001000): virtual UART (emulated), its register page mapped \
+         read-only while no input waits",
     ] {
         assert!(
             log.lines()

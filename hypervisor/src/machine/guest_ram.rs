@@ -133,4 +133,10 @@ impl GuestMemory for MachineMemory {
     fn copy(&self, dst: PhysAddr, src: PhysAddr, len: u64) {
         bulk(Fill::Copy { src }, dst, len);
     }
+
+    fn clean_to_poc(&self, va: u64, len: u64) {
+        // `[va, va + len)` is the hypervisor's own memory (a register page on its heap),
+        // mapped at EL2.
+        boot::clean_dcache_range(va, len);
+    }
 }

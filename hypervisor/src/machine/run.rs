@@ -207,6 +207,10 @@ impl GuestMemory for MachineHost {
     fn copy(&self, dst: PhysAddr, src: PhysAddr, len: u64) {
         MachineMemory.copy(dst, src, len);
     }
+
+    fn clean_to_poc(&self, va: u64, len: u64) {
+        MachineMemory.clean_to_poc(va, len);
+    }
 }
 
 impl LineSink for MachineHost {
@@ -300,6 +304,11 @@ fn console_input(input: &ConsoleInput, vm: &Vm<MachineStage2>, kicks: &mut VcpuM
         return;
     }
     let mut uart = vm.uart.lock();
+    // The register page goes before the first byte: a read of UARTDR must take it.
+    if !vm.uart_before_input(&mut uart) {
+        input.uart.set_rx_interrupt(false);
+        return;
+    }
     while uart.input_room() > 0 {
         match input.uart.read_byte() {
             Some(b) => {
@@ -311,6 +320,8 @@ fn console_input(input: &ConsoleInput, vm: &Vm<MachineStage2>, kicks: &mut VcpuM
     if uart.input_room() == 0 {
         input.uart.set_rx_interrupt(false);
     }
+    // Back if nothing came after all.
+    vm.publish_uart(&mut uart, &MachineMemory);
     // Under the UART's lock, as every change of its line (`vcpu::uart_line`).
     if let Some(level) = uart.irq_change() {
         vcpu::uart_line(vm, level, kicks);
@@ -492,7 +503,8 @@ fn log_stage2_layout(desc: &config::VmDesc) {
     );
     if let Some(u) = desc.vuart {
         log::info!(
-            "VM {} stage 2: IPA [{u:#x}, {:#x}): virtual UART, unmapped (emulated)",
+            "VM {} stage 2: IPA [{u:#x}, {:#x}): virtual UART (emulated), its register page \
+             mapped read-only while no input waits",
             desc.name,
             u.saturating_add(crate::mem::PAGE_SIZE)
         );

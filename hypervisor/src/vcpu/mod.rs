@@ -495,7 +495,7 @@ pub fn uart_line<S>(vm: &Vm<S>, level: bool, kicks: &mut VcpuMask) {
 }
 
 /// Emulates an access to the virtual UART or GIC; `None` if `abort` is not one.
-fn emulate<S>(
+fn emulate<S: Stage2Table>(
     vm: &Vm<S>,
     ctx: &mut VcpuCtx<'_>,
     abort: &Abort,
@@ -522,8 +522,10 @@ fn emulate<S>(
                     None => uart.read(offset),
                 })
             });
-            // Under the UART's lock, so that changes reach the GIC in the order they
+            // The register page shows the change (or goes while bytes wait); then the
+            // line, under the UART's lock, so that changes reach the GIC in the order they
             // happened.
+            vm.publish_uart(&mut uart, &*host);
             if let Some(level) = uart.irq_change() {
                 uart_line(vm, level, kicks);
             }
@@ -722,6 +724,7 @@ pub(crate) mod fakes {
     impl crate::vm::GuestMemory for NoHost {
         fn zero(&self, _: crate::mem::PhysAddr, _: u64) {}
         fn copy(&self, _: crate::mem::PhysAddr, _: crate::mem::PhysAddr, _: u64) {}
+        fn clean_to_poc(&self, _: u64, _: u64) {}
     }
 
     /// The exit of an `HVC #0` from AArch64.
@@ -851,6 +854,7 @@ mod tests {
             self.el1.scrubbed.borrow_mut().push((pa.get(), len));
         }
         fn copy(&self, _: PhysAddr, _: PhysAddr, _: u64) {}
+        fn clean_to_poc(&self, _: u64, _: u64) {}
     }
 
     /// A vCPU at its exits, with the guest's EL1 registers and the console it reaches.
@@ -1118,9 +1122,10 @@ mod tests {
         assert_eq!(cpu.exit(&vm, 0, boot::Exit::Irq), Next::Resume);
         assert_eq!(cpu.exit(&vm, 0, sync(0, 0)), Next::Stop);
         assert_eq!(vm.status(), VmStatus::Failed);
-        // Even the UART needs a valid syndrome: without ISV it is an abort.
+        // Even the UART needs a valid syndrome: without ISV it is an abort. (A write: the
+        // register page is mapped read-only, so a permission fault.)
         let vm2 = running(&m, desc(0x5010_0000, 2));
-        let no_isv = (0x24 << 26) | (1 << 25) | (1 << 6) | 0x07;
+        let no_isv = (0x24 << 26) | (1 << 25) | (1 << 6) | 0x0f;
         assert_eq!(cpu.exit(&vm2, 0, sync(no_isv, 0x0900_0000)), Next::Stop);
         assert!(cpu.out.0.is_empty());
     }
@@ -1181,6 +1186,70 @@ mod tests {
         );
     }
 
+    /// The UART's register page is mapped read-only with the model's values while no
+    /// byte waits, follows every trapped write, goes before input arrives and comes back
+    /// once the guest has read the last byte.
+    #[test]
+    fn the_uart_register_page_serves_reads_while_nothing_waits() {
+        use crate::vm::vuart::{
+            FR_IDLE, FR_RXFE, INT_RX, INT_TX, UARTFR, UARTIMSC, UARTMIS, UARTPERIPHID0,
+        };
+        use crate::vm::S2Kind;
+        let m = manager();
+        let vm = running(&m, desc(0x5000_0000, 1));
+        let page = vm.uart_page.as_ref().expect("a register page");
+        let mapped = || {
+            vm.stage2
+                .lock()
+                .as_ref()
+                .expect("live")
+                .maps
+                .get(&0x0900_0000)
+                .copied()
+        };
+        let published = Some((page.pa().get(), S2Kind::RegisterPage));
+        assert_eq!(mapped(), published);
+        assert_eq!(page.word(UARTFR), FR_IDLE as u32);
+        assert_eq!(page.word(UARTPERIPHID0 + 4 * 7), 0xb1, "UARTPCellID3");
+        let mut cpu = Cpu::new();
+        cpu.x[5] = u64::from(INT_RX | INT_TX);
+        assert_eq!(
+            cpu.exit(&vm, 0, sync(dabt(true, 5, 2), 0x0900_0038)),
+            Next::Resume
+        );
+        assert_eq!(
+            page.word(UARTIMSC),
+            INT_RX | INT_TX,
+            "a trapped write shows"
+        );
+        cpu.x[5] = u64::from(b'x');
+        cpu.exit(&vm, 0, sync(dabt(true, 5, 0), 0x0900_0000));
+        assert_eq!(
+            page.word(UARTMIS),
+            INT_TX,
+            "the transmit interrupt it raised"
+        );
+        // A byte arrives: the page goes first, so that a read of UARTDR traps.
+        let mem = m.with_backend(|p| p.memory.clone());
+        {
+            let mut uart = vm.uart.lock();
+            assert!(vm.uart_before_input(&mut uart));
+            assert_eq!(uart.push_input(b"a"), 1);
+            assert!(vm.publish_uart(&mut uart, &mem));
+        }
+        assert_eq!(mapped(), None, "every access traps while a byte waits");
+        cpu.exit(&vm, 0, sync(dabt(false, 7, 2), 0x0900_0018));
+        assert_eq!(cpu.x[7] & FR_RXFE, 0, "the trapped flag read sees the byte");
+        cpu.exit(&vm, 0, sync(dabt(false, 7, 2), 0x0900_0000));
+        assert_eq!(cpu.x[7], u64::from(b'a'));
+        assert_eq!(mapped(), published, "back once the FIFO is empty");
+        assert_eq!(page.word(UARTFR), FR_IDLE as u32);
+        // A reset keeps the page mapped, with the reset values.
+        m.reset(vm.id).expect("reset");
+        assert_eq!(mapped(), published);
+        assert_eq!(page.word(UARTIMSC), 0);
+    }
+
     /// A fault on RAM the guest never touched makes its chunk ready; on anything else
     /// the abort policy applies.
     #[test]
@@ -1223,8 +1292,9 @@ mod tests {
             let vm = running(&m, d);
             let mut cpu = Cpu::new();
             cpu.x[5] = u64::from(b'x');
-            // A write with a valid syndrome, S1PTW = 1.
-            let esr = dabt(true, 5, 0) | 1 << 7;
+            // A write with a valid syndrome, S1PTW = 1: the walk's update of a descriptor
+            // in the read-only register page, a permission fault.
+            let esr = (dabt(true, 5, 0) & !0x3f) | 0x0f | 1 << 7;
             let n = cpu.exit(&vm, 0, sync(esr, 0x0900_0000));
             vm.flush_console(&mut cpu.out);
             assert!(cpu.out.0.is_empty(), "nothing printed: {:?}", cpu.out.0);

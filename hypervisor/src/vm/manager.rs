@@ -32,6 +32,10 @@ pub trait GuestMemory {
     fn zero(&self, pa: PhysAddr, len: u64);
     /// Copies host physical memory (`src` and `dst` do not overlap).
     fn copy(&self, dst: PhysAddr, src: PhysAddr, len: u64);
+    /// Cleans `[va, va + len)` of the hypervisor's own memory that a guest reads (a
+    /// register page, [`super::uart_page`]) to the point of coherency: the guest may read
+    /// it without the cache.
+    fn clean_to_poc(&self, va: u64, len: u64);
 }
 
 /// What the manager needs from the machine.
@@ -180,6 +184,7 @@ impl<P: Backend> VmManager<P> {
         let mut state = VmState::new(desc.cpus.len());
         // vCPU 0 of a new VM is off, so this cannot fail.
         let _ = state.psci.power_on(0, desc.entry, desc.boot_x0());
+        let uart_page = desc.vuart.map(|_| super::uart_page::UartPage::new());
         let mut inner = self.inner.lock();
         // Its hardware SPIs start disabled and inactive, routed to its first CPU.
         vgic.reset(&mut BackendGic(&mut inner.platform));
@@ -192,6 +197,7 @@ impl<P: Backend> VmManager<P> {
             ram: Lock::new(chunks),
             state: Lock::new(state),
             uart: Lock::new(VUart::new()),
+            uart_page,
             console: Lock::new(VmConsole::new()),
             vgic: vgic::SharedVgic::new(vgic),
             boots: AtomicU32::new(1),
@@ -201,6 +207,9 @@ impl<P: Backend> VmManager<P> {
         inner.next_id = inner.next_id.saturating_add(1);
         self.shares.lock().add_party(vm.id, vm.desc.sharing);
         inner.vms.push(Arc::clone(&vm));
+        drop(inner);
+        // No vCPU of it has started: map its UART's register page.
+        vm.publish_uart(&mut vm.uart.lock(), &self.mem);
         Ok(vm)
     }
 
@@ -301,7 +310,7 @@ impl<P: Backend> VmManager<P> {
             // Its interrupt controller and UART back to their reset state (its hardware
             // interrupts disabled and deactivated).
             vm.vgic.lock().reset(&mut BackendGic(&mut inner.platform));
-            *vm.uart.lock() = VUart::new();
+            vm.uart.lock().reset();
             // Its pages leave every other VM before they are scrubbed.
             let ended = self.shares.lock().end_all(&inner.vms, &vm);
             (vm, ended)
@@ -340,6 +349,7 @@ impl<P: Backend> VmManager<P> {
             scrub_around_images(&self.mem, &vm.desc, r);
         }
         load_images(&self.mem, &vm.desc);
+        vm.publish_uart(&mut vm.uart.lock(), &self.mem);
         vm.boots.fetch_add(1, Ordering::SeqCst);
         let mut st = vm.state.lock();
         // vCPU 0 is off (all were turned off above, and none starts while resetting).
@@ -394,7 +404,13 @@ impl<P: Backend> VmManager<P> {
             (vm, ended)
         };
         ended.log(&vm.desc.name);
+        let mut uart = vm.uart.lock();
         if let Some(s2) = vm.stage2.lock().as_mut() {
+            if let Some(ipa) = vm.desc.vuart.filter(|_| uart.page_mapped) {
+                if s2.unmap(ipa, crate::mem::PAGE_SIZE).is_ok() {
+                    uart.page_mapped = false;
+                }
+            }
             for p in &vm.desc.passthrough {
                 let _ = s2.unmap(p.ipa, p.size);
             }
@@ -402,6 +418,7 @@ impl<P: Backend> VmManager<P> {
                 let _ = s2.unmap(r.ipa, r.size);
             }
         }
+        drop(uart);
         // The RAM goes back to the pool as it is: RAM is scrubbed when it is given to a
         // VM (`create`, `reset`), and nothing maps the pool in between.
         let (free, total, frames, vmids) = {

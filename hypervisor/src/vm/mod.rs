@@ -12,6 +12,7 @@ pub mod psci;
 pub mod ram;
 pub mod share;
 mod stage2;
+pub mod uart_page;
 // Parts of the model's API (queries such as `highest_pending`, register offsets) are
 // used by the host tests only.
 #[allow(dead_code)]
@@ -179,8 +180,11 @@ pub struct Vm<S> {
     pub ram: Lock<ram::RamChunks>,
     /// Lifecycle, vCPU power states and loaded vCPUs (a leaf lock).
     pub state: Lock<VmState>,
-    /// Virtual UART line buffer.
+    /// Virtual UART (taken before `stage2` and the virtual GIC's lock).
     pub uart: Lock<VUart>,
+    /// The virtual UART's register page, for a VM with a virtual UART
+    /// ([`uart_page`]; mapped while `uart.page_mapped`).
+    pub uart_page: Option<uart_page::UartPage>,
     /// Console rate limits of the guest's lines and of the lines about the VM.
     pub console: Lock<VmConsole>,
     /// The virtual GICv3. A leaf lock: nothing else is locked while it is held.
@@ -230,6 +234,55 @@ impl<S: Stage2Table> Vm<S> {
         s2.map(chunk.ipa, chunk.pa, chunk.size, S2Kind::Ram)?;
         ram.set_ready(i);
         Ok(true)
+    }
+
+    /// Brings the virtual UART's register page in line with `uart` (this VM's UART,
+    /// locked) after a change: rewrites and maps it while no read can change the UART's
+    /// state, unmaps it otherwise ([`uart_page`]). Returns whether the page is now
+    /// unmapped where it must be: false only if the unmap failed (it cannot for a 4 KiB
+    /// page), and then no byte may go into the receive FIFO.
+    pub fn publish_uart(&self, uart: &mut VUart, mem: &(impl GuestMemory + ?Sized)) -> bool {
+        let (Some(page), Some(ipa)) = (&self.uart_page, self.desc.vuart) else {
+            return true;
+        };
+        let want = !uart.reads_change_state();
+        if want {
+            page.write(uart);
+            mem.clean_to_poc(page.va(), uart_page::UartPage::state_len());
+        }
+        if want != uart.page_mapped {
+            if let Some(s2) = self.stage2.lock().as_mut() {
+                let done = if want {
+                    s2.map(ipa, page.pa(), crate::mem::PAGE_SIZE, S2Kind::RegisterPage)
+                } else {
+                    s2.unmap(ipa, crate::mem::PAGE_SIZE)
+                };
+                // A page that could not be mapped leaves every access trapped, which is
+                // always right.
+                if done.is_ok() {
+                    uart.page_mapped = want;
+                }
+            }
+        }
+        want || !uart.page_mapped
+    }
+
+    /// Makes room for input in the virtual UART (locked): unmaps the register page, as
+    /// the first byte received makes reads of `UARTDR` change state. False (take no
+    /// byte) if the page stays mapped.
+    pub fn uart_before_input(&self, uart: &mut VUart) -> bool {
+        if !uart.page_mapped {
+            return true;
+        }
+        let Some(ipa) = self.desc.vuart else {
+            return false;
+        };
+        if let Some(s2) = self.stage2.lock().as_mut() {
+            if s2.unmap(ipa, crate::mem::PAGE_SIZE).is_ok() {
+                uart.page_mapped = false;
+            }
+        }
+        !uart.page_mapped
     }
 
     /// [`Self::first_touch`] for every chunk of `[ipa, ipa + size)` that is RAM.

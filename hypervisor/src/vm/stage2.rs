@@ -13,6 +13,9 @@ pub enum S2Kind {
     Ram,
     /// Pass-through device: Device-nGnRE, read/write, never executable.
     Device,
+    /// A page of emulated registers the guest reads without a trap (`super::uart_page`):
+    /// Normal write-back, read-only, never executable.
+    RegisterPage,
 }
 
 impl S2Kind {
@@ -23,6 +26,7 @@ impl S2Kind {
         match self {
             Self::Ram => mmu::Attributes::normal(P::RW.union(P::EXEC_EL1).union(P::EXEC_EL0)),
             Self::Device => mmu::Attributes::device(),
+            Self::RegisterPage => mmu::Attributes::normal(P::READ),
         }
     }
 

@@ -26,6 +26,7 @@ impl FakeMem {
 }
 
 impl GuestMemory for FakeMem {
+    fn clean_to_poc(&self, _va: u64, _len: u64) {}
     fn zero(&self, pa: PhysAddr, len: u64) {
         let pa = pa.get();
         let mut m = self.inner();
@@ -303,12 +304,13 @@ fn create_maps_ram_loads_image_and_starts_vcpu0() {
     {
         let s2 = vm.stage2.lock();
         let s2 = s2.as_ref().expect("live");
-        assert_eq!(s2.maps.len(), 256, "1 MiB of RAM in 4 KiB pages");
+        assert_eq!(s2.maps.len(), 256 + 1, "1 MiB of RAM in 4 KiB pages");
         assert_eq!(s2.maps.get(&0x4000_0000), Some(&(0x5000_0000, S2Kind::Ram)));
+        let page = vm.uart_page.as_ref().expect("a register page");
         assert_eq!(
             s2.maps.get(&0x0900_0000),
-            None,
-            "the virtual UART stays unmapped"
+            Some(&(page.pa().get(), S2Kind::RegisterPage)),
+            "the virtual UART's register page, read-only"
         );
     }
     m.with_backend(|p| {
@@ -394,7 +396,10 @@ fn thousand_create_destroy_cycles_leak_nothing() {
         vmids.insert(a.vmid);
         let (free, _, frames, used) = m.accounting();
         assert_eq!(free, total - 0x20_0000);
-        assert_eq!(frames, 4, "root + one leaf table per VM");
+        assert_eq!(
+            frames, 6,
+            "per VM: root, a leaf table for RAM, one for the UART's register page"
+        );
         assert_eq!(used, 2);
         // The guest dirties its RAM.
         m.with_backend(|p| {
@@ -508,8 +513,9 @@ fn a_40_bit_ipa_space_takes_a_concatenated_root_from_the_machine_frame_source() 
     let (_, _, frames, _) = m.accounting();
     assert_eq!(
         frames,
-        2 + 2,
-        "two root tables, one level-2 and one level-3 table"
+        2 + 2 + 2,
+        "two root tables, a level-2 and a level-3 table for RAM and for the UART's \
+         register page"
     );
     {
         let s2 = vm.stage2.lock();

@@ -21,6 +21,10 @@
 //!   0xB1, which is what the AMBA bus matches the driver by.
 //!
 //! Everything else reads as 0 and ignores writes.
+//!
+//! Only a read of `UARTDR` with bytes waiting changes the model's state. While none
+//! wait, every read can therefore be served from a read-only page of register values
+//! ([`super::uart_page`]) without a trap; [`VUart::page_mapped`] says whether it is.
 
 use crate::console::line::{Line, LineBuffer};
 
@@ -80,6 +84,13 @@ const IFLS_RESET: u32 = 0x12;
 
 /// The ID registers, `UARTPeriphID0`..3 then `UARTPCellID0`..3.
 const ID: [u8; 8] = [0x11, 0x10, 0x34, 0x00, 0x0d, 0xf0, 0x05, 0xb1];
+
+/// Every register offset below the ID registers that reads as something other than 0
+/// ([`VUart::peek`]); the ID registers are the eight words from [`UARTPERIPHID0`].
+pub const STATE_REGS: [u64; 11] = [
+    UARTFR, UARTILPR, UARTIBRD, UARTFBRD, UARTLCR_H, UARTCR, UARTIFLS, UARTIMSC, UARTRIS, UARTMIS,
+    UARTDMACR,
+];
 
 /// Depth of the receive FIFO (the PL011's).
 pub const RX_FIFO: usize = 32;
@@ -164,6 +175,10 @@ pub struct VUart {
     ilpr: u32,
     /// The interrupt output as last handed to the virtual GIC ([`VUart::irq_change`]).
     reported: bool,
+    /// Whether the VM's stage 2 maps the register page ([`super::uart_page`]) at the
+    /// UART's IPA. Kept here so that it changes under the UART's lock together with the
+    /// receive FIFO it depends on.
+    pub page_mapped: bool,
 }
 
 impl Default for VUart {
@@ -189,17 +204,42 @@ impl VUart {
             dmacr: 0,
             ilpr: 0,
             reported: false,
+            page_mapped: false,
         }
+    }
+
+    /// Back to the reset state, but for [`Self::page_mapped`]: the register page stays
+    /// mapped or not, as the stage 2 has it, until the caller brings it in line
+    /// (`crate::vm::Vm::publish_uart`).
+    pub fn reset(&mut self) {
+        *self = Self {
+            page_mapped: self.page_mapped,
+            ..Self::new()
+        };
     }
 
     /// Emulates a read of `offset`; returns the value for the guest register.
     pub fn read(&mut self, offset: u64) -> u64 {
-        u64::from(match offset {
-            UARTDR => {
-                let byte = self.rx.pop().unwrap_or(0);
-                self.update_rx();
-                u32::from(byte)
-            }
+        if offset == UARTDR {
+            let byte = self.rx.pop().unwrap_or(0);
+            self.update_rx();
+            return u64::from(byte);
+        }
+        u64::from(self.peek(offset))
+    }
+
+    /// Whether a read may change the model's state: bytes wait in the receive FIFO, so a
+    /// read of `UARTDR` takes one.
+    #[must_use]
+    pub const fn reads_change_state(&self) -> bool {
+        !self.rx.is_empty()
+    }
+
+    /// The value a read of `offset` returns, without taking a received byte (`UARTDR`
+    /// reads as 0 here; with bytes waiting, reads must go through [`Self::read`]).
+    #[must_use]
+    pub fn peek(&self, offset: u64) -> u32 {
+        match offset {
             UARTFR => {
                 // TXFF (bit 5) and BUSY (bit 3) are never set: the FIFO drains at once.
                 let mut fr = if self.rx.is_empty() { FR_IDLE } else { FR_TXFE };
@@ -227,7 +267,7 @@ impl VUart {
                 .and_then(|i| ID.get(i))
                 .map_or(0, |&b| u32::from(b)),
             _ => 0,
-        })
+        }
     }
 
     /// Emulates a write of `value` to `offset`; returns the line it completed, if any.
