@@ -630,11 +630,17 @@ dcache_by_va!(
 /// host allocate the whole range. The check uses general-purpose registers: QEMU's TCG
 /// runs it markedly faster than the same check through vector registers.
 ///
+/// The range is cleaned and invalidated first, so that the check reads memory: a guest
+/// that wrote with its MMU off (around the cache) may have left a stale clean copy of a
+/// line in the cache, and a check that read zero there would leave the guest's data in
+/// memory, where the next guest with its MMU off would read it.
+///
 /// # Safety
 ///
 /// The range must be normal memory, mapped writable, that nothing else uses meanwhile;
 /// `start` must be 16-byte aligned.
 pub unsafe fn zero_and_clean(start: u64, len: u64) {
+    clean_invalidate_dcache_range(start, len);
     let bulk = len & !127;
     if bulk > 0 {
         // SAFETY: every access is inside `[start, start + bulk)`, which the caller owns;

@@ -245,6 +245,12 @@ bitflags! {
         /// # Ok::<(), mmu::Error>(())
         /// ```
         const NO_CONTIGUOUS = 1 << 3;
+        /// Never merge a table that the mapping makes uniform into a block: a mapping
+        /// built a block at a time (2 MiB, say) stays in blocks of that size, so changing
+        /// one of them later (`protect`, `unmap`) never splits a larger block and needs
+        /// no frame. Blocks are still used where a single call's range covers them, and
+        /// [`coalesce`](crate::PageTable::coalesce) still merges on request.
+        const NO_MERGE = 1 << 4;
     }
 }
 

@@ -62,6 +62,8 @@ enum Op {
         replace: bool,
         /// Set the contiguous hint on groups filled from empty.
         contiguous: bool,
+        /// Merge a table the mapping makes uniform into a block.
+        merge: bool,
     },
     Unmap,
     Protect {
@@ -442,10 +444,11 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         let bits = self.encoded_bits;
         let blocks = !flags.contains(MapFlags::NO_BLOCKS);
         let replace = flags.contains(MapFlags::REPLACE);
-        match self.map_entry::<3>(va, pa, bits, blocks, replace) {
+        let merge = !flags.contains(MapFlags::NO_MERGE);
+        match self.map_entry::<3>(va, pa, bits, blocks, replace, merge) {
             Some(result) => result,
             // One page never fills a group of 16: no contiguous hint.
-            None => self.map_run(va, pa, va + FRAME_SIZE, bits, blocks, replace, false),
+            None => self.map_run(va, pa, va + FRAME_SIZE, bits, blocks, replace, false, merge),
         }
     }
 
@@ -487,13 +490,14 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         }
         let blocks = !flags.contains(MapFlags::NO_BLOCKS);
         let replace = flags.contains(MapFlags::REPLACE);
+        let merge = !flags.contains(MapFlags::NO_MERGE);
         // One entry: a block where blocks are allowed and fit.
         let single = match size {
             L2_BLOCK if blocks && (va | pa) % L2_BLOCK == 0 => {
-                self.map_entry::<2>(va, pa, bits, blocks, replace)
+                self.map_entry::<2>(va, pa, bits, blocks, replace, merge)
             }
             L1_BLOCK if blocks && (va | pa) % L1_BLOCK == 0 && self.root_shift >= 30 => {
-                self.map_entry::<1>(va, pa, bits, blocks, replace)
+                self.map_entry::<1>(va, pa, bits, blocks, replace, merge)
             }
             _ => None,
         };
@@ -507,6 +511,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 blocks,
                 replace,
                 !flags.contains(MapFlags::NO_CONTIGUOUS),
+                merge,
             ),
         }
     }
@@ -523,6 +528,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         blocks: bool,
         replace: bool,
         contiguous: bool,
+        merge: bool,
     ) -> Result<(), Error> {
         let op = Op::Map {
             delta: pa.wrapping_sub(va),
@@ -530,6 +536,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             blocks,
             replace,
             contiguous,
+            merge,
         };
         self.run(op, va, end)
     }
@@ -829,6 +836,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         bits: u64,
         blocks: bool,
         replace: bool,
+        merge: bool,
     ) -> Option<Result<(), Error>> {
         let leaf_shift = level_shift(LEAF as u8);
         let mut shift = self.root_shift;
@@ -876,7 +884,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         if !parent.is_null() {
             // SAFETY: `parent` is the entry of this table that points to `p`'s table.
             let c = unsafe { parent.read() };
-            if blocks && desc::count(c) == ENTRIES as u32 - 1 {
+            if blocks && merge && desc::count(c) == ENTRIES as u32 - 1 {
                 // This leaf fills the table: the general walker may merge it.
                 return None;
             }
@@ -1286,6 +1294,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                 blocks,
                 replace,
                 contiguous,
+                merge: _,
             } => {
                 // Whether a covered entry of this table becomes a leaf (page or block):
                 // blocks need the output aligned like the input, i.e. `delta` aligned.
@@ -1921,7 +1930,12 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             Op::Unmap | Op::TableAttrs { .. } if count == 0 && keep & desc::KEEP == 0 => {
                 new = 0;
             }
-            Op::Map { blocks: true, .. } | Op::Coalesce
+            Op::Map {
+                blocks: true,
+                merge: true,
+                ..
+            }
+            | Op::Coalesce
                 if level >= 1
                     && keep & (desc::PINNED | desc::KEEP) == 0
                     && count == ENTRIES as i32 =>

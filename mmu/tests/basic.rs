@@ -500,3 +500,35 @@ fn range_invalidation_covers_contiguous_changes_with_one_operation() {
         ]
     );
 }
+
+/// A 1 GiB range mapped 2 MiB at a time merges into one 1 GiB block when its last block
+/// fills the level-2 table, unless `NO_MERGE`: then each 2 MiB block can be protected
+/// alone later without a split, so without a frame.
+#[test]
+fn no_merge_keeps_blocks_mapped_one_at_a_time() {
+    for merge in [true, false] {
+        let mut t =
+            PageTable::new(Stage2::new(1, 40), HeapFrames::new(), RecordingTlb::new()).unwrap();
+        let flags = if merge {
+            MapFlags::empty()
+        } else {
+            MapFlags::NO_MERGE
+        };
+        for i in 0..512 {
+            t.map(GIB + i * MIB2, 2 * GIB + i * MIB2, MIB2, rw(), flags)
+                .unwrap();
+        }
+        let mut levels = Vec::new();
+        t.walk(GIB, GIB, |m| levels.push(m.level)).unwrap();
+        if merge {
+            assert_eq!(levels, [1], "merged into one 1 GiB block");
+        } else {
+            assert_eq!(levels, [2; 512], "512 blocks of 2 MiB");
+            let frames = t.frames_in_use();
+            let ro = Attributes::normal(Permissions::READ);
+            t.protect(GIB + 7 * MIB2, MIB2, ro).unwrap();
+            assert_eq!(t.frames_in_use(), frames, "no split, no frame");
+            assert_eq!(t.translate(GIB + 7 * MIB2).unwrap().attrs, ro);
+        }
+    }
+}

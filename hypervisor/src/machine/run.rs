@@ -685,6 +685,12 @@ fn run_vcpu(
         .with_backend(|b| b.stage2.regime(vm.vmid).vtcr())
         .unwrap_or(0);
     let mut host = MachineHost::new();
+    if index == 0 && vm.desc.console_input {
+        // A (re)started input VM reads input again: its receive interrupt may have been
+        // masked while its FIFO was full before a reset, and reads of UARTDR from the
+        // register page do not trap to turn it back on (`console_input`).
+        host.input_wanted(&vm.desc.name);
+    }
     regs::enter_guest_context(vm.vttbr, vtcr, index as u64, &host.controls);
     let nr_lrs = vm.vgic.lock().list_registers();
     gic::vcpu_start(nr_lrs);

@@ -13,10 +13,12 @@ pub mod schedule;
 
 use crate::config::{AbortPolicy, EmulatedDevice, VUART_INTID};
 use crate::mem::{Ipa, PhysAddr, PAGE_SIZE};
+use crate::vm::share::PageState;
 use crate::vm::share::{Note, Request};
 use crate::vm::vgic::{sgi::SgiRegister, MmioError, PhysGic, VcpuMask};
 use crate::vm::vuart::LineSink;
-use crate::vm::{GuestMemory, Stage2Table, Vm, VmStatus};
+use crate::vm::{GuestMemory, Stage2Table, Touch, Vm, VmStatus};
+use boot::esr::FaultStatus;
 use boot::esr::{DataAccess, Esr, SysRegAccess};
 use core::sync::atomic::Ordering;
 use exit::{Abort, Exit};
@@ -584,22 +586,26 @@ fn stage2_abort<S: Stage2Table>(
         }
         None => {}
     }
-    if abort.unmapped() {
-        // The guest's first access to a chunk of its RAM (`crate::vm::ram`): scrub and
-        // map it, then run the access again.
+    let permission = matches!(abort.status, FaultStatus::Permission(_));
+    if permission || abort.unmapped() {
+        // The guest's first access to a chunk of its RAM, mapped without any access until
+        // then (`crate::vm::ram`): scrub it, give access, run the access again.
         match vm.first_touch(abort.ipa, &*host) {
-            Ok(true) => return Next::Resume,
-            Ok(false) => {}
+            Ok(Touch::MadeReady) => return Next::Resume,
+            // Another vCPU made the chunk ready after this access faulted: a page of the
+            // VM's own RAM that is mapped and owned has every access, so it runs again.
+            Ok(Touch::Ready) if permission && owned_now(vm, abort.ipa) => return Next::Resume,
+            Ok(_) => {}
             Err(e) => {
                 return stop_vm_flushed(
                     vm,
                     host,
-                    format_args!("RAM at IPA {:#x} could not be mapped: {e}", abort.ipa),
+                    format_args!("RAM at IPA {:#x} could not be made ready: {e}", abort.ipa),
                 )
             }
         }
     }
-    if abort.unmapped() && mapped_now(vm, abort.ipa) {
+    if abort.unmapped() && mapped_now(vm, abort.ipa).is_some() {
         // The page was invalid only during a break-before-make on the live stage 2
         // (`mmu` splitting or merging a block for a memory-sharing call made by another
         // vCPU, `crate::share`); the change is complete (its lock is free again) and the
@@ -646,14 +652,31 @@ fn abort_policy<S>(vm: &Vm<S>, ctx: &mut VcpuCtx<'_>, abort: &Abort, host: &mut 
     }
 }
 
-/// Whether the VM's stage 2 maps the page of `ipa` (waits for a change in progress).
-fn mapped_now<S: Stage2Table>(vm: &Vm<S>, ipa: Ipa) -> bool {
+/// The attributes the VM's stage 2 maps the page of `ipa` with, if it maps it (waits
+/// for a change in progress).
+fn mapped_now<S: Stage2Table>(vm: &Vm<S>, ipa: Ipa) -> Option<mmu::Attributes> {
     let page = ipa.align_down(PAGE_SIZE);
-    let mut mapped = false;
+    let mut mapped = None;
     if let Some(s2) = vm.stage2.lock().as_ref() {
-        mapped = s2.walk(page, PAGE_SIZE, &mut |_| mapped = true).is_ok() && mapped;
+        if s2
+            .walk(page, PAGE_SIZE, &mut |m| mapped = Some(m.attrs))
+            .is_err()
+        {
+            return None;
+        }
     }
     mapped
+}
+
+/// Whether the page of `ipa` is mapped now as the VM's own RAM page, owned or shared by
+/// it (read, write and execute).
+fn owned_now<S: Stage2Table>(vm: &Vm<S>, ipa: Ipa) -> bool {
+    mapped_now(vm, ipa).is_some_and(|a| {
+        matches!(
+            PageState::from_sw(a.sw),
+            Some(PageState::Owned | PageState::SharedOwned)
+        )
+    })
 }
 
 /// Makes the vCPU take a synchronous external abort at EL1 for `abort`: the EL1 exception
@@ -1108,9 +1131,14 @@ mod tests {
         assert_eq!(cpu.pc, 0x4000_1000, "the faulting instruction runs again");
         assert_eq!(vm.status(), VmStatus::Running);
         assert_eq!(cpu.el1.set, None, "no abort injected");
-        // A permission fault on a mapped page is not a transient state: the policy holds.
+        // A permission fault on a page of its own RAM that is mapped and owned: the access
+        // met the page before another vCPU's first touch opened its chunk
+        // (`crate::vm::ram`), and runs again too.
         let perm = (dabt(true, 1, 3) & !0x3f) | 0x0f;
-        assert_eq!(cpu.exit(&vm, 0, sync(perm, 0x4000_2008)), Next::Stop);
+        assert_eq!(cpu.exit(&vm, 0, sync(perm, 0x4000_2008)), Next::Resume);
+        assert_eq!(cpu.el1.set, None, "no abort injected");
+        // Past the end of its RAM neither fault is retried: the policy holds.
+        assert_eq!(cpu.exit(&vm, 0, sync(perm, 0x4010_0000)), Next::Stop);
         assert_eq!(vm.status(), VmStatus::Failed);
     }
 

@@ -234,7 +234,6 @@ impl<P: Backend> VmManager<P> {
         let mut claimed = 0usize;
         let mut mapped_ram = 0usize;
         let mut mapped_dev = 0usize;
-        let start = ram::start_ranges(desc);
         let result = (|| {
             for r in &desc.memory {
                 inner
@@ -243,9 +242,9 @@ impl<P: Backend> VmManager<P> {
                     .map_err(|e| VmError::Ram(*r, e))?;
                 claimed = claimed.saturating_add(1);
             }
-            for r in &start {
-                s2.map(r.ipa, r.pa, r.size, S2Kind::Ram)
-                    .map_err(VmError::Stage2)?;
+            // All of the RAM's table frames are taken now, so a first touch needs none.
+            for (c, kind) in ram::start_mappings(desc) {
+                s2.map(c.ipa, c.pa, c.size, kind).map_err(VmError::Stage2)?;
                 mapped_ram = mapped_ram.saturating_add(1);
             }
             for p in &desc.passthrough {
@@ -259,8 +258,8 @@ impl<P: Backend> VmManager<P> {
             for p in desc.passthrough.iter().take(mapped_dev) {
                 let _ = s2.unmap(p.ipa, p.size);
             }
-            for r in start.iter().take(mapped_ram) {
-                let _ = s2.unmap(r.ipa, r.size);
+            for (c, _) in ram::start_mappings(desc).take(mapped_ram) {
+                let _ = s2.unmap(c.ipa, c.size);
             }
             // Nothing was written to the claimed pages yet (the scrub comes after):
             // they go back as they were, and whoever claims them next scrubs them.
@@ -316,19 +315,14 @@ impl<P: Backend> VmManager<P> {
             (vm, ended)
         };
         ended.log(&vm.desc.name);
-        let start = ram::start_ranges(&vm.desc);
         let remapped = {
             let mut chunks = vm.ram.lock();
             let mut s2 = vm.stage2.lock();
             let remapped = s2.as_mut().map(|s2| {
-                for r in &vm.desc.memory {
-                    s2.unmap(r.ipa, r.size)?;
-                }
-                start
-                    .iter()
-                    .try_for_each(|r| s2.map(r.ipa, r.pa, r.size, S2Kind::Ram))
+                ram::start_mappings(&vm.desc)
+                    .try_for_each(|(c, kind)| s2.protect(c.ipa, c.size, kind))
             });
-            // Whatever happened, no chunk is ready but those mapped again.
+            // Whatever happened, no chunk counts as ready but the start chunks.
             *chunks = match remapped {
                 Some(Ok(())) => ram::RamChunks::at_start(&vm.desc),
                 _ => ram::RamChunks::new(&vm.desc),
@@ -336,16 +330,20 @@ impl<P: Backend> VmManager<P> {
             remapped
         };
         if let Some(Err(e)) = remapped {
+            // It cannot happen (each chunk is a block or pages of its own, changed whole),
+            // but a VM whose RAM is half taken back must not run: stop and destroy it.
             log::error!(
-                "VM {} stopped: its RAM could not be mapped again after the reset: {e}",
+                "VM {} stopped: its RAM could not be taken back at the reset: {e}",
                 vm.desc.name
             );
-            let mut st = vm.state.lock();
-            st.finish(VmStatus::Failed);
-            st.release_claim();
-            return Ok(());
+            {
+                let mut st = vm.state.lock();
+                st.finish(VmStatus::Failed);
+                st.release_claim();
+            }
+            return self.destroy(id);
         }
-        for r in &start {
+        for r in &ram::start_ranges(&vm.desc) {
             scrub_around_images(&self.mem, &vm.desc, r);
         }
         load_images(&self.mem, &vm.desc);
@@ -468,20 +466,22 @@ impl<P: Backend> VmManager<P> {
         req: share::Request,
     ) -> ([u64; 4], share::Note) {
         if let share::Request::Give { ipa, pages, .. } = req {
-            // What is given must be scrubbed RAM, mapped and owned: the caller's chunks in
+            // What is given must be scrubbed RAM the owner owns: the caller's chunks in
             // the range are made ready first, outside the manager's locks (the caller's
-            // vCPU is loaded, so the VM cannot be reset meanwhile and they stay ready). A
-            // range that is not the caller's RAM is refused by the call itself.
-            let size = pages.saturating_mul(crate::mem::PAGE_SIZE);
-            if let Err(e) = caller.make_ready(ipa, size, &self.mem) {
-                log::warn!(
-                    "VM {}: RAM for a sharing call not mapped: {e}",
-                    caller.desc.name
-                );
-                return (
-                    share::result_regs(Err(share::Error::NoMemory)),
-                    share::Note::None,
-                );
+            // vCPU is loaded, so the VM cannot be reset meanwhile and they stay ready).
+            // Only for a range the call could take (at most `MAX_PAGES` of the caller's
+            // RAM); the call itself then decides, with its own errors.
+            if let Ok(size) = share::given_range(&caller.desc, ipa, pages) {
+                if let Err(e) = caller.make_ready(ipa, size, &self.mem) {
+                    log::warn!(
+                        "VM {}: RAM for a sharing call not made ready: {e}",
+                        caller.desc.name
+                    );
+                    return (
+                        share::result_regs(Err(share::Error::NoMemory)),
+                        share::Note::None,
+                    );
+                }
             }
         }
         let (r, note) = {

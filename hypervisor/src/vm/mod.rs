@@ -24,6 +24,7 @@ pub mod vuart;
 pub(crate) mod tests;
 
 pub use manager::{Backend, GuestMemory, VmError, VmManager};
+
 pub use stage2::{MmuStage2, S2Kind, Stage2Config, Stage2Table, IPA_BITS};
 
 use core::fmt;
@@ -57,6 +58,19 @@ impl VmStatus {
     pub const fn finished(self) -> bool {
         matches!(self, Self::Off | Self::Failed)
     }
+}
+
+/// What [`Vm::first_touch`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Touch {
+    /// The IPA is not RAM of the VM.
+    NotRam,
+    /// The chunk was ready already (another vCPU made it so meanwhile, or the fault is
+    /// of another kind: a page lent away, say), or the VM is destroyed.
+    Ready,
+    /// This call scrubbed the chunk and gave the guest access: the access that faulted
+    /// can run again.
+    MadeReady,
 }
 
 /// What a CPU whose vCPU just left the guest must do for the VM (from [`Vm::leave`]).
@@ -205,35 +219,33 @@ impl<S> fmt::Debug for Vm<S> {
 
 impl<S: Stage2Table> Vm<S> {
     /// Makes the RAM chunk holding `ipa` ready if it is not yet ([`ram`]): scrubs it
-    /// through `mem`, then maps it at stage 2. Returns whether this call did (the access
-    /// that faulted then runs again); false for an IPA that is not RAM, a chunk that was
-    /// ready already (another vCPU made it so meanwhile, or the fault is on a page lent
-    /// away) and a destroyed VM.
+    /// through `mem`, then gives the guest access to it at stage 2 (its mappings exist
+    /// since the VM was created, without any access).
     ///
     /// # Errors
     ///
-    /// The stage-2 mapping failed (out of table frames): the chunk stays not ready.
+    /// The stage-2 change failed (it needs no frame: chunks are never part of a larger
+    /// block): the chunk stays not ready.
     pub fn first_touch(
         &self,
         ipa: Ipa,
         mem: &(impl GuestMemory + ?Sized),
-    ) -> Result<bool, mmu::Error> {
+    ) -> Result<Touch, mmu::Error> {
         let Some((i, chunk)) = ram::chunk_of(&self.desc, ipa) else {
-            return Ok(false);
+            return Ok(Touch::NotRam);
         };
         let mut ram = self.ram.lock();
-        if ram.is_ready(i) {
-            return Ok(false);
+        if ram.is_ready(i) || self.stage2.lock().is_none() {
+            return Ok(Touch::Ready);
         }
-        // Nothing maps the chunk yet: no vCPU can see it while it is scrubbed.
+        // The guest has no access to the chunk yet: no vCPU can see it while it is
+        // scrubbed (the `ram` lock keeps a second vCPU from scrubbing it too).
         mem.zero(chunk.pa, chunk.size);
-        let mut s2 = self.stage2.lock();
-        let Some(s2) = s2.as_mut() else {
-            return Ok(false);
-        };
-        s2.map(chunk.ipa, chunk.pa, chunk.size, S2Kind::Ram)?;
-        ram.set_ready(i);
-        Ok(true)
+        if let Some(s2) = self.stage2.lock().as_mut() {
+            s2.protect(chunk.ipa, chunk.size, S2Kind::Ram)?;
+            ram.set_ready(i);
+        }
+        Ok(Touch::MadeReady)
     }
 
     /// Brings the virtual UART's register page in line with `uart` (this VM's UART,
@@ -248,7 +260,14 @@ impl<S: Stage2Table> Vm<S> {
         let want = !uart.reads_change_state();
         if want {
             page.write(uart);
-            mem.clean_to_poc(page.va(), uart_page::UartPage::state_len());
+            // All of it when it is about to be mapped (the reset values and zeros written
+            // when it was made), then what a rewrite changes.
+            let len = if uart.page_mapped {
+                uart_page::UartPage::state_len()
+            } else {
+                crate::mem::PAGE_SIZE
+            };
+            mem.clean_to_poc(page.va(), len);
         }
         if want != uart.page_mapped {
             if let Some(s2) = self.stage2.lock().as_mut() {

@@ -8,23 +8,26 @@
 //! of it on its way to userspace.
 //!
 //! So a VM's RAM is split into chunks: the 2 MiB-aligned blocks of guest-physical
-//! address space, each cut to the RAM region it lies in. A chunk is mapped at stage 2
-//! only once it is scrubbed ("ready"). The guest's first access to a chunk that is not
-//! ready faults to EL2 (a stage-2 translation fault), which scrubs and maps the chunk
-//! ([`super::Vm::first_touch`]) and runs the access again. The rules:
+//! address space, each cut to the RAM region it lies in. Every chunk is mapped when the
+//! VM is created (its table frames taken then), each alone and never merged into a
+//! larger block, but the guest gets access to a chunk only once it is scrubbed
+//! ("ready"); until then it is mapped without any access ([`S2Kind::NotReady`]). The
+//! guest's first access to such a chunk faults to EL2, which scrubs it and gives access
+//! ([`super::Vm::first_touch`]), and the access runs again. The rules:
 //! - the chunks that images are copied into are ready when the VM starts (created or
 //!   reset), the images' bytes copied and the rest scrubbed;
-//! - a ready chunk stays ready (mapped, except pages lent to another VM) until the VM
-//!   is reset or destroyed: it is never scrubbed under the guest's feet;
+//! - a ready chunk stays ready (owned, or shared, or lent away) until the VM is reset
+//!   or destroyed: it is never scrubbed under the guest's feet;
 //! - a memory-sharing call makes the caller's chunks in its range ready first, so what
 //!   it hands to another VM is always scrubbed RAM ([`super::VmManager::share_call`]);
-//! - a reset unmaps all of the VM's RAM and starts again from the images' chunks;
+//! - a reset takes every chunk back and starts again from the images' chunks;
 //! - a VM with pass-through MMIO gets all of its RAM ready when it starts: a device
 //!   there may write RAM by DMA before any CPU touches it, and a first touch after
 //!   that would wipe what the device wrote.
 
 use alloc::vec::Vec;
 
+use super::S2Kind;
 use crate::config::{GuestRegion, VmDesc};
 use crate::mem::Ipa;
 
@@ -158,6 +161,22 @@ fn start_chunks(desc: &VmDesc) -> impl Iterator<Item = (usize, GuestRegion)> + '
             .into_iter()
             .flatten()
             .any(|img| img.ipa_range().overlaps(&c.ipa_range()))
+    })
+}
+
+/// Every chunk of `desc` with its stage-2 kind when the VM starts: `Ram` for the start
+/// chunks, `NotReady` (mapped without access) for the others. Each chunk is mapped
+/// alone and never merged into a larger block, so that making it ready later changes
+/// it alone, without a frame.
+pub fn start_mappings(desc: &VmDesc) -> impl Iterator<Item = (GuestRegion, S2Kind)> + '_ {
+    let ready = RamChunks::at_start(desc);
+    chunks(desc).map(move |(i, c)| {
+        let kind = if ready.is_ready(i) {
+            S2Kind::Ram
+        } else {
+            S2Kind::NotReady
+        };
+        (c, kind)
     })
 }
 

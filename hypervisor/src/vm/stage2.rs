@@ -11,6 +11,9 @@ use crate::mem::{Ipa, PhysAddr};
 pub enum S2Kind {
     /// Guest RAM: Normal write-back, read/write/execute.
     Ram,
+    /// Guest RAM not scrubbed yet (`super::ram`): Normal write-back, no access at all,
+    /// software bits `PageState::NotReady`.
+    NotReady,
     /// Pass-through device: Device-nGnRE, read/write, never executable.
     Device,
     /// A page of emulated registers the guest reads without a trap (`super::uart_page`):
@@ -27,6 +30,9 @@ impl S2Kind {
             Self::Ram => mmu::Attributes::normal(P::RW.union(P::EXEC_EL1).union(P::EXEC_EL0)),
             Self::Device => mmu::Attributes::device(),
             Self::RegisterPage => mmu::Attributes::normal(P::READ),
+            Self::NotReady => {
+                mmu::Attributes::normal(P::empty()).with_sw(super::share::PageState::NotReady.sw())
+            }
         }
     }
 
@@ -53,6 +59,13 @@ pub trait Stage2Table {
     ///
     /// The `mmu` error (out of frames, already mapped, out of range).
     fn map(&mut self, ipa: Ipa, pa: PhysAddr, size: u64, kind: S2Kind) -> Result<(), mmu::Error>;
+    /// Makes every mapping in `[ipa, ipa + size)` `kind` (same output); holes are
+    /// skipped. Needs no frame where the range covers whole blocks.
+    ///
+    /// # Errors
+    ///
+    /// The `mmu` error (out of frames to split a block the range cuts, out of range).
+    fn protect(&mut self, ipa: Ipa, size: u64, kind: S2Kind) -> Result<(), mmu::Error>;
     /// Maps `[ipa, ipa + size)` to `[pa, pa + size)` with `attrs` (software bits
     /// included) in 4 KiB pages only, so that unmapping any part of it later needs no
     /// frame.
@@ -131,8 +144,16 @@ impl<A: mmu::FrameAllocator, T: mmu::TlbMaintenance> MmuStage2<A, T> {
 // The `mmu` boundary: its stage-2 API takes raw values, input IPA and output PA.
 impl<A: mmu::FrameAllocator, T: mmu::TlbMaintenance> Stage2Table for MmuStage2<A, T> {
     fn map(&mut self, ipa: Ipa, pa: PhysAddr, size: u64, kind: S2Kind) -> Result<(), mmu::Error> {
+        // Never merged into a larger block: RAM is mapped a 2 MiB chunk at a time and
+        // each chunk's access is changed alone later (`super::ram`), which must not need
+        // a frame to split a 1 GiB block. `coalesce` still merges on request.
+        let flags = self.1 | mmu::MapFlags::NO_MERGE;
         self.0
-            .map(ipa.get(), pa.get(), size, kind.attributes(), self.1)
+            .map(ipa.get(), pa.get(), size, kind.attributes(), flags)
+    }
+
+    fn protect(&mut self, ipa: Ipa, size: u64, kind: S2Kind) -> Result<(), mmu::Error> {
+        self.0.protect(ipa.get(), size, kind.attributes())
     }
 
     fn map_pages(

@@ -152,6 +152,19 @@ impl Stage2Table for FakeS2 {
         self.recount();
         Ok(())
     }
+    fn protect(&mut self, ipa: Ipa, size: u64, kind: S2Kind) -> Result<(), mmu::Error> {
+        let ipa = ipa.get();
+        if self.fail_at.is_some_and(|f| ipa <= f && f < ipa + size) {
+            return Err(mmu::Error::OutOfFrames);
+        }
+        for (_, (_, k)) in self.maps.range_mut(ipa..ipa + size) {
+            *k = kind;
+        }
+        for (_, a) in self.attrs.range_mut(ipa..ipa + size) {
+            *a = kind.attributes();
+        }
+        Ok(())
+    }
     fn set_sw(&mut self, ipa: Ipa, size: u64, sw: mmu::SwBits) -> Result<(), mmu::Error> {
         let ipa = ipa.get();
         for (_, a) in self.attrs.range_mut(ipa..ipa + size) {
@@ -802,16 +815,26 @@ fn mapped(vm: &Vm<FakeS2>, ipa: u64) -> Option<(u64, S2Kind)> {
 }
 
 #[test]
-fn ram_past_the_images_chunks_is_scrubbed_and_mapped_on_first_touch() {
+fn ram_past_the_images_chunks_is_scrubbed_and_opened_on_first_touch() {
     let m = manager();
     // Stale bytes of an earlier user in both chunks.
     m.with_backend(|p| {
         p.mem().insert(0x5010_0000, 0x66);
         p.mem().insert(0x5030_0000, 0x77);
     });
+    let frames_before = m.accounting().2;
     let vm = m.create(two_chunk_desc()).expect("create");
     assert_eq!(mapped(&vm, 0x4000_0000), Some((0x5000_0000, S2Kind::Ram)));
-    assert_eq!(mapped(&vm, 0x4020_0000), None, "the second chunk waits");
+    assert_eq!(
+        mapped(&vm, 0x4020_0000),
+        Some((0x5020_0000, S2Kind::NotReady)),
+        "the second chunk is mapped without access"
+    );
+    let frames = m.accounting().2;
+    assert!(
+        frames > frames_before,
+        "the tables for all of the RAM are taken now"
+    );
     let zeroed_at_create = m.with_backend(|p| p.zeroed());
     assert_eq!(
         zeroed_at_create,
@@ -824,14 +847,13 @@ fn ram_past_the_images_chunks_is_scrubbed_and_mapped_on_first_touch() {
             None,
             "the image's chunk is scrubbed"
         );
-        assert_eq!(
-            p.mem().get(&0x5030_0000),
-            Some(&0x77),
-            "not mapped, not scrubbed yet"
-        );
+        assert_eq!(p.mem().get(&0x5030_0000), Some(&0x77), "not scrubbed yet");
     });
     let mem = m.with_backend(|p| p.memory.clone());
-    assert_eq!(vm.first_touch(Ipa::new(0x4030_0008), &mem), Ok(true));
+    assert_eq!(
+        vm.first_touch(Ipa::new(0x4030_0008), &mem),
+        Ok(Touch::MadeReady)
+    );
     m.with_backend(|p| {
         assert_eq!(
             p.zeroed(),
@@ -842,16 +864,22 @@ fn ram_past_the_images_chunks_is_scrubbed_and_mapped_on_first_touch() {
     });
     assert_eq!(mapped(&vm, 0x4020_0000), Some((0x5020_0000, S2Kind::Ram)));
     assert_eq!(mapped(&vm, 0x403f_f000), Some((0x503f_f000, S2Kind::Ram)));
+    assert_eq!(m.accounting().2, frames, "no frame taken on first touch");
     // Touched again (another vCPU faulted on it meanwhile): nothing is scrubbed twice.
     m.with_backend(|p| {
         p.mem().insert(0x5030_0000, 0x99);
     });
-    assert_eq!(vm.first_touch(Ipa::new(0x4020_0000), &mem), Ok(false));
-    assert_eq!(vm.first_touch(Ipa::new(0x4000_0000), &mem), Ok(false));
+    assert_eq!(
+        vm.first_touch(Ipa::new(0x4020_0000), &mem),
+        Ok(Touch::Ready)
+    );
+    assert_eq!(
+        vm.first_touch(Ipa::new(0x4000_0000), &mem),
+        Ok(Touch::Ready)
+    );
     assert_eq!(
         vm.first_touch(Ipa::new(0x0900_0000), &mem),
-        Ok(false),
-        "not RAM"
+        Ok(Touch::NotRam)
     );
     m.with_backend(|p| {
         assert_eq!(
@@ -864,7 +892,7 @@ fn ram_past_the_images_chunks_is_scrubbed_and_mapped_on_first_touch() {
 }
 
 #[test]
-fn a_first_touch_that_cannot_map_leaves_the_chunk_waiting() {
+fn a_first_touch_that_cannot_open_the_chunk_leaves_it_waiting() {
     let m = manager();
     let vm = m.create(two_chunk_desc()).expect("create");
     let mem = m.with_backend(|p| p.memory.clone());
@@ -873,10 +901,16 @@ fn a_first_touch_that_cannot_map_leaves_the_chunk_waiting() {
         vm.first_touch(Ipa::new(0x4020_0000), &mem),
         Err(mmu::Error::OutOfFrames)
     );
-    assert_eq!(mapped(&vm, 0x4020_0000), None);
+    assert_eq!(
+        mapped(&vm, 0x4020_0000),
+        Some((0x5020_0000, S2Kind::NotReady))
+    );
     assert!(!vm.ram.lock().is_ready(1));
     vm.stage2.lock().as_mut().expect("live").fail_at = None;
-    assert_eq!(vm.first_touch(Ipa::new(0x4020_0000), &mem), Ok(true));
+    assert_eq!(
+        vm.first_touch(Ipa::new(0x4020_0000), &mem),
+        Ok(Touch::MadeReady)
+    );
 }
 
 #[test]
@@ -885,38 +919,41 @@ fn reset_takes_back_every_touched_chunk() {
     let vm = m.create(two_chunk_desc()).expect("create");
     vm.state.lock().psci.take_pending(0);
     let mem = m.with_backend(|p| p.memory.clone());
-    assert_eq!(vm.first_touch(Ipa::new(0x4020_0000), &mem), Ok(true));
+    assert_eq!(
+        vm.first_touch(Ipa::new(0x4020_0000), &mem),
+        Ok(Touch::MadeReady)
+    );
     m.with_backend(|p| {
         p.mem().insert(0x5030_0000, 0x77);
     });
     m.reset(vm.id).expect("reset");
     assert_eq!(mapped(&vm, 0x4000_0000), Some((0x5000_0000, S2Kind::Ram)));
-    assert_eq!(mapped(&vm, 0x4020_0000), None, "unmapped again");
+    assert_eq!(
+        mapped(&vm, 0x4020_0000),
+        Some((0x5020_0000, S2Kind::NotReady)),
+        "without access again"
+    );
     assert_eq!(vm.ram.lock().ready_count(), 1);
     assert_eq!(vm.status(), VmStatus::Running);
     // The guest's old data is out of its reach until the chunk is scrubbed again.
-    assert_eq!(vm.first_touch(Ipa::new(0x4030_0000), &mem), Ok(true));
+    assert_eq!(
+        vm.first_touch(Ipa::new(0x4030_0000), &mem),
+        Ok(Touch::MadeReady)
+    );
     m.with_backend(|p| assert_eq!(p.mem().get(&0x5030_0000), None));
 }
 
 #[test]
-fn a_reset_whose_ram_cannot_be_mapped_again_stops_the_vm() {
+fn a_reset_that_cannot_take_the_ram_back_stops_and_destroys_the_vm() {
     let m = manager();
     let vm = m.create(two_chunk_desc()).expect("create");
     vm.state.lock().psci.take_pending(0);
-    vm.stage2.lock().as_mut().expect("live").fail_at = Some(0x4000_0000);
+    vm.stage2.lock().as_mut().expect("live").fail_at = Some(0x4020_0000);
     m.reset(vm.id).expect("reset");
     assert_eq!(vm.status(), VmStatus::Failed);
-    assert_eq!(
-        vm.ram.lock().ready_count(),
-        0,
-        "nothing is mapped, nothing is ready"
-    );
-    assert_eq!(mapped(&vm, 0x4000_0000), None);
-    vm.state.lock().psci.take_pending(0);
-    assert_eq!(
-        vm.state.lock().take_start(0),
-        None,
-        "a stopped VM starts no vCPU"
-    );
+    assert!(vm.stage2.lock().is_none(), "destroyed: its stage 2 is gone");
+    assert!(m.vms().is_empty());
+    let (free, total, frames, vmids) = m.accounting();
+    assert_eq!((free, frames, vmids), (total, 0, 0), "everything came back");
+    assert_eq!(m.outcome(), Some(false), "the run can end");
 }

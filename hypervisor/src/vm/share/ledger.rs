@@ -331,6 +331,20 @@ fn ram_segments(desc: &VmDesc, ipa: Ipa, size: u64) -> Result<Segments<'_>, Erro
     }
 }
 
+/// The size of what `SHARE`/`LEND` of `pages` pages at `ipa` would give from `desc`'s
+/// RAM, checked as the call checks it (page-aligned, at most `MAX_PAGES`, inside the
+/// VM's RAM), so that it can be made ready before the call
+/// (`crate::vm::VmManager::share_call`).
+///
+/// # Errors
+///
+/// The error the call would return.
+pub fn given_range(desc: &VmDesc, ipa: Ipa, pages: u64) -> Result<u64, Error> {
+    let size = ipa_range(ipa, pages)?;
+    ram_segments(desc, ipa, size)?;
+    Ok(size)
+}
+
 /// Whether `[ipa, ipa + size)` of the receiver `desc` is free: no RAM, pass-through
 /// range or emulated device (virtual UART, virtual GIC) in it. A mapping over an
 /// emulated device would take its accesses away from the emulation.
@@ -713,8 +727,10 @@ impl Ledger {
             Kind::Share => s2
                 .set_sw(t.ipa, t.size(), PageState::Owned.sw())
                 .and_then(|()| s2.coalesce(t.ipa, t.size())),
-            // Tables freed by the lend may have to be allocated again; `map` merges.
-            Kind::Lend => map_back(s2, segments),
+            // Tables freed by the lend may have to be allocated again; `map` does not
+            // merge (`Stage2Table::map`), so a table made uniform again goes back to a
+            // block here, as for a share.
+            Kind::Lend => map_back(s2, segments).and_then(|()| s2.coalesce(t.ipa, t.size())),
         }
         .map_err(Error::from_mmu)
     }

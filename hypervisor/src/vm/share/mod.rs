@@ -17,10 +17,11 @@
 
 pub(crate) mod abi;
 mod ledger;
-mod page_state;
+pub(crate) mod page_state;
 
 #[cfg(test)]
 mod tests;
 
 pub use abi::{fid, result_regs, Error, Request};
-pub use ledger::{Ledger, Note};
+pub use ledger::{given_range, Ledger, Note};
+pub use page_state::PageState;

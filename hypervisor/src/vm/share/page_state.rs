@@ -16,6 +16,9 @@ pub enum PageState {
     SharedOwned,
     /// Another VM's page mapped into this VM by `RETRIEVE` (`sw` = 2).
     SharedBorrowed,
+    /// The VM's own RAM page not scrubbed yet (`sw` = 3), mapped without any access so
+    /// that the guest's first touch faults (`crate::vm::ram`).
+    NotReady,
 }
 
 impl PageState {
@@ -26,6 +29,7 @@ impl PageState {
             Self::Owned => 0,
             Self::SharedOwned => 1,
             Self::SharedBorrowed => 2,
+            Self::NotReady => 3,
         })
     }
 
@@ -36,6 +40,7 @@ impl PageState {
             0 => Some(Self::Owned),
             1 => Some(Self::SharedOwned),
             2 => Some(Self::SharedBorrowed),
+            3 => Some(Self::NotReady),
             _ => None,
         }
     }

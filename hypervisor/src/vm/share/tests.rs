@@ -713,13 +713,15 @@ fn page_states_round_trip_through_software_bits() {
         PageState::Owned,
         PageState::SharedOwned,
         PageState::SharedBorrowed,
+        PageState::NotReady,
     ] {
         assert_eq!(PageState::from_sw(s.sw()), Some(s));
     }
     assert_eq!(PageState::Owned.sw().bits(), 0);
     assert_eq!(PageState::SharedOwned.sw().bits(), 1);
     assert_eq!(PageState::SharedBorrowed.sw().bits(), 2);
-    assert_eq!(PageState::from_sw(SwBits::truncate(3)), None);
+    assert_eq!(PageState::NotReady.sw().bits(), 3);
+    assert_eq!(PageState::from_sw(SwBits::truncate(4)), None);
     assert_eq!(format!("{}", Perms::from_raw(5).expect("valid")), "r-x");
     assert!(Perms::from_raw(1)
         .expect("r")
@@ -1442,10 +1444,22 @@ fn giving_untouched_ram_scrubs_its_chunk_first() {
     m.with_backend(|p| {
         p.fake.mem().insert(0x5030_0010, 0x77);
     });
+    let not_ready = translate(&a, lent).expect("mapped without access");
     assert!(
-        translate(&a, lent).is_none(),
+        not_ready.attrs.perms.is_empty(),
         "the second chunk is not ready"
     );
+    // A call that cannot take the range (past the end of the owner's RAM) does not
+    // make it ready.
+    assert_eq!(
+        code(call(
+            &m,
+            &a,
+            &[fid::LEND.into(), lent, 0x101, b.id.into(), 0b011]
+        )),
+        DENIED
+    );
+    assert!(!a.ram.lock().is_ready(1), "a refused call changes nothing");
     let h = give(&m, &a, fid::LEND, lent, 2, &b, 0b011);
     m.with_backend(|p| assert_eq!(p.fake.mem().get(&0x5030_0010), None, "scrubbed"));
     assert!(a.ram.lock().is_ready(1));
@@ -1457,7 +1471,10 @@ fn giving_untouched_ram_scrubs_its_chunk_first() {
     );
     // A fault on a lent page is not a first touch: the owner's own access is refused.
     let mem = m.with_backend(|p| p.fake.memory.clone());
-    assert_eq!(a.first_touch(Ipa::new(lent), &mem), Ok(false));
+    assert_eq!(
+        a.first_touch(Ipa::new(lent), &mem),
+        Ok(crate::vm::Touch::Ready)
+    );
     assert_eq!(call(&m, &b, &[fid::RETRIEVE.into(), h, FREE, 0b011])[0], 0);
     assert_eq!(translate(&b, FREE).map(|t| t.output), Some(0x5030_0000));
     destroy_all(&m, &[&a, &b]);
