@@ -9,7 +9,7 @@ use hypervisor::config::{self, HostDt, HostRanges, Stage2Mappings, VmDesc};
 use hypervisor::mem::layout::{GUEST_RAM_BASE, STAGING};
 use hypervisor::mem::{Ipa, IpaRange, PhysAddr, PhysRange, PAGE_SIZE};
 use hypervisor::vm::vmid::{Vmid, VmidBits, VmidFlush};
-use hypervisor::vm::{MmuStage2, S2Kind, Stage2Table, Vm, VmManager, IPA_BITS};
+use hypervisor::vm::{ram, MmuStage2, S2Kind, Stage2Table, Vm, VmManager, IPA_BITS};
 use mmu::testing::HeapFrames;
 use mmu::{NoTlbMaintenance, Permissions};
 use vm_fdt::FdtWriter;
@@ -83,7 +83,8 @@ pub const DEVICE: u64 = 0x0a00_0000;
 /// Free IPA space above every VM's RAM, where borrowed pages go.
 pub const FREE: u64 = 0x1_0000_0000;
 
-/// Bytes of RAM of VM `slot`'s first region.
+/// Bytes of RAM of VM `slot` from [`RAM`] on (one range in IPA space, though vm0's is
+/// two regions).
 #[must_use]
 pub fn ram_size(slot: usize) -> u64 {
     if slot == 2 {
@@ -97,7 +98,9 @@ fn cells(v: &[u64]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_be_bytes()).collect()
 }
 
-/// The description: vm0 (1 MiB, pages, inject, virtual UART, CPU 1), vm1 (1 MiB, pages,
+/// The description: vm0 (1 MiB in two regions, 64 KiB holding the kernel and the rest a
+/// chunk of its own that is not ready until first touched (`hypervisor::vm::ram`),
+/// pages, inject, virtual UART, CPU 1), vm1 (1 MiB, pages,
 /// stop, two vCPUs on CPUs 2 and 3), vm2 (2 MiB mapped with a block plus 64 KiB, a
 /// pass-through page, virtual UART, inject, CPU 4), all with one 8 KiB kernel staged.
 type Node = (
@@ -118,7 +121,14 @@ fn description() -> Result<Vec<u8>, vm_fdt::Error> {
         (
             "vm0",
             &[1],
-            &[RAM, 0x5000_0000, 0x10_0000],
+            &[
+                RAM,
+                0x5000_0000,
+                0x1_0000,
+                RAM + 0x1_0000,
+                0x5001_0000,
+                0xf_0000,
+            ],
             "pages",
             "inject",
             &[],
@@ -213,6 +223,7 @@ struct Tx {
 const OWNED: u8 = 0;
 const SHARED_OWNED: u8 = 1;
 const SHARED_BORROWED: u8 = 2;
+const NOT_READY: u8 = 3;
 
 impl<'f> World<'f> {
     /// A manager with the three VMs, each with vCPU 0 on.
@@ -276,7 +287,10 @@ impl<'f> World<'f> {
         self.vms[slot].state.lock().psci.take_pending(0);
     }
 
-    /// Every leaf of every VM's stage 2, to compare before and after a call.
+    /// Every leaf of every VM's stage 2, to compare before and after a call, with RAM
+    /// not ready yet shown as open RAM: a sharing call opens the caller's chunks in its
+    /// range first (`hypervisor::vm::ram`), even when it is then refused, and a guest
+    /// cannot tell (an opened chunk reads as zero, as its first touch would have made it).
     #[must_use]
     pub fn snapshot(&self) -> Vec<Vec<mmu::Mapping>> {
         self.vms
@@ -284,7 +298,13 @@ impl<'f> World<'f> {
             .map(|v| {
                 let mut out = Vec::new();
                 if let Some(s2) = v.stage2.lock().as_ref() {
-                    let _ = s2.walk(Ipa::ZERO, 1 << IPA_BITS, &mut |m| out.push(*m));
+                    let _ = s2.walk(Ipa::ZERO, 1 << IPA_BITS, &mut |m| {
+                        let mut m = *m;
+                        if m.attrs == S2Kind::NotReady.attributes() {
+                            m.attrs = S2Kind::Ram.attributes();
+                        }
+                        out.push(m);
+                    });
                 }
                 out
             })
@@ -416,15 +436,25 @@ impl<'f> World<'f> {
                         "{}: RAM {ipa:#x}",
                         d.name
                     );
+                    let t = txs.iter().find(|t| {
+                        t.owner == v.id && t.ipa <= ipa && ipa < t.ipa + t.pages * PAGE_SIZE
+                    });
+                    // A chunk not touched yet: mapped without access, in no transaction.
+                    let ready = ram::chunk_of(d, Ipa::new(ipa))
+                        .is_some_and(|(i, _)| v.ram.lock().is_ready(i));
+                    if state == NOT_READY {
+                        assert!(!ready && t.is_none(), "{}: page {ipa:#x} not ready", d.name);
+                        assert_eq!(p.attrs, S2Kind::NotReady.attributes(), "{}", d.name);
+                        mapped_own += 1;
+                        continue;
+                    }
+                    assert!(ready, "{}: page {ipa:#x} open in a chunk not ready", d.name);
                     assert_eq!(
                         p.attrs.with_sw(mmu::SwBits::NONE),
                         S2Kind::Ram.attributes(),
                         "{}: RAM {ipa:#x}",
                         d.name
                     );
-                    let t = txs.iter().find(|t| {
-                        t.owner == v.id && t.ipa <= ipa && ipa < t.ipa + t.pages * PAGE_SIZE
-                    });
                     match (state, t) {
                         (OWNED, None) => {}
                         (SHARED_OWNED, Some(t)) if !t.lend => {}
