@@ -26,7 +26,7 @@ use crate::Lock;
 /// Host physical memory as the manager scrubs and fills guest RAM: used without the
 /// manager's lock, on RAM that no VM can reach at the time (claimed and not yet mapped
 /// into a running vCPU, of a VM being reset or destroyed with no vCPU loaded, or a
-/// chunk not yet mapped, [`super::ram`]).
+/// chunk the guest has no access to yet, [`super::ram`]).
 pub trait GuestMemory {
     /// Zeroes host physical memory.
     fn zero(&self, pa: PhysAddr, len: u64);
@@ -159,11 +159,10 @@ impl<P: Backend> VmManager<P> {
         }
     }
 
-    /// Creates a VM: VMID, stage 2, RAM claimed, the chunks its images land in mapped
-    /// and scrubbed (all of its RAM for a VM with pass-through MMIO; the rest is made ready
-    /// on first touch, [`super::ram`]), images copied in, vCPU 0 powered on at the entry
-    /// point. VM ids count up from 0 in creation order. `desc`
-    /// was checked by `crate::config::parse` (its images are staged, its pass-through
+    /// Creates a VM: VMID, stage 2, RAM claimed and mapped, the chunks its images land in
+    /// scrubbed and opened (all of its RAM for a VM with pass-through MMIO; the rest is
+    /// opened on first touch, [`super::ram`]), images copied in, vCPU 0 powered on at the
+    /// entry point. VM ids count up from 0 in creation order. `desc` was checked by `crate::config::parse` (its images are staged, its pass-through
     /// ranges clear of host RAM, its CPUs no other VM's); what can still fail is claiming
     /// its RAM and building its stage 2.
     ///
@@ -214,8 +213,8 @@ impl<P: Backend> VmManager<P> {
     }
 
     /// The first part of [`Self::create`], under the lock: a VMID, a stage 2, the RAM
-    /// claimed and its start ranges mapped, the pass-through ranges mapped; undone whole
-    /// on failure.
+    /// claimed and mapped (chunks not ready yet without access), the pass-through ranges
+    /// mapped; undone whole on failure.
     fn claim_and_map(&self, desc: &VmDesc) -> Result<(P::S2, Vmid), VmError> {
         let mut inner = self.inner.lock();
         let inner = &mut *inner;
@@ -274,12 +273,12 @@ impl<P: Backend> VmManager<P> {
     }
 
     /// Reboots a VM in place: every vCPU off, its memory-sharing transactions ended, its
-    /// RAM unmapped and started again as at creation (the images' chunks scrubbed and
-    /// loaded, the rest made ready on first touch, [`super::ram`]), vCPU 0 on at the
-    /// entry point. The VMID and stage 2 stay. The RAM work runs without any lock but
+    /// RAM taken back and started again as at creation (the images' chunks scrubbed,
+    /// loaded and opened, the rest opened on first touch, [`super::ram`]), vCPU 0 on at
+    /// the entry point. The VMID and stage 2 stay. The RAM work runs without any lock but
     /// the VM's own: the VM is marked resetting (no vCPU starts) and no vCPU of it is
-    /// loaded, which the claim checks. A VM whose start ranges cannot be mapped again
-    /// (out of table frames) is stopped, with a log line.
+    /// loaded, which the claim checks. A reset that cannot take the RAM back stops and
+    /// destroys the VM, with a log line.
     ///
     /// # Errors
     ///
@@ -417,8 +416,8 @@ impl<P: Backend> VmManager<P> {
             }
         }
         drop(uart);
-        // The RAM goes back to the pool as it is: RAM is scrubbed when it is given to a
-        // VM (`create`, `reset`), and nothing maps the pool in between.
+        // The RAM goes back to the pool as it is: RAM is scrubbed before a VM gets access
+        // to it (`create`, `reset`, first touch), and nothing maps the pool in between.
         let (free, total, frames, vmids) = {
             let mut inner = self.inner.lock();
             let inner = &mut *inner;

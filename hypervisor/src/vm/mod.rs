@@ -24,7 +24,6 @@ pub mod vuart;
 pub(crate) mod tests;
 
 pub use manager::{Backend, GuestMemory, VmError, VmManager};
-
 pub use stage2::{MmuStage2, S2Kind, Stage2Config, Stage2Table, IPA_BITS};
 
 use core::fmt;
@@ -241,21 +240,22 @@ impl<S: Stage2Table> Vm<S> {
         // The guest has no access to the chunk yet: no vCPU can see it while it is
         // scrubbed (the `ram` lock keeps a second vCPU from scrubbing it too).
         mem.zero(chunk.pa, chunk.size);
-        if let Some(s2) = self.stage2.lock().as_mut() {
-            s2.protect(chunk.ipa, chunk.size, S2Kind::Ram)?;
-            ram.set_ready(i);
-        }
+        let mut s2 = self.stage2.lock();
+        let Some(s2) = s2.as_mut() else {
+            return Ok(Touch::Ready);
+        };
+        s2.protect(chunk.ipa, chunk.size, S2Kind::Ram)?;
+        ram.set_ready(i);
         Ok(Touch::MadeReady)
     }
 
     /// Brings the virtual UART's register page in line with `uart` (this VM's UART,
     /// locked) after a change: rewrites and maps it while no read can change the UART's
-    /// state, unmaps it otherwise ([`uart_page`]). Returns whether the page is now
-    /// unmapped where it must be: false only if the unmap failed (it cannot for a 4 KiB
-    /// page), and then no byte may go into the receive FIFO.
-    pub fn publish_uart(&self, uart: &mut VUart, mem: &(impl GuestMemory + ?Sized)) -> bool {
+    /// state, unmaps it otherwise ([`uart_page`]). A page that cannot be mapped leaves
+    /// every access trapped, which is always right.
+    pub fn publish_uart(&self, uart: &mut VUart, mem: &(impl GuestMemory + ?Sized)) {
         let (Some(page), Some(ipa)) = (&self.uart_page, self.desc.vuart) else {
-            return true;
+            return;
         };
         let want = !uart.reads_change_state();
         if want {
@@ -276,14 +276,11 @@ impl<S: Stage2Table> Vm<S> {
                 } else {
                     s2.unmap(ipa, crate::mem::PAGE_SIZE)
                 };
-                // A page that could not be mapped leaves every access trapped, which is
-                // always right.
                 if done.is_ok() {
                     uart.page_mapped = want;
                 }
             }
         }
-        want || !uart.page_mapped
     }
 
     /// Makes room for input in the virtual UART (locked): unmaps the register page, as
