@@ -193,7 +193,7 @@ const ICOUNT: [&str; 2] = ["-icount", "shift=0,sleep=off"];
 
 /// The kernel's own time stamp (`[    0.786024] `, milliseconds) on the first line with
 /// `needle`: the last bracketed number before it (under the hypervisor the line also
-/// carries the hypervisor's prefix).
+/// carries the VM's name).
 fn kernel_clock_ms(run: &Run, needle: &str) -> Option<f64> {
     let line = run.stdout.lines().find(|l| l.contains(needle))?;
     let before = &line[..line.find(needle)?];
@@ -796,7 +796,7 @@ mod tests {
         assert_eq!(kernel_clock_ms(&bare, RUN_INIT), Some(786.024));
         let under = run_with(
             "[   0.150000 INFO  cpu0] VM linux: vCPU 0 starts at 0x50000000\n\
-             [   0.991397 INFO  cpu0] [linux] [    0.829735] Run /init as init process\n",
+             [linux] [    0.829735] Run /init as init process\n",
         );
         assert_eq!(kernel_clock_ms(&under, RUN_INIT), Some(829.735));
         assert_eq!(log_clock_ms(&under, "vCPU 0 starts"), Some(150.0));

@@ -164,7 +164,7 @@ mod tests {
         let text = "[   0.03 INFO  cpu0] VM latency: vCPU 0 starts at 0x40000000\n".to_owned()
             + &BARE
                 .lines()
-                .map(|l| format!("[   0.21 INFO  cpu0] [latency] {l}\n"))
+                .map(|l| format!("[latency] {l}\n"))
                 .collect::<String>();
         assert_eq!(parse(&text), parse(BARE));
     }

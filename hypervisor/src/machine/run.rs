@@ -110,7 +110,7 @@ struct ConsoleLines;
 
 impl LineSink for ConsoleLines {
     fn line(&mut self, name: &str, text: &str) {
-        log::info!("[{name}] {text}");
+        super::console::LOGGER.guest_line(name, text);
     }
 
     fn event(&mut self, level: log::Level, args: core::fmt::Arguments<'_>) {
