@@ -6,6 +6,8 @@ use std::time::Instant;
 
 /// The bare-metal target.
 pub const TARGET: &str = "aarch64-unknown-none";
+/// The Cargo profile of the bare-metal images (`image` in Cargo.toml: `release` with LTO).
+pub const PROFILE: &str = "image";
 
 /// Hypervisor builds with a fault-injection or self-test feature, each proving one
 /// property in the QEMU tests (`hypervisor/Cargo.toml` says what each does). Only the
@@ -68,7 +70,7 @@ impl Artifact {
     }
 
     fn cargo_args(self) -> Vec<&'static str> {
-        let mut args = vec!["build", "-q", "--release", "--target", TARGET];
+        let mut args = vec!["build", "-q", "--profile", PROFILE, "--target", TARGET];
         match self {
             Self::Hypervisor => args.extend(["-p", "hypervisor"]),
             Self::Variant(feature) => args.extend(["-p", "hypervisor", "--features", feature]),
@@ -84,7 +86,7 @@ impl Artifact {
         };
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map_or_else(|| root().join("target"), PathBuf::from);
-        target.join(TARGET).join("release").join(name)
+        target.join(TARGET).join(PROFILE).join(name)
     }
 }
 
@@ -186,7 +188,8 @@ mod tests {
             [
                 "build",
                 "-q",
-                "--release",
+                "--profile",
+                PROFILE,
                 "--target",
                 TARGET,
                 "-p",
@@ -197,7 +200,7 @@ mod tests {
         );
         assert!(Artifact::TestGuest
             .built_binary()
-            .ends_with("target/aarch64-unknown-none/release/test-guest"));
+            .ends_with("target/aarch64-unknown-none/image/test-guest"));
     }
 
     #[test]
