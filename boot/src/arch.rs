@@ -619,6 +619,32 @@ dcache_by_va!(
     "civac"
 );
 
+/// Invalidates every instruction cache of the Inner Shareable domain to the point of
+/// unification (`IC IALLUIS`), unless `CTR_EL0.DIC` (bit 29) says instruction caches need
+/// no invalidation for coherence with data: after guest RAM was scrubbed or an image
+/// copied in (and cleaned), no CPU may still fetch what that memory held before (the
+/// data was cleaned to the point of coherency, which lies beyond the point of
+/// unification; Arm ARM, "Cache maintenance instructions" and `CTR_EL0`).
+pub fn invalidate_icache_after_write() {
+    let ctr: u64;
+    // SAFETY: reading CTR_EL0 has no side effects.
+    unsafe { asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
+    if ctr & (1 << 29) != 0 {
+        return;
+    }
+    // SAFETY: invalidating instruction caches changes no data; the barriers complete it
+    // before anything that follows.
+    unsafe {
+        asm!(
+            "dsb ish",
+            "ic ialluis",
+            "dsb ish",
+            "isb",
+            options(nostack, preserves_flags)
+        );
+    }
+}
+
 /// Makes `[start, start + len)` all zero, writing only the 128-byte blocks that are not
 /// zero already, then cleans the range to the point of coherency (guest RAM scrubbing:
 /// the guest first reads it with its MMU off).

@@ -497,8 +497,10 @@ impl fmt::Display for Syndrome {
 ///
 /// `HPFAR_EL2.FIPA` (bits \[47:4\]) holds IPA bits \[55:12\] (DDI 0487, register description
 /// "HPFAR_EL2, Hypervisor IPA Fault Address Register"); the page offset comes
-/// from `FAR_EL2`. `HPFAR_EL2` is only valid for stage-2 faults (translation, access flag,
-/// permission) and for stage-1 table walks that fault at stage 2 (`S1PTW`).
+/// from `FAR_EL2`. `HPFAR_EL2` is only valid for stage-2 translation, access flag and
+/// address size faults and for stage-1 table walks that fault at stage 2 (`S1PTW`); for
+/// a stage-2 permission fault on the access itself it is UNKNOWN (the hypervisor then
+/// translates `FAR_EL2`, `vcpu::exit::Abort::ipa_valid`).
 #[must_use]
 pub const fn fault_ipa(hpfar: u64, far: u64) -> u64 {
     (((hpfar >> 4) & ((1 << 44) - 1)) << 12) | (far & 0xfff)

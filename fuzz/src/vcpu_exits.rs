@@ -126,6 +126,11 @@ impl GuestEl1 for El1 {
     fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64) {
         self.injected = Some((esr, far, elr, spsr));
     }
+    /// The guest's stage 1 maps every address to itself (the MMU off): a permission
+    /// fault's IPA is its `FAR_EL2`, which the input chooses.
+    fn stage1_ipa(&mut self, va: u64) -> Option<u64> {
+        Some(va)
+    }
 }
 
 /// Console lines, counted and dropped.
@@ -159,6 +164,9 @@ impl GuestEl1 for Host<'_> {
     }
     fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64) {
         self.el1.set_exception(esr, far, elr, spsr);
+    }
+    fn stage1_ipa(&mut self, va: u64) -> Option<u64> {
+        self.el1.stage1_ipa(va)
     }
 }
 

@@ -125,13 +125,18 @@ impl MachineMemory {
     }
 }
 
+/// After a scrub or an image copy (every piece done, helpers' included), no CPU's
+/// instruction cache may hold what that RAM held before: a guest jumping into scrubbed RAM
+/// must not run an earlier user's code from the cache.
 impl GuestMemory for MachineMemory {
     fn zero(&self, pa: PhysAddr, len: u64) {
         bulk(Fill::Zero, pa, len);
+        boot::invalidate_icache_after_write();
     }
 
     fn copy(&self, dst: PhysAddr, src: PhysAddr, len: u64) {
         bulk(Fill::Copy { src }, dst, len);
+        boot::invalidate_icache_after_write();
     }
 
     fn clean_to_poc(&self, va: u64, len: u64) {

@@ -103,6 +103,33 @@ pub fn pmcr() -> u64 {
     v
 }
 
+/// `PAR_EL1` bits \[51:12\]: the output address of a successful `AT` (D19.2, `PAR_EL1`).
+const PAR_PA: u64 = 0x000f_ffff_ffff_f000;
+
+/// The IPA the running guest's stage 1 maps `va` to for an EL1 read (`AT S1E1R`: stage 1
+/// of the EL1&0 regime, whose registers are the guest's while its vCPU is loaded), or
+/// `None` if the translation faults. `PAR_EL1` is the guest's and is put back.
+pub fn stage1_ipa(va: u64) -> Option<u64> {
+    let par: u64;
+    // SAFETY: AT only translates (a fault is reported in PAR_EL1, not taken: Arm ARM
+    // C5.5 "AT"); the ISB makes PAR_EL1 hold its result before it is read, and the
+    // guest's PAR_EL1 is restored before returning.
+    unsafe {
+        asm!(
+            "mrs {saved}, par_el1",
+            "at s1e1r, {va}",
+            "isb",
+            "mrs {par}, par_el1",
+            "msr par_el1, {saved}",
+            saved = out(reg) _,
+            par = out(reg) par,
+            va = in(reg) va,
+            options(nostack, preserves_flags),
+        );
+    }
+    (par & 1 == 0).then_some((par & PAR_PA) | (va & 0xfff))
+}
+
 /// Writes `PMCR_EL0` (for the vCPU this CPU runs: the PMU belongs to its guest).
 pub fn set_pmcr(value: u64) {
     // SAFETY: the PMU is the running guest's (static partitioning); EL2 counting is

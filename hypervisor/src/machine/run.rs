@@ -156,6 +156,10 @@ impl GuestEl1 for MachineHost {
         regs::vbar_el1()
     }
 
+    fn stage1_ipa(&mut self, va: u64) -> Option<u64> {
+        regs::stage1_ipa(va)
+    }
+
     fn sctlr(&self) -> u64 {
         regs::sctlr_el1()
     }

@@ -31,6 +31,17 @@ pub struct Abort {
 }
 
 impl Abort {
+    /// Whether `ipa` (from `HPFAR_EL2`) is the faulting IPA. `HPFAR_EL2` is written for
+    /// stage-2 translation, access flag and address size faults and for any fault on a
+    /// stage-1 table walk, but is UNKNOWN for a stage-2 permission fault on the access
+    /// itself (Arm ARM D24.2, `HPFAR_EL2`; KVM's `__hpfar_valid` makes the same test):
+    /// the IPA of such a fault is found by translating `far` through the guest's stage 1
+    /// (`GuestEl1::stage1_ipa`).
+    #[must_use]
+    pub const fn ipa_valid(&self) -> bool {
+        self.s1ptw || !matches!(self.status, FaultStatus::Permission(_))
+    }
+
     /// Whether the IPA has no stage-2 mapping at all (a translation fault).
     #[must_use]
     pub const fn unmapped(&self) -> bool {

@@ -59,6 +59,10 @@ pub trait GuestEl1 {
     fn vbar(&self) -> u64;
     /// Writes `ESR_EL1`, `FAR_EL1`, `ELR_EL1` and `SPSR_EL1`.
     fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64);
+    /// The IPA the guest's stage 1 maps `va` to now (`AT S1E1R`, `PAR_EL1` kept as the
+    /// guest left it), or `None` if it maps nothing there: the IPA of a stage-2
+    /// permission fault, for which `HPFAR_EL2` is not valid ([`exit::Abort::ipa_valid`]).
+    fn stage1_ipa(&mut self, va: u64) -> Option<u64>;
     /// `SCTLR_EL1` (its SPAN and DSSBS bits shape PSTATE on exception entry). Provided:
     /// SPAN set, DSSBS clear, as on a CPU without FEAT_PAN and FEAT_SSBS.
     fn sctlr(&self) -> u64 {
@@ -571,6 +575,23 @@ fn stage2_abort<S: Stage2Table>(
     host: &mut impl Host,
     kicks: &mut VcpuMask,
 ) -> Next {
+    let resolved;
+    let abort = if abort.ipa_valid() {
+        abort
+    } else {
+        match host.stage1_ipa(abort.far.get()) {
+            Some(ipa) => {
+                resolved = Abort {
+                    ipa: Ipa::new(ipa),
+                    ..*abort
+                };
+                &resolved
+            }
+            // The guest's stage 1 no longer maps the address (another of its vCPUs
+            // changed it meanwhile): the access runs again and faults anew.
+            None => return Next::Resume,
+        }
+    };
     match emulate(vm, ctx, abort, host, kicks) {
         Some(Ok(())) => return Next::Resume,
         Some(Err(e)) => {
@@ -706,6 +727,9 @@ pub(crate) mod fakes {
             0
         }
         fn set_exception(&mut self, _: u64, _: u64, _: u64, _: u64) {}
+        fn stage1_ipa(&mut self, _: u64) -> Option<u64> {
+            None
+        }
     }
 
     /// A console that drops every line, at time 0.
@@ -730,6 +754,9 @@ pub(crate) mod fakes {
             0
         }
         fn set_exception(&mut self, _: u64, _: u64, _: u64, _: u64) {}
+        fn stage1_ipa(&mut self, _: u64) -> Option<u64> {
+            None
+        }
     }
 
     impl super::LineSink for NoHost {
@@ -777,6 +804,8 @@ mod tests {
         flushed: Vec<(u64, u64)>,
         /// RAM scrubbed on first touch: (PA, length).
         scrubbed: core::cell::RefCell<Vec<(u64, u64)>>,
+        /// The one page the guest's stage 1 maps: (VA page, IPA page) (`stage1_ipa`).
+        stage1: Option<(u64, u64)>,
     }
     impl GuestEl1 for El1 {
         fn vbar(&self) -> u64 {
@@ -787,6 +816,10 @@ mod tests {
         }
         fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64) {
             self.set = Some((esr, far, elr, spsr));
+        }
+        fn stage1_ipa(&mut self, va: u64) -> Option<u64> {
+            let (page, ipa) = self.stage1?;
+            (va & !0xfff == page).then_some(ipa | (va & 0xfff))
         }
         fn controls(&self) -> cpu_state::El2Controls {
             cpu_state::El2Controls::for_cpu(&self.id)
@@ -838,6 +871,9 @@ mod tests {
         }
         fn set_exception(&mut self, esr: u64, far: u64, elr: u64, spsr: u64) {
             self.el1.set_exception(esr, far, elr, spsr);
+        }
+        fn stage1_ipa(&mut self, va: u64) -> Option<u64> {
+            self.el1.stage1_ipa(va)
         }
         fn controls(&self) -> cpu_state::El2Controls {
             self.el1.controls()
@@ -960,10 +996,13 @@ mod tests {
             | 0x07
     }
 
+    /// The page of the VA every exit of [`sync`] faults at.
+    const VA_PAGE: u64 = 0xffff_0000_0000_0000;
+
     fn sync(esr: u64, ipa: u64) -> boot::Exit {
         boot::Exit::Sync {
             esr: boot::esr::Esr::from_bits(esr),
-            far: 0xffff_0000_0000_0000 | (ipa & 0xfff),
+            far: VA_PAGE | (ipa & 0xfff),
             hpfar: (ipa >> 12) << 4,
         }
     }
@@ -1134,11 +1173,19 @@ mod tests {
         // A permission fault on a page of its own RAM that is mapped and owned: the access
         // met the page before another vCPU's first touch opened its chunk
         // (`crate::vm::ram`), and runs again too.
+        // `HPFAR_EL2` is not valid for a permission fault: the IPA is the guest's stage-1
+        // translation of the VA, whatever the exit's `HPFAR_EL2` says.
         let perm = (dabt(true, 1, 3) & !0x3f) | 0x0f;
-        assert_eq!(cpu.exit(&vm, 0, sync(perm, 0x4000_2008)), Next::Resume);
+        cpu.el1.stage1 = Some((VA_PAGE, 0x4000_2000));
+        assert_eq!(cpu.exit(&vm, 0, sync(perm, 0x0badf008)), Next::Resume);
         assert_eq!(cpu.el1.set, None, "no abort injected");
+        // A VA the guest's stage 1 no longer maps (another vCPU changed it): run again.
+        cpu.el1.stage1 = None;
+        assert_eq!(cpu.exit(&vm, 0, sync(perm, 0x4010_0000)), Next::Resume);
+        assert_eq!(vm.status(), VmStatus::Running);
         // Past the end of its RAM neither fault is retried: the policy holds.
-        assert_eq!(cpu.exit(&vm, 0, sync(perm, 0x4010_0000)), Next::Stop);
+        cpu.el1.stage1 = Some((VA_PAGE, 0x4010_0000));
+        assert_eq!(cpu.exit(&vm, 0, sync(perm, 0x4000_2008)), Next::Stop);
         assert_eq!(vm.status(), VmStatus::Failed);
     }
 
@@ -1154,6 +1201,7 @@ mod tests {
         // register page is mapped read-only, so a permission fault.)
         let vm2 = running(&m, desc(0x5010_0000, 2));
         let no_isv = (0x24 << 26) | (1 << 25) | (1 << 6) | 0x0f;
+        cpu.el1.stage1 = Some((VA_PAGE, 0x0900_0000));
         assert_eq!(cpu.exit(&vm2, 0, sync(no_isv, 0x0900_0000)), Next::Stop);
         assert!(cpu.out.0.is_empty());
     }

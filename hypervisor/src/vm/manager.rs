@@ -314,6 +314,16 @@ impl<P: Backend> VmManager<P> {
             (vm, ended)
         };
         ended.log(&vm.desc.name);
+        if ended.failed > 0 {
+            // Pages of it may still be another VM's, or missing from its stage 2.
+            return self.stop_and_destroy(
+                &vm,
+                format_args!(
+                    "{} of its memory-sharing transactions could not be ended at the reset",
+                    ended.failed
+                ),
+            );
+        }
         let remapped = {
             let mut chunks = vm.ram.lock();
             let mut s2 = vm.stage2.lock();
@@ -330,17 +340,11 @@ impl<P: Backend> VmManager<P> {
         };
         if let Some(Err(e)) = remapped {
             // It cannot happen (each chunk is a block or pages of its own, changed whole),
-            // but a VM whose RAM is half taken back must not run: stop and destroy it.
-            log::error!(
-                "VM {} stopped: its RAM could not be taken back at the reset: {e}",
-                vm.desc.name
+            // but a VM whose RAM is half taken back must not run.
+            return self.stop_and_destroy(
+                &vm,
+                format_args!("its RAM could not be taken back at the reset: {e}"),
             );
-            {
-                let mut st = vm.state.lock();
-                st.finish(VmStatus::Failed);
-                st.release_claim();
-            }
-            return self.destroy(id);
         }
         for r in &ram::start_ranges(&vm.desc) {
             scrub_around_images(&self.mem, &vm.desc, r);
@@ -354,6 +358,18 @@ impl<P: Backend> VmManager<P> {
         st.status = VmStatus::Running;
         st.release_claim();
         Ok(())
+    }
+
+    /// Ends a reset that cannot finish: logs `why`, marks the VM (claimed by the reset)
+    /// stopped, gives up the claim and destroys it.
+    fn stop_and_destroy(&self, vm: &Vm<P::S2>, why: fmt::Arguments<'_>) -> Result<(), VmError> {
+        log::error!("VM {} stopped: {why}", vm.desc.name);
+        {
+            let mut st = vm.state.lock();
+            st.finish(VmStatus::Failed);
+            st.release_claim();
+        }
+        self.destroy(vm.id)
     }
 
     /// Destroys a VM none of whose vCPUs is loaded: ends its memory-sharing transactions,

@@ -406,6 +406,19 @@ fn map_back<S: Stage2Table>(s2: &mut S, segments: Segments<'_>) -> Result<(), mm
     Ok(())
 }
 
+/// Merges back into blocks the whole 2 MiB chunks of `desc`'s RAM (`crate::vm::ram`) that
+/// `[ipa, ipa + size)` touches, each alone: a block never spans two chunks (two RAM
+/// regions can share a 2 MiB window), so a chunk's access is later changed without a
+/// split. Best effort: a merge frees frames and needs none, and a range left in pages is
+/// still right.
+fn coalesce_chunks<S: Stage2Table>(s2: &mut S, desc: &VmDesc, ipa: Ipa, size: u64) {
+    for (_, c) in crate::vm::ram::chunks_in(desc, ipa, size) {
+        if c.size == crate::vm::ram::CHUNK {
+            let _ = s2.coalesce(c.ipa, c.size);
+        }
+    }
+}
+
 fn find_vm<S>(vms: &[Arc<Vm<S>>], id: u32) -> Option<&Vm<S>> {
     vms.iter().find(|v| v.id == id).map(|v| &**v)
 }
@@ -724,15 +737,15 @@ impl Ledger {
             // The blocks were split when the pages were shared: nothing to split now;
             // a table made uniform again goes back to a block (frees frames, never
             // needs one).
-            Kind::Share => s2
-                .set_sw(t.ipa, t.size(), PageState::Owned.sw())
-                .and_then(|()| s2.coalesce(t.ipa, t.size())),
+            Kind::Share => s2.set_sw(t.ipa, t.size(), PageState::Owned.sw()),
             // Tables freed by the lend may have to be allocated again; `map` does not
             // merge (`Stage2Table::map`), so a table made uniform again goes back to a
-            // block here, as for a share.
-            Kind::Lend => map_back(s2, segments).and_then(|()| s2.coalesce(t.ipa, t.size())),
+            // block below, as for a share.
+            Kind::Lend => map_back(s2, segments),
         }
-        .map_err(Error::from_mmu)
+        .map_err(Error::from_mmu)?;
+        coalesce_chunks(s2, &owner.desc, t.ipa, t.size());
+        Ok(())
     }
 
     /// Removes live transaction `t` and gives its owner the room back.

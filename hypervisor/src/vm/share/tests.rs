@@ -1479,3 +1479,51 @@ fn giving_untouched_ram_scrubs_its_chunk_first() {
     assert_eq!(translate(&b, FREE).map(|t| t.output), Some(0x5030_0000));
     destroy_all(&m, &[&a, &b]);
 }
+
+/// Two RAM regions that share a 2 MiB window are two chunks, contiguous in both address
+/// spaces: after a lend and its reclaim, the chunks are not merged into one block (which a
+/// first touch or a reset would then have to split, needing a frame).
+#[test]
+fn a_reclaim_never_merges_two_chunks_into_one_block() {
+    let fr = frames();
+    let m = manager(fr);
+    let mut d = desc(0x5000_0000, 1);
+    d.name = "split".into();
+    d.stage2 = Stage2Mappings::Blocks;
+    d.memory = vec![
+        GuestRegion {
+            ipa: Ipa::new(RAM),
+            pa: PhysAddr::new(0x5000_0000),
+            size: 0x10_0000,
+        },
+        GuestRegion {
+            ipa: Ipa::new(RAM + 0x10_0000),
+            pa: PhysAddr::new(0x5010_0000),
+            size: 0x10_0000,
+        },
+    ];
+    let a = m.create(d).expect("two regions");
+    a.state.lock().psci.take_pending(0);
+    let b = vm(&m, 2);
+    let mem = m.with_backend(|p| p.fake.memory.clone());
+    assert_eq!(
+        a.first_touch(Ipa::new(RAM + 0x10_0000), &mem),
+        Ok(crate::vm::Touch::MadeReady)
+    );
+    let h = give(&m, &a, fid::LEND, RAM + 3 * P, 1, &b, 0b011);
+    assert_eq!(call(&m, &a, &[fid::RECLAIM.into(), h]), [0; 4]);
+    let levels: Vec<u8> = snapshot(&a)
+        .iter()
+        .filter(|m| m.va < RAM + 0x20_0000)
+        .map(|m| m.level)
+        .collect();
+    assert!(
+        levels.iter().all(|&l| l == 3),
+        "no block over both chunks: {levels:?}"
+    );
+    let frames = m.accounting().2;
+    m.reset(a.id).expect("reset");
+    assert_eq!(a.status(), VmStatus::Running, "the reset needed no frame");
+    assert_eq!(m.accounting().2, frames);
+    destroy_all(&m, &[&a, &b]);
+}
