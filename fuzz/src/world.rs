@@ -287,20 +287,31 @@ impl<'f> World<'f> {
         self.vms[slot].state.lock().psci.take_pending(0);
     }
 
-    /// Every leaf of every VM's stage 2, to compare before and after a call, with RAM
-    /// not ready yet shown as open RAM: a sharing call opens the caller's chunks in its
-    /// range first (`hypervisor::vm::ram`), even when it is then refused, and a guest
-    /// cannot tell (an opened chunk reads as zero, as its first touch would have made it).
+    /// Every leaf of every VM's stage 2, to compare before and after a call. `opens`
+    /// (slot, IPA, pages) is a give's range: in the caller's chunks it touches, RAM not
+    /// ready yet is shown as open RAM, since the call opens them first
+    /// (`hypervisor::vm::ram`), even when it is then refused, and a guest cannot tell (an
+    /// opened chunk reads as zero, as its first touch would have made it). Anywhere else
+    /// a chunk opened by the call is a change.
     #[must_use]
-    pub fn snapshot(&self) -> Vec<Vec<mmu::Mapping>> {
+    pub fn snapshot(&self, opens: Option<(usize, u64, u64)>) -> Vec<Vec<mmu::Mapping>> {
         self.vms
             .iter()
-            .map(|v| {
+            .enumerate()
+            .map(|(slot, v)| {
+                let opened = |va: u64| {
+                    opens.is_some_and(|(by, ipa, pages)| {
+                        let size = pages.saturating_mul(PAGE_SIZE);
+                        by == slot
+                            && ram::chunks_in(&v.desc, Ipa::new(ipa), size)
+                                .any(|(_, c)| c.ipa_range().contains_addr(Ipa::new(va)))
+                    })
+                };
                 let mut out = Vec::new();
                 if let Some(s2) = v.stage2.lock().as_ref() {
                     let _ = s2.walk(Ipa::ZERO, 1 << IPA_BITS, &mut |m| {
                         let mut m = *m;
-                        if m.attrs == S2Kind::NotReady.attributes() {
+                        if m.attrs == S2Kind::NotReady.attributes() && opened(m.va) {
                             m.attrs = S2Kind::Ram.attributes();
                         }
                         out.push(m);
