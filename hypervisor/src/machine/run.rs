@@ -309,7 +309,7 @@ fn console_input(input: &ConsoleInput, vm: &Vm<MachineStage2>, kicks: &mut VcpuM
     }
     let mut uart = vm.uart.lock();
     // The register page goes before the first byte: a read of UARTDR must take it.
-    if !vm.uart_before_input(&mut uart) {
+    if !vm.unpublish_uart(&mut uart) {
         input.uart.set_rx_interrupt(false);
         return;
     }

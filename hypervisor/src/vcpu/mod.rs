@@ -1309,7 +1309,7 @@ mod tests {
         let mem = m.with_backend(|p| p.memory.clone());
         {
             let mut uart = vm.uart.lock();
-            assert!(vm.uart_before_input(&mut uart));
+            assert!(vm.unpublish_uart(&mut uart));
             assert_eq!(uart.push_input(b"a"), 1);
             vm.publish_uart(&mut uart, &mem);
         }

@@ -417,13 +417,9 @@ impl<P: Backend> VmManager<P> {
             (vm, ended)
         };
         ended.log(&vm.desc.name);
-        let mut uart = vm.uart.lock();
+        // Its UART's register page goes before the VM (which holds it) can be dropped.
+        vm.unpublish_uart(&mut vm.uart.lock());
         if let Some(s2) = vm.stage2.lock().as_mut() {
-            if let Some(ipa) = vm.desc.vuart.filter(|_| uart.page_mapped) {
-                if s2.unmap(ipa, crate::mem::PAGE_SIZE).is_ok() {
-                    uart.page_mapped = false;
-                }
-            }
             for p in &vm.desc.passthrough {
                 let _ = s2.unmap(p.ipa, p.size);
             }
@@ -431,7 +427,6 @@ impl<P: Backend> VmManager<P> {
                 let _ = s2.unmap(r.ipa, r.size);
             }
         }
-        drop(uart);
         // The RAM goes back to the pool as it is: RAM is scrubbed before a VM gets access
         // to it (`create`, `reset`, first touch), and nothing maps the pool in between.
         let (free, total, frames, vmids) = {

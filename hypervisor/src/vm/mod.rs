@@ -234,7 +234,7 @@ impl<S: Stage2Table> Vm<S> {
             return Ok(Touch::NotRam);
         };
         let mut ram = self.ram.lock();
-        if ram.is_ready(i) || self.stage2.lock().is_none() {
+        if ram.is_ready(i) {
             return Ok(Touch::Ready);
         }
         // The guest has no access to the chunk yet: no vCPU can see it while it is
@@ -254,7 +254,7 @@ impl<S: Stage2Table> Vm<S> {
     /// state, unmaps it otherwise ([`uart_page`]). A page that cannot be mapped leaves
     /// every access trapped, which is always right.
     pub fn publish_uart(&self, uart: &mut VUart, mem: &(impl GuestMemory + ?Sized)) {
-        let (Some(page), Some(ipa)) = (&self.uart_page, self.desc.vuart) else {
+        let Some(page) = &self.uart_page else {
             return;
         };
         let want = !uart.reads_change_state();
@@ -269,36 +269,37 @@ impl<S: Stage2Table> Vm<S> {
             };
             mem.clean_to_poc(page.va(), len);
         }
-        if want != uart.page_mapped {
-            if let Some(s2) = self.stage2.lock().as_mut() {
-                let done = if want {
-                    s2.map(ipa, page.pa(), crate::mem::PAGE_SIZE, S2Kind::RegisterPage)
-                } else {
-                    s2.unmap(ipa, crate::mem::PAGE_SIZE)
-                };
-                if done.is_ok() {
-                    uart.page_mapped = want;
-                }
-            }
-        }
+        self.map_uart_page(uart, want);
     }
 
-    /// Makes room for input in the virtual UART (locked): unmaps the register page, as
-    /// the first byte received makes reads of `UARTDR` change state. False (take no
-    /// byte) if the page stays mapped.
-    pub fn uart_before_input(&self, uart: &mut VUart) -> bool {
-        if !uart.page_mapped {
-            return true;
-        }
-        let Some(ipa) = self.desc.vuart else {
-            return false;
+    /// Takes the virtual UART's register page (its UART locked) away from the guest:
+    /// before input arrives (the first byte received makes reads of `UARTDR` change
+    /// state) and before the VM is destroyed. False if the page stays mapped (then no byte
+    /// may go in).
+    pub fn unpublish_uart(&self, uart: &mut VUart) -> bool {
+        self.map_uart_page(uart, false);
+        !uart.page_mapped
+    }
+
+    /// Maps the register page at the UART's IPA (read-only) or unmaps it, unless it is so
+    /// already; `uart.page_mapped` follows what the stage 2 now has.
+    fn map_uart_page(&self, uart: &mut VUart, map: bool) {
+        let (Some(page), Some(ipa)) = (&self.uart_page, self.desc.vuart) else {
+            return;
         };
+        if map == uart.page_mapped {
+            return;
+        }
         if let Some(s2) = self.stage2.lock().as_mut() {
-            if s2.unmap(ipa, crate::mem::PAGE_SIZE).is_ok() {
-                uart.page_mapped = false;
+            let done = if map {
+                s2.map(ipa, page.pa(), crate::mem::PAGE_SIZE, S2Kind::RegisterPage)
+            } else {
+                s2.unmap(ipa, crate::mem::PAGE_SIZE)
+            };
+            if done.is_ok() {
+                uart.page_mapped = map;
             }
         }
-        !uart.page_mapped
     }
 
     /// [`Self::first_touch`] for every chunk of `[ipa, ipa + size)` that is RAM.
