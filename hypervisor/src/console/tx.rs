@@ -1,16 +1,19 @@
-//! A UART transmitter that never hangs the hypervisor: each byte waits a bounded number
-//! of polls for room in the transmit FIFO, and once a wait has run out the rest of that
+//! A UART transmitter that never hangs the hypervisor: a byte waits a bounded number of
+//! polls for room in the transmit FIFO, and once a wait has run out the rest of that
 //! write is dropped and counted (a stuck or flow-controlled UART must not stall the CPU
 //! that logs, nor every CPU queued behind the console lock). After a timeout the next
-//! writes poll only briefly until a byte gets through again.
+//! writes poll only briefly until a byte gets through again. One poll that finds room
+//! for several bytes lets that many go without asking again: an empty FIFO takes a whole
+//! FIFO's worth (under QEMU every poll is a trap into the device model, as costly as the
+//! byte itself).
 
 use core::fmt;
 
 /// A UART's transmit side.
 pub trait TxFifo {
-    /// The transmit FIFO is full.
-    fn full(&self) -> bool;
-    /// Puts a byte into the FIFO (only after `full` said there is room).
+    /// How many bytes the FIFO takes now without another look: 0 while it is full.
+    fn room(&self) -> u32;
+    /// Puts a byte into the FIFO (only while the last `room` left some).
     fn put(&mut self, byte: u8);
 }
 
@@ -24,6 +27,8 @@ pub const STALLED_POLLS: u32 = 1_000;
 #[derive(Debug)]
 pub struct BoundedTx<T> {
     fifo: T,
+    /// Bytes that may still go before the FIFO is asked again.
+    room: u32,
     stalled: bool,
     dropped: u64,
 }
@@ -33,6 +38,7 @@ impl<T: TxFifo> BoundedTx<T> {
     pub const fn new(fifo: T) -> Self {
         Self {
             fifo,
+            room: 0,
             stalled: false,
             dropped: 0,
         }
@@ -51,16 +57,19 @@ impl<T: TxFifo> BoundedTx<T> {
         } else {
             WAIT_POLLS
         };
-        for _ in 0..polls {
-            if !self.fifo.full() {
-                self.fifo.put(byte);
-                self.stalled = false;
-                return true;
+        if self.room == 0 {
+            match (0..polls).map(|_| self.fifo.room()).find(|&r| r > 0) {
+                Some(room) => self.room = room,
+                None => {
+                    self.stalled = true;
+                    return false;
+                }
             }
-            core::hint::spin_loop();
         }
-        self.stalled = true;
-        false
+        self.fifo.put(byte);
+        self.room = self.room.saturating_sub(1);
+        self.stalled = false;
+        true
     }
 }
 
@@ -86,31 +95,60 @@ mod tests {
     use super::*;
     use core::fmt::Write;
 
-    /// A FIFO that is full for `busy` polls, then takes bytes (or is stuck for good).
+    /// A FIFO that is full for `busy` polls, then has room for `depth` bytes at each
+    /// poll (or is stuck for good). It panics on a byte put beyond the room it last gave.
     struct Fifo {
         busy: u32,
+        depth: u32,
         stuck: bool,
         polls: core::cell::Cell<u64>,
+        /// Room left from the last poll.
+        left: core::cell::Cell<u32>,
         out: Vec<u8>,
     }
 
     impl TxFifo for Fifo {
-        fn full(&self) -> bool {
+        fn room(&self) -> u32 {
             self.polls.set(self.polls.get() + 1);
-            self.stuck || self.polls.get() <= u64::from(self.busy)
+            let full = self.stuck || self.polls.get() <= u64::from(self.busy);
+            self.left.set(if full { 0 } else { self.depth });
+            self.left.get()
         }
         fn put(&mut self, byte: u8) {
+            let left = self.left.get().checked_sub(1).expect("FIFO overrun");
+            self.left.set(left);
             self.out.push(byte);
         }
     }
 
-    fn fifo(busy: u32, stuck: bool) -> BoundedTx<Fifo> {
+    fn fifo_of(depth: u32, busy: u32, stuck: bool) -> BoundedTx<Fifo> {
         BoundedTx::new(Fifo {
             busy,
+            depth,
             stuck,
             polls: core::cell::Cell::new(0),
+            left: core::cell::Cell::new(0),
             out: Vec::new(),
         })
+    }
+
+    fn fifo(busy: u32, stuck: bool) -> BoundedTx<Fifo> {
+        fifo_of(1, busy, stuck)
+    }
+
+    /// A FIFO found empty takes its depth in bytes before it is asked again, and never
+    /// more.
+    #[test]
+    fn one_poll_sends_a_fifo_worth() {
+        let mut tx = fifo_of(16, 0, false);
+        let line = "0123456789".repeat(4);
+        write!(tx, "{line}").unwrap();
+        assert_eq!(tx.fifo.out, line.as_bytes());
+        assert_eq!(tx.fifo.polls.get(), 3);
+        // A FIFO that only ever has room for one byte is asked before each.
+        let mut tx = fifo_of(1, 0, false);
+        write!(tx, "{line}").unwrap();
+        assert_eq!(tx.fifo.polls.get(), 40);
     }
 
     #[test]

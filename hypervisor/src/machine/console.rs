@@ -54,7 +54,8 @@ pub(super) fn start_clock() {
 }
 
 /// Sends the log to `uart` from now on.
-pub(super) fn attach(uart: Pl011) {
+pub(super) fn attach(mut uart: Pl011) {
+    uart.enable_fifos();
     LOGGER.attach(BoundedTx::new(uart));
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(LOGGER.level());

@@ -1,16 +1,31 @@
 //! Minimal PL011 UART driver (ARM PrimeCell UART PL011 TRM, DDI 0183: UARTDR at 0x000,
-//! UARTFR at 0x018 with TXFF = bit 5 and RXFE = bit 4, UARTIMSC at 0x038 with RXIM = bit 4
-//! and RTIM = bit 6). The baud rate and line settings are left as the firmware (QEMU) set
-//! them. The waiting (bounded) is `crate::console::tx`'s. Transmit is the logger's;
-//! receive (console input) is the run loop's: the two touch different registers (reading
-//! `UARTDR` only pops the receive FIFO).
+//! UARTFR at 0x018 with BUSY = bit 3, RXFE = bit 4, TXFF = bit 5 and TXFE = bit 7,
+//! UARTLCR_H at 0x02C with FEN = bit 4, UARTCR at 0x030 with UARTEN = bit 0, UARTIMSC at
+//! 0x038 with RXIM = bit 4 and RTIM = bit 6). The baud rate and line settings are left as
+//! the firmware (QEMU) set them; the FIFOs are turned on ([`Pl011::enable_fifos`]) so
+//! that one look at the flags lets a whole FIFO's worth of bytes go out. The waiting
+//! (bounded) is `crate::console::tx`'s. Transmit is the logger's; receive (console input)
+//! is the run loop's: the two touch different registers (reading `UARTDR` only pops the
+//! receive FIFO).
 
 use crate::console::tx::TxFifo;
 
 const DR: usize = 0x000;
 const FR: usize = 0x018;
-const FR_TXFF: u32 = 1 << 5;
+const FR_BUSY: u32 = 1 << 3;
 const FR_RXFE: u32 = 1 << 4;
+const FR_TXFF: u32 = 1 << 5;
+const FR_TXFE: u32 = 1 << 7;
+const LCR_H: usize = 0x02c;
+const LCR_H_FEN: u32 = 1 << 4;
+const CR: usize = 0x030;
+const CR_UARTEN: u32 = 1 << 0;
+/// Depth of the transmit FIFO: 16 bytes up to revision r1p4, 32 from r1p5 (TRM, "Revision
+/// history"); the smaller is assumed, so a burst never overruns either.
+const TX_FIFO_DEPTH: u32 = 16;
+/// Polls of `BUSY` before the FIFOs are switched on (the firmware's last byte leaving
+/// the shift register); a UART that stays busy is left in character mode.
+const IDLE_POLLS: u32 = 100_000;
 const IMSC: usize = 0x038;
 /// RXIM | RTIM: receive and receive-timeout interrupts.
 const IMSC_RX: u32 = (1 << 4) | (1 << 6);
@@ -19,6 +34,9 @@ const IMSC_RX: u32 = (1 << 4) | (1 << 6);
 #[derive(Debug)]
 pub struct Pl011 {
     base: usize,
+    /// Bytes the transmitter holds when `TXFE` says it is empty: the FIFO's depth, or 1
+    /// in character mode (FIFOs off).
+    tx_depth: u32,
 }
 
 impl Pl011 {
@@ -31,7 +49,31 @@ impl Pl011 {
     /// nothing else may program the UART concurrently.
     #[must_use]
     pub const unsafe fn new(base: usize) -> Self {
-        Self { base }
+        Self { base, tx_depth: 1 }
+    }
+
+    /// Turns the FIFOs on if the firmware left them off: waits (bounded) for the
+    /// transmitter to go idle, disables the UART, sets `UARTLCR_H.FEN` and restores
+    /// `UARTCR`, the order the TRM gives for changing the line control register. Call it
+    /// before the first byte goes out; the receive side keeps working (`read_byte` asks
+    /// `RXFE`, and the receive-timeout interrupt covers a FIFO below its trigger level).
+    pub fn enable_fifos(&mut self) {
+        // SAFETY: `new`'s contract makes these valid device registers of a UART nobody
+        // else programs; nothing is in flight once BUSY is clear.
+        unsafe {
+            let lcr_h = (self.reg(LCR_H) as *const u32).read_volatile();
+            if lcr_h & LCR_H_FEN == 0 {
+                let fr = self.reg(FR) as *const u32;
+                if !(0..IDLE_POLLS).any(|_| fr.read_volatile() & FR_BUSY == 0) {
+                    return;
+                }
+                let cr = (self.reg(CR) as *const u32).read_volatile();
+                (self.reg(CR) as *mut u32).write_volatile(cr & !CR_UARTEN);
+                (self.reg(LCR_H) as *mut u32).write_volatile(lcr_h | LCR_H_FEN);
+                (self.reg(CR) as *mut u32).write_volatile(cr);
+            }
+        }
+        self.tx_depth = TX_FIFO_DEPTH;
     }
 }
 
@@ -64,9 +106,16 @@ impl Pl011 {
 }
 
 impl TxFifo for Pl011 {
-    fn full(&self) -> bool {
+    fn room(&self) -> u32 {
         // SAFETY: `new`'s contract makes base + FR a valid device register.
-        unsafe { (self.reg(FR) as *const u32).read_volatile() & FR_TXFF != 0 }
+        let fr = unsafe { (self.reg(FR) as *const u32).read_volatile() };
+        if fr & FR_TXFE != 0 {
+            self.tx_depth
+        } else if fr & FR_TXFF != 0 {
+            0
+        } else {
+            1
+        }
     }
 
     fn put(&mut self, byte: u8) {
