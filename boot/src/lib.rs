@@ -52,7 +52,7 @@ pub use arch::{
     clean_dcache_range, clean_invalidate_dcache_range, clear_tags, copy_and_clean, enable_mmu,
     enter_guest, image_layout, invalidate_icache_after_write, publish_secondary_mmu,
     secondary_entry_address, semihosting_exit, semihosting_write0, set_bhb_loop, stack_range,
-    zero_and_clean,
+    zero_and_clean, zero_blocks_and_clean,
 };
 
 /// The most CPUs the hypervisor brings up (one stack each).

@@ -257,6 +257,7 @@ fn guest_entry_and_exit_round_trip() {
             "MMU on",
             "guest entry self-test: HVC and SMC exits, registers, PC, PSTATE and SIMD state: ok",
             "guest entry self-test: 1000 HVC round trips",
+            "scrub self-test: DC ZVA and checked zeroing clear exactly their ranges: ok",
             "all 2 CPUs online",
         ]);
     }

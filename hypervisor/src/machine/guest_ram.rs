@@ -28,8 +28,11 @@ const SHARE_FROM: u64 = 16 << 20;
 /// What a bulk write puts in guest RAM.
 #[derive(Clone, Copy, Debug)]
 enum Fill {
-    /// Zeros (a scrub).
+    /// Zeros, written outright (`DC ZVA`): a scrub of RAM about to be used.
     Zero,
+    /// Zeros, written only where a block is not zero already: a scrub of much RAM that
+    /// may never have been written since power-on (see [`MachineMemory::zero`]).
+    ZeroChecked,
     /// The bytes at `src` onwards (an image from the staging range).
     Copy { src: PhysAddr },
 }
@@ -51,13 +54,20 @@ pub fn help(cpu: usize, keep_going: impl Fn() -> bool) {
 /// Writes one piece, through this CPU's window slot.
 fn write(piece: Piece<Fill>) {
     match piece.fill {
-        Fill::Zero => MachineMemory::write_chunks(piece.pa, piece.len, |va, n, _| {
-            // SAFETY: the manager only passes guest RAM it has claimed (checked against
-            // its pool of guest RAM, and again by the window), which no vCPU can reach at
-            // the time (`GuestMemory`); the window maps the chunk writable at `va` until
-            // this returns.
-            unsafe { boot::zero_and_clean(va, n) };
-        }),
+        Fill::Zero | Fill::ZeroChecked => {
+            let zero: unsafe fn(u64, u64) = if matches!(piece.fill, Fill::Zero) {
+                boot::zero_blocks_and_clean
+            } else {
+                boot::zero_and_clean
+            };
+            MachineMemory::write_chunks(piece.pa, piece.len, |va, n, _| {
+                // SAFETY: the manager only passes guest RAM it has claimed (checked
+                // against its pool of guest RAM, and again by the window), which no vCPU
+                // can reach at the time (`GuestMemory`); the window maps the chunk
+                // writable, as Normal memory, at `va` until this returns.
+                unsafe { zero(va, n) };
+            });
+        }
         Fill::Copy { src } => {
             let src = src.saturating_add(piece.offset);
             MachineMemory::write_chunks(piece.pa, piece.len, |va, n, from| {
@@ -129,8 +139,18 @@ impl MachineMemory {
 /// instruction cache may hold what that RAM held before: a guest jumping into scrubbed RAM
 /// must not run an earlier user's code from the cache.
 impl GuestMemory for MachineMemory {
+    /// A scrub below [`SHARE_FROM`] (a chunk on first touch, the gaps around a VM's
+    /// images, a chunk a sharing call hands over) is of RAM about to be written: zeroed
+    /// outright. A larger one (all of a VM's RAM at start) checks each block first: under
+    /// QEMU, RAM nobody wrote since power-on reads as zero without the host allocating
+    /// it, and a check writes (and makes QEMU allocate) none of it.
     fn zero(&self, pa: PhysAddr, len: u64) {
-        bulk(Fill::Zero, pa, len);
+        let fill = if len < SHARE_FROM {
+            Fill::Zero
+        } else {
+            Fill::ZeroChecked
+        };
+        bulk(fill, pa, len);
         boot::invalidate_icache_after_write();
     }
 
