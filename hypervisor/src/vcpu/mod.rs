@@ -16,7 +16,7 @@ use crate::mem::{Ipa, PhysAddr, PAGE_SIZE};
 use crate::vm::share::PageState;
 use crate::vm::share::{Note, Request};
 use crate::vm::vgic::{sgi::SgiRegister, MmioError, PhysGic, VcpuMask};
-use crate::vm::vuart::LineSink;
+use crate::vm::vuart::{LineSink, Written};
 use crate::vm::{GuestMemory, Stage2Table, Touch, Vm, VmStatus};
 use boot::esr::FaultStatus;
 use boot::esr::{DataAccess, Esr, SysRegAccess};
@@ -518,11 +518,16 @@ fn emulate<S: Stage2Table>(
     Some(match emulated_at(vm, abort.ipa)? {
         (EmulatedDevice::Uart, offset) => {
             let mut uart = vm.uart.lock();
-            let mut line = None;
+            // A trapped read is one the register page could not serve (bytes wait, or
+            // the page is not mapped): it may change what the page must show.
+            let mut written = Written {
+                visible: !abort.write,
+                line: false,
+            };
             let _ = emulate_mmio::<MmioError>(ctx, &syn, abort.write, |w| {
                 Ok(match w {
                     Some(v) => {
-                        line = uart.write(offset, v);
+                        written = uart.write(offset, v);
                         0
                     }
                     None => uart.read(offset),
@@ -531,7 +536,10 @@ fn emulate<S: Stage2Table>(
             // The register page shows the change (or goes while bytes wait); then the
             // line, under the UART's lock, so that changes reach the GIC in the order they
             // happened.
-            vm.publish_uart(&mut uart, &*host);
+            if written.visible {
+                vm.publish_uart(&mut uart, &*host);
+            }
+            let line = if written.line { uart.take_line() } else { None };
             if let Some(level) = uart.irq_change() {
                 uart_line(vm, level, kicks);
             }
@@ -1305,6 +1313,13 @@ mod tests {
             INT_TX,
             "the transmit interrupt it raised"
         );
+        // Clearing it shows, and so does the next byte raising it again.
+        cpu.x[5] = u64::from(INT_TX);
+        cpu.exit(&vm, 0, sync(dabt(true, 5, 2), 0x0900_0044));
+        assert_eq!(page.word(UARTMIS), 0, "cleared by UARTICR");
+        cpu.x[5] = u64::from(b'y');
+        cpu.exit(&vm, 0, sync(dabt(true, 5, 0), 0x0900_0000));
+        assert_eq!(page.word(UARTMIS), INT_TX, "raised again");
         // A byte arrives: the page goes first, so that a read of UARTDR traps.
         let mem = m.with_backend(|p| p.memory.clone());
         {

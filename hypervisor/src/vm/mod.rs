@@ -401,7 +401,7 @@ impl<S> Vm<S> {
     /// Prints the guest's partial line and how many lines of and about the VM the rate
     /// limits held back since the last report (as the VM ends or resets).
     pub fn flush_console(&self, sink: &mut impl vuart::LineSink) {
-        let partial = self.uart.lock().flush();
+        let partial = self.uart.lock().take_line();
         if let Some(line) = partial {
             self.guest_line(line.as_str(), sink);
         }

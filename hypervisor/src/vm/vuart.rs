@@ -158,8 +158,17 @@ impl RxFifo {
     }
 }
 
-/// One VM's PL011. Completed lines are handed back to the caller, which prints them once
-/// the UART's lock is released.
+/// What a write to the UART did ([`VUart::write`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    /// A register the guest reads may have changed: the register page must be rewritten.
+    pub visible: bool,
+    /// A line of output is complete: [`VUart::take_line`] takes it.
+    pub line: bool,
+}
+
+/// One VM's PL011. Completed lines are taken by the caller, which prints them once the
+/// UART's lock is released.
 #[derive(Debug)]
 pub struct VUart {
     line: LineBuffer,
@@ -270,13 +279,19 @@ impl VUart {
         }
     }
 
-    /// Emulates a write of `value` to `offset`; returns the line it completed, if any.
-    pub fn write(&mut self, offset: u64, value: u64) -> Option<Line> {
+    /// Emulates a write of `value` to `offset`. A byte written to `UARTDR` changes what
+    /// the guest reads only if it raises the transmit interrupt (a console writes many
+    /// bytes before it clears it); any other write counts as a change.
+    pub fn write(&mut self, offset: u64, value: u64) -> Written {
         let v = value as u32;
         match offset {
             UARTDR => {
+                let visible = self.ris & INT_TX == 0;
                 self.ris |= INT_TX;
-                return self.line.push(value as u8);
+                return Written {
+                    visible,
+                    line: self.line.push(value as u8),
+                };
             }
             UARTILPR => self.ilpr = v & 0xff,
             UARTIBRD => self.ibrd = v & 0xffff,
@@ -293,7 +308,10 @@ impl VUart {
             UARTDMACR => self.dmacr = v & 0x7,
             _ => {}
         }
-        None
+        Written {
+            visible: true,
+            line: false,
+        }
     }
 
     /// The interrupt output: any unmasked raw interrupt.
@@ -336,8 +354,9 @@ impl VUart {
         }
     }
 
-    /// The pending partial line, if any.
-    pub fn flush(&mut self) -> Option<Line> {
+    /// The line written so far, complete (after a [`Written::line`]) or partial (before
+    /// the VM powers off), if it is not empty.
+    pub fn take_line(&mut self) -> Option<Line> {
         self.line.take()
     }
 }
@@ -351,13 +370,18 @@ mod tests {
         let mut u = VUart::new();
         let mut out = Vec::new();
         for b in b"hello\r\nworld\x01\n" {
-            out.extend(u.write(UARTDR, u64::from(*b) | 0xff00));
+            if u.write(UARTDR, u64::from(*b) | 0xff00).line {
+                out.extend(u.take_line());
+            }
         }
-        assert_eq!(u.write(0x24, u64::from(b'\n')), None, "not UARTDR: ignored");
+        assert!(!u.write(0x24, u64::from(b'\n')).line, "not UARTDR: ignored");
         let out: Vec<&str> = out.iter().map(Line::as_str).collect();
         assert_eq!(out, ["hello", "world?"]);
         u.write(UARTDR, u64::from(b'x'));
-        assert_eq!(u.flush().map(|l| l.as_str().to_string()), Some("x".into()));
+        assert_eq!(
+            u.take_line().map(|l| l.as_str().to_string()),
+            Some("x".into())
+        );
     }
 
     #[test]
@@ -391,14 +415,15 @@ mod tests {
         assert_eq!(u.read(UARTCR), 0x301);
         assert_eq!(u.read(UARTIFLS), 0x3f);
         assert_eq!(u.read(UARTDMACR), 0x7);
-        assert_eq!(u.write(UARTRIS, 0xff), None);
+        assert!(!u.write(UARTRIS, 0xff).line);
         assert_eq!(u.read(UARTRIS), 0, "RIS is read-only");
     }
 
     #[test]
     fn transmit_interrupt_is_raised_by_a_write_masked_and_cleared() {
         let mut u = VUart::new();
-        u.write(UARTDR, u64::from(b'a'));
+        assert!(u.write(UARTDR, u64::from(b'a')).visible, "raises TXRIS");
+        assert!(!u.write(UARTDR, u64::from(b'a')).visible, "TXRIS already raised");
         assert_eq!(u.read(UARTRIS), u64::from(INT_TX));
         assert_eq!(u.read(UARTMIS), 0);
         assert!(!u.irq_level(), "masked");
@@ -408,7 +433,7 @@ mod tests {
         u.write(UARTICR, u64::from(INT_TX));
         assert!(!u.irq_level());
         assert_eq!(u.read(UARTRIS), 0);
-        u.write(UARTDR, u64::from(b'b'));
+        assert!(u.write(UARTDR, u64::from(b'b')).visible);
         assert!(u.irq_level(), "the next byte raises it again");
         u.write(UARTIMSC, 0);
         assert!(!u.irq_level());
