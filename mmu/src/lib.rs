@@ -128,6 +128,9 @@
 //! [`TlbMaintenance::execute`], as complete sequences (barriers included):
 //!
 //! - entries that were invalid and became valid: `DSB ISHST; ISB` only, no TLBI;
+//! - entries whose permissions [`PageTable::relax`] widened in place: no TLBI either; a
+//!   PE that still holds the narrower entry faults, and its handler invalidates its own
+//!   TLB (non-shareable) before it runs the access again;
 //! - EL2: `TLBI VALE2IS` per changed leaf, `VAE2IS` where a table entry was removed
 //!   (one non-leaf invalidation of the last changed address below a removed table
 //!   covers both the leaf and the walk-cache entry, so none is issued twice);

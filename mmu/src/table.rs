@@ -68,6 +68,9 @@ enum Op {
     Unmap,
     Protect {
         bits: u64,
+        /// The change only adds access: permission changes are written in place without
+        /// TLB maintenance ([`PageTable::relax`]).
+        relax: bool,
     },
     SetSw {
         sw: u64,
@@ -79,6 +82,13 @@ enum Op {
         bits: u64,
         level: u8,
     },
+}
+
+impl Op {
+    /// A permission relaxation: changed leaves need no TLB invalidation.
+    const fn relaxes(&self) -> bool {
+        matches!(self, Self::Protect { relax: true, .. })
+    }
 }
 
 /// What the walker sees as the contents of a table. Apply passes only use `Real`;
@@ -728,12 +738,43 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// [`Error::Misaligned`], [`Error::OutOfRange`], [`Error::UnsupportedAttributes`],
     /// [`Error::OutOfFrames`]. On error nothing changed.
     pub fn protect(&mut self, va: u64, size: u64, attrs: Attributes) -> Result<(), Error> {
+        self.set_attrs(va, size, attrs, false)
+    }
+
+    /// Like [`Self::protect`], for a change that only adds access (for example from no
+    /// access to read-write, same memory type): the entries are written in place and no
+    /// TLB invalidation is issued for them. A CPU may still hold an old, more restrictive
+    /// entry; an access it makes then takes a permission fault, and its handler must
+    /// invalidate that CPU's own TLB for the address (a local, non-shareable `TLBI`)
+    /// before running the access again. This spares every other CPU a broadcast
+    /// invalidation for a change that cannot let any access through that the new entry
+    /// would not (a change of permissions alone needs no break-before-make, Arm ARM
+    /// D8.17). A change of memory type, or a block split at the range's ends, still uses
+    /// break-before-make with its invalidation.
+    ///
+    /// The caller must only use it to add access: a change that takes access away
+    /// without invalidation would let CPUs keep using the old entries.
+    ///
+    /// # Errors
+    /// As [`Self::protect`]. On error nothing changed.
+    pub fn relax(&mut self, va: u64, size: u64, attrs: Attributes) -> Result<(), Error> {
+        self.set_attrs(va, size, attrs, true)
+    }
+
+    /// [`Self::protect`] or, with `relax`, [`Self::relax`].
+    fn set_attrs(
+        &mut self,
+        va: u64,
+        size: u64,
+        attrs: Attributes,
+        relax: bool,
+    ) -> Result<(), Error> {
         let end = self.check_range(va, size)?;
         let bits = self.attr_bits(&attrs)?;
         if size == 0 {
             return Ok(());
         }
-        self.run(Op::Protect { bits }, va, end)
+        self.run(Op::Protect { bits, relax }, va, end)
     }
 
     /// Sets the software bits of every mapping in `va .. va + size`; holes are
@@ -1610,7 +1651,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                     }
                 }
             }
-            Op::Protect { bits: new_bits } | Op::SetSw { sw: new_bits } => {
+            Op::Protect { bits: new_bits, .. } | Op::SetSw { sw: new_bits } => {
                 // Protect replaces every attribute bit; SetSw only the software bits.
                 // A whole group keeps its contiguous hint (partly covered groups lost
                 // it above): its 16 entries change alike.
@@ -1670,7 +1711,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         }
                         // SAFETY: as above.
                         unsafe { tbl.add(i).write_volatile(new) };
-                        if (e ^ new) & !desc::SW_MASK != 0 {
+                        if (e ^ new) & !desc::SW_MASK != 0 && !cx.op.relaxes() {
                             cx.batch.note(base + ((i as u64) << shift), level, true);
                         } else {
                             cx.batch.wrote();
@@ -1761,7 +1802,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                     };
                     (e ^ new) & mask != 0
                 }
-                Op::Protect { bits } => {
+                Op::Protect { bits, .. } => {
                     let new = (e & (desc::OA_MASK | 0b11 | desc::CONTIGUOUS)) | bits;
                     // A partly covered block is split (if it changes at all).
                     let mask = if partial { !0 } else { !desc::SW_MASK };
@@ -2117,7 +2158,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         } else {
             // SAFETY: as above.
             unsafe { p.write_volatile(new) };
-            if (old ^ new) & !desc::SW_MASK != 0 {
+            if (old ^ new) & !desc::SW_MASK != 0 && !(old_leaf && cx.op.relaxes()) {
                 cx.batch.note(eva, level, true);
             } else {
                 cx.batch.wrote();

@@ -532,3 +532,29 @@ fn no_merge_keeps_blocks_mapped_one_at_a_time() {
         }
     }
 }
+
+/// `relax` writes a permission relaxation in place with no TLB invalidation (pages and
+/// a block alike); `protect` of the same change back invalidates, and so does a `relax`
+/// that changes the memory type (break-before-make).
+#[test]
+fn relax_adds_access_without_invalidation() {
+    let none = Attributes::normal(Permissions::empty());
+    for (size, flags) in [(0x8000, MapFlags::NO_BLOCKS), (MIB2, MapFlags::empty())] {
+        let mut t =
+            PageTable::new(Stage2::new(1, 40), HeapFrames::new(), RecordingTlb::new()).unwrap();
+        t.map(GIB, 2 * GIB, size, none, flags).unwrap();
+        let before = t.tlb().invalidations().len();
+        t.relax(GIB, size, rw()).unwrap();
+        assert_eq!(t.tlb().invalidations().len(), before, "no TLBI");
+        assert_eq!(t.translate(GIB + size - 8).unwrap().attrs, rw());
+        t.protect(GIB, size, none).unwrap();
+        let after_protect = t.tlb().invalidations().len();
+        assert!(after_protect > before, "taking access away invalidates");
+        t.relax(GIB, size, Attributes::device()).unwrap();
+        assert!(
+            t.tlb().invalidations().len() > after_protect,
+            "a memory-type change is break-before-make"
+        );
+        assert_eq!(t.translate(GIB).unwrap().attrs, Attributes::device());
+    }
+}

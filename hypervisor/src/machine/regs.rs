@@ -130,6 +130,28 @@ pub fn stage1_ipa(va: u64) -> Option<u64> {
     (par & 1 == 0).then_some((par & PAR_PA) | (va & 0xfff))
 }
 
+/// Drops this CPU's TLB entries for IPA `ipa` of the VM it runs (its VMID is in
+/// `VTTBR_EL2`): `TLBI IPAS2E1` for the stage-2 entry, then `TLBI VMALLE1` for the
+/// combined stage-1-and-2 entries built from it, which no by-IPA operation reaches; both
+/// non-shareable, each completed by a `DSB NSH` (Arm ARM D8.16, "TLB maintenance
+/// instructions" and the stage-2 invalidation sequence). The `DSB ISHST` first makes the
+/// descriptor write that opened the page visible to this CPU's walks.
+pub fn invalidate_local_ipa(ipa: u64) {
+    // SAFETY: TLB maintenance for the running VM's own VMID changes no memory.
+    unsafe {
+        asm!(
+            "dsb ishst",
+            "tlbi ipas2e1, {page}",
+            "dsb nsh",
+            "tlbi vmalle1",
+            "dsb nsh",
+            "isb",
+            page = in(reg) (ipa >> 12) & ((1 << 36) - 1),
+            options(nostack, preserves_flags),
+        );
+    }
+}
+
 /// Writes `PMCR_EL0` (for the vCPU this CPU runs: the PMU belongs to its guest).
 pub fn set_pmcr(value: u64) {
     // SAFETY: the PMU is the running guest's (static partitioning); EL2 counting is

@@ -160,6 +160,10 @@ impl GuestEl1 for MachineHost {
         regs::stage1_ipa(va)
     }
 
+    fn invalidate_local(&mut self, ipa: Ipa) {
+        regs::invalidate_local_ipa(ipa.get());
+    }
+
     fn sctlr(&self) -> u64 {
         regs::sctlr_el1()
     }

@@ -91,6 +91,11 @@ pub trait GuestEl1 {
     /// Cleans and invalidates the data cache to the point of coherency over the host
     /// physical range `[pa, pa + len)` of the VM's RAM.
     fn clean_invalidate(&mut self, _pa: PhysAddr, _len: u64) {}
+    /// Drops what this CPU's TLB holds for the running VM at IPA `ipa` (the stage-2 entry
+    /// and the combined stage-1-and-2 entries: a local, non-shareable invalidation). A
+    /// chunk opened on first touch is opened without a broadcast invalidation
+    /// (`Stage2Table::relax`), so this CPU may still hold the entry it faulted on.
+    fn invalidate_local(&mut self, _ipa: Ipa) {}
 }
 
 /// Handles a trapped system-register access or set/way instruction (`cpu_state::sysreg`);
@@ -619,7 +624,14 @@ fn stage2_abort<S: Stage2Table>(
     if permission || abort.unmapped() {
         // The guest's first access to a chunk of its RAM, mapped without any access until
         // then (`crate::vm::ram`): scrub it, give access, run the access again.
-        match vm.first_touch(abort.ipa, &*host) {
+        let touch = vm.first_touch(abort.ipa, &*host);
+        // The chunk was opened without a broadcast invalidation: this CPU may still hold
+        // the entry that made the access fault (every other CPU fixes its own the same
+        // way when it faults).
+        if matches!(touch, Ok(Touch::MadeReady | Touch::Ready)) {
+            host.invalidate_local(abort.ipa);
+        }
+        match touch {
             Ok(Touch::MadeReady) => return Next::Resume,
             // Another vCPU made the chunk ready after this access faulted: a page of the
             // VM's own RAM that is mapped and owned has every access, so it runs again.
@@ -814,6 +826,8 @@ mod tests {
         scrubbed: core::cell::RefCell<Vec<(u64, u64)>>,
         /// The one page the guest's stage 1 maps: (VA page, IPA page) (`stage1_ipa`).
         stage1: Option<(u64, u64)>,
+        /// IPAs invalidated in this CPU's TLB (`invalidate_local`).
+        invalidated: Vec<u64>,
     }
     impl GuestEl1 for El1 {
         fn vbar(&self) -> u64 {
@@ -846,6 +860,9 @@ mod tests {
         }
         fn clean_invalidate(&mut self, pa: PhysAddr, len: u64) {
             self.flushed.push((pa.get(), len));
+        }
+        fn invalidate_local(&mut self, ipa: Ipa) {
+            self.invalidated.push(ipa.get());
         }
     }
 
@@ -900,6 +917,9 @@ mod tests {
         }
         fn clean_invalidate(&mut self, pa: PhysAddr, len: u64) {
             self.el1.clean_invalidate(pa, len);
+        }
+        fn invalidate_local(&mut self, ipa: Ipa) {
+            self.el1.invalidate_local(ipa);
         }
     }
     impl LineSink for TestHost<'_> {
@@ -1357,6 +1377,11 @@ mod tests {
         assert_eq!(n, Next::Resume);
         assert_eq!(cpu.pc, 0x4000_1000, "the access runs again");
         assert_eq!(*cpu.el1.scrubbed.borrow(), [(0x5020_0000, 0x20_0000)]);
+        assert_eq!(
+            cpu.el1.invalidated,
+            [0x4030_0010],
+            "opened without a broadcast: this CPU drops its own entry"
+        );
         assert!(cpu.el1.set.is_none(), "no abort injected");
         // An instruction fetch from it now: mapped, so the fault was a race; no scrub.
         let iabt = (0x20 << 26) | (1 << 25) | 0x07;

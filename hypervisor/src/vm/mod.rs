@@ -244,7 +244,9 @@ impl<S: Stage2Table> Vm<S> {
         let Some(s2) = s2.as_mut() else {
             return Ok(Touch::Ready);
         };
-        s2.protect(chunk.ipa, chunk.size, S2Kind::Ram)?;
+        // Only access is added: no broadcast invalidation (`Stage2Table::relax`); a vCPU
+        // that still holds the old entry faults and drops it (`crate::vcpu`).
+        s2.relax(chunk.ipa, chunk.size, S2Kind::Ram)?;
         ram.set_ready(i);
         Ok(Touch::MadeReady)
     }

@@ -66,6 +66,19 @@ pub trait Stage2Table {
     ///
     /// The `mmu` error (out of frames to split a block the range cuts, out of range).
     fn protect(&mut self, ipa: Ipa, size: u64, kind: S2Kind) -> Result<(), mmu::Error>;
+
+    /// Like [`Self::protect`], for a change that only adds access (a chunk of RAM opened
+    /// on first touch, `NotReady` to `Ram`): no TLB invalidation is broadcast, and a CPU
+    /// that still holds the old entry faults again and drops it itself
+    /// (`crate::vcpu::GuestEl1::invalidate_local`; `mmu::PageTable::relax`). Provided:
+    /// [`Self::protect`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::protect`].
+    fn relax(&mut self, ipa: Ipa, size: u64, kind: S2Kind) -> Result<(), mmu::Error> {
+        self.protect(ipa, size, kind)
+    }
     /// Maps `[ipa, ipa + size)` to `[pa, pa + size)` with `attrs` (software bits
     /// included) in 4 KiB pages only, so that unmapping any part of it later needs no
     /// frame.
@@ -154,6 +167,10 @@ impl<A: mmu::FrameAllocator, T: mmu::TlbMaintenance> Stage2Table for MmuStage2<A
 
     fn protect(&mut self, ipa: Ipa, size: u64, kind: S2Kind) -> Result<(), mmu::Error> {
         self.0.protect(ipa.get(), size, kind.attributes())
+    }
+
+    fn relax(&mut self, ipa: Ipa, size: u64, kind: S2Kind) -> Result<(), mmu::Error> {
+        self.0.relax(ipa.get(), size, kind.attributes())
     }
 
     fn map_pages(

@@ -423,7 +423,10 @@ mod tests {
     fn transmit_interrupt_is_raised_by_a_write_masked_and_cleared() {
         let mut u = VUart::new();
         assert!(u.write(UARTDR, u64::from(b'a')).visible, "raises TXRIS");
-        assert!(!u.write(UARTDR, u64::from(b'a')).visible, "TXRIS already raised");
+        assert!(
+            !u.write(UARTDR, u64::from(b'a')).visible,
+            "TXRIS already raised"
+        );
         assert_eq!(u.read(UARTRIS), u64::from(INT_TX));
         assert_eq!(u.read(UARTMIS), 0);
         assert!(!u.irq_level(), "masked");
