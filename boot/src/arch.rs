@@ -732,7 +732,8 @@ pub unsafe fn zero_and_clean(start: u64, len: u64) {
 /// MMU off). For RAM about to be used: it writes every byte, where [`zero_and_clean`]
 /// reads first. `DC ZVA` zeroes the line in the cache or in memory, so a stale copy of a
 /// line left by a guest that wrote around the cache cannot survive it, and the clean
-/// then puts the zeros in memory (Arm ARM C5.3, "DC ZVA"; D7.5.1 `DCZID_EL0`).
+/// then puts the zeros in memory (Arm ARM C5.3, "DC ZVA"; D7.5.1 `DCZID_EL0`); the lines
+/// the plain stores touch are cleaned and invalidated first, for the same reason.
 ///
 /// # Safety
 ///
@@ -754,9 +755,20 @@ pub unsafe fn zero_blocks_and_clean(start: u64, len: u64) {
         // SAFETY: the callers below pass parts of the caller's range.
         unsafe { core::ptr::write_bytes(from as *mut u8, 0, to.wrapping_sub(from) as usize) };
     };
+    // Bytes written with plain stores may share a line with bytes outside the range: a
+    // stale clean copy of such a line (a guest that wrote around the cache) must not be
+    // written back over memory by the final clean, so those lines go first.
+    let ragged = |from: u64, to: u64| {
+        if to > from {
+            clean_invalidate_dcache_range(from, to.wrapping_sub(from));
+        }
+    };
     if dczid & (1 << 4) != 0 || first < start || first >= last {
+        ragged(start, end);
         zero(start, end);
     } else {
+        ragged(start, first);
+        ragged(last, end);
         zero(start, first);
         let mut at = first;
         while at < last {

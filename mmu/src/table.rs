@@ -752,8 +752,9 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// D8.17). A change of memory type, or a block split at the range's ends, still uses
     /// break-before-make with its invalidation.
     ///
-    /// The caller must only use it to add access: a change that takes access away
-    /// without invalidation would let CPUs keep using the old entries.
+    /// Only a leaf whose permissions the change widens is spared the invalidation: a
+    /// leaf that would lose any permission is invalidated as [`Self::protect`] does, so
+    /// no CPU keeps access that was taken away.
     ///
     /// # Errors
     /// As [`Self::protect`]. On error nothing changed.
@@ -1711,7 +1712,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
                         }
                         // SAFETY: as above.
                         unsafe { tbl.add(i).write_volatile(new) };
-                        if (e ^ new) & !desc::SW_MASK != 0 && !cx.op.relaxes() {
+                        if (e ^ new) & !desc::SW_MASK != 0 && !self.relaxes(cx, e, new) {
                             cx.batch.note(base + ((i as u64) << shift), level, true);
                         } else {
                             cx.batch.wrote();
@@ -2158,13 +2159,26 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
         } else {
             // SAFETY: as above.
             unsafe { p.write_volatile(new) };
-            if (old ^ new) & !desc::SW_MASK != 0 && !(old_leaf && cx.op.relaxes()) {
+            if (old ^ new) & !desc::SW_MASK != 0 && !(old_leaf && self.relaxes(cx, old, new)) {
                 cx.batch.note(eva, level, true);
             } else {
                 cx.batch.wrote();
             }
         }
         filled
+    }
+
+    /// Whether `cx` is a [`Self::relax`] and changing leaf `old` to `new` (same memory
+    /// type: the caller checked `BBM_MASK`) only adds access, so that no CPU needs the
+    /// old entry invalidated. A change that takes any permission away is invalidated as
+    /// [`Self::protect`] would, whatever the caller said.
+    fn relaxes(&self, cx: &Ctx, old: u64, new: u64) -> bool {
+        cx.op.relaxes()
+            && self
+                .regime
+                .decode(new)
+                .perms
+                .contains(self.regime.decode(old).perms)
     }
 
     /// Looks up `va`.

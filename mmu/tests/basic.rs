@@ -534,8 +534,9 @@ fn no_merge_keeps_blocks_mapped_one_at_a_time() {
 }
 
 /// `relax` writes a permission relaxation in place with no TLB invalidation (pages and
-/// a block alike); `protect` of the same change back invalidates, and so does a `relax`
-/// that changes the memory type (break-before-make).
+/// a block alike); `protect` of the same change back invalidates, and so do a `relax`
+/// that takes a permission away and one that changes the memory type
+/// (break-before-make).
 #[test]
 fn relax_adds_access_without_invalidation() {
     let none = Attributes::normal(Permissions::empty());
@@ -550,9 +551,19 @@ fn relax_adds_access_without_invalidation() {
         t.protect(GIB, size, none).unwrap();
         let after_protect = t.tlb().invalidations().len();
         assert!(after_protect > before, "taking access away invalidates");
+        t.relax(GIB, size, rw()).unwrap();
+        let after_relax = t.tlb().invalidations().len();
+        assert_eq!(after_relax, after_protect);
+        t.relax(GIB, size, Attributes::normal(Permissions::READ))
+            .unwrap();
+        assert!(
+            t.tlb().invalidations().len() > after_relax,
+            "a relax that takes write away is invalidated all the same"
+        );
+        let after_narrow = t.tlb().invalidations().len();
         t.relax(GIB, size, Attributes::device()).unwrap();
         assert!(
-            t.tlb().invalidations().len() > after_protect,
+            t.tlb().invalidations().len() > after_narrow,
             "a memory-type change is break-before-make"
         );
         assert_eq!(t.translate(GIB).unwrap().attrs, Attributes::device());

@@ -106,8 +106,10 @@ impl<P: LogContext> Logger<P> {
         }
         // The holder is stuck (a fault on this CPU while printing) or far slower than a
         // million spins: steal the lock, a garbled line beats a hang.
-        // SAFETY: the only data behind the lock is the console driver, which holds just an
-        // MMIO address; concurrent use can interleave bytes but not break memory safety.
+        // SAFETY: the only data behind the lock is the console driver: an MMIO address and
+        // counters (the room the last poll found, bytes dropped); concurrent use can
+        // interleave or drop bytes (the forced writer asks the FIFO afresh) but not break
+        // memory safety.
         unsafe { self.console.force_unlock() };
         if let Some(c) = self.console.lock().as_mut() {
             f(c, self.platform.micros(), self.platform.cpu());

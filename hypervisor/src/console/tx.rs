@@ -15,6 +15,10 @@ pub trait TxFifo {
     fn room(&self) -> u32;
     /// Puts a byte into the FIFO (only while the last `room` left some).
     fn put(&mut self, byte: u8);
+    /// Whether everything put has left the transmitter. Provided: true.
+    fn idle(&self) -> bool {
+        true
+    }
 }
 
 /// Polls of a FIFO that is full before a byte is dropped (about 10 ms to 100 ms on the
@@ -50,6 +54,24 @@ impl<T: TxFifo> BoundedTx<T> {
         self.dropped
     }
 
+    /// Forgets the room the last poll found, so that the next byte asks the FIFO again:
+    /// for a writer that took the console from another one mid-line (a fatal report),
+    /// whose bytes may have used that room.
+    pub fn forget_room(&mut self) {
+        self.room = 0;
+    }
+
+    /// Waits, a bounded number of polls, until everything put has left the transmitter:
+    /// before the machine powers off or exits, so that its last line is not cut.
+    pub fn drain(&self) {
+        for _ in 0..WAIT_POLLS {
+            if self.fifo.idle() {
+                return;
+            }
+            core::hint::spin_loop();
+        }
+    }
+
     /// Sends `byte` if the FIFO has room within the poll budget.
     fn send(&mut self, byte: u8) -> bool {
         let polls = if self.stalled {
@@ -58,7 +80,14 @@ impl<T: TxFifo> BoundedTx<T> {
             WAIT_POLLS
         };
         if self.room == 0 {
-            match (0..polls).map(|_| self.fifo.room()).find(|&r| r > 0) {
+            let found = (0..polls).find_map(|_| {
+                let room = self.fifo.room();
+                if room == 0 {
+                    core::hint::spin_loop();
+                }
+                (room > 0).then_some(room)
+            });
+            match found {
                 Some(room) => self.room = room,
                 None => {
                     self.stalled = true;
@@ -149,6 +178,12 @@ mod tests {
         let mut tx = fifo_of(1, 0, false);
         write!(tx, "{line}").unwrap();
         assert_eq!(tx.fifo.polls.get(), 40);
+        // A writer that takes over mid-burst asks again before its first byte.
+        let mut tx = fifo_of(16, 0, false);
+        write!(tx, "ab").unwrap();
+        tx.forget_room();
+        write!(tx, "c").unwrap();
+        assert_eq!(tx.fifo.polls.get(), 2);
     }
 
     #[test]

@@ -48,6 +48,12 @@ pub(super) fn dropped_bytes() -> u64 {
     LOGGER.with_console(|c| c.dropped()).unwrap_or(0)
 }
 
+/// Waits (bounded) until the UART has sent every byte of the log: before the machine
+/// powers off or exits, which would cut what is still in its FIFO.
+pub(super) fn drain() {
+    LOGGER.with_console_forced(|c, _, _| c.drain());
+}
+
 /// Starts the time stamps of the log (the generic timer's count now is time 0).
 pub(super) fn start_clock() {
     BOOT_TICKS.store(CNTPCT_EL0.get(), Ordering::Relaxed);

@@ -107,6 +107,7 @@ pub fn park() -> ! {
 /// Powers the machine off with PSCI SYSTEM_OFF (QEMU exits with status 0).
 pub fn power_off() -> ! {
     info!("powering off");
+    super::console::drain();
     let result = match PSCI_CONDUIT.get() {
         Some(PsciConduit::Hvc) => psci::system_off::<Hvc>(),
         _ => psci::system_off::<Smc>(),

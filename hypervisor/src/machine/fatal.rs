@@ -17,6 +17,7 @@ static IN_FATAL: [AtomicBool; boot::MAX_CPUS] = [const { AtomicBool::new(false) 
 /// Logs a start-up error and stops the machine with a failing status.
 pub fn fatal(args: core::fmt::Arguments<'_>) -> ! {
     error!("fatal: {args}");
+    super::console::drain();
     boot::semihosting_exit(exit_status::STARTUP)
 }
 
@@ -43,6 +44,8 @@ pub fn el2_exception(frame: &mut ExceptionFrame, source: ExceptionSource, kind: 
     enter_fatal(cpu);
     if LOGGER.has_console() {
         LOGGER.with_console_forced(|c, _, cpu| {
+            // Another writer may have been stopped mid-line: ask the FIFO afresh.
+            c.forget_room();
             let _ = report::write_exception(c, cpu, frame, source, kind);
             if let Some(owner) =
                 stage1::stack_guard_owner(&boot::image_layout(), VirtAddr::new(frame.far))
@@ -57,6 +60,7 @@ pub fn el2_exception(frame: &mut ExceptionFrame, source: ExceptionSource, kind: 
                 "*** stopping the machine (exit status {})",
                 exit_status::EL2_EXCEPTION
             );
+            c.drain();
         });
     } else {
         boot::semihosting_write0(c"twostage: unexpected EL2 exception before the console was up\n");
@@ -70,12 +74,14 @@ pub fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     enter_fatal(cpu);
     if LOGGER.has_console() {
         LOGGER.with_console_forced(|c, _, cpu| {
+            c.forget_room();
             let _ = report::write_panic(c, cpu, info);
             let _ = writeln!(
                 c,
                 "*** stopping the machine (exit status {})",
                 exit_status::PANIC
             );
+            c.drain();
         });
     } else {
         boot::semihosting_write0(c"twostage: panic before the console was up\n");

@@ -52,28 +52,31 @@ impl Pl011 {
         Self { base, tx_depth: 1 }
     }
 
-    /// Turns the FIFOs on if the firmware left them off: waits (bounded) for the
-    /// transmitter to go idle, disables the UART, sets `UARTLCR_H.FEN` and restores
-    /// `UARTCR`, the order the TRM gives for changing the line control register. Call it
-    /// before the first byte goes out; the receive side keeps working (`read_byte` asks
-    /// `RXFE`, and the receive-timeout interrupt covers a FIFO below its trigger level).
+    /// Turns the FIFOs on if the firmware left them off, in the order the TRM gives for
+    /// changing the line control register: disable the UART, wait (bounded) for the
+    /// character in flight, set `UARTLCR_H.FEN`, restore `UARTCR`. Bursts of
+    /// [`TX_FIFO_DEPTH`] bytes are used only if `FEN` then reads back set (a UART that
+    /// ignores it stays in character mode, one byte per look). Call it before the first
+    /// byte goes out; the receive side keeps working (`read_byte` asks `RXFE`, and the
+    /// receive-timeout interrupt covers a FIFO below its trigger level).
     pub fn enable_fifos(&mut self) {
         // SAFETY: `new`'s contract makes these valid device registers of a UART nobody
-        // else programs; nothing is in flight once BUSY is clear.
+        // else programs.
         unsafe {
-            let lcr_h = (self.reg(LCR_H) as *const u32).read_volatile();
-            if lcr_h & LCR_H_FEN == 0 {
-                let fr = self.reg(FR) as *const u32;
-                if !(0..IDLE_POLLS).any(|_| fr.read_volatile() & FR_BUSY == 0) {
-                    return;
+            let lcr_h = self.reg(LCR_H) as *mut u32;
+            if lcr_h.read_volatile() & LCR_H_FEN == 0 {
+                let (cr, fr) = (self.reg(CR) as *mut u32, self.reg(FR) as *const u32);
+                let enabled = cr.read_volatile();
+                cr.write_volatile(enabled & !CR_UARTEN);
+                if (0..IDLE_POLLS).any(|_| fr.read_volatile() & FR_BUSY == 0) {
+                    lcr_h.write_volatile(lcr_h.read_volatile() | LCR_H_FEN);
                 }
-                let cr = (self.reg(CR) as *const u32).read_volatile();
-                (self.reg(CR) as *mut u32).write_volatile(cr & !CR_UARTEN);
-                (self.reg(LCR_H) as *mut u32).write_volatile(lcr_h | LCR_H_FEN);
-                (self.reg(CR) as *mut u32).write_volatile(cr);
+                cr.write_volatile(enabled);
+            }
+            if lcr_h.read_volatile() & LCR_H_FEN != 0 {
+                self.tx_depth = TX_FIFO_DEPTH;
             }
         }
-        self.tx_depth = TX_FIFO_DEPTH;
     }
 }
 
@@ -121,5 +124,11 @@ impl TxFifo for Pl011 {
     fn put(&mut self, byte: u8) {
         // SAFETY: `new`'s contract makes base + DR a valid device register.
         unsafe { (self.reg(DR) as *mut u32).write_volatile(u32::from(byte)) };
+    }
+
+    fn idle(&self) -> bool {
+        // SAFETY: `new`'s contract makes base + FR a valid device register.
+        let fr = unsafe { (self.reg(FR) as *const u32).read_volatile() };
+        fr & (FR_TXFE | FR_BUSY) == FR_TXFE
     }
 }

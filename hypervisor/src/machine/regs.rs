@@ -132,23 +132,34 @@ pub fn stage1_ipa(va: u64) -> Option<u64> {
 
 /// Drops this CPU's TLB entries for IPA `ipa` of the VM it runs (its VMID is in
 /// `VTTBR_EL2`): `TLBI IPAS2E1` for the stage-2 entry, then `TLBI VMALLE1` for the
-/// combined stage-1-and-2 entries built from it, which no by-IPA operation reaches; both
-/// non-shareable, each completed by a `DSB NSH` (Arm ARM D8.16, "TLB maintenance
-/// instructions" and the stage-2 invalidation sequence). The `DSB ISHST` first makes the
-/// descriptor write that opened the page visible to this CPU's walks.
-pub fn invalidate_local_ipa(ipa: u64) {
+/// combined stage-1-and-2 entries built from it, which no by-IPA operation reaches; with
+/// no IPA, `TLBI VMALLS12E1`, everything of the VM. All non-shareable, each completed by
+/// a `DSB NSH` (Arm ARM D8.16, "TLB maintenance instructions"; KVM's local stage-2
+/// invalidation after relaxing permissions is the same sequence). The `DSB ISHST` first
+/// makes the descriptor write that opened the page visible to this CPU's walks. The
+/// IPA operand is IPA\[47:12\]: stage-2 tables here have at most 48-bit IPAs.
+pub fn invalidate_local(ipa: Option<u64>) {
     // SAFETY: TLB maintenance for the running VM's own VMID changes no memory.
     unsafe {
-        asm!(
-            "dsb ishst",
-            "tlbi ipas2e1, {page}",
-            "dsb nsh",
-            "tlbi vmalle1",
-            "dsb nsh",
-            "isb",
-            page = in(reg) (ipa >> 12) & ((1 << 36) - 1),
-            options(nostack, preserves_flags),
-        );
+        match ipa {
+            Some(ipa) => asm!(
+                "dsb ishst",
+                "tlbi ipas2e1, {page}",
+                "dsb nsh",
+                "tlbi vmalle1",
+                "dsb nsh",
+                "isb",
+                page = in(reg) (ipa >> 12) & ((1 << 36) - 1),
+                options(nostack, preserves_flags),
+            ),
+            None => asm!(
+                "dsb ishst",
+                "tlbi vmalls12e1",
+                "dsb nsh",
+                "isb",
+                options(nostack, preserves_flags),
+            ),
+        }
     }
 }
 

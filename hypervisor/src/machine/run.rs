@@ -160,8 +160,8 @@ impl GuestEl1 for MachineHost {
         regs::stage1_ipa(va)
     }
 
-    fn invalidate_local(&mut self, ipa: Ipa) {
-        regs::invalidate_local_ipa(ipa.get());
+    fn invalidate_local(&mut self, ipa: Option<Ipa>) {
+        regs::invalidate_local(ipa.map(Ipa::get));
     }
 
     fn sctlr(&self) -> u64 {
@@ -853,6 +853,7 @@ fn finish(ok: bool) -> ! {
         power_off()
     } else {
         log::error!("twostage: all VMs done: failure");
+        super::console::drain();
         boot::semihosting_exit(boot::exit_status::VM_FAILED)
     }
 }

@@ -92,10 +92,11 @@ pub trait GuestEl1 {
     /// physical range `[pa, pa + len)` of the VM's RAM.
     fn clean_invalidate(&mut self, _pa: PhysAddr, _len: u64) {}
     /// Drops what this CPU's TLB holds for the running VM at IPA `ipa` (the stage-2 entry
-    /// and the combined stage-1-and-2 entries: a local, non-shareable invalidation). A
-    /// chunk opened on first touch is opened without a broadcast invalidation
-    /// (`Stage2Table::relax`), so this CPU may still hold the entry it faulted on.
-    fn invalidate_local(&mut self, _ipa: Ipa) {}
+    /// and the combined stage-1-and-2 entries), or everything it holds for the VM if the
+    /// IPA is not known: a local, non-shareable invalidation. A chunk opened on first
+    /// touch is opened without a broadcast invalidation (`Stage2Table::relax`), so this
+    /// CPU may still hold the entry it faulted on.
+    fn invalidate_local(&mut self, _ipa: Option<Ipa>) {}
 }
 
 /// Handles a trapped system-register access or set/way instruction (`cpu_state::sysreg`);
@@ -601,8 +602,13 @@ fn stage2_abort<S: Stage2Table>(
                 &resolved
             }
             // The guest's stage 1 no longer maps the address (another of its vCPUs
-            // changed it meanwhile): the access runs again and faults anew.
-            None => return Next::Resume,
+            // changed it meanwhile): the access runs again and faults anew. What this
+            // CPU still holds for the VM goes first: a stale entry (a chunk opened
+            // without a broadcast, or the guest's own) must not fault forever.
+            None => {
+                host.invalidate_local(None);
+                return Next::Resume;
+            }
         }
     };
     match emulate(vm, ctx, abort, host, kicks) {
@@ -629,7 +635,7 @@ fn stage2_abort<S: Stage2Table>(
         // the entry that made the access fault (every other CPU fixes its own the same
         // way when it faults).
         if matches!(touch, Ok(Touch::MadeReady | Touch::Ready)) {
-            host.invalidate_local(abort.ipa);
+            host.invalidate_local(Some(abort.ipa));
         }
         match touch {
             Ok(Touch::MadeReady) => return Next::Resume,
@@ -826,8 +832,8 @@ mod tests {
         scrubbed: core::cell::RefCell<Vec<(u64, u64)>>,
         /// The one page the guest's stage 1 maps: (VA page, IPA page) (`stage1_ipa`).
         stage1: Option<(u64, u64)>,
-        /// IPAs invalidated in this CPU's TLB (`invalidate_local`).
-        invalidated: Vec<u64>,
+        /// IPAs invalidated in this CPU's TLB (`invalidate_local`; `None`: all of the VM's).
+        invalidated: Vec<Option<u64>>,
     }
     impl GuestEl1 for El1 {
         fn vbar(&self) -> u64 {
@@ -861,8 +867,8 @@ mod tests {
         fn clean_invalidate(&mut self, pa: PhysAddr, len: u64) {
             self.flushed.push((pa.get(), len));
         }
-        fn invalidate_local(&mut self, ipa: Ipa) {
-            self.invalidated.push(ipa.get());
+        fn invalidate_local(&mut self, ipa: Option<Ipa>) {
+            self.invalidated.push(ipa.map(Ipa::get));
         }
     }
 
@@ -918,7 +924,7 @@ mod tests {
         fn clean_invalidate(&mut self, pa: PhysAddr, len: u64) {
             self.el1.clean_invalidate(pa, len);
         }
-        fn invalidate_local(&mut self, ipa: Ipa) {
+        fn invalidate_local(&mut self, ipa: Option<Ipa>) {
             self.el1.invalidate_local(ipa);
         }
     }
@@ -1207,10 +1213,17 @@ mod tests {
         cpu.el1.stage1 = Some((VA_PAGE, 0x4000_2000));
         assert_eq!(cpu.exit(&vm, 0, sync(perm, 0x0badf008)), Next::Resume);
         assert_eq!(cpu.el1.set, None, "no abort injected");
-        // A VA the guest's stage 1 no longer maps (another vCPU changed it): run again.
+        assert_eq!(
+            cpu.el1.invalidated.last(),
+            Some(&Some(0x4000_2008)),
+            "this CPU drops the entry it may still hold"
+        );
+        // A VA the guest's stage 1 no longer maps (another vCPU changed it): run again,
+        // after this CPU dropped all it held for the VM (no IPA to aim at).
         cpu.el1.stage1 = None;
         assert_eq!(cpu.exit(&vm, 0, sync(perm, 0x4010_0000)), Next::Resume);
         assert_eq!(vm.status(), VmStatus::Running);
+        assert_eq!(cpu.el1.invalidated.last(), Some(&None));
         // Past the end of its RAM neither fault is retried: the policy holds.
         cpu.el1.stage1 = Some((VA_PAGE, 0x4010_0000));
         assert_eq!(cpu.exit(&vm, 0, sync(perm, 0x4000_2008)), Next::Stop);
@@ -1379,7 +1392,7 @@ mod tests {
         assert_eq!(*cpu.el1.scrubbed.borrow(), [(0x5020_0000, 0x20_0000)]);
         assert_eq!(
             cpu.el1.invalidated,
-            [0x4030_0010],
+            [Some(0x4030_0010)],
             "opened without a broadcast: this CPU drops its own entry"
         );
         assert!(cpu.el1.set.is_none(), "no abort injected");
