@@ -237,6 +237,10 @@ struct Ctx {
     taken: usize,
     freed: usize,
     batch: TlbBatch,
+    /// [`PageTable::relax`]: the last pair of leaf attribute bits (output address
+    /// masked off) judged, and whether it only widened permissions. The leaves of one
+    /// range usually change alike, so one decode serves them all.
+    widened: Option<(u64, u64, bool)>,
 }
 
 /// A translation table for regime `R`, with frames from `A` and TLB maintenance by `T`.
@@ -1107,6 +1111,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
             taken: 0,
             freed: 0,
             batch: TlbBatch::new(self.tlbi_threshold, self.tlbi_range),
+            widened: None,
         };
         let root = View::Real(self.ptr(self.root));
         let start = self.geo.start_level();
@@ -2172,13 +2177,23 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// type: the caller checked `BBM_MASK`) only adds access, so that no CPU needs the
     /// old entry invalidated. A change that takes any permission away is invalidated as
     /// [`Self::protect`] would, whatever the caller said.
-    fn relaxes(&self, cx: &Ctx, old: u64, new: u64) -> bool {
-        cx.op.relaxes()
-            && self
-                .regime
-                .decode(new)
-                .perms
-                .contains(self.regime.decode(old).perms)
+    fn relaxes(&self, cx: &mut Ctx, old: u64, new: u64) -> bool {
+        if !cx.op.relaxes() {
+            return false;
+        }
+        let (o, n) = (old & !desc::OA_MASK, new & !desc::OA_MASK);
+        if let Some((po, pn, widens)) = cx.widened {
+            if (po, pn) == (o, n) {
+                return widens;
+            }
+        }
+        let widens = self
+            .regime
+            .decode(new)
+            .perms
+            .contains(self.regime.decode(old).perms);
+        cx.widened = Some((o, n, widens));
+        widens
     }
 
     /// Looks up `va`.
