@@ -84,13 +84,6 @@ enum Op {
     },
 }
 
-impl Op {
-    /// A permission relaxation: changed leaves need no TLB invalidation.
-    const fn relaxes(&self) -> bool {
-        matches!(self, Self::Protect { relax: true, .. })
-    }
-}
-
 /// What the walker sees as the contents of a table. Apply passes only use `Real`;
 /// the dry pass also walks tables that do not exist yet.
 #[derive(Clone, Copy)]
@@ -2178,7 +2171,7 @@ impl<R: Regime, A: FrameAllocator, T: TlbMaintenance> PageTable<R, A, T> {
     /// old entry invalidated. A change that takes any permission away is invalidated as
     /// [`Self::protect`] would, whatever the caller said.
     fn relaxes(&self, cx: &mut Ctx, old: u64, new: u64) -> bool {
-        if !cx.op.relaxes() {
+        if !matches!(cx.op, Op::Protect { relax: true, .. }) {
             return false;
         }
         let (o, n) = (old & !desc::OA_MASK, new & !desc::OA_MASK);

@@ -67,7 +67,7 @@ impl<P: LogContext> Logger<P> {
     /// Prints line `text` of guest `name` as `[name] text`, in order with the log's lines.
     /// Without the log's prefix: the VM's name tells its lines from the hypervisor's, a
     /// guest such as Linux stamps its lines itself, and every byte costs a UART write
-    /// (a Linux boot prints about 240 lines).
+    /// (the Linux boot of docs/BENCHMARKS.md prints 215 lines).
     pub fn guest_line(&self, name: &str, text: &str) {
         if let Some(c) = self.console.lock().as_mut() {
             // A console write error has nowhere to be reported.

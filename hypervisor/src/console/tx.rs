@@ -4,8 +4,8 @@
 //! that logs, nor every CPU queued behind the console lock). After a timeout the next
 //! writes poll only briefly until a byte gets through again. One poll that finds room
 //! for several bytes lets that many go without asking again: an empty FIFO takes a whole
-//! FIFO's worth (under QEMU every poll is a trap into the device model, as costly as the
-//! byte itself).
+//! FIFO's worth (each poll is a device register read; under QEMU, a trap into its
+//! device model).
 
 use core::fmt;
 
@@ -72,6 +72,18 @@ impl<T: TxFifo> BoundedTx<T> {
         }
     }
 
+    /// The room the FIFO has, asked up to `polls` times: 0 if it stayed full.
+    fn poll(&self, polls: u32) -> u32 {
+        for _ in 0..polls {
+            let room = self.fifo.room();
+            if room > 0 {
+                return room;
+            }
+            core::hint::spin_loop();
+        }
+        0
+    }
+
     /// Sends `byte` if the FIFO has room within the poll budget.
     fn send(&mut self, byte: u8) -> bool {
         let polls = if self.stalled {
@@ -80,19 +92,10 @@ impl<T: TxFifo> BoundedTx<T> {
             WAIT_POLLS
         };
         if self.room == 0 {
-            let found = (0..polls).find_map(|_| {
-                let room = self.fifo.room();
-                if room == 0 {
-                    core::hint::spin_loop();
-                }
-                (room > 0).then_some(room)
-            });
-            match found {
-                Some(room) => self.room = room,
-                None => {
-                    self.stalled = true;
-                    return false;
-                }
+            self.room = self.poll(polls);
+            if self.room == 0 {
+                self.stalled = true;
+                return false;
             }
         }
         self.fifo.put(byte);

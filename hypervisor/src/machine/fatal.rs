@@ -17,8 +17,14 @@ static IN_FATAL: [AtomicBool; boot::MAX_CPUS] = [const { AtomicBool::new(false) 
 /// Logs a start-up error and stops the machine with a failing status.
 pub fn fatal(args: core::fmt::Arguments<'_>) -> ! {
     error!("fatal: {args}");
+    exit(exit_status::STARTUP)
+}
+
+/// Stops the machine with `status` (semihosting) once the console has sent what it holds
+/// (bounded): up to a FIFO's worth of the last line may still be queued.
+pub fn exit(status: u32) -> ! {
     super::console::drain();
-    boot::semihosting_exit(exit_status::STARTUP)
+    boot::semihosting_exit(status)
 }
 
 pub(super) fn early_failure(msg: &core::ffi::CStr) -> ! {
@@ -60,12 +66,11 @@ pub fn el2_exception(frame: &mut ExceptionFrame, source: ExceptionSource, kind: 
                 "*** stopping the machine (exit status {})",
                 exit_status::EL2_EXCEPTION
             );
-            c.drain();
         });
     } else {
         boot::semihosting_write0(c"twostage: unexpected EL2 exception before the console was up\n");
     }
-    boot::semihosting_exit(exit_status::EL2_EXCEPTION)
+    exit(exit_status::EL2_EXCEPTION)
 }
 
 /// The panic path: report, then stop the machine with a failing status.
@@ -81,10 +86,9 @@ pub fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
                 "*** stopping the machine (exit status {})",
                 exit_status::PANIC
             );
-            c.drain();
         });
     } else {
         boot::semihosting_write0(c"twostage: panic before the console was up\n");
     }
-    boot::semihosting_exit(exit_status::PANIC)
+    exit(exit_status::PANIC)
 }

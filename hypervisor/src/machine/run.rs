@@ -853,7 +853,6 @@ fn finish(ok: bool) -> ! {
         power_off()
     } else {
         log::error!("twostage: all VMs done: failure");
-        super::console::drain();
-        boot::semihosting_exit(boot::exit_status::VM_FAILED)
+        super::fatal::exit(boot::exit_status::VM_FAILED)
     }
 }

@@ -168,8 +168,8 @@ fn check_zeroing() {
         (boot::zero_blocks_and_clean, "DC ZVA"),
         (boot::zero_and_clean, "checked"),
     ];
-    // [start, end) offsets: whole blocks, a part of one block, and ragged ends around
-    // several. The checked scrub needs a 16-byte aligned start.
+    // [start, end) offsets: whole blocks, a part of one block, ragged ends around
+    // several, and nothing at all. The checked scrub needs a 16-byte aligned start.
     for (zero, name) in scrubs {
         for (start, end) in [
             (0u64, 1024u64),
@@ -177,6 +177,8 @@ fn check_zeroing() {
             (48, 2048),
             (1024, 4096),
             (2064, 3064),
+            (512, 512),
+            (2000, 2000),
         ] {
             page.0.fill(FILL);
             // SAFETY: `[base + start, base + end)` lies inside `page`, which nothing else

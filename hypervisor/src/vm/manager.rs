@@ -162,9 +162,10 @@ impl<P: Backend> VmManager<P> {
     /// Creates a VM: VMID, stage 2, RAM claimed and mapped, the chunks its images land in
     /// scrubbed and opened (all of its RAM for a VM with pass-through MMIO; the rest is
     /// opened on first touch, [`super::ram`]), images copied in, vCPU 0 powered on at the
-    /// entry point. VM ids count up from 0 in creation order. `desc` was checked by `crate::config::parse` (its images are staged, its pass-through
-    /// ranges clear of host RAM, its CPUs no other VM's); what can still fail is claiming
-    /// its RAM and building its stage 2.
+    /// entry point. VM ids count up from 0 in creation order. `desc` was checked by
+    /// `crate::config::parse` (its images are staged, its pass-through ranges clear of
+    /// host RAM, its CPUs no other VM's); what can still fail is claiming its RAM and
+    /// building its stage 2.
     ///
     /// # Errors
     ///

@@ -17,7 +17,7 @@
 
 pub(crate) mod abi;
 mod ledger;
-pub(crate) mod page_state;
+mod page_state;
 
 #[cfg(test)]
 mod tests;
