@@ -12,7 +12,8 @@
 //! panic, and an accepted description must keep the rules `docs/vms.md` states, which
 //! VM creation relies on without checking them again.
 
-use hypervisor::config::{self, Hardware, HostDt, HostRanges, VmDesc};
+use hypervisor::config::fw_cfg::FwCfgFile;
+use hypervisor::config::{self, Hardware, HostDt, HostRanges, ImageSource, VmDesc};
 use hypervisor::linux;
 use hypervisor::mem::layout::STAGING;
 use hypervisor::mem::{PhysAddr, PhysRange, PAGE_SIZE};
@@ -103,10 +104,18 @@ pub fn check_tree(blob: &mut [u8]) {
         }
         Err(_) => vec![PhysRange::new(PhysAddr::new(0x4000_0000), 0x8000_0000)],
     };
+    // What QEMU's fw-cfg directory holds when the xtask gives a kernel by name.
+    let files = [FwCfgFile {
+        name: "opt/twostage/kernel".into(),
+        select: 0x20,
+        size: 0x3000,
+    }];
     let ranges = HostRanges {
         ram: &ram,
         staging: STAGING,
         console: Some(PhysRange::new(PhysAddr::new(0x0900_0000), 0x1000)),
+        fw_cfg: Some(PhysRange::new(PhysAddr::new(0x0902_0000), 0x18)),
+        files: &files,
     };
     let Ok(mut vms) = config::parse(&dt, &ranges) else {
         return;
@@ -116,10 +125,10 @@ pub fn check_tree(blob: &mut [u8]) {
         let before = vm.clone();
         match linux::complete_desc(vm, &dt, &IMAGE_HEADER, STAGING) {
             Ok(Some((pa, dtb))) => {
-                let placed = vm.dtb.map(|d| (d.pa, d.size));
+                let placed = vm.dtb.map(|d| (d.src, d.size));
                 assert_eq!(
                     placed,
-                    Some((pa, dtb.len() as u64)),
+                    Some((ImageSource::Staged(pa), dtb.len() as u64)),
                     "the DTB image of {}",
                     vm.name
                 );
@@ -211,9 +220,19 @@ fn check_descs(vms: &[VmDesc], ranges: &HostRanges<'_>) {
                 "{name}: image outside RAM"
             );
             assert!(
-                ranges.staging.contains(&img.pa_range()),
+                img.staged_range()
+                    .is_none_or(|r| ranges.staging.contains(&r)),
                 "{name}: image outside staging"
             );
+            if let ImageSource::FwCfg(select) = img.src {
+                assert!(
+                    ranges
+                        .files
+                        .iter()
+                        .any(|f| f.select == select && u64::from(f.size) == img.size),
+                    "{name}: an fw-cfg image that is not a file of the directory"
+                );
+            }
         }
         assert!(
             vm.ram_region(vm.entry, 4).is_some(),

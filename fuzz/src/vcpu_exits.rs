@@ -185,7 +185,14 @@ impl LineSink for Host<'_> {
 /// Guest RAM is not modelled here (`NoMemory`): a first touch's scrub changes nothing.
 impl GuestMemory for Host<'_> {
     fn zero(&self, _: PhysAddr, _: u64) {}
-    fn copy(&self, _: PhysAddr, _: PhysAddr, _: u64) {}
+    fn load(
+        &self,
+        _: PhysAddr,
+        _: hypervisor::config::ImageSource,
+        _: u64,
+    ) -> Result<(), hypervisor::config::fw_cfg::FwCfgError> {
+        Ok(())
+    }
     fn clean_to_poc(&self, _: u64, _: u64) {}
 }
 

@@ -5,7 +5,8 @@
 
 use std::sync::{Arc, OnceLock};
 
-use hypervisor::config::{self, HostDt, HostRanges, Stage2Mappings, VmDesc};
+use hypervisor::config::fw_cfg::FwCfgError;
+use hypervisor::config::{self, HostDt, HostRanges, ImageSource, Stage2Mappings, VmDesc};
 use hypervisor::mem::layout::{GUEST_RAM_BASE, STAGING};
 use hypervisor::mem::{Ipa, IpaRange, PhysAddr, PhysRange, PAGE_SIZE};
 use hypervisor::vm::vmid::{Vmid, VmidBits, VmidFlush};
@@ -33,7 +34,9 @@ pub struct NoMemory;
 impl hypervisor::vm::GuestMemory for NoMemory {
     fn zero(&self, _pa: PhysAddr, _len: u64) {}
 
-    fn copy(&self, _dst: PhysAddr, _src: PhysAddr, _len: u64) {}
+    fn load(&self, _dst: PhysAddr, _src: ImageSource, _len: u64) -> Result<(), FwCfgError> {
+        Ok(())
+    }
 
     fn clean_to_poc(&self, _va: u64, _len: u64) {}
 }
@@ -190,6 +193,8 @@ pub fn descs() -> &'static [VmDesc] {
             ram: &ram,
             staging: STAGING,
             console: None,
+            fw_cfg: None,
+            files: &[],
         };
         config::parse(&dt, &ranges).expect("the description is valid")
     })

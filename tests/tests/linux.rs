@@ -358,77 +358,135 @@ fn a_virtio_block_device_is_mounted_by_the_linux_vm() {
     assert!(out.status.success(), "{log}");
 }
 
+/// A Linux VM booted with the busybox shell initramfs, driven through the console.
+struct Shell {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+    log: String,
+}
+
+impl Shell {
+    fn start() -> Self {
+        use std::io::{BufRead, BufReader};
+        let root = root();
+        let mut child = Command::new("timeout")
+            .arg("600")
+            .arg(root.join("scripts/run"))
+            .args(["--no-build", "--kernel", "out/linux/Image"])
+            .args(["--initrd", "out/linux/initramfs-shell.cpio"])
+            .current_dir(&root)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("scripts/run starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take().expect("stdin");
+        Self {
+            child,
+            stdin,
+            lines,
+            log: String::new(),
+        }
+    }
+
+    /// Reads lines until one contains `needle` (true), or `secs` pass or the output ends.
+    fn wait_for(&mut self, needle: &str, secs: u64) -> bool {
+        use std::sync::mpsc::RecvTimeoutError;
+        use std::time::{Duration, Instant};
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            match self.lines.recv_timeout(Duration::from_secs(1)) {
+                Ok(line) => {
+                    self.log.push_str(&line);
+                    self.log.push('\n');
+                    if line.contains(needle) {
+                        return true;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+        false
+    }
+
+    fn type_line(&mut self, line: &str) {
+        use std::io::Write;
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("write to QEMU");
+        self.stdin.flush().expect("flush");
+    }
+
+    /// Waits for the shell, then types a command until the shell runs it (input typed
+    /// before the driver opened the console may be dropped, as on a real UART).
+    fn wait_for_shell(&mut self) {
+        assert!(
+            self.wait_for("TWOSTAGE: busybox shell", 300),
+            "no shell:\n{}",
+            self.log
+        );
+        for _ in 0..20 {
+            self.type_line("echo TWOSTAGE-INPUT-$((6*7))");
+            if self.wait_for("[linux] TWOSTAGE-INPUT-42", 10) {
+                return;
+            }
+        }
+        panic!("the shell never ran the command:\n{}", self.log);
+    }
+
+    /// Powers the guest off and checks that the run ends with success.
+    fn power_off(mut self) -> String {
+        self.type_line("poweroff -f");
+        assert!(self.wait_for("all VMs done: success", 120), "{}", self.log);
+        let status = self.child.wait().expect("QEMU ends");
+        assert!(status.success(), "{}", self.log);
+        self.log
+    }
+}
+
 /// What is typed on the hypervisor's console reaches the Linux VM's shell (the VM's
 /// description has `console-input`): the shell initramfs runs a command given on QEMU's
 /// standard input, and powers off when told to.
 #[test]
 fn console_input_reaches_the_linux_shell() {
-    use std::io::{BufRead, BufReader, Write};
-    use std::sync::mpsc;
-    use std::time::{Duration, Instant};
-
-    let root = root();
-    let mut child = Command::new("timeout")
-        .arg("600")
-        .arg(root.join("scripts/run"))
-        .args(["--no-build", "--kernel", "out/linux/Image"])
-        .args(["--initrd", "out/linux/initramfs-shell.cpio"])
-        .current_dir(&root)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("scripts/run starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut stdin = child.stdin.take().expect("stdin");
-    let mut log = String::new();
-    let wait_for = |needle: &str, secs: u64, log: &mut String| {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while Instant::now() < deadline {
-            match rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(line) => {
-                    log.push_str(&line);
-                    log.push('\n');
-                    if line.contains(needle) {
-                        return true;
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return false,
-            }
-        }
-        false
-    };
-    assert!(
-        wait_for("TWOSTAGE: busybox shell", 300, &mut log),
-        "no shell:\n{log}"
-    );
-    // The shell starts after that line: type until it answers (input typed before the
-    // driver opened the console may be dropped, as on a real UART).
-    let mut answered = false;
-    for _ in 0..20 {
-        stdin
-            .write_all(b"echo TWOSTAGE-INPUT-$((6*7))\n")
-            .expect("write to QEMU");
-        stdin.flush().expect("flush");
-        if wait_for("[linux] TWOSTAGE-INPUT-42", 10, &mut log) {
-            answered = true;
-            break;
-        }
-    }
-    assert!(answered, "the shell never ran the command:\n{log}");
-    stdin.write_all(b"poweroff -f\n").expect("write to QEMU");
-    stdin.flush().expect("flush");
-    assert!(wait_for("all VMs done: success", 120, &mut log), "{log}");
-    let status = child.wait().expect("QEMU ends");
-    assert!(status.success(), "{log}");
+    let mut shell = Shell::start();
+    shell.wait_for_shell();
+    let log = shell.power_off();
     assert!(log.contains("console input goes to VM linux"), "{log}");
+}
+
+/// `reboot -f` in the guest: PSCI SYSTEM_RESET, and the hypervisor resets the VM, which
+/// fetches the kernel and initramfs from QEMU's fw-cfg device again (the first boot
+/// wrote over the kernel's data in RAM); the same kernel boots to its shell a second time.
+#[test]
+fn a_linux_vm_that_reboots_boots_again_from_fresh_images() {
+    let mut shell = Shell::start();
+    shell.wait_for_shell();
+    shell.type_line("reboot -f");
+    assert!(shell.wait_for("VM linux reset", 120), "{}", shell.log);
+    assert!(
+        shell.wait_for("[linux] TWOSTAGE-LINUX-UP", 300),
+        "no second boot:\n{}",
+        shell.log
+    );
+    shell.wait_for_shell();
+    let log = shell.power_off();
+    assert_eq!(
+        log.matches("] Booting Linux on physical CPU").count(),
+        2,
+        "{log}"
+    );
+    assert!(log.contains("fw-cfg: at 0x9020000"), "{log}");
+    assert!(!log.contains(" stopped:"), "{log}");
 }

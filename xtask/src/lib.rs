@@ -71,7 +71,7 @@ pub fn kernel_guest(qemu: Qemu, guest: &KernelGuest, dir: &Path) -> Result<Qemu,
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let machine = dt::dump(&qemu, dir)?;
     let plan = guest.plan(&machine.root, qemu.machine.memory)?;
-    qemu.loads = plan.loads;
+    qemu.files = plan.files;
     let nodes: Vec<Node> = plan.vms.iter().map(VmNode::to_node).collect();
     add_vms(&mut qemu, machine, &nodes, &[], dir)?;
     Ok(qemu)

@@ -1,12 +1,14 @@
 //! A kernel as the hypervisor's guest, once or several times side by side
-//! (`docs/linux-guest.md`): where each VM's RAM is, where QEMU stages the kernel and
-//! initramfs (once, for every VM), and the VM nodes that say so.
+//! (`docs/linux-guest.md`): where each VM's RAM is, the kernel and initramfs as files of
+//! QEMU's fw-cfg device (once, for every VM), and the VM nodes that say so.
 //!
 //! Each VM's RAM is identity-mapped (IPA = PA) at the first free place of the machine's
 //! RAM, from `hypervisor::mem::layout::GUEST_RAM_BASE` on, around the staging range
 //! (`docs/memory-map.md`); the kernel goes where the hypervisor's own Image parser
 //! puts it (`hypervisor::linux::image`), which the hypervisor checks against
-//! `kernel-ipa`. VM *i* runs on physical CPUs `i * cpus ..`.
+//! `kernel-ipa`. The hypervisor fetches both files by DMA straight into each VM's RAM,
+//! at creation and at every reset: nothing is staged, and their size is not bounded by
+//! the staging range. VM *i* runs on physical CPUs `i * cpus ..`.
 
 use std::fs::File;
 use std::io::Read;
@@ -22,9 +24,14 @@ const STAGING_BASE: u64 = layout::STAGING.base.get();
 const STAGING_SIZE: u64 = layout::STAGING.size;
 
 use crate::dt::Node;
-use crate::qemu::Load;
+use crate::qemu::FwCfgFile;
 use crate::size::Size;
-use crate::vm::{AbortPolicy, Ram, Stage2Mappings, Staged, VmNode};
+use crate::vm::{AbortPolicy, Fetched, Ram, Stage2Mappings, VmNode};
+
+/// The fw-cfg name of the kernel.
+pub const KERNEL_FILE: &str = "opt/twostage/kernel";
+/// The fw-cfg name of the initramfs.
+pub const INITRD_FILE: &str = "opt/twostage/initrd";
 
 /// The smallest guest RAM accepted.
 pub const MIN_RAM: Size = Size::mib(16);
@@ -57,13 +64,13 @@ pub struct KernelGuest {
     pub stage2: Stage2Mappings,
 }
 
-/// The VM nodes and the files QEMU stages for them.
+/// The VM nodes and the files QEMU offers them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
     /// The VMs.
     pub vms: Vec<VmNode>,
-    /// Kernel, then initramfs (staged once for all VMs).
-    pub loads: Vec<Load>,
+    /// Kernel, then initramfs (fw-cfg files, one of each for all VMs).
+    pub files: Vec<FwCfgFile>,
 }
 
 /// Start of the machine's RAM on QEMU virt.
@@ -165,7 +172,6 @@ impl KernelGuest {
     /// A one-line message for a file that is missing, a size that does not fit, a
     /// device the machine does not have, or a kernel the hypervisor would refuse.
     pub fn plan(&self, machine: &Node, machine_mem: Size) -> Result<Plan, String> {
-        let (staging, staging_size) = (STAGING_BASE, STAGING_SIZE);
         self.check()?;
         let mem = self.mem.0;
         let (bases, end) = place_ram(mem, self.count).ok_or("checked above")?;
@@ -177,7 +183,7 @@ impl KernelGuest {
                 self.mem,
                 machine_mem,
                 Size(GUEST_RAM_BASE - MACHINE_RAM_BASE),
-                Size(staging_size),
+                Size(STAGING_SIZE),
                 self.machine_mem_needed()?
             ));
         }
@@ -194,11 +200,10 @@ impl KernelGuest {
                 self.mem
             )
         })?;
-        let mut loads = vec![Load {
+        let mut files = vec![FwCfgFile {
+            name: KERNEL_FILE.into(),
             file: self.kernel.clone(),
-            addr: staging,
         }];
-        let mut next = align_up(staging + klen, IMAGE_BASE_ALIGN);
         let initrd = match &self.initrd {
             None => None,
             Some(path) => {
@@ -213,26 +218,13 @@ impl KernelGuest {
                             self.mem
                         )
                     })?;
-                let staged = Staged {
-                    pa: next,
-                    size: ilen,
-                    ipa: offset,
-                };
-                loads.push(Load {
+                files.push(FwCfgFile {
+                    name: INITRD_FILE.into(),
                     file: path.clone(),
-                    addr: next,
                 });
-                next = align_up(next + ilen, IMAGE_BASE_ALIGN);
-                Some(staged)
+                Some(offset)
             }
         };
-        // The hypervisor stages the guest DTB it builds in the last 2 MiB.
-        if next > staging + staging_size - IMAGE_BASE_ALIGN {
-            return Err(format!(
-                "kernel and initrd are larger than the {} staging range (docs/memory-map.md)",
-                Size(staging_size - IMAGE_BASE_ALIGN)
-            ));
-        }
         let mut devices: Vec<String> = Vec::new();
         for d in &self.devices {
             if machine.find(d).is_none() {
@@ -258,17 +250,19 @@ impl KernelGuest {
                     pa: base,
                     size: mem,
                 },
-                Staged {
-                    pa: staging,
-                    size: klen,
+                Fetched {
+                    name: KERNEL_FILE.into(),
                     // The kernel sits at the same offset in every VM's RAM.
                     ipa: placed.load - ram_base + base,
                 },
             );
             vm.node = format!("{name}-vm");
-            vm.initrd = initrd.map(|s| Staged {
-                ipa: base + s.ipa,
-                ..s
+            vm.initrd = initrd.map(|offset| {
+                Fetched {
+                    name: INITRD_FILE.into(),
+                    ipa: base + offset,
+                }
+                .into()
             });
             vm.bootargs = Some(self.append.clone());
             // Devices (and with them DMA) go to the first VM only.
@@ -282,13 +276,14 @@ impl KernelGuest {
             vm.stage2 = Some(self.stage2);
             vms.push(vm);
         }
-        Ok(Plan { vms, loads })
+        Ok(Plan { vms, files })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vm::Image;
     use std::io::Write;
 
     const MIB: u64 = 1 << 20;
@@ -355,17 +350,28 @@ mod tests {
             panic!("{plan:?}")
         };
         let base = GUEST_RAM_BASE;
-        let staging = STAGING_BASE;
-        assert_eq!(vm.kernel.ipa, base + 0x20_0000);
-        assert_eq!(vm.kernel.pa, staging);
-        assert_eq!(vm.kernel.size, 5 * MIB + 3);
-        let initrd = vm.initrd.expect("initrd");
-        // Staged at the first 2 MiB boundary after the kernel; in RAM, 4 MiB (its size
-        // rounded up) below the top 2 MiB.
-        assert_eq!(initrd.pa, staging + 6 * MIB);
-        assert_eq!(initrd.ipa, base + 256 * MIB - 2 * MIB - 4 * MIB);
-        assert_eq!(plan.loads.len(), 2);
-        assert_eq!(plan.loads[1].addr, initrd.pa);
+        assert_eq!(
+            vm.kernel,
+            Image::Fetched(Fetched {
+                name: KERNEL_FILE.into(),
+                ipa: base + 0x20_0000
+            })
+        );
+        // In RAM, 4 MiB (its size rounded up) below the top 2 MiB.
+        assert_eq!(
+            vm.initrd,
+            Some(Image::Fetched(Fetched {
+                name: INITRD_FILE.into(),
+                ipa: base + 256 * MIB - 2 * MIB - 4 * MIB
+            }))
+        );
+        assert_eq!(
+            plan.files,
+            [(KERNEL_FILE, &k.0), (INITRD_FILE, &i.0)].map(|(name, file)| FwCfgFile {
+                name: name.into(),
+                file: file.clone()
+            })
+        );
         assert_eq!(vm.cpus, [0, 1]);
         assert_eq!(vm.name, "linux");
         assert!(vm.devices.is_empty(), "no GIC, no host console");
@@ -395,12 +401,10 @@ mod tests {
         assert_eq!(a.memory[0].pa, STAGING_BASE + STAGING_SIZE);
         assert_eq!(b.memory[0].pa, a.memory[0].pa + (1 << 30));
         assert_eq!(a.memory[0].ipa, a.memory[0].pa);
-        assert_eq!(b.kernel.ipa, b.memory[0].pa + 0x20_0000);
-        assert_eq!(a.kernel.pa, b.kernel.pa, "one staged kernel");
-        let (ia, ib) = (a.initrd.unwrap(), b.initrd.unwrap());
-        assert_eq!(ia.pa, ib.pa, "one staged initrd");
-        assert_eq!(ib.ipa - b.memory[0].pa, ia.ipa - a.memory[0].pa);
-        assert_eq!(plan.loads.len(), 2);
+        assert_eq!(b.kernel.ipa(), b.memory[0].pa + 0x20_0000);
+        let (ia, ib) = (a.initrd.clone().unwrap(), b.initrd.clone().unwrap());
+        assert_eq!(ib.ipa() - b.memory[0].pa, ia.ipa() - a.memory[0].pa);
+        assert_eq!(plan.files.len(), 2, "one kernel and one initrd for both");
         // Small VMs fill the window below staging first.
         g.mem = Size::mib(256);
         let plan = g.plan(&machine(), Size::gib(2)).expect("plans");
@@ -411,7 +415,7 @@ mod tests {
     fn a_raw_binary_goes_where_qemus_loader_puts_one() {
         let k = file("raw", &[0x14, 0, 0, 0]);
         let plan = guest(&k.0).plan(&machine(), Size::gib(2)).expect("plans");
-        assert_eq!(plan.vms[0].kernel.ipa, GUEST_RAM_BASE + 0x8_0000);
+        assert_eq!(plan.vms[0].kernel.ipa(), GUEST_RAM_BASE + 0x8_0000);
     }
 
     #[test]

@@ -119,6 +119,16 @@ impl Load {
     }
 }
 
+/// A file QEMU's fw-cfg device offers under `name` (`-fw_cfg name=..,file=..`); the
+/// hypervisor fetches it by DMA straight into a VM's RAM (`docs/vms.md`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FwCfgFile {
+    /// Its name in the device's directory (`opt/...`).
+    pub name: String,
+    /// The file.
+    pub file: PathBuf,
+}
+
 /// A `qemu-system-aarch64` command line (builder).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Qemu {
@@ -130,6 +140,8 @@ pub struct Qemu {
     pub dtb: Option<PathBuf>,
     /// Files staged in memory.
     pub loads: Vec<Load>,
+    /// Files offered through the fw-cfg device.
+    pub files: Vec<FwCfgFile>,
     /// The serial console.
     pub console: Console,
     /// Start halted with a gdb server on TCP port 1234 (`-s -S`).
@@ -147,6 +159,7 @@ impl Qemu {
             kernel: None,
             dtb: None,
             loads: Vec::new(),
+            files: Vec::new(),
             console: Console::Stdout,
             gdb: false,
             extra: Vec::new(),
@@ -234,6 +247,12 @@ impl Qemu {
                 ),
             ]);
         }
+        for f in &self.files {
+            args.extend([
+                "-fw_cfg".into(),
+                format!("name={},file={}", f.name, f.file.display()),
+            ]);
+        }
         if self.gdb {
             args.extend(["-s", "-S"].map(String::from));
         }
@@ -301,6 +320,11 @@ mod tests {
         .kernel("/x/hv.bin")
         .dtb("/x/host.dtb")
         .load("/x/guest.bin", 0x7000_0000);
+        let mut q = q;
+        q.files.push(FwCfgFile {
+            name: "opt/twostage/kernel".into(),
+            file: "/x/Image".into(),
+        });
         let args = q.args();
         assert_eq!(args[0], "-nodefaults");
         assert_eq!(
@@ -325,6 +349,10 @@ mod tests {
         assert_eq!(
             args[position(&args, "-device") + 1],
             "loader,file=/x/guest.bin,addr=0x70000000,force-raw=on"
+        );
+        assert_eq!(
+            args[position(&args, "-fw_cfg") + 1],
+            "name=opt/twostage/kernel,file=/x/Image"
         );
         assert!(args.contains(&"-semihosting".to_owned()));
     }

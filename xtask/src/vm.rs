@@ -59,6 +59,61 @@ pub struct Ram {
     pub size: u64,
 }
 
+/// A VM's image: staged in memory, or a file of QEMU's fw-cfg device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Image {
+    /// `<name>` and `<name>-ipa`.
+    Staged(Staged),
+    /// `<name>-fw-cfg` and `<name>-ipa`.
+    Fetched(Fetched),
+}
+
+impl From<Staged> for Image {
+    fn from(s: Staged) -> Self {
+        Self::Staged(s)
+    }
+}
+
+impl From<Fetched> for Image {
+    fn from(f: Fetched) -> Self {
+        Self::Fetched(f)
+    }
+}
+
+impl Image {
+    /// Where the hypervisor writes it in the VM.
+    #[must_use]
+    pub fn ipa(&self) -> u64 {
+        match self {
+            Self::Staged(s) => s.ipa,
+            Self::Fetched(f) => f.ipa,
+        }
+    }
+
+    /// Sets the `name` properties of `n`.
+    fn write(&self, n: &mut Node, name: &str) {
+        match self {
+            Self::Staged(s) => {
+                n.set_u64s(name, &[s.pa, s.size]);
+            }
+            Self::Fetched(f) => {
+                n.set_str(&format!("{name}-fw-cfg"), &f.name);
+            }
+        }
+        n.set_u64s(&format!("{name}-ipa"), &[self.ipa()]);
+    }
+}
+
+/// A file of QEMU's fw-cfg device (`crate::qemu::FwCfgFile`) by its name, and the IPA
+/// the hypervisor fetches it to (its size is the device's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fetched {
+    /// Its name in the device's directory.
+    pub name: String,
+    /// Where the hypervisor writes it in the VM.
+    pub ipa: u64,
+}
+
 /// A file QEMU stages for the hypervisor (`<pa size>`) and the IPA it is copied to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Staged {
@@ -81,10 +136,10 @@ pub struct VmNode {
     pub cpus: Vec<u32>,
     /// `memory`.
     pub memory: Vec<Ram>,
-    /// `kernel` and `kernel-ipa`.
-    pub kernel: Staged,
-    /// `initrd` and `initrd-ipa`.
-    pub initrd: Option<Staged>,
+    /// `kernel` (or `kernel-fw-cfg`) and `kernel-ipa`.
+    pub kernel: Image,
+    /// `initrd` (or `initrd-fw-cfg`) and `initrd-ipa`.
+    pub initrd: Option<Image>,
     /// `arg`: x0 of vCPU 0 when the VM gets no DTB.
     pub arg: Option<u64>,
     /// `bootargs`: the VM gets a generated DTB with this command line.
@@ -110,13 +165,13 @@ impl VmNode {
     /// A VM called `name` (node `vm-<name>`) on `cpus`, with `memory`, booting `kernel`;
     /// everything else unset.
     #[must_use]
-    pub fn new(name: &str, cpus: &[u32], memory: Ram, kernel: Staged) -> Self {
+    pub fn new(name: &str, cpus: &[u32], memory: Ram, kernel: impl Into<Image>) -> Self {
         Self {
             node: format!("vm-{name}"),
             name: name.into(),
             cpus: cpus.to_vec(),
             memory: vec![memory],
-            kernel,
+            kernel: kernel.into(),
             initrd: None,
             arg: None,
             bootargs: None,
@@ -142,12 +197,10 @@ impl VmNode {
             .iter()
             .flat_map(|r| [r.ipa, r.pa, r.size])
             .collect();
-        n.set_u64s("memory", &ram)
-            .set_u64s("kernel", &[self.kernel.pa, self.kernel.size])
-            .set_u64s("kernel-ipa", &[self.kernel.ipa]);
-        if let Some(initrd) = self.initrd {
-            n.set_u64s("initrd", &[initrd.pa, initrd.size])
-                .set_u64s("initrd-ipa", &[initrd.ipa]);
+        n.set_u64s("memory", &ram);
+        self.kernel.write(&mut n, "kernel");
+        if let Some(initrd) = &self.initrd {
+            initrd.write(&mut n, "initrd");
         }
         if let Some(arg) = self.arg {
             n.set_u64s("arg", &[arg]);
@@ -241,6 +294,12 @@ mod tests {
             ram: &[],
             staging: hypervisor::mem::layout::STAGING,
             console: None,
+            fw_cfg: None,
+            files: &[hypervisor::config::fw_cfg::FwCfgFile {
+                name: "opt/twostage/kernel".into(),
+                select: 0x20,
+                size: 0x3_0000,
+            }],
         };
         let descs = hypervisor::config::parse(&dt, &ranges).expect("the hypervisor accepts it");
         let [d] = &descs[..] else { panic!("{descs:?}") };
@@ -251,12 +310,16 @@ mod tests {
     #[test]
     fn the_hypervisor_parses_the_written_node() {
         let mut vm = test_guest();
-        vm.initrd = Some(Staged {
-            pa: 0x7100_0000,
-            size: 0x1234,
-            ipa: 0x4010_0000,
-        });
+        vm.initrd = Some(
+            Staged {
+                pa: 0x7100_0000,
+                size: 0x1234,
+                ipa: 0x4010_0000,
+            }
+            .into(),
+        );
         vm.bootargs = Some("console=ttyAMA0 quiet".into());
+        use hypervisor::config::ImageSource;
         use hypervisor::mem::{Ipa, PhysAddr};
         let d = parsed_by_the_hypervisor(&vm);
         assert_eq!(d.name, "alpha");
@@ -271,8 +334,28 @@ mod tests {
         assert_eq!(d.vuart, Some(Ipa::new(0x900_0000)));
         let initrd = d.initrd.expect("initrd");
         assert_eq!(
-            (initrd.pa, initrd.size, initrd.ipa),
-            (PhysAddr::new(0x7100_0000), 0x1234, Ipa::new(0x4010_0000))
+            (initrd.src, initrd.size, initrd.ipa),
+            (
+                ImageSource::Staged(PhysAddr::new(0x7100_0000)),
+                0x1234,
+                Ipa::new(0x4010_0000)
+            )
+        );
+        // A kernel given as an fw-cfg file: its select key and size come from the
+        // device's directory.
+        let mut fetched = test_guest();
+        fetched.kernel = Fetched {
+            name: "opt/twostage/kernel".into(),
+            ipa: 0x4000_0000,
+        }
+        .into();
+        let n = fetched.to_node();
+        assert_eq!(n.prop("kernel"), None);
+        assert_eq!(n.strs("kernel-fw-cfg"), ["opt/twostage/kernel"]);
+        let d = parsed_by_the_hypervisor(&fetched);
+        assert_eq!(
+            (d.kernel.src, d.kernel.size, d.kernel.ipa),
+            (ImageSource::FwCfg(0x20), 0x3_0000, Ipa::new(0x4000_0000))
         );
         let mut inject = test_guest();
         inject.abort_policy = Some(AbortPolicy::Inject);

@@ -10,6 +10,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use super::dtb::HostDt;
+use super::fw_cfg::FwCfgFile;
 use crate::mem::{Ipa, IpaRange, PhysAddr, PhysRange, PAGE_SIZE};
 
 /// The `compatible` string of a VM node.
@@ -53,23 +54,36 @@ impl GuestRegion {
     }
 }
 
-/// An image QEMU staged at host PA `pa` (`-device loader`), copied into the VM's RAM at
-/// IPA `ipa` each time the VM is created or reset.
+/// Where the bytes of an [`Image`] come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageSource {
+    /// Staged by the host at this PA, inside the staging range (QEMU's `-device loader`,
+    /// or a boot loader on a board): copied from there.
+    Staged(PhysAddr),
+    /// A file of QEMU's fw-cfg device, by the item key that selects it (`super::fw_cfg`):
+    /// fetched by DMA straight into the VM's RAM.
+    FwCfg(u16),
+}
+
+/// An image written into the VM's RAM at IPA `ipa` each time the VM is created or reset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Image {
-    /// Staging host PA.
-    pub pa: PhysAddr,
-    /// Bytes to copy.
+    /// Where its bytes come from.
+    pub src: ImageSource,
+    /// Its length in bytes.
     pub size: u64,
     /// Destination guest IPA (inside one RAM region).
     pub ipa: Ipa,
 }
 
 impl Image {
-    /// Where it is staged.
+    /// Where it is staged, for a staged image.
     #[must_use]
-    pub const fn pa_range(&self) -> PhysRange {
-        PhysRange::new(self.pa, self.size)
+    pub const fn staged_range(&self) -> Option<PhysRange> {
+        match self.src {
+            ImageSource::Staged(pa) => Some(PhysRange::new(pa, self.size)),
+            ImageSource::FwCfg(_) => None,
+        }
     }
 
     /// Where it goes in the guest.
@@ -380,18 +394,41 @@ impl<'a> Node<'a> {
             .collect())
     }
 
-    fn image(&self, name: &str, ipa_name: &str) -> Result<Option<Image>, DescError> {
-        let Some(v) = self.u64_list(name, "image must be <pa(2 cells) size(2 cells)>")? else {
-            return Ok(None);
-        };
-        let [pa, size] = v[..] else {
-            return Err(self.err("image must be <pa(2 cells) size(2 cells)>"));
+    /// The image of properties `<what>` (staged: `<pa size>`) or `<what>-fw-cfg` (the
+    /// name of a file of the fw-cfg device, looked up in `files`), going to IPA
+    /// `<what>-ipa`.
+    fn image(&self, what: Img, files: &[FwCfgFile]) -> Result<Option<Image>, DescError> {
+        let staged = self.u64_list(what.staged, "image must be <pa(2 cells) size(2 cells)>")?;
+        let fetched = self
+            .get(what.fw_cfg)
+            .map(|v| string(v).ok_or_else(|| self.err("an -fw-cfg image is not a string")))
+            .transpose()?;
+        let (src, size) = match (staged, fetched) {
+            (None, None) => return Ok(None),
+            (Some(_), Some(_)) => {
+                return Err(self.err("an image is given both staged and as an fw-cfg file"))
+            }
+            (Some(v), None) => {
+                let [pa, size] = v[..] else {
+                    return Err(self.err("image must be <pa(2 cells) size(2 cells)>"));
+                };
+                (ImageSource::Staged(PhysAddr::new(pa)), size)
+            }
+            (None, Some(name)) => {
+                let file = super::fw_cfg::find(files, &name).ok_or_else(|| {
+                    self.err(
+                        "an -fw-cfg image names no file of the fw-cfg device (QEMU: -fw_cfg \
+                         name=...,file=...)",
+                    )
+                })?;
+                (ImageSource::FwCfg(file.select), u64::from(file.size))
+            }
         };
         let ipa = self
-            .one_u64(ipa_name, "image IPA must be one 64-bit value")?
+            .one_u64(what.ipa, "image IPA must be one 64-bit value")?
             .ok_or_else(|| self.err("image without its -ipa property"))?;
         Ok(Some(Image {
-            pa: PhysAddr::new(pa),
+            src,
             size,
             ipa: Ipa::new(ipa),
         }))
@@ -440,6 +477,36 @@ pub struct HostRanges<'a> {
     pub staging: PhysRange,
     /// The hypervisor's console UART: never assigned to a VM.
     pub console: Option<PhysRange>,
+    /// The registers of QEMU's fw-cfg device: never assigned to a VM.
+    pub fw_cfg: Option<PhysRange>,
+    /// The files of the fw-cfg device, for images given by name.
+    pub files: &'a [FwCfgFile],
+}
+
+/// The property names of one image of a VM node.
+#[derive(Clone, Copy)]
+struct Img {
+    staged: &'static str,
+    fw_cfg: &'static str,
+    ipa: &'static str,
+}
+
+impl Img {
+    const KERNEL: Self = Self {
+        staged: "kernel",
+        fw_cfg: "kernel-fw-cfg",
+        ipa: "kernel-ipa",
+    };
+    const INITRD: Self = Self {
+        staged: "initrd",
+        fw_cfg: "initrd-fw-cfg",
+        ipa: "initrd-ipa",
+    };
+    const DTB: Self = Self {
+        staged: "dtb",
+        fw_cfg: "dtb-fw-cfg",
+        ipa: "dtb-ipa",
+    };
 }
 
 fn parse_vm(
@@ -557,6 +624,12 @@ fn parse_vm(
                  virtual PL011 (vuart)",
             ));
         }
+        if ranges.fw_cfg.is_some_and(|f| range.overlaps(&f)) {
+            return Err(node.err(
+                "QEMU's fw-cfg device is never assigned to a VM: the hypervisor fetches \
+                 images through it, and it is a DMA master",
+            ));
+        }
     }
     for p in &passthrough {
         if ranges.ram.iter().any(|r| r.overlaps(&p.pa_range())) {
@@ -573,10 +646,10 @@ fn parse_vm(
         }
     }
     let kernel = node
-        .image("kernel", "kernel-ipa")?
+        .image(Img::KERNEL, ranges.files)?
         .ok_or_else(|| node.err("no kernel"))?;
-    let initrd = node.image("initrd", "initrd-ipa")?;
-    let dtb = node.image("dtb", "dtb-ipa")?;
+    let initrd = node.image(Img::INITRD, ranges.files)?;
+    let dtb = node.image(Img::DTB, ranges.files)?;
     let images = [Some(kernel), initrd, dtb];
     for (i, img) in images.iter().enumerate() {
         let Some(img) = img else { continue };
@@ -587,7 +660,10 @@ fn parse_vm(
         {
             return Err(node.err("image is empty or not inside one memory region"));
         }
-        if !ranges.staging.contains(&img.pa_range()) {
+        if img
+            .staged_range()
+            .is_some_and(|r| !ranges.staging.contains(&r))
+        {
             return Err(node.err("image is not inside the staging area"));
         }
         if images
@@ -792,6 +868,15 @@ pub(crate) mod tests {
             ram: &[PhysRange::new(PhysAddr::new(0x4000_0000), 0x8000_0000)],
             staging: crate::mem::layout::STAGING,
             console: Some(PhysRange::new(PhysAddr::new(0x0900_0000), 0x1000)),
+            fw_cfg: Some(PhysRange::new(PhysAddr::new(0x0902_0000), 0x18)),
+            files: Box::leak(
+                vec![FwCfgFile {
+                    name: "opt/twostage/kernel".into(),
+                    select: 0x20,
+                    size: 0x3000,
+                }]
+                .into_boxed_slice(),
+            ),
         };
         HostDt::new(blob).ok().map(|dt| super::parse(&dt, &ranges))
     }
@@ -933,7 +1018,7 @@ pub(crate) mod tests {
         assert_eq!(
             vms[0].kernel,
             Image {
-                pa: PhysAddr::new(0x7000_0000),
+                src: ImageSource::Staged(PhysAddr::new(0x7000_0000)),
                 size: 0x2000,
                 ipa: Ipa::new(0x4000_0000)
             }
@@ -974,6 +1059,52 @@ pub(crate) mod tests {
             let what = rejected(with(vm_props(0x5000_0000, 1), key, bad));
             assert!(what.starts_with(key), "{what}");
         }
+    }
+
+    #[test]
+    fn an_image_given_by_fw_cfg_name_takes_the_files_select_and_size() {
+        let p = || without(vm_props(0x5000_0000, 1), "kernel");
+        let vms = parse(&dtb(&[(
+            "vm0",
+            with(p(), "kernel-fw-cfg", str_prop("opt/twostage/kernel")),
+        )]))
+        .expect("valid");
+        assert_eq!(
+            vms[0].kernel,
+            Image {
+                src: ImageSource::FwCfg(0x20),
+                size: 0x3000,
+                ipa: Ipa::new(0x4000_0000)
+            }
+        );
+        assert_eq!(vms[0].kernel.staged_range(), None);
+        assert!(
+            rejected(with(p(), "kernel-fw-cfg", str_prop("opt/twostage/initrd")))
+                .starts_with("an -fw-cfg image names no file of the fw-cfg device")
+        );
+        assert_eq!(
+            rejected(with(
+                vm_props(0x5000_0000, 1),
+                "kernel-fw-cfg",
+                str_prop("opt/twostage/kernel")
+            )),
+            "an image is given both staged and as an fw-cfg file"
+        );
+        assert_eq!(
+            rejected(with(p(), "kernel-fw-cfg", vec![0xff, 0xfe, 0])),
+            "an -fw-cfg image is not a string"
+        );
+        // The file's size is checked like a staged image's: it must fit in RAM (1 MiB
+        // from 0x4000_0000 here).
+        let late = with(
+            with(p(), "kernel-fw-cfg", str_prop("opt/twostage/kernel")),
+            "kernel-ipa",
+            cells64(&[0x400f_e000]),
+        );
+        assert_eq!(
+            rejected(late),
+            "image is empty or not inside one memory region"
+        );
     }
 
     #[test]
@@ -1282,6 +1413,9 @@ pub(crate) mod tests {
             .starts_with("the hypervisor's console UART is never assigned"));
         assert!(why(&[("passthrough-devices", str_prop("/pl011@9000000"))])
             .starts_with("the hypervisor's console UART is never assigned"));
+        let fw_cfg = cells64(&[0x1000_0000, 0x0902_0000, 0x1000]);
+        assert!(why(&[("passthrough", fw_cfg)])
+            .starts_with("QEMU's fw-cfg device is never assigned to a VM"));
         // The message names the node and the rule.
         let err = parse(&host_with_gic(&[("passthrough", console)])).unwrap_err();
         assert!(err

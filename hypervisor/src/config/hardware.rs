@@ -1,5 +1,5 @@
 //! What the hypervisor learns from the device tree QEMU hands it in `x0`: RAM, CPUs,
-//! the PL011 console, the GIC and the PSCI firmware interface.
+//! the PL011 console, the GIC, the PSCI firmware interface and QEMU's fw-cfg device.
 //!
 //! Parsing uses the `fdt` crate and needs no heap (it runs before the heap exists), so
 //! every list has a fixed capacity. The device tree comes from the platform firmware
@@ -70,6 +70,19 @@ pub struct Hardware {
     pub gic: Option<Gic>,
     /// PSCI.
     pub psci: Option<Psci>,
+    /// QEMU's firmware configuration device (`qemu,fw-cfg-mmio`), a source of guest
+    /// images (`super::fw_cfg`).
+    pub fw_cfg: Option<FwCfgDevice>,
+}
+
+/// QEMU's firmware configuration device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FwCfgDevice {
+    /// Its registers.
+    pub regs: PhysRange,
+    /// Whether the node says `dma-coherent` (QEMU's always does): its transfers need no
+    /// cache maintenance.
+    pub dma_coherent: bool,
 }
 
 /// Why the device tree could not be used.
@@ -126,6 +139,7 @@ impl Hardware {
             uart_intid: None,
             gic: None,
             psci: None,
+            fw_cfg: None,
         };
         platform.parse_memory(fdt)?;
         platform.parse_cpus(fdt)?;
@@ -135,6 +149,13 @@ impl Hardware {
         };
         platform.gic = find_gic(fdt)?;
         platform.psci = find_psci(fdt);
+        platform.fw_cfg = match fdt.find_compatible(&["qemu,fw-cfg-mmio"]) {
+            Some(node) => Some(FwCfgDevice {
+                regs: first_reg(node, "fw-cfg")?,
+                dma_coherent: node.property("dma-coherent").is_some(),
+            }),
+            None => None,
+        };
         Ok(platform)
     }
 
@@ -375,6 +396,13 @@ pub(crate) mod tests {
             Some(Psci {
                 conduit: PsciConduit::Smc,
                 v0_2_or_later: true
+            })
+        );
+        assert_eq!(
+            p.fw_cfg,
+            Some(FwCfgDevice {
+                regs: PhysRange::new(PhysAddr::new(0x0902_0000), 0x18),
+                dma_coherent: true
             })
         );
         assert_eq!(p.dtb.size, SMP4.len() as u64);

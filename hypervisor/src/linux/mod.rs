@@ -9,7 +9,7 @@ mod layout;
 
 use alloc::vec::Vec;
 
-use crate::config::{HostDt, Image, VmDesc};
+use crate::config::{HostDt, Image, ImageSource, VmDesc};
 use crate::mem::{Ipa, IpaRange, PhysAddr, PhysRange};
 
 use guest_dt::{build_guest_dt, GuestDtConfig, GuestDtError};
@@ -198,7 +198,8 @@ pub fn complete_desc(
     let staged_end = [Some(desc.kernel), desc.initrd]
         .into_iter()
         .flatten()
-        .map(|i| i.pa_range().end())
+        .filter_map(|i| i.staged_range())
+        .map(|r| r.end())
         .max()
         .unwrap_or(staging.base);
     let pa = staged_end
@@ -211,7 +212,7 @@ pub fn complete_desc(
     }
     desc.entry = boot.entry;
     desc.dtb = Some(Image {
-        pa,
+        src: ImageSource::Staged(pa),
         size,
         ipa: boot.dtb_ipa,
     });
@@ -293,13 +294,13 @@ mod tests {
                 size: 256 * MIB,
             }],
             kernel: Image {
-                pa: PhysAddr::new(0x7000_0000),
+                src: ImageSource::Staged(PhysAddr::new(0x7000_0000)),
                 size: 32 * MIB,
                 ipa: Ipa::new(0x5000_0000),
             },
             entry: Ipa::new(0x5000_0000),
             initrd: Some(Image {
-                pa: PhysAddr::new(0x7200_0000),
+                src: ImageSource::Staged(PhysAddr::new(0x7200_0000)),
                 size: 0x1c_34f8,
                 ipa: Ipa::new(0x5fc0_0000),
             }),
@@ -343,7 +344,7 @@ mod tests {
         assert_eq!(
             d.dtb,
             Some(Image {
-                pa,
+                src: ImageSource::Staged(pa),
                 size: dtb.len() as u64,
                 ipa: Ipa::new(0x5fe0_0000)
             })

@@ -17,6 +17,8 @@
 
 use super::cpu::{cpu_index, wake};
 use super::{scrubs_tags, with_guest_ram};
+use crate::config::fw_cfg::FwCfgError;
+use crate::config::ImageSource;
 use crate::mem::bulk::{cpu_bit, BulkJob, Piece};
 use crate::mem::window::Access;
 use crate::mem::PhysAddr;
@@ -154,9 +156,26 @@ impl GuestMemory for MachineMemory {
         boot::invalidate_icache_after_write();
     }
 
-    fn copy(&self, dst: PhysAddr, src: PhysAddr, len: u64) {
-        bulk(Fill::Copy { src }, dst, len);
+    /// A staged image is copied (with the parked CPUs' help if it is large). A file of
+    /// fw-cfg is written by the device straight into the VM's RAM (the allocation tags
+    /// cleared first: a DMA write leaves them as they were).
+    fn load(&self, dst: PhysAddr, src: ImageSource, len: u64) -> Result<(), FwCfgError> {
+        let result = match src {
+            ImageSource::Staged(src) => {
+                bulk(Fill::Copy { src }, dst, len);
+                Ok(())
+            }
+            ImageSource::FwCfg(select) => {
+                if super::scrubs_tags() {
+                    MachineMemory::write_chunks(dst, len, |_, _, _| {});
+                }
+                // A file's size is 32 bits (`config::fw_cfg`): `len` came from one.
+                let len = u32::try_from(len).map_err(|_| FwCfgError::Transfer)?;
+                super::fw_cfg::read(select, dst.get(), len)
+            }
+        };
         boot::invalidate_icache_after_write();
+        result
     }
 
     fn clean_to_poc(&self, va: u64, len: u64) {

@@ -32,6 +32,7 @@ use pl011::Pl011;
 mod console;
 mod cpu;
 mod fatal;
+pub mod fw_cfg;
 mod gic;
 mod guest_ram;
 mod pl011;
@@ -65,6 +66,8 @@ pub struct Machine {
     pub guest_ram: alloc::vec::Vec<PhysRange>,
     /// Number of CPUs online (including the primary).
     pub cpus_online: usize,
+    /// The files of QEMU's fw-cfg device (empty without a usable one).
+    pub fw_cfg_files: alloc::vec::Vec<crate::config::fw_cfg::FwCfgFile>,
 }
 /// Brings the primary CPU from the boot code to the point where VMs can be created:
 /// everything is logged, every CPU is online.
@@ -216,6 +219,24 @@ pub fn primary(dtb: usize) -> Machine {
         ),
     }
 
+    let fw_cfg_files = match platform.fw_cfg {
+        Some(dev) => match fw_cfg::probe(dev) {
+            Ok(files) => {
+                info!(
+                    "fw-cfg: at {:#x}, {} files, DMA",
+                    dev.regs.base,
+                    files.len()
+                );
+                files
+            }
+            Err(e) => {
+                warn!("fw-cfg: at {:#x}, not used: {e}", dev.regs.base);
+                alloc::vec::Vec::new()
+            }
+        },
+        None => alloc::vec::Vec::new(),
+    };
+
     CPU_MPIDR[0].store(mpidr, Ordering::Release);
     CPUS_ONLINE.store(1, Ordering::Release);
     info!("cpu0 online: MPIDR {mpidr:#x}, MMU {}", mmu_state());
@@ -226,10 +247,11 @@ pub fn primary(dtb: usize) -> Machine {
         memory,
         guest_ram,
         cpus_online,
+        fw_cfg_files,
     }
 }
 
-/// The devices the hypervisor drives (its console and the GIC), named as its stage-1 log
+/// The devices the hypervisor drives (its console, the GIC, QEMU's fw-cfg), named as its stage-1 log
 /// names them.
 fn driven_devices(platform: &Hardware) -> alloc::vec::Vec<(&'static str, PhysRange)> {
     let mut devices = alloc::vec::Vec::new();
@@ -239,6 +261,9 @@ fn driven_devices(platform: &Hardware) -> alloc::vec::Vec<(&'static str, PhysRan
     if let Some(gic) = platform.gic {
         devices.push(("gicd", gic.distributor));
         devices.push((if gic.version == 3 { "gicr" } else { "gicc" }, gic.second));
+    }
+    if let Some(fw_cfg) = platform.fw_cfg {
+        devices.push(("fw-cfg", fw_cfg.regs));
     }
     devices
 }

@@ -15,12 +15,15 @@ use spin::Once;
 
 use super::cpu::{cpu_mpidr, park, park_off, power_off, wake};
 use super::fatal::fatal;
+use super::fw_cfg;
 use super::gic;
 use super::guest_ram::{self, MachineMemory};
 use super::pl011::Pl011;
 use super::regs;
 use super::{with_guest_ram, Machine, FRAMES};
 use crate::config;
+use crate::config::fw_cfg::FwCfgError;
+use crate::config::ImageSource;
 use crate::mem::bulk::cpu_bit;
 use crate::mem::frames::SharedFrames;
 use crate::mem::layout::STAGING;
@@ -212,8 +215,8 @@ impl GuestMemory for MachineHost {
         MachineMemory.zero(pa, len);
     }
 
-    fn copy(&self, dst: PhysAddr, src: PhysAddr, len: u64) {
-        MachineMemory.copy(dst, src, len);
+    fn load(&self, dst: PhysAddr, src: ImageSource, len: u64) -> Result<(), FwCfgError> {
+        MachineMemory.load(dst, src, len)
     }
 
     fn clean_to_poc(&self, va: u64, len: u64) {
@@ -344,6 +347,8 @@ pub fn run_vms(machine: &Machine) -> ! {
         ram: machine.platform.memory(),
         staging: STAGING,
         console: machine.platform.uart,
+        fw_cfg: machine.platform.fw_cfg.map(|f| f.regs),
+        files: &machine.fw_cfg_files,
     };
     let descs = match config::parse(&machine.dt, &ranges) {
         Ok(d) => d,
@@ -408,7 +413,8 @@ pub fn run_vms(machine: &Machine) -> ! {
         .iter()
         .flat_map(|d| [Some(d.kernel), d.initrd, d.dtb])
         .flatten()
-        .map(|i| i.pa_range().end())
+        .filter_map(|i| i.staged_range())
+        .map(|r| r.end())
         .max()
         .unwrap_or(STAGING.base);
     for mut desc in descs {
@@ -527,11 +533,28 @@ fn stage_linux_dtb(
     staged_end: &mut PhysAddr,
 ) {
     let kernel = desc.kernel;
-    let head_len = kernel.size.min(crate::linux::image::HEADER_LEN as u64) as usize;
-    // SAFETY: the kernel's staged bytes lie in the staging range (`config::parse` checked
-    // every image against it), which the hypervisor's stage 1 maps and QEMU filled before
-    // any CPU ran; nothing writes it now.
-    let head = unsafe { core::slice::from_raw_parts(kernel.pa.get() as *const u8, head_len) };
+    let mut head = [0u8; crate::linux::image::HEADER_LEN];
+    // At most HEADER_LEN.
+    let head_len = kernel.size.min(head.len() as u64) as usize;
+    let head = head.get_mut(..head_len).unwrap_or_default();
+    match kernel.src {
+        ImageSource::Staged(pa) => {
+            // SAFETY: the kernel's staged bytes lie in the staging range (`config::parse`
+            // checked every image against it), which the hypervisor's stage 1 maps and
+            // QEMU filled before any CPU ran; nothing writes it now.
+            let staged = unsafe { core::slice::from_raw_parts(pa.get() as *const u8, head_len) };
+            head.copy_from_slice(staged);
+        }
+        ImageSource::FwCfg(select) => {
+            // Into this CPU's stack, identity-mapped; at most HEADER_LEN bytes.
+            if let Err(e) = fw_cfg::read(select, head.as_mut_ptr() as u64, head_len as u32) {
+                fatal(format_args!(
+                    "VM {}: reading its kernel from fw-cfg: {e}",
+                    desc.name
+                ));
+            }
+        }
+    }
     let free = PhysRange::from_to(*staged_end, STAGING.end());
     match crate::linux::complete_desc(desc, host, head, free) {
         Ok(None) => {}

@@ -799,7 +799,14 @@ pub(crate) mod fakes {
 
     impl crate::vm::GuestMemory for NoHost {
         fn zero(&self, _: crate::mem::PhysAddr, _: u64) {}
-        fn copy(&self, _: crate::mem::PhysAddr, _: crate::mem::PhysAddr, _: u64) {}
+        fn load(
+            &self,
+            _: crate::mem::PhysAddr,
+            _: crate::config::ImageSource,
+            _: u64,
+        ) -> Result<(), crate::config::fw_cfg::FwCfgError> {
+            Ok(())
+        }
         fn clean_to_poc(&self, _: u64, _: u64) {}
     }
 
@@ -946,7 +953,14 @@ mod tests {
         fn zero(&self, pa: PhysAddr, len: u64) {
             self.el1.scrubbed.borrow_mut().push((pa.get(), len));
         }
-        fn copy(&self, _: PhysAddr, _: PhysAddr, _: u64) {}
+        fn load(
+            &self,
+            _: PhysAddr,
+            _: crate::config::ImageSource,
+            _: u64,
+        ) -> Result<(), crate::config::fw_cfg::FwCfgError> {
+            Ok(())
+        }
         fn clean_to_poc(&self, _: u64, _: u64) {}
     }
 

@@ -18,7 +18,8 @@ use super::vgic::{self, PhysAction, PhysGic, Vgic};
 use super::vmid::{Vmid, VmidAllocator, VmidBits, VmidError, VmidFlush};
 use super::vuart::VUart;
 use super::{S2Kind, Vm, VmState, VmStatus};
-use crate::config::{GuestRegion, Stage2Mappings, VmDesc};
+use crate::config::fw_cfg::FwCfgError;
+use crate::config::{GuestRegion, ImageSource, Stage2Mappings, VmDesc};
 use crate::console::limit::VmConsole;
 use crate::mem::{PhysAddr, PhysRange};
 use crate::Lock;
@@ -30,8 +31,13 @@ use crate::Lock;
 pub trait GuestMemory {
     /// Zeroes host physical memory.
     fn zero(&self, pa: PhysAddr, len: u64);
-    /// Copies host physical memory (`src` and `dst` do not overlap).
-    fn copy(&self, dst: PhysAddr, src: PhysAddr, len: u64);
+    /// Writes the `len` bytes of an image from `src` to host physical memory at `dst`
+    /// (a staged image does not overlap `dst`).
+    ///
+    /// # Errors
+    ///
+    /// The fw-cfg device failed a transfer; `[dst, dst + len)` holds anything.
+    fn load(&self, dst: PhysAddr, src: ImageSource, len: u64) -> Result<(), FwCfgError>;
     /// Cleans `[va, va + len)` of the hypervisor's own memory that a guest reads (a
     /// register page, [`super::uart_page`]) to the point of coherency: the guest may read
     /// it without the cache.
@@ -91,6 +97,8 @@ pub enum VmError {
     Busy(u32),
     /// The VM is powered off or stopped: it cannot be reset.
     Finished(u32),
+    /// An image could not be fetched from the fw-cfg device.
+    Load(FwCfgError),
 }
 
 impl core::error::Error for VmError {}
@@ -108,6 +116,7 @@ impl fmt::Display for VmError {
                 "VM {id} has a vCPU loaded or is already being reset or destroyed"
             ),
             Self::Finished(id) => write!(f, "VM {id} is powered off or stopped"),
+            Self::Load(e) => write!(f, "loading its images from fw-cfg: {e}"),
         }
     }
 }
@@ -179,7 +188,13 @@ impl<P: Backend> VmManager<P> {
         for r in &ram::start_ranges(&desc) {
             scrub_around_images(&self.mem, &desc, r);
         }
-        load_images(&self.mem, &desc);
+        if let Err(e) = load_images(&self.mem, &desc) {
+            let mut inner = self.inner.lock();
+            // Everything was claimed and mapped; the RAM goes back holding part of an
+            // image, and whoever claims it next scrubs it.
+            undo_claim(&mut inner, &desc, s2, vmid, Done::ALL);
+            return Err(VmError::Load(e));
+        }
         let chunks = ram::RamChunks::at_start(&desc);
         let mut state = VmState::new(desc.cpus.len());
         // vCPU 0 of a new VM is off, so this cannot fail.
@@ -255,19 +270,14 @@ impl<P: Backend> VmManager<P> {
             Ok(())
         })();
         if let Err(e) = result {
-            for p in desc.passthrough.iter().take(mapped_dev) {
-                let _ = s2.unmap(p.ipa, p.size);
-            }
-            for (c, _) in ram::start_mappings(desc).take(mapped_ram) {
-                let _ = s2.unmap(c.ipa, c.size);
-            }
             // Nothing was written to the claimed pages yet (the scrub comes after):
             // they go back as they were, and whoever claims them next scrubs them.
-            for r in desc.memory.iter().take(claimed) {
-                let _ = inner.pool.release(r.pa_range());
-            }
-            inner.platform.free_stage2(s2);
-            let _ = inner.vmids.release(vmid, &mut inner.platform);
+            let done = Done {
+                claimed,
+                mapped_ram,
+                mapped_dev,
+            };
+            undo_claim(inner, desc, s2, vmid, done);
             return Err(e);
         }
         Ok((s2, vmid))
@@ -350,7 +360,12 @@ impl<P: Backend> VmManager<P> {
         for r in &ram::start_ranges(&vm.desc) {
             scrub_around_images(&self.mem, &vm.desc, r);
         }
-        load_images(&self.mem, &vm.desc);
+        if let Err(e) = load_images(&self.mem, &vm.desc) {
+            return self.stop_and_destroy(
+                &vm,
+                format_args!("its images could not be loaded at the reset: {e}"),
+            );
+        }
         vm.publish_uart(&mut vm.uart.lock(), &self.mem);
         vm.boots.fetch_add(1, Ordering::SeqCst);
         let mut st = vm.state.lock();
@@ -648,14 +663,55 @@ fn scrub_around_images(mem: &impl GuestMemory, desc: &VmDesc, r: &GuestRegion) {
     }
 }
 
-fn load_images(mem: &impl GuestMemory, desc: &VmDesc) {
+fn load_images(mem: &impl GuestMemory, desc: &VmDesc) -> Result<(), FwCfgError> {
     for img in [Some(desc.kernel), desc.initrd, desc.dtb]
         .into_iter()
         .flatten()
     {
         // The description was checked: the image lies inside one RAM region.
         if let Some(pa) = desc.memory.iter().find_map(|r| r.pa_of(img.ipa, img.size)) {
-            mem.copy(pa, img.pa, img.size);
+            mem.load(pa, img.src, img.size)?;
         }
     }
+    Ok(())
+}
+
+/// How much of [`VmManager::claim_and_map`]'s work was done: RAM regions claimed, RAM
+/// chunks and pass-through ranges mapped.
+#[derive(Clone, Copy)]
+struct Done {
+    claimed: usize,
+    mapped_ram: usize,
+    mapped_dev: usize,
+}
+
+impl Done {
+    /// All of it.
+    const ALL: Self = Self {
+        claimed: usize::MAX,
+        mapped_ram: usize::MAX,
+        mapped_dev: usize::MAX,
+    };
+}
+
+/// Undoes `done` of [`VmManager::claim_and_map`]'s work for `desc`: unmaps, gives the RAM
+/// back, frees the stage 2 and the VMID.
+fn undo_claim<P: Backend>(
+    inner: &mut Inner<P>,
+    desc: &VmDesc,
+    mut s2: P::S2,
+    vmid: Vmid,
+    done: Done,
+) {
+    for p in desc.passthrough.iter().take(done.mapped_dev) {
+        let _ = s2.unmap(p.ipa, p.size);
+    }
+    for (c, _) in ram::start_mappings(desc).take(done.mapped_ram) {
+        let _ = s2.unmap(c.ipa, c.size);
+    }
+    for r in desc.memory.iter().take(done.claimed) {
+        let _ = inner.pool.release(r.pa_range());
+    }
+    inner.platform.free_stage2(s2);
+    let _ = inner.vmids.release(vmid, &mut inner.platform);
 }

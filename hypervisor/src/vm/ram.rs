@@ -269,7 +269,7 @@ mod tests {
         // The kernel runs over the first chunk's end; the DTB sits in the last chunk.
         d.kernel.size = 0x10_1000;
         d.dtb = Some(Image {
-            pa: PhysAddr::new(0x7100_0000),
+            src: crate::config::ImageSource::Staged(PhysAddr::new(0x7100_0000)),
             size: 0x1000,
             ipa: Ipa::new(0x4070_0000),
         });

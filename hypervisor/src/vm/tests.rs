@@ -4,7 +4,8 @@
 use super::pool::PoolError;
 use super::vmid::{Vmid, VmidBits, VmidFlush};
 use super::*;
-use crate::config::{tests as dt, GuestRegion, Stage2Mappings};
+use crate::config::fw_cfg::FwCfgError;
+use crate::config::{tests as dt, GuestRegion, ImageSource, Stage2Mappings};
 use crate::mem::frames::{FramePool, SharedFrames};
 use crate::mem::{Ipa, PhysAddr, PhysRange};
 use alloc::sync::Arc;
@@ -15,7 +16,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// zeroed; shared between the [`Fake`] the tests inspect and the handle the manager
 /// keeps.
 #[derive(Clone, Default)]
-pub(crate) struct FakeMem(Arc<std::sync::Mutex<(BTreeMap<u64, u8>, u64)>>);
+pub(crate) struct FakeMem(
+    Arc<std::sync::Mutex<(BTreeMap<u64, u8>, u64)>>,
+    /// The fw-cfg device's files by select key; fetching one that is not here fails.
+    Arc<std::sync::Mutex<BTreeMap<u16, Vec<u8>>>>,
+);
 
 impl FakeMem {
     fn inner(&self) -> std::sync::MutexGuard<'_, (BTreeMap<u64, u8>, u64)> {
@@ -36,17 +41,37 @@ impl GuestMemory for FakeMem {
             m.0.remove(&k);
         }
     }
-    fn copy(&self, dst: PhysAddr, src: PhysAddr, len: u64) {
-        let (dst, src) = (dst.get(), src.get());
+    fn load(&self, dst: PhysAddr, src: ImageSource, len: u64) -> Result<(), FwCfgError> {
+        let dst = dst.get();
+        let src_bytes: Vec<(u64, u8)> = match src {
+            ImageSource::Staged(src) => {
+                let src = src.get();
+                let m = self.inner();
+                m.0.range(src..src + len)
+                    .map(|(k, v)| (*k - src, *v))
+                    .collect()
+            }
+            ImageSource::FwCfg(select) => {
+                let files = self
+                    .1
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let file = files.get(&select).ok_or(FwCfgError::Transfer)?;
+                (0..len)
+                    .zip(file.iter().copied())
+                    .filter(|&(_, v)| v != 0)
+                    .collect()
+            }
+        };
         let mut m = self.inner();
         let keys: Vec<u64> = m.0.range(dst..dst + len).map(|(k, _)| *k).collect();
         for k in keys {
             m.0.remove(&k);
         }
-        let src_bytes: Vec<(u64, u8)> = m.0.range(src..src + len).map(|(k, v)| (*k, *v)).collect();
         for (k, v) in src_bytes {
-            m.0.insert(k - src + dst, v);
+            m.0.insert(dst + k, v);
         }
+        Ok(())
     }
 }
 
@@ -761,6 +786,91 @@ fn create_scrubs_every_byte_the_images_do_not_cover() {
         assert_eq!(p.mem().get(&0x5000_3000), None);
         assert_eq!(p.mem().get(&0x500f_ffff), None);
     });
+}
+
+/// [`desc`] with its kernel given as fw-cfg file 0x20 of 0x1800 bytes, which the fake
+/// device of the returned manager holds (a pattern ending in 0xab).
+fn fw_cfg_desc() -> (VmManager<Fake>, VmDesc) {
+    let m = manager();
+    let mut file: Vec<u8> = (0..0x1800u32).map(|i| (i % 13) as u8).collect();
+    file[0x17ff] = 0xab;
+    m.with_backend(|p| {
+        p.memory.1.lock().expect("files").insert(0x20, file);
+    });
+    let mut d = desc(0x5000_0000, 1);
+    d.kernel.src = ImageSource::FwCfg(0x20);
+    d.kernel.size = 0x1800;
+    (m, d)
+}
+
+#[test]
+fn an_fw_cfg_kernel_is_fetched_at_creation_and_again_at_each_reset() {
+    let (m, d) = fw_cfg_desc();
+    m.with_backend(|p| {
+        p.mem().insert(0x5000_0000, 0x55);
+        p.mem().insert(0x5000_1800, 0x66);
+    });
+    let vm = m.create(d).expect("create");
+    vm.state.lock().psci.take_pending(0);
+    let check = |when: &str| {
+        m.with_backend(|p| {
+            assert_eq!(p.mem().get(&0x5000_0000), None, "{when}: file byte 0 is 0");
+            assert_eq!(p.mem().get(&0x5000_0001), Some(&1), "{when}");
+            assert_eq!(p.mem().get(&0x5000_17ff), Some(&0xab), "{when}: last byte");
+            assert_eq!(p.mem().get(&0x5000_1800), None, "{when}: scrubbed past it");
+            assert_eq!(
+                p.mem().get(&0x7000_0000),
+                Some(&1),
+                "{when}: the staged bytes are not what was loaded"
+            );
+        });
+    };
+    check("created");
+    m.with_backend(|p| {
+        p.mem().insert(0x5000_0001, 0x77);
+        p.mem().insert(0x5000_17ff, 0x77);
+    });
+    m.reset(vm.id).expect("reset");
+    check("reset");
+}
+
+#[test]
+fn a_failed_fetch_at_creation_leaves_nothing_allocated() {
+    let (m, mut d) = fw_cfg_desc();
+    d.kernel.src = ImageSource::FwCfg(0x21);
+    let before = m.accounting();
+    assert_eq!(
+        m.create(d).map(|_| ()),
+        Err(VmError::Load(FwCfgError::Transfer))
+    );
+    assert_eq!(m.accounting(), before);
+    assert!(m.vms().is_empty());
+    // The RAM and the VMID can be had again.
+    let (_, d) = fw_cfg_desc();
+    m.with_backend(|p| {
+        p.memory
+            .1
+            .lock()
+            .expect("files")
+            .insert(0x20, vec![1; 0x1800]);
+    });
+    assert!(m.create(d).is_ok());
+}
+
+#[test]
+fn a_failed_fetch_at_a_reset_stops_and_destroys_the_vm() {
+    let (m, d) = fw_cfg_desc();
+    let vm = m.create(d).expect("create");
+    vm.state.lock().psci.take_pending(0);
+    m.with_backend(|p| {
+        p.memory.1.lock().expect("files").clear();
+    });
+    m.reset(vm.id).expect("reset");
+    assert_eq!(vm.status(), VmStatus::Failed);
+    assert!(vm.stage2.lock().is_none(), "destroyed: its stage 2 is gone");
+    let (free, total, frames, vmids) = m.accounting();
+    assert_eq!((free, frames, vmids), (total, 0, 0), "everything came back");
+    assert_eq!(m.outcome(), Some(false), "the run can end");
 }
 
 #[test]
