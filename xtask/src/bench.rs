@@ -358,18 +358,17 @@ The second part of the hypervisor's time is Linux itself running as a guest:
 {:.0} ms against {m2:.0} / {m1:.0} ms on bare QEMU (median of the runs less median of the
 set-up, so an estimate). The set-up is the hypervisor's start-up, the building of the
 guest's device tree, and creating the VM: the 2 MiB chunks of its RAM that the kernel,
-the initramfs and the DTB land in are scrubbed around them and cleaned to the point of
-coherency, and the images are copied in from the staging range, the CPUs parked until
-the guest starts them taking 2 MiB pieces of that work
-(`hypervisor/src/machine/guest_ram.rs`). The rest of its {mem} of RAM is scrubbed
-(`DC ZVA`) and opened a chunk at a time as the guest first touches it, during the
-guest's part, without a broadcast TLB invalidation (docs/memory-map.md, \"Guest RAM on
-first touch\"). In the guest's part, most of what the hypervisor adds is exits: the
-kernel's console writes `UARTDR` once per character, and each write traps (its polls of
-`UARTFR` do not: they read the UART's register page, docs/vms.md, \"Virtual UART\",
-which a byte rewrites only when it changes what the guest reads there); under TCG an
-exit also costs QEMU a fault on the two-stage walk, an `AT S1E1R` walk for the
-permission fault's IPA and a return through its exception path.
+the initramfs and the DTB land in are scrubbed around them (`DC ZVA`) and cleaned to the
+point of coherency, and QEMU's fw-cfg device writes the kernel and the initramfs by DMA
+straight into the VM's RAM (docs/vms.md, \"How images get into a VM\"). The rest of its
+{mem} of RAM is scrubbed the same way and opened a chunk at a time as the guest first
+touches it, during the guest's part, without a broadcast TLB invalidation
+(docs/memory-map.md, \"Guest RAM on first touch\"). In the guest's part, most of what
+the hypervisor adds is exits: the kernel's console writes `UARTDR` once per character,
+and each write traps (its polls of `UARTFR` do not: they read the UART's register page,
+docs/vms.md, \"Virtual UART\", which a byte rewrites only when it changes what the guest
+reads there); under TCG an exit also costs QEMU a fault on the two-stage walk, an
+`AT S1E1R` walk for the permission fault's IPA and a return through its exception path.
 
 ### Instruction time
 

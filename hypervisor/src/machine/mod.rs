@@ -176,8 +176,8 @@ pub fn primary(dtb: usize) -> Machine {
         },
     )
     .unwrap_or_else(|e| fatal(format_args!("stage 1 plan: {e}")));
-    for m in &maps {
-        info!("stage 1: {m}");
+    for line in stage1::log_lines(&maps) {
+        info!("stage 1: {line}");
     }
     let guest_ram = layout::guest_ram(platform.memory(), &memory, platform.dtb);
     let Some(window_base) = stage1::window_base(&maps, platform.memory()) else {

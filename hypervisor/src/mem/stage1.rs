@@ -48,8 +48,9 @@ pub struct Mapping {
     pub memory: Memory,
 }
 
-impl fmt::Display for Mapping {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Mapping {
+    /// Permissions and memory type as the log writes them.
+    fn kind(&self) -> (&'static str, &'static str) {
         let perms = match self.access {
             Access::ReadExecute => "R-X",
             Access::ReadOnly => "R--",
@@ -59,7 +60,52 @@ impl fmt::Display for Mapping {
             Memory::Normal => "normal",
             Memory::Device => "device-nGnRE",
         };
+        (perms, mem)
+    }
+}
+
+impl fmt::Display for Mapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (perms, mem) = self.kind();
         write!(f, "{:<10} {} {perms} {mem}", self.name, self.region)
+    }
+}
+
+/// Mappings as the start-up log shows them: one line for a run of mappings of one name,
+/// size and kind with unmapped gaps between them (the per-CPU stacks and their guard
+/// pages), the rest one line each.
+pub fn log_lines(maps: &[Mapping]) -> impl Iterator<Item = LogLine<'_>> {
+    maps.chunk_by(|a, b| {
+        a.name == b.name
+            && a.region.size == b.region.size
+            && a.access == b.access
+            && a.memory == b.memory
+            && b.region.base > a.region.end()
+    })
+    .map(LogLine)
+}
+
+/// One line of [`log_lines`].
+pub struct LogLine<'a>(&'a [Mapping]);
+
+impl fmt::Display for LogLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            [first, .., last] => {
+                let (perms, mem) = first.kind();
+                write!(
+                    f,
+                    "{:<10} [{:#010x}, {:#010x}) {} × {} KiB, an unmapped gap below each, {perms} {mem}",
+                    first.name,
+                    first.region.base,
+                    last.region.end(),
+                    self.0.len(),
+                    first.region.size / 1024
+                )
+            }
+            [one] => write!(f, "{one}"),
+            [] => Ok(()),
+        }
     }
 }
 
@@ -464,6 +510,39 @@ mod tests {
             .collect();
         assert_eq!(exec.len(), 1);
         assert_eq!(exec[0].name, "text");
+    }
+
+    #[test]
+    fn the_log_shows_the_stacks_on_one_line_and_every_other_mapping_on_its_own() {
+        let p = platform_with_dtb_at(layout::HYP_RAM_END.get());
+        let maps = plan(&image(), &mem(&p), &p).unwrap();
+        let lines: Vec<String> = log_lines(&maps).map(|l| l.to_string()).collect();
+        let stacks: Vec<&Mapping> = maps.iter().filter(|m| m.name == "stack").collect();
+        assert!(stacks.len() > 1);
+        let stack_lines: Vec<&String> = lines.iter().filter(|l| l.starts_with("stack ")).collect();
+        assert_eq!(
+            stack_lines,
+            [&format!(
+                "stack      [{:#010x}, {:#010x}) {} × {} KiB, an unmapped gap below each, RW- normal",
+                stacks[0].region.base,
+                stacks[stacks.len() - 1].region.end(),
+                stacks.len(),
+                stacks[0].region.size / 1024
+            )]
+        );
+        assert_eq!(lines.len(), maps.len() - stacks.len() + 1);
+        for m in maps.iter().filter(|m| m.name != "stack") {
+            assert!(lines.contains(&m.to_string()), "{m}");
+        }
+        // Two mappings of one kind with no gap between them stay two lines.
+        let two = [
+            maps[0],
+            Mapping {
+                region: PhysRange::new(maps[0].region.end(), 0x1000),
+                ..maps[0]
+            },
+        ];
+        assert_eq!(log_lines(&two).count(), 2);
     }
 
     #[test]
