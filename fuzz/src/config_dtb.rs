@@ -25,12 +25,14 @@ use crate::input::Bytes;
 pub const EDIT_LEN: usize = 8;
 
 /// Valid host device trees: QEMU 7.2 `virt` (GICv3) with 4 Cortex-A57s and 2 GiB, with
-/// one `max` CPU and 512 MiB, with VM nodes under `/chosen`, and with 2 CPUs.
-pub const FIXTURES: [&[u8]; 4] = [
+/// one `max` CPU and 512 MiB, with VM nodes under `/chosen`, with 2 CPUs, and the tree
+/// `cargo xtask run --linux` writes (a Linux VM whose kernel and initrd are fw-cfg files).
+pub const FIXTURES: [&[u8]; 5] = [
     include_bytes!("../../hypervisor/tests/fixtures/virt-gicv3-a57-smp4-2g.dtb"),
     include_bytes!("../../hypervisor/tests/fixtures/virt-gicv3-max-smp1-512m.dtb"),
     include_bytes!("../../hypervisor/tests/fixtures/virt-gicv3-with-vm-in-chosen.dtb"),
     include_bytes!("../../hypervisor/testdata/qemu-virt-gicv3-2cpu.dtb"),
+    include_bytes!("../../hypervisor/tests/fixtures/virt-gicv3-linux-vm-fw-cfg.dtb"),
 ];
 
 /// A 64-byte arm64 Image header (little endian, 4 KiB pages, anywhere in RAM, 32 MiB).
@@ -92,6 +94,23 @@ fn edit(blob: &mut Vec<u8>, e: [u8; EDIT_LEN]) {
     }
 }
 
+/// What QEMU's fw-cfg directory holds when the xtask gives a kernel and an initrd by
+/// name.
+fn fw_cfg_files() -> [FwCfgFile; 2] {
+    [
+        FwCfgFile {
+            name: "opt/twostage/kernel".into(),
+            select: 0x20,
+            size: 0x3000,
+        },
+        FwCfgFile {
+            name: "opt/twostage/initrd".into(),
+            select: 0x21,
+            size: 0x1000,
+        },
+    ]
+}
+
 /// What start-up does with a host tree; panics on a broken rule.
 pub fn check_tree(blob: &mut [u8]) {
     let Ok(dt) = HostDt::new(blob) else {
@@ -104,12 +123,7 @@ pub fn check_tree(blob: &mut [u8]) {
         }
         Err(_) => vec![PhysRange::new(PhysAddr::new(0x4000_0000), 0x8000_0000)],
     };
-    // What QEMU's fw-cfg directory holds when the xtask gives a kernel by name.
-    let files = [FwCfgFile {
-        name: "opt/twostage/kernel".into(),
-        select: 0x20,
-        size: 0x3000,
-    }];
+    let files = fw_cfg_files();
     let ranges = HostRanges {
         ram: &ram,
         staging: STAGING,
@@ -255,5 +269,31 @@ fn check_descs(vms: &[VmDesc], ranges: &HostRanges<'_>) {
                 "a CPU of two VMs"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Linux fixture reaches the checks with both images taken from the directory,
+    /// so the fuzzer's edits of it exercise images given by fw-cfg name.
+    #[test]
+    fn the_linux_fixture_names_its_images_by_fw_cfg_file() {
+        let mut blob = FIXTURES[4].to_vec();
+        let dt = HostDt::new(&mut blob).expect("a device tree");
+        let files = fw_cfg_files();
+        let ranges = HostRanges {
+            ram: &[PhysRange::new(PhysAddr::new(0x4000_0000), 0x8000_0000)],
+            staging: STAGING,
+            console: None,
+            fw_cfg: None,
+            files: &files,
+        };
+        let vms = config::parse(&dt, &ranges).expect("valid");
+        let [vm] = &vms[..] else { panic!("{vms:?}") };
+        assert_eq!(vm.kernel.src, ImageSource::FwCfg(0x20));
+        assert_eq!(vm.kernel.size, 0x3000);
+        assert_eq!(vm.initrd.map(|i| i.src), Some(ImageSource::FwCfg(0x21)));
     }
 }
