@@ -128,7 +128,6 @@ pub fn check_tree(blob: &mut [u8]) {
         ram: &ram,
         staging: STAGING,
         console: Some(PhysRange::new(PhysAddr::new(0x0900_0000), 0x1000)),
-        fw_cfg: Some(PhysRange::new(PhysAddr::new(0x0902_0000), 0x18)),
         files: &files,
     };
     let Ok(mut vms) = config::parse(&dt, &ranges) else {
@@ -287,7 +286,6 @@ mod tests {
             ram: &[PhysRange::new(PhysAddr::new(0x4000_0000), 0x8000_0000)],
             staging: STAGING,
             console: None,
-            fw_cfg: None,
             files: &files,
         };
         let vms = config::parse(&dt, &ranges).expect("valid");

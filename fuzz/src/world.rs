@@ -193,7 +193,6 @@ pub fn descs() -> &'static [VmDesc] {
             ram: &ram,
             staging: STAGING,
             console: None,
-            fw_cfg: None,
             files: &[],
         };
         config::parse(&dt, &ranges).expect("the description is valid")

@@ -178,7 +178,6 @@ fn start_up(blob: &[u8]) -> Result<usize, String> {
         ram: hw.memory(),
         staging: STAGING,
         console: hw.uart,
-        fw_cfg: hw.fw_cfg.map(|f| f.regs),
         files: &[],
     };
     let vms = config::parse(&dt, &ranges).map_err(|e| e.to_string())?;

@@ -294,7 +294,6 @@ mod tests {
             ram: &[],
             staging: hypervisor::mem::layout::STAGING,
             console: None,
-            fw_cfg: None,
             files: &[hypervisor::config::fw_cfg::FwCfgFile {
                 name: "opt/twostage/kernel".into(),
                 select: 0x20,

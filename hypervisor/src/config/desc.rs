@@ -418,7 +418,7 @@ impl<'a> Node<'a> {
                 let file = super::fw_cfg::find(files, &name).ok_or_else(|| {
                     self.err(
                         "an -fw-cfg image names no file of the fw-cfg device (QEMU: -fw_cfg \
-                         name=...,file=...)",
+                         name=...,file=...; the start-up log says whether the device is usable)",
                     )
                 })?;
                 (ImageSource::FwCfg(file.select), u64::from(file.size))
@@ -477,9 +477,8 @@ pub struct HostRanges<'a> {
     pub staging: PhysRange,
     /// The hypervisor's console UART: never assigned to a VM.
     pub console: Option<PhysRange>,
-    /// The registers of QEMU's fw-cfg device: never assigned to a VM.
-    pub fw_cfg: Option<PhysRange>,
-    /// The files of the fw-cfg device, for images given by name.
+    /// The files of QEMU's fw-cfg device, for images given by name (empty when the
+    /// device is missing or unusable).
     pub files: &'a [FwCfgFile],
 }
 
@@ -610,6 +609,7 @@ fn parse_vm(
     // interrupts, and the ITS is a DMA master) and the console it prints every VM's
     // lines on.
     let gic = super::devices::gic_regions(host);
+    let fw_cfg = super::devices::fw_cfg_regions(host);
     for p in &passthrough {
         let range = p.pa_range();
         if gic.iter().any(|g| range.overlaps(g)) {
@@ -624,7 +624,7 @@ fn parse_vm(
                  virtual PL011 (vuart)",
             ));
         }
-        if ranges.fw_cfg.is_some_and(|f| range.overlaps(&f)) {
+        if fw_cfg.iter().any(|f| range.overlaps(f)) {
             return Err(node.err(
                 "QEMU's fw-cfg device is never assigned to a VM: the hypervisor fetches \
                  images through it, and it is a DMA master",
@@ -868,7 +868,6 @@ pub(crate) mod tests {
             ram: &[PhysRange::new(PhysAddr::new(0x4000_0000), 0x8000_0000)],
             staging: crate::mem::layout::STAGING,
             console: Some(PhysRange::new(PhysAddr::new(0x0900_0000), 0x1000)),
-            fw_cfg: Some(PhysRange::new(PhysAddr::new(0x0902_0000), 0x18)),
             files: Box::leak(
                 vec![FwCfgFile {
                     name: "opt/twostage/kernel".into(),
@@ -1308,6 +1307,17 @@ pub(crate) mod tests {
         w.property("reg", &cells64(&[0x0900_0000, 0x1000]))
             .expect("prop");
         w.end_node(uart).expect("end");
+        // Two fw-cfg nodes, one with a register block of size 0: both are refused.
+        for (name, base, size) in [
+            ("fw-cfg@9020000", 0x0902_0000, 0x18),
+            ("fw-cfg@9030000", 0x0903_0000, 0),
+        ] {
+            let fw_cfg = w.begin_node(name).expect("node");
+            w.property_string("compatible", "qemu,fw-cfg-mmio")
+                .expect("prop");
+            w.property("reg", &cells64(&[base, size])).expect("prop");
+            w.end_node(fw_cfg).expect("end");
+        }
         for (name, base, irq) in [
             ("rtc@9010000", 0x0901_0000, [0, 2, 4]),
             ("pmu", 0, [1, 7, 4]),
@@ -1413,9 +1423,17 @@ pub(crate) mod tests {
             .starts_with("the hypervisor's console UART is never assigned"));
         assert!(why(&[("passthrough-devices", str_prop("/pl011@9000000"))])
             .starts_with("the hypervisor's console UART is never assigned"));
-        let fw_cfg = cells64(&[0x1000_0000, 0x0902_0000, 0x1000]);
-        assert!(why(&[("passthrough", fw_cfg)])
-            .starts_with("QEMU's fw-cfg device is never assigned to a VM"));
+        let fw_cfg_rule = "QEMU's fw-cfg device is never assigned to a VM";
+        for pa in [0x0902_0000, 0x0903_0000] {
+            let raw = cells64(&[0x1000_0000, pa, 0x1000]);
+            assert!(
+                why(&[("passthrough", raw)]).starts_with(fw_cfg_rule),
+                "{pa:#x}"
+            );
+        }
+        assert!(
+            why(&[("passthrough-devices", str_prop("/fw-cfg@9020000"))]).starts_with(fw_cfg_rule)
+        );
         // The message names the node and the rule.
         let err = parse(&host_with_gic(&[("passthrough", console)])).unwrap_err();
         assert!(err

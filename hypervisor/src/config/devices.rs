@@ -77,7 +77,7 @@ pub fn passthrough_regions(
     let root = super::find_path(host, "/").ok_or(DeviceError::NoRoot)?;
     let mut regions = Vec::new();
     for node in select(host, devices)? {
-        collect_regs(&node, cells(&root, 2, 1), &mut regions);
+        collect_regs(&node, cells(&root, 2, 1), Empty::Skipped, &mut regions);
     }
     regions.sort_by_key(|r: &PhysRange| r.base);
     let mut merged: Vec<PhysRange> = Vec::new();
@@ -93,17 +93,46 @@ pub fn passthrough_regions(
 }
 
 /// The MMIO ranges of the host's GIC nodes and everything below them (the ITS), rounded
-/// out to pages: what no VM may have mapped.
+/// out to pages: what no VM may have mapped. A `reg` of size 0 still counts as its page.
 #[must_use]
 pub fn gic_regions(host: &Fdt<'_>) -> Vec<PhysRange> {
+    regions_of(host, is_interrupt_controller)
+}
+
+/// `compatible` of QEMU's firmware configuration device.
+pub(crate) const FW_CFG_COMPATIBLE: &str = "qemu,fw-cfg-mmio";
+
+/// The MMIO ranges of every fw-cfg node of the host, rounded out to pages (a `reg` of
+/// size 0 as its page): what no VM may have mapped, whether or not the hypervisor could
+/// use the device (`super::fw_cfg`).
+#[must_use]
+pub fn fw_cfg_regions(host: &Fdt<'_>) -> Vec<PhysRange> {
+    regions_of(host, |n| {
+        n.compatible()
+            .is_some_and(|c| c.all().any(|s| s == FW_CFG_COMPATIBLE))
+    })
+}
+
+/// The page-rounded `reg` ranges of the top-level nodes `which` picks and of everything
+/// below them, empty ones as their page.
+fn regions_of(host: &Fdt<'_>, which: impl Fn(&FdtNode<'_, '_>) -> bool) -> Vec<PhysRange> {
     let mut regions = Vec::new();
     let Some(root) = super::find_path(host, "/") else {
         return regions;
     };
-    for top in root.children().filter(is_interrupt_controller) {
-        collect_regs(&top, cells(&root, 2, 1), &mut regions);
+    for top in root.children().filter(|n| which(n)) {
+        collect_regs(&top, cells(&root, 2, 1), Empty::AsItsPage, &mut regions);
     }
     regions
+}
+
+/// What [`collect_regs`] does with a `reg` of size 0.
+#[derive(Clone, Copy)]
+enum Empty {
+    /// Nothing: a device with no registers maps nothing.
+    Skipped,
+    /// Its page: a range no VM may have must not slip through as empty.
+    AsItsPage,
 }
 
 /// The SPIs (INTIDs 32..=1019) of the devices `devices` names (host DT paths), from the
@@ -412,7 +441,12 @@ fn references(host: &Fdt<'_>, node: &FdtNode<'_, '_>, out: &mut Vec<u32>) {
 
 /// Adds the `reg` ranges of `node` (its parent's cells are `parent_cells`) and of the
 /// descendants reached through identity `ranges`.
-fn collect_regs(node: &FdtNode<'_, '_>, parent_cells: (usize, usize), out: &mut Vec<PhysRange>) {
+fn collect_regs(
+    node: &FdtNode<'_, '_>,
+    parent_cells: (usize, usize),
+    empty: Empty,
+    out: &mut Vec<PhysRange>,
+) {
     let (ac, sc) = parent_cells;
     if let Some(reg) = node.property("reg") {
         // One or two cells each (checked first, so the products are at most 16).
@@ -422,6 +456,10 @@ fn collect_regs(node: &FdtNode<'_, '_>, parent_cells: (usize, usize), out: &mut 
                 let (addr, len) = chunk.split_at(a_bytes);
                 let (Some(base), Some(size)) = (read_cells(addr, ac), read_cells(len, sc)) else {
                     continue;
+                };
+                let size = match empty {
+                    Empty::AsItsPage => size.max(1),
+                    Empty::Skipped => size,
                 };
                 const PAGE_MASK: u64 = mmu::FRAME_SIZE.wrapping_sub(1);
                 let start = base & !PAGE_MASK;
@@ -442,7 +480,7 @@ fn collect_regs(node: &FdtNode<'_, '_>, parent_cells: (usize, usize), out: &mut 
     if identity {
         let own = cells(node, 2, 1);
         for child in node.children() {
-            collect_regs(&child, own, out);
+            collect_regs(&child, own, empty, out);
         }
     }
 }

@@ -41,8 +41,8 @@ const CONTROL_SELECT: u32 = 1 << 3;
 const DIR_ENTRY_LEN: usize = 64;
 /// Bytes of a file name, its NUL included.
 const NAME_LEN: usize = 56;
-/// Most directory entries read: QEMU's default is 32 files (`FW_CFG_FILE_SLOTS_DFLT`),
-/// its largest 4096; more would be a device the hypervisor does not trust.
+/// Most directory entries read (256 KiB of directory): QEMU's default is 32 files
+/// (`FW_CFG_FILE_SLOTS_DFLT`); a directory that says it has more than this is refused.
 pub const MAX_FILES: u32 = 4096;
 
 /// One file of the directory.
@@ -68,12 +68,15 @@ pub enum FwCfgError {
     NotCoherent,
     /// The directory says it has more than [`MAX_FILES`] entries.
     TooManyFiles(u32),
-    /// An entry's name is not NUL-terminated printable ASCII.
-    BadName,
     /// A transfer ended with the error bit set.
     Transfer,
     /// A transfer did not end within the hypervisor's bound.
     Timeout,
+    /// An earlier transfer did not end: the device is not used again (it might still be
+    /// writing).
+    Abandoned,
+    /// A transfer of 4 GiB or more (a file's size is 32 bits).
+    TooLong,
 }
 
 impl fmt::Display for FwCfgError {
@@ -83,9 +86,10 @@ impl fmt::Display for FwCfgError {
             Self::NoDma => f.write_str("no DMA interface"),
             Self::NotCoherent => f.write_str("the device tree does not say dma-coherent"),
             Self::TooManyFiles(n) => write!(f, "a directory of {n} files (at most {MAX_FILES})"),
-            Self::BadName => f.write_str("a file name that is not NUL-terminated ASCII"),
             Self::Transfer => f.write_str("a DMA transfer reported an error"),
             Self::Timeout => f.write_str("a DMA transfer did not complete"),
+            Self::Abandoned => f.write_str("the device was given up after a transfer hung"),
+            Self::TooLong => f.write_str("a transfer of 4 GiB or more"),
         }
     }
 }
@@ -111,26 +115,21 @@ pub const fn dir_len(count: u32) -> usize {
 }
 
 /// The files of a directory's entries (the bytes after its count; a partial entry at the
-/// end is ignored).
-///
-/// # Errors
-/// [`FwCfgError::BadName`] for a name without a NUL or with a byte that is not printable
-/// ASCII.
-pub fn parse_dir(entries: &[u8]) -> Result<Vec<FwCfgFile>, FwCfgError> {
+/// end is ignored). An entry whose name is empty, has no NUL or has a byte that is not
+/// printable ASCII is left out: no description can name it.
+#[must_use]
+pub fn parse_dir(entries: &[u8]) -> Vec<FwCfgFile> {
     entries
         .chunks_exact(DIR_ENTRY_LEN)
         .filter_map(|e| <[u8; DIR_ENTRY_LEN]>::try_from(e).ok())
-        .map(|e| {
+        .filter_map(|e| {
             let [s0, s1, s2, s3, k0, k1, _, _, name @ ..] = e;
-            let len = name
-                .iter()
-                .position(|&b| b == 0)
-                .ok_or(FwCfgError::BadName)?;
-            let name = name.get(..len).unwrap_or_default();
+            let len = name.iter().position(|&b| b == 0)?;
+            let name = name.get(..len).filter(|n| !n.is_empty())?;
             if !name.iter().all(u8::is_ascii_graphic) {
-                return Err(FwCfgError::BadName);
+                return None;
             }
-            Ok(FwCfgFile {
+            Some(FwCfgFile {
                 // Printable ASCII, checked just above.
                 name: String::from_utf8_lossy(name).into_owned(),
                 select: u16::from_be_bytes([k0, k1]),
@@ -240,7 +239,7 @@ mod tests {
         bytes.extend(entry(5, 0x0021, b"bootorder"));
         // A partial entry at the end is not an entry.
         bytes.extend([0xff; 10]);
-        let files = parse_dir(&bytes).unwrap();
+        let files = parse_dir(&bytes);
         assert_eq!(
             files,
             vec![
@@ -261,24 +260,19 @@ mod tests {
     }
 
     #[test]
-    fn names_without_a_nul_or_with_control_bytes_are_refused() {
+    fn entries_named_without_a_nul_or_with_other_bytes_are_left_out() {
         let mut no_nul = entry(1, 0x20, b"");
         no_nul[8..].fill(b'a');
-        assert_eq!(parse_dir(&no_nul), Err(FwCfgError::BadName));
-        assert_eq!(
-            parse_dir(&entry(1, 0x20, b"opt/a\nb")),
-            Err(FwCfgError::BadName)
-        );
-        assert_eq!(
-            parse_dir(&entry(1, 0x20, b"opt/\xc3\xa9")),
-            Err(FwCfgError::BadName)
-        );
-        // The longest name fits, with its NUL.
+        let mut bytes = no_nul;
+        for bad in [&b""[..], b"opt/a\nb", b"opt/\xc3\xa9", b"opt/a b"] {
+            bytes.extend(entry(1, 0x21, bad));
+        }
+        // The longest name fits, with its NUL; the good entry after the bad ones is kept.
         let long = [b'x'; MAX_NAME];
-        assert_eq!(
-            parse_dir(&entry(1, 0x20, &long)).unwrap()[0].name.len(),
-            MAX_NAME
-        );
+        bytes.extend(entry(7, 0x22, &long));
+        let files = parse_dir(&bytes);
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert_eq!((files[0].select, files[0].name.len()), (0x22, MAX_NAME));
     }
 
     #[test]

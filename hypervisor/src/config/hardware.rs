@@ -149,13 +149,7 @@ impl Hardware {
         };
         platform.gic = find_gic(fdt)?;
         platform.psci = find_psci(fdt);
-        platform.fw_cfg = match fdt.find_compatible(&["qemu,fw-cfg-mmio"]) {
-            Some(node) => Some(FwCfgDevice {
-                regs: first_reg(node, "fw-cfg")?,
-                dma_coherent: node.property("dma-coherent").is_some(),
-            }),
-            None => None,
-        };
+        platform.fw_cfg = find_fw_cfg(fdt);
         Ok(platform)
     }
 
@@ -331,6 +325,21 @@ fn find_gic(fdt: &Fdt<'_>) -> Result<Option<Gic>, HardwareError> {
     }))
 }
 
+/// The first fw-cfg node, if its registers are usable: a block of at least
+/// [`super::fw_cfg::REGISTERS_LEN`] bytes at an 8-byte aligned address. The device is
+/// optional: a node without them is no device (and still never given to a VM,
+/// `super::devices::fw_cfg_regions`).
+fn find_fw_cfg(fdt: &Fdt<'_>) -> Option<FwCfgDevice> {
+    let node = fdt.find_compatible(&[super::devices::FW_CFG_COMPATIBLE])?;
+    let regs = first_reg(node, "fw-cfg")
+        .ok()
+        .filter(|r| r.size >= super::fw_cfg::REGISTERS_LEN && r.base.is_aligned(8))?;
+    Some(FwCfgDevice {
+        regs,
+        dma_coherent: node.property("dma-coherent").is_some(),
+    })
+}
+
 fn find_psci(fdt: &Fdt<'_>) -> Option<Psci> {
     let node = fdt.find_compatible(&["arm,psci-1.0", "arm,psci-0.2", "arm,psci"])?;
     let conduit = match node.property("method").and_then(|p| p.as_str()) {
@@ -472,6 +481,8 @@ pub(crate) mod tests {
         psci_compatible: &'static [&'static str],
         uarts: &'static [u64],
         stdout: Option<&'static str>,
+        /// A fw-cfg node's `reg` (`None`: no `reg`) and whether it says `dma-coherent`.
+        fw_cfg: Option<(Option<(u64, u64)>, bool)>,
     }
 
     impl Default for Tree {
@@ -484,6 +495,7 @@ pub(crate) mod tests {
                 psci_compatible: &["arm,psci-1.0", "arm,psci-0.2", "arm,psci"],
                 uarts: &[0x0900_0000],
                 stdout: None,
+                fw_cfg: None,
             }
         }
     }
@@ -545,6 +557,17 @@ pub(crate) mod tests {
                 .unwrap();
                 w.property_array_u64("reg", &[*base, 0x1000]).unwrap();
                 w.end_node(u).unwrap();
+            }
+            if let Some((reg, coherent)) = self.fw_cfg {
+                let f = w.begin_node("fw-cfg@9020000").unwrap();
+                w.property_string("compatible", "qemu,fw-cfg-mmio").unwrap();
+                if let Some((base, size)) = reg {
+                    w.property_array_u64("reg", &[base, size]).unwrap();
+                }
+                if coherent {
+                    w.property_null("dma-coherent").unwrap();
+                }
+                w.end_node(f).unwrap();
             }
             w.end_node(root).unwrap();
             w.finish().unwrap()
@@ -752,5 +775,37 @@ pub(crate) mod tests {
                 "length {len}"
             );
         }
+    }
+
+    #[test]
+    fn a_fw_cfg_node_without_usable_registers_is_no_device_and_no_error() {
+        let with = |fw_cfg| {
+            parse(
+                &Tree {
+                    fw_cfg: Some(fw_cfg),
+                    ..Tree::default()
+                }
+                .build(),
+            )
+            .fw_cfg
+        };
+        assert_eq!(
+            with((Some((0x0902_0000, 0x18)), false)),
+            Some(FwCfgDevice {
+                regs: PhysRange::new(PhysAddr::new(0x0902_0000), 0x18),
+                dma_coherent: false
+            })
+        );
+        // Too small for the DMA register, misaligned, or no reg at all: the rest of the
+        // tree is read as usual.
+        for reg in [
+            Some((0x0902_0000, 0x10)),
+            Some((0x0902_0004, 0x18)),
+            Some((0x0902_0000, 0)),
+            None,
+        ] {
+            assert_eq!(with((reg, true)), None, "{reg:x?}");
+        }
+        assert_eq!(parse(&Tree::default().build()).fw_cfg, None);
     }
 }

@@ -8,10 +8,16 @@
 //! bit). The device is used only if the device tree says `dma-coherent`, so neither the
 //! request nor the bytes need cache maintenance around it (the barriers order the
 //! request's stores before the register write, and the device's writes before the
-//! reads after it). One transfer at a time: the selector is the device's only state.
+//! reads after it). One transfer at a time: the selector is the device's only state. A
+//! guest that starts with its MMU off reads the fetched image from memory, where a
+//! coherent device's writes are.
+//!
+//! A transfer that does not end within the bound is given up, and the device with it:
+//! it might still write the request or its destination later, so it is never used again.
 
 use alloc::vec;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use aarch64_cpu::asm::barrier;
 use spin::{Mutex, Once};
@@ -22,6 +28,7 @@ use crate::config::fw_cfg::{
     SELECTOR, SIGNATURE,
 };
 use crate::config::FwCfgDevice;
+use crate::mem::PhysAddr;
 
 /// Reads of a request's control word before a transfer is given up (QEMU finishes one
 /// before the register write returns; this only bounds a device that never does).
@@ -32,6 +39,15 @@ static DEVICE: Once<FwCfg> = Once::new();
 
 /// The one request in flight, under the device's lock.
 static REQUEST: Mutex<DmaAccess> = Mutex::new(DmaAccess::read(0, 0, 0));
+
+/// Set when a transfer did not end: the device is not used again.
+static ABANDONED: AtomicBool = AtomicBool::new(false);
+
+/// The physical address of the hypervisor's own memory at `p` (a static, a stack, the
+/// heap): the stage 1 maps all of it at VA = PA (`crate::mem::stage1`).
+fn own<T>(p: *mut T) -> PhysAddr {
+    PhysAddr::new(p as u64)
+}
 
 struct FwCfg {
     base: usize,
@@ -58,25 +74,34 @@ pub fn probe(dev: FwCfgDevice) -> Result<Vec<FwCfgFile>, FwCfgError> {
     }
     let fw = DEVICE.call_once(|| fw);
     let mut head = [0u8; 4];
-    fw.dma_read(KEY_FILE_DIR, head.as_mut_ptr() as u64, 4)?;
+    fw.dma_read(KEY_FILE_DIR, own(head.as_mut_ptr()), 4)?;
     let count = dir_count(head)?;
     let mut dir = vec![0u8; dir_len(count).saturating_add(4)];
     // At most 4 + 64 * 4096 bytes (`dir_count`).
-    fw.dma_read(KEY_FILE_DIR, dir.as_mut_ptr() as u64, dir.len() as u32)?;
-    parse_dir(dir.get(4..).unwrap_or_default())
+    fw.dma_read(KEY_FILE_DIR, own(dir.as_mut_ptr()), dir.len() as u32)?;
+    Ok(parse_dir(dir.get(4..).unwrap_or_default()))
 }
 
 /// Reads the first `len` bytes of the file selected by `select` to physical address `pa`
-/// (memory the caller owns for the duration; the hypervisor's own is identity-mapped).
+/// (memory the caller owns until this returns).
 ///
 /// # Errors
-/// [`FwCfgError::Transfer`] or [`FwCfgError::Timeout`]; [`FwCfgError::NoDma`] before a
-/// successful [`probe`].
-pub fn read(select: u16, pa: u64, len: u32) -> Result<(), FwCfgError> {
+/// [`FwCfgError::Transfer`], [`FwCfgError::Timeout`] or [`FwCfgError::Abandoned`];
+/// [`FwCfgError::NoDma`] before a successful [`probe`].
+pub fn read(select: u16, pa: PhysAddr, len: u32) -> Result<(), FwCfgError> {
     DEVICE
         .get()
         .ok_or(FwCfgError::NoDma)?
         .dma_read(select, pa, len)
+}
+
+/// [`read`] into `buf`, the hypervisor's own memory.
+///
+/// # Errors
+/// As [`read`]; [`FwCfgError::TooLong`] for a buffer of 4 GiB or more.
+pub fn read_into(select: u16, buf: &mut [u8]) -> Result<(), FwCfgError> {
+    let len = u32::try_from(buf.len()).map_err(|_| FwCfgError::TooLong)?;
+    read(select, own(buf.as_mut_ptr()), len)
 }
 
 impl FwCfg {
@@ -101,16 +126,19 @@ impl FwCfg {
         bytes
     }
 
-    fn dma_read(&self, select: u16, pa: u64, len: u32) -> Result<(), FwCfgError> {
+    fn dma_read(&self, select: u16, pa: PhysAddr, len: u32) -> Result<(), FwCfgError> {
         let mut request = REQUEST.lock();
-        *request = DmaAccess::read(select, len, pa);
+        if ABANDONED.load(Ordering::Acquire) {
+            return Err(FwCfgError::Abandoned);
+        }
+        *request = DmaAccess::read(select, len, pa.get());
         let at: *mut DmaAccess = &mut *request;
         // The request's stores reach memory before the device is told to read it.
         barrier::dsb(barrier::SY);
         // SAFETY: as in `read_item`; the DMA register takes a 64-bit write of the
         // request's physical address (identity-mapped static memory), big-endian.
         unsafe {
-            (self.reg(DMA_ADDRESS) as *mut u64).write_volatile(dma_address_value(at as u64));
+            (self.reg(DMA_ADDRESS) as *mut u64).write_volatile(dma_address_value(own(at).get()));
         }
         let control = DmaAccess::control_ptr(at);
         for _ in 0..DONE_POLLS {
@@ -127,6 +155,7 @@ impl FwCfg {
                 DmaStatus::Failed => return Err(FwCfgError::Transfer),
             }
         }
+        ABANDONED.store(true, Ordering::Release);
         Err(FwCfgError::Timeout)
     }
 }

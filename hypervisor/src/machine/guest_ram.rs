@@ -166,12 +166,15 @@ impl GuestMemory for MachineMemory {
                 Ok(())
             }
             ImageSource::FwCfg(select) => {
+                // The device writes wherever it is told: the same check as the window's
+                // for the CPUs' own writes (guest RAM only, or the machine stops).
+                super::check_guest_ram(dst.get(), len);
                 if super::scrubs_tags() {
                     MachineMemory::write_chunks(dst, len, |_, _, _| {});
                 }
                 // A file's size is 32 bits (`config::fw_cfg`): `len` came from one.
-                let len = u32::try_from(len).map_err(|_| FwCfgError::Transfer)?;
-                super::fw_cfg::read(select, dst.get(), len)
+                let len = u32::try_from(len).map_err(|_| FwCfgError::TooLong)?;
+                super::fw_cfg::read(select, dst, len)
             }
         };
         boot::invalidate_icache_after_write();

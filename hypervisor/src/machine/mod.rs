@@ -308,6 +308,18 @@ pub fn with_guest_ram(pa: u64, len: u64, access: window::Access, work: impl FnMu
     }
 }
 
+/// Stops the machine unless `[pa, pa + len)` lies in the guest RAM pool: what
+/// [`with_guest_ram`] checks, for a write that does not go through the window (a DMA the
+/// hypervisor asks a device for).
+pub fn check_guest_ram(pa: u64, len: u64) {
+    let Some(w) = WINDOW.get() else {
+        fatal(format_args!("guest RAM checked before start-up"))
+    };
+    if let Err(e) = w.check(pa, len) {
+        fatal(format_args!("guest RAM check on cpu{}: {e}", cpu_index()));
+    }
+}
+
 /// Builds the stage-1 table from the plan and installs the guest RAM window, turns the
 /// MMU and caches on, and publishes the register values for the secondary CPUs.
 fn enable_stage1(pool: &'static Mutex<FramePool>, maps: &[stage1::Mapping], window: Window) {

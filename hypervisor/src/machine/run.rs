@@ -347,7 +347,6 @@ pub fn run_vms(machine: &Machine) -> ! {
         ram: machine.platform.memory(),
         staging: STAGING,
         console: machine.platform.uart,
-        fw_cfg: machine.platform.fw_cfg.map(|f| f.regs),
         files: &machine.fw_cfg_files,
     };
     let descs = match config::parse(&machine.dt, &ranges) {
@@ -532,6 +531,10 @@ fn stage_linux_dtb(
     host: &config::HostDt<'_>,
     staged_end: &mut PhysAddr,
 ) {
+    if desc.bootargs.is_none() || desc.dtb.is_some() {
+        // Not a Linux boot (`complete_desc` leaves it as it is).
+        return;
+    }
     let kernel = desc.kernel;
     let mut head = [0u8; crate::linux::image::HEADER_LEN];
     // At most HEADER_LEN.
@@ -546,8 +549,7 @@ fn stage_linux_dtb(
             head.copy_from_slice(staged);
         }
         ImageSource::FwCfg(select) => {
-            // Into this CPU's stack, identity-mapped; at most HEADER_LEN bytes.
-            if let Err(e) = fw_cfg::read(select, head.as_mut_ptr() as u64, head_len as u32) {
+            if let Err(e) = fw_cfg::read_into(select, head) {
                 fatal(format_args!(
                     "VM {}: reading its kernel from fw-cfg: {e}",
                     desc.name

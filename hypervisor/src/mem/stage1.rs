@@ -95,7 +95,7 @@ impl fmt::Display for LogLine<'_> {
                 let (perms, mem) = first.kind();
                 write!(
                     f,
-                    "{:<10} [{:#010x}, {:#010x}) {} × {} KiB, an unmapped gap below each, {perms} {mem}",
+                    "{:<10} [{:#010x}, {:#010x}) {} × {} KiB with unmapped gaps between, {perms} {mem}",
                     first.name,
                     first.region.base,
                     last.region.end(),
@@ -523,7 +523,7 @@ mod tests {
         assert_eq!(
             stack_lines,
             [&format!(
-                "stack      [{:#010x}, {:#010x}) {} × {} KiB, an unmapped gap below each, RW- normal",
+                "stack      [{:#010x}, {:#010x}) {} × {} KiB with unmapped gaps between, RW- normal",
                 stacks[0].region.base,
                 stacks[stacks.len() - 1].region.end(),
                 stacks.len(),

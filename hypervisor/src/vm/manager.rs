@@ -21,7 +21,7 @@ use super::{S2Kind, Vm, VmState, VmStatus};
 use crate::config::fw_cfg::FwCfgError;
 use crate::config::{GuestRegion, ImageSource, Stage2Mappings, VmDesc};
 use crate::console::limit::VmConsole;
-use crate::mem::{PhysAddr, PhysRange};
+use crate::mem::{Ipa, PhysAddr, PhysRange};
 use crate::Lock;
 
 /// Host physical memory as the manager scrubs and fills guest RAM: used without the
@@ -99,6 +99,9 @@ pub enum VmError {
     Finished(u32),
     /// An image could not be fetched from the fw-cfg device.
     Load(FwCfgError),
+    /// An image at this IPA does not lie inside one RAM region (a description
+    /// `crate::config::parse` did not check).
+    ImageOutsideRam(Ipa),
 }
 
 impl core::error::Error for VmError {}
@@ -117,6 +120,7 @@ impl fmt::Display for VmError {
             ),
             Self::Finished(id) => write!(f, "VM {id} is powered off or stopped"),
             Self::Load(e) => write!(f, "loading its images from fw-cfg: {e}"),
+            Self::ImageOutsideRam(ipa) => write!(f, "its image at IPA {ipa:#x} is not in its RAM"),
         }
     }
 }
@@ -170,11 +174,11 @@ impl<P: Backend> VmManager<P> {
 
     /// Creates a VM: VMID, stage 2, RAM claimed and mapped, the chunks its images land in
     /// scrubbed and opened (all of its RAM for a VM with pass-through MMIO; the rest is
-    /// opened on first touch, [`super::ram`]), images copied in, vCPU 0 powered on at the
-    /// entry point. VM ids count up from 0 in creation order. `desc` was checked by
-    /// `crate::config::parse` (its images are staged, its pass-through ranges clear of
-    /// host RAM, its CPUs no other VM's); what can still fail is claiming its RAM and
-    /// building its stage 2.
+    /// opened on first touch, [`super::ram`]), images written in (copied from staging or
+    /// fetched from fw-cfg), vCPU 0 powered on at the entry point. VM ids count up from 0
+    /// in creation order. `desc` was checked by `crate::config::parse` (its images inside
+    /// its RAM, its pass-through ranges clear of host RAM, its CPUs no other VM's); what
+    /// can still fail is claiming its RAM, building its stage 2 and fetching an image.
     ///
     /// # Errors
     ///
@@ -193,7 +197,7 @@ impl<P: Backend> VmManager<P> {
             // Everything was claimed and mapped; the RAM goes back holding part of an
             // image, and whoever claims it next scrubs it.
             undo_claim(&mut inner, &desc, s2, vmid, Done::ALL);
-            return Err(VmError::Load(e));
+            return Err(e);
         }
         let chunks = ram::RamChunks::at_start(&desc);
         let mut state = VmState::new(desc.cpus.len());
@@ -288,8 +292,8 @@ impl<P: Backend> VmManager<P> {
     /// loaded and opened, the rest opened on first touch, [`super::ram`]), vCPU 0 on at
     /// the entry point. The VMID and stage 2 stay. The RAM work runs without any lock but
     /// the VM's own: the VM is marked resetting (no vCPU starts) and no vCPU of it is
-    /// loaded, which the claim checks. A reset that cannot take the RAM back stops and
-    /// destroys the VM, with a log line.
+    /// loaded, which the claim checks. A reset that cannot take the RAM back or load the
+    /// images again stops and destroys the VM, with a log line.
     ///
     /// # Errors
     ///
@@ -663,15 +667,17 @@ fn scrub_around_images(mem: &impl GuestMemory, desc: &VmDesc, r: &GuestRegion) {
     }
 }
 
-fn load_images(mem: &impl GuestMemory, desc: &VmDesc) -> Result<(), FwCfgError> {
+fn load_images(mem: &impl GuestMemory, desc: &VmDesc) -> Result<(), VmError> {
     for img in [Some(desc.kernel), desc.initrd, desc.dtb]
         .into_iter()
         .flatten()
     {
-        // The description was checked: the image lies inside one RAM region.
-        if let Some(pa) = desc.memory.iter().find_map(|r| r.pa_of(img.ipa, img.size)) {
-            mem.load(pa, img.src, img.size)?;
-        }
+        let pa = desc
+            .memory
+            .iter()
+            .find_map(|r| r.pa_of(img.ipa, img.size))
+            .ok_or(VmError::ImageOutsideRam(img.ipa))?;
+        mem.load(pa, img.src, img.size).map_err(VmError::Load)?;
     }
     Ok(())
 }

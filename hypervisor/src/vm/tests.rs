@@ -845,6 +845,15 @@ fn a_failed_fetch_at_creation_leaves_nothing_allocated() {
     );
     assert_eq!(m.accounting(), before);
     assert!(m.vms().is_empty());
+    // An image outside the VM's RAM (a description the parser would refuse) is refused
+    // too, not skipped.
+    let (_, mut outside) = fw_cfg_desc();
+    outside.kernel.ipa = Ipa::new(0x400f_f000);
+    assert_eq!(
+        m.create(outside).map(|_| ()),
+        Err(VmError::ImageOutsideRam(Ipa::new(0x400f_f000)))
+    );
+    assert_eq!(m.accounting(), before);
     // The RAM and the VMID can be had again.
     let (_, d) = fw_cfg_desc();
     m.with_backend(|p| {
