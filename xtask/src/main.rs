@@ -284,8 +284,9 @@ impl RunArgs {
         })
     }
 
-    /// Builds what the run needs (unless --no-build) and writes its QEMU command line.
-    fn prepare(&self, console: Console) -> Result<Qemu, String> {
+    /// Builds what the run needs (unless --no-build) and writes its QEMU command line;
+    /// the files it writes for QEMU (the host DTB) go into [`RunDir`].
+    fn prepare(&self, console: Console, dir: &RunDir) -> Result<Qemu, String> {
         let guests = self.guests()?;
         if self.linux {
             fetch_linux()?;
@@ -304,18 +305,18 @@ impl RunArgs {
             .console(console)
             .extra(self.qemu_args.clone());
         let hypervisor = || artifacts::existing(Artifact::Hypervisor.bin());
-        let dir = artifacts::out_dir().join("run");
+        let dir = &dir.0;
         Ok(match guests {
             Guests::None => base.kernel(hypervisor()?),
             Guests::Image(image) => base.kernel(image),
-            Guests::Default => xtask::test_guests(base, &dir)?,
+            Guests::Default => xtask::test_guests(base, dir)?,
             Guests::Description { dts, loads } => {
                 let mut qemu = base.kernel(hypervisor()?);
                 qemu.loads = loads;
-                xtask::write_host_dtb(&mut qemu, &[], &[dts], &dir)?;
+                xtask::write_host_dtb(&mut qemu, &[], &[dts], dir)?;
                 qemu
             }
-            Guests::Kernel(guest) => xtask::kernel_guest(base, &guest, &dir)?,
+            Guests::Kernel(guest) => xtask::kernel_guest(base, &guest, dir)?,
         })
     }
 }
@@ -336,8 +337,29 @@ fn fetch_linux() -> Result<(), String> {
     Ok(())
 }
 
+/// The directory of one run's files, `out/run/<pid>`: runs side by side (the tests) never
+/// share a host DTB. Removed when the run ends.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn new() -> Self {
+        Self(
+            artifacts::out_dir()
+                .join("run")
+                .join(std::process::id().to_string()),
+        )
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn run(args: &RunArgs) -> Result<ExitCode, String> {
-    let qemu = args.prepare(Console::Interactive)?;
+    let dir = RunDir::new();
+    let qemu = args.prepare(Console::Interactive, &dir)?;
     eprintln!("xtask: {qemu}");
     let status = qemu
         .command()
@@ -348,7 +370,8 @@ fn run(args: &RunArgs) -> Result<ExitCode, String> {
 
 fn debug(args: &RunArgs) -> Result<ExitCode, String> {
     let serial = artifacts::out_dir().join("debug-serial.log");
-    let mut qemu = args.prepare(Console::File(serial.clone()))?;
+    let dir = RunDir::new();
+    let mut qemu = args.prepare(Console::File(serial.clone()), &dir)?;
     qemu.gdb = true;
     let elf = match &args.image {
         Some(image) => image.with_extension("elf"),

@@ -174,6 +174,17 @@ impl DmaAccess {
         }
     }
 
+    /// A request to read `length` more bytes of the selected item, from where the last
+    /// transfer ended, to physical address `address`.
+    #[must_use]
+    pub const fn read_on(length: u32, address: u64) -> Self {
+        Self {
+            control: CONTROL_READ.to_be(),
+            length: length.to_be(),
+            address: address.to_be(),
+        }
+    }
+
     /// The status a control word read back from memory says.
     #[must_use]
     pub const fn status(control: u32) -> DmaStatus {
@@ -295,6 +306,10 @@ mod tests {
         assert_eq!(bytes[..4], [0x00, 0x20, 0x00, 0x0a]);
         assert_eq!(bytes[4..8], [0x01, 0x02, 0x03, 0x04]);
         assert_eq!(bytes[8..], [0, 0, 0, 0, 0x50, 0, 0, 0]);
+        // Going on where the last transfer ended: READ alone, no select.
+        // SAFETY: as above.
+        let on: [u8; 16] = unsafe { core::mem::transmute(DmaAccess::read_on(0x10, 0x1000)) };
+        assert_eq!(on[..8], [0, 0, 0, 0x02, 0, 0, 0, 0x10]);
         assert_eq!(
             dma_address_value(0x4000_1230).to_ne_bytes(),
             0x4000_1230u64.to_be_bytes()

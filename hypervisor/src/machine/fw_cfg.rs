@@ -30,6 +30,12 @@ use crate::config::fw_cfg::{
 use crate::config::FwCfgDevice;
 use crate::mem::PhysAddr;
 
+/// Most bytes one transfer moves. QEMU copies a transfer in one go while holding its
+/// global lock, which every other vCPU's device access waits for: 2 MiB at a time, a
+/// VM's reset holds another VM's CPU up for one such copy at most, not for a whole
+/// 36 MB kernel and initramfs.
+const DMA_CHUNK: u32 = 2 << 20;
+
 /// Reads of a request's control word before a transfer is given up (QEMU finishes one
 /// before the register write returns; this only bounds a device that never does).
 const DONE_POLLS: u32 = 1 << 20;
@@ -126,13 +132,34 @@ impl FwCfg {
         bytes
     }
 
+    /// Reads `len` bytes of item `select` from its start to `pa`, in transfers of at
+    /// most [`DMA_CHUNK`] bytes (each one after the first goes on where the last ended).
     fn dma_read(&self, select: u16, pa: PhysAddr, len: u32) -> Result<(), FwCfgError> {
         let mut request = REQUEST.lock();
+        let mut done = 0u32;
+        loop {
+            let n = len.saturating_sub(done).min(DMA_CHUNK);
+            // `done` is at most `len`, so the sum stays inside the destination.
+            let to = pa.saturating_add(u64::from(done)).get();
+            *request = if done == 0 {
+                DmaAccess::read(select, n, to)
+            } else {
+                DmaAccess::read_on(n, to)
+            };
+            self.transfer(&mut request)?;
+            done = done.saturating_add(n);
+            if done == len {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Hands the device `request` and waits (bounded) for it to end.
+    fn transfer(&self, request: &mut DmaAccess) -> Result<(), FwCfgError> {
         if ABANDONED.load(Ordering::Acquire) {
             return Err(FwCfgError::Abandoned);
         }
-        *request = DmaAccess::read(select, len, pa.get());
-        let at: *mut DmaAccess = &mut *request;
+        let at: *mut DmaAccess = request;
         // The request's stores reach memory before the device is told to read it.
         barrier::dsb(barrier::SY);
         // SAFETY: as in `read_item`; the DMA register takes a 64-bit write of the
@@ -142,8 +169,8 @@ impl FwCfg {
         }
         let control = DmaAccess::control_ptr(at);
         for _ in 0..DONE_POLLS {
-            // SAFETY: `control` points into the request this lock guards; the device
-            // writes it, hence the volatile read.
+            // SAFETY: `control` points into the request the caller's lock guards; the
+            // device writes it, hence the volatile read.
             let status = DmaAccess::status(unsafe { control.read_volatile() });
             match status {
                 DmaStatus::Busy => core::hint::spin_loop(),
