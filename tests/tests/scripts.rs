@@ -139,7 +139,9 @@ fn machine_options_and_extra_arguments_reach_the_device_tree() {
         let tree = xtask::dt::DeviceTree::from_dtb(&blob).expect("a DTB");
         tree.root.find_compatible(&["arm,gic-v3-its"]).is_some()
     };
-    let dtb = out_dir().join("run/host.dtb");
+    let dir = std::env::temp_dir().join(format!("twostage-run-{}", std::process::id()));
+    let dir_arg = dir.to_str().expect("a UTF-8 temporary directory");
+    let dtb = dir.join("host.dtb");
     let r = run_script(
         "scripts/run",
         &["--no-build", "--gic-version", "2"],
@@ -148,18 +150,31 @@ fn machine_options_and_extra_arguments_reach_the_device_tree() {
     // The option reached the machine; VMs need a GICv3's virtual CPU interface.
     r.assert_status(xtask::process::exit_status::STARTUP);
     r.assert_lines_in_order(&["gic: v2 distributor", "VMs need a GICv3"]);
-    let r = run_script("scripts/run", &["--no-build"], Duration::from_secs(120));
+    let r = run_script(
+        "scripts/run",
+        &["--no-build", "--run-dir", dir_arg],
+        Duration::from_secs(120),
+    );
     assert_default_guests_passed(&r);
     r.assert_lines_in_order(&["gic: v3 distributor"]);
     assert!(its(&dtb), "QEMU virt has an ITS by default");
     let r = run_script(
         "scripts/run",
-        &["--no-build", "--", "-machine", "its=off"],
+        &[
+            "--no-build",
+            "--run-dir",
+            dir_arg,
+            "--",
+            "-machine",
+            "its=off",
+        ],
         Duration::from_secs(120),
     );
     assert_default_guests_passed(&r);
+    let written = its(&dtb);
+    let _ = std::fs::remove_dir_all(&dir);
     assert!(
-        !its(&dtb),
+        !written,
         "the extra -machine its=off did not reach the device tree"
     );
 }

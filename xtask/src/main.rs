@@ -169,6 +169,10 @@ pub struct RunArgs {
     /// Do not build first.
     #[arg(long)]
     no_build: bool,
+    /// Write the run's files (the host DTB QEMU boots with, host.dtb) here and keep them;
+    /// by default they go to out/run/<pid>, removed when QEMU ends.
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
     /// More QEMU arguments; they reach the device tree too (e.g. -device ...).
     #[arg(last = true, value_name = "QEMU-ARGS")]
     qemu_args: Vec<String>,
@@ -305,7 +309,7 @@ impl RunArgs {
             .console(console)
             .extra(self.qemu_args.clone());
         let hypervisor = || artifacts::existing(Artifact::Hypervisor.bin());
-        let dir = &dir.0;
+        let dir = &dir.path;
         Ok(match guests {
             Guests::None => base.kernel(hypervisor()?),
             Guests::Image(image) => base.kernel(image),
@@ -337,28 +341,40 @@ fn fetch_linux() -> Result<(), String> {
     Ok(())
 }
 
-/// The directory of one run's files, `out/run/<pid>`: runs side by side (the tests) never
-/// share a host DTB. Removed when the run ends.
-struct RunDir(PathBuf);
+/// The directory of one run's files: `--run-dir`, kept; by default `out/run/<pid>`, so
+/// that runs side by side (the tests) never share a host DTB, removed when the run ends.
+struct RunDir {
+    path: PathBuf,
+    keep: bool,
+}
 
 impl RunDir {
-    fn new() -> Self {
-        Self(
-            artifacts::out_dir()
-                .join("run")
-                .join(std::process::id().to_string()),
-        )
+    fn new(args: &RunArgs) -> Self {
+        match &args.run_dir {
+            Some(dir) => Self {
+                path: dir.clone(),
+                keep: true,
+            },
+            None => Self {
+                path: artifacts::out_dir()
+                    .join("run")
+                    .join(std::process::id().to_string()),
+                keep: false,
+            },
+        }
     }
 }
 
 impl Drop for RunDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
     }
 }
 
 fn run(args: &RunArgs) -> Result<ExitCode, String> {
-    let dir = RunDir::new();
+    let dir = RunDir::new(args);
     let qemu = args.prepare(Console::Interactive, &dir)?;
     eprintln!("xtask: {qemu}");
     let status = qemu
@@ -370,7 +386,7 @@ fn run(args: &RunArgs) -> Result<ExitCode, String> {
 
 fn debug(args: &RunArgs) -> Result<ExitCode, String> {
     let serial = artifacts::out_dir().join("debug-serial.log");
-    let dir = RunDir::new();
+    let dir = RunDir::new(args);
     let mut qemu = args.prepare(Console::File(serial.clone()), &dir)?;
     qemu.gdb = true;
     let elf = match &args.image {
