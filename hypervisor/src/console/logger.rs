@@ -17,6 +17,11 @@ pub trait LogContext: Sync + Send {
     fn cpu(&self) -> usize;
     /// Time since boot in microseconds.
     fn micros(&self) -> u64;
+    /// A console value of its own on the same device, for a writer that cannot get the
+    /// shared one ([`Logger::with_console_forced`]): its bytes may interleave with the
+    /// holder's on the wire, but the two share nothing in memory. `None` without a
+    /// console.
+    fn spare_console(&self) -> Option<Self::Console>;
 }
 
 /// Writes one log line (without taking any lock).
@@ -93,7 +98,9 @@ impl<P: LogContext> Logger<P> {
     /// Runs `f` on the console for a multi-line message (a fault report) that must not
     /// be interleaved with other CPUs' lines. If the lock is held (the fault happened
     /// while printing, or another CPU holds it), waits a bounded number of attempts and
-    /// then writes anyway: a report must never be lost to a deadlock.
+    /// then writes through a spare console on the same device
+    /// ([`LogContext::spare_console`]): a report must never be lost to a deadlock, and
+    /// the holder's console is left alone (the lock stays its).
     pub fn with_console_forced(&self, f: impl FnOnce(&mut P::Console, u64, usize)) {
         for _ in 0..1_000_000 {
             if let Some(mut guard) = self.console.try_lock() {
@@ -105,14 +112,9 @@ impl<P: LogContext> Logger<P> {
             core::hint::spin_loop();
         }
         // The holder is stuck (a fault on this CPU while printing) or far slower than a
-        // million spins: steal the lock, a garbled line beats a hang.
-        // SAFETY: the only data behind the lock is the console driver: an MMIO address and
-        // counters (the room the last poll found, bytes dropped); concurrent use can
-        // interleave or drop bytes (the forced writer asks the FIFO afresh) but not break
-        // memory safety.
-        unsafe { self.console.force_unlock() };
-        if let Some(c) = self.console.lock().as_mut() {
-            f(c, self.platform.micros(), self.platform.cpu());
+        // million spins: a garbled line beats a hang.
+        if let Some(mut spare) = self.platform.spare_console() {
+            f(&mut spare, self.platform.micros(), self.platform.cpu());
         }
     }
 }
@@ -172,7 +174,9 @@ mod tests {
         }
     }
 
-    struct Fake;
+    /// Its spare console writes to the same text as the console the tests attach.
+    #[derive(Default)]
+    struct Fake(Shared);
 
     impl LogContext for Fake {
         type Console = Shared;
@@ -182,12 +186,15 @@ mod tests {
         fn micros(&self) -> u64 {
             1_500_000
         }
+        fn spare_console(&self) -> Option<Shared> {
+            Some(self.0.clone())
+        }
     }
 
     #[test]
     fn logger_filters_by_level_and_tags_the_cpu() {
         let out = Shared::default();
-        let logger = Logger::new(Fake, LevelFilter::Info);
+        let logger = Logger::new(Fake::default(), LevelFilter::Info);
         // Before a console is attached, records are dropped, not buffered or panicking.
         logger.log(
             &Record::builder()
@@ -214,7 +221,7 @@ mod tests {
     #[test]
     fn guest_lines_carry_the_vm_name_only() {
         let out = Shared::default();
-        let logger = Logger::new(Fake, LevelFilter::Info);
+        let logger = Logger::new(Fake::default(), LevelFilter::Info);
         logger.guest_line("vm", "dropped: no console yet");
         logger.attach(out.clone());
         logger.guest_line("linux", "[    0.000000] Booting Linux");
@@ -233,13 +240,19 @@ mod tests {
     #[test]
     fn forced_console_works_even_when_locked() {
         let out = Shared::default();
-        let logger = Logger::new(Fake, LevelFilter::Info);
+        let logger = Logger::new(Fake(out.clone()), LevelFilter::Info);
         logger.attach(out.clone());
+        // Free: the shared console.
+        logger.with_console_forced(|c, _, _| {
+            let _ = write!(c, "a ");
+        });
         let guard = logger.console.lock();
         core::mem::forget(guard); // a CPU died while printing
         logger.with_console_forced(|c, _, cpu| {
             let _ = write!(c, "report from cpu{cpu}");
         });
-        assert_eq!(*out.0.lock().unwrap(), "report from cpu1");
+        assert_eq!(*out.0.lock().unwrap(), "a report from cpu1");
+        // Through the spare: the holder's lock was not taken from it.
+        assert!(logger.console.try_lock().is_none());
     }
 }

@@ -2,7 +2,7 @@
 //! time since boot on every line.
 
 use core::num::NonZeroU128;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use aarch64_cpu::registers::{Readable, CNTFRQ_EL0, CNTPCT_EL0};
 use log::LevelFilter;
@@ -17,6 +17,9 @@ use crate::console::tx::BoundedTx;
 pub(super) struct LogClock;
 
 static BOOT_TICKS: AtomicU64 = AtomicU64::new(0);
+
+/// The console PL011's registers (0 before [`attach`]), for spare drivers.
+static UART_BASE: AtomicUsize = AtomicUsize::new(0);
 
 impl logger::LogContext for LogClock {
     type Console = BoundedTx<Pl011>;
@@ -33,6 +36,16 @@ impl logger::LogContext for LogClock {
         // product of a u64 and a million fits in a u128.
         let freq = NonZeroU128::new(u128::from(CNTFRQ_EL0.get())).unwrap_or(NonZeroU128::MIN);
         (u128::from(ticks).saturating_mul(1_000_000) / freq) as u64
+    }
+
+    /// A second driver for the console PL011, in character mode (one byte per look at
+    /// the flags, right whether or not the FIFOs are on).
+    fn spare_console(&self) -> Option<BoundedTx<Pl011>> {
+        let base = UART_BASE.load(Ordering::Acquire);
+        // SAFETY: `base` is the PL011 [`attach`] was given, mapped Device-nGnRE for the
+        // whole run. The spare only writes UARTDR and reads UARTFR, as the shared driver
+        // does: running beside it can interleave or drop bytes, nothing more.
+        (base != 0).then(|| BoundedTx::new(unsafe { Pl011::new(base) }))
     }
 }
 
@@ -62,6 +75,7 @@ pub(super) fn start_clock() {
 /// Sends the log to `uart` from now on.
 pub(super) fn attach(mut uart: Pl011) {
     uart.enable_fifos();
+    UART_BASE.store(uart.base(), Ordering::Release);
     LOGGER.attach(BoundedTx::new(uart));
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(LOGGER.level());

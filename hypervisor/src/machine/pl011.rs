@@ -46,10 +46,18 @@ impl Pl011 {
     ///
     /// `base` must be the (identity-)mapped address of a PL011 register block, with
     /// Device memory attributes (or the MMU off), for as long as the driver is used, and
-    /// nothing else may program the UART concurrently.
+    /// nothing else may program the UART concurrently ([`Self::enable_fifos`] changes its
+    /// settings; another driver that only sends and receives bytes beside this one can
+    /// interleave or drop bytes, nothing more).
     #[must_use]
     pub const unsafe fn new(base: usize) -> Self {
         Self { base, tx_depth: 1 }
+    }
+
+    /// The address of its registers.
+    #[must_use]
+    pub const fn base(&self) -> usize {
+        self.base
     }
 
     /// Turns the FIFOs on if the firmware left them off, in the order the TRM gives for
