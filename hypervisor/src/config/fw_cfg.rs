@@ -199,6 +199,7 @@ impl DmaAccess {
     }
 
     /// The control word, as it lies in memory.
+    #[cfg(test)]
     #[must_use]
     pub const fn control(&self) -> u32 {
         self.control

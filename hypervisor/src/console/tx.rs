@@ -54,13 +54,6 @@ impl<T: TxFifo> BoundedTx<T> {
         self.dropped
     }
 
-    /// Forgets the room the last poll found, so that the next byte asks the FIFO again:
-    /// for a writer that took the console from another one mid-line (a fatal report),
-    /// whose bytes may have used that room.
-    pub fn forget_room(&mut self) {
-        self.room = 0;
-    }
-
     /// Waits, a bounded number of polls, until everything put has left the transmitter:
     /// before the machine powers off or exits, so that its last line is not cut.
     pub fn drain(&self) {
@@ -181,12 +174,6 @@ mod tests {
         let mut tx = fifo_of(1, 0, false);
         write!(tx, "{line}").unwrap();
         assert_eq!(tx.fifo.polls.get(), 40);
-        // A writer that takes over mid-burst asks again before its first byte.
-        let mut tx = fifo_of(16, 0, false);
-        write!(tx, "ab").unwrap();
-        tx.forget_room();
-        write!(tx, "c").unwrap();
-        assert_eq!(tx.fifo.polls.get(), 2);
     }
 
     #[test]

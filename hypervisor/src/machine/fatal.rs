@@ -50,8 +50,6 @@ pub fn el2_exception(frame: &mut ExceptionFrame, source: ExceptionSource, kind: 
     enter_fatal(cpu);
     if LOGGER.has_console() {
         LOGGER.with_console_forced(|c, _, cpu| {
-            // Another writer may have been stopped mid-line: ask the FIFO afresh.
-            c.forget_room();
             let _ = report::write_exception(c, cpu, frame, source, kind);
             if let Some(owner) =
                 stage1::stack_guard_owner(&boot::image_layout(), VirtAddr::new(frame.far))
@@ -79,7 +77,6 @@ pub fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     enter_fatal(cpu);
     if LOGGER.has_console() {
         LOGGER.with_console_forced(|c, _, cpu| {
-            c.forget_room();
             let _ = report::write_panic(c, cpu, info);
             let _ = writeln!(
                 c,
